@@ -19,6 +19,12 @@ class IntensitySection(_Section):
     modality: Literal["auto", "CT", "MR", "2D"] = "auto"
     ct_level: float = 40.0
     ct_width: float = Field(400.0, gt=0)
+    ct_window: Literal["auto", "fixed"] = Field(
+        "auto", description="auto: lung or bone window for labels whose coarse-mask median HU says so")
+    lung_window: tuple[float, float] = (-600.0, 1500.0)
+    bone_window: tuple[float, float] = (400.0, 1800.0)
+    label_windows: dict[int, tuple[float, float]] = Field(default_factory=dict,
+                                                         description="explicit (level, width) per label value")
     lower_percentile: float = Field(0.5, ge=0, lt=100)
     upper_percentile: float = Field(99.5, gt=0, le=100)
 

@@ -110,7 +110,7 @@ def _prompts(case: CaseRef, volume: Volume, config: EngineConfig):
             coarse = np.rint(coarse).astype(np.int64)
     try:
         detector = get_detector(config.prompts.detector)
-        return detector(volume, coarse, config.prompts.model_dump())
+        return coarse, detector(volume, coarse, config.prompts.model_dump())
     except ValueError as exc:
         raise PromptError(str(exc)) from exc
 
@@ -129,36 +129,58 @@ def _clean(label_map: np.ndarray, volume: Volume, config: EngineConfig) -> np.nd
     return out
 
 
+def _renderings(volume: Volume, coarse: np.ndarray | None, prompts, config: EngineConfig):
+    """uint8 renderings of the volume per intensity window, and each label's window name."""
+    from pipeline.preprocess import IntensityConfig, choose_ct_windows, to_uint8
+
+    section = config.intensity
+    modality = _modality(volume, config)
+    base = IntensityConfig(section.ct_level, section.ct_width, section.lower_percentile, section.upper_percentile)
+    if modality != "CT":
+        return {"default": to_uint8(volume.array, modality, base)}, {}, {}
+    labels = sorted({p.label for p in prompts})
+    windows = choose_ct_windows(volume.array, coarse, labels, default=(section.ct_level, section.ct_width),
+                                lung=section.lung_window, bone=section.bone_window,
+                                explicit=section.label_windows, auto=section.ct_window == "auto")
+    names = {label: f"{level:g}/{width:g}" for label, (level, width) in windows.items()}
+    renderings = {}
+    for label, (level, width) in windows.items():
+        if names[label] not in renderings:
+            config_w = IntensityConfig(level, width, section.lower_percentile, section.upper_percentile)
+            renderings[names[label]] = to_uint8(volume.array, "CT", config_w)
+    if not renderings:
+        renderings["default"] = to_uint8(volume.array, "CT", base)
+    return renderings, names, windows
+
+
 def process_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: LazyRunner, *,
                  signature: dict, overwrite: bool, progress=None) -> CaseOutcome:
     """Annotate one case and commit it; raises CaseError for expected failures."""
-    from pipeline.preprocess import IntensityConfig, to_uint8
     from pipeline.readers import read_volume
     from pipeline.segment import segment_volume
 
     start = time.perf_counter()
     volume = read_volume(case.image)
-    prompts = _prompts(case, volume, config)
-    modality = _modality(volume, config)
-    section = config.intensity
-    u8 = to_uint8(volume.array, modality, IntensityConfig(section.ct_level, section.ct_width,
-                                                          section.lower_percentile, section.upper_percentile))
+    coarse, prompts = _prompts(case, volume, config)
+    renderings, window_of, windows = _renderings(volume, coarse, prompts, config)
     model = runner.get()
     if progress is not None:
         progress.reset(total=len({p.z for p in prompts}))
-    label_map, records = segment_volume(model, u8, prompts, model_name=model.model.name,
+    label_map, records = segment_volume(model, renderings, prompts, window_of=window_of,
+                                        model_name=model.model.name,
                                         on_slice=None if progress is None else lambda: progress.update(1))
     label_map = _clean(label_map, volume, config)
     attrs = {
         "case_id": case.case_id,
         "geometry": volume.geometry.to_json(),
-        "modality": modality,
+        "modality": _modality(volume, config),
         "signature": signature,
         "instances": [r.to_json() for r in records],
         "prompts": len(prompts),
+        "ct_windows": {str(k): list(v) for k, v in windows.items()},
         "postprocess": [{"step": "remove_small_components_2d",
                          "min_area_mm2": config.postprocess.min_component_mm2}],
-        "config": config.model_dump(),
+        "config": config.model_dump(mode="json"),
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     image = volume.array if config.store.write_image else None
@@ -185,7 +207,7 @@ def annotate(cases: list[CaseRef], store: CaseStore, config: EngineConfig, *, ov
     if runner._runner is not None:
         summary.runner_stats = runner._runner.stats.as_dict()
     store.write_run(summary.run_id, {
-        "run_id": summary.run_id, "package_version": package_version(), "config": config.model_dump(),
+        "run_id": summary.run_id, "package_version": package_version(), "config": config.model_dump(mode="json"),
         "cases": [o.__dict__ for o in summary.outcomes], "runner": summary.runner_stats})
     return summary
 

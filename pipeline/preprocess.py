@@ -74,3 +74,25 @@ def prepare_slice(slice_u8: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
 def boxes_to_model(boxes_xyxy: np.ndarray, height: int, width: int) -> np.ndarray:
     """Scale (B, 4) XYXY voxel boxes of an (H, W) slice into the model's 256-pixel frame (float32)."""
     return np.asarray(boxes_xyxy, dtype=np.float32) * (MODEL_INPUT / max(height, width))
+
+
+LUNG_MEDIAN_HU = -400.0  # a label whose coarse-mask median is below this is aerated lung
+BONE_MEDIAN_HU = 180.0  # ... above this, bone (or dense contrast): the bone window shows its edges
+
+
+def choose_ct_windows(volume_hu: np.ndarray, coarse: np.ndarray | None, labels: list[int], *,
+                      default: tuple[float, float], lung: tuple[float, float], bone: tuple[float, float],
+                      explicit: dict[int, tuple[float, float]] | None = None,
+                      auto: bool = True) -> dict[int, tuple[float, float]]:
+    """(level, width) per label: explicit choice, else (auto) by the median HU under the coarse mask."""
+    explicit = explicit or {}
+    windows = {}
+    for label in labels:
+        window = explicit.get(label, default)
+        if label not in explicit and auto and coarse is not None:
+            inside = volume_hu[coarse == label]
+            if inside.size:
+                median = float(np.median(inside))
+                window = lung if median < LUNG_MEDIAN_HU else bone if median > BONE_MEDIAN_HU else default
+        windows[label] = (float(window[0]), float(window[1]))
+    return windows

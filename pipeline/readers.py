@@ -161,6 +161,6 @@ def read_volume(path: str | Path) -> Volume:
             return read_image_2d(path)
     except ReadError:
         raise
-    except (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, RuntimeError) as exc:
+    except Exception as exc:  # corrupt input makes third-party readers raise anything; keep the cause
         raise ReadError(f"{path.name}: unreadable {suffix or 'file'} ({type(exc).__name__}: {exc})") from exc
     raise ReadError(f"{path.name}: unsupported file type '{suffix}'")

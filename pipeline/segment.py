@@ -31,30 +31,34 @@ def by_slice(prompts: Iterable[BoxPrompt]) -> dict[int, list[BoxPrompt]]:
     return dict(sorted(grouped.items()))
 
 
-def segment_volume(runner: LiteMedSAMRunner, volume_u8: np.ndarray, prompts: list[BoxPrompt], *,
-                   model_name: str = "", on_slice: Callable[[], None] | None = None
-                   ) -> tuple[np.ndarray, list[InstanceRecord]]:
+def segment_volume(runner: LiteMedSAMRunner, volume_u8: np.ndarray | dict[str, np.ndarray],
+                   prompts: list[BoxPrompt], *, window_of: dict[int, str] | None = None, model_name: str = "",
+                   on_slice: Callable[[], None] | None = None) -> tuple[np.ndarray, list[InstanceRecord]]:
     """Segment every prompted slice of a (z, y, x[, 3]) uint8 volume.
 
-    Returns the (z, y, x) uint16 label map and one InstanceRecord per (label, instance) with its boxes,
-    slices, mean predicted IoU and voxel count (after overlap resolution).
+    ``volume_u8`` may instead map intensity-window names to uint8 renderings of the same volume, with
+    ``window_of`` giving each label's window: each slice is then encoded once per window in use on it, and
+    overlaps are still resolved across all of the slice's boxes. Returns the (z, y, x) uint16 label map and
+    one InstanceRecord per (label, instance) with boxes, slices, mean predicted IoU and voxels claimed.
     """
-    label_map = np.zeros(volume_u8.shape[:3], dtype=np.uint16)
+    renderings = volume_u8 if isinstance(volume_u8, dict) else {"default": volume_u8}
+    default = next(iter(renderings))
+    window_of = window_of or {}
+    shape = next(iter(renderings.values())).shape[:3]
+    label_map = np.zeros(shape, dtype=np.uint16)
     lineage: dict[tuple[int, int], dict] = defaultdict(lambda: {"slices": [], "boxes": [], "iou": [], "voxels": 0,
                                                                 "source": ""})
     for z, slice_prompts in by_slice(prompts).items():
-        embedded = runner.encode([volume_u8[z]])[0]
-        boxes = np.array([p.box for p in slice_prompts], dtype=np.float32)
-        logits, iou = runner.decode(embedded, boxes)
-        label_map[z], winner = resolve_slice(logits, np.array([p.label for p in slice_prompts]))
-        counts = np.bincount(winner[winner >= 0].ravel(), minlength=len(slice_prompts))
-        for index, prompt in enumerate(slice_prompts):
-            entry = lineage[(prompt.label, prompt.instance)]
-            entry["slices"].append(z)
-            entry["boxes"].append(prompt.box)
-            entry["iou"].append(float(iou[index]))
-            entry["voxels"] += int(counts[index])
-            entry["source"] = prompt.source
+        slice_prompts = sorted(slice_prompts, key=lambda p: window_of.get(p.label, default))
+        logits, iou = [], []
+        for window in dict.fromkeys(window_of.get(p.label, default) for p in slice_prompts):
+            group = [p for p in slice_prompts if window_of.get(p.label, default) == window]
+            embedded = runner.encode([renderings[window][z]])[0]
+            group_logits, group_iou = runner.decode(embedded, np.array([p.box for p in group], dtype=np.float32))
+            logits.append(group_logits)
+            iou.append(group_iou)
+        label_map[z], winner = resolve_slice(np.concatenate(logits), np.array([p.label for p in slice_prompts]))
+        _record(lineage, z, slice_prompts, np.concatenate(iou), winner)
         if on_slice is not None:
             on_slice()
     records = [
@@ -64,3 +68,14 @@ def segment_volume(runner: LiteMedSAMRunner, volume_u8: np.ndarray, prompts: lis
         for (label, instance), e in sorted(lineage.items())
     ]
     return label_map, records
+
+
+def _record(lineage: dict, z: int, prompts: list[BoxPrompt], iou: np.ndarray, winner: np.ndarray) -> None:
+    counts = np.bincount(winner[winner >= 0].ravel(), minlength=len(prompts))
+    for index, prompt in enumerate(prompts):
+        entry = lineage[(prompt.label, prompt.instance)]
+        entry["slices"].append(z)
+        entry["boxes"].append(prompt.box)
+        entry["iou"].append(float(iou[index]))
+        entry["voxels"] += int(counts[index])
+        entry["source"] = prompt.source

@@ -1,0 +1,118 @@
+"""The command-line contract end to end on real volumes and a real 2D image."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.readers import read_volume
+from pipeline.store import CaseStore
+
+
+@pytest.fixture(scope="module")
+def annotated(tmp_path_factory, small_chest, small_chest_nifti):
+    """One run over a NRRD case, a NIfTI case and an unreadable file (masks from a stem-matched folder)."""
+    root = tmp_path_factory.mktemp("cli")
+    images, masks = root / "images", root / "masks"
+    images.mkdir()
+    masks.mkdir()
+    shutil.copy(small_chest[0], images / "chest_a.nrrd")
+    shutil.copy(small_chest[1], masks / "chest_a.nrrd")
+    shutil.copy(small_chest_nifti[0], images / "chest_b.nii.gz")
+    shutil.copy(small_chest_nifti[1], masks / "chest_b.nii.gz")
+    (images / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    shutil.copy(small_chest[1], masks / "broken.nrrd")
+    store = root / "store"
+    code = main(["annotate", str(images), "--coarse-mask", str(masks), "--out", str(store)])
+    return root, store, code
+
+
+def test_bad_input_fails_only_its_case_with_a_recorded_reason(annotated):
+    _, store, code = annotated
+    assert code == 1
+    errors = CaseStore(store).errors()
+    assert len(errors) == 1
+    (error,) = errors.values()
+    assert error["stage"] == "read" and "broken.nii.gz" in error["reason"]
+    assert len(CaseStore(store).committed_cases()) == 2
+
+
+def test_nifti_export_lands_on_each_input_grid(annotated, tmp_path):
+    root, store, _ = annotated
+    assert main(["export", str(store), "--format", "nifti", "--out", str(tmp_path)]) == 0
+    s = CaseStore(store)
+    for case_id in s.committed_cases():
+        source = s.manifest(case_id)["image"]
+        exported = nib.load(str(tmp_path / f"{case_id}.nii.gz"))
+        if source.endswith(".nrrd"):
+            raw, header = nrrd.read(source)
+            lps = np.eye(4)
+            lps[:3, :3] = np.asarray(header["space directions"]).T
+            lps[:3, 3] = header["space origin"]
+            expected_affine, expected_shape = np.diag([-1, -1, 1, 1]) @ lps, raw.shape
+        else:
+            ref = nib.load(source)
+            expected_affine, expected_shape = ref.affine, ref.shape
+        assert exported.shape == expected_shape
+        assert np.allclose(exported.affine, expected_affine, atol=1e-4)
+        # the exported labels sit on the voxels the coarse mask marked (same grid, same label values)
+        mask_path = source.replace("/images/", "/masks/")
+        mask = np.asanyarray(nib.load(mask_path).dataobj) if mask_path.endswith(".nii.gz") else nrrd.read(mask_path)[0]
+        out = np.asanyarray(exported.dataobj)
+        for label in (3, 7):  # thoracic spine (compact, off-centre in y) and body tissue
+            overlap = np.logical_and(out == label, mask == label).sum() / max((mask == label).sum(), 1)
+            assert overlap > 0.5, (case_id, label, overlap)
+        flipped = np.logical_and(out[:, ::-1] == 3, mask == 3).sum() / max((mask == 3).sum(), 1)
+        assert flipped < 0.2  # a y-flip would not overlap: the check above really tests the grid
+
+
+def test_eval_reports_dice_per_case_and_label(annotated, small_chest, capsys):
+    root, store, _ = annotated
+    capsys.readouterr()
+    assert main(["eval", str(store), "--reference", str(root / "masks"), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert len(results) == 2
+    for labels in results.values():
+        assert 0.5 < labels["3"]["dice"] <= 1.0  # thoracic spine, a compact target
+
+
+def test_rerun_skips_committed_cases_without_encoding(annotated):
+    root, store, _ = annotated
+    runs_before = set((store / "_runs").iterdir())
+    code = main(["annotate", str(root / "images"), "--coarse-mask", str(root / "masks"), "--out", str(store)])
+    assert code == 1  # the broken file still fails, and says so again
+    (new_run,) = set((store / "_runs").iterdir()) - runs_before
+    record = json.loads(new_run.read_text())
+    statuses = sorted(c["status"] for c in record["cases"])
+    assert statuses == ["failed", "skipped", "skipped"]
+    assert record["runner"] == {}  # the model was never even loaded
+
+
+def test_2d_png_with_many_instance_boxes(nuclei_2d, tmp_path):
+    store = tmp_path / "store"
+    assert main(["annotate", str(nuclei_2d[0]), "--coarse-mask", str(nuclei_2d[1]), "--out", str(store)]) == 0
+    s = CaseStore(store)
+    (case_id,) = s.committed_cases()
+    labels, attrs = s.read_labels(case_id)
+    reference = read_volume(nuclei_2d[1]).array
+    assert labels.shape == (1, 256, 256)
+    assert len(attrs["instances"]) >= 20
+    from pipeline.metrics import dice
+
+    assert dice(labels > 0, reference > 0) > 0.7
+    out = tmp_path / "nifti"
+    assert main(["export", str(store), "--format", "nifti", "--out", str(out)]) == 0
+    exported = np.asanyarray(nib.load(str(out / f"{case_id}.nii.gz")).dataobj)
+    assert exported.shape == (256, 256, 1) and np.array_equal(exported[:, :, 0].T, labels[0])
+
+
+def test_bad_usage_exits_2(tmp_path, small_chest):
+    with pytest.raises(SystemExit) as info:
+        main(["annotate", str(small_chest[0])])  # --out missing
+    assert info.value.code == 2
+    assert main(["annotate", str(small_chest[0]), "--out", str(tmp_path)]) == 2  # no prompt source

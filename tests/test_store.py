@@ -1,0 +1,60 @@
+"""The store: commit last, skip or refuse by signature, keep earlier versions, ignore staging."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.errors import StoreConflictError
+from pipeline.store import CaseStore
+
+GEOMETRY = {"spacing_zyx_mm": [2.0, 1.0, 1.0]}
+
+
+def _commit(store, case_id, value, signature, **kw):
+    labels = np.full((2, 4, 4), value, dtype=np.uint16)
+    return store.commit_case(case_id, labels=labels, attrs={"geometry": GEOMETRY, "signature": signature},
+                             image=np.zeros((2, 4, 4), np.int16), **kw)
+
+
+def test_commit_then_read_back_with_ome_metadata(tmp_path):
+    store = CaseStore(tmp_path)
+    path = _commit(store, "c1", 3, {"s": 1})
+    labels, attrs = store.read_labels("c1")
+    assert labels.dtype == np.uint16 and (labels == 3).all()
+    assert attrs["status"] == "committed"
+    meta = json.loads((path / "labels" / "medsam" / "zarr.json").read_text())["attributes"]["ome"]
+    assert meta["version"] == "0.5" and meta["image-label"]["properties"][0]["label-value"] == 3
+    axes = json.loads((path / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]["axes"]
+    assert [a["name"] for a in axes] == ["z", "y", "x"]
+
+
+def test_other_signature_is_refused_unless_overwrite_which_keeps_the_old(tmp_path):
+    store = CaseStore(tmp_path)
+    _commit(store, "c1", 1, {"s": 1})
+    with pytest.raises(StoreConflictError, match="different signature"):
+        _commit(store, "c1", 2, {"s": 2})
+    _commit(store, "c1", 2, {"s": 2}, overwrite=True)
+    assert (store.read_labels("c1")[0] == 2).all()
+    assert len(list((tmp_path / "_previous" / "c1").iterdir())) == 1
+
+
+def test_uncommitted_folder_is_not_a_case(tmp_path):
+    store = CaseStore(tmp_path)
+    _commit(store, "c1", 1, {"s": 1})
+    meta = tmp_path / "c1.ome.zarr" / "zarr.json"
+    data = json.loads(meta.read_text())
+    data["attributes"]["medsam"]["status"] = "writing"
+    meta.write_text(json.dumps(data))
+    assert store.committed_cases() == []
+    (tmp_path / "_staging" / "c2-x.ome.zarr").mkdir(parents=True)
+    assert store.committed_cases() == []
+
+
+def test_case_ids_are_keyed_hashes(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEDSAM_ENGINE_ID_KEY", raising=False)
+    a, b = CaseStore(tmp_path / "a"), CaseStore(tmp_path / "b")
+    assert a.case_id("series-uid-1") == a.case_id("series-uid-1")
+    assert a.case_id("series-uid-1") != b.case_id("series-uid-1")  # each store has its own key
+    assert "series" not in a.case_id("series-uid-1")
