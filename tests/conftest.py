@@ -8,6 +8,29 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("MEDSAM_ENGINE_ID_KEY", "test-suite-key")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One real temporary Prefect server (and database) for the whole test session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One real local Ray for the whole test session."""
+    import ray
+
+    ray.init(num_cpus=2, namespace="medsam-engine", include_dashboard=False,
+             object_store_memory=256 * 1024 * 1024)
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
