@@ -162,5 +162,8 @@ def read_volume(path: str | Path) -> Volume:
     except ReadError:
         raise
     except Exception as exc:  # corrupt input makes third-party readers raise anything; keep the cause
-        raise ReadError(f"{path.name}: unreadable {suffix or 'file'} ({type(exc).__name__}: {exc})") from exc
+        detail = str(exc)
+        for where in (str(path.resolve()), str(path)):  # folders may carry names: keep only the file name
+            detail = detail.replace(where, path.name)
+        raise ReadError(f"{path.name}: unreadable {suffix or 'file'} ({type(exc).__name__}: {detail})") from exc
     raise ReadError(f"{path.name}: unsupported file type '{suffix}'")

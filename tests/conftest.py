@@ -102,3 +102,46 @@ def runner():
     from pipeline.model import LiteMedSAMRunner, load_lite_medsam
 
     return LiteMedSAMRunner(load_lite_medsam())
+
+
+def write_dicom_series(volume, folder: Path, *, series_uid: str = "1.2.826.0.1.3680043.8.498.1") -> Path:
+    """Write a canonical CT Volume as a real multi-file DICOM series (one file per slice, shuffled names)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.geometry.affine  # (z, y, x) -> LPS
+    row_dir = lps[:3, 2] / np.linalg.norm(lps[:3, 2])
+    col_dir = lps[:3, 1] / np.linalg.norm(lps[:3, 1])
+    _, dy, dx = volume.spacing
+    order = np.random.default_rng(0).permutation(volume.shape[0])
+    for z in range(volume.shape[0]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "CT", series_uid, series_uid + ".0"
+        ds.PatientName, ds.ImageType = "Test^Patient", ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.InstanceNumber = int(volume.shape[0] - z)  # deliberately reversed: readers must sort by position
+        ds.ImagePositionPatient = [float(v) for v in (lps @ [z, 0, 0, 1])[:3]]
+        ds.ImageOrientationPatient = [float(v) for v in (*row_dir, *col_dir)]
+        ds.PixelSpacing = [float(dy), float(dx)]
+        ds.SliceThickness = float(volume.spacing[0])
+        ds.Rows, ds.Columns = volume.shape[1], volume.shape[2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024.0, 1.0
+        ds.PixelData = (volume.array[z] + 1024).astype(np.int16).tobytes()
+        ds.save_as(str(folder / f"IM{order[z]:04d}"), enforce_file_format=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_chest_dicom(tmp_path_factory, small_chest) -> Path:
+    from pipeline.readers import read_volume
+
+    return write_dicom_series(read_volume(small_chest[0]), tmp_path_factory.mktemp("dicom") / "series")

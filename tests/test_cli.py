@@ -116,3 +116,28 @@ def test_bad_usage_exits_2(tmp_path, small_chest):
         main(["annotate", str(small_chest[0])])  # --out missing
     assert info.value.code == 2
     assert main(["annotate", str(small_chest[0]), "--out", str(tmp_path)]) == 2  # no prompt source
+
+
+def test_dicom_series_with_nifti_coarse_mask_exports_on_the_series_grid(small_chest_dicom, small_chest_nifti,
+                                                                       tmp_path):
+    store = tmp_path / "store"
+    assert main(["annotate", str(small_chest_dicom), "--coarse-mask", str(small_chest_nifti[1]),
+                 "--out", str(store), "--config", str(_fixed_window(tmp_path))]) == 0
+    out = tmp_path / "nifti"
+    assert main(["export", str(store), "--format", "nifti", "--out", str(out)]) == 0
+    (case_id,) = CaseStore(store).committed_cases()
+    exported = nib.load(str(out / f"{case_id}.nii.gz"))
+    series = read_volume(small_chest_dicom)
+    assert exported.shape == (128, 128, 4)  # (columns, rows, slices) of the series
+    mask = nib.load(str(small_chest_nifti[1]))
+    assert np.allclose(exported.affine, mask.affine, atol=1e-3)  # both RAS, same voxel grid
+    labels = np.asanyarray(exported.dataobj)
+    reference = np.asanyarray(mask.dataobj)
+    assert np.logical_and(labels == 3, reference == 3).sum() > 0.5 * (reference == 3).sum()
+    assert series.geometry.source_format == "dicom"
+
+
+def _fixed_window(folder):
+    path = folder / "config.yaml"
+    path.write_text("intensity:\n  ct_window: fixed\n")
+    return path

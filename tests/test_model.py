@@ -57,3 +57,17 @@ def test_batched_runner_masks_equal_naive_loop_on_real_multilabel_ct(runner, che
         assert np.array_equal(label_map[z], naive_map)
     assert all(0.0 < r.predicted_iou <= 1.5 for r in records)
     assert label_map[(15, 20), :, :].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_runner_matches_cpu_masks(runner, chest_ct):
+    from pipeline.model import LiteMedSAMRunner
+
+    volume = read_volume(chest_ct[0])
+    labels = align_to(read_volume(chest_ct[1]), volume)
+    u8 = to_uint8(volume.array, "CT")
+    prompts = [p for p in boxes_from_label_map(labels) if p.z == 15]
+    cpu_map, _ = segment_volume(runner, u8, prompts)
+    gpu_map, _ = segment_volume(LiteMedSAMRunner(load_lite_medsam(device="cuda"), device="cuda"), u8, prompts)
+    assert np.mean(cpu_map != gpu_map) < 1e-3

@@ -93,3 +93,11 @@ def test_truncated_nifti_is_a_read_error(tmp_path, small_chest_nifti):
     (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 3])
     with pytest.raises(ReadError, match="cut.nii.gz"):
         read_volume(tmp_path / "cut.nii.gz")
+
+
+def test_dicom_series_sorted_by_position_not_instance_number(small_chest, small_chest_dicom):
+    expected = read_volume(small_chest[0])
+    volume = read_volume(small_chest_dicom)
+    assert volume.modality == "CT"
+    assert np.array_equal(volume.array, expected.array)
+    assert np.allclose(volume.geometry.affine, expected.geometry.affine, atol=1e-3)
