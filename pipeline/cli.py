@@ -63,19 +63,41 @@ def _annotate(args) -> int:
     if config.prompts.detector == "coarse-mask" and not args.coarse_mask:
         print("medsam-engine annotate: the coarse-mask detector needs --coarse-mask", file=sys.stderr)
         return EXIT_USAGE
+    problem = _model_problem(config)
+    if problem:
+        print(f"medsam-engine annotate: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     store = CaseStore(args.out)
     try:
         cases = discover(args.inputs, store, coarse_masks=args.coarse_mask)
     except ValueError as exc:
         print(f"medsam-engine annotate: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    summary = annotate(cases, store, config, overwrite=args.overwrite)
+    from pipeline.model import CheckpointError
+
+    try:
+        summary = annotate(cases, store, config, overwrite=args.overwrite)
+    except CheckpointError as exc:
+        print(f"medsam-engine annotate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     for outcome in summary.outcomes:
         line = f"{outcome.status:8s} {outcome.case_id}"
         print(line + (f"  {outcome.reason}" if outcome.status == "failed" else ""))
     print(f"{summary.count('done')} done, {summary.count('skipped')} skipped, {summary.count('failed')} failed "
           f"-> {Path(args.out).resolve()}")
     return EXIT_CASES_FAILED if summary.failed else EXIT_OK
+
+
+def _model_problem(config) -> str | None:
+    """Why the model options cannot work on this machine, or None."""
+    if config.model.checkpoint and not Path(config.model.checkpoint).is_file():
+        return f"checkpoint not found: {config.model.checkpoint}"
+    if config.model.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return "--device cuda was asked for but no CUDA device is visible"
+    return None
 
 
 def _export(args) -> int:

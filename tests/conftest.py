@@ -145,3 +145,17 @@ def small_chest_dicom(tmp_path_factory, small_chest) -> Path:
     from pipeline.readers import read_volume
 
     return write_dicom_series(read_volume(small_chest[0]), tmp_path_factory.mktemp("dicom") / "series")
+
+
+def make_archive(root: Path, small_chest, small_chest_nifti) -> tuple[Path, Path]:
+    """An images/ folder (one NRRD, one NIfTI case) and a masks/ folder whose stems match it."""
+    import shutil
+
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    shutil.copy(small_chest[0], images / "chest_a.nrrd")
+    shutil.copy(small_chest[1], masks / "chest_a.nrrd")
+    shutil.copy(small_chest_nifti[0], images / "chest_b.nii.gz")
+    shutil.copy(small_chest_nifti[1], masks / "chest_b.nii.gz")
+    return images, masks

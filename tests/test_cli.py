@@ -9,6 +9,7 @@ import nrrd
 import numpy as np
 import pytest
 
+from conftest import make_archive
 from pipeline.cli import main
 from pipeline.readers import read_volume
 from pipeline.store import CaseStore
@@ -18,13 +19,7 @@ from pipeline.store import CaseStore
 def annotated(tmp_path_factory, small_chest, small_chest_nifti):
     """One run over a NRRD case, a NIfTI case and an unreadable file (masks from a stem-matched folder)."""
     root = tmp_path_factory.mktemp("cli")
-    images, masks = root / "images", root / "masks"
-    images.mkdir()
-    masks.mkdir()
-    shutil.copy(small_chest[0], images / "chest_a.nrrd")
-    shutil.copy(small_chest[1], masks / "chest_a.nrrd")
-    shutil.copy(small_chest_nifti[0], images / "chest_b.nii.gz")
-    shutil.copy(small_chest_nifti[1], masks / "chest_b.nii.gz")
+    images, masks = make_archive(root, small_chest, small_chest_nifti)
     (images / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
     shutil.copy(small_chest[1], masks / "broken.nrrd")
     store = root / "store"
@@ -141,3 +136,11 @@ def _fixed_window(folder):
     path = folder / "config.yaml"
     path.write_text("intensity:\n  ct_window: fixed\n")
     return path
+
+
+def test_unusable_model_options_exit_2(tmp_path, small_chest):
+    base = ["annotate", str(small_chest[0]), "--coarse-mask", str(small_chest[1]), "--out", str(tmp_path / "s")]
+    assert main(base + ["--checkpoint", str(tmp_path / "missing.pth")]) == 2
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(base + ["--checkpoint", str(bad)]) == 2

@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 
+from conftest import make_archive
 from pipeline.store import CaseStore
 
 
@@ -12,13 +13,7 @@ def test_flow_annotates_a_real_archive_on_ray_and_reruns_only_what_is_missing(
         tmp_path, small_chest, small_chest_nifti, prefect_server, local_ray):
     from flows.annotate import annotate_archive
 
-    images, masks = tmp_path / "images", tmp_path / "masks"
-    images.mkdir()
-    masks.mkdir()
-    shutil.copy(small_chest[0], images / "a.nrrd")
-    shutil.copy(small_chest[1], masks / "a.nrrd")
-    shutil.copy(small_chest_nifti[0], images / "b.nii.gz")
-    shutil.copy(small_chest_nifti[1], masks / "b.nii.gz")
+    images, masks = make_archive(tmp_path, small_chest, small_chest_nifti)
     store = tmp_path / "store"
 
     first = annotate_archive(inputs=[str(images)], out=str(store), coarse_masks=[str(masks)], shards=2)
