@@ -27,14 +27,17 @@ def _ensure_ray(address: str | None) -> None:
                      object_store_memory=512 * 1024 * 1024)
 
 
-def _actor(index: int, config_json: str, store_root: str):
-    """The index-th annotator actor of this store, created on first use (GPU when the cluster has one)."""
+def _actor(index: int, actors: int, config_json: str, store_root: str):
+    """The index-th of ``actors`` annotator actors for this config and store, created on first use.
+
+    With GPUs in the cluster each actor takes one; otherwise the CPUs are split between the actors.
+    """
     import ray
 
     from pipeline.ray_pool import Annotator
 
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    threads = max(1, int(ray.cluster_resources().get("CPU", 1)) if gpus == 0 else 1)
+    threads = 1 if gpus else max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, actors))
     key = hashlib.sha256(f"{config_json}|{store_root}".encode()).hexdigest()[:12]
     options = dict(name=f"annotator-{key}-{index}", namespace=ACTOR_NAMESPACE, get_if_exists=True,
                    max_restarts=2, max_task_retries=2, num_cpus=threads, num_gpus=gpus)
@@ -63,7 +66,7 @@ def annotate_shard(shard: list[dict], index: int, actors: int, config_json: str,
     import ray
 
     _ensure_ray(ray_address)
-    actor = _actor(index % max(1, actors), config_json, store_root)
+    actor = _actor(index % max(1, actors), actors, config_json, store_root)
     return ray.get(actor.annotate.remote(shard))
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.config import EngineConfig
 from pipeline.discover import content_hash
 from pipeline.errors import CaseError, PromptError
-from pipeline.store import CaseStore
+from pipeline.store import CaseStore, remove_stale_staging
 from pipeline.types import CaseRef, Volume
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,10 @@ class LazyRunner:
             self._runner = LiteMedSAMRunner(load_lite_medsam(self.config.model.checkpoint, device=device),
                                             device=device)
         return self._runner
+
+    def stats(self) -> dict:
+        """The runner's counters, or {} when the model was never loaded."""
+        return {} if self._runner is None else self._runner.stats.as_dict()
 
     @property
     def model_sha256(self) -> str:
@@ -195,6 +199,7 @@ def annotate(cases: list[CaseRef], store: CaseStore, config: EngineConfig, *, ov
     from tqdm.auto import tqdm
 
     runner = runner or LazyRunner(config)
+    remove_stale_staging(store)
     summary = RunSummary(run_id=time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6])
     show = sys.stderr.isatty() if show_progress is None else show_progress
     model_sha = runner.model_sha256
@@ -204,8 +209,7 @@ def annotate(cases: list[CaseRef], store: CaseStore, config: EngineConfig, *, ov
             summary.outcomes.append(_run_one(case, store, config, runner, model_sha, overwrite, summary.run_id,
                                              slices if show else None))
             bar.update(1)
-    if runner._runner is not None:
-        summary.runner_stats = runner._runner.stats.as_dict()
+    summary.runner_stats = runner.stats()
     store.write_run(summary.run_id, {
         "run_id": summary.run_id, "package_version": package_version(), "config": config.model_dump(mode="json"),
         "cases": [o.__dict__ for o in summary.outcomes], "runner": summary.runner_stats})

@@ -29,5 +29,4 @@ class Annotator:
         return [o.__dict__ for o in summary.outcomes]
 
     def stats(self) -> dict:
-        runner = self.runner._runner
-        return {} if runner is None else runner.stats.as_dict()
+        return self.runner.stats()

@@ -12,12 +12,7 @@ Conventions used everywhere in the project:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
-
 import numpy as np
-
-Modality = Literal["CT", "MR", "PT", "US", "XR", "2D", "OT"]
-
 
 @dataclass(frozen=True)
 class Geometry:
@@ -111,15 +106,6 @@ class BoxPrompt:
         x0, y0, x1, y1 = self.box
         if x1 < x0 or y1 < y0:
             raise ValueError(f"Argument 'box' must have x_max >= x_min and y_max >= y_min; got {self.box}.")
-
-
-@dataclass(frozen=True)
-class SliceMask:
-    """The model's answer for one BoxPrompt: a binary mask of the slice (y, x) and its logits summary."""
-
-    prompt: BoxPrompt
-    mask: np.ndarray
-    predicted_iou: float
 
 
 @dataclass(frozen=True)
