@@ -101,3 +101,16 @@ def test_dicom_series_sorted_by_position_not_instance_number(small_chest, small_
     assert volume.modality == "CT"
     assert np.array_equal(volume.array, expected.array)
     assert np.allclose(volume.geometry.affine, expected.geometry.affine, atol=1e-3)
+
+
+def test_16_bit_tiff_reads_as_one_slice(tmp_path):
+    import stardist
+    import tifffile
+    from pathlib import Path
+
+    source = Path(stardist.__file__).parent / "data" / "images" / "img2d.tif"
+    data = tifffile.imread(str(source))[:64, :64]
+    tifffile.imwrite(str(tmp_path / "crop.tif"), data.astype(np.uint16))
+    volume = read_volume(tmp_path / "crop.tif")
+    assert volume.shape == (1, 64, 64) and volume.array.dtype == np.uint16
+    assert np.array_equal(volume.array[0], data.astype(np.uint16))
