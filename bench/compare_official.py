@@ -46,7 +46,7 @@ def official_loop(image: Path, labels_path: Path) -> tuple[np.ndarray, float, in
     stored = np.transpose(raw, (2, 1, 0))  # SimpleITK's GetArrayFromImage order, no reorientation
     reference_raw, _ = nrrd.read(str(labels_path))
     reference = np.transpose(reference_raw, (2, 1, 0))
-    runner = LiteMedSAMRunner(load_lite_medsam())
+    runner = LiteMedSAMRunner(load_lite_medsam(), cache_bytes=0)  # the official loop caches nothing
     start = time.perf_counter()
     u8 = to_uint8(stored, "CT")
     segs = np.zeros(stored.shape, dtype=np.uint16)

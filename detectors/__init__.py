@@ -1,31 +1,12 @@
-"""Prompt sources: each turns a Volume (and what the user gave) into a list of BoxPrompts.
+"""Prompt sources: each turns a Volume (and what the user gave) into box prompts.
 
-The registry maps ``--detector NAME`` to a callable ``(volume, coarse_mask_or_None, options) -> prompts``.
+``build_detector(name, rules=..., options=...)`` returns a callable ``(volume, coarse=None) -> Detection``;
+``REGISTRY`` lists what ``--detector NAME`` accepts. Importing this package never loads torch: the learned
+detector imports it when it is built.
 """
-from __future__ import annotations
+from detectors.coarse_mask import BoxRules, boxes_from_label_map, compile_boxes, object_boxes
+from detectors.protocol import Detection, Detector, DetectorOptions
+from detectors.registry import REGISTRY, DetectorSpec, build_detector, get_spec, validate_options
 
-from collections.abc import Callable
-
-import numpy as np
-
-from detectors.coarse_mask import boxes_from_label_map
-from pipeline.types import BoxPrompt, Volume
-
-Detector = Callable[[Volume, "np.ndarray | None", dict], list[BoxPrompt]]
-
-
-def _coarse_mask(volume: Volume, coarse: np.ndarray | None, options: dict) -> list[BoxPrompt]:
-    if coarse is None:
-        raise ValueError("the 'coarse-mask' detector needs --coarse-mask for every input")
-    return boxes_from_label_map(coarse, margin_px=int(options.get("box_margin", 0)),
-                                min_voxels=int(options.get("min_voxels", 1)))
-
-
-REGISTRY: dict[str, Detector] = {"coarse-mask": _coarse_mask}
-
-
-def get_detector(name: str) -> Detector:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"Argument 'detector' must be one of {sorted(REGISTRY)}; got '{name}'.") from None
+__all__ = ["REGISTRY", "BoxRules", "Detection", "Detector", "DetectorOptions", "DetectorSpec", "boxes_from_label_map",
+           "build_detector", "compile_boxes", "get_spec", "object_boxes", "validate_options"]

@@ -1,56 +1,142 @@
-"""Coarse-mask prompt compiler: a label map on the image grid -> one box per object per slice.
+"""Coarse-mask prompt compiler: a label map on the image grid -> boxes, one per object per slice.
 
-Each label value is split into 3D connected components (two lesions are two instances); every slice where
-an instance is present gets its tight box (MedSAM's protocol), optionally widened by ``margin_px`` and
-always clipped to the image.
+Each label value is split into 3D connected components (two lesions are two instances), or taken from an
+instance map when the caller already separated touching objects. Every slice where an instance is present
+gets its tight box (MedSAM's protocol), optionally widened by a margin (pixels plus millimetres, so the same
+setting means the same physical margin at any in-plane spacing) and always clipped to the image. Optional
+jitter (off by default) perturbs each box edge for robustness checks.
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-from pipeline.types import BoxPrompt
+from pipeline.types import BoxPrompt, ObjectBox
 
 SOURCE = "coarse-mask"
 
 
-def _slice_boxes(component: np.ndarray, z_offset: int, y_offset: int, x_offset: int):
+@dataclass(frozen=True)
+class BoxRules:
+    """How objects become boxes. Margins and jitter are added on every side; sizes filter objects."""
+
+    margin_px: int = 0
+    margin_mm: float = 0.0
+    min_voxels: int = 1
+    min_size_mm3: float = 0.0
+    jitter_mm: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("margin_px", "margin_mm", "min_size_mm3", "jitter_mm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Argument '{name}' must be >= 0; got {getattr(self, name)}.")
+        if self.min_voxels < 1:
+            raise ValueError(f"Argument 'min_voxels' must be >= 1; got {self.min_voxels}.")
+
+    def margins(self, spacing_yx: tuple[float, float]) -> tuple[int, int]:
+        """(margin_y, margin_x) in pixels for a slice with this pixel size in mm."""
+        return (self.margin_px + int(round(self.margin_mm / spacing_yx[0])),
+                self.margin_px + int(round(self.margin_mm / spacing_yx[1])))
+
+
+def _objects(label_map: np.ndarray, instances: np.ndarray | None, connectivity: int
+             ) -> Iterator[tuple[int, np.ndarray, tuple[slice, ...]]]:
+    """Yield (label, boolean sub-volume, its slices) per object, per label in order of first voxel."""
+    structure = ndimage.generate_binary_structure(3, connectivity)
+    for label in (int(v) for v in np.unique(label_map) if v != 0):
+        if instances is None:
+            components, _ = ndimage.label(label_map == label, structure=structure)
+        else:
+            components = np.where(label_map == label, instances, 0)
+        for index, found in enumerate(ndimage.find_objects(components), start=1):
+            if found is not None:
+                yield label, components[found] == index, found
+
+
+def _slice_boxes(component: np.ndarray, found: tuple[slice, ...]) -> Iterator[tuple[int, tuple[int, ...]]]:
     """Yield (z, (x0, y0, x1, y1)) for each slice of a boolean sub-volume that has foreground."""
     ys_any = component.any(axis=2)  # (z, y)
     xs_any = component.any(axis=1)  # (z, x)
+    z0, y0, x0 = (s.start for s in found)
     for z in np.nonzero(ys_any.any(axis=1))[0]:
         ys = np.nonzero(ys_any[z])[0]
         xs = np.nonzero(xs_any[z])[0]
-        yield int(z + z_offset), (int(xs[0] + x_offset), int(ys[0] + y_offset),
-                                  int(xs[-1] + x_offset), int(ys[-1] + y_offset))
+        yield int(z + z0), (int(xs[0] + x0), int(ys[0] + y0), int(xs[-1] + x0), int(ys[-1] + y0))
+
+
+def _widen(box: tuple[int, ...], rules: BoxRules, margins: tuple[int, int], jitter: tuple[int, int],
+           rng: np.random.Generator, shape_yx: tuple[int, int]) -> tuple[int, int, int, int]:
+    my, mx = margins
+    x0, y0, x1, y1 = box[0] - mx, box[1] - my, box[2] + mx, box[3] + my
+    if rules.jitter_mm > 0:
+        jy, jx = jitter
+        dx0, dx1 = rng.integers(-jx, jx + 1, size=2)
+        dy0, dy1 = rng.integers(-jy, jy + 1, size=2)
+        x0, x1, y0, y1 = x0 + dx0, x1 + dx1, y0 + dy0, y1 + dy1
+        x0, x1 = min(x0, x1), max(x0, x1)
+        y0, y1 = min(y0, y1), max(y0, y1)
+    height, width = shape_yx
+    return (int(np.clip(x0, 0, width - 1)), int(np.clip(y0, 0, height - 1)),
+            int(np.clip(x1, 0, width - 1)), int(np.clip(y1, 0, height - 1)))
+
+
+def compile_boxes(label_map: np.ndarray, *, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                  rules: BoxRules = BoxRules(), instances: np.ndarray | None = None, connectivity: int = 3,
+                  source: str = SOURCE) -> list[BoxPrompt]:
+    """Boxes for every (label, object, slice) of a (z, y, x) integer label map with voxel ``spacing`` in mm.
+
+    Objects are 3D connected components per label (``connectivity`` 1..3 as in scipy), or the ids of the
+    optional (z, y, x) ``instances`` map within each label. Instances are numbered 1.. per label in order
+    of their first voxel; objects smaller than ``rules.min_voxels`` or ``rules.min_size_mm3`` are ignored.
+    Boxes are XYXY voxel indices, inclusive, clipped to the slice.
+    """
+    if label_map.ndim != 3:
+        raise ValueError(f"Argument 'label_map' must be (z, y, x); got shape {label_map.shape}.")
+    if instances is not None and instances.shape != label_map.shape:
+        raise ValueError(f"Argument 'instances' must have the label map's shape {label_map.shape}; "
+                         f"got {instances.shape}.")
+    voxel_mm3 = float(np.prod(spacing))
+    margins = rules.margins(spacing[1:])
+    jitter = (int(round(rules.jitter_mm / spacing[1])), int(round(rules.jitter_mm / spacing[2])))
+    rng = np.random.default_rng(rules.seed)
+    prompts: list[BoxPrompt] = []
+    counters: dict[int, int] = {}
+    for label, component, found in _objects(label_map, instances, connectivity):
+        size = int(component.sum())
+        if size < rules.min_voxels or size * voxel_mm3 < rules.min_size_mm3:
+            continue
+        counters[label] = instance = counters.get(label, 0) + 1
+        for z, box in _slice_boxes(component, found):
+            prompts.append(BoxPrompt(label=label, instance=instance, z=z, source=source,
+                                     box=_widen(box, rules, margins, jitter, rng, label_map.shape[1:])))
+    return prompts
+
+
+def object_boxes(prompts: list[BoxPrompt]) -> list[ObjectBox]:
+    """One 3D box per (label, instance) from its per-slice boxes: the z range, the middle slice's box
+    (the official propagate protocol starts there) and the union of all boxes."""
+    grouped: dict[tuple[int, int], list[BoxPrompt]] = {}
+    for prompt in prompts:
+        grouped.setdefault((prompt.label, prompt.instance), []).append(prompt)
+    objects = []
+    for (label, instance), group in sorted(grouped.items()):
+        group.sort(key=lambda p: p.z)
+        middle = group[len(group) // 2]
+        boxes = np.array([p.box for p in group])
+        union = (int(boxes[:, 0].min()), int(boxes[:, 1].min()), int(boxes[:, 2].max()), int(boxes[:, 3].max()))
+        objects.append(ObjectBox(label=label, instance=instance, z_range=(group[0].z, group[-1].z),
+                                 z_middle=middle.z, box_middle=middle.box, box_union=union, source=middle.source))
+    return objects
 
 
 def boxes_from_label_map(label_map: np.ndarray, *, margin_px: int = 0, min_voxels: int = 1,
                          connectivity: int = 3) -> list[BoxPrompt]:
-    """Boxes for every (label, 3D component, slice) of a (z, y, x) integer label map.
-
-    Instances are numbered 1.. per label in order of their first voxel. Components smaller than
-    ``min_voxels`` are ignored. Boxes are XYXY voxel indices, inclusive, clipped to the slice.
-    """
-    if label_map.ndim != 3:
-        raise ValueError(f"Argument 'label_map' must be (z, y, x); got shape {label_map.shape}.")
+    """:func:`compile_boxes` with a margin in pixels and a minimum size in voxels only."""
     if margin_px < 0:
         raise ValueError(f"Argument 'margin_px' must be >= 0; got {margin_px}.")
-    _, height, width = label_map.shape
-    structure = ndimage.generate_binary_structure(3, connectivity)
-    prompts: list[BoxPrompt] = []
-    for label in (int(v) for v in np.unique(label_map) if v != 0):
-        components, _ = ndimage.label(label_map == label, structure=structure)
-        instance = 0
-        for index, found in enumerate(ndimage.find_objects(components), start=1):
-            if found is None:
-                continue
-            component = components[found] == index
-            if component.sum() < min_voxels:
-                continue
-            instance += 1
-            for z, (x0, y0, x1, y1) in _slice_boxes(component, found[0].start, found[1].start, found[2].start):
-                box = (max(0, x0 - margin_px), max(0, y0 - margin_px),
-                       min(width - 1, x1 + margin_px), min(height - 1, y1 + margin_px))
-                prompts.append(BoxPrompt(label=label, instance=instance, z=z, box=box, source=SOURCE))
-    return prompts
+    return compile_boxes(label_map, rules=BoxRules(margin_px=margin_px, min_voxels=min_voxels),
+                         connectivity=connectivity)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Section(BaseModel):
@@ -30,9 +30,29 @@ class IntensitySection(_Section):
 
 
 class PromptSection(_Section):
+    """Which detector makes the boxes, the rules every detector's boxes follow, and its own options."""
+
     detector: str = "coarse-mask"
     box_margin: int = Field(0, ge=0, description="pixels added on every side of each box")
-    min_voxels: int = Field(1, ge=1, description="coarse-mask components smaller than this are ignored")
+    box_margin_mm: float = Field(0.0, ge=0, description="millimetres added on every side (after box_margin)")
+    min_voxels: int = Field(1, ge=1, description="objects smaller than this many voxels are ignored")
+    min_size_mm3: float = Field(0.0, ge=0, description="objects smaller than this volume are ignored")
+    jitter_mm: float = Field(0.0, ge=0, description="random shift of each box edge, for robustness checks")
+    jitter_seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict, description="the detector's own options")
+
+    @model_validator(mode="after")
+    def _check_detector(self) -> "PromptSection":
+        from detectors import validate_options
+
+        validate_options(self.detector, self.options)
+        return self
+
+    def box_rules(self):
+        from detectors import BoxRules
+
+        return BoxRules(margin_px=self.box_margin, margin_mm=self.box_margin_mm, min_voxels=self.min_voxels,
+                        min_size_mm3=self.min_size_mm3, jitter_mm=self.jitter_mm, seed=self.jitter_seed)
 
 
 class ModelSection(_Section):

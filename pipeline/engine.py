@@ -86,13 +86,17 @@ class LazyRunner:
 
 
 def case_signature(case: CaseRef, config: EngineConfig, model_sha256: str) -> dict:
-    return {
+    signature = {
         "input_sha256": content_hash(case.image),
         "prompt_sha256": content_hash(case.coarse_mask) if case.coarse_mask else None,
         "model_sha256": model_sha256,
         "config_hash": config.result_hash(),
         "package_version": package_version(),
     }
+    artefact = config.prompts.options.get("artefact") if config.prompts.detector == "learned" else None
+    if artefact:
+        signature["detector_sha256"] = content_hash(str(artefact))
+    return signature
 
 
 def _modality(volume: Volume, config: EngineConfig) -> str:
@@ -100,8 +104,9 @@ def _modality(volume: Volume, config: EngineConfig) -> str:
     return volume.modality if wanted == "auto" else wanted
 
 
-def _prompts(case: CaseRef, volume: Volume, config: EngineConfig):
-    from detectors import get_detector
+def _prompts(case: CaseRef, volume: Volume, config: EngineConfig, runner: "LazyRunner"):
+    """The case's coarse label map (given or found) and its box prompts, from the configured detector."""
+    from detectors import build_detector
     from pipeline.geometry import align_to
     from pipeline.readers import read_volume
 
@@ -112,11 +117,14 @@ def _prompts(case: CaseRef, volume: Volume, config: EngineConfig):
             raise PromptError("coarse mask is a colour image; give a label map")
         if not np.issubdtype(coarse.dtype, np.integer):
             coarse = np.rint(coarse).astype(np.int64)
+    section = config.prompts
     try:
-        detector = get_detector(config.prompts.detector)
-        return coarse, detector(volume, coarse, config.prompts.model_dump())
+        detector = build_detector(section.detector, rules=section.box_rules(), options=section.options,
+                                  runner=runner)
+        detection = detector(volume, coarse)
     except ValueError as exc:
         raise PromptError(str(exc)) from exc
+    return detection.label_map, detection.prompts, detection.label_names
 
 
 def _clean(label_map: np.ndarray, volume: Volume, config: EngineConfig) -> np.ndarray:
@@ -165,7 +173,7 @@ def process_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: 
 
     start = time.perf_counter()
     volume = read_volume(case.image)
-    coarse, prompts = _prompts(case, volume, config)
+    coarse, prompts, label_names = _prompts(case, volume, config, runner)
     renderings, window_of, windows = _renderings(volume, coarse, prompts, config)
     model = runner.get()
     if progress is not None:
@@ -188,7 +196,8 @@ def process_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: 
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     image = volume.array if config.store.write_image else None
-    store.commit_case(case.case_id, labels=label_map, attrs=attrs, image=image, overwrite=overwrite)
+    store.commit_case(case.case_id, labels=label_map, attrs=attrs, image=image, overwrite=overwrite,
+                      label_names=label_names)
     return CaseOutcome(case.case_id, "done", seconds=time.perf_counter() - start,
                        slices=len({p.z for p in prompts}))
 

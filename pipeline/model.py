@@ -10,6 +10,7 @@ import hashlib
 import importlib.resources
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +95,7 @@ class RunnerStats:
     decoded_boxes: int = 0
     seconds_encode: float = 0.0
     seconds_decode: float = 0.0
+    cache_hits: int = 0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -108,16 +110,51 @@ class SliceEmbedding:
 
 @dataclass
 class LiteMedSAMRunner:
-    """Encode once per slice, decode all of a slice's boxes in one call."""
+    """Encode once per slice, decode all of a slice's boxes in one call.
+
+    Embeddings of the most recent slices are kept (up to ``cache_bytes``, least recently used first out),
+    keyed by the slice's bytes, so a detector that embeds a slice and the segmentation that follows share
+    one encoder pass.
+    """
 
     model: LoadedModel
     device: str = "cpu"
     stats: RunnerStats = field(default_factory=RunnerStats)
+    cache_bytes: int = 512 * 1024 * 1024
+    _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+
+    @staticmethod
+    def _key(slice_u8: np.ndarray) -> bytes:
+        return hashlib.blake2b(np.ascontiguousarray(slice_u8).data, digest_size=16,
+                               person=str(slice_u8.shape).encode()[:16]).digest()
+
+    def encode(self, slices_u8: list[np.ndarray]) -> list[SliceEmbedding]:
+        """Embed slices ((H, W) or (H, W, 3) uint8), one encoder call for those not cached."""
+        keys = [self._key(s) for s in slices_u8]
+        missing = [i for i, key in enumerate(keys) if key not in self._cache]
+        if missing:
+            fresh = self._encode([slices_u8[i] for i in missing])
+            for i, embedded in zip(missing, fresh):
+                self._remember(keys[i], embedded)
+        self.stats.cache_hits += len(slices_u8) - len(missing)
+        out = []
+        for key in keys:
+            self._cache.move_to_end(key)
+            out.append(self._cache[key])
+        self._trim()
+        return out
+
+    def _remember(self, key: bytes, embedded: SliceEmbedding) -> None:
+        self._cache[key] = embedded
+
+    def _trim(self) -> None:
+        size = sum(e.embedding.numel() * e.embedding.element_size() for e in self._cache.values())
+        while self._cache and size > self.cache_bytes:
+            _, dropped = self._cache.popitem(last=False)
+            size -= dropped.embedding.numel() * dropped.embedding.element_size()
 
     @torch.inference_mode()
-    def encode(self, slices_u8: list[np.ndarray]) -> list[SliceEmbedding]:
-        """Embed slices ((H, W) or (H, W, 3) uint8) in one encoder call; one SliceEmbedding each."""
-
+    def _encode(self, slices_u8: list[np.ndarray]) -> list[SliceEmbedding]:
         prepared = [prepare_slice(s) for s in slices_u8]
         batch = torch.from_numpy(np.stack([p[0] for p in prepared])).permute(0, 3, 1, 2).to(self.device)
         start = time.perf_counter()
@@ -126,7 +163,7 @@ class LiteMedSAMRunner:
         self.stats.encoder_calls += 1
         self.stats.encoded_slices += len(slices_u8)
         return [
-            SliceEmbedding(embeddings[i : i + 1], tuple(s.shape[:2]), p[1])  # type: ignore[arg-type]
+            SliceEmbedding(embeddings[i : i + 1].clone(), tuple(s.shape[:2]), p[1])  # type: ignore[arg-type]
             for i, (s, p) in enumerate(zip(slices_u8, prepared))
         ]
 

@@ -109,6 +109,20 @@ class BoxPrompt:
 
 
 @dataclass(frozen=True)
+class ObjectBox:
+    """One object as a 3D box (the prompt of propagate mode): slices ``z_range`` (inclusive), the middle
+    slice ``z_middle`` with its box ``box_middle``, and ``box_union`` over all slices (XYXY voxels)."""
+
+    label: int
+    instance: int
+    z_range: tuple[int, int]
+    z_middle: int
+    box_middle: tuple[int, int, int, int]
+    box_union: tuple[int, int, int, int]
+    source: str = "coarse-mask"
+
+
+@dataclass(frozen=True)
 class InstanceRecord:
     """Lineage of one object (label, instance) in a case, stored in the case's attributes."""
 
@@ -146,10 +160,17 @@ class InstanceRecord:
 class CaseRef:
     """One unit of work: an image (file or DICOM series folder) and its optional coarse mask.
 
-    ``case_id`` is a keyed hash: it carries no name, ID, date or UID from the input.
+    ``case_id`` is a keyed hash: it carries no name, ID, date or UID from the input. For DICOM, ``series`` is a
+    keyed hash of the series (SeriesInstanceUID, orientation and size; never the UID itself) and ``files`` lists
+    the series' files inside ``image`` (a folder may hold several series). ``error`` is set when discovery
+    could not make a readable case of an input (a corrupt file, a refused archive member): reading the case
+    raises it as a ReadError so it is recorded like any other failure.
     """
 
     case_id: str
     image: str
     coarse_mask: str | None = None
     kind: str = "file"
+    series: str | None = None
+    files: tuple[str, ...] = ()
+    error: str | None = None

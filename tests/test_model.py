@@ -35,7 +35,7 @@ def _naive_slice(runner, slice_u8, prompts):
     """Re-encode the slice for every box and decode one box per call (the official loop's structure)."""
     logits = []
     for prompt in prompts:
-        embedded = runner.encode([slice_u8])[0]
+        embedded = runner._encode([slice_u8])[0]  # a real encoder pass, never the cache
         one, _ = runner.decode(embedded, np.array([prompt.box], dtype=np.float32))
         logits.append(one[0])
     return np.stack(logits)
@@ -47,9 +47,9 @@ def test_batched_runner_masks_equal_naive_loop_on_real_multilabel_ct(runner, che
     u8 = to_uint8(volume.array, "CT")
     prompts = [p for p in boxes_from_label_map(labels) if p.z in (15, 20) and p.label != 1]
     assert len({p.label for p in prompts}) >= 4
-    before = runner.stats.encoded_slices
+    before = runner.stats.encoded_slices + runner.stats.cache_hits
     label_map, records = segment_volume(runner, u8, prompts)
-    assert runner.stats.encoded_slices - before == 2  # one encoder pass per slice
+    assert runner.stats.encoded_slices + runner.stats.cache_hits - before == 2  # one embedding per slice
     for z in (15, 20):
         slice_prompts = [p for p in prompts if p.z == z]
         naive_logits = _naive_slice(runner, u8[z], slice_prompts)
@@ -71,3 +71,13 @@ def test_cuda_runner_matches_cpu_masks(runner, chest_ct):
     cpu_map, _ = segment_volume(runner, u8, prompts)
     gpu_map, _ = segment_volume(LiteMedSAMRunner(load_lite_medsam(device="cuda"), device="cuda"), u8, prompts)
     assert np.mean(cpu_map != gpu_map) < 1e-3
+
+
+def test_embedding_cache_serves_a_repeated_slice_without_an_encoder_pass(runner, small_chest):
+    volume = read_volume(small_chest[0])
+    u8 = to_uint8(volume.array, "CT")
+    first = runner.encode([u8[1]])[0]
+    calls, hits = runner.stats.encoder_calls, runner.stats.cache_hits
+    again = runner.encode([u8[1].copy()])[0]
+    assert (runner.stats.encoder_calls, runner.stats.cache_hits) == (calls, hits + 1)
+    assert torch.equal(first.embedding, again.embedding)

@@ -1,0 +1,37 @@
+"""The detector protocol: ``detector(volume, coarse=None) -> Detection``.
+
+A Detection carries the prompts plus the coarse label map they were compiled from (the pipeline uses it to
+pick CT windows per label) and the names of the labels it produced. Each detector declares a pydantic model
+for its own options, validated when the run configuration is loaded, before any case is read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.types import BoxPrompt, Volume
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What a detector found on one Volume: prompts (XYXY voxel boxes), and the (z, y, x) label map they
+    came from (None when there is none), and label names where the detector knows them."""
+
+    prompts: list[BoxPrompt]
+    label_map: np.ndarray | None = None
+    label_names: dict[int, str] = field(default_factory=dict)
+
+
+class Detector(Protocol):
+    name: str
+
+    def __call__(self, volume: Volume, coarse: np.ndarray | None = None) -> Detection: ...
+
+
+class DetectorOptions(BaseModel):
+    """Base of every detector's options: frozen, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
