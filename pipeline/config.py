@@ -58,11 +58,40 @@ class PromptSection(_Section):
 class ModelSection(_Section):
     checkpoint: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    mode: Literal["slice"] = "slice"
+    mode: Literal["slice", "propagate"] = Field(
+        "slice", description="slice: a box on every slice the detector marks; propagate: one 3D box per object, "
+                             "segmented from its middle slice outwards")
+
+
+class PropagateSection(_Section):
+    """Propagate mode's rules (see pipeline/propagate.py)."""
+
+    box_margin_px: int = Field(3, ge=0, description="added to the previous slice's mask box (official: 3)")
+    stop_after_empty: int = Field(2, ge=1, description="a direction ends after this many empty slices in a row")
+    min_slice_iou: float = Field(0.1, ge=0, le=1, description="a direction ends when IoU with the previous "
+                                                             "slice's mask falls below this")
 
 
 class PostprocessSection(_Section):
-    min_component_mm2: float = Field(0.0, ge=0, description="per-slice islands below this area are dropped")
+    """The clean-up chain (postprocess/chain.py): a list of steps such as
+    ``{"op": "remove_small_components", "min_volume_mm3": 50}``; None takes the modality's default."""
+
+    chain: list[dict[str, Any]] | None = Field(None, description="steps for every label; None: modality default")
+    per_label: dict[int, list[dict[str, Any]]] = Field(default_factory=dict, description="label value -> steps")
+
+    @model_validator(mode="after")
+    def _check_chains(self) -> "PostprocessSection":
+        from postprocess.chain import validate_chain
+
+        for steps in ([self.chain] if self.chain is not None else []) + list(self.per_label.values()):
+            validate_chain(steps)
+        return self
+
+    def chain_for(self, modality: str) -> list[dict[str, Any]]:
+        """The validated chain for all labels of an image of this modality (CT, MR, 2D, OT)."""
+        from postprocess.chain import default_chain, validate_chain
+
+        return validate_chain(self.chain) if self.chain is not None else default_chain(modality)
 
 
 class StoreSection(_Section):
@@ -73,6 +102,7 @@ class EngineConfig(_Section):
     intensity: IntensitySection = IntensitySection()
     prompts: PromptSection = PromptSection()
     model: ModelSection = ModelSection()
+    propagate: PropagateSection = PropagateSection()
     postprocess: PostprocessSection = PostprocessSection()
     store: StoreSection = StoreSection()
 

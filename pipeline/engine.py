@@ -127,18 +127,15 @@ def _prompts(case: CaseRef, volume: Volume, config: EngineConfig, runner: "LazyR
     return detection.label_map, detection.prompts, detection.label_names
 
 
-def _clean(label_map: np.ndarray, volume: Volume, config: EngineConfig) -> np.ndarray:
-    from postprocess.components import remove_small_components_2d
+def _clean(label_map: np.ndarray, volume: Volume, config: EngineConfig) -> tuple[np.ndarray, dict]:
+    """The configured post-processing chain on the label map; returns the new map and its lineage."""
+    from postprocess.chain import apply_chain
 
-    area = config.postprocess.min_component_mm2
-    if area <= 0:
-        return label_map
-    out = np.zeros_like(label_map)
-    spacing_yx = volume.spacing[1:]
-    for label in (int(v) for v in np.unique(label_map) if v != 0):
-        kept = remove_small_components_2d(label_map == label, min_area_mm2=area, spacing_yx=spacing_yx)
-        out[kept] = label
-    return out
+    modality = _modality(volume, config)
+    kind = "2D" if volume.is_2d else modality if modality in ("CT", "MR") else "OT"
+    section = config.postprocess
+    return apply_chain(label_map, spacing=volume.spacing, chain=section.chain_for(kind),
+                       per_label=section.per_label or None)
 
 
 def _renderings(volume: Volume, coarse: np.ndarray | None, prompts, config: EngineConfig):
@@ -178,10 +175,18 @@ def process_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: 
     model = runner.get()
     if progress is not None:
         progress.reset(total=len({p.z for p in prompts}))
-    label_map, records = segment_volume(model, renderings, prompts, window_of=window_of,
-                                        model_name=model.model.name,
-                                        on_slice=None if progress is None else lambda: progress.update(1))
-    label_map = _clean(label_map, volume, config)
+    on_slice = None if progress is None else lambda: progress.update(1)
+    if config.model.mode == "propagate":
+        from detectors import object_boxes
+        from pipeline.propagate import PropagateRules, propagate_volume
+
+        rules = PropagateRules(**config.propagate.model_dump())
+        label_map, records = propagate_volume(model, renderings, object_boxes(prompts), window_of=window_of,
+                                              rules=rules, model_name=model.model.name, on_slice=on_slice)
+    else:
+        label_map, records = segment_volume(model, renderings, prompts, window_of=window_of,
+                                            model_name=model.model.name, on_slice=on_slice)
+    label_map, cleaning = _clean(label_map, volume, config)
     attrs = {
         "case_id": case.case_id,
         "geometry": volume.geometry.to_json(),
@@ -190,8 +195,7 @@ def process_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: 
         "instances": [r.to_json() for r in records],
         "prompts": len(prompts),
         "ct_windows": {str(k): list(v) for k, v in windows.items()},
-        "postprocess": [{"step": "remove_small_components_2d",
-                         "min_area_mm2": config.postprocess.min_component_mm2}],
+        "postprocess": cleaning,
         "config": config.model_dump(mode="json"),
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

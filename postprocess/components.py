@@ -1,29 +1,114 @@
-"""Connected-component clean-up, per slice, with sizes in mm². Pure numpy/scipy; inputs never mutated."""
+"""Connected components: drop those below a size in mm² (per slice) or mm³ (volume), or keep the k largest.
+
+Slices use 8-connectivity in (y, x); volumes use 26-connectivity in (z, y, x). All functions take a bool mask,
+return a new bool array of the same shape, and never modify their input.
+"""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
+import cv2
 import numpy as np
 from scipy import ndimage
 
+from postprocess._checks import RELATIVE_SLACK, check_int, check_mask, check_number, check_spacing
+from postprocess._crop import map_in_box, map_slices
+
+_FULL_3D = np.ones((3, 3, 3), dtype=bool)
+_SLAB = 16  # slices per bincount call
+
+
+def _plane_components(plane: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """8-connected labels of a uint8 (y, x) plane and the pixel count of each label (index 0: background)."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(plane, connectivity=8, ltype=cv2.CV_32S)
+    return labels, stats[:, cv2.CC_STAT_AREA]
+
+
+def _volume_components(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """26-connected labels of a (z, y, x) array and the voxel count of each label (index 0: background)."""
+    labels, count = ndimage.label(volume, structure=_FULL_3D)
+    sizes = np.zeros(count + 1, dtype=np.int64)
+    for start in range(0, len(labels), _SLAB):  # bincount widens to int64: slabs keep that copy small
+        sizes += np.bincount(labels[start:start + _SLAB].ravel(), minlength=count + 1)
+    return labels, sizes
+
+
+def _at_least(threshold: float) -> Callable[[np.ndarray], np.ndarray]:
+    """Keep rule: components whose size (in voxels) reaches ``threshold`` up to floating-point slack."""
+    return lambda sizes: sizes >= threshold * (1 - RELATIVE_SLACK)
+
+
+def _largest(k: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Keep rule: the ``k`` largest components; ties go to the component met first in raster order."""
+    def rule(sizes: np.ndarray) -> np.ndarray:
+        keep = np.zeros(sizes.shape, dtype=bool)
+        order = np.argsort(-sizes[1:], kind="stable")[:k] + 1
+        keep[order] = True
+        return keep
+    return rule
+
+
+def _select(labels: np.ndarray, sizes: np.ndarray, rule: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    keep = rule(sizes)
+    keep[0] = False
+    return keep[labels]
+
 
 def remove_small_components_2d(mask: np.ndarray, *, min_area_mm2: float,
-                               spacing_yx: tuple[float, float]) -> np.ndarray:
-    """Drop 8-connected components smaller than ``min_area_mm2`` from each (y, x) slice of a bool mask.
+                               spacing_yx: Sequence[float]) -> np.ndarray:
+    """Drop 8-connected components whose area is below ``min_area_mm2``, slice by slice.
 
-    ``mask`` is (y, x) or (z, y, x) boolean; ``spacing_yx`` is the pixel size in mm. Returns a new array.
+    Args:
+        mask: bool array, (y, x) or (z, y, x).
+        min_area_mm2: smallest area kept, in mm²; components with exactly this area stay. 0 keeps all.
+        spacing_yx: pixel size (y, x) in mm.
+
+    Returns:
+        New bool array, same shape as ``mask``.
     """
-    if min_area_mm2 <= 0:
-        return mask.copy()
-    pixel_area = float(spacing_yx[0]) * float(spacing_yx[1])
-    min_pixels = min_area_mm2 / pixel_area
-    slices = mask[None] if mask.ndim == 2 else mask
-    out = np.zeros_like(slices, dtype=bool)
-    structure = np.ones((3, 3), dtype=bool)
-    for z, plane in enumerate(slices):
-        if not plane.any():
-            continue
-        labels, count = ndimage.label(plane, structure=structure)
-        sizes = np.bincount(labels.ravel(), minlength=count + 1)
-        keep = sizes >= min_pixels
-        keep[0] = False
-        out[z] = keep[labels]
-    return out[0] if mask.ndim == 2 else out
+    check_mask(mask)
+    area = check_number(min_area_mm2, name="min_area_mm2")
+    sy, sx = check_spacing(spacing_yx, name="spacing_yx", ndim=2)
+    rule = _at_least(area / (sy * sx))
+    return map_slices(mask, lambda plane: _select(*_plane_components(plane), rule))
+
+
+def remove_small_components_3d(mask: np.ndarray, *, min_volume_mm3: float,
+                               spacing: Sequence[float]) -> np.ndarray:
+    """Drop 26-connected components whose volume is below ``min_volume_mm3``.
+
+    Args:
+        mask: bool array, (z, y, x).
+        min_volume_mm3: smallest volume kept, in mm³; components with exactly this volume stay. 0 keeps all.
+        spacing: voxel size (z, y, x) in mm.
+
+    Returns:
+        New bool array, (z, y, x).
+    """
+    check_mask(mask, ndims=(3,))
+    volume = check_number(min_volume_mm3, name="min_volume_mm3")
+    sz, sy, sx = check_spacing(spacing, name="spacing", ndim=3)
+    rule = _at_least(volume / (sz * sy * sx))
+    return map_in_box(mask, lambda crop: _select(*_volume_components(crop), rule))
+
+
+def keep_largest_components_2d(mask: np.ndarray, *, k: int = 1) -> np.ndarray:
+    """Keep the ``k`` largest 8-connected components of each (y, x) slice (by pixel count).
+
+    Ties go to the component met first in raster order. ``mask`` is a bool (y, x) or (z, y, x) array;
+    returns a new bool array of the same shape.
+    """
+    check_mask(mask)
+    rule = _largest(check_int(k, name="k", minimum=1))
+    return map_slices(mask, lambda plane: _select(*_plane_components(plane), rule))
+
+
+def keep_largest_components_3d(mask: np.ndarray, *, k: int = 1) -> np.ndarray:
+    """Keep the ``k`` largest 26-connected components of a (z, y, x) bool mask (by voxel count).
+
+    Voxel count equals volume on a regular grid, so no spacing is needed. Ties go to the component met first
+    in raster order. Returns a new bool (z, y, x) array.
+    """
+    check_mask(mask, ndims=(3,))
+    rule = _largest(check_int(k, name="k", minimum=1))
+    return map_in_box(mask, lambda crop: _select(*_volume_components(crop), rule))

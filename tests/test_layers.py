@@ -7,7 +7,7 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("module", ["pipeline.readers", "pipeline.geometry", "detectors", "postprocess.components",
+@pytest.mark.parametrize("module", ["pipeline.readers", "pipeline.geometry", "detectors", "postprocess",
                                     "pipeline.store", "pipeline.metrics", "pipeline.preprocess"])
 def test_light_modules_do_not_import_torch_ray_or_prefect(module):
     code = (f"import sys, {module}; heavy = [m for m in ('torch', 'ray', 'prefect') if m in sys.modules]; "

@@ -1,0 +1,68 @@
+"""Propagate mode on real CT: lock-step decoding, one embedding per slice, the stop rule."""
+from __future__ import annotations
+
+import numpy as np
+
+from detectors import compile_boxes, object_boxes
+from pipeline.geometry import align_to
+from pipeline.metrics import dice
+from pipeline.preprocess import to_uint8
+from pipeline.propagate import PropagateRules, _advance, _Canvas, _Track, propagate_volume
+from pipeline.readers import read_volume
+from pipeline.types import ObjectBox
+
+
+def test_propagation_from_the_middle_slice_segments_both_lungs(runner, small_chest):
+    volume = read_volume(small_chest[0])
+    reference = align_to(read_volume(small_chest[1]), volume)
+    reference = np.where(np.isin(reference, [5, 6]), reference, 0)
+    objects = object_boxes(compile_boxes(reference, spacing=volume.spacing))
+    assert {o.label for o in objects} == {5, 6}
+    rendering = {"lung": to_uint8(volume.array, "CT", _lung())}
+    before = dict(runner.stats.as_dict())
+    label_map, records = propagate_volume(runner, rendering, objects, window_of={5: "lung", 6: "lung"})
+    after = runner.stats.as_dict()
+    embedded = after["encoded_slices"] + after["cache_hits"] - before["encoded_slices"] - before["cache_hits"]
+    assert after["encoded_slices"] - before["encoded_slices"] <= volume.shape[0]  # each slice encoded at most once
+    assert embedded >= volume.shape[0]
+    boxes = after["decoded_boxes"] - before["decoded_boxes"]
+    calls = after["decoder_calls"] - before["decoder_calls"]
+    assert boxes > calls  # both lungs decoded together on shared slices
+    for label in (5, 6):
+        assert dice(label_map == label, reference == label) > 0.7  # figures for both modes: docs/benchmarks.md
+    assert {r.label for r in records} == {5, 6} and {r.stage for r in records} == {"auto-propagate"}
+    for label in (5, 6):
+        assert sum(r.voxels for r in records if r.label == label) == int((label_map == label).sum())
+
+
+def _lung():
+    from pipeline.preprocess import IntensityConfig
+
+    return IntensityConfig(ct_level=-600, ct_width=1500)
+
+
+def _track(z_range=(0, 9), middle=5):
+    return _Track(ObjectBox(1, 1, z_range, middle, (2, 2, 5, 5), (2, 2, 5, 5)), 0)
+
+
+def test_a_direction_stops_after_k_empty_slices_and_falls_back_to_the_middle_box():
+    rules = PropagateRules(stop_after_empty=2)
+    track, canvas = _track(), _Canvas((10, 8, 8))
+    empty = np.full((8, 8), -5.0, dtype=np.float32)
+    _advance(track, 6, empty, 0.5, rules, (2, 2, 5, 5), canvas)
+    assert not track.done and track.previous is None
+    _advance(track, 7, empty, 0.5, rules, (2, 2, 5, 5), canvas)
+    assert track.done and track.stop_reason == "2 empty slices"
+
+
+def test_a_direction_stops_when_the_mask_jumps_away():
+    rules = PropagateRules(min_slice_iou=0.2)
+    track, canvas = _track(), _Canvas((10, 8, 8))
+    here = np.full((8, 8), -5.0, dtype=np.float32)
+    here[1:4, 1:4] = 5.0
+    elsewhere = np.full((8, 8), -5.0, dtype=np.float32)
+    elsewhere[5:8, 5:8] = 5.0
+    _advance(track, 5, here, 0.9, rules, (1, 1, 3, 3), canvas)
+    _advance(track, 6, elsewhere, 0.9, rules, (0, 0, 4, 4), canvas)
+    assert track.done and track.stop_reason == "slice-to-slice IoU drop"
+    assert (canvas.winner[6] == -1).all() and (canvas.winner[5][1:4, 1:4] == 0).all()
