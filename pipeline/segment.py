@@ -24,6 +24,25 @@ def resolve_slice(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     return out.astype(np.uint16), winner
 
 
+class SliceResolver:
+    """Incremental :func:`resolve_slice`: feed (B, H, W) logits in parts; ``winner`` is the index (over all
+    parts, in order) of the box with the highest logit among those claiming each pixel, -1 where none does.
+    Ties go to the earlier box, exactly as ``argmax`` over the concatenated logits."""
+
+    def __init__(self, shape_hw: tuple[int, int]) -> None:
+        self.best = np.full(shape_hw, -np.inf, dtype=np.float32)
+        self.winner = np.full(shape_hw, -1, dtype=np.int64)
+        self.count = 0
+
+    def add(self, logits: np.ndarray) -> None:
+        scores = np.where(foreground(logits), logits, -np.inf)
+        top = scores.max(axis=0)
+        better = top > self.best
+        self.winner[better] = scores.argmax(axis=0)[better] + self.count
+        self.best[better] = top[better]
+        self.count += len(logits)
+
+
 def by_slice(prompts: Iterable[BoxPrompt]) -> dict[int, list[BoxPrompt]]:
     grouped: dict[int, list[BoxPrompt]] = defaultdict(list)
     for prompt in prompts:
@@ -33,13 +52,16 @@ def by_slice(prompts: Iterable[BoxPrompt]) -> dict[int, list[BoxPrompt]]:
 
 def segment_volume(runner: LiteMedSAMRunner, volume_u8: np.ndarray | dict[str, np.ndarray],
                    prompts: list[BoxPrompt], *, window_of: dict[int, str] | None = None, model_name: str = "",
-                   on_slice: Callable[[], None] | None = None) -> tuple[np.ndarray, list[InstanceRecord]]:
+                   on_slice: Callable[[], None] | None = None,
+                   encoder_batch: int = 1, decoder_batch: int = 64) -> tuple[np.ndarray, list[InstanceRecord]]:
     """Segment every prompted slice of a (z, y, x[, 3]) uint8 volume.
 
     ``volume_u8`` may instead map intensity-window names to uint8 renderings of the same volume, with
     ``window_of`` giving each label's window: each slice is then encoded once per window in use on it, and
-    overlaps are still resolved across all of the slice's boxes. Returns the (z, y, x) uint16 label map and
-    one InstanceRecord per (label, instance) with boxes, slices, mean predicted IoU and voxels claimed.
+    overlaps are still resolved across all of the slice's boxes. ``encoder_batch`` slices go through the
+    encoder together (pays on a GPU); at most ``decoder_batch`` boxes are decoded per call, and overlaps are
+    resolved as the calls come, so memory stays bounded with hundreds of boxes on a large 2D image. Returns the (z, y, x) uint16 label map and one InstanceRecord per
+    (label, instance) with boxes, slices, mean predicted IoU and voxels claimed.
     """
     renderings = volume_u8 if isinstance(volume_u8, dict) else {"default": volume_u8}
     default = next(iter(renderings))
@@ -48,19 +70,26 @@ def segment_volume(runner: LiteMedSAMRunner, volume_u8: np.ndarray | dict[str, n
     label_map = np.zeros(shape, dtype=np.uint16)
     lineage: dict[tuple[int, int], dict] = defaultdict(lambda: {"slices": [], "boxes": [], "iou": [], "voxels": 0,
                                                                 "source": ""})
-    for z, slice_prompts in by_slice(prompts).items():
-        slice_prompts = sorted(slice_prompts, key=lambda p: window_of.get(p.label, default))
-        logits, iou = [], []
-        for window in dict.fromkeys(window_of.get(p.label, default) for p in slice_prompts):
-            group = [p for p in slice_prompts if window_of.get(p.label, default) == window]
-            embedded = runner.encode([renderings[window][z]])[0]
-            group_logits, group_iou = runner.decode(embedded, np.array([p.box for p in group], dtype=np.float32))
-            logits.append(group_logits)
-            iou.append(group_iou)
-        label_map[z], winner = resolve_slice(np.concatenate(logits), np.array([p.label for p in slice_prompts]))
-        _record(lineage, z, slice_prompts, np.concatenate(iou), winner)
-        if on_slice is not None:
-            on_slice()
+    grouped = list(by_slice(prompts).items())
+    for start in range(0, len(grouped), max(1, encoder_batch)):
+        chunk = grouped[start : start + max(1, encoder_batch)]
+        embeddings = _embed_chunk(runner, renderings, chunk, lambda p: window_of.get(p.label, default))
+        for z, slice_prompts in chunk:
+            slice_prompts = sorted(slice_prompts, key=lambda p: window_of.get(p.label, default))
+            resolver = SliceResolver(shape[1:])
+            iou = []
+            for window in dict.fromkeys(window_of.get(p.label, default) for p in slice_prompts):
+                group = [p for p in slice_prompts if window_of.get(p.label, default) == window]
+                for part in range(0, len(group), decoder_batch):
+                    boxes = np.array([p.box for p in group[part : part + decoder_batch]], dtype=np.float32)
+                    part_logits, part_iou = runner.decode(embeddings[(z, window)], boxes)
+                    resolver.add(part_logits)
+                    iou.append(part_iou)
+            winner = resolver.winner
+            label_map[z] = np.where(winner >= 0, np.array([p.label for p in slice_prompts])[np.maximum(winner, 0)], 0)
+            _record(lineage, z, slice_prompts, np.concatenate(iou), winner)
+            if on_slice is not None:
+                on_slice()
     records = [
         InstanceRecord(label=label, instance=instance, prompt_source=e["source"], slices=tuple(e["slices"]),
                        boxes=tuple(e["boxes"]), predicted_iou=float(np.mean(e["iou"])), voxels=e["voxels"],
@@ -68,6 +97,19 @@ def segment_volume(runner: LiteMedSAMRunner, volume_u8: np.ndarray | dict[str, n
         for (label, instance), e in sorted(lineage.items())
     ]
     return label_map, records
+
+
+def _embed_chunk(runner: LiteMedSAMRunner, renderings: dict[str, np.ndarray], chunk, window_of_prompt) -> dict:
+    """{(z, window): embedding} for a chunk of (z, prompts), one encoder call per window."""
+    wanted: dict[str, list[int]] = defaultdict(list)
+    for z, slice_prompts in chunk:
+        for window in dict.fromkeys(window_of_prompt(p) for p in slice_prompts):
+            wanted[window].append(z)
+    out = {}
+    for window, zs in wanted.items():
+        for z, embedded in zip(zs, runner.encode([renderings[window][z] for z in zs])):
+            out[(z, window)] = embedded
+    return out
 
 
 def _record(lineage: dict, z: int, prompts: list[BoxPrompt], iou: np.ndarray, winner: np.ndarray) -> None:

@@ -81,3 +81,29 @@ def test_embedding_cache_serves_a_repeated_slice_without_an_encoder_pass(runner,
     again = runner.encode([u8[1].copy()])[0]
     assert (runner.stats.encoder_calls, runner.stats.cache_hits) == (calls, hits + 1)
     assert torch.equal(first.embedding, again.embedding)
+
+
+def test_batched_encoder_calls_give_the_same_masks(runner, small_chest):
+    from pipeline.model import LiteMedSAMRunner
+
+    volume = read_volume(small_chest[0])
+    labels = align_to(read_volume(small_chest[1]), volume)
+    prompts = [p for p in boxes_from_label_map(labels) if p.label in (5, 6, 3)]
+    u8 = to_uint8(volume.array, "CT")
+    uncached = LiteMedSAMRunner(runner.model, cache_bytes=0)
+    one, _ = segment_volume(uncached, u8, prompts, encoder_batch=1)
+    calls = uncached.stats.encoder_calls
+    four, _ = segment_volume(uncached, u8, prompts, encoder_batch=4)
+    assert uncached.stats.encoder_calls - calls == 1 < calls
+    assert np.mean(one != four) <= 0.001
+
+
+def test_decoding_in_parts_resolves_overlaps_exactly_like_one_call(runner, small_chest):
+    volume = read_volume(small_chest[0])
+    labels = align_to(read_volume(small_chest[1]), volume)
+    prompts = boxes_from_label_map(labels)
+    u8 = to_uint8(volume.array, "CT")
+    whole, _ = segment_volume(runner, u8, prompts)
+    parts, records = segment_volume(runner, u8, prompts, decoder_batch=2)
+    assert np.array_equal(whole, parts)
+    assert sum(r.voxels for r in records) == int((parts > 0).sum())
