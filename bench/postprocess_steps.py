@@ -33,8 +33,12 @@ STEPS = [
     {"op": "opening", "radius_mm": 3.0},
     {"op": "closing", "radius_mm": 1.0},
     {"op": "closing", "radius_mm": 3.0},
+    {"op": "opening", "radius_mm": 6.5},
+    {"op": "closing", "radius_mm": 6.5},
     {"op": "smooth_gaussian", "sigma_mm": 1.0},
+    {"op": "smooth_gaussian", "sigma_mm": 3.0},
     {"op": "simplify_contours_2d", "tolerance_mm": 0.5},
+    {"op": "simplify_contours_2d", "tolerance_mm": 3.0},
     {"op": "drop_disconnected_slices"},
     {"op": "bridge_slice_gaps"},
 ]

@@ -25,18 +25,32 @@ def _parser() -> argparse.ArgumentParser:
     ann.add_argument("inputs", nargs="+", metavar="INPUT")
     ann.add_argument("--out", required=True, metavar="STORE")
     ann.add_argument("--coarse-mask", nargs="+", default=[], metavar="MASK")
-    ann.add_argument("--detector", default=None)
+    ann.add_argument("--detector", default=None, help="prompt source: coarse-mask (default), intensity, learned")
+    ann.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="an option of the detector, e.g. artefact=det.pt (YAML value); repeatable")
     ann.add_argument("--box-margin", type=int, default=None, metavar="PX")
-    ann.add_argument("--mode", choices=["slice"], default=None)
+    ann.add_argument("--mode", choices=["slice", "propagate"], default=None)
     ann.add_argument("--checkpoint", default=None)
     ann.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     ann.add_argument("--config", default=None, metavar="FILE")
     ann.add_argument("--overwrite", action="store_true", help="replace cases committed with another signature")
+    ann.add_argument("--keep-localizers", action="store_true", help="annotate localizer/scout series too")
+    ann.add_argument("--keep-derived", action="store_true", help="annotate derived/secondary-capture series too")
 
     exp = sub.add_parser("export", help="export committed cases")
     exp.add_argument("store", metavar="STORE")
-    exp.add_argument("--format", required=True, choices=["nifti"])
+    exp.add_argument("--format", required=True, choices=["nifti", "dicom-seg", "nnunet", "coco"])
     exp.add_argument("--out", required=True, metavar="DIR")
+
+    det = sub.add_parser("detector", help="learned detector: train from a store's accepted masks")
+    det_sub = det.add_subparsers(dest="detector_command", required=True)
+    train = det_sub.add_parser("train", help="fit the learned detector on a store's accepted masks")
+    train.add_argument("--store", required=True, metavar="STORE")
+    train.add_argument("--out", required=True, metavar="ARTEFACT", help="file to write (e.g. detector.pt)")
+    train.add_argument("--labels", nargs="+", type=int, default=None, help="label values to learn (default all)")
+    train.add_argument("--epochs", type=int, default=200)
+    train.add_argument("--holdout", type=float, default=0.25)
+    train.add_argument("--parent", default=None, help="version of the artefact this one replaces")
 
     ev = sub.add_parser("eval", help="Dice and NSD against reference label maps")
     ev.add_argument("store", metavar="STORE")
@@ -49,19 +63,25 @@ def _annotate(args) -> int:
     from pydantic import ValidationError
 
     from pipeline.config import load_config
-    from pipeline.discover import discover
+    from pipeline.discover import DiscoveryOptions, discover
     from pipeline.engine import annotate
     from pipeline.store import CaseStore
 
     try:
-        config = load_config(args.config).with_overrides(
-            prompts={"detector": args.detector, "box_margin": args.box_margin},
+        options = _detector_options(args.detector_option)
+        config = load_config(args.config)
+        if options:
+            options = {**config.prompts.options, **options}
+        config = config.with_overrides(
+            prompts={"detector": args.detector, "box_margin": args.box_margin, "options": options or None},
             model={"checkpoint": args.checkpoint, "device": args.device, "mode": args.mode})
     except (ValidationError, OSError, ValueError) as exc:
         print(f"medsam-engine annotate: bad configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if config.prompts.detector == "coarse-mask" and not args.coarse_mask:
-        print("medsam-engine annotate: the coarse-mask detector needs --coarse-mask", file=sys.stderr)
+    from detectors import get_spec
+
+    if get_spec(config.prompts.detector).needs_coarse_mask and not args.coarse_mask:
+        print(f"medsam-engine annotate: the {config.prompts.detector} detector needs --coarse-mask", file=sys.stderr)
         return EXIT_USAGE
     problem = _model_problem(config)
     if problem:
@@ -69,7 +89,9 @@ def _annotate(args) -> int:
         return EXIT_USAGE
     store = CaseStore(args.out)
     try:
-        cases = discover(args.inputs, store, coarse_masks=args.coarse_mask)
+        cases = discover(args.inputs, store, coarse_masks=args.coarse_mask,
+                         options=DiscoveryOptions(keep_localizers=args.keep_localizers,
+                                                  keep_derived=args.keep_derived))
     except ValueError as exc:
         print(f"medsam-engine annotate: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -88,6 +110,40 @@ def _annotate(args) -> int:
     return EXIT_CASES_FAILED if summary.failed else EXIT_OK
 
 
+def _detector_options(pairs: list[str]) -> dict:
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--detector-option must be KEY=VALUE; got '{pair}'")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def _detector(args) -> int:
+    from pipeline.detector_training import train_from_store
+    from pipeline.engine import LazyRunner
+    from pipeline.config import EngineConfig
+    from pipeline.store import CaseStore
+
+    store = CaseStore(args.store)
+    if not store.committed_cases():
+        print(f"medsam-engine detector train: no committed case in {args.store}", file=sys.stderr)
+        return EXIT_USAGE
+    if not 0 < args.holdout < 1:
+        print("medsam-engine detector train: --holdout must be between 0 and 1", file=sys.stderr)
+        return EXIT_USAGE
+    runner = LazyRunner(EngineConfig()).get()
+    meta = train_from_store(store, args.out, runner=runner, labels=args.labels, holdout=args.holdout,
+                            epochs=args.epochs, parent=args.parent)
+    print(json.dumps({"artefact": str(Path(args.out).resolve()), "version": meta["version"],
+                      "labels": meta["labels"], "training": meta["training"], "metrics": meta["metrics"]},
+                     indent=1))
+    return EXIT_OK
+
+
 def _model_problem(config) -> str | None:
     """Why the model options cannot work on this machine, or None."""
     if config.model.checkpoint and not Path(config.model.checkpoint).is_file():
@@ -101,12 +157,22 @@ def _model_problem(config) -> str | None:
 
 
 def _export(args) -> int:
-    from pipeline.export import export_nifti
+    """Export every committed case; exit 1 when some cases could not be written (each printed with why)."""
+    from pipeline.export import export_store
     from pipeline.store import CaseStore
 
-    written = export_nifti(CaseStore(args.store), args.out)
-    print(f"wrote {len(written)} NIfTI label maps to {Path(args.out).resolve()}")
-    return EXIT_OK
+    store = CaseStore(args.store)
+    if not store.fs.exists(str(store.root)):
+        print(f"medsam-engine export: no store at {args.store}", file=sys.stderr)
+        return EXIT_USAGE
+    report = export_store(store, args.format, args.out)
+    for case_id, reason in report.excluded.items():
+        print(f"excluded {case_id}  {reason}")
+    for case_id, reason in report.skipped.items():
+        print(f"skipped  {case_id}  {reason}")
+    print(f"{args.format}: wrote {len(report.written)} files, skipped {len(report.skipped)} cases, "
+          f"excluded {len(report.excluded)} -> {args.out}")
+    return EXIT_CASES_FAILED if report.skipped else EXIT_OK
 
 
 def format_scores(results: dict) -> str:
@@ -137,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.demo import run_demo
 
         return run_demo(Path(args.out))
-    handlers = {"annotate": _annotate, "export": _export, "eval": _eval}
+    handlers = {"annotate": _annotate, "export": _export, "eval": _eval, "detector": _detector}
     return handlers[args.command](args)
 
 

@@ -58,6 +58,7 @@ class PromptSection(_Section):
 class ModelSection(_Section):
     checkpoint: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    encoder_batch: int | None = Field(None, ge=1, description="slices per encoder call; None: 1 on CPU, 32 on CUDA")
     mode: Literal["slice", "propagate"] = Field(
         "slice", description="slice: a box on every slice the detector marks; propagate: one 3D box per object, "
                              "segmented from its middle slice outwards")
@@ -110,6 +111,7 @@ class EngineConfig(_Section):
         """Hash of everything that changes the masks (not the device or where the image is stored)."""
         data = self.model_dump()
         data["model"].pop("device")
+        data["model"].pop("encoder_batch")
         data.pop("store")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -1,51 +1,206 @@
-"""Inputs on the command line -> CaseRefs (one per image file or DICOM series folder), paired with masks."""
+"""Inputs on the command line -> CaseRefs, paired with coarse masks.
+
+An input is an image file, a folder, a zip/tar archive (extracted safely into STORE/_cache), a DICOMweb
+study/series URL or an fsspec URL such as s3://bucket/prefix (both fetched into STORE/_cache). Folders give
+one case per image file and one case per DICOM series (grouped by SeriesInstanceUID, orientation and size;
+localizers and derived secondary captures dropped unless asked for). Files that look like images but cannot
+be read become cases whose reading raises the reason, so each is recorded in the store's errors and the
+batch goes on.
+
+Case ids and series keys are keyed hashes (the store's key): no name, ID, date or UID reaches an id, a
+path under the cache, a log line or a message.
+"""
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.readers import DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, NRRD_SUFFIXES, stem_of, suffix_of
+from pipeline.archives import ExtractLimits, extract_archive, is_archive
+from pipeline.dicom_scan import PARALLEL_FROM, SeriesGroup, group_series, scan_headers
+from pipeline.errors import ReadError
+from pipeline.readers import (DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, NRRD_SUFFIXES, has_dicom_marker,
+                              stem_of, suffix_of)
+from pipeline.remote import fetch_remote, is_remote_url
 from pipeline.store import CaseStore
 from pipeline.types import CaseRef
 
+log = logging.getLogger(__name__)
+
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES + IMAGE_SUFFIXES
+MAX_ARCHIVE_DEPTH = 2
+GROUP_KINDS = {"series": "dicom-series", "multiframe": "dicom-multiframe", "planar": "dicom-image"}
+
+
+@dataclass(frozen=True)
+class DiscoveryOptions:
+    """How inputs are expanded. ``cache_dir`` defaults to STORE/_cache (archives and DICOMweb downloads)."""
+
+    keep_localizers: bool = False
+    keep_derived: bool = False
+    cache_dir: str | None = None
+    scan_workers: int | None = None
+    parallel_from: int = PARALLEL_FROM
+    limits: ExtractLimits = field(default_factory=ExtractLimits)
 
 
 def content_hash(path: str | Path) -> str:
     """sha256 of a file, or of a folder's files (relative names and bytes, sorted)."""
     path = Path(path)
-    digest = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return _hash_files(files, root=None if path.is_file() else path)
+
+
+def _hash_files(files: list[Path], *, root: Path | None) -> str:
+    digest = hashlib.sha256()
     for file in files:
-        if file != path:
-            digest.update(str(file.relative_to(path)).encode())
+        if root is not None:
+            digest.update(str(file.relative_to(root)).encode())
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
 
 
-def _looks_like_dicom(path: Path) -> bool:
-    if suffix_of(path) in DICOM_SUFFIXES:
-        return True
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
+def case_content_hash(case: CaseRef) -> str:
+    """sha256 of what the case reads: its series' files when it lists them, else its image file or folder."""
+    if case.files:
+        root = Path(case.image)
+        files = sorted(Path(f) for f in case.files)
+        return _hash_files(files, root=root if all(root in f.parents for f in files) else None)
+    return content_hash(case.image)
 
 
-def expand_input(path: Path) -> list[Path]:
-    """A file stays itself; a folder gives its image files, or itself when it holds a DICOM series."""
-    if not path.is_dir():
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    images = [p for p in files if suffix_of(p) in VOLUME_SUFFIXES]
-    if images:
-        return images
-    if any(_looks_like_dicom(p) for p in files[:50]):
-        return [path]
-    return [path]  # let the reader say what is wrong with it
+def default_cache(store: CaseStore) -> Path:
+    """Where archives and downloads are unpacked: STORE/_cache for a local store; for a remote one
+    $MEDSAM_ENGINE_CACHE, else ~/.cache/medsam-engine (the reader needs local files)."""
+    if getattr(store, "is_local", True):
+        return Path(store.root) / "_cache"
+    return Path(os.environ.get("MEDSAM_ENGINE_CACHE") or Path.home() / ".cache" / "medsam-engine")
+
+
+def _common_folder(files: tuple[str, ...]) -> Path:
+    return Path(os.path.commonpath([str(Path(f).parent) for f in files]))
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    """Files under ``folder`` (not hidden), including broken links so that they can be reported."""
+    return sorted(p for p in folder.rglob("*")
+                  if (p.is_file() or (p.is_symlink() and not p.exists()))
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+class _Finder:
+    """Expands inputs into CaseRefs for one store; see the module doc."""
+
+    def __init__(self, store: CaseStore, options: DiscoveryOptions) -> None:
+        self.store, self.options = store, options
+        self.cache = Path(options.cache_dir) if options.cache_dir else default_cache(store)
+
+    def error_case(self, identity: str, image: Path, reason: str) -> CaseRef:
+        return CaseRef(case_id=self.store.case_id("unreadable:" + identity), image=str(image),
+                       kind="unreadable", error=reason)
+
+    def file_case(self, path: Path) -> CaseRef:
+        try:
+            identity = "sha256:" + content_hash(path)
+        except OSError:
+            identity = "path:" + str(path.resolve())
+        return CaseRef(case_id=self.store.case_id(identity), image=str(path),
+                       kind=suffix_of(path).lstrip("."))
+
+    def group_case(self, group: SeriesGroup) -> CaseRef:
+        return CaseRef(case_id=self.store.case_id(group.identity), image=str(_common_folder(group.files)),
+                       kind=GROUP_KINDS[group.kind], series=self.store.case_id("series|" + group.identity),
+                       files=group.files)
+
+    def expand(self, given: str | Path, depth: int = 0) -> list[CaseRef]:
+        text = str(given)
+        if text.startswith(("http://", "https://")):
+            return self.dicomweb(text)
+        if is_remote_url(text):
+            return self.remote(text, depth)
+        path = Path(given)
+        if is_archive(path):
+            return self.archive(path, depth)
+        if path.is_dir():
+            return self.folder(path, depth)
+        return [self.file_case(path)]  # a missing or odd file: the reader says what is wrong with it
+
+    def archive(self, path: Path, depth: int) -> list[CaseRef]:
+        identity = "archive:" + content_hash(path)
+        if depth >= MAX_ARCHIVE_DEPTH:
+            return [self.error_case(identity, path, f"{path.name}: archive nested too deep; not extracted")]
+        dest = self.cache / "archives" / self.store.case_id(identity)
+        try:
+            folder, refused = extract_archive(path, dest, limits=self.options.limits)
+        except ReadError as exc:
+            return [self.error_case(identity, path, exc.reason)]
+        cases = [self.error_case(f"{identity}:{i}:{name}", path, f"{path.name}: member '{name}' {why}")
+                 for i, (name, why) in enumerate(refused)]
+        return cases + self.folder(folder, depth + 1)
+
+    def folder(self, folder: Path, depth: int) -> list[CaseRef]:
+        cases: list[CaseRef] = []
+        candidates: list[Path] = []
+        ignored: Counter = Counter()
+        for path in _visible_files(folder):
+            suffix = suffix_of(path)
+            if not path.exists():
+                cases.append(self.error_case("path:" + str(path), path, f"{path.name}: a link to nothing"))
+            elif is_archive(path):
+                cases += self.archive(path, depth)
+            elif suffix in VOLUME_SUFFIXES:
+                cases.append(self.file_case(path))
+            elif suffix in DICOM_SUFFIXES or has_dicom_marker(path):
+                candidates.append(path)
+            else:
+                ignored[suffix or "no suffix"] += 1
+        cases += self.dicom(folder, candidates, ignored)
+        if not cases:  # an input that yields nothing is reported, not silently skipped
+            skipped = ", ".join(f"{n} {what}" for what, n in sorted(ignored.items())) or "none"
+            reason = f"{folder.name}: no image or DICOM series found (skipped: {skipped})"
+            cases.append(self.error_case("empty:" + str(folder.resolve()), folder, reason))
+        return cases
+
+    def dicom(self, folder: Path, files: list[Path], ignored: Counter) -> list[CaseRef]:
+        """Cases for the DICOM-looking ``files``; ``ignored`` gains what was skipped and why."""
+        options = self.options
+        scan = scan_headers(files, workers=options.scan_workers, parallel_from=options.parallel_from)
+        groups, dropped = group_series(scan.headers, keep_localizers=options.keep_localizers,
+                                       keep_derived=options.keep_derived)
+        cases = [self.group_case(g) for g in groups]
+        cases += [self.error_case("path:" + str(Path(p).resolve()), Path(p), f"{Path(p).name}: {why}")
+                  for p, why in scan.failures]
+        ignored.update(dropped + scan.ignored)
+        if ignored or scan.failures:
+            log.info("%s: %d DICOM series/images, %d unreadable files, skipped %s", folder.name, len(groups),
+                     len(scan.failures), dict(ignored))
+        return cases
+
+    def remote(self, url: str, depth: int) -> list[CaseRef]:
+        key = self.store.case_id("remote:" + url)
+        dest = self.cache / "remote" / key
+        try:
+            local = fetch_remote(url, dest, max_bytes=self.options.limits.max_bytes)
+        except ReadError as exc:
+            return [self.error_case("remote:" + url, dest, exc.reason)]
+        return self.expand(local, depth)
+
+    def dicomweb(self, url: str) -> list[CaseRef]:
+        from pipeline.dicomweb import fetch_dicomweb
+
+        key = self.store.case_id("dicomweb:" + url)
+        dest = self.cache / "dicomweb" / key
+        try:
+            folder = fetch_dicomweb(url, dest)
+        except ReadError as exc:
+            return [self.error_case("dicomweb:" + url, dest, f"DICOMweb input {key[:8]}: {exc.reason}")]
+        return self.folder(folder, 0)
 
 
 def _mask_for(image: Path, index: int, n_inputs: int, masks: list[Path]) -> Path | None:
@@ -58,21 +213,31 @@ def _mask_for(image: Path, index: int, n_inputs: int, masks: list[Path]) -> Path
     return masks[index] if len(masks) == n_inputs else None
 
 
-def discover(inputs: list[str | Path], store: CaseStore, *, coarse_masks: list[str | Path] = ()) -> list[CaseRef]:
-    """CaseRefs for every image under ``inputs``; masks pair by order or, for a mask folder, by file stem."""
-    inputs = [Path(p) for p in inputs]
+def discover(inputs: Sequence[str | Path], store: CaseStore, *, coarse_masks: Sequence[str | Path] = (),
+             options: DiscoveryOptions | None = None) -> list[CaseRef]:
+    """CaseRefs for every image under ``inputs``; masks pair by order or, for a mask folder, by file stem.
+
+    Raises ValueError for unusable arguments (mask count); unreadable inputs become failing cases instead.
+    """
     masks = [Path(p) for p in coarse_masks]
     if masks and not (len(masks) == len(inputs) or (len(masks) == 1 and masks[0].is_dir())):
-        raise ValueError(f"--coarse-mask takes one mask per input ({len(inputs)}) or one folder; got {len(masks)}")
-    cases = []
+        raise ValueError(f"--coarse-mask takes one mask per input ({len(inputs)}) or one folder; "
+                         f"got {len(masks)}")
+    finder = _Finder(store, options or DiscoveryOptions())
+    cases: list[CaseRef] = []
+    seen: set[str] = set()
     for index, given in enumerate(inputs):
-        for image in expand_input(given):
-            mask = _mask_for(image, index, len(inputs), masks)
-            try:
-                identity = "sha256:" + content_hash(image)
-            except OSError:
-                identity = "path:" + str(image.resolve())
-            kind = "dicom-series" if image.is_dir() else suffix_of(image).lstrip(".")
-            cases.append(CaseRef(case_id=store.case_id(identity), image=str(image),
-                                 coarse_mask=None if mask is None else str(mask), kind=kind))
+        for case in finder.expand(given):
+            if case.case_id in seen:
+                log.warning("case %s appears more than once in the inputs; keeping the first", case.case_id)
+                continue
+            seen.add(case.case_id)
+            mask = _mask_for(Path(case.image), index, len(inputs), masks)
+            cases.append(case if mask is None else _with_mask(case, mask))
     return cases
+
+
+def _with_mask(case: CaseRef, mask: Path) -> CaseRef:
+    from dataclasses import replace
+
+    return replace(case, coarse_mask=str(mask))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import EngineConfig
-from pipeline.discover import content_hash
+from pipeline.discover import case_content_hash, content_hash
 from pipeline.errors import CaseError, PromptError
 from pipeline.store import CaseStore, remove_stale_staging
 from pipeline.types import CaseRef, Volume
@@ -87,7 +87,7 @@ class LazyRunner:
 
 def case_signature(case: CaseRef, config: EngineConfig, model_sha256: str) -> dict:
     signature = {
-        "input_sha256": content_hash(case.image),
+        "input_sha256": case_content_hash(case),
         "prompt_sha256": content_hash(case.coarse_mask) if case.coarse_mask else None,
         "model_sha256": model_sha256,
         "config_hash": config.result_hash(),
@@ -108,7 +108,7 @@ def _prompts(case: CaseRef, volume: Volume, config: EngineConfig, runner: "LazyR
     """The case's coarse label map (given or found) and its box prompts, from the configured detector."""
     from detectors import build_detector
     from pipeline.geometry import align_to
-    from pipeline.readers import read_volume
+    from pipeline.readers import label_names_of, read_volume
 
     coarse = None
     if case.coarse_mask:
@@ -124,7 +124,9 @@ def _prompts(case: CaseRef, volume: Volume, config: EngineConfig, runner: "LazyR
         detection = detector(volume, coarse)
     except ValueError as exc:
         raise PromptError(str(exc)) from exc
-    return detection.label_map, detection.prompts, detection.label_names
+    names = dict(label_names_of(case.coarse_mask)) if case.coarse_mask else {}
+    names.update(detection.label_names)
+    return detection.label_map, detection.prompts, names
 
 
 def _clean(label_map: np.ndarray, volume: Volume, config: EngineConfig) -> tuple[np.ndarray, dict]:
@@ -165,11 +167,11 @@ def _renderings(volume: Volume, coarse: np.ndarray | None, prompts, config: Engi
 def process_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: LazyRunner, *,
                  signature: dict, overwrite: bool, progress=None) -> CaseOutcome:
     """Annotate one case and commit it; raises CaseError for expected failures."""
-    from pipeline.readers import read_volume
+    from pipeline.readers import read_case
     from pipeline.segment import segment_volume
 
     start = time.perf_counter()
-    volume = read_volume(case.image)
+    volume = read_case(case)
     coarse, prompts, label_names = _prompts(case, volume, config, runner)
     renderings, window_of, windows = _renderings(volume, coarse, prompts, config)
     model = runner.get()
@@ -184,8 +186,9 @@ def process_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: 
         label_map, records = propagate_volume(model, renderings, object_boxes(prompts), window_of=window_of,
                                               rules=rules, model_name=model.model.name, on_slice=on_slice)
     else:
+        batch = config.model.encoder_batch or (32 if str(model.device).startswith("cuda") else 1)
         label_map, records = segment_volume(model, renderings, prompts, window_of=window_of,
-                                            model_name=model.model.name, on_slice=on_slice)
+                                            model_name=model.model.name, on_slice=on_slice, encoder_batch=batch)
     label_map, cleaning = _clean(label_map, volume, config)
     attrs = {
         "case_id": case.case_id,
@@ -241,8 +244,9 @@ def _run_one(case: CaseRef, store: CaseStore, config: EngineConfig, runner: Lazy
     existing = store.case_attrs(case.case_id)
     if existing is not None and existing.get("signature") == signature:
         return CaseOutcome(case.case_id, "skipped", "already committed with the same signature")
-    store.write_manifest(case.case_id, {"case_id": case.case_id, "image": case.image,
-                                        "coarse_mask": case.coarse_mask, "kind": case.kind})
+    store.write_manifest(case.case_id, {"case_id": case.case_id, "image": case.image, "series": case.series,
+                                        "files": list(case.files), "coarse_mask": case.coarse_mask,
+                                        "kind": case.kind})
     try:
         return process_case(case, store, config, runner, signature=signature, overwrite=overwrite,
                             progress=progress)

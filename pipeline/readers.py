@@ -8,12 +8,18 @@ array axes (x, y, z) follow L, P, S, the nearest-axis reorientation that nibabel
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.errors import ReadError
-from pipeline.types import Geometry, Volume
+from pipeline.types import CaseRef, Geometry, Volume
+
+if TYPE_CHECKING:
+    from pipeline.isolate import IsolatedWorker
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +29,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 CANONICAL_AXCODES = ("L", "P", "S")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+READ_TIMEOUT_S = 1800.0
 
 
 def suffix_of(path: str | Path) -> str:
@@ -58,15 +65,35 @@ def canonical_volume(array_ijk: np.ndarray, affine_ijk: np.ndarray, *, modality:
     transform = nio.ornt_transform(nio.io_orientation(affine_ijk), nio.axcodes2ornt(CANONICAL_AXCODES))
     canonical = nio.apply_orientation(array_ijk, transform)
     affine_can = affine_ijk @ nio.inv_ornt_aff(transform, array_ijk.shape[:3])
-    zyx = np.ascontiguousarray(np.moveaxis(canonical, (0, 1, 2), (2, 1, 0)))
+    zyx = np.moveaxis(canonical, (0, 1, 2), (2, 1, 0))
+    affine_zyx = affine_can[:, [2, 1, 0, 3]]
+    if zyx.shape[0] != 1 and 1 in zyx.shape[1:3]:
+        zyx, affine_zyx = _single_slice_first(zyx, affine_zyx)
+    zyx = np.ascontiguousarray(zyx)
     geometry = Geometry(
-        affine=affine_can[:, [2, 1, 0, 3]],
+        affine=affine_zyx,
         shape=tuple(int(s) for s in zyx.shape[:3]),  # type: ignore[arg-type]
         source_affine=np.asarray(affine_ijk, dtype=float),
         source_shape=tuple(int(s) for s in array_ijk.shape[:3]),  # type: ignore[arg-type]
         source_format=source_format,
     )
     return Volume(zyx, geometry, modality or guess_modality(zyx))
+
+
+def _single_slice_first(zyx: np.ndarray, affine_zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A single sagittal or coronal slice as one (1, rows, cols) image: rows run superior -> inferior.
+
+    The canonical (z, y, x) order would spread such a slice over many one-voxel-wide axial slices.
+    """
+    single = 1 if zyx.shape[1] == 1 else 2
+    other = 2 if single == 1 else 1
+    order = [single, 0, other] + list(range(3, zyx.ndim))
+    array = np.transpose(zyx, order)[:, ::-1]
+    affine = affine_zyx.copy()
+    affine[:, :3] = affine_zyx[:, [single, 0, other]]
+    affine[:, 3] = affine[:, 3] + affine[:, 1] * (array.shape[1] - 1)
+    affine[:, 1] = -affine[:, 1]
+    return array, affine
 
 
 def read_nifti(path: Path) -> Volume:
@@ -142,28 +169,109 @@ def read_image_2d(path: Path) -> Volume:
     return Volume(array, geometry, "2D")
 
 
+def _guarded(path: Path, where: str, read: Callable[[], Volume]) -> Volume:
+    """Run ``read()``; third-party failures become a ReadError naming ``where`` (paths reduced to names)."""
+    try:
+        return read()
+    except ReadError:
+        raise
+    except Exception as exc:  # corrupt input makes third-party readers raise anything; keep the cause
+        detail = str(exc)
+        for place, name in ((path.resolve(), path.name), (path, path.name), (path.parent, "…")):
+            detail = detail.replace(str(place), name)
+        suffix = suffix_of(path) if path.is_file() else "DICOM"
+        why = f"{type(exc).__name__}: {detail[:300]}"
+        raise ReadError(f"{where}: unreadable {suffix or 'file'} ({why})") from exc
+
+
 def read_volume(path: str | Path) -> Volume:
     """Read one image or label map; raises ReadError naming the file and the reason."""
     path = Path(path)
     if not path.exists():
         raise ReadError(f"{path.name}: no such file or folder")
     suffix = suffix_of(path)
-    try:
-        if path.is_dir() or suffix in DICOM_SUFFIXES:
-            from pipeline.dicom import read_dicom_series
+    if path.is_dir() or suffix in DICOM_SUFFIXES:
+        from pipeline.dicom import read_dicom_series
 
-            return read_dicom_series(path)
-        if suffix in NIFTI_SUFFIXES:
-            return read_nifti(path)
-        if suffix in NRRD_SUFFIXES:
-            return read_nrrd(path)
-        if suffix in IMAGE_SUFFIXES:
-            return read_image_2d(path)
-    except ReadError:
-        raise
-    except Exception as exc:  # corrupt input makes third-party readers raise anything; keep the cause
-        detail = str(exc)
-        for where in (str(path.resolve()), str(path)):  # folders may carry names: keep only the file name
-            detail = detail.replace(where, path.name)
-        raise ReadError(f"{path.name}: unreadable {suffix or 'file'} ({type(exc).__name__}: {detail})") from exc
+        return _guarded(path, path.name, lambda: read_dicom_series(path))
+    readers = {**{s: read_nifti for s in NIFTI_SUFFIXES}, **{s: read_nrrd for s in NRRD_SUFFIXES},
+               **{s: read_image_2d for s in IMAGE_SUFFIXES}}
+    if suffix in readers:
+        return _guarded(path, path.name, lambda: readers[suffix](path))
+    if not suffix or has_dicom_marker(path):  # DICOM files often have no suffix at all
+        from pipeline.dicom import read_dicom_series
+
+        return _guarded(path, path.name, lambda: read_dicom_series(path))
     raise ReadError(f"{path.name}: unsupported file type '{suffix}'")
+
+
+def has_dicom_marker(path: Path) -> bool:
+    """True when the file carries the DICOM Part 10 'DICM' marker after its 128-byte preamble."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def case_label(case: CaseRef) -> str:
+    """How a case is named in messages: the file or folder name, and the series' short hash (never a UID)."""
+    name = Path(case.image).name
+    return f"{name} series {case.series[:8]}" if case.series else name
+
+
+def read_case_here(case: CaseRef) -> Volume:
+    """:func:`read_case` in this process (no isolation)."""
+    if case.error:
+        raise ReadError(case.error)
+    if case.files:
+        from pipeline.dicom import read_dicom_files
+
+        where = case_label(case)
+        return _guarded(Path(case.files[0]), where,
+                        lambda: read_dicom_files([Path(f) for f in case.files], where=where))
+    return read_volume(case.image)
+
+
+def read_case(case: CaseRef, *, isolated: bool = True, worker: IsolatedWorker | None = None,
+              timeout_s: float | None = None) -> Volume:
+    """The engine's entry point: a case's image as a canonical Volume, or a ReadError with the reason.
+
+    Decoding runs in an isolated child process (see :mod:`pipeline.isolate`): a decoder that crashes or
+    hangs fails this case only. ``timeout_s`` defaults to $MEDSAM_ENGINE_READ_TIMEOUT_S, else 1800 s.
+    """
+    if case.error:
+        raise ReadError(case.error)
+    if not isolated:
+        return read_case_here(case)
+    from pipeline.isolate import WorkerCrash, default_worker
+
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("MEDSAM_ENGINE_READ_TIMEOUT_S", READ_TIMEOUT_S))
+    try:
+        return (worker or default_worker()).call(read_case_here, case, timeout_s=timeout_s)
+    except WorkerCrash as exc:
+        log.error("reader process for %s ended: %s", case.case_id, exc.why)
+        raise ReadError(f"{case_label(case)}: the image decoder crashed ({exc.why}); the file is probably "
+                        "corrupt or uses an encoding the decoder mishandles") from exc
+
+
+def label_names_of(path: str | Path) -> dict[int, str]:
+    """Label value -> name stored with a label map (3D Slicer's .seg.nrrd ``Segment<i>_Name`` and
+    ``Segment<i>_LabelValue`` header keys); {} when the file names none."""
+    if not str(path).lower().endswith(".nrrd"):
+        return {}
+    import nrrd
+
+    try:
+        header = nrrd.read_header(str(path))
+    except (OSError, nrrd.NRRDError):
+        return {}
+    names = {}
+    for key, value in header.items():
+        if key.startswith("Segment") and key.endswith("_Name"):
+            index = key[len("Segment"):-len("_Name")]
+            label = header.get(f"Segment{index}_LabelValue", int(index) + 1 if index.isdigit() else None)
+            if label is not None:
+                names[int(label)] = str(value)
+    return names

@@ -159,3 +159,168 @@ def make_archive(root: Path, small_chest, small_chest_nifti) -> tuple[Path, Path
     shutil.copy(small_chest_nifti[0], images / "chest_b.nii.gz")
     shutil.copy(small_chest_nifti[1], masks / "chest_b.nii.gz")
     return images, masks
+
+
+# -- store and export fixtures (issue 7): committed cases built from real data without the model ----------
+def rotation(axis: int, degrees: float) -> np.ndarray:
+    """A 4x4 rotation about world axis ``axis`` (0 = x, 1 = y, 2 = z) by ``degrees``."""
+    angle = np.radians(degrees)
+    out = np.eye(4)
+    i, j = [a for a in range(3) if a != axis]
+    out[i, i], out[i, j], out[j, i], out[j, j] = np.cos(angle), -np.sin(angle), np.sin(angle), np.cos(angle)
+    return out
+
+
+def complete_dicom_headers(folder: Path, *, frame_of_reference_uid: str) -> Path:
+    """Add what a scanner always writes and write_dicom_series leaves out (frame of reference, patient and
+    study modules with anonymous values, series number)."""
+    import pydicom
+
+    for file in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(str(file))
+        ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_of_reference_uid, ""
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "ANON0001", "Anon^Test", "", "O"
+        ds.StudyID, ds.AccessionNumber, ds.StudyDate, ds.StudyTime = "1", "", "20240101", "120000"
+        ds.ReferringPhysicianName, ds.SeriesNumber, ds.Manufacturer = "", 3, "test"
+        ds.save_as(str(file), enforce_file_format=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def chest_label_names(chest_ct) -> dict[int, str]:
+    """The segment names slicerio's chest segmentation carries (1 ribs ... 7 tissue)."""
+    import nrrd
+
+    header = nrrd.read_header(str(chest_ct[1]))
+    return {int(header[f"Segment{i}_LabelValue"]): header[f"Segment{i}_Name"]
+            for i in range(7) if f"Segment{i}_LabelValue" in header}
+
+
+@pytest.fixture(scope="session")
+def chest_series(tmp_path_factory, small_chest) -> dict[str, Path]:
+    """The four real chest CT slices as complete multi-file DICOM series: axial, and oblique (rotated 20 deg
+    about x and 12 deg about z, so every ImageOrientationPatient component is off-axis)."""
+    from dataclasses import replace
+
+    from pipeline.readers import read_volume
+
+    ct = read_volume(small_chest[0])
+    tilted = rotation(0, 20) @ rotation(2, 12) @ ct.geometry.affine
+    oblique = replace(ct, geometry=replace(ct.geometry, affine=tilted))
+    root = tmp_path_factory.mktemp("chest_series")
+    out = {}
+    for n, (name, volume) in enumerate((("axial", ct), ("oblique", oblique))):
+        folder = write_dicom_series(volume, root / name, series_uid=f"1.2.826.0.1.3680043.8.498.7{n}")
+        out[name] = complete_dicom_headers(folder, frame_of_reference_uid=f"1.2.826.0.1.3680043.8.498.8{n}")
+    return out
+
+
+def commit_from_source(store, source: Path, labels: np.ndarray, *, names: dict[int, str] | None = None,
+                       instances: list[dict] | None = None, keep_image: bool = True, **attrs) -> str:
+    """Commit a case as the engine would (manifest, signature, geometry, lineage), ``labels`` as its mask."""
+    from pipeline.discover import content_hash
+    from pipeline.readers import read_volume
+
+    volume = read_volume(source)
+    assert labels.shape == volume.shape
+    digest = content_hash(source)
+    case_id = store.case_id("sha256:" + digest)
+    store.write_manifest(case_id, {"case_id": case_id, "image": str(source), "kind": "test"})
+    values = [int(v) for v in np.unique(labels) if v != 0]
+    records = instances if instances is not None else [
+        {"label": v, "instance": 1, "prompt_source": "coarse-mask", "predicted_iou": 0.9, "stage": "auto",
+         "round": 1, "model": "lite_medsam", "reviewer": None, "edit_voxels": None} for v in values]
+    signature = {"input_sha256": digest, "model_sha256": "0" * 64, "config_hash": "test",
+                 "package_version": "0.1.0"}
+    store.commit_case(case_id, labels=labels.astype(np.uint16), image=volume.array if keep_image else None,
+                      label_names=names, attrs={"case_id": case_id, "geometry": volume.geometry.to_json(),
+                                                "modality": volume.modality, "signature": signature,
+                                                "instances": records, "committed_at": "2024-01-01T00:00:00Z",
+                                                **attrs})
+    return case_id
+
+
+# --- DICOM series, archives and malformed inputs (discovery and readers) ---------------------------------
+
+def write_ct_series(volume, folder: Path, *, series_uid: str, affine_lps=None, syntax=None,
+                    image_type=("ORIGINAL", "PRIMARY", "AXIAL"), sop_class=None, slices=None,
+                    spacing_between_slices=None, prefix: str = "IM") -> list[Path]:
+    """Write a canonical (z, y, x) CT Volume as one file per slice; optional oblique affine, compression.
+
+    ``affine_lps`` maps (z, y, x, 1) to LPS mm (default: the volume's own geometry). ``slices`` picks which z
+    to write (to make gaps). Files get shuffled numbers and reversed InstanceNumbers.
+    """
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.geometry.affine if affine_lps is None else affine_lps
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    row_dir, col_dir = lps[:3, 2] / spacing[2], lps[:3, 1] / spacing[1]
+    chosen = list(range(volume.shape[0]) if slices is None else slices)
+    order = np.random.default_rng(1).permutation(len(chosen))
+    uid_root = series_uid + ".9."
+    written = []
+    for n, z in enumerate(chosen):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class or CTImageStorage
+        meta.MediaStorageSOPInstanceUID = f"{uid_root}{z + 1}"
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "CT", series_uid, series_uid + ".0"
+        ds.PatientName, ds.PatientID, ds.ImageType = "Doe^Jane", "PID-123", list(image_type)
+        ds.InstanceNumber = int(volume.shape[0] - z)
+        ds.ImagePositionPatient = [float(v) for v in (lps @ [z, 0, 0, 1])[:3]]
+        ds.ImageOrientationPatient = [float(v) for v in (*row_dir, *col_dir)]
+        ds.PixelSpacing = [float(spacing[1]), float(spacing[2])]
+        ds.SliceThickness = float(spacing[0])
+        if spacing_between_slices is not None:
+            ds.SpacingBetweenSlices = float(spacing_between_slices)
+        ds.Rows, ds.Columns = volume.shape[1], volume.shape[2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024.0, 1.0
+        ds.PixelData = (np.asarray(volume.array[z]) + 1024).astype(np.int16).tobytes()
+        if syntax is not None:
+            ds.compress(syntax)
+        path = folder / f"{prefix}{order[n]:04d}"
+        ds.save_as(str(path), enforce_file_format=True)
+        written.append(path)
+    return written
+
+
+@pytest.fixture(scope="session")
+def chest_volume(small_chest):
+    """The four real chest CT slices as a canonical Volume (HU)."""
+    from pipeline.readers import read_volume
+
+    return read_volume(small_chest[0])
+
+
+@pytest.fixture(scope="session")
+def multi_series_folder(tmp_path_factory, chest_volume) -> Path:
+    """One folder holding two real CT series (one RLE-compressed), a localizer, a derived secondary capture
+    and clutter (a README and a DICOMDIR-like non-image file)."""
+    import pydicom
+    from pydicom.uid import RLELossless, SecondaryCaptureImageStorage
+
+    folder = tmp_path_factory.mktemp("multi") / "study"
+    write_ct_series(chest_volume, folder / "a", series_uid="1.2.826.0.1.3680043.8.498.7001")
+    write_ct_series(chest_volume, folder / "b", series_uid="1.2.826.0.1.3680043.8.498.7002",
+                    syntax=RLELossless)
+    write_ct_series(chest_volume, folder / "a", series_uid="1.2.826.0.1.3680043.8.498.7003", slices=[1],
+                    image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), prefix="LOC")
+    write_ct_series(chest_volume, folder / "b", series_uid="1.2.826.0.1.3680043.8.498.7004", slices=[2],
+                    image_type=("DERIVED", "SECONDARY"), sop_class=SecondaryCaptureImageStorage, prefix="SC")
+    (folder / "README.txt").write_text("exported by a scanner\n")
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"  # Media Storage Directory (DICOMDIR)
+    meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.7999"
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    directory = pydicom.Dataset()
+    directory.file_meta = meta
+    directory.save_as(str(folder / "DICOMDIR"), enforce_file_format=True)
+    return folder

@@ -58,3 +58,21 @@ def test_case_ids_are_keyed_hashes(tmp_path, monkeypatch):
     assert a.case_id("series-uid-1") == a.case_id("series-uid-1")
     assert a.case_id("series-uid-1") != b.case_id("series-uid-1")  # each store has its own key
     assert "series" not in a.case_id("series-uid-1")
+
+
+def test_label_colours_and_names_do_not_depend_on_the_other_labels(tmp_path):
+    store = CaseStore(tmp_path)
+    both = np.zeros((2, 4, 4), np.uint16)
+    both[0], both[1] = 3, 5
+    attrs = {"geometry": GEOMETRY, "signature": {}}
+    store.commit_case("a", labels=both, attrs=attrs, label_names={5: "liver"})
+    store.commit_case("b", labels=np.full((2, 4, 4), 5, np.uint16), attrs=attrs, label_names={5: "liver"})
+    colours = {}
+    for case_id in ("a", "b"):
+        meta = json.loads((tmp_path / f"{case_id}.ome.zarr/labels/medsam/zarr.json").read_text())
+        label = meta["attributes"]["ome"]["image-label"]
+        colours[case_id] = {c["label-value"]: c["rgba"] for c in label["colors"]}
+        assert store.label_properties(case_id)[-1] == {
+            "label-value": 5, "name": "liver", "category": "Anatomical Structure",
+            "snomed-ct-code": "10200004", "snomed-ct-meaning": "Liver", "review-status": "unreviewed"}
+    assert colours["a"][5] == colours["b"][5] and colours["a"][3] != colours["a"][5]

@@ -1,0 +1,118 @@
+"""Decoding runs in an isolated process: a decoder that segfaults, panics or hangs fails only its case.
+
+This module doubles as a pydicom decoder plugin (``is_available``, ``DECODER_DEPENDENCIES`` and the decode
+functions below) that the child process installs in place of the real RLE decoders.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+
+from pipeline.errors import ReadError
+from pipeline.isolate import IsolatedWorker, WorkerCrash
+from pipeline.readers import read_case
+from pipeline.types import CaseRef
+
+DECODER_DEPENDENCIES: dict = {}
+
+
+def is_available(uid) -> bool:
+    return True
+
+
+class FakePanic(BaseException):
+    """Stands in for pyo3's PanicException, which derives from BaseException, not Exception."""
+
+
+def segfault(src, runner):
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def panic(src, runner):
+    raise FakePanic("called `Option::unwrap()` on a `None` value")
+
+
+def hang(src, runner):
+    time.sleep(60)
+
+
+def _replace_rle_decoder(function: str) -> None:
+    from pydicom.pixels.decoders import RLELosslessDecoder
+
+    for label in list(RLELosslessDecoder.available_plugins):
+        RLELosslessDecoder.remove_plugin(label)
+    RLELosslessDecoder.add_plugin(f"test-{function}", (__name__, function))
+
+
+def install_segfaulting_rle_decoder() -> None:
+    _replace_rle_decoder("segfault")
+
+
+def install_panicking_rle_decoder() -> None:
+    _replace_rle_decoder("panic")
+
+
+def install_hanging_rle_decoder() -> None:
+    _replace_rle_decoder("hang")
+
+
+RLE = CaseRef("rle-case", get_testdata_file("MR_small_RLE.dcm"))
+PLAIN = CaseRef("plain-case", get_testdata_file("CT_small.dcm"))
+
+
+def test_a_segfaulting_decoder_fails_its_case_only():
+    worker = IsolatedWorker(initializer=install_segfaulting_rle_decoder)
+    try:
+        with pytest.raises(ReadError, match=r"MR_small_RLE.dcm: the image decoder crashed \(signal SIGSEGV"):
+            read_case(RLE, worker=worker)
+        volume = read_case(PLAIN, worker=worker)  # a fresh child takes over
+        assert volume.shape == (1, 128, 128)
+        with pytest.raises(ReadError, match="SIGSEGV"):  # and it crashes again, still contained
+            read_case(RLE, worker=worker)
+    finally:
+        worker.close()
+
+
+def test_a_panicking_decoder_is_a_read_error_not_a_crash():
+    worker = IsolatedWorker(initializer=install_panicking_rle_decoder)
+    try:
+        with pytest.raises(ReadError, match=r"could not be decoded .*FakePanic: called `Option::unwrap\(\)`"):
+            read_case(RLE, worker=worker)
+    finally:
+        worker.close()
+
+
+def test_a_hanging_decoder_is_stopped():
+    worker = IsolatedWorker(initializer=install_hanging_rle_decoder)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(ReadError, match=r"took longer than 2 s"):
+            read_case(RLE, worker=worker, timeout_s=2)
+        assert time.perf_counter() - start < 10
+        assert read_case(PLAIN, worker=worker).shape == (1, 128, 128)
+    finally:
+        worker.close()
+
+
+def test_isolated_and_in_process_reads_agree():
+    case = CaseRef("x", get_testdata_file("emri_small_jpeg_ls_lossless.dcm"))
+    isolated, local = read_case(case), read_case(case, isolated=False)
+    assert np.array_equal(isolated.array, local.array) and isolated.array.flags.writeable
+    assert np.array_equal(isolated.geometry.affine, local.geometry.affine)
+
+
+def test_worker_reports_how_the_child_died():
+    worker = IsolatedWorker()
+    try:
+        child = worker.call(os.getpid)
+        assert child != os.getpid()
+        with pytest.raises(WorkerCrash, match="signal SIGKILL"):
+            worker.call(os.kill, child, signal.SIGKILL)
+        assert worker.call(os.getpid) != child
+    finally:
+        worker.close()

@@ -1,0 +1,132 @@
+"""DICOMweb inputs against a real Orthanc (Debian packages orthanc + orthanc-dicomweb) on loopback."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from conftest import write_ct_series
+from pipeline.discover import discover
+from pipeline.dicomweb import multipart_parts
+from pipeline.errors import ReadError
+from pipeline.readers import read_case
+from pipeline.store import CaseStore
+
+ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
+PLUGIN = next((p for p in ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
+                           "/usr/lib/orthanc/libOrthancDicomWeb.so") if Path(p).exists()), None)
+STUDY = "1.2.826.0.1.3680043.8.498.7100"
+SERIES = tuple(f"1.2.826.0.1.3680043.8.498.710{k}" for k in (1, 2, 3))
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+
+pytestmark = pytest.mark.skipif(
+    ORTHANC is None or PLUGIN is None,
+    reason="Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 30) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"Orthanc exited with code {process.returncode}")
+        try:
+            if requests.get(url + "/system", timeout=1).ok:
+                return
+        except requests.RequestException:
+            time.sleep(0.1)
+    raise RuntimeError("Orthanc did not answer within 30 s")
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory, chest_volume):
+    """A temporary Orthanc on a loopback port holding one study: two real CT series (one RLE) and a scout."""
+    import requests
+    from pydicom.uid import RLELossless
+
+    root = tmp_path_factory.mktemp("orthanc")
+    port = _free_port()
+    config = {"Name": "medsam-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+              "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False, "Plugins": [PLUGIN],
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = open(root / "orthanc.log", "wb")
+    process = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, process)
+        files = write_ct_series(chest_volume, root / "a", series_uid=SERIES[0])
+        files += write_ct_series(chest_volume, root / "b", series_uid=SERIES[1], syntax=RLELossless)
+        files += write_ct_series(chest_volume, root / "c", series_uid=SERIES[2], slices=[0],
+                                 image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+        for path in files:
+            ds = pydicom.dcmread(path)
+            ds.StudyInstanceUID = STUDY
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            requests.post(url + "/instances", data=buffer.getvalue(), timeout=10).raise_for_status()
+        yield url
+    finally:
+        process.kill()  # its database is a temporary folder: no need for a graceful shutdown
+        process.wait(timeout=20)
+        log.close()
+
+
+def test_study_url_gives_one_case_per_series(orthanc, tmp_path, chest_volume):
+    store = CaseStore(tmp_path / "store")
+    cases = discover([f"{orthanc}/dicom-web/studies/{STUDY}"], store)
+    assert [c.kind for c in cases] == ["dicom-series", "dicom-series"]  # the scout is dropped
+    for case in cases:
+        assert Path(case.image).is_relative_to(store.root / "_cache" / "dicomweb")
+        assert not any(uid in case.image or any(uid in f for f in case.files) for uid in (STUDY, *SERIES))
+        assert np.array_equal(read_case(case).array, chest_volume.array)
+    syntaxes = {str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+                for case in cases for f in case.files}
+    assert RLE_LOSSLESS in syntaxes  # fetched as stored, decoded locally
+
+
+def test_series_url_and_cache_reuse(orthanc, tmp_path, chest_volume):
+    store = CaseStore(tmp_path / "store")
+    url = f"{orthanc}/dicom-web/studies/{STUDY}/series/{SERIES[1]}"
+    (case,) = discover([url], store)
+    marker = Path(case.image).parent / ".complete"
+    stamp = marker.stat().st_mtime_ns
+    assert discover([url], store) == [case] and marker.stat().st_mtime_ns == stamp
+    assert np.array_equal(read_case(case).array, chest_volume.array)
+
+
+def test_unknown_study_is_one_failing_case_without_uids(orthanc, tmp_path):
+    missing = "1.2.826.0.1.3680043.8.498.7199"
+    (case,) = discover([f"{orthanc}/dicom-web/studies/{missing}"], CaseStore(tmp_path / "store"))
+    assert case.kind == "unreadable" and missing not in case.error and missing not in case.image
+    with pytest.raises(ReadError, match=r"not found \(HTTP 404\)|has no series"):
+        read_case(case)
+
+
+def test_unreachable_server_is_a_failing_case(tmp_path):
+    url = f"http://127.0.0.1:{_free_port()}/dicom-web/studies/1.2.3"
+    (case,) = discover([url], CaseStore(tmp_path))
+    assert "could not be reached" in case.error
+
+
+def test_multipart_parts():
+    body = b"--b1\r\nContent-Type: application/dicom\r\n\r\nAAA\r\n--b1\r\nX: y\r\n\r\nBB\r\n--b1--\r\n"
+    content_type = 'multipart/related; type="application/dicom"; boundary=b1'
+    assert multipart_parts(body, content_type) == [b"AAA", b"BB"]

@@ -1,0 +1,109 @@
+"""The store and exports on S3 (fsspec/s3fs), against a real local S3 server (moto) on a loopback port."""
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import commit_from_source
+from pipeline.errors import StoreConflictError
+from pipeline.export import export_store
+from pipeline.readers import read_volume
+from pipeline.store import CaseStore
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    """A moto S3 server for this module, reached through the standard AWS environment variables."""
+    import fsspec
+    import s3fs
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        s3fs.S3FileSystem.clear_instance_cache()
+        fsspec.filesystem("s3").mkdir("medsam")
+        yield "s3://medsam"
+        s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def chest_labels(small_chest):
+    return read_volume(small_chest[1]).array
+
+
+def test_commit_read_refuse_and_overwrite_on_s3(bucket, small_chest, chest_labels, chest_label_names):
+    store = CaseStore(f"{bucket}/store")
+    case_id = commit_from_source(store, small_chest[0], chest_labels, names=chest_label_names)
+    assert store.committed_cases() == [case_id]
+    labels, attrs = store.read_labels(case_id)
+    assert np.array_equal(labels, chest_labels) and attrs["status"] == "committed"
+    assert store.read_image(case_id).shape == chest_labels.shape
+    assert {p["name"] for p in store.label_properties(case_id)} >= {"right lung", "left lung"}
+    assert store.manifest(case_id)["image"] == str(small_chest[0])
+    store.record_error("other", stage="read", reason="unreadable", run_id="r1")
+    assert store.errors()["other"]["reason"] == "unreadable"
+
+    changed = dict(attrs, signature={"model_sha256": "1" * 64})
+    with pytest.raises(StoreConflictError):
+        store.commit_case(case_id, labels=labels, attrs=changed)
+    store.commit_case(case_id, labels=np.where(labels == 5, 5, 0), attrs=changed, overwrite=True)
+    labels_now, attrs_now = store.read_labels(case_id)
+    assert set(np.unique(labels_now)) == {0, 5}
+    (previous,) = attrs_now["previous_versions"]
+    assert previous["signature"] == attrs["signature"]
+    kept = json.loads(store.fs.cat_file(f"{store.root}/{previous['path']}/zarr.json"))  # the earlier round
+    assert kept["attributes"]["medsam"]["signature"] == attrs["signature"]
+    assert store.fs.exists(f"{store.root}/{previous['path']}/labels/medsam/0/zarr.json")
+
+
+class _Killed(BaseException):
+    """Stands in for the writer dying: nothing after the raise is written."""
+
+
+def test_an_interrupted_write_on_s3_is_not_a_case_and_a_rerun_commits_it(bucket, small_chest, chest_labels,
+                                                                           monkeypatch, tmp_path):
+    import pipeline.store as store_module
+
+    store = CaseStore(f"{bucket}/interrupted")
+
+    def die(*args, **kwargs):
+        raise _Killed
+
+    monkeypatch.setattr(store_module, "image_label_metadata", die)  # chunks are written, the marker is not
+    with pytest.raises(_Killed):
+        commit_from_source(store, small_chest[0], chest_labels)
+    monkeypatch.undo()
+    (debris,) = [p for p in store.fs.ls(str(store.root), refresh=True) if p.endswith(".ome.zarr")]
+    assert store.fs.exists(f"{debris}/labels/medsam/0/c/0/0/0")  # label chunks did reach the bucket
+    assert store.committed_cases() == []
+    assert export_store(store, "nifti", tmp_path).written == []
+    case_id = commit_from_source(store, small_chest[0], chest_labels)
+    assert store.committed_cases() == [case_id]
+
+
+def test_exports_read_from_and_write_to_s3(bucket, small_chest, chest_labels, tmp_path):
+    from pipeline.cli import main
+
+    store = CaseStore(f"{bucket}/exports-store")
+    case_id = commit_from_source(store, small_chest[0], chest_labels)
+    out = str(tmp_path / "local")
+    assert main(["export", f"{bucket}/exports-store", "--format", "nifti", "--out", out]) == 0
+    local = nib.load(str(tmp_path / "local" / f"{case_id}.nii.gz"))
+    report = export_store(store, "nifti", f"{bucket}/exports/nifti")
+    assert report.written == [f"{bucket}/exports/nifti/{case_id}.nii.gz"]
+    store.fs.get_file(f"medsam/exports/nifti/{case_id}.nii.gz", str(tmp_path / "back.nii.gz"))
+    back = nib.load(str(tmp_path / "back.nii.gz"))
+    assert np.array_equal(np.asanyarray(back.dataobj), np.asanyarray(local.dataobj))
+    assert np.allclose(back.affine, local.affine)
