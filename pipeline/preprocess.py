@@ -25,30 +25,36 @@ class IntensityConfig:
     upper_percentile: float = 99.5
 
 
-def to_uint8(array: np.ndarray, modality: str, config: IntensityConfig = IntensityConfig()) -> np.ndarray:
+def to_uint8(array: np.ndarray, modality: str, config: IntensityConfig = IntensityConfig(), *,
+             slab: int = 16) -> np.ndarray:
     """Map a volume's intensities to uint8 as MedSAM's ``pre_CT_MR.py`` does; returns a new array.
 
     CT: clip to the window, min-max to 0..255. Other scalar images that are not already uint8: clip to the
     percentiles of the positive voxels, min-max to 0..255, voxels that were 0 stay 0. Values are truncated
-    to uint8 like the official script.
+    to uint8 like the official script. Works ``slab`` slices at a time, so a 512 x 512 x 300 CT never has a
+    float copy of the whole volume in memory; the result equals the whole-volume computation exactly.
     """
     if modality != "CT" and array.dtype == np.uint8:
         return array.copy()
-    data = array.astype(np.float32)
     if modality == "CT":
         lower = config.ct_level - config.ct_width / 2.0
         upper = config.ct_level + config.ct_width / 2.0
     else:
-        positive = data[data > 0]
+        positive = array[array > 0]
         if positive.size == 0:
             return np.zeros(array.shape, dtype=np.uint8)
-        lower, upper = np.percentile(positive, [config.lower_percentile, config.upper_percentile])
-    clipped = np.clip(data, lower, upper)
-    low, high = float(clipped.min()), float(clipped.max())
-    scaled = (clipped - low) / max(high - low, 1e-8) * 255.0
-    if modality != "CT":
-        scaled[data == 0] = 0.0
-    return scaled.astype(np.uint8)
+        lower, upper = np.percentile(positive.astype(np.float32), [config.lower_percentile,
+                                                                   config.upper_percentile])
+    low = float(np.clip(np.float32(array.min()), lower, upper))  # == clip(volume).min()
+    high = float(np.clip(np.float32(array.max()), lower, upper))
+    out = np.empty(array.shape, dtype=np.uint8)
+    for start in range(0, array.shape[0], slab):
+        data = array[start : start + slab].astype(np.float32)
+        scaled = (np.clip(data, lower, upper) - low) / max(high - low, 1e-8) * 255.0
+        if modality != "CT":
+            scaled[data == 0] = 0.0
+        out[start : start + slab] = scaled.astype(np.uint8)
+    return out
 
 
 def resized_shape(height: int, width: int, target: int = MODEL_INPUT) -> tuple[int, int]:

@@ -1,0 +1,216 @@
+"""Issue 3's benchmark: `medsam-engine annotate` vs the official LiteMedSAM loop, measured in one run.
+
+Cases (real data shipped in packages):
+* "10 labels": slicerio's chest CT with its 7 labels plus 3 more cut from them (upper halves of both lungs,
+  the left ribs), so labels overlap in z as in a multi-organ CT;
+* "1 label": the same CT, right lung only;
+* "2D": stardist's 512² nuclei image with one box per nucleus (125 boxes).
+
+Official loop (eager torch, as MedSAM's CVPR24_LiteMedSAM_infer.py is structured): CT window 40/400, every
+(label, slice) pair re-encodes the slice, one box per decoder call, labels written in order; 2D: one
+encoder pass, one box per decoder call. Ours: the engine's annotate in a child process (so its peak RSS is
+its own) with `ct_window: fixed` (the same single window, hence exactly one encoder pass per slice) and
+the configured backend. Printed per case: wall seconds and the ratio, encoder calls per unique slice,
+encoder and decoder efficiency eta = FLOP / s / (matmul FLOP/s measured in this run), peak RSS, and Dice
+of both against the reference and ours against the official masks.
+
+    .venv/bin/python bench/runner_speed.py [--backend auto|torch|onnxruntime|openvino] [--large]
+
+``--large`` adds the memory check: the CT resampled to 512 x 512 x 300 (1 label), ours only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ENCODER_GFLOP = 74.95  # per 256² slice, 2 FLOP per multiply-add (facts.md)
+DECODER_GFLOP = 3.62  # per box
+
+CHILD = r"""
+import json, resource, sys, time
+from pipeline.config import EngineConfig
+from pipeline.discover import discover
+from pipeline.engine import annotate
+from pipeline.store import CaseStore
+image, mask, root, backend = sys.argv[1:5]
+config = EngineConfig.model_validate({"intensity": {"ct_window": "fixed"}, "model": {"backend": backend},
+                                      "postprocess": {"chain": []}})
+store = CaseStore(root)
+cases = discover([image], store, coarse_masks=[mask])
+start = time.perf_counter()
+summary = annotate(cases, store, config, show_progress=False)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "stats": summary.runner_stats, "case": cases[0].case_id,
+                  "failed": [o.reason for o in summary.failed],
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def write_cases(folder: Path) -> dict[str, tuple[Path, Path, np.ndarray, object]]:
+    """NIfTI/PNG inputs and masks for each case; returns name -> (image, mask, reference on our grid, volume)."""
+    import cv2
+    import nibabel as nib
+    import slicerio
+    from stardist.data import test_image_nuclei_2d
+
+    from pipeline.geometry import align_to
+    from pipeline.readers import read_volume
+
+    data = Path(slicerio.__file__).parent / "data"
+    volume = read_volume(data / "CTChest4.nrrd")
+    labels = align_to(read_volume(data / "Segmentation.seg.nrrd"), volume).astype(np.uint16)
+    ten = labels.copy()
+    for source, new in ((5, 8), (6, 9)):
+        zs = np.nonzero((labels == source).any(axis=(1, 2)))[0]
+        upper = np.zeros_like(labels, dtype=bool)
+        upper[zs[len(zs) // 2]:] = True
+        ten[(labels == source) & upper] = new
+    ribs = labels == 1
+    ribs[:, :, : labels.shape[2] // 2] = False
+    ten[ribs] = 10
+    affine = volume.geometry.affine[:, [2, 1, 0, 3]]  # (x, y, z) voxel order for NIfTI
+    cases = {}
+    for name, label_map in (("10 labels", ten), ("1 label", np.where(labels == 5, 5, 0).astype(np.uint16))):
+        image, mask = folder / f"{name[:2].strip()}-ct.nii.gz", folder / f"{name[:2].strip()}-mask.nii.gz"
+        nib.save(nib.Nifti1Image(volume.array.transpose(2, 1, 0).astype(np.int16), affine), image)
+        nib.save(nib.Nifti1Image(label_map.transpose(2, 1, 0), affine), mask)
+        cases[name] = (image, mask, label_map, volume.array)
+    picture, instances = test_image_nuclei_2d(return_mask=True)
+    picture = (picture.astype(np.float32) / picture.max() * 255).astype(np.uint8)
+    cv2.imwrite(str(folder / "nuclei.png"), picture)
+    cv2.imwrite(str(folder / "nuclei-mask.png"), instances.astype(np.uint16))
+    cases["2D"] = (folder / "nuclei.png", folder / "nuclei-mask.png", instances.astype(np.uint16)[None],
+                   picture[None])
+    return cases
+
+
+def official(array: np.ndarray, reference: np.ndarray, two_d: bool) -> tuple[np.ndarray, float, dict]:
+    """The official loop's structure on our canonical arrays; returns masks, seconds and runner stats."""
+    from detectors import compile_boxes
+    from pipeline.model import LiteMedSAMRunner, foreground, load_lite_medsam
+    from pipeline.preprocess import to_uint8
+
+    runner = LiteMedSAMRunner(load_lite_medsam(), cache_bytes=0)
+    start = time.perf_counter()
+    u8 = array if two_d else to_uint8(array, "CT")
+    out = np.zeros(reference.shape, dtype=np.uint16)
+    if two_d:  # instances: one box per nucleus, one encoder pass for the image
+        embedded = runner.encode([u8[0]])[0]
+        for value in (int(v) for v in np.unique(reference) if v):
+            ys, xs = np.nonzero(reference[0] == value)
+            logits, _ = runner.decode(embedded, np.array([[xs.min(), ys.min(), xs.max(), ys.max()]], np.float32))
+            out[0][foreground(logits)[0]] = 1
+        return out, time.perf_counter() - start, runner.stats.as_dict()
+    prompts = compile_boxes(reference)
+    for label in sorted({p.label for p in prompts}):
+        for prompt in sorted((p for p in prompts if p.label == label), key=lambda p: p.z):
+            embedded = runner.encode([u8[prompt.z]])[0]
+            logits, _ = runner.decode(embedded, np.array([prompt.box], dtype=np.float32))
+            out[prompt.z][foreground(logits)[0]] = label
+    return out, time.perf_counter() - start, runner.stats.as_dict()
+
+
+def ours(image: Path, mask: Path, root: Path, backend: str) -> tuple[np.ndarray, dict]:
+    from pipeline.store import CaseStore
+
+    done = subprocess.run([sys.executable, "-c", CHILD, str(image), str(mask), str(root), backend],
+                          capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["failed"]:
+        raise RuntimeError(result["failed"])
+    labels, _ = CaseStore(root).read_labels(result["case"])
+    return labels, result
+
+
+def report(name: str, reference, mine, result, theirs, t_official, official_stats, peak) -> None:
+    from pipeline.metrics import dice
+
+    stats = result["stats"]
+    unique = int(reference.any(axis=(1, 2)).sum())
+    binary = name == "2D"
+    values = [1] if binary else [int(v) for v in np.unique(reference) if v]
+    ref = (reference > 0).astype(np.uint16) if binary else reference
+    mine = (mine > 0).astype(np.uint16) if binary else mine
+    dice_ours = np.mean([dice(mine == v, ref == v) for v in values])
+    dice_theirs = np.mean([dice(theirs == v, ref == v) for v in values])
+    agree = np.mean([dice(mine == v, theirs == v) for v in values])
+    encode_s = stats["seconds_encode"] / max(stats["encoded_slices"], 1)
+    decode_s = stats["seconds_decode"] / max(stats["decoded_boxes"], 1)
+    official_encode = official_stats["seconds_encode"] / max(official_stats["encoded_slices"], 1)
+    official_decode = official_stats["seconds_decode"] / max(official_stats["decoded_boxes"], 1)
+    print(f"\n== {name}: {len(values)} label(s), {unique} slice(s), {stats['decoded_boxes']} boxes")
+    print(f"  official {t_official:8.1f} s  encoder calls {official_stats['encoder_calls']:4d} "
+          f"({official_stats['encoder_calls'] / unique:.2f}/slice)  enc {official_encode:.3f} s/slice "
+          f"(eta {ENCODER_GFLOP / official_encode / peak:.3f})  dec {official_decode * 1000:.0f} ms/box "
+          f"(eta {DECODER_GFLOP / official_decode / peak:.3f})")
+    print(f"  ours     {result['seconds']:8.1f} s  encoder calls {stats['encoder_calls']:4d} "
+          f"({stats['encoded_slices'] / unique:.2f}/slice)  enc {encode_s:.3f} s/slice "
+          f"(eta {ENCODER_GFLOP / encode_s / peak:.3f})  dec {decode_s * 1000:.0f} ms/box "
+          f"(eta {DECODER_GFLOP / decode_s / peak:.3f})  peak RSS {result['peak_rss_mb']:.0f} MB")
+    print(f"  speed-up {t_official / result['seconds']:.2f}x   Dice vs reference: ours {dice_ours:.4f}, "
+          f"official {dice_theirs:.4f}; ours vs official masks {agree:.4f}")
+
+
+def large_case(folder: Path, backend: str) -> None:
+    import nibabel as nib
+    from scipy import ndimage
+
+    import slicerio
+
+    from pipeline.geometry import align_to
+    from pipeline.readers import read_volume
+
+    data = Path(slicerio.__file__).parent / "data"
+    volume = read_volume(data / "CTChest4.nrrd")
+    labels = align_to(read_volume(data / "Segmentation.seg.nrrd"), volume)
+    factors = (300 / volume.shape[0], 512 / volume.shape[1], 512 / volume.shape[2])
+    big = ndimage.zoom(volume.array.astype(np.float32), factors, order=1).astype(np.int16)
+    big_labels = ndimage.zoom((labels == 5).astype(np.uint8) * 5, factors, order=0).astype(np.uint16)
+    affine = volume.geometry.affine @ np.diag([1 / f for f in factors] + [1.0])
+    nib.save(nib.Nifti1Image(big.transpose(2, 1, 0), affine[:, [2, 1, 0, 3]]), folder / "big-ct.nii.gz")
+    nib.save(nib.Nifti1Image(big_labels.transpose(2, 1, 0), affine[:, [2, 1, 0, 3]]), folder / "big-mask.nii.gz")
+    _, result = ours(folder / "big-ct.nii.gz", folder / "big-mask.nii.gz", folder / "big-store", backend)
+    print(f"\n== 512 x 512 x 300 CT, 1 label: {result['seconds']:.1f} s, {result['stats']['encoded_slices']} "
+          f"slices encoded, peak RSS {result['peak_rss_mb']:.0f} MB (ours only)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--large", action="store_true")
+    parser.add_argument("--only", nargs="*", default=None, help="case names to run")
+    args = parser.parse_args()
+    peak = matmul_gflops()
+    print(f"machine matmul {peak:.1f} GFLOP/s, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"backend {args.backend}")
+    with tempfile.TemporaryDirectory(prefix="medsam-speed-") as tmp:
+        folder = Path(tmp)
+        for name, (image, mask, reference, array) in write_cases(folder).items():
+            if args.only and name not in args.only:
+                continue
+            mine, result = ours(image, mask, folder / f"store-{name[:2].strip()}", args.backend)
+            theirs, t_official, official_stats = official(array, reference, name == "2D")
+            report(name, reference, mine, result, theirs, t_official, official_stats, peak)
+        if args.large:
+            large_case(folder, args.backend)
+
+
+if __name__ == "__main__":
+    main()
