@@ -58,6 +58,9 @@ class PromptSection(_Section):
 class ModelSection(_Section):
     checkpoint: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto", description="runtime of encoder and decoder (same masks); auto: the fastest passing parity on CPU, "
+                            "torch on CUDA")
     encoder_batch: int | None = Field(None, ge=1, description="slices per encoder call; None: 1 on CPU, 32 on CUDA")
     mode: Literal["slice", "propagate"] = Field(
         "slice", description="slice: a box on every slice the detector marks; propagate: one 3D box per object, "
@@ -112,6 +115,7 @@ class EngineConfig(_Section):
         data = self.model_dump()
         data["model"].pop("device")
         data["model"].pop("encoder_batch")
+        data["model"].pop("backend")
         data.pop("store")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

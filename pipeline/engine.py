@@ -63,11 +63,12 @@ class LazyRunner:
 
     def get(self):
         if self._runner is None:
-            from pipeline.model import LiteMedSAMRunner, load_lite_medsam, resolve_device
+            from pipeline.backends import build_runner
+            from pipeline.model import load_lite_medsam, resolve_device
 
             device = resolve_device(self.config.model.device)
-            self._runner = LiteMedSAMRunner(load_lite_medsam(self.config.model.checkpoint, device=device),
-                                            device=device)
+            self._runner = build_runner(load_lite_medsam(self.config.model.checkpoint, device=device),
+                                        device=device, backend=self.config.model.backend)
         return self._runner
 
     def stats(self) -> dict:

@@ -13,12 +13,16 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.preprocess import boxes_to_model, prepare_slice
+
+if TYPE_CHECKING:
+    from pipeline.backends import Graphs
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +118,26 @@ class LiteMedSAMRunner:
 
     Embeddings of the most recent slices are kept (up to ``cache_bytes``, least recently used first out),
     keyed by the slice's bytes, so a detector that embeds a slice and the segmentation that follows share
-    one encoder pass.
+    one encoder pass. ``backend`` runs both networks in eager torch (the reference) or, on CPU, as exported
+    fp32 graphs in ONNX Runtime or OpenVINO (see pipeline/backends.py).
     """
 
     model: LoadedModel
     device: str = "cpu"
     stats: RunnerStats = field(default_factory=RunnerStats)
     cache_bytes: int = 512 * 1024 * 1024
+    backend: str = "torch"
     _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _graphs: Graphs | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        from pipeline.backends import check_backend, load_graphs
+
+        if check_backend(self.backend) != "torch":
+            if self.device != "cpu":
+                raise ValueError(f"Argument 'backend' {self.backend!r} runs on the CPU only, "
+                                 f"but device is {self.device!r}.")
+            self._graphs = load_graphs(self.model, self.backend)
 
     @staticmethod
     def _key(slice_u8: np.ndarray) -> bytes:
@@ -158,7 +174,10 @@ class LiteMedSAMRunner:
         prepared = [prepare_slice(s) for s in slices_u8]
         batch = torch.from_numpy(np.stack([p[0] for p in prepared])).permute(0, 3, 1, 2).to(self.device)
         start = time.perf_counter()
-        embeddings = self.model.net.image_encoder(batch)
+        if self._graphs is None:
+            embeddings = self.model.net.image_encoder(batch)
+        else:
+            embeddings = torch.from_numpy(self._graphs.encode(batch.numpy()))
         self.stats.seconds_encode += time.perf_counter() - start
         self.stats.encoder_calls += 1
         self.stats.encoded_slices += len(slices_u8)
@@ -177,16 +196,8 @@ class LiteMedSAMRunner:
 
         height, width = embedded.original_hw
         boxes = torch.from_numpy(boxes_to_model(boxes_xyxy, height, width)).to(self.device)[:, None, :]
-        net = self.model.net
         start = time.perf_counter()
-        sparse, dense = net.prompt_encoder(points=None, boxes=boxes, masks=None)
-        low_res, iou = net.mask_decoder(
-            image_embeddings=embedded.embedding,
-            image_pe=net.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
+        low_res, iou = self._decode_graph(embedded.embedding, boxes)
         new_h, new_w = embedded.resized_hw
         logits = F.interpolate(low_res[..., :new_h, :new_w], size=(height, width), mode="bilinear",
                                align_corners=False)
@@ -194,6 +205,23 @@ class LiteMedSAMRunner:
         self.stats.decoder_calls += 1
         self.stats.decoded_boxes += len(boxes_xyxy)
         return logits[:, 0].float().cpu().numpy(), iou[:, 0].float().cpu().numpy()
+
+    def _decode_graph(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Prompt encoder + mask decoder: boxes (B, 1, 4) in the 256 frame -> (B, 1, 256, 256) logits and
+        (B, 1) IoU, from eager torch or the runtime's graph."""
+        if self._graphs is not None:
+            low_res, iou = self._graphs.decode(embedding.numpy(), boxes.numpy())
+            return torch.from_numpy(low_res), torch.from_numpy(iou)
+        net = self.model.net
+        sparse, dense = net.prompt_encoder(points=None, boxes=boxes, masks=None)
+        return net.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=net.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+
 
 def foreground(logits: np.ndarray) -> np.ndarray:
     """Binary masks from logits exactly as MedSAM thresholds them: sigmoid(logit) > 0.5 in float32."""

@@ -1,0 +1,129 @@
+"""ONNX Runtime and OpenVINO runners reproduce eager torch on real CT; their graphs are cached safely."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from detectors.coarse_mask import boxes_from_label_map
+from pipeline import backends
+from pipeline.config import EngineConfig
+from pipeline.geometry import align_to
+from pipeline.model import LiteMedSAMRunner, foreground
+from pipeline.preprocess import to_uint8
+from pipeline.readers import read_volume
+
+SLICES = (15, 20)
+RUNTIMES = [pytest.param(name, marks=pytest.mark.skipif(importlib.util.find_spec(name) is None,
+                                                        reason=f"{name} is not installed"))
+            for name in ("onnxruntime", "openvino")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def graph_cache(tmp_path_factory):
+    """Every runner in this module caches its graphs in one fresh folder, never in the user's cache."""
+    root = tmp_path_factory.mktemp("graph_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEDSAM_ENGINE_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def chest_slices(chest_ct):
+    """Two real chest CT slices (uint8, CT window) and their labels' boxes (ribs left out), per slice."""
+    volume = read_volume(chest_ct[0])
+    labels = align_to(read_volume(chest_ct[1]), volume)
+    u8 = to_uint8(volume.array, "CT")
+    prompts = boxes_from_label_map(labels)
+    boxes = [np.array([p.box for p in prompts if p.z == z and p.label != 1], np.float32) for z in SLICES]
+    return [u8[z] for z in SLICES], boxes
+
+
+@pytest.fixture(scope="module")
+def eager(runner, chest_slices):
+    """Eager torch's embeddings (one batched call, never the cache) and logits, the reference."""
+    slices, boxes = chest_slices
+    embedded = runner._encode(slices)
+    return embedded, [runner.decode(e, b) for e, b in zip(embedded, boxes)]
+
+
+def _near_boundary(mask: np.ndarray) -> np.ndarray:
+    """Pixels within one pixel of the mask's boundary (inside or outside)."""
+    return ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask)
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_runtime_reproduces_eager_torch_on_real_ct(name, runner, chest_slices, eager):
+    slices, boxes = chest_slices
+    fast = LiteMedSAMRunner(runner.model, backend=name)
+    embedded = fast._encode(slices)  # batch of two: the exported graph's batch is dynamic
+    for ours, reference, slice_boxes, (ref_logits, ref_iou) in zip(embedded, eager[0], boxes, eager[1]):
+        assert ours.resized_hw == reference.resized_hw
+        assert float((ours.embedding - reference.embedding).abs().max()) <= 1e-4
+        logits, iou = fast.decode(ours, slice_boxes)
+        assert logits.shape == ref_logits.shape and np.abs(iou - ref_iou).max() < 1e-3
+        masks, ref_masks = foreground(logits), foreground(ref_logits)
+        assert ref_masks.any(axis=(1, 2)).all()
+        differ = masks != ref_masks
+        assert differ.mean() <= 1e-3
+        assert not (differ & ~np.stack([_near_boundary(m) for m in ref_masks])).any()
+
+
+def test_second_runner_reuses_the_cached_graphs(runner):
+    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    folder = backends.graph_folder(runner.model.sha256, "onnxruntime")
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    exported = dict(backends.exports)
+    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    assert dict(backends.exports) == exported
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_damaged_cached_graph_is_exported_again(runner, tmp_path, monkeypatch, chest_slices, eager):
+    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    source = backends.graph_folder(runner.model.sha256, "onnxruntime")
+    folder = backends.graph_folder(runner.model.sha256, "onnxruntime", cache_root=tmp_path)
+    shutil.copytree(source, folder)  # alone in its cache: nothing to copy from, so it must export
+    decoder = folder / "decoder.onnx"
+    decoder.write_bytes(decoder.read_bytes()[: decoder.stat().st_size // 2])  # as if cut off mid-write
+    (folder / ".encoder.onnx.crash.partial").write_bytes(b"\x08garbage")  # a crashed export's leftover
+    exported = dict(backends.exports)
+    monkeypatch.setenv("MEDSAM_ENGINE_CACHE", str(tmp_path))
+    fast = LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    assert backends.exports["decoder"] == exported.get("decoder", 0) + 1
+    assert backends.exports["encoder"] == exported.get("encoder", 0)
+    assert backends._valid_graphs(folder, runner.model.sha256) == set(backends.GRAPHS)
+    logits, _ = fast.decode(eager[0][0], chest_slices[1][0])
+    assert np.mean(foreground(logits) != foreground(eager[1][0][0])) <= 1e-3
+
+
+def test_unknown_backend_is_refused_with_a_clear_message(runner):
+    with pytest.raises(ValueError, match="Argument 'backend' must be one of torch, onnxruntime, openvino"):
+        LiteMedSAMRunner(runner.model, backend="tensorrt")
+    with pytest.raises(ValueError, match="backend"):
+        EngineConfig.model_validate({"model": {"backend": "tensorrt"}})
+
+
+def test_backend_does_not_change_the_result_hash():
+    config = EngineConfig()
+    assert config.with_overrides(model={"backend": "openvino"}).result_hash() == config.result_hash()
+    assert config.with_overrides(model={"backend": "torch"}).result_hash() == config.result_hash()
+
+
+def test_auto_takes_the_next_runtime_when_one_fails(runner, monkeypatch):
+    assert backends.auto_candidates("cuda") == ["torch"]
+    candidates = backends.auto_candidates("cpu")
+    assert candidates[-1] == "torch"
+    real_load = backends.load_graphs
+
+    def failing_first(model, runtime, **options):
+        if runtime == candidates[0]:
+            raise backends.BackendError(f"{runtime} does not reproduce eager torch")
+        return real_load(model, runtime, **options)
+
+    monkeypatch.setattr(backends, "load_graphs", failing_first)
+    chosen = backends.build_runner(runner.model, device="cpu", backend="auto")
+    assert chosen.backend == candidates[1]
