@@ -21,16 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from machine import matmul_gflops  # bench/machine.py (scripts run from bench/)
+
 ENCODER_GFLOP = 74.95  # facts.md: 2 FLOP per multiply-add, 256x256 input
-
-
-def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def official_loop(image: Path, labels_path: Path) -> tuple[np.ndarray, float, int]:

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from machine import matmul_gflops  # bench/machine.py (scripts run from bench/)
+
 ENCODER_GFLOP = 74.95  # per 256² slice, 2 FLOP per multiply-add (facts.md)
 DECODER_GFLOP = 3.62  # per box
 
@@ -52,15 +54,6 @@ print(json.dumps({"seconds": seconds, "stats": summary.runner_stats, "case": cas
                   "failed": [o.reason for o in summary.failed],
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
-
-
-def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def write_cases(folder: Path) -> dict[str, tuple[Path, Path, np.ndarray, object]]:

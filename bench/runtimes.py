@@ -22,16 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from machine import matmul_gflops  # bench/machine.py (scripts run from bench/)
+
 BACKENDS = ("torch", "onnxruntime", "openvino")
-
-
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def real_inputs() -> tuple[torch.Tensor, torch.Tensor]:
