@@ -1,92 +1,308 @@
-"""Prefect flow: discover -> skip committed -> shard -> annotate on Ray actors -> summarise.
+"""Prefect flow: studies -> discover -> skip committed -> shard -> annotate on Ray actors -> summarise.
 
-The flow only wires pipeline steps. Ray actors hold the model (loaded once per actor); shards carry paths,
-never arrays; each shard task returns the case ids it committed, so a rerun only does what is missing.
+The flow only wires pipeline steps; each task does one step. Cases travel as CaseRef fields (paths, keyed-hash
+ids), never arrays. Each shard is a task whose persisted result (JSON) lists the case ids it committed and its
+cases' outcome records (ids, status, failing stage; no file names). A rerun, or a retry of a failed run,
+redoes only what the store does not hold: committed cases are skipped by signature before sharding, and
+again inside the actors, so a retried case is harmless.
+
+Failure policy: a case's failure is recorded in STORE/_errors and quarantined (STORE/_quarantine) unless it
+was a transient I/O error (retried in the actor first); the flow fails only when the failed fraction of the
+cases it tried exceeds ``policy.max_failure_fraction``, or when a shard itself could not run. Progress and
+a summary table are Prefect artifacts; a progress bar shows on a terminal.
 """
 from __future__ import annotations
 
-import hashlib
-import os
+import dataclasses
+import functools
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import INPUTS, NO_CACHE, RUN_ID, TASK_SOURCE
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-ACTOR_NAMESPACE = "medsam-engine"
+from flows import progress, sharding, summary, watermark
+from pipeline.config import EngineConfig, load_config
+from pipeline.quarantine import RETRY_NEXT_RUN, outcome
+from pipeline.ray_pool import PoolOptions
 
-
-def _ensure_ray(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        if address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=address or os.environ["RAY_ADDRESS"], namespace=ACTOR_NAMESPACE)
-        else:
-            ray.init(namespace=ACTOR_NAMESPACE, include_dashboard=False,
-                     object_store_memory=512 * 1024 * 1024)
+MAX_SHARD_THREADS = 256  # shard tasks mostly wait on ray.wait; one thread each
 
 
-def _actor(index: int, actors: int, config_json: str, store_root: str):
-    """The index-th of ``actors`` annotator actors for this config and store, created on first use.
+class RunOptions(BaseModel):
+    """What to annotate and how (the engine's configuration, discovery switches, the watermark)."""
 
-    With GPUs in the cluster each actor takes one; otherwise the CPUs are split between the actors.
-    """
-    import ray
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    from pipeline.ray_pool import Annotator
+    config: EngineConfig | None = Field(None, description="engine configuration (else config_path, else the "
+                                                          "defaults)")
+    config_path: str | None = Field(None, description="YAML/JSON engine configuration file")
+    overwrite: bool = Field(False, description="replace cases committed with another signature")
+    keep_localizers: bool = False
+    keep_derived: bool = False
+    watermark: str | None = Field(None, description="name of a watermark: take only studies changed since "
+                                                    "the last successful run that used it")
+    settle_seconds: float = Field(300.0, ge=0, description="studies changed more recently wait for the next "
+                                                           "run")
 
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    threads = 1 if gpus else max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, actors))
-    key = hashlib.sha256(f"{config_json}|{store_root}".encode()).hexdigest()[:12]
-    options = dict(name=f"annotator-{key}-{index}", namespace=ACTOR_NAMESPACE, get_if_exists=True,
-                   max_restarts=2, max_task_retries=2, num_cpus=threads, num_gpus=gpus)
-    return ray.remote(Annotator).options(**options).remote(config_json, store_root, threads)
+    @model_validator(mode="after")
+    def _one_config(self) -> RunOptions:
+        if self.config is not None and self.config_path is not None:
+            raise ValueError("give 'config' or 'config_path', not both")
+        if self.watermark is not None:
+            watermark.check_name(self.watermark)
+        return self
+
+    def engine_config(self) -> EngineConfig:
+        return self.config if self.config is not None else load_config(self.config_path)
 
 
-@task(cache_policy=NO_CACHE)
-def discover_cases(inputs: list[str], store_root: str, coarse_masks: list[str]) -> list[dict]:
-    from pipeline.discover import discover
+class FailurePolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_failure_fraction: float = Field(0.1, ge=0, le=1, description="the run fails above this fraction of "
+                                                                     "failed cases among those it tried")
+    retry_quarantined: bool = Field(False, description="try quarantined cases again")
+    shards: int | None = Field(None, ge=1, description="shards (default: one per actor)")
+
+
+class TooManyFailures(RuntimeError):
+    """The run finished but too many cases failed; ``report`` is the run's summary."""
+
+    def __init__(self, message: str, report: dict) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def _case_dict(case) -> dict:
+    return {f.name: getattr(case, f.name) for f in dataclasses.fields(case)}
+
+
+@task(name="select-studies", cache_policy=NO_CACHE)
+def select_studies(inputs: list[str], store_url: str, run: RunOptions) -> dict:
+    """The inputs to discover: all of them, or (with a watermark) the studies changed since it."""
+    if run.watermark is None:
+        return {"units": list(inputs), "changed": None, "until": None}
     from pipeline.store import CaseStore
 
-    cases = discover(inputs, CaseStore(store_root), coarse_masks=coarse_masks)
-    return [case.__dict__ for case in cases]
+    until = time.time() - run.settle_seconds
+    since = watermark.read_mark(CaseStore(store_url), run.watermark)
+    chosen = watermark.select_new(watermark.study_entries(inputs), since=since, until=until)
+    get_run_logger().info("watermark %s: %d studies changed since %s", run.watermark, len(chosen),
+                          "the beginning" if since is None else time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                time.gmtime(since)))
+    return {"units": [e.path for e in chosen], "changed": [e.changed for e in chosen], "until": until}
 
 
-@task(cache_policy=NO_CACHE)
-def shard_cases(cases: list[dict], shards: int) -> list[list[dict]]:
-    """Round-robin cases into at most ``shards`` non-empty shards."""
-    groups = [cases[i::max(1, shards)] for i in range(max(1, shards))]
-    return [g for g in groups if g]
+@task(name="discover", cache_policy=NO_CACHE)
+def discover_cases(units: list[str], store_url: str, coarse_masks: list[str], run: RunOptions) -> dict:
+    """CaseRef fields of every case, and the index of the unit (study) each came from."""
+    from pipeline.discover import DiscoveryOptions, discover
+    from pipeline.store import CaseStore
+
+    store = CaseStore(store_url)
+    options = DiscoveryOptions(keep_localizers=run.keep_localizers, keep_derived=run.keep_derived)
+    if run.watermark is None:
+        found = [(None, c) for c in discover(units, store, coarse_masks=coarse_masks, options=options)]
+    else:
+        if len(coarse_masks) > 1 or (coarse_masks and not Path(coarse_masks[0]).is_dir()):
+            raise ValueError("with a watermark, --coarse-mask must be one folder whose file stems match")
+        found = [(i, c) for i, unit in enumerate(units)
+                 for c in discover([unit], store, coarse_masks=coarse_masks, options=options)]
+    seen: set[str] = set()
+    cases, unit_of = [], []
+    for unit, case in found:
+        if case.case_id not in seen:
+            seen.add(case.case_id)
+            cases.append(_case_dict(case))
+            unit_of.append(unit)
+    get_run_logger().info("discovered %d cases in %d inputs", len(cases), len(units))
+    return {"cases": cases, "units": unit_of}
 
 
-@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def annotate_shard(shard: list[dict], index: int, actors: int, config_json: str, store_root: str,
-                   ray_address: str | None) -> list[dict]:
-    import ray
+@task(name="skip-committed", cache_policy=NO_CACHE)
+def skip_committed(cases: list[dict], store_url: str, config_json: str, retry_quarantined: bool) -> dict:
+    """Cases to annotate; those committed with the same signature, or quarantined with it, are left out."""
+    from pipeline.engine import LazyRunner, case_signature
+    from pipeline.quarantine import quarantined
+    from pipeline.store import CaseStore, remove_stale_staging
+    from pipeline.types import CaseRef
 
-    _ensure_ray(ray_address)
-    actor = _actor(index % max(1, actors), actors, config_json, store_root)
-    return ray.get(actor.annotate.remote(shard))
+    store = CaseStore(store_url)
+    remove_stale_staging(store)
+    config = EngineConfig.model_validate_json(config_json)
+    model_sha = functools.cache(lambda: LazyRunner(config).model_sha256)  # only when something is committed
+
+    def verdict(case: dict) -> str:
+        attrs = store.case_attrs(case["case_id"])
+        held = None if retry_quarantined else quarantined(store, case["case_id"])
+        if attrs is None and held is None:
+            return "todo"  # nothing to compare: the actor computes the signature
+        try:
+            signature = case_signature(CaseRef(**case), config, model_sha())
+        except OSError:
+            return "todo"  # the actor records why it cannot be read
+        if attrs is not None and attrs.get("signature") == signature:
+            return "skipped"
+        return "quarantined" if held is not None and held.get("signature") == signature else "todo"
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        verdicts = list(pool.map(verdict, cases))
+    split = {kind: [c for c, v in zip(cases, verdicts, strict=True) if v == kind]
+             for kind in ("todo", "skipped", "quarantined")}
+    get_run_logger().info("%d to annotate, %d already committed, %d quarantined", len(split["todo"]),
+                          len(split["skipped"]), len(split["quarantined"]))
+    return split
 
 
-@flow(name="annotate-archive", log_prints=True)
+@task(name="shard", cache_policy=NO_CACHE)
+def make_shards(cases: list[dict], shards: int) -> list[list[dict]]:
+    """Cases grouped into at most ``shards`` groups of about equal slice counts (read from headers)."""
+    from pipeline.types import CaseRef
+
+    weights = sharding.slice_counts([CaseRef(**c) for c in cases])
+    groups = sharding.balance(weights, shards)
+    get_run_logger().info("%d shards of ~%s slices", len(groups),
+                          "/".join(str(sum(weights[i] for i in g)) for g in groups))
+    return [[cases[i] for i in group] for group in groups]
+
+
+def _retry_if_transient(task, task_run, state) -> bool:
+    """Shard tasks are retried only for transient errors (I/O, lost connection to the cluster)."""
+    from ray.exceptions import RaySystemError
+
+    from pipeline.quarantine import is_transient
+
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, RaySystemError) or is_transient(exc)
+
+
+@task(name="annotate-shard", task_run_name="shard-{index}", cache_policy=INPUTS + TASK_SOURCE + RUN_ID,
+      persist_result=True, result_serializer="json", retries=2, retry_delay_seconds=10,
+      retry_condition_fn=_retry_if_transient)
+def annotate_shard(shard: list[dict], index: int, plan: dict, job: dict, in_flight: int) -> dict:
+    """Annotate one shard on actor ``index % plan.count``; returns {"committed": [ids], "outcomes": [...]}.
+
+    A retry of the same flow run reuses the persisted result of a shard that completed with these inputs."""
+    from pipeline.ray_pool import ActorPlan, Job, drive, get_annotator
+
+    actor_plan, work = ActorPlan(**plan), Job(**job)
+    board = progress.board_for(work.run_id)
+
+    def annotator(lost=None):
+        return get_annotator(actor_plan, index % actor_plan.count, work.config_json, lost=lost)
+
+    outcomes = drive(shard, annotator, work, in_flight=in_flight,
+                     on_outcome=None if board is None else board.advance)
+    return {"committed": [o["case_id"] for o in outcomes if o["status"] == "done"], "outcomes": outcomes}
+
+
+@task(name="summarise", cache_policy=NO_CACHE)
+def summarise(outcomes: list[dict], store_url: str, run_id: str, facts: dict, config_json: str) -> dict:
+    """The run's report; a table artifact (failures first, label volumes in mL) and STORE/_runs/<run>.json."""
+    from pipeline.engine import package_version
+    from pipeline.store import CaseStore
+
+    store = CaseStore(store_url)
+    volumes = summary.label_volumes_ml(store, [o["case_id"] for o in outcomes if o["status"] == "done"])
+    counts = summary.counts(outcomes)
+    tried = counts["done"] + counts["failed"]
+    report = {"run_id": run_id, "counts": counts, "cases": outcomes, **facts,
+              "slices": sum(o.get("slices", 0) for o in outcomes),
+              "failure_fraction": round(counts["failed"] / tried, 4) if tried else 0.0}
+    create_table_artifact(key="annotate-summary", table=summary.table_rows(outcomes, volumes),
+                          description=f"{counts} in {facts.get('wall_s', 0):.0f} s")
+    store.write_run(run_id, {**report, "label_volumes_ml": volumes, "package_version": package_version(),
+                             "config": json.loads(config_json)})
+    get_run_logger().info("annotate-archive: %s, %d slices", counts, report["slices"])
+    return report
+
+
+def _run_shards(shards: list[list[dict]], plan, job: dict, in_flight: int) -> tuple[list[dict], int]:
+    """Submit every shard, wait for all; returns the outcomes and the number of shards that failed."""
+    futures = [annotate_shard.submit(shard, i, dataclasses.asdict(plan), job, in_flight)
+               for i, shard in enumerate(shards)]
+    outcomes, broken = [], 0
+    for shard, future in zip(shards, futures, strict=True):
+        result = future.result(raise_on_failure=False)
+        if isinstance(result, BaseException):
+            broken += 1
+            get_run_logger().error("shard failed (%s); its %d cases are left for the next run",
+                                   type(result).__name__, len(shard))
+            result = {"outcomes": [outcome(c["case_id"], "failed", stage="shard") for c in shard]}
+        outcomes += result["outcomes"]
+    return outcomes, broken
+
+
+@flow(name="annotate-archive", task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARD_THREADS))
 def annotate_archive(inputs: list[str], out: str, coarse_masks: list[str] | None = None,
-                     config_path: str | None = None, shards: int = 2, actors: int = 1,
-                     ray_address: str | None = None) -> dict:
-    """Annotate every case under ``inputs`` into the store ``out``; returns counts per status."""
-    from pipeline.config import load_config
+                     run: RunOptions | None = None, pool: PoolOptions | None = None,
+                     policy: FailurePolicy | None = None) -> dict:
+    """Annotate every case under ``inputs`` into the store ``out`` on a Ray pool; returns the run's report
+    (counts per status, one outcome record per case, slices, wall time). Raises TooManyFailures when the
+    failed fraction exceeds the policy (the report is on the exception)."""
+    started, run_id = time.perf_counter(), str(flow_run.id or f"local-{time.time_ns()}")
+    run, pool, policy = run or RunOptions(), pool or PoolOptions(), policy or FailurePolicy()
+    config_json = run.engine_config().model_dump_json()
+    store_url = out if "://" in out else str(Path(out).resolve())
+    studies = select_studies(inputs, store_url, run)
+    found = discover_cases(studies["units"], store_url, list(coarse_masks or []), run)
+    split = skip_committed(found["cases"], store_url, config_json, policy.retry_quarantined)
+    job = {"store_url": store_url, "run_id": run_id, "config_json": config_json, "overwrite": run.overwrite,
+           "retries": pool.case_retries}
+    outcomes, facts = _annotate_on_ray(split["todo"], job, pool, policy) if split["todo"] else ([], {})
+    outcomes += [outcome(c["case_id"], kind) for kind in ("skipped", "quarantined") for c in split[kind]]
+    facts = {"actors": 0, "shards": 0, "broken_shards": 0, **facts,
+             "wall_s": round(time.perf_counter() - started, 2)}
+    report = summarise(outcomes, store_url, run_id, facts, config_json)
+    _enforce(report, policy)
+    if run.watermark is not None:
+        _advance_watermark(store_url, run, studies, found, report)
+    return report
 
-    logger = get_run_logger()
-    config_json = load_config(config_path).model_dump_json()
-    store_root = str(Path(out).resolve())
-    cases = discover_cases(inputs, store_root, list(coarse_masks or []))
-    _ensure_ray(ray_address)
-    futures = [annotate_shard.submit(shard, i, actors, config_json, store_root, ray_address)
-               for i, shard in enumerate(shard_cases(cases, shards))]
-    outcomes = [o for f in futures for o in f.result()]
-    counts = {s: sum(o["status"] == s for o in outcomes) for s in ("done", "skipped", "failed")}
-    create_table_artifact(key="annotate-summary", table=[{k: o[k] for k in ("case_id", "status", "reason")}
-                                                          for o in outcomes])
-    logger.info("annotate-archive: %s", counts)
-    return counts
+
+def _annotate_on_ray(todo: list[dict], job: dict, pool: PoolOptions,
+                     policy: FailurePolicy) -> tuple[list[dict], dict]:
+    """Size the pool, shard ``todo`` and run the shards; returns the outcomes and facts about the pool."""
+    from pipeline.ray_pool import cluster_nodes, connect, plan_actors, release_annotators
+
+    connect(pool.address)
+    plan = plan_actors(cluster_nodes(), pool)
+    get_run_logger().info("%d actors x %d CPUs, %g GPUs each", plan.count, plan.num_cpus, plan.num_gpus)
+    shards = make_shards(todo, policy.shards or plan.count)
+    progress.open_board(job["run_id"], len(todo))
+    try:
+        outcomes, broken = _run_shards(shards, plan, job, pool.in_flight)
+    finally:
+        progress.close_board(job["run_id"])
+        if not pool.keep_actors:
+            release_annotators(plan, job["config_json"])
+    return outcomes, {"actors": plan.count, "shards": len(shards), "broken_shards": broken}
+
+
+def _enforce(report: dict, policy: FailurePolicy) -> None:
+    """Fail the run when a shard could not run or too many cases failed (the summary is written already)."""
+    if report["broken_shards"]:
+        raise RuntimeError(f"{report['broken_shards']} shard(s) could not run; rerun to finish their cases")
+    if report["failure_fraction"] > policy.max_failure_fraction:
+        failed, fraction = report["counts"]["failed"], report["failure_fraction"]
+        raise TooManyFailures(f"{failed} cases failed ({fraction:.1%} of those tried; the policy allows "
+                              f"{policy.max_failure_fraction:.1%})", report)
+
+
+def _advance_watermark(store_url: str, run: RunOptions, studies: dict, found: dict, report: dict) -> None:
+    """Move the watermark to this run's horizon, held back before studies whose cases failed transiently."""
+    from pipeline.store import CaseStore
+
+    unit_of = {c["case_id"]: u for c, u in zip(found["cases"], found["units"], strict=True)}
+    retry = {unit_of.get(o["case_id"]) for o in report["cases"]
+             if o["status"] == "failed" and o["stage"] in RETRY_NEXT_RUN}
+    entries = [watermark.Entry(studies["units"][u], studies["changed"][u]) for u in retry if u is not None]
+    mark = watermark.next_mark(studies["until"], entries)
+    watermark.write_mark(CaseStore(store_url), run.watermark, mark, run_id=report["run_id"])

@@ -59,9 +59,9 @@ class ModelSection(_Section):
     checkpoint: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
-        "auto", description="runtime of encoder and decoder (same masks); auto: the fastest passing parity on CPU, "
-                            "torch on CUDA")
-    encoder_batch: int | None = Field(None, ge=1, description="slices per encoder call; None: 1 on CPU, 32 on CUDA")
+        "auto", description="runtime of encoder and decoder (same masks); auto: the fastest that passes "
+                            "parity on CPU, torch on CUDA")
+    encoder_batch: int | None = Field(None, ge=1, description="slices per encoder call; None: 4 on CPU, 32 on CUDA")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is refused on CPU)")
     mode: Literal["slice", "propagate"] = Field(
@@ -104,6 +104,40 @@ class StoreSection(_Section):
     write_image: bool = True
 
 
+class QualitySection(_Section):
+    """Quality scores and review routing (pipeline/quality.py). Routing never changes masks."""
+
+    jitter_check: bool = Field(False, description="slice mode: re-decode sampled slices with jittered boxes "
+                                                  "(extra decoder calls) and record the mask agreement")
+    jitter_fraction: float = Field(0.1, gt=0, le=0.5,
+                                   description="largest edge shift, as a fraction of the box")
+    jitter_slices: int = Field(4, ge=1, description="slices per case the jitter check re-decodes")
+    route: bool = Field(False, description="set review_status from the scores (round run turns it on)")
+    accept_above: float = Field(0.85, ge=0, le=1, description="score from which an instance is auto-accepted")
+    reject_below: float = Field(0.3, ge=0, le=1, description="score under which an instance is rejected")
+    per_label: dict[int, tuple[float, float]] = Field(
+        default_factory=dict, description="label value -> (reject_below, accept_above)")
+    edit_dice_threshold: float = Field(0.9, gt=0, le=1, description="a correction with Dice below this "
+                                                                     "against the proposal is a real edit")
+
+    @model_validator(mode="after")
+    def _check_order(self) -> "QualitySection":
+        pairs = [(self.reject_below, self.accept_above), *self.per_label.values()]
+        if any(reject > accept for reject, accept in pairs):
+            raise ValueError("reject_below must not exceed accept_above")
+        return self
+
+    def jitter(self):
+        """The jitter check to run (a pipeline.quality.JitterCheck), or None when it is off."""
+        from pipeline.quality import JitterCheck
+
+        return JitterCheck(self.jitter_fraction, self.jitter_slices) if self.jitter_check else None
+
+    def thresholds(self) -> dict:
+        return {"accept_above": self.accept_above, "reject_below": self.reject_below,
+                "per_label": dict(self.per_label)}
+
+
 class EngineConfig(_Section):
     intensity: IntensitySection = IntensitySection()
     prompts: PromptSection = PromptSection()
@@ -111,6 +145,7 @@ class EngineConfig(_Section):
     propagate: PropagateSection = PropagateSection()
     postprocess: PostprocessSection = PostprocessSection()
     store: StoreSection = StoreSection()
+    quality: QualitySection = QualitySection()
 
     def result_hash(self) -> str:
         """Hash of everything that changes the masks (not the device or where the image is stored)."""
@@ -119,6 +154,9 @@ class EngineConfig(_Section):
         data["model"].pop("encoder_batch")
         data["model"].pop("backend")
         data.pop("store")
+        quality = data.pop("quality")  # routing and calibration never change the masks
+        if quality["jitter_check"]:  # ... the jitter check adds a record per instance
+            data["quality_jitter"] = [quality["jitter_fraction"], quality["jitter_slices"]]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def with_overrides(self, **sections: dict) -> "EngineConfig":

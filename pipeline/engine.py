@@ -167,13 +167,19 @@ def _renderings(volume: Volume, coarse: np.ndarray | None, prompts, config: Engi
 
 
 def process_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: LazyRunner, *,
-                 signature: dict, overwrite: bool, progress=None) -> CaseOutcome:
-    """Annotate one case and commit it; raises CaseError for expected failures."""
+                 signature: dict, overwrite: bool, progress=None,
+                 volume: Volume | None = None) -> CaseOutcome:
+    """Annotate one case and commit it; raises CaseError for expected failures.
+
+    ``volume`` is the case's image when the caller has already read it (the Ray actors read the next case
+    while the model works on this one); None reads it here.
+    """
     from pipeline.readers import read_case
+    from pipeline.rounds import quality_attrs
     from pipeline.segment import segment_volume
 
     start = time.perf_counter()
-    volume = read_case(case)
+    volume = read_case(case) if volume is None else volume
     coarse, prompts, label_names = _prompts(case, volume, config, runner)
     renderings, window_of, windows = _renderings(volume, coarse, prompts, config)
     model = runner.get()
@@ -188,16 +194,17 @@ def process_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: 
         label_map, records = propagate_volume(model, renderings, object_boxes(prompts), window_of=window_of,
                                               rules=rules, model_name=model.model.name, on_slice=on_slice)
     else:
-        batch = config.model.encoder_batch or (32 if str(model.device).startswith("cuda") else 1)
+        batch = config.model.encoder_batch or (32 if str(model.device).startswith("cuda") else 4)
         label_map, records = segment_volume(model, renderings, prompts, window_of=window_of,
-                                            model_name=model.model.name, on_slice=on_slice, encoder_batch=batch)
+                                            model_name=model.model.name, on_slice=on_slice, encoder_batch=batch,
+                                            jitter=config.quality.jitter())
     label_map, cleaning = _clean(label_map, volume, config)
     attrs = {
         "case_id": case.case_id,
         "geometry": volume.geometry.to_json(),
         "modality": _modality(volume, config),
         "signature": signature,
-        "instances": [r.to_json() for r in records],
+        **quality_attrs(store, config, label_map, records),  # instances with quality scores; routing
         "prompts": len(prompts),
         "ct_windows": {str(k): list(v) for k, v in windows.items()},
         "postprocess": cleaning,

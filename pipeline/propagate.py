@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.model import LiteMedSAMRunner, foreground
+from pipeline.quality import stability_scores
 from pipeline.types import InstanceRecord, ObjectBox
 
 
@@ -44,6 +45,7 @@ class _Track:
     slices: list = field(default_factory=list)
     boxes: list = field(default_factory=list)
     iou: list = field(default_factory=list)
+    stability: list = field(default_factory=list)
 
 
 def _mask_box(mask: np.ndarray, margin: int) -> tuple[int, int, int, int]:
@@ -77,6 +79,7 @@ def _advance(track: _Track, z: int, logits: np.ndarray, iou: float, rules: Propa
     track.slices.append(z)
     track.boxes.append(box)
     track.iou.append(iou)
+    track.stability.append(float(stability_scores(logits[None])[0]))
     if not mask.any():
         track.previous = None  # the next slice falls back to the middle box, as the official script does
         track.empties += 1
@@ -138,9 +141,10 @@ def propagate_volume(runner: LiteMedSAMRunner, renderings: dict[str, np.ndarray]
     for obj, u, d in zip(objects, up, down):
         order = sorted(range(len(u.slices) + len(d.slices)), key=lambda i: (u.slices + d.slices)[i])
         slices, boxes, ious = u.slices + d.slices, u.boxes + d.boxes, u.iou + d.iou
+        stability = u.stability + d.stability
         records.append(InstanceRecord(
             label=obj.label, instance=obj.instance, prompt_source=obj.source,
             slices=tuple(slices[i] for i in order), boxes=tuple(tuple(boxes[i]) for i in order),
             predicted_iou=float(np.mean(ious)) if ious else 0.0, voxels=int(voxels[u.index]), model=model_name,
-            stage="auto-propagate"))
+            stage="auto-propagate", stability=float(np.mean(stability)) if stability else None))
     return label_map, records

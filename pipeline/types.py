@@ -138,6 +138,9 @@ class InstanceRecord:
     model: str = ""
     reviewer: str | None = None
     edit_voxels: int | None = None
+    stability: float | None = None  # mean over slices of IoU(logits > +1, logits > -1), SAM's stability score
+    jitter_iou: float | None = None  # mean IoU of the mask with masks from jittered boxes (sampled slices)
+    edit_dice: float | None = None  # Dice between the proposal and the reviewer's correction
 
     def to_json(self) -> dict:
         return {
@@ -153,6 +156,9 @@ class InstanceRecord:
             "model": self.model,
             "reviewer": self.reviewer,
             "edit_voxels": self.edit_voxels,
+            "stability": None if self.stability is None else round(self.stability, 5),
+            "jitter_iou": None if self.jitter_iou is None else round(self.jitter_iou, 5),
+            "edit_dice": None if self.edit_dice is None else round(self.edit_dice, 5),
         }
 
 

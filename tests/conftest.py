@@ -23,14 +23,12 @@ def prefect_server():
 
 
 @pytest.fixture(scope="session")
-def local_ray():
-    """One real local Ray for the whole test session."""
+def local_ray(ray_cluster):
+    """One real local Ray for the whole test session: the 2-node cluster below (a process can join only one
+    Ray, so every test shares it)."""
     import ray
 
-    ray.init(num_cpus=2, namespace="medsam-engine", include_dashboard=False,
-             object_store_memory=256 * 1024 * 1024)
     yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -324,3 +322,57 @@ def multi_series_folder(tmp_path_factory, chest_volume) -> Path:
     directory.file_meta = meta
     directory.save_as(str(folder / "DICOMDIR"), enforce_file_format=True)
     return folder
+
+
+# --- the distributed engine (issue 8): one 2-node Ray cluster and a small lungs-only archive ---------------
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real 2-node Ray cluster (ray.cluster_utils.Cluster, 1 CPU per node) that this process is connected
+    to; subprocesses join it through ``ray_cluster.address``."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    store_bytes = 128 * 1024 * 1024
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": store_bytes,
+                                                           "include_dashboard": False})
+    cluster.add_node(num_cpus=1, object_store_memory=store_bytes)
+    ray.init(address=cluster.address, namespace="medsam-engine", log_to_driver=False)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def lungs_only(labels: np.ndarray) -> np.ndarray:
+    """The 4-slice chest label map (x, y, z) with only the lungs (5 right, 6 left) on the middle two slices:
+    two compact targets, two slices for the model (the flow tests run it many times)."""
+    out = np.where(np.isin(labels, (5, 6)), labels, 0).astype(labels.dtype)
+    out[..., [0, -1]] = 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def flow_archive(tmp_path_factory, small_chest, small_chest_nifti) -> tuple[Path, Path]:
+    """images/ with two real chest CT cases (NRRD and NIfTI, 4 slices each) and masks/ with their lung labels
+    (matched by file stem)."""
+    import shutil
+
+    import nibabel as nib
+    import nrrd
+
+    root = tmp_path_factory.mktemp("flow_archive")
+    images, masks = root / "images", root / "masks"
+    images.mkdir()
+    masks.mkdir()
+    shutil.copy(small_chest[0], images / "chest_a.nrrd")
+    shutil.copy(small_chest_nifti[0], images / "chest_b.nii.gz")
+    data, header = nrrd.read(str(small_chest[1]))
+    nrrd.write(str(masks / "chest_a.nrrd"), lungs_only(data), header)
+    image = nib.load(str(small_chest_nifti[1]))
+    nib.save(nib.Nifti1Image(lungs_only(np.asarray(image.dataobj)), image.affine, image.header),
+             str(masks / "chest_b.nii.gz"))
+    return images, masks
+
+
+
+os.environ.setdefault("DO_NOT_TRACK", "1")  # no Prefect client telemetry from the test suite

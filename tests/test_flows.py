@@ -1,30 +1,271 @@
-"""The Prefect flow under a real temporary Prefect server, annotating on real Ray actors."""
+"""The annotate flow under a real temporary Prefect server, on a real 2-node Ray cluster, on real CT cases.
+
+One flow run (module fixture) is the reference; the other tests rerun, break or kill runs and compare.
+"""
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
+import pytest
 
-from conftest import make_archive
 from pipeline.store import CaseStore
 
+REPO = Path(__file__).resolve().parents[1]
+WARM = {"keep_actors": True}  # keep the actors' models between the tests of this process
 
-def test_flow_annotates_a_real_archive_on_ray_and_reruns_only_what_is_missing(
-        tmp_path, small_chest, small_chest_nifti, prefect_server, local_ray):
-    from flows.annotate import annotate_archive
 
-    images, masks = make_archive(tmp_path, small_chest, small_chest_nifti)
+def run_flow(images: Path, masks: Path, store: Path, **options) -> dict:
+    from flows.annotate import FailurePolicy, RunOptions, annotate_archive
+    from pipeline.ray_pool import PoolOptions
+
+    return annotate_archive(inputs=[str(images)], out=str(store), coarse_masks=[str(masks)],
+                            run=RunOptions(**options.get("run", {})),
+                            pool=PoolOptions(**{**WARM, **options.get("pool", {})}),
+                            policy=FailurePolicy(**options.get("policy", {})))
+
+
+def labels_of(store: Path) -> dict[str, np.ndarray]:
+    cases = CaseStore(store)
+    return {case_id: cases.read_labels(case_id)[0] for case_id in cases.committed_cases()}
+
+
+def committed_once(store: Path) -> bool:
+    """No case was committed twice: nothing was ever moved aside as a previous version."""
+    return not (store / "_previous").exists()
+
+
+def copy_store(source: Path, dest: Path) -> Path:
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("_runs"))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def annotated(tmp_path_factory, flow_archive, prefect_server, ray_cluster) -> dict:
+    """The reference run: both cases annotated into a fresh store."""
+    store = tmp_path_factory.mktemp("flow") / "store"
+    report = run_flow(*flow_archive, store)
+    return {"store": store, "report": report, "labels": labels_of(store)}
+
+
+def _artifacts(key: str) -> list:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+
+def _table(artifact) -> list[dict]:
+    import json
+
+    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+
+
+def test_flow_shards_cases_over_both_nodes_and_commits_each(annotated):
+    report = annotated["report"]
+    assert report["counts"] == {"done": 2, "skipped": 0, "quarantined": 0, "failed": 0}
+    assert report["actors"] == 2 and report["shards"] == 2
+    assert len({case["node"] for case in report["cases"]}) == 2  # one actor on each node
+    assert report["slices"] == 4
+    assert sorted(annotated["labels"]) == sorted(case["case_id"] for case in report["cases"])
+    assert all(set(np.unique(labels)) <= {0, 5, 6} and (labels > 0).any()
+               for labels in annotated["labels"].values())
+    record = CaseStore(annotated["store"]).root / "_runs" / f"{report['run_id']}.json"
+    assert record.is_file() and "label_volumes_ml" in record.read_text()
+    rows = _table(_artifacts("annotate-summary")[-1])
+    assert {row["case"] for row in rows} >= set(annotated["labels"])
+    assert all(row["labels (mL)"].startswith("5: ") for row in rows if row["case"] in annotated["labels"])
+    assert any(float(a.data) == 100.0 for a in _artifacts("annotate-progress"))
+    assert committed_once(annotated["store"])
+
+
+def test_rerun_does_only_what_is_missing(annotated, flow_archive, tmp_path):
+    store = copy_store(annotated["store"], tmp_path / "store")
+    lost = sorted(annotated["labels"])[0]
+    shutil.rmtree(CaseStore(store).case_path(lost))
+
+    report = run_flow(*flow_archive, store)
+
+    assert report["counts"]["done"] == 1 and report["counts"]["skipped"] == 1
+    assert [c["case_id"] for c in report["cases"] if c["status"] == "done"] == [lost]
+    again = labels_of(store)
+    assert all(np.array_equal(again[c], annotated["labels"][c]) for c in annotated["labels"])
+    assert committed_once(store)
+
+
+def test_failures_are_recorded_quarantined_and_fail_the_run_only_above_the_fraction(annotated, flow_archive,
+                                                                                       tmp_path):
+    from flows.annotate import TooManyFailures
+    from pipeline.quarantine import quarantined
+
+    images = Path(shutil.copytree(flow_archive[0], tmp_path / "images"))
+    masks = Path(shutil.copytree(flow_archive[1], tmp_path / "masks"))
+    (images / "corrupt_study.nii.gz").write_bytes(b"not a NIfTI file" * 64)
+    shutil.copy(masks / "chest_b.nii.gz", masks / "corrupt_study.nii.gz")
+    store = copy_store(annotated["store"], tmp_path / "store")
+
+    first = run_flow(images, masks, store, policy={"max_failure_fraction": 1.0})
+    assert first["counts"] == {"done": 0, "skipped": 2, "quarantined": 0, "failed": 1}
+    (bad,) = [c["case_id"] for c in first["cases"] if c["status"] == "failed"]
+    assert CaseStore(store).errors()[bad]["stage"] == "read"
+    assert quarantined(CaseStore(store), bad)["stage"] == "read"
+
+    second = run_flow(images, masks, store)  # quarantined: not tried again, so the run passes
+    assert second["counts"] == {"done": 0, "skipped": 2, "quarantined": 1, "failed": 0}
+
+    with pytest.raises(TooManyFailures) as failed:
+        run_flow(images, masks, store, policy={"max_failure_fraction": 0.5, "retry_quarantined": True})
+    assert failed.value.report["counts"]["failed"] == 1 and failed.value.report["failure_fraction"] == 1.0
+    assert "corrupt_study" not in str(failed.value.report)  # no file names in reports or artifacts
+    assert "chest" not in str(_table(_artifacts("annotate-summary")[-1]))
+
+
+def _actor_pid(index: int) -> int:
+    import ray
+
+    from pipeline.config import EngineConfig
+    from pipeline.ray_pool import PoolOptions, cluster_nodes, get_annotator, plan_actors
+
+    plan = plan_actors(cluster_nodes(), PoolOptions())
+    actor = get_annotator(plan, index, EngineConfig().model_dump_json())
+    return ray.get(actor.info.options(concurrency_group="control").remote())["pid"]
+
+
+def _wait_for(condition, timeout_s: float = 300.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _busy(store: Path) -> bool:
+    """Some case's model work has begun (its manifest is written) and no case is committed yet."""
+    manifests = store / "_manifest"
+    return manifests.is_dir() and any(manifests.iterdir()) and not CaseStore(store).committed_cases()
+
+
+def test_an_actor_killed_mid_run_is_restarted_and_every_case_committed_once(annotated, flow_archive,
+                                                                            tmp_path):
     store = tmp_path / "store"
+    before = _actor_pid(0)
+    killed = []
 
-    first = annotate_archive(inputs=[str(images)], out=str(store), coarse_masks=[str(masks)], shards=2)
-    assert first == {"done": 2, "skipped": 0, "failed": 0}
-    committed = CaseStore(store).committed_cases()
-    assert len(committed) == 2
-    before = {c: CaseStore(store).read_labels(c)[0] for c in committed}
+    def chaos() -> None:
+        if _wait_for(lambda: _busy(store)):
+            os.kill(before, signal.SIGKILL)
+            killed.append(before)
 
-    # a case lost from the store is redone, the other is skipped, and masks are identical
-    shutil.rmtree(CaseStore(store).case_path(committed[0]))
-    second = annotate_archive(inputs=[str(images)], out=str(store), coarse_masks=[str(masks)], shards=2)
-    assert second == {"done": 1, "skipped": 1, "failed": 0}
-    for case_id, labels in before.items():
-        assert np.array_equal(CaseStore(store).read_labels(case_id)[0], labels)
+    killer = threading.Thread(target=chaos, daemon=True)
+    killer.start()
+    report = run_flow(*flow_archive, store)
+    killer.join(timeout=5)
+
+    assert killed and _actor_pid(0) != before  # Ray restarted the actor and retried its cases
+    assert report["counts"] == {"done": 2, "skipped": 0, "quarantined": 0, "failed": 0}
+    again = labels_of(store)
+    assert sorted(again) == sorted(annotated["labels"])
+    assert all(np.array_equal(again[c], annotated["labels"][c]) for c in again)
+    assert committed_once(store)
+
+
+def _release_warm_actors() -> None:
+    """Free the cluster's CPUs held by this process's warm actors, for another driver's actors."""
+    from pipeline.config import EngineConfig
+    from pipeline.ray_pool import PoolOptions, cluster_nodes, plan_actors, release_annotators
+
+    release_annotators(plan_actors(cluster_nodes(), PoolOptions()), EngineConfig().model_dump_json())
+
+
+def _child_env(ray_cluster) -> dict:
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "RAY_ADDRESS": ray_cluster.address}
+
+
+def test_a_run_killed_mid_way_is_finished_by_the_rerun_with_identical_masks(annotated, flow_archive, tmp_path,
+                                                                            ray_cluster):
+    store = tmp_path / "store"
+    _release_warm_actors()
+    command = [sys.executable, "-m", "pipeline.cli", "annotate", str(flow_archive[0]), "--out", str(store),
+               "--coarse-mask", str(flow_archive[1]), "--engine", "ray", "--ray-address", ray_cluster.address]
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        run = subprocess.Popen(command, env=_child_env(ray_cluster), cwd=REPO, stdout=out, stderr=out)
+    try:
+        assert _wait_for(lambda: _busy(store) or run.poll() is not None)
+        assert run.poll() is None, log.read_text()[-4000:]
+    finally:
+        run.kill()  # SIGKILL: the driver dies mid-case; its actors die with it
+        run.wait()
+
+    report = run_flow(*flow_archive, store)
+
+    assert report["counts"]["failed"] == 0 and report["counts"]["done"] >= 1
+    again = labels_of(store)
+    assert sorted(again) == sorted(annotated["labels"])
+    assert all(np.array_equal(again[c], annotated["labels"][c]) for c in again)
+    assert committed_once(store)
+
+
+def test_watermark_takes_only_studies_new_since_the_last_successful_run(annotated, flow_archive, tmp_path):
+    from flows.watermark import read_mark
+
+    images = Path(shutil.copytree(flow_archive[0], tmp_path / "images"))
+    masks = Path(shutil.copytree(flow_archive[1], tmp_path / "masks"))
+    store = copy_store(annotated["store"], tmp_path / "store")
+    nightly = {"run": {"watermark": "nightly", "settle_seconds": 0}, "policy": {"max_failure_fraction": 1.0}}
+
+    first = run_flow(images, masks, store, **nightly)
+    assert first["counts"]["skipped"] == 2 and read_mark(CaseStore(store), "nightly") is not None
+    time.sleep(0.05)
+    (images / "late.nii.gz").write_bytes(b"arrived after the first night" * 32)
+    second = run_flow(images, masks, store, **nightly)
+    assert [c["status"] for c in second["cases"]] == ["failed"]  # only the new study was looked at
+    third = run_flow(images, masks, store, **nightly)
+    assert third["cases"] == []
+
+
+def test_nightly_deployment_is_created_from_prefect_yaml_and_run_once_by_a_worker(annotated, flow_archive,
+                                                                                  tmp_path, ray_cluster):
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments import run_deployment
+
+    from flows.watermark import read_mark
+
+    env = _child_env(ray_cluster)
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="medsam-process", type="process"), overwrite=True)
+    deploy = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name",
+                             "nightly-preannotate"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+
+    store = copy_store(annotated["store"], tmp_path / "store")
+    parameters = {"inputs": [str(flow_archive[0])], "out": str(store), "coarse_masks": [str(flow_archive[1])],
+                  "run": {"watermark": "nightly", "settle_seconds": 0},
+                  "pool": {"address": ray_cluster.address}}
+    flow_run = run_deployment("annotate-archive/nightly-preannotate", parameters=parameters, timeout=0)
+    worker = subprocess.run([sys.executable, "-m", "prefect", "worker", "start", "--pool", "medsam-process",
+                             "--run-once", "--limit", "1"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=400)
+    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+
+    with get_client(sync_client=True) as client:
+        finished = client.read_flow_run(flow_run.id)
+        deployment = client.read_deployment(flow_run.deployment_id)
+    assert finished.state.is_completed(), finished.state
+    assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 2 * * *"
+    assert deployment.global_concurrency_limit.limit == 1
+    assert deployment.concurrency_options.collision_strategy == "CANCEL_NEW"
+    assert read_mark(CaseStore(store), "nightly") is not None

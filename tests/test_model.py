@@ -20,7 +20,16 @@ def test_bundled_checkpoint_is_the_official_file():
 def test_checkpoint_with_foreign_keys_is_refused(tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save({"model": {"not_a_weight": torch.zeros(3)}}, bad)
-    with pytest.raises(CheckpointError, match="does not fit LiteMedSAM"):
+    with pytest.raises(CheckpointError, match="neither LiteMedSAM nor a SAM"):
+        load_lite_medsam(bad)
+
+
+def test_litemedsam_checkpoint_missing_a_weight_is_refused_by_strict_loading(tmp_path):
+    state = torch.load(bundled_checkpoint(), map_location="cpu", weights_only=True)
+    state.pop("mask_decoder.iou_prediction_head.layers.0.weight")
+    bad = tmp_path / "partial.pth"
+    torch.save(state, bad)
+    with pytest.raises(CheckpointError, match="(?s)does not fit lite.*Missing key"):
         load_lite_medsam(bad)
 
 

@@ -1,0 +1,89 @@
+"""Watermarks: a nightly run takes only the studies that changed since the last successful run.
+
+A study is an entry directly under an input folder (a study folder, an archive, an image file). Its change
+time is the newest ``max(mtime, ctime)`` of the entry and everything under it: ``cp -a``/``rsync -a`` keep old
+mtimes but set ctime, and adding a file to a series folder changes that folder, not the study folder.
+Entries that changed within the last ``settle_s`` seconds may still be being copied; they wait for the next
+run. The watermark lives in the store (STORE/_watermarks/<name>.json) and only moves after a successful run;
+it stops before the oldest study whose cases failed transiently, so those are retried next time.
+URL inputs (DICOMweb, s3://) have no change time here and are always taken. No Prefect in this module.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.quarantine import read_store_record, write_store_record
+
+FOLDER = "_watermarks"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A study: ``path`` and its change time (s since the epoch; +inf for URLs)."""
+
+    path: str
+    changed: float
+
+
+def newest_change(path: Path) -> float:
+    """The newest max(mtime, ctime) of ``path`` and everything under it (links are not followed)."""
+    info = path.lstat()
+    newest = max(info.st_mtime, info.st_ctime)
+    if not path.is_dir() or path.is_symlink():
+        return newest
+    for root, folders, files in os.walk(path):
+        for name in folders + files:
+            try:
+                info = os.lstat(os.path.join(root, name))
+            except FileNotFoundError:  # removed while we walk
+                continue
+            newest = max(newest, info.st_mtime, info.st_ctime)
+    return newest
+
+
+def study_entries(inputs: Iterable[str]) -> list[Entry]:
+    """The studies under ``inputs``: each visible entry of an input folder; a file or URL input is one."""
+    entries = []
+    for given in inputs:
+        if "://" in given:
+            entries.append(Entry(given, float("inf")))
+            continue
+        path = Path(given)
+        children = [path] if not path.is_dir() else sorted(p for p in path.iterdir()
+                                                           if not p.name.startswith("."))
+        entries += [Entry(str(child), newest_change(child)) for child in children if child.exists()]
+    return entries
+
+
+def select_new(entries: list[Entry], *, since: float | None, until: float) -> list[Entry]:
+    """Entries that changed after ``since`` (all when None) and no later than ``until`` (URLs always)."""
+    return [e for e in entries if e.changed == float("inf")
+            or ((since is None or e.changed > since) and e.changed <= until)]
+
+
+def next_mark(until: float, retry: Iterable[Entry]) -> float:
+    """The watermark after a successful run: ``until``, held back before the oldest entry to retry."""
+    return min([until] + [e.changed - 1e-3 for e in retry if e.changed != float("inf")])
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(f"Argument 'watermark' must be lowercase letters, digits, '-' or '_'; got {name!r}")
+    return name
+
+
+def read_mark(store, name: str) -> float | None:
+    record = read_store_record(store, FOLDER, check_name(name))
+    return None if record is None else float(record["since"])
+
+
+def write_mark(store, name: str, since: float, *, run_id: str) -> None:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+    record = {"since": since, "since_utc": stamp, "run_id": run_id}
+    write_store_record(store, FOLDER, check_name(name), record)

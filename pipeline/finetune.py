@@ -1,0 +1,445 @@
+"""Fine-tune LiteMedSAM from accepted masks: prompt encoder + mask decoder on cached image embeddings (minutes
+on a CPU), or the whole model (``train_encoder``, meant for a GPU).
+
+Data: a store's accepted cases (``review_status == "accepted"``), or image/label-map pairs on the same grid.
+Each slice is rendered exactly as the annotate run renders it (the case's own configuration: CT window per
+label, percentile clip) and embedded once per window; every object (3D connected component per label value)
+gives one box per slice (the run's box margin) and its mask there. Training jitters each box edge by up to
+``box_jitter`` of its size, and the loss is BCE + soft Dice on the 256 x 256 low-resolution logits against the
+mask resized into the model frame, plus the squared error of the predicted IoU (so the quality score keeps
+its meaning). Hold-out: whole cases when there are two or more, else the top ``holdout`` fraction of slices
+(a z block), else, on a single 2D image, the objects in its right-most ``holdout`` fraction (an x block).
+Early stopping on the held-out Dice (per box, at the slice's resolution, as the runner thresholds it).
+
+The result is a full LiteMedSAM state dict (strict-loadable by ``pipeline.model.load_lite_medsam``) and a
+registry entry (sha256, parent sha256, data, held-out Dice before and after) written next to it as
+``CKPT.json`` and, for a store, as ``STORE/_models/<sha16>.json``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from pipeline.preprocess import boxes_to_model, prepare_slice, resized_shape
+from pipeline.store import CaseStore
+from pipeline.types import BoxPrompt, Volume
+
+log = logging.getLogger(__name__)
+
+MODELS = "_models"
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    epochs: int = 8
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    patience: int = 2
+    holdout: float = 0.25
+    max_slices: int = 48  # embedded (slice, window) pairs per case, evenly spaced
+    boxes_per_epoch: int = 64
+    boxes_per_step: int = 8
+    box_jitter: float = 0.05
+    seed: int = 0
+    train_encoder: bool = False
+    device: str = "cpu"
+
+
+@dataclass
+class SliceSample:
+    """One embedded slice (one window) with its objects: (K, 4) voxel XYXY boxes and (K, H, W) masks."""
+
+    case_id: str
+    z: int
+    embedding: torch.Tensor | None  # (1, 256, 64, 64) float16 on the CPU (decoder-only training)
+    image: np.ndarray | None  # (256, 256, 3) float32 model input (whole-model training)
+    boxes: np.ndarray
+    masks: np.ndarray
+    targets: np.ndarray  # (K, h, w) float32: the masks resized into the model frame (unpadded part)
+
+    @property
+    def original_hw(self) -> tuple[int, int]:
+        return self.masks.shape[1], self.masks.shape[2]
+
+    def subset(self, keep: np.ndarray) -> "SliceSample":
+        return SliceSample(self.case_id, self.z, self.embedding, self.image, self.boxes[keep],
+                           self.masks[keep], self.targets[keep])
+
+
+def slice_objects(labels: np.ndarray, margin: tuple[int, int] = (0, 0)
+                  ) -> list[tuple[int, int, tuple, np.ndarray]]:
+    """(label, z, box XYXY widened by (margin_y, margin_x) px, (H, W) mask) for every 3D connected component
+    of every label value of a (z, y, x) label map, on each slice where it is present."""
+    out = []
+    structure = ndimage.generate_binary_structure(3, 3)
+    height, width = labels.shape[1:]
+    for label in (int(v) for v in np.unique(labels) if v != 0):
+        components, _ = ndimage.label(labels == label, structure=structure)
+        for index, found in enumerate(ndimage.find_objects(components), start=1):
+            if found is None:
+                continue
+            for z in range(found[0].start, found[0].stop):
+                mask = components[z] == index
+                ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+                if len(ys):
+                    box = (max(0, int(xs[0]) - margin[1]), max(0, int(ys[0]) - margin[0]),
+                           min(width - 1, int(xs[-1]) + margin[1]), min(height - 1, int(ys[-1]) + margin[0]))
+                    out.append((label, z, box, mask))
+    return out
+
+
+def _target(mask: np.ndarray) -> np.ndarray:
+    new_h, new_w = resized_shape(*mask.shape)
+    return cv2.resize(mask.astype(np.float32), (new_w, new_h), interpolation=cv2.INTER_AREA)
+
+
+def case_samples(case_id: str, volume: Volume, labels: np.ndarray, config, runner, options: FinetuneOptions
+                 ) -> list[SliceSample]:
+    """Embedded slices of one case with its objects, rendered per label window as ``config`` annotates."""
+    from pipeline.engine import _renderings
+
+    margin = config.prompts.box_rules().margins(volume.spacing[1:])
+    objects = slice_objects(labels, margin)
+    prompts = [BoxPrompt(label=o[0], instance=1, z=o[1], box=o[2]) for o in objects]
+    renderings, window_of, _ = _renderings(volume, labels, prompts, config)
+    default = next(iter(renderings))
+    grouped: dict[tuple[int, str], list] = {}
+    for label, z, box, mask in objects:
+        grouped.setdefault((z, window_of.get(label, default)), []).append((box, mask))
+    keys = sorted(grouped)
+    if len(keys) > options.max_slices:
+        keys = [keys[i] for i in np.linspace(0, len(keys) - 1, options.max_slices).round().astype(int)]
+    samples = []
+    for z, window in keys:
+        slice_u8 = renderings[window][z]
+        boxes = np.array([b for b, _ in grouped[(z, window)]], dtype=np.float32)
+        masks = np.stack([m for _, m in grouped[(z, window)]])
+        embedding = image = None
+        if options.train_encoder:
+            image = prepare_slice(slice_u8)[0]
+        else:
+            embedding = runner.encode([slice_u8])[0].embedding.detach().to("cpu", torch.float16)
+        targets = np.stack([_target(m) for m in masks])
+        samples.append(SliceSample(case_id, z, embedding, image, boxes, masks, targets))
+    return samples
+
+
+def split_samples(samples: list[SliceSample], holdout: float
+                  ) -> tuple[list[SliceSample], list[SliceSample], str]:
+    """(train, held-out, how): by case, else by a z block, else by an x block of objects (one 2D image)."""
+    cases = sorted({s.case_id for s in samples})
+    if len(cases) >= 2:
+        held = set(cases[len(cases) - max(1, int(round(len(cases) * holdout))):])
+        return ([s for s in samples if s.case_id not in held], [s for s in samples if s.case_id in held],
+                "cases")
+    zs = sorted({s.z for s in samples})
+    if len(zs) >= 2:
+        cut = zs[min(len(zs) - 1, int(len(zs) * (1 - holdout)))]
+        return [s for s in samples if s.z < cut], [s for s in samples if s.z >= cut], "z-block"
+    centres = [(s.boxes[:, 0] + s.boxes[:, 2]) / 2 for s in samples]
+    centres = np.concatenate(centres) if centres else np.zeros(0)
+    if len(centres) < 2:
+        return samples, [], "none"
+    cut = float(np.quantile(centres, 1 - holdout))
+    train, held = [], []
+    for s in samples:
+        right = (s.boxes[:, 0] + s.boxes[:, 2]) / 2 >= cut
+        train += [s.subset(~right)] if (~right).any() else []
+        held += [s.subset(right)] if right.any() else []
+    return train, held, "x-block"
+
+
+# -- the model pieces ---------------------------------------------------------------------------------------
+def _embed(net, sample: SliceSample, device: str) -> torch.Tensor:
+    """The sample's (1, 256, 64, 64) embedding: cached, or from the encoder when it is being trained."""
+    if sample.image is not None:
+        return net.image_encoder(torch.from_numpy(sample.image).permute(2, 0, 1)[None].to(device))
+    return sample.embedding.to(device, torch.float32)  # type: ignore[union-attr]
+
+
+def _decode(net, embedding: torch.Tensor, index: np.ndarray, boxes_model: np.ndarray, device: str):
+    """(K, 1, 256, 256) low-resolution logits and (K, 1) predicted IoU for some of a slice's boxes."""
+    boxes = torch.from_numpy(boxes_model[index]).to(device)[:, None, :]
+    sparse, dense = net.prompt_encoder(points=None, boxes=boxes, masks=None)
+    return net.mask_decoder(image_embeddings=embedding, image_pe=net.prompt_encoder.get_dense_pe(),
+                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                            multimask_output=False)
+
+
+def _loss(low: torch.Tensor, iou: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice on the unpadded part of the low-resolution logits, + MSE of the predicted IoU."""
+    h, w = targets.shape[1:]
+    logits = low[:, 0, :h, :w]
+    probs = torch.sigmoid(logits)
+    inter = (probs * targets).sum(dim=(1, 2))
+    soft_dice = 1 - (2 * inter + 1) / (probs.sum(dim=(1, 2)) + targets.sum(dim=(1, 2)) + 1)
+    with torch.no_grad():
+        hard, truth = logits > 0, targets > 0.5
+        actual = (hard & truth).sum(dim=(1, 2)) / ((hard | truth).sum(dim=(1, 2)).clamp(min=1))
+    return (F.binary_cross_entropy_with_logits(logits, targets) + soft_dice.mean()
+            + F.mse_loss(iou[:, 0], actual.float()))
+
+
+def _jitter(boxes_model: np.ndarray, fraction: float, rng: np.random.Generator,
+            limit: tuple[int, int]) -> np.ndarray:
+    """(K, 4) model-frame boxes with each edge moved by up to ``fraction`` of the box's size (>= 1 px)."""
+    width, height = boxes_model[:, 2] - boxes_model[:, 0], boxes_model[:, 3] - boxes_model[:, 1]
+    size = np.stack([width, height, width, height], axis=1)
+    moved = boxes_model + rng.uniform(-1, 1, boxes_model.shape) * np.maximum(size * fraction, 1.0)
+    high = np.array([limit[1] - 1, limit[0] - 1] * 2, dtype=np.float32)
+    return np.clip(moved, 0, high).astype(np.float32)
+
+
+@torch.no_grad()
+def evaluate(net, samples: list[SliceSample], options: FinetuneOptions) -> float | None:
+    """Mean Dice per box on ``samples`` at the slices' resolution (logit > 0), or None without boxes."""
+    scores = []
+    for sample in samples:
+        height, width = sample.original_hw
+        new_h, new_w = resized_shape(height, width)
+        boxes_model = boxes_to_model(sample.boxes, height, width)
+        embedding = _embed(net, sample, options.device)
+        for start in range(0, len(sample.boxes), options.boxes_per_step):
+            index = np.arange(start, min(start + options.boxes_per_step, len(sample.boxes)))
+            low, _ = _decode(net, embedding, index, boxes_model, options.device)
+            full = F.interpolate(low[..., :new_h, :new_w], size=(height, width), mode="bilinear",
+                                 align_corners=False)[:, 0].cpu().numpy() > 0
+            for predicted, truth in zip(full, sample.masks[index]):
+                total = predicted.sum() + truth.sum()
+                scores.append(1.0 if total == 0 else 2.0 * np.logical_and(predicted, truth).sum() / total)
+    return float(np.mean(scores)) if scores else None
+
+
+def _epoch_steps(samples: list[SliceSample], options: FinetuneOptions, rng: np.random.Generator):
+    """(sample, box indices) steps of one epoch: ``boxes_per_epoch`` random boxes, grouped by slice."""
+    units = [(i, k) for i, s in enumerate(samples) for k in range(len(s.boxes))]
+    chosen = [units[j] for j in rng.permutation(len(units))[: options.boxes_per_epoch]]
+    by_sample: dict[int, list[int]] = {}
+    for i, k in chosen:
+        by_sample.setdefault(i, []).append(k)
+    steps = [(samples[i], np.array(ks[s : s + options.boxes_per_step]))
+             for i, ks in by_sample.items() for s in range(0, len(ks), options.boxes_per_step)]
+    return [steps[j] for j in rng.permutation(len(steps))]
+
+
+def train(net, train_set: list[SliceSample], held: list[SliceSample], options: FinetuneOptions) -> dict:
+    """Fine-tune ``net`` in place (best held-out epoch kept); returns Dice before/after and the history."""
+    torch.manual_seed(options.seed)
+    rng = np.random.default_rng(options.seed)
+    net.eval()  # no dropout; batch-norm statistics of the encoder stay frozen
+    for name, parameter in net.named_parameters():
+        parameter.requires_grad_(options.train_encoder or not name.startswith("image_encoder."))
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
+    watch = held or train_set
+    before = evaluate(net, watch, options)
+    best, best_state, waited, history = before or 0.0, copy.deepcopy(net.state_dict()), 0, []
+    for epoch in range(options.epochs):
+        losses = []
+        for sample, index in _epoch_steps(train_set, options, rng):
+            height, width = sample.original_hw
+            boxes_model = _jitter(boxes_to_model(sample.boxes, height, width), options.box_jitter, rng,
+                                  resized_shape(height, width))
+            low, iou = _decode(net, _embed(net, sample, options.device), index, boxes_model, options.device)
+            loss = _loss(low, iou, torch.from_numpy(sample.targets[index]).to(options.device))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(loss.item())
+        score = evaluate(net, watch, options) or 0.0
+        mean_loss = float(np.mean(losses)) if losses else None
+        history.append({"epoch": epoch + 1, "train_loss": _r(mean_loss), "holdout_dice": round(score, 5)})
+        log.info("fine-tune epoch %d: loss %s, held-out Dice %.4f", epoch + 1, _r(mean_loss), score)
+        if score > best + 1e-4:
+            best, best_state, waited = score, copy.deepcopy(net.state_dict()), 0
+        else:
+            waited += 1
+            if waited >= options.patience:
+                break
+    net.load_state_dict(best_state)
+    for parameter in net.parameters():
+        parameter.requires_grad_(False)
+    return {"holdout_dice_before": _r(before), "holdout_dice_after": _r(best),
+            "measured_on": "holdout" if held else "train (no hold-out possible)",
+            "epochs_run": len(history), "history": history}
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 5)
+
+
+# -- data sources, saving and the registry ------------------------------------------------------------------
+def accepted_cases(store: CaseStore) -> list[str]:
+    """Cases a person accepted (``review_status == "accepted"``), sorted."""
+    cases = store.committed_cases()
+    return sorted(c for c in cases if (store.case_attrs(c) or {}).get("review_status") == "accepted")
+
+
+def _case_config(attrs: dict):
+    """The configuration the case was annotated with (defaults when it is missing or no longer valid)."""
+    from pydantic import ValidationError
+
+    from pipeline.config import EngineConfig
+
+    try:
+        return EngineConfig.model_validate(attrs.get("config") or {})
+    except ValidationError:
+        log.warning("case %s: stored configuration no longer validates; using defaults", attrs.get("case_id"))
+        return EngineConfig()
+
+
+def store_samples(store: CaseStore, runner, options: FinetuneOptions) -> tuple[list[SliceSample], list[str]]:
+    """Samples from every accepted case of ``store``; ValueError when there is none."""
+    from pipeline.detector_training import read_case_volume
+
+    case_ids = accepted_cases(store)
+    if not case_ids:
+        raise ValueError(f"no accepted case in {store.url}: import reviewed corrections first")
+    samples = []
+    for case_id in case_ids:
+        volume, labels, attrs = read_case_volume(store, case_id)
+        samples += case_samples(case_id, volume, labels, _case_config(attrs), runner, options)
+    return samples, case_ids
+
+
+def pair_samples(images: list[str | Path], label_maps: list[str | Path], runner, options: FinetuneOptions,
+                 config=None) -> tuple[list[SliceSample], list[str]]:
+    """Samples from image/label-map pairs on the same grid (case ids "pair0", "pair1", ... in order)."""
+    from pipeline.config import EngineConfig
+    from pipeline.geometry import align_to
+    from pipeline.readers import read_volume
+
+    if len(images) != len(label_maps) or not images:
+        raise ValueError(f"give one label map per image; got {len(images)} images and "
+                         f"{len(label_maps)} label maps")
+    samples, ids = [], []
+    for n, (image, label_map) in enumerate(zip(images, label_maps)):
+        volume = read_volume(image)
+        labels = align_to(read_volume(label_map), volume, what=f"label map {Path(label_map).name}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            labels = np.rint(labels).astype(np.int64)
+        ids.append(f"pair{n}")
+        samples += case_samples(ids[-1], volume, labels, config or EngineConfig(), runner, options)
+    return samples, ids
+
+
+def save_checkpoint(net, path: str | Path) -> str:
+    """Write ``net``'s full state dict (CPU tensors), check it loads strictly; returns its sha256."""
+    from pipeline.model import file_sha256, load_lite_medsam
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, partial)
+    load_lite_medsam(partial)  # raises CheckpointError if the file does not fit the architecture
+    partial.replace(path)
+    return file_sha256(path)
+
+
+def register(entry: dict, checkpoint: Path, store: CaseStore | None) -> list[str]:
+    """Write the registry entry as CKPT.json and, for a store, STORE/_models/<sha16>.json."""
+    import json
+
+    from pipeline.rounds import write_record
+
+    side = checkpoint.with_name(checkpoint.name + ".json")
+    side.write_text(json.dumps(entry, indent=1, sort_keys=True))
+    written = [str(side)]
+    if store is not None:
+        written.append(write_record(store, entry, MODELS, f"{entry['sha256'][:16]}.json"))
+    return written
+
+
+def current_model(store: CaseStore) -> dict | None:
+    """The newest registered model of ``store`` whose checkpoint is still there with its sha256."""
+    from pipeline.model import file_sha256
+    from pipeline.rounds import list_records, read_record
+
+    entries = [read_record(store, MODELS, name) or {} for name in list_records(store, MODELS)]
+    for entry in sorted(entries, key=lambda e: e.get("created_at", ""), reverse=True):
+        path = Path(entry.get("checkpoint", ""))
+        if path.is_file() and file_sha256(path) == entry.get("sha256"):
+            return entry
+    return None
+
+
+def finetune(out: str | Path, *, store: CaseStore | None = None, images: list | None = None,
+             label_maps: list | None = None, parent: str | Path | None = None, runner=None,
+             options: FinetuneOptions = FinetuneOptions()) -> dict:
+    """Fine-tune from a store's accepted cases or from image/label-map pairs, save the checkpoint at ``out``
+    and register it; returns the registry entry. ``parent`` defaults to the store's current registered model,
+    else the official weights. ``runner`` (optional) embeds the slices and must hold the parent's weights."""
+    from pipeline.model import LITE_MEDSAM_SHA256, file_sha256, load_lite_medsam
+
+    start = time.perf_counter()
+    if store is not None and not accepted_cases(store):
+        raise ValueError(f"no accepted case in {store.url}: import reviewed corrections first")
+    if store is None and (not images or len(images) != len(label_maps or [])):
+        raise ValueError("give one label map per image")
+    if parent is None and store is not None:
+        parent = (current_model(store) or {}).get("checkpoint")
+    parent_sha = file_sha256(parent) if parent else LITE_MEDSAM_SHA256
+    if runner is not None and runner.model.sha256 != parent_sha:
+        raise ValueError("Argument 'runner' must hold the parent model's weights")
+    if runner is None:
+        from pipeline.backends import build_runner
+
+        backend = "torch" if options.train_encoder else "auto"  # whole-model runs embed inside the loop
+        runner = build_runner(load_lite_medsam(parent, device=options.device), device=options.device,
+                              backend=backend)
+    if store is not None:
+        samples, case_ids = store_samples(store, runner, options)
+    else:
+        samples, case_ids = pair_samples(list(images or []), list(label_maps or []), runner, options)
+    train_set, held, how = split_samples(samples, options.holdout)
+    if not train_set:
+        raise ValueError("no training objects left after the hold-out split; give more data or a smaller "
+                         "holdout")
+    net = copy.deepcopy(runner.model.net).to(options.device)  # a private copy: the runner's model stays as is
+    metrics = train(net, train_set, held, options)
+    sha = save_checkpoint(net, out)
+    count = lambda part: {"cases": sorted({s.case_id for s in part}), "slices": len(part),  # noqa: E731
+                          "boxes": int(sum(len(s.boxes) for s in part))}
+    entry = {"sha256": sha, "parent_sha256": parent_sha,
+             "parent_is_official": parent_sha == LITE_MEDSAM_SHA256,
+             "checkpoint": str(Path(out).resolve()), "name": f"lite-medsam-{sha[:12]}",
+             "trained": "whole model" if options.train_encoder else "prompt encoder + mask decoder",
+             "data": {"source": "store" if store is not None else "image/label pairs", "cases": case_ids,
+                      "split": how, "train": count(train_set), "holdout": count(held)},
+             "options": asdict(options), "metrics": metrics, "seconds": round(time.perf_counter() - start, 1),
+             "created_at": datetime.now(timezone.utc).isoformat(timespec="microseconds")}
+    entry["registry"] = register(entry, Path(out), store)
+    return entry
+
+
+def retrain_detector(store: CaseStore, entry: dict, out: str | Path, *, epochs: int = 200,
+                     runner=None) -> dict:
+    """Retrain the learned detector on the store's accepted masks with the fine-tuned model's embeddings, in
+    the same round; its version, metrics and parent are added to the model's registry entry (returned).
+    ``runner`` may be any runner with the fine-tuned model's image encoder (after decoder-only training, the
+    parent's runner and its embedding cache); by default one is built from the checkpoint."""
+    from pipeline.detector_training import train_from_store
+    from pipeline.model import LiteMedSAMRunner, load_lite_medsam
+    from pipeline.rounds import list_records, read_record
+
+    earlier = [read_record(store, MODELS, n) or {} for n in list_records(store, MODELS)]
+    with_detector = sorted((e for e in earlier if e.get("detector") and e.get("sha256") != entry["sha256"]),
+                           key=lambda e: e.get("created_at", ""))
+    parent = with_detector[-1]["detector"]["version"] if with_detector else None
+    runner = runner or LiteMedSAMRunner(load_lite_medsam(entry["checkpoint"]))
+    meta = train_from_store(store, out, runner=runner, epochs=epochs, parent=parent)
+    entry = dict(entry, detector={"artefact": str(Path(out).resolve()), "version": meta["version"],
+                                  "parent": parent, "labels": meta["labels"], "metrics": meta["metrics"]})
+    record = {k: v for k, v in entry.items() if k != "registry"}
+    entry["registry"] = register(record, Path(entry["checkpoint"]), store)
+    return entry

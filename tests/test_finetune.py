@@ -1,0 +1,115 @@
+"""Fine-tuning on real accepted masks: a strict-loadable, registered checkpoint that annotate can use."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.config import EngineConfig
+from pipeline.finetune import FinetuneOptions, SliceSample, current_model, finetune, split_samples
+from pipeline.geometry import align_to
+from pipeline.model import LITE_MEDSAM_SHA256, file_sha256, load_lite_medsam
+from pipeline.readers import read_volume
+from pipeline.store import CaseStore
+
+TINY = FinetuneOptions(epochs=1, boxes_per_epoch=4, boxes_per_step=4)
+
+
+@pytest.fixture(scope="module")
+def accepted_store(tmp_path_factory, small_chest):
+    """The four real chest slices with their reference lungs, accepted by a reviewer."""
+    volume = read_volume(small_chest[0])
+    labels = align_to(read_volume(small_chest[1]), volume)
+    labels = np.where(np.isin(labels, [5, 6]), labels, 0).astype(np.uint16)
+    store = CaseStore(tmp_path_factory.mktemp("accepted"))
+    # annotated with the lung window as the default, so every consumer renders the slices as the other tests
+    # do and the session's embedding cache serves them
+    config = EngineConfig().with_overrides(intensity={"ct_level": -600.0, "ct_width": 1500.0})
+    attrs = {"case_id": "c0ffee", "geometry": volume.geometry.to_json(), "modality": "CT", "signature": {},
+             "instances": [], "config": config.model_dump(mode="json"), "review_status": "accepted"}
+    store.commit_case("c0ffee", labels=labels, attrs=attrs, image=volume.array,
+                      label_names={5: "right lung", 6: "left lung"})
+    return store
+
+
+def test_finetune_from_a_store_registers_a_strict_loadable_model(accepted_store, runner, tmp_path):
+    from pipeline.finetune import retrain_detector
+
+    decoder_before = {k: v.clone() for k, v in runner.model.net.mask_decoder.state_dict().items()}
+    out = tmp_path / "round1.pth"
+    entry = finetune(out, store=accepted_store, runner=runner, options=TINY)
+    assert entry["sha256"] == file_sha256(out) and entry["parent_sha256"] == LITE_MEDSAM_SHA256
+    assert entry["data"]["cases"] == ["c0ffee"] and entry["data"]["split"] == "z-block"
+    assert entry["data"]["train"]["boxes"] > 0 and entry["data"]["holdout"]["boxes"] > 0
+    metrics = entry["metrics"]
+    assert 0 < metrics["holdout_dice_before"] <= metrics["holdout_dice_after"] <= 1
+    assert metrics["epochs_run"] == 1 and metrics["history"][0]["train_loss"] > 0
+    tuned = load_lite_medsam(out)  # strict keys
+    assert tuned.name == f"lite-medsam-{entry['sha256'][:12]}"
+    for key, value in runner.model.net.image_encoder.state_dict().items():  # the session runner is official
+        assert torch.equal(value, tuned.net.image_encoder.state_dict()[key])  # decoder-only training
+    for key, value in runner.model.net.mask_decoder.state_dict().items():
+        assert torch.equal(value, decoder_before[key])  # the embedding runner's model was not touched
+    assert current_model(accepted_store)["sha256"] == entry["sha256"]
+    assert json.loads(out.with_name("round1.pth.json").read_text())["sha256"] == entry["sha256"]
+    entry = retrain_detector(accepted_store, entry, tmp_path / "detector.pt", epochs=20, runner=runner)
+    assert entry["detector"]["labels"] == [5, 6] and entry["detector"]["version"]
+    assert current_model(accepted_store)["detector"]["artefact"] == str((tmp_path / "detector.pt").resolve())
+
+
+def _sample(case_id: str, z: int, centres_x: list[int]) -> SliceSample:
+    boxes = np.array([[x - 2, 10, x + 2, 14] for x in centres_x], dtype=np.float32)
+    masks = np.zeros((len(centres_x), 32, 64), bool)
+    return SliceSample(case_id, z, None, None, boxes, masks, masks.astype(np.float32))
+
+
+def test_holdout_split_by_case_then_z_block_then_x_block():
+    train, held, how = split_samples([_sample("a", 0, [5]), _sample("b", 0, [5]), _sample("c", 0, [5]),
+                                      _sample("d", 0, [5])], 0.25)
+    assert how == "cases" and [s.case_id for s in held] == ["d"] and len(train) == 3
+    train, held, how = split_samples([_sample("a", z, [5]) for z in range(8)], 0.25)
+    assert how == "z-block" and [s.z for s in held] == [6, 7]
+    train, held, how = split_samples([_sample("a", 0, [5, 15, 25, 35, 45, 55, 60, 62])], 0.25)
+    assert how == "x-block" and held[0].boxes[:, 0].min() > train[0].boxes[:, 2].max() - 5
+
+
+def test_cli_finetune_on_image_label_pairs_then_annotate_with_the_checkpoint(nuclei_2d, tmp_path, capsys):
+    out = tmp_path / "nuclei.pth"
+    code = main(["finetune", "--images", str(nuclei_2d[0]), "--labels", str(nuclei_2d[1]), "--out", str(out),
+                 "--epochs", "1", "--boxes-per-epoch", "4", "--device", "cpu"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["data"]["split"] == "x-block" and report["data"]["holdout"]["boxes"] >= 3
+    assert report["sha256"] == file_sha256(out)
+    config = tmp_path / "torch.yaml"
+    config.write_text("model:\n  backend: torch\n")  # no graph export for a one-off checkpoint
+    store = tmp_path / "store"
+    assert main(["annotate", str(nuclei_2d[0]), "--coarse-mask", str(nuclei_2d[1]), "--out", str(store),
+                 "--checkpoint", str(out), "--config", str(config)]) == 0
+    (case_id,) = CaseStore(store).committed_cases()
+    attrs = CaseStore(store).case_attrs(case_id)
+    assert attrs["signature"]["model_sha256"] == report["sha256"]
+    assert {i["model"] for i in attrs["instances"]} == {f"lite-medsam-{report['sha256'][:12]}"}
+
+
+def test_finetune_needs_accepted_masks(tmp_path, capsys):
+    empty = CaseStore(tmp_path / "empty")
+    assert main(["finetune", "--store", str(empty.root), "--out", str(tmp_path / "x.pth")]) == 2
+    assert "no accepted case" in capsys.readouterr().err
+    assert main(["finetune", "--images", "a.png", "--out", str(tmp_path / "x.pth")]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_whole_model_finetune_on_cuda(accepted_store, tmp_path):
+    options = FinetuneOptions(epochs=1, boxes_per_epoch=4, boxes_per_step=4, train_encoder=True,
+                              device="cuda")
+    entry = finetune(tmp_path / "whole.pth", images=None, store=accepted_store, options=options)
+    assert entry["trained"] == "whole model"
+    tuned, official = load_lite_medsam(tmp_path / "whole.pth"), load_lite_medsam()
+    changed = [k for k, v in official.net.image_encoder.state_dict().items()
+               if not torch.equal(v, tuned.net.image_encoder.state_dict()[k])]
+    assert changed  # the encoder was trained too
