@@ -10,12 +10,9 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import re
 import time
-import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +79,7 @@ def _store_json_path(store, *parts: str):
 
 def write_store_record(store, folder: str, name: str, record: dict) -> None:
     """Write STORE/<folder>/<name>.json whole or not at all (rename locally, one PUT on object stores)."""
-    text = json.dumps(record, indent=1, sort_keys=True, default=str)
-    path = _store_json_path(store, folder, f"{name}.json")
-    if not store.is_local:
-        store.fs.pipe_file(str(path), text.encode())
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    store._write_json(_store_json_path(store, folder, f"{name}.json"), record)
 
 
 def read_store_record(store, folder: str, name: str) -> dict | None:
