@@ -62,6 +62,8 @@ class ModelSection(_Section):
         "auto", description="runtime of encoder and decoder (same masks); auto: the fastest that passes "
                             "parity on CPU, torch on CUDA")
     encoder_batch: int | None = Field(None, ge=1, description="slices per encoder call; None: 4 on CPU, 32 on CUDA")
+    decoder_batch: int | None = Field(None, ge=1, description="boxes per decoder call (bounds its memory); None: 16 "
+                                                              "on CPU, 64 on CUDA")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is refused on CPU)")
     mode: Literal["slice", "propagate"] = Field(
@@ -152,6 +154,7 @@ class EngineConfig(_Section):
         data = self.model_dump()
         data["model"].pop("device")
         data["model"].pop("encoder_batch")
+        data["model"].pop("decoder_batch")
         data["model"].pop("backend")
         data.pop("store")
         quality = data.pop("quality")  # routing and calibration never change the masks

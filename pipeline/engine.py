@@ -67,7 +67,7 @@ class LazyRunner:
             from pipeline.model import load_lite_medsam, resolve_device
 
             device = resolve_device(self.config.model.device)
-            self._runner = build_runner(load_lite_medsam(self.config.model.checkpoint, device=device),
+            self._runner = build_runner(load_lite_medsam(self.config.model.checkpoint, device=device, lazy=True),
                                         device=device, backend=self.config.model.backend,
                                         precision=self.config.model.precision)
         return self._runner
@@ -194,9 +194,11 @@ def process_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: 
         label_map, records = propagate_volume(model, renderings, object_boxes(prompts), window_of=window_of,
                                               rules=rules, model_name=model.model.name, on_slice=on_slice)
     else:
-        batch = config.model.encoder_batch or (32 if str(model.device).startswith("cuda") else 4)
+        cuda = str(model.device).startswith("cuda")
         label_map, records = segment_volume(model, renderings, prompts, window_of=window_of,
-                                            model_name=model.model.name, on_slice=on_slice, encoder_batch=batch,
+                                            model_name=model.model.name, on_slice=on_slice,
+                                            encoder_batch=config.model.encoder_batch or (32 if cuda else 4),
+                                            decoder_batch=config.model.decoder_batch or (64 if cuda else 16),
                                             jitter=config.quality.jitter())
     label_map, cleaning = _clean(label_map, volume, config)
     attrs = {

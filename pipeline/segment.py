@@ -54,7 +54,7 @@ def by_slice(prompts: Iterable[BoxPrompt]) -> dict[int, list[BoxPrompt]]:
 def segment_volume(runner: LiteMedSAMRunner, volume_u8: np.ndarray | dict[str, np.ndarray],
                    prompts: list[BoxPrompt], *, window_of: dict[int, str] | None = None, model_name: str = "",
                    on_slice: Callable[[], None] | None = None,
-                   encoder_batch: int = 1, decoder_batch: int = 64,
+                   encoder_batch: int = 1, decoder_batch: int = 16,
                    jitter: JitterCheck | None = None) -> tuple[np.ndarray, list[InstanceRecord]]:
     """Segment every prompted slice of a (z, y, x[, 3]) uint8 volume.
 

