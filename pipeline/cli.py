@@ -10,6 +10,8 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline import cli_flywheel as flywheel
+
 EXIT_OK, EXIT_CASES_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -57,60 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("store", metavar="STORE")
     ev.add_argument("--reference", nargs="+", required=True, metavar="MASK")
     ev.add_argument("--json", action="store_true")
-    _flywheel_parsers(sub)
+    flywheel.add_parsers(sub)
     return parser
-
-
-def _flywheel_parsers(sub) -> None:
-    """`review export|import|calibrate`, `finetune`, `round run|report` (the data-engine flywheel)."""
-    review = sub.add_parser("review", help="review queue out, corrections in")
-    review_sub = review.add_subparsers(dest="review_command", required=True)
-    out = review_sub.add_parser("export", help="write the review queue (worst first) and its QC report")
-    out.add_argument("store", metavar="STORE")
-    out.add_argument("--out", required=True, metavar="DIR")
-    out.add_argument("--formats", nargs="+", default=["nifti", "zarr", "dicom-seg"],
-                     choices=["nifti", "zarr", "dicom-seg"])
-    out.add_argument("--limit", type=int, default=None, help="only the N worst cases")
-    into = review_sub.add_parser("import", help="ingest corrected masks and mark the cases accepted")
-    into.add_argument("store", metavar="STORE")
-    into.add_argument("corrections", nargs="+", metavar="CORRECTION", help="label maps or folders of them")
-    into.add_argument("--reviewer", required=True, help="who reviewed (a name or id; never a patient's)")
-    calibrate = review_sub.add_parser("calibrate", help="refit the quality score on the reviews so far")
-    calibrate.add_argument("store", metavar="STORE")
-    calibrate.add_argument("--edit-dice-threshold", type=float, default=0.9)
-
-    tune = sub.add_parser("finetune", help="fine-tune LiteMedSAM on accepted masks or image/label pairs")
-    source = tune.add_mutually_exclusive_group(required=True)
-    source.add_argument("--store", metavar="STORE")
-    source.add_argument("--images", nargs="+", metavar="IMG")
-    tune.add_argument("--labels", nargs="+", metavar="LABELMAP", help="one label map per --images entry")
-    tune.add_argument("--out", required=True, metavar="CKPT")
-    tune.add_argument("--parent", default=None, metavar="CKPT", help="start from this checkpoint (default: "
-                      "the store's current registered model, else the official weights)")
-    tune.add_argument("--epochs", type=int, default=8)
-    tune.add_argument("--holdout", type=float, default=0.25)
-    tune.add_argument("--lr", type=float, default=5e-5)
-    tune.add_argument("--max-slices", type=int, default=48, help="embedded slices per case")
-    tune.add_argument("--boxes-per-epoch", type=int, default=64)
-    tune.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    tune.add_argument("--whole-model", choices=["auto", "yes", "no"], default="auto",
-                      help="train the image encoder too (auto: yes on CUDA, no on CPU)")
-    tune.add_argument("--detector-out", default=None, metavar="ARTEFACT",
-                      help="retrain the learned detector on the same accepted masks (with --store)")
-
-    rnd = sub.add_parser("round", help="one data-engine round: annotate, route, export the review queue")
-    rnd_sub = rnd.add_subparsers(dest="round_command", required=True)
-    run = rnd_sub.add_parser("run", help="annotate what is new or stale for the current model and route it")
-    run.add_argument("inputs", nargs="+", metavar="INPUT")
-    run.add_argument("--store", required=True, metavar="STORE")
-    run.add_argument("--coarse-mask", nargs="+", default=[], metavar="MASK")
-    run.add_argument("--detector", default=None)
-    run.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE")
-    run.add_argument("--checkpoint", default=None, help="default: the store's current registered model")
-    run.add_argument("--config", default=None, metavar="FILE")
-    run.add_argument("--review-out", default=None, metavar="DIR", help="default: STORE/_review/round-NNN")
-    report = rnd_sub.add_parser("report", help="the table and plot over all rounds")
-    report.add_argument("store", metavar="STORE")
 
 
 def _engine_arguments(ann) -> None:
@@ -153,7 +103,7 @@ def _annotate(args) -> int:
     from pipeline.store import CaseStore
 
     try:
-        options = _detector_options(args.detector_option)
+        options = detector_options(args.detector_option)
         config = load_config(args.config)
         if options:
             options = {**config.prompts.options, **options}
@@ -168,7 +118,7 @@ def _annotate(args) -> int:
     if get_spec(config.prompts.detector).needs_coarse_mask and not args.coarse_mask:
         print(f"medsam-engine annotate: the {config.prompts.detector} detector needs --coarse-mask", file=sys.stderr)
         return EXIT_USAGE
-    problem = _model_problem(config) or _engine_problem(args)
+    problem = model_problem(config) or _engine_problem(args)
     if problem:
         print(f"medsam-engine annotate: {problem}", file=sys.stderr)
         return EXIT_USAGE
@@ -199,7 +149,7 @@ def _annotate(args) -> int:
     return EXIT_CASES_FAILED if summary.failed else EXIT_OK
 
 
-def _detector_options(pairs: list[str]) -> dict:
+def detector_options(pairs: list[str]) -> dict:
     import yaml
 
     options = {}
@@ -233,7 +183,7 @@ def _detector(args) -> int:
     return EXIT_OK
 
 
-def _model_problem(config) -> str | None:
+def model_problem(config) -> str | None:
     """Why the model options cannot work on this machine, or None."""
     if config.model.checkpoint and not Path(config.model.checkpoint).is_file():
         return f"checkpoint not found: {config.model.checkpoint}"
@@ -289,137 +239,6 @@ def _eval(args) -> int:
     return EXIT_OK
 
 
-def _review(args) -> int:
-    from pipeline.store import CaseStore
-
-    store = CaseStore(args.store)
-    if not store.committed_cases():
-        print(f"medsam-engine review: no committed case in {args.store}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.review_command == "export":
-        from pipeline.review import export_queue
-
-        result = export_queue(store, args.out, formats=tuple(args.formats), limit=args.limit)
-        for entry in result.cases:
-            print(f"{entry['rank']:4d} {entry['case_id']}  {entry['review_status']:8s} worst score "
-                  f"{entry['worst_score'] if entry['worst_score'] is not None else float('nan'):.3f}")
-        for case_id, reason in result.skipped.items():
-            print(f"skipped  {case_id}  {reason}")
-        print(f"{len(result.cases)} case(s) to review -> {Path(args.out).resolve()}; report: {result.report}")
-        return EXIT_OK
-    if args.review_command == "calibrate":
-        from pipeline.review import calibrate_store
-
-        print(json.dumps(calibrate_store(store, threshold=args.edit_dice_threshold), indent=1))
-        return EXIT_OK
-    from pipeline.review import import_corrections
-
-    try:
-        report = import_corrections(store, args.corrections, reviewer=args.reviewer)
-    except ValueError as exc:
-        print(f"medsam-engine review import: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    for name, reason in report.errors.items():
-        print(f"error    {name}  {reason}")
-    for case_id, edit in report.imported.items():
-        print(f"accepted {case_id}  {edit['edit_voxels']} voxels changed, Dice {edit['edit_dice']:.4f}")
-    if report.errors:
-        print("nothing imported: fix the files above and run the import again", file=sys.stderr)
-        return EXIT_CASES_FAILED
-    return EXIT_OK
-
-
-def _finetune(args) -> int:
-    from pipeline.finetune import FinetuneOptions, finetune
-    from pipeline.model import CheckpointError, resolve_device
-    from pipeline.store import CaseStore
-
-    if args.images and (not args.labels or len(args.labels) != len(args.images)):
-        print("medsam-engine finetune: give one --labels map per --images entry", file=sys.stderr)
-        return EXIT_USAGE
-    if args.detector_out and not args.store:
-        print("medsam-engine finetune: --detector-out needs --store", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        device = resolve_device(args.device)
-    except ValueError as exc:
-        print(f"medsam-engine finetune: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    whole = device == "cuda" if args.whole_model == "auto" else args.whole_model == "yes"
-    options = FinetuneOptions(epochs=args.epochs, holdout=args.holdout, lr=args.lr,
-                              max_slices=args.max_slices, boxes_per_epoch=args.boxes_per_epoch, device=device,
-                              train_encoder=whole)
-    store = CaseStore(args.store) if args.store else None
-    try:
-        entry = finetune(args.out, store=store, images=args.images, label_maps=args.labels,
-                         parent=args.parent, options=options)
-    except (ValueError, CheckpointError) as exc:
-        print(f"medsam-engine finetune: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.detector_out:
-        from pipeline.finetune import retrain_detector
-
-        entry = retrain_detector(store, entry, args.detector_out)
-    print(json.dumps({k: entry[k] for k in ("sha256", "parent_sha256", "checkpoint", "data", "metrics",
-                                            "seconds", "registry") if k in entry}
-                     | ({"detector": entry["detector"]} if "detector" in entry else {}), indent=1))
-    return EXIT_OK
-
-
-def _round(args) -> int:
-    from pipeline.store import CaseStore
-
-    if args.round_command == "report":
-        from pipeline.rounds import format_table, round_rows, write_round_table
-
-        store = CaseStore(args.store)
-        print(format_table(round_rows(store)))
-        for kind, path in write_round_table(store).items():
-            print(f"{kind}: {path}")
-        return EXIT_OK
-    return _round_run(args, CaseStore(args.store))
-
-
-def _round_run(args, store) -> int:
-    from pydantic import ValidationError
-
-    from pipeline.config import load_config
-    from pipeline.discover import discover
-    from pipeline.rounds import run_round
-
-    try:
-        options = _detector_options(args.detector_option)
-        config = load_config(args.config)
-        detector = args.detector or config.prompts.detector
-        if detector == "learned" and "artefact" not in {**config.prompts.options, **options}:
-            from pipeline.finetune import current_model
-
-            artefact = ((current_model(store) or {}).get("detector") or {}).get("artefact")
-            options = {**options, **({"artefact": artefact} if artefact else {})}
-        config = config.with_overrides(prompts={"detector": args.detector,
-                                                "options": {**config.prompts.options, **options} or None})
-    except (ValidationError, OSError, ValueError) as exc:
-        print(f"medsam-engine round run: bad configuration: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    problem = _model_problem(config.with_overrides(model={"checkpoint": args.checkpoint}))
-    if problem:
-        print(f"medsam-engine round run: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        cases = discover(args.inputs, store, coarse_masks=args.coarse_mask)
-    except ValueError as exc:
-        print(f"medsam-engine round run: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    result = run_round(cases, store, config, checkpoint=args.checkpoint, queue_dir=args.review_out)
-    report = result.report
-    for outcome in result.failed:
-        print(f"failed   {outcome.case_id}  {outcome.reason}")
-    print(f"round {result.number}: {json.dumps(report['cases'])}; routing {json.dumps(report['routing'])}")
-    print(f"review queue: {report['queue']['cases']} case(s) -> {result.queue_dir}")
-    print(f"round report: {result.report_path}")
-    return EXIT_CASES_FAILED if result.failed else EXIT_OK
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -429,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(Path(args.out))
     handlers = {"annotate": _annotate, "export": _export, "eval": _eval, "detector": _detector,
-                "review": _review, "finetune": _finetune, "round": _round}
+                "review": flywheel.review, "finetune": flywheel.finetune, "round": flywheel.round_command}
     return handlers[args.command](args)
 
 

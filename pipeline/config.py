@@ -61,7 +61,11 @@ class ModelSection(_Section):
     backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto", description="runtime of encoder and decoder (same masks); auto: the fastest that passes "
                             "parity on CPU, torch on CUDA")
-    encoder_batch: int | None = Field(None, ge=1, description="slices per encoder call; None: 4 on CPU, 32 on CUDA")
+    encoder_batch: int | None = Field(None, ge=1, description="slices per encoder call; None: 1 on CPU (batches "
+                                                              "measured no faster there, and cost memory), 32 on CUDA")
+    embedding_cache_mb: int | None = Field(None, ge=0, description="recent slice embeddings kept (4 MiB each); None: "
+                                                                   "512 with the learned detector (its encoder pass is "
+                                                                   "shared with segmentation), else 32")
     decoder_batch: int | None = Field(None, ge=1, description="boxes per decoder call (bounds its memory); None: 16 "
                                                               "on CPU, 64 on CUDA")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -155,6 +159,7 @@ class EngineConfig(_Section):
         data["model"].pop("device")
         data["model"].pop("encoder_batch")
         data["model"].pop("decoder_batch")
+        data["model"].pop("embedding_cache_mb")
         data["model"].pop("backend")
         data.pop("store")
         quality = data.pop("quality")  # routing and calibration never change the masks

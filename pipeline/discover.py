@@ -67,7 +67,10 @@ def _hash_files(files: list[Path], *, root: Path | None) -> str:
 
 
 def case_content_hash(case: CaseRef) -> str:
-    """sha256 of what the case reads: its series' files when it lists them, else its image file or folder."""
+    """sha256 of what the case reads: its series' files when it lists them, else its image file or folder
+    (a file's digest from discovery when the case carries it)."""
+    if case.content_sha256 and not case.files:
+        return case.content_sha256
     if case.files:
         root = Path(case.image)
         files = sorted(Path(f) for f in case.files)
@@ -107,11 +110,12 @@ class _Finder:
 
     def file_case(self, path: Path) -> CaseRef:
         try:
-            identity = "sha256:" + content_hash(path)
+            digest = content_hash(path)
+            identity = "sha256:" + digest
         except OSError:
-            identity = "path:" + str(path.resolve())
+            digest, identity = None, "path:" + str(path.resolve())
         return CaseRef(case_id=self.store.case_id(identity), image=str(path),
-                       kind=suffix_of(path).lstrip("."))
+                       kind=suffix_of(path).lstrip("."), content_sha256=digest)
 
     def group_case(self, group: SeriesGroup) -> CaseRef:
         return CaseRef(case_id=self.store.case_id(group.identity), image=str(_common_folder(group.files)),

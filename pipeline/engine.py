@@ -66,10 +66,14 @@ class LazyRunner:
             from pipeline.backends import build_runner
             from pipeline.model import load_lite_medsam, resolve_device
 
-            device = resolve_device(self.config.model.device)
-            self._runner = build_runner(load_lite_medsam(self.config.model.checkpoint, device=device, lazy=True),
-                                        device=device, backend=self.config.model.backend,
-                                        precision=self.config.model.precision)
+            section = self.config.model
+            device = resolve_device(section.device)
+            cache_mb = section.embedding_cache_mb
+            if cache_mb is None:
+                cache_mb = 512 if self.config.prompts.detector == "learned" else 32
+            self._runner = build_runner(load_lite_medsam(section.checkpoint, device=device, lazy=True),
+                                        device=device, backend=section.backend, precision=section.precision,
+                                        cache_bytes=cache_mb << 20)
         return self._runner
 
     def stats(self) -> dict:
@@ -197,7 +201,7 @@ def process_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: 
         cuda = str(model.device).startswith("cuda")
         label_map, records = segment_volume(model, renderings, prompts, window_of=window_of,
                                             model_name=model.model.name, on_slice=on_slice,
-                                            encoder_batch=config.model.encoder_batch or (32 if cuda else 4),
+                                            encoder_batch=config.model.encoder_batch or (32 if cuda else 1),
                                             decoder_batch=config.model.decoder_batch or (64 if cuda else 16),
                                             jitter=config.quality.jitter())
     label_map, cleaning = _clean(label_map, volume, config)

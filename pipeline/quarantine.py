@@ -79,7 +79,7 @@ def _store_json_path(store, *parts: str):
 
 def write_store_record(store, folder: str, name: str, record: dict) -> None:
     """Write STORE/<folder>/<name>.json whole or not at all (rename locally, one PUT on object stores)."""
-    store._write_json(_store_json_path(store, folder, f"{name}.json"), record)
+    store.write_json(_store_json_path(store, folder, f"{name}.json"), record)
 
 
 def read_store_record(store, folder: str, name: str) -> dict | None:

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,17 +41,10 @@ def read_record(store: CaseStore, *parts: str) -> dict | None:
 
 
 def write_record(store: CaseStore, data: dict, *parts: str) -> str:
-    """Write a JSON record whole: a temporary file renamed into place (local), one PUT (object stores)."""
+    """Write a JSON record whole through the store's atomic writer (temporary file renamed into place
+    locally, one PUT on object stores)."""
     path = store.root.joinpath(*parts)
-    text = json.dumps(data, indent=1, sort_keys=True, default=str)
-    if not store.is_local:
-        store.fs.pipe_file(str(path), text.encode())
-        return str(path)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    store.write_json(path, data)
     return str(path)
 
 

@@ -71,7 +71,8 @@ class CaseStore:
         except FileNotFoundError:
             return None
 
-    def _write_json(self, path: PurePosixPath | Path, data: dict) -> None:
+    def write_json(self, path: PurePosixPath | Path, data: dict) -> None:
+        """Write a JSON record whole: a temporary file renamed into place (local), one PUT (object stores)."""
         text = json.dumps(data, indent=1, sort_keys=True, default=str)
         if not self.is_local:
             self.fs.pipe_file(str(path), text.encode())  # one PUT: readers see all of it or nothing
@@ -176,15 +177,15 @@ class CaseStore:
 
     # -- writing ------------------------------------------------------------------------------------
     def write_manifest(self, case_id: str, record: dict) -> None:
-        self._write_json(self.root / "_manifest" / f"{case_id}.json", record)
+        self.write_json(self.root / "_manifest" / f"{case_id}.json", record)
 
     def write_run(self, run_id: str, record: dict) -> Path | PurePosixPath:
         path = self.root / "_runs" / f"{run_id}.json"
-        self._write_json(path, record)
+        self.write_json(path, record)
         return path
 
     def record_error(self, case_id: str, *, stage: str, reason: str, run_id: str) -> None:
-        self._write_json(self.root / "_errors" / f"{case_id}.json",
+        self.write_json(self.root / "_errors" / f"{case_id}.json",
                          {"case_id": case_id, "stage": stage, "reason": reason, "run_id": run_id,
                           "time": _stamp()})
 

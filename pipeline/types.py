@@ -170,7 +170,8 @@ class CaseRef:
     keyed hash of the series (SeriesInstanceUID, orientation and size; never the UID itself) and ``files`` lists
     the series' files inside ``image`` (a folder may hold several series). ``error`` is set when discovery
     could not make a readable case of an input (a corrupt file, a refused archive member): reading the case
-    raises it as a ReadError so it is recorded like any other failure.
+    raises it as a ReadError so it is recorded like any other failure. ``content_sha256`` is the image file's
+    sha256 as discovery read it for the case id, so the case's signature does not read the file again.
     """
 
     case_id: str
@@ -180,3 +181,4 @@ class CaseRef:
     series: str | None = None
     files: tuple[str, ...] = ()
     error: str | None = None
+    content_sha256: str | None = None  # of the image file, when discovery hashed it (the signature reuses it)

@@ -48,3 +48,23 @@ def case_of(store, stem: str) -> str:
 
     (found,) = [c for c in store.committed_cases() if stem_of(store.manifest(c)["image"]) == stem]
     return found
+
+
+def commit_lungs_case(root: Path, small_chest, config=None, **attrs):
+    """A store holding the four real chest slices with their reference lungs as case "c0ffee", annotated
+    with ``config`` (default EngineConfig); extra case ``attrs`` (``review_status``, say) are added."""
+    from pipeline.config import EngineConfig
+    from pipeline.geometry import align_to
+    from pipeline.readers import read_volume
+    from pipeline.store import CaseStore
+
+    volume = read_volume(small_chest[0])
+    labels = align_to(read_volume(small_chest[1]), volume)
+    labels = np.where(np.isin(labels, LUNGS), labels, 0).astype(np.uint16)
+    store = CaseStore(root)
+    config = config or EngineConfig()
+    record = {"case_id": "c0ffee", "geometry": volume.geometry.to_json(), "modality": "CT", "signature": {},
+              "instances": [], "config": config.model_dump(mode="json"), **attrs}
+    store.commit_case("c0ffee", labels=labels, attrs=record, image=volume.array,
+                      label_names={5: "right lung", 6: "left lung"})
+    return store

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from flywheel_data import commit_lungs_case
+
 from pipeline.cli import main
 from pipeline.config import EngineConfig
-from pipeline.finetune import FinetuneOptions, SliceSample, current_model, finetune, split_samples
-from pipeline.geometry import align_to
+from pipeline.finetune import FinetuneOptions, current_model, finetune
+from pipeline.finetune_data import SliceSample, split_samples
 from pipeline.model import LITE_MEDSAM_SHA256, file_sha256, load_lite_medsam
-from pipeline.readers import read_volume
 from pipeline.store import CaseStore
 
 TINY = FinetuneOptions(epochs=1, boxes_per_epoch=4, boxes_per_step=4)
@@ -21,18 +22,10 @@ TINY = FinetuneOptions(epochs=1, boxes_per_epoch=4, boxes_per_step=4)
 @pytest.fixture(scope="module")
 def accepted_store(tmp_path_factory, small_chest):
     """The four real chest slices with their reference lungs, accepted by a reviewer."""
-    volume = read_volume(small_chest[0])
-    labels = align_to(read_volume(small_chest[1]), volume)
-    labels = np.where(np.isin(labels, [5, 6]), labels, 0).astype(np.uint16)
-    store = CaseStore(tmp_path_factory.mktemp("accepted"))
     # annotated with the lung window as the default, so every consumer renders the slices as the other tests
     # do and the session's embedding cache serves them
     config = EngineConfig().with_overrides(intensity={"ct_level": -600.0, "ct_width": 1500.0})
-    attrs = {"case_id": "c0ffee", "geometry": volume.geometry.to_json(), "modality": "CT", "signature": {},
-             "instances": [], "config": config.model_dump(mode="json"), "review_status": "accepted"}
-    store.commit_case("c0ffee", labels=labels, attrs=attrs, image=volume.array,
-                      label_names={5: "right lung", 6: "left lung"})
-    return store
+    return commit_lungs_case(tmp_path_factory.mktemp("accepted"), small_chest, config, review_status="accepted")
 
 
 def test_finetune_from_a_store_registers_a_strict_loadable_model(accepted_store, runner, tmp_path):

@@ -6,25 +6,16 @@ import json
 import numpy as np
 import pytest
 
+from flywheel_data import commit_lungs_case
+
 from pipeline.cli import main
-from pipeline.config import EngineConfig
-from pipeline.geometry import align_to
-from pipeline.readers import read_volume
 from pipeline.store import CaseStore
 
 
 @pytest.fixture(scope="module")
 def accepted_store(tmp_path_factory, small_chest):
     """A store holding the real chest slices with their reference lungs as an accepted case."""
-    volume = read_volume(small_chest[0])
-    labels = align_to(read_volume(small_chest[1]), volume)
-    labels = np.where(np.isin(labels, [5, 6]), labels, 0).astype(np.uint16)
-    store = CaseStore(tmp_path_factory.mktemp("accepted"))
-    attrs = {"case_id": "c0ffee", "geometry": volume.geometry.to_json(), "modality": "CT", "signature": {},
-             "instances": [], "config": EngineConfig().model_dump(mode="json")}
-    store.commit_case("c0ffee", labels=labels, attrs=attrs, image=volume.array,
-                      label_names={5: "right lung", 6: "left lung"})
-    return store
+    return commit_lungs_case(tmp_path_factory.mktemp("accepted"), small_chest)
 
 
 def test_detector_train_writes_a_versioned_artefact_with_metrics(accepted_store, tmp_path, capsys):
