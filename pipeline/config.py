@@ -67,7 +67,7 @@ class ModelSection(_Section):
                                                                    "512 with the learned detector (its encoder pass is "
                                                                    "shared with segmentation), else 32")
     decoder_batch: int | None = Field(None, ge=1, description="boxes per decoder call (bounds its memory); None: 16 "
-                                                              "on CPU, 64 on CUDA")
+                                                              "on CPU graphs, 4 on CPU eager torch, 64 on CUDA")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is refused on CPU)")
     mode: Literal["slice", "propagate"] = Field(

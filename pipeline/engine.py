@@ -170,6 +170,15 @@ def _renderings(volume: Volume, coarse: np.ndarray | None, prompts, config: Engi
     return renderings, names, windows
 
 
+def _decoder_batch(runner, cuda: bool) -> int:
+    """Boxes per decoder call by default: 64 on CUDA; on CPU 16 for the exported graphs (their per-box cost
+    falls with the batch), 4 for eager torch, whose original decoder slows down past a few boxes per call
+    (bench/decoder_forms.py: 113 ms/box at 4, 205 at 16)."""
+    if cuda:
+        return 64
+    return 16 if runner.backend != "torch" else 4
+
+
 def process_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: LazyRunner, *,
                  signature: dict, overwrite: bool, progress=None,
                  volume: Volume | None = None) -> CaseOutcome:
@@ -202,7 +211,7 @@ def process_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: 
         label_map, records = segment_volume(model, renderings, prompts, window_of=window_of,
                                             model_name=model.model.name, on_slice=on_slice,
                                             encoder_batch=config.model.encoder_batch or (32 if cuda else 1),
-                                            decoder_batch=config.model.decoder_batch or (64 if cuda else 16),
+                                            decoder_batch=config.model.decoder_batch or _decoder_batch(model, cuda),
                                             jitter=config.quality.jitter())
     label_map, cleaning = _clean(label_map, volume, config)
     attrs = {
