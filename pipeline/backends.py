@@ -45,7 +45,7 @@ OPSET = 17
 EMBEDDING_TOLERANCE = 1e-4  # max |delta| of the embedding versus eager torch
 LOGIT_TOLERANCE = 1e-2  # max |delta| of the decoder's low-res logits versus eager torch (logits span ~±30)
 GRAPHS = ("encoder", "decoder")
-GRAPH_FORM = "factored-decoder-1"  # bump when the exported modules change: cached graphs are then re-exported
+GRAPH_FORM = "factored-decoder-split-qkv-2"  # bump when the exported modules change: cached graphs are then re-exported
 exports: Counter[str] = Counter()  # graphs exported by this process, by name (tests read it)
 
 
@@ -98,12 +98,42 @@ def _patch_merging_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.conv3(x).flatten(2).transpose(1, 2)
 
 
+def _split_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """TinyViT's Attention.forward with queries, keys and values from three projections instead of one
+    projection split in three (OpenVINO runs that split with a reference kernel), and the 1/sqrt(d) scale
+    folded into the query projection; the same arithmetic otherwise."""
+    b, n, _ = x.shape
+    x = self.norm(x)
+    q = torch.nn.functional.linear(x, self.q_weight, self.q_bias).view(b, n, self.num_heads, -1).transpose(1, 2)
+    k = torch.nn.functional.linear(x, self.k_weight, self.k_bias).view(b, n, self.num_heads, -1).transpose(1, 2)
+    v = torch.nn.functional.linear(x, self.v_weight, self.v_bias).view(b, n, self.num_heads, -1).transpose(1, 2)
+    attn = (q @ k.transpose(-2, -1) + self.ab).softmax(dim=-1)
+    return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.dh))
+
+
+def _split_qkv(module: torch.nn.Module) -> None:
+    """Give a TinyViT Attention module separate q/k/v weights (per head, the fused weight holds q, k, v in
+    that order) and the split forward."""
+    heads, key_dim = module.num_heads, module.key_dim
+    weight = module.qkv.weight.detach().reshape(heads, 2 * key_dim + module.d, -1)
+    bias = module.qkv.bias.detach().reshape(heads, 2 * key_dim + module.d)
+    parts = {"q": slice(0, key_dim), "k": slice(key_dim, 2 * key_dim), "v": slice(2 * key_dim, None)}
+    for name, part in parts.items():
+        scale = module.scale if name == "q" else 1.0
+        module.register_buffer(f"{name}_weight", weight[:, part].reshape(-1, weight.shape[-1]) * scale)
+        module.register_buffer(f"{name}_bias", bias[:, part].reshape(-1) * scale)
+    module.forward = types.MethodType(_split_attention_forward, module)
+
+
 def traceable_encoder(net: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the image encoder whose traced graph keeps a dynamic batch (the live model is untouched)."""
+    """A copy of the image encoder whose traced graph keeps a dynamic batch and runs fast (the live model is
+    untouched): PatchMerging reads the batch size from the shape, attention projects q, k, v separately."""
     encoder = copy.deepcopy(net.image_encoder).eval()
     for module in encoder.modules():
         if type(module).__name__ == "PatchMerging":
             module.forward = types.MethodType(_patch_merging_forward, module)
+        elif type(module).__name__ == "Attention" and hasattr(module, "qkv") and hasattr(module, "ab"):
+            _split_qkv(module)
     return encoder
 
 
@@ -305,7 +335,7 @@ def load_graphs(model: LoadedModel, runtime: str, *, cache_root: str | Path | No
     if not stale:
         return RUNTIMES[runtime](folder, threads)
     if folder.exists():
-        log.warning("cached %s graphs %s in %s are missing or damaged; exporting them again",
+        log.warning("cached %s graphs %s in %s are missing, damaged or of an older form; exporting them again",
                     runtime, stale, folder)
     (folder / "manifest.json").unlink(missing_ok=True)
     _provide(model, folder, stale)

@@ -1,4 +1,4 @@
-"""The factored decoder reproduces SAM's decoder; models load lazily for runners on cached graphs."""
+"""The exported forms (factored decoder, split-q/k/v encoder) reproduce SAM's modules; models load lazily."""
 from __future__ import annotations
 
 import json
@@ -113,3 +113,18 @@ def test_graphs_of_an_older_form_are_exported_again(runner, tmp_path, monkeypatc
     LiteMedSAMRunner(runner.model, backend="onnxruntime")
     assert backends.exports["decoder"] == exported["decoder"] + 1
     assert json.loads((folder / "manifest.json").read_text())["form"] == backends.GRAPH_FORM
+
+
+@torch.inference_mode()
+def test_exported_encoder_form_matches_the_live_encoder_on_real_ct(runner, chest_ct):
+    """The encoder copy that is exported (split q/k/v projections, dynamic batch) computes the same embedding."""
+    from pipeline.preprocess import to_uint8
+    from pipeline.readers import read_volume
+
+    u8 = to_uint8(read_volume(chest_ct[0]).array, "CT")
+    images = np.stack([runner.model.framing.prepare(u8[z])[0] for z in (10, 20)])
+    batch = torch.from_numpy(images).permute(0, 3, 1, 2)
+    copy = backends.traceable_encoder(runner.model.net)
+    assert any(hasattr(m, "q_weight") for m in copy.modules())
+    assert not any(hasattr(m, "q_weight") for m in runner.model.net.image_encoder.modules())  # live model as is
+    assert float((copy(batch) - runner.model.net.image_encoder(batch)).abs().max()) < 1e-4
