@@ -19,7 +19,6 @@ tested; a runtime that misses parity raises :class:`BackendError` and ``auto`` f
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
+
+from pipeline.model import file_sha256
 
 if TYPE_CHECKING:
     from pipeline.model import LiteMedSAMRunner, LoadedModel
@@ -148,14 +149,6 @@ def graph_folder(sha256: str, runtime: str, *, cache_root: str | Path | None = N
     """The cache folder of one checkpoint's graphs for one runtime version and torch version."""
     root = Path(cache_root or os.environ.get("MEDSAM_ENGINE_CACHE") or Path.home() / ".cache/medsam-engine")
     return root / "onnx" / f"{sha256[:16]}-{runtime}-{runtime_version(runtime)}-{torch.__version__}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_atomic(folder: Path, name: str, write) -> None:
@@ -300,7 +293,7 @@ def _valid_graphs(folder: Path, sha256: str) -> set[str]:
         return set()
     hashes = manifest.get("graphs", {})
     return {name for name in GRAPHS
-            if (folder / f"{name}.onnx").is_file() and _sha256(folder / f"{name}.onnx") == hashes.get(name)}
+            if (folder / f"{name}.onnx").is_file() and file_sha256(folder / f"{name}.onnx") == hashes.get(name)}
 
 
 def _provide(model: LoadedModel, folder: Path, names: tuple[str, ...]) -> None:
@@ -347,7 +340,7 @@ def load_graphs(model: LoadedModel, runtime: str, *, cache_root: str | Path | No
                 "runtime_version": runtime_version(runtime), "torch": torch.__version__, "opset": OPSET,
                 "form": GRAPH_FORM,
                 "parity_max_abs": parity,
-                "graphs": {name: _sha256(folder / f"{name}.onnx") for name in GRAPHS}}
+                "graphs": {name: file_sha256(folder / f"{name}.onnx") for name in GRAPHS}}
     _write_atomic(folder, "manifest.json", lambda path: Path(path).write_text(json.dumps(manifest, indent=1)))
     return graphs
 

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.backends import BoxDecoder
+
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, n, c) -> (B, heads, n, c / heads)."""
@@ -115,16 +117,10 @@ def upscaled_masks(upscaling: nn.Sequential, keys: torch.Tensor, hyper: torch.Te
     return masks.reshape(b, 1, 4 * height, 4 * width)
 
 
-class FactoredBoxDecoder(nn.Module):
+class FactoredBoxDecoder(BoxDecoder):
     """Prompt encoder + mask decoder of one slice: (embedding (1, C, h, w), boxes (B, 1, 4)) -> low-res logits
-    (B, 1, 4h, 4w) and IoU (B, 1), as ``BoxDecoder`` in pipeline/backends.py, with the per-box work factored
+    (B, 1, 4h, 4w) and IoU (B, 1), as :class:`pipeline.backends.BoxDecoder`, with the per-box work factored
     (module docstring). Single-mask output only (``multimask_output=False``), as the engine uses it."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.prompt_encoder = net.prompt_encoder
-        self.mask_decoder = net.mask_decoder
-        self.register_buffer("dense_pe", net.prompt_encoder.get_dense_pe().detach().clone())
 
     def forward(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         decoder = self.mask_decoder

@@ -174,9 +174,10 @@ class LiteMedSAMRunner:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is slow and lossy there)
     _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _graphs: Graphs | None = field(default=None, repr=False)
+    _box_decoder: torch.nn.Module | None = field(default=None, repr=False)  # eager torch's decoder
 
     def __post_init__(self) -> None:
-        from pipeline.backends import check_backend, load_graphs
+        from pipeline.backends import BoxDecoder, check_backend, load_graphs
 
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"Argument 'precision' must be auto, fp32 or bf16; got {self.precision!r}.")
@@ -191,8 +192,8 @@ class LiteMedSAMRunner:
                 raise ValueError(f"Argument 'backend' {self.backend!r} runs on the CPU only, "
                                  f"but device is {self.device!r}.")
             self._graphs = load_graphs(self.model, self.backend)
-        else:
-            self.model.net  # noqa: B018 - eager torch needs the network: build it now (strict keys)
+        else:  # eager torch builds the network now (strict keys); SAM's own decoder modules, the reference
+            self._box_decoder = BoxDecoder(self.model.net)
 
     @property
     def bf16(self) -> bool:
@@ -276,18 +277,7 @@ class LiteMedSAMRunner:
             low_res, iou = self._graphs.decode(embedding.numpy(), boxes.numpy())
             return torch.from_numpy(low_res), torch.from_numpy(iou)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
-            return self._decode_torch(embedding, boxes)
-
-    def _decode_torch(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        net = self.model.net
-        sparse, dense = net.prompt_encoder(points=None, boxes=boxes, masks=None)
-        return net.mask_decoder(
-            image_embeddings=embedding,
-            image_pe=net.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
+            return self._box_decoder(embedding, boxes)
 
 
 def foreground(logits: np.ndarray) -> np.ndarray:
