@@ -14,7 +14,6 @@ a summary table are Prefect artifacts; a progress bar shows on a terminal.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -80,10 +79,6 @@ class TooManyFailures(RuntimeError):
         self.report = report
 
 
-def _case_dict(case) -> dict:
-    return {f.name: getattr(case, f.name) for f in dataclasses.fields(case)}
-
-
 @task(name="select-studies", cache_policy=NO_CACHE)
 def select_studies(inputs: list[str], store_url: str, run: RunOptions) -> dict:
     """The inputs to discover: all of them, or (with a watermark) the studies changed since it."""
@@ -120,7 +115,7 @@ def discover_cases(units: list[str], store_url: str, coarse_masks: list[str], ru
     for unit, case in found:
         if case.case_id not in seen:
             seen.add(case.case_id)
-            cases.append(_case_dict(case))
+            cases.append(dataclasses.asdict(case))
             unit_of.append(unit)
     get_run_logger().info("discovered %d cases in %d inputs", len(cases), len(units))
     return {"cases": cases, "units": unit_of}
@@ -137,7 +132,7 @@ def skip_committed(cases: list[dict], store_url: str, config_json: str, retry_qu
     store = CaseStore(store_url)
     remove_stale_staging(store)
     config = EngineConfig.model_validate_json(config_json)
-    model_sha = functools.cache(lambda: LazyRunner(config).model_sha256)  # only when something is committed
+    runner = LazyRunner(config)  # hashes a user's checkpoint once, and only when something is committed
 
     def verdict(case: dict) -> str:
         attrs = store.case_attrs(case["case_id"])
@@ -145,7 +140,7 @@ def skip_committed(cases: list[dict], store_url: str, config_json: str, retry_qu
         if attrs is None and held is None:
             return "todo"  # nothing to compare: the actor computes the signature
         try:
-            signature = case_signature(CaseRef(**case), config, model_sha())
+            signature = case_signature(CaseRef(**case), config, runner.model_sha256)
         except OSError:
             return "todo"  # the actor records why it cannot be read
         if attrs is not None and attrs.get("signature") == signature:

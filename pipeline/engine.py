@@ -5,6 +5,7 @@ same signature is skipped without loading the model.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -80,8 +81,9 @@ class LazyRunner:
         """The runner's counters, or {} when the model was never loaded."""
         return {} if self._runner is None else self._runner.stats.as_dict()
 
-    @property
+    @functools.cached_property
     def model_sha256(self) -> str:
+        """The checkpoint's sha256, read once per runner (a user's checkpoint is hashed from disk)."""
         if self.config.model.checkpoint is None:
             from pipeline.model import LITE_MEDSAM_SHA256
 

@@ -8,7 +8,6 @@ No Ray and no Prefect here.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import re
 import time
@@ -73,24 +72,17 @@ def with_retries(call: Callable[[], dict], *, retries: int, delay_s: float = 1.0
             attempt += 1
 
 
-def _store_json_path(store, *parts: str):
-    return store.root.joinpath(*parts)
-
-
 def write_store_record(store, folder: str, name: str, record: dict) -> None:
     """Write STORE/<folder>/<name>.json whole or not at all (rename locally, one PUT on object stores)."""
-    store.write_json(_store_json_path(store, folder, f"{name}.json"), record)
+    store.write_json(store.root / folder / f"{name}.json", record)
 
 
 def read_store_record(store, folder: str, name: str) -> dict | None:
-    try:
-        return json.loads(store.fs.cat_file(str(_store_json_path(store, folder, f"{name}.json"))))
-    except FileNotFoundError:
-        return None
+    return store.read_json(store.root / folder / f"{name}.json")
 
 
 def remove_store_record(store, folder: str, name: str) -> None:
-    path = str(_store_json_path(store, folder, f"{name}.json"))
+    path = str(store.root / folder / f"{name}.json")
     if store.fs.exists(path):
         store.fs.rm_file(path)
 

@@ -16,7 +16,6 @@ the case's ``review_status`` (auto-accepted / review / rejected) and ``round``. 
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -34,10 +33,7 @@ ROUNDS, QUALITY = "_rounds", "_quality"
 # -- small JSON records next to the cases ----------------------------------------------------------------
 def read_record(store: CaseStore, *parts: str) -> dict | None:
     """A JSON record under the store root (``parts`` are path components), or None when absent."""
-    try:
-        return json.loads(store.fs.cat_file(str(store.root.joinpath(*parts))))
-    except FileNotFoundError:
-        return None
+    return store.read_json(store.root.joinpath(*parts))
 
 
 def write_record(store: CaseStore, data: dict, *parts: str) -> str:
@@ -49,12 +45,7 @@ def write_record(store: CaseStore, data: dict, *parts: str) -> str:
 
 
 def list_records(store: CaseStore, folder: str) -> list[str]:
-    try:
-        names = store.fs.ls(str(store.root / folder), detail=False)
-    except FileNotFoundError:
-        return []
-    found = (Path(str(n)).name for n in names)
-    return sorted(n for n in found if n.endswith(".json") and not n.startswith("."))
+    return [n for n in store.list_names(store.root / folder) if n.endswith(".json") and not n.startswith(".")]
 
 
 def current_round(store: CaseStore) -> int:

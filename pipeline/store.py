@@ -65,7 +65,8 @@ class CaseStore:
         self.root: Path | PurePosixPath = Path(local) if self.is_local else PurePosixPath(path)
 
     # -- file primitives (local or remote) --------------------------------------------------------------
-    def _read_json(self, path: PurePosixPath | Path) -> dict | None:
+    def read_json(self, path: PurePosixPath | Path) -> dict | None:
+        """A JSON record, or None when it does not exist."""
         try:
             return json.loads(self.fs.cat_file(str(path)))
         except FileNotFoundError:
@@ -83,7 +84,7 @@ class CaseStore:
         tmp.write_text(text)
         os.replace(tmp, path)
 
-    def _list(self, path: PurePosixPath | Path) -> list[str]:
+    def list_names(self, path: PurePosixPath | Path) -> list[str]:
         """Names (not paths) directly under ``path``; [] when it does not exist."""
         try:
             kwargs = {} if self.is_local else {"refresh": True}
@@ -133,12 +134,12 @@ class CaseStore:
 
     def case_attrs(self, case_id: str) -> dict | None:
         """The case's 'medsam' attributes if it is committed, else None."""
-        meta = self._read_json(self.case_path(case_id) / "zarr.json")
+        meta = self.read_json(self.case_path(case_id) / "zarr.json")
         attrs = (meta or {}).get("attributes", {}).get("medsam", {})
         return attrs if attrs.get("status") == STATUS_COMMITTED else None
 
     def committed_cases(self) -> list[str]:
-        ids = [n[: -len(CASE_SUFFIX)] for n in self._list(self.root) if n.endswith(CASE_SUFFIX)]
+        ids = [n[: -len(CASE_SUFFIX)] for n in self.list_names(self.root) if n.endswith(CASE_SUFFIX)]
         return [c for c in ids if self.case_attrs(c) is not None]
 
     def open_case(self, case_id: str):
@@ -164,16 +165,16 @@ class CaseStore:
 
     def label_properties(self, case_id: str) -> list[dict]:
         """The case's OME-Zarr ``image-label.properties`` (one dict per label value)."""
-        meta = self._read_json(self.case_path(case_id) / LABELS_PATH / "zarr.json") or {}
+        meta = self.read_json(self.case_path(case_id) / LABELS_PATH / "zarr.json") or {}
         return list(meta.get("attributes", {}).get("ome", {}).get("image-label", {}).get("properties", []))
 
     def manifest(self, case_id: str) -> dict | None:
-        return self._read_json(self.root / "_manifest" / f"{case_id}.json")
+        return self.read_json(self.root / "_manifest" / f"{case_id}.json")
 
     def errors(self) -> dict[str, dict]:
         folder = self.root / "_errors"
-        names = [n for n in self._list(folder) if n.endswith(".json") and not n.startswith(".")]
-        return {n[:-5]: self._read_json(folder / n) or {} for n in names}
+        names = [n for n in self.list_names(folder) if n.endswith(".json") and not n.startswith(".")]
+        return {n[:-5]: self.read_json(folder / n) or {} for n in names}
 
     # -- writing ------------------------------------------------------------------------------------
     def write_manifest(self, case_id: str, record: dict) -> None:
@@ -233,7 +234,7 @@ class CaseStore:
 
     def _commit_remote(self, case_id: str, content: dict, previous: PurePosixPath | None) -> PurePosixPath:
         final = PurePosixPath(self.case_path(case_id))
-        if self._list(final):
+        if self.list_names(final):
             if previous is not None:  # the old version was committed: keep it
                 self.fs.copy(str(final), str(previous), recursive=True)
             if self.fs.exists(str(final / "zarr.json")):
