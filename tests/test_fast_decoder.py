@@ -128,3 +128,31 @@ def test_exported_encoder_form_matches_the_live_encoder_on_real_ct(runner, chest
     assert any(hasattr(m, "q_weight") for m in copy.modules())
     assert not any(hasattr(m, "q_weight") for m in runner.model.net.image_encoder.modules())  # live model as is
     assert float((copy(batch) - runner.model.net.image_encoder(batch)).abs().max()) < 1e-4
+
+
+def test_runner_defaults_bound_memory_and_never_change_results(runner):
+    """Decoder batch by device and backend; embedding cache 512 MiB only for the learned detector."""
+    from pipeline.config import EngineConfig
+    from pipeline.engine import LazyRunner, _decoder_batch
+
+    assert _decoder_batch(runner, cuda=True) == 64
+    assert runner.backend == "torch" and _decoder_batch(runner, cuda=False) == 4
+    assert _decoder_batch(LiteMedSAMRunner(runner.model, backend="openvino"), cuda=False) == 16
+    config = EngineConfig().with_overrides(model={"backend": "openvino"})
+    assert LazyRunner(config).get().cache_bytes == 32 << 20
+    learned = config.with_overrides(prompts={"detector": "learned", "options": {"artefact": "head.pt"}})
+    assert LazyRunner(learned).get().cache_bytes == 512 << 20
+    tuned = config.with_overrides(model={"decoder_batch": 3, "encoder_batch": 2, "embedding_cache_mb": 0})
+    assert tuned.result_hash() == config.result_hash()
+
+
+def test_discovery_hash_is_the_signature_input_hash(tmp_path, small_chest):
+    """A file case carries the sha256 discovery computed; the signature reuses it and it is the file's hash."""
+    from pipeline.config import EngineConfig
+    from pipeline.discover import content_hash, discover
+    from pipeline.engine import case_signature
+    from pipeline.store import CaseStore
+
+    (case,) = discover([small_chest[0]], CaseStore(tmp_path / "store"))
+    assert case.content_sha256 == content_hash(small_chest[0])
+    assert case_signature(case, EngineConfig(), "0" * 64)["input_sha256"] == case.content_sha256
