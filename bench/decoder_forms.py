@@ -64,7 +64,7 @@ def openvino_model(module: torch.nn.Module, embedding, boxes, folder: Path):
 def main() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.backends import BoxDecoder
+    from pipeline.fast_decoder import BoxDecoder
     from pipeline.fast_decoder import FactoredBoxDecoder
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

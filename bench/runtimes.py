@@ -51,7 +51,7 @@ def count_gflop(net: torch.nn.Module, image: torch.Tensor, box: torch.Tensor) ->
     """GFLOP of one encoder slice and of one decoder box, counted on the model itself."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.backends import BoxDecoder
+    from pipeline.fast_decoder import BoxDecoder
 
     with torch.inference_mode():
         counter = FlopCounterMode(display=False)

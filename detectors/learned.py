@@ -178,7 +178,7 @@ class LearnedDetector:
         out = np.zeros((len(self.meta["labels"]), *volume.shape), dtype=np.float32)
         for start in range(0, volume.shape[0], self.batch):
             embedded = model.encode([rendered[z] for z in range(start, min(start + self.batch, volume.shape[0]))])
-            grids = torch.sigmoid(self.head(torch.cat([e.embedding.float().cpu() for e in embedded]))).numpy()
+            grids = torch.sigmoid(self.head(torch.cat([e.tensor().float().cpu() for e in embedded]))).numpy()
             for offset, (grid, e) in enumerate(zip(grids, embedded)):
                 out[:, start + offset] = grid_to_slice(grid, e.original_hw)
         return out

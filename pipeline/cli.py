@@ -187,15 +187,12 @@ def model_problem(config) -> str | None:
     """Why the model options cannot work on this machine, or None."""
     if config.model.checkpoint and not Path(config.model.checkpoint).is_file():
         return f"checkpoint not found: {config.model.checkpoint}"
-    if config.model.device == "cuda":
-        import torch
+    from pipeline.model import cuda_available
 
-        if not torch.cuda.is_available():
-            return "--device cuda was asked for but no CUDA device is visible"
+    if config.model.device == "cuda" and not cuda_available():
+        return "--device cuda was asked for but no CUDA device is visible"
     if config.model.precision == "bf16" and config.model.device != "cuda":
-        import torch
-
-        if config.model.device == "cpu" or not torch.cuda.is_available():
+        if config.model.device == "cpu" or not cuda_available():
             return "precision bf16 runs on a CUDA device only (the CPU path is fp32)"
     return None
 

@@ -84,7 +84,7 @@ def collect_samples(store: CaseStore, runner, case_ids: list[str], wanted: list[
         rendered = render(volume, meta)
         for z in _chosen_slices(labels, wanted):
             embedded = runner.encode([rendered[z]])[0]
-            samples.append(SliceSample(case_id, z, embedded.embedding[0].float().cpu().numpy(),
+            samples.append(SliceSample(case_id, z, embedded.array()[0],
                                        grid_targets(labels[z], wanted), labels[z], embedded.original_hw))
     return samples
 

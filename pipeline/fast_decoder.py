@@ -26,7 +26,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.backends import BoxDecoder
+
+class BoxDecoder(torch.nn.Module):
+    """Prompt encoder + mask decoder of one slice as one graph: (embedding, boxes) -> (logits, IoU).
+
+    ``embedding`` (1, 256, 64, 64); ``boxes`` (B, 1, 4) XYXY in the 256 frame. The dense positional encoding
+    does not depend on the input, so it is stored as a constant.
+    """
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.prompt_encoder = net.prompt_encoder
+        self.mask_decoder = net.mask_decoder
+        self.register_buffer("dense_pe", net.prompt_encoder.get_dense_pe().detach().clone())
+
+    def forward(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
+        return self.mask_decoder(image_embeddings=embedding, image_pe=self.dense_pe,
+                                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                 multimask_output=False)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -119,7 +137,7 @@ def upscaled_masks(upscaling: nn.Sequential, keys: torch.Tensor, hyper: torch.Te
 
 class FactoredBoxDecoder(BoxDecoder):
     """Prompt encoder + mask decoder of one slice: (embedding (1, C, h, w), boxes (B, 1, 4)) -> low-res logits
-    (B, 1, 4h, 4w) and IoU (B, 1), as :class:`pipeline.backends.BoxDecoder`, with the per-box work factored
+    (B, 1, 4h, 4w) and IoU (B, 1), as :class:`BoxDecoder`, with the per-box work factored
     (module docstring). Single-mask output only (``multimask_output=False``), as the engine uses it."""
 
     def forward(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

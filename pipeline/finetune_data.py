@@ -107,7 +107,7 @@ def case_samples(case_id: str, volume: Volume, labels: np.ndarray, config, runne
         if options.train_encoder:
             image = prepare_slice(slice_u8)[0]
         else:
-            embedding = runner.encode([slice_u8])[0].embedding.detach().to("cpu", torch.float16)
+            embedding = runner.encode([slice_u8])[0].tensor().detach().to("cpu", torch.float16)
         targets = np.stack([_target(m) for m in masks])
         samples.append(SliceSample(case_id, z, embedding, image, boxes, masks, targets))
     return samples

@@ -6,6 +6,8 @@ so a label looks and reads the same in every viewer.
 from __future__ import annotations
 
 import colorsys
+import functools
+import re
 from dataclasses import dataclass
 
 # SNOMED CT codes as (value, meaning). Names are matched lower-case, plural "s" dropped; anything not found
@@ -24,6 +26,8 @@ _SYNONYMS = {  # name -> pydicom codes.SCT keyword
 }
 _ABNORMAL = {"Tumor", "Neoplasm", "Lesion", "Mass", "Nodule", "Cyst", "Metastasis"}
 _TISSUE = {"Tissue", "SoftTissue", "Fat", "Muscle", "Skin"}
+
+_GENERIC_NAME = re.compile(r"(label|segment|instance) ?\d+")
 
 CATEGORY_ANATOMY = ("91723000", "Anatomical Structure")
 CATEGORY_ABNORMAL = ("49755003", "Morphologically Abnormal Structure")
@@ -63,7 +67,9 @@ def label_colour(value: int) -> tuple[int, int, int]:
     return (round(red * 255), round(green * 255), round(blue * 255))
 
 
+@functools.lru_cache(maxsize=4096)
 def _sct_keyword(keyword: str) -> tuple[str, str] | None:
+    """pydicom's SNOMED code for a CamelCase keyword (a miss costs milliseconds: pydicom looks for near names)."""
     from pydicom.sr.codedict import codes
 
     try:
@@ -76,6 +82,8 @@ def _sct_keyword(keyword: str) -> tuple[str, str] | None:
 def snomed_code(name: str) -> tuple[tuple[str, str] | None, tuple[str, str]]:
     """(type code or None, category code) for a label name such as "right lung" or "Liver"."""
     key = " ".join(name.lower().replace("_", " ").split())
+    if _GENERIC_NAME.fullmatch(key):  # "label 7", the default name, means nothing to look up
+        return None, CATEGORY_TISSUE
     if key in _LATERAL_CODES:
         return _LATERAL_CODES[key], CATEGORY_ANATOMY
     for candidate in (key, key[:-1] if key.endswith("s") else key,

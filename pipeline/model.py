@@ -3,24 +3,30 @@
 The runner knows nothing of Ray, Prefect or the store. ``set_slice`` embeds one prepared slice (one encoder
 pass); ``decode`` segments all boxes of that slice in one batched decoder call, at the slice's original
 resolution. Boxes come in voxel XYXY; the model's 256-pixel boxes live only in here.
+
+Nothing here imports torch until it is needed: a runner on cached CPU graphs (pipeline/backends.py) runs the
+bundled checkpoint with numpy, OpenCV and the runtime alone, which saves a worker seconds of start-up and
+about 0.5 GB of memory. Eager torch, exports and users' checkpoints import it on first use.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import logging
+import os
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
-
 
 if TYPE_CHECKING:
+    import torch
+
     from pipeline.backends import Graphs
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,8 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 def _state_dict(path: Path) -> dict:
+    import torch
+
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
@@ -60,27 +68,30 @@ class LoadedModel:
     """A checkpoint ready to run: its weights' sha256, a display name, its kind (pipeline/model_kinds) and the
     torch network, built on first use of ``net``.
 
-    Building the network imports its architecture (timm, for LiteMedSAM: seconds of start-up and a few hundred
-    MB), which a runner on cached ONNX graphs never needs: their manifest vouches that this very checkpoint
-    was loaded with strict keys when they were exported. ``net`` loads the weights with strict keys and
-    raises :class:`CheckpointError` if they do not fit.
+    Building the network imports torch and the architecture (timm, for LiteMedSAM: seconds of start-up and a
+    few hundred MB), which a runner on cached ONNX graphs never needs: their manifest vouches that this very
+    checkpoint was loaded with strict keys when they were exported. ``net`` reads the weights (from ``path``
+    when no state dict was given), loads them with strict keys and raises :class:`CheckpointError` if they do
+    not fit.
     """
 
     def __init__(self, *, sha256: str, name: str, kind: str = "lite", state: dict | None = None,
-                 net: torch.nn.Module | None = None, device: str = "cpu", source: str = "") -> None:
-        if net is None and state is None:
-            raise ValueError("LoadedModel needs a network or a state dict")
+                 net: torch.nn.Module | None = None, device: str = "cpu", source: str = "",
+                 path: Path | None = None) -> None:
+        if net is None and state is None and path is None:
+            raise ValueError("LoadedModel needs a network, a state dict or a checkpoint path")
         self.sha256, self.name, self.kind, self.device = sha256, name, kind, device
-        self._state, self._net, self._source = state, net, source
+        self._state, self._net, self._source, self._path = state, net, source, path
 
     @property
     def net(self) -> torch.nn.Module:
         if self._net is None:
             from pipeline.model_kinds import build_net
 
+            state = self._state if self._state is not None else _state_dict(self._path)
             net = build_net(self.kind)
             try:
-                net.load_state_dict(self._state, strict=True)
+                net.load_state_dict(state, strict=True)
             except RuntimeError as exc:
                 raise CheckpointError(f"checkpoint {self._source} does not fit {self.kind}: {exc}") from exc
             self._net, self._state = net.eval().to(self.device), None
@@ -102,7 +113,8 @@ def load_lite_medsam(checkpoint: str | Path | None = None, *, device: str = "cpu
     Without ``checkpoint`` the bundled official LiteMedSAM file is used and its sha256 must match. A user's
     checkpoint may be LiteMedSAM (fine-tuned, say) or a full MedSAM/SAM ViT-B/L/H; the kind is read from the
     state dict's keys (pipeline/model_kinds.py) and the architecture comes from its own builder. ``lazy``
-    defers building the network to the first use of ``LoadedModel.net`` (runners on cached graphs never use it).
+    defers building the network to the first use of ``LoadedModel.net`` (runners on cached graphs never use
+    it); for the official checkpoint, whose kind its sha256 proves, it defers reading the weights too.
     """
     from pipeline.model_kinds import detect_kind
 
@@ -112,6 +124,9 @@ def load_lite_medsam(checkpoint: str | Path | None = None, *, device: str = "cpu
     sha = file_sha256(path)
     if checkpoint is None and sha != LITE_MEDSAM_SHA256:
         raise CheckpointError(f"bundled checkpoint has sha256 {sha}, expected {LITE_MEDSAM_SHA256}")
+    if lazy and sha == LITE_MEDSAM_SHA256:
+        return LoadedModel(sha256=sha, name="lite-medsam-official", kind="lite", device=device,
+                           source=path.name, path=path)
     state = _state_dict(path)
     try:
         kind = detect_kind(state)
@@ -127,11 +142,26 @@ def load_lite_medsam(checkpoint: str | Path | None = None, *, device: str = "cpu
     return model
 
 
+def _no_gpu_driver() -> bool:
+    """True when this Linux machine has no NVIDIA or ROCm device nodes, so CUDA cannot be available (torch need
+    not be imported to ask); False where that cannot be told without torch."""
+    return sys.platform.startswith("linux") and not any(
+        os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg"))
+
+
+def cuda_available() -> bool:
+    if _no_gpu_driver():
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def resolve_device(device: str) -> str:
     """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else is passed through."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+        return "cuda" if cuda_available() else "cpu"
+    if device == "cuda" and not cuda_available():
         raise ValueError("Argument 'device' is 'cuda' but no CUDA device is visible.")
     return device
 
@@ -150,11 +180,26 @@ class RunnerStats:
 
 @dataclass(frozen=True)
 class SliceEmbedding:
-    """An encoded slice: the (1, 256, 64, 64) embedding, the slice's (H, W) and its resized (h, w)."""
+    """An encoded slice: the (1, 256, 64, 64) embedding (a torch tensor in eager torch, a numpy array on the
+    CPU graphs), the slice's (H, W) and its resized (h, w)."""
 
-    embedding: torch.Tensor
+    embedding: torch.Tensor | np.ndarray
     original_hw: tuple[int, int]
     resized_hw: tuple[int, int]
+
+    def array(self) -> np.ndarray:
+        """The embedding as a float32 numpy array on the CPU."""
+        if isinstance(self.embedding, np.ndarray):
+            return self.embedding
+        return self.embedding.detach().float().cpu().numpy()
+
+    def tensor(self) -> torch.Tensor:
+        """The embedding as a torch tensor (on the runner's device when eager torch made it)."""
+        if isinstance(self.embedding, np.ndarray):
+            import torch
+
+            return torch.from_numpy(self.embedding)
+        return self.embedding
 
 @dataclass
 class LiteMedSAMRunner:
@@ -177,7 +222,7 @@ class LiteMedSAMRunner:
     _box_decoder: torch.nn.Module | None = field(default=None, repr=False)  # eager torch's decoder
 
     def __post_init__(self) -> None:
-        from pipeline.backends import BoxDecoder, check_backend, load_graphs
+        from pipeline.backends import check_backend, load_graphs
 
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"Argument 'precision' must be auto, fp32 or bf16; got {self.precision!r}.")
@@ -193,6 +238,8 @@ class LiteMedSAMRunner:
                                  f"but device is {self.device!r}.")
             self._graphs = load_graphs(self.model, self.backend)
         else:  # eager torch builds the network now (strict keys); SAM's own decoder modules, the reference
+            from pipeline.fast_decoder import BoxDecoder
+
             self._box_decoder = BoxDecoder(self.model.net)
 
     @property
@@ -225,61 +272,94 @@ class LiteMedSAMRunner:
         self._cache[key] = embedded
 
     def _trim(self) -> None:
-        size = sum(e.embedding.numel() * e.embedding.element_size() for e in self._cache.values())
+        size = sum(_nbytes(e.embedding) for e in self._cache.values())
         while self._cache and size > self.cache_bytes:
             _, dropped = self._cache.popitem(last=False)
-            size -= dropped.embedding.numel() * dropped.embedding.element_size()
+            size -= _nbytes(dropped.embedding)
 
-    @torch.inference_mode()
     def _encode(self, slices_u8: list[np.ndarray]) -> list[SliceEmbedding]:
         prepared = [self.model.framing.prepare(s) for s in slices_u8]
-        batch = torch.from_numpy(np.stack([p[0] for p in prepared])).permute(0, 3, 1, 2).to(self.device)
+        images = np.ascontiguousarray(np.stack([p[0] for p in prepared]).transpose(0, 3, 1, 2))
         start = time.perf_counter()
         if self._graphs is None:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
-                embeddings = self.model.net.image_encoder(batch)
+            import torch
+
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+                embeddings = self.model.net.image_encoder(torch.from_numpy(images).to(self.device))
+                parts = [embeddings[i : i + 1].clone() for i in range(len(slices_u8))]
         else:
-            embeddings = torch.from_numpy(self._graphs.encode(batch.numpy()))
+            embeddings = self._graphs.encode(images)
+            parts = [embeddings[i : i + 1].copy() for i in range(len(slices_u8))]
         self.stats.seconds_encode += time.perf_counter() - start
         self.stats.encoder_calls += 1
         self.stats.encoded_slices += len(slices_u8)
-        return [
-            SliceEmbedding(embeddings[i : i + 1].clone(), tuple(s.shape[:2]), p[1])  # type: ignore[arg-type]
-            for i, (s, p) in enumerate(zip(slices_u8, prepared))
-        ]
+        return [SliceEmbedding(part, tuple(s.shape[:2]), p[1])  # type: ignore[arg-type]
+                for part, s, p in zip(parts, slices_u8, prepared)]
 
-    @torch.inference_mode()
     def decode(self, embedded: SliceEmbedding, boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Segment (B, 4) voxel boxes on an embedded slice in one decoder call.
 
         Returns the logits at the slice's original resolution, float32 (B, H, W) (a voxel is foreground
-        where sigmoid(logit) > 0.5), and the predicted IoU per box, float32 (B,).
+        where sigmoid(logit) > 0.5, see :func:`foreground`), and the predicted IoU per box, float32 (B,).
         """
-
         height, width = embedded.original_hw
         framing = self.model.framing
-        boxes = torch.from_numpy(framing.boxes(boxes_xyxy, height, width)).to(self.device)[:, None, :]
+        boxes = framing.boxes(boxes_xyxy, height, width)[:, None, :]
         start = time.perf_counter()
-        low_res, iou = self._decode_graph(embedded.embedding, boxes)
-        side = low_res.shape[-1] / framing.size  # low-res logits cover the whole padded input frame
-        new_h, new_w = (int(round(n * side)) for n in embedded.resized_hw)
-        logits = F.interpolate(low_res[..., :new_h, :new_w].float(), size=(height, width), mode="bilinear",
-                               align_corners=False)
+        if self._graphs is not None:
+            logits, iou = self._decode_graphs(embedded, boxes)
+        else:
+            logits, iou = self._decode_eager(embedded, boxes)
         self.stats.seconds_decode += time.perf_counter() - start
         self.stats.decoder_calls += 1
         self.stats.decoded_boxes += len(boxes_xyxy)
-        return logits[:, 0].float().cpu().numpy(), iou[:, 0].float().cpu().numpy()
+        return logits, iou
 
-    def _decode_graph(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Prompt encoder + mask decoder: boxes (B, 1, 4) in the 256 frame -> (B, 1, 256, 256) logits and
-        (B, 1) IoU, from eager torch or the runtime's graph."""
-        if self._graphs is not None:
-            low_res, iou = self._graphs.decode(embedding.numpy(), boxes.numpy())
-            return torch.from_numpy(low_res), torch.from_numpy(iou)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
-            return self._box_decoder(embedding, boxes)
+    def _cropped_hw(self, embedded: SliceEmbedding, low_res_side: int) -> tuple[int, int]:
+        """The part of the low-res logits that covers the slice (they span the whole padded input frame)."""
+        side = low_res_side / self.model.framing.size
+        return tuple(int(round(n * side)) for n in embedded.resized_hw)  # type: ignore[return-value]
+
+    def _decode_eager(self, embedded: SliceEmbedding, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """SAM's prompt encoder and mask decoder in eager torch (the reference); logits resized by
+        ``F.interpolate`` (bilinear, half-pixel centres) as MedSAM's scripts do."""
+        import torch
+        import torch.nn.functional as F
+
+        height, width = embedded.original_hw
+        with torch.inference_mode():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+                low_res, iou = self._box_decoder(embedded.tensor().to(self.device),
+                                                 torch.from_numpy(boxes).to(self.device))
+            new_h, new_w = self._cropped_hw(embedded, low_res.shape[-1])
+            logits = F.interpolate(low_res[..., :new_h, :new_w].float(), size=(height, width), mode="bilinear",
+                                   align_corners=False)
+            return logits[:, 0].cpu().numpy(), iou[:, 0].float().cpu().numpy()
+
+    def _decode_graphs(self, embedded: SliceEmbedding, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The runtime's decoder graph; logits resized by OpenCV's bilinear resize (half-pixel centres, no
+        antialiasing: the same sampling as ``F.interpolate``'s, equal to float rounding)."""
+        height, width = embedded.original_hw
+        low_res, iou = self._graphs.decode(embedded.array(), boxes)
+        new_h, new_w = self._cropped_hw(embedded, low_res.shape[-1])
+        logits = np.empty((len(boxes), height, width), dtype=np.float32)
+        for i in range(len(boxes)):
+            cv2.resize(low_res[i, 0, :new_h, :new_w], (width, height), dst=logits[i],
+                       interpolation=cv2.INTER_LINEAR)
+        return logits, np.ascontiguousarray(iou[:, 0], dtype=np.float32)
+
+
+def _nbytes(embedding) -> int:
+    return embedding.nbytes if isinstance(embedding, np.ndarray) else embedding.numel() * embedding.element_size()
+
+
+SIGMOID_HALF = np.float32(3 * 2.0**-25)  # the largest float32 logit whose float32 sigmoid is not above 0.5
 
 
 def foreground(logits: np.ndarray) -> np.ndarray:
-    """Binary masks from logits exactly as MedSAM thresholds them: sigmoid(logit) > 0.5 in float32."""
-    return torch.sigmoid(torch.from_numpy(logits)).numpy() > 0.5
+    """Binary masks from logits exactly as MedSAM thresholds them, sigmoid(logit) > 0.5 in float32.
+
+    Float32 sigmoid rounds to exactly 0.5 for logits up to 3 * 2^-25, so this is ``logits > 3 * 2^-25``
+    (tests/test_model.py checks it against torch's sigmoid on every float32 around the threshold).
+    """
+    return np.asarray(logits) > SIGMOID_HALF

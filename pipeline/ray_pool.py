@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import threading
 import time
 import traceback
@@ -208,12 +209,14 @@ class Annotator:
     """Holds one model (loaded on the first case that needs it); torch and CPU runtimes use ``threads``."""
 
     def __init__(self, config_json: str, threads: int = 1) -> None:
-        import torch
-
         from pipeline.config import EngineConfig
         from pipeline.engine import LazyRunner
 
-        torch.set_num_threads(max(1, threads))
+        # the CPU runtimes read OMP_NUM_THREADS (pipeline/backends.default_threads), and so does torch when a
+        # case first needs it (eager torch, an export); a runner on cached graphs never imports torch at all
+        os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(max(1, threads))
         self.config = EngineConfig.model_validate_json(config_json)
         self.runner = LazyRunner(self.config)
         self.threads = threads

@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from detectors.coarse_mask import boxes_from_label_map
-from pipeline import backends
+from pipeline import backends, graph_export
 from pipeline.config import EngineConfig
 from pipeline.geometry import align_to
 from pipeline.model import LiteMedSAMRunner, foreground
@@ -62,7 +62,7 @@ def test_runtime_reproduces_eager_torch_on_real_ct(name, runner, chest_slices, e
     embedded = fast._encode(slices)  # batch of two: the exported graph's batch is dynamic
     for ours, reference, slice_boxes, (ref_logits, ref_iou) in zip(embedded, eager[0], boxes, eager[1]):
         assert ours.resized_hw == reference.resized_hw
-        assert float((ours.embedding - reference.embedding).abs().max()) <= 1e-4
+        assert float(np.abs(ours.array() - reference.array()).max()) <= 1e-4
         logits, iou = fast.decode(ours, slice_boxes)
         assert logits.shape == ref_logits.shape and np.abs(iou - ref_iou).max() < 1e-3
         masks, ref_masks = foreground(logits), foreground(ref_logits)
@@ -76,9 +76,9 @@ def test_second_runner_reuses_the_cached_graphs(runner):
     LiteMedSAMRunner(runner.model, backend="onnxruntime")
     folder = backends.graph_folder(runner.model.sha256, "onnxruntime")
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    exported = dict(backends.exports)
+    exported = dict(graph_export.exports)
     LiteMedSAMRunner(runner.model, backend="onnxruntime")
-    assert dict(backends.exports) == exported
+    assert dict(graph_export.exports) == exported
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 
 
@@ -90,11 +90,11 @@ def test_damaged_cached_graph_is_exported_again(runner, tmp_path, monkeypatch, c
     decoder = folder / "decoder.onnx"
     decoder.write_bytes(decoder.read_bytes()[: decoder.stat().st_size // 2])  # as if cut off mid-write
     (folder / ".encoder.onnx.crash.partial").write_bytes(b"\x08garbage")  # a crashed export's leftover
-    exported = dict(backends.exports)
+    exported = dict(graph_export.exports)
     monkeypatch.setenv("MEDSAM_ENGINE_CACHE", str(tmp_path))
     fast = LiteMedSAMRunner(runner.model, backend="onnxruntime")
-    assert backends.exports["decoder"] == exported.get("decoder", 0) + 1
-    assert backends.exports["encoder"] == exported.get("encoder", 0)
+    assert graph_export.exports["decoder"] == exported.get("decoder", 0) + 1
+    assert graph_export.exports["encoder"] == exported.get("encoder", 0)
     assert backends._valid_graphs(folder, runner.model.sha256) == set(backends.GRAPHS)
     logits, _ = fast.decode(eager[0][0], chest_slices[1][0])
     assert np.mean(foreground(logits) != foreground(eager[1][0][0])) <= 1e-3
@@ -127,3 +127,44 @@ def test_auto_takes_the_next_runtime_when_one_fails(runner, monkeypatch):
     monkeypatch.setattr(backends, "load_graphs", failing_first)
     chosen = backends.build_runner(runner.model, device="cpu", backend="auto")
     assert chosen.backend == candidates[1]
+
+
+def test_graph_with_its_recorded_stamp_is_trusted_and_any_rewrite_is_hashed(runner, tmp_path):
+    """Cached graphs are not re-hashed at every start: size and mtime as recorded vouch for them; a graph
+    rewritten in place (same size, new mtime) is hashed and refused."""
+    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    source = backends.graph_folder(runner.model.sha256, "onnxruntime")
+    folder = tmp_path / source.name
+    shutil.copytree(source, folder)  # copy2 keeps the modification times
+    assert backends._valid_graphs(folder, runner.model.sha256) == set(backends.GRAPHS)
+    encoder = folder / "encoder.onnx"
+    data = bytearray(encoder.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    encoder.write_bytes(bytes(data))
+    assert backends._valid_graphs(folder, runner.model.sha256) == {"decoder"}
+
+
+def test_annotating_on_cached_graphs_never_imports_torch(runner, nuclei_2d, tmp_path, graph_cache):
+    """A worker on cached graphs starts without torch (seconds and ~0.5 GB): the bundled checkpoint is only
+    hashed, the device is told without CUDA, logits are resized and thresholded in numpy/OpenCV."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    backend = "openvino" if importlib.util.find_spec("openvino") else "onnxruntime"
+    LiteMedSAMRunner(runner.model, backend=backend)  # the graphs are in the cache
+    code = ("import json, sys\n"
+            "from pipeline.config import EngineConfig\nfrom pipeline.discover import discover\n"
+            "from pipeline.engine import annotate\nfrom pipeline.store import CaseStore\n"
+            "image, mask, root, backend = sys.argv[1:5]\nstore = CaseStore(root)\n"
+            "config = EngineConfig.model_validate({'model': {'backend': backend, 'device': 'auto'}})\n"
+            "summary = annotate(discover([image], store, coarse_masks=[mask]), store, config, show_progress=False)\n"
+            "print(json.dumps({'torch': 'torch' in sys.modules, 'committed': summary.count('done'),\n"
+            "                  'failed': [o.reason for o in summary.failed]}))")
+    env = dict(os.environ, MEDSAM_ENGINE_CACHE=str(graph_cache), CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, "-c", code, str(nuclei_2d[0]), str(nuclei_2d[1]), str(tmp_path / "store"),
+                           backend], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"torch": False, "committed": 1, "failed": []}

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import backends
-from pipeline.fast_decoder import FactoredBoxDecoder, image_to_tokens, tokens_to_image
+from pipeline import backends, graph_export
+from pipeline.fast_decoder import BoxDecoder, FactoredBoxDecoder, image_to_tokens, tokens_to_image
 from pipeline.model import CheckpointError, LiteMedSAMRunner, bundled_checkpoint, foreground, load_lite_medsam
 
 
@@ -61,7 +61,7 @@ def test_factored_decoder_reproduces_sam_on_real_ct(runner, ct_embedding, count)
     """Lungs, spine, a tiny box and the whole frame on a real slice: same logits to float rounding."""
     boxes = torch.tensor([[[30.0, 40, 120, 200]], [[130, 60, 220, 210]], [[110, 150, 150, 230]],
                           [[60, 60, 70, 72]], [[0, 0, 255, 255]]])[:count]
-    reference_logits, reference_iou = backends.BoxDecoder(runner.model.net)(ct_embedding.embedding, boxes)
+    reference_logits, reference_iou = BoxDecoder(runner.model.net)(ct_embedding.embedding, boxes)
     logits, iou = FactoredBoxDecoder(runner.model.net)(ct_embedding.embedding, boxes)
     assert logits.shape == reference_logits.shape == (count, 1, 256, 256) and iou.shape == (count, 1)
     assert float((logits - reference_logits).abs().max()) < 1e-3
@@ -109,9 +109,9 @@ def test_graphs_of_an_older_form_are_exported_again(runner, tmp_path, monkeypatc
     assert manifest["form"] == backends.GRAPH_FORM
     manifest["form"] = "plain-decoder"  # as written before the decoder was factored
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    exported = dict(backends.exports)
+    exported = dict(graph_export.exports)
     LiteMedSAMRunner(runner.model, backend="onnxruntime")
-    assert backends.exports["decoder"] == exported["decoder"] + 1
+    assert graph_export.exports["decoder"] == exported["decoder"] + 1
     assert json.loads((folder / "manifest.json").read_text())["form"] == backends.GRAPH_FORM
 
 
@@ -124,7 +124,7 @@ def test_exported_encoder_form_matches_the_live_encoder_on_real_ct(runner, chest
     u8 = to_uint8(read_volume(chest_ct[0]).array, "CT")
     images = np.stack([runner.model.framing.prepare(u8[z])[0] for z in (10, 20)])
     batch = torch.from_numpy(images).permute(0, 3, 1, 2)
-    copy = backends.traceable_encoder(runner.model.net)
+    copy = graph_export.traceable_encoder(runner.model.net)
     assert any(hasattr(m, "q_weight") for m in copy.modules())
     assert not any(hasattr(m, "q_weight") for m in runner.model.net.image_encoder.modules())  # live model as is
     assert float((copy(batch) - runner.model.net.image_encoder(batch)).abs().max()) < 1e-4

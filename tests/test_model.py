@@ -158,3 +158,17 @@ def test_a_state_dict_of_another_model_is_refused(tmp_path):
     torch.save({"backbone.weight": torch.zeros(2, 2)}, path)
     with pytest.raises(CheckpointError, match="neither LiteMedSAM nor"):
         load_lite_medsam(path)
+
+
+def test_foreground_threshold_equals_float32_sigmoid_above_one_half():
+    """``foreground`` thresholds logits without torch; it must agree with torch's float32 sigmoid > 0.5 on every
+    float32 around the threshold, on tiny and ordinary logits, and on the special values."""
+    from pipeline.model import SIGMOID_HALF, foreground
+
+    bits = np.array([SIGMOID_HALF], np.float32).view(np.uint32)[0]
+    around = np.arange(int(bits) - 1_000_000, int(bits) + 1_000_000, dtype=np.uint32).view(np.float32)
+    rng = np.random.default_rng(0)
+    values = np.concatenate([around, -around, rng.normal(0, 1e-6, 100_000).astype(np.float32),
+                             rng.normal(0, 20, 100_000).astype(np.float32),
+                             np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45], np.float32)])
+    assert np.array_equal(foreground(values), (torch.sigmoid(torch.from_numpy(values)) > 0.5).numpy())
