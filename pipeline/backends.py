@@ -46,7 +46,7 @@ OPSET = 17
 EMBEDDING_TOLERANCE = 1e-4  # max |delta| of the embedding versus eager torch
 LOGIT_TOLERANCE = 1e-2  # max |delta| of the decoder's low-res logits versus eager torch (logits span ~±30)
 GRAPHS = ("encoder", "decoder")
-GRAPH_FORM = "factored-decoder-split-qkv-2"  # bump when the exported modules change: cached graphs are then re-exported
+GRAPH_FORM = "factored-decoder-split-qkv-3"  # bump when the exported modules change: cached graphs are then re-exported
 
 
 class BackendError(RuntimeError):

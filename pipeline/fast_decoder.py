@@ -76,8 +76,8 @@ def tokens_to_image(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.
     heads = attn.num_heads
     qh = _heads(attn.q_proj(q), heads)  # (B, h, T, d)
     b, _, t, d = qh.shape
-    u = (qh @ _per_head(attn.k_proj.weight, heads)).reshape(b, heads * t, -1)  # (B, hT, C)
-    scores = (u @ k.transpose(1, 2)) / math.sqrt(d)  # (B, hT, N); the key bias shifts rows: cancels
+    u = (qh @ _per_head(attn.k_proj.weight, heads)).reshape(b, heads * t, -1) / math.sqrt(d)  # (B, hT, C)
+    scores = u @ k.transpose(1, 2)  # (B, hT, N); the key bias shifts rows: cancels
     weights = torch.softmax(scores, dim=-1)
     pooled = (weights @ v).reshape(b, heads, t, -1)  # (B, h, T, C)
     wv = _per_head(attn.v_proj.weight, heads).transpose(1, 2)  # (h, C, d)
@@ -90,25 +90,27 @@ def image_to_tokens(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.
 
     Shared image queries are projected once; box-dependent ones are multiplied by the query weights folded
     into the T keys. The output projection is folded into the T values, so the per-box product with the
-    image tokens is (N x C) x (C x hT) and (N x hT) x (hT x C) with hT = 56, instead of C x C/2 twice.
+    image tokens is (hT x C) x (C x N) and (N x hT) x (hT x C) with hT = 56, instead of C x C/2 twice.
+    Scores are kept token-major, (B, h, T, N): the softmax over the 7 tokens then runs along an outer axis,
+    across contiguous image tokens, which a runtime vectorises (a softmax over a last axis of 7 it does not).
     """
     heads = attn.num_heads
     kh = _heads(attn.k_proj(k), heads)  # (B, h, T, d)
     vh = _heads(attn.v_proj(v), heads)
     b, _, t, d = kh.shape
     n = q.shape[1]
+    kh = kh / math.sqrt(d)  # the softmax scale, on the 7 keys rather than the N x 7 scores
     if q.shape[0] == 1:
         qh = _heads(attn.q_proj(q), heads)  # (1, h, N, d), once for all boxes
-        scores = (qh @ kh.transpose(2, 3)).permute(0, 2, 1, 3)  # (B, N, h, T)
+        scores = kh @ qh.transpose(2, 3)  # (B, h, T, N)
     else:
-        folded = (_per_head(attn.q_proj.weight, heads).transpose(1, 2) @ kh.transpose(2, 3))  # (B, h, C, T)
-        folded = folded.permute(0, 2, 1, 3).reshape(b, -1, heads * t)  # (B, C, hT)
-        bias = (attn.q_proj.bias.reshape(1, heads, 1, d) @ kh.transpose(2, 3)).reshape(b, 1, heads * t)
-        scores = (q @ folded + bias).reshape(b, n, heads, t)
-    weights = torch.softmax(scores / math.sqrt(d), dim=-1).reshape(b, n, heads * t)
+        folded = (kh @ _per_head(attn.q_proj.weight, heads)).reshape(b, heads * t, -1)  # (B, hT, C)
+        bias = kh @ attn.q_proj.bias.reshape(heads, d, 1)  # (B, h, T, 1)
+        scores = (folded @ q.transpose(1, 2)).reshape(b, heads, t, n) + bias
+    weights = torch.softmax(scores, dim=2).reshape(b, heads * t, n)  # over the T tokens
     wo = _per_head(attn.out_proj.weight.t(), heads)  # (h, d, C)
     values = (vh @ wo).reshape(b, heads * t, -1)  # (B, hT, C): each head's values through its out_proj rows
-    return weights @ values + attn.out_proj.bias
+    return weights.transpose(1, 2) @ values + attn.out_proj.bias
 
 
 def upscaled_masks(upscaling: nn.Sequential, keys: torch.Tensor, hyper: torch.Tensor, height: int,
@@ -119,17 +121,19 @@ def upscaled_masks(upscaling: nn.Sequential, keys: torch.Tensor, hyper: torch.Te
     A 2x2 stride-2 transposed convolution is a per-pixel linear map to 2x2 output pixels, so both are matrix
     products on the token-major keys, and the 2x2 blocks are interleaved only on the one-channel masks.
     This spares the runtime two layout reorders of the largest tensors and lets LayerNorm2d run as a
-    LayerNorm over the last axis (the same formula: biased variance, eps inside the square root).
+    LayerNorm over the last axis (the same formula: biased variance, eps inside the square root). Each bias,
+    repeated for the 2x2 outputs, is added straight to its product, so a runtime fuses bias and GELU into the
+    matrix product instead of a pass over the largest tensor.
     """
     up1, norm, act1, up2, act2 = upscaling
     b = keys.shape[0]
     c_in, c_mid = up1.weight.shape[:2]
     c_out = up2.weight.shape[1]
-    x = keys @ up1.weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c_mid)  # (B, N, 2*2*c_mid): (ki, kj, o)
-    x = x.reshape(b, -1, 4, c_mid) + up1.bias
+    x = keys @ up1.weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c_mid) + up1.bias.repeat(4)  # (ki, kj, o)
+    x = x.reshape(b, -1, c_mid)  # (B, N*4, c_mid)
     x = act1(F.layer_norm(x, (c_mid,), norm.weight, norm.bias, norm.eps))
-    x = x @ up2.weight.permute(0, 2, 3, 1).reshape(c_mid, 4 * c_out)  # (B, N, 4, 2*2*c_out): (li, lj, o)
-    x = act2(x.reshape(b, -1, c_out) + up2.bias)  # (B, N*16, c_out)
+    x = act2(x @ up2.weight.permute(0, 2, 3, 1).reshape(c_mid, 4 * c_out) + up2.bias.repeat(4))  # (li, lj, o)
+    x = x.reshape(b, -1, c_out)  # (B, N*16, c_out)
     masks = x @ hyper.unsqueeze(2)  # (B, N*16, 1): pixel (i, j, ki, kj, li, lj)
     masks = masks.reshape(b, height, width, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
     return masks.reshape(b, 1, 4 * height, 4 * width)
@@ -158,10 +162,11 @@ class FactoredBoxDecoder(BoxDecoder):
                 q = queries + tokens
                 queries = queries + layer.self_attn(q=q, k=q, v=queries)
             queries = layer.norm1(queries)
+            keyed = keys + key_pe  # both cross attentions of the block read it
             queries = layer.norm2(queries + tokens_to_image(layer.cross_attn_token_to_image, queries + tokens,
-                                                            keys + key_pe, keys))
+                                                            keyed, keys))
             queries = layer.norm3(queries + layer.mlp(queries))
-            attn_out = image_to_tokens(layer.cross_attn_image_to_token, keys + key_pe, queries + tokens, queries)
+            attn_out = image_to_tokens(layer.cross_attn_image_to_token, keyed, queries + tokens, queries)
             keys = layer.norm4(keys + attn_out)  # (B, N, C) from here on
         attn_out = tokens_to_image(transformer.final_attn_token_to_image, queries + tokens, keys + key_pe, keys)
         queries = transformer.norm_final_attn(queries + attn_out)
