@@ -45,16 +45,27 @@ class BoxRules:
 
 def _objects(label_map: np.ndarray, instances: np.ndarray | None, connectivity: int
              ) -> Iterator[tuple[int, np.ndarray, tuple[slice, ...]]]:
-    """Yield (label, boolean sub-volume, its slices) per object, per label in order of first voxel."""
+    """Yield (label, boolean sub-volume, its slices) per object, per label in order of first voxel.
+
+    Each label is searched within its own bounding box (one pass over the map finds them all), so an
+    instance map with hundreds of labels costs about one pass, not one per label."""
     structure = ndimage.generate_binary_structure(3, connectivity)
-    for label in (int(v) for v in np.unique(label_map) if v != 0):
+    values = [int(v) for v in np.unique(label_map) if v != 0]
+    whole = tuple(slice(0, n) for n in label_map.shape)
+    regions = {}
+    if values and label_map.dtype.kind in "ui" and min(values) > 0 and max(values) <= 1 << 20:
+        regions = dict(enumerate(ndimage.find_objects(label_map), start=1))
+    for label in values:
+        region = regions.get(label) or whole
+        inside = label_map[region] == label
         if instances is None:
-            components, _ = ndimage.label(label_map == label, structure=structure)
+            components, _ = ndimage.label(inside, structure=structure)
         else:
-            components = np.where(label_map == label, instances, 0)
+            components = np.where(inside, instances[region], 0)
         for index, found in enumerate(ndimage.find_objects(components), start=1):
             if found is not None:
-                yield label, components[found] == index, found
+                yield label, components[found] == index, tuple(
+                    slice(part.start + outer.start, part.stop + outer.start) for part, outer in zip(found, region))
 
 
 def _slice_boxes(component: np.ndarray, found: tuple[slice, ...]) -> Iterator[tuple[int, tuple[int, ...]]]:

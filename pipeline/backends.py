@@ -188,6 +188,16 @@ def _valid_graphs(folder: Path, sha256: str) -> set[str]:
     return valid
 
 
+def _restamp(folder: Path) -> None:
+    """Record the graphs' current stamps in the manifest once they were verified by hash (a cache written
+    before stamps existed, or copied without its modification times), so later starts skip the hashing."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    stamps = {name: _stamp(folder / f"{name}.onnx") for name in GRAPHS}
+    if manifest.get("stamps") != stamps:
+        manifest["stamps"] = stamps
+        write_atomic(folder, "manifest.json", lambda path: Path(path).write_text(json.dumps(manifest, indent=1)))
+
+
 def _provide(model: LoadedModel, folder: Path, names: tuple[str, ...]) -> None:
     """Put the named graphs into ``folder``: copied from another runtime's verified folder for the same
     checkpoint and torch version if there is one (ONNX files do not depend on the runtime), else exported."""
@@ -218,8 +228,10 @@ def load_graphs(model: LoadedModel, runtime: str, *, cache_root: str | Path | No
         raise ValueError(f"Argument 'runtime' must be one of {', '.join(RUNTIMES)}; got {runtime!r}.")
     folder = graph_folder(model.sha256, runtime, cache_root=cache_root)
     threads = threads or default_threads()
-    stale = tuple(name for name in GRAPHS if name not in _valid_graphs(folder, model.sha256))
+    valid = _valid_graphs(folder, model.sha256)
+    stale = tuple(name for name in GRAPHS if name not in valid)
     if not stale:
+        _restamp(folder)
         return RUNTIMES[runtime](folder, threads)
     if folder.exists():
         log.warning("cached %s graphs %s in %s are missing, damaged or of an older form; exporting them again",

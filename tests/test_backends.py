@@ -144,6 +144,25 @@ def test_graph_with_its_recorded_stamp_is_trusted_and_any_rewrite_is_hashed(runn
     assert backends._valid_graphs(folder, runner.model.sha256) == {"decoder"}
 
 
+def test_a_cache_without_stamps_is_hashed_once_then_stamped(runner, graph_cache, monkeypatch):
+    import json
+
+    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    folder = backends.graph_folder(runner.model.sha256, "onnxruntime")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    stamps = manifest.pop("stamps")
+    (folder / "manifest.json").write_text(json.dumps(manifest))  # as written before stamps existed
+    hashed = []
+    real = backends.file_sha256
+    monkeypatch.setattr(backends, "file_sha256", lambda path: hashed.append(path.name) or real(path))
+    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    assert sorted(hashed) == ["decoder.onnx", "encoder.onnx"]
+    assert json.loads((folder / "manifest.json").read_text())["stamps"] == stamps
+    hashed.clear()
+    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    assert hashed == []
+
+
 def test_annotating_on_cached_graphs_never_imports_torch(runner, nuclei_2d, tmp_path, graph_cache):
     """A worker on cached graphs starts without torch (seconds and ~0.5 GB): the bundled checkpoint is only
     hashed, the device is told without CUDA, logits are resized and thresholded in numpy/OpenCV."""
