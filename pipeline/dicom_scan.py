@@ -124,6 +124,18 @@ def read_header(path: str) -> SliceHeader | str:
         raise ValueError("not a DICOM file (no 'DICM' marker and no DICOM header)") from exc
     except Exception as exc:  # corrupt headers make the parser raise many types
         raise ValueError(f"corrupt DICOM header ({type(exc).__name__}: {str(exc)[:120]})") from exc
+    try:
+        return _header_of(ds, path)
+    except ValueError:
+        raise
+    except Exception as exc:  # values are decoded on access: a corrupt element raises only now
+        raise ValueError(f"corrupt DICOM header ({type(exc).__name__}: {str(exc)[:120]})") from exc
+
+
+def _header_of(ds, path: str | Path) -> SliceHeader | str:
+    """The header fields of a parsed dataset (or why it is skipped); raises ValueError when unusable."""
+    import pydicom
+
     meta_class = getattr(ds.get("file_meta", {}), "MediaStorageSOPClassUID", "")
     sop_class = str(ds.get("SOPClassUID", "") or meta_class)
     if sop_class in NOT_ANNOTATED_CLASSES:

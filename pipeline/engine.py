@@ -5,9 +5,11 @@ same signature is skipped without loading the model.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -56,26 +58,70 @@ class RunSummary:
 
 
 class LazyRunner:
-    """Loads the model on first use, so a run whose cases are all committed never loads it."""
+    """Loads the model on first use, so a run whose cases are all committed never loads it.
+
+    ``prefetch`` starts the load in a background thread, so the first case's read and prompts overlap it
+    (loading is mostly native work: hashing, the runtime's compiled-graph import); ``get`` waits for it and
+    raises whatever the load raised (a failed load is tried again by the next ``get``).
+    """
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self._runner = None
+        self._loading: concurrent.futures.Future | None = None
+        self._lock = threading.Lock()
+
+    def _build(self):
+        from pipeline.backends import build_runner
+        from pipeline.model import load_lite_medsam, resolve_device
+
+        section = self.config.model
+        device = resolve_device(section.device)
+        cache_mb = section.embedding_cache_mb
+        if cache_mb is None:
+            cache_mb = 512 if self.config.prompts.detector == "learned" else 32
+        return build_runner(load_lite_medsam(section.checkpoint, device=device, lazy=True),
+                            device=device, backend=section.backend, precision=section.precision,
+                            cache_bytes=cache_mb << 20)
+
+    def _start(self) -> concurrent.futures.Future:
+        with self._lock:
+            if self._loading is None:
+                future: concurrent.futures.Future = concurrent.futures.Future()
+
+                def load() -> None:
+                    try:
+                        future.set_result(self._build())
+                    except BaseException as exc:  # noqa: BLE001 - handed to the caller of get()
+                        future.set_exception(exc)
+
+                threading.Thread(target=load, name="medsam-engine-model-load", daemon=True).start()
+                self._loading = future
+            return self._loading
+
+    def prefetch(self) -> None:
+        """Start loading the model in the background unless it is loaded or loading."""
+        if self._runner is None:
+            self._start()
 
     def get(self):
         if self._runner is None:
-            from pipeline.backends import build_runner
-            from pipeline.model import load_lite_medsam, resolve_device
-
-            section = self.config.model
-            device = resolve_device(section.device)
-            cache_mb = section.embedding_cache_mb
-            if cache_mb is None:
-                cache_mb = 512 if self.config.prompts.detector == "learned" else 32
-            self._runner = build_runner(load_lite_medsam(section.checkpoint, device=device, lazy=True),
-                                        device=device, backend=section.backend, precision=section.precision,
-                                        cache_bytes=cache_mb << 20)
+            future = self._start()
+            try:
+                self._runner = future.result()
+            except BaseException:
+                with self._lock:
+                    if self._loading is future:
+                        self._loading = None
+                raise
         return self._runner
+
+    def settle(self) -> None:
+        """Wait for a background load still under way (a run whose cases all failed early leaves one),
+        so no thread is left importing or compiling while the process exits; its outcome is kept for get()."""
+        loading = self._loading
+        if self._runner is None and loading is not None:
+            concurrent.futures.wait([loading])
 
     def stats(self) -> dict:
         """The runner's counters, or {} when the model was never loaded."""
@@ -194,6 +240,7 @@ def process_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: 
     from pipeline.segment import segment_volume
 
     start = time.perf_counter()
+    runner.prefetch()  # the model loads while the case is read and prompted
     volume = read_case(case) if volume is None else volume
     coarse, prompts, label_names = _prompts(case, volume, config, runner)
     renderings, window_of, windows = _renderings(volume, coarse, prompts, config)
@@ -251,6 +298,7 @@ def annotate(cases: list[CaseRef], store: CaseStore, config: EngineConfig, *, ov
             summary.outcomes.append(_run_one(case, store, config, runner, model_sha, overwrite, summary.run_id,
                                              slices if show else None))
             bar.update(1)
+    runner.settle()
     summary.runner_stats = runner.stats()
     store.write_run(summary.run_id, {
         "run_id": summary.run_id, "package_version": package_version(), "config": config.model_dump(mode="json"),

@@ -156,3 +156,27 @@ def test_discovery_hash_is_the_signature_input_hash(tmp_path, small_chest):
     (case,) = discover([small_chest[0]], CaseStore(tmp_path / "store"))
     assert case.content_sha256 == content_hash(small_chest[0])
     assert case_signature(case, EngineConfig(), "0" * 64)["input_sha256"] == case.content_sha256
+
+
+def test_model_prefetch_overlaps_and_failures_reach_get(tmp_path):
+    """``prefetch`` loads in the background and ``get`` hands over that runner; a load that fails raises in
+    ``get`` (not in the thread) and the next ``get`` tries again."""
+    from pipeline.config import EngineConfig
+    from pipeline.engine import LazyRunner
+    from pipeline.model import CheckpointError
+
+    lazy = LazyRunner(EngineConfig())
+    lazy.prefetch()
+    lazy.prefetch()  # one load, not two
+    loading = lazy._loading
+    assert lazy.get() is loading.result() and lazy.get() is lazy._runner
+
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    failing = LazyRunner(EngineConfig.model_validate({"model": {"checkpoint": str(broken)}}))
+    failing.prefetch()
+    failing.settle()
+    for _ in range(2):
+        with pytest.raises(CheckpointError, match="broken.pth"):
+            failing.get()
+    assert failing.stats() == {}
