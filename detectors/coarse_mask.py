@@ -43,7 +43,7 @@ class BoxRules:
                 self.margin_px + int(round(self.margin_mm / spacing_yx[1])))
 
 
-def _objects(label_map: np.ndarray, instances: np.ndarray | None, connectivity: int
+def label_objects(label_map: np.ndarray, instances: np.ndarray | None = None, connectivity: int = 3
              ) -> Iterator[tuple[int, np.ndarray, tuple[slice, ...]]]:
     """Yield (label, boolean sub-volume, its slices) per object, per label in order of first voxel.
 
@@ -116,7 +116,7 @@ def compile_boxes(label_map: np.ndarray, *, spacing: tuple[float, float, float] 
     rng = np.random.default_rng(rules.seed)
     prompts: list[BoxPrompt] = []
     counters: dict[int, int] = {}
-    for label, component, found in _objects(label_map, instances, connectivity):
+    for label, component, found in label_objects(label_map, instances, connectivity):
         size = int(component.sum())
         if size < rules.min_voxels or size * voxel_mm3 < rules.min_size_mm3:
             continue

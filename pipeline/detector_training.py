@@ -89,14 +89,19 @@ def collect_samples(store: CaseStore, runner, case_ids: list[str], wanted: list[
     return samples
 
 
-def split(samples: list[SliceSample], holdout: float) -> tuple[list[SliceSample], list[SliceSample]]:
+def split_by_case_or_z(samples: list, holdout: float) -> tuple[list, list, str] | None:
+    """(train, held-out, how) for per-slice samples with ``case_id`` and ``z``: the last cases held out when
+    there are several, else the top z block of the one case; None when neither can be split (one slice)."""
     cases = sorted({s.case_id for s in samples})
     if len(cases) >= 2:
         held = set(cases[len(cases) - max(1, int(round(len(cases) * holdout))):])
-        return [s for s in samples if s.case_id not in held], [s for s in samples if s.case_id in held]
-    zs = sorted(s.z for s in samples)
-    cut = zs[int(len(zs) * (1 - holdout))] if zs else 0
-    return [s for s in samples if s.z < cut], [s for s in samples if s.z >= cut]
+        return ([s for s in samples if s.case_id not in held], [s for s in samples if s.case_id in held],
+                "cases")
+    zs = sorted({s.z for s in samples})
+    if len(zs) >= 2:
+        cut = zs[min(len(zs) - 1, int(len(zs) * (1 - holdout)))]
+        return [s for s in samples if s.z < cut], [s for s in samples if s.z >= cut], "z-block"
+    return None
 
 
 def evaluate_head(head, samples: list[SliceSample], wanted: list[int], threshold: float = 0.5) -> dict:
@@ -140,7 +145,7 @@ def train_from_store(store: CaseStore, out: str | Path, *, runner, labels: list[
     names = {str(k): v for c in case_ids for k, v in stored_label_names(store, c).items() if k in wanted}
     start = time.perf_counter()
     samples = collect_samples(store, runner, case_ids, wanted, meta)
-    train, held = split(samples, holdout)
+    train, held, how = split_by_case_or_z(samples, holdout) or (samples, [], "none")
     as_tensors = lambda s: (torch.from_numpy(np.stack([x.embedding for x in s])),  # noqa: E731
                             torch.from_numpy(np.stack([x.target for x in s])))
     head, history = train_head(as_tensors(train), as_tensors(held) if held else None, epochs=epochs, seed=seed)
@@ -148,7 +153,7 @@ def train_from_store(store: CaseStore, out: str | Path, *, runner, labels: list[
         "kind": "medsam-engine learned detector", "format": 1, "labels": wanted,
         "hidden": 32, "label_names": names, "encoder_model_sha256": runner.model.sha256, "parent": parent,
         "training": {"cases": case_ids, "train_slices": len(train), "holdout_slices": len(held),
-                     "split": "cases" if len({s.case_id for s in samples}) >= 2 else "z-block",
+                     "split": how,
                      "epochs_run": len(history), "seconds": round(time.perf_counter() - start, 1)},
         "metrics": {"holdout": evaluate_head(head, held, wanted), "train": evaluate_head(head, train, wanted),
                     "final_val_loss": round(min(h["val_loss"] for h in history), 5)},

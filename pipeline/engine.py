@@ -153,6 +153,38 @@ def case_signature(case: CaseRef, config: EngineConfig, model_sha256: str) -> di
     return signature
 
 
+def signature_or_read_error(case: CaseRef, config: EngineConfig, model_sha256: str, *,
+                            keep_transient: bool = False) -> dict:
+    """The case's signature; an input that cannot be read raises ReadError naming the file and why.
+
+    ``keep_transient`` re-raises errors worth retrying in place (pipeline/quarantine.py) as they are."""
+    from pipeline.errors import ReadError
+
+    try:
+        return case_signature(case, config, model_sha256)
+    except OSError as exc:
+        if keep_transient:
+            from pipeline.quarantine import is_transient
+
+            if is_transient(exc):
+                raise
+        name = Path(exc.filename or case.image).name
+        raise ReadError(f"{name}: cannot be read ({exc.strerror or exc})") from exc
+
+
+def committed_with(store: CaseStore, case_id: str, signature: dict) -> bool:
+    """Whether the case is committed with exactly this signature (then there is nothing to do)."""
+    attrs = store.case_attrs(case_id)
+    return attrs is not None and attrs.get("signature") == signature
+
+
+def write_case_manifest(store: CaseStore, case: CaseRef) -> None:
+    """Record what the case is made of before its work starts (its inputs, series and kind)."""
+    store.write_manifest(case.case_id, {"case_id": case.case_id, "image": case.image, "series": case.series,
+                                        "files": list(case.files), "coarse_mask": case.coarse_mask,
+                                        "kind": case.kind})
+
+
 def _modality(volume: Volume, config: EngineConfig) -> str:
     wanted = config.intensity.modality
     return volume.modality if wanted == "auto" else wanted
@@ -309,18 +341,14 @@ def annotate(cases: list[CaseRef], store: CaseStore, config: EngineConfig, *, ov
 def _run_one(case: CaseRef, store: CaseStore, config: EngineConfig, runner: LazyRunner, model_sha: str,
              overwrite: bool, run_id: str, progress) -> CaseOutcome:
     try:
-        signature = case_signature(case, config, model_sha)
-    except OSError as exc:
-        reason = f"{Path(exc.filename or case.image).name}: cannot be read ({exc.strerror or exc})"
-        store.record_error(case.case_id, stage="read", reason=reason, run_id=run_id)
-        log.error("case %s failed: %s", case.case_id, reason)
-        return CaseOutcome(case.case_id, "failed", reason)
-    existing = store.case_attrs(case.case_id)
-    if existing is not None and existing.get("signature") == signature:
+        signature = signature_or_read_error(case, config, model_sha)
+    except CaseError as exc:
+        store.record_error(case.case_id, stage=exc.stage, reason=exc.reason, run_id=run_id)
+        log.error("case %s failed: %s", case.case_id, exc.reason)
+        return CaseOutcome(case.case_id, "failed", exc.reason)
+    if committed_with(store, case.case_id, signature):
         return CaseOutcome(case.case_id, "skipped", "already committed with the same signature")
-    store.write_manifest(case.case_id, {"case_id": case.case_id, "image": case.image, "series": case.series,
-                                        "files": list(case.files), "coarse_mask": case.coarse_mask,
-                                        "kind": case.kind})
+    write_case_manifest(store, case)
     try:
         return process_case(case, store, config, runner, signature=signature, overwrite=overwrite,
                             progress=progress)

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 
 from pipeline.finetune_data import (FinetuneOptions, SliceSample, accepted_cases, pair_samples, split_samples,
                                     store_samples)
+from pipeline.metrics import dice
+from pipeline.model import foreground
 from pipeline.preprocess import boxes_to_model, resized_shape
 from pipeline.store import CaseStore
 
@@ -81,7 +83,8 @@ def _jitter(boxes_model: np.ndarray, fraction: float, rng: np.random.Generator,
 
 @torch.no_grad()
 def evaluate(net, samples: list[SliceSample], options: FinetuneOptions) -> float | None:
-    """Mean Dice per box on ``samples`` at the slices' resolution (logit > 0), or None without boxes."""
+    """Mean Dice per box on ``samples`` at the slices' resolution (thresholded as the runner does), or None
+    without boxes."""
     scores = []
     for sample in samples:
         height, width = sample.original_hw
@@ -91,11 +94,9 @@ def evaluate(net, samples: list[SliceSample], options: FinetuneOptions) -> float
         for start in range(0, len(sample.boxes), options.boxes_per_step):
             index = np.arange(start, min(start + options.boxes_per_step, len(sample.boxes)))
             low, _ = _decode(net, embedding, index, boxes_model, options.device)
-            full = F.interpolate(low[..., :new_h, :new_w], size=(height, width), mode="bilinear",
-                                 align_corners=False)[:, 0].cpu().numpy() > 0
-            for predicted, truth in zip(full, sample.masks[index]):
-                total = predicted.sum() + truth.sum()
-                scores.append(1.0 if total == 0 else 2.0 * np.logical_and(predicted, truth).sum() / total)
+            full = foreground(F.interpolate(low[..., :new_h, :new_w], size=(height, width), mode="bilinear",
+                                            align_corners=False)[:, 0].cpu().numpy())
+            scores.extend(dice(predicted, truth) for predicted, truth in zip(full, sample.masks[index]))
     return float(np.mean(scores)) if scores else None
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from scipy import ndimage
 
 from pipeline.preprocess import prepare_slice, resized_shape
 from pipeline.store import CaseStore
@@ -55,25 +54,32 @@ class SliceSample:
                            self.masks[keep], self.targets[keep])
 
 
-def slice_objects(labels: np.ndarray, margin: tuple[int, int] = (0, 0)
+def slice_objects(labels: np.ndarray, rules, spacing: tuple[float, float, float]
                   ) -> list[tuple[int, int, tuple, np.ndarray]]:
-    """(label, z, box XYXY widened by (margin_y, margin_x) px, (H, W) mask) for every 3D connected component
-    of every label value of a (z, y, x) label map, on each slice where it is present."""
+    """(label, z, box XYXY widened by the rules' margins, (H, W) mask) for every object of a (z, y, x) label
+    map on each slice where it is present: the objects, size filters and margins of the coarse-mask box
+    compiler (detectors/coarse_mask.py), so fine-tuning learns from the boxes that annotate would give."""
+    from detectors.coarse_mask import label_objects
+
     out = []
-    structure = ndimage.generate_binary_structure(3, 3)
     height, width = labels.shape[1:]
-    for label in (int(v) for v in np.unique(labels) if v != 0):
-        components, _ = ndimage.label(labels == label, structure=structure)
-        for index, found in enumerate(ndimage.find_objects(components), start=1):
-            if found is None:
+    margin = rules.margins(spacing[1:])
+    voxel_mm3 = float(np.prod(spacing))
+    for label, component, found in label_objects(labels):
+        size = int(component.sum())
+        if size < rules.min_voxels or size * voxel_mm3 < rules.min_size_mm3:
+            continue
+        for dz in range(component.shape[0]):
+            part = component[dz]
+            ys, xs = np.nonzero(part.any(axis=1))[0], np.nonzero(part.any(axis=0))[0]
+            if not len(ys):
                 continue
-            for z in range(found[0].start, found[0].stop):
-                mask = components[z] == index
-                ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-                if len(ys):
-                    box = (max(0, int(xs[0]) - margin[1]), max(0, int(ys[0]) - margin[0]),
-                           min(width - 1, int(xs[-1]) + margin[1]), min(height - 1, int(ys[-1]) + margin[0]))
-                    out.append((label, z, box, mask))
+            y0, x0 = found[1].start, found[2].start
+            mask = np.zeros((height, width), dtype=bool)
+            mask[found[1], found[2]] = part
+            box = (max(0, int(xs[0]) + x0 - margin[1]), max(0, int(ys[0]) + y0 - margin[0]),
+                   min(width - 1, int(xs[-1]) + x0 + margin[1]), min(height - 1, int(ys[-1]) + y0 + margin[0]))
+            out.append((label, found[0].start + dz, box, mask))
     return out
 
 
@@ -87,8 +93,7 @@ def case_samples(case_id: str, volume: Volume, labels: np.ndarray, config, runne
     """Embedded slices of one case with its objects, rendered per label window as ``config`` annotates."""
     from pipeline.engine import _renderings
 
-    margin = config.prompts.box_rules().margins(volume.spacing[1:])
-    objects = slice_objects(labels, margin)
+    objects = slice_objects(labels, config.prompts.box_rules(), volume.spacing)
     prompts = [BoxPrompt(label=o[0], instance=1, z=o[1], box=o[2]) for o in objects]
     renderings, window_of, _ = _renderings(volume, labels, prompts, config)
     default = next(iter(renderings))
@@ -116,15 +121,11 @@ def case_samples(case_id: str, volume: Volume, labels: np.ndarray, config, runne
 def split_samples(samples: list[SliceSample], holdout: float
                   ) -> tuple[list[SliceSample], list[SliceSample], str]:
     """(train, held-out, how): by case, else by a z block, else by an x block of objects (one 2D image)."""
-    cases = sorted({s.case_id for s in samples})
-    if len(cases) >= 2:
-        held = set(cases[len(cases) - max(1, int(round(len(cases) * holdout))):])
-        return ([s for s in samples if s.case_id not in held], [s for s in samples if s.case_id in held],
-                "cases")
-    zs = sorted({s.z for s in samples})
-    if len(zs) >= 2:
-        cut = zs[min(len(zs) - 1, int(len(zs) * (1 - holdout)))]
-        return [s for s in samples if s.z < cut], [s for s in samples if s.z >= cut], "z-block"
+    from pipeline.detector_training import split_by_case_or_z
+
+    split = split_by_case_or_z(samples, holdout)
+    if split is not None:
+        return split
     centres = [(s.boxes[:, 0] + s.boxes[:, 2]) / 2 for s in samples]
     centres = np.concatenate(centres) if centres else np.zeros(0)
     if len(centres) < 2:

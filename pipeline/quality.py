@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from detectors.evaluation import box_iou
+
 STABILITY_OFFSET = 1.0  # logit offset of SAM's stability score
 FEATURES = ("predicted_iou", "stability", "jitter_iou", "coverage", "box_agreement", "slice_iou",
             "area_steadiness", "drift_steadiness")
@@ -99,14 +101,6 @@ def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return None if len(ys) == 0 else (int(xs[0]), int(ys[0]), int(xs[-1]), int(ys[-1]))
 
 
-def _box_iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
-    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
-    inter = ix * iy
-    return inter / (area(a) + area(b) - inter)
-
-
 def geometry_checks(masks: dict[int, np.ndarray], boxes: dict[int, tuple]) -> dict[str, float | None]:
     """Coverage and box agreement per instance, plus slice-to-slice checks when it spans several slices.
 
@@ -116,7 +110,7 @@ def geometry_checks(masks: dict[int, np.ndarray], boxes: dict[int, tuple]) -> di
     zs = sorted(masks)
     filled = [z for z in zs if masks[z].any()]
     out: dict[str, float | None] = {"coverage": len(filled) / len(zs) if zs else 0.0}
-    out["box_agreement"] = float(np.mean([_box_iou(boxes[z], _bbox(masks[z])) if masks[z].any() else 0.0
+    out["box_agreement"] = float(np.mean([box_iou(boxes[z], _bbox(masks[z])) if masks[z].any() else 0.0
                                           for z in zs])) if zs else 0.0
     pairs = [(a, b) for a, b in zip(filled, filled[1:]) if b - a == 1]
     for key in ("slice_iou", "area_steadiness", "drift_steadiness", "slice_iou_min", "area_jump_max",

@@ -81,12 +81,6 @@ def read_store_record(store, folder: str, name: str) -> dict | None:
     return store.read_json(store.root / folder / f"{name}.json")
 
 
-def remove_store_record(store, folder: str, name: str) -> None:
-    path = str(store.root / folder / f"{name}.json")
-    if store.fs.exists(path):
-        store.fs.rm_file(path)
-
-
 def quarantine(store, case_id: str, *, stage: str, signature: dict | None, run_id: str) -> None:
     record = {"case_id": case_id, "stage": stage, "signature": signature, "run_id": run_id, "time": _stamp()}
     write_store_record(store, "_quarantine", case_id, record)

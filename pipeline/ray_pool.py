@@ -27,12 +27,10 @@ import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.quarantine import (RETRY_NEXT_RUN, failure_of, is_transient, outcome, quarantine,
-                                 remove_store_record, with_retries)
+from pipeline.quarantine import RETRY_NEXT_RUN, failure_of, outcome, quarantine, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -250,29 +248,19 @@ class Annotator:
         return outcome(ref.case_id, "failed", stage=stage, seconds=time.perf_counter() - start, node=_node())
 
     def _attempt(self, case, store, *, overwrite: bool) -> dict:
-        from pipeline.engine import case_signature, process_case
-        from pipeline.errors import ReadError
+        from pipeline.engine import committed_with, process_case, signature_or_read_error, write_case_manifest
         from pipeline.readers import read_case
 
-        try:
-            signature = case_signature(case, self.config, self.runner.model_sha256)
-        except OSError as exc:
-            if is_transient(exc):
-                raise
-            name = Path(exc.filename or case.image).name
-            raise ReadError(f"{name}: cannot be read ({exc.strerror or exc})") from exc
-        if _committed_with(store, case.case_id, signature):
+        signature = signature_or_read_error(case, self.config, self.runner.model_sha256, keep_transient=True)
+        if committed_with(store, case.case_id, signature):
             return outcome(case.case_id, "skipped", node=_node())
         volume = read_case(case)  # outside the lock: overlaps the other call's model work
         with self._model_lock:
-            if _committed_with(store, case.case_id, signature):  # a retried call finished it meanwhile
+            if committed_with(store, case.case_id, signature):  # a retried call finished it meanwhile
                 return outcome(case.case_id, "skipped", node=_node())
-            store.write_manifest(case.case_id, {"case_id": case.case_id, "image": case.image,
-                                                "series": case.series, "files": list(case.files),
-                                                "coarse_mask": case.coarse_mask, "kind": case.kind})
+            write_case_manifest(store, case)
             done = process_case(case, store, self.config, self.runner, signature=signature,
                                 overwrite=overwrite, volume=volume)
-        remove_store_record(store, "_quarantine", case.case_id)
         return outcome(case.case_id, "done", slices=done.slices, seconds=done.seconds, node=_node())
 
     def _signature_or_none(self, case) -> dict | None:
@@ -292,11 +280,6 @@ def _node() -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id()[:12]
-
-
-def _committed_with(store, case_id: str, signature: dict) -> bool:
-    attrs = store.case_attrs(case_id)
-    return attrs is not None and attrs.get("signature") == signature
 
 
 # -- driving actors ------------------------------------------------------------------------------------------

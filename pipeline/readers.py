@@ -190,15 +190,12 @@ def read_volume(path: str | Path) -> Volume:
     if not path.exists():
         raise ReadError(f"{path.name}: no such file or folder")
     suffix = suffix_of(path)
-    if path.is_dir() or suffix in DICOM_SUFFIXES:
-        from pipeline.dicom import read_dicom_series
-
-        return _guarded(path, path.name, lambda: read_dicom_series(path))
     readers = {**{s: read_nifti for s in NIFTI_SUFFIXES}, **{s: read_nrrd for s in NRRD_SUFFIXES},
                **{s: read_image_2d for s in IMAGE_SUFFIXES}}
-    if suffix in readers:
+    if not path.is_dir() and suffix in readers:
         return _guarded(path, path.name, lambda: readers[suffix](path))
-    if not suffix or has_dicom_marker(path):  # DICOM files often have no suffix at all
+    # DICOM: a series folder, a DICOM suffix, or a file with no suffix or the 'DICM' marker (often unnamed)
+    if path.is_dir() or suffix in DICOM_SUFFIXES or not suffix or has_dicom_marker(path):
         from pipeline.dicom import read_dicom_series
 
         return _guarded(path, path.name, lambda: read_dicom_series(path))

@@ -216,10 +216,14 @@ class CaseStore:
             final = self._commit_local(case_id, content, previous)
         else:
             final = self._commit_remote(case_id, content, previous if old is not None else None)
-        error = self.root / "_errors" / f"{case_id}.json"
-        if self.fs.exists(str(error)):
-            self.fs.rm_file(str(error))
+        for folder in ("_errors", "_quarantine"):  # a committed case has no open failure (pipeline/quarantine)
+            self.remove_json(self.root / folder / f"{case_id}.json")
         return final
+
+    def remove_json(self, path: str | Path | PurePosixPath) -> None:
+        """Remove a record if it is there."""
+        if self.fs.exists(str(path)):
+            self.fs.rm_file(str(path))
 
     def _commit_local(self, case_id: str, content: dict, previous: Path | PurePosixPath) -> Path:
         final = Path(self.case_path(case_id))

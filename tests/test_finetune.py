@@ -106,3 +106,24 @@ def test_whole_model_finetune_on_cuda(accepted_store, tmp_path):
     changed = [k for k, v in official.net.image_encoder.state_dict().items()
                if not torch.equal(v, tuned.net.image_encoder.state_dict()[k])]
     assert changed  # the encoder was trained too
+
+
+def test_finetune_objects_follow_the_box_compilers_size_filter_and_margins(chest_ct):
+    """Fine-tuning learns from the boxes annotate would give: objects under the rules' minimum size are
+    left out and boxes carry the rules' margins, as detectors/coarse_mask.compile_boxes makes them."""
+    from detectors.coarse_mask import BoxRules, compile_boxes
+    from pipeline.finetune_data import slice_objects
+    from pipeline.geometry import align_to
+    from pipeline.readers import read_volume
+
+    volume = read_volume(chest_ct[0])
+    labels = align_to(read_volume(chest_ct[1]), volume).astype(np.uint16)
+    rules = BoxRules(margin_px=2, min_size_mm3=5000.0)
+    objects = slice_objects(labels, rules, volume.spacing)
+    prompts = compile_boxes(labels, spacing=volume.spacing, rules=rules)
+    assert sorted((o[0], o[1], o[2]) for o in objects) == sorted((p.label, p.z, p.box) for p in prompts)
+    assert len(objects) < len(slice_objects(labels, BoxRules(margin_px=2), volume.spacing))  # small ones gone
+    for label, z, box, mask in objects[:20]:
+        ys, xs = np.nonzero(mask)
+        assert (labels[z][mask] == label).all()
+        assert (box[0], box[1]) == (max(0, xs.min() - 2), max(0, ys.min() - 2))

@@ -76,3 +76,17 @@ def test_label_colours_and_names_do_not_depend_on_the_other_labels(tmp_path):
             "label-value": 5, "name": "liver", "category": "Anatomical Structure",
             "snomed-ct-code": "10200004", "snomed-ct-meaning": "Liver", "review-status": "unreviewed"}
     assert colours["a"][5] == colours["b"][5] and colours["a"][3] != colours["a"][5]
+
+
+def test_commit_closes_the_cases_error_and_quarantine_records(tmp_path):
+    """A case committed after it failed (fixed input, new model, --retry-quarantined, or a local run after a
+    distributed one) keeps no open failure: its error and quarantine records go with the commit."""
+    from pipeline.quarantine import quarantine, quarantined
+
+    store = CaseStore(tmp_path)
+    store.record_error("c1", stage="read", reason="c1.nii.gz: truncated", run_id="r1")
+    quarantine(store, "c1", stage="read", signature={"s": 1}, run_id="r1")
+    store.record_error("c2", stage="read", reason="c2.nii.gz: truncated", run_id="r1")
+    _commit(store, "c1", 3, {"s": 2})
+    assert quarantined(store, "c1") is None and not (tmp_path / "_errors" / "c1.json").exists()
+    assert (tmp_path / "_errors" / "c2.json").exists()  # another case's record stays
