@@ -43,7 +43,7 @@ def real_inputs():
     embedded = runner.encode([to_uint8(volume.array, "CT")[z]])[0]
     voxel_boxes = np.array([p.box for p in boxes_from_label_map(labels) if p.z == z], np.float32)
     boxes = runner.model.framing.boxes(voxel_boxes, *embedded.original_hw)
-    return runner.model.net, embedded.embedding, torch.from_numpy(boxes)[:, None, :]
+    return runner.model.net, embedded.tensor(), torch.from_numpy(boxes)[:, None, :]
 
 
 def openvino_model(module: torch.nn.Module, embedding, boxes, folder: Path):

@@ -44,7 +44,7 @@ def learned_label_map(runner, volume: Volume, train_z: list[int], test_z: list[i
     meta = {"ct_window": [40.0, 400.0]}
     rendered = render(volume, meta)
     embed = {z: runner.encode([rendered[z]])[0] for z in sorted(set(train_z) | set(test_z))}
-    x = torch.cat([embed[z].embedding.float() for z in train_z])
+    x = torch.cat([embed[z].tensor().float() for z in train_z])
     y = torch.from_numpy(np.stack([grid_targets(reference[z], labels) for z in train_z]))
     start = time.perf_counter()
     head, history = train_head((x, y), None, epochs=200, seed=0)
@@ -52,7 +52,7 @@ def learned_label_map(runner, volume: Volume, train_z: list[int], test_z: list[i
     out = np.zeros(volume.shape, dtype=np.uint16)
     with torch.no_grad():
         for z in test_z:
-            heat = grid_to_slice(torch.sigmoid(head(embed[z].embedding.float()))[0].numpy(), embed[z].original_hw)
+            heat = grid_to_slice(torch.sigmoid(head(embed[z].tensor().float()))[0].numpy(), embed[z].original_hw)
             out[z] = np.where(heat.max(axis=0) > 0.5, np.asarray(labels)[heat.argmax(axis=0)], 0)
     return out, seconds
 
@@ -129,13 +129,13 @@ def learned_label_map_2d(runner, crops) -> tuple[np.ndarray, float]:
     test_volume, _, _ = crops["right"]
     train_embedding = runner.encode([render(train_volume, meta)[0]])[0]
     test_embedding = runner.encode([render(test_volume, meta)[0]])[0]
-    x = train_embedding.embedding.float()
+    x = train_embedding.tensor().float()
     y = torch.from_numpy(grid_targets(train_ref[0], [1])[None])
     start = time.perf_counter()
     head, _ = train_head((x, y), None, epochs=200, seed=0)
     seconds = time.perf_counter() - start
     with torch.no_grad():
-        heat = grid_to_slice(torch.sigmoid(head(test_embedding.embedding.float()))[0].numpy(),
+        heat = grid_to_slice(torch.sigmoid(head(test_embedding.tensor().float()))[0].numpy(),
                              test_embedding.original_hw)
     return (heat[0] > 0.5).astype(np.uint16)[None], seconds
 

@@ -44,8 +44,9 @@ class BoxRules:
 
 
 def label_objects(label_map: np.ndarray, instances: np.ndarray | None = None, connectivity: int = 3
-             ) -> Iterator[tuple[int, np.ndarray, tuple[slice, ...]]]:
-    """Yield (label, boolean sub-volume, its slices) per object, per label in order of first voxel.
+                  ) -> Iterator[tuple[int, np.ndarray, tuple[slice, ...]]]:
+    """Yield (label, boolean sub-volume, its slices) per object: labels in ascending order, each label's
+    objects in order of their first voxel.
 
     Each label is searched within its own bounding box (one pass over the map finds them all), so an
     instance map with hundreds of labels costs about one pass, not one per label."""

@@ -81,13 +81,12 @@ def torch_version() -> str:
 
 def default_threads() -> int:
     """Threads for a runtime: torch's intra-op setting when torch is loaded, else ``OMP_NUM_THREADS`` (Ray sets
-    it for actors), else the CPUs this process may run on."""
-    if "torch" in sys.modules:
-        return sys.modules["torch"].get_num_threads()
+    it for actors), else 0: the runtime's own default (one per physical core, as torch's)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "get_num_threads"):  # not while another thread imports it
+        return torch.get_num_threads()
     configured = os.environ.get("OMP_NUM_THREADS", "")
-    if configured.isdigit() and int(configured) > 0:
-        return int(configured)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return int(configured) if configured.isdigit() else 0
 
 
 def graph_folder(sha256: str, runtime: str, *, cache_root: str | Path | None = None) -> Path:
@@ -167,35 +166,49 @@ def _stamp(path: Path) -> list[int]:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def _valid_graphs(folder: Path, sha256: str) -> set[str]:
-    """Names of the graphs in ``folder`` that its manifest vouches for (same checkpoint, opset and bytes).
+def _check_graphs(folder: Path, sha256: str) -> tuple[set[str], dict[str, list[int]]]:
+    """Names of the graphs in ``folder`` that its manifest vouches for (same checkpoint, opset and bytes), and
+    the stamps of those that had to be hashed to tell.
 
     A graph whose size and modification time are those the manifest recorded is not read again; any other is
-    hashed and must match the recorded sha256 (files are only ever renamed into place whole)."""
+    hashed and must match the recorded sha256 (files are only ever renamed into place whole). Its stamp is
+    taken before hashing, so a file replaced meanwhile is hashed again next time."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
-        return set()
+        return set(), {}
     if (manifest.get("checkpoint_sha256") != sha256 or manifest.get("opset") != OPSET
             or manifest.get("form") != GRAPH_FORM):
-        return set()
+        return set(), {}
     hashes, stamps = manifest.get("graphs", {}), manifest.get("stamps", {})
-    valid = set()
+    valid, hashed = set(), {}
     for name in GRAPHS:
         path = folder / f"{name}.onnx"
-        if path.is_file() and (_stamp(path) == stamps.get(name) or file_sha256(path) == hashes.get(name)):
+        if not path.is_file():
+            continue
+        stamp = _stamp(path)
+        if stamp == stamps.get(name):
             valid.add(name)
-    return valid
+        elif file_sha256(path) == hashes.get(name):
+            valid.add(name)
+            hashed[name] = stamp
+    return valid, hashed
 
 
-def _restamp(folder: Path) -> None:
-    """Record the graphs' current stamps in the manifest once they were verified by hash (a cache written
-    before stamps existed, or copied without its modification times), so later starts skip the hashing."""
-    manifest = json.loads((folder / "manifest.json").read_text())
-    stamps = {name: _stamp(folder / f"{name}.onnx") for name in GRAPHS}
-    if manifest.get("stamps") != stamps:
-        manifest["stamps"] = stamps
+def _valid_graphs(folder: Path, sha256: str) -> set[str]:
+    return _check_graphs(folder, sha256)[0]
+
+
+def _restamp(folder: Path, hashed: dict[str, list[int]]) -> None:
+    """Record the stamps of graphs just verified by hash (a cache written before stamps existed, or copied
+    without its modification times), so later starts skip the hashing. Best effort: a read-only or shared
+    cache, or a manifest being rewritten by another worker, leaves the hashing for next time."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["stamps"] = {**manifest.get("stamps", {}), **hashed}
         write_atomic(folder, "manifest.json", lambda path: Path(path).write_text(json.dumps(manifest, indent=1)))
+    except (OSError, ValueError) as exc:
+        log.debug("graph stamps in %s not recorded: %s", folder, exc)
 
 
 def _provide(model: LoadedModel, folder: Path, names: tuple[str, ...]) -> None:
@@ -228,10 +241,11 @@ def load_graphs(model: LoadedModel, runtime: str, *, cache_root: str | Path | No
         raise ValueError(f"Argument 'runtime' must be one of {', '.join(RUNTIMES)}; got {runtime!r}.")
     folder = graph_folder(model.sha256, runtime, cache_root=cache_root)
     threads = threads or default_threads()
-    valid = _valid_graphs(folder, model.sha256)
+    valid, hashed = _check_graphs(folder, model.sha256)
     stale = tuple(name for name in GRAPHS if name not in valid)
     if not stale:
-        _restamp(folder)
+        if hashed:
+            _restamp(folder, hashed)
         return RUNTIMES[runtime](folder, threads)
     if folder.exists():
         log.warning("cached %s graphs %s in %s are missing, damaged or of an older form; exporting them again",

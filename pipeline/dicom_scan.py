@@ -128,7 +128,8 @@ def read_header(path: str) -> SliceHeader | str:
         return _header_of(ds, path)
     except ValueError:
         raise
-    except Exception as exc:  # values are decoded on access: a corrupt element raises only now
+    except Exception as exc:  # values are decoded on access: a corrupt element raises only now (pydicom
+        # raises many types then; a bug of ours in _header_of would read as a corrupt header too)
         raise ValueError(f"corrupt DICOM header ({type(exc).__name__}: {str(exc)[:120]})") from exc
 
 

@@ -111,7 +111,7 @@ class LazyRunner:
                 self._runner = future.result()
             except BaseException:
                 with self._lock:
-                    if self._loading is future:
+                    if self._loading is future and future.done():  # an interrupted wait keeps its load
                         self._loading = None
                 raise
         return self._runner
@@ -324,13 +324,15 @@ def annotate(cases: list[CaseRef], store: CaseStore, config: EngineConfig, *, ov
     summary = RunSummary(run_id=time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6])
     show = sys.stderr.isatty() if show_progress is None else show_progress
     model_sha = runner.model_sha256
-    with tqdm(total=len(cases), desc="cases", unit="case", disable=not show) as bar, \
-            tqdm(desc="slices", unit="slice", disable=not show, leave=False) as slices:
-        for case in cases:
-            summary.outcomes.append(_run_one(case, store, config, runner, model_sha, overwrite, summary.run_id,
-                                             slices if show else None))
-            bar.update(1)
-    runner.settle()
+    try:
+        with tqdm(total=len(cases), desc="cases", unit="case", disable=not show) as bar, \
+                tqdm(desc="slices", unit="slice", disable=not show, leave=False) as slices:
+            for case in cases:
+                summary.outcomes.append(_run_one(case, store, config, runner, model_sha, overwrite,
+                                                 summary.run_id, slices if show else None))
+                bar.update(1)
+    finally:
+        runner.settle()
     summary.runner_stats = runner.stats()
     store.write_run(summary.run_id, {
         "run_id": summary.run_id, "package_version": package_version(), "config": config.model_dump(mode="json"),

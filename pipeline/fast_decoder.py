@@ -16,7 +16,7 @@ run once per box. Two exact rewrites (up to float rounding) remove most of them:
 Per box this takes the decoder from 3.6 to about 1.6 GFLOP; the upscaling convolutions (0.8 GFLOP) cannot
 be factored. :class:`FactoredBoxDecoder` reads the weights of the loaded network (nothing is copied or
 retrained) and is checked against the original modules in tests/test_fast_decoder.py and at every export
-(pipeline/backends.py's parity check). Eager torch keeps running the original modules: it is the reference.
+(pipeline/graph_export.py's parity check). Eager torch keeps running the original modules: it is the reference.
 """
 from __future__ import annotations
 
@@ -122,8 +122,8 @@ def upscaled_masks(upscaling: nn.Sequential, keys: torch.Tensor, hyper: torch.Te
     products on the token-major keys, and the 2x2 blocks are interleaved only on the one-channel masks.
     This spares the runtime two layout reorders of the largest tensors and lets LayerNorm2d run as a
     LayerNorm over the last axis (the same formula: biased variance, eps inside the square root). Each bias,
-    repeated for the 2x2 outputs, is added straight to its product, so a runtime fuses bias and GELU into the
-    matrix product instead of a pass over the largest tensor.
+    repeated for the 2x2 outputs, is added straight to its product, so a runtime fuses it (and, after the
+    second, the GELU) into the matrix product instead of a pass over the largest tensor.
     """
     up1, norm, act1, up2, act2 = upscaling
     b = keys.shape[0]

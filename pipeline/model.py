@@ -142,15 +142,18 @@ def load_lite_medsam(checkpoint: str | Path | None = None, *, device: str = "cpu
     return model
 
 
-def _no_gpu_driver() -> bool:
-    """True when this Linux machine has no NVIDIA or ROCm device nodes, so CUDA cannot be available (torch need
-    not be imported to ask); False where that cannot be told without torch."""
+def _no_gpu_visible() -> bool:
+    """True when CUDA cannot be available, told without importing torch: CUDA_VISIBLE_DEVICES (or ROCm's
+    HIP_VISIBLE_DEVICES) hides every device, or this Linux machine has no NVIDIA or ROCm device nodes."""
+    for variable in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"):
+        if os.environ.get(variable, "unset").strip() in ("", "-1"):
+            return True
     return sys.platform.startswith("linux") and not any(
         os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg"))
 
 
 def cuda_available() -> bool:
-    if _no_gpu_driver():
+    if _no_gpu_visible():
         return False
     import torch
 

@@ -215,6 +215,9 @@ class Annotator:
         os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(max(1, threads))
+        import cv2
+
+        cv2.setNumThreads(max(1, threads))  # logit resizing and pre-processing stay within the actor's CPUs
         self.config = EngineConfig.model_validate_json(config_json)
         self.runner = LazyRunner(self.config)
         self.threads = threads
@@ -254,6 +257,7 @@ class Annotator:
         signature = signature_or_read_error(case, self.config, self.runner.model_sha256, keep_transient=True)
         if committed_with(store, case.case_id, signature):
             return outcome(case.case_id, "skipped", node=_node())
+        self.runner.prefetch()  # the first case's read overlaps the model load
         volume = read_case(case)  # outside the lock: overlaps the other call's model work
         with self._model_lock:
             if committed_with(store, case.case_id, signature):  # a retried call finished it meanwhile

@@ -187,3 +187,36 @@ def test_annotating_on_cached_graphs_never_imports_torch(runner, nuclei_2d, tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"torch": False, "committed": 1, "failed": []}
+
+
+def test_a_cache_that_cannot_be_stamped_still_serves(runner, graph_cache, monkeypatch):
+    """Recording stamps is best effort: a read-only or shared cache keeps serving its verified graphs."""
+    import json
+
+    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    folder = backends.graph_folder(runner.model.sha256, "onnxruntime")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.pop("stamps")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(backends, "write_atomic", read_only)
+    exported = dict(graph_export.exports)
+    fast = LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    assert fast.backend == "onnxruntime" and dict(graph_export.exports) == exported
+    assert "stamps" not in json.loads((folder / "manifest.json").read_text())
+
+
+def test_default_threads_follow_torch_then_omp_then_the_runtime(monkeypatch):
+    import sys
+
+    import torch
+
+    assert backends.default_threads() == torch.get_num_threads()
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert backends.default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert backends.default_threads() == 0  # the runtime's own default

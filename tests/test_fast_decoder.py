@@ -165,7 +165,7 @@ def test_model_prefetch_overlaps_and_failures_reach_get(tmp_path):
     from pipeline.engine import LazyRunner
     from pipeline.model import CheckpointError
 
-    lazy = LazyRunner(EngineConfig())
+    lazy = LazyRunner(EngineConfig.model_validate({"model": {"backend": "torch"}}))  # no graph export here
     lazy.prefetch()
     lazy.prefetch()  # one load, not two
     loading = lazy._loading

@@ -127,3 +127,11 @@ def test_finetune_objects_follow_the_box_compilers_size_filter_and_margins(chest
         ys, xs = np.nonzero(mask)
         assert (labels[z][mask] == label).all()
         assert (box[0], box[1]) == (max(0, xs.min() - 2), max(0, ys.min() - 2))
+
+
+def test_one_slice_cannot_be_split_by_case_or_z():
+    from pipeline.detector_training import split_by_case_or_z
+
+    assert split_by_case_or_z([_sample("a", 0, [5, 15])], 0.25) is None
+    train, held, how = split_by_case_or_z([_sample("a", z, [5]) for z in range(4)], 0.25)
+    assert how == "z-block" and [s.z for s in held] == [3] and len(train) == 3

@@ -172,3 +172,13 @@ def test_foreground_threshold_equals_float32_sigmoid_above_one_half():
                              rng.normal(0, 20, 100_000).astype(np.float32),
                              np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45], np.float32)])
     assert np.array_equal(foreground(values), (torch.sigmoid(torch.from_numpy(values)) > 0.5).numpy())
+
+
+def test_hidden_gpus_are_told_without_asking_torch(monkeypatch):
+    from pipeline.model import _no_gpu_visible, resolve_device
+
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert _no_gpu_visible() and resolve_device("auto") == "cpu"
+        with pytest.raises(ValueError, match="no CUDA device is visible"):
+            resolve_device("cuda")
