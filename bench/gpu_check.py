@@ -1,0 +1,183 @@
+"""Issue 3's GPU check, prepared to run as one script when the `device` tool lends a GPU (it also runs on CPU,
+smaller, as a smoke test of the script itself).
+
+Measures, in one run on one device:
+* the device's own matmul rate (fp32 and bf16, 4096², torch), the denominator of every efficiency figure;
+* LiteMedSAM's encoder in slices/s at each ``--batches`` size (default 1 and 64), fp32 and bf16 autocast,
+  on real chest CT slices (slicerio), with eta = 74.95 GFLOP x slices/s / matmul rate of that precision;
+* bf16 against fp32 on the same slices: largest embedding difference and mask agreement (Dice) of all
+  reference boxes of those slices;
+* end to end: `annotate` on the 10-label chest CT case of bench/runner_speed.py (model load, read, prompts,
+  model, commit; device as given, backend auto = eager torch on CUDA) in slices/s, with Dice against the
+  reference labels.
+
+    .venv/bin/python bench/gpu_check.py [--device cuda] [--batches 1 64] [--repeats 5] [--json FILE]
+
+The figures are printed and, with ``--json`` (default ``$OUT/gpu_check.json`` when ``OUT`` is set), written
+as JSON. Nothing is downloaded: the model is the bundled checkpoint, the data ship in slicerio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+ENCODER_GFLOP = 74.95  # per 256² slice (facts.md)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device: str, dtype: torch.dtype, size: int = 4096, repeats: int = 10) -> float:
+    """GFLOP/s of a square matmul on ``device`` in ``dtype`` (2 FLOP per multiply-add)."""
+    if device == "cpu":
+        size, repeats = 2048, 5
+        if dtype == torch.bfloat16:
+            return float("nan")  # the CPU path never runs bf16
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def real_slices():
+    """uint8 chest CT slices (window 40/400) that hold reference labels, and each slice's reference boxes."""
+    import slicerio
+
+    from detectors import compile_boxes
+    from pipeline.geometry import align_to
+    from pipeline.preprocess import to_uint8
+    from pipeline.readers import read_volume
+
+    data = Path(slicerio.__file__).parent / "data"
+    volume = read_volume(data / "CTChest4.nrrd")
+    labels = align_to(read_volume(data / "Segmentation.seg.nrrd"), volume).astype(np.uint16)
+    u8 = to_uint8(volume.array, "CT")
+    prompts = compile_boxes(labels)
+    zs = sorted({p.z for p in prompts})
+    boxes = {z: np.array([p.box for p in prompts if p.z == z], np.float32) for z in zs}
+    return [u8[z] for z in zs], [boxes[z] for z in zs]
+
+
+def encoder_speed(runner, slices: list[np.ndarray], batch: int, repeats: int) -> float:
+    """Slices/s of the runner's encoder at ``batch`` slices per call (distinct real slices, cycled)."""
+    chunk = [slices[i % len(slices)] for i in range(batch)]
+    runner._encode(chunk)  # warm-up: kernels, allocator, autotuning
+    synchronize(runner.device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        runner._encode(chunk)
+    synchronize(runner.device)
+    return batch * repeats / (time.perf_counter() - start)
+
+
+def bf16_agreement(model, device: str, slices, boxes) -> dict:
+    """bf16 autocast vs fp32 on the same slices: max |embedding delta| and Dice of every box's mask."""
+    from pipeline.metrics import dice
+    from pipeline.model import LiteMedSAMRunner, foreground
+
+    fp32 = LiteMedSAMRunner(model, device=device, precision="fp32", cache_bytes=0)
+    bf16 = LiteMedSAMRunner(model, device=device, precision="bf16", cache_bytes=0)
+    worst, scores = 0.0, []
+    for u8, slice_boxes in zip(slices[:8], boxes[:8]):
+        a, b = fp32._encode([u8])[0], bf16._encode([u8])[0]
+        worst = max(worst, float(np.abs(a.array() - b.array()).max()))
+        masks_a = foreground(fp32.decode(a, slice_boxes)[0])
+        masks_b = foreground(bf16.decode(b, slice_boxes)[0])
+        scores += [dice(x, y) for x, y in zip(masks_a, masks_b)]
+    return {"embedding_max_abs_delta": worst, "mask_dice_mean": float(np.mean(scores)),
+            "mask_dice_min": float(np.min(scores)), "boxes": len(scores)}
+
+
+def end_to_end(device: str) -> dict:
+    """``annotate`` on the 10-label chest CT case (bench/runner_speed.py's), in this process."""
+    from runner_speed import write_cases
+
+    from pipeline.config import EngineConfig
+    from pipeline.discover import discover
+    from pipeline.engine import annotate
+    from pipeline.metrics import dice
+    from pipeline.store import CaseStore
+
+    with tempfile.TemporaryDirectory(prefix="medsam-gpu-") as tmp:
+        image, mask, reference, _ = write_cases(Path(tmp))["10 labels"]
+        store = CaseStore(Path(tmp) / "store")
+        config = EngineConfig.model_validate({"model": {"device": device}, "intensity": {"ct_window": "fixed"},
+                                              "postprocess": {"chain": []}})
+        start = time.perf_counter()
+        cases = discover([image], store, coarse_masks=[mask])
+        summary = annotate(cases, store, config, show_progress=False)
+        seconds = time.perf_counter() - start
+        if summary.failed:
+            raise RuntimeError([o.reason for o in summary.failed])
+        labels, _ = store.read_labels(cases[0].case_id)
+    slices = int(reference.any(axis=(1, 2)).sum())
+    values = [int(v) for v in np.unique(reference) if v]
+    return {"seconds": seconds, "slices": slices, "slices_per_s": slices / seconds,
+            "dice_mean": float(np.mean([dice(labels == v, reference == v) for v in values])),
+            "runner": summary.runner_stats}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default=str(Path(os.environ["OUT"]) / "gpu_check.json")
+                        if os.environ.get("OUT") else None)
+    args = parser.parse_args()
+    from pipeline.model import LiteMedSAMRunner, load_lite_medsam, resolve_device
+
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
+    report: dict = {"device": name, "torch": torch.__version__,
+                    "matmul_gflops": {"fp32": matmul_rate(device, torch.float32),
+                                      "bf16": matmul_rate(device, torch.bfloat16)}}
+    print(f"{name}, torch {torch.__version__}: matmul fp32 {report['matmul_gflops']['fp32']:.0f} GFLOP/s, "
+          f"bf16 {report['matmul_gflops']['bf16']:.0f} GFLOP/s")
+    model = load_lite_medsam(device=device)
+    slices, boxes = real_slices()
+    precisions = ["fp32", "bf16"] if device.startswith("cuda") else ["fp32"]
+    report["encoder"] = []
+    for precision in precisions:
+        runner = LiteMedSAMRunner(model, device=device, precision=precision, cache_bytes=0)
+        rate = report["matmul_gflops"][precision]
+        for batch in args.batches:
+            speed = encoder_speed(runner, slices, batch, args.repeats)
+            row = {"precision": precision, "batch": batch, "slices_per_s": speed,
+                   "eta": ENCODER_GFLOP * speed / rate}
+            if device.startswith("cuda"):
+                row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                torch.cuda.reset_peak_memory_stats()
+            report["encoder"].append(row)
+            print(f"encoder {precision} batch {batch:3d}: {speed:8.1f} slices/s, eta {row['eta']:.3f}")
+    if device.startswith("cuda"):
+        report["bf16_vs_fp32"] = bf16_agreement(model, device, slices, boxes)
+        print(f"bf16 vs fp32: {report['bf16_vs_fp32']}")
+    report["end_to_end"] = end_to_end(device)
+    e2e = report["end_to_end"]
+    print(f"annotate, 10-label chest CT: {e2e['slices']} slices in {e2e['seconds']:.1f} s = "
+          f"{e2e['slices_per_s']:.2f} slices/s (model load included), Dice {e2e['dice_mean']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"written {args.json}")
+
+
+if __name__ == "__main__":
+    main()
