@@ -94,31 +94,52 @@ def _engine_problem(args) -> str | None:
     return f"{', '.join(given)} only apply with --engine ray" if given else None
 
 
-def _annotate(args) -> int:
+def run_config(args, command: str, *, detector_defaults: dict[str, dict] | None = None,
+               checkpoint_in_config: bool = True):
+    """The configuration a run command's arguments ask for (file, then flags), or None after printing why it
+    cannot work: a bad file or option, a detector that needs --coarse-mask without one, or model options
+    this machine cannot serve. ``detector_defaults`` ({detector: options}) fill the chosen detector's
+    options that neither the file nor a flag set (the flywheel's current detector artefact for the learned
+    detector); ``checkpoint_in_config`` False leaves --checkpoint out
+    of the returned configuration (the flywheel passes it on by itself) but still checks it."""
     from pydantic import ValidationError
 
+    from detectors import get_spec
     from pipeline.config import load_config
+
+    try:
+        config = load_config(args.config)
+        defaults = (detector_defaults or {}).get(args.detector or config.prompts.detector, {})
+        options = {**defaults, **config.prompts.options, **detector_options(args.detector_option)}
+        checkpoint = getattr(args, "checkpoint", None)
+        config = config.with_overrides(
+            prompts={"detector": args.detector, "box_margin": getattr(args, "box_margin", None),
+                     "options": options or None},
+            model={"checkpoint": checkpoint if checkpoint_in_config else None,
+                   "device": getattr(args, "device", None), "mode": getattr(args, "mode", None)})
+    except (ValidationError, OSError, ValueError) as exc:
+        print(f"medsam-engine {command}: bad configuration: {exc}", file=sys.stderr)
+        return None
+    if get_spec(config.prompts.detector).needs_coarse_mask and not args.coarse_mask:
+        print(f"medsam-engine {command}: the {config.prompts.detector} detector needs --coarse-mask",
+              file=sys.stderr)
+        return None
+    problem = model_problem(config.with_overrides(model={"checkpoint": checkpoint}))
+    if problem:
+        print(f"medsam-engine {command}: {problem}", file=sys.stderr)
+        return None
+    return config
+
+
+def _annotate(args) -> int:
     from pipeline.discover import DiscoveryOptions, discover
     from pipeline.engine import annotate
     from pipeline.store import CaseStore
 
-    try:
-        options = detector_options(args.detector_option)
-        config = load_config(args.config)
-        if options:
-            options = {**config.prompts.options, **options}
-        config = config.with_overrides(
-            prompts={"detector": args.detector, "box_margin": args.box_margin, "options": options or None},
-            model={"checkpoint": args.checkpoint, "device": args.device, "mode": args.mode})
-    except (ValidationError, OSError, ValueError) as exc:
-        print(f"medsam-engine annotate: bad configuration: {exc}", file=sys.stderr)
+    config = run_config(args, "annotate")
+    if config is None:
         return EXIT_USAGE
-    from detectors import get_spec
-
-    if get_spec(config.prompts.detector).needs_coarse_mask and not args.coarse_mask:
-        print(f"medsam-engine annotate: the {config.prompts.detector} detector needs --coarse-mask", file=sys.stderr)
-        return EXIT_USAGE
-    problem = model_problem(config) or _engine_problem(args)
+    problem = _engine_problem(args)
     if problem:
         print(f"medsam-engine annotate: {problem}", file=sys.stderr)
         return EXIT_USAGE

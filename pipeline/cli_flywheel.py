@@ -153,30 +153,16 @@ def round_command(args) -> int:
 
 
 def _round_run(args, store) -> int:
-    from pydantic import ValidationError
-
-    from pipeline.cli import detector_options, model_problem
-    from pipeline.config import load_config
+    from pipeline.cli import run_config
     from pipeline.discover import discover
+    from pipeline.finetune import current_model
     from pipeline.rounds import run_round
 
-    try:
-        options = detector_options(args.detector_option)
-        config = load_config(args.config)
-        detector = args.detector or config.prompts.detector
-        if detector == "learned" and "artefact" not in {**config.prompts.options, **options}:
-            from pipeline.finetune import current_model
-
-            artefact = ((current_model(store) or {}).get("detector") or {}).get("artefact")
-            options = {**options, **({"artefact": artefact} if artefact else {})}
-        config = config.with_overrides(prompts={"detector": args.detector,
-                                                "options": {**config.prompts.options, **options} or None})
-    except (ValidationError, OSError, ValueError) as exc:
-        print(f"medsam-engine round run: bad configuration: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    problem = model_problem(config.with_overrides(model={"checkpoint": args.checkpoint}))
-    if problem:
-        print(f"medsam-engine round run: {problem}", file=sys.stderr)
+    # the learned detector defaults to the flywheel's current detector artefact, if the store has one
+    artefact = ((current_model(store) or {}).get("detector") or {}).get("artefact")
+    defaults = {"learned": {"artefact": artefact}} if artefact else None
+    config = run_config(args, "round run", detector_defaults=defaults, checkpoint_in_config=False)
+    if config is None:
         return EXIT_USAGE
     try:
         cases = discover(args.inputs, store, coarse_masks=args.coarse_mask)

@@ -103,3 +103,18 @@ def test_cli_round_on_nuclei_then_review_and_calibration(nuclei_2d, tmp_path, ca
         assert report["auc_out_of_fold"] is not None and report["reliability"]
     else:
         assert "at least" in report["reason"]
+
+
+def test_cli_round_run_checks_its_options_as_annotate_does(nuclei_2d, tmp_path, capsys):
+    """`round run` builds its configuration like `annotate`: a coarse-mask detector without --coarse-mask, a
+    missing checkpoint or a bad option is refused before anything is read or loaded."""
+    store = tmp_path / "store"
+    assert main(["round", "run", str(nuclei_2d[0]), "--store", str(store)]) == 2
+    assert "the coarse-mask detector needs --coarse-mask" in capsys.readouterr().err
+    assert main(["round", "run", str(nuclei_2d[0]), "--store", str(store), "--coarse-mask", str(nuclei_2d[1]),
+                 "--checkpoint", str(tmp_path / "missing.pth")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert main(["round", "run", str(nuclei_2d[0]), "--store", str(store), "--detector", "intensity",
+                 "--detector-option", "no_such_option=1"]) == 2
+    assert "bad configuration" in capsys.readouterr().err
+    assert not CaseStore(store).committed_cases()
