@@ -113,11 +113,12 @@ class StoreSection(_Section):
 class QualitySection(_Section):
     """Quality scores and review routing (pipeline/quality.py). Routing never changes masks."""
 
-    jitter_check: bool = Field(False, description="slice mode: re-decode sampled slices with jittered boxes "
-                                                  "(extra decoder calls) and record the mask agreement")
+    jitter_check: bool = Field(False, description="re-decode with jittered boxes and record the mask agreement "
+                                                  "(extra decoder work): sampled slices in slice mode, each "
+                                                  "object's seed slice in propagate mode")
     jitter_fraction: float = Field(0.1, gt=0, le=0.5,
                                    description="largest edge shift, as a fraction of the box")
-    jitter_slices: int = Field(4, ge=1, description="slices per case the jitter check re-decodes")
+    jitter_slices: int = Field(4, ge=1, description="slices per case the jitter check re-decodes (slice mode)")
     route: bool = Field(False, description="set review_status from the scores (round run turns it on)")
     accept_above: float = Field(0.85, ge=0, le=1, description="score from which an instance is auto-accepted")
     reject_below: float = Field(0.3, ge=0, le=1, description="score under which an instance is rejected")

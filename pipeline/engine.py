@@ -286,7 +286,8 @@ def process_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: 
 
         rules = PropagateRules(**config.propagate.model_dump())
         label_map, records = propagate_volume(model, renderings, object_boxes(prompts), window_of=window_of,
-                                              rules=rules, model_name=model.model.name, on_slice=on_slice)
+                                              rules=rules, model_name=model.model.name, on_slice=on_slice,
+                                              jitter=config.quality.jitter())
     else:
         cuda = str(model.device).startswith("cuda")
         label_map, records = segment_volume(model, renderings, prompts, window_of=window_of,

@@ -10,6 +10,11 @@ Objects advance in lock-step: an upward sweep visits slices in ascending z and, 
 object that needs it in one decoder call per intensity window; a downward sweep does the same in descending
 z. So each slice is embedded once per window (the runner's cache serves the second sweep), and overlaps are
 resolved voxel by voxel by the highest logit, as in slice mode.
+
+With a jitter check (pipeline/quality.JitterCheck), each object's seed, its middle slice, is decoded once more
+with its box's edges moved at random, in the same decoder call batch as the other seeds of that slice; the
+IoU of the two masks is the object's ``jitter_iou``. The seed decides the whole propagation, so its
+robustness to the box is the one worth paying a decode for. The extra masks are never painted.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.model import LiteMedSAMRunner, foreground
-from pipeline.quality import stability_scores
+from pipeline.quality import JitterCheck, jittered_boxes, mask_ious, stability_scores
 from pipeline.types import InstanceRecord, ObjectBox
 
 
@@ -46,6 +51,7 @@ class _Track:
     boxes: list = field(default_factory=list)
     iou: list = field(default_factory=list)
     stability: list = field(default_factory=list)
+    jitter_iou: float | None = None
 
 
 def _mask_box(mask: np.ndarray, margin: int) -> tuple[int, int, int, int]:
@@ -97,8 +103,10 @@ def _advance(track: _Track, z: int, logits: np.ndarray, iou: float, rules: Propa
 
 
 def _sweep(runner, renderings, window_of, tracks: list[_Track], order: list[int], step: int,
-           rules: PropagateRules, canvas: _Canvas, on_slice) -> None:
-    """Visit slices in ``order``; on each, decode every live track whose next slice it is."""
+           rules: PropagateRules, canvas: _Canvas, on_slice, jitter: JitterCheck | None = None,
+           rng: np.random.Generator | None = None) -> None:
+    """Visit slices in ``order``; on each, decode every live track whose next slice it is (with ``jitter``,
+    the seeds on it once more with jittered boxes)."""
     default = next(iter(renderings))
     for z in order:
         live = [t for t in tracks if not t.done and (t.obj.z_middle <= z <= t.obj.z_range[1] if step > 0
@@ -112,26 +120,36 @@ def _sweep(runner, renderings, window_of, tracks: list[_Track], order: list[int]
             boxes = [t.obj.box_middle if t.previous is None or z == t.obj.z_middle
                      else _mask_box(t.previous, rules.box_margin_px) for t in group]
             embedded = runner.encode([renderings[window][z]])[0]
-            logits, iou = runner.decode(embedded, np.array(boxes, dtype=np.float32))
+            boxes = np.array(boxes, dtype=np.float32)
+            seeds = [i for i, t in enumerate(group) if z == t.obj.z_middle] if jitter is not None else []
+            moved = jittered_boxes(boxes[seeds], jitter.fraction, rng, embedded.original_hw) if seeds else None
+            logits, iou = runner.decode(embedded, boxes if moved is None else np.concatenate([boxes, moved]))
+            if seeds:
+                agreement = mask_ious(foreground(logits[seeds]), foreground(logits[len(group):]))
+                for i, value in zip(seeds, agreement):
+                    group[i].jitter_iou = float(value)
             for track, box, slice_logits, score in zip(group, boxes, logits, iou):
-                _advance(track, z, slice_logits, float(score), rules, box, canvas)
+                _advance(track, z, slice_logits, float(score), rules, tuple(int(v) for v in box), canvas)
         if on_slice is not None:
             on_slice()
 
 
 def propagate_volume(runner: LiteMedSAMRunner, renderings: dict[str, np.ndarray], objects: list[ObjectBox], *,
                      window_of: dict[int, str] | None = None, rules: PropagateRules = PropagateRules(),
-                     model_name: str = "", on_slice: Callable[[], None] | None = None
-                     ) -> tuple[np.ndarray, list[InstanceRecord]]:
+                     model_name: str = "", on_slice: Callable[[], None] | None = None,
+                     jitter: JitterCheck | None = None) -> tuple[np.ndarray, list[InstanceRecord]]:
     """Segment each object from its middle slice up and down its z range; returns the (z, y, x) uint16
-    label map and one InstanceRecord per object (slices visited, boxes used, mean predicted IoU, voxels)."""
+    label map and one InstanceRecord per object (slices visited, boxes used, mean predicted IoU, voxels, and
+    with ``jitter`` the seed's mask agreement under jittered boxes)."""
     window_of = window_of or {}
     shape = next(iter(renderings.values())).shape[:3]
     canvas = _Canvas(shape)
     up = [_Track(obj, i) for i, obj in enumerate(objects)]
     low = min((o.z_range[0] for o in objects), default=0)
     high = max((o.z_range[1] for o in objects), default=-1)
-    _sweep(runner, renderings, window_of, up, list(range(low, high + 1)), +1, rules, canvas, on_slice)
+    rng = np.random.default_rng(jitter.seed if jitter else 0)
+    _sweep(runner, renderings, window_of, up, list(range(low, high + 1)), +1, rules, canvas, on_slice,
+           jitter, rng)
     down = [_Track(t.obj, t.index, previous=t.middle_mask) for t in up]  # downwards from the middle mask
     _sweep(runner, renderings, window_of, down, list(range(high, low - 1, -1)), -1, rules, canvas, on_slice)
     labels = np.array([o.label for o in objects] + [0], dtype=np.uint16)
@@ -146,5 +164,6 @@ def propagate_volume(runner: LiteMedSAMRunner, renderings: dict[str, np.ndarray]
             label=obj.label, instance=obj.instance, prompt_source=obj.source,
             slices=tuple(slices[i] for i in order), boxes=tuple(tuple(boxes[i]) for i in order),
             predicted_iou=float(np.mean(ious)) if ious else 0.0, voxels=int(voxels[u.index]), model=model_name,
-            stage="auto-propagate", stability=float(np.mean(stability)) if stability else None))
+            stage="auto-propagate", stability=float(np.mean(stability)) if stability else None,
+            jitter_iou=u.jitter_iou))
     return label_map, records

@@ -66,3 +66,28 @@ def test_a_direction_stops_when_the_mask_jumps_away():
     _advance(track, 6, elsewhere, 0.9, rules, (0, 0, 4, 4), canvas)
     assert track.done and track.stop_reason == "slice-to-slice IoU drop"
     assert (canvas.winner[6] == -1).all() and (canvas.winner[5][1:4, 1:4] == 0).all()
+
+
+def test_jitter_check_scores_each_seed_and_never_changes_the_masks(runner, small_chest):
+    """Propagate mode's jitter check: one extra jittered box per object on its seed slice, in the seeds'
+    decoder call; the masks are those of the run without the check."""
+    from pipeline.quality import JitterCheck
+
+    volume = read_volume(small_chest[0])
+    reference = align_to(read_volume(small_chest[1]), volume)
+    reference = np.where(np.isin(reference, [5, 6]), reference, 0)
+    objects = object_boxes(compile_boxes(reference, spacing=volume.spacing))
+    rendering = {"lung": to_uint8(volume.array, "CT", _lung())}
+    windows = {5: "lung", 6: "lung"}
+    plain, plain_records = propagate_volume(runner, rendering, objects, window_of=windows)
+    before = runner.stats.as_dict()
+    checked, records = propagate_volume(runner, rendering, objects, window_of=windows,
+                                        jitter=JitterCheck(fraction=0.1, seed=3))
+    after = runner.stats.as_dict()
+    assert np.array_equal(plain, checked)
+    assert after["decoded_boxes"] - before["decoded_boxes"] == sum(len(r.slices) for r in records) + len(objects)
+    assert all(r.jitter_iou is None for r in plain_records)
+    assert all(0.0 <= r.jitter_iou <= 1.0 for r in records)
+    for label in (5, 6):  # each lung's main object: a 10 % box shift barely moves its mask
+        assert max((r for r in records if r.label == label), key=lambda r: r.voxels).jitter_iou > 0.5
+    assert [r.to_json()["jitter_iou"] for r in records] == [round(r.jitter_iou, 5) for r in records]
