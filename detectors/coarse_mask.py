@@ -69,7 +69,22 @@ def label_objects(label_map: np.ndarray, instances: np.ndarray | None = None, co
                     slice(part.start + outer.start, part.stop + outer.start) for part, outer in zip(found, region))
 
 
-def _slice_boxes(component: np.ndarray, found: tuple[slice, ...]) -> Iterator[tuple[int, tuple[int, ...]]]:
+def admitted_objects(label_map: np.ndarray, *, spacing: tuple[float, float, float], rules: BoxRules,
+                     instances: np.ndarray | None = None, connectivity: int = 3
+                     ) -> Iterator[tuple[int, int, np.ndarray, tuple[slice, ...]]]:
+    """:func:`label_objects` that the rules' size filters admit, as (label, instance, boolean sub-volume,
+    its slices); instances are numbered 1.. per label."""
+    voxel_mm3 = float(np.prod(spacing))
+    counters: dict[int, int] = {}
+    for label, component, found in label_objects(label_map, instances, connectivity):
+        size = int(component.sum())
+        if size < rules.min_voxels or size * voxel_mm3 < rules.min_size_mm3:
+            continue
+        counters[label] = counters.get(label, 0) + 1
+        yield label, counters[label], component, found
+
+
+def slice_boxes(component: np.ndarray, found: tuple[slice, ...]) -> Iterator[tuple[int, tuple[int, ...]]]:
     """Yield (z, (x0, y0, x1, y1)) for each slice of a boolean sub-volume that has foreground."""
     ys_any = component.any(axis=2)  # (z, y)
     xs_any = component.any(axis=1)  # (z, x)
@@ -80,8 +95,10 @@ def _slice_boxes(component: np.ndarray, found: tuple[slice, ...]) -> Iterator[tu
         yield int(z + z0), (int(xs[0] + x0), int(ys[0] + y0), int(xs[-1] + x0), int(ys[-1] + y0))
 
 
-def _widen(box: tuple[int, ...], rules: BoxRules, margins: tuple[int, int], jitter: tuple[int, int],
-           rng: np.random.Generator, shape_yx: tuple[int, int]) -> tuple[int, int, int, int]:
+def widen_box(box: tuple[int, ...], rules: BoxRules, margins: tuple[int, int], jitter: tuple[int, int],
+              rng: np.random.Generator | None, shape_yx: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A slice's tight box widened by ``margins`` (y, x) px, moved by up to ``jitter`` (y, x) px per edge when
+    ``rules.jitter_mm`` is set, and clipped to the slice."""
     my, mx = margins
     x0, y0, x1, y1 = box[0] - mx, box[1] - my, box[2] + mx, box[3] + my
     if rules.jitter_mm > 0:
@@ -111,20 +128,15 @@ def compile_boxes(label_map: np.ndarray, *, spacing: tuple[float, float, float] 
     if instances is not None and instances.shape != label_map.shape:
         raise ValueError(f"Argument 'instances' must have the label map's shape {label_map.shape}; "
                          f"got {instances.shape}.")
-    voxel_mm3 = float(np.prod(spacing))
     margins = rules.margins(spacing[1:])
     jitter = (int(round(rules.jitter_mm / spacing[1])), int(round(rules.jitter_mm / spacing[2])))
     rng = np.random.default_rng(rules.seed)
     prompts: list[BoxPrompt] = []
-    counters: dict[int, int] = {}
-    for label, component, found in label_objects(label_map, instances, connectivity):
-        size = int(component.sum())
-        if size < rules.min_voxels or size * voxel_mm3 < rules.min_size_mm3:
-            continue
-        counters[label] = instance = counters.get(label, 0) + 1
-        for z, box in _slice_boxes(component, found):
+    for label, instance, component, found in admitted_objects(label_map, spacing=spacing, rules=rules,
+                                                              instances=instances, connectivity=connectivity):
+        for z, box in slice_boxes(component, found):
             prompts.append(BoxPrompt(label=label, instance=instance, z=z, source=source,
-                                     box=_widen(box, rules, margins, jitter, rng, label_map.shape[1:])))
+                                     box=widen_box(box, rules, margins, jitter, rng, label_map.shape[1:])))
     return prompts
 
 

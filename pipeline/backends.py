@@ -199,6 +199,10 @@ def _valid_graphs(folder: Path, sha256: str) -> set[str]:
     return _check_graphs(folder, sha256)[0]
 
 
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    write_atomic(folder, "manifest.json", lambda path: Path(path).write_text(json.dumps(manifest, indent=1)))
+
+
 def _restamp(folder: Path, hashed: dict[str, list[int]]) -> None:
     """Record the stamps of graphs just verified by hash (a cache written before stamps existed, or copied
     without its modification times), so later starts skip the hashing. Best effort: a read-only or shared
@@ -206,7 +210,7 @@ def _restamp(folder: Path, hashed: dict[str, list[int]]) -> None:
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
         manifest["stamps"] = {**manifest.get("stamps", {}), **hashed}
-        write_atomic(folder, "manifest.json", lambda path: Path(path).write_text(json.dumps(manifest, indent=1)))
+        _write_manifest(folder, manifest)
     except (OSError, ValueError) as exc:
         log.debug("graph stamps in %s not recorded: %s", folder, exc)
 
@@ -264,7 +268,7 @@ def load_graphs(model: LoadedModel, runtime: str, *, cache_root: str | Path | No
                 "parity_max_abs": parity,
                 "graphs": {name: file_sha256(folder / f"{name}.onnx") for name in GRAPHS},
                 "stamps": {name: _stamp(folder / f"{name}.onnx") for name in GRAPHS}}
-    write_atomic(folder, "manifest.json", lambda path: Path(path).write_text(json.dumps(manifest, indent=1)))
+    _write_manifest(folder, manifest)
     return graphs
 
 

@@ -59,27 +59,18 @@ def slice_objects(labels: np.ndarray, rules, spacing: tuple[float, float, float]
     """(label, z, box XYXY widened by the rules' margins, (H, W) mask) for every object of a (z, y, x) label
     map on each slice where it is present: the objects, size filters and margins of the coarse-mask box
     compiler (detectors/coarse_mask.py), so fine-tuning learns from the boxes that annotate would give."""
-    from detectors.coarse_mask import label_objects
+    import dataclasses
+
+    from detectors.coarse_mask import admitted_objects, slice_boxes, widen_box
 
     out = []
-    height, width = labels.shape[1:]
-    margin = rules.margins(spacing[1:])
-    voxel_mm3 = float(np.prod(spacing))
-    for label, component, found in label_objects(labels):
-        size = int(component.sum())
-        if size < rules.min_voxels or size * voxel_mm3 < rules.min_size_mm3:
-            continue
-        for dz in range(component.shape[0]):
-            part = component[dz]
-            ys, xs = np.nonzero(part.any(axis=1))[0], np.nonzero(part.any(axis=0))[0]
-            if not len(ys):
-                continue
-            y0, x0 = found[1].start, found[2].start
-            mask = np.zeros((height, width), dtype=bool)
-            mask[found[1], found[2]] = part
-            box = (max(0, int(xs[0]) + x0 - margin[1]), max(0, int(ys[0]) + y0 - margin[0]),
-                   min(width - 1, int(xs[-1]) + x0 + margin[1]), min(height - 1, int(ys[-1]) + y0 + margin[0]))
-            out.append((label, found[0].start + dz, box, mask))
+    margins = rules.margins(spacing[1:])
+    no_jitter = dataclasses.replace(rules, jitter_mm=0.0)  # fine-tuning jitters boxes its own way
+    for label, _, component, found in admitted_objects(labels, spacing=spacing, rules=rules):
+        for z, box in slice_boxes(component, found):
+            mask = np.zeros(labels.shape[1:], dtype=bool)
+            mask[found[1], found[2]] = component[z - found[0].start]
+            out.append((label, z, widen_box(box, no_jitter, margins, (0, 0), None, labels.shape[1:]), mask))
     return out
 
 

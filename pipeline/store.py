@@ -187,8 +187,8 @@ class CaseStore:
 
     def record_error(self, case_id: str, *, stage: str, reason: str, run_id: str) -> None:
         self.write_json(self.root / "_errors" / f"{case_id}.json",
-                         {"case_id": case_id, "stage": stage, "reason": reason, "run_id": run_id,
-                          "time": _stamp()})
+                        {"case_id": case_id, "stage": stage, "reason": reason, "run_id": run_id,
+                         "time": _stamp()})
 
     def commit_case(self, case_id: str, *, labels: np.ndarray, attrs: dict, image: np.ndarray | None = None,
                     overwrite: bool = False,
@@ -241,8 +241,7 @@ class CaseStore:
         if self.list_names(final):
             if previous is not None:  # the old version was committed: keep it
                 self.fs.copy(str(final), str(previous), recursive=True)
-            if self.fs.exists(str(final / "zarr.json")):
-                self.fs.rm_file(str(final / "zarr.json"))  # un-commit first, then clear
+            self.remove_json(final / "zarr.json")  # un-commit first, then clear
             self.fs.rm(str(final), recursive=True)
         write_case_group(self._zarr_target(final, read_only=False), **content)
         return final
