@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from machine import matmul_gflops  # bench/machine.py (scripts run from bench/)
 
 ENCODER_GFLOP = 74.95  # facts.md: 2 FLOP per multiply-add, 256x256 input
@@ -31,9 +30,10 @@ def official_loop(image: Path, labels_path: Path) -> tuple[np.ndarray, float, in
     import nrrd
 
     from detectors.coarse_mask import boxes_from_label_map
-    from pipeline.model import LiteMedSAMRunner, foreground, load_lite_medsam
-    from pipeline.preprocess import to_uint8
-    from pipeline.readers import read_volume
+    from pipeline.core.intensity import to_uint8
+    from pipeline.io.readers import read_volume
+    from pipeline.model.checkpoint import load_lite_medsam
+    from pipeline.model.runner import LiteMedSAMRunner, foreground
 
     raw, _ = nrrd.read(str(image))
     stored = np.transpose(raw, (2, 1, 0))  # SimpleITK's GetArrayFromImage order, no reorientation
@@ -54,20 +54,20 @@ def official_loop(image: Path, labels_path: Path) -> tuple[np.ndarray, float, in
     # bring the result onto the canonical grid our store uses, for a like-for-like Dice
     volume = read_volume(image)
     canonical = np.transpose(segs, (2, 1, 0))
-    from pipeline.readers import canonical_volume
+    from pipeline.core.orientation import canonical_volume
 
     canon = canonical_volume(canonical, volume.geometry.source_affine, modality="CT", source_format="nrrd")
     return canon.array, seconds, runner.stats.encoder_calls
 
 
 def ours(image: Path, labels_path: Path, workdir: Path) -> tuple[np.ndarray, float, dict]:
-    from pipeline.config import EngineConfig
-    from pipeline.discover import discover
-    from pipeline.engine import annotate
-    from pipeline.store import CaseStore
+    from pipeline.annotate.config import EngineConfig
+    from pipeline.annotate.job import annotate
+    from pipeline.io.discover import discover
+    from pipeline.store.case_store import CaseStore
 
     store = CaseStore(workdir / "store")
-    cases = discover([image], store, coarse_masks=[labels_path])
+    cases = discover([image], store.case_ids(), coarse_masks=[labels_path])
     start = time.perf_counter()
     summary = annotate(cases, store, EngineConfig(), show_progress=False)
     seconds = time.perf_counter() - start
@@ -78,9 +78,9 @@ def ours(image: Path, labels_path: Path, workdir: Path) -> tuple[np.ndarray, flo
 def main() -> None:
     import slicerio
 
-    from pipeline.geometry import align_to
-    from pipeline.metrics import dice
-    from pipeline.readers import read_volume
+    from pipeline.core.geometry import align_to
+    from pipeline.core.metrics import dice
+    from pipeline.io.readers import read_volume
 
     data = Path(slicerio.__file__).parent / "data"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

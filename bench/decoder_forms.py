@@ -1,4 +1,4 @@
-"""SAM's box decoder as the official modules run it versus pipeline/fast_decoder.py's factored form, measured
+"""SAM's box decoder as the official modules run it versus pipeline/model/fast_decoder.py's factored form, measured
 in one run: eager torch and OpenVINO fp32, per box, at several boxes per call.
 
 Input: a real embedding (slicerio's chest CT, middle slice, window 40/400) and real boxes from its reference
@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from machine import matmul_gflops  # bench/machine.py (scripts run from bench/)
 
 NOMINAL_GFLOP = 3.62
@@ -30,10 +29,11 @@ def real_inputs():
     import slicerio
 
     from detectors.coarse_mask import boxes_from_label_map
-    from pipeline.geometry import align_to
-    from pipeline.model import LiteMedSAMRunner, load_lite_medsam
-    from pipeline.preprocess import to_uint8
-    from pipeline.readers import read_volume
+    from pipeline.core.geometry import align_to
+    from pipeline.core.intensity import to_uint8
+    from pipeline.io.readers import read_volume
+    from pipeline.model.checkpoint import load_lite_medsam
+    from pipeline.model.runner import LiteMedSAMRunner
 
     data = Path(slicerio.__file__).parent / "data"
     volume = read_volume(data / "CTChest4.nrrd")
@@ -56,7 +56,7 @@ def openvino_model(module: torch.nn.Module, embedding, boxes, folder: Path):
                           input_names=["embedding", "boxes"], output_names=["low_res_logits", "iou"],
                           dynamic_axes={"boxes": {0: "b"}, "low_res_logits": {0: "b"}, "iou": {0: "b"}})
     config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-              "PERFORMANCE_HINT": "LATENCY", "SNIPPETS_MODE": "DISABLE"}  # as pipeline/backends.py compiles
+              "PERFORMANCE_HINT": "LATENCY", "SNIPPETS_MODE": "DISABLE"}  # as pipeline/model/graph_cache.py compiles
     request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
     return lambda e, b: request.infer({"embedding": e.numpy(), "boxes": b.numpy()})
 
@@ -64,8 +64,7 @@ def openvino_model(module: torch.nn.Module, embedding, boxes, folder: Path):
 def main() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.fast_decoder import BoxDecoder
-    from pipeline.fast_decoder import FactoredBoxDecoder
+    from pipeline.model.fast_decoder import BoxDecoder, FactoredBoxDecoder
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)

@@ -1,7 +1,7 @@
 """Slices per second of the Prefect flow on Ray versus the runner alone, on the same real cases, in one run.
 
 Data: slicerio's chest CT cut into ``--cases`` overlapping slabs (distinct cases) with the lung labels (5, 6)
-of its segmentation as coarse masks. "Runner alone" is the engine in this process (`pipeline.engine.annotate`,
+of its segmentation as coarse masks. "Runner alone" is the engine in this process (`pipeline.annotate.job.annotate`,
 model load included); "flow" is `annotate_archive` under a temporary Prefect server on a local Ray started
 here (actor start and model load included; Ray and Prefect start-up are printed apart). Both use the default
 configuration and every CPU. Prints one table and the ratio flow / runner (the goal is at least 0.8).
@@ -48,11 +48,12 @@ def make_cases(root: Path, cases: int, slices: int) -> tuple[Path, Path]:
 
 
 def run_runner(images: Path, masks: Path, store: Path, config) -> tuple[float, int]:
-    from pipeline.discover import discover
-    from pipeline.engine import LazyRunner, annotate
-    from pipeline.store import CaseStore
+    from pipeline.annotate.job import annotate
+    from pipeline.annotate.lazy_runner import LazyRunner
+    from pipeline.io.discover import discover
+    from pipeline.store.case_store import CaseStore
 
-    cases = discover([images], CaseStore(store), coarse_masks=[masks])
+    cases = discover([images], CaseStore(store).case_ids(), coarse_masks=[masks])
     start = time.perf_counter()
     summary = annotate(cases, CaseStore(store), config, runner=LazyRunner(config), show_progress=False)
     seconds = time.perf_counter() - start
@@ -82,7 +83,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from pipeline.config import EngineConfig
+    from pipeline.annotate.config import EngineConfig
 
     config = EngineConfig().with_overrides(model={"device": args.device})
     root = Path(tempfile.mkdtemp(prefix="flow-bench-"))
@@ -92,7 +93,7 @@ def main() -> None:
             runner_s, runner_slices = run_runner(images, masks, root / "store-runner", config)
         from prefect.testing.utilities import prefect_test_harness
 
-        from pipeline.ray_pool import connect
+        from pipeline.distributed.ray_pool import connect
 
         started = time.perf_counter()
         connect(None, local_cpus=os.cpu_count())

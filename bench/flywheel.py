@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cli import main as cli
+from pipeline.cli.main import main as cli
 
 CHEST_LABELS = (2, 3, 4, 5, 6)
 
@@ -85,10 +85,10 @@ def nuclei_data(root: Path) -> tuple[list[str], list[str]]:
 
 def pooled_dice(store_path: Path, root: Path, stems: list[str]) -> dict:
     """Dice per label pooled over the cases of ``stems`` (voxels summed), and their mean."""
-    from pipeline.geometry import align_to
-    from pipeline.readers import read_volume, stem_of
-    from pipeline.store import CaseStore
-    from pipeline.types import Geometry, Volume
+    from pipeline.core.geometry import align_to
+    from pipeline.core.types import Geometry, Volume
+    from pipeline.io.readers import read_volume, stem_of
+    from pipeline.store.case_store import CaseStore
 
     store = CaseStore(store_path)
     inter: dict[int, int] = {}
@@ -134,8 +134,8 @@ def experiment(name: str, root: Path, part_a: list[str], part_b: list[str], fine
     round2 = pooled_dice(store, root, part_b)
     entry = json.loads((root / "round1.pth.json").read_text())
     reports = [json.loads((store / "_rounds" / f"round-00{n}.json").read_text()) for n in (1, 2)]
-    from pipeline.rounds import format_table, round_rows
-    from pipeline.store import CaseStore
+    from pipeline.flywheel.rounds import format_table, round_rows
+    from pipeline.store.case_store import CaseStore
 
     return {"dataset": name, "commands": log, "seconds": {k: round(v, 1) for k, v in seconds.items()},
             "round1_A": round1["A"], "round1_B": round1["B"], "round2_B": round2,

@@ -61,9 +61,9 @@ def real_slices():
     import slicerio
 
     from detectors import compile_boxes
-    from pipeline.geometry import align_to
-    from pipeline.preprocess import to_uint8
-    from pipeline.readers import read_volume
+    from pipeline.core.geometry import align_to
+    from pipeline.core.intensity import to_uint8
+    from pipeline.io.readers import read_volume
 
     data = Path(slicerio.__file__).parent / "data"
     volume = read_volume(data / "CTChest4.nrrd")
@@ -89,8 +89,8 @@ def encoder_speed(runner, slices: list[np.ndarray], batch: int, repeats: int) ->
 
 def bf16_agreement(model, device: str, slices, boxes) -> dict:
     """bf16 autocast vs fp32 on the same slices: max |embedding delta| and Dice of every box's mask."""
-    from pipeline.metrics import dice
-    from pipeline.model import LiteMedSAMRunner, foreground
+    from pipeline.core.metrics import dice
+    from pipeline.model.runner import LiteMedSAMRunner, foreground
 
     fp32 = LiteMedSAMRunner(model, device=device, precision="fp32", cache_bytes=0)
     bf16 = LiteMedSAMRunner(model, device=device, precision="bf16", cache_bytes=0)
@@ -109,11 +109,11 @@ def end_to_end(device: str) -> dict:
     """``annotate`` on the 10-label chest CT case (bench/runner_speed.py's), in this process."""
     from runner_speed import write_cases
 
-    from pipeline.config import EngineConfig
-    from pipeline.discover import discover
-    from pipeline.engine import annotate
-    from pipeline.metrics import dice
-    from pipeline.store import CaseStore
+    from pipeline.annotate.config import EngineConfig
+    from pipeline.annotate.job import annotate
+    from pipeline.core.metrics import dice
+    from pipeline.io.discover import discover
+    from pipeline.store.case_store import CaseStore
 
     with tempfile.TemporaryDirectory(prefix="medsam-gpu-") as tmp:
         image, mask, reference, _ = write_cases(Path(tmp))["10 labels"]
@@ -121,7 +121,7 @@ def end_to_end(device: str) -> dict:
         config = EngineConfig.model_validate({"model": {"device": device}, "intensity": {"ct_window": "fixed"},
                                               "postprocess": {"chain": []}})
         start = time.perf_counter()
-        cases = discover([image], store, coarse_masks=[mask])
+        cases = discover([image], store.case_ids(), coarse_masks=[mask])
         summary = annotate(cases, store, config, show_progress=False)
         seconds = time.perf_counter() - start
         if summary.failed:
@@ -142,7 +142,9 @@ def main() -> None:
     parser.add_argument("--json", default=str(Path(os.environ["OUT"]) / "gpu_check.json")
                         if os.environ.get("OUT") else None)
     args = parser.parse_args()
-    from pipeline.model import LiteMedSAMRunner, load_lite_medsam, resolve_device
+    from pipeline.model.checkpoint import load_lite_medsam
+    from pipeline.model.devices import resolve_device
+    from pipeline.model.runner import LiteMedSAMRunner
 
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"

@@ -47,8 +47,8 @@ STEPS = [
 def chest(cache: Path):
     import slicerio
 
-    from pipeline.geometry import align_to
-    from pipeline.readers import read_volume
+    from pipeline.core.geometry import align_to
+    from pipeline.io.readers import read_volume
 
     data = Path(slicerio.__file__).parent / "data"
     volume = read_volume(data / "CTChest4.nrrd")
@@ -59,7 +59,7 @@ def chest(cache: Path):
 def nuclei(cache: Path):
     from stardist.data import test_image_nuclei_2d
 
-    from pipeline.types import Geometry, Volume
+    from pipeline.core.types import Geometry, Volume
 
     image, instances = test_image_nuclei_2d(return_mask=True)
     image = (image.astype(np.float32) / image.max() * 255).astype(np.uint8)[None]
@@ -73,22 +73,23 @@ def _raw(path: Path, volume, reference, instances=None) -> np.ndarray:
     if path.is_file():
         return np.load(path)
     from detectors import compile_boxes
-    from pipeline.config import EngineConfig
-    from pipeline.engine import _renderings
-    from pipeline.model import LiteMedSAMRunner, load_lite_medsam
-    from pipeline.segment import segment_volume
+    from pipeline.annotate.config import EngineConfig
+    from pipeline.annotate.rendering import renderings
+    from pipeline.annotate.segment import segment_volume
+    from pipeline.model.checkpoint import load_lite_medsam
+    from pipeline.model.runner import LiteMedSAMRunner
 
     runner = LiteMedSAMRunner(load_lite_medsam())
     prompts = compile_boxes(reference, spacing=volume.spacing, instances=instances)
-    renderings, window_of, _ = _renderings(volume, reference, prompts, EngineConfig())
-    label_map, _ = segment_volume(runner, renderings, prompts, window_of=window_of)
+    rendered, window_of, _ = renderings(volume, reference, prompts, EngineConfig())
+    label_map, _ = segment_volume(runner, rendered, prompts, window_of=window_of)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, label_map)
     return label_map
 
 
 def scores(prediction: np.ndarray, reference: np.ndarray) -> dict[int, float]:
-    from pipeline.metrics import dice
+    from pipeline.core.metrics import dice
 
     return {int(v): dice(prediction == v, reference == v) for v in np.unique(reference) if v}
 

@@ -22,19 +22,20 @@ import torch
 from detectors import BoxRules, build_detector, compile_boxes
 from detectors.evaluation import match_boxes, object_scores
 from detectors.learned import grid_targets, grid_to_slice, render, train_head
-from pipeline.config import EngineConfig
-from pipeline.engine import _renderings
-from pipeline.geometry import align_to
-from pipeline.metrics import dice
-from pipeline.model import LiteMedSAMRunner, load_lite_medsam
-from pipeline.readers import read_volume
-from pipeline.segment import segment_volume
-from pipeline.types import Geometry, Volume
+from pipeline.annotate.config import EngineConfig
+from pipeline.annotate.rendering import renderings
+from pipeline.annotate.segment import segment_volume
+from pipeline.core.geometry import align_to
+from pipeline.core.metrics import dice
+from pipeline.core.types import Geometry, Volume
+from pipeline.io.readers import read_volume
+from pipeline.model.checkpoint import load_lite_medsam
+from pipeline.model.runner import LiteMedSAMRunner
 
 
 def segment(runner, volume: Volume, coarse: np.ndarray, prompts) -> np.ndarray:
-    renderings, window_of, _ = _renderings(volume, coarse, prompts, EngineConfig())
-    label_map, _ = segment_volume(runner, renderings, prompts, window_of=window_of)
+    rendered, window_of, _ = renderings(volume, coarse, prompts, EngineConfig())
+    label_map, _ = segment_volume(runner, rendered, prompts, window_of=window_of)
     return label_map
 
 

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from machine import matmul_gflops  # bench/machine.py (scripts run from bench/)
 
 ENCODER_GFLOP = 74.95  # per 256² slice, 2 FLOP per multiply-add (facts.md)
@@ -55,15 +54,15 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-from pipeline.config import EngineConfig
-from pipeline.discover import discover
-from pipeline.engine import annotate
-from pipeline.store import CaseStore
+from pipeline.annotate.config import EngineConfig
+from pipeline.io.discover import discover
+from pipeline.annotate.job import annotate
+from pipeline.store.case_store import CaseStore
 image, mask, root, backend = sys.argv[1:5]
 config = EngineConfig.model_validate({"intensity": {"ct_window": "fixed"}, "model": {"backend": backend},
                                       "postprocess": {"chain": []}})
 store = CaseStore(root)
-cases = discover([image], store, coarse_masks=[mask])
+cases = discover([image], store.case_ids(), coarse_masks=[mask])
 summary = annotate(cases, store, config, show_progress=False)
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "stats": summary.runner_stats, "case": cases[0].case_id,
@@ -79,8 +78,8 @@ def write_cases(folder: Path) -> dict[str, tuple[Path, Path, np.ndarray, object]
     import slicerio
     from stardist.data import test_image_nuclei_2d
 
-    from pipeline.geometry import align_to
-    from pipeline.readers import read_volume
+    from pipeline.core.geometry import align_to
+    from pipeline.io.readers import read_volume
 
     data = Path(slicerio.__file__).parent / "data"
     volume = read_volume(data / "CTChest4.nrrd")
@@ -121,11 +120,12 @@ def official(array: np.ndarray, reference: np.ndarray, two_d: bool) -> tuple[np.
     """The official loop's structure on our canonical arrays; returns masks, loop seconds, runner stats and
     the seconds it took to load the model (in a child process, as a fresh script would: imports included)."""
     from detectors import compile_boxes
-    from pipeline.model import LiteMedSAMRunner, foreground, load_lite_medsam
-    from pipeline.preprocess import to_uint8
+    from pipeline.core.intensity import to_uint8
+    from pipeline.model.checkpoint import load_lite_medsam
+    from pipeline.model.runner import LiteMedSAMRunner, foreground
 
     load = subprocess.run([sys.executable, "-c", "import time; t = time.perf_counter(); import torch; "
-                           "from pipeline.model import load_lite_medsam; load_lite_medsam(); "
+                           "from pipeline.model.checkpoint import load_lite_medsam; load_lite_medsam(); "
                            "print(time.perf_counter() - t)"], capture_output=True, text=True, check=True)
     load_seconds = float(load.stdout.strip().splitlines()[-1])
     runner = LiteMedSAMRunner(load_lite_medsam(), cache_bytes=0)
@@ -149,7 +149,7 @@ def official(array: np.ndarray, reference: np.ndarray, two_d: bool) -> tuple[np.
 
 
 def ours(image: Path, mask: Path, root: Path, backend: str) -> tuple[np.ndarray, dict]:
-    from pipeline.store import CaseStore
+    from pipeline.store.case_store import CaseStore
 
     done = subprocess.run([sys.executable, "-c", CHILD, str(image), str(mask), str(root), backend],
                           capture_output=True, text=True, check=True)
@@ -161,7 +161,7 @@ def ours(image: Path, mask: Path, root: Path, backend: str) -> tuple[np.ndarray,
 
 
 def report(name: str, reference, mine, result, theirs, t_official, official_stats, peak, t_load) -> None:
-    from pipeline.metrics import dice
+    from pipeline.core.metrics import dice
 
     stats = result["stats"]
     unique = int(reference.any(axis=(1, 2)).sum())
@@ -194,12 +194,11 @@ def report(name: str, reference, mine, result, theirs, t_official, official_stat
 
 def large_case(folder: Path, backend: str) -> None:
     import nibabel as nib
+    import slicerio
     from scipy import ndimage
 
-    import slicerio
-
-    from pipeline.geometry import align_to
-    from pipeline.readers import read_volume
+    from pipeline.core.geometry import align_to
+    from pipeline.io.readers import read_volume
 
     data = Path(slicerio.__file__).parent / "data"
     volume = read_volume(data / "CTChest4.nrrd")

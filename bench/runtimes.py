@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from machine import matmul_gflops  # bench/machine.py (scripts run from bench/)
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
@@ -32,9 +31,9 @@ def real_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     import slicerio
 
     from detectors.coarse_mask import boxes_from_label_map
-    from pipeline.geometry import align_to
-    from pipeline.preprocess import boxes_to_model, prepare_slice, to_uint8
-    from pipeline.readers import read_volume
+    from pipeline.core.geometry import align_to
+    from pipeline.core.intensity import boxes_to_model, prepare_slice, to_uint8
+    from pipeline.io.readers import read_volume
 
     data = Path(slicerio.__file__).parent / "data"
     volume = read_volume(data / "CTChest4.nrrd")
@@ -51,7 +50,7 @@ def count_gflop(net: torch.nn.Module, image: torch.Tensor, box: torch.Tensor) ->
     """GFLOP of one encoder slice and of one decoder box, counted on the model itself."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.fast_decoder import BoxDecoder
+    from pipeline.model.fast_decoder import BoxDecoder
 
     with torch.inference_mode():
         counter = FlopCounterMode(display=False)
@@ -99,7 +98,8 @@ def main() -> None:
     if args.cache_root:
         os.environ["MEDSAM_ENGINE_CACHE"] = args.cache_root
 
-    from pipeline.model import LiteMedSAMRunner, load_lite_medsam
+    from pipeline.model.checkpoint import load_lite_medsam
+    from pipeline.model.runner import LiteMedSAMRunner
 
     model = load_lite_medsam()
     runners = {"torch": LiteMedSAMRunner(model)}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from pipeline.types import BoxPrompt, ObjectBox
+from pipeline.core.types import BoxPrompt, ObjectBox
 
 SOURCE = "coarse-mask"
 

@@ -18,9 +18,9 @@ import numpy as np
 from pydantic import Field
 from scipy import ndimage
 
-from detectors.protocol import Detection, DetectorOptions
 from detectors.coarse_mask import BoxRules, compile_boxes
-from pipeline.types import Volume
+from detectors.protocol import Detection, DetectorOptions
+from pipeline.core.types import Volume
 
 SOURCE = "intensity"
 CT_TARGETS = ("body", "lungs", "right lung", "left lung", "bone")

@@ -24,8 +24,8 @@ from torch import nn
 
 from detectors.coarse_mask import BoxRules, compile_boxes
 from detectors.protocol import Detection
-from pipeline.preprocess import MODEL_INPUT, resized_shape
-from pipeline.types import Volume
+from pipeline.core.intensity import MODEL_INPUT, IntensityConfig, resized_shape, to_uint8
+from pipeline.core.types import Volume
 
 GRID = 64  # LiteMedSAM's embedding is GRID x GRID for the MODEL_INPUT frame
 CELL = MODEL_INPUT // GRID
@@ -144,8 +144,6 @@ def load_artefact(path: str | Path) -> tuple[DetectorHead, dict, str]:
 
 def render(volume: Volume, meta: dict) -> np.ndarray:
     """The uint8 rendering the head was trained on (CT window or percentile clip) of a Volume."""
-    from pipeline.preprocess import IntensityConfig, to_uint8
-
     level, width = meta.get("ct_window", (40.0, 400.0))
     modality = "CT" if volume.modality == "CT" else "2D" if volume.is_2d else "MR"
     return to_uint8(volume.array, modality, IntensityConfig(ct_level=level, ct_width=width))

@@ -9,9 +9,9 @@ import numpy as np
 from pydantic import ValidationError
 
 from detectors.coarse_mask import BoxRules, compile_boxes
-from detectors.intensity import IntensityOptions
+from detectors.intensity import IntensityDetector, IntensityOptions
 from detectors.protocol import Detection, Detector, DetectorOptions
-from pipeline.types import Volume
+from pipeline.core.types import Volume
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,6 @@ class CoarseMaskDetector:
 
 
 def _build_intensity(rules: BoxRules, options: Any, runner: Any) -> Detector:
-    from detectors.intensity import IntensityDetector
-
     return IntensityDetector(rules=rules, options=options)
 
 

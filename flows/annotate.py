@@ -27,9 +27,28 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows import progress, sharding, summary, watermark
-from pipeline.config import EngineConfig, load_config
-from pipeline.quarantine import RETRY_NEXT_RUN, outcome
-from pipeline.ray_pool import PoolOptions
+from pipeline.annotate.config import EngineConfig, load_config
+from pipeline.annotate.lazy_runner import LazyRunner
+from pipeline.annotate.policy import RETRY_NEXT_RUN
+from pipeline.annotate.signature import case_signature
+from pipeline.core.errors import is_transient
+from pipeline.core.outcome import CaseOutcome
+from pipeline.core.provenance import package_version
+from pipeline.core.types import CaseRef
+from pipeline.distributed.ray_pool import (
+    ActorPlan,
+    Job,
+    PoolOptions,
+    cluster_nodes,
+    connect,
+    drive,
+    get_annotator,
+    plan_actors,
+    release_annotators,
+)
+from pipeline.io.discover import DiscoveryOptions, discover
+from pipeline.store.case_store import CaseStore, remove_stale_staging
+from pipeline.store.records import quarantined
 
 MAX_SHARD_THREADS = 256  # shard tasks mostly wait on ray.wait; one thread each
 
@@ -84,7 +103,6 @@ def select_studies(inputs: list[str], store_url: str, run: RunOptions) -> dict:
     """The inputs to discover: all of them, or (with a watermark) the studies changed since it."""
     if run.watermark is None:
         return {"units": list(inputs), "changed": None, "until": None}
-    from pipeline.store import CaseStore
 
     until = time.time() - run.settle_seconds
     since = watermark.read_mark(CaseStore(store_url), run.watermark)
@@ -98,18 +116,15 @@ def select_studies(inputs: list[str], store_url: str, run: RunOptions) -> dict:
 @task(name="discover", cache_policy=NO_CACHE)
 def discover_cases(units: list[str], store_url: str, coarse_masks: list[str], run: RunOptions) -> dict:
     """CaseRef fields of every case, and the index of the unit (study) each came from."""
-    from pipeline.discover import DiscoveryOptions, discover
-    from pipeline.store import CaseStore
-
     store = CaseStore(store_url)
     options = DiscoveryOptions(keep_localizers=run.keep_localizers, keep_derived=run.keep_derived)
     if run.watermark is None:
-        found = [(None, c) for c in discover(units, store, coarse_masks=coarse_masks, options=options)]
+        found = [(None, c) for c in discover(units, store.case_ids(), coarse_masks=coarse_masks, options=options)]
     else:
         if len(coarse_masks) > 1 or (coarse_masks and not Path(coarse_masks[0]).is_dir()):
             raise ValueError("with a watermark, --coarse-mask must be one folder whose file stems match")
         found = [(i, c) for i, unit in enumerate(units)
-                 for c in discover([unit], store, coarse_masks=coarse_masks, options=options)]
+                 for c in discover([unit], store.case_ids(), coarse_masks=coarse_masks, options=options)]
     seen: set[str] = set()
     cases, unit_of = [], []
     for unit, case in found:
@@ -124,11 +139,6 @@ def discover_cases(units: list[str], store_url: str, coarse_masks: list[str], ru
 @task(name="skip-committed", cache_policy=NO_CACHE)
 def skip_committed(cases: list[dict], store_url: str, config_json: str, retry_quarantined: bool) -> dict:
     """Cases to annotate; those committed with the same signature, or quarantined with it, are left out."""
-    from pipeline.engine import LazyRunner, case_signature
-    from pipeline.quarantine import quarantined
-    from pipeline.store import CaseStore, remove_stale_staging
-    from pipeline.types import CaseRef
-
     store = CaseStore(store_url)
     remove_stale_staging(store)
     config = EngineConfig.model_validate_json(config_json)
@@ -159,8 +169,6 @@ def skip_committed(cases: list[dict], store_url: str, config_json: str, retry_qu
 @task(name="shard", cache_policy=NO_CACHE)
 def make_shards(cases: list[dict], shards: int) -> list[list[dict]]:
     """Cases grouped into at most ``shards`` groups of about equal slice counts (read from headers)."""
-    from pipeline.types import CaseRef
-
     weights = sharding.slice_counts([CaseRef(**c) for c in cases])
     groups = sharding.balance(weights, shards)
     get_run_logger().info("%d shards of ~%s slices", len(groups),
@@ -172,7 +180,6 @@ def _retry_if_transient(task, task_run, state) -> bool:
     """Shard tasks are retried only for transient errors (I/O, lost connection to the cluster)."""
     from ray.exceptions import RaySystemError
 
-    from pipeline.quarantine import is_transient
 
     exc = state.result(raise_on_failure=False)
     return isinstance(exc, RaySystemError) or is_transient(exc)
@@ -185,8 +192,6 @@ def annotate_shard(shard: list[dict], index: int, plan: dict, job: dict, in_flig
     """Annotate one shard on actor ``index % plan.count``; returns {"committed": [ids], "outcomes": [...]}.
 
     A retry of the same flow run reuses the persisted result of a shard that completed with these inputs."""
-    from pipeline.ray_pool import ActorPlan, Job, drive, get_annotator
-
     actor_plan, work = ActorPlan(**plan), Job(**job)
     board = progress.board_for(work.run_id)
 
@@ -201,9 +206,6 @@ def annotate_shard(shard: list[dict], index: int, plan: dict, job: dict, in_flig
 @task(name="summarise", cache_policy=NO_CACHE)
 def summarise(outcomes: list[dict], store_url: str, run_id: str, facts: dict, config_json: str) -> dict:
     """The run's report; a table artifact (failures first, label volumes in mL) and STORE/_runs/<run>.json."""
-    from pipeline.engine import package_version
-    from pipeline.store import CaseStore
-
     store = CaseStore(store_url)
     volumes = summary.label_volumes_ml(store, [o["case_id"] for o in outcomes if o["status"] == "done"])
     counts = summary.counts(outcomes)
@@ -230,7 +232,7 @@ def _run_shards(shards: list[list[dict]], plan, job: dict, in_flight: int) -> tu
             broken += 1
             get_run_logger().error("shard failed (%s); its %d cases are left for the next run",
                                    type(result).__name__, len(shard))
-            result = {"outcomes": [outcome(c["case_id"], "failed", stage="shard") for c in shard]}
+            result = {"outcomes": [CaseOutcome(c["case_id"], "failed", stage="shard").record() for c in shard]}
         outcomes += result["outcomes"]
     return outcomes, broken
 
@@ -252,7 +254,7 @@ def annotate_archive(inputs: list[str], out: str, coarse_masks: list[str] | None
     job = {"store_url": store_url, "run_id": run_id, "config_json": config_json, "overwrite": run.overwrite,
            "retries": pool.case_retries}
     outcomes, facts = _annotate_on_ray(split["todo"], job, pool, policy) if split["todo"] else ([], {})
-    outcomes += [outcome(c["case_id"], kind) for kind in ("skipped", "quarantined") for c in split[kind]]
+    outcomes += [CaseOutcome(c["case_id"], kind).record() for kind in ("skipped", "quarantined") for c in split[kind]]
     facts = {"actors": 0, "shards": 0, "broken_shards": 0, **facts,
              "wall_s": round(time.perf_counter() - started, 2)}
     report = summarise(outcomes, store_url, run_id, facts, config_json)
@@ -265,8 +267,6 @@ def annotate_archive(inputs: list[str], out: str, coarse_masks: list[str] | None
 def _annotate_on_ray(todo: list[dict], job: dict, pool: PoolOptions,
                      policy: FailurePolicy) -> tuple[list[dict], dict]:
     """Size the pool, shard ``todo`` and run the shards; returns the outcomes and facts about the pool."""
-    from pipeline.ray_pool import cluster_nodes, connect, plan_actors, release_annotators
-
     connect(pool.address)
     plan = plan_actors(cluster_nodes(), pool)
     get_run_logger().info("%d actors x %d CPUs, %g GPUs each", plan.count, plan.num_cpus, plan.num_gpus)
@@ -293,8 +293,6 @@ def _enforce(report: dict, policy: FailurePolicy) -> None:
 
 def _advance_watermark(store_url: str, run: RunOptions, studies: dict, found: dict, report: dict) -> None:
     """Move the watermark to this run's horizon, held back before studies whose cases failed transiently."""
-    from pipeline.store import CaseStore
-
     unit_of = {c["case_id"]: u for c, u in zip(found["cases"], found["units"], strict=True)}
     retry = {unit_of.get(o["case_id"]) for o in report["cases"]
              if o["status"] == "failed" and o["stage"] in RETRY_NEXT_RUN}

@@ -11,7 +11,8 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pipeline.types import CaseRef
+from pipeline.core.types import CaseRef
+from pipeline.io.readers import NIFTI_SUFFIXES, NRRD_SUFFIXES, suffix_of
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,6 @@ def _frames(path: Path) -> int:
 def estimate_slices(case: CaseRef) -> int:
     """The number of axial slices the case has, from headers; 0 for a case that will fail at reading, 1 when
     the headers do not say."""
-    from pipeline.readers import NIFTI_SUFFIXES, NRRD_SUFFIXES, suffix_of
-
     if case.error:
         return 0
     try:

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.quarantine import read_store_record, write_store_record
+from pipeline.store.records import read_watermark, write_watermark
 
-FOLDER = "_watermarks"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
@@ -79,11 +77,9 @@ def check_name(name: str) -> str:
 
 
 def read_mark(store, name: str) -> float | None:
-    record = read_store_record(store, FOLDER, check_name(name))
+    record = read_watermark(store, check_name(name))
     return None if record is None else float(record["since"])
 
 
 def write_mark(store, name: str, since: float, *, run_id: str) -> None:
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
-    record = {"since": since, "since_utc": stamp, "run_id": run_id}
-    write_store_record(store, FOLDER, check_name(name), record)
+    write_watermark(store, check_name(name), since, run_id=run_id)

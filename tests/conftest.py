@@ -66,7 +66,7 @@ def small_chest_nifti(tmp_path_factory, small_chest) -> tuple[Path, Path]:
     """The same four slices as NIfTI in RAS with (x, y, z) axes, as research pipelines write them."""
     import nibabel as nib
 
-    from pipeline.readers import read_volume
+    from pipeline.io.readers import read_volume
 
     folder = tmp_path_factory.mktemp("small_chest_nifti")
     paths = []
@@ -97,7 +97,8 @@ def nuclei_2d(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def runner():
-    from pipeline.model import LiteMedSAMRunner, load_lite_medsam
+    from pipeline.model.checkpoint import load_lite_medsam
+    from pipeline.model.runner import LiteMedSAMRunner
 
     return LiteMedSAMRunner(load_lite_medsam())
 
@@ -140,7 +141,7 @@ def write_dicom_series(volume, folder: Path, *, series_uid: str = "1.2.826.0.1.3
 
 @pytest.fixture(scope="session")
 def small_chest_dicom(tmp_path_factory, small_chest) -> Path:
-    from pipeline.readers import read_volume
+    from pipeline.io.readers import read_volume
 
     return write_dicom_series(read_volume(small_chest[0]), tmp_path_factory.mktemp("dicom") / "series")
 
@@ -200,7 +201,7 @@ def chest_series(tmp_path_factory, small_chest) -> dict[str, Path]:
     about x and 12 deg about z, so every ImageOrientationPatient component is off-axis)."""
     from dataclasses import replace
 
-    from pipeline.readers import read_volume
+    from pipeline.io.readers import read_volume
 
     ct = read_volume(small_chest[0])
     tilted = rotation(0, 20) @ rotation(2, 12) @ ct.geometry.affine
@@ -216,8 +217,8 @@ def chest_series(tmp_path_factory, small_chest) -> dict[str, Path]:
 def commit_from_source(store, source: Path, labels: np.ndarray, *, names: dict[int, str] | None = None,
                        instances: list[dict] | None = None, keep_image: bool = True, **attrs) -> str:
     """Commit a case as the engine would (manifest, signature, geometry, lineage), ``labels`` as its mask."""
-    from pipeline.discover import content_hash
-    from pipeline.readers import read_volume
+    from pipeline.io.discover import content_hash
+    from pipeline.io.readers import read_volume
 
     volume = read_volume(source)
     assert labels.shape == volume.shape
@@ -293,7 +294,7 @@ def write_ct_series(volume, folder: Path, *, series_uid: str, affine_lps=None, s
 @pytest.fixture(scope="session")
 def chest_volume(small_chest):
     """The four real chest CT slices as a canonical Volume (HU)."""
-    from pipeline.readers import read_volume
+    from pipeline.io.readers import read_volume
 
     return read_volume(small_chest[0])
 

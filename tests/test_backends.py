@@ -9,12 +9,13 @@ import pytest
 from scipy import ndimage
 
 from detectors.coarse_mask import boxes_from_label_map
-from pipeline import backends, graph_export
-from pipeline.config import EngineConfig
-from pipeline.geometry import align_to
-from pipeline.model import LiteMedSAMRunner, foreground
-from pipeline.preprocess import to_uint8
-from pipeline.readers import read_volume
+from pipeline.annotate.config import EngineConfig
+from pipeline.core.geometry import align_to
+from pipeline.core.intensity import to_uint8
+from pipeline.io.readers import read_volume
+from pipeline.model import build, graph_export
+from pipeline.model import graph_cache as backends
+from pipeline.model.runner import foreground
 
 SLICES = (15, 20)
 RUNTIMES = [pytest.param(name, marks=pytest.mark.skipif(importlib.util.find_spec(name) is None,
@@ -58,7 +59,7 @@ def _near_boundary(mask: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("name", RUNTIMES)
 def test_runtime_reproduces_eager_torch_on_real_ct(name, runner, chest_slices, eager):
     slices, boxes = chest_slices
-    fast = LiteMedSAMRunner(runner.model, backend=name)
+    fast = build.build_runner(runner.model, backend=name)
     embedded = fast._encode(slices)  # batch of two: the exported graph's batch is dynamic
     for ours, reference, slice_boxes, (ref_logits, ref_iou) in zip(embedded, eager[0], boxes, eager[1]):
         assert ours.resized_hw == reference.resized_hw
@@ -73,17 +74,17 @@ def test_runtime_reproduces_eager_torch_on_real_ct(name, runner, chest_slices, e
 
 
 def test_second_runner_reuses_the_cached_graphs(runner):
-    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    build.build_runner(runner.model, backend="onnxruntime")
     folder = backends.graph_folder(runner.model.sha256, "onnxruntime")
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     exported = dict(graph_export.exports)
-    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    build.build_runner(runner.model, backend="onnxruntime")
     assert dict(graph_export.exports) == exported
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 
 
 def test_damaged_cached_graph_is_exported_again(runner, tmp_path, monkeypatch, chest_slices, eager):
-    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    build.build_runner(runner.model, backend="onnxruntime")
     source = backends.graph_folder(runner.model.sha256, "onnxruntime")
     folder = backends.graph_folder(runner.model.sha256, "onnxruntime", cache_root=tmp_path)
     shutil.copytree(source, folder)  # alone in its cache: nothing to copy from, so it must export
@@ -92,17 +93,17 @@ def test_damaged_cached_graph_is_exported_again(runner, tmp_path, monkeypatch, c
     (folder / ".encoder.onnx.crash.partial").write_bytes(b"\x08garbage")  # a crashed export's leftover
     exported = dict(graph_export.exports)
     monkeypatch.setenv("MEDSAM_ENGINE_CACHE", str(tmp_path))
-    fast = LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    fast = build.build_runner(runner.model, backend="onnxruntime")
     assert graph_export.exports["decoder"] == exported.get("decoder", 0) + 1
     assert graph_export.exports["encoder"] == exported.get("encoder", 0)
-    assert backends._valid_graphs(folder, runner.model.sha256) == set(backends.GRAPHS)
+    assert backends.valid_graphs(folder, runner.model.sha256) == set(backends.GRAPHS)
     logits, _ = fast.decode(eager[0][0], chest_slices[1][0])
     assert np.mean(foreground(logits) != foreground(eager[1][0][0])) <= 1e-3
 
 
 def test_unknown_backend_is_refused_with_a_clear_message(runner):
     with pytest.raises(ValueError, match="Argument 'backend' must be one of torch, onnxruntime, openvino"):
-        LiteMedSAMRunner(runner.model, backend="tensorrt")
+        build.build_runner(runner.model, backend="tensorrt")
     with pytest.raises(ValueError, match="backend"):
         EngineConfig.model_validate({"model": {"backend": "tensorrt"}})
 
@@ -114,40 +115,40 @@ def test_backend_does_not_change_the_result_hash():
 
 
 def test_auto_takes_the_next_runtime_when_one_fails(runner, monkeypatch):
-    assert backends.auto_candidates("cuda") == ["torch"]
-    candidates = backends.auto_candidates("cpu")
+    assert build.auto_candidates("cuda") == ["torch"]
+    candidates = build.auto_candidates("cpu")
     assert candidates[-1] == "torch"
-    real_load = backends.load_graphs
+    real_load = build.load_graphs
 
     def failing_first(model, runtime, **options):
         if runtime == candidates[0]:
             raise backends.BackendError(f"{runtime} does not reproduce eager torch")
         return real_load(model, runtime, **options)
 
-    monkeypatch.setattr(backends, "load_graphs", failing_first)
-    chosen = backends.build_runner(runner.model, device="cpu", backend="auto")
+    monkeypatch.setattr(build, "load_graphs", failing_first)
+    chosen = build.build_runner(runner.model, device="cpu", backend="auto")
     assert chosen.backend == candidates[1]
 
 
 def test_graph_with_its_recorded_stamp_is_trusted_and_any_rewrite_is_hashed(runner, tmp_path):
     """Cached graphs are not re-hashed at every start: size and mtime as recorded vouch for them; a graph
     rewritten in place (same size, new mtime) is hashed and refused."""
-    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    build.build_runner(runner.model, backend="onnxruntime")
     source = backends.graph_folder(runner.model.sha256, "onnxruntime")
     folder = tmp_path / source.name
     shutil.copytree(source, folder)  # copy2 keeps the modification times
-    assert backends._valid_graphs(folder, runner.model.sha256) == set(backends.GRAPHS)
+    assert backends.valid_graphs(folder, runner.model.sha256) == set(backends.GRAPHS)
     encoder = folder / "encoder.onnx"
     data = bytearray(encoder.read_bytes())
     data[len(data) // 2] ^= 0xFF
     encoder.write_bytes(bytes(data))
-    assert backends._valid_graphs(folder, runner.model.sha256) == {"decoder"}
+    assert backends.valid_graphs(folder, runner.model.sha256) == {"decoder"}
 
 
 def test_a_cache_without_stamps_is_hashed_once_then_stamped(runner, graph_cache, monkeypatch):
     import json
 
-    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    build.build_runner(runner.model, backend="onnxruntime")
     folder = backends.graph_folder(runner.model.sha256, "onnxruntime")
     manifest = json.loads((folder / "manifest.json").read_text())
     stamps = manifest.pop("stamps")
@@ -155,11 +156,11 @@ def test_a_cache_without_stamps_is_hashed_once_then_stamped(runner, graph_cache,
     hashed = []
     real = backends.file_sha256
     monkeypatch.setattr(backends, "file_sha256", lambda path: hashed.append(path.name) or real(path))
-    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    build.build_runner(runner.model, backend="onnxruntime")
     assert sorted(hashed) == ["decoder.onnx", "encoder.onnx"]
     assert json.loads((folder / "manifest.json").read_text())["stamps"] == stamps
     hashed.clear()
-    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    build.build_runner(runner.model, backend="onnxruntime")
     assert hashed == []
 
 
@@ -172,13 +173,13 @@ def test_annotating_on_cached_graphs_never_imports_torch(runner, nuclei_2d, tmp_
     import sys
 
     backend = "openvino" if importlib.util.find_spec("openvino") else "onnxruntime"
-    LiteMedSAMRunner(runner.model, backend=backend)  # the graphs are in the cache
+    build.build_runner(runner.model, backend=backend)  # the graphs are in the cache
     code = ("import json, sys\n"
-            "from pipeline.config import EngineConfig\nfrom pipeline.discover import discover\n"
-            "from pipeline.engine import annotate\nfrom pipeline.store import CaseStore\n"
+            "from pipeline.annotate.config import EngineConfig\nfrom pipeline.io.discover import discover\n"
+            "from pipeline.annotate.job import annotate\nfrom pipeline.store.case_store import CaseStore\n"
             "image, mask, root, backend = sys.argv[1:5]\nstore = CaseStore(root)\n"
             "config = EngineConfig.model_validate({'model': {'backend': backend, 'device': 'auto'}})\n"
-            "summary = annotate(discover([image], store, coarse_masks=[mask]), store, config, show_progress=False)\n"
+            "summary = annotate(discover([image], store.case_ids(), coarse_masks=[mask]), store, config, show_progress=False)\n"
             "print(json.dumps({'torch': 'torch' in sys.modules, 'committed': summary.count('done'),\n"
             "                  'failed': [o.reason for o in summary.failed]}))")
     env = dict(os.environ, MEDSAM_ENGINE_CACHE=str(graph_cache), CUDA_VISIBLE_DEVICES="")
@@ -193,7 +194,7 @@ def test_a_cache_that_cannot_be_stamped_still_serves(runner, graph_cache, monkey
     """Recording stamps is best effort: a read-only or shared cache keeps serving its verified graphs."""
     import json
 
-    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    build.build_runner(runner.model, backend="onnxruntime")
     folder = backends.graph_folder(runner.model.sha256, "onnxruntime")
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest.pop("stamps")
@@ -202,9 +203,9 @@ def test_a_cache_that_cannot_be_stamped_still_serves(runner, graph_cache, monkey
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(backends, "write_atomic", read_only)
+    monkeypatch.setattr(backends, "write_text_atomic", read_only)
     exported = dict(graph_export.exports)
-    fast = LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    fast = build.build_runner(runner.model, backend="onnxruntime")
     assert fast.backend == "onnxruntime" and dict(graph_export.exports) == exported
     assert "stamps" not in json.loads((folder / "manifest.json").read_text())
 

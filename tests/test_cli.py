@@ -8,11 +8,11 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
-
 from conftest import make_archive
-from pipeline.cli import main
-from pipeline.readers import read_volume
-from pipeline.store import CaseStore
+
+from pipeline.cli.main import main
+from pipeline.io.readers import read_volume
+from pipeline.store.case_store import CaseStore
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_2d_png_with_many_instance_boxes(nuclei_2d, tmp_path):
     reference = read_volume(nuclei_2d[1]).array
     assert labels.shape == (1, 256, 256)
     assert len(attrs["instances"]) >= 20
-    from pipeline.metrics import dice
+    from pipeline.core.metrics import dice
 
     assert dice(labels > 0, reference > 0) > 0.7
     out = tmp_path / "nifti"

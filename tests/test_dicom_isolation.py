@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from pipeline.errors import ReadError
-from pipeline.isolate import IsolatedWorker, WorkerCrash
-from pipeline.readers import read_case
-from pipeline.types import CaseRef
+from pipeline.core.errors import ReadError
+from pipeline.core.types import CaseRef
+from pipeline.io.isolate import IsolatedWorker, WorkerCrash
+from pipeline.io.readers import read_case
 
 DECODER_DEPENDENCIES: dict = {}
 

@@ -6,13 +6,14 @@ import shutil
 import numpy as np
 import pydicom
 import pytest
+from conftest import write_ct_series
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from conftest import write_ct_series
-from pipeline.errors import ReadError
-from pipeline.geometry import to_source_grid
-from pipeline.readers import LPS_TO_RAS, read_volume
+from pipeline.core.errors import ReadError
+from pipeline.core.geometry import to_source_grid
+from pipeline.core.orientation import LPS_TO_RAS
+from pipeline.io.readers import read_volume
 
 
 @pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",

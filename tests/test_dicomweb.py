@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
 from conftest import write_ct_series
-from pipeline.discover import discover
-from pipeline.dicomweb import multipart_parts
-from pipeline.errors import ReadError
-from pipeline.readers import read_case
-from pipeline.store import CaseStore
+
+from pipeline.core.errors import ReadError
+from pipeline.io.dicomweb import multipart_parts
+from pipeline.io.discover import discover
+from pipeline.io.readers import read_case
+from pipeline.store.case_store import CaseStore
 
 ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
 PLUGIN = next((p for p in ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
@@ -91,7 +91,7 @@ def orthanc(tmp_path_factory, chest_volume):
 
 def test_study_url_gives_one_case_per_series(orthanc, tmp_path, chest_volume):
     store = CaseStore(tmp_path / "store")
-    cases = discover([f"{orthanc}/dicom-web/studies/{STUDY}"], store)
+    cases = discover([f"{orthanc}/dicom-web/studies/{STUDY}"], store.case_ids())
     assert [c.kind for c in cases] == ["dicom-series", "dicom-series"]  # the scout is dropped
     for case in cases:
         assert Path(case.image).is_relative_to(store.root / "_cache" / "dicomweb")
@@ -105,16 +105,16 @@ def test_study_url_gives_one_case_per_series(orthanc, tmp_path, chest_volume):
 def test_series_url_and_cache_reuse(orthanc, tmp_path, chest_volume):
     store = CaseStore(tmp_path / "store")
     url = f"{orthanc}/dicom-web/studies/{STUDY}/series/{SERIES[1]}"
-    (case,) = discover([url], store)
+    (case,) = discover([url], store.case_ids())
     marker = Path(case.image).parent / ".complete"
     stamp = marker.stat().st_mtime_ns
-    assert discover([url], store) == [case] and marker.stat().st_mtime_ns == stamp
+    assert discover([url], store.case_ids()) == [case] and marker.stat().st_mtime_ns == stamp
     assert np.array_equal(read_case(case).array, chest_volume.array)
 
 
 def test_unknown_study_is_one_failing_case_without_uids(orthanc, tmp_path):
     missing = "1.2.826.0.1.3680043.8.498.7199"
-    (case,) = discover([f"{orthanc}/dicom-web/studies/{missing}"], CaseStore(tmp_path / "store"))
+    (case,) = discover([f"{orthanc}/dicom-web/studies/{missing}"], CaseStore(tmp_path / "store").case_ids())
     assert case.kind == "unreadable" and missing not in case.error and missing not in case.image
     with pytest.raises(ReadError, match=r"not found \(HTTP 404\)|has no series"):
         read_case(case)
@@ -122,7 +122,7 @@ def test_unknown_study_is_one_failing_case_without_uids(orthanc, tmp_path):
 
 def test_unreachable_server_is_a_failing_case(tmp_path):
     url = f"http://127.0.0.1:{_free_port()}/dicom-web/studies/1.2.3"
-    (case,) = discover([url], CaseStore(tmp_path))
+    (case,) = discover([url], CaseStore(tmp_path).case_ids())
     assert "could not be reached" in case.error
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.archives import ExtractLimits, extract_archive, safe_member_path
-from pipeline.discover import DiscoveryOptions, discover
-from pipeline.errors import ReadError
-from pipeline.readers import read_case
-from pipeline.store import CaseStore
+from pipeline.core.errors import ReadError
+from pipeline.io.archives import ExtractLimits, extract_archive, safe_member_path
+from pipeline.io.discover import DiscoveryOptions, discover
+from pipeline.io.readers import read_case
+from pipeline.store.case_store import CaseStore
 
 
 def _zip_folder(folder: Path, target: Path, *, extra: dict[str, bytes] | None = None) -> Path:
@@ -35,23 +35,23 @@ def test_zip_of_a_study_gives_the_same_cases_as_the_folder(tmp_path, multi_serie
     archive = _zip_folder(multi_series_folder.parent, tmp_path / "study.zip")
     (multi_series_folder.parent / "chest.nrrd").unlink()
     store = CaseStore(tmp_path / "store")
-    cases = discover([archive], store)
+    cases = discover([archive], store.case_ids())
     assert sorted(c.kind for c in cases) == ["dicom-series", "dicom-series", "nrrd"]
     assert all(Path(c.image).is_relative_to(store.root / "_cache") for c in cases)
     for case in cases:
         assert np.array_equal(read_case(case).array, chest_volume.array)
-    folder_ids = {c.case_id for c in discover([multi_series_folder], store)}
+    folder_ids = {c.case_id for c in discover([multi_series_folder], store.case_ids())}
     assert folder_ids <= {c.case_id for c in cases}  # same series, same ids, wherever they come from
     marker = next((store.root / "_cache" / "archives").iterdir()) / ".refused.json"
     before = marker.stat().st_mtime_ns
-    assert discover([archive], store) == cases and marker.stat().st_mtime_ns == before  # reused, not redone
+    assert discover([archive], store.case_ids()) == cases and marker.stat().st_mtime_ns == before  # reused, not redone
 
 
 def test_tar_gz_input(tmp_path, multi_series_folder):
     target = tmp_path / "study.tar.gz"
     with tarfile.open(target, "w:gz") as tf:
         tf.add(multi_series_folder, arcname="study")
-    cases = discover([target], CaseStore(tmp_path / "store"))
+    cases = discover([target], CaseStore(tmp_path / "store").case_ids())
     assert [c.kind for c in cases] == ["dicom-series", "dicom-series"]
 
 
@@ -68,7 +68,7 @@ def test_path_escapes_and_links_are_refused_and_recorded(tmp_path, multi_series_
             info.type, info.linkname, info.size = kind, link, 4 if kind == tarfile.REGTYPE else 0
             tf.addfile(info, io.BytesIO(b"evil") if kind == tarfile.REGTYPE else None)
     store = CaseStore(tmp_path / "store" / "deep")
-    cases = discover([target], store)
+    cases = discover([target], store.case_ids())
     errors = sorted(c.error for c in cases if c.error)
     assert len(errors) == 5 and sum("is a link" in e for e in errors) == 3
     assert sum("unsafe path" in e for e in errors) == 2
@@ -104,7 +104,7 @@ def test_zip_bomb_stops_at_the_limit_and_leaves_nothing(tmp_path):
             zf.writestr(f"layer/{k}.dcm", b"\x00" * (16 << 20))
     assert target.stat().st_size < 200_000
     limits = ExtractLimits(max_bytes=1 << 40, max_ratio=100.0, ratio_from_bytes=8 << 20)
-    (case,) = discover([target], CaseStore(tmp_path / "store"), options=DiscoveryOptions(limits=limits))
+    (case,) = discover([target], CaseStore(tmp_path / "store").case_ids(), options=DiscoveryOptions(limits=limits))
     assert case.kind == "unreadable" and "zip bomb" in case.error
     assert not any((tmp_path / "store" / "_cache").rglob("*.dcm"))
     with pytest.raises(ReadError, match="expands beyond 1000000 bytes"):
@@ -115,7 +115,7 @@ def test_zip_bomb_stops_at_the_limit_and_leaves_nothing(tmp_path):
 def test_corrupt_archive_is_one_failing_case(tmp_path):
     target = tmp_path / "broken.zip"
     target.write_bytes(b"PK\x03\x04" + os.urandom(2000))
-    (case,) = discover([target], CaseStore(tmp_path / "store"))
+    (case,) = discover([target], CaseStore(tmp_path / "store").case_ids())
     assert case.kind == "unreadable" and case.error.startswith("broken.zip: corrupt or unreadable archive")
 
 
@@ -124,7 +124,7 @@ def test_nested_zip_is_extracted(tmp_path, multi_series_folder):
     outer = tmp_path / "outer.zip"
     with zipfile.ZipFile(outer, "w") as zf:
         zf.write(inner, "disc/inner.zip")
-    cases = discover([outer], CaseStore(tmp_path / "store"))
+    cases = discover([outer], CaseStore(tmp_path / "store").case_ids())
     assert [c.kind for c in cases] == ["dicom-series"]
 
 

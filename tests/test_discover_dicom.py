@@ -11,10 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from pipeline.discover import DiscoveryOptions, case_content_hash, discover
-from pipeline.errors import ReadError
-from pipeline.readers import read_case
-from pipeline.store import CaseStore
+from pipeline.core.errors import ReadError
+from pipeline.io.discover import DiscoveryOptions, case_content_hash, discover
+from pipeline.io.readers import read_case
+from pipeline.store.case_store import CaseStore
 
 DICOMDIR_TREES = Path(pydicom.data.get_testdata_file("dicomdirtests"))
 
@@ -37,7 +37,7 @@ def _no_uid_in(text: str, uids: set[str]) -> bool:
 
 def test_multi_series_folder_gives_one_case_per_series(tmp_path, multi_series_folder, chest_volume, caplog):
     caplog.set_level(logging.DEBUG)
-    cases = discover([multi_series_folder], CaseStore(tmp_path))
+    cases = discover([multi_series_folder], CaseStore(tmp_path).case_ids())
     assert [c.kind for c in cases] == ["dicom-series", "dicom-series"]  # localizer, SC, README, DICOMDIR gone
     assert all(len(c.files) == 4 and c.series and len(c.series) == 16 for c in cases)
     assert len({c.case_id for c in cases}) == 2 and len({c.series for c in cases}) == 2
@@ -55,23 +55,23 @@ def test_multi_series_folder_gives_one_case_per_series(tmp_path, multi_series_fo
 
 def test_localizers_and_derived_images_are_kept_when_asked(tmp_path, multi_series_folder):
     options = DiscoveryOptions(keep_localizers=True, keep_derived=True)
-    cases = discover([multi_series_folder], CaseStore(tmp_path), options=options)
+    cases = discover([multi_series_folder], CaseStore(tmp_path).case_ids(), options=options)
     assert sorted(len(c.files) for c in cases) == [1, 1, 4, 4]
 
 
 def test_case_ids_are_stable_and_keyed(tmp_path, multi_series_folder, monkeypatch):
-    first = discover([multi_series_folder], CaseStore(tmp_path / "a"))
-    again = discover([multi_series_folder], CaseStore(tmp_path / "a"))
+    first = discover([multi_series_folder], CaseStore(tmp_path / "a").case_ids())
+    again = discover([multi_series_folder], CaseStore(tmp_path / "a").case_ids())
     assert [c.case_id for c in first] == [c.case_id for c in again]
     monkeypatch.setenv("MEDSAM_ENGINE_ID_KEY", "another-key")
-    other = discover([multi_series_folder], CaseStore(tmp_path / "b"))
+    other = discover([multi_series_folder], CaseStore(tmp_path / "b").case_ids())
     assert not {c.case_id for c in first} & {c.case_id for c in other}
 
 
 def test_series_content_hash_covers_only_its_own_files(tmp_path, multi_series_folder):
     folder = tmp_path / "copy"
     shutil.copytree(multi_series_folder, folder)
-    a, b = discover([folder], CaseStore(tmp_path / "store"))
+    a, b = discover([folder], CaseStore(tmp_path / "store").case_ids())
     before = (case_content_hash(a), case_content_hash(b))
     victim = Path(b.files[0])
     victim.write_bytes(victim.read_bytes()[:-2] + b"\x00\x01")
@@ -80,7 +80,7 @@ def test_series_content_hash_covers_only_its_own_files(tmp_path, multi_series_fo
 
 def test_pydicom_dicomdir_trees(tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    cases = discover([DICOMDIR_TREES], CaseStore(tmp_path))
+    cases = discover([DICOMDIR_TREES], CaseStore(tmp_path).case_ids())
     by_folder: dict[str, list] = {}
     for case in cases:
         by_folder.setdefault(Path(case.image).name, []).append(case)
@@ -99,8 +99,8 @@ def test_pydicom_dicomdir_trees(tmp_path, caplog):
 
 
 def test_parallel_header_scan_matches_the_serial_one(tmp_path):
-    serial = discover([DICOMDIR_TREES], CaseStore(tmp_path))
-    parallel = discover([DICOMDIR_TREES], CaseStore(tmp_path),
+    serial = discover([DICOMDIR_TREES], CaseStore(tmp_path).case_ids())
+    parallel = discover([DICOMDIR_TREES], CaseStore(tmp_path).case_ids(),
                         options=DiscoveryOptions(scan_workers=2, parallel_from=1))
     assert serial == parallel
 
@@ -110,7 +110,7 @@ def test_a_folder_without_images_is_one_failing_case(tmp_path, multi_series_fold
     folder.mkdir()
     (folder / "README.txt").write_text("no images here")
     (folder / "LOC0001").write_bytes((multi_series_folder / "a" / "LOC0000").read_bytes())
-    (case,) = discover([folder], CaseStore(tmp_path / "s"))
+    (case,) = discover([folder], CaseStore(tmp_path / "s").case_ids())
     assert case.kind == "unreadable"
     assert case.error == "nothing: no image or DICOM series found (skipped: 1 .txt, 1 localizer)"
 
@@ -121,6 +121,6 @@ def test_scan_reads_headers_only(tmp_path, multi_series_folder):
     shutil.copytree(multi_series_folder / "a", folder)
     victim = sorted(folder.glob("IM*"))[0]
     victim.write_bytes(victim.read_bytes()[:-5000])
-    (case,) = [c for c in discover([folder], CaseStore(tmp_path / "s")) if len(c.files) == 4]
+    (case,) = [c for c in discover([folder], CaseStore(tmp_path / "s").case_ids()) if len(c.files) == 4]
     with pytest.raises(ReadError, match="pixel data"):
         read_case(case)

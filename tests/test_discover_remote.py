@@ -9,9 +9,9 @@ import fsspec
 import numpy as np
 import pytest
 
-from pipeline.discover import discover
-from pipeline.readers import read_case
-from pipeline.store import CaseStore
+from pipeline.io.discover import discover
+from pipeline.io.readers import read_case
+from pipeline.store.case_store import CaseStore
 
 
 def _upload(fs, folder: Path, prefix: str) -> None:
@@ -35,19 +35,19 @@ def test_memory_folder_and_zip(memory_fs, tmp_path, multi_series_folder, chest_v
             zf.write(path, f"a/{path.name}")
     memory_fs.put_file(str(archive), "/medsam-test/zips/study.zip")
     store = CaseStore(tmp_path / "store")
-    folder_cases = discover(["memory://medsam-test/study"], store)
-    zip_cases = discover(["memory://medsam-test/zips/study.zip"], store)
+    folder_cases = discover(["memory://medsam-test/study"], store.case_ids())
+    zip_cases = discover(["memory://medsam-test/zips/study.zip"], store.case_ids())
     assert [c.kind for c in folder_cases] == ["dicom-series", "dicom-series"]
     assert [c.kind for c in zip_cases] == ["dicom-series"]
     for case in folder_cases + zip_cases:
         assert Path(case.image).is_relative_to(store.root / "_cache")
         assert np.array_equal(read_case(case).array, chest_volume.array)
-    assert discover(["memory://medsam-test/study"], store) == folder_cases  # the copy is reused
+    assert discover(["memory://medsam-test/study"], store.case_ids()) == folder_cases  # the copy is reused
 
 
 def test_missing_remote_path_is_a_failing_case(memory_fs, tmp_path):
     memory_fs.mkdir("/medsam-test")
-    (case,) = discover(["memory://medsam-test/nothing-here"], CaseStore(tmp_path))
+    (case,) = discover(["memory://medsam-test/nothing-here"], CaseStore(tmp_path).case_ids())
     assert case.kind == "unreadable" and "nothing found" in case.error
 
 
@@ -68,7 +68,7 @@ def test_s3_prefix_through_a_real_s3_api(tmp_path, multi_series_folder, chest_vo
         fs.mkdir("archive-bucket")
         _upload(fs, multi_series_folder / "b", "archive-bucket/ct/b")
         fsspec.filesystem("s3").invalidate_cache()
-        (case,) = discover(["s3://archive-bucket/ct"], CaseStore(tmp_path / "store"))
+        (case,) = discover(["s3://archive-bucket/ct"], CaseStore(tmp_path / "store").case_ids())
         assert np.array_equal(read_case(case).array, chest_volume.array)
     finally:
         server.stop()

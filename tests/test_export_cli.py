@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import commit_from_source
-from pipeline.cli import main
-from pipeline.readers import read_volume
-from pipeline.store import CaseStore
+
+from pipeline.cli.main import main
+from pipeline.io.readers import read_volume
+from pipeline.store.case_store import CaseStore
 
 
 @pytest.fixture(scope="module")

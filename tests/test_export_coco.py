@@ -4,12 +4,12 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-
 from conftest import commit_from_source
-from pipeline.export import export_store
-from pipeline.export_coco import decode_rle, encode_rle
-from pipeline.readers import read_volume
-from pipeline.store import CaseStore
+
+from pipeline.export.coco import decode_rle, encode_rle
+from pipeline.export.formats import export_store
+from pipeline.io.readers import read_volume
+from pipeline.store.case_store import CaseStore
 
 # pycocotools' decoder predates numpy 2's __array__(copy=) protocol; the warning is harmless
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

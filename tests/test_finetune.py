@@ -6,15 +6,16 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from flywheel_data import commit_lungs_case
 
-from pipeline.cli import main
-from pipeline.config import EngineConfig
-from pipeline.finetune import FinetuneOptions, current_model, finetune
-from pipeline.finetune_data import SliceSample, split_samples
-from pipeline.model import LITE_MEDSAM_SHA256, file_sha256, load_lite_medsam
-from pipeline.store import CaseStore
+from pipeline.annotate.config import EngineConfig
+from pipeline.cli.main import main
+from pipeline.core.provenance import file_sha256
+from pipeline.flywheel.finetune import FinetuneOptions, finetune
+from pipeline.flywheel.finetune_data import SliceSample, split_samples
+from pipeline.flywheel.registry import current_model
+from pipeline.model.checkpoint import LITE_MEDSAM_SHA256, load_lite_medsam
+from pipeline.store.case_store import CaseStore
 
 TINY = FinetuneOptions(epochs=1, boxes_per_epoch=4, boxes_per_step=4)
 
@@ -29,7 +30,7 @@ def accepted_store(tmp_path_factory, small_chest):
 
 
 def test_finetune_from_a_store_registers_a_strict_loadable_model(accepted_store, runner, tmp_path):
-    from pipeline.finetune import retrain_detector
+    from pipeline.flywheel.finetune import retrain_detector
 
     decoder_before = {k: v.clone() for k, v in runner.model.net.mask_decoder.state_dict().items()}
     out = tmp_path / "round1.pth"
@@ -112,9 +113,9 @@ def test_finetune_objects_follow_the_box_compilers_size_filter_and_margins(chest
     """Fine-tuning learns from the boxes annotate would give: objects under the rules' minimum size are
     left out and boxes carry the rules' margins, as detectors/coarse_mask.compile_boxes makes them."""
     from detectors.coarse_mask import BoxRules, compile_boxes
-    from pipeline.finetune_data import slice_objects
-    from pipeline.geometry import align_to
-    from pipeline.readers import read_volume
+    from pipeline.core.geometry import align_to
+    from pipeline.flywheel.finetune_data import slice_objects
+    from pipeline.io.readers import read_volume
 
     volume = read_volume(chest_ct[0])
     labels = align_to(read_volume(chest_ct[1]), volume).astype(np.uint16)
@@ -130,7 +131,7 @@ def test_finetune_objects_follow_the_box_compilers_size_filter_and_margins(chest
 
 
 def test_one_slice_cannot_be_split_by_case_or_z():
-    from pipeline.detector_training import split_by_case_or_z
+    from pipeline.flywheel.detector_training import split_by_case_or_z
 
     assert split_by_case_or_z([_sample("a", 0, [5, 15])], 0.25) is None
     train, held, how = split_by_case_or_z([_sample("a", z, [5]) for z in range(4)], 0.25)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.store import CaseStore
+from pipeline.store.case_store import CaseStore
 
 REPO = Path(__file__).resolve().parents[1]
 WARM = {"keep_actors": True}  # keep the actors' models between the tests of this process
@@ -24,7 +24,7 @@ WARM = {"keep_actors": True}  # keep the actors' models between the tests of thi
 
 def run_flow(images: Path, masks: Path, store: Path, **options) -> dict:
     from flows.annotate import FailurePolicy, RunOptions, annotate_archive
-    from pipeline.ray_pool import PoolOptions
+    from pipeline.distributed.ray_pool import PoolOptions
 
     return annotate_archive(inputs=[str(images)], out=str(store), coarse_masks=[str(masks)],
                             run=RunOptions(**options.get("run", {})),
@@ -104,7 +104,7 @@ def test_rerun_does_only_what_is_missing(annotated, flow_archive, tmp_path):
 def test_failures_are_recorded_quarantined_and_fail_the_run_only_above_the_fraction(annotated, flow_archive,
                                                                                        tmp_path):
     from flows.annotate import TooManyFailures
-    from pipeline.quarantine import quarantined
+    from pipeline.store.records import quarantined
 
     images = Path(shutil.copytree(flow_archive[0], tmp_path / "images"))
     masks = Path(shutil.copytree(flow_archive[1], tmp_path / "masks"))
@@ -131,8 +131,8 @@ def test_failures_are_recorded_quarantined_and_fail_the_run_only_above_the_fract
 def _actor_pid(index: int) -> int:
     import ray
 
-    from pipeline.config import EngineConfig
-    from pipeline.ray_pool import PoolOptions, cluster_nodes, get_annotator, plan_actors
+    from pipeline.annotate.config import EngineConfig
+    from pipeline.distributed.ray_pool import PoolOptions, cluster_nodes, get_annotator, plan_actors
 
     plan = plan_actors(cluster_nodes(), PoolOptions())
     actor = get_annotator(plan, index, EngineConfig().model_dump_json())
@@ -180,8 +180,8 @@ def test_an_actor_killed_mid_run_is_restarted_and_every_case_committed_once(anno
 
 def _release_warm_actors() -> None:
     """Free the cluster's CPUs held by this process's warm actors, for another driver's actors."""
-    from pipeline.config import EngineConfig
-    from pipeline.ray_pool import PoolOptions, cluster_nodes, plan_actors, release_annotators
+    from pipeline.annotate.config import EngineConfig
+    from pipeline.distributed.ray_pool import PoolOptions, cluster_nodes, plan_actors, release_annotators
 
     release_annotators(plan_actors(cluster_nodes(), PoolOptions()), EngineConfig().model_dump_json())
 
@@ -196,7 +196,7 @@ def test_a_run_killed_mid_way_is_finished_by_the_rerun_with_identical_masks(anno
                                                                             ray_cluster):
     store = tmp_path / "store"
     _release_warm_actors()
-    command = [sys.executable, "-m", "pipeline.cli", "annotate", str(flow_archive[0]), "--out", str(store),
+    command = [sys.executable, "-m", "pipeline.cli.main", "annotate", str(flow_archive[0]), "--out", str(store),
                "--coarse-mask", str(flow_archive[1]), "--engine", "ray", "--ray-address", ray_cluster.address]
     log = tmp_path / "run.log"
     with open(log, "wb") as out:

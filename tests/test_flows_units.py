@@ -10,11 +10,12 @@ import pytest
 
 from flows.sharding import balance, estimate_slices
 from flows.watermark import Entry, check_name, next_mark, read_mark, select_new, study_entries, write_mark
-from pipeline.errors import ReadError
-from pipeline.quarantine import is_transient, with_retries
-from pipeline.ray_pool import NodeResources, PoolOptions, plan_actors
-from pipeline.store import CaseStore
-from pipeline.types import CaseRef
+from pipeline.annotate.policy import FailurePolicy, with_retries
+from pipeline.core.errors import ReadError, is_transient
+from pipeline.core.outcome import CaseOutcome
+from pipeline.core.types import CaseRef
+from pipeline.distributed.ray_pool import NodeResources, PoolOptions, plan_actors
+from pipeline.store.case_store import CaseStore
 
 
 @pytest.mark.parametrize("nodes, options, expected", [
@@ -83,12 +84,13 @@ def test_with_retries_repeats_transient_failures_only():
             raise OSError(errno.ESTALE, "Stale file handle")
         return {"status": "done"}
 
-    assert with_retries(flaky, retries=2, delay_s=0) == {"status": "done"} and len(calls) == 3
+    assert with_retries(flaky, FailurePolicy(retries=2, retry_delay_s=0)) == {"status": "done"}
+    assert len(calls) == 3
     calls.clear()
     with pytest.raises(OSError):
-        with_retries(flaky, retries=1, delay_s=0)
+        with_retries(flaky, FailurePolicy(retries=1, retry_delay_s=0))
     with pytest.raises(ValueError):
-        with_retries(lambda: (_ for _ in ()).throw(ValueError("a bug")), retries=5, delay_s=0)
+        with_retries(lambda: (_ for _ in ()).throw(ValueError("a bug")), FailurePolicy(retries=5, retry_delay_s=0))
 
 
 def test_watermark_selects_settled_studies_changed_since_the_mark(tmp_path):
@@ -118,10 +120,10 @@ def test_watermark_selects_settled_studies_changed_since_the_mark(tmp_path):
 
 def test_summary_counts_label_volumes_lazily_from_the_store(tmp_path, small_chest):
     import nrrd
-
     from conftest import commit_from_source
+
     from flows.summary import label_volumes_ml
-    from pipeline.readers import read_volume
+    from pipeline.io.readers import read_volume
 
     store = CaseStore(tmp_path / "store")
     labels = read_volume(small_chest[1]).array.astype(np.uint16)
@@ -138,15 +140,15 @@ def test_a_case_that_kills_two_workers_is_failed_and_quarantined_and_the_others_
                                                                                           tmp_path):
     import ray
 
-    from pipeline.config import EngineConfig
-    from pipeline.quarantine import outcome, quarantined
-    from pipeline.ray_pool import Job, drive
+    from pipeline.annotate.config import EngineConfig
+    from pipeline.distributed.ray_pool import Job, drive
+    from pipeline.store.records import quarantined
 
     class Fragile:  # defined here so that Ray ships it by value
         def annotate_case(self, case, store_url, run_id, **_):
             if case["case_id"] == "poison":
                 os._exit(1)  # as a segfault or the OOM killer would
-            return outcome(case["case_id"], "done")
+            return CaseOutcome(case["case_id"], "done").record()
 
     def fresh_actor(lost=None):
         return ray.remote(Fragile).options(num_cpus=0, max_restarts=0).remote()
@@ -163,7 +165,7 @@ def test_a_case_that_kills_two_workers_is_failed_and_quarantined_and_the_others_
 
 
 def test_ray_options_need_the_ray_engine(tmp_path, small_chest):
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     code = main(["annotate", str(small_chest[0]), "--out", str(tmp_path / "s"), "--coarse-mask",
                  str(small_chest[1]), "--actors", "2"])
@@ -171,8 +173,8 @@ def test_ray_options_need_the_ray_engine(tmp_path, small_chest):
 
 
 def test_failures_are_sorted_into_quarantined_and_retried_next_run():
-    from pipeline.isolate import WorkerCrash
-    from pipeline.quarantine import RETRY_NEXT_RUN, failure_of
+    from pipeline.annotate.policy import RETRY_NEXT_RUN, failure_of
+    from pipeline.io.isolate import WorkerCrash
 
     def read_error(why: str) -> ReadError:
         try:
@@ -194,7 +196,7 @@ def test_a_given_ray_token_turns_on_token_auth_for_an_explicit_address(tmp_path)
 
     token = tmp_path / "token"
     token.write_text("0" * 32)
-    code = ("import os; from pipeline.ray_pool import _enable_token_auth; _enable_token_auth(); "
+    code = ("import os; from pipeline.distributed.ray_pool import _enable_token_auth; _enable_token_auth(); "
             "from ray._raylet import AuthenticationMode, get_authentication_mode as mode; "
             "print(os.environ.get('RAY_AUTH_MODE'), mode() == AuthenticationMode.TOKEN)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}

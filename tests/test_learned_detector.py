@@ -5,11 +5,10 @@ import json
 
 import numpy as np
 import pytest
-
 from flywheel_data import commit_lungs_case
 
-from pipeline.cli import main
-from pipeline.store import CaseStore
+from pipeline.cli.main import main
+from pipeline.store.case_store import CaseStore
 
 
 @pytest.fixture(scope="module")

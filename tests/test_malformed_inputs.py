@@ -17,12 +17,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
-from pipeline.archives import ExtractLimits
-from pipeline.discover import DiscoveryOptions, discover
-from pipeline.errors import CaseError, ReadError
-from pipeline.readers import read_case
-from pipeline.store import CaseStore
-from pipeline.types import Volume
+from pipeline.core.errors import CaseError, ReadError
+from pipeline.core.types import Volume
+from pipeline.io.archives import ExtractLimits
+from pipeline.io.discover import DiscoveryOptions, discover
+from pipeline.io.readers import read_case
+from pipeline.store.case_store import CaseStore
 
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
 
@@ -99,7 +99,7 @@ def _run_batch(cases) -> tuple[list[Volume], list[CaseError]]:
 def test_every_bad_file_gets_an_error_with_a_reason(tmp_path, corpus):
     root, bad = corpus
     limits = ExtractLimits(ratio_from_bytes=1 << 20, max_ratio=50)
-    cases = discover([root], CaseStore(tmp_path), options=DiscoveryOptions(limits=limits))
+    cases = discover([root], CaseStore(tmp_path).case_ids(), options=DiscoveryOptions(limits=limits))
     done, failed = _run_batch(cases)
     assert len(done) == 1 and done[0].shape == (1, 128, 128)  # good.dcm
     assert all(isinstance(e, ReadError) and len(e.reason) > 20 for e in failed)
@@ -131,7 +131,7 @@ def test_mutated_dicom_never_escapes_as_anything_but_a_read_error(source, edits)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "mutant.dcm"
         path.write_bytes(bytes(data))
-        cases = discover([folder], CaseStore(Path(folder) / "store"))
+        cases = discover([folder], CaseStore(Path(folder) / "store").case_ids())
         assert len(cases) <= 1
         done, failed = _run_batch(cases)
         for volume in done:

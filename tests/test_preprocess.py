@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.preprocess import IntensityConfig, to_uint8
-from pipeline.readers import read_volume
+from pipeline.core.intensity import IntensityConfig, to_uint8
+from pipeline.io.readers import read_volume
 
 
 def test_ct_window_is_the_same_whatever_the_slab_size(chest_ct):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.config import EngineConfig
-from pipeline.quality import (
+from pipeline.annotate.config import EngineConfig
+from pipeline.annotate.quality import (
     auc,
     case_status,
     fit_calibration,
@@ -104,11 +104,11 @@ def test_routing_settings_stay_out_of_the_mask_signature():
 
 def test_segmentation_records_stability_and_jitter_agreement(runner, small_chest):
     from detectors import compile_boxes
-    from pipeline.geometry import align_to
-    from pipeline.preprocess import IntensityConfig, to_uint8
-    from pipeline.quality import JitterCheck
-    from pipeline.readers import read_volume
-    from pipeline.segment import segment_volume
+    from pipeline.annotate.quality import JitterCheck
+    from pipeline.annotate.segment import segment_volume
+    from pipeline.core.geometry import align_to
+    from pipeline.core.intensity import IntensityConfig, to_uint8
+    from pipeline.io.readers import read_volume
 
     volume = read_volume(small_chest[0])
     reference = align_to(read_volume(small_chest[1]), volume)
@@ -128,6 +128,6 @@ def test_quality_module_is_numpy_only():
     import subprocess
     import sys
 
-    code = "import sys, pipeline.quality; print([m for m in ('torch', 'cv2') if m in sys.modules])"
+    code = "import sys, pipeline.annotate.quality; print([m for m in ('torch', 'cv2') if m in sys.modules])"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"

@@ -8,14 +8,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import zarr
-
 from flywheel_data import case_of, lung_inputs, shared_runner
-from pipeline.cli import main
-from pipeline.config import EngineConfig
-from pipeline.discover import discover
-from pipeline.metrics import dice
-from pipeline.rounds import run_round
-from pipeline.store import CaseStore
+
+from pipeline.annotate.config import EngineConfig
+from pipeline.cli.main import main
+from pipeline.core.metrics import dice
+from pipeline.flywheel.rounds import run_round
+from pipeline.io.discover import discover
+from pipeline.store.case_store import CaseStore
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def routed(tmp_path_factory, runner, small_chest, small_chest_nifti):
     images, masks, reference = lung_inputs(root, small_chest, small_chest_nifti)
     store = CaseStore(root / "store")
     config = EngineConfig().with_overrides(quality={"accept_above": 1.0, "reject_below": 0.0})
-    run_round(discover([images], store, coarse_masks=[masks]), store, config, queue_dir=root / "queue0",
+    run_round(discover([images], store.case_ids(), coarse_masks=[masks]), store, config, queue_dir=root / "queue0",
               runner=shared_runner(config, runner))
     return root, reference
 
@@ -74,7 +74,7 @@ def test_a_bad_correction_imports_nothing(routed, tmp_path, small_chest, capsys)
 
 
 def test_import_records_the_edit_and_accepts_the_case(routed, tmp_path, capsys):
-    from pipeline.readers import read_volume
+    from pipeline.io.readers import read_volume
 
     store = copy_store(routed, tmp_path)
     case_a = case_of(store, "chest_a")
@@ -108,7 +108,7 @@ def test_import_records_the_edit_and_accepts_the_case(routed, tmp_path, capsys):
 
 
 def test_an_edited_ome_zarr_from_napari_imports_too(routed, tmp_path):
-    from pipeline.review import export_queue, import_corrections
+    from pipeline.flywheel.review import export_queue, import_corrections
 
     store = copy_store(routed, tmp_path)
     case_b = case_of(store, "chest_b")
@@ -128,11 +128,11 @@ def test_an_edited_ome_zarr_from_napari_imports_too(routed, tmp_path):
 
 
 def test_queue_of_a_dicom_series_carries_a_dicom_seg(routed, chest_series, runner, tmp_path):
-    from pipeline.review import export_queue
+    from pipeline.flywheel.review import export_queue
 
     store = CaseStore(tmp_path / "store")
     config = EngineConfig().with_overrides(quality={"accept_above": 1.0, "reject_below": 0.0})
-    cases = discover([chest_series["axial"]], store, coarse_masks=[routed[0] / "masks" / "chest_b.nii.gz"])
+    cases = discover([chest_series["axial"]], store.case_ids(), coarse_masks=[routed[0] / "masks" / "chest_b.nii.gz"])
     run_round(cases, store, config, queue_dir=tmp_path / "queue0", runner=shared_runner(config, runner))
     result = export_queue(store, tmp_path / "queue", formats=("dicom-seg",))
     (entry,) = result.cases

@@ -7,28 +7,30 @@ import shutil
 
 import numpy as np
 import pytest
-
 from flywheel_data import case_of, lung_inputs, shared_runner
-from pipeline.cli import main
-from pipeline.config import EngineConfig
-from pipeline.discover import discover
-from pipeline.finetune import FinetuneOptions, finetune
-from pipeline.review import import_corrections
-from pipeline.rounds import ROUNDS, round_rows, run_round
-from pipeline.store import CaseStore
+
+from pipeline.annotate.config import EngineConfig
+from pipeline.cli.main import main
+from pipeline.flywheel.finetune import FinetuneOptions, finetune
+from pipeline.flywheel.review import import_corrections
+from pipeline.flywheel.rounds import round_rows, run_round
+from pipeline.io.discover import discover
+from pipeline.store.case_store import CaseStore
+from pipeline.store.records import ROUNDS
 
 
 @pytest.fixture(scope="module")
 def two_rounds(tmp_path_factory, runner, small_chest, small_chest_nifti):
     """Round 1 (official model) on both cases; chest_a corrected by the simulated reviewer; fine-tune on it;
     round 2 with the fine-tuned model."""
-    from pipeline.model import LiteMedSAMRunner, load_lite_medsam
+    from pipeline.model.checkpoint import load_lite_medsam
+    from pipeline.model.runner import LiteMedSAMRunner
 
     root = tmp_path_factory.mktemp("rounds")
     images, masks, reference = lung_inputs(root, small_chest, small_chest_nifti)
     store = CaseStore(root / "store")
     config = EngineConfig()
-    cases = discover([images], store, coarse_masks=[masks])
+    cases = discover([images], store.case_ids(), coarse_masks=[masks])
     first = run_round(cases, store, config, runner=shared_runner(config, runner))
     proposals = {c: store.read_labels(c)[0] for c in store.committed_cases()}
     imported = import_corrections(store, [reference / "chest_a.nrrd"], reviewer="simulated")

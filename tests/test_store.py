@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.errors import StoreConflictError
-from pipeline.store import CaseStore
+from pipeline.core.errors import StoreConflictError
+from pipeline.store.case_store import CaseStore
 
 GEOMETRY = {"spacing_zyx_mm": [2.0, 1.0, 1.0]}
 
@@ -81,7 +81,7 @@ def test_label_colours_and_names_do_not_depend_on_the_other_labels(tmp_path):
 def test_commit_closes_the_cases_error_and_quarantine_records(tmp_path):
     """A case committed after it failed (fixed input, new model, --retry-quarantined, or a local run after a
     distributed one) keeps no open failure: its error and quarantine records go with the commit."""
-    from pipeline.quarantine import quarantine, quarantined
+    from pipeline.store.records import quarantine, quarantined
 
     store = CaseStore(tmp_path)
     store.record_error("c1", stage="read", reason="c1.nii.gz: truncated", run_id="r1")

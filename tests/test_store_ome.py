@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
-
 from conftest import commit_from_source
-from pipeline.readers import read_volume
-from pipeline.store import CaseStore
+
+from pipeline.io.readers import read_volume
+from pipeline.store.case_store import CaseStore
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import commit_from_source
-from pipeline.errors import StoreConflictError
-from pipeline.export import export_store
-from pipeline.readers import read_volume
-from pipeline.store import CaseStore
+
+from pipeline.core.errors import StoreConflictError
+from pipeline.export.formats import export_store
+from pipeline.io.readers import read_volume
+from pipeline.store.case_store import CaseStore
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -74,7 +74,7 @@ class _Killed(BaseException):
 
 def test_an_interrupted_write_on_s3_is_not_a_case_and_a_rerun_commits_it(bucket, small_chest, chest_labels,
                                                                            monkeypatch, tmp_path):
-    import pipeline.store as store_module
+    import pipeline.store.case_store as store_module
 
     store = CaseStore(f"{bucket}/interrupted")
 
@@ -94,7 +94,7 @@ def test_an_interrupted_write_on_s3_is_not_a_case_and_a_rerun_commits_it(bucket,
 
 
 def test_exports_read_from_and_write_to_s3(bucket, small_chest, chest_labels, tmp_path):
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     store = CaseStore(f"{bucket}/exports-store")
     case_id = commit_from_source(store, small_chest[0], chest_labels)

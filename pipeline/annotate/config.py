@@ -1,0 +1,181 @@
+"""Run configuration, validated at the boundary: one pydantic model per section, unknown keys refused."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from detectors import BoxRules, validate_options
+from pipeline.annotate.quality import JitterCheck
+from postprocess.chain import default_chain, validate_chain
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IntensitySection(_Section):
+    """How intensities become the model's 8-bit input (MedSAM's protocol)."""
+
+    modality: Literal["auto", "CT", "MR", "2D"] = "auto"
+    ct_level: float = 40.0
+    ct_width: float = Field(400.0, gt=0)
+    ct_window: Literal["auto", "fixed"] = Field(
+        "auto", description="auto: lung or bone window for labels whose coarse-mask median HU says so")
+    lung_window: tuple[float, float] = (-600.0, 1500.0)
+    bone_window: tuple[float, float] = (400.0, 1800.0)
+    label_windows: dict[int, tuple[float, float]] = Field(default_factory=dict,
+                                                         description="explicit (level, width) per label value")
+    lower_percentile: float = Field(0.5, ge=0, lt=100)
+    upper_percentile: float = Field(99.5, gt=0, le=100)
+
+
+class PromptSection(_Section):
+    """Which detector makes the boxes, the rules every detector's boxes follow, and its own options."""
+
+    detector: str = "coarse-mask"
+    box_margin: int = Field(0, ge=0, description="pixels added on every side of each box")
+    box_margin_mm: float = Field(0.0, ge=0, description="millimetres added on every side (after box_margin)")
+    min_voxels: int = Field(1, ge=1, description="objects smaller than this many voxels are ignored")
+    min_size_mm3: float = Field(0.0, ge=0, description="objects smaller than this volume are ignored")
+    jitter_mm: float = Field(0.0, ge=0, description="random shift of each box edge, for robustness checks")
+    jitter_seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict, description="the detector's own options")
+
+    @model_validator(mode="after")
+    def _check_detector(self) -> "PromptSection":
+        validate_options(self.detector, self.options)
+        return self
+
+    def box_rules(self):
+        return BoxRules(margin_px=self.box_margin, margin_mm=self.box_margin_mm, min_voxels=self.min_voxels,
+                        min_size_mm3=self.min_size_mm3, jitter_mm=self.jitter_mm, seed=self.jitter_seed)
+
+
+class ModelSection(_Section):
+    checkpoint: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto", description="runtime of encoder and decoder (same masks); auto: the fastest that passes "
+                            "parity on CPU, torch on CUDA")
+    encoder_batch: int | None = Field(None, ge=1, description="slices per encoder call; None: 1 on CPU (batches "
+                                                              "measured no faster there, and cost memory), 32 on CUDA")
+    embedding_cache_mb: int | None = Field(None, ge=0, description="recent slice embeddings kept (4 MiB each); None: "
+                                                                   "512 with the learned detector (its encoder pass is "
+                                                                   "shared with segmentation), else 32")
+    decoder_batch: int | None = Field(None, ge=1, description="boxes per decoder call (bounds its memory); None: 16 "
+                                                              "on CPU graphs, 4 on CPU eager torch, 64 on CUDA")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is refused on CPU)")
+    mode: Literal["slice", "propagate"] = Field(
+        "slice", description="slice: a box on every slice the detector marks; propagate: one 3D box per object, "
+                             "segmented from its middle slice outwards")
+
+
+class PropagateSection(_Section):
+    """Propagate mode's rules (see pipeline/annotate/propagate.py)."""
+
+    box_margin_px: int = Field(3, ge=0, description="added to the previous slice's mask box (official: 3)")
+    stop_after_empty: int = Field(2, ge=1, description="a direction ends after this many empty slices in a row")
+    min_slice_iou: float = Field(0.1, ge=0, le=1, description="a direction ends when IoU with the previous "
+                                                             "slice's mask falls below this")
+
+
+class PostprocessSection(_Section):
+    """The clean-up chain (postprocess/chain.py): a list of steps such as
+    ``{"op": "remove_small_components", "min_volume_mm3": 50}``; None takes the modality's default."""
+
+    chain: list[dict[str, Any]] | None = Field(None, description="steps for every label; None: modality default")
+    per_label: dict[int, list[dict[str, Any]]] = Field(default_factory=dict, description="label value -> steps")
+
+    @model_validator(mode="after")
+    def _check_chains(self) -> "PostprocessSection":
+        for steps in ([self.chain] if self.chain is not None else []) + list(self.per_label.values()):
+            validate_chain(steps)
+        return self
+
+    def chain_for(self, modality: str) -> list[dict[str, Any]]:
+        """The validated chain for all labels of an image of this modality (CT, MR, 2D, OT)."""
+        return validate_chain(self.chain) if self.chain is not None else default_chain(modality)
+
+
+class StoreSection(_Section):
+    write_image: bool = True
+
+
+class QualitySection(_Section):
+    """Quality scores and review routing (pipeline/annotate/quality.py). Routing never changes masks."""
+
+    jitter_check: bool = Field(False, description="re-decode with jittered boxes and record the mask agreement "
+                                                  "(extra decoder work): sampled slices in slice mode, each "
+                                                  "object's seed slice in propagate mode")
+    jitter_fraction: float = Field(0.1, gt=0, le=0.5,
+                                   description="largest edge shift, as a fraction of the box")
+    jitter_slices: int = Field(4, ge=1, description="slices per case the jitter check re-decodes (slice mode)")
+    route: bool = Field(False, description="set review_status from the scores (round run turns it on)")
+    accept_above: float = Field(0.85, ge=0, le=1, description="score from which an instance is auto-accepted")
+    reject_below: float = Field(0.3, ge=0, le=1, description="score under which an instance is rejected")
+    per_label: dict[int, tuple[float, float]] = Field(
+        default_factory=dict, description="label value -> (reject_below, accept_above)")
+    edit_dice_threshold: float = Field(0.9, gt=0, le=1, description="a correction with Dice below this "
+                                                                     "against the proposal is a real edit")
+
+    @model_validator(mode="after")
+    def _check_order(self) -> "QualitySection":
+        pairs = [(self.reject_below, self.accept_above), *self.per_label.values()]
+        if any(reject > accept for reject, accept in pairs):
+            raise ValueError("reject_below must not exceed accept_above")
+        return self
+
+    def jitter(self):
+        """The jitter check to run (a pipeline.annotate.quality.JitterCheck), or None when it is off."""
+        return JitterCheck(self.jitter_fraction, self.jitter_slices) if self.jitter_check else None
+
+    def thresholds(self) -> dict:
+        return {"accept_above": self.accept_above, "reject_below": self.reject_below,
+                "per_label": dict(self.per_label)}
+
+
+class EngineConfig(_Section):
+    intensity: IntensitySection = IntensitySection()
+    prompts: PromptSection = PromptSection()
+    model: ModelSection = ModelSection()
+    propagate: PropagateSection = PropagateSection()
+    postprocess: PostprocessSection = PostprocessSection()
+    store: StoreSection = StoreSection()
+    quality: QualitySection = QualitySection()
+
+    def result_hash(self) -> str:
+        """Hash of everything that changes the masks (not the device or where the image is stored)."""
+        data = self.model_dump()
+        data["model"].pop("device")
+        data["model"].pop("encoder_batch")
+        data["model"].pop("decoder_batch")
+        data["model"].pop("embedding_cache_mb")
+        data["model"].pop("backend")
+        data.pop("store")
+        quality = data.pop("quality")  # routing and calibration never change the masks
+        if quality["jitter_check"]:  # ... the jitter check adds a record per instance
+            data["quality_jitter"] = [quality["jitter_fraction"], quality["jitter_slices"]]
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def with_overrides(self, **sections: dict) -> "EngineConfig":
+        """A copy with some fields of some sections replaced, e.g. ``prompts={"box_margin": 5}``."""
+        data = self.model_dump()
+        for section, values in sections.items():
+            data[section].update({k: v for k, v in values.items() if v is not None})
+        return EngineConfig.model_validate(data)
+
+
+def load_config(path: str | Path | None) -> EngineConfig:
+    """Read a YAML or JSON config file; None gives the defaults."""
+    if path is None:
+        return EngineConfig()
+    import yaml
+
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) or {}
+    return EngineConfig.model_validate(data)

@@ -1,0 +1,167 @@
+"""The one per-case driver: :func:`run_case` takes a case from its signature to a committed store group or a
+recorded failure, under one :class:`~pipeline.annotate.policy.FailurePolicy`. The local engine
+(pipeline/annotate/job.py), the Ray actors (pipeline/distributed/ray_pool.py) and the flywheel's rounds all
+run cases through it, so a case fails, retries and is quarantined the same way wherever it runs.
+
+Per case: signature (a committed case with the same one is skipped without loading the model) -> read ->
+prompts (the configured detector) -> LiteMedSAM (slice or propagate mode) -> post-processing -> quality
+scores -> commit (the store's commit marker is written last).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import traceback
+from collections.abc import Callable
+
+import numpy as np
+
+from detectors.coarse_mask import object_boxes
+from detectors.registry import build_detector
+from pipeline.annotate.config import EngineConfig
+from pipeline.annotate.lazy_runner import LazyRunner
+from pipeline.annotate.policy import LOCAL, RETRY_NEXT_RUN, FailurePolicy, failure_of, with_retries
+from pipeline.annotate.propagate import PropagateRules, propagate_volume
+from pipeline.annotate.quality import quality_attrs
+from pipeline.annotate.rendering import default_decoder_batch, effective_modality, renderings
+from pipeline.annotate.segment import segment_volume
+from pipeline.annotate.signature import committed_with, signature_or_none, signature_or_read_error
+from pipeline.core.errors import PromptError, RunError
+from pipeline.core.geometry import align_to
+from pipeline.core.outcome import CaseOutcome
+from pipeline.core.provenance import utc_stamp
+from pipeline.core.types import BoxPrompt, CaseRef, Volume
+from pipeline.io.readers import label_names_of, read_case, read_volume
+from pipeline.store.case_store import CaseStore
+from pipeline.store.records import quarantine
+from postprocess.chain import apply_chain
+
+log = logging.getLogger(__name__)
+
+
+def write_case_manifest(store: CaseStore, case: CaseRef) -> None:
+    """Record what the case is made of before its work starts (its inputs, series and kind)."""
+    store.write_manifest(case.case_id, {"case_id": case.case_id, "image": case.image, "series": case.series,
+                                        "files": list(case.files), "coarse_mask": case.coarse_mask,
+                                        "kind": case.kind})
+
+
+def case_prompts(case: CaseRef, volume: Volume, config: EngineConfig, runner: LazyRunner
+                 ) -> tuple[np.ndarray | None, list[BoxPrompt], dict[int, str]]:
+    """The case's coarse label map (given or found), its box prompts from the configured detector, and the
+    label names (from the coarse mask's file, then the detector's)."""
+    coarse = None
+    if case.coarse_mask:
+        coarse = align_to(read_volume(case.coarse_mask), volume, what="coarse mask")
+        if coarse.ndim == 4:
+            raise PromptError("coarse mask is a colour image; give a label map")
+        if not np.issubdtype(coarse.dtype, np.integer):
+            coarse = np.rint(coarse).astype(np.int64)
+    section = config.prompts
+    try:
+        detector = build_detector(section.detector, rules=section.box_rules(), options=section.options,
+                                  runner=runner)
+        detection = detector(volume, coarse)
+    except ValueError as exc:
+        raise PromptError(str(exc)) from exc
+    names = dict(label_names_of(case.coarse_mask)) if case.coarse_mask else {}
+    names.update(detection.label_names)
+    return detection.label_map, detection.prompts, names
+
+
+def clean(label_map: np.ndarray, volume: Volume, config: EngineConfig) -> tuple[np.ndarray, dict]:
+    """The configured post-processing chain on the label map; returns the new map and its lineage."""
+    modality = effective_modality(volume, config)
+    kind = "2D" if volume.is_2d else modality if modality in ("CT", "MR") else "OT"
+    section = config.postprocess
+    return apply_chain(label_map, spacing=volume.spacing, chain=section.chain_for(kind),
+                       per_label=section.per_label or None)
+
+
+def annotate_case(case: CaseRef, volume: Volume, store: CaseStore, config: EngineConfig, runner: LazyRunner, *,
+                  signature: dict, overwrite: bool, progress=None) -> int:
+    """Prompt, segment, clean and commit one read case; returns the number of slices segmented. Raises
+    CaseError for expected failures."""
+    coarse, prompts, label_names = case_prompts(case, volume, config, runner)
+    rendered, window_of, windows = renderings(volume, coarse, prompts, config)
+    model = runner.get()
+    slices = len({p.z for p in prompts})
+    if progress is not None:
+        progress.reset(total=slices)
+    on_slice = None if progress is None else lambda: progress.update(1)
+    if config.model.mode == "propagate":
+        rules = PropagateRules(**config.propagate.model_dump())
+        label_map, records = propagate_volume(model, rendered, object_boxes(prompts), window_of=window_of,
+                                              rules=rules, model_name=model.model.name, on_slice=on_slice,
+                                              jitter=config.quality.jitter())
+    else:
+        cuda = str(model.device).startswith("cuda")
+        label_map, records = segment_volume(
+            model, rendered, prompts, window_of=window_of, model_name=model.model.name, on_slice=on_slice,
+            encoder_batch=config.model.encoder_batch or (32 if cuda else 1),
+            decoder_batch=config.model.decoder_batch or default_decoder_batch(model, cuda),
+            jitter=config.quality.jitter())
+    label_map, cleaning = clean(label_map, volume, config)
+    attrs = {
+        "case_id": case.case_id,
+        "geometry": volume.geometry.to_json(),
+        "modality": effective_modality(volume, config),
+        "signature": signature,
+        **quality_attrs(store, config, label_map, records),  # instances with quality scores; routing
+        "prompts": len(prompts),
+        "ct_windows": {str(k): list(v) for k, v in windows.items()},
+        "postprocess": cleaning,
+        "config": config.model_dump(mode="json"),
+        "committed_at": utc_stamp(),
+    }
+    image = volume.array if config.store.write_image else None
+    store.commit_case(case.case_id, labels=label_map, attrs=attrs, image=image, overwrite=overwrite,
+                      label_names=label_names)
+    return slices
+
+
+def _attempt(case: CaseRef, store: CaseStore, config: EngineConfig, runner: LazyRunner, *, overwrite: bool,
+             progress, model_lock, node: str) -> CaseOutcome:
+    start = time.perf_counter()
+    signature = signature_or_read_error(case, config, runner.model_sha256)
+    if committed_with(store, case.case_id, signature):
+        return CaseOutcome(case.case_id, "skipped", reason="already committed with the same signature", node=node)
+    runner.prefetch()  # the model loads while the case is read and prompted
+    volume = read_case(case)  # outside the model lock: overlaps another call's model work
+    with model_lock or contextlib.nullcontext():
+        if model_lock is not None and committed_with(store, case.case_id, signature):
+            return CaseOutcome(case.case_id, "skipped", reason="committed meanwhile by a retried call", node=node)
+        write_case_manifest(store, case)
+        slices = annotate_case(case, volume, store, config, runner, signature=signature, overwrite=overwrite,
+                               progress=progress)
+    return CaseOutcome(case.case_id, "done", seconds=time.perf_counter() - start, slices=slices, node=node)
+
+
+def run_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: LazyRunner, *, run_id: str,
+             policy: FailurePolicy = LOCAL, overwrite: bool = False, progress=None, model_lock=None,
+             node: Callable[[], str] | None = None) -> CaseOutcome:
+    """Annotate and commit one case under ``policy``; never raises for the case's own failure.
+
+    Transient errors are retried; a failure is recorded in STORE/_errors with its stage and reason (and
+    quarantined when the policy asks, unless the next run should simply retry it); :class:`RunError` (no
+    usable model) propagates. ``model_lock`` serialises the model work of concurrent calls (a Ray actor
+    reads the next case while the model works on this one); ``node`` names the machine in the outcome.
+    """
+    where = node() if node is not None else ""
+    start = time.perf_counter()
+    try:
+        return with_retries(lambda: _attempt(case, store, config, runner, overwrite=overwrite, progress=progress,
+                                             model_lock=model_lock, node=where), policy)
+    except RunError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - expected or a bug, a case's failure fails that case only
+        stage, reason = failure_of(exc)
+        log.debug("case %s:\n%s", case.case_id, traceback.format_exc())  # may name files: debug only
+    log.error("case %s failed at %s: %s", case.case_id, stage, reason)
+    store.record_error(case.case_id, stage=stage, reason=reason, run_id=run_id)
+    if policy.quarantine and stage not in RETRY_NEXT_RUN:
+        quarantine(store, case.case_id, stage=stage, run_id=run_id,
+                   signature=signature_or_none(case, config, runner.model_sha256))
+    return CaseOutcome(case.case_id, "failed", stage=stage, reason=reason, seconds=time.perf_counter() - start,
+                       node=where)

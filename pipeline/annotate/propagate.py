@@ -1,0 +1,169 @@
+"""Propagate mode: one 3D box per object, segmented from its middle slice outwards.
+
+The official LiteMedSAM 3D algorithm: the middle slice of the object's z range gets the object's box there;
+each next slice (up, then down) gets the box of the previous slice's predicted mask widened by
+``box_margin_px``, falling back to the middle box when that mask is empty. We add a stop rule: a direction
+ends after ``stop_after_empty`` empty slices in a row, or when the mask's IoU with the previous slice's mask
+drops below ``min_slice_iou`` (the object ended, or the mask jumped to a neighbour).
+
+Objects advance in lock-step: an upward sweep visits slices in ascending z and, on each slice, decodes every
+object that needs it in one decoder call per intensity window; a downward sweep does the same in descending
+z. So each slice is embedded once per window (the runner's cache serves the second sweep), and overlaps are
+resolved voxel by voxel by the highest logit, as in slice mode.
+
+With a jitter check (pipeline/quality.JitterCheck), each object's seed, its middle slice, is decoded once more
+with its box's edges moved at random, in the same decoder call batch as the other seeds of that slice; the
+IoU of the two masks is the object's ``jitter_iou``. The seed decides the whole propagation, so its
+robustness to the box is the one worth paying a decode for. The extra masks are never painted.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.annotate.quality import JitterCheck, jittered_boxes, mask_ious, stability_scores
+from pipeline.core.types import InstanceRecord, ObjectBox
+from pipeline.model.runner import LiteMedSAMRunner, foreground
+
+
+@dataclass(frozen=True)
+class PropagateRules:
+    box_margin_px: int = 3
+    stop_after_empty: int = 2
+    min_slice_iou: float = 0.1
+
+
+@dataclass
+class _Track:
+    """One object's state along one direction."""
+
+    obj: ObjectBox
+    index: int
+    previous: np.ndarray | None = None  # the previous slice's mask, None after an empty slice
+    middle_mask: np.ndarray | None = None
+    empties: int = 0
+    done: bool = False
+    stop_reason: str = ""
+    slices: list = field(default_factory=list)
+    boxes: list = field(default_factory=list)
+    iou: list = field(default_factory=list)
+    stability: list = field(default_factory=list)
+    jitter_iou: float | None = None
+
+
+def _mask_box(mask: np.ndarray, margin: int) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    height, width = mask.shape
+    return (max(0, int(xs[0]) - margin), max(0, int(ys[0]) - margin),
+            min(width - 1, int(xs[-1]) + margin), min(height - 1, int(ys[-1]) + margin))
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+class _Canvas:
+    """Running overlap resolution: best logit and winning object per voxel of touched slices."""
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        self.best: dict[int, np.ndarray] = {}
+        self.winner = np.full(shape, -1, dtype=np.int32)
+
+    def paint(self, z: int, logits: np.ndarray, mask: np.ndarray, index: int) -> None:
+        best = self.best.setdefault(z, np.full(logits.shape, -np.inf, dtype=np.float32))
+        better = mask & (logits > best)
+        best[better] = logits[better]
+        self.winner[z][better] = index
+
+
+def _advance(track: _Track, z: int, logits: np.ndarray, iou: float, rules: PropagateRules, box, canvas) -> None:
+    mask = foreground(logits[None])[0]
+    track.slices.append(z)
+    track.boxes.append(box)
+    track.iou.append(iou)
+    track.stability.append(float(stability_scores(logits[None])[0]))
+    if not mask.any():
+        track.previous = None  # the next slice falls back to the middle box, as the official script does
+        track.empties += 1
+        if track.empties >= rules.stop_after_empty:
+            track.done, track.stop_reason = True, f"{track.empties} empty slices"
+        return
+    if track.previous is not None and _iou(mask, track.previous) < rules.min_slice_iou:
+        track.done, track.stop_reason = True, "slice-to-slice IoU drop"
+        return  # the jumped mask is not kept
+    track.empties = 0
+    track.previous = mask
+    if z == track.obj.z_middle:
+        track.middle_mask = mask
+    canvas.paint(z, logits, mask, track.index)
+
+
+def _sweep(runner, renderings, window_of, tracks: list[_Track], order: list[int], step: int,
+           rules: PropagateRules, canvas: _Canvas, on_slice, jitter: JitterCheck | None = None,
+           rng: np.random.Generator | None = None) -> None:
+    """Visit slices in ``order``; on each, decode every live track whose next slice it is (with ``jitter``,
+    the seeds on it once more with jittered boxes)."""
+    default = next(iter(renderings))
+    for z in order:
+        live = [t for t in tracks if not t.done and (t.obj.z_middle <= z <= t.obj.z_range[1] if step > 0
+                                                      else t.obj.z_range[0] <= z < t.obj.z_middle)]
+        if not live:
+            continue
+        by_window: dict[str, list[_Track]] = defaultdict(list)
+        for track in live:
+            by_window[window_of.get(track.obj.label, default)].append(track)
+        for window, group in by_window.items():
+            boxes = [t.obj.box_middle if t.previous is None or z == t.obj.z_middle
+                     else _mask_box(t.previous, rules.box_margin_px) for t in group]
+            embedded = runner.encode([renderings[window][z]])[0]
+            boxes = np.array(boxes, dtype=np.float32)
+            seeds = [i for i, t in enumerate(group) if z == t.obj.z_middle] if jitter is not None else []
+            moved = jittered_boxes(boxes[seeds], jitter.fraction, rng, embedded.original_hw) if seeds else None
+            logits, iou = runner.decode(embedded, boxes if moved is None else np.concatenate([boxes, moved]))
+            if seeds:
+                agreement = mask_ious(foreground(logits[seeds]), foreground(logits[len(group):]))
+                for i, value in zip(seeds, agreement):
+                    group[i].jitter_iou = float(value)
+            for track, box, slice_logits, score in zip(group, boxes, logits, iou):
+                _advance(track, z, slice_logits, float(score), rules, tuple(int(v) for v in box), canvas)
+        if on_slice is not None:
+            on_slice()
+
+
+def propagate_volume(runner: LiteMedSAMRunner, renderings: dict[str, np.ndarray], objects: list[ObjectBox], *,
+                     window_of: dict[int, str] | None = None, rules: PropagateRules = PropagateRules(),
+                     model_name: str = "", on_slice: Callable[[], None] | None = None,
+                     jitter: JitterCheck | None = None) -> tuple[np.ndarray, list[InstanceRecord]]:
+    """Segment each object from its middle slice up and down its z range; returns the (z, y, x) uint16
+    label map and one InstanceRecord per object (slices visited, boxes used, mean predicted IoU, voxels, and
+    with ``jitter`` the seed's mask agreement under jittered boxes)."""
+    window_of = window_of or {}
+    shape = next(iter(renderings.values())).shape[:3]
+    canvas = _Canvas(shape)
+    up = [_Track(obj, i) for i, obj in enumerate(objects)]
+    low = min((o.z_range[0] for o in objects), default=0)
+    high = max((o.z_range[1] for o in objects), default=-1)
+    rng = np.random.default_rng(jitter.seed if jitter else 0)
+    _sweep(runner, renderings, window_of, up, list(range(low, high + 1)), +1, rules, canvas, on_slice,
+           jitter, rng)
+    down = [_Track(t.obj, t.index, previous=t.middle_mask) for t in up]  # downwards from the middle mask
+    _sweep(runner, renderings, window_of, down, list(range(high, low - 1, -1)), -1, rules, canvas, on_slice)
+    labels = np.array([o.label for o in objects] + [0], dtype=np.uint16)
+    label_map = labels[canvas.winner]  # winner -1 picks the trailing 0
+    voxels = np.bincount(canvas.winner[canvas.winner >= 0].ravel(), minlength=len(objects))
+    records = []
+    for obj, u, d in zip(objects, up, down):
+        order = sorted(range(len(u.slices) + len(d.slices)), key=lambda i: (u.slices + d.slices)[i])
+        slices, boxes, ious = u.slices + d.slices, u.boxes + d.boxes, u.iou + d.iou
+        stability = u.stability + d.stability
+        records.append(InstanceRecord(
+            label=obj.label, instance=obj.instance, prompt_source=obj.source,
+            slices=tuple(slices[i] for i in order), boxes=tuple(tuple(boxes[i]) for i in order),
+            predicted_iou=float(np.mean(ious)) if ious else 0.0, voxels=int(voxels[u.index]), model=model_name,
+            stage="auto-propagate", stability=float(np.mean(stability)) if stability else None,
+            jitter_iou=u.jitter_iou))
+    return label_map, records

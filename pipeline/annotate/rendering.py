@@ -1,0 +1,49 @@
+"""A volume rendered as the model sees it: uint8 per intensity window (MedSAM's CT windows, percentile
+clipping for the rest), and the default decoder batch for a runner."""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.annotate.config import EngineConfig
+from pipeline.core.intensity import IntensityConfig, choose_ct_windows, to_uint8
+from pipeline.core.types import BoxPrompt, Volume
+from pipeline.model.runner import LiteMedSAMRunner
+
+
+def effective_modality(volume: Volume, config: EngineConfig) -> str:
+    """The configured modality, or the volume's own when the configuration says auto."""
+    wanted = config.intensity.modality
+    return volume.modality if wanted == "auto" else wanted
+
+
+def renderings(volume: Volume, coarse: np.ndarray | None, prompts: list[BoxPrompt], config: EngineConfig
+               ) -> tuple[dict[str, np.ndarray], dict[int, str], dict[int, tuple[float, float]]]:
+    """uint8 (z, y, x) renderings of the volume per intensity window, each label's window name, and each
+    label's (level, width) in HU (CT only; empty otherwise)."""
+    section = config.intensity
+    modality = effective_modality(volume, config)
+    base = IntensityConfig(section.ct_level, section.ct_width, section.lower_percentile, section.upper_percentile)
+    if modality != "CT":
+        return {"default": to_uint8(volume.array, modality, base)}, {}, {}
+    labels = sorted({p.label for p in prompts})
+    windows = choose_ct_windows(volume.array, coarse, labels, default=(section.ct_level, section.ct_width),
+                                lung=section.lung_window, bone=section.bone_window,
+                                explicit=section.label_windows, auto=section.ct_window == "auto")
+    names = {label: f"{level:g}/{width:g}" for label, (level, width) in windows.items()}
+    rendered = {}
+    for label, (level, width) in windows.items():
+        if names[label] not in rendered:
+            config_w = IntensityConfig(level, width, section.lower_percentile, section.upper_percentile)
+            rendered[names[label]] = to_uint8(volume.array, "CT", config_w)
+    if not rendered:
+        rendered["default"] = to_uint8(volume.array, "CT", base)
+    return rendered, names, windows
+
+
+def default_decoder_batch(runner: LiteMedSAMRunner, cuda: bool) -> int:
+    """Boxes per decoder call by default: 64 on CUDA; on CPU 16 for the exported graphs (their per-box cost
+    falls with the batch), 4 for eager torch, whose original decoder slows down past a few boxes per call
+    (bench/decoder_forms.py: 113 ms/box at 4, 205 at 16)."""
+    if cuda:
+        return 64
+    return 16 if runner.backend != "torch" else 4

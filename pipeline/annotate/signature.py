@@ -1,0 +1,53 @@
+"""A case's signature: what its committed result depends on (input bytes, prompts, model, configuration,
+package version). Same signature -> nothing to do; another -> refused unless overwriting."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.annotate.config import EngineConfig
+from pipeline.core.errors import ReadError, is_transient
+from pipeline.core.provenance import package_version
+from pipeline.core.types import CaseRef
+from pipeline.io.discover import case_content_hash, content_hash
+from pipeline.store.case_store import CaseStore
+
+
+def case_signature(case: CaseRef, config: EngineConfig, model_sha256: str) -> dict:
+    """The signature dict stored in the case's attributes; raises OSError when an input cannot be read."""
+    signature = {
+        "input_sha256": case_content_hash(case),
+        "prompt_sha256": content_hash(case.coarse_mask) if case.coarse_mask else None,
+        "model_sha256": model_sha256,
+        "config_hash": config.result_hash(),
+        "package_version": package_version(),
+    }
+    artefact = config.prompts.options.get("artefact") if config.prompts.detector == "learned" else None
+    if artefact:
+        signature["detector_sha256"] = content_hash(str(artefact))
+    return signature
+
+
+def signature_or_read_error(case: CaseRef, config: EngineConfig, model_sha256: str) -> dict:
+    """The case's signature; an input that cannot be read raises ReadError naming the file and why. Errors
+    worth retrying (pipeline/annotate/policy.py) are re-raised as they are."""
+    try:
+        return case_signature(case, config, model_sha256)
+    except OSError as exc:
+        if is_transient(exc):
+            raise
+        name = Path(exc.filename or case.image).name
+        raise ReadError(f"{name}: cannot be read ({exc.strerror or exc})") from exc
+
+
+def signature_or_none(case: CaseRef, config: EngineConfig, model_sha256: str) -> dict | None:
+    """The signature, or None when the inputs cannot be read (a quarantine record then holds no signature)."""
+    try:
+        return case_signature(case, config, model_sha256)
+    except OSError:
+        return None
+
+
+def committed_with(store: CaseStore, case_id: str, signature: dict) -> bool:
+    """Whether the case is committed with exactly this signature (then there is nothing to do)."""
+    attrs = store.case_attrs(case_id)
+    return attrs is not None and attrs.get("signature") == signature

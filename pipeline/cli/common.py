@@ -1,0 +1,72 @@
+"""Pieces every subcommand shares: exit codes, the run configuration a command's flags ask for, and the
+checks of model options against this machine."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from detectors import get_spec
+from pipeline.annotate.config import load_config
+from pipeline.model.devices import cuda_available
+
+EXIT_OK, EXIT_CASES_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def run_config(args, command: str, *, detector_defaults: dict[str, dict] | None = None,
+               checkpoint_in_config: bool = True):
+    """The configuration a run command's arguments ask for (file, then flags), or None after printing why it
+    cannot work: a bad file or option, a detector that needs --coarse-mask without one, or model options
+    this machine cannot serve. ``detector_defaults`` ({detector: options}) fill the chosen detector's
+    options that neither the file nor a flag set (the flywheel's current detector artefact for the learned
+    detector); ``checkpoint_in_config`` False leaves --checkpoint out
+    of the returned configuration (the flywheel passes it on by itself) but still checks it."""
+    from pydantic import ValidationError
+
+
+    try:
+        config = load_config(args.config)
+        defaults = (detector_defaults or {}).get(args.detector or config.prompts.detector, {})
+        options = {**defaults, **config.prompts.options, **detector_options(args.detector_option)}
+        checkpoint = getattr(args, "checkpoint", None)
+        config = config.with_overrides(
+            prompts={"detector": args.detector, "box_margin": getattr(args, "box_margin", None),
+                     "options": options or None},
+            model={"checkpoint": checkpoint if checkpoint_in_config else None,
+                   "device": getattr(args, "device", None), "mode": getattr(args, "mode", None)})
+    except (ValidationError, OSError, ValueError) as exc:
+        print(f"medsam-engine {command}: bad configuration: {exc}", file=sys.stderr)
+        return None
+    if get_spec(config.prompts.detector).needs_coarse_mask and not args.coarse_mask:
+        print(f"medsam-engine {command}: the {config.prompts.detector} detector needs --coarse-mask",
+              file=sys.stderr)
+        return None
+    problem = model_problem(config.with_overrides(model={"checkpoint": checkpoint}))
+    if problem:
+        print(f"medsam-engine {command}: {problem}", file=sys.stderr)
+        return None
+    return config
+
+
+def detector_options(pairs: list[str]) -> dict:
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--detector-option must be KEY=VALUE; got '{pair}'")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def model_problem(config) -> str | None:
+    """Why the model options cannot work on this machine, or None."""
+    if config.model.checkpoint and not Path(config.model.checkpoint).is_file():
+        return f"checkpoint not found: {config.model.checkpoint}"
+
+    if config.model.device == "cuda" and not cuda_available():
+        return "--device cuda was asked for but no CUDA device is visible"
+    if config.model.precision == "bf16" and config.model.device != "cuda":
+        if config.model.device == "cpu" or not cuda_available():
+            return "precision bf16 runs on a CUDA device only (the CPU path is fp32)"
+    return None

@@ -1,0 +1,168 @@
+"""The flywheel's commands: `review export|import|calibrate`, `finetune`, `round run|report` (see pipeline/cli/main.py
+for the others and the exit codes)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from pipeline.cli.common import EXIT_CASES_FAILED, EXIT_OK, EXIT_USAGE, run_config
+from pipeline.flywheel.registry import current_model
+from pipeline.flywheel.review import calibrate_store, export_queue, import_corrections
+from pipeline.flywheel.rounds import format_table, round_rows, run_round, write_round_table
+from pipeline.io.discover import discover
+from pipeline.model.checkpoint import CheckpointError
+from pipeline.model.devices import resolve_device
+from pipeline.store.case_store import CaseStore
+
+
+def add_parsers(sub) -> None:
+    """`review export|import|calibrate`, `finetune`, `round run|report` (the data-engine flywheel)."""
+    review = sub.add_parser("review", help="review queue out, corrections in")
+    review_sub = review.add_subparsers(dest="review_command", required=True)
+    out = review_sub.add_parser("export", help="write the review queue (worst first) and its QC report")
+    out.add_argument("store", metavar="STORE")
+    out.add_argument("--out", required=True, metavar="DIR")
+    out.add_argument("--formats", nargs="+", default=["nifti", "zarr", "dicom-seg"],
+                     choices=["nifti", "zarr", "dicom-seg"])
+    out.add_argument("--limit", type=int, default=None, help="only the N worst cases")
+    into = review_sub.add_parser("import", help="ingest corrected masks and mark the cases accepted")
+    into.add_argument("store", metavar="STORE")
+    into.add_argument("corrections", nargs="+", metavar="CORRECTION", help="label maps or folders of them")
+    into.add_argument("--reviewer", required=True, help="who reviewed (a name or id; never a patient's)")
+    calibrate = review_sub.add_parser("calibrate", help="refit the quality score on the reviews so far")
+    calibrate.add_argument("store", metavar="STORE")
+    calibrate.add_argument("--edit-dice-threshold", type=float, default=0.9)
+
+    tune = sub.add_parser("finetune", help="fine-tune LiteMedSAM on accepted masks or image/label pairs")
+    source = tune.add_mutually_exclusive_group(required=True)
+    source.add_argument("--store", metavar="STORE")
+    source.add_argument("--images", nargs="+", metavar="IMG")
+    tune.add_argument("--labels", nargs="+", metavar="LABELMAP", help="one label map per --images entry")
+    tune.add_argument("--out", required=True, metavar="CKPT")
+    tune.add_argument("--parent", default=None, metavar="CKPT", help="start from this checkpoint (default: "
+                      "the store's current registered model, else the official weights)")
+    tune.add_argument("--epochs", type=int, default=8)
+    tune.add_argument("--holdout", type=float, default=0.25)
+    tune.add_argument("--lr", type=float, default=5e-5)
+    tune.add_argument("--max-slices", type=int, default=48, help="embedded slices per case")
+    tune.add_argument("--boxes-per-epoch", type=int, default=64)
+    tune.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    tune.add_argument("--whole-model", choices=["auto", "yes", "no"], default="auto",
+                      help="train the image encoder too (auto: yes on CUDA, no on CPU)")
+    tune.add_argument("--detector-out", default=None, metavar="ARTEFACT",
+                      help="retrain the learned detector on the same accepted masks (with --store)")
+
+    rnd = sub.add_parser("round", help="one data-engine round: annotate, route, export the review queue")
+    rnd_sub = rnd.add_subparsers(dest="round_command", required=True)
+    run = rnd_sub.add_parser("run", help="annotate what is new or stale for the current model and route it")
+    run.add_argument("inputs", nargs="+", metavar="INPUT")
+    run.add_argument("--store", required=True, metavar="STORE")
+    run.add_argument("--coarse-mask", nargs="+", default=[], metavar="MASK")
+    run.add_argument("--detector", default=None)
+    run.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--checkpoint", default=None, help="default: the store's current registered model")
+    run.add_argument("--config", default=None, metavar="FILE")
+    run.add_argument("--review-out", default=None, metavar="DIR", help="default: STORE/_review/round-NNN")
+    report = rnd_sub.add_parser("report", help="the table and plot over all rounds")
+    report.add_argument("store", metavar="STORE")
+
+
+def review(args) -> int:
+    store = CaseStore(args.store)
+    if not store.committed_cases():
+        print(f"medsam-engine review: no committed case in {args.store}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.review_command == "export":
+        result = export_queue(store, args.out, formats=tuple(args.formats), limit=args.limit)
+        for entry in result.cases:
+            print(f"{entry['rank']:4d} {entry['case_id']}  {entry['review_status']:8s} worst score "
+                  f"{entry['worst_score'] if entry['worst_score'] is not None else float('nan'):.3f}")
+        for case_id, reason in result.skipped.items():
+            print(f"skipped  {case_id}  {reason}")
+        print(f"{len(result.cases)} case(s) to review -> {Path(args.out).resolve()}; report: {result.report}")
+        return EXIT_OK
+    if args.review_command == "calibrate":
+        print(json.dumps(calibrate_store(store, threshold=args.edit_dice_threshold), indent=1))
+        return EXIT_OK
+
+    try:
+        report = import_corrections(store, args.corrections, reviewer=args.reviewer)
+    except ValueError as exc:
+        print(f"medsam-engine review import: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for name, reason in report.errors.items():
+        print(f"error    {name}  {reason}")
+    for case_id, edit in report.imported.items():
+        print(f"accepted {case_id}  {edit['edit_voxels']} voxels changed, Dice {edit['edit_dice']:.4f}")
+    if report.errors:
+        print("nothing imported: fix the files above and run the import again", file=sys.stderr)
+        return EXIT_CASES_FAILED
+    return EXIT_OK
+
+
+def finetune(args) -> int:
+    from pipeline.flywheel.finetune import FinetuneOptions, finetune
+
+    if args.images and (not args.labels or len(args.labels) != len(args.images)):
+        print("medsam-engine finetune: give one --labels map per --images entry", file=sys.stderr)
+        return EXIT_USAGE
+    if args.detector_out and not args.store:
+        print("medsam-engine finetune: --detector-out needs --store", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        print(f"medsam-engine finetune: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    whole = device == "cuda" if args.whole_model == "auto" else args.whole_model == "yes"
+    options = FinetuneOptions(epochs=args.epochs, holdout=args.holdout, lr=args.lr,
+                              max_slices=args.max_slices, boxes_per_epoch=args.boxes_per_epoch, device=device,
+                              train_encoder=whole)
+    store = CaseStore(args.store) if args.store else None
+    try:
+        entry = finetune(args.out, store=store, images=args.images, label_maps=args.labels,
+                         parent=args.parent, options=options)
+    except (ValueError, CheckpointError) as exc:
+        print(f"medsam-engine finetune: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.detector_out:
+        from pipeline.flywheel.finetune import retrain_detector
+
+        entry = retrain_detector(store, entry, args.detector_out)
+    print(json.dumps({k: entry[k] for k in ("sha256", "parent_sha256", "checkpoint", "data", "metrics",
+                                            "seconds", "registry") if k in entry}
+                     | ({"detector": entry["detector"]} if "detector" in entry else {}), indent=1))
+    return EXIT_OK
+
+
+def round_command(args) -> int:
+    if args.round_command == "report":
+        store = CaseStore(args.store)
+        print(format_table(round_rows(store)))
+        for kind, path in write_round_table(store).items():
+            print(f"{kind}: {path}")
+        return EXIT_OK
+    return _round_run(args, CaseStore(args.store))
+
+
+def _round_run(args, store) -> int:
+    # the learned detector defaults to the flywheel's current detector artefact, if the store has one
+    artefact = ((current_model(store) or {}).get("detector") or {}).get("artefact")
+    defaults = {"learned": {"artefact": artefact}} if artefact else None
+    config = run_config(args, "round run", detector_defaults=defaults, checkpoint_in_config=False)
+    if config is None:
+        return EXIT_USAGE
+    try:
+        cases = discover(args.inputs, store.case_ids(), coarse_masks=args.coarse_mask)
+    except ValueError as exc:
+        print(f"medsam-engine round run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    result = run_round(cases, store, config, checkpoint=args.checkpoint, queue_dir=args.review_out)
+    report = result.report
+    for outcome in result.failed:
+        print(f"failed   {outcome.case_id}  {outcome.reason}")
+    print(f"round {result.number}: {json.dumps(report['cases'])}; routing {json.dumps(report['routing'])}")
+    print(f"review queue: {report['queue']['cases']} case(s) -> {result.queue_dir}")
+    print(f"round report: {result.report_path}")
+    return EXIT_CASES_FAILED if result.failed else EXIT_OK

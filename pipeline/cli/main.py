@@ -1,0 +1,201 @@
+"""`medsam-engine`: demo, annotate, export, eval (the command-line contract of docs/design.md).
+
+Exit codes: 0 every case done; 1 some cases failed (each recorded with its reason); 2 bad usage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.annotate.config import EngineConfig
+from pipeline.annotate.job import annotate
+from pipeline.annotate.lazy_runner import LazyRunner
+from pipeline.cli import flywheel
+from pipeline.cli.common import EXIT_CASES_FAILED, EXIT_OK, EXIT_USAGE, run_config
+from pipeline.cli.demo import run_demo
+from pipeline.cli.ray import annotate_on_ray
+from pipeline.export.formats import export_store
+from pipeline.flywheel.detector_training import train_from_store
+from pipeline.io.discover import DiscoveryOptions, discover
+from pipeline.model.checkpoint import CheckpointError
+from pipeline.report.evaluate import evaluate_store
+from pipeline.store.case_store import CaseStore
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medsam-engine", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="annotate bundled real data and report Dice")
+    demo.add_argument("--out", default="medsam-demo", help="folder for the store, exports and report")
+
+    ann = sub.add_parser("annotate", help="pre-annotate images with LiteMedSAM")
+    ann.add_argument("inputs", nargs="+", metavar="INPUT")
+    ann.add_argument("--out", required=True, metavar="STORE")
+    ann.add_argument("--coarse-mask", nargs="+", default=[], metavar="MASK")
+    ann.add_argument("--detector", default=None, help="prompt source: coarse-mask (default), intensity, learned")
+    ann.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="an option of the detector, e.g. artefact=det.pt (YAML value); repeatable")
+    ann.add_argument("--box-margin", type=int, default=None, metavar="PX")
+    ann.add_argument("--mode", choices=["slice", "propagate"], default=None)
+    ann.add_argument("--checkpoint", default=None)
+    ann.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    ann.add_argument("--config", default=None, metavar="FILE")
+    ann.add_argument("--overwrite", action="store_true", help="replace cases committed with another signature")
+    ann.add_argument("--keep-localizers", action="store_true", help="annotate localizer/scout series too")
+    ann.add_argument("--keep-derived", action="store_true", help="annotate derived/secondary-capture series too")
+    _engine_arguments(ann)
+
+    exp = sub.add_parser("export", help="export committed cases")
+    exp.add_argument("store", metavar="STORE")
+    exp.add_argument("--format", required=True, choices=["nifti", "dicom-seg", "nnunet", "coco"])
+    exp.add_argument("--out", required=True, metavar="DIR")
+
+    det = sub.add_parser("detector", help="learned detector: train from a store's accepted masks")
+    det_sub = det.add_subparsers(dest="detector_command", required=True)
+    train = det_sub.add_parser("train", help="fit the learned detector on a store's accepted masks")
+    train.add_argument("--store", required=True, metavar="STORE")
+    train.add_argument("--out", required=True, metavar="ARTEFACT", help="file to write (e.g. detector.pt)")
+    train.add_argument("--labels", nargs="+", type=int, default=None, help="label values to learn (default all)")
+    train.add_argument("--epochs", type=int, default=200)
+    train.add_argument("--holdout", type=float, default=0.25)
+    train.add_argument("--parent", default=None, help="version of the artefact this one replaces")
+
+    ev = sub.add_parser("eval", help="Dice and NSD against reference label maps")
+    ev.add_argument("store", metavar="STORE")
+    ev.add_argument("--reference", nargs="+", required=True, metavar="MASK")
+    ev.add_argument("--json", action="store_true")
+    flywheel.add_parsers(sub)
+    return parser
+
+
+def _engine_arguments(ann) -> None:
+    """annotate's --engine: local (this process) or ray (the orchestrated flow over Ray actors, flows/)."""
+    ann.add_argument("--engine", choices=["local", "ray"], default="local",
+                     help="local: this process; ray: the orchestrated flow, cases sharded over Ray actors")
+    ray = ann.add_argument_group("--engine ray")
+    ray.add_argument("--ray-address", default=None, metavar="ADDR",
+                     help="existing Ray cluster: host:port, auto or ray://... "
+                          "(default $RAY_ADDRESS, else a local Ray)")
+    ray.add_argument("--actors", type=int, default=None, metavar="N",
+                     help="annotator actors (default: as many as fit)")
+    ray.add_argument("--cpus-per-actor", type=int, default=None, metavar="N")
+    ray.add_argument("--gpus-per-actor", type=float, default=None, metavar="F",
+                     help="GPU share per actor, e.g. 0.5 (default 1 when the cluster has GPUs; 0: CPU only)")
+    ray.add_argument("--shards", type=int, default=None, metavar="N", help="shards (default: one per actor)")
+    ray.add_argument("--max-failure-fraction", type=float, default=0.1, metavar="F",
+                     help="the run fails when more than this fraction of the cases tried failed")
+    ray.add_argument("--retry-quarantined", action="store_true", help="try quarantined cases again")
+
+
+def _engine_problem(args) -> str | None:
+    """Why the --engine options do not go together, or None."""
+    if args.engine == "ray":
+        return None
+    given = [flag for flag, value in (("--ray-address", args.ray_address), ("--actors", args.actors),
+                                      ("--cpus-per-actor", args.cpus_per_actor),
+                                      ("--gpus-per-actor", args.gpus_per_actor), ("--shards", args.shards),
+                                      ("--retry-quarantined", args.retry_quarantined or None))
+             if value is not None]
+    return f"{', '.join(given)} only apply with --engine ray" if given else None
+
+
+def _annotate(args) -> int:
+    config = run_config(args, "annotate")
+    if config is None:
+        return EXIT_USAGE
+    problem = _engine_problem(args)
+    if problem:
+        print(f"medsam-engine annotate: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.engine == "ray":
+        return annotate_on_ray(args, config)
+    store = CaseStore(args.out)
+    try:
+        cases = discover(args.inputs, store.case_ids(), coarse_masks=args.coarse_mask,
+                         options=DiscoveryOptions(keep_localizers=args.keep_localizers,
+                                                  keep_derived=args.keep_derived))
+    except ValueError as exc:
+        print(f"medsam-engine annotate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    try:
+        summary = annotate(cases, store, config, overwrite=args.overwrite)
+    except CheckpointError as exc:
+        print(f"medsam-engine annotate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for outcome in summary.outcomes:
+        line = f"{outcome.status:8s} {outcome.case_id}"
+        print(line + (f"  {outcome.reason}" if outcome.status == "failed" else ""))
+    print(f"{summary.count('done')} done, {summary.count('skipped')} skipped, {summary.count('failed')} failed "
+          f"-> {Path(args.out).resolve()}")
+    return EXIT_CASES_FAILED if summary.failed else EXIT_OK
+
+
+def _detector(args) -> int:
+    store = CaseStore(args.store)
+    if not store.committed_cases():
+        print(f"medsam-engine detector train: no committed case in {args.store}", file=sys.stderr)
+        return EXIT_USAGE
+    if not 0 < args.holdout < 1:
+        print("medsam-engine detector train: --holdout must be between 0 and 1", file=sys.stderr)
+        return EXIT_USAGE
+    runner = LazyRunner(EngineConfig()).get()
+    meta = train_from_store(store, args.out, runner=runner, labels=args.labels, holdout=args.holdout,
+                            epochs=args.epochs, parent=args.parent)
+    print(json.dumps({"artefact": str(Path(args.out).resolve()), "version": meta["version"],
+                      "labels": meta["labels"], "training": meta["training"], "metrics": meta["metrics"]},
+                     indent=1))
+    return EXIT_OK
+
+
+def _export(args) -> int:
+    """Export every committed case; exit 1 when some cases could not be written (each printed with why)."""
+    store = CaseStore(args.store)
+    if not store.fs.exists(str(store.root)):
+        print(f"medsam-engine export: no store at {args.store}", file=sys.stderr)
+        return EXIT_USAGE
+    report = export_store(store, args.format, args.out)
+    for case_id, reason in report.excluded.items():
+        print(f"excluded {case_id}  {reason}")
+    for case_id, reason in report.skipped.items():
+        print(f"skipped  {case_id}  {reason}")
+    print(f"{args.format}: wrote {len(report.written)} files, skipped {len(report.skipped)} cases, "
+          f"excluded {len(report.excluded)} -> {args.out}")
+    return EXIT_CASES_FAILED if report.skipped else EXIT_OK
+
+
+def format_scores(results: dict) -> str:
+    lines = [f"{'case':18s} {'label':>5s} {'Dice':>7s} {'NSD':>7s}"]
+    for case_id, labels in results.items():
+        for label, scores in labels.items():
+            lines.append(f"{case_id:18s} {label:5d} {scores['dice']:7.4f} {scores['nsd']:7.4f}")
+    return "\n".join(lines)
+
+
+def _eval(args) -> int:
+    results = evaluate_store(CaseStore(args.store), args.reference)
+    if not results:
+        print("medsam-engine eval: no reference matched a committed case", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(results, indent=1) if args.json else format_scores(results))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "demo":
+        return run_demo(Path(args.out))
+    handlers = {"annotate": _annotate, "export": _export, "eval": _eval, "detector": _detector,
+                "review": flywheel.review, "finetune": flywheel.finetune, "round": flywheel.round_command}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

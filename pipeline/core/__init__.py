@@ -1,0 +1,1 @@
+"""Layer 1: value types, errors, geometry and orientation, intensity, metrics, boxes, provenance, atomic writes."""

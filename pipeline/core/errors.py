@@ -1,0 +1,78 @@
+"""Expected per-case failures. Each is recorded against its case and the batch goes on.
+
+Anything not derived from :class:`CaseError` is a bug: the per-case driver (pipeline/annotate/driver.py)
+records it against its case as stage "internal". :class:`RunError` is a failure of the whole run (the model
+cannot load, the store is gone): it propagates. :func:`is_transient` tells an I/O hiccup worth retrying.
+"""
+from __future__ import annotations
+
+import errno
+import re
+
+
+class CaseError(Exception):
+    """A case could not be processed; ``reason`` is for a person, ``stage`` says where it failed."""
+
+    stage = "case"
+
+    def __init__(self, reason: str, *, case_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.case_id = case_id
+
+    def __str__(self) -> str:
+        prefix = f"case {self.case_id}: " if self.case_id else ""
+        return f"{prefix}{self.reason}"
+
+
+class ReadError(CaseError):
+    """The image or mask could not be read (missing, corrupt, unsupported format or syntax)."""
+
+    stage = "read"
+
+
+class GeometryError(CaseError):
+    """Two inputs that must share a grid do not (a coarse mask on another grid, say)."""
+
+    stage = "geometry"
+
+
+class PromptError(CaseError):
+    """No usable prompt could be made for the case."""
+
+    stage = "prompt"
+
+
+class StoreConflictError(CaseError):
+    """The store already holds this case under another signature and ``overwrite`` was not asked for."""
+
+    stage = "store"
+
+
+class RunError(RuntimeError):
+    """The run as a whole cannot go on (no usable model, no usable store); never recorded per case."""
+
+
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY,
+                              errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ENETDOWN,
+                              errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EPIPE})
+# A reader error that crossed the isolated reader's process boundary has lost its cause; its reason still
+# names the cause's type and errno ("... (OSError: [Errno 5] Input/output error)").
+_TRANSIENT_TEXT = re.compile(r"\b(TimeoutError|Connection\w*Error|BrokenPipeError)\b|\[Errno ("
+                             + "|".join(str(n) for n in sorted(TRANSIENT_ERRNOS)) + r")\]")
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is an I/O hiccup worth retrying."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (TimeoutError, ConnectionError)):
+            return True
+        if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+            return True
+        reason = getattr(exc, "reason", None)
+        if isinstance(reason, str) and _TRANSIENT_TEXT.search(reason):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -1,0 +1,44 @@
+"""What became of one case in a run: the typed value every driver returns and every report is built from."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Status = Literal["done", "skipped", "failed", "quarantined"]
+STATUSES: tuple[str, ...] = ("done", "skipped", "failed", "quarantined")
+
+
+@dataclass(frozen=True)
+class CaseOutcome:
+    """One case's outcome.
+
+    ``status``: done (committed now), skipped (already committed with the same signature), failed, or
+    quarantined (skipped: it failed before for a lasting reason under the same signature). ``stage`` names
+    where a failure happened (read, geometry, prompt, store, io, killed, worker, internal…); ``reason`` is the
+    person-readable why (it may name files, so it stays in the store's records and the terminal and is left
+    out of :meth:`record`, which travels to Ray and Prefect). ``seconds`` and ``slices`` measure the work;
+    ``node`` is the Ray node that did it.
+    """
+
+    case_id: str
+    status: Status
+    stage: str = ""
+    reason: str = ""
+    seconds: float = 0.0
+    slices: int = 0
+    node: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"Argument 'status' must be one of {STATUSES}; got {self.status!r}.")
+
+    def record(self) -> dict:
+        """The outcome as a JSON record without the reason (ids, status, stage, figures; no file names)."""
+        return {"case_id": self.case_id, "status": self.status, "stage": self.stage, "slices": self.slices,
+                "seconds": round(self.seconds, 3), "node": self.node}
+
+    @classmethod
+    def from_record(cls, record: dict) -> CaseOutcome:
+        return cls(record["case_id"], record["status"], stage=record.get("stage", ""),
+                   reason=record.get("reason", ""), seconds=float(record.get("seconds", 0.0)),
+                   slices=int(record.get("slices", 0)), node=record.get("node", ""))

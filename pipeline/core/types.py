@@ -1,0 +1,198 @@
+"""Value types shared by every stage: one frozen dataclass per concept.
+
+Conventions used everywhere in the project:
+
+* Arrays are indexed ``(z, y, x)``; a 2D image is a Volume with ``z == 1``.
+* ``spacing`` is in millimetres, in the same ``(z, y, x)`` order.
+* ``affine`` is a 4x4 matrix mapping a voxel index ``(z, y, x, 1)`` to RAS+ world coordinates in mm
+  (the NIfTI convention; DICOM's LPS is converted on read).
+* Boxes are ``(x_min, y_min, x_max, y_max)`` in voxel indices of the Volume, inclusive on both ends
+  (MedSAM's convention for boxes taken from masks). The model's 256-pixel boxes exist only in the runner.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a Volume's voxels lie, and the input's own grid so exports can land exactly on it.
+
+    ``affine`` maps the Volume's (z, y, x, 1) voxel index to RAS+ mm. ``source_affine`` (4x4, voxel (i, j, k)
+    of the input array to RAS+) and ``source_shape`` describe the file as it was read; the Volume's array is
+    a nearest-axis reorientation of it (permutation and flips, never a resampling).
+    """
+
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    source_affine: np.ndarray
+    source_shape: tuple[int, int, int]
+    source_format: str = "nifti"
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along (z, y, x), from the affine's column norms."""
+        norms = np.linalg.norm(np.asarray(self.affine)[:3, :3], axis=0)
+        return (float(norms[0]), float(norms[1]), float(norms[2]))
+
+    def to_json(self) -> dict:
+        return {
+            "affine_zyx_to_ras": np.asarray(self.affine, dtype=float).tolist(),
+            "shape_zyx": list(self.shape),
+            "spacing_zyx_mm": [round(s, 6) for s in self.spacing],
+            "source_affine": np.asarray(self.source_affine, dtype=float).tolist(),
+            "source_shape": list(self.source_shape),
+            "source_format": self.source_format,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Geometry":
+        return cls(
+            affine=np.asarray(data["affine_zyx_to_ras"], dtype=float),
+            shape=tuple(int(s) for s in data["shape_zyx"]),  # type: ignore[arg-type]
+            source_affine=np.asarray(data["source_affine"], dtype=float),
+            source_shape=tuple(int(s) for s in data["source_shape"]),  # type: ignore[arg-type]
+            source_format=data.get("source_format", "nifti"),
+        )
+
+
+@dataclass(frozen=True)
+class Volume:
+    """An image: ``array`` of shape (z, y, x) (or (z, y, x, 3) for colour), with its geometry and modality.
+
+    Intensities are as stored after the modality LUT (CT in HU); 2D 8-bit images keep 0..255.
+    """
+
+    array: np.ndarray
+    geometry: Geometry
+    modality: str = "OT"
+
+    def __post_init__(self) -> None:
+        if self.array.ndim not in (3, 4):
+            raise ValueError(f"Argument 'array' must be (z, y, x) or (z, y, x, 3); got shape {self.array.shape}.")
+        if tuple(self.array.shape[:3]) != tuple(self.geometry.shape):
+            raise ValueError(
+                f"Argument 'array' has shape {self.array.shape[:3]} but the geometry says {self.geometry.shape}."
+            )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape[:3])  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return self.geometry.spacing
+
+    @property
+    def is_2d(self) -> bool:
+        return self.array.shape[0] == 1
+
+    def with_array(self, array: np.ndarray) -> "Volume":
+        """A new Volume on the same grid with another array (a label map, say)."""
+        return replace(self, array=array)
+
+
+@dataclass(frozen=True)
+class BoxPrompt:
+    """One box on one slice for one object: label value, instance number, slice index z, box XYXY (voxels)."""
+
+    label: int
+    instance: int
+    z: int
+    box: tuple[int, int, int, int]
+    source: str = "coarse-mask"
+
+    def __post_init__(self) -> None:
+        x0, y0, x1, y1 = self.box
+        if x1 < x0 or y1 < y0:
+            raise ValueError(f"Argument 'box' must have x_max >= x_min and y_max >= y_min; got {self.box}.")
+
+
+@dataclass(frozen=True)
+class ObjectBox:
+    """One object as a 3D box (the prompt of propagate mode): slices ``z_range`` (inclusive), the middle
+    slice ``z_middle`` with its box ``box_middle``, and ``box_union`` over all slices (XYXY voxels)."""
+
+    label: int
+    instance: int
+    z_range: tuple[int, int]
+    z_middle: int
+    box_middle: tuple[int, int, int, int]
+    box_union: tuple[int, int, int, int]
+    source: str = "coarse-mask"
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """Lineage of one object (label, instance) in a case, stored in the case's attributes."""
+
+    label: int
+    instance: int
+    prompt_source: str
+    slices: tuple[int, ...]
+    boxes: tuple[tuple[int, int, int, int], ...]
+    predicted_iou: float
+    voxels: int
+    stage: str = "auto"
+    round: int = 1
+    model: str = ""
+    reviewer: str | None = None
+    edit_voxels: int | None = None
+    stability: float | None = None  # mean over slices of IoU(logits > +1, logits > -1), SAM's stability score
+    jitter_iou: float | None = None  # mean IoU of the mask with masks from jittered boxes (sampled slices)
+    edit_dice: float | None = None  # Dice between the proposal and the reviewer's correction
+
+    def to_json(self) -> dict:
+        return {
+            "label": self.label,
+            "instance": self.instance,
+            "prompt_source": self.prompt_source,
+            "slices": list(self.slices),
+            "boxes_xyxy": [list(b) for b in self.boxes],
+            "predicted_iou": round(self.predicted_iou, 5),
+            "voxels": self.voxels,
+            "stage": self.stage,
+            "round": self.round,
+            "model": self.model,
+            "reviewer": self.reviewer,
+            "edit_voxels": self.edit_voxels,
+            "stability": None if self.stability is None else round(self.stability, 5),
+            "jitter_iou": None if self.jitter_iou is None else round(self.jitter_iou, 5),
+            "edit_dice": None if self.edit_dice is None else round(self.edit_dice, 5),
+        }
+
+
+@dataclass(frozen=True)
+class CaseRef:
+    """One unit of work: an image (file or DICOM series folder) and its optional coarse mask.
+
+    ``case_id`` is a keyed hash: it carries no name, ID, date or UID from the input. For DICOM, ``series`` is a
+    keyed hash of the series (SeriesInstanceUID, orientation and size; never the UID itself) and ``files`` lists
+    the series' files inside ``image`` (a folder may hold several series). ``error`` is set when discovery
+    could not make a readable case of an input (a corrupt file, a refused archive member): reading the case
+    raises it as a ReadError so it is recorded like any other failure. ``content_sha256`` is the image file's
+    sha256 as discovery read it for the case id, so the case's signature does not read the file again.
+    """
+
+    case_id: str
+    image: str
+    coarse_mask: str | None = None
+    kind: str = "file"
+    series: str | None = None
+    files: tuple[str, ...] = ()
+    error: str | None = None
+    content_sha256: str | None = None  # of the image file, when discovery hashed it (the signature reuses it)
+
+
+@dataclass(frozen=True)
+class CaseIds:
+    """How discovery names cases and where it unpacks archives and downloads: ``case_id(identity)`` is a
+    keyed hash (no PHI survives it) and ``cache`` a local folder. A store hands out both
+    (:meth:`pipeline.store.case_store.CaseStore.case_ids`)."""
+
+    case_id: Callable[[str], str]
+    cache: Path

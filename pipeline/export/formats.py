@@ -1,0 +1,52 @@
+"""The FORMATS table (format name -> exporter) and :func:`export_store`, which runs one of them.
+
+``out_dir`` may be a local folder or an fsspec URL (``s3://bucket/prefix``): files are then written and
+checked locally first and uploaded once complete.
+"""
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.export.coco import export_coco
+from pipeline.export.common import ExportCheckError, ExportReport, per_case
+from pipeline.export.dicom_seg import write_case_seg
+from pipeline.export.nifti import write_case_nifti
+from pipeline.export.nnunet import export_nnunet
+from pipeline.store.case_store import CaseStore
+
+FORMATS: dict[str, Callable[[CaseStore, Path], ExportReport]] = {
+    "nifti": per_case(write_case_nifti),
+    "dicom-seg": per_case(write_case_seg),
+    "nnunet": export_nnunet,
+    "coco": export_coco,
+}
+
+
+def export_store(store: CaseStore, fmt: str, out_dir: str | Path) -> ExportReport:
+    """Export every committed case of ``store`` in format ``fmt`` (one of FORMATS) to ``out_dir``."""
+    import fsspec
+
+    if fmt not in FORMATS:
+        raise ValueError(f"Argument 'fmt' must be one of {tuple(FORMATS)}; got {fmt!r}.")
+    exporter = FORMATS[fmt]
+    fs, remote_path = fsspec.core.url_to_fs(str(out_dir))
+    if "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        report = exporter(store, out)
+        report.format = fmt
+        return report
+    with tempfile.TemporaryDirectory(prefix="medsam-export-") as tmp:
+        report = exporter(store, Path(tmp))
+        local = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
+        for path in local:
+            target = f"{remote_path}/{path.relative_to(tmp).as_posix()}"
+            fs.put_file(str(path), target)
+            if fs.size(target) != path.stat().st_size:
+                raise ExportCheckError(f"{target}: the uploaded object differs in size from the checked file")
+        prefix = str(out_dir).rstrip("/")
+        report.written = [f"{prefix}/{Path(p).relative_to(tmp).as_posix()}" for p in report.written]
+    report.format = fmt
+    return report

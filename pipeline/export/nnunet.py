@@ -1,0 +1,149 @@
+"""nnU-Net v2 raw dataset export: OUT/imagesTr/<case>_0000.nii.gz, OUT/labelsTr/<case>.nii.gz, dataset.json.
+
+OUT is the dataset folder itself (name it like ``nnUNet_raw/Dataset501_Chest``). Images and labels are written
+on the input's own grid and affine (as the NIfTI export), so they overlay the source exactly.
+
+Which cases: every committed case whose ``review_status`` attribute is "accepted"; a case without that
+attribute (nothing has been reviewed yet) is included too, so a first round can train on pre-annotations.
+Cases with another review status are excluded (reported, not an error). The most common modality among the
+rest is the dataset's and the first written case fixes the channel count; cases that differ are skipped with
+the reason. Images come from the store (``store.write_image``) or, when it kept none, from the source the
+manifest names.
+
+Labels: nnU-Net wants consecutive values, so the store's values (union over the included cases) are mapped to
+1..N in order; dataset.json's "labels" gives the names, and "medsam_label_values" the store value of each.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.errors import ReadError
+from pipeline.core.geometry import to_source_grid
+from pipeline.core.types import Geometry
+from pipeline.export.common import ExportCheckError, ExportError, ExportReport, label_map_on_source
+from pipeline.export.nifti import save_nifti_checked
+from pipeline.io.readers import read_volume
+from pipeline.store.case_store import CaseStore
+
+ACCEPTED = "accepted"
+
+
+def _image_zyxc(store: CaseStore, case_id: str, geometry: Geometry) -> np.ndarray:
+    """The case image as (z, y, x, c), from the store or else from the source named in the manifest."""
+    image = store.read_image(case_id)
+    if image is None:
+        source = (store.manifest(case_id) or {}).get("image")
+        try:
+            image = read_volume(source).array if source else None
+        except ReadError as exc:
+            raise ExportError(f"the store kept no image and the source is unreadable ({exc.reason})") from exc
+        if image is None or tuple(image.shape[:3]) != tuple(geometry.shape):
+            raise ExportError("the store kept no image and the source is missing or no longer matches")
+    return image if image.ndim == 4 else image[..., None]
+
+
+def _channel_names(modality: str, channels: int) -> dict[str, str]:
+    if channels == 3:
+        return {"0": "R", "1": "G", "2": "B"}
+    return {str(c): modality for c in range(channels)}  # "CT" selects nnU-Net's CT normalisation
+
+
+def _plan(store: CaseStore, report: ExportReport) -> tuple[list[str], dict[int, str]]:
+    """The included cases (accepted or unreviewed, of the commonest modality) and each label value's name."""
+    candidates: dict[str, str] = {}
+    for case_id in store.committed_cases():
+        attrs = store.case_attrs(case_id) or {}
+        status = attrs.get("review_status")
+        if status is not None and status != ACCEPTED:
+            report.excluded[case_id] = f"review status is '{status}', not '{ACCEPTED}'"
+        else:
+            candidates[case_id] = str(attrs.get("modality", "OT"))
+    counts = Counter(candidates.values())
+    modality = max(sorted(counts), key=counts.__getitem__) if counts else "OT"
+    cases, names = [], {}
+    for case_id, case_modality in candidates.items():
+        if case_modality != modality:
+            report.skipped[case_id] = f"modality {case_modality} differs from the dataset's {modality}"
+            continue
+        cases.append(case_id)
+        for entry in store.label_properties(case_id):
+            value = int(entry["label-value"])
+            names.setdefault(value, str(entry.get("name") or f"label {value}"))
+    return cases, names
+
+
+def _labels_json(names: dict[int, str]) -> tuple[dict[str, int], dict[str, int], dict[int, int]]:
+    """(dataset.json labels, store value per name, store value -> consecutive value)."""
+    labels, values, remap = {"background": 0}, {}, {}
+    for index, value in enumerate(sorted(names), start=1):
+        name = names[value] if names[value] not in labels else f"{names[value]} ({value})"
+        labels[name], values[name], remap[value] = index, value, index
+    return labels, values, remap
+
+
+def _write_case(case_id: str, labels: np.ndarray, image: np.ndarray, geometry: Geometry, out: Path,
+                remap: dict[int, int]) -> list[Path]:
+    """Write one case's label file and image channels (both on the source grid); returns the paths."""
+    lut = np.zeros(max([int(labels.max()), *remap]) + 1, dtype=np.uint16)
+    for value, index in remap.items():
+        lut[value] = index
+    target = lut[label_map_on_source(labels, geometry)].astype(np.uint8 if len(remap) < 256 else np.uint16)
+    written = [save_nifti_checked(target, geometry.source_affine, out / "labelsTr" / f"{case_id}.nii.gz",
+                                  what=f"case {case_id} labels")]
+    for channel in range(image.shape[-1]):
+        data = to_source_grid(np.ascontiguousarray(image[..., channel]), geometry)
+        written.append(save_nifti_checked(data, geometry.source_affine,
+                                          out / "imagesTr" / f"{case_id}_{channel:04d}.nii.gz",
+                                          what=f"case {case_id} image channel {channel}"))
+    return written
+
+
+def export_nnunet(store: CaseStore, out: Path, *, name: str = "MedSAM") -> ExportReport:
+    """Write the dataset to ``out`` (the DatasetXXX_Name folder) and check dataset.json against the files."""
+    report = ExportReport(format="nnunet")
+    cases, names = _plan(store, report)
+    labels_json, store_values, remap = _labels_json(names)
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    channels, modality, training = None, "OT", []
+    for case_id in cases:
+        labels, attrs = store.read_labels(case_id)
+        geometry = Geometry.from_json(attrs["geometry"])
+        try:
+            image = _image_zyxc(store, case_id, geometry)
+        except ExportError as exc:
+            report.skipped[case_id] = exc.reason
+            continue
+        if channels is not None and image.shape[-1] != channels:
+            report.skipped[case_id] = f"{image.shape[-1]} image channels, the dataset has {channels}"
+            continue
+        channels, modality = image.shape[-1], str(attrs.get("modality", "OT"))
+        report.written.extend(str(p) for p in _write_case(case_id, labels, image, geometry, out, remap))
+        training.append(case_id)
+    dataset = {"name": name, "description": "LiteMedSAM pre-annotations exported by medsam-engine",
+               "channel_names": _channel_names(modality, channels or 1), "labels": labels_json,
+               "numTraining": len(training), "file_ending": ".nii.gz", "medsam_label_values": store_values,
+               "medsam_cases": training}
+    path = out / "dataset.json"
+    path.write_text(json.dumps(dataset, indent=1))
+    _check_dataset(out, training)
+    report.written.append(str(path))
+    return report
+
+
+def _check_dataset(out: Path, training: list[str]) -> None:
+    """Re-read dataset.json and confirm every listed case has its label file and one image per channel."""
+    dataset = json.loads((out / "dataset.json").read_text())
+    channels = len(dataset["channel_names"])
+    values = sorted(dataset["labels"].values())
+    if dataset["numTraining"] != len(training) or values != list(range(len(values))):
+        raise ExportCheckError("nnU-Net dataset.json does not match what was written")
+    for case_id in dataset["medsam_cases"]:
+        files = [out / "labelsTr" / f"{case_id}.nii.gz"]
+        files += [out / "imagesTr" / f"{case_id}_{c:04d}.nii.gz" for c in range(channels)]
+        if not all(f.is_file() for f in files):
+            raise ExportCheckError(f"nnU-Net dataset: files of case {case_id} are missing")

@@ -1,0 +1,1 @@
+"""Layer 7: rounds, review, calibration, fine-tuning and detector training."""

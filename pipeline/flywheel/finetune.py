@@ -1,0 +1,241 @@
+"""Fine-tune LiteMedSAM from accepted masks: prompt encoder + mask decoder on cached image embeddings (minutes
+on a CPU), or the whole model (``train_encoder``, meant for a GPU).
+
+Data: a store's accepted cases (``review_status == "accepted"``), or image/label-map pairs on the same grid.
+Each slice is rendered exactly as the annotate run renders it (the case's own configuration: CT window per
+label, percentile clip) and embedded once per window; every object (3D connected component per label value)
+gives one box per slice (the run's box margin) and its mask there. Training jitters each box edge by up to
+``box_jitter`` of its size, and the loss is BCE + soft Dice on the 256 x 256 low-resolution logits against the
+mask resized into the model frame, plus the squared error of the predicted IoU (so the quality score keeps
+its meaning). Hold-out: whole cases when there are two or more, else the top ``holdout`` fraction of slices
+(a z block), else, on a single 2D image, the objects in its right-most ``holdout`` fraction (an x block).
+Early stopping on the held-out Dice (per box, at the slice's resolution, as the runner thresholds it).
+
+The result is a full LiteMedSAM state dict (strict-loadable by ``pipeline.model.runner.load_lite_medsam``) and a
+registry entry (sha256, parent sha256, data, held-out Dice before and after) written next to it as
+``CKPT.json`` and, for a store, as ``STORE/_models/<sha16>.json``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.core.intensity import boxes_to_model, resized_shape
+from pipeline.core.metrics import dice
+from pipeline.core.provenance import file_sha256, utc_stamp
+from pipeline.flywheel.detector_training import train_from_store
+from pipeline.flywheel.finetune_data import (
+    FinetuneOptions,
+    SliceSample,
+    accepted_cases,
+    pair_samples,
+    split_samples,
+    store_samples,
+)
+from pipeline.flywheel.registry import current_model, register, registered_models
+from pipeline.model.build import build_runner
+from pipeline.model.checkpoint import LITE_MEDSAM_SHA256, load_lite_medsam
+from pipeline.model.runner import LiteMedSAMRunner, foreground
+from pipeline.store.case_store import CaseStore
+
+log = logging.getLogger(__name__)
+
+
+
+# -- the model pieces ---------------------------------------------------------------------------------------
+def _embed(net, sample: SliceSample, device: str) -> torch.Tensor:
+    """The sample's (1, 256, 64, 64) embedding: cached, or from the encoder when it is being trained."""
+    if sample.image is not None:
+        return net.image_encoder(torch.from_numpy(sample.image).permute(2, 0, 1)[None].to(device))
+    return sample.embedding.to(device, torch.float32)  # type: ignore[union-attr]
+
+
+def _decode(net, embedding: torch.Tensor, index: np.ndarray, boxes_model: np.ndarray, device: str):
+    """(K, 1, 256, 256) low-resolution logits and (K, 1) predicted IoU for some of a slice's boxes."""
+    boxes = torch.from_numpy(boxes_model[index]).to(device)[:, None, :]
+    sparse, dense = net.prompt_encoder(points=None, boxes=boxes, masks=None)
+    return net.mask_decoder(image_embeddings=embedding, image_pe=net.prompt_encoder.get_dense_pe(),
+                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                            multimask_output=False)
+
+
+def _loss(low: torch.Tensor, iou: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice on the unpadded part of the low-resolution logits, + MSE of the predicted IoU."""
+    h, w = targets.shape[1:]
+    logits = low[:, 0, :h, :w]
+    probs = torch.sigmoid(logits)
+    inter = (probs * targets).sum(dim=(1, 2))
+    soft_dice = 1 - (2 * inter + 1) / (probs.sum(dim=(1, 2)) + targets.sum(dim=(1, 2)) + 1)
+    with torch.no_grad():
+        hard, truth = logits > 0, targets > 0.5
+        actual = (hard & truth).sum(dim=(1, 2)) / ((hard | truth).sum(dim=(1, 2)).clamp(min=1))
+    return (F.binary_cross_entropy_with_logits(logits, targets) + soft_dice.mean()
+            + F.mse_loss(iou[:, 0], actual.float()))
+
+
+def _jitter(boxes_model: np.ndarray, fraction: float, rng: np.random.Generator,
+            limit: tuple[int, int]) -> np.ndarray:
+    """(K, 4) model-frame boxes with each edge moved by up to ``fraction`` of the box's size (>= 1 px)."""
+    width, height = boxes_model[:, 2] - boxes_model[:, 0], boxes_model[:, 3] - boxes_model[:, 1]
+    size = np.stack([width, height, width, height], axis=1)
+    moved = boxes_model + rng.uniform(-1, 1, boxes_model.shape) * np.maximum(size * fraction, 1.0)
+    high = np.array([limit[1] - 1, limit[0] - 1] * 2, dtype=np.float32)
+    return np.clip(moved, 0, high).astype(np.float32)
+
+
+@torch.no_grad()
+def evaluate(net, samples: list[SliceSample], options: FinetuneOptions) -> float | None:
+    """Mean Dice per box on ``samples`` at the slices' resolution (thresholded as the runner does), or None
+    without boxes."""
+    scores = []
+    for sample in samples:
+        height, width = sample.original_hw
+        new_h, new_w = resized_shape(height, width)
+        boxes_model = boxes_to_model(sample.boxes, height, width)
+        embedding = _embed(net, sample, options.device)
+        for start in range(0, len(sample.boxes), options.boxes_per_step):
+            index = np.arange(start, min(start + options.boxes_per_step, len(sample.boxes)))
+            low, _ = _decode(net, embedding, index, boxes_model, options.device)
+            full = foreground(F.interpolate(low[..., :new_h, :new_w], size=(height, width), mode="bilinear",
+                                            align_corners=False)[:, 0].cpu().numpy())
+            scores.extend(dice(predicted, truth) for predicted, truth in zip(full, sample.masks[index]))
+    return float(np.mean(scores)) if scores else None
+
+
+def _epoch_steps(samples: list[SliceSample], options: FinetuneOptions, rng: np.random.Generator):
+    """(sample, box indices) steps of one epoch: ``boxes_per_epoch`` random boxes, grouped by slice."""
+    units = [(i, k) for i, s in enumerate(samples) for k in range(len(s.boxes))]
+    chosen = [units[j] for j in rng.permutation(len(units))[: options.boxes_per_epoch]]
+    by_sample: dict[int, list[int]] = {}
+    for i, k in chosen:
+        by_sample.setdefault(i, []).append(k)
+    steps = [(samples[i], np.array(ks[s : s + options.boxes_per_step]))
+             for i, ks in by_sample.items() for s in range(0, len(ks), options.boxes_per_step)]
+    return [steps[j] for j in rng.permutation(len(steps))]
+
+
+def train(net, train_set: list[SliceSample], held: list[SliceSample], options: FinetuneOptions) -> dict:
+    """Fine-tune ``net`` in place (best held-out epoch kept); returns Dice before/after and the history."""
+    torch.manual_seed(options.seed)
+    rng = np.random.default_rng(options.seed)
+    net.eval()  # no dropout; batch-norm statistics of the encoder stay frozen
+    for name, parameter in net.named_parameters():
+        parameter.requires_grad_(options.train_encoder or not name.startswith("image_encoder."))
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
+    watch = held or train_set
+    before = evaluate(net, watch, options)
+    best, best_state, waited, history = before or 0.0, copy.deepcopy(net.state_dict()), 0, []
+    for epoch in range(options.epochs):
+        losses = []
+        for sample, index in _epoch_steps(train_set, options, rng):
+            height, width = sample.original_hw
+            boxes_model = _jitter(boxes_to_model(sample.boxes, height, width), options.box_jitter, rng,
+                                  resized_shape(height, width))
+            low, iou = _decode(net, _embed(net, sample, options.device), index, boxes_model, options.device)
+            loss = _loss(low, iou, torch.from_numpy(sample.targets[index]).to(options.device))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(loss.item())
+        score = evaluate(net, watch, options) or 0.0
+        mean_loss = float(np.mean(losses)) if losses else None
+        history.append({"epoch": epoch + 1, "train_loss": _r(mean_loss), "holdout_dice": round(score, 5)})
+        log.info("fine-tune epoch %d: loss %s, held-out Dice %.4f", epoch + 1, _r(mean_loss), score)
+        if score > best + 1e-4:
+            best, best_state, waited = score, copy.deepcopy(net.state_dict()), 0
+        else:
+            waited += 1
+            if waited >= options.patience:
+                break
+    net.load_state_dict(best_state)
+    for parameter in net.parameters():
+        parameter.requires_grad_(False)
+    return {"holdout_dice_before": _r(before), "holdout_dice_after": _r(best),
+            "measured_on": "holdout" if held else "train (no hold-out possible)",
+            "epochs_run": len(history), "history": history}
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 5)
+
+
+# -- saving and the registry ------------------------------------------------------------------------------
+def save_checkpoint(net, path: str | Path) -> str:
+    """Write ``net``'s full state dict (CPU tensors), check it loads strictly; returns its sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, partial)
+    load_lite_medsam(partial)  # raises CheckpointError if the file does not fit the architecture
+    partial.replace(path)
+    return file_sha256(path)
+
+
+def finetune(out: str | Path, *, store: CaseStore | None = None, images: list | None = None,
+             label_maps: list | None = None, parent: str | Path | None = None, runner=None,
+             options: FinetuneOptions = FinetuneOptions()) -> dict:
+    """Fine-tune from a store's accepted cases or from image/label-map pairs, save the checkpoint at ``out``
+    and register it; returns the registry entry. ``parent`` defaults to the store's current registered model,
+    else the official weights. ``runner`` (optional) embeds the slices and must hold the parent's weights."""
+    start = time.perf_counter()
+    if store is not None and not accepted_cases(store):
+        raise ValueError(f"no accepted case in {store.url}: import reviewed corrections first")
+    if store is None and (not images or len(images) != len(label_maps or [])):
+        raise ValueError("give one label map per image")
+    if parent is None and store is not None:
+        parent = (current_model(store) or {}).get("checkpoint")
+    parent_sha = file_sha256(parent) if parent else LITE_MEDSAM_SHA256
+    if runner is not None and runner.model.sha256 != parent_sha:
+        raise ValueError("Argument 'runner' must hold the parent model's weights")
+    if runner is None:
+        backend = "torch" if options.train_encoder else "auto"  # whole-model runs embed inside the loop
+        runner = build_runner(load_lite_medsam(parent, device=options.device), device=options.device,
+                              backend=backend)
+    if store is not None:
+        samples, case_ids = store_samples(store, runner, options)
+    else:
+        samples, case_ids = pair_samples(list(images or []), list(label_maps or []), runner, options)
+    train_set, held, how = split_samples(samples, options.holdout)
+    if not train_set:
+        raise ValueError("no training objects left after the hold-out split; give more data or a smaller "
+                         "holdout")
+    net = copy.deepcopy(runner.model.net).to(options.device)  # a private copy: the runner's model stays as is
+    metrics = train(net, train_set, held, options)
+    sha = save_checkpoint(net, out)
+    count = lambda part: {"cases": sorted({s.case_id for s in part}), "slices": len(part),  # noqa: E731
+                          "boxes": int(sum(len(s.boxes) for s in part))}
+    entry = {"sha256": sha, "parent_sha256": parent_sha,
+             "parent_is_official": parent_sha == LITE_MEDSAM_SHA256,
+             "checkpoint": str(Path(out).resolve()), "name": f"lite-medsam-{sha[:12]}",
+             "trained": "whole model" if options.train_encoder else "prompt encoder + mask decoder",
+             "data": {"source": "store" if store is not None else "image/label pairs", "cases": case_ids,
+                      "split": how, "train": count(train_set), "holdout": count(held)},
+             "options": asdict(options), "metrics": metrics, "seconds": round(time.perf_counter() - start, 1),
+             "created_at": utc_stamp(precise=True)}
+    entry["registry"] = register(entry, Path(out), store)
+    return entry
+
+
+def retrain_detector(store: CaseStore, entry: dict, out: str | Path, *, epochs: int = 200,
+                     runner=None) -> dict:
+    """Retrain the learned detector on the store's accepted masks with the fine-tuned model's embeddings, in
+    the same round; its version, metrics and parent are added to the model's registry entry (returned).
+    ``runner`` may be any runner with the fine-tuned model's image encoder (after decoder-only training, the
+    parent's runner and its embedding cache); by default one is built from the checkpoint."""
+    with_detector = [e for e in registered_models(store) if e.get("detector") and e.get("sha256") != entry["sha256"]]
+    parent = with_detector[-1]["detector"]["version"] if with_detector else None
+    runner = runner or LiteMedSAMRunner(load_lite_medsam(entry["checkpoint"]))
+    meta = train_from_store(store, out, runner=runner, epochs=epochs, parent=parent)
+    entry = dict(entry, detector={"artefact": str(Path(out).resolve()), "version": meta["version"],
+                                  "parent": parent, "labels": meta["labels"], "metrics": meta["metrics"]})
+    record = {k: v for k, v in entry.items() if k != "registry"}
+    entry["registry"] = register(record, Path(entry["checkpoint"]), store)
+    return entry

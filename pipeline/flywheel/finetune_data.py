@@ -1,0 +1,178 @@
+"""Fine-tuning data: options, per-slice samples from accepted cases or image/label-map pairs, and the hold-out
+split (see pipeline/flywheel/finetune.py for the method)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from detectors.coarse_mask import admitted_objects, slice_boxes, widen_box
+from pipeline.annotate.config import EngineConfig
+from pipeline.annotate.rendering import renderings
+from pipeline.core.geometry import align_to
+from pipeline.core.intensity import prepare_slice, resized_shape
+from pipeline.core.types import BoxPrompt, Volume
+from pipeline.flywheel.detector_training import read_case_volume, split_by_case_or_z
+from pipeline.io.readers import read_volume
+from pipeline.store.case_store import CaseStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    epochs: int = 8
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    patience: int = 2
+    holdout: float = 0.25
+    max_slices: int = 48  # embedded (slice, window) pairs per case, evenly spaced
+    boxes_per_epoch: int = 64
+    boxes_per_step: int = 8
+    box_jitter: float = 0.05
+    seed: int = 0
+    train_encoder: bool = False
+    device: str = "cpu"
+
+
+@dataclass
+class SliceSample:
+    """One embedded slice (one window) with its objects: (K, 4) voxel XYXY boxes and (K, H, W) masks."""
+
+    case_id: str
+    z: int
+    embedding: torch.Tensor | None  # (1, 256, 64, 64) float16 on the CPU (decoder-only training)
+    image: np.ndarray | None  # (256, 256, 3) float32 model input (whole-model training)
+    boxes: np.ndarray
+    masks: np.ndarray
+    targets: np.ndarray  # (K, h, w) float32: the masks resized into the model frame (unpadded part)
+
+    @property
+    def original_hw(self) -> tuple[int, int]:
+        return self.masks.shape[1], self.masks.shape[2]
+
+    def subset(self, keep: np.ndarray) -> "SliceSample":
+        return SliceSample(self.case_id, self.z, self.embedding, self.image, self.boxes[keep],
+                           self.masks[keep], self.targets[keep])
+
+
+def slice_objects(labels: np.ndarray, rules, spacing: tuple[float, float, float]
+                  ) -> list[tuple[int, int, tuple, np.ndarray]]:
+    """(label, z, box XYXY widened by the rules' margins, (H, W) mask) for every object of a (z, y, x) label
+    map on each slice where it is present: the objects, size filters and margins of the coarse-mask box
+    compiler (detectors/coarse_mask.py), so fine-tuning learns from the boxes that annotate would give."""
+    import dataclasses
+
+
+    out = []
+    margins = rules.margins(spacing[1:])
+    no_jitter = dataclasses.replace(rules, jitter_mm=0.0)  # fine-tuning jitters boxes its own way
+    for label, _, component, found in admitted_objects(labels, spacing=spacing, rules=rules):
+        for z, box in slice_boxes(component, found):
+            mask = np.zeros(labels.shape[1:], dtype=bool)
+            mask[found[1], found[2]] = component[z - found[0].start]
+            out.append((label, z, widen_box(box, no_jitter, margins, (0, 0), None, labels.shape[1:]), mask))
+    return out
+
+
+def _target(mask: np.ndarray) -> np.ndarray:
+    new_h, new_w = resized_shape(*mask.shape)
+    return cv2.resize(mask.astype(np.float32), (new_w, new_h), interpolation=cv2.INTER_AREA)
+
+
+def case_samples(case_id: str, volume: Volume, labels: np.ndarray, config, runner, options: FinetuneOptions
+                 ) -> list[SliceSample]:
+    """Embedded slices of one case with its objects, rendered per label window as ``config`` annotates."""
+    objects = slice_objects(labels, config.prompts.box_rules(), volume.spacing)
+    prompts = [BoxPrompt(label=o[0], instance=1, z=o[1], box=o[2]) for o in objects]
+    rendered, window_of, _ = renderings(volume, labels, prompts, config)
+    default = next(iter(rendered))
+    grouped: dict[tuple[int, str], list] = {}
+    for label, z, box, mask in objects:
+        grouped.setdefault((z, window_of.get(label, default)), []).append((box, mask))
+    keys = sorted(grouped)
+    if len(keys) > options.max_slices:
+        keys = [keys[i] for i in np.linspace(0, len(keys) - 1, options.max_slices).round().astype(int)]
+    samples = []
+    for z, window in keys:
+        slice_u8 = rendered[window][z]
+        boxes = np.array([b for b, _ in grouped[(z, window)]], dtype=np.float32)
+        masks = np.stack([m for _, m in grouped[(z, window)]])
+        embedding = image = None
+        if options.train_encoder:
+            image = prepare_slice(slice_u8)[0]
+        else:
+            embedding = runner.encode([slice_u8])[0].tensor().detach().to("cpu", torch.float16)
+        targets = np.stack([_target(m) for m in masks])
+        samples.append(SliceSample(case_id, z, embedding, image, boxes, masks, targets))
+    return samples
+
+
+def split_samples(samples: list[SliceSample], holdout: float
+                  ) -> tuple[list[SliceSample], list[SliceSample], str]:
+    """(train, held-out, how): by case, else by a z block, else by an x block of objects (one 2D image)."""
+    split = split_by_case_or_z(samples, holdout)
+    if split is not None:
+        return split
+    centres = [(s.boxes[:, 0] + s.boxes[:, 2]) / 2 for s in samples]
+    centres = np.concatenate(centres) if centres else np.zeros(0)
+    if len(centres) < 2:
+        return samples, [], "none"
+    cut = float(np.quantile(centres, 1 - holdout))
+    train, held = [], []
+    for s in samples:
+        right = (s.boxes[:, 0] + s.boxes[:, 2]) / 2 >= cut
+        train += [s.subset(~right)] if (~right).any() else []
+        held += [s.subset(right)] if right.any() else []
+    return train, held, "x-block"
+
+
+def accepted_cases(store: CaseStore) -> list[str]:
+    """Cases a person accepted (``review_status == "accepted"``), sorted."""
+    cases = store.committed_cases()
+    return sorted(c for c in cases if (store.case_attrs(c) or {}).get("review_status") == "accepted")
+
+
+def _case_config(attrs: dict):
+    """The configuration the case was annotated with (defaults when it is missing or no longer valid)."""
+    from pydantic import ValidationError
+
+
+    try:
+        return EngineConfig.model_validate(attrs.get("config") or {})
+    except ValidationError:
+        log.warning("case %s: stored configuration no longer validates; using defaults", attrs.get("case_id"))
+        return EngineConfig()
+
+
+def store_samples(store: CaseStore, runner, options: FinetuneOptions) -> tuple[list[SliceSample], list[str]]:
+    """Samples from every accepted case of ``store``; ValueError when there is none."""
+    case_ids = accepted_cases(store)
+    if not case_ids:
+        raise ValueError(f"no accepted case in {store.url}: import reviewed corrections first")
+    samples = []
+    for case_id in case_ids:
+        volume, labels, attrs = read_case_volume(store, case_id)
+        samples += case_samples(case_id, volume, labels, _case_config(attrs), runner, options)
+    return samples, case_ids
+
+
+def pair_samples(images: list[str | Path], label_maps: list[str | Path], runner, options: FinetuneOptions,
+                 config=None) -> tuple[list[SliceSample], list[str]]:
+    """Samples from image/label-map pairs on the same grid (case ids "pair0", "pair1", ... in order)."""
+    if len(images) != len(label_maps) or not images:
+        raise ValueError(f"give one label map per image; got {len(images)} images and "
+                         f"{len(label_maps)} label maps")
+    samples, ids = [], []
+    for n, (image, label_map) in enumerate(zip(images, label_maps)):
+        volume = read_volume(image)
+        labels = align_to(read_volume(label_map), volume, what=f"label map {Path(label_map).name}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            labels = np.rint(labels).astype(np.int64)
+        ids.append(f"pair{n}")
+        samples += case_samples(ids[-1], volume, labels, config or EngineConfig(), runner, options)
+    return samples, ids

@@ -1,0 +1,209 @@
+"""The data-engine round: annotate what is new or stale for the current model, route, export the review
+queue, and report (`medsam-engine round run` / `round report`).
+
+Store records of the flywheel (JSON, written whole; readers never see a partial file):
+
+    STORE/_rounds/current.json        {"round": n}: the round in progress or last run
+    STORE/_rounds/round-NNN.json      one report per round (see :func:`run_round`)
+    STORE/_rounds/rounds.md, .png     the table and plot over all rounds
+    STORE/_quality/calibration.json   the score calibration the routing uses (refit at each round)
+    STORE/_models/<sha16>.json        registered fine-tuned models (pipeline/flywheel/finetune.py)
+    STORE/_review/round-NNN/          the review queue exported at each round (pipeline/flywheel/review.py)
+
+Per case, the annotate run stores quality scores with each instance and, when routing is on (round run),
+the case's ``review_status`` (auto-accepted / review / rejected) and ``round``. Cases a person accepted
+(``review_status == "accepted"``) are never re-annotated by a round.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.annotate.job import annotate
+from pipeline.annotate.lazy_runner import LazyRunner
+from pipeline.flywheel.registry import current_model
+from pipeline.flywheel.review import calibrate_store, export_queue
+from pipeline.store.case_store import CaseStore
+from pipeline.store.records import ROUNDS, current_round, list_records, read_record, write_record
+
+log = logging.getLogger(__name__)
+
+# -- one round --------------------------------------------------------------------------------------------
+@dataclass
+class RoundResult:
+    number: int
+    report: dict
+    report_path: str
+    queue_dir: str | None
+    failed: list = field(default_factory=list)
+
+
+def _stale_cases(store: CaseStore, cases: list) -> tuple[list, list[str]]:
+    """(cases to annotate, ids kept because a person accepted them)."""
+    todo, kept = [], []
+    for case in cases:
+        if (store.case_attrs(case.case_id) or {}).get("review_status") == "accepted":
+            kept.append(case.case_id)
+        else:
+            todo.append(case)
+    return todo, kept
+
+
+def run_round(cases: list, store: CaseStore, config, *, checkpoint: str | None = None,
+              queue_dir: str | Path | None = None, runner=None) -> RoundResult:
+    """Round n+1: refit the calibration on the reviews so far, annotate the cases not accepted by a person
+    with the current model (``checkpoint``, else the newest registered model, else the base model; cases
+    committed with the same signature are skipped), route them, export the review queue and write the
+    round report. ``cases`` are CaseRefs (pipeline.io.discover)."""
+    number = current_round(store) + 1
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    registered = current_model(store) if checkpoint is None else None
+    checkpoint = checkpoint or (registered or {}).get("checkpoint")
+    config = config.with_overrides(model={"checkpoint": checkpoint}, quality={"route": True})
+    calibration = calibrate_store(store, threshold=config.quality.edit_dice_threshold)
+    write_record(store, {"round": number, "started_at": started}, ROUNDS, "current.json")
+    todo, kept = _stale_cases(store, cases)
+    runner = runner or LazyRunner(config)
+    summary = annotate(todo, store, config, overwrite=True, runner=runner)
+    queue_dir = Path(queue_dir) if queue_dir else (Path(store.root) / "_review" / f"round-{number:03d}"
+                                                    if store.is_local else None)
+    queue = export_queue(store, queue_dir) if queue_dir is not None else None
+    done = [o for o in summary.outcomes if o.status == "done"]
+    routed = _routing([o.case_id for o in done], store)
+    report = {
+        "round": number, "started_at": started,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {"sha256": runner.model_sha256, "checkpoint": checkpoint,
+                  "registered": bool(registered)},
+        "cases": {"given": len(cases), "annotated": len(done), "skipped": summary.count("skipped"),
+                  "failed": summary.count("failed"), "kept_accepted": len(kept)},
+        "seconds_per_case": round(float(np.mean([o.seconds for o in done])), 2) if done else None,
+        "routing": routed, "calibration": calibration,
+        "queue": {"cases": len(queue.cases) if queue else 0, "folder": str(queue_dir) if queue_dir else None},
+        "runner": summary.runner_stats,
+    }
+    path = write_record(store, report, ROUNDS, f"round-{number:03d}.json")
+    write_round_table(store)
+    return RoundResult(number, report, path, str(queue_dir) if queue_dir else None, summary.failed)
+
+
+def _routing(case_ids: list[str], store: CaseStore) -> dict:
+    """Instance routes and case statuses of the cases annotated this round."""
+    instances = {"auto-accepted": 0, "review": 0, "rejected": 0}
+    statuses: dict[str, int] = {}
+    for case_id in case_ids:
+        attrs = store.case_attrs(case_id) or {}
+        status = attrs.get("review_status", "none")
+        statuses[status] = statuses.get(status, 0) + 1
+        for inst in attrs.get("instances", []):
+            chosen = (inst.get("quality") or {}).get("route")
+            if chosen in instances:
+                instances[chosen] += 1
+    total = sum(instances.values())
+    return {"instances": instances, "cases": statuses,
+            "auto_acceptance_rate": round(instances["auto-accepted"] / total, 4) if total else None}
+
+
+# -- the table and plot over rounds ----------------------------------------------------------------------
+def review_outcomes(store: CaseStore, *, threshold: float = 0.9) -> dict[int, dict]:
+    """Per proposal round: reviewed instances, the share accepted with minor edits (edit Dice >= threshold),
+    mean voxels changed and mean Dice of proposal vs correction; from the accepted cases' records."""
+    per_round: dict[int, list[dict]] = {}
+    for case_id in store.committed_cases():
+        attrs = store.case_attrs(case_id) or {}
+        if attrs.get("review_status") != "accepted":
+            continue
+        for inst in attrs.get("instances", []):
+            if inst.get("edit_dice") is not None and inst.get("stage") != "manual":
+                per_round.setdefault(int(inst.get("round", 1)), []).append(inst)
+    out = {}
+    for number, rows in sorted(per_round.items()):
+        dices = np.array([r["edit_dice"] for r in rows], float)
+        voxels = [r.get("edit_voxels") or 0 for r in rows]
+        out[number] = {"reviewed": len(rows),
+                       "accepted_minor_edit": round(float((dices >= threshold).mean()), 4),
+                       "mean_edit_voxels": round(float(np.mean(voxels)), 1),
+                       "mean_edit_dice": round(float(dices.mean()), 4)}
+    return out
+
+
+def round_rows(store: CaseStore) -> list[dict]:
+    """One row per round: its report's figures and the review outcomes of its proposals."""
+    reviews = review_outcomes(store)
+    rows = []
+    for name in list_records(store, ROUNDS):
+        if not name.startswith("round-"):
+            continue
+        report = read_record(store, ROUNDS, name) or {}
+        number = int(report.get("round", 0))
+        routing = report.get("routing", {})
+        review = reviews.get(number, {})
+        rows.append({"round": number, "model": str(report.get("model", {}).get("sha256", ""))[:12],
+                     "annotated": report.get("cases", {}).get("annotated"),
+                     "seconds_per_case": report.get("seconds_per_case"),
+                     "auto_acceptance_rate": routing.get("auto_acceptance_rate"),
+                     "queued": report.get("queue", {}).get("cases"),
+                     "reviewed": review.get("reviewed", 0),
+                     "accepted_minor_edit": review.get("accepted_minor_edit"),
+                     "mean_edit_voxels": review.get("mean_edit_voxels"),
+                     "mean_edit_dice": review.get("mean_edit_dice")})
+    return rows
+
+
+COLUMNS = ("round", "model", "annotated", "seconds_per_case", "auto_acceptance_rate", "queued", "reviewed",
+           "accepted_minor_edit", "mean_edit_voxels", "mean_edit_dice")
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table of :func:`round_rows` (empty cells where a figure does not exist yet)."""
+    cell = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_round_table(store: CaseStore) -> dict[str, str]:
+    """STORE/_rounds/rounds.md (table) and rounds.png (plot, when matplotlib is installed); local stores."""
+    rows = round_rows(store)
+    if not store.is_local:
+        return {}
+    folder = Path(store.root) / ROUNDS
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "rounds.md").write_text(format_table(rows) + "\n")
+    out = {"table": str(folder / "rounds.md")}
+    if plot_rounds(rows, folder / "rounds.png"):
+        out["plot"] = str(folder / "rounds.png")
+    return out
+
+
+def plot_rounds(rows: list[dict], path: Path) -> bool:
+    """Rates per round (auto-acceptance, accepted with minor edits, mean edit Dice) and seconds per case;
+    False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: no round plot (the table is in rounds.md)")
+        return False
+    numbers = [r["round"] for r in rows]
+    fig, (rates, seconds) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for key, name in (("auto_acceptance_rate", "auto-accepted"), ("accepted_minor_edit", "minor edit only"),
+                      ("mean_edit_dice", "Dice proposal vs correction")):
+        values = [np.nan if r.get(key) is None else r[key] for r in rows]
+        rates.plot(numbers, values, marker="o", label=name)
+    rates.set(xlabel="round", ylim=(0, 1.02), title="review outcomes")
+    rates.legend(fontsize=8)
+    seconds.bar(numbers, [r.get("seconds_per_case") or 0 for r in rows])
+    seconds.set(xlabel="round", ylabel="s per case", title="time per case")
+    for axis in (rates, seconds):
+        axis.set_xticks(numbers)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

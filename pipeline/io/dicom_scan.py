@@ -1,0 +1,269 @@
+"""DICOM header scanning and series grouping; reads headers only (never pixel data).
+
+A folder of DICOM files becomes groups of files that each make one case: a single-frame series (files
+sharing SeriesInstanceUID, orientation and size), a multi-frame file (enhanced CT/MR, cine), or a planar
+image without patient geometry (CR, DX, US). Localizers/scouts and derived secondary captures are dropped
+unless asked for. UIDs stay in memory for grouping and hashing: they are never logged or put in messages.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.io.isolate import IsolatedWorker, WorkerCrash
+
+log = logging.getLogger(__name__)
+
+HEADER_TAGS = [
+    "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality", "ImageType", "Rows", "Columns",
+    "NumberOfFrames", "SamplesPerPixel", "ImageOrientationPatient", "ImagePositionPatient",
+]
+LOCALIZER_TYPES = {"LOCALIZER", "SCOUT", "SCANOGRAM"}
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+NOT_ANNOTATED_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "segmentation",
+    "1.2.840.10008.5.1.4.1.1.481.2": "RT dose",
+    "1.2.840.10008.5.1.4.1.1.30": "parametric map",
+}
+ENHANCED_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2",  # enhanced / legacy converted CT
+    "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.3", "1.2.840.10008.5.1.4.1.1.4.4",  # MR
+    "1.2.840.10008.5.1.4.1.1.128.1", "1.2.840.10008.5.1.4.1.1.130",  # PET
+}
+ORIENTATION_TOLERANCE = 1e-3
+PARALLEL_FROM = 1000
+CHUNK = 200
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """What grouping needs from one file's header. ``series_uid``/``sop_instance`` are for hashing only."""
+
+    path: str
+    sop_class: str
+    sop_instance: str
+    series_uid: str
+    modality: str
+    image_type: tuple[str, ...]
+    rows: int
+    columns: int
+    frames: int
+    orientation: tuple[float, ...] | None
+    position: tuple[float, float, float] | None
+
+    @property
+    def is_localizer(self) -> bool:
+        return bool(set(self.image_type) & LOCALIZER_TYPES)
+
+    @property
+    def is_derived_secondary(self) -> bool:
+        derived = self.image_type[:1] == ("DERIVED",)
+        if self.sop_class.startswith(SECONDARY_CAPTURE_PREFIX):
+            return derived or not self.image_type
+        return derived and self.image_type[1:2] == ("SECONDARY",)
+
+    @property
+    def is_multiframe(self) -> bool:
+        return self.frames > 1 or self.sop_class in ENHANCED_CLASSES
+
+    @property
+    def is_planar(self) -> bool:
+        """A projection or photo (CR, DX, US, SC...) without patient position/orientation."""
+        return self.orientation is None or self.position is None
+
+
+@dataclass(frozen=True)
+class SeriesGroup:
+    """Files that make one case. ``identity`` holds UIDs: hash it, never show it."""
+
+    kind: str  # "series" | "multiframe" | "planar"
+    identity: str
+    files: tuple[str, ...]
+    modality: str
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    headers: list[SliceHeader]
+    failures: list[tuple[str, str]]  # (path, reason) for DICOM-looking files whose header cannot be read
+    ignored: Counter  # what was skipped and how often: "not an image", "segmentation", ...
+
+
+def _floats(value, count: int) -> tuple[float, ...] | None:
+    try:
+        numbers = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) == count and all(np.isfinite(numbers)) else None
+
+
+def _int(value, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def read_header(path: str) -> SliceHeader | str:
+    """One file's header as a SliceHeader, or a short reason it is skipped ("not an image" and the like).
+
+    Raises ValueError with a reason a person understands when the file looks like DICOM but cannot be parsed.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    if os.path.getsize(path) == 0:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+    except InvalidDicomError as exc:
+        raise ValueError("not a DICOM file (no 'DICM' marker and no DICOM header)") from exc
+    except Exception as exc:  # corrupt headers make the parser raise many types
+        raise ValueError(f"corrupt DICOM header ({type(exc).__name__}: {str(exc)[:120]})") from exc
+    try:
+        return _header_of(ds, path)
+    except ValueError:
+        raise
+    except Exception as exc:  # values are decoded on access: a corrupt element raises only now (pydicom
+        # raises many types then; a bug of ours in _header_of would read as a corrupt header too)
+        raise ValueError(f"corrupt DICOM header ({type(exc).__name__}: {str(exc)[:120]})") from exc
+
+
+def _header_of(ds, path: str | Path) -> SliceHeader | str:
+    """The header fields of a parsed dataset (or why it is skipped); raises ValueError when unusable."""
+    import pydicom
+
+    meta_class = getattr(ds.get("file_meta", {}), "MediaStorageSOPClassUID", "")
+    sop_class = str(ds.get("SOPClassUID", "") or meta_class)
+    if sop_class in NOT_ANNOTATED_CLASSES:
+        return NOT_ANNOTATED_CLASSES[sop_class]
+    rows, columns = _int(ds.get("Rows"), 0), _int(ds.get("Columns"), 0)
+    if rows <= 0 or columns <= 0:
+        if not sop_class:
+            raise ValueError("no SOP Class and no image size: not a usable DICOM object (corrupt?)")
+        name = pydicom.uid.UID(sop_class).name
+        if "Image Storage" in name:
+            what = name.replace(" Storage", "")
+            raise ValueError(f"a {what} object without Rows/Columns (truncated or corrupt)")
+        return "not an image"
+    position = _floats(ds.get("ImagePositionPatient"), 3)
+    return SliceHeader(
+        path=str(path), sop_class=sop_class, sop_instance=str(ds.get("SOPInstanceUID", "") or path),
+        series_uid=str(ds.get("SeriesInstanceUID", "") or ""), modality=str(ds.get("Modality", "") or "OT"),
+        image_type=tuple(str(v).strip().upper() for v in (ds.get("ImageType") or [])),
+        rows=rows, columns=columns, frames=max(1, _int(ds.get("NumberOfFrames"), 1)),
+        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+        position=position,  # type: ignore[arg-type]
+    )
+
+
+def _scan_chunk(paths: list[str]) -> list[tuple[str, SliceHeader | str | None, str | None]]:
+    """(path, header or skip reason, failure reason) for each path; runs in a worker process."""
+    out: list[tuple[str, SliceHeader | str | None, str | None]] = []
+    for path in paths:
+        try:
+            out.append((path, read_header(path), None))
+        except (ValueError, OSError) as exc:
+            why = str(exc) if isinstance(exc, ValueError) else f"cannot be read ({exc.strerror})"
+            out.append((path, None, why))
+    return out
+
+
+def _scan_in_workers(chunks: list[list[str]], workers: int) -> list:
+    """Chunks scanned by ``workers`` isolated processes (a parser crash loses only its chunk's headers)."""
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+
+    idle: queue.Queue = queue.Queue()
+    pool = [IsolatedWorker() for _ in range(workers)]
+    for worker in pool:
+        idle.put(worker)
+
+    def run(chunk: list[str]) -> list:
+        worker = idle.get()
+        try:
+            return worker.call(_scan_chunk, chunk)
+        except WorkerCrash as exc:
+            return [(path, None, f"the header parser crashed ({exc.why})") for path in chunk]
+        finally:
+            idle.put(worker)
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as threads:
+            return [row for rows in threads.map(run, chunks) for row in rows]
+    finally:
+        for worker in pool:
+            worker.close()
+
+
+def scan_headers(paths: Sequence[str | Path], *, workers: int | None = None,
+                 parallel_from: int = PARALLEL_FROM) -> ScanResult:
+    """Read the headers of ``paths``; in parallel worker processes from ``parallel_from`` files on."""
+    names = [str(p) for p in paths]
+    workers = workers or min(8, os.cpu_count() or 1)
+    if len(names) >= max(parallel_from, 2) and workers > 1:
+        size = max(1, min(CHUNK, -(-len(names) // (4 * workers))))
+        chunks = [names[i:i + size] for i in range(0, len(names), size)]
+        rows = _scan_in_workers(chunks, min(workers, len(chunks)))
+    else:
+        rows = _scan_chunk(names)
+    headers: list[SliceHeader] = []
+    failures: list[tuple[str, str]] = []
+    ignored: Counter = Counter()
+    for path, header, failure in rows:
+        if failure is not None:
+            failures.append((path, failure))
+        elif isinstance(header, SliceHeader):
+            headers.append(header)
+        else:
+            ignored[str(header)] += 1
+    return ScanResult(headers, failures, ignored)
+
+
+def _same_orientation(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return bool(np.max(np.abs(np.subtract(a, b))) <= ORIENTATION_TOLERANCE)
+
+
+def group_series(headers: list[SliceHeader], *, keep_localizers: bool = False,
+                 keep_derived: bool = False) -> tuple[list[SeriesGroup], Counter]:
+    """Group headers into cases; returns the groups (in a stable order) and counts of what was dropped."""
+    dropped: Counter = Counter()
+    volumes: dict[tuple, list[SliceHeader]] = {}
+    groups: list[SeriesGroup] = []
+    instances: set[str] = set()
+    for header in sorted(headers, key=lambda h: h.path):
+        if header.sop_instance in instances:
+            dropped["duplicate instance"] += 1
+            continue
+        instances.add(header.sop_instance)
+        if header.is_localizer and not keep_localizers:
+            dropped["localizer"] += 1
+            continue
+        if header.is_derived_secondary and not keep_derived:
+            dropped["derived secondary capture"] += 1
+            continue
+        if header.is_multiframe or header.is_planar:
+            kind = "multiframe" if header.is_multiframe else "planar"
+            identity = f"dicom-{kind}:{header.sop_instance}"
+            groups.append(SeriesGroup(kind, identity, (header.path,), header.modality))
+            continue
+        key = next((k for k in volumes if k[0] == header.series_uid and k[1] == (header.rows, header.columns)
+                    and _same_orientation(k[2], header.orientation)), None)
+        if key is None:
+            key = (header.series_uid, (header.rows, header.columns), header.orientation)
+            volumes[key] = []
+        volumes[key].append(header)
+    for (uid, size, orientation), members in volumes.items():
+        identity = f"dicom-series:{uid}|{size[0]}x{size[1]}|{np.round(orientation, 3).tolist()}"
+        groups.append(SeriesGroup("series", identity, tuple(h.path for h in members), members[0].modality))
+    groups.sort(key=lambda g: g.files[0])
+    return groups, dropped

@@ -1,0 +1,135 @@
+"""DICOMweb inputs: a study or series URL -> its instances as Part 10 files in a local cache folder.
+
+``http(s)://HOST/…/dicom-web/studies/<study>[/series/<series>]``: QIDO-RS lists the series and instances,
+WADO-RS fetches each instance as stored (``transfer-syntax=*``, so compressed data stays compressed and is
+decoded by the isolated reader like any file). Files are named by position (``s001/00001.dcm``), never by
+UID; messages name the server, never the study. A finished download is renamed into place and reused.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pipeline.core.errors import ReadError
+
+log = logging.getLogger(__name__)
+
+URL_PATTERN = re.compile(r"^(?P<base>https?://.+?/)studies/(?P<study>[0-9.]+)(?:/series/(?P<series>[0-9.]+))?/?$")
+ACCEPT_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+ACCEPT_DEFAULT = 'multipart/related; type="application/dicom"'
+TIMEOUT_S = 60
+COMPLETE = ".complete"
+
+
+def is_dicomweb_url(text: str) -> bool:
+    return bool(URL_PATTERN.match(str(text)))
+
+
+def _server(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+
+
+def _get(session, url: str, accept: str, *, allow: tuple[int, ...] = ()):
+    import requests
+
+    try:
+        response = session.get(url, headers={"Accept": accept}, timeout=TIMEOUT_S)
+    except requests.RequestException as exc:
+        why = type(exc).__name__
+        raise ReadError(f"DICOMweb server {_server(url)} could not be reached ({why})") from exc
+    if response.status_code == 404:
+        raise ReadError(f"DICOMweb server {_server(url)}: study or series not found (HTTP 404)")
+    if response.status_code >= 400 and response.status_code not in allow:
+        raise ReadError(f"DICOMweb server {_server(url)} answered HTTP {response.status_code}")
+    return response
+
+
+def _qido(session, url: str, tag: str) -> list[str]:
+    """The values of ``tag`` (e.g. '0020000E') in a QIDO-RS JSON answer (204 No Content -> [])."""
+    response = _get(session, url, "application/dicom+json")
+    if response.status_code == 204 or not response.content:
+        return []
+    try:
+        return [str(item[tag]["Value"][0]) for item in response.json() if item.get(tag, {}).get("Value")]
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ReadError(f"DICOMweb server {_server(url)} sent a QIDO-RS answer that is not DICOM JSON") \
+            from exc
+
+
+def multipart_parts(body: bytes, content_type: str) -> list[bytes]:
+    """The bodies of a multipart/related message (RFC 2046), without their part headers."""
+    match = re.search(r'boundary="?([^";,]+)"?', content_type, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError("multipart answer without a boundary")
+    delimiter = b"--" + match.group(1).encode()
+    parts = []
+    for chunk in body.split(delimiter)[1:]:
+        if chunk.startswith(b"--"):
+            break
+        head, _, payload = chunk.partition(b"\r\n\r\n")
+        parts.append(payload[:-2] if payload.endswith(b"\r\n") else payload)
+    return parts
+
+
+def _instance(session, url: str) -> bytes:
+    response = _get(session, url, ACCEPT_AS_STORED, allow=(406,))
+    if response.status_code == 406:  # the server cannot send as stored: take its default syntax
+        response = _get(session, url, ACCEPT_DEFAULT)
+    try:
+        parts = multipart_parts(response.content, response.headers.get("Content-Type", ""))
+    except ValueError as exc:
+        raise ReadError(f"DICOMweb server {_server(url)} sent a WADO-RS answer that is not multipart") \
+            from exc
+    if len(parts) != 1:
+        raise ReadError(f"DICOMweb server {_server(url)} sent {len(parts)} parts for one instance")
+    return parts[0]
+
+
+def _download_series(session, base: str, study: str, series: str, folder: Path) -> int:
+    root = f"{base}studies/{study}/series/{series}"
+    instances = _qido(session, f"{root}/instances", "00080018")
+    folder.mkdir(parents=True)
+
+    def fetch(item: tuple[int, str]) -> None:
+        index, sop = item
+        (folder / f"{index + 1:05d}.dcm").write_bytes(_instance(session, f"{root}/instances/{sop}"))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(fetch, enumerate(instances)))
+    return len(instances)
+
+
+def fetch_dicomweb(url: str, dest: str | Path) -> Path:
+    """Download the study or series at ``url`` into ``dest`` (reused when complete); ReadError on failure."""
+    import requests
+
+    match = URL_PATTERN.match(url)
+    if not match:
+        raise ReadError("not a DICOMweb study or series URL (…/studies/<uid>[/series/<uid>])")
+    dest = Path(dest)
+    if (dest / COMPLETE).is_file():
+        return dest
+    base, study, series = match.group("base"), match.group("study"), match.group("series")
+    staging = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        with requests.Session() as session:
+            series_list = [series] if series else _qido(session, f"{base}studies/{study}/series", "0020000E")
+            if not series_list:
+                raise ReadError(f"DICOMweb server {_server(url)}: the study has no series")
+            count = sum(_download_series(session, base, study, uid, staging / f"s{k + 1:03d}")
+                        for k, uid in enumerate(series_list))
+        (staging / COMPLETE).write_text(str(count))
+        try:
+            staging.rename(dest)
+        except OSError:  # another process finished first
+            shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("fetched %d instances in %d series from %s", count, len(series_list), _server(url))
+    return dest

@@ -1,0 +1,233 @@
+"""Inputs on the command line -> CaseRefs, paired with coarse masks.
+
+An input is an image file, a folder, a zip/tar archive (extracted safely into STORE/_cache), a DICOMweb
+study/series URL or an fsspec URL such as s3://bucket/prefix (both fetched into STORE/_cache). Folders give
+one case per image file and one case per DICOM series (grouped by SeriesInstanceUID, orientation and size;
+localizers and derived secondary captures dropped unless asked for). Files that look like images but cannot
+be read become cases whose reading raises the reason, so each is recorded in the store's errors and the
+batch goes on.
+
+Case ids and series keys are keyed hashes (the store's key): no name, ID, date or UID reaches an id, a
+path under the cache, a log line or a message.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from pipeline.core.errors import ReadError
+from pipeline.core.provenance import files_sha256
+from pipeline.core.types import CaseIds, CaseRef
+from pipeline.io.archives import ExtractLimits, extract_archive, is_archive
+from pipeline.io.dicom_scan import PARALLEL_FROM, SeriesGroup, group_series, scan_headers
+from pipeline.io.dicomweb import fetch_dicomweb
+from pipeline.io.readers import (
+    DICOM_SUFFIXES,
+    IMAGE_SUFFIXES,
+    NIFTI_SUFFIXES,
+    NRRD_SUFFIXES,
+    has_dicom_marker,
+    stem_of,
+    suffix_of,
+)
+from pipeline.io.remote import fetch_remote, is_remote_url
+
+log = logging.getLogger(__name__)
+
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES + IMAGE_SUFFIXES
+MAX_ARCHIVE_DEPTH = 2
+GROUP_KINDS = {"series": "dicom-series", "multiframe": "dicom-multiframe", "planar": "dicom-image"}
+
+
+@dataclass(frozen=True)
+class DiscoveryOptions:
+    """How inputs are expanded. ``cache_dir`` defaults to STORE/_cache (archives and DICOMweb downloads)."""
+
+    keep_localizers: bool = False
+    keep_derived: bool = False
+    cache_dir: str | None = None
+    scan_workers: int | None = None
+    parallel_from: int = PARALLEL_FROM
+    limits: ExtractLimits = field(default_factory=ExtractLimits)
+
+
+def content_hash(path: str | Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names and bytes, sorted)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return files_sha256(files, root=None if path.is_file() else path)
+
+
+def case_content_hash(case: CaseRef) -> str:
+    """sha256 of what the case reads: its series' files when it lists them, else its image file or folder
+    (a file's digest from discovery when the case carries it)."""
+    if case.content_sha256 and not case.files:
+        return case.content_sha256
+    if case.files:
+        root = Path(case.image)
+        files = sorted(Path(f) for f in case.files)
+        return files_sha256(files, root=root if all(root in f.parents for f in files) else None)
+    return content_hash(case.image)
+
+
+def _common_folder(files: tuple[str, ...]) -> Path:
+    return Path(os.path.commonpath([str(Path(f).parent) for f in files]))
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    """Files under ``folder`` (not hidden), including broken links so that they can be reported."""
+    return sorted(p for p in folder.rglob("*")
+                  if (p.is_file() or (p.is_symlink() and not p.exists()))
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+class _Finder:
+    """Expands inputs into CaseRefs for one store; see the module doc."""
+
+    def __init__(self, ids: CaseIds, options: DiscoveryOptions) -> None:
+        self.case_id, self.options = ids.case_id, options
+        self.cache = Path(options.cache_dir) if options.cache_dir else ids.cache
+
+    def error_case(self, identity: str, image: Path, reason: str) -> CaseRef:
+        return CaseRef(case_id=self.case_id("unreadable:" + identity), image=str(image),
+                       kind="unreadable", error=reason)
+
+    def file_case(self, path: Path) -> CaseRef:
+        try:
+            digest = content_hash(path)
+            identity = "sha256:" + digest
+        except OSError:
+            digest, identity = None, "path:" + str(path.resolve())
+        return CaseRef(case_id=self.case_id(identity), image=str(path),
+                       kind=suffix_of(path).lstrip("."), content_sha256=digest)
+
+    def group_case(self, group: SeriesGroup) -> CaseRef:
+        return CaseRef(case_id=self.case_id(group.identity), image=str(_common_folder(group.files)),
+                       kind=GROUP_KINDS[group.kind], series=self.case_id("series|" + group.identity),
+                       files=group.files)
+
+    def expand(self, given: str | Path, depth: int = 0) -> list[CaseRef]:
+        text = str(given)
+        if text.startswith(("http://", "https://")):
+            return self.dicomweb(text)
+        if is_remote_url(text):
+            return self.remote(text, depth)
+        path = Path(given)
+        if is_archive(path):
+            return self.archive(path, depth)
+        if path.is_dir():
+            return self.folder(path, depth)
+        return [self.file_case(path)]  # a missing or odd file: the reader says what is wrong with it
+
+    def archive(self, path: Path, depth: int) -> list[CaseRef]:
+        identity = "archive:" + content_hash(path)
+        if depth >= MAX_ARCHIVE_DEPTH:
+            return [self.error_case(identity, path, f"{path.name}: archive nested too deep; not extracted")]
+        dest = self.cache / "archives" / self.case_id(identity)
+        try:
+            folder, refused = extract_archive(path, dest, limits=self.options.limits)
+        except ReadError as exc:
+            return [self.error_case(identity, path, exc.reason)]
+        cases = [self.error_case(f"{identity}:{i}:{name}", path, f"{path.name}: member '{name}' {why}")
+                 for i, (name, why) in enumerate(refused)]
+        return cases + self.folder(folder, depth + 1)
+
+    def folder(self, folder: Path, depth: int) -> list[CaseRef]:
+        cases: list[CaseRef] = []
+        candidates: list[Path] = []
+        ignored: Counter = Counter()
+        for path in _visible_files(folder):
+            suffix = suffix_of(path)
+            if not path.exists():
+                cases.append(self.error_case("path:" + str(path), path, f"{path.name}: a link to nothing"))
+            elif is_archive(path):
+                cases += self.archive(path, depth)
+            elif suffix in VOLUME_SUFFIXES:
+                cases.append(self.file_case(path))
+            elif suffix in DICOM_SUFFIXES or has_dicom_marker(path):
+                candidates.append(path)
+            else:
+                ignored[suffix or "no suffix"] += 1
+        cases += self.dicom(folder, candidates, ignored)
+        if not cases:  # an input that yields nothing is reported, not silently skipped
+            skipped = ", ".join(f"{n} {what}" for what, n in sorted(ignored.items())) or "none"
+            reason = f"{folder.name}: no image or DICOM series found (skipped: {skipped})"
+            cases.append(self.error_case("empty:" + str(folder.resolve()), folder, reason))
+        return cases
+
+    def dicom(self, folder: Path, files: list[Path], ignored: Counter) -> list[CaseRef]:
+        """Cases for the DICOM-looking ``files``; ``ignored`` gains what was skipped and why."""
+        options = self.options
+        scan = scan_headers(files, workers=options.scan_workers, parallel_from=options.parallel_from)
+        groups, dropped = group_series(scan.headers, keep_localizers=options.keep_localizers,
+                                       keep_derived=options.keep_derived)
+        cases = [self.group_case(g) for g in groups]
+        cases += [self.error_case("path:" + str(Path(p).resolve()), Path(p), f"{Path(p).name}: {why}")
+                  for p, why in scan.failures]
+        ignored.update(dropped + scan.ignored)
+        if ignored or scan.failures:
+            log.info("%s: %d DICOM series/images, %d unreadable files, skipped %s", folder.name, len(groups),
+                     len(scan.failures), dict(ignored))
+        return cases
+
+    def remote(self, url: str, depth: int) -> list[CaseRef]:
+        key = self.case_id("remote:" + url)
+        dest = self.cache / "remote" / key
+        try:
+            local = fetch_remote(url, dest, max_bytes=self.options.limits.max_bytes)
+        except ReadError as exc:
+            return [self.error_case("remote:" + url, dest, exc.reason)]
+        return self.expand(local, depth)
+
+    def dicomweb(self, url: str) -> list[CaseRef]:
+        key = self.case_id("dicomweb:" + url)
+        dest = self.cache / "dicomweb" / key
+        try:
+            folder = fetch_dicomweb(url, dest)
+        except ReadError as exc:
+            return [self.error_case("dicomweb:" + url, dest, f"DICOMweb input {key[:8]}: {exc.reason}")]
+        return self.folder(folder, 0)
+
+
+def _mask_for(image: Path, index: int, n_inputs: int, masks: list[Path]) -> Path | None:
+    if not masks:
+        return None
+    if len(masks) == 1 and masks[0].is_dir():
+        stem = stem_of(image)
+        found = [p for p in sorted(masks[0].iterdir()) if stem_of(p) == stem]
+        return found[0] if found else masks[0] / f"{stem}.missing"
+    return masks[index] if len(masks) == n_inputs else None
+
+
+def discover(inputs: Sequence[str | Path], ids: CaseIds, *, coarse_masks: Sequence[str | Path] = (),
+             options: DiscoveryOptions | None = None) -> list[CaseRef]:
+    """CaseRefs for every image under ``inputs``; masks pair by order or, for a mask folder, by file stem.
+
+    ``ids`` names the cases (a keyed hash) and says where archives and downloads are unpacked; a store's
+    :meth:`~pipeline.store.case_store.CaseStore.case_ids` gives both. Raises ValueError for unusable
+    arguments (mask count); unreadable inputs become failing cases instead.
+    """
+    masks = [Path(p) for p in coarse_masks]
+    if masks and not (len(masks) == len(inputs) or (len(masks) == 1 and masks[0].is_dir())):
+        raise ValueError(f"--coarse-mask takes one mask per input ({len(inputs)}) or one folder; "
+                         f"got {len(masks)}")
+    finder = _Finder(ids, options or DiscoveryOptions())
+    cases: list[CaseRef] = []
+    seen: set[str] = set()
+    for index, given in enumerate(inputs):
+        for case in finder.expand(given):
+            if case.case_id in seen:
+                log.warning("case %s appears more than once in the inputs; keeping the first", case.case_id)
+                continue
+            seen.add(case.case_id)
+            mask = _mask_for(Path(case.image), index, len(inputs), masks)
+            cases.append(case if mask is None else _with_mask(case, mask))
+    return cases
+
+
+def _with_mask(case: CaseRef, mask: Path) -> CaseRef:
+    return replace(case, coarse_mask=str(mask))

@@ -1,0 +1,237 @@
+"""Run risky calls (pixel decoders) in a persistent child process, so a crash fails one case, not the batch.
+
+Decoders are native code: python-gdcm segfaults on some corrupt files and pylibjpeg-rle's Rust panics escape
+``except Exception``. :class:`IsolatedWorker` keeps one ``spawn``-ed child alive and sends it one call at a
+time; when the child dies (a signal, an abort) or overruns its time, the call raises :class:`WorkerCrash`
+and the next call starts a fresh child. The child starts once per process (a fraction of a second of imports),
+so the cost per case is sending the result back through a pipe.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import mmap
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SPOOL_DIR = "/dev/shm"  # results travel through files here (tmpfs) when it exists, else the temp folder
+
+
+class WorkerCrash(Exception):
+    """The child process died or was stopped during a call; ``why`` says how ("signal SIGSEGV", ...)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception itself if it survives pickling, else a RuntimeError that keeps its type and message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - any pickling failure means "send a plain copy"
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _serve(inbox, outbox, initializer: Callable[[], None] | None) -> None:
+    """Child loop: receive (function, args), send back ("ok", result) or ("error", exception)."""
+    if initializer is not None:
+        initializer()
+    while True:
+        try:
+            message = inbox.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        function, args, spool = message
+        try:
+            reply: tuple[str, Any] = ("ok", function(*args))
+        except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent, which decides
+            reply = ("error", _portable(exc))
+        try:
+            _send_reply(outbox, reply, spool)
+        except Exception as exc:  # noqa: BLE001 - an unpicklable result is reported, not fatal
+            error = RuntimeError(f"the result could not be sent back ({type(exc).__name__}: {exc})")
+            _send_reply(outbox, ("error", error), spool)
+
+
+def _send_reply(outbox, reply: tuple[str, Any], spool: str) -> None:
+    """Pickle ``reply``; large array buffers go through files in ``spool`` (tmpfs), far faster than a pipe."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(reply, protocol=5, buffer_callback=buffers.append)
+    paths: list[str] = []
+    try:
+        for index, buffer in enumerate(buffers):
+            paths.append(os.path.join(spool, f"{os.getpid()}-{index}.bin"))
+            with open(paths[-1], "wb") as handle:
+                handle.write(buffer.raw())
+    except OSError:  # a small or full /dev/shm: send everything through the pipe instead
+        for path in paths:
+            if os.path.exists(path):
+                os.unlink(path)
+        data, paths = pickle.dumps(reply, protocol=5), []
+    outbox.send((data, paths))
+
+
+def _receive_reply(inbox) -> tuple[str, Any]:
+    data, paths = inbox.recv()
+    buffers = []
+    for path in paths:
+        with open(path, "rb") as handle:  # a private copy-on-write mapping: no copy until written to
+            size = os.fstat(handle.fileno()).st_size
+            buffers.append(mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY) if size else bytearray())
+        os.unlink(path)
+    return pickle.loads(data, buffers=buffers)
+
+
+def _child_main(read_fd: int, write_fd: int) -> None:
+    """Entry point of the child (``python -m pipeline.io.isolate R W``): the parent's sys.path, then serve."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    sys.path[:] = inbox.recv()
+    _serve(inbox, outbox, inbox.recv())
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "it stopped answering"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+class IsolatedWorker:
+    """A persistent child process that runs one call at a time; thread-safe.
+
+    The child is a fresh interpreter (``python -m pipeline.io.isolate``), not a fork: it shares no threads or
+    locks with the parent, and unlike multiprocessing's 'spawn' it never re-imports the caller's script.
+    """
+
+    def __init__(self, *, initializer: Callable[[], None] | None = None) -> None:
+        self._initializer = initializer
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+        self._send: Connection | None = None
+        self._recv: Connection | None = None
+        self._spool = ""
+        self._pid = os.getpid()
+
+    def _start(self) -> tuple[Connection, Connection]:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root,
+                                                                         os.environ.get("PYTHONPATH")])))
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.io.isolate", str(to_child_r), str(from_child_w)],
+                pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, env=env)
+        finally:
+            os.close(to_child_r)
+            os.close(from_child_w)
+        spool_root = SPOOL_DIR if os.path.isdir(SPOOL_DIR) else None
+        self._spool = tempfile.mkdtemp(prefix="medsam-reader-", dir=spool_root)
+        send, recv = Connection(to_child_w, readable=False), Connection(from_child_r, writable=False)
+        send.send(list(sys.path))
+        send.send(self._initializer)
+        self._send, self._recv = send, recv
+        return send, recv
+
+    def _stop(self, *, kill: bool) -> int | None:
+        process, send, recv = self._process, self._send, self._recv
+        self._process = self._send = self._recv = None
+        if process is None:
+            return None
+        if not kill and send is not None:
+            try:
+                send.send(None)
+            except OSError:
+                pass
+        try:
+            if kill:
+                process.kill()
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+        for conn in (send, recv):
+            if conn is not None:
+                conn.close()
+        if self._spool:
+            shutil.rmtree(self._spool, ignore_errors=True)
+            self._spool = ""
+        return process.returncode
+
+    def call(self, function: Callable, *args: Any, timeout_s: float | None = None) -> Any:
+        """``function(*args)`` in the child; its exceptions are re-raised here; a dead child -> WorkerCrash.
+
+        ``function`` and ``args`` must be picklable (a module-level function, plain values).
+        """
+        with self._lock:
+            if self._pid != os.getpid():  # inherited through fork: that child belongs to the parent
+                self._process = self._send = self._recv = None
+                self._pid = os.getpid()
+            if self._process is None or self._process.poll() is not None or self._send is None \
+                    or self._recv is None:
+                self._stop(kill=True)
+                send, recv = self._start()
+            else:
+                send, recv = self._send, self._recv
+            try:
+                send.send((function, args, self._spool))
+                if not recv.poll(timeout_s):
+                    self._stop(kill=True)
+                    raise WorkerCrash(f"it took longer than {timeout_s:g} s and was stopped")
+                status, payload = _receive_reply(recv)
+            except (EOFError, OSError):
+                process = self._process
+                if process is not None:
+                    try:
+                        process.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        pass
+                code = process.returncode if process is not None else None
+                self._stop(kill=True)
+                raise WorkerCrash(_describe_exit(code)) from None
+        if status == "ok":
+            return payload
+        raise payload
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop(kill=False)
+
+
+_default: IsolatedWorker | None = None
+_default_lock = threading.Lock()
+
+
+def default_worker() -> IsolatedWorker:
+    """This process's shared worker (created on first use, closed at exit)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = IsolatedWorker()
+            atexit.register(_default.close)
+        return _default
+
+
+if __name__ == "__main__":
+    _child_main(int(sys.argv[1]), int(sys.argv[2]))

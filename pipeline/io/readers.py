@@ -1,0 +1,223 @@
+"""Readers: files and DICOM series -> Volume with explicit geometry. No torch here.
+
+Every 3D volume is brought to one canonical voxel order so the model always sees axial slices the way
+radiologists display them (row 0 anterior, column 0 the patient's right; slices inferior to superior): the
+array axes (x, y, z) follow L, P, S, the nearest-axis reorientation that nibabel computes from the affine
+(no resampling). ``Geometry.source_affine``/``source_shape`` keep the input's own grid so exports land on it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.core.errors import ReadError
+from pipeline.core.orientation import LPS_TO_RAS, canonical_volume
+from pipeline.core.types import CaseRef, Geometry, Volume
+from pipeline.io.dicom import read_dicom_files, read_dicom_series
+from pipeline.io.isolate import WorkerCrash, default_worker
+
+if TYPE_CHECKING:
+    from pipeline.io.isolate import IsolatedWorker
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NRRD_SUFFIXES = (".nrrd", ".nhdr")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+READ_TIMEOUT_S = 1800.0
+
+
+def suffix_of(path: str | Path) -> str:
+    name = Path(path).name.lower()
+    for suffix in NIFTI_SUFFIXES + (".seg.nrrd",) + NRRD_SUFFIXES + IMAGE_SUFFIXES + DICOM_SUFFIXES:
+        if name.endswith(suffix):
+            return ".nrrd" if suffix == ".seg.nrrd" else suffix
+    return Path(name).suffix
+
+
+def stem_of(path: str | Path) -> str:
+    """File name without its image suffix ('ct.nii.gz' -> 'ct', 'a.seg.nrrd' -> 'a')."""
+    name = Path(path).name
+    for suffix in (".seg.nrrd",) + NIFTI_SUFFIXES + NRRD_SUFFIXES + IMAGE_SUFFIXES + DICOM_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def read_nifti(path: Path) -> Volume:
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    data = np.asanyarray(image.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim == 2:
+        data = data[:, :, None]
+    if data.ndim != 3:
+        raise ReadError(f"{path.name}: NIfTI with shape {data.shape} is not a 3D volume")
+    return canonical_volume(data, image.affine, modality=None, source_format="nifti")
+
+
+def _nrrd_affine(header: dict, name: str) -> np.ndarray:
+    directions = np.asarray(header.get("space directions"), dtype=float)
+    if directions.shape != (3, 3) or not np.all(np.isfinite(directions)):
+        raise ReadError(f"{name}: NRRD without 3 spatial 'space directions' (got {directions.shape})")
+    origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=float)
+    affine = np.eye(4)
+    affine[:3, :3] = directions.T
+    affine[:3, 3] = origin
+    space = str(header.get("space", "left-posterior-superior")).lower()
+    if space in ("left-posterior-superior", "lps"):
+        return LPS_TO_RAS @ affine
+    if space in ("right-anterior-superior", "ras"):
+        return affine
+    if space in ("left-anterior-superior", "las"):
+        return np.diag([-1.0, 1.0, 1.0, 1.0]) @ affine
+    raise ReadError(f"{name}: NRRD space '{space}' is not supported")
+
+
+def read_nrrd(path: Path) -> Volume:
+    import nrrd
+
+    data, header = nrrd.read(str(path))
+    if data.ndim == 4 and data.shape[0] == 1:
+        data = data[0]
+        header = dict(header, **{"space directions": np.asarray(header["space directions"])[1:]})
+    if data.ndim != 3:
+        raise ReadError(f"{path.name}: NRRD with shape {data.shape} is not a single 3D volume "
+                        "(multi-layer segmentations must be flattened first)")
+    return canonical_volume(data, _nrrd_affine(header, path.name), modality=None, source_format="nrrd")
+
+
+def read_image_2d(path: Path) -> Volume:
+    """PNG/JPEG/TIFF/BMP (8 or 16 bit, grey or RGB) -> Volume of shape (1, H, W) or (1, H, W, 3)."""
+    import cv2
+
+    if suffix_of(path) in (".tif", ".tiff"):
+        import tifffile
+
+        data = tifffile.imread(str(path))
+    else:
+        data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if data is None:
+            raise ReadError(f"{path.name}: not a readable image")
+        if data.ndim == 3:
+            data = cv2.cvtColor(data[..., :3], cv2.COLOR_BGR2RGB)
+    data = np.asarray(data)
+    if data.ndim == 3 and data.shape[-1] == 4:
+        data = data[..., :3]
+    if data.ndim == 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if not (data.ndim == 2 or (data.ndim == 3 and data.shape[-1] == 3)):
+        raise ReadError(f"{path.name}: image of shape {data.shape} is neither grey nor RGB 2D")
+    array = data[None]
+    affine = np.array([[0.0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]])
+    geometry = Geometry(affine=affine, shape=array.shape[:3], source_affine=np.eye(4),
+                        source_shape=(array.shape[2], array.shape[1], 1), source_format="2d")
+    return Volume(array, geometry, "2D")
+
+
+def _guarded(path: Path, where: str, read: Callable[[], Volume]) -> Volume:
+    """Run ``read()``; third-party failures become a ReadError naming ``where`` (paths reduced to names)."""
+    try:
+        return read()
+    except ReadError:
+        raise
+    except Exception as exc:  # corrupt input makes third-party readers raise anything; keep the cause
+        detail = str(exc)
+        for place, name in ((path.resolve(), path.name), (path, path.name), (path.parent, "…")):
+            detail = detail.replace(str(place), name)
+        suffix = suffix_of(path) if path.is_file() else "DICOM"
+        why = f"{type(exc).__name__}: {detail[:300]}"
+        raise ReadError(f"{where}: unreadable {suffix or 'file'} ({why})") from exc
+
+
+def read_volume(path: str | Path) -> Volume:
+    """Read one image or label map; raises ReadError naming the file and the reason."""
+    path = Path(path)
+    if not path.exists():
+        raise ReadError(f"{path.name}: no such file or folder")
+    suffix = suffix_of(path)
+    readers = {**{s: read_nifti for s in NIFTI_SUFFIXES}, **{s: read_nrrd for s in NRRD_SUFFIXES},
+               **{s: read_image_2d for s in IMAGE_SUFFIXES}}
+    if not path.is_dir() and suffix in readers:
+        return _guarded(path, path.name, lambda: readers[suffix](path))
+    # DICOM: a series folder, a DICOM suffix, or a file with no suffix or the 'DICM' marker (often unnamed)
+    if path.is_dir() or suffix in DICOM_SUFFIXES or not suffix or has_dicom_marker(path):
+        return _guarded(path, path.name, lambda: read_dicom_series(path))
+    raise ReadError(f"{path.name}: unsupported file type '{suffix}'")
+
+
+def has_dicom_marker(path: Path) -> bool:
+    """True when the file carries the DICOM Part 10 'DICM' marker after its 128-byte preamble."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def case_label(case: CaseRef) -> str:
+    """How a case is named in messages: the file or folder name, and the series' short hash (never a UID)."""
+    name = Path(case.image).name
+    return f"{name} series {case.series[:8]}" if case.series else name
+
+
+def read_case_here(case: CaseRef) -> Volume:
+    """:func:`read_case` in this process (no isolation)."""
+    if case.error:
+        raise ReadError(case.error)
+    if case.files:
+        where = case_label(case)
+        return _guarded(Path(case.files[0]), where,
+                        lambda: read_dicom_files([Path(f) for f in case.files], where=where))
+    return read_volume(case.image)
+
+
+def read_case(case: CaseRef, *, isolated: bool = True, worker: IsolatedWorker | None = None,
+              timeout_s: float | None = None) -> Volume:
+    """The engine's entry point: a case's image as a canonical Volume, or a ReadError with the reason.
+
+    Decoding runs in an isolated child process (see :mod:`pipeline.io.isolate`): a decoder that crashes or
+    hangs fails this case only. ``timeout_s`` defaults to $MEDSAM_ENGINE_READ_TIMEOUT_S, else 1800 s.
+    """
+    if case.error:
+        raise ReadError(case.error)
+    if not isolated:
+        return read_case_here(case)
+
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("MEDSAM_ENGINE_READ_TIMEOUT_S", READ_TIMEOUT_S))
+    try:
+        return (worker or default_worker()).call(read_case_here, case, timeout_s=timeout_s)
+    except WorkerCrash as exc:
+        log.error("reader process for %s ended: %s", case.case_id, exc.why)
+        raise ReadError(f"{case_label(case)}: the image decoder crashed ({exc.why}); the file is probably "
+                        "corrupt or uses an encoding the decoder mishandles") from exc
+
+
+def label_names_of(path: str | Path) -> dict[int, str]:
+    """Label value -> name stored with a label map (3D Slicer's .seg.nrrd ``Segment<i>_Name`` and
+    ``Segment<i>_LabelValue`` header keys); {} when the file names none."""
+    if not str(path).lower().endswith(".nrrd"):
+        return {}
+    import nrrd
+
+    try:
+        header = nrrd.read_header(str(path))
+    except (OSError, nrrd.NRRDError):
+        return {}
+    names = {}
+    for key, value in header.items():
+        if key.startswith("Segment") and key.endswith("_Name"):
+            index = key[len("Segment"):-len("_Name")]
+            label = header.get(f"Segment{index}_LabelValue", int(index) + 1 if index.isdigit() else None)
+            if label is not None:
+                names[int(label)] = str(value)
+    return names

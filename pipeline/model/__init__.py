@@ -1,0 +1,1 @@
+"""Layer 2: checkpoints, devices, model framing, the runner and its runtimes (torch, ONNX Runtime, OpenVINO)."""

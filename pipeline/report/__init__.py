@@ -1,0 +1,1 @@
+"""Layer 4: QC pages and evaluation against references."""

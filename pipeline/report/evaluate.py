@@ -1,0 +1,41 @@
+"""Compare a store's committed label maps with reference label maps (Dice, NSD per case and label)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.core.geometry import align_to
+from pipeline.core.metrics import per_label_scores
+from pipeline.core.types import Geometry, Volume
+from pipeline.io.readers import read_volume, stem_of
+from pipeline.store.case_store import CaseStore
+
+
+def match_references(store: CaseStore, references: list[str | Path]) -> dict[str, Path]:
+    """Pair committed cases with reference files: by case id, by the input's file stem, or one-to-one."""
+    files: list[Path] = []
+    for ref in (Path(r) for r in references):
+        files.extend(sorted(p for p in ref.iterdir() if p.is_file()) if ref.is_dir() else [ref])
+    cases = store.committed_cases()
+    by_stem = {stem_of(f): f for f in files}
+    pairs: dict[str, Path] = {}
+    for case_id in cases:
+        manifest = store.manifest(case_id) or {}
+        for key in (case_id, stem_of(manifest.get("image", "")), stem_of(manifest.get("coarse_mask") or "")):
+            if key and key in by_stem:
+                pairs[case_id] = by_stem[key]
+                break
+    if not pairs and len(cases) == 1 and len(files) == 1:
+        pairs[cases[0]] = files[0]
+    return pairs
+
+
+def evaluate_store(store: CaseStore, references: list[str | Path]) -> dict[str, dict[int, dict[str, float]]]:
+    """{case_id: {label: {"dice", "nsd"}}} for every case that has a reference."""
+    results = {}
+    for case_id, ref_path in sorted(match_references(store, references).items()):
+        labels, attrs = store.read_labels(case_id)
+        geometry = Geometry.from_json(attrs["geometry"])
+        case_volume = Volume(labels, geometry, attrs.get("modality", "OT"))
+        reference = align_to(read_volume(ref_path), case_volume, what="reference")
+        results[case_id] = per_label_scores(labels, reference, spacing=geometry.spacing)
+    return results

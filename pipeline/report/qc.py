@@ -1,0 +1,168 @@
+"""QC reports: HTML pages with overlay pictures and per-instance scores, worst first.
+
+``write_report`` covers a whole store; ``write_review_report`` covers the review queue (pipeline/flywheel/review.py),
+with each case's worst instances pictured on the slices where they are. Instances are ordered by their
+quality score (pipeline/annotate/quality.py) when the case has one, else by the model's predicted IoU.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.intensity import IntensityConfig, to_uint8
+from pipeline.store.case_store import CaseStore
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190)]
+SCORE_COLUMNS = ("score", "route", "predicted_iou", "stability", "jitter_iou", "coverage", "box_agreement",
+                 "slice_iou", "area_jump_max", "drift_max")
+
+
+def overlay(slice_u8: np.ndarray, labels: np.ndarray, *, scale: int = 3) -> np.ndarray:
+    """An RGB picture of a (y, x) uint8 slice with each label's contour drawn in its own colour."""
+    import cv2
+
+    grey = slice_u8 if slice_u8.ndim == 3 else np.repeat(slice_u8[:, :, None], 3, axis=-1)
+    size = (grey.shape[1] * scale, grey.shape[0] * scale)
+    picture = cv2.resize(np.ascontiguousarray(grey), size, interpolation=cv2.INTER_LINEAR)
+    big = cv2.resize(labels.astype(np.uint16), size, interpolation=cv2.INTER_NEAREST)
+    for value in (int(v) for v in np.unique(big) if v != 0):
+        mask = (big == value).astype(np.uint8)
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(picture, contours, -1, PALETTE[(value - 1) % len(PALETTE)], 1)
+    return picture
+
+
+def _rendered(store: CaseStore, case_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(uint8 image (z, y, x[, 3]), label map) of a case, or None when the store kept no image."""
+    labels, attrs = store.read_labels(case_id)
+    image = store.read_image(case_id)
+    if image is None:
+        return None
+    section = attrs.get("config", {}).get("intensity", {})
+    u8 = to_uint8(image, attrs.get("modality", "OT"), IntensityConfig(
+        section.get("ct_level", 40.0), section.get("ct_width", 400.0)))
+    return u8, labels
+
+
+def _save_pictures(case_id: str, rendered, slices: list[int], out: Path) -> list[str]:
+    import cv2
+
+    u8, labels = rendered
+    names = []
+    for z in slices:
+        name = f"{case_id}_z{z:04d}.png"
+        cv2.imwrite(str(out / name), cv2.cvtColor(overlay(u8[z], labels[z]), cv2.COLOR_RGB2BGR))
+        names.append(name)
+    return names
+
+
+def _case_pictures(store: CaseStore, case_id: str, out: Path, per_case: int) -> list[str]:
+    """Pictures of the ``per_case`` slices with the most labelled voxels."""
+    rendered = _rendered(store, case_id)
+    if rendered is None:
+        return []
+    labels = rendered[1]
+    counts = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1)
+    slices = [int(z) for z in sorted(np.argsort(counts)[::-1][:per_case]) if counts[z] > 0]
+    return _save_pictures(case_id, rendered, slices, out)
+
+
+def _order_key(inst: dict) -> float:
+    quality = inst.get("quality") or {}
+    value = quality.get("score")
+    return float(value) if value is not None else float(inst.get("predicted_iou", 0.0))
+
+
+def _score_cells(inst: dict) -> str:
+    quality = inst.get("quality") or {}
+    values = {**(quality.get("features") or {}), "score": quality.get("score"), "route": quality.get("route"),
+              "predicted_iou": inst.get("predicted_iou"), "stability": inst.get("stability")}
+    cells = []
+    for key in SCORE_COLUMNS:
+        value = values.get(key)
+        text = f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
+        cells.append("" if value is None else text)
+    return "".join(f"<td>{c}</td>" for c in cells)
+
+
+def _header(first: list[str]) -> str:
+    return "<table border=1 cellpadding=3><tr>" + "".join(f"<th>{html.escape(c)}</th>"
+                                                          for c in [*first, *SCORE_COLUMNS]) + "</tr>"
+
+
+def write_report(store: CaseStore, out_dir: str | Path, *, per_case: int = 3) -> Path:
+    """Write OUT/report.html (and its PNGs) for every committed case, worst instance first."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case_id in store.committed_cases():
+        attrs = store.case_attrs(case_id) or {}
+        for inst in attrs.get("instances", []):
+            rows.append((_order_key(inst), case_id, inst))
+    rows.sort(key=lambda r: r[0])
+    parts = ["<!doctype html><meta charset='utf-8'><title>MedSAM Engine QC</title>",
+             "<h1>QC report</h1><h2>Instances, worst first</h2>",
+             _header(["case", "label", "instance", "slices", "voxels", "prompt"])]
+    for _, case_id, inst in rows:
+        parts.append(f"<tr><td>{html.escape(case_id)}</td><td>{inst['label']}</td><td>{inst['instance']}</td>"
+                     f"<td>{len(inst['slices'])}</td><td>{inst['voxels']}</td>"
+                     f"<td>{html.escape(inst['prompt_source'])}</td>{_score_cells(inst)}</tr>")
+    parts.append("</table><h2>Overlays</h2>")
+    for case_id in store.committed_cases():
+        for name in _case_pictures(store, case_id, out, per_case):
+            parts.append(f"<figure><img src='{name}'><figcaption>{html.escape(name)}</figcaption></figure>")
+    for case_id, error in store.errors().items():
+        parts.append(f"<p>failed {html.escape(case_id)}: {html.escape(error['reason'])}</p>")
+    path = out / "report.html"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def _worst_slices(instances: list[dict], per_case: int) -> list[int]:
+    """The middle slice of each of the worst instances, up to ``per_case`` distinct slices."""
+    chosen: list[int] = []
+    for inst in sorted(instances, key=_order_key):
+        slices = inst.get("slices") or []
+        if slices and slices[len(slices) // 2] not in chosen:
+            chosen.append(int(slices[len(slices) // 2]))
+        if len(chosen) == per_case:
+            break
+    return sorted(chosen)
+
+
+def write_review_report(store: CaseStore, path: str | Path, queue: list[dict], *, per_case: int = 3) -> Path:
+    """Write the review queue's HTML page at ``path`` (PNGs beside it): the ``queue`` entries of
+    pipeline.flywheel.review in their order (worst first), each with its instance scores and overlays of the slices
+    of its worst instances."""
+    path = Path(path)
+    pictures = path.parent / "pictures"
+    pictures.mkdir(parents=True, exist_ok=True)
+    parts = ["<!doctype html><meta charset='utf-8'><title>MedSAM Engine review queue</title>",
+             f"<h1>Review queue: {len(queue)} case(s), worst first</h1>"]
+    for entry in queue:
+        case_id = entry["case_id"]
+        attrs = store.case_attrs(case_id) or {}
+        instances = sorted(attrs.get("instances", []), key=_order_key)
+        worst = entry.get("worst_score")
+        parts.append(f"<h2>{entry.get('rank', '')}. case {html.escape(case_id)} — "
+                     f"{html.escape(str(entry.get('review_status')))}, worst score "
+                     f"{'' if worst is None else f'{worst:.3f}'}</h2>")
+        files = entry.get("files") or {}
+        if files:
+            parts.append("<p>" + ", ".join(f"{html.escape(k)}: <code>{html.escape(str(v))}</code>"
+                                           for k, v in files.items()) + "</p>")
+        parts.append(_header(["label", "instance", "slices", "voxels"]))
+        for inst in instances:
+            parts.append(f"<tr><td>{inst['label']}</td><td>{inst['instance']}</td>"
+                         f"<td>{len(inst['slices'])}</td><td>{inst['voxels']}</td>{_score_cells(inst)}</tr>")
+        parts.append("</table>")
+        rendered = _rendered(store, case_id)
+        if rendered is not None:
+            for name in _save_pictures(case_id, rendered, _worst_slices(instances, per_case), pictures):
+                parts.append(f"<figure style='display:inline-block'><img src='pictures/{name}'>"
+                             f"<figcaption>{html.escape(name)}</figcaption></figure>")
+    path.write_text("\n".join(parts))
+    return path

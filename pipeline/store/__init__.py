@@ -1,0 +1,1 @@
+"""Layer 2: the case store (OME-Zarr groups committed last) and its JSON records."""

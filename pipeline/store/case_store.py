@@ -1,0 +1,322 @@
+"""The mask store: one OME-Zarr 0.5 (zarr v3) group per case, committed last.
+
+Layout::
+
+    STORE/<case_id>.ome.zarr/      image "0" (optional) + labels/medsam/0 (uint16 label map, z, y, x)
+        attrs["ome"]               OME-Zarr 0.5 multiscales (axes in mm); labels/medsam has "image-label"
+                                   (colours; per label: name, SNOMED CT code where known, review status)
+        attrs["medsam"]            geometry, signature, instances (lineage), postprocess, status
+    STORE/_staging/                cases being written (local stores); never read as done
+    STORE/_previous/<case_id>/     earlier versions (rounds) kept when a case is overwritten
+    STORE/_manifest/<case_id>.json what each case is made from (input paths live only here)
+    STORE/_errors/<case_id>.json   the reason a case failed, until it succeeds
+    STORE/_runs/<run_id>.json      what ran, when, with which options and results
+
+A case is done only when its root ``zarr.json`` says ``status: committed``, and that is written last:
+
+* local folders: the case is written under ``_staging/`` and renamed into place (atomic on one file system);
+* object stores (``s3://``, through fsspec): no rename exists, so the commit marker is the last object written
+  (an S3 PUT is atomic); an overwrite first copies the old version to ``_previous/`` and removes its marker.
+
+Either way a killed writer leaves nothing that readers, exports or resume take as done. One writer per shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import shutil
+import time
+import uuid
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from pipeline.core.errors import StoreConflictError
+from pipeline.core.types import CaseIds
+from pipeline.store.labels_meta import describe_labels
+
+CASE_SUFFIX = ".ome.zarr"
+STATUS_COMMITTED = "committed"
+LABELS_PATH = "labels/medsam"
+
+
+def _stamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class CaseStore:
+    """A folder (local path or fsspec URL such as ``s3://bucket/store``) of committed cases and records.
+
+    ``root`` is the store's path inside ``fs`` (a ``Path`` for local stores). Remote credentials and
+    endpoints come from ``storage_options`` or the usual environment (``AWS_ENDPOINT_URL`` and friends).
+    """
+
+    def __init__(self, root: str | Path, *, storage_options: dict | None = None) -> None:
+        import fsspec
+
+        self.url = str(root)
+        self.storage_options = dict(storage_options or {})
+        self.fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
+        self.is_local = "file" in protocols
+        self.protocol = protocols[0]
+        local = str(root)[len("file://"):] if str(root).startswith("file://") else root
+        self.root: Path | PurePosixPath = Path(local) if self.is_local else PurePosixPath(path)
+
+    # -- file primitives (local or remote) --------------------------------------------------------------
+    def read_json(self, path: PurePosixPath | Path) -> dict | None:
+        """A JSON record, or None when it does not exist."""
+        try:
+            return json.loads(self.fs.cat_file(str(path)))
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, path: PurePosixPath | Path, data: dict) -> None:
+        """Write a JSON record whole: a temporary file renamed into place (local), one PUT (object stores)."""
+        text = json.dumps(data, indent=1, sort_keys=True, default=str)
+        if not self.is_local:
+            self.fs.pipe_file(str(path), text.encode())  # one PUT: readers see all of it or nothing
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    def list_names(self, path: PurePosixPath | Path) -> list[str]:
+        """Names (not paths) directly under ``path``; [] when it does not exist."""
+        try:
+            kwargs = {} if self.is_local else {"refresh": True}
+            found = self.fs.ls(str(path), detail=False, **kwargs)
+            return sorted(PurePosixPath(p.rstrip("/")).name for p in found)
+        except FileNotFoundError:
+            return []
+
+    def _zarr_target(self, path: PurePosixPath | Path, *, read_only: bool):
+        if self.is_local:
+            return str(path)
+        from zarr.storage import FsspecStore
+
+        return FsspecStore.from_url(f"{self.protocol}://{path}", storage_options=self.storage_options,
+                                    read_only=read_only)
+
+    # -- identity -----------------------------------------------------------------------------------
+    def id_key(self) -> bytes:
+        """The key of the case-id hash: $MEDSAM_ENGINE_ID_KEY, else a random key kept in the store."""
+        env = os.environ.get("MEDSAM_ENGINE_ID_KEY")
+        if env:
+            return env.encode()
+        path = self.root / "_key"
+        if not self.is_local:
+            if not self.fs.exists(str(path)):
+                self.fs.pipe_file(str(path), secrets.token_hex(32).encode())
+            return self.fs.cat_file(str(path)).strip()
+        path = Path(path)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"._key.{uuid.uuid4().hex}")
+            tmp.write_text(secrets.token_hex(32))
+            try:
+                os.link(tmp, path)  # first writer wins; never replace an existing key
+            except FileExistsError:
+                pass
+            tmp.unlink()
+        return path.read_text().strip().encode()
+
+    def case_id(self, identity: str) -> str:
+        """A keyed hash of what identifies a case (content hash, series UID): no PHI survives it."""
+        return hmac.new(self.id_key(), identity.encode(), hashlib.sha256).hexdigest()[:16]
+
+    def cache_dir(self) -> Path:
+        """Where discovery unpacks archives and downloads: STORE/_cache for a local store; for a remote one
+        $MEDSAM_ENGINE_CACHE, else ~/.cache/medsam-engine (the readers need local files)."""
+        if self.is_local:
+            return Path(self.root) / "_cache"
+        return Path(os.environ.get("MEDSAM_ENGINE_CACHE") or Path.home() / ".cache" / "medsam-engine")
+
+    def case_ids(self) -> CaseIds:
+        """This store's case naming (keyed hash) and cache folder, for discovery (pipeline/io/discover.py)."""
+        return CaseIds(case_id=self.case_id, cache=self.cache_dir())
+
+    # -- reading ------------------------------------------------------------------------------------
+    def case_path(self, case_id: str) -> Path | PurePosixPath:
+        return self.root / f"{case_id}{CASE_SUFFIX}"
+
+    def case_attrs(self, case_id: str) -> dict | None:
+        """The case's 'medsam' attributes if it is committed, else None."""
+        meta = self.read_json(self.case_path(case_id) / "zarr.json")
+        attrs = (meta or {}).get("attributes", {}).get("medsam", {})
+        return attrs if attrs.get("status") == STATUS_COMMITTED else None
+
+    def committed_cases(self) -> list[str]:
+        ids = [n[: -len(CASE_SUFFIX)] for n in self.list_names(self.root) if n.endswith(CASE_SUFFIX)]
+        return [c for c in ids if self.case_attrs(c) is not None]
+
+    def open_case(self, case_id: str):
+        """The committed case's zarr group, read-only; KeyError when the case is not committed."""
+        import zarr
+
+        if self.case_attrs(case_id) is None:
+            raise KeyError(f"case {case_id} is not committed in {self.url}")
+        return zarr.open_group(self._zarr_target(self.case_path(case_id), read_only=True), mode="r")
+
+    def read_labels(self, case_id: str) -> tuple[np.ndarray, dict]:
+        """The (z, y, x) uint16 label map and the case's 'medsam' attributes."""
+        group = self.open_case(case_id)
+        return np.asarray(group[f"{LABELS_PATH}/0"][:]), dict(group.attrs["medsam"])
+
+    def read_image(self, case_id: str) -> np.ndarray | None:
+        """The stored image as (z, y, x) or (z, y, x, c), or None when the store kept no image."""
+        group = self.open_case(case_id)
+        if "0" not in group:
+            return None
+        data = np.asarray(group["0"][:])
+        return data if data.ndim == 3 else np.moveaxis(data, 0, -1)
+
+    def label_properties(self, case_id: str) -> list[dict]:
+        """The case's OME-Zarr ``image-label.properties`` (one dict per label value)."""
+        meta = self.read_json(self.case_path(case_id) / LABELS_PATH / "zarr.json") or {}
+        return list(meta.get("attributes", {}).get("ome", {}).get("image-label", {}).get("properties", []))
+
+    def manifest(self, case_id: str) -> dict | None:
+        return self.read_json(self.root / "_manifest" / f"{case_id}.json")
+
+    def errors(self) -> dict[str, dict]:
+        folder = self.root / "_errors"
+        names = [n for n in self.list_names(folder) if n.endswith(".json") and not n.startswith(".")]
+        return {n[:-5]: self.read_json(folder / n) or {} for n in names}
+
+    # -- writing ------------------------------------------------------------------------------------
+    def write_manifest(self, case_id: str, record: dict) -> None:
+        self.write_json(self.root / "_manifest" / f"{case_id}.json", record)
+
+    def write_run(self, run_id: str, record: dict) -> Path | PurePosixPath:
+        path = self.root / "_runs" / f"{run_id}.json"
+        self.write_json(path, record)
+        return path
+
+    def record_error(self, case_id: str, *, stage: str, reason: str, run_id: str) -> None:
+        self.write_json(self.root / "_errors" / f"{case_id}.json",
+                        {"case_id": case_id, "stage": stage, "reason": reason, "run_id": run_id,
+                         "time": _stamp()})
+
+    def commit_case(self, case_id: str, *, labels: np.ndarray, attrs: dict, image: np.ndarray | None = None,
+                    overwrite: bool = False,
+                    label_names: dict[int, str] | None = None) -> Path | PurePosixPath:
+        """Write a case and commit it last; returns its final path.
+
+        ``labels`` is the (z, y, x) label map (stored uint16); ``image`` (z, y, x) or (z, y, x, c); ``attrs``
+        the 'medsam' attributes (its 'status' is set here, last). An existing committed case with another
+        signature raises StoreConflictError unless ``overwrite``, which keeps the old version under
+        _previous/ and lists it in the new version's ``previous_versions``.
+        """
+        old = self.case_attrs(case_id)
+        if old is not None and old.get("signature") != attrs.get("signature") and not overwrite:
+            raise StoreConflictError("already committed with a different signature (model, config or input "
+                                     "changed); pass --overwrite to replace it", case_id=case_id)
+        version = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        previous = self.root / "_previous" / case_id / version
+        if old is not None:
+            history = list(old.get("previous_versions", []))
+            history.append({"path": str(previous.relative_to(self.root)), "signature": old.get("signature"),
+                            "committed_at": old.get("committed_at")})
+            attrs = dict(attrs, previous_versions=history)
+        content = {"labels": labels, "image": image, "attrs": attrs, "label_names": label_names or {}}
+        if self.is_local:
+            final = self._commit_local(case_id, content, previous)
+        else:
+            final = self._commit_remote(case_id, content, previous if old is not None else None)
+        for folder in ("_errors", "_quarantine"):  # a committed case has no open failure (pipeline/quarantine)
+            self.remove_json(self.root / folder / f"{case_id}.json")
+        return final
+
+    def remove_json(self, path: str | Path | PurePosixPath) -> None:
+        """Remove a record if it is there."""
+        if self.fs.exists(str(path)):
+            self.fs.rm_file(str(path))
+
+    def _commit_local(self, case_id: str, content: dict, previous: Path | PurePosixPath) -> Path:
+        final = Path(self.case_path(case_id))
+        staging = Path(self.root) / "_staging" / f"{case_id}-{uuid.uuid4().hex[:8]}{CASE_SUFFIX}"
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        write_case_group(str(staging), **content)
+        if final.exists():
+            Path(previous).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(final, previous)
+        os.replace(staging, final)
+        return final
+
+    def _commit_remote(self, case_id: str, content: dict, previous: PurePosixPath | None) -> PurePosixPath:
+        final = PurePosixPath(self.case_path(case_id))
+        if self.list_names(final):
+            if previous is not None:  # the old version was committed: keep it
+                self.fs.copy(str(final), str(previous), recursive=True)
+            self.remove_json(final / "zarr.json")  # un-commit first, then clear
+            self.fs.rm(str(final), recursive=True)
+        write_case_group(self._zarr_target(final, read_only=False), **content)
+        return final
+
+
+def _multiscales(name: str, axes: list[str], scale: list[float]) -> list[dict]:
+    kinds = {"c": "channel", "z": "space", "y": "space", "x": "space"}
+    return [{
+        "name": name,
+        "axes": [{"name": a, "type": kinds[a], **({"unit": "millimeter"} if kinds[a] == "space" else {})}
+                 for a in axes],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+    }]
+
+
+def image_label_metadata(labels: np.ndarray, *, names: dict[int, str], instances: list[dict]) -> dict:
+    """OME-Zarr 0.5 ``image-label`` metadata: a colour and properties for each non-zero value."""
+    values = [int(v) for v in np.unique(labels) if v != 0]
+    meanings = describe_labels(values, names=names, instances=instances)
+    return {
+        "version": "0.5",
+        "colors": [{"label-value": m.value, "rgba": [*m.rgb, 255]} for m in meanings],
+        "properties": [m.to_ome_property() for m in meanings],
+        "source": {"image": "../../"},
+    }
+
+
+def write_case_group(target, *, labels: np.ndarray, image: np.ndarray | None, attrs: dict,
+                     label_names: dict[int, str]) -> None:
+    """Write one case group at ``target`` (a path or zarr store); the 'medsam' status is written last."""
+    import zarr
+
+    spacing = [float(s) for s in attrs["geometry"]["spacing_zyx_mm"]]
+    root = zarr.open_group(target, mode="w", zarr_format=3)
+    plane = labels.shape[1:]
+    if image is not None:
+        axes = ["z", "y", "x"] if image.ndim == 3 else ["c", "z", "y", "x"]
+        data = image if image.ndim == 3 else np.moveaxis(image, -1, 0)
+        chunks = (1, *plane) if image.ndim == 3 else (data.shape[0], 1, *plane)
+        root.create_array("0", data=np.ascontiguousarray(data), chunks=chunks, dimension_names=axes)
+        scale = spacing if image.ndim == 3 else [1.0, *spacing]
+        root.attrs["ome"] = {"version": "0.5", "multiscales": _multiscales("image", axes, scale)}
+    label_group = root.create_group("labels")
+    label_group.attrs["ome"] = {"version": "0.5", "labels": ["medsam"]}
+    medsam = label_group.create_group("medsam")
+    medsam.create_array("0", data=labels.astype(np.uint16), chunks=(1, *plane),
+                        dimension_names=["z", "y", "x"])
+    medsam.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": _multiscales("medsam", ["z", "y", "x"], spacing),
+        "image-label": image_label_metadata(labels, names=label_names, instances=attrs.get("instances", [])),
+    }
+    root.attrs["medsam"] = dict(attrs, status=STATUS_COMMITTED)
+
+
+def remove_stale_staging(store: CaseStore, *, older_than_s: float = 24 * 3600) -> int:
+    """Delete staging folders left by killed writers (local stores); returns how many were removed."""
+    folder = Path(store.root) / "_staging"
+    removed = 0
+    if store.is_local and folder.is_dir():
+        for path in folder.iterdir():
+            if time.time() - path.stat().st_mtime > older_than_s:
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+    return removed

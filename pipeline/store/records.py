@@ -1,0 +1,58 @@
+"""The store's JSON records beside the cases, all written whole through :meth:`CaseStore.write_json`
+(a temporary file renamed into place locally, one PUT on object stores): readers never see a partial one.
+
+    STORE/_rounds/current.json, round-NNN.json   the flywheel's rounds (pipeline/flywheel/rounds.py)
+    STORE/_quality/calibration.json              the quality score's calibration (pipeline/annotate/quality.py)
+    STORE/_models/<sha16>.json                   registered fine-tuned models (pipeline/flywheel/registry.py)
+    STORE/_quarantine/<case_id>.json             cases that failed for a lasting reason, with their signature
+    STORE/_watermarks/<name>.json                how far a nightly run has taken the inputs (flows/watermark.py)
+"""
+from __future__ import annotations
+
+from pipeline.core.provenance import utc_stamp
+from pipeline.store.case_store import CaseStore
+
+ROUNDS, QUALITY, MODELS, QUARANTINE, WATERMARKS = "_rounds", "_quality", "_models", "_quarantine", "_watermarks"
+
+
+def read_record(store: CaseStore, *parts: str) -> dict | None:
+    """A JSON record under the store root (``parts`` are path components), or None when absent."""
+    return store.read_json(store.root.joinpath(*parts))
+
+
+def write_record(store: CaseStore, data: dict, *parts: str) -> str:
+    """Write a JSON record whole under the store root; returns its path."""
+    path = store.root.joinpath(*parts)
+    store.write_json(path, data)
+    return str(path)
+
+
+def list_records(store: CaseStore, folder: str) -> list[str]:
+    """Names of the JSON records in ``folder`` (hidden temporary files left out)."""
+    return [n for n in store.list_names(store.root / folder) if n.endswith(".json") and not n.startswith(".")]
+
+
+def current_round(store: CaseStore) -> int:
+    """The round in progress or last run; 0 before the first `round run`."""
+    return int((read_record(store, ROUNDS, "current.json") or {}).get("round", 0))
+
+
+def quarantine(store: CaseStore, case_id: str, *, stage: str, signature: dict | None, run_id: str) -> None:
+    """Record that ``case_id`` failed at ``stage`` for a lasting reason; runs skip it while its signature holds."""
+    record = {"case_id": case_id, "stage": stage, "signature": signature, "run_id": run_id, "time": utc_stamp()}
+    write_record(store, record, QUARANTINE, f"{case_id}.json")
+
+
+def quarantined(store: CaseStore, case_id: str) -> dict | None:
+    """The case's quarantine record (stage, signature, run), or None."""
+    return read_record(store, QUARANTINE, f"{case_id}.json")
+
+
+def read_watermark(store: CaseStore, name: str) -> dict | None:
+    """The watermark record ``name`` ({"since", "since_utc", "run_id"}), or None before its first run."""
+    return read_record(store, WATERMARKS, f"{name}.json")
+
+
+def write_watermark(store: CaseStore, name: str, since: float, *, run_id: str) -> None:
+    record = {"since": since, "since_utc": utc_stamp(since), "run_id": run_id}
+    write_record(store, record, WATERMARKS, f"{name}.json")
