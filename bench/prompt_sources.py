@@ -46,14 +46,15 @@ def learned_label_map(runner, volume: Volume, train_z: list[int], test_z: list[i
     rendered = render(volume, meta)
     embed = {z: runner.encode([rendered[z]])[0] for z in sorted(set(train_z) | set(test_z))}
     x = torch.cat([embed[z].tensor().float() for z in train_z])
-    y = torch.from_numpy(np.stack([grid_targets(reference[z], labels) for z in train_z]))
+    y = torch.from_numpy(np.stack([grid_targets(reference[z], labels, runner.model.framing) for z in train_z]))
     start = time.perf_counter()
     head, history = train_head((x, y), None, epochs=200, seed=0)
     seconds = time.perf_counter() - start
     out = np.zeros(volume.shape, dtype=np.uint16)
     with torch.no_grad():
         for z in test_z:
-            heat = grid_to_slice(torch.sigmoid(head(embed[z].tensor().float()))[0].numpy(), embed[z].original_hw)
+            heat = grid_to_slice(torch.sigmoid(head(embed[z].tensor().float()))[0].numpy(), embed[z].original_hw,
+                                 runner.model.framing)
             out[z] = np.where(heat.max(axis=0) > 0.5, np.asarray(labels)[heat.argmax(axis=0)], 0)
     return out, seconds
 
@@ -131,13 +132,13 @@ def learned_label_map_2d(runner, crops) -> tuple[np.ndarray, float]:
     train_embedding = runner.encode([render(train_volume, meta)[0]])[0]
     test_embedding = runner.encode([render(test_volume, meta)[0]])[0]
     x = train_embedding.tensor().float()
-    y = torch.from_numpy(grid_targets(train_ref[0], [1])[None])
+    y = torch.from_numpy(grid_targets(train_ref[0], [1], runner.model.framing)[None])
     start = time.perf_counter()
     head, _ = train_head((x, y), None, epochs=200, seed=0)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         heat = grid_to_slice(torch.sigmoid(head(test_embedding.tensor().float()))[0].numpy(),
-                             test_embedding.original_hw)
+                             test_embedding.original_hw, runner.model.framing)
     return (heat[0] > 0.5).astype(np.uint16)[None], seconds
 
 

@@ -32,18 +32,20 @@ def real_inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
     from detectors.coarse_mask import boxes_from_label_map
     from pipeline.core.geometry import align_to
-    from pipeline.core.intensity import boxes_to_model, prepare_slice, to_uint8
+    from pipeline.core.intensity import to_uint8
+    from pipeline.model.framing import FRAMINGS
     from pipeline.io.readers import read_volume
 
     data = Path(slicerio.__file__).parent / "data"
     volume = read_volume(data / "CTChest4.nrrd")
     labels = align_to(read_volume(data / "Segmentation.seg.nrrd"), volume)
     u8 = to_uint8(volume.array, "CT")
-    prepared = np.stack([prepare_slice(u8[z])[0] for z in (14, 15, 16, 17)])
+    lite = FRAMINGS["lite"]
+    prepared = np.stack([lite.prepare(u8[z])[0] for z in (14, 15, 16, 17)])
     images = torch.from_numpy(prepared).permute(0, 3, 1, 2)
     boxes = np.array([p.box for p in boxes_from_label_map(labels) if p.z == 15], dtype=np.float32)
     boxes = np.resize(boxes, (8, 4))  # repeats the slice's boxes up to 8
-    return images.contiguous(), torch.from_numpy(boxes_to_model(boxes, *volume.shape[1:]))[:, None, :]
+    return images.contiguous(), torch.from_numpy(lite.boxes(boxes, *volume.shape[1:]))[:, None, :]
 
 
 def count_gflop(net: torch.nn.Module, image: torch.Tensor, box: torch.Tensor) -> tuple[float, float]:

@@ -24,11 +24,13 @@ from torch import nn
 
 from detectors.coarse_mask import BoxRules, compile_boxes
 from detectors.protocol import Detection
-from pipeline.core.intensity import MODEL_INPUT, IntensityConfig, resized_shape, to_uint8
+from pipeline.core.atomic import atomic_file
+from pipeline.core.intensity import IntensityConfig, to_uint8
+from pipeline.core.provenance import file_sha256
 from pipeline.core.types import Volume
+from pipeline.model.framing import Framing
 
-GRID = 64  # LiteMedSAM's embedding is GRID x GRID for the MODEL_INPUT frame
-CELL = MODEL_INPUT // GRID
+GRID = 64  # the embedding is GRID x GRID over the model's square input frame (LiteMedSAM and SAM ViT alike)
 EMBED_DIM = 256
 
 
@@ -48,23 +50,24 @@ class DetectorHead(nn.Module):
         return self.layers(embeddings)
 
 
-def grid_targets(label_slice: np.ndarray, labels: list[int]) -> np.ndarray:
-    """(L, 64, 64) float32 fraction of each grid cell covered by each label, in the model's padded frame,
-    for an (H, W) integer label slice."""
-    height, width = label_slice.shape
-    new_h, new_w = resized_shape(height, width)
-    out = np.zeros((len(labels), MODEL_INPUT, MODEL_INPUT), dtype=np.float32)
+def grid_targets(label_slice: np.ndarray, labels: list[int], framing: Framing) -> np.ndarray:
+    """(L, 64, 64) float32 fraction of each grid cell covered by each label, in the model's input frame
+    (``framing``: the checkpoint kind's), for an (H, W) integer label slice."""
+    new_h, new_w = framing.resized_hw(*label_slice.shape)
+    out = np.zeros((len(labels), framing.size, framing.size), dtype=np.float32)
     for index, label in enumerate(labels):
         mask = (label_slice == label).astype(np.float32)
         out[index, :new_h, :new_w] = cv2.resize(mask, (new_w, new_h), interpolation=cv2.INTER_AREA)
-    return out.reshape(len(labels), GRID, CELL, GRID, CELL).mean(axis=(2, 4))
+    cell = framing.size // GRID
+    return out.reshape(len(labels), GRID, cell, GRID, cell).mean(axis=(2, 4))
 
 
-def grid_to_slice(heat: np.ndarray, original_hw: tuple[int, int]) -> np.ndarray:
-    """(L, 64, 64) heat maps -> (L, H, W) on the slice grid (bilinear), cropping the padding."""
+def grid_to_slice(heat: np.ndarray, original_hw: tuple[int, int], framing: Framing) -> np.ndarray:
+    """(L, 64, 64) heat maps -> (L, H, W) on the slice grid (bilinear), cropping the padding of ``framing``."""
     height, width = original_hw
-    new_h, new_w = resized_shape(height, width)
-    frame = np.stack([cv2.resize(h, (MODEL_INPUT, MODEL_INPUT), interpolation=cv2.INTER_LINEAR) for h in heat])
+    new_h, new_w = framing.resized_hw(height, width)
+    side = framing.size
+    frame = np.stack([cv2.resize(h, (side, side), interpolation=cv2.INTER_LINEAR) for h in heat])
     return np.stack([cv2.resize(f[:new_h, :new_w], (width, height), interpolation=cv2.INTER_LINEAR)
                      for f in frame])
 
@@ -118,12 +121,9 @@ def train_head(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor
 
 def save_artefact(path: str | Path, head: DetectorHead, meta: dict) -> str:
     """Write the head and its metadata; returns the artefact's sha256 (its version)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".partial")
-    torch.save({"state_dict": head.state_dict(), "meta": json.dumps(meta, sort_keys=True)}, temporary)
-    temporary.replace(path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with atomic_file(path) as temp:
+        torch.save({"state_dict": head.state_dict(), "meta": json.dumps(meta, sort_keys=True)}, temp)
+    return file_sha256(path)
 
 
 def load_artefact(path: str | Path) -> tuple[DetectorHead, dict, str]:
@@ -178,7 +178,7 @@ class LearnedDetector:
             embedded = model.encode([rendered[z] for z in range(start, min(start + self.batch, volume.shape[0]))])
             grids = torch.sigmoid(self.head(torch.cat([e.tensor().float().cpu() for e in embedded]))).numpy()
             for offset, (grid, e) in enumerate(zip(grids, embedded)):
-                out[:, start + offset] = grid_to_slice(grid, e.original_hw)
+                out[:, start + offset] = grid_to_slice(grid, e.original_hw, model.model.framing)
         return out
 
     def __call__(self, volume: Volume, coarse: np.ndarray | None = None) -> Detection:

@@ -33,7 +33,7 @@ from pipeline.annotate.policy import RETRY_NEXT_RUN
 from pipeline.annotate.signature import case_signature
 from pipeline.core.errors import is_transient
 from pipeline.core.outcome import CaseOutcome
-from pipeline.core.provenance import package_version
+from pipeline.core.provenance import package_version, utc_stamp
 from pipeline.core.types import CaseRef
 from pipeline.distributed.ray_pool import (
     ActorPlan,
@@ -108,8 +108,7 @@ def select_studies(inputs: list[str], store_url: str, run: RunOptions) -> dict:
     since = watermark.read_mark(CaseStore(store_url), run.watermark)
     chosen = watermark.select_new(watermark.study_entries(inputs), since=since, until=until)
     get_run_logger().info("watermark %s: %d studies changed since %s", run.watermark, len(chosen),
-                          "the beginning" if since is None else time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                time.gmtime(since)))
+                          "the beginning" if since is None else utc_stamp(since))
     return {"units": [e.path for e in chosen], "changed": [e.changed for e in chosen], "until": until}
 
 

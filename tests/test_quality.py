@@ -5,18 +5,8 @@ import numpy as np
 import pytest
 
 from pipeline.annotate.config import EngineConfig
-from pipeline.annotate.quality import (
-    auc,
-    case_status,
-    fit_calibration,
-    geometry_checks,
-    heuristic_score,
-    instance_features,
-    jittered_boxes,
-    route,
-    score,
-    stability_scores,
-)
+from pipeline.annotate.quality import (auc, case_status, fit_calibration, geometry_checks, heuristic_score, instance_features, route, score, stability_scores)
+from pipeline.core.boxes import jitter_boxes
 
 
 def test_stability_is_the_iou_of_the_masks_at_plus_and_minus_the_offset():
@@ -56,7 +46,7 @@ def test_single_slice_instances_have_no_3d_checks():
 
 def test_jittered_boxes_stay_on_the_slice_and_near_the_box():
     boxes = np.array([[10, 10, 29, 49], [0, 0, 5, 5]], np.float32)
-    moved = jittered_boxes(boxes, 0.1, np.random.default_rng(0), (50, 40))
+    moved = jitter_boxes(boxes, 0.1, np.random.default_rng(0), (50, 40))
     assert (moved[:, :2] <= moved[:, 2:]).all() and moved.min() >= 0
     assert moved[:, 2].max() <= 39 and moved[:, 3].max() <= 49
     assert np.abs(moved[0] - boxes[0]).max() <= 4

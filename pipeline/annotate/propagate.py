@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.annotate.quality import JitterCheck, jittered_boxes, mask_ious, stability_scores
+from pipeline.annotate.quality import JitterCheck, mask_ious, stability_scores
+from pipeline.core.boxes import jitter_boxes
 from pipeline.core.types import InstanceRecord, ObjectBox
 from pipeline.model.runner import LiteMedSAMRunner, foreground
 
@@ -122,7 +123,7 @@ def _sweep(runner, renderings, window_of, tracks: list[_Track], order: list[int]
             embedded = runner.encode([renderings[window][z]])[0]
             boxes = np.array(boxes, dtype=np.float32)
             seeds = [i for i, t in enumerate(group) if z == t.obj.z_middle] if jitter is not None else []
-            moved = jittered_boxes(boxes[seeds], jitter.fraction, rng, embedded.original_hw) if seeds else None
+            moved = jitter_boxes(boxes[seeds], jitter.fraction, rng, embedded.original_hw) if seeds else None
             logits, iou = runner.decode(embedded, boxes if moved is None else np.concatenate([boxes, moved]))
             if seeds:
                 agreement = mask_ious(foreground(logits[seeds]), foreground(logits[len(group):]))

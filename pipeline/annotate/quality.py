@@ -59,20 +59,6 @@ class JitterCheck:
     seed: int = 0
 
 
-def jittered_boxes(boxes: np.ndarray, fraction: float, rng: np.random.Generator,
-                   shape_yx: tuple[int, int]) -> np.ndarray:
-    """(B, 4) XYXY voxel boxes with each edge moved by a uniform shift of up to ``fraction`` of the box's
-    width (x edges) or height (y edges), at least one pixel; clipped to the slice."""
-    boxes = np.asarray(boxes, dtype=np.float32)
-    size = np.stack([boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1] * 2, axis=1)
-    shift = rng.uniform(-1, 1, size=boxes.shape) * np.maximum(size * fraction, 1.0)
-    moved = np.round(boxes + shift)
-    low = np.minimum(moved[:, :2], moved[:, 2:])
-    high = np.maximum(moved[:, :2], moved[:, 2:])
-    limit = np.array([shape_yx[1] - 1, shape_yx[0] - 1], dtype=np.float32)
-    return np.concatenate([np.clip(low, 0, limit), np.clip(high, 0, limit)], axis=1).astype(np.float32)
-
-
 # -- 3D and box checks from the final label map ------------------------------------------------------------
 def box_region(box, shape_yx: tuple[int, int], grow: float = 0.1) -> tuple[slice, slice]:
     """(rows, columns) slices of an XYXY voxel box grown by ``grow`` of its size + 2 px, clipped."""

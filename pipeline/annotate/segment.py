@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from pipeline.annotate.quality import JitterCheck, jittered_boxes, mask_ious, stability_scores
+from pipeline.annotate.quality import JitterCheck, mask_ious, stability_scores
+from pipeline.core.boxes import jitter_boxes
 from pipeline.core.types import BoxPrompt, InstanceRecord
 from pipeline.model.runner import LiteMedSAMRunner, foreground
 
@@ -94,7 +95,7 @@ def segment_volume(runner: LiteMedSAMRunner, volume_u8: np.ndarray | dict[str, n
                     stability.append(stability_scores(part_logits))
                     if z in checked:
                         fraction = jitter.fraction  # type: ignore[union-attr]
-                        moved = jittered_boxes(boxes, fraction, rng, shape[1:])
+                        moved = jitter_boxes(boxes, fraction, rng, shape[1:])
                         moved_logits, _ = runner.decode(embeddings[(z, window)], moved)
                         agreement.append(mask_ious(foreground(part_logits), foreground(moved_logits)))
             winner = resolver.winner

@@ -1,18 +1,16 @@
-"""MedSAM's official intensity handling and slice preparation (numpy + cv2 only, no torch).
+"""MedSAM's official intensity handling (numpy only, no torch).
 
 Intensity (per volume, once): CT is windowed (level/width, HU) to 0..255; MR and other scalar modalities are
 clipped to the 0.5-99.5 percentiles of their non-zero voxels and scaled to 0..255 (zeros stay zero); 8-bit 2D
-images are used as they are. Slice preparation follows MedSAM-Lite's inference script: 3 channels, longest
-side resized to 256 with INTER_AREA, min-max normalised to [0, 1], zero-padded bottom/right to 256x256.
+images are used as they are. How a slice then becomes the model's input depends on the checkpoint's kind:
+pipeline/model/framing.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
-MODEL_INPUT = 256  # LiteMedSAM's input side in pixels
 
 
 @dataclass(frozen=True)
@@ -55,31 +53,6 @@ def to_uint8(array: np.ndarray, modality: str, config: IntensityConfig = Intensi
             scaled[data == 0] = 0.0
         out[start : start + slab] = scaled.astype(np.uint8)
     return out
-
-
-def resized_shape(height: int, width: int, target: int = MODEL_INPUT) -> tuple[int, int]:
-    """(new_h, new_w) after resizing the longest side to ``target`` (rounded as MedSAM does)."""
-    scale = target / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
-
-
-def prepare_slice(slice_u8: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-    """One (H, W) or (H, W, 3) uint8 slice -> model input (256, 256, 3) float32 and its unpadded (h, w)."""
-    if slice_u8.ndim == 2:
-        slice_u8 = np.repeat(slice_u8[:, :, None], 3, axis=-1)
-    height, width = slice_u8.shape[:2]
-    new_h, new_w = resized_shape(height, width)
-    resized = cv2.resize(slice_u8, (new_w, new_h), interpolation=cv2.INTER_AREA).astype(np.float32)
-    low, high = float(resized.min()), float(resized.max())
-    normalised = (resized - low) / max(high - low, 1e-8)
-    padded = np.zeros((MODEL_INPUT, MODEL_INPUT, 3), dtype=np.float32)
-    padded[:new_h, :new_w] = normalised
-    return padded, (new_h, new_w)
-
-
-def boxes_to_model(boxes_xyxy: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Scale (B, 4) XYXY voxel boxes of an (H, W) slice into the model's 256-pixel frame (float32)."""
-    return np.asarray(boxes_xyxy, dtype=np.float32) * (MODEL_INPUT / max(height, width))
 
 
 LUNG_MEDIAN_HU = -400.0  # a label whose coarse-mask median is below this is aerated lung

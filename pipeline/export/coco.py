@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.atomic import atomic_file
 from pipeline.export.common import ExportCheckError, ExportReport
 from pipeline.store.case_store import CaseStore
 from pipeline.store.labels_meta import describe_labels, meanings_from_properties
@@ -96,10 +97,9 @@ def export_coco(store: CaseStore, out: Path) -> ExportReport:
     coco["categories"] = [{"id": v, "name": meanings[v].name, "supercategory": meanings[v].category[1]}
                           for v in values]
     path = out / "annotations.json"
-    tmp = out / ".annotations.json.tmp"
-    tmp.write_text(json.dumps(coco))
-    check_coco(tmp, expected)
-    tmp.replace(path)
+    with atomic_file(path) as temp:
+        temp.write_text(json.dumps(coco))
+        check_coco(temp, expected)
     report.written.append(str(path))
     report.written += [str(out / i["file_name"]) for i in coco["images"] if (out / i["file_name"]).is_file()]
     return report

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.atomic import atomic_file
 from pipeline.core.types import CaseRef, Geometry
 from pipeline.export.common import ExportCheckError, ExportError, label_map_on_source
 from pipeline.io.discover import case_content_hash
@@ -197,14 +198,9 @@ def write_case_seg(store: CaseStore, case_id: str, out: Path) -> Path:
         software_versions=str(signature.get("package_version", "unknown")), device_serial_number="0",
         content_label="MEDSAM", content_description="LiteMedSAM pre-annotation")
     path = out / f"{case_id}.seg.dcm"
-    tmp = out / f".{case_id}.tmp.seg.dcm"
-    seg.save_as(str(tmp))
-    try:
-        check_seg(tmp, sources, frames, geometry)
-    except ExportCheckError:
-        tmp.unlink()
-        raise
-    tmp.replace(path)
+    with atomic_file(path) as temp:
+        seg.save_as(str(temp))
+        check_seg(temp, sources, frames, geometry)
     return path
 
 

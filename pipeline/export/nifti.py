@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.atomic import atomic_file
 from pipeline.core.types import Geometry
 from pipeline.export.common import ExportCheckError, label_map_on_source
 from pipeline.store.case_store import CaseStore
@@ -24,14 +25,12 @@ def save_nifti_checked(data: np.ndarray, affine: np.ndarray, path: Path, *, what
     image = nib.Nifti1Image(data, affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(image, str(tmp))
-    check = nib.load(str(tmp))
-    same = np.array_equal(np.asanyarray(check.dataobj), data) and np.allclose(check.affine, affine, atol=1e-4)
-    if not same:
-        tmp.unlink()
-        raise ExportCheckError(f"{what}: NIfTI did not read back identically")
-    tmp.replace(path)
+    with atomic_file(path) as temp:
+        nib.save(image, str(temp))
+        check = nib.load(str(temp))
+        same = np.array_equal(np.asanyarray(check.dataobj), data) and np.allclose(check.affine, affine, atol=1e-4)
+        if not same:
+            raise ExportCheckError(f"{what}: NIfTI did not read back identically")
     return path
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.atomic import write_text_atomic
 from pipeline.core.errors import ReadError
 from pipeline.core.geometry import to_source_grid
 from pipeline.core.types import Geometry
@@ -28,8 +29,7 @@ from pipeline.export.common import ExportCheckError, ExportError, ExportReport, 
 from pipeline.export.nifti import save_nifti_checked
 from pipeline.io.readers import read_volume
 from pipeline.store.case_store import CaseStore
-
-ACCEPTED = "accepted"
+from pipeline.store.queries import select_cases
 
 
 def _image_zyxc(store: CaseStore, case_id: str, geometry: Geometry) -> np.ndarray:
@@ -54,14 +54,8 @@ def _channel_names(modality: str, channels: int) -> dict[str, str]:
 
 def _plan(store: CaseStore, report: ExportReport) -> tuple[list[str], dict[int, str]]:
     """The included cases (accepted or unreviewed, of the commonest modality) and each label value's name."""
-    candidates: dict[str, str] = {}
-    for case_id in store.committed_cases():
-        attrs = store.case_attrs(case_id) or {}
-        status = attrs.get("review_status")
-        if status is not None and status != ACCEPTED:
-            report.excluded[case_id] = f"review status is '{status}', not '{ACCEPTED}'"
-        else:
-            candidates[case_id] = str(attrs.get("modality", "OT"))
+    chosen, report.excluded = select_cases(store, "accepted-or-unrouted")
+    candidates = {case_id: str((store.case_attrs(case_id) or {}).get("modality", "OT")) for case_id in chosen}
     counts = Counter(candidates.values())
     modality = max(sorted(counts), key=counts.__getitem__) if counts else "OT"
     cases, names = [], {}
@@ -129,7 +123,7 @@ def export_nnunet(store: CaseStore, out: Path, *, name: str = "MedSAM") -> Expor
                "numTraining": len(training), "file_ending": ".nii.gz", "medsam_label_values": store_values,
                "medsam_cases": training}
     path = out / "dataset.json"
-    path.write_text(json.dumps(dataset, indent=1))
+    write_text_atomic(path, json.dumps(dataset, indent=1))
     _check_dataset(out, training)
     report.written.append(str(path))
     return report

@@ -18,8 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from detectors.evaluation import object_scores
+from pipeline.core.provenance import utc_stamp
 from pipeline.core.types import Geometry, Volume
+from pipeline.model.framing import Framing
 from pipeline.store.case_store import CaseStore
+from pipeline.store.queries import select_cases
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +61,6 @@ def stored_label_names(store: CaseStore, case_id: str) -> dict[int, str]:
     return {int(p["label-value"]): str(p["name"]) for p in properties if "name" in p}
 
 
-def _accepted(store: CaseStore) -> list[str]:
-    cases = store.committed_cases()
-    statuses = {c: (store.case_attrs(c) or {}).get("review_status") for c in cases}
-    if any(s is not None for s in statuses.values()):
-        return [c for c in cases if statuses[c] == "accepted"]
-    return cases
-
-
 def _chosen_slices(labels: np.ndarray, wanted: list[int]) -> list[int]:
     present = np.isin(labels, wanted).any(axis=(1, 2))
     positives = list(np.nonzero(present)[0])
@@ -86,7 +81,8 @@ def collect_samples(store: CaseStore, runner, case_ids: list[str], wanted: list[
         for z in _chosen_slices(labels, wanted):
             embedded = runner.encode([rendered[z]])[0]
             samples.append(SliceSample(case_id, z, embedded.array()[0],
-                                       grid_targets(labels[z], wanted), labels[z], embedded.original_hw))
+                                       grid_targets(labels[z], wanted, runner.model.framing), labels[z],
+                                       embedded.original_hw))
     return samples
 
 
@@ -105,7 +101,8 @@ def split_by_case_or_z(samples: list, holdout: float) -> tuple[list, list, str] 
     return None
 
 
-def evaluate_head(head, samples: list[SliceSample], wanted: list[int], threshold: float = 0.5) -> dict:
+def evaluate_head(head, samples: list[SliceSample], wanted: list[int], framing: Framing,
+                  threshold: float = 0.5) -> dict:
     """Object recall/precision per label on samples, from the head's thresholded heat maps."""
     import torch
 
@@ -117,7 +114,7 @@ def evaluate_head(head, samples: list[SliceSample], wanted: list[int], threshold
         grids = torch.sigmoid(head(torch.from_numpy(np.stack([s.embedding for s in samples])))).numpy()
     predicted, reference = [], []
     for grid, sample in zip(grids, samples):
-        heat = grid_to_slice(grid, sample.original_hw)
+        heat = grid_to_slice(grid, sample.original_hw, framing)
         best = np.asarray(wanted)[heat.argmax(axis=0)]
         predicted.append(np.where(heat.max(axis=0) > threshold, best, 0))
         reference.append(sample.labels)
@@ -132,7 +129,7 @@ def train_from_store(store: CaseStore, out: str | Path, *, runner, labels: list[
 
     from detectors.learned import save_artefact, train_head
 
-    case_ids = _accepted(store)
+    case_ids = select_cases(store, "accepted-else-all")[0]
     if not case_ids:
         raise ValueError(f"no accepted or committed case in {store.root} to train from")
     first = store.case_attrs(case_ids[0]) or {}
@@ -155,9 +152,10 @@ def train_from_store(store: CaseStore, out: str | Path, *, runner, labels: list[
         "training": {"cases": case_ids, "train_slices": len(train), "holdout_slices": len(held),
                      "split": how,
                      "epochs_run": len(history), "seconds": round(time.perf_counter() - start, 1)},
-        "metrics": {"holdout": evaluate_head(head, held, wanted), "train": evaluate_head(head, train, wanted),
+        "metrics": {"holdout": evaluate_head(head, held, wanted, runner.model.framing),
+                    "train": evaluate_head(head, train, wanted, runner.model.framing),
                     "final_val_loss": round(min(h["val_loss"] for h in history), 5)},
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_at": utc_stamp(),
     })
     meta["version"] = save_artefact(out, head, meta)
     log.info("detector %s: %s", meta["version"][:12], meta["metrics"]["holdout"])

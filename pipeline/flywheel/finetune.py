@@ -27,14 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.core.intensity import boxes_to_model, resized_shape
+from pipeline.core.atomic import atomic_file
+from pipeline.core.boxes import jitter_boxes
 from pipeline.core.metrics import dice
 from pipeline.core.provenance import file_sha256, utc_stamp
 from pipeline.flywheel.detector_training import train_from_store
 from pipeline.flywheel.finetune_data import (
     FinetuneOptions,
     SliceSample,
-    accepted_cases,
     pair_samples,
     split_samples,
     store_samples,
@@ -42,8 +42,10 @@ from pipeline.flywheel.finetune_data import (
 from pipeline.flywheel.registry import current_model, register, registered_models
 from pipeline.model.build import build_runner
 from pipeline.model.checkpoint import LITE_MEDSAM_SHA256, load_lite_medsam
+from pipeline.model.framing import Framing
 from pipeline.model.runner import LiteMedSAMRunner, foreground
 from pipeline.store.case_store import CaseStore
+from pipeline.store.queries import select_cases
 
 log = logging.getLogger(__name__)
 
@@ -80,25 +82,15 @@ def _loss(low: torch.Tensor, iou: torch.Tensor, targets: torch.Tensor) -> torch.
             + F.mse_loss(iou[:, 0], actual.float()))
 
 
-def _jitter(boxes_model: np.ndarray, fraction: float, rng: np.random.Generator,
-            limit: tuple[int, int]) -> np.ndarray:
-    """(K, 4) model-frame boxes with each edge moved by up to ``fraction`` of the box's size (>= 1 px)."""
-    width, height = boxes_model[:, 2] - boxes_model[:, 0], boxes_model[:, 3] - boxes_model[:, 1]
-    size = np.stack([width, height, width, height], axis=1)
-    moved = boxes_model + rng.uniform(-1, 1, boxes_model.shape) * np.maximum(size * fraction, 1.0)
-    high = np.array([limit[1] - 1, limit[0] - 1] * 2, dtype=np.float32)
-    return np.clip(moved, 0, high).astype(np.float32)
-
-
 @torch.no_grad()
-def evaluate(net, samples: list[SliceSample], options: FinetuneOptions) -> float | None:
+def evaluate(net, samples: list[SliceSample], options: FinetuneOptions, framing: Framing) -> float | None:
     """Mean Dice per box on ``samples`` at the slices' resolution (thresholded as the runner does), or None
     without boxes."""
     scores = []
     for sample in samples:
         height, width = sample.original_hw
-        new_h, new_w = resized_shape(height, width)
-        boxes_model = boxes_to_model(sample.boxes, height, width)
+        new_h, new_w = framing.logits_hw(height, width)
+        boxes_model = framing.boxes(sample.boxes, height, width)
         embedding = _embed(net, sample, options.device)
         for start in range(0, len(sample.boxes), options.boxes_per_step):
             index = np.arange(start, min(start + options.boxes_per_step, len(sample.boxes)))
@@ -121,7 +113,8 @@ def _epoch_steps(samples: list[SliceSample], options: FinetuneOptions, rng: np.r
     return [steps[j] for j in rng.permutation(len(steps))]
 
 
-def train(net, train_set: list[SliceSample], held: list[SliceSample], options: FinetuneOptions) -> dict:
+def train(net, train_set: list[SliceSample], held: list[SliceSample], options: FinetuneOptions,
+          framing: Framing) -> dict:
     """Fine-tune ``net`` in place (best held-out epoch kept); returns Dice before/after and the history."""
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
@@ -131,21 +124,21 @@ def train(net, train_set: list[SliceSample], held: list[SliceSample], options: F
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
     watch = held or train_set
-    before = evaluate(net, watch, options)
+    before = evaluate(net, watch, options, framing)
     best, best_state, waited, history = before or 0.0, copy.deepcopy(net.state_dict()), 0, []
     for epoch in range(options.epochs):
         losses = []
         for sample, index in _epoch_steps(train_set, options, rng):
             height, width = sample.original_hw
-            boxes_model = _jitter(boxes_to_model(sample.boxes, height, width), options.box_jitter, rng,
-                                  resized_shape(height, width))
+            boxes_model = jitter_boxes(framing.boxes(sample.boxes, height, width), options.box_jitter, rng,
+                                       framing.resized_hw(height, width), pixels=False)
             low, iou = _decode(net, _embed(net, sample, options.device), index, boxes_model, options.device)
             loss = _loss(low, iou, torch.from_numpy(sample.targets[index]).to(options.device))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             losses.append(loss.item())
-        score = evaluate(net, watch, options) or 0.0
+        score = evaluate(net, watch, options, framing) or 0.0
         mean_loss = float(np.mean(losses)) if losses else None
         history.append({"epoch": epoch + 1, "train_loss": _r(mean_loss), "holdout_dice": round(score, 5)})
         log.info("fine-tune epoch %d: loss %s, held-out Dice %.4f", epoch + 1, _r(mean_loss), score)
@@ -170,12 +163,9 @@ def _r(value: float | None) -> float | None:
 # -- saving and the registry ------------------------------------------------------------------------------
 def save_checkpoint(net, path: str | Path) -> str:
     """Write ``net``'s full state dict (CPU tensors), check it loads strictly; returns its sha256."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, partial)
-    load_lite_medsam(partial)  # raises CheckpointError if the file does not fit the architecture
-    partial.replace(path)
+    with atomic_file(path) as temp:  # the registry never names a half-written checkpoint
+        torch.save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, temp)
+        load_lite_medsam(temp)  # raises CheckpointError if the file does not fit the architecture
     return file_sha256(path)
 
 
@@ -186,7 +176,7 @@ def finetune(out: str | Path, *, store: CaseStore | None = None, images: list | 
     and register it; returns the registry entry. ``parent`` defaults to the store's current registered model,
     else the official weights. ``runner`` (optional) embeds the slices and must hold the parent's weights."""
     start = time.perf_counter()
-    if store is not None and not accepted_cases(store):
+    if store is not None and not select_cases(store, "accepted")[0]:
         raise ValueError(f"no accepted case in {store.url}: import reviewed corrections first")
     if store is None and (not images or len(images) != len(label_maps or [])):
         raise ValueError("give one label map per image")
@@ -208,7 +198,7 @@ def finetune(out: str | Path, *, store: CaseStore | None = None, images: list | 
         raise ValueError("no training objects left after the hold-out split; give more data or a smaller "
                          "holdout")
     net = copy.deepcopy(runner.model.net).to(options.device)  # a private copy: the runner's model stays as is
-    metrics = train(net, train_set, held, options)
+    metrics = train(net, train_set, held, options, runner.model.framing)
     sha = save_checkpoint(net, out)
     count = lambda part: {"cases": sorted({s.case_id for s in part}), "slices": len(part),  # noqa: E731
                           "boxes": int(sum(len(s.boxes) for s in part))}

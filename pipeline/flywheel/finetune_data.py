@@ -14,11 +14,12 @@ from detectors.coarse_mask import admitted_objects, slice_boxes, widen_box
 from pipeline.annotate.config import EngineConfig
 from pipeline.annotate.rendering import renderings
 from pipeline.core.geometry import align_to
-from pipeline.core.intensity import prepare_slice, resized_shape
 from pipeline.core.types import BoxPrompt, Volume
 from pipeline.flywheel.detector_training import read_case_volume, split_by_case_or_z
 from pipeline.io.readers import read_volume
+from pipeline.model.framing import Framing
 from pipeline.store.case_store import CaseStore
+from pipeline.store.queries import select_cases
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,10 @@ class SliceSample:
     case_id: str
     z: int
     embedding: torch.Tensor | None  # (1, 256, 64, 64) float16 on the CPU (decoder-only training)
-    image: np.ndarray | None  # (256, 256, 3) float32 model input (whole-model training)
+    image: np.ndarray | None  # (size, size, 3) float32 model input of the kind's framing (whole-model training)
     boxes: np.ndarray
     masks: np.ndarray
-    targets: np.ndarray  # (K, h, w) float32: the masks resized into the model frame (unpadded part)
+    targets: np.ndarray  # (K, h, w) float32: the masks on the low-res logits' part that covers the slice
 
     @property
     def original_hw(self) -> tuple[int, int]:
@@ -79,8 +80,9 @@ def slice_objects(labels: np.ndarray, rules, spacing: tuple[float, float, float]
     return out
 
 
-def _target(mask: np.ndarray) -> np.ndarray:
-    new_h, new_w = resized_shape(*mask.shape)
+def _target(mask: np.ndarray, framing: Framing) -> np.ndarray:
+    """The mask resized onto the part of the low-resolution logits that covers its slice (float32)."""
+    new_h, new_w = framing.logits_hw(*mask.shape)
     return cv2.resize(mask.astype(np.float32), (new_w, new_h), interpolation=cv2.INTER_AREA)
 
 
@@ -104,10 +106,10 @@ def case_samples(case_id: str, volume: Volume, labels: np.ndarray, config, runne
         masks = np.stack([m for _, m in grouped[(z, window)]])
         embedding = image = None
         if options.train_encoder:
-            image = prepare_slice(slice_u8)[0]
+            image = runner.model.framing.prepare(slice_u8)[0]
         else:
             embedding = runner.encode([slice_u8])[0].tensor().detach().to("cpu", torch.float16)
-        targets = np.stack([_target(m) for m in masks])
+        targets = np.stack([_target(m, runner.model.framing) for m in masks])
         samples.append(SliceSample(case_id, z, embedding, image, boxes, masks, targets))
     return samples
 
@@ -131,12 +133,6 @@ def split_samples(samples: list[SliceSample], holdout: float
     return train, held, "x-block"
 
 
-def accepted_cases(store: CaseStore) -> list[str]:
-    """Cases a person accepted (``review_status == "accepted"``), sorted."""
-    cases = store.committed_cases()
-    return sorted(c for c in cases if (store.case_attrs(c) or {}).get("review_status") == "accepted")
-
-
 def _case_config(attrs: dict):
     """The configuration the case was annotated with (defaults when it is missing or no longer valid)."""
     from pydantic import ValidationError
@@ -151,7 +147,7 @@ def _case_config(attrs: dict):
 
 def store_samples(store: CaseStore, runner, options: FinetuneOptions) -> tuple[list[SliceSample], list[str]]:
     """Samples from every accepted case of ``store``; ValueError when there is none."""
-    case_ids = accepted_cases(store)
+    case_ids = select_cases(store, "accepted")[0]
     if not case_ids:
         raise ValueError(f"no accepted case in {store.url}: import reviewed corrections first")
     samples = []

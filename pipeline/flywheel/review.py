@@ -20,16 +20,17 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.annotate.quality import box_region, fit_calibration
+from pipeline.core.atomic import write_text_atomic
 from pipeline.core.errors import CaseError, GeometryError, ReadError
 from pipeline.core.geometry import align_to, to_source_grid
 from pipeline.core.metrics import dice
+from pipeline.core.provenance import utc_stamp
 from pipeline.core.types import Geometry, Volume
 from pipeline.export.common import ExportError
 from pipeline.export.dicom_seg import write_case_seg
@@ -99,11 +100,11 @@ def export_queue(store: CaseStore, out_dir: str | Path, *, formats: tuple[str, .
                 result.skipped[case_id] = f"dicom-seg: {exc.reason}"
         result.cases.append(dict(entry, rank=rank, files=files))
     result.report = write_review_report(store, out / "report.html", result.cases)
-    queue = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": result.cases,
+    queue = {"created_at": utc_stamp(), "cases": result.cases,
              "skipped": result.skipped,
              "how_to": "correct nifti/<case_id>.nii.gz (or the labels of zarr/<case_id>.ome.zarr) and run "
                        "`medsam-engine review import STORE <files or folder> --reviewer NAME`"}
-    (out / "queue.json").write_text(json.dumps(queue, indent=1, default=str))
+    write_text_atomic(out / "queue.json", json.dumps(queue, indent=1, default=str))
     return result
 
 
@@ -222,7 +223,7 @@ def edit_records(proposal: np.ndarray, correction: np.ndarray, instances: list[d
                     "edit_voxels": int(drawn.sum()), "edit_dice": 0.0})
     values = sorted((set(np.unique(proposal).tolist()) | set(np.unique(correction).tolist())) - {0})
     per_label = {str(v): round(dice(proposal == v, correction == v), 5) for v in values}
-    summary = {"reviewer": reviewer, "reviewed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    summary = {"reviewer": reviewer, "reviewed_at": utc_stamp(),
                "round": number, "edit_voxels": int((proposal != correction).sum()),
                "edit_dice": round(float(np.mean(list(per_label.values()))), 5) if per_label else 1.0,
                "edit_dice_per_label": per_label}

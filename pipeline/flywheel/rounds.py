@@ -17,7 +17,6 @@ the case's ``review_status`` (auto-accepted / review / rejected) and ``round``. 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,8 @@ import numpy as np
 
 from pipeline.annotate.job import annotate
 from pipeline.annotate.lazy_runner import LazyRunner
+from pipeline.core.atomic import write_text_atomic
+from pipeline.core.provenance import utc_stamp
 from pipeline.flywheel.registry import current_model
 from pipeline.flywheel.review import calibrate_store, export_queue
 from pipeline.store.case_store import CaseStore
@@ -60,7 +61,7 @@ def run_round(cases: list, store: CaseStore, config, *, checkpoint: str | None =
     committed with the same signature are skipped), route them, export the review queue and write the
     round report. ``cases`` are CaseRefs (pipeline.io.discover)."""
     number = current_round(store) + 1
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    started = utc_stamp()
     registered = current_model(store) if checkpoint is None else None
     checkpoint = checkpoint or (registered or {}).get("checkpoint")
     config = config.with_overrides(model={"checkpoint": checkpoint}, quality={"route": True})
@@ -76,7 +77,7 @@ def run_round(cases: list, store: CaseStore, config, *, checkpoint: str | None =
     routed = _routing([o.case_id for o in done], store)
     report = {
         "round": number, "started_at": started,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "finished_at": utc_stamp(),
         "model": {"sha256": runner.model_sha256, "checkpoint": checkpoint,
                   "registered": bool(registered)},
         "cases": {"given": len(cases), "annotated": len(done), "skipped": summary.count("skipped"),
@@ -173,7 +174,7 @@ def write_round_table(store: CaseStore) -> dict[str, str]:
         return {}
     folder = Path(store.root) / ROUNDS
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "rounds.md").write_text(format_table(rows) + "\n")
+    write_text_atomic(folder / "rounds.md", format_table(rows) + "\n")
     out = {"table": str(folder / "rounds.md")}
     if plot_rounds(rows, folder / "rounds.png"):
         out["plot"] = str(folder / "rounds.png")

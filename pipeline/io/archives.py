@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import lzma
-import shutil
 import tarfile
-import uuid
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -20,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from pipeline.core.atomic import staged_folder
 from pipeline.core.errors import ReadError
 
 log = logging.getLogger(__name__)
@@ -154,21 +153,14 @@ def extract_archive(archive: str | Path, dest: str | Path, *,
     archive, dest = Path(archive), Path(dest)
     if (dest / REFUSED_FILE).is_file():
         return dest, [tuple(r) for r in json.loads((dest / REFUSED_FILE).read_text())]  # type: ignore[misc]
-    staging = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.partial")
-    staging.mkdir(parents=True)
     try:
-        refused = _extract_into(archive, staging, limits)
-        (staging / REFUSED_FILE).write_text(json.dumps(refused))
-        try:
-            staging.rename(dest)
-        except OSError:  # another process finished first: use its copy
-            shutil.rmtree(staging, ignore_errors=True)
+        with staged_folder(dest) as staging:
+            refused = _extract_into(archive, staging, limits)
+            (staging / REFUSED_FILE).write_text(json.dumps(refused))
     except ReadError:
-        shutil.rmtree(staging, ignore_errors=True)
         raise
     except (zipfile.BadZipFile, tarfile.TarError, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError,
             RuntimeError, NotImplementedError) as exc:
-        shutil.rmtree(staging, ignore_errors=True)
         raise ReadError(f"{archive.name}: corrupt or unreadable archive ({type(exc).__name__}: "
                         f"{str(exc)[:160]})") from exc
     if refused:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from pipeline.core.atomic import staged_folder
 from pipeline.core.errors import ReadError
 
 log = logging.getLogger(__name__)
@@ -116,20 +115,12 @@ def fetch_dicomweb(url: str, dest: str | Path) -> Path:
     if (dest / COMPLETE).is_file():
         return dest
     base, study, series = match.group("base"), match.group("study"), match.group("series")
-    staging = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        with requests.Session() as session:
-            series_list = [series] if series else _qido(session, f"{base}studies/{study}/series", "0020000E")
-            if not series_list:
-                raise ReadError(f"DICOMweb server {_server(url)}: the study has no series")
-            count = sum(_download_series(session, base, study, uid, staging / f"s{k + 1:03d}")
-                        for k, uid in enumerate(series_list))
+    with staged_folder(dest) as staging, requests.Session() as session:
+        series_list = [series] if series else _qido(session, f"{base}studies/{study}/series", "0020000E")
+        if not series_list:
+            raise ReadError(f"DICOMweb server {_server(url)}: the study has no series")
+        count = sum(_download_series(session, base, study, uid, staging / f"s{k + 1:03d}")
+                    for k, uid in enumerate(series_list))
         (staging / COMPLETE).write_text(str(count))
-        try:
-            staging.rename(dest)
-        except OSError:  # another process finished first
-            shutil.rmtree(staging, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log.info("fetched %d instances in %d series from %s", count, len(series_list), _server(url))
     return dest

@@ -6,11 +6,10 @@ relative names with ``..`` or absolute parts are refused. A finished copy is ren
 """
 from __future__ import annotations
 
-import shutil
-import uuid
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
+from pipeline.core.atomic import staged_folder
 from pipeline.core.errors import ReadError
 from pipeline.io.archives import safe_member_path
 
@@ -50,30 +49,28 @@ def fetch_remote(url: str, dest: str | Path, *, max_bytes: int) -> Path:
         fs, path = fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as exc:
         raise ReadError(f"{label}: no filesystem for this URL ({exc})") from exc
-    staging = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
-        is_folder, remote_files = _listing(fs, path, label)
-        total = 0
-        for remote in remote_files:
-            relative = safe_member_path(PurePosixPath(remote).relative_to(path).as_posix()
-                                        if is_folder else PurePosixPath(remote).name)
-            if relative is None:
-                continue
-            total += int(fs.size(remote) or 0)
-            if total > max_bytes:
-                raise ReadError(f"{label}: more than {max_bytes} bytes under the given path; not copied")
-            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(remote, str(staging / relative))
-        staging.mkdir(parents=True, exist_ok=True)
-        (staging / COMPLETE).write_text("" if is_folder else PurePosixPath(remote_files[0]).name)
-        try:
-            staging.rename(dest)
-        except OSError:  # another process finished first
-            pass
+        with staged_folder(dest) as staging:
+            _copy_into(fs, path, label, staging, max_bytes)
     except ReadError:
         raise
     except Exception as exc:  # noqa: BLE001 - network and permission errors of any fsspec backend
         raise ReadError(f"{label}: could not be copied ({type(exc).__name__}: {str(exc)[:160]})") from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return dest / (dest / COMPLETE).read_text()
+
+
+def _copy_into(fs, path: str, label: str, staging: Path, max_bytes: int) -> None:
+    """Copy the file or folder at ``path`` into ``staging`` and write the completion marker last."""
+    is_folder, remote_files = _listing(fs, path, label)
+    total = 0
+    for remote in remote_files:
+        relative = safe_member_path(PurePosixPath(remote).relative_to(path).as_posix()
+                                    if is_folder else PurePosixPath(remote).name)
+        if relative is None:
+            continue
+        total += int(fs.size(remote) or 0)
+        if total > max_bytes:
+            raise ReadError(f"{label}: more than {max_bytes} bytes under the given path; not copied")
+        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(remote, str(staging / relative))
+    (staging / COMPLETE).write_text("" if is_folder else PurePosixPath(remote_files[0]).name)

@@ -44,6 +44,12 @@ class Framing:
         padded[:new_h, :new_w] = normalised
         return padded, (new_h, new_w)
 
+    def logits_hw(self, height: int, width: int, low_res_side: int = 256) -> tuple[int, int]:
+        """The part of the (low_res_side x low_res_side) low-resolution logits that covers an (H, W) slice
+        (the logits span the whole padded input frame)."""
+        scale = low_res_side / self.size
+        return tuple(int(round(n * scale)) for n in self.resized_hw(height, width))  # type: ignore[return-value]
+
     def boxes(self, boxes_xyxy: np.ndarray, height: int, width: int) -> np.ndarray:
         """(B, 4) XYXY voxel boxes of an (H, W) slice in the model's frame (float32)."""
         boxes = np.asarray(boxes_xyxy, dtype=np.float32)

@@ -187,11 +187,6 @@ class LiteMedSAMRunner:
         self.stats.decoded_boxes += len(boxes_xyxy)
         return logits, iou
 
-    def _cropped_hw(self, embedded: SliceEmbedding, low_res_side: int) -> tuple[int, int]:
-        """The part of the low-res logits that covers the slice (they span the whole padded input frame)."""
-        side = low_res_side / self.model.framing.size
-        return tuple(int(round(n * side)) for n in embedded.resized_hw)  # type: ignore[return-value]
-
     def _decode_eager(self, embedded: SliceEmbedding, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """SAM's prompt encoder and mask decoder in eager torch (the reference); logits resized by
         ``F.interpolate`` (bilinear, half-pixel centres) as MedSAM's scripts do."""
@@ -203,7 +198,7 @@ class LiteMedSAMRunner:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
                 low_res, iou = self._box_decoder(embedded.tensor().to(self.device),
                                                  torch.from_numpy(boxes).to(self.device))
-            new_h, new_w = self._cropped_hw(embedded, low_res.shape[-1])
+            new_h, new_w = self.model.framing.logits_hw(height, width, low_res.shape[-1])
             logits = F.interpolate(low_res[..., :new_h, :new_w].float(), size=(height, width), mode="bilinear",
                                    align_corners=False)
             return logits[:, 0].cpu().numpy(), iou[:, 0].float().cpu().numpy()
@@ -213,7 +208,7 @@ class LiteMedSAMRunner:
         antialiasing: the same sampling as ``F.interpolate``'s, equal to float rounding)."""
         height, width = embedded.original_hw
         low_res, iou = self.graphs.decode(embedded.array(), boxes)
-        new_h, new_w = self._cropped_hw(embedded, low_res.shape[-1])
+        new_h, new_w = self.model.framing.logits_hw(height, width, low_res.shape[-1])
         logits = np.empty((len(boxes), height, width), dtype=np.float32)
         for i in range(len(boxes)):
             cv2.resize(low_res[i, 0, :new_h, :new_w], (width, height), dst=logits[i],

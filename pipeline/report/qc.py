@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.atomic import write_text_atomic
 from pipeline.core.intensity import IntensityConfig, to_uint8
 from pipeline.store.case_store import CaseStore
 
@@ -117,7 +118,7 @@ def write_report(store: CaseStore, out_dir: str | Path, *, per_case: int = 3) ->
     for case_id, error in store.errors().items():
         parts.append(f"<p>failed {html.escape(case_id)}: {html.escape(error['reason'])}</p>")
     path = out / "report.html"
-    path.write_text("\n".join(parts))
+    write_text_atomic(path, "\n".join(parts))
     return path
 
 
@@ -164,5 +165,5 @@ def write_review_report(store: CaseStore, path: str | Path, queue: list[dict], *
             for name in _save_pictures(case_id, rendered, _worst_slices(instances, per_case), pictures):
                 parts.append(f"<figure style='display:inline-block'><img src='pictures/{name}'>"
                              f"<figcaption>{html.escape(name)}</figcaption></figure>")
-    path.write_text("\n".join(parts))
+    write_text_atomic(path, "\n".join(parts))
     return path

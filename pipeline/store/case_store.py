@@ -34,17 +34,15 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from pipeline.core.atomic import create_exclusive, write_text_atomic
 from pipeline.core.errors import StoreConflictError
+from pipeline.core.provenance import utc_stamp, version_id
 from pipeline.core.types import CaseIds
 from pipeline.store.labels_meta import describe_labels
 
 CASE_SUFFIX = ".ome.zarr"
 STATUS_COMMITTED = "committed"
 LABELS_PATH = "labels/medsam"
-
-
-def _stamp() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class CaseStore:
@@ -80,11 +78,7 @@ class CaseStore:
         if not self.is_local:
             self.fs.pipe_file(str(path), text.encode())  # one PUT: readers see all of it or nothing
             return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
 
     def list_names(self, path: PurePosixPath | Path) -> list[str]:
         """Names (not paths) directly under ``path``; [] when it does not exist."""
@@ -116,14 +110,7 @@ class CaseStore:
             return self.fs.cat_file(str(path)).strip()
         path = Path(path)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"._key.{uuid.uuid4().hex}")
-            tmp.write_text(secrets.token_hex(32))
-            try:
-                os.link(tmp, path)  # first writer wins; never replace an existing key
-            except FileExistsError:
-                pass
-            tmp.unlink()
+            create_exclusive(path, secrets.token_hex(32))  # first writer wins; never replace an existing key
         return path.read_text().strip().encode()
 
     def case_id(self, identity: str) -> str:
@@ -201,7 +188,7 @@ class CaseStore:
     def record_error(self, case_id: str, *, stage: str, reason: str, run_id: str) -> None:
         self.write_json(self.root / "_errors" / f"{case_id}.json",
                         {"case_id": case_id, "stage": stage, "reason": reason, "run_id": run_id,
-                         "time": _stamp()})
+                         "time": utc_stamp()})
 
     def commit_case(self, case_id: str, *, labels: np.ndarray, attrs: dict, image: np.ndarray | None = None,
                     overwrite: bool = False,
@@ -217,7 +204,7 @@ class CaseStore:
         if old is not None and old.get("signature") != attrs.get("signature") and not overwrite:
             raise StoreConflictError("already committed with a different signature (model, config or input "
                                      "changed); pass --overwrite to replace it", case_id=case_id)
-        version = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        version = version_id()
         previous = self.root / "_previous" / case_id / version
         if old is not None:
             history = list(old.get("previous_versions", []))
