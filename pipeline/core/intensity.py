@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 
 
-
 @dataclass(frozen=True)
 class IntensityConfig:
     """How raw intensities become 8-bit: CT window in HU, percentile clip for everything else."""

@@ -40,5 +40,6 @@ def select_cases(store: CaseStore, rule: AcceptanceRule) -> tuple[list[str], dic
         if status == ACCEPTED or (status is None and take_unrouted):
             chosen.append(case_id)
         else:
-            left_out[case_id] = f"review status is '{status}', not '{ACCEPTED}'"
+            left_out[case_id] = ("not reviewed by a person" if status is None
+                                 else f"review status is '{status}', not '{ACCEPTED}'")
     return chosen, left_out

@@ -18,7 +18,7 @@ from postprocess.components import remove_small_components_3d
 from postprocess.holes import fill_holes_2d
 from postprocess.morphology import binary_closing
 
-PACKAGE = Path(__file__).resolve().parents[1] / "postprocess"
+PACKAGE = Path(__file__).resolve().parents[2] / "postprocess"
 
 
 # --- validation ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 
 from pipeline.store.case_store import CaseStore
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WARM = {"keep_actors": True}  # keep the actors' models between the tests of this process
 
 

@@ -5,7 +5,17 @@ import numpy as np
 import pytest
 
 from pipeline.annotate.config import EngineConfig
-from pipeline.annotate.quality import (auc, case_status, fit_calibration, geometry_checks, heuristic_score, instance_features, route, score, stability_scores)
+from pipeline.annotate.quality import (
+    auc,
+    case_status,
+    fit_calibration,
+    geometry_checks,
+    heuristic_score,
+    instance_features,
+    route,
+    score,
+    stability_scores,
+)
 from pipeline.core.boxes import jitter_boxes
 
 

@@ -1,0 +1,101 @@
+"""The one per-case driver: a case fails, retries and is quarantined the same way wherever it runs."""
+from __future__ import annotations
+
+import errno
+
+import pytest
+from flywheel_data import shared_runner
+
+from pipeline.annotate import driver
+from pipeline.annotate.config import EngineConfig
+from pipeline.annotate.driver import run_case
+from pipeline.annotate.job import annotate
+from pipeline.annotate.lazy_runner import LazyRunner
+from pipeline.annotate.policy import FailurePolicy
+from pipeline.io.discover import discover
+from pipeline.model.checkpoint import CheckpointError
+from pipeline.store.case_store import CaseStore
+from pipeline.store.records import quarantined
+
+NO_WAIT = FailurePolicy(retries=2, retry_delay_s=0)
+QUARANTINE = FailurePolicy(retries=2, retry_delay_s=0, quarantine=True)
+
+
+@pytest.fixture()
+def broken_case(tmp_path):
+    path = tmp_path / "broken.nii.gz"
+    path.write_bytes(b"not a NIfTI file at all")
+    store = CaseStore(tmp_path / "store")
+    (case,) = discover([path], store.case_ids())
+    return store, case
+
+
+def test_a_corrupt_input_fails_at_read_naming_the_file_and_is_quarantined_only_when_asked(broken_case, runner):
+    store, case = broken_case
+    lazy = shared_runner(EngineConfig(), runner)
+    local = run_case(case, store, lazy.config, lazy, run_id="r1", policy=NO_WAIT)
+    assert (local.status, local.stage) == ("failed", "read") and "broken.nii.gz" in local.reason
+    assert store.errors()[case.case_id]["stage"] == "read" and quarantined(store, case.case_id) is None
+    distributed = run_case(case, store, lazy.config, lazy, run_id="r2", policy=QUARANTINE)
+    assert (distributed.stage, distributed.reason) == (local.stage, local.reason)
+    held = quarantined(store, case.case_id)
+    assert held["stage"] == "read" and held["signature"]["input_sha256"] and held["run_id"] == "r2"
+    assert "reason" not in distributed.record()  # reasons name files: they stay in the store's records
+
+
+def test_a_transient_read_error_is_retried_and_the_case_is_done(tmp_path, nuclei_2d, runner, monkeypatch):
+    store = CaseStore(tmp_path / "store")
+    (case,) = discover([nuclei_2d[0]], store.case_ids(), coarse_masks=[nuclei_2d[1]])
+    real, calls = driver.read_case, []
+
+    def flaky(ref):
+        calls.append(ref.case_id)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(ref)
+
+    monkeypatch.setattr(driver, "read_case", flaky)
+    lazy = shared_runner(EngineConfig(), runner)
+    outcome = run_case(case, store, lazy.config, lazy, run_id="r1", policy=QUARANTINE)
+    assert outcome.status == "done" and outcome.slices == 1 and len(calls) == 2
+    assert store.case_attrs(case.case_id) is not None and case.case_id not in store.errors()
+
+
+def test_a_lasting_io_error_fails_at_io_and_is_never_quarantined(broken_case, runner, monkeypatch):
+    store, case = broken_case
+
+    def unreachable(ref):
+        raise OSError(errno.ETIMEDOUT, "Connection timed out")
+
+    monkeypatch.setattr(driver, "read_case", unreachable)
+    lazy = shared_runner(EngineConfig(), runner)
+    outcome = run_case(case, store, lazy.config, lazy, run_id="r1", policy=QUARANTINE)
+    assert (outcome.status, outcome.stage) == ("failed", "io") and quarantined(store, case.case_id) is None
+
+
+def test_a_bug_fails_its_case_only_and_the_batch_goes_on(tmp_path, nuclei_2d, small_chest, runner, monkeypatch):
+    store = CaseStore(tmp_path / "store")
+    cases = discover([nuclei_2d[0], small_chest[0]], store.case_ids(), coarse_masks=[nuclei_2d[1], small_chest[1]])
+    real = driver.renderings
+
+    def broken_for_2d(volume, *args):
+        if volume.is_2d:
+            raise KeyError("a bug")
+        return real(volume, *args)
+
+    monkeypatch.setattr(driver, "renderings", broken_for_2d)
+    config = EngineConfig()
+    summary = annotate(cases, store, config, runner=shared_runner(config, runner), show_progress=False)
+    assert [(o.status, o.stage) for o in summary.outcomes] == [("failed", "internal"), ("done", "")]
+    assert summary.outcomes[0].reason == "KeyError: 'a bug'"
+
+
+def test_a_model_that_cannot_load_stops_the_run_instead_of_failing_every_case(tmp_path, nuclei_2d):
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    store = CaseStore(tmp_path / "store")
+    (case,) = discover([nuclei_2d[0]], store.case_ids(), coarse_masks=[nuclei_2d[1]])
+    config = EngineConfig.model_validate({"model": {"checkpoint": str(broken)}})
+    with pytest.raises(CheckpointError):
+        run_case(case, store, config, LazyRunner(config), run_id="r1", policy=QUARANTINE)
+    assert store.errors() == {} and quarantined(store, case.case_id) is None
