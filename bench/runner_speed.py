@@ -18,8 +18,12 @@ seconds and the ratio, encoder calls per unique slice, encoder and decoder effic
 official masks.
 
     .venv/bin/python bench/runner_speed.py [--backend auto|torch|onnxruntime|openvino] [--large]
+                                          [--before TREE [--before-module pipeline.cli]]
 
 ``--large`` adds the memory check: the CT resampled to 512 x 512 x 300 (1 label), ours only.
+``--before TREE`` also times the command line of another checkout (``git worktree add TREE REV``) against
+this one on every case, in the same run, each as ``python -m MODULE annotate ...`` with the same
+configuration (interpreter start included for both): the before/after ratio of a refactoring.
 """
 from __future__ import annotations
 
@@ -214,11 +218,42 @@ def large_case(folder: Path, backend: str) -> None:
           f"slices encoded, peak RSS {result['peak_rss_mb']:.0f} MB (ours only)")
 
 
+def cli_seconds(tree: Path, module: str, image: Path, mask: Path, out: Path, config: Path) -> float:
+    """Wall seconds of ``python -m MODULE annotate`` run from the checkout ``tree``."""
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", module, "annotate", str(image), "--coarse-mask", str(mask), "--out",
+                    str(out), "--config", str(config)], cwd=tree, env=env, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def before_after(folder: Path, name: str, image: Path, mask: Path, before: Path, module: str, backend: str,
+                 repeats: int = 2) -> None:
+    """Best of ``repeats`` alternating runs of the other checkout's CLI and this one's, on one case."""
+    config = folder / "before-after.yaml"
+    config.write_text(json.dumps({"intensity": {"ct_window": "fixed"}, "model": {"backend": backend},
+                                  "postprocess": {"chain": []}}))
+    here = Path(__file__).resolve().parents[1]
+    times: dict[str, list[float]] = {"before": [], "after": []}
+    for attempt in range(repeats):
+        slug = f"{name.replace(' ', '-')}-{attempt}"
+        times["before"].append(cli_seconds(before, module, image, mask, folder / f"before-{slug}", config))
+        times["after"].append(cli_seconds(here, "pipeline.cli.main", image, mask, folder / f"after-{slug}",
+                                          config))
+    b, a = min(times["before"]), min(times["after"])
+    print(f"  before/after ({before.name}): {b:.1f} s vs {a:.1f} s -> after is {b / a:.2f}x the before speed "
+          f"(all runs: before {[round(x, 1) for x in times['before']]}, after {[round(x, 1) for x in times['after']]})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--large", action="store_true")
     parser.add_argument("--only", nargs="*", default=None, help="case names to run")
+    parser.add_argument("--before", type=Path, default=None, help="another checkout to time against this one")
+    parser.add_argument("--before-module", default="pipeline.cli", help="its command-line module")
     args = parser.parse_args()
     peak = matmul_gflops()
     print(f"machine matmul {peak:.1f} GFLOP/s, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -231,6 +266,8 @@ def main() -> None:
             mine, result = ours(image, mask, folder / f"store-{name.replace(' ', '-')}", args.backend)
             theirs, t_official, official_stats, t_load = official(array, reference, name.startswith("2D"))
             report(name, reference, mine, result, theirs, t_official, official_stats, peak, t_load)
+            if args.before is not None:
+                before_after(folder, name, image, mask, args.before.resolve(), args.before_module, args.backend)
         if args.large:
             large_case(folder, args.backend)
 

@@ -35,6 +35,18 @@ def add_command(sub, name: str, help: str) -> argparse.ArgumentParser:  # noqa: 
     return sub.add_parser(name, help=help, description=help, parents=[verbosity_options(top_level=False)])
 
 
+def add_prompt_options(parser: argparse.ArgumentParser, *, checkpoint_help: str) -> None:
+    """The options every run command shares (annotate, round run): masks, detector, checkpoint, config."""
+    parser.add_argument("--coarse-mask", nargs="+", default=[], metavar="MASK",
+                        help="label maps on the inputs' grids: one per input in order, or one folder matched "
+                             "by stem")
+    parser.add_argument("--detector", default=None, help="prompt source: coarse-mask (default), intensity, learned")
+    parser.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of the detector, e.g. artefact=det.pt (YAML value); repeatable")
+    parser.add_argument("--checkpoint", default=None, metavar="CKPT", help=checkpoint_help)
+    parser.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON configuration")
+
+
 class _DropUnclosedSessionNoise(logging.Filter):
     """aiohttp (under s3fs) reports sessions that the garbage collector closes at exit as "Unclosed client
     session"/"Unclosed connector" through asyncio's logger: nothing was lost, and it is not ours to act on."""

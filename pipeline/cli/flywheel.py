@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.cli.common import EXIT_CASES_FAILED, EXIT_OK, EXIT_USAGE, add_command, run_config
+from pipeline.cli.common import EXIT_CASES_FAILED, EXIT_OK, EXIT_USAGE, add_command, add_prompt_options, run_config
 from pipeline.flywheel.registry import current_model
 from pipeline.flywheel.review import calibrate_store, export_queue, import_corrections
 from pipeline.flywheel.rounds import format_table, round_rows, run_round, write_round_table
@@ -60,12 +60,7 @@ def add_parsers(sub) -> None:
     run = add_command(rnd_sub, "run", "annotate what is new or stale for the current model and route it")
     run.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders, as for annotate")
     run.add_argument("--store", required=True, metavar="STORE", help="the flywheel's store")
-    run.add_argument("--coarse-mask", nargs="+", default=[], metavar="MASK", help="as for annotate")
-    run.add_argument("--detector", default=None, help="prompt source (default: the configuration's)")
-    run.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE",
-                     help="an option of the detector (YAML value); repeatable")
-    run.add_argument("--checkpoint", default=None, help="default: the store's current registered model")
-    run.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON configuration")
+    add_prompt_options(run, checkpoint_help="default: the store's current registered model")
     run.add_argument("--review-out", default=None, metavar="DIR", help="default: STORE/_review/round-NNN")
     report = add_command(rnd_sub, "report", "the table and plot over all rounds")
     report.add_argument("store", metavar="STORE", help="the flywheel's store")

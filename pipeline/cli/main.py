@@ -18,6 +18,7 @@ from pipeline.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     add_command,
+    add_prompt_options,
     configure_output,
     run_config,
     verbosity_options,
@@ -25,6 +26,7 @@ from pipeline.cli.common import (
 from pipeline.cli.demo import run_demo
 from pipeline.cli.ray import annotate_on_ray
 from pipeline.core.provenance import package_version
+from pipeline.export.common import ExportTargetError
 from pipeline.export.formats import FORMATS, export_store
 from pipeline.flywheel.detector_training import train_from_store
 from pipeline.io.discover import DiscoveryOptions, discover
@@ -47,20 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     ann.add_argument("inputs", nargs="+", metavar="INPUT",
                      help="files or folders: DICOM, NIfTI, NRRD, PNG/JPEG/TIFF, zip/tar, DICOMweb or s3:// URLs")
     ann.add_argument("--out", required=True, metavar="STORE", help="the store (a folder or an s3:// URL)")
-    ann.add_argument("--coarse-mask", nargs="+", default=[], metavar="MASK",
-                     help="label maps on the inputs' grids: one per input in order, or one folder matched by stem")
-    ann.add_argument("--detector", default=None, help="prompt source: coarse-mask (default), intensity, learned")
-    ann.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE",
-                     help="an option of the detector, e.g. artefact=det.pt (YAML value); repeatable")
+    add_prompt_options(ann, checkpoint_help="LiteMedSAM or MedSAM checkpoint (default: the bundled official "
+                                            "LiteMedSAM)")
     ann.add_argument("--box-margin", type=int, default=None, metavar="PX",
                      help="pixels added on every side of each box (default 0: the MedSAM protocol)")
     ann.add_argument("--mode", choices=["slice", "propagate"], default=None,
                      help="slice: a box on every slice (default); propagate: LiteMedSAM's 3D algorithm")
-    ann.add_argument("--checkpoint", default=None, metavar="CKPT",
-                     help="LiteMedSAM or MedSAM checkpoint (default: the bundled official LiteMedSAM)")
     ann.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                      help="where the model runs (default auto: a visible GPU, else the CPU)")
-    ann.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON configuration")
     ann.add_argument("--overwrite", action="store_true", help="replace cases committed with another signature")
     ann.add_argument("--keep-localizers", action="store_true", help="annotate localizer/scout series too")
     ann.add_argument("--keep-derived", action="store_true", help="annotate derived/secondary-capture series too")
@@ -70,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("store", metavar="STORE", help="the store to export")
     exp.add_argument("--format", required=True, choices=list(FORMATS), help="what to write")
     exp.add_argument("--out", required=True, metavar="DIR", help="folder (or s3:// URL) to write into")
+    exp.add_argument("--dataset-id", type=int, default=None, metavar="N",
+                     help="nnunet: write nnU-Net's DIR/DatasetNNN_NAME (DIR is nnUNet_raw) instead of DIR itself")
+    exp.add_argument("--dataset-name", default=None, metavar="NAME",
+                     help="nnunet: the dataset's name (default MedSAM)")
 
     det = add_command(sub, "detector", "learned detector: train from a store's accepted masks")
     det_sub = det.add_subparsers(dest="detector_command", required=True, metavar="ACTION")
@@ -177,7 +177,16 @@ def _export(args) -> int:
     if not store.fs.exists(str(store.root)):
         print(f"medsam-engine export: no store at {args.store}", file=sys.stderr)
         return EXIT_USAGE
-    report = export_store(store, args.format, args.out)
+    options = {k: v for k, v in (("dataset_id", args.dataset_id), ("dataset_name", args.dataset_name))
+               if v is not None}
+    if options and args.format != "nnunet":
+        print("medsam-engine export: --dataset-id and --dataset-name are for --format nnunet", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        report = export_store(store, args.format, args.out, **options)
+    except (ExportTargetError, ValueError) as exc:
+        print(f"medsam-engine export: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     for case_id, reason in report.excluded.items():
         print(f"excluded {case_id}  {reason}")
     for case_id, reason in report.skipped.items():

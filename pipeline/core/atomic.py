@@ -67,6 +67,26 @@ def create_exclusive(path: str | Path, text: str) -> bool:
 
 
 @contextmanager
+def replaced_folder(dest: str | Path) -> Iterator[Path]:
+    """Yield an empty hidden staging folder beside ``dest``; on a normal exit it takes ``dest``'s place (an
+    older ``dest`` is moved aside first and removed after), on an exception it is removed and ``dest`` is
+    left as it was. Readers see the old folder whole or the new one whole, never a mix; a writer killed
+    between the two renames leaves the old copy beside it as ``.<name>.<id>.old``."""
+    dest = Path(dest)
+    staging = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.partial")
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        old = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.old")
+        if dest.exists():
+            dest.rename(old)
+        staging.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
 def staged_folder(dest: str | Path) -> Iterator[Path]:
     """Yield an empty hidden staging folder beside ``dest``; on a normal exit it is renamed to ``dest``. When
     another writer put ``dest`` in place first, its copy is kept and ours discarded. The staging folder is

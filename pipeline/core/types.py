@@ -196,3 +196,39 @@ class CaseIds:
 
     case_id: Callable[[str], str]
     cache: Path
+
+
+@dataclass(frozen=True)
+class CaseAttributes:
+    """A committed case's 'medsam' attributes (pipeline/store/case_store.py) as a value.
+
+    ``geometry`` places the stored (z, y, x) label map; ``signature`` is what the result depends on (input,
+    prompt and model sha256, config hash, package version); ``instances`` the lineage records, one per
+    (label, instance); ``review_status`` is None until routing or a review set it (auto-accepted, review,
+    rejected, accepted); ``round`` the flywheel round that wrote it; ``config`` the engine configuration
+    used (JSON). ``raw`` is the whole JSON record as stored, for writers that carry it forward.
+    """
+
+    case_id: str
+    geometry: Geometry
+    modality: str
+    signature: dict
+    instances: tuple[dict, ...]
+    review_status: str | None
+    round: int | None
+    committed_at: str | None
+    quality: dict
+    config: dict
+    raw: dict
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CaseAttributes":
+        return cls(case_id=str(data.get("case_id", "")), geometry=Geometry.from_json(data["geometry"]),
+                   modality=str(data.get("modality", "OT")), signature=dict(data.get("signature") or {}),
+                   instances=tuple(data.get("instances") or ()), review_status=data.get("review_status"),
+                   round=data.get("round"), committed_at=data.get("committed_at"),
+                   quality=dict(data.get("quality") or {}), config=dict(data.get("config") or {}), raw=dict(data))
+
+    def volume(self, array: np.ndarray) -> Volume:
+        """``array`` (the case's label map or image) as a Volume on the case's grid."""
+        return Volume(array, self.geometry, self.modality)

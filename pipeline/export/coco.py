@@ -86,7 +86,7 @@ def export_coco(store: CaseStore, out: Path) -> ExportReport:
         file_name = _write_png(store, case_id, out / "images") or f"{case_id}.png"
         coco["images"].append({"id": image_id, "file_name": file_name, "height": int(labels.shape[1]),
                                "width": int(labels.shape[2]), "medsam_case_id": case_id})
-        coco["annotations"] += _annotations(labels[0], image_id, attrs.get("instances", []),
+        coco["annotations"] += _annotations(labels[0], image_id, list(attrs.instances),
                                             len(coco["annotations"]) + 1)
         expected[image_id] = labels[0]
         for value, meaning in meanings_from_properties(store.label_properties(case_id)).items():

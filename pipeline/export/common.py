@@ -24,6 +24,10 @@ class ExportError(CaseError):
     stage = "export"
 
 
+class ExportTargetError(ValueError):
+    """The output folder cannot take the export (it holds files this engine did not write there)."""
+
+
 class ExportCheckError(RuntimeError):
     """A written file did not read back identically to the store: a bug, never a per-case condition."""
 

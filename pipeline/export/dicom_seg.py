@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.atomic import atomic_file
-from pipeline.core.types import CaseRef, Geometry
+from pipeline.core.types import CaseAttributes, CaseRef, Geometry
 from pipeline.export.common import ExportCheckError, ExportError, label_map_on_source
 from pipeline.io.discover import case_content_hash
 from pipeline.store.case_store import CaseStore
@@ -46,19 +46,19 @@ def algorithm_type(records: list[dict]) -> str:
     return "SEMIAUTOMATIC" if human else "AUTOMATIC"
 
 
-def _source_files(store: CaseStore, case_id: str, attrs: dict) -> list[Path]:
+def _source_files(store: CaseStore, case_id: str, attrs: CaseAttributes) -> list[Path]:
     """The case's source files (the manifest's ``files`` when it lists them, else its image folder), after
     checking that they still hash to the signature's input hash."""
-    geometry = attrs["geometry"]
+    source_format = attrs.geometry.source_format
     manifest = store.manifest(case_id) or {}
-    if geometry.get("source_format") != "dicom" or not manifest.get("image"):
-        raise ExportError(f"source is {geometry.get('source_format', 'unknown')}, not a DICOM series: a SEG "
+    if source_format != "dicom" or not manifest.get("image"):
+        raise ExportError(f"source is {source_format or 'unknown'}, not a DICOM series: a SEG "
                           "must reference its source images (export it with --format nifti)")
     path = Path(manifest["image"])
     files = tuple(str(f) for f in manifest.get("files") or ())
     if not path.exists() or not all(Path(f).is_file() for f in files):
         raise ExportError("source DICOM series is no longer where the manifest says")
-    expected = attrs.get("signature", {}).get("input_sha256")
+    expected = attrs.signature.get("input_sha256")
     source = CaseRef(case_id=case_id, image=str(path), files=files)
     if expected and case_content_hash(source) != expected:
         raise ExportError("source DICOM series changed since it was annotated (content hash differs)")
@@ -124,9 +124,9 @@ def _frames_on_grid(files: list[Path], geometry: Geometry) -> list:
     return datasets
 
 
-def _meanings(store: CaseStore, case_id: str, values: list[int], attrs: dict) -> list[LabelMeaning]:
+def _meanings(store: CaseStore, case_id: str, values: list[int], attrs: CaseAttributes) -> list[LabelMeaning]:
     known = meanings_from_properties(store.label_properties(case_id))
-    missing = describe_labels([v for v in values if v not in known], instances=attrs.get("instances", []))
+    missing = describe_labels([v for v in values if v not in known], instances=list(attrs.instances))
     known.update({m.value: m for m in missing})
     return [known[v] for v in values]
 
@@ -137,19 +137,19 @@ def _sct(code: tuple[str, str]):
     return hd.sr.CodedConcept(value=code[0], scheme_designator="SCT", meaning=code[1])
 
 
-def _segment_descriptions(case_id: str, meanings: list[LabelMeaning], attrs: dict) -> list:
+def _segment_descriptions(case_id: str, meanings: list[LabelMeaning], attrs: CaseAttributes) -> list:
     """One description per label; the tracking UID follows the (case, label) across rounds and re-exports."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    signature = attrs.get("signature", {})
+    signature = attrs.signature
     model = str(signature.get("model_sha256", ""))[:16]
     version = f"{model} medsam-engine {signature.get('package_version', '')}".strip()[:64]
     algorithm = hd.AlgorithmIdentificationSequence(
         name="LiteMedSAM", family=codes.cid7162.ArtificialIntelligence, version=version)
     descriptions = []
     for number, meaning in enumerate(meanings, start=1):
-        records = [r for r in attrs.get("instances", []) if int(r.get("label", -1)) == meaning.value]
+        records = [r for r in attrs.instances if int(r.get("label", -1)) == meaning.value]
         kind = algorithm_type(records)
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=number, segment_label=meaning.name[:64],
@@ -181,19 +181,19 @@ def write_case_seg(store: CaseStore, case_id: str, out: Path) -> Path:
     import highdicom as hd
 
     labels, attrs = store.read_labels(case_id)
-    geometry = Geometry.from_json(attrs["geometry"])
+    geometry = attrs.geometry
     sources = _frames_on_grid(_source_files(store, case_id, attrs), geometry)
     values = [int(v) for v in np.unique(labels) if v != 0]
     if not values:
         raise ExportError("the label map is empty: a SEG needs at least one segment")
     frames = _expected_frames(labels, geometry, values)
-    signature = attrs.get("signature", {})
+    signature = attrs.signature
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=frames.astype(np.uint8 if len(values) < 256 else np.uint16),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=_segment_descriptions(case_id, _meanings(store, case_id, values, attrs), attrs),
-        series_instance_uid=_uid(case_id, signature, attrs.get("committed_at"), "series"), series_number=900,
-        sop_instance_uid=_uid(case_id, signature, attrs.get("committed_at"), "instance"), instance_number=1,
+        series_instance_uid=_uid(case_id, signature, attrs.committed_at, "series"), series_number=900,
+        sop_instance_uid=_uid(case_id, signature, attrs.committed_at, "instance"), instance_number=1,
         manufacturer="medsam-engine", manufacturer_model_name="LiteMedSAM",
         software_versions=str(signature.get("package_version", "unknown")), device_serial_number="0",
         content_label="MEDSAM", content_description="LiteMedSAM pre-annotation")

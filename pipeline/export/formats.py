@@ -24,8 +24,9 @@ FORMATS: dict[str, Callable[[CaseStore, Path], ExportReport]] = {
 }
 
 
-def export_store(store: CaseStore, fmt: str, out_dir: str | Path) -> ExportReport:
-    """Export every committed case of ``store`` in format ``fmt`` (one of FORMATS) to ``out_dir``."""
+def export_store(store: CaseStore, fmt: str, out_dir: str | Path, **options) -> ExportReport:
+    """Export every committed case of ``store`` in format ``fmt`` (one of FORMATS) to ``out_dir``;
+    ``options`` go to the format's exporter (nnunet: ``dataset_id``, ``dataset_name``)."""
     import fsspec
 
     if fmt not in FORMATS:
@@ -35,11 +36,11 @@ def export_store(store: CaseStore, fmt: str, out_dir: str | Path) -> ExportRepor
     if "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        report = exporter(store, out)
+        report = exporter(store, out, **options)
         report.format = fmt
         return report
     with tempfile.TemporaryDirectory(prefix="medsam-export-") as tmp:
-        report = exporter(store, Path(tmp))
+        report = exporter(store, Path(tmp), **options)
         local = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
         for path in local:
             target = f"{remote_path}/{path.relative_to(tmp).as_posix()}"

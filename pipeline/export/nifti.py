@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.atomic import atomic_file
-from pipeline.core.types import Geometry
 from pipeline.export.common import ExportCheckError, label_map_on_source
 from pipeline.store.case_store import CaseStore
 
@@ -37,7 +36,7 @@ def save_nifti_checked(data: np.ndarray, affine: np.ndarray, path: Path, *, what
 def write_case_nifti(store: CaseStore, case_id: str, out: Path) -> Path:
     """OUT/<case_id>.nii.gz: the label map (uint16) on exactly the input's grid and affine."""
     labels, attrs = store.read_labels(case_id)
-    geometry = Geometry.from_json(attrs["geometry"])
+    geometry = attrs.geometry
     data = label_map_on_source(labels, geometry).astype(np.uint16)
     return save_nifti_checked(data, geometry.source_affine, out / f"{case_id}.nii.gz", what=f"case {case_id}")
 

@@ -1,7 +1,11 @@
 """nnU-Net v2 raw dataset export: OUT/imagesTr/<case>_0000.nii.gz, OUT/labelsTr/<case>.nii.gz, dataset.json.
 
-OUT is the dataset folder itself (name it like ``nnUNet_raw/Dataset501_Chest``). Images and labels are written
-on the input's own grid and affine (as the NIfTI export), so they overlay the source exactly.
+OUT is the dataset folder itself (name it like ``nnUNet_raw/Dataset501_Chest``), or, with ``dataset_id``,
+nnU-Net's raw folder, the dataset going to OUT/Dataset<id>_<name>. The export owns that folder: the whole
+dataset is written beside it, checked, and then takes its place, so it never mixes with an older export's files
+(labelsTr always holds exactly the cases dataset.json lists). A folder that holds files this engine did not
+write is refused (:class:`ExportTargetError`), never overwritten. Images and labels are written on the input's
+own grid and affine (as the NIfTI export), so they overlay the source exactly.
 
 Which cases: every committed case whose ``review_status`` attribute is "accepted"; a case without that
 attribute (nothing has been reviewed yet) is included too, so a first round can train on pre-annotations.
@@ -16,20 +20,25 @@ Labels: nnU-Net wants consecutive values, so the store's values (union over the 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.atomic import write_text_atomic
+from pipeline.core.atomic import replaced_folder, write_text_atomic
 from pipeline.core.errors import ReadError
 from pipeline.core.geometry import to_source_grid
+from pipeline.core.provenance import utc_stamp
 from pipeline.core.types import Geometry
-from pipeline.export.common import ExportCheckError, ExportError, ExportReport, label_map_on_source
+from pipeline.export.common import ExportCheckError, ExportError, ExportReport, ExportTargetError, label_map_on_source
 from pipeline.export.nifti import save_nifti_checked
 from pipeline.io.readers import read_volume
 from pipeline.store.case_store import CaseStore
 from pipeline.store.queries import select_cases
+
+MARKER = ".medsam-engine-export"  # in every dataset folder this engine wrote: such a folder may be replaced
+DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 def _image_zyxc(store: CaseStore, case_id: str, geometry: Geometry) -> np.ndarray:
@@ -55,7 +64,7 @@ def _channel_names(modality: str, channels: int) -> dict[str, str]:
 def _plan(store: CaseStore, report: ExportReport) -> tuple[list[str], dict[int, str]]:
     """The included cases (accepted or unreviewed, of the commonest modality) and each label value's name."""
     chosen, report.excluded = select_cases(store, "accepted-or-unrouted")
-    candidates = {case_id: str((store.case_attrs(case_id) or {}).get("modality", "OT")) for case_id in chosen}
+    candidates = {case_id: store.attributes(case_id).modality for case_id in chosen}  # type: ignore[union-attr]
     counts = Counter(candidates.values())
     modality = max(sorted(counts), key=counts.__getitem__) if counts else "OT"
     cases, names = [], {}
@@ -96,8 +105,34 @@ def _write_case(case_id: str, labels: np.ndarray, image: np.ndarray, geometry: G
     return written
 
 
-def export_nnunet(store: CaseStore, out: Path, *, name: str = "MedSAM") -> ExportReport:
-    """Write the dataset to ``out`` (the DatasetXXX_Name folder) and check dataset.json against the files."""
+def dataset_folder(out: Path, dataset_id: int | None, dataset_name: str) -> Path:
+    """``out`` itself, or nnU-Net's ``out/Dataset<id, 3 digits>_<name>`` when an id is given."""
+    if not DATASET_NAME.match(dataset_name):
+        raise ValueError(f"Argument 'dataset_name' must be letters, digits, '_' or '-'; got {dataset_name!r}.")
+    if dataset_id is None:
+        return out
+    if not 1 <= dataset_id <= 999:
+        raise ValueError(f"Argument 'dataset_id' must be 1..999 (nnU-Net's dataset ids); got {dataset_id}.")
+    return out / f"Dataset{dataset_id:03d}_{dataset_name}"
+
+
+def export_nnunet(store: CaseStore, out: Path, *, dataset_id: int | None = None,
+                  dataset_name: str = "MedSAM") -> ExportReport:
+    """Write the dataset (see the module doc) and check dataset.json against its files before it replaces
+    an earlier export; ExportTargetError for a folder this engine did not make."""
+    target = dataset_folder(Path(out), dataset_id, dataset_name)
+    if target.is_dir() and any(target.iterdir()) and not (target / MARKER).is_file():
+        raise ExportTargetError(f"{target} holds files that no nnunet export of medsam-engine wrote; give a new "
+                                "or empty folder, or one an earlier nnunet export made")
+    with replaced_folder(target) as staging:
+        report = _write_dataset(store, staging, dataset_name)
+        write_text_atomic(staging / MARKER, json.dumps({"store": store.url, "written_at": utc_stamp()}))
+    report.written = [str(target / Path(p).relative_to(staging)) for p in report.written]
+    return report
+
+
+def _write_dataset(store: CaseStore, out: Path, name: str) -> ExportReport:
+    """Write the dataset into ``out`` and check dataset.json against the files."""
     report = ExportReport(format="nnunet")
     cases, names = _plan(store, report)
     labels_json, store_values, remap = _labels_json(names)
@@ -106,7 +141,7 @@ def export_nnunet(store: CaseStore, out: Path, *, name: str = "MedSAM") -> Expor
     channels, modality, training = None, "OT", []
     for case_id in cases:
         labels, attrs = store.read_labels(case_id)
-        geometry = Geometry.from_json(attrs["geometry"])
+        geometry = attrs.geometry
         try:
             image = _image_zyxc(store, case_id, geometry)
         except ExportError as exc:
@@ -115,7 +150,7 @@ def export_nnunet(store: CaseStore, out: Path, *, name: str = "MedSAM") -> Expor
         if channels is not None and image.shape[-1] != channels:
             report.skipped[case_id] = f"{image.shape[-1]} image channels, the dataset has {channels}"
             continue
-        channels, modality = image.shape[-1], str(attrs.get("modality", "OT"))
+        channels, modality = image.shape[-1], attrs.modality
         report.written.extend(str(p) for p in _write_case(case_id, labels, image, geometry, out, remap))
         training.append(case_id)
     dataset = {"name": name, "description": "LiteMedSAM pre-annotations exported by medsam-engine",

@@ -19,7 +19,7 @@ import numpy as np
 
 from detectors.evaluation import object_scores
 from pipeline.core.provenance import utc_stamp
-from pipeline.core.types import Geometry, Volume
+from pipeline.core.types import CaseAttributes, Volume
 from pipeline.model.framing import Framing
 from pipeline.store.case_store import CaseStore
 from pipeline.store.queries import select_cases
@@ -37,7 +37,7 @@ class SliceSample:
     original_hw: tuple[int, int]
 
 
-def read_case_volume(store: CaseStore, case_id: str) -> tuple[Volume, np.ndarray, dict]:
+def read_case_volume(store: CaseStore, case_id: str) -> tuple[Volume, np.ndarray, CaseAttributes]:
     """The stored image as a Volume, its label map and attributes; ValueError without a stored image."""
     import zarr
 
@@ -48,7 +48,7 @@ def read_case_volume(store: CaseStore, case_id: str) -> tuple[Volume, np.ndarray
     image = np.asarray(group["0"][:])
     if image.ndim == 4:
         image = np.moveaxis(image, 0, -1)
-    volume = Volume(image, Geometry.from_json(attrs["geometry"]), attrs.get("modality", "OT"))
+    volume = attrs.volume(image)
     return volume, labels, attrs
 
 
@@ -132,8 +132,7 @@ def train_from_store(store: CaseStore, out: str | Path, *, runner, labels: list[
     case_ids = select_cases(store, "accepted-else-all")[0]
     if not case_ids:
         raise ValueError(f"no accepted or committed case in {store.root} to train from")
-    first = store.case_attrs(case_ids[0]) or {}
-    intensity = (first.get("config") or {}).get("intensity", {})
+    intensity = store.attributes(case_ids[0]).config.get("intensity", {})  # type: ignore[union-attr]
     meta = {"ct_window": [intensity.get("ct_level", 40.0), intensity.get("ct_width", 400.0)]}
     present = sorted({int(v) for c in case_ids for v in np.unique(store.read_labels(c)[0]) if v})
     wanted = sorted(labels) if labels else present

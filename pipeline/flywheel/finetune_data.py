@@ -14,7 +14,7 @@ from detectors.coarse_mask import admitted_objects, slice_boxes, widen_box
 from pipeline.annotate.config import EngineConfig
 from pipeline.annotate.rendering import renderings
 from pipeline.core.geometry import align_to
-from pipeline.core.types import BoxPrompt, Volume
+from pipeline.core.types import BoxPrompt, CaseAttributes, Volume
 from pipeline.flywheel.detector_training import read_case_volume, split_by_case_or_z
 from pipeline.io.readers import read_volume
 from pipeline.model.framing import Framing
@@ -133,15 +133,15 @@ def split_samples(samples: list[SliceSample], holdout: float
     return train, held, "x-block"
 
 
-def _case_config(attrs: dict):
+def _case_config(attrs: CaseAttributes) -> EngineConfig:
     """The configuration the case was annotated with (defaults when it is missing or no longer valid)."""
     from pydantic import ValidationError
 
 
     try:
-        return EngineConfig.model_validate(attrs.get("config") or {})
+        return EngineConfig.model_validate(attrs.config)
     except ValidationError:
-        log.warning("case %s: stored configuration no longer validates; using defaults", attrs.get("case_id"))
+        log.warning("case %s: stored configuration no longer validates; using defaults", attrs.case_id)
         return EngineConfig()
 
 

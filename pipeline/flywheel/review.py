@@ -31,13 +31,14 @@ from pipeline.core.errors import CaseError, GeometryError, ReadError
 from pipeline.core.geometry import align_to, to_source_grid
 from pipeline.core.metrics import dice
 from pipeline.core.provenance import utc_stamp
-from pipeline.core.types import Geometry, Volume
+from pipeline.core.types import CaseAttributes
 from pipeline.export.common import ExportError
 from pipeline.export.dicom_seg import write_case_seg
 from pipeline.export.nifti import save_nifti_checked, write_case_nifti
 from pipeline.io.readers import read_volume, stem_of
 from pipeline.report.qc import write_review_report
 from pipeline.store.case_store import CaseStore
+from pipeline.store.queries import ACCEPTED
 from pipeline.store.records import QUALITY, write_record
 
 log = logging.getLogger(__name__)
@@ -51,17 +52,15 @@ def review_queue(store: CaseStore) -> list[dict]:
     """The cases waiting for a person, worst first: {case_id, review_status, worst_score, round,
     instances}."""
     entries = []
-    for case_id in store.committed_cases():
-        attrs = store.case_attrs(case_id) or {}
-        if attrs.get("review_status") not in QUEUE_STATUSES:
+    for case_id, attrs in store.all_attributes().items():
+        if attrs.review_status not in QUEUE_STATUSES:
             continue
         instances = [{"label": i["label"], "instance": i["instance"], "slices": len(i.get("slices", [])),
                       **{k: (i.get("quality") or {}).get(k) for k in ("score", "route", "features")}}
-                     for i in attrs.get("instances", [])]
+                     for i in attrs.instances]
         instances.sort(key=lambda i: i["score"] if i["score"] is not None else 0.0)
-        worst = (attrs.get("quality") or {}).get("worst_score")
-        entries.append({"case_id": case_id, "review_status": attrs["review_status"],
-                        "round": attrs.get("round"), "worst_score": worst, "instances": instances})
+        entries.append({"case_id": case_id, "review_status": attrs.review_status, "round": attrs.round,
+                        "worst_score": attrs.quality.get("worst_score"), "instances": instances})
     entries.sort(key=lambda e: (e["worst_score"] if e["worst_score"] is not None else 0.0, e["case_id"]))
     return entries
 
@@ -114,7 +113,7 @@ def _write_image(store: CaseStore, case_id: str, folder: Path) -> list[Path]:
     if image is None:
         return []
     folder.mkdir(parents=True, exist_ok=True)
-    geometry = Geometry.from_json(store.case_attrs(case_id)["geometry"])  # type: ignore[index]
+    geometry = store.attributes(case_id).geometry  # type: ignore[union-attr]
     channels = image[..., None] if image.ndim == 3 else image
     return [save_nifti_checked(to_source_grid(np.ascontiguousarray(channels[..., c]), geometry),
                                geometry.source_affine, folder / f"{case_id}_{c:04d}.nii.gz",
@@ -166,7 +165,7 @@ def _case_for(path: Path, store: CaseStore, cases: list[str]) -> str | None:
     return owners[0] if len(owners) == 1 else None
 
 
-def read_correction(path: Path, labels: np.ndarray, attrs: dict) -> np.ndarray:
+def read_correction(path: Path, labels: np.ndarray, attrs: CaseAttributes) -> np.ndarray:
     """A corrected label map on the case's (z, y, x) grid (uint16); ReviewImportError when it cannot be."""
     if path.name.endswith(".ome.zarr"):
         import zarr
@@ -175,9 +174,8 @@ def read_correction(path: Path, labels: np.ndarray, attrs: dict) -> np.ndarray:
         if data.shape != labels.shape:
             raise ReviewImportError(f"{path.name}: label array {data.shape} is not the case's {labels.shape}")
     else:
-        case = Volume(labels, Geometry.from_json(attrs["geometry"]), attrs.get("modality", "OT"))
         try:
-            data = align_to(read_volume(path), case, what=f"correction {path.name}")
+            data = align_to(read_volume(path), attrs.volume(labels), what=f"correction {path.name}")
         except (ReadError, GeometryError) as exc:
             raise ReviewImportError(exc.reason) from exc
     if data.ndim != 3:
@@ -258,15 +256,16 @@ def import_corrections(store: CaseStore, paths: list[str | Path], *, reviewer: s
     return report
 
 
-def _commit_review(store: CaseStore, case_id: str, proposal: np.ndarray, correction: np.ndarray, attrs: dict,
+def _commit_review(store: CaseStore, case_id: str, proposal: np.ndarray, correction: np.ndarray,
+                   attrs: CaseAttributes,
                    reviewer: str) -> dict:
-    number = attrs.get("round")
-    instances, summary = edit_records(proposal, correction, attrs.get("instances", []), reviewer=reviewer,
+    number = attrs.round
+    instances, summary = edit_records(proposal, correction, list(attrs.instances), reviewer=reviewer,
                                       number=number)
     names = {int(p["label-value"]): str(p["name"]) for p in store.label_properties(case_id) if "name" in p}
-    new = {k: v for k, v in attrs.items() if k != "status"}
+    new = {k: v for k, v in attrs.raw.items() if k != "status"}
     new.update(instances=instances, review=summary, review_status="accepted",
-               proposal_status=attrs.get("review_status"))
+               proposal_status=attrs.review_status)
     store.commit_case(case_id, labels=correction, attrs=new, image=store.read_image(case_id), overwrite=True,
                       label_names=names)
     log.info("case %s accepted by review: %d voxels changed, Dice %.3f", case_id, summary["edit_voxels"],
@@ -278,11 +277,10 @@ def _commit_review(store: CaseStore, case_id: str, proposal: np.ndarray, correct
 def review_rows(store: CaseStore) -> tuple[list[dict], list[float]]:
     """(features at proposal time, edit Dice) of every reviewed model proposal in the store."""
     rows, dices = [], []
-    for case_id in store.committed_cases():
-        attrs = store.case_attrs(case_id) or {}
-        if attrs.get("review_status") != "accepted":
+    for attrs in store.all_attributes().values():
+        if attrs.review_status != ACCEPTED:
             continue
-        for inst in attrs.get("instances", []):
+        for inst in attrs.instances:
             features = (inst.get("quality") or {}).get("features")
             if features and inst.get("edit_dice") is not None and inst.get("stage") != "manual":
                 rows.append(features)

@@ -29,6 +29,7 @@ from pipeline.core.provenance import utc_stamp
 from pipeline.flywheel.registry import current_model
 from pipeline.flywheel.review import calibrate_store, export_queue
 from pipeline.store.case_store import CaseStore
+from pipeline.store.queries import ACCEPTED
 from pipeline.store.records import ROUNDS, current_round, list_records, read_record, write_record
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ def _stale_cases(store: CaseStore, cases: list) -> tuple[list, list[str]]:
     """(cases to annotate, ids kept because a person accepted them)."""
     todo, kept = [], []
     for case in cases:
-        if (store.case_attrs(case.case_id) or {}).get("review_status") == "accepted":
+        attrs = store.attributes(case.case_id)
+        if attrs is not None and attrs.review_status == ACCEPTED:
             kept.append(case.case_id)
         else:
             todo.append(case)
@@ -97,10 +99,12 @@ def _routing(case_ids: list[str], store: CaseStore) -> dict:
     instances = {"auto-accepted": 0, "review": 0, "rejected": 0}
     statuses: dict[str, int] = {}
     for case_id in case_ids:
-        attrs = store.case_attrs(case_id) or {}
-        status = attrs.get("review_status", "none")
+        attrs = store.attributes(case_id)
+        if attrs is None:
+            continue
+        status = attrs.review_status or "none"
         statuses[status] = statuses.get(status, 0) + 1
-        for inst in attrs.get("instances", []):
+        for inst in attrs.instances:
             chosen = (inst.get("quality") or {}).get("route")
             if chosen in instances:
                 instances[chosen] += 1
@@ -114,11 +118,10 @@ def review_outcomes(store: CaseStore, *, threshold: float = 0.9) -> dict[int, di
     """Per proposal round: reviewed instances, the share accepted with minor edits (edit Dice >= threshold),
     mean voxels changed and mean Dice of proposal vs correction; from the accepted cases' records."""
     per_round: dict[int, list[dict]] = {}
-    for case_id in store.committed_cases():
-        attrs = store.case_attrs(case_id) or {}
-        if attrs.get("review_status") != "accepted":
+    for attrs in store.all_attributes().values():
+        if attrs.review_status != ACCEPTED:
             continue
-        for inst in attrs.get("instances", []):
+        for inst in attrs.instances:
             if inst.get("edit_dice") is not None and inst.get("stage") != "manual":
                 per_round.setdefault(int(inst.get("round", 1)), []).append(inst)
     out = {}

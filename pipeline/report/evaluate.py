@@ -5,7 +5,6 @@ from pathlib import Path
 
 from pipeline.core.geometry import align_to
 from pipeline.core.metrics import per_label_scores
-from pipeline.core.types import Geometry, Volume
 from pipeline.io.readers import read_volume, stem_of
 from pipeline.store.case_store import CaseStore
 
@@ -34,8 +33,6 @@ def evaluate_store(store: CaseStore, references: list[str | Path]) -> dict[str, 
     results = {}
     for case_id, ref_path in sorted(match_references(store, references).items()):
         labels, attrs = store.read_labels(case_id)
-        geometry = Geometry.from_json(attrs["geometry"])
-        case_volume = Volume(labels, geometry, attrs.get("modality", "OT"))
-        reference = align_to(read_volume(ref_path), case_volume, what="reference")
-        results[case_id] = per_label_scores(labels, reference, spacing=geometry.spacing)
+        reference = align_to(read_volume(ref_path), attrs.volume(labels), what="reference")
+        results[case_id] = per_label_scores(labels, reference, spacing=attrs.geometry.spacing)
     return results

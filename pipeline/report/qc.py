@@ -42,8 +42,8 @@ def _rendered(store: CaseStore, case_id: str) -> tuple[np.ndarray, np.ndarray] |
     image = store.read_image(case_id)
     if image is None:
         return None
-    section = attrs.get("config", {}).get("intensity", {})
-    u8 = to_uint8(image, attrs.get("modality", "OT"), IntensityConfig(
+    section = attrs.config.get("intensity", {})
+    u8 = to_uint8(image, attrs.modality, IntensityConfig(
         section.get("ct_level", 40.0), section.get("ct_width", 400.0)))
     return u8, labels
 
@@ -100,8 +100,8 @@ def write_report(store: CaseStore, out_dir: str | Path, *, per_case: int = 3) ->
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for case_id in store.committed_cases():
-        attrs = store.case_attrs(case_id) or {}
-        for inst in attrs.get("instances", []):
+        attrs = store.attributes(case_id)
+        for inst in attrs.instances if attrs is not None else ():
             rows.append((_order_key(inst), case_id, inst))
     rows.sort(key=lambda r: r[0])
     parts = ["<!doctype html><meta charset='utf-8'><title>MedSAM Engine QC</title>",
@@ -145,8 +145,8 @@ def write_review_report(store: CaseStore, path: str | Path, queue: list[dict], *
              f"<h1>Review queue: {len(queue)} case(s), worst first</h1>"]
     for entry in queue:
         case_id = entry["case_id"]
-        attrs = store.case_attrs(case_id) or {}
-        instances = sorted(attrs.get("instances", []), key=_order_key)
+        attrs = store.attributes(case_id)
+        instances = sorted(attrs.instances if attrs is not None else (), key=_order_key)
         worst = entry.get("worst_score")
         parts.append(f"<h2>{entry.get('rank', '')}. case {html.escape(case_id)} — "
                      f"{html.escape(str(entry.get('review_status')))}, worst score "

@@ -37,7 +37,7 @@ import numpy as np
 from pipeline.core.atomic import create_exclusive, write_text_atomic
 from pipeline.core.errors import StoreConflictError
 from pipeline.core.provenance import utc_stamp, version_id
-from pipeline.core.types import CaseIds
+from pipeline.core.types import CaseAttributes, CaseIds
 from pipeline.store.labels_meta import describe_labels
 
 CASE_SUFFIX = ".ome.zarr"
@@ -133,7 +133,8 @@ class CaseStore:
         return self.root / f"{case_id}{CASE_SUFFIX}"
 
     def case_attrs(self, case_id: str) -> dict | None:
-        """The case's 'medsam' attributes if it is committed, else None."""
+        """The case's 'medsam' attributes as stored (JSON) if it is committed, else None; readers that use
+        its fields take :meth:`attributes` instead."""
         meta = self.read_json(self.case_path(case_id) / "zarr.json")
         attrs = (meta or {}).get("attributes", {}).get("medsam", {})
         return attrs if attrs.get("status") == STATUS_COMMITTED else None
@@ -141,6 +142,11 @@ class CaseStore:
     def committed_cases(self) -> list[str]:
         ids = [n[: -len(CASE_SUFFIX)] for n in self.list_names(self.root) if n.endswith(CASE_SUFFIX)]
         return [c for c in ids if self.case_attrs(c) is not None]
+
+    def all_attributes(self) -> dict[str, CaseAttributes]:
+        """Every committed case's attributes, by case id (sorted), each read once."""
+        found = {case_id: self.attributes(case_id) for case_id in self.committed_cases()}
+        return {case_id: attrs for case_id, attrs in found.items() if attrs is not None}
 
     def open_case(self, case_id: str):
         """The committed case's zarr group, read-only; KeyError when the case is not committed."""
@@ -150,10 +156,15 @@ class CaseStore:
             raise KeyError(f"case {case_id} is not committed in {self.url}")
         return zarr.open_group(self._zarr_target(self.case_path(case_id), read_only=True), mode="r")
 
-    def read_labels(self, case_id: str) -> tuple[np.ndarray, dict]:
-        """The (z, y, x) uint16 label map and the case's 'medsam' attributes."""
+    def attributes(self, case_id: str) -> CaseAttributes | None:
+        """The committed case's attributes as a value, or None when it is not committed."""
+        attrs = self.case_attrs(case_id)
+        return None if attrs is None else CaseAttributes.from_json(attrs)
+
+    def read_labels(self, case_id: str) -> tuple[np.ndarray, CaseAttributes]:
+        """The (z, y, x) uint16 label map and the case's attributes."""
         group = self.open_case(case_id)
-        return np.asarray(group[f"{LABELS_PATH}/0"][:]), dict(group.attrs["medsam"])
+        return np.asarray(group[f"{LABELS_PATH}/0"][:]), CaseAttributes.from_json(dict(group.attrs["medsam"]))
 
     def read_image(self, case_id: str) -> np.ndarray | None:
         """The stored image as (z, y, x) or (z, y, x, c), or None when the store kept no image."""

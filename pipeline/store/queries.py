@@ -17,8 +17,7 @@ RULES: tuple[str, ...] = ("accepted", "accepted-or-unrouted", "accepted-else-all
 
 def review_statuses(store: CaseStore) -> dict[str, str | None]:
     """Every committed case's ``review_status`` (None when it was never routed nor reviewed), sorted by id."""
-    return {case_id: (store.case_attrs(case_id) or {}).get("review_status")
-            for case_id in sorted(store.committed_cases())}
+    return {case_id: attrs.review_status for case_id, attrs in store.all_attributes().items()}
 
 
 def select_cases(store: CaseStore, rule: AcceptanceRule) -> tuple[list[str], dict[str, str]]:

@@ -96,7 +96,7 @@ def test_2d_png_with_many_instance_boxes(nuclei_2d, tmp_path):
     labels, attrs = s.read_labels(case_id)
     reference = read_volume(nuclei_2d[1]).array
     assert labels.shape == (1, 256, 256)
-    assert len(attrs["instances"]) >= 20
+    assert len(attrs.instances) >= 20
     from pipeline.core.metrics import dice
 
     assert dice(labels > 0, reference > 0) > 0.7

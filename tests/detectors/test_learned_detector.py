@@ -45,8 +45,8 @@ def test_annotate_with_the_learned_detector_records_its_version(accepted_store, 
     (case_id,) = result.committed_cases()
     labels, attrs = result.read_labels(case_id)
     assert set(np.unique(labels)) - {0} <= {5, 6} and labels.any()
-    assert attrs["instances"] and all(i["prompt_source"].startswith("learned:") for i in attrs["instances"])
-    assert "detector_sha256" in attrs["signature"]
+    assert attrs.instances and all(i["prompt_source"].startswith("learned:") for i in attrs.instances)
+    assert "detector_sha256" in attrs.signature
 
 
 def test_learned_detector_without_artefact_is_bad_usage(small_chest, tmp_path, capsys):

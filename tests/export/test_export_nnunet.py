@@ -60,3 +60,49 @@ def test_labels_and_images_sit_on_the_input_grid(dataset, small_chest):
     labels = np.vectorize(lambda v: to_store.get(int(v), 0))(np.asanyarray(label_file.dataobj))
     mask = nrrd.read(str(small_chest[1]))[0]
     assert np.array_equal(labels, np.where(np.isin(mask, [3, 5, 6]), mask, 0))
+
+
+def _two_case_store(root, small_chest, small_chest_nifti, chest_label_names, *, cases: int) -> CaseStore:
+    store = CaseStore(root)
+    for source in (small_chest[0], small_chest_nifti[0])[:cases]:
+        labels = read_volume(small_chest[1]).array if source == small_chest[0] else \
+            read_volume(small_chest_nifti[1]).array
+        commit_from_source(store, source, labels, names=chest_label_names)
+    return store
+
+
+def test_an_export_over_an_older_one_holds_exactly_its_own_cases(tmp_path, small_chest, small_chest_nifti,
+                                                                  chest_label_names):
+    from pipeline.cli.main import main
+
+    two = _two_case_store(tmp_path / "two", small_chest, small_chest_nifti, chest_label_names, cases=2)
+    one = _two_case_store(tmp_path / "one", small_chest, small_chest_nifti, chest_label_names, cases=1)
+    raw = tmp_path / "nnUNet_raw"
+    assert main(["export", str(two.root), "--format", "nnunet", "--out", str(raw), "--dataset-id", "7",
+                 "--dataset-name", "Chest"]) == 0
+    folder = raw / "Dataset007_Chest"
+    assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 2
+    assert main(["export", str(one.root), "--format", "nnunet", "--out", str(raw), "--dataset-id", "7",
+                 "--dataset-name", "Chest"]) == 0
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["numTraining"] == 1 and meta["name"] == "Chest"
+    assert sorted(p.name for p in (folder / "labelsTr").iterdir()) == [f"{meta['medsam_cases'][0]}.nii.gz"]
+    assert len(list((folder / "imagesTr").iterdir())) == 1
+    assert sorted(p.name for p in raw.iterdir()) == ["Dataset007_Chest"]  # no staging or old copy left
+
+
+def test_a_folder_the_engine_did_not_write_is_refused_and_left_alone(tmp_path, small_chest, small_chest_nifti,
+                                                                     chest_label_names, capsys):
+    from pipeline.cli.main import main
+
+    store = _two_case_store(tmp_path / "store", small_chest, small_chest_nifti, chest_label_names, cases=1)
+    foreign = tmp_path / "someone-elses"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert main(["export", str(store.root), "--format", "nnunet", "--out", str(foreign)]) == 2
+    assert "no nnunet export of medsam-engine wrote" in capsys.readouterr().err
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    assert main(["export", str(store.root), "--format", "nifti", "--out", str(tmp_path / "n"),
+                 "--dataset-id", "3"]) == 2
+    assert main(["export", str(store.root), "--format", "nnunet", "--out", str(tmp_path / "raw"),
+                 "--dataset-id", "1000"]) == 2

@@ -14,7 +14,6 @@ import pytest
 from conftest import commit_from_source
 
 from pipeline.core.geometry import align_to
-from pipeline.core.types import Geometry, Volume
 from pipeline.export.dicom_seg import algorithm_type
 from pipeline.export.formats import export_store
 from pipeline.io.readers import read_volume
@@ -109,7 +108,7 @@ def test_dcmqi_reads_each_segment_onto_the_store_voxels(exported, tmp_path, seri
     subprocess.run([_segimage2itkimage(), "--inputDICOM", str(out / f"{ids[series]}.seg.dcm"),
                     "--outputDirectory", str(tmp_path), "-t", "nifti"], check=True, capture_output=True)
     labels, attrs = store.read_labels(ids[series])
-    case = Volume(labels, Geometry.from_json(attrs["geometry"]))
+    case = attrs.volume(labels)
     meta = json.loads((tmp_path / "meta.json").read_text())
     for index, (segment,) in enumerate(meta["segmentAttributes"], start=1):
         value = int(segment["TrackingIdentifier"].split()[-1])

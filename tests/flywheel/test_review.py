@@ -84,22 +84,22 @@ def test_import_records_the_edit_and_accepts_the_case(routed, tmp_path, capsys):
     corrected, attrs = store.read_labels(case_a)
     reference = read_volume(routed[1] / "chest_a.nrrd").array
     assert np.array_equal(corrected, reference)
-    assert attrs["review_status"] == "accepted" and attrs["review"]["reviewer"] == "alice"
-    assert attrs["review"]["edit_voxels"] == int((proposal != reference).sum())
-    counts = {label: sum(i["label"] == label for i in attrs["instances"]) for label in (5, 6)}
+    assert attrs.review_status == "accepted" and attrs.raw["review"]["reviewer"] == "alice"
+    assert attrs.raw["review"]["edit_voxels"] == int((proposal != reference).sum())
+    counts = {label: sum(i["label"] == label for i in attrs.instances) for label in (5, 6)}
     assert counts[5] == 1 and counts[6] > 1  # the left lung's reference has stray fragments: more instances
-    for inst in attrs["instances"]:
+    for inst in attrs.instances:
         label = inst["label"]
         whole = dice(proposal == label, reference == label)
         changed = int(((proposal == label) != (reference == label)).sum())
         assert inst["reviewer"] == "alice" and inst["stage"] == "reviewed"
-        assert attrs["review"]["edit_dice_per_label"][str(label)] == pytest.approx(whole, abs=1e-5)
+        assert attrs.raw["review"]["edit_dice_per_label"][str(label)] == pytest.approx(whole, abs=1e-5)
         if counts[label] == 1:  # the only instance of its label: compared on the whole map
             assert inst["edit_dice"] == pytest.approx(whole, abs=1e-5) and inst["edit_voxels"] == changed
         else:  # one of several: compared around its own boxes
             assert 0.0 <= inst["edit_dice"] <= 1.0 and inst["edit_voxels"] <= changed
         assert inst["quality"]["features"]["predicted_iou"] is not None  # kept for calibration
-    (previous,) = attrs["previous_versions"]
+    (previous,) = attrs.raw["previous_versions"]
     assert (store.root / previous["path"]).is_dir()  # the proposal is kept
     out = tmp_path / "nnunet"
     assert main(["export", str(store.root), "--format", "nnunet", "--out", str(out)]) == 0
@@ -121,10 +121,10 @@ def test_an_edited_ome_zarr_from_napari_imports_too(routed, tmp_path):
     labels[0] = plane
     report = import_corrections(store, [edited], reviewer="bob")
     assert report.imported[case_b]["edit_voxels"] == erased > 0
-    attrs = store.case_attrs(case_b)
-    left = max((i for i in attrs["instances"] if i["label"] == 6), key=lambda i: i["voxels"])
+    attrs = store.attributes(case_b)
+    left = max((i for i in attrs.instances if i["label"] == 6), key=lambda i: i["voxels"])
     assert 0 < left["edit_voxels"] <= erased and left["edit_dice"] < 1.0
-    assert attrs["review"]["reviewer"] == "bob" and attrs["review_status"] == "accepted"
+    assert attrs.raw["review"]["reviewer"] == "bob" and attrs.review_status == "accepted"
 
 
 def test_queue_of_a_dicom_series_carries_a_dicom_seg(routed, chest_series, runner, tmp_path):

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import pytest
-
 from flywheel_data import shared_runner
+
 from pipeline.annotate.config import EngineConfig
 from pipeline.annotate.job import annotate
 from pipeline.io.discover import discover

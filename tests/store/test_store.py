@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 
 from pipeline.core.errors import StoreConflictError
+from pipeline.core.types import Geometry
 from pipeline.store.case_store import CaseStore
 
-GEOMETRY = {"spacing_zyx_mm": [2.0, 1.0, 1.0]}
+AFFINE = np.diag([2.0, 1.0, 1.0, 1.0])  # (z, y, x) voxel -> mm
+GEOMETRY = Geometry(affine=AFFINE, shape=(2, 4, 4), source_affine=AFFINE[:, [2, 1, 0, 3]], source_shape=(4, 4, 2),
+                    source_format="nifti").to_json()
 
 
 def _commit(store, case_id, value, signature, **kw):
@@ -23,7 +26,7 @@ def test_commit_then_read_back_with_ome_metadata(tmp_path):
     path = _commit(store, "c1", 3, {"s": 1})
     labels, attrs = store.read_labels("c1")
     assert labels.dtype == np.uint16 and (labels == 3).all()
-    assert attrs["status"] == "committed"
+    assert attrs.raw["status"] == "committed"
     meta = json.loads((path / "labels" / "medsam" / "zarr.json").read_text())["attributes"]["ome"]
     assert meta["version"] == "0.5" and meta["image-label"]["properties"][0]["label-value"] == 3
     axes = json.loads((path / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]["axes"]

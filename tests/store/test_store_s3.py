@@ -48,23 +48,23 @@ def test_commit_read_refuse_and_overwrite_on_s3(bucket, small_chest, chest_label
     case_id = commit_from_source(store, small_chest[0], chest_labels, names=chest_label_names)
     assert store.committed_cases() == [case_id]
     labels, attrs = store.read_labels(case_id)
-    assert np.array_equal(labels, chest_labels) and attrs["status"] == "committed"
+    assert np.array_equal(labels, chest_labels) and attrs.raw["status"] == "committed"
     assert store.read_image(case_id).shape == chest_labels.shape
     assert {p["name"] for p in store.label_properties(case_id)} >= {"right lung", "left lung"}
     assert store.manifest(case_id)["image"] == str(small_chest[0])
     store.record_error("other", stage="read", reason="unreadable", run_id="r1")
     assert store.errors()["other"]["reason"] == "unreadable"
 
-    changed = dict(attrs, signature={"model_sha256": "1" * 64})
+    changed = dict(attrs.raw, signature={"model_sha256": "1" * 64})
     with pytest.raises(StoreConflictError):
         store.commit_case(case_id, labels=labels, attrs=changed)
     store.commit_case(case_id, labels=np.where(labels == 5, 5, 0), attrs=changed, overwrite=True)
     labels_now, attrs_now = store.read_labels(case_id)
     assert set(np.unique(labels_now)) == {0, 5}
-    (previous,) = attrs_now["previous_versions"]
-    assert previous["signature"] == attrs["signature"]
+    (previous,) = attrs_now.raw["previous_versions"]
+    assert previous["signature"] == attrs.signature
     kept = json.loads(store.fs.cat_file(f"{store.root}/{previous['path']}/zarr.json"))  # the earlier round
-    assert kept["attributes"]["medsam"]["signature"] == attrs["signature"]
+    assert kept["attributes"]["medsam"]["signature"] == attrs.signature
     assert store.fs.exists(f"{store.root}/{previous['path']}/labels/medsam/0/zarr.json")
 
 
