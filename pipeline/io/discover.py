@@ -23,7 +23,7 @@ from pipeline.core.errors import ReadError
 from pipeline.core.provenance import files_sha256
 from pipeline.core.types import CaseIds, CaseRef
 from pipeline.io.archives import ExtractLimits, extract_archive, is_archive
-from pipeline.io.dicom_scan import PARALLEL_FROM, SeriesGroup, group_series, scan_headers
+from pipeline.io.dicom_scan import PARALLEL_FROM, SeriesGroup, SliceHeader, group_series, read_header, scan_headers
 from pipeline.io.dicomweb import fetch_dicomweb
 from pipeline.io.readers import (
     DICOM_SUFFIXES,
@@ -216,17 +216,54 @@ def discover(inputs: Sequence[str | Path], ids: CaseIds, *, coarse_masks: Sequen
         raise ValueError(f"--coarse-mask takes one mask per input ({len(inputs)}) or one folder; "
                          f"got {len(masks)}")
     finder = _Finder(ids, options or DiscoveryOptions())
-    cases: list[CaseRef] = []
-    seen: set[str] = set()
+    found: dict[str, tuple[int, CaseRef]] = {}  # case id -> (index of the first input that holds it, case)
+    merged: set[str] = set()
     for index, given in enumerate(inputs):
         for case in finder.expand(given):
-            if case.case_id in seen:
+            if case.case_id not in found:
+                found[case.case_id] = (index, case)
+            elif case.kind == GROUP_KINDS["series"] and found[case.case_id][1].kind == case.kind:
+                first, earlier = found[case.case_id]  # one series whose files sit in several inputs
+                found[case.case_id] = (first, _union(earlier, case))
+                merged.add(case.case_id)
+            else:
                 log.warning("case %s appears more than once in the inputs; keeping the first", case.case_id)
-                continue
-            seen.add(case.case_id)
-            mask = _mask_for(Path(case.image), index, len(inputs), masks)
-            cases.append(case if mask is None else _with_mask(case, mask))
+    cases = []
+    for case_id, (index, case) in found.items():
+        case = _one_file_per_instance(case) if case_id in merged else case
+        mask = _mask_for(Path(case.image), index, len(inputs), masks)
+        cases.append(case if mask is None else _with_mask(case, mask))
     return cases
+
+
+def _union(first: CaseRef, second: CaseRef) -> CaseRef:
+    """One DICOM series from the files of both cases (paths in order, each once)."""
+    files = tuple(dict.fromkeys(first.files + second.files))
+    return replace(first, image=str(_common_folder(files)), files=files, content_sha256=None)
+
+
+def _one_file_per_instance(case: CaseRef) -> CaseRef:
+    """A merged series with one file per SOP instance: copies with the same bytes are dropped; copies that
+    differ make the case fail with a reason naming both files (which is the right one is for a person)."""
+    by_instance: dict[str, list[str]] = {}
+    for path in case.files:
+        header = read_header(path)
+        key = header.sop_instance if isinstance(header, SliceHeader) and header.sop_instance else path
+        by_instance.setdefault(key, []).append(path)
+    kept, conflicts = [], []
+    for paths in by_instance.values():
+        digests = {content_hash(p) for p in paths}
+        if len(digests) > 1:
+            conflicts.append(" and ".join(Path(p).name for p in paths[:2]))
+        kept.append(paths[0])
+    if conflicts:
+        return replace(case, kind="unreadable", error=f"the series' files in several inputs disagree: "
+                                                      f"{'; '.join(conflicts[:5])} hold the same DICOM instance "
+                                                      "with different content")
+    files = tuple(kept)
+    log.info("series %s: %d files from several inputs, %d duplicate copies dropped", case.case_id[:8],
+             len(case.files), len(case.files) - len(files))
+    return replace(case, image=str(_common_folder(files)), files=files)
 
 
 def _with_mask(case: CaseRef, mask: Path) -> CaseRef:

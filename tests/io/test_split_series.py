@@ -1,0 +1,60 @@
+"""A series is a series wherever its files are: files of one DICOM series in several inputs make one case."""
+from __future__ import annotations
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pydicom
+
+from pipeline.cli.main import main
+from pipeline.io.discover import discover
+from pipeline.store.case_store import CaseStore
+
+
+def _split(series, root):
+    """The series' files in two folders (a PACS export in two parts), one slice copied into both."""
+    files = sorted(series.iterdir())
+    first, second = root / "part1", root / "part2"
+    for folder, chosen in ((first, files[:3]), (second, files[2:])):
+        folder.mkdir(parents=True)
+        for path in chosen:
+            shutil.copy(path, folder / path.name)
+    return first, second
+
+
+def test_the_parts_of_a_series_make_one_case_with_each_instance_once(tmp_path, small_chest_dicom):
+    first, second = _split(small_chest_dicom, tmp_path)
+    store = CaseStore(tmp_path / "store")
+    (whole,) = discover([small_chest_dicom], store.case_ids())
+    (merged,) = discover([first, second], store.case_ids())
+    assert merged.case_id == whole.case_id and merged.error is None
+    assert sorted(p.rsplit("/", 1)[1] for p in merged.files) == sorted(p.name for p in small_chest_dicom.iterdir())
+
+
+def test_a_series_split_across_two_folders_exports_as_the_whole_series(tmp_path, small_chest_dicom, small_chest):
+    first, second = _split(small_chest_dicom, tmp_path)
+    for name, inputs in (("whole", [small_chest_dicom]), ("split", [first, second])):
+        mask = [str(small_chest[1])] * len(inputs)
+        assert main(["annotate", *map(str, inputs), "--coarse-mask", *mask, "--out", str(tmp_path / name)]) == 0
+        assert main(["export", str(tmp_path / name), "--format", "nifti", "--out", str(tmp_path / f"{name}-nii")]) == 0
+    (whole,) = (tmp_path / "whole-nii").iterdir()
+    (split,) = (tmp_path / "split-nii").iterdir()
+    a, b = nib.load(str(whole)), nib.load(str(split))
+    assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj)) and np.allclose(a.affine, b.affine)
+    assert int(np.asanyarray(a.dataobj).astype(bool).sum()) > 0
+
+
+def test_copies_of_one_instance_that_differ_fail_the_case_naming_both_files(tmp_path, small_chest_dicom):
+    first, second = _split(small_chest_dicom, tmp_path)
+    shared = sorted(second.iterdir())[0]  # the slice both parts hold
+    ds = pydicom.dcmread(str(shared))
+    pixels = ds.pixel_array.copy()
+    pixels[0, 0] += 1
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(str(shared))
+    store = CaseStore(tmp_path / "store")
+    (case,) = discover([first, second], store.case_ids())
+    assert case.error and shared.name in case.error and "different content" in case.error
+    assert main(["annotate", str(first), str(second), "--out", str(tmp_path / "s"), "--detector", "intensity"]) == 1
+    assert CaseStore(tmp_path / "s").errors()[case.case_id]["stage"] == "read"
