@@ -49,7 +49,7 @@ def _state_dict(path: Path) -> dict:
 
 
 class LoadedModel:
-    """A checkpoint ready to run: its weights' sha256, a display name, its kind (pipeline/model_kinds) and the
+    """A checkpoint ready to run: its weights' sha256, a display name, its kind (pipeline/model/framing.py) and the
     torch network, built on first use of ``net``.
 
     Building the network imports torch and the architecture (timm, for LiteMedSAM: seconds of start-up and a

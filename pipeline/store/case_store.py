@@ -227,7 +227,7 @@ class CaseStore:
             final = self._commit_local(case_id, content, previous)
         else:
             final = self._commit_remote(case_id, content, previous if old is not None else None)
-        for folder in ("_errors", "_quarantine"):  # a committed case has no open failure (pipeline/quarantine)
+        for folder in ("_errors", "_quarantine"):  # a committed case has no open failure (pipeline/store/records.py)
             self.remove_json(self.root / folder / f"{case_id}.json")
         return final
 
