@@ -27,7 +27,7 @@ from pipeline.annotate.quality import quality_attrs
 from pipeline.annotate.rendering import default_decoder_batch, effective_modality, renderings
 from pipeline.annotate.segment import segment_volume
 from pipeline.annotate.signature import committed_with, signature_or_none, signature_or_read_error
-from pipeline.core.errors import PromptError, RunError
+from pipeline.core.errors import CaseError, PromptError, RunError, StoreUnavailableError, resource_fault
 from pipeline.core.geometry import align_to
 from pipeline.core.outcome import CaseOutcome
 from pipeline.core.provenance import utc_stamp
@@ -145,7 +145,8 @@ def run_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: Lazy
 
     Transient errors are retried; a failure is recorded in STORE/_errors with its stage and reason (and
     quarantined when the policy asks, unless the next run should simply retry it); :class:`RunError` (no
-    usable model) propagates. ``model_lock`` serialises the model work of concurrent calls (a Ray actor
+    usable model; :class:`StoreUnavailableError` when the store is full, read-only or not writable, which
+    would fail every next case the same way) propagates. ``model_lock`` serialises the model work of concurrent calls (a Ray actor
     reads the next case while the model works on this one); ``node`` names the machine in the outcome.
     """
     where = node() if node is not None else ""
@@ -156,6 +157,11 @@ def run_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: Lazy
     except RunError:
         raise
     except Exception as exc:  # noqa: BLE001 - expected or a bug, a case's failure fails that case only
+        fault = None if isinstance(exc, CaseError) else resource_fault(exc)
+        if fault is not None:  # the store itself cannot take writes: every next case would fail the same way
+            raise StoreUnavailableError(f"case {case.case_id} could not be written to the store {store.url}: "
+                                        f"{fault}; nothing half-written was kept, rerun when there is room"
+                                        ) from exc
         stage, reason = failure_of(exc)
         log.debug("case %s:\n%s", case.case_id, traceback.format_exc())  # may name files: debug only
     log.error("case %s failed at %s: %s", case.case_id, stage, reason)

@@ -25,6 +25,7 @@ from pipeline.cli.common import (
 )
 from pipeline.cli.demo import run_demo
 from pipeline.cli.ray import annotate_on_ray
+from pipeline.core.errors import StoreUnavailableError, resource_fault
 from pipeline.core.provenance import package_version
 from pipeline.export.common import ExportTargetError
 from pipeline.export.formats import FORMATS, export_store
@@ -146,6 +147,9 @@ def _annotate(args) -> int:
     except CheckpointError as exc:
         print(f"medsam-engine annotate: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except StoreUnavailableError as exc:
+        print(f"medsam-engine annotate: {exc}", file=sys.stderr)
+        return EXIT_CASES_FAILED
     for outcome in summary.outcomes:
         line = f"{outcome.status:8s} {outcome.case_id}"
         print(line + (f"  {outcome.reason}" if outcome.status == "failed" else ""))
@@ -220,7 +224,18 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(Path(args.out))
     handlers = {"annotate": _annotate, "export": _export, "eval": _eval, "detector": _detector,
                 "review": flywheel.review, "finetune": flywheel.finetune, "round": flywheel.round_command}
-    return handlers[args.command](args)
+    try:
+        return handlers[args.command](args)
+    except StoreUnavailableError as exc:
+        print(f"medsam-engine {args.command}: {exc}", file=sys.stderr)
+        return EXIT_CASES_FAILED
+    except OSError as exc:  # a full, read-only or forbidden disk is a reason, not a traceback
+        fault = resource_fault(exc)
+        if fault is None:
+            raise
+        where = f" ({Path(exc.filename).name})" if getattr(exc, "filename", None) else ""
+        print(f"medsam-engine {args.command}: cannot write{where}: {fault}", file=sys.stderr)
+        return EXIT_CASES_FAILED
 
 
 if __name__ == "__main__":

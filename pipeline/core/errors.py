@@ -53,6 +53,26 @@ class RunError(RuntimeError):
     """The run as a whole cannot go on (no usable model, no usable store); never recorded per case."""
 
 
+class StoreUnavailableError(RunError):
+    """The store (or the disk a run writes to) cannot be written: full, read-only or not ours to write."""
+
+
+RESOURCE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exhausted",
+                   errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
+
+
+def resource_fault(exc: BaseException | None) -> str | None:
+    """Why a write failed for lack of a resource (no space, quota, read-only, permission) when ``exc`` or an
+    exception it was raised from says so; None otherwise."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
+            return f"{RESOURCE_ERRNOS[exc.errno]} ({exc.strerror or exc})"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY,
                               errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ENETDOWN,
                               errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EPIPE})

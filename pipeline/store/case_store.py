@@ -240,7 +240,11 @@ class CaseStore:
         final = Path(self.case_path(case_id))
         staging = Path(self.root) / "_staging" / f"{case_id}-{uuid.uuid4().hex[:8]}{CASE_SUFFIX}"
         staging.parent.mkdir(parents=True, exist_ok=True)
-        write_case_group(str(staging), **content)
+        try:
+            write_case_group(str(staging), **content)
+        except BaseException:  # a full disk, a kill: leave no half-written group behind, not even in staging
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         if final.exists():
             Path(previous).parent.mkdir(parents=True, exist_ok=True)
             os.replace(final, previous)
