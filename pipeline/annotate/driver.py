@@ -146,8 +146,9 @@ def run_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: Lazy
     Transient errors are retried; a failure is recorded in STORE/_errors with its stage and reason (and
     quarantined when the policy asks, unless the next run should simply retry it); :class:`RunError` (no
     usable model; :class:`StoreUnavailableError` when the store is full, read-only or not writable, which
-    would fail every next case the same way) propagates. ``model_lock`` serialises the model work of concurrent calls (a Ray actor
-    reads the next case while the model works on this one); ``node`` names the machine in the outcome.
+    would fail every next case the same way) propagates. ``model_lock`` serialises the model work of
+    concurrent calls (a Ray actor reads the next case while the model works on this one); ``node`` names the
+    machine in the outcome.
     """
     where = node() if node is not None else ""
     start = time.perf_counter()

@@ -63,7 +63,8 @@ def segment_volume(runner: LiteMedSAMRunner, volume_u8: np.ndarray | dict[str, n
     ``window_of`` giving each label's window: each slice is then encoded once per window in use on it, and
     overlaps are still resolved across all of the slice's boxes. ``encoder_batch`` slices go through the
     encoder together (pays on a GPU); at most ``decoder_batch`` boxes are decoded per call, and overlaps are
-    resolved as the calls come, so memory stays bounded with hundreds of boxes on a large 2D image. Returns the (z, y, x) uint16 label map and one InstanceRecord per
+    resolved as the calls come, so memory stays bounded with hundreds of boxes on a large 2D image.
+    Returns the (z, y, x) uint16 label map and one InstanceRecord per
     (label, instance) with boxes, slices, mean predicted IoU, mean stability score and voxels claimed.
     With ``jitter``, up to ``jitter.slices`` prompted slices (evenly spaced) are decoded again with jittered
     boxes and each instance records the mean IoU of its masks under jitter (one extra decoder call per box).

@@ -1,4 +1,5 @@
-"""Exporting LiteMedSAM's graphs for the CPU runtimes (pipeline/model/graph_cache.py) and checking them against eager torch.
+"""Exporting LiteMedSAM's graphs for the CPU runtimes (pipeline/model/graph_cache.py) and checking them
+against eager torch.
 
 Only a cache miss comes here (a new checkpoint, runtime or torch version, or a damaged cache): this module
 imports torch, which a runner on cached graphs never needs. The encoder is exported from a copy with two

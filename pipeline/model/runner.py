@@ -4,9 +4,10 @@ The runner knows nothing of Ray, Prefect or the store. ``set_slice`` embeds one 
 pass); ``decode`` segments all boxes of that slice in one batched decoder call, at the slice's original
 resolution. Boxes come in voxel XYXY; the model's 256-pixel boxes live only in here.
 
-Nothing here imports torch until it is needed: a runner on cached CPU graphs (pipeline/model/graph_cache.py, handed in by pipeline/model/build.py) runs the
-bundled checkpoint with numpy, OpenCV and the runtime alone, which saves a worker seconds of start-up and
-about 0.5 GB of memory. Eager torch, exports and users' checkpoints import it on first use.
+Nothing here imports torch until it is needed: a runner on cached CPU graphs (pipeline/model/graph_cache.py,
+handed in by pipeline/model/build.py) runs the bundled checkpoint with numpy, OpenCV and the runtime alone,
+which saves a worker seconds of start-up and about 0.5 GB of memory. Eager torch, exports and users'
+checkpoints import it on first use.
 """
 from __future__ import annotations
 
