@@ -64,8 +64,9 @@ def _write_png(store: CaseStore, case_id: str, folder: Path) -> str | None:
     plane = image[0]
     if plane.ndim == 3:
         plane = cv2.cvtColor(np.ascontiguousarray(plane), cv2.COLOR_RGB2BGR)
-    folder.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(folder / f"{case_id}.png"), plane)
+    with atomic_file(folder / f"{case_id}.png") as temp:
+        if not cv2.imwrite(str(temp), plane):
+            raise ExportCheckError(f"case {case_id}: OpenCV could not write its PNG")
     return f"images/{case_id}.png"
 
 
