@@ -30,7 +30,7 @@ from flows import progress, sharding, summary, watermark
 from pipeline.annotate.config import EngineConfig, load_config
 from pipeline.annotate.lazy_runner import LazyRunner
 from pipeline.annotate.policy import RETRY_NEXT_RUN
-from pipeline.annotate.signature import case_signature
+from pipeline.annotate.signature import signature_or_none
 from pipeline.core.errors import is_transient
 from pipeline.core.outcome import CaseOutcome
 from pipeline.core.provenance import package_version, utc_stamp
@@ -148,9 +148,8 @@ def skip_committed(cases: list[dict], store_url: str, config_json: str, retry_qu
         held = None if retry_quarantined else quarantined(store, case["case_id"])
         if attrs is None and held is None:
             return "todo"  # nothing to compare: the actor computes the signature
-        try:
-            signature = case_signature(CaseRef(**case), config, runner.model_sha256)
-        except OSError:
+        signature = signature_or_none(CaseRef(**case), config, runner.model_sha256)
+        if signature is None:
             return "todo"  # the actor records why it cannot be read
         if attrs is not None and attrs.get("signature") == signature:
             return "skipped"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import re
+from collections.abc import Iterator
 
 
 class CaseError(Exception):
@@ -61,15 +62,21 @@ RESOURCE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "t
                    errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
 
 
-def resource_fault(exc: BaseException | None) -> str | None:
-    """Why a write failed for lack of a resource (no space, quota, read-only, permission) when ``exc`` or an
-    exception it was raised from says so; None otherwise."""
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling, each once."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
-            return f"{RESOURCE_ERRNOS[exc.errno]} ({exc.strerror or exc})"
+        yield exc
         exc = exc.__cause__ or exc.__context__
+
+
+def resource_fault(exc: BaseException | None) -> str | None:
+    """Why a write failed for lack of a resource (no space, quota, read-only, permission) when ``exc`` or an
+    exception it was raised from says so; None otherwise."""
+    for link in _chain(exc):
+        if isinstance(link, OSError) and link.errno in RESOURCE_ERRNOS:
+            return f"{RESOURCE_ERRNOS[link.errno]} ({link.strerror or link})"
     return None
 
 
@@ -84,15 +91,12 @@ _TRANSIENT_TEXT = re.compile(r"\b(TimeoutError|Connection\w*Error|BrokenPipeErro
 
 def is_transient(exc: BaseException | None) -> bool:
     """Whether ``exc`` (or an exception it was raised from) is an I/O hiccup worth retrying."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (TimeoutError, ConnectionError)):
+    for link in _chain(exc):
+        if isinstance(link, (TimeoutError, ConnectionError)):
             return True
-        if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+        if isinstance(link, OSError) and link.errno in TRANSIENT_ERRNOS:
             return True
-        reason = getattr(exc, "reason", None)
+        reason = getattr(link, "reason", None)
         if isinstance(reason, str) and _TRANSIENT_TEXT.search(reason):
             return True
-        exc = exc.__cause__ or exc.__context__
     return False

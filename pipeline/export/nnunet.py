@@ -63,8 +63,9 @@ def _channel_names(modality: str, channels: int) -> dict[str, str]:
 
 def _plan(store: CaseStore, report: ExportReport) -> tuple[list[str], dict[int, str]]:
     """The included cases (accepted or unreviewed, of the commonest modality) and each label value's name."""
-    chosen, report.excluded = select_cases(store, "accepted-or-unrouted")
-    candidates = {case_id: store.attributes(case_id).modality for case_id in chosen}  # type: ignore[union-attr]
+    attributes = store.all_attributes()
+    chosen, report.excluded = select_cases(store, "accepted-or-unrouted", attributes=attributes)
+    candidates = {case_id: attributes[case_id].modality for case_id in chosen}
     counts = Counter(candidates.values())
     modality = max(sorted(counts), key=counts.__getitem__) if counts else "OT"
     cases, names = [], {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pipeline.core.types import CaseAttributes
 from pipeline.store.case_store import CaseStore
 
 ACCEPTED = "accepted"
@@ -20,17 +21,21 @@ def review_statuses(store: CaseStore) -> dict[str, str | None]:
     return {case_id: attrs.review_status for case_id, attrs in store.all_attributes().items()}
 
 
-def select_cases(store: CaseStore, rule: AcceptanceRule) -> tuple[list[str], dict[str, str]]:
+def select_cases(store: CaseStore, rule: AcceptanceRule, *, attributes: dict[str, CaseAttributes] | None = None
+                 ) -> tuple[list[str], dict[str, str]]:
     """(chosen case ids, {left-out case id: why}) under ``rule``:
 
     * ``accepted``: only cases a person accepted (fine-tuning);
     * ``accepted-or-unrouted``: accepted cases and cases with no review status (exports);
     * ``accepted-else-all``: the accepted cases when the store has any review status, else every committed
       case (training the detector on a store that was never reviewed).
+
+    ``attributes`` (``store.all_attributes()``) saves reading them again when the caller has them.
     """
     if rule not in RULES:
         raise ValueError(f"Argument 'rule' must be one of {RULES}; got {rule!r}.")
-    statuses = review_statuses(store)
+    statuses = (review_statuses(store) if attributes is None
+                else {case_id: attrs.review_status for case_id, attrs in attributes.items()})
     if rule == "accepted-else-all" and all(status is None for status in statuses.values()):
         return list(statuses), {}
     take_unrouted = rule == "accepted-or-unrouted"
