@@ -96,6 +96,58 @@ def nuclei_2d(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def nuclei_tiles(tmp_path_factory) -> tuple[Path, Path]:
+    """stardist's real 512x512 nuclei image as four 256x256 PNG tiles (one case each) and a folder of their
+    instance masks under the same names."""
+    import cv2
+    import stardist
+    import tifffile
+
+    data = Path(stardist.__file__).parent / "data" / "images"
+    image = tifffile.imread(str(data / "img2d.tif")).astype(np.float64)
+    mask = tifffile.imread(str(data / "mask2d.tif"))
+    scaled = ((image - image.min()) / max(float(image.max() - image.min()), 1e-6) * 255).astype(np.uint8)
+    root = tmp_path_factory.mktemp("tiles")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    for row in (0, 1):
+        for col in (0, 1):
+            window = np.s_[row * 256:(row + 1) * 256, col * 256:(col + 1) * 256]
+            cv2.imwrite(str(root / "images" / f"tile{row}{col}.png"), scaled[window])
+            cv2.imwrite(str(root / "masks" / f"tile{row}{col}.png"), mask[window].astype(np.uint16))
+    return root / "images", root / "masks"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """One real local S3 server (moto) on a loopback port for the test session; its URL."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    pytest.importorskip("s3fs", reason="s3fs is not installed")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def use_s3(monkeypatch, endpoint: str, bucket: str | None = None) -> str | None:
+    """Point the standard AWS environment at ``endpoint`` (fresh s3fs clients) and make ``bucket``."""
+    import fsspec
+    import s3fs
+
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    if bucket is None:
+        return None
+    fs = fsspec.filesystem("s3")
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    return f"s3://{bucket}"
+
+
+@pytest.fixture(scope="session")
 def runner():
     from pipeline.model.checkpoint import load_lite_medsam
     from pipeline.model.runner import LiteMedSAMRunner

@@ -104,6 +104,8 @@ class PostprocessSection(_Section):
 
 class StoreSection(_Section):
     write_image: bool = True
+    # A case's lease (pipeline/store/leases.py) lapses when its run has not renewed it for this long.
+    lease_ttl_s: float = Field(default=300.0, ge=5.0)
 
 
 class QualitySection(_Section):

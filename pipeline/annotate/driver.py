@@ -27,13 +27,21 @@ from pipeline.annotate.quality import quality_attrs
 from pipeline.annotate.rendering import default_decoder_batch, effective_modality, renderings
 from pipeline.annotate.segment import segment_volume
 from pipeline.annotate.signature import committed_with, signature_or_none, signature_or_read_error
-from pipeline.core.errors import CaseError, PromptError, RunError, StoreUnavailableError, resource_fault
+from pipeline.core.errors import (
+    CaseError,
+    PromptError,
+    RunError,
+    StoreConflictError,
+    StoreUnavailableError,
+    resource_fault,
+)
 from pipeline.core.geometry import align_to
 from pipeline.core.outcome import CaseOutcome
 from pipeline.core.provenance import utc_stamp
 from pipeline.core.types import BoxPrompt, CaseRef, Volume
 from pipeline.io.readers import label_names_of, read_case, read_volume
 from pipeline.store.case_store import CaseStore
+from pipeline.store.leases import Lease, holder, leased
 from pipeline.store.records import quarantine
 from postprocess.chain import apply_chain
 
@@ -80,9 +88,10 @@ def clean(label_map: np.ndarray, volume: Volume, config: EngineConfig) -> tuple[
 
 
 def annotate_case(case: CaseRef, volume: Volume, store: CaseStore, config: EngineConfig, runner: LazyRunner, *,
-                  signature: dict, overwrite: bool, progress=None) -> int:
+                  signature: dict, overwrite: bool, progress=None, lease: Lease | None = None) -> int:
     """Prompt, segment, clean and commit one read case; returns the number of slices segmented. Raises
-    CaseError for expected failures."""
+    CaseError for expected failures, StoreConflictError when ``lease`` was taken over by another run while
+    this one worked (it commits instead)."""
     coarse, prompts, label_names = case_prompts(case, volume, config, runner)
     rendered, window_of, windows = renderings(volume, coarse, prompts, config)
     model = runner.get()
@@ -116,25 +125,32 @@ def annotate_case(case: CaseRef, volume: Volume, store: CaseStore, config: Engin
         "committed_at": utc_stamp(),
     }
     image = volume.array if config.store.write_image else None
+    if lease is not None and lease.lost:
+        raise StoreConflictError("another run took this case over while this one worked (its lease expired); "
+                                 "that run commits it", case_id=case.case_id)
     store.commit_case(case.case_id, labels=label_map, attrs=attrs, image=image, overwrite=overwrite,
                       label_names=label_names)
     return slices
 
 
-def _attempt(case: CaseRef, store: CaseStore, config: EngineConfig, runner: LazyRunner, *, overwrite: bool,
-             progress, model_lock, node: str) -> CaseOutcome:
+def _attempt(case: CaseRef, store: CaseStore, config: EngineConfig, runner: LazyRunner, *, run_id: str,
+             overwrite: bool, progress, model_lock, node: str) -> CaseOutcome:
     start = time.perf_counter()
     signature = signature_or_read_error(case, config, runner.model_sha256)
     if committed_with(store, case.case_id, signature):
         return CaseOutcome(case.case_id, "skipped", reason="already committed with the same signature", node=node)
-    runner.prefetch()  # the model loads while the case is read and prompted
-    volume = read_case(case)  # outside the model lock: overlaps another call's model work
-    with model_lock or contextlib.nullcontext():
-        if model_lock is not None and committed_with(store, case.case_id, signature):
-            return CaseOutcome(case.case_id, "skipped", reason="committed meanwhile by a retried call", node=node)
-        write_case_manifest(store, case)
-        slices = annotate_case(case, volume, store, config, runner, signature=signature, overwrite=overwrite,
-                               progress=progress)
+    with leased(store, case.case_id, run_id=run_id, ttl_s=config.store.lease_ttl_s) as lease:
+        if lease is None:
+            other = (holder(store, case.case_id) or {}).get("run_id", "another run")
+            return CaseOutcome(case.case_id, "skipped", reason=f"in progress in run {other}", node=node)
+        if committed_with(store, case.case_id, signature):
+            return CaseOutcome(case.case_id, "skipped", reason="committed meanwhile by another run", node=node)
+        runner.prefetch()  # the model loads while the case is read and prompted
+        volume = read_case(case)  # outside the model lock: overlaps another call's model work
+        with model_lock or contextlib.nullcontext():
+            write_case_manifest(store, case)
+            slices = annotate_case(case, volume, store, config, runner, signature=signature, overwrite=overwrite,
+                                   progress=progress, lease=lease)
     return CaseOutcome(case.case_id, "done", seconds=time.perf_counter() - start, slices=slices, node=node)
 
 
@@ -153,7 +169,7 @@ def run_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: Lazy
     where = node() if node is not None else ""
     start = time.perf_counter()
     try:
-        return with_retries(lambda: _attempt(case, store, config, runner, overwrite=overwrite, progress=progress,
+        return with_retries(lambda: _attempt(case, store, config, runner, run_id=run_id, overwrite=overwrite, progress=progress,
                                              model_lock=model_lock, node=where), policy)
     except RunError:
         raise

@@ -10,6 +10,7 @@ Layout::
     STORE/_previous/<case_id>/     earlier versions (rounds) kept when a case is overwritten
     STORE/_manifest/<case_id>.json what each case is made from (input paths live only here)
     STORE/_errors/<case_id>.json   the reason a case failed, until it succeeds
+    STORE/_leases/<case_id>.json   which run works on the case now (pipeline/store/leases.py)
     STORE/_runs/<run_id>.json      what ran, when, with which options and results
 
 A case is done only when its root ``zarr.json`` says ``status: committed``, and that is written last:
@@ -39,6 +40,7 @@ from pipeline.core.errors import StoreConflictError
 from pipeline.core.provenance import utc_stamp, version_id
 from pipeline.core.types import CaseAttributes, CaseIds
 from pipeline.store.labels_meta import describe_labels
+from pipeline.store.leases import put_if_absent
 
 CASE_SUFFIX = ".ome.zarr"
 STATUS_COMMITTED = "committed"
@@ -106,7 +108,8 @@ class CaseStore:
         path = self.root / "_key"
         if not self.is_local:
             if not self.fs.exists(str(path)):
-                self.fs.pipe_file(str(path), secrets.token_hex(32).encode())
+                # a conditional PUT: of two runs creating the key at once, exactly one writes it
+                put_if_absent(self.fs, str(path), secrets.token_hex(32).encode())
             return self.fs.cat_file(str(path)).strip()
         path = Path(path)
         if not path.exists():

@@ -6,36 +6,23 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import commit_from_source
+from conftest import commit_from_source, use_s3
 
 from pipeline.core.errors import StoreConflictError
 from pipeline.export.formats import export_store
 from pipeline.io.readers import read_volume
 from pipeline.store.case_store import CaseStore
 
-pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
 
 
 @pytest.fixture(scope="module")
-def bucket():
-    """A moto S3 server for this module, reached through the standard AWS environment variables."""
-    import fsspec
+def bucket(s3_endpoint):
+    """A bucket on the session's moto S3 server, reached through the standard AWS environment variables."""
     import s3fs
 
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-        env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        yield use_s3(env, s3_endpoint, "medsam")
         s3fs.S3FileSystem.clear_instance_cache()
-        fsspec.filesystem("s3").mkdir("medsam")
-        yield "s3://medsam"
-        s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
 
 
 @pytest.fixture(scope="module")

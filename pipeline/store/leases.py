@@ -1,0 +1,265 @@
+"""Per-case leases: two runs on one store never work on, or commit, the same case at once.
+
+A run takes a case's lease before reading it and gives it back after the commit (or the failure). The lease
+is one small JSON object, ``STORE/_leases/<case_id>.json``, created exclusively:
+
+* local stores: the file appears whole under its name or not at all (hard link of a finished file, which fails
+  when the name exists);
+* object stores: a conditional PUT (``If-None-Match: *``); renewing or taking over a stale lease is a PUT
+  conditional on the ETag that was read (``If-Match``), so of two runs racing for it exactly one wins.
+
+A holder renews its lease every ``ttl_s / 3`` seconds from a background thread while it works. A lease is
+stale, and may be taken over, when it was not renewed within ``ttl_s`` (the holder died or lost the store), or
+at once when its holder is a process of this machine that no longer exists (a killed run on the same node).
+Clocks: expiry compares the holder's ``expires_at`` with this machine's clock; keep nodes NTP-synchronised and
+the TTL well above their skew.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.core.atomic import create_exclusive, write_text_atomic
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from pipeline.store.case_store import CaseStore
+
+log = logging.getLogger(__name__)
+
+LEASES = "_leases"
+DEFAULT_TTL_S = 300.0
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+HOST = f"{socket.gethostname()}/{_boot_id()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, someone else's
+        return True
+    return True
+
+
+def is_stale(record: dict, *, now: float | None = None) -> bool:
+    """Whether a lease record may be taken over: expired, or held by a dead process of this machine."""
+    now = time.time() if now is None else now
+    if float(record.get("expires_at", 0)) < now:
+        return True
+    return record.get("host") == HOST and isinstance(record.get("pid"), int) and not _alive(record["pid"])
+
+
+@dataclass
+class Lease:
+    """A held lease on one case; :meth:`renew` extends it, :meth:`release` gives it back."""
+
+    store: CaseStore
+    case_id: str
+    run_id: str
+    ttl_s: float
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    etag: str | None = None  # object stores: the ETag of our last write
+    lost: bool = False
+
+    @property
+    def path(self) -> str:
+        return str(self.store.root / LEASES / f"{self.case_id}.json")
+
+    def record(self) -> dict:
+        return {"case_id": self.case_id, "run_id": self.run_id, "token": self.token, "host": HOST,
+                "pid": os.getpid(), "ttl_s": self.ttl_s, "expires_at": time.time() + self.ttl_s}
+
+    def renew(self) -> bool:
+        """Extend the lease; False (and ``lost``) when another run has taken it over meanwhile."""
+        current, etag = read_lease(self.store, self.case_id)
+        if current is None or current.get("token") != self.token:
+            self.lost = True
+            return False
+        text = json.dumps(self.record())
+        if self.store.is_local:
+            write_text_atomic(self.path, text)
+            return True
+        written = _put_conditional(self.store, self.path, text, if_match=etag)
+        if written is None:
+            self.lost = True
+            return False
+        self.etag = written
+        return True
+
+    def release(self) -> None:
+        """Give the lease back (only if it is still ours)."""
+        current, _ = read_lease(self.store, self.case_id)
+        if current is not None and current.get("token") == self.token:
+            try:
+                self.store.fs.rm_file(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def read_lease(store: CaseStore, case_id: str) -> tuple[dict | None, str | None]:
+    """The case's lease record and (object stores) its ETag; (None, None) when there is none. An unreadable
+    record (a torn write of some other tool) reads as an expired lease."""
+    path = str(store.root / LEASES / f"{case_id}.json")
+    try:
+        if store.is_local:
+            data, etag = store.fs.cat_file(path), None
+        else:  # the ETag must be the one of the bytes read: the same before and after the GET
+            for _ in range(5):
+                store.fs.invalidate_cache(path)
+                etag = store.fs.info(path).get("ETag")
+                data = store.fs.cat_file(path)
+                store.fs.invalidate_cache(path)
+                if store.fs.info(path).get("ETag") == etag:
+                    break
+            else:
+                return {"run_id": "(changing)", "expires_at": float("inf")}, None  # busy: treat as held
+    except FileNotFoundError:
+        return None, None
+    try:
+        record = json.loads(data)
+    except ValueError:
+        record = {"expires_at": 0}
+    return (record if isinstance(record, dict) else {"expires_at": 0}), etag
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    if isinstance(exc, FileExistsError):
+        return True
+    text = f"{exc} {exc.__cause__ or ''}"
+    return "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text
+
+
+def put_if_absent(fs, path: str, data: bytes, *, if_match: str | None = None) -> bool:
+    """One conditional PUT on an object store: create ``path`` only if it is absent (``if_match`` None), or
+    replace only the version with that ETag. False when the condition failed (another writer was first)."""
+    try:
+        if if_match is None:
+            fs.pipe_file(path, data, mode="create")
+        else:
+            fs.pipe_file(path, data, IfMatch=if_match)
+    except OSError as exc:  # FileExistsError, or the 412 as s3fs raises it
+        if _precondition_failed(exc):
+            return False
+        raise
+    finally:
+        fs.invalidate_cache(path)
+    return True
+
+
+def _put_conditional(store: CaseStore, path: str, text: str, *, if_match: str | None = None) -> str | None:
+    """:func:`put_if_absent` returning the new ETag, or None when the condition failed."""
+    if not put_if_absent(store.fs, path, text.encode(), if_match=if_match):
+        return None
+    return store.fs.info(path).get("ETag")
+
+
+def _take_over_local(lease: Lease, stale: dict) -> bool:
+    """Move a stale lease file aside and create ours; only one of racing runs moves that very file."""
+    path = Path(lease.path)
+    aside = path.with_name(f".{uuid.uuid4().hex[:12]}.stale.{path.name}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    try:
+        moved = json.loads(aside.read_text() or "{}")
+    except ValueError:
+        moved = {}
+    if moved.get("token") != stale.get("token") and stale.get("token") is not None:
+        # Another run replaced the stale lease between our read and our move: put its fresh lease back.
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass
+        aside.unlink(missing_ok=True)
+        return False
+    aside.unlink(missing_ok=True)
+    return create_exclusive(path, json.dumps(lease.record()))
+
+
+def acquire(store: CaseStore, case_id: str, *, run_id: str, ttl_s: float = DEFAULT_TTL_S) -> Lease | None:
+    """Take the case's lease; None when a live run holds it (its record is logged at debug level)."""
+    lease = Lease(store, case_id, run_id, ttl_s)
+    text = json.dumps(lease.record())
+    for _ in range(3):
+        if store.is_local:
+            if create_exclusive(lease.path, text):
+                return lease
+        else:
+            lease.etag = _put_conditional(store, lease.path, text)
+            if lease.etag is not None:
+                return lease
+        current, etag = read_lease(store, case_id)
+        if current is None:
+            continue  # released between our try and our read: try again
+        if not is_stale(current):
+            log.debug("case %s is leased by run %s", case_id, current.get("run_id"))
+            return None
+        log.info("case %s: taking over the stale lease of run %s", case_id, current.get("run_id"))
+        if store.is_local:
+            if _take_over_local(lease, current):
+                return lease
+        else:
+            lease.etag = _put_conditional(store, lease.path, json.dumps(lease.record()), if_match=etag)
+            if lease.etag is not None:
+                return lease
+    return None
+
+
+def holder(store: CaseStore, case_id: str) -> dict | None:
+    """The live lease on a case (its record), or None when nobody holds it."""
+    record, _ = read_lease(store, case_id)
+    return None if record is None or is_stale(record) else record
+
+
+@contextmanager
+def leased(store: CaseStore, case_id: str, *, run_id: str, ttl_s: float = DEFAULT_TTL_S
+           ) -> Iterator[Lease | None]:
+    """Hold the case's lease for the block, renewing it in the background; yields None (and holds nothing)
+    when another live run holds it."""
+    lease = acquire(store, case_id, run_id=run_id, ttl_s=ttl_s)
+    if lease is None:
+        yield None
+        return
+    stop = threading.Event()
+
+    def keep() -> None:
+        while not stop.wait(ttl_s / 3):
+            try:
+                if not lease.renew():
+                    log.warning("case %s: the lease was taken over by another run", case_id)
+                    return
+            except Exception as exc:  # noqa: BLE001 - a failed renewal is retried at the next beat
+                log.warning("case %s: could not renew the lease (%s)", case_id, exc)
+
+    beat = threading.Thread(target=keep, name=f"lease-{case_id}", daemon=True)
+    beat.start()
+    try:
+        yield lease
+    finally:
+        stop.set()
+        beat.join()
+        try:
+            lease.release()
+        except Exception as exc:  # noqa: BLE001 - an unreleased lease only expires later
+            log.warning("case %s: could not release the lease (%s); it expires in %.0f s", case_id, exc, ttl_s)
