@@ -182,9 +182,15 @@ def run_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: Lazy
         stage, reason = failure_of(exc)
         log.debug("case %s:\n%s", case.case_id, traceback.format_exc())  # may name files: debug only
     log.error("case %s failed at %s: %s", case.case_id, stage, reason)
-    store.record_error(case.case_id, stage=stage, reason=reason, run_id=run_id)
-    if policy.quarantine and stage not in RETRY_NEXT_RUN:
-        quarantine(store, case.case_id, stage=stage, run_id=run_id,
-                   signature=signature_or_none(case, config, runner.model_sha256))
+    try:
+        store.record_error(case.case_id, stage=stage, reason=reason, run_id=run_id)
+        if policy.quarantine and stage not in RETRY_NEXT_RUN:
+            quarantine(store, case.case_id, stage=stage, run_id=run_id,
+                       signature=signature_or_none(case, config, runner.model_sha256))
+    except Exception as exc:  # noqa: BLE001 - not even the failure can be written: the store is gone
+        why = resource_fault(exc) or f"{type(exc).__name__}: {exc}"
+        raise StoreUnavailableError(f"the store {store.url} cannot be written ({why}) while recording that case "
+                                    f"{case.case_id} failed at {stage}; nothing half-written was kept, rerun "
+                                    "when the store is back") from exc
     return CaseOutcome(case.case_id, "failed", stage=stage, reason=reason, seconds=time.perf_counter() - start,
                        node=where)

@@ -85,14 +85,23 @@ TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ES
                               errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EPIPE})
 # A reader error that crossed the isolated reader's process boundary has lost its cause; its reason still
 # names the cause's type and errno ("... (OSError: [Errno 5] Input/output error)").
-_TRANSIENT_TEXT = re.compile(r"\b(TimeoutError|Connection\w*Error|BrokenPipeError)\b|\[Errno ("
+_TRANSIENT_TEXT = re.compile(r"\b(TimeoutError|Connection\w*Error|BrokenPipeError|ReadTimeout)\b|\[Errno ("
                              + "|".join(str(n) for n in sorted(TRANSIENT_ERRNOS)) + r")\]")
+
+
+# Connection failures of the HTTP stacks under s3fs/requests that are not Python's ConnectionError; named, so
+# this module imports none of them.
+TRANSIENT_TYPES = frozenset({"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
+                             "ConnectTimeoutError", "ResponseStreamingError", "ServerDisconnectedError",
+                             "ClientConnectorError", "ClientOSError", "ClientPayloadError"})
 
 
 def is_transient(exc: BaseException | None) -> bool:
     """Whether ``exc`` (or an exception it was raised from) is an I/O hiccup worth retrying."""
     for link in _chain(exc):
-        if isinstance(link, (TimeoutError, ConnectionError)):
+        if isinstance(link, (TimeoutError, ConnectionError)) or getattr(link, "transient", False):
+            return True
+        if any(kind.__name__ in TRANSIENT_TYPES for kind in type(link).__mro__):
             return True
         if isinstance(link, OSError) and link.errno in TRANSIENT_ERRNOS:
             return True
