@@ -176,6 +176,8 @@ class CaseRef:
     could not make a readable case of an input (a corrupt file, a refused archive member): reading the case
     raises it as a ReadError so it is recorded like any other failure. ``content_sha256`` is the image file's
     sha256 as discovery read it for the case id, so the case's signature does not read the file again.
+    ``unreadable_nearby`` names the files in a series' folders that could not be read as DICOM (each also its own
+    failing case): when the series fails to read (a gap, say), its reason names them, as they may be its slices.
     """
 
     case_id: str
@@ -186,6 +188,7 @@ class CaseRef:
     files: tuple[str, ...] = ()
     error: str | None = None
     content_sha256: str | None = None  # of the image file, when discovery hashed it (the signature reuses it)
+    unreadable_nearby: tuple[str, ...] = ()  # "name (why)" of unreadable files beside a DICOM series' files
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,8 @@ class _Finder:
         scan = scan_headers(files, workers=options.scan_workers, parallel_from=options.parallel_from)
         groups, dropped = group_series(scan.headers, keep_localizers=options.keep_localizers,
                                        keep_derived=options.keep_derived)
-        cases = [self.group_case(g) for g in groups]
+        nearby = tuple(f"{Path(p).name} ({why})" for p, why in scan.failures)
+        cases = [replace(self.group_case(g), unreadable_nearby=nearby) for g in groups]
         cases += [self.error_case("path:" + str(Path(p).resolve()), Path(p), f"{Path(p).name}: {why}")
                   for p, why in scan.failures]
         ignored.update(dropped + scan.ignored)
@@ -239,7 +240,9 @@ def discover(inputs: Sequence[str | Path], ids: CaseIds, *, coarse_masks: Sequen
 def _union(first: CaseRef, second: CaseRef) -> CaseRef:
     """One DICOM series from the files of both cases (paths in order, each once)."""
     files = tuple(dict.fromkeys(first.files + second.files))
-    return replace(first, image=str(_common_folder(files)), files=files, content_sha256=None)
+    nearby = tuple(dict.fromkeys(first.unreadable_nearby + second.unreadable_nearby))
+    return replace(first, image=str(_common_folder(files)), files=files, content_sha256=None,
+                   unreadable_nearby=nearby)
 
 
 def _one_file_per_instance(case: CaseRef) -> CaseRef:

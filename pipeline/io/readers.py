@@ -189,9 +189,19 @@ def read_case(case: CaseRef, *, isolated: bool = True, worker: IsolatedWorker | 
     """
     if case.error:
         raise ReadError(case.error)
-    if not isolated:
-        return read_case_here(case)
+    try:
+        if not isolated:
+            return read_case_here(case)
+        return _read_isolated(case, worker, timeout_s)
+    except ReadError as exc:
+        if not case.unreadable_nearby:
+            raise
+        names = ", ".join(case.unreadable_nearby[:5]) + (" …" if len(case.unreadable_nearby) > 5 else "")
+        raise ReadError(f"{exc.reason}; {len(case.unreadable_nearby)} unreadable file(s) beside the series, "
+                        f"perhaps its missing slices: {names}") from exc
 
+
+def _read_isolated(case: CaseRef, worker: IsolatedWorker | None, timeout_s: float | None) -> Volume:
     if timeout_s is None:
         timeout_s = float(os.environ.get("MEDSAM_ENGINE_READ_TIMEOUT_S", READ_TIMEOUT_S))
     try:

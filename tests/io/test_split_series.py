@@ -58,3 +58,16 @@ def test_copies_of_one_instance_that_differ_fail_the_case_naming_both_files(tmp_
     assert case.error and shared.name in case.error and "different content" in case.error
     assert main(["annotate", str(first), str(second), "--out", str(tmp_path / "s"), "--detector", "intensity"]) == 1
     assert CaseStore(tmp_path / "s").errors()[case.case_id]["stage"] == "read"
+
+
+def test_an_unreadable_slice_is_named_in_the_series_reason(tmp_path, small_chest_dicom):
+    first, second = _split(small_chest_dicom, tmp_path)
+    broken = sorted(first.iterdir())[1]  # a middle slice of the series, cut off inside its header
+    broken.write_bytes(broken.read_bytes()[:200])
+    store = tmp_path / "store"
+    assert main(["annotate", str(first), str(second), "--out", str(store), "--detector", "intensity"]) == 1
+    errors = CaseStore(store).errors()
+    reasons = {e["reason"] for e in errors.values()}
+    series = [r for r in reasons if "missing between" in r]
+    assert len(series) == 1 and broken.name in series[0] and "unreadable file" in series[0]
+    assert any(r.startswith(f"{broken.name}:") for r in reasons)  # and the file is its own failing case
