@@ -129,7 +129,7 @@ def annotate_case(case: CaseRef, volume: Volume, store: CaseStore, config: Engin
         raise StoreConflictError("another run took this case over while this one worked (its lease expired); "
                                  "that run commits it", case_id=case.case_id)
     store.commit_case(case.case_id, labels=label_map, attrs=attrs, image=image, overwrite=overwrite,
-                      label_names=label_names)
+                      label_names=label_names, supersedes=case.supersedes)
     return slices
 
 
@@ -138,6 +138,8 @@ def _attempt(case: CaseRef, store: CaseStore, config: EngineConfig, runner: Lazy
     start = time.perf_counter()
     signature = signature_or_read_error(case, config, runner.model_sha256)
     if committed_with(store, case.case_id, signature):
+        if case.supersedes:  # its input failed to download on an earlier run: that failure is over
+            store.close_failures(case.supersedes)
         return CaseOutcome(case.case_id, "skipped", reason="already committed with the same signature", node=node)
     with leased(store, case.case_id, run_id=run_id, ttl_s=config.store.lease_ttl_s) as lease:
         if lease is None:

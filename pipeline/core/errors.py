@@ -83,9 +83,11 @@ def resource_fault(exc: BaseException | None) -> str | None:
 TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY,
                               errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ENETDOWN,
                               errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EPIPE})
-# A reader error that crossed the isolated reader's process boundary has lost its cause; its reason still
-# names the cause's type and errno ("... (OSError: [Errno 5] Input/output error)").
-_TRANSIENT_TEXT = re.compile(r"\b(TimeoutError|Connection\w*Error|BrokenPipeError|ReadTimeout)\b|\[Errno ("
+# A reader error that crossed the isolated reader's process boundary (or became a failing case at discovery)
+# has lost its cause; its reason still names the cause's type and errno ("... (OSError: [Errno 5] Input/output
+# error)"), or says "temporarily unavailable" (a server that stayed busy through its retries).
+_TRANSIENT_TEXT = re.compile(r"\b(TimeoutError|Connection\w*Error|BrokenPipeError|ReadTimeout|temporarily unavailable)\b"
+                             r"|\[Errno ("
                              + "|".join(str(n) for n in sorted(TRANSIENT_ERRNOS)) + r")\]")
 
 

@@ -178,6 +178,8 @@ class CaseRef:
     sha256 as discovery read it for the case id, so the case's signature does not read the file again.
     ``unreadable_nearby`` names the files in a series' folders that could not be read as DICOM (each also its own
     failing case): when the series fails to read (a gap, say), its reason names them, as they may be its slices.
+    ``supersedes`` is the id of the failing case a remote input (DICOMweb, s3://…) gave on a run where it could
+    not be fetched; its error record is removed once this case is committed.
     """
 
     case_id: str
@@ -189,6 +191,7 @@ class CaseRef:
     error: str | None = None
     content_sha256: str | None = None  # of the image file, when discovery hashed it (the signature reuses it)
     unreadable_nearby: tuple[str, ...] = ()  # "name (why)" of unreadable files beside a DICOM series' files
+    supersedes: str | None = None  # the failing case its remote input gave when it could not be fetched
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,19 @@
 WADO-RS fetches each instance as stored (``transfer-syntax=*``, so compressed data stays compressed and is
 decoded by the isolated reader like any file). Files are named by position (``s001/00001.dcm``), never by
 UID; messages name the server, never the study. A finished download is renamed into place and reused.
+
+A busy or briefly failing PACS costs retries, not cases: HTTP 429/500/502/503/504, refused or dropped
+connections and read timeouts are retried with exponential backoff (honouring ``Retry-After``) by urllib3;
+one that lasts is a transient failure (stage "io": never quarantined, the next run tries again). Settings from
+the environment: ``MEDSAM_ENGINE_DICOMWEB_RETRIES`` (6), ``MEDSAM_ENGINE_DICOMWEB_BACKOFF_S`` (0.5, doubling up
+to 30 s), ``MEDSAM_ENGINE_DICOMWEB_TIMEOUT_S`` (60 per request). Credentials, never logged or stored:
+``MEDSAM_ENGINE_DICOMWEB_TOKEN`` (a bearer token) or ``MEDSAM_ENGINE_DICOMWEB_USER`` and
+``MEDSAM_ENGINE_DICOMWEB_PASSWORD`` (HTTP basic); a refused login (401/403) is a lasting failure.
 """
 from __future__ import annotations
 
 import logging
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +32,45 @@ ACCEPT_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax
 ACCEPT_DEFAULT = 'multipart/related; type="application/dicom"'
 TIMEOUT_S = 60
 COMPLETE = ".complete"
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+
+
+class PacsUnavailableError(ReadError):
+    """The server stayed busy or unreachable through every retry: the next run tries again."""
+
+    transient = True
+
+
+def _setting(name: str, default: float) -> float:
+    value = os.environ.get(f"MEDSAM_ENGINE_DICOMWEB_{name}")
+    try:
+        return float(value) if value else default
+    except ValueError as exc:
+        raise ReadError(f"MEDSAM_ENGINE_DICOMWEB_{name} must be a number") from exc
+
+
+def dicomweb_session():
+    """A requests session with the environment's credentials and urllib3's retries with backoff."""
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    retries = int(_setting("RETRIES", 6))
+    retry = Retry(total=retries, connect=retries, read=retries, status=retries, other=0,
+                  backoff_factor=_setting("BACKOFF_S", 0.5), backoff_max=30, status_forcelist=RETRY_STATUSES,
+                  allowed_methods=frozenset({"GET", "HEAD"}), respect_retry_after_header=True,
+                  raise_on_status=False)
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry, pool_maxsize=8)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    token = os.environ.get("MEDSAM_ENGINE_DICOMWEB_TOKEN")
+    user = os.environ.get("MEDSAM_ENGINE_DICOMWEB_USER")
+    if token:
+        session.headers["Authorization"] = f"Bearer {token}"
+    elif user:
+        session.auth = (user, os.environ.get("MEDSAM_ENGINE_DICOMWEB_PASSWORD", ""))
+    return session
 
 
 def is_dicomweb_url(text: str) -> bool:
@@ -38,12 +86,19 @@ def _get(session, url: str, accept: str, *, allow: tuple[int, ...] = ()):
     import requests
 
     try:
-        response = session.get(url, headers={"Accept": accept}, timeout=TIMEOUT_S)
+        response = session.get(url, headers={"Accept": accept}, timeout=_setting("TIMEOUT_S", TIMEOUT_S))
     except requests.RequestException as exc:
         why = type(exc).__name__
-        raise ReadError(f"DICOMweb server {_server(url)} could not be reached ({why})") from exc
+        raise PacsUnavailableError(f"DICOMweb server {_server(url)} could not be reached ({why}): temporarily "
+                                   "unavailable through every retry") from exc
     if response.status_code == 404:
         raise ReadError(f"DICOMweb server {_server(url)}: study or series not found (HTTP 404)")
+    if response.status_code in (401, 403):
+        raise ReadError(f"DICOMweb server {_server(url)} refused the credentials (HTTP {response.status_code}); "
+                        "set MEDSAM_ENGINE_DICOMWEB_TOKEN or MEDSAM_ENGINE_DICOMWEB_USER/_PASSWORD")
+    if response.status_code in RETRY_STATUSES:
+        raise PacsUnavailableError(f"DICOMweb server {_server(url)} answered HTTP {response.status_code}: "
+                                   "temporarily unavailable through every retry")
     if response.status_code >= 400 and response.status_code not in allow:
         raise ReadError(f"DICOMweb server {_server(url)} answered HTTP {response.status_code}")
     return response
@@ -106,8 +161,6 @@ def _download_series(session, base: str, study: str, series: str, folder: Path) 
 
 def fetch_dicomweb(url: str, dest: str | Path) -> Path:
     """Download the study or series at ``url`` into ``dest`` (reused when complete); ReadError on failure."""
-    import requests
-
     match = URL_PATTERN.match(url)
     if not match:
         raise ReadError("not a DICOMweb study or series URL (…/studies/<uid>[/series/<uid>])")
@@ -115,7 +168,7 @@ def fetch_dicomweb(url: str, dest: str | Path) -> Path:
     if (dest / COMPLETE).is_file():
         return dest
     base, study, series = match.group("base"), match.group("study"), match.group("series")
-    with staged_folder(dest) as staging, requests.Session() as session:
+    with staged_folder(dest) as staging, dicomweb_session() as session:
         series_list = [series] if series else _qido(session, f"{base}studies/{study}/series", "0020000E")
         if not series_list:
             raise ReadError(f"DICOMweb server {_server(url)}: the study has no series")

@@ -182,7 +182,12 @@ class _Finder:
             local = fetch_remote(url, dest, max_bytes=self.options.limits.max_bytes)
         except ReadError as exc:
             return [self.error_case("remote:" + url, dest, exc.reason)]
-        return self.expand(local, depth)
+        return self.superseding(self.expand(local, depth), "remote:" + url)
+
+    def superseding(self, cases: list[CaseRef], identity: str) -> list[CaseRef]:
+        """``cases`` marked as replacing the failing case their input gave when it could not be fetched."""
+        failed = self.case_id("unreadable:" + identity)
+        return [replace(c, supersedes=failed) for c in cases]
 
     def dicomweb(self, url: str) -> list[CaseRef]:
         key = self.case_id("dicomweb:" + url)
@@ -191,7 +196,7 @@ class _Finder:
             folder = fetch_dicomweb(url, dest)
         except ReadError as exc:
             return [self.error_case("dicomweb:" + url, dest, f"DICOMweb input {key[:8]}: {exc.reason}")]
-        return self.folder(folder, 0)
+        return self.superseding(self.folder(folder, 0), "dicomweb:" + url)
 
 
 def _mask_for(image: Path, index: int, n_inputs: int, masks: list[Path]) -> Path | None:

@@ -205,14 +205,15 @@ class CaseStore:
                          "time": utc_stamp()})
 
     def commit_case(self, case_id: str, *, labels: np.ndarray, attrs: dict, image: np.ndarray | None = None,
-                    overwrite: bool = False,
-                    label_names: dict[int, str] | None = None) -> Path | PurePosixPath:
+                    overwrite: bool = False, label_names: dict[int, str] | None = None,
+                    supersedes: str | None = None) -> Path | PurePosixPath:
         """Write a case and commit it last; returns its final path.
 
         ``labels`` is the (z, y, x) label map (stored uint16); ``image`` (z, y, x) or (z, y, x, c); ``attrs``
         the 'medsam' attributes (its 'status' is set here, last). An existing committed case with another
         signature raises StoreConflictError unless ``overwrite``, which keeps the old version under
-        _previous/ and lists it in the new version's ``previous_versions``.
+        _previous/ and lists it in the new version's ``previous_versions``. The open failure of this case and
+        of the case it ``supersedes`` (its input's failure to be fetched) are closed.
         """
         old = self.case_attrs(case_id)
         if old is not None and old.get("signature") != attrs.get("signature") and not overwrite:
@@ -230,9 +231,15 @@ class CaseStore:
             final = self._commit_local(case_id, content, previous)
         else:
             final = self._commit_remote(case_id, content, previous if old is not None else None)
-        for folder in ("_errors", "_quarantine"):  # a committed case has no open failure (pipeline/store/records.py)
-            self.remove_json(self.root / folder / f"{case_id}.json")
+        self.close_failures(case_id, supersedes)
         return final
+
+    def close_failures(self, *case_ids: str | None) -> None:
+        """Remove the error and quarantine records of these cases (a committed case has no open failure;
+        pipeline/store/records.py)."""
+        for case_id in filter(None, case_ids):
+            for folder in ("_errors", "_quarantine"):
+                self.remove_json(self.root / folder / f"{case_id}.json")
 
     def remove_json(self, path: str | Path | PurePosixPath) -> None:
         """Remove a record if it is there."""

@@ -13,8 +13,10 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import write_ct_series
+from faults import FaultProxy
 
-from pipeline.core.errors import ReadError
+from pipeline.cli.main import main
+from pipeline.core.errors import ReadError, is_transient
 from pipeline.io.dicomweb import multipart_parts
 from pipeline.io.discover import discover
 from pipeline.io.readers import read_case
@@ -26,6 +28,7 @@ PLUGIN = next((p for p in ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
 STUDY = "1.2.826.0.1.3680043.8.498.7100"
 SERIES = tuple(f"1.2.826.0.1.3680043.8.498.710{k}" for k in (1, 2, 3))
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+USER, PASSWORD = "engine", "s3cret-Pw"
 
 pytestmark = pytest.mark.skipif(
     ORTHANC is None or PLUGIN is None,
@@ -47,7 +50,7 @@ def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 30) -> N
         if process.poll() is not None:
             raise RuntimeError(f"Orthanc exited with code {process.returncode}")
         try:
-            if requests.get(url + "/system", timeout=1).ok:
+            if requests.get(url + "/system", timeout=1, auth=(USER, PASSWORD)).ok:
                 return
         except requests.RequestException:
             time.sleep(0.1)
@@ -64,7 +67,7 @@ def orthanc(tmp_path_factory, chest_volume):
     port = _free_port()
     config = {"Name": "medsam-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
               "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
-              "AuthenticationEnabled": False, "Plugins": [PLUGIN],
+              "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD}, "Plugins": [PLUGIN],
               "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
     (root / "orthanc.json").write_text(json.dumps(config))
     log = open(root / "orthanc.log", "wb")
@@ -81,12 +84,21 @@ def orthanc(tmp_path_factory, chest_volume):
             ds.StudyInstanceUID = STUDY
             buffer = io.BytesIO()
             ds.save_as(buffer, enforce_file_format=True)
-            requests.post(url + "/instances", data=buffer.getvalue(), timeout=10).raise_for_status()
+            requests.post(url + "/instances", data=buffer.getvalue(), timeout=10,
+                          auth=(USER, PASSWORD)).raise_for_status()
         yield url
     finally:
         process.kill()  # its database is a temporary folder: no need for a graceful shutdown
         process.wait(timeout=20)
         log.close()
+
+
+@pytest.fixture(autouse=True)
+def credentials(monkeypatch):
+    """The engine's login to the test PACS, from the environment as in production."""
+    monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_USER", USER)
+    monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_PASSWORD", PASSWORD)
+    monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_BACKOFF_S", "0.05")
 
 
 def test_study_url_gives_one_case_per_series(orthanc, tmp_path, chest_volume):
@@ -130,3 +142,47 @@ def test_multipart_parts():
     body = b"--b1\r\nContent-Type: application/dicom\r\n\r\nAAA\r\n--b1\r\nX: y\r\n\r\nBB\r\n--b1--\r\n"
     content_type = 'multipart/related; type="application/dicom"; boundary=b1'
     assert multipart_parts(body, content_type) == [b"AAA", b"BB"]
+
+
+def test_a_wrong_password_is_one_clear_lasting_error_that_never_shows_the_password(orthanc, tmp_path, monkeypatch,
+                                                                                 caplog):
+    monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_PASSWORD", "wrong-password")
+    (case,) = discover([f"{orthanc}/dicom-web/studies/{STUDY}"], CaseStore(tmp_path / "store").case_ids())
+    assert case.kind == "unreadable" and "refused the credentials (HTTP 401)" in case.error
+    assert not is_transient(ReadError(case.error))  # a wrong password is not retried run after run as busy
+    assert "wrong-password" not in case.error and "wrong-password" not in caplog.text
+
+
+def test_a_busy_pacs_costs_retries_not_cases(orthanc, tmp_path, chest_volume, monkeypatch):
+    monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_TIMEOUT_S", "1")
+    with FaultProxy(orthanc) as proxy:
+        proxy.inject(3, path_part="/dicom-web/", status=429, headers={"Retry-After": "1"})
+        proxy.inject(2, path_part="/instances/", status=503)
+        proxy.inject(1, path_part="/instances/", drop=True)
+        proxy.inject(1, path_part="/instances/", stall_s=2.5)  # longer than the 1 s read timeout
+        cases = discover([f"{proxy.url}/dicom-web/studies/{STUDY}"], CaseStore(tmp_path / "store").case_ids())
+        assert proxy.injected() == 7
+    assert [c.kind for c in cases] == ["dicom-series", "dicom-series"]
+    for case in cases:
+        assert np.array_equal(read_case(case).array, chest_volume.array)
+
+
+def test_a_pacs_down_for_the_whole_run_fails_its_cases_for_the_next_run(orthanc, tmp_path, chest_volume,
+                                                                        monkeypatch, capsys):
+    monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_RETRIES", "2")
+    store = tmp_path / "store"
+    with FaultProxy(orthanc) as proxy:
+        url = f"{proxy.url}/dicom-web/studies/{STUDY}/series/{SERIES[0]}"
+        proxy.inject(-1, status=503)
+        assert main(["annotate", url, "--out", str(store), "--detector", "intensity"]) == 1
+        (error,) = CaseStore(store).errors().values()
+        assert error["stage"] == "io" and "HTTP 503" in error["reason"] and SERIES[0] not in error["reason"]
+        proxy.heal()
+        assert main(["annotate", url, "--out", str(store), "--detector", "intensity"]) == 0
+        assert "1 done" in capsys.readouterr().out and CaseStore(store).errors() == {}
+        shutil.rmtree(store / "_cache" / "dicomweb")  # no local copy left to reuse
+        proxy.inject(-1, status=503)  # down again, then back: the case is done, the old failure closed
+        assert main(["annotate", url, "--out", str(store), "--detector", "intensity"]) == 1
+        proxy.heal()
+        assert main(["annotate", url, "--out", str(store), "--detector", "intensity"]) == 0
+    assert "1 skipped" in capsys.readouterr().out and CaseStore(store).errors() == {}
