@@ -55,6 +55,31 @@ def write_case_manifest(store: CaseStore, case: CaseRef) -> None:
                                         "kind": case.kind})
 
 
+MAX_LABEL = 65535  # label maps are stored as uint16
+
+
+def label_values(coarse: np.ndarray) -> np.ndarray:
+    """A coarse mask as integer labels; PromptError for values no label map holds (fractions, negatives,
+    beyond uint16) rather than prompts made from a probability map or an image given by mistake."""
+    if not np.issubdtype(coarse.dtype, np.integer):
+        if not np.all(np.isfinite(coarse)):
+            raise PromptError("coarse mask holds NaN or infinite values; give an integer label map")
+        rounded = np.rint(coarse)
+        off = np.abs(coarse - rounded) > 1e-3
+        if off.any():
+            raise PromptError(f"coarse mask holds {int(off.sum())} non-integer values (e.g. {float(coarse[off][0]):g}); "
+                              "give an integer label map (threshold a probability map first)")
+        coarse = rounded.astype(np.int64)
+    low, high = int(coarse.min(initial=0)), int(coarse.max(initial=0))
+    if low < 0:
+        raise PromptError(f"coarse mask holds negative labels (down to {low}); label values are 0 (background) "
+                          "or positive")
+    if high > MAX_LABEL:
+        raise PromptError(f"coarse mask holds label {high}, beyond {MAX_LABEL}; is it an image rather than a "
+                          "label map?")
+    return coarse
+
+
 def case_prompts(case: CaseRef, volume: Volume, config: EngineConfig, runner: LazyRunner
                  ) -> tuple[np.ndarray | None, list[BoxPrompt], dict[int, str]]:
     """The case's coarse label map (given or found), its box prompts from the configured detector, and the
@@ -64,8 +89,7 @@ def case_prompts(case: CaseRef, volume: Volume, config: EngineConfig, runner: La
         coarse = align_to(read_volume(case.coarse_mask), volume, what="coarse mask")
         if coarse.ndim == 4:
             raise PromptError("coarse mask is a colour image; give a label map")
-        if not np.issubdtype(coarse.dtype, np.integer):
-            coarse = np.rint(coarse).astype(np.int64)
+        coarse = label_values(coarse)
     section = config.prompts
     try:
         detector = build_detector(section.detector, rules=section.box_rules(), options=section.options,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.core.errors import ReadError
 from pipeline.core.types import Geometry, Volume
 
 CANONICAL_AXCODES = ("L", "P", "S")
@@ -33,6 +34,12 @@ def canonical_volume(array_ijk: np.ndarray, affine_ijk: np.ndarray, *, modality:
     """Reorient an (i, j, k) array with its voxel->RAS affine to canonical (z, y, x) and build the Volume."""
     import nibabel.orientations as nio
 
+    linear = np.asarray(affine_ijk, dtype=float)[:3, :3]
+    if not np.all(np.isfinite(affine_ijk)) or abs(float(np.linalg.det(linear))) < 1e-12:
+        spacing = ", ".join(f"{v:g}" for v in np.linalg.norm(linear, axis=0)) if np.all(np.isfinite(linear)) \
+            else "not finite"
+        raise ReadError(f"the voxel-to-world transform is degenerate (voxel spacing {spacing} mm): zero, "
+                        "missing or non-finite spacing or orientation in the header")
     transform = nio.ornt_transform(nio.io_orientation(affine_ijk), nio.axcodes2ornt(CANONICAL_AXCODES))
     canonical = nio.apply_orientation(array_ijk, transform)
     affine_can = affine_ijk @ nio.inv_ornt_aff(transform, array_ijk.shape[:3])

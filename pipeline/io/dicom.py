@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.errors import ReadError
+from pipeline.core.limits import check_voxels
 from pipeline.core.orientation import LPS_TO_RAS, canonical_volume
 from pipeline.core.types import Geometry, Volume
 from pipeline.io.dicom_scan import NOT_ANNOTATED_CLASSES, group_series, scan_headers
@@ -267,6 +268,8 @@ def read_dicom_files(files: list[Path], *, where: str) -> Volume:
             raise ReadError(f"{where}: {what}is a DICOM {kind} object, not an image")
         if "Rows" not in ds or "Columns" not in ds:
             raise ReadError(f"{where}: {what}is not an image (no Rows/Columns)")
+    planes = sum(int(ds.get("NumberOfFrames", 1) or 1) * int(ds.get("SamplesPerPixel", 1) or 1) for ds in datasets)
+    check_voxels((int(datasets[0].Rows or 0), int(datasets[0].Columns or 0), planes), where)
     multi = [ds for ds in datasets if int(ds.get("NumberOfFrames", 1) or 1) > 1 or _has_frame_positions(ds)]
     if multi:
         if len(datasets) > 1:

@@ -7,6 +7,7 @@ unless asked for. UIDs stay in memory for grouping and hashing: they are never l
 """
 from __future__ import annotations
 
+import filecmp
 import logging
 import os
 from collections import Counter
@@ -227,6 +228,13 @@ def scan_headers(paths: Sequence[str | Path], *, workers: int | None = None,
     return ScanResult(headers, failures, ignored)
 
 
+def _same_bytes(a: str, b: str) -> bool:
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
 def _same_orientation(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> bool:
     if a is None or b is None:
         return a is b
@@ -239,12 +247,17 @@ def group_series(headers: list[SliceHeader], *, keep_localizers: bool = False,
     dropped: Counter = Counter()
     volumes: dict[tuple, list[SliceHeader]] = {}
     groups: list[SeriesGroup] = []
-    instances: set[str] = set()
+    instances: dict[str, str] = {}  # SOP Instance UID -> the first file that holds it
     for header in sorted(headers, key=lambda h: h.path):
-        if header.sop_instance in instances:
-            dropped["duplicate instance"] += 1
-            continue
-        instances.add(header.sop_instance)
+        first = instances.setdefault(header.sop_instance, header.path)
+        if first != header.path:
+            if _same_bytes(first, header.path):
+                dropped["duplicate instance"] += 1
+                continue
+            # another file claims the same instance with other content: keep it, so that it fails where it
+            # lands (two slices at one position, or its own case) rather than vanish
+            log.warning("%s and %s hold the same DICOM instance with different content", Path(first).name,
+                        Path(header.path).name)
         if header.is_localizer and not keep_localizers:
             dropped["localizer"] += 1
             continue

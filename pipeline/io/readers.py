@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.core.errors import ReadError
+from pipeline.core.limits import check_voxels
 from pipeline.core.orientation import LPS_TO_RAS, canonical_volume
 from pipeline.core.types import CaseRef, Geometry, Volume
 from pipeline.io.dicom import read_dicom_files, read_dicom_series
@@ -54,6 +55,7 @@ def read_nifti(path: Path) -> Volume:
     import nibabel as nib
 
     image = nib.load(str(path))
+    check_voxels(image.header.get_data_shape(), path.name)
     data = np.asanyarray(image.dataobj)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -85,6 +87,7 @@ def _nrrd_affine(header: dict, name: str) -> np.ndarray:
 def read_nrrd(path: Path) -> Volume:
     import nrrd
 
+    check_voxels(nrrd.read_header(str(path)).get("sizes", ()), path.name)
     data, header = nrrd.read(str(path))
     if data.ndim == 4 and data.shape[0] == 1:
         data = data[0]
@@ -102,7 +105,9 @@ def read_image_2d(path: Path) -> Volume:
     if suffix_of(path) in (".tif", ".tiff"):
         import tifffile
 
-        data = tifffile.imread(str(path))
+        with tifffile.TiffFile(str(path)) as tiff:
+            check_voxels(tiff.series[0].shape if tiff.series else (0,), path.name)
+            data = tiff.asarray()
     else:
         data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if data is None:
@@ -126,9 +131,11 @@ def read_image_2d(path: Path) -> Volume:
 def _guarded(path: Path, where: str, read: Callable[[], Volume]) -> Volume:
     """Run ``read()``; third-party failures become a ReadError naming ``where`` (paths reduced to names)."""
     try:
-        return read()
-    except ReadError:
-        raise
+        volume = read()
+    except ReadError as exc:
+        if exc.reason.startswith(where):
+            raise
+        raise ReadError(f"{where}: {exc.reason}") from exc
     except Exception as exc:  # corrupt input makes third-party readers raise anything; keep the cause
         detail = str(exc)
         for place, name in ((path.resolve(), path.name), (path, path.name), (path.parent, "…")):
@@ -136,6 +143,12 @@ def _guarded(path: Path, where: str, read: Callable[[], Volume]) -> Volume:
         suffix = suffix_of(path) if path.is_file() else "DICOM"
         why = f"{type(exc).__name__}: {detail[:300]}"
         raise ReadError(f"{where}: unreadable {suffix or 'file'} ({why})") from exc
+    if volume.array.dtype.kind in "fc":
+        bad = int(volume.array.size - np.count_nonzero(np.isfinite(volume.array)))
+        if bad:
+            raise ReadError(f"{where}: {bad} voxel{'s' if bad > 1 else ''} NaN or infinite; the model needs finite "
+                            "intensities (fill them, e.g. with the background value, and rerun)")
+    return volume
 
 
 def read_volume(path: str | Path) -> Volume:
