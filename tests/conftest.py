@@ -119,6 +119,33 @@ def nuclei_tiles(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def two_tiles(nuclei_tiles, tmp_path_factory):
+    """Two of the real nuclei tiles with their masks (two small 2D cases)."""
+    import shutil
+
+    images, masks = nuclei_tiles
+    root = tmp_path_factory.mktemp("two-tiles")
+    for folder in ("images", "masks"):
+        (root / folder).mkdir()
+    for name in ("tile00.png", "tile11.png"):
+        shutil.copy(images / name, root / "images" / name)
+        shutil.copy(masks / name, root / "masks" / name)
+    return root / "images", root / "masks"
+
+
+@pytest.fixture(scope="session")
+def tiles_reference(two_tiles, tmp_path_factory):
+    """The label maps of an annotate run over ``two_tiles`` that met no fault, by case id."""
+    from pipeline.cli.main import main
+    from pipeline.store.case_store import CaseStore
+
+    store = tmp_path_factory.mktemp("reference") / "store"
+    assert main(["annotate", str(two_tiles[0]), "--coarse-mask", str(two_tiles[1]), "--out", str(store)]) == 0
+    s = CaseStore(store)
+    return {case_id: s.read_labels(case_id)[0] for case_id in s.committed_cases()}
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """One real local S3 server (moto) on a loopback port for the test session; its URL."""
     moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")

@@ -93,8 +93,12 @@ def review(args) -> int:
         print(f"error    {name}  {reason}")
     for case_id, edit in report.imported.items():
         print(f"accepted {case_id}  {edit['edit_voxels']} voxels changed, Dice {edit['edit_dice']:.4f}")
+    for case_id in report.already:
+        print(f"already  {case_id}  holds this correction")
     if report.errors:
-        print("nothing imported: fix the files above and run the import again", file=sys.stderr)
+        print("nothing imported: fix the files above and run the import again" if not report.imported else
+              "the cases above were not imported: run the import again (imported cases are kept once)",
+              file=sys.stderr)
         return EXIT_CASES_FAILED
     return EXIT_OK
 

@@ -39,6 +39,7 @@ from pipeline.io.readers import read_volume, stem_of
 from pipeline.report.qc import write_review_report
 from pipeline.store.case_store import CaseStore
 from pipeline.store.queries import ACCEPTED
+from pipeline.store.leases import leased
 from pipeline.store.records import QUALITY, write_record
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class ReviewImportError(CaseError):
 class ImportReport:
     imported: dict[str, dict] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # file name -> reason
+    already: list[str] = field(default_factory=list)  # cases that hold this very correction, accepted, already
 
 
 def _correction_files(paths: list[str | Path]) -> list[Path]:
@@ -252,7 +254,14 @@ def import_corrections(store: CaseStore, paths: list[str | Path], *, reviewer: s
     if report.errors:
         return report
     for case_id, (proposal, correction, attrs) in planned.items():
-        report.imported[case_id] = _commit_review(store, case_id, proposal, correction, attrs, reviewer)
+        if attrs.review_status == "accepted" and np.array_equal(proposal, correction.astype(proposal.dtype)):
+            report.already.append(case_id)  # an import run again (after a kill, say): nothing to record twice
+            continue
+        with leased(store, case_id, run_id=f"review-{reviewer}") as lease:
+            if lease is None:
+                report.errors[case_id] = "the case is being annotated by a run now; import again when it ends"
+                continue
+            report.imported[case_id] = _commit_review(store, case_id, proposal, correction, attrs, reviewer)
     return report
 
 

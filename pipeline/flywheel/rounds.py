@@ -62,7 +62,9 @@ def run_round(cases: list, store: CaseStore, config, *, checkpoint: str | None =
     with the current model (``checkpoint``, else the newest registered model, else the base model; cases
     committed with the same signature are skipped), route them, export the review queue and write the
     round report. ``cases`` are CaseRefs (pipeline.io.discover)."""
-    number = current_round(store) + 1
+    number = current_round(store)
+    resumed = number > 0 and read_record(store, ROUNDS, f"round-{number:03d}.json") is None
+    number = number if resumed else number + 1  # a round killed before its record is completed, not skipped
     started = utc_stamp()
     registered = current_model(store) if checkpoint is None else None
     checkpoint = checkpoint or (registered or {}).get("checkpoint")
@@ -78,7 +80,7 @@ def run_round(cases: list, store: CaseStore, config, *, checkpoint: str | None =
     done = [o for o in summary.outcomes if o.status == "done"]
     routed = _routing([o.case_id for o in done], store)
     report = {
-        "round": number, "started_at": started,
+        "round": number, "started_at": started, "resumed": resumed,
         "finished_at": utc_stamp(),
         "model": {"sha256": runner.model_sha256, "checkpoint": checkpoint,
                   "registered": bool(registered)},

@@ -40,7 +40,7 @@ from pipeline.core.errors import StoreConflictError
 from pipeline.core.provenance import utc_stamp, version_id
 from pipeline.core.types import CaseAttributes, CaseIds
 from pipeline.store.labels_meta import describe_labels
-from pipeline.store.leases import put_if_absent
+from pipeline.store.leases import HOST, process_alive, put_if_absent
 
 CASE_SUFFIX = ".ome.zarr"
 STATUS_COMMITTED = "committed"
@@ -248,7 +248,7 @@ class CaseStore:
 
     def _commit_local(self, case_id: str, content: dict, previous: Path | PurePosixPath) -> Path:
         final = Path(self.case_path(case_id))
-        staging = Path(self.root) / "_staging" / f"{case_id}-{uuid.uuid4().hex[:8]}{CASE_SUFFIX}"
+        staging = Path(self.root) / "_staging" / f"{case_id}.{writer_tag()}.{uuid.uuid4().hex[:8]}{CASE_SUFFIX}"
         staging.parent.mkdir(parents=True, exist_ok=True)
         try:
             write_case_group(str(staging), **content)
@@ -322,13 +322,33 @@ def write_case_group(target, *, labels: np.ndarray, image: np.ndarray | None, at
     root.attrs["medsam"] = dict(attrs, status=STATUS_COMMITTED)
 
 
+def writer_tag() -> str:
+    """This process as a staging folder names it: a short hash of the machine (host and boot) and the pid."""
+    return f"{hashlib.sha256(HOST.encode()).hexdigest()[:8]}-{os.getpid()}"
+
+
+def _writer_gone(name: str) -> bool:
+    """Whether the staging folder ``name`` was written by a process of this machine that no longer exists."""
+    parts = name.split(".")
+    if len(parts) < 3 or "-" not in parts[1]:
+        return False
+    machine, _, pid = parts[1].partition("-")
+    mine = writer_tag().partition("-")[0]
+    return machine == mine and pid.isdigit() and not process_alive(int(pid))
+
+
 def remove_stale_staging(store: CaseStore, *, older_than_s: float = 24 * 3600) -> int:
-    """Delete staging folders left by killed writers (local stores); returns how many were removed."""
+    """Delete staging folders left by killed writers (local stores): at once when their writer was a process
+    of this machine that is gone, else after ``older_than_s``. Returns how many were removed."""
     folder = Path(store.root) / "_staging"
     removed = 0
     if store.is_local and folder.is_dir():
         for path in folder.iterdir():
-            if time.time() - path.stat().st_mtime > older_than_s:
+            try:
+                stale = _writer_gone(path.name) or time.time() - path.stat().st_mtime > older_than_s
+            except FileNotFoundError:  # committed meanwhile
+                continue
+            if stale:
                 shutil.rmtree(path, ignore_errors=True)
                 removed += 1
     return removed

@@ -51,7 +51,8 @@ def _boot_id() -> str:
 HOST = f"{socket.gethostname()}/{_boot_id()}"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -66,7 +67,7 @@ def is_stale(record: dict, *, now: float | None = None) -> bool:
     now = time.time() if now is None else now
     if float(record.get("expires_at", 0)) < now:
         return True
-    return record.get("host") == HOST and isinstance(record.get("pid"), int) and not _alive(record["pid"])
+    return record.get("host") == HOST and isinstance(record.get("pid"), int) and not process_alive(record["pid"])
 
 
 @dataclass

@@ -5,8 +5,6 @@ when not even the failure can be recorded, ends the run with exit 1 and a reason
 as done, and a rerun after the outage commits masks identical to a run that never met a fault."""
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 from conftest import use_s3
@@ -14,28 +12,6 @@ from faults import FaultProxy
 
 from pipeline.cli.main import main
 from pipeline.store.case_store import CaseStore
-
-
-@pytest.fixture(scope="module")
-def two_tiles(nuclei_tiles, tmp_path_factory):
-    """Two of the real nuclei tiles with their masks (two small 2D cases)."""
-    images, masks = nuclei_tiles
-    root = tmp_path_factory.mktemp("two-tiles")
-    for folder in ("images", "masks"):
-        (root / folder).mkdir()
-    for name in ("tile00.png", "tile11.png"):
-        shutil.copy(images / name, root / "images" / name)
-        shutil.copy(masks / name, root / "masks" / name)
-    return root / "images", root / "masks"
-
-
-@pytest.fixture(scope="module")
-def reference(two_tiles, tmp_path_factory):
-    """The label maps of a run on a local store that met no fault, by case id."""
-    store = tmp_path_factory.mktemp("reference") / "store"
-    assert main(["annotate", str(two_tiles[0]), "--coarse-mask", str(two_tiles[1]), "--out", str(store)]) == 0
-    s = CaseStore(store)
-    return {case_id: s.read_labels(case_id)[0] for case_id in s.committed_cases()}
 
 
 @pytest.fixture
@@ -63,17 +39,18 @@ def _same_as_reference(url: str, reference: dict) -> None:
     assert not s.fs.exists(f"{s.root}/_previous")
 
 
-def test_slowdown_bursts_and_dropped_connections_cost_retries_not_cases(two_tiles, reference, proxied_s3, capsys):
+def test_slowdown_bursts_and_dropped_connections_cost_retries_not_cases(two_tiles, tiles_reference, proxied_s3,
+                                                                       capsys):
     proxied_s3.inject(4, method="PUT", status=503, headers={"Retry-After": "0"})
     proxied_s3.inject(2, method="GET", drop=True)
     url = "s3://faults/bursts"
     assert _annotate(two_tiles, url) == 0
     assert proxied_s3.injected() == 6
     assert "2 done, 0 skipped, 0 failed" in capsys.readouterr().out
-    _same_as_reference(url, reference)
+    _same_as_reference(url, tiles_reference)
 
 
-def test_an_outage_mid_commit_fails_the_cases_for_the_next_run(two_tiles, reference, proxied_s3, capsys):
+def test_an_outage_mid_commit_fails_the_cases_for_the_next_run(two_tiles, tiles_reference, proxied_s3, capsys):
     url = "s3://faults/mid-commit"
     proxied_s3.inject(-1, method="PUT", path_part="/labels/medsam/0/c/", status=503)  # mask chunks refused
     assert _annotate(two_tiles, url) == 1
@@ -87,11 +64,11 @@ def test_an_outage_mid_commit_fails_the_cases_for_the_next_run(two_tiles, refere
     proxied_s3.heal()
     assert _annotate(two_tiles, url) == 0
     assert "2 done" in capsys.readouterr().out
-    _same_as_reference(url, reference)
+    _same_as_reference(url, tiles_reference)
     assert s.errors() == {}
 
 
-def test_a_vanished_store_ends_the_run_with_a_reason(two_tiles, reference, proxied_s3, capsys):
+def test_a_vanished_store_ends_the_run_with_a_reason(two_tiles, tiles_reference, proxied_s3, capsys):
     url = "s3://faults/vanished"
     proxied_s3.inject(-1, status=503)  # every request: the S3 service is down
     assert _annotate(two_tiles, url) == 1
@@ -99,4 +76,4 @@ def test_a_vanished_store_ends_the_run_with_a_reason(two_tiles, reference, proxi
     assert "cannot be written" in err and "s3://faults/vanished" in err and "Traceback" not in err
     proxied_s3.heal()
     assert _annotate(two_tiles, url) == 0
-    _same_as_reference(url, reference)
+    _same_as_reference(url, tiles_reference)

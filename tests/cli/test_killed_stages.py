@@ -1,0 +1,111 @@
+"""SIGKILL of the command at every stage of the loop (tests/killing.py stops it at a known call and kills it):
+annotate while reading, in the model, mid-commit and before its run record; an export over an older one; a
+round; a review import; fine-tuning while saving and before registering. After each kill nothing half-written
+is taken as done, and running the same command again completes it with no case lost, duplicated or overwritten
+and no model registered that is not whole."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from killing import kill_at
+
+from pipeline.cli.main import main
+from pipeline.core.provenance import file_sha256
+from pipeline.flywheel.registry import registered_models
+from pipeline.store.case_store import CaseStore
+
+
+def _annotate_argv(two_tiles, store) -> list[str]:
+    return ["annotate", str(two_tiles[0]), "--coarse-mask", str(two_tiles[1]), "--out", str(store)]
+
+
+def _check_whole(store: CaseStore) -> None:
+    """Every committed case reads whole; nothing overwritten."""
+    for case_id in store.committed_cases():
+        labels, attrs = store.read_labels(case_id)
+        assert labels.shape == (1, 256, 256) and "previous_versions" not in attrs.raw
+    assert not (store.root / "_previous").exists()
+
+
+@pytest.mark.parametrize("target, nth, committed", [
+    ("pipeline.annotate.driver:read_case", 2, 1),  # reading the second case, the first committed
+    ("pipeline.annotate.driver:segment_volume", 1, 0),  # in the model
+    ("pipeline.store.case_store:image_label_metadata", 2, 1),  # mid-write: the second case's chunks on disk
+    ("pipeline.store.case_store:CaseStore.write_run", 1, 2),  # every case committed, the run record not yet
+], ids=["read", "model", "commit", "run-record"])
+def test_annotate_killed_then_rerun(two_tiles, tiles_reference, tmp_path, target, nth, committed):
+    store = CaseStore(tmp_path / "store")
+    kill_at(target, _annotate_argv(two_tiles, store.root), tmp_path, nth=nth)
+    _check_whole(store)
+    assert len(store.committed_cases()) == committed
+    assert main(_annotate_argv(two_tiles, store.root)) == 0  # the dead run's lease is taken over at once
+    _check_whole(store)
+    assert sorted(store.committed_cases()) == sorted(tiles_reference)
+    for case_id, labels in tiles_reference.items():
+        assert np.array_equal(store.read_labels(case_id)[0], labels)
+    assert not list((store.root / "_leases").glob("*.json"))
+    assert not list((store.root / "_staging").iterdir())  # the killed writer's staging is cleared
+
+
+def _visible_files(root) -> dict:
+    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+
+
+def test_an_export_killed_over_an_older_one_leaves_the_older_one_whole(two_tiles, tiles_reference, tmp_path):
+    store = tmp_path / "store"
+    assert main(_annotate_argv(two_tiles, store)) == 0
+    out = tmp_path / "nnunet"
+    argv = ["export", str(store), "--format", "nnunet", "--out", str(out), "--dataset-id", "501"]
+    assert main(argv) == 0
+    (dataset,) = out.iterdir()
+    before = _visible_files(out)
+    kill_at("pipeline.export.nnunet:_write_case", argv, tmp_path, nth=2)
+    assert _visible_files(out) == before  # the earlier export, untouched (the killed one's is a hidden .partial)
+    assert main(argv) == 0
+    meta = json.loads((dataset / "dataset.json").read_text())
+    assert meta["numTraining"] == len(list((dataset / "labelsTr").iterdir())) == 2
+
+
+def test_the_loop_killed_at_each_step_then_rerun(two_tiles, tmp_path, capsys):
+    """round run -> review import -> finetune, each killed once mid-way and run again."""
+    store = CaseStore(tmp_path / "store")
+    round_argv = ["round", "run", str(two_tiles[0]), "--store", str(store.root), "--coarse-mask", str(two_tiles[1])]
+    kill_at("pipeline.flywheel.rounds:export_queue", round_argv, tmp_path)  # annotated; queue, record not yet
+    assert main(round_argv) == 0
+    rounds = sorted(p.name for p in (store.root / "_rounds").glob("round-*.json"))
+    assert rounds == ["round-001.json"]  # the killed round is the one completed, not a second round
+    record = json.loads((store.root / "_rounds" / "round-001.json").read_text())
+    assert record["cases"]["failed"] == 0 and record["cases"]["annotated"] + record["cases"]["skipped"] == 2
+    _check_whole(store)
+
+    corrections = tmp_path / "corrections"
+    shutil.copytree(two_tiles[1], corrections)  # the reviewer's corrected masks, named like the inputs
+    import_argv = ["review", "import", str(store.root), str(corrections), "--reviewer", "dr-kill"]
+    kill_at("pipeline.flywheel.review:_commit_review", import_argv, tmp_path, nth=2)  # one case imported
+    first = [c for c in store.committed_cases() if store.attributes(c).review_status == "accepted"]
+    assert len(first) == 1
+    review_before = store.attributes(first[0]).raw["review"]
+    capsys.readouterr()
+    assert main(import_argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("accepted ") == 1 and out.count("already ") == 1
+    for case_id in store.committed_cases():
+        attrs = store.attributes(case_id)
+        assert attrs.review_status == "accepted" and len(attrs.raw["previous_versions"]) == 1
+        assert attrs.raw["proposal_status"] != "accepted"  # never a correction imported against itself
+    assert store.attributes(first[0]).raw["review"] == review_before
+
+    checkpoint = tmp_path / "models" / "round1.pth"
+    finetune_argv = ["finetune", "--store", str(store.root), "--out", str(checkpoint), "--epochs", "1",
+                     "--boxes-per-epoch", "4", "--device", "cpu"]
+    kill_at("torch:save", finetune_argv, tmp_path)  # writing the checkpoint
+    assert not checkpoint.exists() and registered_models(store) == []
+    kill_at("pipeline.flywheel.finetune:register", finetune_argv, tmp_path)  # saved, not registered
+    assert checkpoint.exists() and registered_models(store) == []
+    assert main(finetune_argv) == 0
+    (model,) = registered_models(store)
+    assert model["sha256"] == file_sha256(checkpoint)
