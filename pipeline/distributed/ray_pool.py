@@ -35,6 +35,7 @@ from pipeline.annotate.driver import run_case
 from pipeline.annotate.lazy_runner import LazyRunner
 from pipeline.annotate.policy import FailurePolicy
 from pipeline.annotate.signature import signature_or_none
+from pipeline.core.errors import RunError
 from pipeline.core.outcome import CaseOutcome
 from pipeline.core.types import CaseRef
 from pipeline.store.case_store import CaseStore
@@ -215,6 +216,10 @@ class Annotator:
     """Holds one model (loaded on the first case that needs it); torch and CPU runtimes use ``threads``."""
 
     def __init__(self, config_json: str, threads: int = 1) -> None:
+        import ray
+
+        if not ray.get_runtime_context().get_accelerator_ids().get("GPU"):
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU actor on a GPU node must not take the GPU's memory
         # the CPU runtimes read OMP_NUM_THREADS (pipeline/model/graph_cache.default_threads), and so does torch when a
         # case first needs it (eager torch, an export); a runner on cached graphs never imports torch at all
         os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
@@ -300,6 +305,10 @@ def drive(cases: list[dict], actor_factory: Callable[..., object], job: Job, *, 
                 continue
             result = _worker_failure(case, job)
         except RayTaskError as exc:  # the actor's code itself broke: a bug, recorded against the case
+            if isinstance(exc.cause, RunError):  # no usable store or model: every next case would fail alike
+                for ref in pending:
+                    ray.cancel(ref)
+                raise exc.cause from None
             log.error("case %s: %s", case["case_id"], type(exc.cause).__name__)
             result = CaseOutcome(case["case_id"], "failed", stage="internal").record()
         outcomes.append(result)

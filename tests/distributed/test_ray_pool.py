@@ -77,3 +77,38 @@ def test_a_given_ray_token_turns_on_token_auth_for_an_explicit_address(tmp_path)
     assert given.split() == ["token", "True"]
     assert absent.split() == ["None", "False"]  # ~/.ray/auth_token alone does not switch it on
 
+
+
+def test_a_store_that_cannot_be_written_stops_the_ray_run_with_its_reason(ray_cluster, tmp_path):
+    import ray
+
+    from pipeline.annotate.config import EngineConfig
+    from pipeline.core.errors import StoreUnavailableError
+    from pipeline.distributed.ray_pool import Job, drive
+
+    class FullDisk:  # raises what the per-case driver raises when the store's disk is full
+        def annotate_case(self, case, store_url, run_id, **_):
+            if case["case_id"] != "a":
+                raise StoreUnavailableError(f"case {case['case_id']} could not be written to the store: no space "
+                                            "left on the device")
+            return CaseOutcome(case["case_id"], "done").record()
+
+    def fresh_actor(lost=None):
+        return ray.remote(FullDisk).options(num_cpus=0).remote()
+
+    cases = [{"case_id": name, "image": str(tmp_path / f"{name}.nii")} for name in ("a", "b", "c", "d")]
+    job = Job(str(tmp_path / "store"), "run-1", EngineConfig().model_dump_json())
+    with pytest.raises(StoreUnavailableError, match="no space left"):  # not four "internal" failures
+        drive(cases, fresh_actor, job, in_flight=1)
+
+
+def test_a_cpu_actor_sees_no_gpu(ray_cluster):
+    import ray
+
+    from pipeline.annotate.config import EngineConfig
+    from pipeline.distributed.ray_pool import Annotator
+
+    probe = ray.remote(Annotator).options(num_cpus=0, num_gpus=0).remote(EngineConfig().model_dump_json(), 1)
+    env = ray.get(probe.__ray_call__.remote(lambda self: os.environ.get("CUDA_VISIBLE_DEVICES")))
+    assert env == ""
+    ray.kill(probe)
