@@ -21,8 +21,8 @@ def proxied_s3(s3_endpoint, monkeypatch):
 
     with FaultProxy(s3_endpoint) as proxy:
         monkeypatch.setenv("AWS_RETRY_MODE", "standard")
-        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
-        monkeypatch.setattr(s3fs.S3FileSystem, "retries", 2)  # s3fs's own retries on top of the SDK's
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+        monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # s3fs's own retries on top of the SDK's
         use_s3(monkeypatch, proxy.url, "faults")
         yield proxy
 

@@ -1,0 +1,246 @@
+"""Issue 19's ceiling: slices per second and per-case overhead of everything but the model, in one run.
+
+The model is replaced by bench/null_runner.py (every box comes back filled, at once), so what is timed is
+the pipeline around it: discovery (headers, keyed ids), signature hashing, the isolated reader (DICOM
+decoding), prompts from the coarse masks, post-processing, quality records, zarr commit, manifests and the
+run record. Data (real, shipped in packages):
+
+* 3D: slicerio's chest CT resampled to 512 x 512 in-plane (34 slices, the lungs as coarse mask on 26 of
+  them), written as NIfTI and as DICOM series in four transfer syntaxes (Explicit VR Little Endian, RLE
+  Lossless, JPEG-LS Lossless, JPEG 2000 Lossless): one case each, repeated ``--repeats`` times in fresh stores;
+* 2D: ``--tiles`` crops (96 x 96) of stardist's nuclei image with their instance masks: many small cases.
+
+Each row runs the local engine (`pipeline.annotate.job.annotate`, one process plus its isolated reader) and,
+with ``--ray``, the same cases sharded over one Ray actor per core (`pipeline.distributed.ray_pool.drive`).
+Printed per row: wall seconds, prompted slices per wall second, slices per CPU-second (user + system time
+of the process and its children: "per core"), and milliseconds per case.
+
+    .venv/bin/python bench/pipeline_ceiling.py [--repeats 3] [--tiles 200] [--ray]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from null_runner import NullLazyRunner  # bench/ (scripts run from bench/)
+
+SYNTAXES = {"explicit-le": "1.2.840.10008.1.2.1", "rle": "1.2.840.10008.1.2.5",
+            "jpeg-ls": "1.2.840.10008.1.2.4.80", "jpeg2000": "1.2.840.10008.1.2.4.90"}
+
+
+def chest_512() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, k) int16 CT resampled to 512 x 512 in-plane, its lungs (5, 6) and the new voxel->LPS affine."""
+    import cv2
+    import nrrd
+    import slicerio
+
+    data = Path(slicerio.__file__).parent / "data"
+    image, header = nrrd.read(str(data / "CTChest4.nrrd"))
+    labels, _ = nrrd.read(str(data / "Segmentation.seg.nrrd"))
+    size = 512
+    ct = np.stack([cv2.resize(image[:, :, k].astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+                   for k in range(image.shape[2])], axis=2).round().astype(np.int16)
+    lungs = np.where(np.isin(labels, (5, 6)), labels, 0).astype(np.uint8)
+    mask = np.stack([cv2.resize(lungs[:, :, k], (size, size), interpolation=cv2.INTER_NEAREST)
+                     for k in range(lungs.shape[2])], axis=2)
+    directions = np.asarray(header["space directions"], dtype=float)
+    affine = np.eye(4)
+    affine[:3, :3] = directions.T * np.array([image.shape[0] / size, image.shape[1] / size, 1.0])
+    affine[:3, 3] = np.asarray(header["space origin"], dtype=float)
+    return ct, mask, affine
+
+
+def write_dicom(ct: np.ndarray, affine_lps: np.ndarray, folder: Path, syntax: str) -> None:
+    """One CT series, one file per slice, in ``syntax``."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True)
+    series, study, frame = generate_uid(), generate_uid(), generate_uid()
+    row, col = affine_lps[:3, 1] / np.linalg.norm(affine_lps[:3, 1]), affine_lps[:3, 0] / np.linalg.norm(affine_lps[:3, 0])
+    for k in range(ct.shape[2]):
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "CT", series, study
+        ds.FrameOfReferenceUID, ds.InstanceNumber = frame, k + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageOrientationPatient = [*map(float, col), *map(float, row)]
+        ds.ImagePositionPatient = [float(v) for v in affine_lps[:3, :3] @ [0, 0, k] + affine_lps[:3, 3]]
+        ds.PixelSpacing = [float(np.linalg.norm(affine_lps[:3, 1])), float(np.linalg.norm(affine_lps[:3, 0]))]
+        ds.SliceThickness = float(np.linalg.norm(affine_lps[:3, 2]))
+        ds.Rows, ds.Columns = ct.shape[1], ct.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        pixels = np.ascontiguousarray(ct[:, :, k].T)
+        ds.PixelData = pixels.tobytes()
+        if syntax != ExplicitVRLittleEndian:
+            ds.compress(syntax, pixels)
+        ds.save_as(str(folder / f"IM{k:04d}.dcm"), enforce_file_format=True)
+
+
+def make_3d(root: Path, variant: int = 0) -> dict[str, tuple[Path, Path]]:
+    """The CT as NIfTI and as a DICOM series per syntax (new UIDs each call); ``variant`` changes one corner
+    voxel so that copies are distinct cases."""
+    import nibabel as nib
+
+    ct, mask, affine_lps = chest_512()
+    ct[0, 0, 0] += variant
+    affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
+    cases = {}
+    (root / "masks").mkdir(parents=True)
+    mask_path = root / "masks" / "lungs.nii.gz"
+    nib.save(nib.Nifti1Image(mask, affine_ras), str(mask_path))
+    nifti = root / "nifti" / "chest.nii.gz"
+    nifti.parent.mkdir()
+    nib.save(nib.Nifti1Image(ct, affine_ras), str(nifti))
+    cases["NIfTI"] = (nifti, mask_path)
+    for name, uid in SYNTAXES.items():
+        folder = root / f"dicom-{name}"
+        write_dicom(ct, affine_lps, folder, uid)
+        cases[f"DICOM {name}"] = (folder, mask_path)
+    return cases
+
+
+def make_2d(root: Path, tiles: int) -> tuple[Path, Path]:
+    import cv2
+    import stardist
+    import tifffile
+
+    data = Path(stardist.__file__).parent / "data" / "images"
+    image = tifffile.imread(str(data / "img2d.tif")).astype(np.float64)
+    mask = tifffile.imread(str(data / "mask2d.tif"))
+    scaled = ((image - image.min()) / max(float(image.max() - image.min()), 1e-6) * 255).astype(np.uint8)
+    images, masks = root / "tiles", root / "tile-masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    made = 0
+    while made < tiles:
+        y, x = rng.integers(0, 512 - 96, 2)
+        window = np.s_[y:y + 96, x:x + 96]
+        if mask[window].max() == 0:
+            continue
+        cv2.imwrite(str(images / f"t{made:04d}.png"), scaled[window])
+        cv2.imwrite(str(masks / f"t{made:04d}.png"), mask[window].astype(np.uint16))
+        made += 1
+    return images, masks
+
+
+def cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run_local(inputs: list[Path], masks: list[Path], store: Path, config) -> dict:
+    from pipeline.annotate.job import annotate
+    from pipeline.io.discover import discover
+    from pipeline.store.case_store import CaseStore
+
+    s = CaseStore(store)
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    cases = discover([str(p) for p in inputs], s.case_ids(), coarse_masks=[str(m) for m in masks])
+    runner = NullLazyRunner(config)
+    summary = annotate(cases, s, config, runner=runner, show_progress=False)
+    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+    assert summary.count("done") == len(cases), [o.reason for o in summary.failed]
+    return {"cases": len(cases), "slices": sum(o.slices for o in summary.outcomes), "wall": wall, "cpu": cpu}
+
+
+def run_ray(inputs: list[Path], masks: list[Path], store: Path, config, actors: int) -> dict:
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    from pipeline.distributed.ray_pool import Annotator, Job, drive
+    from pipeline.io.discover import discover
+    from pipeline.store.case_store import CaseStore
+
+    class NullAnnotator(Annotator):  # the engine's actor with the null runner in place of the model
+        def __init__(self, config_json: str, threads: int = 1) -> None:
+            super().__init__(config_json, threads)
+            self.runner = NullLazyRunner(self.config)
+
+    s = CaseStore(store)
+    wall = time.perf_counter()
+    cases = discover([str(p) for p in inputs], s.case_ids(), coarse_masks=[str(m) for m in masks])
+    handles = [ray.remote(NullAnnotator).options(num_cpus=1).remote(config.model_dump_json(), 1)
+               for _ in range(actors)]
+    ray.get([h.info.remote() for h in handles])  # started
+    started = time.perf_counter()
+    job = Job(str(store), "bench", config.model_dump_json())
+    shards = [[dataclasses.asdict(c) for c in cases[k::actors]] for k in range(actors)]
+    with ThreadPoolExecutor(actors) as pool:
+        outcomes = [o for part in pool.map(lambda k: drive(shards[k], lambda lost=None: handles[k], job),
+                                           range(actors)) for o in part]
+    end = time.perf_counter()
+    stats = [ray.get(h.info.remote()) for h in handles]
+    for handle in handles:
+        ray.kill(handle)
+    assert all(o["status"] == "done" for o in outcomes), outcomes
+    slices = sum(st["runner"].get("encoded_slices", 0) for st in stats)
+    return {"cases": len(cases), "slices": slices, "wall": end - started, "cpu": (end - started) * actors,
+            "start": started - wall}
+
+
+def row(name: str, result: dict) -> str:
+    per_case = result["wall"] / result["cases"] * 1000
+    return (f"{name:28s} {result['cases']:5d} {result['slices']:6d} {result['wall']:8.2f} "
+            f"{result['slices'] / result['wall']:9.1f} {result['slices'] / result['cpu']:9.1f} {per_case:9.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tiles", type=int, default=200)
+    parser.add_argument("--ray", action="store_true", help="also through Ray actors (one per core)")
+    args = parser.parse_args()
+
+    from pipeline.annotate.config import EngineConfig
+
+    config = EngineConfig()
+    root = Path(tempfile.mkdtemp(prefix="ceiling-"))
+    try:
+        three_d = make_3d(root / "data")
+        images, masks = make_2d(root / "data", args.tiles)
+        cores = os.cpu_count() or 1
+        print(f"cores: {cores}; null runner (every box filled, no model); {args.repeats} runs per 3D row")
+        print(f"{'case':28s} {'cases':>5s} {'slices':>6s} {'wall s':>8s} {'slices/s':>9s} {'sl/cpu-s':>9s} "
+              f"{'ms/case':>9s}")
+        for name, (image, mask) in three_d.items():
+            runs = [run_local([image], [mask], root / f"store-{name}-{k}".replace(" ", "-"), config)
+                    for k in range(args.repeats)]
+            best = min(runs, key=lambda r: r["wall"])
+            print(row(f"local {name}", best))
+        tiles = sorted(images.iterdir())
+        two_d = run_local([images], [masks], root / "store-2d", config)
+        print(row(f"local 2D x{len(tiles)}", two_d))
+        if args.ray:
+            from pipeline.distributed.ray_pool import connect
+
+            start = time.perf_counter()
+            connect(local_cpus=cores)
+            print(f"(Ray started in {time.perf_counter() - start:.1f} s; actors: {cores}, 1 CPU each; "
+                  "wall excludes actor start; sl/cpu-s counts every actor's core as busy)")
+            sets = [make_3d(root / f"ray-data-{k}", variant=k + 1) for k in range(args.repeats)]  # distinct cases
+            inputs = [pair[0] for made in sets for pair in made.values()]
+            mask_list = [pair[1] for made in sets for pair in made.values()]
+            print(row("ray 3D (all syntaxes)", run_ray(inputs, mask_list, root / "store-ray-3d", config, cores)))
+            print(row(f"ray 2D x{len(tiles)}", run_ray([images], [masks], root / "store-ray-2d", config, cores)))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
