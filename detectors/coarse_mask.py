@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from pipeline.core.metrics import present_labels
 from pipeline.core.types import BoxPrompt, ObjectBox
 
 SOURCE = "coarse-mask"
@@ -51,7 +52,7 @@ def label_objects(label_map: np.ndarray, instances: np.ndarray | None = None, co
     Each label is searched within its own bounding box (one pass over the map finds them all), so an
     instance map with hundreds of labels costs about one pass, not one per label."""
     structure = ndimage.generate_binary_structure(3, connectivity)
-    values = [int(v) for v in np.unique(label_map) if v != 0]
+    values = present_labels(label_map)
     whole = tuple(slice(0, n) for n in label_map.shape)
     regions = {}
     if values and label_map.dtype.kind in "ui" and min(values) > 0 and max(values) <= 1 << 20:

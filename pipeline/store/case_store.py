@@ -37,6 +37,7 @@ import numpy as np
 
 from pipeline.core.atomic import create_exclusive, write_text_atomic
 from pipeline.core.errors import StoreConflictError
+from pipeline.core.metrics import present_labels
 from pipeline.core.provenance import utc_stamp, version_id
 from pipeline.core.types import CaseAttributes, CaseIds
 from pipeline.store.labels_meta import describe_labels
@@ -284,7 +285,7 @@ def _multiscales(name: str, axes: list[str], scale: list[float]) -> list[dict]:
 
 def image_label_metadata(labels: np.ndarray, *, names: dict[int, str], instances: list[dict]) -> dict:
     """OME-Zarr 0.5 ``image-label`` metadata: a colour and properties for each non-zero value."""
-    values = [int(v) for v in np.unique(labels) if v != 0]
+    values = present_labels(labels)
     meanings = describe_labels(values, names=names, instances=instances)
     return {
         "version": "0.5",
