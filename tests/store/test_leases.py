@@ -57,20 +57,26 @@ def test_renewal_keeps_a_long_case_leased_beyond_its_ttl(store):
     assert holder(store, "case-a") is None  # given back at the end of the block
 
 
-def test_racing_runs_get_exactly_one_lease(store):
+def _race(store, case_id: str, runs: int) -> list[str]:
+    """``runs`` threads released together, each trying to take the case's lease; the names of the winners."""
     won: list[str] = []
-    barrier = threading.Barrier(6)
+    barrier = threading.Barrier(runs)
 
     def claim(name: str) -> None:
         barrier.wait()
-        if acquire(store, "contended", run_id=name, ttl_s=60) is not None:
+        if acquire(store, case_id, run_id=name, ttl_s=60) is not None:
             won.append(name)
 
-    threads = [threading.Thread(target=claim, args=(f"run-{i}",)) for i in range(6)]
+    threads = [threading.Thread(target=claim, args=(f"run-{i}",)) for i in range(runs)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    return won
+
+
+def test_racing_runs_get_exactly_one_lease(store):
+    won = _race(store, "contended", 6)
     assert len(won) == 1 and holder(store, "contended")["run_id"] == won[0]
 
 
@@ -78,19 +84,7 @@ def test_racing_takeovers_of_one_stale_lease_have_one_winner(store):
     acquire(store, "stale", run_id="dead", ttl_s=60)
     record, _ = read_lease(store, "stale")
     store.fs.pipe_file(str(store.root / "_leases" / "stale.json"), json.dumps(dict(record, expires_at=0)).encode())
-    won: list[str] = []
-    barrier = threading.Barrier(4)
-
-    def claim(name: str) -> None:
-        barrier.wait()
-        if acquire(store, "stale", run_id=name, ttl_s=60) is not None:
-            won.append(name)
-
-    threads = [threading.Thread(target=claim, args=(f"run-{i}",)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    won = _race(store, "stale", 4)
     assert len(won) == 1 and holder(store, "stale")["run_id"] == won[0]
 
 
