@@ -64,7 +64,8 @@ def write_dicom(ct: np.ndarray, affine_lps: np.ndarray, folder: Path, syntax: st
 
     folder.mkdir(parents=True)
     series, study, frame = generate_uid(), generate_uid(), generate_uid()
-    row, col = affine_lps[:3, 1] / np.linalg.norm(affine_lps[:3, 1]), affine_lps[:3, 0] / np.linalg.norm(affine_lps[:3, 0])
+    row = affine_lps[:3, 1] / np.linalg.norm(affine_lps[:3, 1])
+    col = affine_lps[:3, 0] / np.linalg.norm(affine_lps[:3, 0])
     for k in range(ct.shape[2]):
         ds = pydicom.Dataset()
         ds.file_meta = FileMetaDataset()

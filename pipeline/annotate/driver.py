@@ -67,8 +67,9 @@ def label_values(coarse: np.ndarray) -> np.ndarray:
         rounded = np.rint(coarse)
         off = np.abs(coarse - rounded) > 1e-3
         if off.any():
-            raise PromptError(f"coarse mask holds {int(off.sum())} non-integer values (e.g. {float(coarse[off][0]):g}); "
-                              "give an integer label map (threshold a probability map first)")
+            example = float(coarse[off][0])
+            raise PromptError(f"coarse mask holds {int(off.sum())} non-integer values (e.g. {example:g}); give an "
+                              "integer label map (threshold a probability map first)")
         coarse = rounded.astype(np.int64)
     low, high = int(coarse.min(initial=0)), int(coarse.max(initial=0))
     if low < 0:
@@ -195,8 +196,8 @@ def run_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: Lazy
     where = node() if node is not None else ""
     start = time.perf_counter()
     try:
-        return with_retries(lambda: _attempt(case, store, config, runner, run_id=run_id, overwrite=overwrite, progress=progress,
-                                             model_lock=model_lock, node=where), policy)
+        return with_retries(lambda: _attempt(case, store, config, runner, run_id=run_id, overwrite=overwrite,
+                                             progress=progress, model_lock=model_lock, node=where), policy)
     except RunError:
         raise
     except Exception as exc:  # noqa: BLE001 - expected or a bug, a case's failure fails that case only

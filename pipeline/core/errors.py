@@ -86,8 +86,8 @@ TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ES
 # A reader error that crossed the isolated reader's process boundary (or became a failing case at discovery)
 # has lost its cause; its reason still names the cause's type and errno ("... (OSError: [Errno 5] Input/output
 # error)"), or says "temporarily unavailable" (a server that stayed busy through its retries).
-_TRANSIENT_TEXT = re.compile(r"\b(TimeoutError|Connection\w*Error|BrokenPipeError|ReadTimeout|temporarily unavailable)\b"
-                             r"|\[Errno ("
+_TRANSIENT_TEXT = re.compile(r"\b(TimeoutError|Connection\w*Error|BrokenPipeError|ReadTimeout"
+                             r"|temporarily unavailable)\b|\[Errno ("
                              + "|".join(str(n) for n in sorted(TRANSIENT_ERRNOS)) + r")\]")
 
 
