@@ -141,6 +141,21 @@ class QualitySection(_Section):
                 "per_label": dict(self.per_label)}
 
 
+class LabelEntry(_Section):
+    """What one label value means (pipeline/io/label_table.py reads these from a file)."""
+
+    name: str = Field(min_length=1)
+    code: str | None = None  # SNOMED CT; looked up from the name when absent
+    meaning: str | None = None
+    rgb: tuple[int, int, int] | None = None
+
+    @model_validator(mode="after")
+    def _colour_in_range(self) -> "LabelEntry":
+        if self.rgb is not None and not all(0 <= c <= 255 for c in self.rgb):
+            raise ValueError("rgb values must lie in 0..255")
+        return self
+
+
 class EngineConfig(_Section):
     intensity: IntensitySection = IntensitySection()
     prompts: PromptSection = PromptSection()
@@ -149,6 +164,11 @@ class EngineConfig(_Section):
     postprocess: PostprocessSection = PostprocessSection()
     store: StoreSection = StoreSection()
     quality: QualitySection = QualitySection()
+    labels: dict[int, LabelEntry] = {}  # label value -> meaning; names, codes and colours of every output
+
+    def label_specs(self) -> dict[int, dict]:
+        """The label table as {value: {"name", "code", "meaning", "rgb"}} (absent keys left out)."""
+        return {value: entry.model_dump(exclude_none=True) for value, entry in self.labels.items()}
 
     def result_hash(self) -> str:
         """Hash of everything that changes the masks (not the device or where the image is stored)."""
@@ -159,6 +179,7 @@ class EngineConfig(_Section):
         data["model"].pop("embedding_cache_mb")
         data["model"].pop("backend")
         data.pop("store")
+        data.pop("labels")  # names, codes and colours never change the masks
         quality = data.pop("quality")  # routing and calibration never change the masks
         if quality["jitter_check"]:  # ... the jitter check adds a record per instance
             data["quality_jitter"] = [quality["jitter_fraction"], quality["jitter_slices"]]
@@ -168,6 +189,9 @@ class EngineConfig(_Section):
         """A copy with some fields of some sections replaced, e.g. ``prompts={"box_margin": 5}``."""
         data = self.model_dump()
         for section, values in sections.items():
+            if section == "labels":  # a whole table replaces the file's
+                data[section] = dict(values)
+                continue
             data[section].update({k: v for k, v in values.items() if v is not None})
         return EngineConfig.model_validate(data)
 

@@ -84,7 +84,8 @@ def label_values(coarse: np.ndarray) -> np.ndarray:
 def case_prompts(case: CaseRef, volume: Volume, config: EngineConfig, runner: LazyRunner
                  ) -> tuple[np.ndarray | None, list[BoxPrompt], dict[int, str]]:
     """The case's coarse label map (given or found), its box prompts from the configured detector, and the
-    label names (from the coarse mask's file, then the detector's)."""
+    label names (from the coarse mask's file, then the detector's, then the configured label table, whose
+    entries also carry SNOMED codes and colours)."""
     coarse = None
     if case.coarse_mask:
         coarse = align_to(read_volume(case.coarse_mask), volume, what="coarse mask")
@@ -98,8 +99,9 @@ def case_prompts(case: CaseRef, volume: Volume, config: EngineConfig, runner: La
         detection = detector(volume, coarse)
     except ValueError as exc:
         raise PromptError(str(exc)) from exc
-    names = dict(label_names_of(case.coarse_mask)) if case.coarse_mask else {}
+    names: dict = dict(label_names_of(case.coarse_mask)) if case.coarse_mask else {}
     names.update(detection.label_names)
+    names.update(config.label_specs())  # the user's label table has the last word
     return detection.label_map, detection.prompts, names
 
 

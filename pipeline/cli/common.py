@@ -10,6 +10,7 @@ from pathlib import Path
 
 from detectors import get_spec
 from pipeline.annotate.config import load_config
+from pipeline.io.label_table import read_label_table
 from pipeline.model.devices import cuda_available
 
 EXIT_OK, EXIT_CASES_FAILED, EXIT_USAGE = 0, 1, 2
@@ -40,6 +41,9 @@ def add_prompt_options(parser: argparse.ArgumentParser, *, checkpoint_help: str)
     parser.add_argument("--coarse-mask", nargs="+", default=[], metavar="MASK",
                         help="label maps on the inputs' grids: one per input in order, or one folder matched "
                              "by stem")
+    parser.add_argument("--labels", default=None, metavar="FILE",
+                        help="what the label values mean: JSON or CSV (value, name[, SNOMED code][, colour]) or a "
+                             "3D Slicer colour table; names, codes and colours go into the store and every export")
     parser.add_argument("--detector", default=None, help="prompt source: coarse-mask (default), intensity, learned")
     parser.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE",
                         help="an option of the detector, e.g. artefact=det.pt (YAML value); repeatable")
@@ -88,6 +92,8 @@ def run_config(args, command: str, *, detector_defaults: dict[str, dict] | None 
                      "options": options or None},
             model={"checkpoint": checkpoint if checkpoint_in_config else None,
                    "device": getattr(args, "device", None), "mode": getattr(args, "mode", None)})
+        if getattr(args, "labels", None):
+            config = config.with_overrides(labels=read_label_table(args.labels))
     except (ValidationError, OSError, ValueError) as exc:
         print(f"medsam-engine {command}: bad configuration: {exc}", file=sys.stderr)
         return None

@@ -39,6 +39,7 @@ from pipeline.io.readers import read_volume, stem_of
 from pipeline.report.qc import write_review_report
 from pipeline.store.case_store import CaseStore
 from pipeline.store.queries import ACCEPTED
+from pipeline.store.labels_meta import meanings_from_properties, spec_of
 from pipeline.store.leases import leased
 from pipeline.store.records import QUALITY, write_record
 
@@ -271,7 +272,8 @@ def _commit_review(store: CaseStore, case_id: str, proposal: np.ndarray, correct
     number = attrs.round
     instances, summary = edit_records(proposal, correction, list(attrs.instances), reviewer=reviewer,
                                       number=number)
-    names = {int(p["label-value"]): str(p["name"]) for p in store.label_properties(case_id) if "name" in p}
+    names = {value: spec_of(meaning)  # names, codes and colours kept as they were
+             for value, meaning in meanings_from_properties(store.label_properties(case_id)).items()}
     new = {k: v for k, v in attrs.raw.items() if k != "status"}
     new.update(instances=instances, review=summary, review_status="accepted",
                proposal_status=attrs.review_status)

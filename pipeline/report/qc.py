@@ -14,15 +14,16 @@ import numpy as np
 from pipeline.core.atomic import write_text_atomic
 from pipeline.core.intensity import IntensityConfig, to_uint8
 from pipeline.store.case_store import CaseStore
+from pipeline.store.labels_meta import LabelMeaning, label_colour, meanings_from_properties
 
-PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190)]
 SCORE_COLUMNS = ("score", "route", "predicted_iou", "stability", "jitter_iou", "coverage", "box_agreement",
                  "slice_iou", "area_jump_max", "drift_max")
 
 
-def overlay(slice_u8: np.ndarray, labels: np.ndarray, *, scale: int = 3) -> np.ndarray:
-    """An RGB picture of a (y, x) uint8 slice with each label's contour drawn in its own colour."""
+def overlay(slice_u8: np.ndarray, labels: np.ndarray, *, scale: int = 3,
+            colours: dict[int, tuple[int, int, int]] | None = None) -> np.ndarray:
+    """An RGB picture of a (y, x) uint8 slice with each label's contour drawn in its colour: the store's
+    (``colours``, from its label metadata), else :func:`label_colour`, the colour every output uses."""
     import cv2
 
     grey = slice_u8 if slice_u8.ndim == 3 else np.repeat(slice_u8[:, :, None], 3, axis=-1)
@@ -32,8 +33,24 @@ def overlay(slice_u8: np.ndarray, labels: np.ndarray, *, scale: int = 3) -> np.n
     for value in (int(v) for v in np.unique(big) if v != 0):
         mask = (big == value).astype(np.uint8)
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(picture, contours, -1, PALETTE[(value - 1) % len(PALETTE)], 1)
+        colour = (colours or {}).get(value) or label_colour(value)
+        cv2.drawContours(picture, contours, -1, tuple(int(c) for c in colour), 1)
     return picture
+
+
+def _meanings(store: CaseStore, case_id: str) -> dict[int, LabelMeaning]:
+    return meanings_from_properties(store.label_properties(case_id))
+
+
+def legend(meanings: dict[int, LabelMeaning]) -> str:
+    """An HTML legend: each label's colour swatch, value, name and SNOMED CT code."""
+    rows = []
+    for value, meaning in sorted(meanings.items()):
+        red, green, blue = meaning.rgb
+        code = f" (SCT {html.escape(meaning.code[0])})" if meaning.code else ""
+        rows.append(f"<li><span style='display:inline-block;width:1em;height:1em;"
+                    f"background:rgb({red},{green},{blue})'></span> {value}: {html.escape(meaning.name)}{code}</li>")
+    return "<ul class='legend'>" + "".join(rows) + "</ul>" if rows else ""
 
 
 def _rendered(store: CaseStore, case_id: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -48,19 +65,21 @@ def _rendered(store: CaseStore, case_id: str) -> tuple[np.ndarray, np.ndarray] |
     return u8, labels
 
 
-def _save_pictures(case_id: str, rendered, slices: list[int], out: Path) -> list[str]:
+def _save_pictures(case_id: str, rendered, slices: list[int], out: Path,
+                   colours: dict[int, tuple[int, int, int]] | None = None) -> list[str]:
     import cv2
 
     u8, labels = rendered
     names = []
     for z in slices:
         name = f"{case_id}_z{z:04d}.png"
-        cv2.imwrite(str(out / name), cv2.cvtColor(overlay(u8[z], labels[z]), cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(out / name), cv2.cvtColor(overlay(u8[z], labels[z], colours=colours), cv2.COLOR_RGB2BGR))
         names.append(name)
     return names
 
 
-def _case_pictures(store: CaseStore, case_id: str, out: Path, per_case: int) -> list[str]:
+def _case_pictures(store: CaseStore, case_id: str, out: Path, per_case: int,
+                   colours: dict[int, tuple[int, int, int]] | None = None) -> list[str]:
     """Pictures of the ``per_case`` slices with the most labelled voxels."""
     rendered = _rendered(store, case_id)
     if rendered is None:
@@ -68,7 +87,7 @@ def _case_pictures(store: CaseStore, case_id: str, out: Path, per_case: int) -> 
     labels = rendered[1]
     counts = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1)
     slices = [int(z) for z in sorted(np.argsort(counts)[::-1][:per_case]) if counts[z] > 0]
-    return _save_pictures(case_id, rendered, slices, out)
+    return _save_pictures(case_id, rendered, slices, out, colours)
 
 
 def _order_key(inst: dict) -> float:
@@ -113,7 +132,11 @@ def write_report(store: CaseStore, out_dir: str | Path, *, per_case: int = 3) ->
                      f"<td>{html.escape(inst['prompt_source'])}</td>{_score_cells(inst)}</tr>")
     parts.append("</table><h2>Overlays</h2>")
     for case_id in store.committed_cases():
-        for name in _case_pictures(store, case_id, out, per_case):
+        meanings = _meanings(store, case_id)
+        pictures = _case_pictures(store, case_id, out, per_case, {v: m.rgb for v, m in meanings.items()})
+        if pictures:
+            parts.append(f"<h3>case {html.escape(case_id)}</h3>{legend(meanings)}")
+        for name in pictures:
             parts.append(f"<figure><img src='{name}'><figcaption>{html.escape(name)}</figcaption></figure>")
     for case_id, error in store.errors().items():
         parts.append(f"<p>failed {html.escape(case_id)}: {html.escape(error['reason'])}</p>")
@@ -162,7 +185,10 @@ def write_review_report(store: CaseStore, path: str | Path, queue: list[dict], *
         parts.append("</table>")
         rendered = _rendered(store, case_id)
         if rendered is not None:
-            for name in _save_pictures(case_id, rendered, _worst_slices(instances, per_case), pictures):
+            meanings = _meanings(store, case_id)
+            parts.append(legend(meanings))
+            colours = {v: m.rgb for v, m in meanings.items()}
+            for name in _save_pictures(case_id, rendered, _worst_slices(instances, per_case), pictures, colours):
                 parts.append(f"<figure style='display:inline-block'><img src='pictures/{name}'>"
                              f"<figcaption>{html.escape(name)}</figcaption></figure>")
     write_text_atomic(path, "\n".join(parts))

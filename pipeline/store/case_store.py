@@ -206,7 +206,7 @@ class CaseStore:
                          "time": utc_stamp()})
 
     def commit_case(self, case_id: str, *, labels: np.ndarray, attrs: dict, image: np.ndarray | None = None,
-                    overwrite: bool = False, label_names: dict[int, str] | None = None,
+                    overwrite: bool = False, label_names: dict[int, str | dict] | None = None,
                     supersedes: str | None = None) -> Path | PurePosixPath:
         """Write a case and commit it last; returns its final path.
 
@@ -296,7 +296,7 @@ def image_label_metadata(labels: np.ndarray, *, names: dict[int, str], instances
 
 
 def write_case_group(target, *, labels: np.ndarray, image: np.ndarray | None, attrs: dict,
-                     label_names: dict[int, str]) -> None:
+                     label_names: dict[int, str | dict]) -> None:
     """Write one case group at ``target`` (a path or zarr store); the 'medsam' status is written last."""
     import zarr
 

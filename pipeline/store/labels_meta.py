@@ -54,7 +54,7 @@ class LabelMeaning:
     def to_ome_property(self) -> dict:
         """The entry of OME-Zarr ``image-label.properties`` for this value."""
         entry = {"label-value": self.value, "name": self.name, "review-status": self.review_status,
-                 "category": self.category[1]}
+                 "category": self.category[1], "rgb": list(self.rgb)}
         if self.code is not None:
             entry.update({"snomed-ct-code": self.code[0], "snomed-ct-meaning": self.code[1]})
         return entry
@@ -106,17 +106,32 @@ def review_status(instances: list[dict], value: int) -> str:
     return "partly reviewed" if reviewed else "unreviewed"
 
 
-def describe_labels(values: list[int], *, names: dict[int, str] | None = None,
+def describe_labels(values: list[int], *, names: dict[int, str | dict] | None = None,
                     instances: list[dict] | None = None) -> list[LabelMeaning]:
-    """The meaning of each label value (names default to "label <v>")."""
+    """The meaning of each label value. ``names`` gives a name, or a spec {"name", "code", "meaning", "rgb"}
+    (a label table's entry, pipeline/io/label_table.py); names default to "label <v>", codes to the name's
+    SNOMED CT code when one is known, colours to :func:`label_colour`."""
     names = names or {}
     out = []
     for value in sorted(int(v) for v in values):
-        name = names.get(value) or f"label {value}"
+        given = names.get(value)
+        spec = given if isinstance(given, dict) else {"name": given} if given else {}
+        name = str(spec.get("name") or f"label {value}")
         code, category = snomed_code(name)
-        out.append(LabelMeaning(value, name, code, category, label_colour(value),
-                                review_status(instances or [], value)))
+        if spec.get("code"):
+            code = (str(spec["code"]), str(spec.get("meaning") or name))
+            category = category if category != CATEGORY_TISSUE else CATEGORY_ANATOMY
+        rgb = tuple(int(c) for c in spec["rgb"]) if spec.get("rgb") else label_colour(value)
+        out.append(LabelMeaning(value, name, code, category, rgb, review_status(instances or [], value)))
     return out
+
+
+def spec_of(meaning: LabelMeaning) -> dict:
+    """A label's meaning as a spec that :func:`describe_labels` takes back (to re-commit a case unchanged)."""
+    spec: dict = {"name": meaning.name, "rgb": list(meaning.rgb)}
+    if meaning.code is not None:
+        spec.update(code=meaning.code[0], meaning=meaning.code[1])
+    return spec
 
 
 def meanings_from_properties(properties: list[dict]) -> dict[int, LabelMeaning]:
@@ -128,6 +143,6 @@ def meanings_from_properties(properties: list[dict]) -> dict[int, LabelMeaning]:
         derived, category = snomed_code(name)
         code = (entry["snomed-ct-code"], entry.get("snomed-ct-meaning", name)) if "snomed-ct-code" in entry \
             else derived
-        out[value] = LabelMeaning(value, name, code, category, label_colour(value),
-                                  str(entry.get("review-status", "unreviewed")))
+        rgb = tuple(int(c) for c in entry["rgb"][:3]) if entry.get("rgb") else label_colour(value)
+        out[value] = LabelMeaning(value, name, code, category, rgb, str(entry.get("review-status", "unreviewed")))
     return out
