@@ -35,6 +35,8 @@ from pipeline.core.types import CaseAttributes
 from pipeline.export.common import ExportError
 from pipeline.export.dicom_seg import write_case_seg
 from pipeline.export.nifti import save_nifti_checked, write_case_nifti
+from pipeline.io.dicom_scan import SliceHeader, read_header
+from pipeline.io.dicom_seg_reader import is_dicom_seg, referenced_series
 from pipeline.io.readers import read_volume, stem_of
 from pipeline.report.qc import write_review_report
 from pipeline.store.case_store import CaseStore
@@ -165,7 +167,19 @@ def _case_for(path: Path, store: CaseStore, cases: list[str]) -> str | None:
     if stem in cases:
         return stem
     owners = [c for c in cases if stem_of((store.manifest(c) or {}).get("image") or "") == stem]
+    if len(owners) != 1 and path.is_file() and is_dicom_seg(path):  # a SEG names its series, not its file
+        uid = referenced_series(path)
+        owners = [c for c in cases if uid and _manifest_series(store, c) == uid]
     return owners[0] if len(owners) == 1 else None
+
+
+def _manifest_series(store: CaseStore, case_id: str) -> str | None:
+    """The SeriesInstanceUID of a DICOM case's input, read from its first file (for matching only)."""
+    files = (store.manifest(case_id) or {}).get("files") or []
+    if not files or not Path(files[0]).is_file():
+        return None
+    header = read_header(files[0])
+    return header.series_uid if isinstance(header, SliceHeader) else None
 
 
 def read_correction(path: Path, labels: np.ndarray, attrs: CaseAttributes) -> np.ndarray:

@@ -24,6 +24,7 @@ from pipeline.core.provenance import files_sha256
 from pipeline.core.types import CaseIds, CaseRef
 from pipeline.io.archives import ExtractLimits, extract_archive, is_archive
 from pipeline.io.dicom_scan import PARALLEL_FROM, SeriesGroup, SliceHeader, group_series, read_header, scan_headers
+from pipeline.io.dicom_seg_reader import is_dicom_seg, referenced_series
 from pipeline.io.dicomweb import fetch_dicomweb
 from pipeline.io.readers import (
     DICOM_SUFFIXES,
@@ -199,9 +200,33 @@ class _Finder:
         return self.superseding(self.folder(folder, 0), "dicomweb:" + url)
 
 
-def _mask_for(image: Path, index: int, n_inputs: int, masks: list[Path]) -> Path | None:
+def _seg_masks(folder: Path) -> dict[str, Path]:
+    """The DICOM SEG files in a mask folder, by the SeriesInstanceUID they reference (kept in memory only)."""
+    found = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if suffix_of(path) in DICOM_SUFFIXES + ("",) or has_dicom_marker(path):
+            if is_dicom_seg(path):
+                uid = referenced_series(path)
+                if uid:
+                    found.setdefault(uid, path)
+    return found
+
+
+def _series_uid(case: CaseRef) -> str | None:
+    if not case.files:
+        return None
+    header = read_header(case.files[0])
+    return header.series_uid if isinstance(header, SliceHeader) else None
+
+
+def _mask_for(image: Path, index: int, n_inputs: int, masks: list[Path], case: CaseRef | None = None,
+              segs: dict[str, Path] | None = None) -> Path | None:
     if not masks:
         return None
+    if segs and case is not None:  # a DICOM SEG that references this very series
+        uid = _series_uid(case)
+        if uid in segs:
+            return segs[uid]
     if len(masks) == 1 and masks[0].is_dir():
         stem = stem_of(image)
         found = [p for p in sorted(masks[0].iterdir()) if stem_of(p) == stem]
@@ -234,10 +259,11 @@ def discover(inputs: Sequence[str | Path], ids: CaseIds, *, coarse_masks: Sequen
                 merged.add(case.case_id)
             else:
                 log.warning("case %s appears more than once in the inputs; keeping the first", case.case_id)
+    segs = _seg_masks(masks[0]) if len(masks) == 1 and masks[0].is_dir() else {}
     cases = []
     for case_id, (index, case) in found.items():
         case = _one_file_per_instance(case) if case_id in merged else case
-        mask = _mask_for(Path(case.image), index, len(inputs), masks)
+        mask = _mask_for(Path(case.image), index, len(inputs), masks, case, segs)
         cases.append(case if mask is None else _with_mask(case, mask))
     return cases
 

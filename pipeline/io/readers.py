@@ -20,6 +20,7 @@ from pipeline.core.limits import check_voxels
 from pipeline.core.orientation import LPS_TO_RAS, canonical_volume
 from pipeline.core.types import CaseRef, Geometry, Volume
 from pipeline.io.dicom import read_dicom_files, read_dicom_series
+from pipeline.io.dicom_seg_reader import is_dicom_seg, read_dicom_seg, seg_label_names
 from pipeline.io.isolate import WorkerCrash, default_worker
 
 if TYPE_CHECKING:
@@ -162,7 +163,10 @@ def read_volume(path: str | Path) -> Volume:
     if not path.is_dir() and suffix in readers:
         return _guarded(path, path.name, lambda: readers[suffix](path))
     # DICOM: a series folder, a DICOM suffix, or a file with no suffix or the 'DICM' marker (often unnamed)
-    if path.is_dir() or suffix in DICOM_SUFFIXES or not suffix or has_dicom_marker(path):
+    dicom_file = not path.is_dir() and (suffix in DICOM_SUFFIXES or not suffix or has_dicom_marker(path))
+    if dicom_file and is_dicom_seg(path):  # a segmentation (a coarse mask or a correction)
+        return _guarded(path, path.name, lambda: read_dicom_seg(path))
+    if path.is_dir() or dicom_file:
         return _guarded(path, path.name, lambda: read_dicom_series(path))
     raise ReadError(f"{path.name}: unsupported file type '{suffix}'")
 
@@ -227,8 +231,13 @@ def _read_isolated(case: CaseRef, worker: IsolatedWorker | None, timeout_s: floa
 
 def label_names_of(path: str | Path) -> dict[int, str]:
     """Label value -> name stored with a label map (3D Slicer's .seg.nrrd ``Segment<i>_Name`` and
-    ``Segment<i>_LabelValue`` header keys); {} when the file names none."""
+    ``Segment<i>_LabelValue`` header keys, a DICOM SEG's segment labels); {} when the file names none."""
     if not str(path).lower().endswith(".nrrd"):
+        if Path(path).is_file() and is_dicom_seg(path):
+            try:
+                return seg_label_names(path)
+            except Exception:  # noqa: BLE001 - a SEG that cannot be read fails where it is read, with a reason
+                return {}
         return {}
     import nrrd
 

@@ -1,0 +1,87 @@
+"""DICOM SEG as input: a coarse mask or a reviewer's correction written by TotalSegmentator, 3D Slicer, OHIF
+or this engine, read with highdicom onto the series it references.
+
+Segments become label values: a segment whose tracking id is "label N" (as this engine writes them) keeps
+the value N, any other takes its segment number. Where segments overlap, the later segment wins (as label
+maps are written). The segment labels are the names (:func:`seg_label_names`).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.errors import ReadError
+from pipeline.core.orientation import LPS_TO_RAS, canonical_volume
+from pipeline.core.types import Volume
+
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+_OURS = re.compile(r"label (\d+)")
+
+
+def is_dicom_seg(path: str | Path) -> bool:
+    """Whether ``path`` is a DICOM Segmentation object (its header only is read)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # noqa: BLE001 - not DICOM, or unreadable: not a SEG then
+        return False
+    return str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS
+
+
+def referenced_series(path: str | Path) -> str | None:
+    """The SeriesInstanceUID a SEG references (for matching, never logged), or None."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        return str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
+    except Exception:  # noqa: BLE001 - a SEG without the reference cannot be matched by series
+        return None
+
+
+def _segment_values(seg) -> dict[int, int]:
+    values = {}
+    for number in seg.get_segment_numbers():
+        tracking = str(getattr(seg.get_segment_description(number), "TrackingID", "") or "")
+        match = _OURS.fullmatch(tracking.strip())
+        values[int(number)] = int(match.group(1)) if match else int(number)
+    return values
+
+
+def seg_label_names(path: str | Path) -> dict[int, str]:
+    """Label value -> the segment's label, for a DICOM SEG file."""
+    import highdicom as hd
+
+    seg = hd.seg.segread(str(path))
+    values = _segment_values(seg)
+    return {values[n]: str(seg.get_segment_description(n).SegmentLabel) for n in values}
+
+
+def read_dicom_seg(path: str | Path) -> Volume:
+    """The SEG as a label map (uint16) on the grid of the frames it holds (cropped to them; the caller aligns
+    it to the image, pipeline/core/geometry.align_to)."""
+    import highdicom as hd
+
+    path = Path(path)
+    seg = hd.seg.segread(str(path))
+    values = _segment_values(seg)
+    if not values:
+        raise ReadError(f"{path.name}: the DICOM SEG holds no segment")
+    numbers = sorted(values)
+    try:
+        volume = seg.get_volume(segment_numbers=numbers, combine_segments=False)
+    except (ValueError, RuntimeError) as exc:
+        raise ReadError(f"{path.name}: the DICOM SEG's frames do not form one volume ({exc})") from exc
+    if volume is None:
+        raise ReadError(f"{path.name}: the DICOM SEG holds no frames")
+    planes = np.asarray(volume.array)
+    if planes.ndim == 3:
+        planes = planes[..., None]
+    labels = np.zeros(planes.shape[:3], dtype=np.uint16)
+    for index, number in enumerate(numbers):  # later segments win where segments overlap
+        labels[planes[..., index] > 0] = values[number]
+    return canonical_volume(labels, LPS_TO_RAS @ np.asarray(volume.affine, dtype=float), modality="SEG",
+                            source_format="dicom-seg")
