@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipeline.cli.common import EXIT_CASES_FAILED, EXIT_OK, EXIT_USAGE, add_command, add_prompt_options, run_config
 from pipeline.flywheel.registry import current_model
+from pipeline.flywheel.review import FORMATS as REVIEW_FORMATS
 from pipeline.flywheel.review import calibrate_store, export_queue, import_corrections
 from pipeline.flywheel.rounds import format_table, round_rows, run_round, write_round_table
 from pipeline.io.discover import discover
@@ -23,8 +24,9 @@ def add_parsers(sub) -> None:
     out = add_command(review_sub, "export", "write the review queue (worst first) and its QC report")
     out.add_argument("store", metavar="STORE", help="the store whose routed cases to export")
     out.add_argument("--out", required=True, metavar="DIR", help="folder for the queue")
-    out.add_argument("--formats", nargs="+", default=["nifti", "zarr", "dicom-seg"],
-                     choices=["nifti", "zarr", "dicom-seg"], help="what to write per case (default all three)")
+    out.add_argument("--formats", nargs="+", default=list(REVIEW_FORMATS), choices=list(REVIEW_FORMATS),
+                     help="what to write per case (default all): NIfTI, a named .seg.nrrd for 3D Slicer, the "
+                          "OME-Zarr group, DICOM SEG for OHIF and PACS")
     out.add_argument("--limit", type=int, default=None, help="only the N worst cases")
     into = add_command(review_sub, "import", "ingest corrected masks and mark the cases accepted")
     into.add_argument("store", metavar="STORE", help="the store the proposals came from")

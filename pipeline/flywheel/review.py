@@ -38,6 +38,7 @@ from pipeline.export.nifti import save_nifti_checked, write_case_nifti
 from pipeline.io.dicom_scan import SliceHeader, read_header
 from pipeline.io.dicom_seg_reader import is_dicom_seg, referenced_series
 from pipeline.io.readers import read_volume, stem_of
+from pipeline.io.slicer_seg import write_seg_nrrd
 from pipeline.report.qc import write_review_report
 from pipeline.store.case_store import CaseStore
 from pipeline.store.queries import ACCEPTED
@@ -48,7 +49,7 @@ from pipeline.store.records import QUALITY, write_record
 log = logging.getLogger(__name__)
 
 QUEUE_STATUSES = ("review", "rejected")
-FORMATS = ("nifti", "zarr", "dicom-seg")
+FORMATS = ("nifti", "seg-nrrd", "zarr", "dicom-seg")
 
 
 # -- export -----------------------------------------------------------------------------------------------
@@ -93,6 +94,9 @@ def export_queue(store: CaseStore, out_dir: str | Path, *, formats: tuple[str, .
             (out / "nifti").mkdir(exist_ok=True)
             files["labels"] = str(write_case_nifti(store, case_id, out / "nifti").relative_to(out))
             files["images"] = [str(p.relative_to(out)) for p in _write_image(store, case_id, out / "images")]
+        if "seg-nrrd" in formats:  # named, coloured segments for 3D Slicer
+            (out / "slicer").mkdir(exist_ok=True)
+            files["slicer"] = str(_write_seg_nrrd(store, case_id, out / "slicer").relative_to(out))
         if "zarr" in formats:
             files["zarr"] = str(_copy_group(store, case_id, out / "zarr").relative_to(out))
         if "dicom-seg" in formats:
@@ -105,7 +109,8 @@ def export_queue(store: CaseStore, out_dir: str | Path, *, formats: tuple[str, .
     result.report = write_review_report(store, out / "report.html", result.cases)
     queue = {"created_at": utc_stamp(), "cases": result.cases,
              "skipped": result.skipped,
-             "how_to": "correct nifti/<case_id>.nii.gz (or the labels of zarr/<case_id>.ome.zarr) and run "
+             "how_to": "correct slicer/<case_id>.seg.nrrd in 3D Slicer, seg/<case_id>.seg.dcm in OHIF, or "
+                       "nifti/<case_id>.nii.gz (or the labels of zarr/<case_id>.ome.zarr), then run "
                        "`medsam-engine review import STORE <files or folder> --reviewer NAME`"}
     write_text_atomic(out / "queue.json", json.dumps(queue, indent=1, default=str))
     return result
@@ -122,6 +127,13 @@ def _write_image(store: CaseStore, case_id: str, folder: Path) -> list[Path]:
     return [save_nifti_checked(to_source_grid(np.ascontiguousarray(channels[..., c]), geometry),
                                geometry.source_affine, folder / f"{case_id}_{c:04d}.nii.gz",
                                what=f"case {case_id} image channel {c}") for c in range(channels.shape[-1])]
+
+
+def _write_seg_nrrd(store: CaseStore, case_id: str, folder: Path) -> Path:
+    labels, attrs = store.read_labels(case_id)
+    meanings = sorted(meanings_from_properties(store.label_properties(case_id)).values(), key=lambda m: m.value)
+    return write_seg_nrrd(to_source_grid(labels, attrs.geometry), attrs.geometry.source_affine, meanings,
+                          folder / f"{case_id}.seg.nrrd")
 
 
 def _copy_group(store: CaseStore, case_id: str, folder: Path) -> Path:

@@ -22,6 +22,7 @@ from pipeline.core.types import CaseRef, Geometry, Volume
 from pipeline.io.dicom import read_dicom_files, read_dicom_series
 from pipeline.io.dicom_seg_reader import is_dicom_seg, read_dicom_seg, seg_label_names
 from pipeline.io.isolate import WorkerCrash, default_worker
+from pipeline.io.slicer_seg import read_seg_nrrd, seg_nrrd_names
 
 if TYPE_CHECKING:
     from pipeline.io.isolate import IsolatedWorker
@@ -89,6 +90,8 @@ def read_nrrd(path: Path) -> Volume:
     import nrrd
 
     check_voxels(nrrd.read_header(str(path)).get("sizes", ()), path.name)
+    if path.name.lower().endswith(".seg.nrrd"):  # 3D Slicer's segments (in layers where they overlap)
+        return read_seg_nrrd(path)
     data, header = nrrd.read(str(path))
     if data.ndim == 4 and data.shape[0] == 1:
         data = data[0]
@@ -245,6 +248,11 @@ def label_names_of(path: str | Path) -> dict[int, str]:
         header = nrrd.read_header(str(path))
     except (OSError, nrrd.NRRDError):
         return {}
+    if str(path).lower().endswith(".seg.nrrd") and any(k.startswith("Segment") for k in header):
+        try:
+            return seg_nrrd_names(path)  # values as read_seg_nrrd gives them
+        except ReadError:
+            return {}
     names = {}
     for key, value in header.items():
         if key.startswith("Segment") and key.endswith("_Name"):

@@ -89,3 +89,28 @@ def test_seg_coarse_masks_are_matched_by_series_and_corrections_imported(tmp_pat
     assert main(["review", "import", str(store_path), str(corrections), "--reviewer", "dr-seg"]) == 0
     after, attrs = store.read_labels(case_id)
     assert attrs.review_status == "accepted" and np.array_equal(after, corrected)
+
+
+def test_review_export_writes_named_slicer_segmentations_and_layered_ones_import(tmp_path, small_chest):
+    import slicerio
+    from flywheel_data import commit_lungs_case
+
+    store = commit_lungs_case(tmp_path / "store", small_chest, review_status="review")
+    labels, attrs = store.read_labels("c0ffee")
+    assert main(["review", "export", str(store.root), "--out", str(tmp_path / "queue")]) == 0
+    written = tmp_path / "queue" / "slicer" / "c0ffee.seg.nrrd"
+    segmentation = slicerio.read_segmentation(str(written))
+    assert {s["name"] for s in segmentation["segments"]} == {"right lung", "left lung"}
+    assert np.array_equal(align_to(read_volume(written), attrs.volume(labels)), labels)  # values and grid kept
+
+    # a reviewer's file where the two lungs overlap (Slicer keeps them in two layers), named as the case
+    layered = slicerio.create_segmentation(segmentation["voxels"].shape[-3:], segmentation["ijkToLPS"])
+    right = np.asarray(segmentation["voxels"]) == [s for s in segmentation["segments"]
+                                                   if s["name"] == "right lung"][0]["labelValue"]
+    slicerio.add_segment(layered, right, {"id": "label_5", "name": "right lung"})
+    slicerio.add_segment(layered, right, {"id": "label_6", "name": "left lung"})  # the same voxels: a 2nd layer
+    slicerio.write_segmentation(str(tmp_path / "c0ffee.seg.nrrd"), layered)
+    assert np.asarray(slicerio.read_segmentation(str(tmp_path / "c0ffee.seg.nrrd"))["voxels"]).ndim == 4
+    assert main(["review", "import", str(store.root), str(tmp_path / "c0ffee.seg.nrrd"), "--reviewer", "dr-s"]) == 0
+    after, _ = store.read_labels("c0ffee")
+    assert set(np.unique(after)) == {0, 6} and np.array_equal(after > 0, labels == 5)  # later segment wins
