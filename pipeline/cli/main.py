@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     ann.add_argument("--overwrite", action="store_true", help="replace cases committed with another signature")
     ann.add_argument("--keep-localizers", action="store_true", help="annotate localizer/scout series too")
     ann.add_argument("--keep-derived", action="store_true", help="annotate derived/secondary-capture series too")
+    ann.add_argument("--pacs-query", action="append", default=[], metavar="KEY=VALUE",
+                     help="for an input that is a DICOMweb service root (http://HOST:PORT/dicom-web): QIDO-RS "
+                          "filters on its studies, e.g. ModalitiesInStudy=CT or StudyDate=20260101- (repeatable)")
     _engine_arguments(ann)
 
     exp = add_command(sub, "export", "export committed cases")
@@ -132,12 +135,16 @@ def _annotate(args) -> int:
         print(f"medsam-engine annotate: {problem}", file=sys.stderr)
         return EXIT_USAGE
     if args.engine == "ray":
+        if args.pacs_query:
+            print("medsam-engine annotate: --pacs-query works with the local engine only for now", file=sys.stderr)
+            return EXIT_USAGE
         return annotate_on_ray(args, config)
     store = CaseStore(args.out)
     try:
         cases = discover(args.inputs, store.case_ids(), coarse_masks=args.coarse_mask,
                          options=DiscoveryOptions(keep_localizers=args.keep_localizers,
-                                                  keep_derived=args.keep_derived))
+                                                  keep_derived=args.keep_derived,
+                                                  pacs_query=pacs_filters(args.pacs_query)))
     except ValueError as exc:
         print(f"medsam-engine annotate: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -215,6 +222,17 @@ def _eval(args) -> int:
         return EXIT_USAGE
     print(json.dumps(results, indent=1) if args.json else format_scores(results))
     return EXIT_OK
+
+
+def pacs_filters(pairs: list[str]) -> dict[str, str]:
+    """``--pacs-query KEY=VALUE`` pairs as QIDO-RS query parameters; ValueError (exit 2) when malformed."""
+    filters = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"--pacs-query must be KEY=VALUE (a DICOM keyword or tag); got '{pair}'")
+        filters[key.strip()] = value.strip()
+    return filters
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,6 +159,29 @@ def _download_series(session, base: str, study: str, series: str, folder: Path) 
     return len(instances)
 
 
+def is_service_root(text: str) -> bool:
+    """An http(s) URL that names a DICOMweb service (``…/dicom-web``), not one study or series in it."""
+    return str(text).startswith(("http://", "https://")) and not is_dicomweb_url(text)
+
+
+def query_studies(root: str, filters: dict[str, str] | None = None, *, page: int = 500) -> list[str]:
+    """The StudyInstanceUIDs that QIDO-RS lists at ``root`` under ``filters`` (e.g. ``{"ModalitiesInStudy":
+    "CT", "StudyDate": "20260101-"}``), page by page; ReadError naming the server (never a study) otherwise."""
+    from urllib.parse import urlencode
+
+    base = root.rstrip("/") + "/"
+    uids: list[str] = []
+    with dicomweb_session() as session:
+        offset = 0
+        while True:
+            query = {**(filters or {}), "limit": page, "offset": offset}
+            found = _qido(session, f"{base}studies?{urlencode(query)}", "0020000D")
+            uids.extend(u for u in found if u not in uids)
+            if len(found) < page:
+                return uids
+            offset += page
+
+
 def fetch_dicomweb(url: str, dest: str | Path) -> Path:
     """Download the study or series at ``url`` into ``dest`` (reused when complete); ReadError on failure."""
     match = URL_PATTERN.match(url)

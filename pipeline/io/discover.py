@@ -25,7 +25,7 @@ from pipeline.core.types import CaseIds, CaseRef
 from pipeline.io.archives import ExtractLimits, extract_archive, is_archive
 from pipeline.io.dicom_scan import PARALLEL_FROM, SeriesGroup, SliceHeader, group_series, read_header, scan_headers
 from pipeline.io.dicom_seg_reader import is_dicom_seg, referenced_series
-from pipeline.io.dicomweb import fetch_dicomweb
+from pipeline.io.dicomweb import fetch_dicomweb, is_service_root, query_studies
 from pipeline.io.readers import (
     DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
@@ -54,6 +54,7 @@ class DiscoveryOptions:
     scan_workers: int | None = None
     parallel_from: int = PARALLEL_FROM
     limits: ExtractLimits = field(default_factory=ExtractLimits)
+    pacs_query: dict[str, str] = field(default_factory=dict)  # QIDO-RS filters for a DICOMweb service root
 
 
 def content_hash(path: str | Path) -> str:
@@ -113,6 +114,8 @@ class _Finder:
 
     def expand(self, given: str | Path, depth: int = 0) -> list[CaseRef]:
         text = str(given)
+        if is_service_root(text):
+            return self.service_root(text)
         if text.startswith(("http://", "https://")):
             return self.dicomweb(text)
         if is_remote_url(text):
@@ -189,6 +192,23 @@ class _Finder:
         """``cases`` marked as replacing the failing case their input gave when it could not be fetched."""
         failed = self.case_id("unreadable:" + identity)
         return [replace(c, supersedes=failed) for c in cases]
+
+    def service_root(self, root: str) -> list[CaseRef]:
+        """Every study the PACS lists under the query filters, each fetched as its URL would be (downloads are
+        kept in the cache, and committed cases are skipped by their signatures)."""
+        filters = dict(self.options.pacs_query)
+        identity = "dicomweb-root:" + root + "?" + "&".join(f"{k}={v}" for k, v in sorted(filters.items()))
+        try:
+            studies = query_studies(root, filters)
+        except ReadError as exc:
+            return [self.error_case(identity, self.cache / "dicomweb", f"DICOMweb service: {exc.reason}")]
+        if not studies:
+            shown = ", ".join(sorted(filters)) or "none"  # the keys only: values may name a patient
+            return [self.error_case(identity, self.cache / "dicomweb",
+                                    f"DICOMweb service: no study matches the query (filters on: {shown})")]
+        log.info("DICOMweb service: %d studies match the query", len(studies))
+        base = root.rstrip("/")
+        return [case for uid in studies for case in self.dicomweb(f"{base}/studies/{uid}")]
 
     def dicomweb(self, url: str) -> list[CaseRef]:
         key = self.case_id("dicomweb:" + url)

@@ -18,7 +18,7 @@ from faults import FaultProxy
 from pipeline.cli.main import main
 from pipeline.core.errors import ReadError, is_transient
 from pipeline.io.dicomweb import multipart_parts
-from pipeline.io.discover import discover
+from pipeline.io.discover import DiscoveryOptions, discover
 from pipeline.io.readers import read_case
 from pipeline.store.case_store import CaseStore
 
@@ -186,3 +186,17 @@ def test_a_pacs_down_for_the_whole_run_fails_its_cases_for_the_next_run(orthanc,
         proxy.heal()
         assert main(["annotate", url, "--out", str(store), "--detector", "intensity"]) == 0
     assert "1 skipped" in capsys.readouterr().out and CaseStore(store).errors() == {}
+
+
+def test_a_service_root_means_its_studies_filtered_by_the_query(orthanc, tmp_path, chest_volume, capsys):
+    store = CaseStore(tmp_path / "store")
+    root = f"{orthanc}/dicom-web"
+    cases = discover([root], store.case_ids(), options=DiscoveryOptions(pacs_query={"ModalitiesInStudy": "CT"}))
+    assert [c.kind for c in cases] == ["dicom-series", "dicom-series"]
+    assert np.array_equal(read_case(cases[0]).array, chest_volume.array)
+    (none,) = discover([root], store.case_ids(), options=DiscoveryOptions(pacs_query={"ModalitiesInStudy": "MR"}))
+    assert none.kind == "unreadable" and "no study matches" in none.error and "MR" not in none.error
+    assert main(["annotate", root, "--pacs-query", "ModalitiesInStudy=CT", "--out", str(tmp_path / "s"),
+                 "--detector", "intensity"]) == 0
+    assert "2 done" in capsys.readouterr().out
+    assert main(["annotate", root, "--pacs-query", "ModalitiesInStudy", "--out", str(tmp_path / "s")]) == 2
