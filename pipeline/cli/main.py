@@ -29,6 +29,7 @@ from pipeline.core.errors import StoreUnavailableError, resource_fault
 from pipeline.core.provenance import package_version
 from pipeline.export.common import ExportTargetError
 from pipeline.export.formats import FORMATS, export_store
+from pipeline.export.pacs_push import push_segs
 from pipeline.flywheel.detector_training import train_from_store
 from pipeline.io.discover import DiscoveryOptions, discover
 from pipeline.model.checkpoint import CheckpointError
@@ -61,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     ann.add_argument("--overwrite", action="store_true", help="replace cases committed with another signature")
     ann.add_argument("--keep-localizers", action="store_true", help="annotate localizer/scout series too")
     ann.add_argument("--keep-derived", action="store_true", help="annotate derived/secondary-capture series too")
+    ann.add_argument("--push-seg", default=None, metavar="URL",
+                     help="store each committed proposal as DICOM SEG in this DICOMweb service (STOW-RS), once "
+                          "per version; cases whose input is not a DICOM series are skipped with the reason")
     ann.add_argument("--pacs-query", action="append", default=[], metavar="KEY=VALUE",
                      help="for an input that is a DICOMweb service root (http://HOST:PORT/dicom-web): QIDO-RS "
                           "filters on its studies, e.g. ModalitiesInStudy=CT or StudyDate=20260101- (repeatable)")
@@ -135,8 +139,9 @@ def _annotate(args) -> int:
         print(f"medsam-engine annotate: {problem}", file=sys.stderr)
         return EXIT_USAGE
     if args.engine == "ray":
-        if args.pacs_query:
-            print("medsam-engine annotate: --pacs-query works with the local engine only for now", file=sys.stderr)
+        if args.pacs_query or args.push_seg:
+            print("medsam-engine annotate: --pacs-query and --push-seg work with the local engine only for now",
+                  file=sys.stderr)
             return EXIT_USAGE
         return annotate_on_ray(args, config)
     store = CaseStore(args.out)
@@ -162,7 +167,15 @@ def _annotate(args) -> int:
         print(line + (f"  {outcome.reason}" if outcome.status == "failed" else ""))
     print(f"{summary.count('done')} done, {summary.count('skipped')} skipped, {summary.count('failed')} failed "
           f"-> {Path(args.out).resolve()}")
-    return EXIT_CASES_FAILED if summary.failed else EXIT_OK
+    push_failed = False
+    if args.push_seg:
+        report = push_segs(store, [o.case_id for o in summary.outcomes if o.status != "failed"], args.push_seg)
+        for case_id, reason in {**report.skipped, **report.failed}.items():
+            print(f"{'no SEG' if case_id in report.skipped else 'unpushed'} {case_id}  {reason}")
+        print(f"SEG: {len(report.pushed)} pushed, {len(report.already)} already there, {len(report.skipped)} "
+              f"without a DICOM source, {len(report.failed)} refused or unreachable")
+        push_failed = bool(report.failed)
+    return EXIT_CASES_FAILED if summary.failed or push_failed else EXIT_OK
 
 
 def _detector(args) -> int:

@@ -49,8 +49,9 @@ def _setting(name: str, default: float) -> float:
         raise ReadError(f"MEDSAM_ENGINE_DICOMWEB_{name} must be a number") from exc
 
 
-def dicomweb_session():
-    """A requests session with the environment's credentials and urllib3's retries with backoff."""
+def dicomweb_session(methods: tuple[str, ...] = ("GET", "HEAD")):
+    """A requests session with the environment's credentials and urllib3's retries with backoff (for
+    ``methods``: a STOW-RS POST is safe to repeat, the PACS keeps one copy of an instance)."""
     import requests
     from requests.adapters import HTTPAdapter
     from urllib3.util.retry import Retry
@@ -58,7 +59,7 @@ def dicomweb_session():
     retries = int(_setting("RETRIES", 6))
     retry = Retry(total=retries, connect=retries, read=retries, status=retries, other=0,
                   backoff_factor=_setting("BACKOFF_S", 0.5), backoff_max=30, status_forcelist=RETRY_STATUSES,
-                  allowed_methods=frozenset({"GET", "HEAD"}), respect_retry_after_header=True,
+                  allowed_methods=frozenset(methods), respect_retry_after_header=True,
                   raise_on_status=False)
     session = requests.Session()
     adapter = HTTPAdapter(max_retries=retry, pool_maxsize=8)
@@ -157,6 +158,32 @@ def _download_series(session, base: str, study: str, series: str, folder: Path) 
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(fetch, enumerate(instances)))
     return len(instances)
+
+
+def stow(root: str, files: list[Path]) -> None:
+    """Store DICOM files in the PACS at ``root`` (STOW-RS, one multipart request); ReadError on failure (a
+    PacsUnavailableError when it stayed busy or unreachable)."""
+    import requests
+
+    boundary = f"medsam-engine-{os.urandom(8).hex()}"
+    body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
+                    + Path(f).read_bytes() + b"\r\n" for f in files) + b"--" + boundary.encode() + b"--\r\n"
+    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+               "Accept": "application/dicom+json"}
+    url = root.rstrip("/") + "/studies"
+    with dicomweb_session(methods=("POST",)) as session:
+        try:
+            response = session.post(url, data=body, headers=headers, timeout=_setting("TIMEOUT_S", TIMEOUT_S))
+        except requests.RequestException as exc:
+            raise PacsUnavailableError(f"DICOMweb server {_server(url)} could not be reached "
+                                       f"({type(exc).__name__}): temporarily unavailable through every retry") from exc
+    if response.status_code in (401, 403):
+        raise ReadError(f"DICOMweb server {_server(url)} refused the credentials (HTTP {response.status_code})")
+    if response.status_code in RETRY_STATUSES:
+        raise PacsUnavailableError(f"DICOMweb server {_server(url)} answered HTTP {response.status_code}: "
+                                   "temporarily unavailable through every retry")
+    if response.status_code >= 300:
+        raise ReadError(f"DICOMweb server {_server(url)} refused the SEG (HTTP {response.status_code})")
 
 
 def is_service_root(text: str) -> bool:

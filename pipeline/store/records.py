@@ -13,6 +13,7 @@ from pipeline.core.provenance import utc_stamp
 from pipeline.store.case_store import CaseStore
 
 ROUNDS, QUALITY, MODELS, QUARANTINE, WATERMARKS = "_rounds", "_quality", "_models", "_quarantine", "_watermarks"
+PUSHED = "_pushed"  # which committed version of a case was stored in which PACS (pipeline/export/pacs_push.py)
 
 
 def read_record(store: CaseStore, *parts: str) -> dict | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import write_ct_series
+from conftest import complete_dicom_headers, write_ct_series
 from faults import FaultProxy
 
 from pipeline.cli.main import main
@@ -76,6 +76,7 @@ def orthanc(tmp_path_factory, chest_volume):
     try:
         _wait_ready(url, process)
         files = write_ct_series(chest_volume, root / "a", series_uid=SERIES[0])
+        complete_dicom_headers(root / "a", frame_of_reference_uid=STUDY + ".9")  # a scanner's full headers
         files += write_ct_series(chest_volume, root / "b", series_uid=SERIES[1], syntax=RLELossless)
         files += write_ct_series(chest_volume, root / "c", series_uid=SERIES[2], slices=[0],
                                  image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
@@ -200,3 +201,24 @@ def test_a_service_root_means_its_studies_filtered_by_the_query(orthanc, tmp_pat
                  "--detector", "intensity"]) == 0
     assert "2 done" in capsys.readouterr().out
     assert main(["annotate", root, "--pacs-query", "ModalitiesInStudy", "--out", str(tmp_path / "s")]) == 2
+
+
+def test_push_seg_stores_each_proposal_in_the_pacs_once_per_version(orthanc, tmp_path, capsys):
+    import requests
+
+    url = f"{orthanc}/dicom-web/studies/{STUDY}/series/{SERIES[0]}"
+    store = tmp_path / "store"
+    argv = ["annotate", url, "--out", str(store), "--detector", "intensity", "--push-seg", f"{orthanc}/dicom-web"]
+    assert main(argv) == 0
+    assert "SEG: 1 pushed" in capsys.readouterr().out
+    auth = (USER, PASSWORD)
+    found = requests.get(f"{orthanc}/dicom-web/studies/{STUDY}/series", params={"Modality": "SEG"}, auth=auth,
+                         headers={"Accept": "application/dicom+json"}, timeout=10).json()
+    assert len(found) == 1
+    seg_series = found[0]["0020000E"]["Value"][0]
+    metadata = requests.get(f"{orthanc}/dicom-web/studies/{STUDY}/series/{seg_series}/metadata", auth=auth,
+                            headers={"Accept": "application/dicom+json"}, timeout=10).json()
+    referenced = metadata[0]["00081115"]["Value"][0]["0020000E"]["Value"][0]
+    assert referenced == SERIES[0]  # the proposal references the series it was made from
+    assert main(argv) == 0  # a rerun: the case is skipped and its SEG not pushed twice
+    assert "SEG: 0 pushed, 1 already there" in capsys.readouterr().out
