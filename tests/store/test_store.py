@@ -9,6 +9,7 @@ import pytest
 from pipeline.core.errors import StoreConflictError
 from pipeline.core.types import Geometry
 from pipeline.store.case_store import CaseStore
+from pipeline.store.labels_meta import label_colour
 
 AFFINE = np.diag([2.0, 1.0, 1.0, 1.0])  # (z, y, x) voxel -> mm
 GEOMETRY = Geometry(affine=AFFINE, shape=(2, 4, 4), source_affine=AFFINE[:, [2, 1, 0, 3]], source_shape=(4, 4, 2),
@@ -77,7 +78,8 @@ def test_label_colours_and_names_do_not_depend_on_the_other_labels(tmp_path):
         colours[case_id] = {c["label-value"]: c["rgba"] for c in label["colors"]}
         assert store.label_properties(case_id)[-1] == {
             "label-value": 5, "name": "liver", "category": "Anatomical Structure",
-            "snomed-ct-code": "10200004", "snomed-ct-meaning": "Liver", "review-status": "unreviewed"}
+            "snomed-ct-code": "10200004", "snomed-ct-meaning": "Liver", "review-status": "unreviewed",
+            "rgb": list(label_colour(5))}
     assert colours["a"][5] == colours["b"][5] and colours["a"][3] != colours["a"][5]
 
 
