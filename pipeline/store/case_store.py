@@ -41,7 +41,7 @@ from pipeline.core.metrics import present_labels
 from pipeline.core.provenance import utc_stamp, version_id
 from pipeline.core.types import CaseAttributes, CaseIds
 from pipeline.store.labels_meta import describe_labels
-from pipeline.store.leases import HOST, process_alive, put_if_absent
+from pipeline.store.leases import HOST, conditional_put, process_alive
 
 CASE_SUFFIX = ".ome.zarr"
 STATUS_COMMITTED = "committed"
@@ -110,7 +110,7 @@ class CaseStore:
         if not self.is_local:
             if not self.fs.exists(str(path)):
                 # a conditional PUT: of two runs creating the key at once, exactly one writes it
-                put_if_absent(self.fs, str(path), secrets.token_hex(32).encode())
+                conditional_put(self.fs, str(path), secrets.token_hex(32).encode())
             return self.fs.cat_file(str(path)).strip()
         path = Path(path)
         if not path.exists():

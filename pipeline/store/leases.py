@@ -79,7 +79,6 @@ class Lease:
     run_id: str
     ttl_s: float
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
-    etag: str | None = None  # object stores: the ETag of our last write
     lost: bool = False
 
     @property
@@ -100,11 +99,9 @@ class Lease:
         if self.store.is_local:
             write_text_atomic(self.path, text)
             return True
-        written = _put_conditional(self.store, self.path, text, if_match=etag)
-        if written is None:
+        if not conditional_put(self.store.fs, self.path, text.encode(), if_match=etag):
             self.lost = True
             return False
-        self.etag = written
         return True
 
     def release(self) -> None:
@@ -150,7 +147,7 @@ def _precondition_failed(exc: BaseException) -> bool:
     return "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text
 
 
-def put_if_absent(fs, path: str, data: bytes, *, if_match: str | None = None) -> bool:
+def conditional_put(fs, path: str, data: bytes, *, if_match: str | None = None) -> bool:
     """One conditional PUT on an object store: create ``path`` only if it is absent (``if_match`` None), or
     replace only the version with that ETag. False when the condition failed (another writer was first)."""
     try:
@@ -165,13 +162,6 @@ def put_if_absent(fs, path: str, data: bytes, *, if_match: str | None = None) ->
     finally:
         fs.invalidate_cache(path)
     return True
-
-
-def _put_conditional(store: CaseStore, path: str, text: str, *, if_match: str | None = None) -> str | None:
-    """:func:`put_if_absent` returning the new ETag, or None when the condition failed."""
-    if not put_if_absent(store.fs, path, text.encode(), if_match=if_match):
-        return None
-    return store.fs.info(path).get("ETag")
 
 
 def _take_over_local(lease: Lease, stale: dict) -> bool:
@@ -206,10 +196,8 @@ def acquire(store: CaseStore, case_id: str, *, run_id: str, ttl_s: float = DEFAU
         if store.is_local:
             if create_exclusive(lease.path, text):
                 return lease
-        else:
-            lease.etag = _put_conditional(store, lease.path, text)
-            if lease.etag is not None:
-                return lease
+        elif conditional_put(store.fs, lease.path, text.encode()):
+            return lease
         current, etag = read_lease(store, case_id)
         if current is None:
             continue  # released between our try and our read: try again
@@ -220,10 +208,8 @@ def acquire(store: CaseStore, case_id: str, *, run_id: str, ttl_s: float = DEFAU
         if store.is_local:
             if _take_over_local(lease, current):
                 return lease
-        else:
-            lease.etag = _put_conditional(store, lease.path, json.dumps(lease.record()), if_match=etag)
-            if lease.etag is not None:
-                return lease
+        elif conditional_put(store.fs, lease.path, json.dumps(lease.record()).encode(), if_match=etag):
+            return lease
     return None
 
 
