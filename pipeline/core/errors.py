@@ -101,7 +101,7 @@ TRANSIENT_TYPES = frozenset({"EndpointConnectionError", "ConnectionClosedError",
 def is_transient(exc: BaseException | None) -> bool:
     """Whether ``exc`` (or an exception it was raised from) is an I/O hiccup worth retrying."""
     for link in _chain(exc):
-        if isinstance(link, (TimeoutError, ConnectionError)) or getattr(link, "transient", False):
+        if isinstance(link, (TimeoutError, ConnectionError)):
             return True
         if any(kind.__name__ in TRANSIENT_TYPES for kind in type(link).__mro__):
             return True

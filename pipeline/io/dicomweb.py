@@ -36,9 +36,8 @@ RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 
 class PacsUnavailableError(ReadError):
-    """The server stayed busy or unreachable through every retry: the next run tries again."""
-
-    transient = True
+    """The server stayed busy or unreachable through every retry: the next run tries again (its reason says
+    "temporarily unavailable", which pipeline.core.errors.is_transient reads, also once it is only text)."""
 
 
 def _setting(name: str, default: float) -> float:
@@ -83,23 +82,30 @@ def _server(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
 
-def _get(session, url: str, accept: str, *, allow: tuple[int, ...] = ()):
+def _request(session, method: str, url: str, **kwargs):
+    """One request through the retrying session; what every DICOMweb call refuses alike is raised here: an
+    unreachable or still busy server (PacsUnavailableError, transient) and refused credentials (lasting)."""
     import requests
 
     try:
-        response = session.get(url, headers={"Accept": accept}, timeout=_setting("TIMEOUT_S", TIMEOUT_S))
+        response = session.request(method, url, timeout=_setting("TIMEOUT_S", TIMEOUT_S), **kwargs)
     except requests.RequestException as exc:
         why = type(exc).__name__
         raise PacsUnavailableError(f"DICOMweb server {_server(url)} could not be reached ({why}): temporarily "
                                    "unavailable through every retry") from exc
-    if response.status_code == 404:
-        raise ReadError(f"DICOMweb server {_server(url)}: study or series not found (HTTP 404)")
     if response.status_code in (401, 403):
         raise ReadError(f"DICOMweb server {_server(url)} refused the credentials (HTTP {response.status_code}); "
                         "set MEDSAM_ENGINE_DICOMWEB_TOKEN or MEDSAM_ENGINE_DICOMWEB_USER/_PASSWORD")
     if response.status_code in RETRY_STATUSES:
         raise PacsUnavailableError(f"DICOMweb server {_server(url)} answered HTTP {response.status_code}: "
                                    "temporarily unavailable through every retry")
+    return response
+
+
+def _get(session, url: str, accept: str, *, allow: tuple[int, ...] = ()):
+    response = _request(session, "GET", url, headers={"Accept": accept})
+    if response.status_code == 404:
+        raise ReadError(f"DICOMweb server {_server(url)}: study or series not found (HTTP 404)")
     if response.status_code >= 400 and response.status_code not in allow:
         raise ReadError(f"DICOMweb server {_server(url)} answered HTTP {response.status_code}")
     return response
@@ -163,8 +169,6 @@ def _download_series(session, base: str, study: str, series: str, folder: Path) 
 def stow(root: str, files: list[Path]) -> None:
     """Store DICOM files in the PACS at ``root`` (STOW-RS, one multipart request); ReadError on failure (a
     PacsUnavailableError when it stayed busy or unreachable)."""
-    import requests
-
     boundary = f"medsam-engine-{os.urandom(8).hex()}"
     body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
                     + Path(f).read_bytes() + b"\r\n" for f in files) + b"--" + boundary.encode() + b"--\r\n"
@@ -172,16 +176,7 @@ def stow(root: str, files: list[Path]) -> None:
                "Accept": "application/dicom+json"}
     url = root.rstrip("/") + "/studies"
     with dicomweb_session(methods=("POST",)) as session:
-        try:
-            response = session.post(url, data=body, headers=headers, timeout=_setting("TIMEOUT_S", TIMEOUT_S))
-        except requests.RequestException as exc:
-            raise PacsUnavailableError(f"DICOMweb server {_server(url)} could not be reached "
-                                       f"({type(exc).__name__}): temporarily unavailable through every retry") from exc
-    if response.status_code in (401, 403):
-        raise ReadError(f"DICOMweb server {_server(url)} refused the credentials (HTTP {response.status_code})")
-    if response.status_code in RETRY_STATUSES:
-        raise PacsUnavailableError(f"DICOMweb server {_server(url)} answered HTTP {response.status_code}: "
-                                   "temporarily unavailable through every retry")
+        response = _request(session, "POST", url, data=body, headers=headers)
     if response.status_code >= 300:
         raise ReadError(f"DICOMweb server {_server(url)} refused the SEG (HTTP {response.status_code})")
 
