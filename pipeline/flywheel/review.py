@@ -35,15 +35,15 @@ from pipeline.core.types import CaseAttributes
 from pipeline.export.common import ExportError
 from pipeline.export.dicom_seg import write_case_seg
 from pipeline.export.nifti import save_nifti_checked, write_case_nifti
-from pipeline.io.dicom_scan import SliceHeader, read_header
-from pipeline.io.dicom_seg_reader import is_dicom_seg, referenced_series
+from pipeline.io.dicom_scan import series_uid_of
+from pipeline.io.dicom_seg_reader import referenced_series
 from pipeline.io.readers import read_volume, stem_of
 from pipeline.io.slicer_seg import write_seg_nrrd
 from pipeline.report.qc import write_review_report
 from pipeline.store.case_store import CaseStore
-from pipeline.store.queries import ACCEPTED
 from pipeline.store.labels_meta import meanings_from_properties, spec_of
 from pipeline.store.leases import leased
+from pipeline.store.queries import ACCEPTED
 from pipeline.store.records import QUALITY, write_record
 
 log = logging.getLogger(__name__)
@@ -179,19 +179,16 @@ def _case_for(path: Path, store: CaseStore, cases: list[str]) -> str | None:
     if stem in cases:
         return stem
     owners = [c for c in cases if stem_of((store.manifest(c) or {}).get("image") or "") == stem]
-    if len(owners) != 1 and path.is_file() and is_dicom_seg(path):  # a SEG names its series, not its file
-        uid = referenced_series(path)
-        owners = [c for c in cases if uid and _manifest_series(store, c) == uid]
+    uid = referenced_series(path) if len(owners) != 1 and path.is_file() else None
+    if uid:  # a DICOM SEG names its series, not its file
+        owners = [c for c in cases if uid == _input_series(store, c)]
     return owners[0] if len(owners) == 1 else None
 
 
-def _manifest_series(store: CaseStore, case_id: str) -> str | None:
-    """The SeriesInstanceUID of a DICOM case's input, read from its first file (for matching only)."""
+def _input_series(store: CaseStore, case_id: str) -> str | None:
+    """The SeriesInstanceUID of a DICOM case's input, from its first file (for matching only)."""
     files = (store.manifest(case_id) or {}).get("files") or []
-    if not files or not Path(files[0]).is_file():
-        return None
-    header = read_header(files[0])
-    return header.series_uid if isinstance(header, SliceHeader) else None
+    return series_uid_of(files[0]) if files else None
 
 
 def read_correction(path: Path, labels: np.ndarray, attrs: CaseAttributes) -> np.ndarray:
@@ -281,7 +278,7 @@ def import_corrections(store: CaseStore, paths: list[str | Path], *, reviewer: s
     if report.errors:
         return report
     for case_id, (proposal, correction, attrs) in planned.items():
-        if attrs.review_status == "accepted" and np.array_equal(proposal, correction.astype(proposal.dtype)):
+        if attrs.review_status == ACCEPTED and np.array_equal(proposal, correction.astype(proposal.dtype)):
             report.already.append(case_id)  # an import run again (after a kill, say): nothing to record twice
             continue
         with leased(store, case_id, run_id=f"review-{reviewer}") as lease:

@@ -228,6 +228,15 @@ def scan_headers(paths: Sequence[str | Path], *, workers: int | None = None,
     return ScanResult(headers, failures, ignored)
 
 
+def series_uid_of(path: str | Path) -> str | None:
+    """The SeriesInstanceUID of one DICOM file (for matching only, never logged), or None."""
+    try:
+        header = read_header(str(path))
+    except (OSError, ValueError):
+        return None
+    return header.series_uid if isinstance(header, SliceHeader) and header.series_uid else None
+
+
 def _same_bytes(a: str, b: str) -> bool:
     try:
         return filecmp.cmp(a, b, shallow=False)

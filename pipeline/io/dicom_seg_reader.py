@@ -32,13 +32,16 @@ def is_dicom_seg(path: str | Path) -> bool:
 
 
 def referenced_series(path: str | Path) -> str | None:
-    """The SeriesInstanceUID a SEG references (for matching, never logged), or None."""
+    """The SeriesInstanceUID that ``path`` references when it is a DICOM SEG (one header read; for matching,
+    never logged); None for any other file or a SEG without the reference."""
     import pydicom
 
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        if str(ds.get("SOPClassUID", "")) != SEG_SOP_CLASS:
+            return None
         return str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
-    except Exception:  # noqa: BLE001 - a SEG without the reference cannot be matched by series
+    except Exception:  # noqa: BLE001 - not DICOM, unreadable, or no reference: not matched by series
         return None
 
 

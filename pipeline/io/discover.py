@@ -23,8 +23,16 @@ from pipeline.core.errors import ReadError
 from pipeline.core.provenance import files_sha256
 from pipeline.core.types import CaseIds, CaseRef
 from pipeline.io.archives import ExtractLimits, extract_archive, is_archive
-from pipeline.io.dicom_scan import PARALLEL_FROM, SeriesGroup, SliceHeader, group_series, read_header, scan_headers
-from pipeline.io.dicom_seg_reader import is_dicom_seg, referenced_series
+from pipeline.io.dicom_scan import (
+    PARALLEL_FROM,
+    SeriesGroup,
+    SliceHeader,
+    group_series,
+    read_header,
+    scan_headers,
+    series_uid_of,
+)
+from pipeline.io.dicom_seg_reader import referenced_series
 from pipeline.io.dicomweb import fetch_dicomweb, is_service_root, query_studies
 from pipeline.io.readers import (
     DICOM_SUFFIXES,
@@ -225,26 +233,18 @@ def _seg_masks(folder: Path) -> dict[str, Path]:
     found = {}
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         if suffix_of(path) in DICOM_SUFFIXES + ("",) or has_dicom_marker(path):
-            if is_dicom_seg(path):
-                uid = referenced_series(path)
-                if uid:
-                    found.setdefault(uid, path)
+            uid = referenced_series(path)
+            if uid:
+                found.setdefault(uid, path)
     return found
-
-
-def _series_uid(case: CaseRef) -> str | None:
-    if not case.files:
-        return None
-    header = read_header(case.files[0])
-    return header.series_uid if isinstance(header, SliceHeader) else None
 
 
 def _mask_for(image: Path, index: int, n_inputs: int, masks: list[Path], case: CaseRef | None = None,
               segs: dict[str, Path] | None = None) -> Path | None:
     if not masks:
         return None
-    if segs and case is not None:  # a DICOM SEG that references this very series
-        uid = _series_uid(case)
+    if segs and case is not None and case.files:  # a DICOM SEG that references this very series
+        uid = series_uid_of(case.files[0])
         if uid in segs:
             return segs[uid]
     if len(masks) == 1 and masks[0].is_dir():
