@@ -108,16 +108,21 @@ def run_config(args, command: str, *, detector_defaults: dict[str, dict] | None 
     return config
 
 
+def key_values(pairs: list[str], option: str) -> dict[str, str]:
+    """``KEY=VALUE`` arguments of a repeatable ``option`` as {key: value text}; ValueError naming the option."""
+    found = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{option} must be KEY=VALUE; got '{pair}'")
+        found[key.strip()] = value
+    return found
+
+
 def detector_options(pairs: list[str]) -> dict:
     import yaml
 
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--detector-option must be KEY=VALUE; got '{pair}'")
-        options[key.strip()] = yaml.safe_load(value)
-    return options
+    return {key: yaml.safe_load(value) for key, value in key_values(pairs, "--detector-option").items()}
 
 
 def model_problem(config) -> str | None:

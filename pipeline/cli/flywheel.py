@@ -6,7 +6,14 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.cli.common import EXIT_CASES_FAILED, EXIT_OK, EXIT_USAGE, add_command, add_prompt_options, run_config
+from pipeline.cli.common import (
+    EXIT_CASES_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_command,
+    add_prompt_options,
+    run_config,
+)
 from pipeline.flywheel.registry import current_model
 from pipeline.flywheel.review import FORMATS as REVIEW_FORMATS
 from pipeline.flywheel.review import calibrate_store, export_queue, import_corrections

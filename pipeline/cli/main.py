@@ -20,6 +20,7 @@ from pipeline.cli.common import (
     add_command,
     add_prompt_options,
     configure_output,
+    key_values,
     run_config,
     verbosity_options,
 )
@@ -239,12 +240,10 @@ def _eval(args) -> int:
 
 def pacs_filters(pairs: list[str]) -> dict[str, str]:
     """``--pacs-query KEY=VALUE`` pairs as QIDO-RS query parameters; ValueError (exit 2) when malformed."""
-    filters = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise ValueError(f"--pacs-query must be KEY=VALUE (a DICOM keyword or tag); got '{pair}'")
-        filters[key.strip()] = value.strip()
+    filters = {key: value.strip() for key, value in key_values(pairs, "--pacs-query").items()}
+    empty = [key for key, value in filters.items() if not value]
+    if empty:
+        raise ValueError(f"--pacs-query must be KEY=VALUE (a DICOM keyword or tag); '{empty[0]}' has no value")
     return filters
 
 
