@@ -45,22 +45,24 @@ def referenced_series(path: str | Path) -> str | None:
         return None
 
 
-def _segment_values(seg) -> dict[int, int]:
+def _segment_values(ds) -> dict[int, int]:
+    """Segment number -> label value, from a SEG dataset's SegmentSequence (see the module doc)."""
     values = {}
-    for number in seg.get_segment_numbers():
-        tracking = str(getattr(seg.get_segment_description(number), "TrackingID", "") or "")
-        match = _OURS.fullmatch(tracking.strip())
-        values[int(number)] = int(match.group(1)) if match else int(number)
+    for item in ds.get("SegmentSequence", []):
+        number = int(item.SegmentNumber)
+        match = _OURS.fullmatch(str(item.get("TrackingID", "") or "").strip())
+        values[number] = int(match.group(1)) if match else number
     return values
 
 
 def seg_label_names(path: str | Path) -> dict[int, str]:
-    """Label value -> the segment's label, for a DICOM SEG file."""
-    import highdicom as hd
+    """Label value -> the segment's label, for a DICOM SEG file (its header alone is read)."""
+    import pydicom
 
-    seg = hd.seg.segread(str(path))
-    values = _segment_values(seg)
-    return {values[n]: str(seg.get_segment_description(n).SegmentLabel) for n in values}
+    ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    values = _segment_values(ds)
+    return {values[int(item.SegmentNumber)]: str(item.get("SegmentLabel", ""))
+            for item in ds.get("SegmentSequence", [])}
 
 
 def read_dicom_seg(path: str | Path) -> Volume:

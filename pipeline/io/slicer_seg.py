@@ -20,9 +20,10 @@ from pipeline.core.types import Volume
 _OURS = re.compile(r"label_(\d+)")
 
 
-def _segment_values(segments: list[dict], layered: bool) -> list[int]:
+def _segment_values(segments: list[dict]) -> list[int]:
     """Each segment's label value: N for our "label_N" ids; the stored value in a one-layer file; else the
     next unused value (layers reuse their values)."""
+    layered = any(int(segment.get("layer", 0) or 0) > 0 for segment in segments)
     values = []
     for segment in segments:
         match = _OURS.fullmatch(str(segment.get("id", "")))
@@ -32,22 +33,22 @@ def _segment_values(segments: list[dict], layered: bool) -> list[int]:
     return [v or next(spare) for v in values]
 
 
-def seg_nrrd_segments(path: str | Path) -> tuple[dict, list[int]]:
-    """slicerio's segmentation of ``path`` and the label value of each of its segments."""
+def seg_nrrd_segments(path: str | Path, *, voxels: bool = True) -> tuple[dict, list[int]]:
+    """slicerio's segmentation of ``path`` (its header only unless ``voxels``) and the label value of each of
+    its segments."""
     import slicerio
 
     try:
-        segmentation = slicerio.read_segmentation(str(path))
+        segmentation = slicerio.read_segmentation(str(path), skip_voxels=not voxels)
     except Exception as exc:  # noqa: BLE001 - third-party reader: any failure is a reason
         raise ReadError(f"{Path(path).name}: unreadable 3D Slicer segmentation ({type(exc).__name__}: {exc})"
                         ) from exc
-    segments = list(segmentation.get("segments") or [])
-    layered = np.asarray(segmentation["voxels"]).ndim == 4
-    return segmentation, _segment_values(segments, layered)
+    return segmentation, _segment_values(list(segmentation.get("segments") or []))
 
 
 def seg_nrrd_names(path: str | Path) -> dict[int, str]:
-    segmentation, values = seg_nrrd_segments(path)
+    """Label value -> segment name, as :func:`read_seg_nrrd` numbers them (the header alone is read)."""
+    segmentation, values = seg_nrrd_segments(path, voxels=False)
     return {value: str(s.get("name") or f"label {value}") for s, value in zip(segmentation["segments"], values)}
 
 
