@@ -31,7 +31,7 @@ from pipeline.annotate.config import EngineConfig, load_config
 from pipeline.annotate.lazy_runner import LazyRunner
 from pipeline.annotate.policy import RETRY_NEXT_RUN
 from pipeline.annotate.signature import signature_or_none
-from pipeline.core.errors import is_transient
+from pipeline.core.errors import ReadError, is_transient
 from pipeline.core.outcome import CaseOutcome
 from pipeline.core.provenance import package_version, utc_stamp
 from pipeline.core.types import CaseRef
@@ -46,7 +46,9 @@ from pipeline.distributed.ray_pool import (
     plan_actors,
     release_annotators,
 )
-from pipeline.io.discover import DiscoveryOptions, discover
+from pipeline.export.pacs_push import push_segs
+from pipeline.io.dicomweb import is_service_root
+from pipeline.io.discover import FROM_PACS, DiscoveryOptions, discover
 from pipeline.store.case_store import CaseStore, remove_stale_staging
 from pipeline.store.records import quarantined
 
@@ -68,6 +70,10 @@ class RunOptions(BaseModel):
                                                     "the last successful run that used it")
     settle_seconds: float = Field(300.0, ge=0, description="studies changed more recently wait for the next "
                                                            "run")
+    pacs_query: dict[str, str] = Field(default_factory=dict, description="QIDO-RS filters for an input that is "
+                                                                          "a DICOMweb service root")
+    push_seg: str | None = Field(None, description="DICOMweb service root: store each committed proposal "
+                                                   "there as DICOM SEG (STOW-RS)")
 
     @model_validator(mode="after")
     def _one_config(self) -> RunOptions:
@@ -99,29 +105,43 @@ class TooManyFailures(RuntimeError):
 
 
 @task(name="select-studies", cache_policy=NO_CACHE)
-def select_studies(inputs: list[str], store_url: str, run: RunOptions) -> dict:
-    """The inputs to discover: all of them, or (with a watermark) the studies changed since it."""
+def select_studies(inputs: list[str], store_url: str, run: RunOptions, model: str | None = None) -> dict:
+    """The inputs to discover: all of them, or (with a watermark) the studies changed since it; all of them
+    too when the watermark was set with another ``model`` than this run's (a round's new model makes every
+    case it did not annotate stale)."""
     if run.watermark is None:
         return {"units": list(inputs), "changed": None, "until": None}
 
-    until = time.time() - run.settle_seconds
-    since = watermark.read_mark(CaseStore(store_url), run.watermark)
-    chosen = watermark.select_new(watermark.study_entries(inputs), since=since, until=until)
+    until, store = time.time() - run.settle_seconds, CaseStore(store_url)
+    since = watermark.read_mark(store, run.watermark, model=model)
+    roots = [given for given in inputs if is_service_root(given)]
+    chosen = watermark.select_new(watermark.study_entries([i for i in inputs if i not in roots]), since=since,
+                                  until=until)
+    try:
+        pacs = watermark.pacs_studies(roots, dict(run.pacs_query), key=store.case_ids().case_id,
+                                      seen=watermark.read_seen(store, run.watermark, model=model))
+    except ReadError as exc:  # a PACS down or refusing the login: one clear error before any case is read
+        raise RuntimeError(f"DICOMweb service: {exc.reason}") from exc
+    chosen += [watermark.Entry(url, float("inf")) for url in pacs]
     get_run_logger().info("watermark %s: %d studies changed since %s", run.watermark, len(chosen),
                           "the beginning" if since is None else utc_stamp(since))
-    return {"units": [e.path for e in chosen], "changed": [e.changed for e in chosen], "until": until}
+    return {"units": [e.path for e in chosen], "changed": [e.changed for e in chosen], "until": until,
+            "pacs": pacs}
 
 
 @task(name="discover", cache_policy=NO_CACHE)
 def discover_cases(units: list[str], store_url: str, coarse_masks: list[str], run: RunOptions) -> dict:
     """CaseRef fields of every case, and the index of the unit (study) each came from."""
     store = CaseStore(store_url)
-    options = DiscoveryOptions(keep_localizers=run.keep_localizers, keep_derived=run.keep_derived)
+    options = DiscoveryOptions(keep_localizers=run.keep_localizers, keep_derived=run.keep_derived,
+                               pacs_query=dict(run.pacs_query))
     if run.watermark is None:
         found = [(None, c) for c in discover(units, store.case_ids(), coarse_masks=coarse_masks, options=options)]
     else:
-        if len(coarse_masks) > 1 or (coarse_masks and not Path(coarse_masks[0]).is_dir()):
-            raise ValueError("with a watermark, --coarse-mask must be one folder whose file stems match")
+        if coarse_masks != [FROM_PACS] and (len(coarse_masks) > 1
+                                            or (coarse_masks and not Path(coarse_masks[0]).is_dir())):
+            raise ValueError("with a watermark, --coarse-mask must be one folder whose file stems match, or "
+                             "from-pacs")
         found = [(i, c) for i, unit in enumerate(units)
                  for c in discover([unit], store.case_ids(), coarse_masks=coarse_masks, options=options)]
     seen: set[str] = set()
@@ -242,24 +262,52 @@ def annotate_archive(inputs: list[str], out: str, coarse_masks: list[str] | None
     """Annotate every case under ``inputs`` into the store ``out`` on a Ray pool; returns the run's report
     (counts per status, one outcome record per case, slices, wall time). Raises TooManyFailures when the
     failed fraction exceeds the policy (the report is on the exception)."""
-    started, run_id = time.perf_counter(), str(flow_run.id or f"local-{time.time_ns()}")
     run, pool, policy = run or RunOptions(), pool or PoolOptions(), policy or FailurePolicy()
-    config_json = run.engine_config().model_dump_json()
     store_url = out if "://" in out else str(Path(out).resolve())
-    studies = select_studies(inputs, store_url, run)
-    found = discover_cases(studies["units"], store_url, list(coarse_masks or []), run)
-    split = skip_committed(found["cases"], store_url, config_json, policy.retry_quarantined)
+    config_json = run.engine_config().model_dump_json()
+    report, seen = annotate_inputs(inputs, store_url, list(coarse_masks or []), run, pool, policy, config_json)
+    enforce_policy(report, policy)
+    if run.watermark is not None:
+        advance_watermark(store_url, run, seen, report)
+    return report
+
+
+def annotate_inputs(inputs: list[str], store_url: str, coarse_masks: list[str], run: RunOptions,
+                    pool: PoolOptions, policy: FailurePolicy, config_json: str, *, model: str | None = None,
+                    keep=None) -> tuple[dict, dict]:
+    """The steps both flows share, inside a flow run: studies (watermark), discovery, the cases ``keep``
+    leaves (a callable on case ids; all by default), skip committed, annotate on Ray, summarise, push SEGs.
+    Returns the run's report and what the watermark needs (the studies and the cases found in them)."""
+    started, run_id = time.perf_counter(), str(flow_run.id or f"local-{time.time_ns()}")
+    studies = select_studies(inputs, store_url, run, model)
+    found = discover_cases(studies["units"], store_url, coarse_masks, run)
+    cases, kept = found["cases"], []
+    if keep is not None:
+        chosen = set(keep([c["case_id"] for c in cases]))
+        kept = [c["case_id"] for c in cases if c["case_id"] not in chosen]
+        cases = [c for c in cases if c["case_id"] in chosen]
+    split = skip_committed(cases, store_url, config_json, policy.retry_quarantined)
     job = {"store_url": store_url, "run_id": run_id, "config_json": config_json, "overwrite": run.overwrite,
            "retries": pool.case_retries}
     outcomes, facts = _annotate_on_ray(split["todo"], job, pool, policy) if split["todo"] else ([], {})
     outcomes += [CaseOutcome(c["case_id"], kind).record() for kind in ("skipped", "quarantined") for c in split[kind]]
-    facts = {"actors": 0, "shards": 0, "broken_shards": 0, **facts,
+    facts = {"actors": 0, "shards": 0, "broken_shards": 0, "kept_accepted": len(kept), **facts,
              "wall_s": round(time.perf_counter() - started, 2)}
     report = summarise(outcomes, store_url, run_id, facts, config_json)
-    _enforce(report, policy)
-    if run.watermark is not None:
-        _advance_watermark(store_url, run, studies, found, report)
-    return report
+    if run.push_seg:
+        report["push"] = push_proposals(store_url, [o["case_id"] for o in outcomes if o["status"] != "failed"],
+                                        run.push_seg)
+    return report, {"studies": studies, "found": found}
+
+
+@task(name="push-seg", cache_policy=NO_CACHE)
+def push_proposals(store_url: str, case_ids: list[str], service: str) -> dict:
+    """Store the committed proposals in the PACS as DICOM SEG (once per committed version); counts only."""
+    pushed = push_segs(CaseStore(store_url), case_ids, service)
+    counts = {"pushed": len(pushed.pushed), "already": len(pushed.already), "no_dicom_source": len(pushed.skipped),
+              "failed": len(pushed.failed)}
+    get_run_logger().info("SEG push: %s", counts)
+    return counts
 
 
 def _annotate_on_ray(todo: list[dict], job: dict, pool: PoolOptions,
@@ -279,7 +327,7 @@ def _annotate_on_ray(todo: list[dict], job: dict, pool: PoolOptions,
     return outcomes, {"actors": plan.count, "shards": len(shards), "broken_shards": broken}
 
 
-def _enforce(report: dict, policy: FailurePolicy) -> None:
+def enforce_policy(report: dict, policy: FailurePolicy) -> None:
     """Fail the run when a shard could not run or too many cases failed (the summary is written already)."""
     if report["broken_shards"]:
         raise RuntimeError(f"{report['broken_shards']} shard(s) could not run; rerun to finish their cases")
@@ -289,11 +337,17 @@ def _enforce(report: dict, policy: FailurePolicy) -> None:
                               f"{policy.max_failure_fraction:.1%})", report)
 
 
-def _advance_watermark(store_url: str, run: RunOptions, studies: dict, found: dict, report: dict) -> None:
+def advance_watermark(store_url: str, run: RunOptions, seen: dict, report: dict, *,
+                       model: str | None = None) -> None:
     """Move the watermark to this run's horizon, held back before studies whose cases failed transiently."""
+    studies, found = seen["studies"], seen["found"]
     unit_of = {c["case_id"]: u for c, u in zip(found["cases"], found["units"], strict=True)}
     retry = {unit_of.get(o["case_id"]) for o in report["cases"]
              if o["status"] == "failed" and o["stage"] in RETRY_NEXT_RUN}
     entries = [watermark.Entry(studies["units"][u], studies["changed"][u]) for u in retry if u is not None]
     mark = watermark.next_mark(studies["until"], entries)
-    watermark.write_mark(CaseStore(store_url), run.watermark, mark, run_id=report["run_id"])
+    store = CaseStore(store_url)
+    seen = watermark.read_seen(store, run.watermark, model=model)
+    again = {studies["units"][u] for u in retry if u is not None}
+    seen.update({key: count for url, (key, count) in studies["pacs"].items() if url not in again and count})
+    watermark.write_mark(store, run.watermark, mark, run_id=report["run_id"], model=model, pacs=seen)

@@ -6,7 +6,10 @@ mtimes but set ctime, and adding a file to a series folder changes that folder, 
 Entries that changed within the last ``settle_s`` seconds may still be being copied; they wait for the next
 run. The watermark lives in the store (STORE/_watermarks/<name>.json) and only moves after a successful run;
 it stops before the oldest study whose cases failed transiently, so those are retried next time.
-URL inputs (DICOMweb, s3://) have no change time here and are always taken. No Prefect in this module.
+A DICOMweb service root is taken study by study (QIDO-RS, with the run's filters): a study is new when the
+watermark has not seen it with its current number of instances (a series added to a study changes it), and
+the record keeps a keyed hash of each study done, never its UID. Other URL inputs (a study URL, s3://) have no
+change time here and are always taken. No Prefect in this module.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.io.dicomweb import query_studies
 from pipeline.store.records import read_watermark, write_watermark
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -70,16 +74,42 @@ def next_mark(until: float, retry: Iterable[Entry]) -> float:
     return min([until] + [e.changed - 1e-3 for e in retry if e.changed != float("inf")])
 
 
+def pacs_studies(roots: Iterable[str], filters: dict[str, str], *, seen: dict[str, int], key) -> dict:
+    """The studies of the service ``roots`` that ``seen`` (keyed study -> instances) does not hold as they
+    are now: {study URL: [keyed study, instances]}; ``key`` is the store's keyed hash."""
+    chosen = {}
+    for root in roots:
+        base = root.rstrip("/")
+        for uid, count in query_studies(root, filters).items():
+            study = key(f"pacs-study:{base}|{uid}")
+            if count is None or seen.get(study) != count:
+                chosen[f"{base}/studies/{uid}"] = [study, count]
+    return chosen
+
+
 def check_name(name: str) -> str:
     if not _NAME.match(name):
         raise ValueError(f"Argument 'watermark' must be lowercase letters, digits, '-' or '_'; got {name!r}")
     return name
 
 
-def read_mark(store, name: str) -> float | None:
+def read_mark(store, name: str, *, model: str | None = None) -> float | None:
+    """Where the watermark stands; None (take everything) before its first run, and when ``model`` is given
+    and the watermark was set by a run with another model."""
     record = read_watermark(store, check_name(name))
-    return None if record is None else float(record["since"])
+    if record is None or (model is not None and record.get("model") != model):
+        return None
+    return float(record["since"])
 
 
-def write_mark(store, name: str, since: float, *, run_id: str) -> None:
-    write_watermark(store, check_name(name), since, run_id=run_id)
+def read_seen(store, name: str, *, model: str | None = None) -> dict[str, int]:
+    """The PACS studies the watermark has seen (keyed study -> instances); empty where read_mark is None."""
+    record = read_watermark(store, check_name(name))
+    if record is None or (model is not None and record.get("model") != model):
+        return {}
+    return dict(record.get("pacs") or {})
+
+
+def write_mark(store, name: str, since: float, *, run_id: str, model: str | None = None,
+               pacs: dict[str, int] | None = None) -> None:
+    write_watermark(store, check_name(name), since, run_id=run_id, model=model, pacs=pacs)

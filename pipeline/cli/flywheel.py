@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from pipeline.cli.common import (
@@ -11,14 +12,21 @@ from pipeline.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     add_command,
+    add_engine_options,
+    add_pacs_options,
     add_prompt_options,
+    engine_problem,
+    pacs_filters,
+    push_and_print,
     run_config,
 )
+from pipeline.core.errors import ReadError
 from pipeline.flywheel.registry import current_model
 from pipeline.flywheel.review import FORMATS as REVIEW_FORMATS
-from pipeline.flywheel.review import calibrate_store, export_queue, import_corrections
+from pipeline.flywheel.review import calibrate_store, export_queue, import_corrections, pull_corrections
 from pipeline.flywheel.rounds import format_table, round_rows, run_round, write_round_table
-from pipeline.io.discover import discover
+from pipeline.io.dicomweb import is_service_root
+from pipeline.io.discover import DiscoveryOptions, discover
 from pipeline.model.checkpoint import CheckpointError
 from pipeline.model.devices import resolve_device
 from pipeline.store.case_store import CaseStore
@@ -37,7 +45,10 @@ def add_parsers(sub) -> None:
     out.add_argument("--limit", type=int, default=None, help="only the N worst cases")
     into = add_command(review_sub, "import", "ingest corrected masks and mark the cases accepted")
     into.add_argument("store", metavar="STORE", help="the store the proposals came from")
-    into.add_argument("corrections", nargs="+", metavar="CORRECTION", help="label maps or folders of them")
+    into.add_argument("corrections", nargs="+", metavar="CORRECTION",
+                      help="label maps (NIfTI, NRRD, .seg.nrrd, DICOM SEG, OME-Zarr) or folders of them, or a "
+                           "DICOMweb service root (http://HOST/dicom-web): the reviewers' SEGs there that "
+                           "reference a case's series and are newer than its proposal")
     into.add_argument("--reviewer", required=True, help="who reviewed (a name or id; never a patient's)")
     calibrate = add_command(review_sub, "calibrate", "refit the quality score on the reviews so far")
     calibrate.add_argument("store", metavar="STORE", help="the store with reviewed cases")
@@ -71,6 +82,8 @@ def add_parsers(sub) -> None:
     run.add_argument("--store", required=True, metavar="STORE", help="the flywheel's store")
     add_prompt_options(run, checkpoint_help="default: the store's current registered model")
     run.add_argument("--review-out", default=None, metavar="DIR", help="default: STORE/_review/round-NNN")
+    add_pacs_options(run)
+    add_engine_options(run)
     report = add_command(rnd_sub, "report", "the table and plot over all rounds")
     report.add_argument("store", metavar="STORE", help="the flywheel's store")
 
@@ -93,11 +106,19 @@ def review(args) -> int:
         print(json.dumps(calibrate_store(store, threshold=args.edit_dice_threshold), indent=1))
         return EXIT_OK
 
-    try:
-        report = import_corrections(store, args.corrections, reviewer=args.reviewer)
-    except ValueError as exc:
-        print(f"medsam-engine review import: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    with tempfile.TemporaryDirectory(prefix="medsam-pulled-") as pulled:
+        try:
+            sources = _pull_from_pacs(store, args.corrections, Path(pulled))
+            report = import_corrections(store, sources, reviewer=args.reviewer) if sources else None
+        except ReadError as exc:
+            print(f"medsam-engine review import: {exc.reason}", file=sys.stderr)
+            return EXIT_CASES_FAILED
+        except ValueError as exc:
+            print(f"medsam-engine review import: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    if report is None:
+        print("nothing to import: no SEG in the PACS is newer than its case's proposal")
+        return EXIT_OK
     for name, reason in report.errors.items():
         print(f"error    {name}  {reason}")
     for case_id, edit in report.imported.items():
@@ -110,6 +131,20 @@ def review(args) -> int:
               file=sys.stderr)
         return EXIT_CASES_FAILED
     return EXIT_OK
+
+
+def _pull_from_pacs(store, sources: list[str], folder: Path) -> list[str]:
+    """``sources`` with each DICOMweb service root replaced by the corrections pulled from it."""
+    out = []
+    for source in sources:
+        if not is_service_root(source):
+            out.append(source)
+            continue
+        files, left = pull_corrections(store, source, folder)
+        for case_id, why in left.items():
+            print(f"left     {case_id}  {why}")
+        out += [str(f) for f in files]
+    return out
 
 
 def finetune(args) -> int:
@@ -164,8 +199,17 @@ def _round_run(args, store) -> int:
     config = run_config(args, "round run", detector_defaults=defaults, checkpoint_in_config=False)
     if config is None:
         return EXIT_USAGE
+    problem = engine_problem(args)
+    if problem:
+        print(f"medsam-engine round run: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.engine == "ray":
+        from pipeline.cli.ray import round_on_ray
+
+        return round_on_ray(args, config)
     try:
-        cases = discover(args.inputs, store.case_ids(), coarse_masks=args.coarse_mask)
+        options = DiscoveryOptions(pacs_query=pacs_filters(args.pacs_query))
+        cases = discover(args.inputs, store.case_ids(), coarse_masks=args.coarse_mask, options=options)
     except ValueError as exc:
         print(f"medsam-engine round run: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -176,4 +220,5 @@ def _round_run(args, store) -> int:
     print(f"round {result.number}: {json.dumps(report['cases'])}; routing {json.dumps(report['routing'])}")
     print(f"review queue: {report['queue']['cases']} case(s) -> {result.queue_dir}")
     print(f"round report: {result.report_path}")
-    return EXIT_CASES_FAILED if result.failed else EXIT_OK
+    push_failed = push_and_print(store, result.committed, args.push_seg)
+    return EXIT_CASES_FAILED if result.failed or push_failed else EXIT_OK

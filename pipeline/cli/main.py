@@ -18,9 +18,13 @@ from pipeline.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     add_command,
+    add_engine_options,
+    add_pacs_options,
     add_prompt_options,
     configure_output,
-    key_values,
+    engine_problem,
+    pacs_filters,
+    push_and_print,
     run_config,
     verbosity_options,
 )
@@ -30,7 +34,6 @@ from pipeline.core.errors import StoreUnavailableError, resource_fault
 from pipeline.core.provenance import package_version
 from pipeline.export.common import ExportTargetError
 from pipeline.export.formats import FORMATS, export_store
-from pipeline.export.pacs_push import push_segs
 from pipeline.flywheel.detector_training import train_from_store
 from pipeline.io.discover import DiscoveryOptions, discover
 from pipeline.model.checkpoint import CheckpointError
@@ -63,13 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     ann.add_argument("--overwrite", action="store_true", help="replace cases committed with another signature")
     ann.add_argument("--keep-localizers", action="store_true", help="annotate localizer/scout series too")
     ann.add_argument("--keep-derived", action="store_true", help="annotate derived/secondary-capture series too")
-    ann.add_argument("--push-seg", default=None, metavar="URL",
-                     help="store each committed proposal as DICOM SEG in this DICOMweb service (STOW-RS), once "
-                          "per version; cases whose input is not a DICOM series are skipped with the reason")
-    ann.add_argument("--pacs-query", action="append", default=[], metavar="KEY=VALUE",
-                     help="for an input that is a DICOMweb service root (http://HOST:PORT/dicom-web): QIDO-RS "
-                          "filters on its studies, e.g. ModalitiesInStudy=CT or StudyDate=20260101- (repeatable)")
-    _engine_arguments(ann)
+    add_pacs_options(ann)
+    add_engine_options(ann)
 
     exp = add_command(sub, "export", "export committed cases")
     exp.add_argument("store", metavar="STORE", help="the store to export")
@@ -99,51 +97,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _engine_arguments(ann) -> None:
-    """annotate's --engine: local (this process) or ray (the orchestrated flow over Ray actors, flows/)."""
-    ann.add_argument("--engine", choices=["local", "ray"], default="local",
-                     help="local: this process; ray: the orchestrated flow, cases sharded over Ray actors")
-    ray = ann.add_argument_group("--engine ray")
-    ray.add_argument("--ray-address", default=None, metavar="ADDR",
-                     help="existing Ray cluster: host:port, auto or ray://... "
-                          "(default $RAY_ADDRESS, else a local Ray)")
-    ray.add_argument("--actors", type=int, default=None, metavar="N",
-                     help="annotator actors (default: as many as fit)")
-    ray.add_argument("--cpus-per-actor", type=int, default=None, metavar="N",
-                     help="CPUs (runtime threads) per actor (default: up to 4)")
-    ray.add_argument("--gpus-per-actor", type=float, default=None, metavar="F",
-                     help="GPU share per actor, e.g. 0.5 (default 1 when the cluster has GPUs; 0: CPU only)")
-    ray.add_argument("--shards", type=int, default=None, metavar="N", help="shards (default: one per actor)")
-    ray.add_argument("--max-failure-fraction", type=float, default=0.1, metavar="F",
-                     help="the run fails when more than this fraction of the cases tried failed")
-    ray.add_argument("--retry-quarantined", action="store_true", help="try quarantined cases again")
-
-
-def _engine_problem(args) -> str | None:
-    """Why the --engine options do not go together, or None."""
-    if args.engine == "ray":
-        return None
-    given = [flag for flag, value in (("--ray-address", args.ray_address), ("--actors", args.actors),
-                                      ("--cpus-per-actor", args.cpus_per_actor),
-                                      ("--gpus-per-actor", args.gpus_per_actor), ("--shards", args.shards),
-                                      ("--retry-quarantined", args.retry_quarantined or None))
-             if value is not None]
-    return f"{', '.join(given)} only apply with --engine ray" if given else None
-
-
 def _annotate(args) -> int:
     config = run_config(args, "annotate")
     if config is None:
         return EXIT_USAGE
-    problem = _engine_problem(args)
+    problem = engine_problem(args)
     if problem:
         print(f"medsam-engine annotate: {problem}", file=sys.stderr)
         return EXIT_USAGE
     if args.engine == "ray":
-        if args.pacs_query or args.push_seg:
-            print("medsam-engine annotate: --pacs-query and --push-seg work with the local engine only for now",
-                  file=sys.stderr)
-            return EXIT_USAGE
         return annotate_on_ray(args, config)
     store = CaseStore(args.out)
     try:
@@ -168,14 +130,8 @@ def _annotate(args) -> int:
         print(line + (f"  {outcome.reason}" if outcome.status == "failed" else ""))
     print(f"{summary.count('done')} done, {summary.count('skipped')} skipped, {summary.count('failed')} failed "
           f"-> {Path(args.out).resolve()}")
-    push_failed = False
-    if args.push_seg:
-        report = push_segs(store, [o.case_id for o in summary.outcomes if o.status != "failed"], args.push_seg)
-        for case_id, reason in {**report.skipped, **report.failed}.items():
-            print(f"{'no SEG' if case_id in report.skipped else 'unpushed'} {case_id}  {reason}")
-        print(f"SEG: {len(report.pushed)} pushed, {len(report.already)} already there, {len(report.skipped)} "
-              f"without a DICOM source, {len(report.failed)} refused or unreachable")
-        push_failed = bool(report.failed)
+    push_failed = push_and_print(store, [o.case_id for o in summary.outcomes if o.status != "failed"],
+                                 args.push_seg)
     return EXIT_CASES_FAILED if summary.failed or push_failed else EXIT_OK
 
 
@@ -236,15 +192,6 @@ def _eval(args) -> int:
         return EXIT_USAGE
     print(json.dumps(results, indent=1) if args.json else format_scores(results))
     return EXIT_OK
-
-
-def pacs_filters(pairs: list[str]) -> dict[str, str]:
-    """``--pacs-query KEY=VALUE`` pairs as QIDO-RS query parameters; ValueError (exit 2) when malformed."""
-    filters = {key: value.strip() for key, value in key_values(pairs, "--pacs-query").items()}
-    empty = [key for key, value in filters.items() if not value]
-    if empty:
-        raise ValueError(f"--pacs-query must be KEY=VALUE (a DICOM keyword or tag); '{empty[0]}' has no value")
-    return filters
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""`medsam-engine annotate ... --engine ray`: the same job as the local engine, run as the Prefect flow.
+"""`medsam-engine annotate|round run ... --engine ray`: the same jobs as the local engine, run as Prefect flows.
 
 Without $PREFECT_API_URL Prefect starts a temporary server for the run; without --ray-address/$RAY_ADDRESS a
 local Ray is started. Output and exit codes follow the annotate contract (0 all done, 1 some cases failed,
@@ -6,6 +6,7 @@ local Ray is started. Output and exit codes follow the annotate contract (0 all 
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -25,23 +26,57 @@ def _quiet_defaults() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def annotate_on_ray(args, config) -> int:
-    """Run the flow for parsed ``annotate`` arguments and a validated EngineConfig; print outcomes."""
-    _quiet_defaults()
+def _flow_options(args, config, command: str):
+    """RunOptions, PoolOptions and FailurePolicy of parsed run arguments, or None after printing why not."""
     from pydantic import ValidationError
 
-    from flows.annotate import FailurePolicy, RunOptions, TooManyFailures, annotate_archive
+    from flows.annotate import FailurePolicy, RunOptions
+    from pipeline.cli.common import pacs_filters
 
     try:
-        run = RunOptions(config=config, overwrite=args.overwrite, keep_localizers=args.keep_localizers,
-                         keep_derived=args.keep_derived)
+        run = RunOptions(config=config, overwrite=getattr(args, "overwrite", False),
+                         keep_localizers=getattr(args, "keep_localizers", False),
+                         keep_derived=getattr(args, "keep_derived", False),
+                         pacs_query=pacs_filters(args.pacs_query), push_seg=args.push_seg)
         pool = PoolOptions(address=args.ray_address, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
                            gpus_per_actor=args.gpus_per_actor)
         policy = FailurePolicy(max_failure_fraction=args.max_failure_fraction,
                                retry_quarantined=args.retry_quarantined, shards=args.shards)
-    except ValidationError as exc:
-        print(f"medsam-engine annotate: {exc}", file=sys.stderr)
+    except (ValidationError, ValueError) as exc:
+        print(f"medsam-engine {command}: {exc}", file=sys.stderr)
+        return None
+    return run, pool, policy
+
+
+def _print_report(report: dict, store_url: str) -> int:
+    """One line per case (with the reason of a failure, from the store), the counts and the SEG push; the
+    exit code of the annotate contract."""
+    reasons = CaseStore(store_url).errors()
+    for case in report["cases"]:
+        line = f"{case['status']:8s} {case['case_id']}"
+        if case["status"] in ("failed", "quarantined"):
+            line += f"  {reasons.get(case['case_id'], {}).get('reason', case['stage'])}"
+        print(line)
+    counts = report["counts"]
+    print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['quarantined']} quarantined, "
+          f"{counts['failed']} failed -> {store_url if '://' in store_url else Path(store_url).resolve()}")
+    push = report.get("push")
+    if push:
+        print(f"SEG: {push['pushed']} pushed, {push['already']} already there, {push['no_dicom_source']} without "
+              f"a DICOM source, {push['failed']} refused or unreachable")
+    failed = counts["failed"] or counts["quarantined"] or (push or {}).get("failed")
+    return EXIT_CASES_FAILED if failed else EXIT_OK
+
+
+def annotate_on_ray(args, config) -> int:
+    """Run the annotate flow for parsed ``annotate`` arguments and a validated EngineConfig; print outcomes."""
+    _quiet_defaults()
+    from flows.annotate import TooManyFailures, annotate_archive
+
+    options = _flow_options(args, config, "annotate")
+    if options is None:
         return EXIT_USAGE
+    run, pool, policy = options
     try:
         report = annotate_archive(inputs=list(args.inputs), out=args.out, coarse_masks=list(args.coarse_mask),
                                   run=run, pool=pool, policy=policy)
@@ -51,13 +86,33 @@ def annotate_on_ray(args, config) -> int:
     except ValueError as exc:
         print(f"medsam-engine annotate: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    reasons = CaseStore(args.out).errors()
-    for case in report["cases"]:
-        line = f"{case['status']:8s} {case['case_id']}"
-        if case["status"] in ("failed", "quarantined"):
-            line += f"  {reasons.get(case['case_id'], {}).get('reason', case['stage'])}"
-        print(line)
-    counts = report["counts"]
-    print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['quarantined']} quarantined, "
-          f"{counts['failed']} failed -> {Path(args.out).resolve()}")
-    return EXIT_CASES_FAILED if counts["failed"] or counts["quarantined"] else EXIT_OK
+    return _print_report(report, args.out)
+
+
+def round_on_ray(args, config) -> int:
+    """`round run --engine ray`: the flywheel-round flow (flows/round.py) for parsed arguments."""
+    _quiet_defaults()
+    from flows.annotate import TooManyFailures
+    from flows.round import flywheel_round
+
+    options = _flow_options(args, config, "round run")
+    if options is None:
+        return EXIT_USAGE
+    run, pool, policy = options
+    try:
+        result = flywheel_round(inputs=list(args.inputs), store=args.store, coarse_masks=list(args.coarse_mask),
+                                run=run, pool=pool, policy=policy, checkpoint=args.checkpoint,
+                                review_out=args.review_out)
+        report = result["run"]
+    except TooManyFailures as exc:
+        result, report = None, exc.report
+        print(f"medsam-engine round run: {exc}", file=sys.stderr)
+    except ValueError as exc:
+        print(f"medsam-engine round run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    code = _print_report(report, args.store)
+    if result is not None:
+        print(f"round {result['round']}: {json.dumps(result['cases'])}; routing {json.dumps(result['routing'])}")
+        print(f"review queue: {result['queue']['cases']} case(s) -> {result['queue']['folder']}")
+        print(f"round report: {result['report_path']}")
+    return code

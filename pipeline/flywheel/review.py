@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from pipeline.export.dicom_seg import write_case_seg
 from pipeline.export.nifti import save_nifti_checked, write_case_nifti
 from pipeline.io.dicom_scan import series_uid_of
 from pipeline.io.dicom_seg_reader import referenced_series
+from pipeline.io.dicomweb import fetch_seg, find_segs, newest_per_series
 from pipeline.io.readers import read_volume, stem_of
 from pipeline.io.slicer_seg import write_seg_nrrd
 from pipeline.report.qc import write_review_report
@@ -183,6 +185,28 @@ def _case_for(path: Path, store: CaseStore, cases: list[str]) -> str | None:
     if uid:  # a DICOM SEG names its series, not its file
         owners = [c for c in cases if uid == _input_series(store, c)]
     return owners[0] if len(owners) == 1 else None
+
+
+def pull_corrections(store: CaseStore, root: str, folder: Path) -> tuple[list[Path], dict[str, str]]:
+    """The reviewers' corrections in a PACS: for each committed DICOM case, the newest SEG at the DICOMweb
+    service ``root`` that references its series, was not written by this engine and was made after the
+    case's proposal, downloaded into ``folder``. Returns (files, case id -> why its SEG was left: older than
+    the proposal). SEG times (ContentDate/ContentTime) are compared with the proposal's commit time (UTC)
+    as written, with no time zone."""
+    series = {}
+    for case_id in store.committed_cases():
+        uid = _input_series(store, case_id)
+        if uid:
+            series[uid] = case_id
+    files, left = [], {}
+    for uid, seg in newest_per_series(find_segs(root), set(series)).items():
+        case_id = series[uid]
+        proposed = re.sub(r"\D", "", (store.attributes(case_id).committed_at or ""))[:14]
+        if seg.made and proposed and seg.made <= proposed:
+            left[case_id] = "its newest SEG in the PACS is older than the proposal"
+            continue
+        files.append(fetch_seg(root, seg, folder / f"{case_id}.dcm"))
+    return files, left
 
 
 def _input_series(store: CaseStore, case_id: str) -> str | None:

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.annotate.config import EngineConfig
 from pipeline.annotate.job import annotate
 from pipeline.annotate.lazy_runner import LazyRunner
 from pipeline.core.atomic import write_text_atomic
+from pipeline.core.outcome import CaseOutcome
 from pipeline.core.provenance import utc_stamp
 from pipeline.flywheel.registry import current_model
 from pipeline.flywheel.review import calibrate_store, export_queue
@@ -42,58 +44,90 @@ class RoundResult:
     report_path: str
     queue_dir: str | None
     failed: list = field(default_factory=list)
+    committed: list[str] = field(default_factory=list)  # ids of the cases done or skipped (committed)
 
 
-def _stale_cases(store: CaseStore, cases: list) -> tuple[list, list[str]]:
-    """(cases to annotate, ids kept because a person accepted them)."""
+def split_accepted(store: CaseStore, case_ids: list[str]) -> tuple[list[str], list[str]]:
+    """(ids to annotate, ids kept because a person accepted them)."""
     todo, kept = [], []
-    for case in cases:
-        attrs = store.attributes(case.case_id)
-        if attrs is not None and attrs.review_status == ACCEPTED:
-            kept.append(case.case_id)
-        else:
-            todo.append(case)
+    for case_id in case_ids:
+        attrs = store.attributes(case_id)
+        (kept if attrs is not None and attrs.review_status == ACCEPTED else todo).append(case_id)
     return todo, kept
 
 
-def run_round(cases: list, store: CaseStore, config, *, checkpoint: str | None = None,
-              queue_dir: str | Path | None = None, runner=None) -> RoundResult:
-    """Round n+1: refit the calibration on the reviews so far, annotate the cases not accepted by a person
-    with the current model (``checkpoint``, else the newest registered model, else the base model; cases
-    committed with the same signature are skipped), route them, export the review queue and write the
-    round report. ``cases`` are CaseRefs (pipeline.io.discover)."""
+@dataclass(frozen=True)
+class RoundStart:
+    """A round begun: its number (a round killed before its record is completed, not skipped), the model it
+    uses and the configuration to annotate with (that model, routing on)."""
+
+    number: int
+    resumed: bool
+    started_at: str
+    checkpoint: str | None
+    registered: bool
+    config: EngineConfig
+    calibration: dict
+
+
+def begin_round(store: CaseStore, config: EngineConfig, *, checkpoint: str | None = None) -> RoundStart:
+    """Refit the calibration on the reviews so far, pick the model (``checkpoint``, else the newest registered
+    model, else the base model) and mark round n+1 as in progress (STORE/_rounds/current.json)."""
     number = current_round(store)
     resumed = number > 0 and read_record(store, ROUNDS, f"round-{number:03d}.json") is None
-    number = number if resumed else number + 1  # a round killed before its record is completed, not skipped
+    number = number if resumed else number + 1
     started = utc_stamp()
     registered = current_model(store) if checkpoint is None else None
     checkpoint = checkpoint or (registered or {}).get("checkpoint")
     config = config.with_overrides(model={"checkpoint": checkpoint}, quality={"route": True})
     calibration = calibrate_store(store, threshold=config.quality.edit_dice_threshold)
     write_record(store, {"round": number, "started_at": started}, ROUNDS, "current.json")
-    todo, kept = _stale_cases(store, cases)
-    runner = runner or LazyRunner(config)
-    summary = annotate(todo, store, config, overwrite=True, runner=runner)
+    return RoundStart(number, resumed, started, checkpoint, bool(registered), config, calibration)
+
+
+def finish_round(store: CaseStore, start: RoundStart, outcomes: list[CaseOutcome], *, given: int,
+                 kept: int, model_sha256: str, queue_dir: str | Path | None = None,
+                 runner_stats: dict | None = None, extra: dict | None = None) -> RoundResult:
+    """Export the review queue (``queue_dir``, else STORE/_review/round-NNN for a local store), count the
+    routes of the cases annotated now and write the round report and the table over rounds."""
+    number = start.number
     queue_dir = Path(queue_dir) if queue_dir else (Path(store.root) / "_review" / f"round-{number:03d}"
                                                     if store.is_local else None)
     queue = export_queue(store, queue_dir) if queue_dir is not None else None
-    done = [o for o in summary.outcomes if o.status == "done"]
-    routed = _routing([o.case_id for o in done], store)
+    done = [o for o in outcomes if o.status == "done"]
+    count = lambda status: sum(o.status == status for o in outcomes)
     report = {
-        "round": number, "started_at": started, "resumed": resumed,
+        "round": number, "started_at": start.started_at, "resumed": start.resumed,
         "finished_at": utc_stamp(),
-        "model": {"sha256": runner.model_sha256, "checkpoint": checkpoint,
-                  "registered": bool(registered)},
-        "cases": {"given": len(cases), "annotated": len(done), "skipped": summary.count("skipped"),
-                  "failed": summary.count("failed"), "kept_accepted": len(kept)},
+        "model": {"sha256": model_sha256, "checkpoint": start.checkpoint, "registered": start.registered},
+        "cases": {"given": given, "annotated": len(done), "skipped": count("skipped"),
+                  "failed": count("failed"), "quarantined": count("quarantined"), "kept_accepted": kept},
         "seconds_per_case": round(float(np.mean([o.seconds for o in done])), 2) if done else None,
-        "routing": routed, "calibration": calibration,
+        "routing": _routing([o.case_id for o in done], store), "calibration": start.calibration,
         "queue": {"cases": len(queue.cases) if queue else 0, "folder": str(queue_dir) if queue_dir else None},
-        "runner": summary.runner_stats,
+        "runner": runner_stats or {}, **(extra or {}),
     }
     path = write_record(store, report, ROUNDS, f"round-{number:03d}.json")
     write_round_table(store)
-    return RoundResult(number, report, path, str(queue_dir) if queue_dir else None, summary.failed)
+    failed = [o for o in outcomes if o.status == "failed"]
+    committed = [o.case_id for o in outcomes if o.status in ("done", "skipped")]
+    return RoundResult(number, report, path, str(queue_dir) if queue_dir else None, failed, committed)
+
+
+def run_round(cases: list, store: CaseStore, config: EngineConfig, *, checkpoint: str | None = None,
+              queue_dir: str | Path | None = None, runner=None) -> RoundResult:
+    """Round n+1 in this process: begin it, annotate the cases not accepted by a person with its model
+    (cases committed with the same signature are skipped), route them, export the review queue and write
+    the round report. ``cases`` are CaseRefs (pipeline.io.discover). flows/round.py runs the same round
+    over Ray."""
+    start = begin_round(store, config, checkpoint=checkpoint)
+    todo_ids, kept = split_accepted(store, [c.case_id for c in cases])
+    todo = [c for c in cases if c.case_id in set(todo_ids)]
+    runner = runner or LazyRunner(start.config)
+    summary = annotate(todo, store, start.config, overwrite=True, runner=runner)
+    return finish_round(store, start, summary.outcomes, given=len(cases), kept=len(kept),
+                        model_sha256=runner.model_sha256, queue_dir=queue_dir,
+                        runner_stats=summary.runner_stats)
 
 
 def _routing(case_ids: list[str], store: CaseStore) -> dict:
@@ -166,7 +200,7 @@ COLUMNS = ("round", "model", "annotated", "seconds_per_case", "auto_acceptance_r
 
 def format_table(rows: list[dict]) -> str:
     """A Markdown table of :func:`round_rows` (empty cells where a figure does not exist yet)."""
-    cell = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    cell = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in COLUMNS) + " |" for row in rows]
     return "\n".join(lines)

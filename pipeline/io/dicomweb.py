@@ -1,9 +1,10 @@
-"""DICOMweb inputs: a study or series URL -> its instances as Part 10 files in a local cache folder.
+"""DICOMweb through dicomweb-client: a study or series URL -> its instances as Part 10 files in a local cache
+folder; QIDO-RS queries of a service root; STOW-RS of the engine's SEG.
 
-``http(s)://HOST/…/dicom-web/studies/<study>[/series/<series>]``: QIDO-RS lists the series and instances,
-WADO-RS fetches each instance as stored (``transfer-syntax=*``, so compressed data stays compressed and is
-decoded by the isolated reader like any file). Files are named by position (``s001/00001.dcm``), never by
-UID; messages name the server, never the study. A finished download is renamed into place and reused.
+``http(s)://HOST/…/dicom-web/studies/<study>[/series/<series>]``: QIDO-RS lists the series, WADO-RS streams
+each series as stored (``transfer-syntax=*``, so compressed data stays compressed and is decoded by the
+isolated reader like any file). Files are named by position (``s001/00001.dcm``), never by UID; messages
+name the server, never the study. A finished download is renamed into place and reused.
 
 A busy or briefly failing PACS costs retries, not cases: HTTP 429/500/502/503/504, refused or dropped
 connections and read timeouts are retried with exponential backoff (honouring ``Retry-After``) by urllib3;
@@ -11,14 +12,17 @@ one that lasts is a transient failure (stage "io": never quarantined, the next r
 the environment: ``MEDSAM_ENGINE_DICOMWEB_RETRIES`` (6), ``MEDSAM_ENGINE_DICOMWEB_BACKOFF_S`` (0.5, doubling up
 to 30 s), ``MEDSAM_ENGINE_DICOMWEB_TIMEOUT_S`` (60 per request). Credentials, never logged or stored:
 ``MEDSAM_ENGINE_DICOMWEB_TOKEN`` (a bearer token) or ``MEDSAM_ENGINE_DICOMWEB_USER`` and
-``MEDSAM_ENGINE_DICOMWEB_PASSWORD`` (HTTP basic); a refused login (401/403) is a lasting failure.
+``MEDSAM_ENGINE_DICOMWEB_PASSWORD`` (HTTP basic), else the file ``MEDSAM_ENGINE_DICOMWEB_CREDENTIALS`` names
+(JSON or YAML: ``{"token": …}`` or ``{"user": …, "password": …}``, or such entries keyed by the server's
+``http(s)://host:port``); a refused login (401/403) is a lasting failure.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -28,8 +32,7 @@ from pipeline.core.errors import ReadError
 log = logging.getLogger(__name__)
 
 URL_PATTERN = re.compile(r"^(?P<base>https?://.+?/)studies/(?P<study>[0-9.]+)(?:/series/(?P<series>[0-9.]+))?/?$")
-ACCEPT_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-ACCEPT_DEFAULT = 'multipart/related; type="application/dicom"'
+AS_STORED = (("application/dicom", "*"),)  # WADO-RS media type: each instance in the syntax it is stored in
 TIMEOUT_S = 60
 COMPLETE = ".complete"
 RETRY_STATUSES = (429, 500, 502, 503, 504)
@@ -48,9 +51,35 @@ def _setting(name: str, default: float) -> float:
         raise ReadError(f"MEDSAM_ENGINE_DICOMWEB_{name} must be a number") from exc
 
 
-def dicomweb_session(methods: tuple[str, ...] = ("GET", "HEAD")):
-    """A requests session with the environment's credentials and urllib3's retries with backoff (for
-    ``methods``: a STOW-RS POST is safe to repeat, the PACS keeps one copy of an instance)."""
+def _credentials(url: str) -> dict:
+    """{"token"} or {"user", "password"} for the server of ``url``: the environment first, then the file
+    MEDSAM_ENGINE_DICOMWEB_CREDENTIALS names (one entry, or entries keyed by ``scheme://host[:port]``)."""
+    token, user = os.environ.get("MEDSAM_ENGINE_DICOMWEB_TOKEN"), os.environ.get("MEDSAM_ENGINE_DICOMWEB_USER")
+    if token:
+        return {"token": token}
+    if user:
+        return {"user": user, "password": os.environ.get("MEDSAM_ENGINE_DICOMWEB_PASSWORD", "")}
+    path = os.environ.get("MEDSAM_ENGINE_DICOMWEB_CREDENTIALS")
+    if not path:
+        return {}
+    import yaml
+
+    try:
+        entries = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ReadError(f"MEDSAM_ENGINE_DICOMWEB_CREDENTIALS: cannot read the credentials file "
+                        f"({type(exc).__name__})") from exc
+    if not isinstance(entries, dict):
+        raise ReadError("MEDSAM_ENGINE_DICOMWEB_CREDENTIALS: the credentials file must hold a mapping")
+    entry = entries.get(_server(url), entries)
+    if not isinstance(entry, dict) or not ({"token"} <= entry.keys() or {"user", "password"} <= entry.keys()):
+        return {}
+    return {k: str(v) for k, v in entry.items() if k in ("token", "user", "password")}
+
+
+def dicomweb_session(url: str, methods: tuple[str, ...] = ("GET", "HEAD")):
+    """A requests session for the server of ``url`` with its credentials and urllib3's retries with backoff
+    (for ``methods``: a STOW-RS POST is safe to repeat, the PACS keeps one copy of an instance)."""
     import requests
     from requests.adapters import HTTPAdapter
     from urllib3.util.retry import Retry
@@ -64,13 +93,53 @@ def dicomweb_session(methods: tuple[str, ...] = ("GET", "HEAD")):
     adapter = HTTPAdapter(max_retries=retry, pool_maxsize=8)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    token = os.environ.get("MEDSAM_ENGINE_DICOMWEB_TOKEN")
-    user = os.environ.get("MEDSAM_ENGINE_DICOMWEB_USER")
-    if token:
-        session.headers["Authorization"] = f"Bearer {token}"
-    elif user:
-        session.auth = (user, os.environ.get("MEDSAM_ENGINE_DICOMWEB_PASSWORD", ""))
+    login = _credentials(url)
+    if "token" in login:
+        session.headers["Authorization"] = f"Bearer {login['token']}"
+    elif "user" in login:
+        session.auth = (login["user"], login["password"])
     return session
+
+
+def dicomweb_client(root: str, *, methods: tuple[str, ...] = ("GET", "HEAD")):
+    """A dicomweb-client for the service ``root`` (…/dicom-web) over :func:`dicomweb_session`; its own
+    retries are off, urllib3's do the retrying."""
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(url=root.rstrip("/"), session=dicomweb_session(root, methods),
+                            timeout=_setting("TIMEOUT_S", TIMEOUT_S))
+    client.set_http_retry_params(retry=False)
+    return client
+
+
+@contextmanager
+def answers(url: str, *, missing: str = "study or series not found"):
+    """What every DICOMweb call refuses alike, raised as the engine's errors naming the server only: an
+    unreachable or still busy server (PacsUnavailableError, transient), refused credentials (lasting),
+    ``missing`` on 404, any other refusal with its HTTP status."""
+    import requests
+
+    try:
+        yield
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else 0
+        raise _refusal(url, status, missing) from exc
+    except requests.RequestException as exc:
+        raise PacsUnavailableError(f"DICOMweb server {_server(url)} could not be reached "
+                                   f"({type(exc).__name__}): temporarily unavailable through every retry") from exc
+
+
+def _refusal(url: str, status: int, missing: str) -> ReadError:
+    if status in (401, 403):
+        return ReadError(f"DICOMweb server {_server(url)} refused the credentials (HTTP {status}); set "
+                         "MEDSAM_ENGINE_DICOMWEB_TOKEN or MEDSAM_ENGINE_DICOMWEB_USER/_PASSWORD (or "
+                         "MEDSAM_ENGINE_DICOMWEB_CREDENTIALS)")
+    if status in RETRY_STATUSES:
+        return PacsUnavailableError(f"DICOMweb server {_server(url)} answered HTTP {status}: temporarily "
+                                    "unavailable through every retry")
+    if status == 404:
+        return ReadError(f"DICOMweb server {_server(url)}: {missing} (HTTP 404)")
+    return ReadError(f"DICOMweb server {_server(url)} answered HTTP {status}")
 
 
 def is_dicomweb_url(text: str) -> bool:
@@ -82,103 +151,42 @@ def _server(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
 
-def _request(session, method: str, url: str, **kwargs):
-    """One request through the retrying session; what every DICOMweb call refuses alike is raised here: an
-    unreachable or still busy server (PacsUnavailableError, transient) and refused credentials (lasting)."""
-    import requests
-
+def uid_values(items: list[dict], tag: str) -> list[str]:
+    """The values of ``tag`` (e.g. '0020000E') in a QIDO-RS answer (DICOM JSON)."""
     try:
-        response = session.request(method, url, timeout=_setting("TIMEOUT_S", TIMEOUT_S), **kwargs)
-    except requests.RequestException as exc:
-        why = type(exc).__name__
-        raise PacsUnavailableError(f"DICOMweb server {_server(url)} could not be reached ({why}): temporarily "
-                                   "unavailable through every retry") from exc
-    if response.status_code in (401, 403):
-        raise ReadError(f"DICOMweb server {_server(url)} refused the credentials (HTTP {response.status_code}); "
-                        "set MEDSAM_ENGINE_DICOMWEB_TOKEN or MEDSAM_ENGINE_DICOMWEB_USER/_PASSWORD")
-    if response.status_code in RETRY_STATUSES:
-        raise PacsUnavailableError(f"DICOMweb server {_server(url)} answered HTTP {response.status_code}: "
-                                   "temporarily unavailable through every retry")
-    return response
+        return [str(item[tag]["Value"][0]) for item in items if item.get(tag, {}).get("Value")]
+    except (TypeError, KeyError, AttributeError, IndexError) as exc:
+        raise ReadError("a QIDO-RS answer that is not DICOM JSON") from exc
 
 
-def _get(session, url: str, accept: str, *, allow: tuple[int, ...] = ()):
-    response = _request(session, "GET", url, headers={"Accept": accept})
-    if response.status_code == 404:
-        raise ReadError(f"DICOMweb server {_server(url)}: study or series not found (HTTP 404)")
-    if response.status_code >= 400 and response.status_code not in allow:
-        raise ReadError(f"DICOMweb server {_server(url)} answered HTTP {response.status_code}")
-    return response
-
-
-def _qido(session, url: str, tag: str) -> list[str]:
-    """The values of ``tag`` (e.g. '0020000E') in a QIDO-RS JSON answer (204 No Content -> [])."""
-    response = _get(session, url, "application/dicom+json")
-    if response.status_code == 204 or not response.content:
-        return []
-    try:
-        return [str(item[tag]["Value"][0]) for item in response.json() if item.get(tag, {}).get("Value")]
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ReadError(f"DICOMweb server {_server(url)} sent a QIDO-RS answer that is not DICOM JSON") \
-            from exc
-
-
-def multipart_parts(body: bytes, content_type: str) -> list[bytes]:
-    """The bodies of a multipart/related message (RFC 2046), without their part headers."""
-    match = re.search(r'boundary="?([^";,]+)"?', content_type, flags=re.IGNORECASE)
-    if not match:
-        raise ValueError("multipart answer without a boundary")
-    delimiter = b"--" + match.group(1).encode()
-    parts = []
-    for chunk in body.split(delimiter)[1:]:
-        if chunk.startswith(b"--"):
-            break
-        head, _, payload = chunk.partition(b"\r\n\r\n")
-        parts.append(payload[:-2] if payload.endswith(b"\r\n") else payload)
-    return parts
-
-
-def _instance(session, url: str) -> bytes:
-    response = _get(session, url, ACCEPT_AS_STORED, allow=(406,))
-    if response.status_code == 406:  # the server cannot send as stored: take its default syntax
-        response = _get(session, url, ACCEPT_DEFAULT)
-    try:
-        parts = multipart_parts(response.content, response.headers.get("Content-Type", ""))
-    except ValueError as exc:
-        raise ReadError(f"DICOMweb server {_server(url)} sent a WADO-RS answer that is not multipart") \
-            from exc
-    if len(parts) != 1:
-        raise ReadError(f"DICOMweb server {_server(url)} sent {len(parts)} parts for one instance")
-    return parts[0]
-
-
-def _download_series(session, base: str, study: str, series: str, folder: Path) -> int:
-    root = f"{base}studies/{study}/series/{series}"
-    instances = _qido(session, f"{root}/instances", "00080018")
+def _download_series(client, url: str, study: str, series: str, folder: Path) -> int:
+    """Stream one series as stored (its transfer syntax kept) into ``folder`` as Part 10 files."""
     folder.mkdir(parents=True)
-
-    def fetch(item: tuple[int, str]) -> None:
-        index, sop = item
-        (folder / f"{index + 1:05d}.dcm").write_bytes(_instance(session, f"{root}/instances/{sop}"))
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        list(pool.map(fetch, enumerate(instances)))
-    return len(instances)
+    count = 0
+    try:
+        with answers(url):
+            for count, dataset in enumerate(client.iter_series(study, series, media_types=AS_STORED), 1):
+                dataset.save_as(folder / f"{count:05d}.dcm", enforce_file_format=True)
+    except ReadError as exc:
+        if "HTTP 406" not in exc.reason:
+            raise
+        # the server cannot send as stored: take its default syntax
+        for old in folder.iterdir():
+            old.unlink()
+        with answers(url):
+            for count, dataset in enumerate(client.iter_series(study, series), 1):
+                dataset.save_as(folder / f"{count:05d}.dcm", enforce_file_format=True)
+    return count
 
 
 def stow(root: str, files: list[Path]) -> None:
-    """Store DICOM files in the PACS at ``root`` (STOW-RS, one multipart request); ReadError on failure (a
+    """Store DICOM files in the PACS at ``root`` (STOW-RS, one request); ReadError on failure (a
     PacsUnavailableError when it stayed busy or unreachable)."""
-    boundary = f"medsam-engine-{os.urandom(8).hex()}"
-    body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
-                    + Path(f).read_bytes() + b"\r\n" for f in files) + b"--" + boundary.encode() + b"--\r\n"
-    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-               "Accept": "application/dicom+json"}
-    url = root.rstrip("/") + "/studies"
-    with dicomweb_session(methods=("POST",)) as session:
-        response = _request(session, "POST", url, data=body, headers=headers)
-    if response.status_code >= 300:
-        raise ReadError(f"DICOMweb server {_server(url)} refused the SEG (HTTP {response.status_code})")
+    import pydicom
+
+    client = dicomweb_client(root, methods=("POST",))
+    with answers(root, missing="no STOW-RS service here"):
+        client.store_instances([pydicom.dcmread(f) for f in files])
 
 
 def is_service_root(text: str) -> bool:
@@ -186,22 +194,25 @@ def is_service_root(text: str) -> bool:
     return str(text).startswith(("http://", "https://")) and not is_dicomweb_url(text)
 
 
-def query_studies(root: str, filters: dict[str, str] | None = None, *, page: int = 500) -> list[str]:
-    """The StudyInstanceUIDs that QIDO-RS lists at ``root`` under ``filters`` (e.g. ``{"ModalitiesInStudy":
-    "CT", "StudyDate": "20260101-"}``), page by page; ReadError naming the server (never a study) otherwise."""
-    from urllib.parse import urlencode
-
-    base = root.rstrip("/") + "/"
-    uids: list[str] = []
-    with dicomweb_session() as session:
-        offset = 0
-        while True:
-            query = {**(filters or {}), "limit": page, "offset": offset}
-            found = _qido(session, f"{base}studies?{urlencode(query)}", "0020000D")
-            uids.extend(u for u in found if u not in uids)
-            if len(found) < page:
-                return uids
-            offset += page
+def query_studies(root: str, filters: dict[str, str] | None = None, *, page: int = 500) -> dict[str, int | None]:
+    """StudyInstanceUID -> number of instances (None when the server does not say) of the studies QIDO-RS
+    lists at ``root`` under ``filters`` (e.g. ``{"ModalitiesInStudy": "CT", "StudyDate": "20260101-"}``),
+    page by page; ReadError naming the server (never a study) otherwise."""
+    client = dicomweb_client(root)
+    studies: dict[str, int | None] = {}
+    offset = 0
+    while True:
+        with answers(root, missing="no QIDO-RS service here"):
+            found = client.search_for_studies(search_filters=dict(filters or {}), limit=page, offset=offset,
+                                              fields=["NumberOfStudyRelatedInstances"])
+        for item in found:
+            uid = uid_values([item], "0020000D")
+            if uid:
+                count = item.get("00201208", {}).get("Value") or [None]
+                studies.setdefault(uid[0], None if count[0] is None else int(count[0]))
+        if len(found) < page:
+            return studies
+        offset += page
 
 
 def fetch_dicomweb(url: str, dest: str | Path) -> Path:
@@ -213,12 +224,82 @@ def fetch_dicomweb(url: str, dest: str | Path) -> Path:
     if (dest / COMPLETE).is_file():
         return dest
     base, study, series = match.group("base"), match.group("study"), match.group("series")
-    with staged_folder(dest) as staging, dicomweb_session() as session:
-        series_list = [series] if series else _qido(session, f"{base}studies/{study}/series", "0020000E")
+    client = dicomweb_client(base.rstrip("/"))
+    with staged_folder(dest) as staging:
+        if series:
+            series_list = [series]
+        else:
+            with answers(url):
+                series_list = uid_values(client.search_for_series(study), "0020000E")
         if not series_list:
             raise ReadError(f"DICOMweb server {_server(url)}: the study has no series")
-        count = sum(_download_series(session, base, study, uid, staging / f"s{k + 1:03d}")
+        count = sum(_download_series(client, url, study, uid, staging / f"s{k + 1:03d}")
                     for k, uid in enumerate(series_list))
         (staging / COMPLETE).write_text(str(count))
     log.info("fetched %d instances in %d series from %s", count, len(series_list), _server(url))
     return dest
+
+
+# -- DICOM SEG in the PACS: reviewers' corrections and coarse masks ------------------------------------------
+ENGINE_MANUFACTURER = "medsam-engine"  # what pipeline/export/dicom_seg.py writes: the engine's own proposals
+
+
+@dataclass(frozen=True)
+class PacsSeg:
+    """A DICOM SEG instance in the PACS: where it is, the series it references and when it was made
+    (ContentDate + ContentTime, ``YYYYMMDDHHMMSS``; empty when the SEG does not say)."""
+
+    study: str
+    series: str
+    sop: str
+    references: str
+    made: str
+
+
+def _first(item: dict, tag: str) -> str:
+    value = (item.get(tag) or {}).get("Value") or [""]
+    return str(value[0]) if not isinstance(value[0], dict) else ""
+
+
+def find_segs(root: str, *, study: str | None = None) -> list[PacsSeg]:
+    """The SEG instances at ``root`` (in ``study`` only, when given) not written by this engine, from QIDO-RS
+    and WADO-RS metadata (no pixel data is fetched)."""
+    client = dicomweb_client(root)
+    with answers(root, missing="no QIDO-RS service here"):
+        found = client.search_for_series(study_instance_uid=study, search_filters={"Modality": "SEG"})
+        series = [(_first(item, "0020000D") or study, _first(item, "0020000E")) for item in found]
+        segs = []
+        for study_uid, series_uid in series:
+            if not (study_uid and series_uid):
+                continue
+            for item in client.retrieve_series_metadata(study_uid, series_uid):
+                if _first(item, "00080070") == ENGINE_MANUFACTURER:
+                    continue
+                refs = ((item.get("00081115") or {}).get("Value") or [{}])[0]
+                made = _first(item, "00080023") + _first(item, "00080033").split(".")[0]
+                segs.append(PacsSeg(study_uid, series_uid, _first(item, "00080018"), _first(refs, "0020000E"),
+                                    made))
+    return segs
+
+
+def newest_per_series(segs: list[PacsSeg], wanted=None) -> dict[str, PacsSeg]:
+    """The newest SEG referencing each series (of ``wanted`` series UIDs, when given)."""
+    newest: dict[str, PacsSeg] = {}
+    for seg in sorted(segs, key=lambda s: s.made):
+        if seg.references and (wanted is None or seg.references in wanted):
+            newest[seg.references] = seg
+    return newest
+
+
+def fetch_seg(root: str, seg: PacsSeg, path: Path) -> Path:
+    """Download one SEG instance to ``path`` (kept when already there: a SOP instance does not change)."""
+    if path.is_file():
+        return path
+    client = dicomweb_client(root)
+    with answers(root):
+        dataset = client.retrieve_instance(seg.study, seg.series, seg.sop)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    dataset.save_as(staging, enforce_file_format=True)
+    staging.replace(path)
+    return path

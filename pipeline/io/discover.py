@@ -16,6 +16,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -33,7 +34,15 @@ from pipeline.io.dicom_scan import (
     series_uid_of,
 )
 from pipeline.io.dicom_seg_reader import referenced_series
-from pipeline.io.dicomweb import fetch_dicomweb, is_service_root, query_studies
+from pipeline.io.dicomweb import (
+    URL_PATTERN,
+    fetch_dicomweb,
+    fetch_seg,
+    find_segs,
+    is_service_root,
+    newest_per_series,
+    query_studies,
+)
 from pipeline.io.readers import (
     DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
@@ -63,6 +72,11 @@ class DiscoveryOptions:
     parallel_from: int = PARALLEL_FROM
     limits: ExtractLimits = field(default_factory=ExtractLimits)
     pacs_query: dict[str, str] = field(default_factory=dict)  # QIDO-RS filters for a DICOMweb service root
+    seg_from_pacs: bool = False  # coarse masks of DICOMweb cases: the newest reviewer's SEG in the PACS
+
+
+FROM_PACS = "from-pacs"  # --coarse-mask from-pacs: each DICOMweb series' newest SEG in the PACS not made here
+PACS_DOWNLOADS = 4  # studies of a service root downloaded at once
 
 
 def content_hash(path: str | Path) -> str:
@@ -216,7 +230,9 @@ class _Finder:
                                     f"DICOMweb service: no study matches the query (filters on: {shown})")]
         log.info("DICOMweb service: %d studies match the query", len(studies))
         base = root.rstrip("/")
-        return [case for uid in studies for case in self.dicomweb(f"{base}/studies/{uid}")]
+        with ThreadPoolExecutor(max_workers=PACS_DOWNLOADS) as pool:
+            found = list(pool.map(self.dicomweb, [f"{base}/studies/{uid}" for uid in studies]))
+        return [case for cases in found for case in cases]
 
     def dicomweb(self, url: str) -> list[CaseRef]:
         key = self.case_id("dicomweb:" + url)
@@ -225,7 +241,26 @@ class _Finder:
             folder = fetch_dicomweb(url, dest)
         except ReadError as exc:
             return [self.error_case("dicomweb:" + url, dest, f"DICOMweb input {key[:8]}: {exc.reason}")]
-        return self.superseding(self.folder(folder, 0), "dicomweb:" + url)
+        cases = self.superseding(self.folder(folder, 0), "dicomweb:" + url)
+        return self.with_pacs_segs(url, cases) if self.options.seg_from_pacs else cases
+
+    def with_pacs_segs(self, url: str, cases: list[CaseRef]) -> list[CaseRef]:
+        """``cases`` of the DICOMweb study or series ``url``, each with the newest SEG in that study that
+        references its series and was not written by this engine (a reviewer's or a model's) as its coarse
+        mask; a series without one gets a missing mask, which fails it with that reason."""
+        match = URL_PATTERN.match(url)
+        root, study = match.group("base").rstrip("/"), match.group("study")
+        series = {case.case_id: series_uid_of(case.files[0]) for case in cases if case.files}
+        try:
+            newest = newest_per_series(find_segs(root, study=study), set(series.values()))
+            folder = self.cache / "dicomweb-seg"
+            masks = {uid: fetch_seg(root, seg, folder / f"{self.case_id('seg:' + seg.sop)}.dcm")
+                     for uid, seg in newest.items()}
+        except ReadError as exc:
+            return [replace(case, kind="unreadable", error=f"coarse mask from the PACS: {exc.reason}")
+                    for case in cases]
+        nothing = self.cache / "dicomweb-seg" / "no SEG in the PACS references this series.missing"
+        return [_with_mask(case, masks.get(series.get(case.case_id), nothing)) for case in cases]
 
 
 def _seg_masks(folder: Path) -> dict[str, Path]:
@@ -262,11 +297,14 @@ def discover(inputs: Sequence[str | Path], ids: CaseIds, *, coarse_masks: Sequen
     :meth:`~pipeline.store.case_store.CaseStore.case_ids` gives both. Raises ValueError for unusable
     arguments (mask count); unreadable inputs become failing cases instead.
     """
+    options = options or DiscoveryOptions()
+    if [str(p) for p in coarse_masks] == [FROM_PACS]:
+        options, coarse_masks = replace(options, seg_from_pacs=True), ()
     masks = [Path(p) for p in coarse_masks]
     if masks and not (len(masks) == len(inputs) or (len(masks) == 1 and masks[0].is_dir())):
         raise ValueError(f"--coarse-mask takes one mask per input ({len(inputs)}) or one folder; "
                          f"got {len(masks)}")
-    finder = _Finder(ids, options or DiscoveryOptions())
+    finder = _Finder(ids, options)
     found: dict[str, tuple[int, CaseRef]] = {}  # case id -> (index of the first input that holds it, case)
     merged: set[str] = set()
     for index, given in enumerate(inputs):

@@ -50,10 +50,14 @@ def quarantined(store: CaseStore, case_id: str) -> dict | None:
 
 
 def read_watermark(store: CaseStore, name: str) -> dict | None:
-    """The watermark record ``name`` ({"since", "since_utc", "run_id"}), or None before its first run."""
+    """The watermark record ``name`` ({"since", "since_utc", "run_id"[, "model"][, "pacs"]}), or None before
+    its first run; ``model`` is the sha256 of the model a flywheel round annotated with, ``pacs`` the PACS
+    studies done (keyed study -> number of instances)."""
     return read_record(store, WATERMARKS, f"{name}.json")
 
 
-def write_watermark(store: CaseStore, name: str, since: float, *, run_id: str) -> None:
-    record = {"since": since, "since_utc": utc_stamp(since), "run_id": run_id}
+def write_watermark(store: CaseStore, name: str, since: float, *, run_id: str, model: str | None = None,
+                    pacs: dict[str, int] | None = None) -> None:
+    record = {"since": since, "since_utc": utc_stamp(since), "run_id": run_id,
+              **({"model": model} if model else {}), **({"pacs": pacs} if pacs else {})}
     write_record(store, record, WATERMARKS, f"{name}.json")

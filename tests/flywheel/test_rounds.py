@@ -59,7 +59,8 @@ def test_round_two_uses_the_registered_model_on_the_rest_only(two_rounds):
     store, entry = two_rounds["store"], two_rounds["entry"]
     report = two_rounds["second"].report
     assert report["model"]["sha256"] == entry["sha256"] and report["model"]["registered"]
-    assert report["cases"] == {"given": 2, "annotated": 1, "skipped": 0, "failed": 0, "kept_accepted": 1}
+    assert report["cases"] == {"given": 2, "annotated": 1, "skipped": 0, "failed": 0, "quarantined": 0,
+                               "kept_accepted": 1}
     case_a, case_b = case_of(store, "chest_a"), case_of(store, "chest_b")
     attrs_a, attrs_b = store.case_attrs(case_a), store.case_attrs(case_b)
     assert attrs_a["review_status"] == "accepted" and attrs_a["review"]["reviewer"] == "simulated"

@@ -17,7 +17,6 @@ from faults import FaultProxy
 
 from pipeline.cli.main import main
 from pipeline.core.errors import ReadError, is_transient
-from pipeline.io.dicomweb import multipart_parts
 from pipeline.io.discover import DiscoveryOptions, discover
 from pipeline.io.readers import read_case
 from pipeline.store.case_store import CaseStore
@@ -139,12 +138,6 @@ def test_unreachable_server_is_a_failing_case(tmp_path):
     assert "could not be reached" in case.error
 
 
-def test_multipart_parts():
-    body = b"--b1\r\nContent-Type: application/dicom\r\n\r\nAAA\r\n--b1\r\nX: y\r\n\r\nBB\r\n--b1--\r\n"
-    content_type = 'multipart/related; type="application/dicom"; boundary=b1'
-    assert multipart_parts(body, content_type) == [b"AAA", b"BB"]
-
-
 def test_a_wrong_password_is_one_clear_lasting_error_that_never_shows_the_password(orthanc, tmp_path, monkeypatch,
                                                                                  caplog):
     monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_PASSWORD", "wrong-password")
@@ -158,9 +151,9 @@ def test_a_busy_pacs_costs_retries_not_cases(orthanc, tmp_path, chest_volume, mo
     monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_TIMEOUT_S", "1")
     with FaultProxy(orthanc) as proxy:
         proxy.inject(3, path_part="/dicom-web/", status=429, headers={"Retry-After": "1"})
-        proxy.inject(2, path_part="/instances/", status=503)
-        proxy.inject(1, path_part="/instances/", drop=True)
-        proxy.inject(1, path_part="/instances/", stall_s=2.5)  # longer than the 1 s read timeout
+        proxy.inject(2, path_part="/series/", status=503)
+        proxy.inject(1, path_part="/series/", drop=True)
+        proxy.inject(1, path_part="/series/", stall_s=2.5)  # longer than the 1 s read timeout
         cases = discover([f"{proxy.url}/dicom-web/studies/{STUDY}"], CaseStore(tmp_path / "store").case_ids())
         assert proxy.injected() == 7
     assert [c.kind for c in cases] == ["dicom-series", "dicom-series"]
@@ -222,3 +215,90 @@ def test_push_seg_stores_each_proposal_in_the_pacs_once_per_version(orthanc, tmp
     assert referenced == SERIES[0]  # the proposal references the series it was made from
     assert main(argv) == 0  # a rerun: the case is skipped and its SEG not pushed twice
     assert "SEG: 0 pushed, 1 already there" in capsys.readouterr().out
+
+
+def _post(orthanc: str, path: Path) -> None:
+    import requests
+
+    requests.post(orthanc + "/instances", data=path.read_bytes(), timeout=10,
+                  auth=(USER, PASSWORD)).raise_for_status()
+
+
+def _reviewer_seg_in_pacs(orthanc, case, small_chest, labels: tuple[int, ...], made: str, path: Path) -> Path:
+    """A reviewer's SEG of ``labels`` (of the chest lungs) made from the case's series with highdicom, dated
+    ``made`` (YYYYMMDDHHMMSS), stored in the PACS."""
+    from seg_making import reviewer_seg
+
+    from pipeline.core.geometry import align_to
+    from pipeline.io.readers import read_volume
+
+    volume = read_volume(Path(case.image))
+    reference = align_to(read_volume(small_chest[1]), volume)
+    names = {5: "Right lung", 6: "Left lung"}
+    reviewer_seg(Path(case.image), np.where(np.isin(reference, labels), reference, 0).astype(np.uint16),
+                 {k: names[k] for k in labels}, path)
+    ds = pydicom.dcmread(path)
+    ds.ContentDate, ds.ContentTime = made[:8], made[8:]
+    ds.save_as(path)
+    _post(orthanc, path)
+    return path
+
+
+def test_coarse_mask_from_pacs_is_the_newest_seg_of_the_series_not_made_here(orthanc, tmp_path, small_chest,
+                                                                             capsys):
+    from pipeline.io.dicom_seg_reader import referenced_series, seg_label_names
+
+    url = f"{orthanc}/dicom-web/studies/{STUDY}/series/{SERIES[0]}"
+    store = CaseStore(tmp_path / "store")
+    (plain,) = discover([url], store.case_ids())
+    _reviewer_seg_in_pacs(orthanc, plain, small_chest, (5,), "20260101080000", tmp_path / "old.dcm")
+    _reviewer_seg_in_pacs(orthanc, plain, small_chest, (5, 6), "20260102080000", tmp_path / "new.dcm")
+    assert main(["annotate", url, "--out", str(tmp_path / "pushed"), "--detector", "intensity",
+                 "--push-seg", f"{orthanc}/dicom-web"]) == 0  # the engine's own SEG, newer still, is not taken
+    (case,) = discover([url], store.case_ids(), coarse_masks=["from-pacs"])
+    assert referenced_series(Path(case.coarse_mask)) == SERIES[0]
+    assert sorted(seg_label_names(Path(case.coarse_mask)).values()) == ["Left lung", "Right lung"]
+    assert SERIES[0] not in case.coarse_mask and STUDY not in case.coarse_mask
+    capsys.readouterr()
+    assert main(["annotate", url, "--coarse-mask", "from-pacs", "--out", str(store.root)]) == 0
+    names = {entry.get("name") for entry in CaseStore(store.root).label_properties(case.case_id)}
+    assert names == {"Right lung", "Left lung"}  # the reviewer's segment labels
+    rle = f"{orthanc}/dicom-web/studies/{STUDY}/series/{SERIES[1]}"  # no SEG references this series
+    assert main(["annotate", rle, "--coarse-mask", "from-pacs", "--out", str(store.root)]) == 1
+    assert "no SEG in the PACS references this series" in capsys.readouterr().out
+
+
+def test_review_import_pulls_the_reviewers_seg_newer_than_the_proposal(orthanc, tmp_path, small_chest, capsys):
+    import time as clock
+
+    url = f"{orthanc}/dicom-web/studies/{STUDY}/series/{SERIES[0]}"
+    store = tmp_path / "store"
+    assert main(["annotate", url, "--out", str(store), "--detector", "intensity"]) == 0
+    root = f"{orthanc}/dicom-web"
+    capsys.readouterr()
+    assert main(["review", "import", str(store), root, "--reviewer", "dr-a"]) == 0  # SEGs older than it only
+    assert "older than the proposal" in capsys.readouterr().out
+    (case_id,) = CaseStore(store).committed_cases()
+    case = CaseStore(store).manifest(case_id)
+    later = clock.strftime("%Y%m%d%H%M%S", clock.gmtime(clock.time() + 60))
+    _reviewer_seg_in_pacs(orthanc, type("Case", (), {"image": str(Path(case["files"][0]).parent)}), small_chest,
+                          (5, 6), later, tmp_path / "correction.dcm")
+    assert main(["review", "import", str(store), root, "--reviewer", "dr-a"]) == 0
+    assert f"accepted {case_id}" in capsys.readouterr().out
+    assert CaseStore(store).attributes(case_id).review_status == "accepted"
+    assert main(["review", "import", str(store), root, "--reviewer", "dr-a"]) == 0
+    assert f"already  {case_id}" in capsys.readouterr().out
+
+
+def test_credentials_from_a_file_keyed_by_server(orthanc, tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("MEDSAM_ENGINE_DICOMWEB_USER")
+    monkeypatch.delenv("MEDSAM_ENGINE_DICOMWEB_PASSWORD")
+    secrets = tmp_path / "dicomweb.yaml"
+    secrets.write_text(f"{orthanc}:\n  user: {USER}\n  password: {PASSWORD}\n")
+    monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_CREDENTIALS", str(secrets))
+    url = f"{orthanc}/dicom-web/studies/{STUDY}/series/{SERIES[1]}"
+    (case,) = discover([url], CaseStore(tmp_path / "store").case_ids())
+    assert case.kind == "dicom-series"
+    secrets.write_text(f"{orthanc}:\n  user: {USER}\n  password: not-it\n")
+    (case,) = discover([url], CaseStore(tmp_path / "other").case_ids())
+    assert "refused the credentials" in case.error and "not-it" not in case.error + caplog.text
