@@ -233,39 +233,3 @@ def test_watermark_takes_only_studies_new_since_the_last_successful_run(annotate
     assert [c["status"] for c in second["cases"]] == ["failed"]  # only the new study was looked at
     third = run_flow(images, masks, store, **nightly)
     assert third["cases"] == []
-
-
-def test_nightly_deployment_is_created_from_prefect_yaml_and_run_once_by_a_worker(annotated, flow_archive,
-                                                                                  tmp_path, ray_cluster):
-    from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.deployments import run_deployment
-
-    from flows.watermark import read_mark
-
-    env = _child_env(ray_cluster)
-    with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name="medsam-process", type="process"), overwrite=True)
-    deploy = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name",
-                             "nightly-preannotate"], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-
-    store = copy_store(annotated["store"], tmp_path / "store")
-    parameters = {"inputs": [str(flow_archive[0])], "out": str(store), "coarse_masks": [str(flow_archive[1])],
-                  "run": {"watermark": "nightly", "settle_seconds": 0},
-                  "pool": {"address": ray_cluster.address}}
-    flow_run = run_deployment("annotate-archive/nightly-preannotate", parameters=parameters, timeout=0)
-    worker = subprocess.run([sys.executable, "-m", "prefect", "worker", "start", "--pool", "medsam-process",
-                             "--run-once", "--limit", "1"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=400)
-    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
-
-    with get_client(sync_client=True) as client:
-        finished = client.read_flow_run(flow_run.id)
-        deployment = client.read_deployment(flow_run.deployment_id)
-    assert finished.state.is_completed(), finished.state
-    assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 2 * * *"
-    assert deployment.global_concurrency_limit.limit == 1
-    assert deployment.concurrency_options.collision_strategy == "CANCEL_NEW"
-    assert read_mark(CaseStore(store), "nightly") is not None

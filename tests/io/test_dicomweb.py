@@ -2,11 +2,7 @@
 from __future__ import annotations
 
 import io
-import json
 import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +10,7 @@ import pydicom
 import pytest
 from conftest import complete_dicom_headers, write_ct_series
 from faults import FaultProxy
+from orthanc import MISSING, ORTHANC, PASSWORD, PLUGIN, USER, free_port, running_orthanc
 
 from pipeline.cli.main import main
 from pipeline.core.errors import ReadError, is_transient
@@ -21,39 +18,11 @@ from pipeline.io.discover import DiscoveryOptions, discover
 from pipeline.io.readers import read_case
 from pipeline.store.case_store import CaseStore
 
-ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
-PLUGIN = next((p for p in ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
-                           "/usr/lib/orthanc/libOrthancDicomWeb.so") if Path(p).exists()), None)
 STUDY = "1.2.826.0.1.3680043.8.498.7100"
 SERIES = tuple(f"1.2.826.0.1.3680043.8.498.710{k}" for k in (1, 2, 3))
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"
-USER, PASSWORD = "engine", "s3cret-Pw"
 
-pytestmark = pytest.mark.skipif(
-    ORTHANC is None or PLUGIN is None,
-    reason="Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)",
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 30) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"Orthanc exited with code {process.returncode}")
-        try:
-            if requests.get(url + "/system", timeout=1, auth=(USER, PASSWORD)).ok:
-                return
-        except requests.RequestException:
-            time.sleep(0.1)
-    raise RuntimeError("Orthanc did not answer within 30 s")
+pytestmark = pytest.mark.skipif(ORTHANC is None or PLUGIN is None, reason=MISSING)
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +32,7 @@ def orthanc(tmp_path_factory, chest_volume):
     from pydicom.uid import RLELossless
 
     root = tmp_path_factory.mktemp("orthanc")
-    port = _free_port()
-    config = {"Name": "medsam-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
-              "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
-              "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD}, "Plugins": [PLUGIN],
-              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
-    (root / "orthanc.json").write_text(json.dumps(config))
-    log = open(root / "orthanc.log", "wb")
-    process = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(url, process)
+    with running_orthanc(root) as url:
         files = write_ct_series(chest_volume, root / "a", series_uid=SERIES[0])
         complete_dicom_headers(root / "a", frame_of_reference_uid=STUDY + ".9")  # a scanner's full headers
         files += write_ct_series(chest_volume, root / "b", series_uid=SERIES[1], syntax=RLELossless)
@@ -87,10 +46,6 @@ def orthanc(tmp_path_factory, chest_volume):
             requests.post(url + "/instances", data=buffer.getvalue(), timeout=10,
                           auth=(USER, PASSWORD)).raise_for_status()
         yield url
-    finally:
-        process.kill()  # its database is a temporary folder: no need for a graceful shutdown
-        process.wait(timeout=20)
-        log.close()
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +88,7 @@ def test_unknown_study_is_one_failing_case_without_uids(orthanc, tmp_path):
 
 
 def test_unreachable_server_is_a_failing_case(tmp_path):
-    url = f"http://127.0.0.1:{_free_port()}/dicom-web/studies/1.2.3"
+    url = f"http://127.0.0.1:{free_port()}/dicom-web/studies/1.2.3"
     (case,) = discover([url], CaseStore(tmp_path).case_ids())
     assert "could not be reached" in case.error
 
