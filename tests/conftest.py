@@ -423,6 +423,15 @@ def ray_cluster():
     cluster.shutdown()
 
 
+def release_warm_actors() -> None:
+    """Free the cluster's CPUs held by this process's warm actors (the flow tests keep them between runs), for
+    another driver's actors or a run with other settings."""
+    from pipeline.annotate.config import EngineConfig
+    from pipeline.distributed.ray_pool import PoolOptions, cluster_nodes, plan_actors, release_annotators
+
+    release_annotators(plan_actors(cluster_nodes(), PoolOptions()), EngineConfig().model_dump_json())
+
+
 def lungs_only(labels: np.ndarray) -> np.ndarray:
     """The 4-slice chest label map (x, y, z) with only the lungs (5 right, 6 left) on the middle two slices:
     two compact targets, two slices for the model (the flow tests run it many times)."""

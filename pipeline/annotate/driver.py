@@ -3,9 +3,9 @@ recorded failure, under one :class:`~pipeline.annotate.policy.FailurePolicy`. Th
 (pipeline/annotate/job.py), the Ray actors (pipeline/distributed/ray_pool.py) and the flywheel's rounds all
 run cases through it, so a case fails, retries and is quarantined the same way wherever it runs.
 
-Per case: signature (a committed case with the same one is skipped without loading the model) -> read ->
-prompts (the configured detector) -> LiteMedSAM (slice or propagate mode) -> post-processing -> quality
-scores -> commit (the store's commit marker is written last).
+Per case: download (a DICOMweb series, by whoever annotates it) -> signature (a committed case with the same
+one is skipped without loading the model) -> read -> prompts (the configured detector) -> LiteMedSAM (slice or
+propagate mode) -> post-processing -> quality scores -> commit (the store's commit marker is written last).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from pipeline.core.geometry import align_to
 from pipeline.core.outcome import CaseOutcome
 from pipeline.core.provenance import utc_stamp
 from pipeline.core.types import BoxPrompt, CaseRef, Volume
+from pipeline.io.discover import materialise
 from pipeline.io.readers import label_names_of, read_case, read_volume
 from pipeline.store.case_store import CaseStore
 from pipeline.store.leases import Lease, holder, leased
@@ -163,6 +164,7 @@ def annotate_case(case: CaseRef, volume: Volume, store: CaseStore, config: Engin
 def _attempt(case: CaseRef, store: CaseStore, config: EngineConfig, runner: LazyRunner, *, run_id: str,
              overwrite: bool, progress, model_lock, node: str) -> CaseOutcome:
     start = time.perf_counter()
+    case = materialise(case, store.cache_dir())  # a DICOMweb series is downloaded here
     signature = signature_or_read_error(case, config, runner.model_sha256)
     if committed_with(store, case.case_id, signature):
         if case.supersedes:  # its input failed to download on an earlier run: that failure is over

@@ -149,8 +149,8 @@ def configure_output(*, verbose: int = 0, quiet: int = 0) -> None:
 def run_config(args, command: str, *, detector_defaults: dict[str, dict] | None = None,
                checkpoint_in_config: bool = True):
     """The configuration a run command's arguments ask for (file, then flags), or None after printing why it
-    cannot work: a bad file or option, a detector that needs --coarse-mask without one, or model options
-    this machine cannot serve. ``detector_defaults`` ({detector: options}) fill the chosen detector's
+    cannot work: a bad file or option, a detector that needs --coarse-mask without one, --engine ray options
+    without --engine ray, or model options this machine cannot serve. ``detector_defaults`` ({detector: options}) fill the chosen detector's
     options that neither the file nor a flag set (the flywheel's current detector artefact for the learned
     detector); ``checkpoint_in_config`` False leaves --checkpoint out
     of the returned configuration (the flywheel passes it on by itself) but still checks it."""
@@ -176,7 +176,7 @@ def run_config(args, command: str, *, detector_defaults: dict[str, dict] | None 
         print(f"medsam-engine {command}: the {config.prompts.detector} detector needs --coarse-mask",
               file=sys.stderr)
         return None
-    problem = model_problem(config.with_overrides(model={"checkpoint": checkpoint}))
+    problem = engine_problem(args) or model_problem(config.with_overrides(model={"checkpoint": checkpoint}))
     if problem:
         print(f"medsam-engine {command}: {problem}", file=sys.stderr)
         return None

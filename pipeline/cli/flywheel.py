@@ -15,7 +15,6 @@ from pipeline.cli.common import (
     add_engine_options,
     add_pacs_options,
     add_prompt_options,
-    engine_problem,
     pacs_filters,
     push_and_print,
     run_config,
@@ -198,10 +197,6 @@ def _round_run(args, store) -> int:
     defaults = {"learned": {"artefact": artefact}} if artefact else None
     config = run_config(args, "round run", detector_defaults=defaults, checkpoint_in_config=False)
     if config is None:
-        return EXIT_USAGE
-    problem = engine_problem(args)
-    if problem:
-        print(f"medsam-engine round run: {problem}", file=sys.stderr)
         return EXIT_USAGE
     if args.engine == "ray":
         from pipeline.cli.ray import round_on_ray

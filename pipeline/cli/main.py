@@ -22,7 +22,6 @@ from pipeline.cli.common import (
     add_pacs_options,
     add_prompt_options,
     configure_output,
-    engine_problem,
     pacs_filters,
     push_and_print,
     run_config,
@@ -100,10 +99,6 @@ def _parser() -> argparse.ArgumentParser:
 def _annotate(args) -> int:
     config = run_config(args, "annotate")
     if config is None:
-        return EXIT_USAGE
-    problem = engine_problem(args)
-    if problem:
-        print(f"medsam-engine annotate: {problem}", file=sys.stderr)
         return EXIT_USAGE
     if args.engine == "ray":
         return annotate_on_ray(args, config)

@@ -68,47 +68,51 @@ def _print_report(report: dict, store_url: str) -> int:
     return EXIT_CASES_FAILED if failed else EXIT_OK
 
 
+def _run_flow(command: str, start) -> tuple[dict | None, dict | None]:
+    """(the flow's result, None); (None, the run's report) when too many cases failed; (None, None) after
+    printing why the arguments cannot work."""
+    from flows.annotate import TooManyFailures
+
+    try:
+        return start(), None
+    except TooManyFailures as exc:
+        print(f"medsam-engine {command}: {exc}", file=sys.stderr)
+        return None, exc.report
+    except ValueError as exc:
+        print(f"medsam-engine {command}: {exc}", file=sys.stderr)
+        return None, None
+
+
 def annotate_on_ray(args, config) -> int:
     """Run the annotate flow for parsed ``annotate`` arguments and a validated EngineConfig; print outcomes."""
     _quiet_defaults()
-    from flows.annotate import TooManyFailures, annotate_archive
+    from flows.annotate import annotate_archive
 
     options = _flow_options(args, config, "annotate")
     if options is None:
         return EXIT_USAGE
     run, pool, policy = options
-    try:
-        report = annotate_archive(inputs=list(args.inputs), out=args.out, coarse_masks=list(args.coarse_mask),
-                                  run=run, pool=pool, policy=policy)
-    except TooManyFailures as exc:
-        report = exc.report
-        print(f"medsam-engine annotate: {exc}", file=sys.stderr)
-    except ValueError as exc:
-        print(f"medsam-engine annotate: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    return _print_report(report, args.out)
+    report, failed = _run_flow("annotate", lambda: annotate_archive(
+        inputs=list(args.inputs), out=args.out, coarse_masks=list(args.coarse_mask), run=run, pool=pool,
+        policy=policy))
+    report = report or failed
+    return EXIT_USAGE if report is None else _print_report(report, args.out)
 
 
 def round_on_ray(args, config) -> int:
     """`round run --engine ray`: the flywheel-round flow (flows/round.py) for parsed arguments."""
     _quiet_defaults()
-    from flows.annotate import TooManyFailures
     from flows.round import flywheel_round
 
     options = _flow_options(args, config, "round run")
     if options is None:
         return EXIT_USAGE
     run, pool, policy = options
-    try:
-        result = flywheel_round(inputs=list(args.inputs), store=args.store, coarse_masks=list(args.coarse_mask),
-                                run=run, pool=pool, policy=policy, checkpoint=args.checkpoint,
-                                review_out=args.review_out)
-        report = result["run"]
-    except TooManyFailures as exc:
-        result, report = None, exc.report
-        print(f"medsam-engine round run: {exc}", file=sys.stderr)
-    except ValueError as exc:
-        print(f"medsam-engine round run: {exc}", file=sys.stderr)
+    result, failed = _run_flow("round run", lambda: flywheel_round(
+        inputs=list(args.inputs), store=args.store, coarse_masks=list(args.coarse_mask), run=run, pool=pool,
+        policy=policy, checkpoint=args.checkpoint, review_out=args.review_out))
+    report = result["run"] if result else failed
+    if report is None:
         return EXIT_USAGE
     code = _print_report(report, args.store)
     if result is not None:

@@ -161,6 +161,11 @@ def annotator_name(plan: ActorPlan, index: int, config_json: str) -> str:
     return f"annotator-{ray.get_runtime_context().get_job_id()}-{key}-{index}"
 
 
+# settings the driver's environment gives the actors, which download DICOMweb series themselves: where the
+# credentials file is (a path, never a secret: tokens and passwords stay out of Ray's runtime environments, so
+# the nodes need that file or their own MEDSAM_ENGINE_DICOMWEB_TOKEN/_USER/_PASSWORD) and the retry settings
+FORWARDED_ENV = ("MEDSAM_ENGINE_DICOMWEB_CREDENTIALS", "MEDSAM_ENGINE_DICOMWEB_RETRIES",
+                 "MEDSAM_ENGINE_DICOMWEB_BACKOFF_S", "MEDSAM_ENGINE_DICOMWEB_TIMEOUT_S", "MEDSAM_ENGINE_CACHE")
 _actors: dict[str, object] = {}  # this process's actors: a non-detached actor lives while a handle does
 _actors_lock = threading.Lock()
 
@@ -180,9 +185,11 @@ def get_annotator(plan: ActorPlan, index: int, config_json: str, *, lost=None):
             ray.kill(current)
             _wait_until_gone(name)
         actor_class = ray.remote(max_concurrency=2, concurrency_groups={"control": 1})(Annotator)
+        forwarded = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         _actors[name] = actor_class.options(
             name=name, namespace=NAMESPACE, max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
-            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus).remote(config_json, plan.threads)
+            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
+            runtime_env={"env_vars": forwarded} if forwarded else None).remote(config_json, plan.threads)
         return _actors[name]
 
 

@@ -32,6 +32,11 @@ from pipeline.core.errors import ReadError
 log = logging.getLogger(__name__)
 
 URL_PATTERN = re.compile(r"^(?P<base>https?://.+?/)studies/(?P<study>[0-9.]+)(?:/series/(?P<series>[0-9.]+))?/?$")
+INSTANCE_PATTERN = re.compile(r"^(?P<base>https?://.+?/)studies/(?P<study>[0-9.]+)/series/(?P<series>[0-9.]+)"
+                              r"/instances/(?P<sop>[0-9.]+)/?$")
+# series that hold no image to annotate (a SEG is a coarse mask or a correction, never an input image)
+NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "PR", "KO", "DOC", "REG", "FID", "RWV", "RTSTRUCT", "RTPLAN",
+                                  "RTRECORD", "RTDOSE", "PLAN"})
 AS_STORED = (("application/dicom", "*"),)  # WADO-RS media type: each instance in the syntax it is stored in
 TIMEOUT_S = 60
 COMPLETE = ".complete"
@@ -238,6 +243,54 @@ def fetch_dicomweb(url: str, dest: str | Path) -> Path:
         (staging / COMPLETE).write_text(str(count))
     log.info("fetched %d instances in %d series from %s", count, len(series_list), _server(url))
     return dest
+
+
+@dataclass(frozen=True)
+class PacsSeries:
+    """A series a study or series URL names, from QIDO-RS: its URL, UIDs, modality and whether its first
+    instance is a localizer (ImageType)."""
+
+    url: str
+    study: str
+    series: str
+    modality: str
+    localizer: bool
+
+
+def list_series(url: str) -> list[PacsSeries]:
+    """The series of the study or series at ``url`` (QIDO-RS only: nothing is downloaded); ReadError naming the
+    server (never a study) when it cannot say, "not found" when it has no such study or series."""
+    match = URL_PATTERN.match(url)
+    if not match:
+        raise ReadError("not a DICOMweb study or series URL (…/studies/<uid>[/series/<uid>])")
+    root, study, only = match.group("base").rstrip("/"), match.group("study"), match.group("series")
+    client = dicomweb_client(root)
+    listed = []
+    with answers(url):
+        found = client.search_for_series(study, search_filters={"SeriesInstanceUID": only} if only else None)
+        for item in found:
+            series, modality = _first(item, "0020000E"), _first(item, "00080060").upper()
+            if not series:
+                continue
+            localizer = False
+            if modality not in NON_IMAGE_MODALITIES:
+                first = client.search_for_instances(study, series, fields=["ImageType"], limit=1)
+                image_type = ((first[0].get("00080008") or {}).get("Value") or []) if first else []
+                localizer = "LOCALIZER" in [str(v).upper() for v in image_type]
+            listed.append(PacsSeries(f"{root}/studies/{study}/series/{series}", study, series, modality, localizer))
+    if not listed:
+        raise ReadError(f"DICOMweb server {_server(url)}: study or series not found")
+    return listed
+
+
+def fetch_instance(url: str, path: Path) -> Path:
+    """Download the instance at ``url`` (…/instances/<uid>) to ``path``, kept when already there (a SOP
+    instance does not change)."""
+    match = INSTANCE_PATTERN.match(url)
+    if not match:
+        raise ReadError("not a DICOMweb instance URL (…/series/<uid>/instances/<uid>)")
+    root = match.group("base").rstrip("/")
+    return fetch_seg(root, PacsSeg(match.group("study"), match.group("series"), match.group("sop"), "", ""), path)
 
 
 # -- DICOM SEG in the PACS: reviewers' corrections and coarse masks ------------------------------------------

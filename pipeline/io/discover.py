@@ -12,6 +12,7 @@ path under the cache, a log line or a message.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import Counter
@@ -35,11 +36,13 @@ from pipeline.io.dicom_scan import (
 )
 from pipeline.io.dicom_seg_reader import referenced_series
 from pipeline.io.dicomweb import (
-    URL_PATTERN,
+    INSTANCE_PATTERN,
+    NON_IMAGE_MODALITIES,
     fetch_dicomweb,
-    fetch_seg,
+    fetch_instance,
     find_segs,
     is_service_root,
+    list_series,
     newest_per_series,
     query_studies,
 )
@@ -59,6 +62,7 @@ log = logging.getLogger(__name__)
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES + IMAGE_SUFFIXES
 MAX_ARCHIVE_DEPTH = 2
 GROUP_KINDS = {"series": "dicom-series", "multiframe": "dicom-multiframe", "planar": "dicom-image"}
+DICOMWEB_SERIES = "dicomweb-series"  # a series in a PACS, listed by QIDO-RS and downloaded by materialise()
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,10 @@ def content_hash(path: str | Path) -> str:
 
 def case_content_hash(case: CaseRef) -> str:
     """sha256 of what the case reads: its series' files when it lists them, else its image file or folder
-    (a file's digest from discovery when the case carries it)."""
+    (a file's digest from discovery when the case carries it); OSError for a DICOMweb series not yet
+    downloaded (:func:`materialise`)."""
+    if case.kind == DICOMWEB_SERIES:
+        raise OSError("a DICOMweb series has a content hash once it is downloaded")
     if case.content_sha256 and not case.files:
         return case.content_sha256
     if case.files:
@@ -235,32 +242,67 @@ class _Finder:
         return [case for cases in found for case in cases]
 
     def dicomweb(self, url: str) -> list[CaseRef]:
-        key = self.case_id("dicomweb:" + url)
-        dest = self.cache / "dicomweb" / key
+        """One case per image series of the study or series at ``url``, found by QIDO-RS only: the series is
+        downloaded by whoever annotates the case (:func:`materialise`), a Ray actor on its own node."""
+        identity = "dicomweb:" + url
+        key = self.case_id(identity)
         try:
-            folder = fetch_dicomweb(url, dest)
+            listed = list_series(url)
         except ReadError as exc:
-            return [self.error_case("dicomweb:" + url, dest, f"DICOMweb input {key[:8]}: {exc.reason}")]
-        cases = self.superseding(self.folder(folder, 0), "dicomweb:" + url)
-        return self.with_pacs_segs(url, cases) if self.options.seg_from_pacs else cases
+            return [self.error_case(identity, self.cache / "dicomweb" / key,
+                                    f"DICOMweb input {key[:8]}: {exc.reason}")]
+        kept = [s for s in listed if s.modality not in NON_IMAGE_MODALITIES
+                and (self.options.keep_localizers or not s.localizer)]
+        if not kept:
+            dropped = Counter("localizer" if s.localizer else s.modality for s in listed)
+            shown = ", ".join(f"{n} {what}" for what, n in sorted(dropped.items()))
+            return [self.error_case(identity, self.cache / "dicomweb" / key,
+                                    f"DICOMweb input {key[:8]}: no image series (skipped: {shown})")]
+        cases = [CaseRef(case_id=self.case_id("dicomweb-series:" + s.series), image=s.url,
+                         kind=DICOMWEB_SERIES, series=self.case_id("series|dicomweb-series:" + s.series))
+                 for s in kept]
+        cases = self.superseding(cases, identity)
+        return self.with_pacs_segs(kept, cases) if self.options.seg_from_pacs else cases
 
-    def with_pacs_segs(self, url: str, cases: list[CaseRef]) -> list[CaseRef]:
-        """``cases`` of the DICOMweb study or series ``url``, each with the newest SEG in that study that
+    def with_pacs_segs(self, listed: list, cases: list[CaseRef]) -> list[CaseRef]:
+        """``cases`` (of the ``listed`` series, in order), each with the newest SEG in its study that
         references its series and was not written by this engine (a reviewer's or a model's) as its coarse
-        mask; a series without one gets a missing mask, which fails it with that reason."""
-        match = URL_PATTERN.match(url)
-        root, study = match.group("base").rstrip("/"), match.group("study")
-        series = {case.case_id: series_uid_of(case.files[0]) for case in cases if case.files}
+        mask, by URL (downloaded with the series); a series without one gets a missing mask, which fails it
+        with that reason."""
+        root = listed[0].url.split("/studies/")[0]
         try:
-            newest = newest_per_series(find_segs(root, study=study), set(series.values()))
-            folder = self.cache / "dicomweb-seg"
-            masks = {uid: fetch_seg(root, seg, folder / f"{self.case_id('seg:' + seg.sop)}.dcm")
-                     for uid, seg in newest.items()}
+            newest = newest_per_series(find_segs(root, study=listed[0].study), {s.series for s in listed})
         except ReadError as exc:
             return [replace(case, kind="unreadable", error=f"coarse mask from the PACS: {exc.reason}")
                     for case in cases]
         nothing = self.cache / "dicomweb-seg" / "no SEG in the PACS references this series.missing"
-        return [_with_mask(case, masks.get(series.get(case.case_id), nothing)) for case in cases]
+        masks = {uid: f"{root}/studies/{seg.study}/series/{seg.series}/instances/{seg.sop}"
+                 for uid, seg in newest.items()}
+        return [_with_mask(case, masks.get(s.series, nothing)) for s, case in zip(listed, cases, strict=True)]
+
+
+def materialise(case: CaseRef, cache: Path) -> CaseRef:
+    """The case as local files: a DICOMweb series (and a coarse mask that is a SEG in the PACS) downloaded
+    into ``cache`` (reused when complete) and read as the DICOM series it is; other cases as they are.
+    ReadError when the series cannot be fetched (PacsUnavailableError, transient, when the PACS stayed busy)
+    or holds no single image stack."""
+    if case.kind != DICOMWEB_SERIES:
+        return case
+    folder = fetch_dicomweb(case.image, cache / "dicomweb" / case.case_id)
+    scan = scan_headers(_visible_files(folder))
+    groups, dropped = group_series(scan.headers)
+    if len(groups) != 1:
+        skipped = ", ".join(f"{n} {what}" for what, n in sorted(dropped.items())) or "none"
+        raise ReadError(f"the DICOMweb series holds {len(groups)} image stacks (orientations or sizes "
+                        f"differ; skipped: {skipped}); annotate it from a folder to split it")
+    group = groups[0]
+    mask = case.coarse_mask
+    if mask and INSTANCE_PATTERN.match(mask):
+        name = f"{case.case_id}-{hashlib.sha256(mask.encode()).hexdigest()[:12]}.dcm"  # one file per SEG
+        mask = str(fetch_instance(mask, cache / "dicomweb-seg" / name))
+    nearby = tuple(f"{Path(p).name} ({why})" for p, why in scan.failures)
+    return replace(case, image=str(_common_folder(group.files)), kind=GROUP_KINDS[group.kind],
+                   files=group.files, coarse_mask=mask, unreadable_nearby=nearby)
 
 
 def _seg_masks(folder: Path) -> dict[str, Path]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import release_warm_actors
 
 from pipeline.store.case_store import CaseStore
 
@@ -178,14 +179,6 @@ def test_an_actor_killed_mid_run_is_restarted_and_every_case_committed_once(anno
     assert committed_once(store)
 
 
-def _release_warm_actors() -> None:
-    """Free the cluster's CPUs held by this process's warm actors, for another driver's actors."""
-    from pipeline.annotate.config import EngineConfig
-    from pipeline.distributed.ray_pool import PoolOptions, cluster_nodes, plan_actors, release_annotators
-
-    release_annotators(plan_actors(cluster_nodes(), PoolOptions()), EngineConfig().model_dump_json())
-
-
 def _child_env(ray_cluster) -> dict:
     from prefect.settings import PREFECT_API_URL
 
@@ -195,7 +188,7 @@ def _child_env(ray_cluster) -> dict:
 def test_a_run_killed_mid_way_is_finished_by_the_rerun_with_identical_masks(annotated, flow_archive, tmp_path,
                                                                             ray_cluster):
     store = tmp_path / "store"
-    _release_warm_actors()
+    release_warm_actors()
     command = [sys.executable, "-m", "pipeline.cli.main", "annotate", str(flow_archive[0]), "--out", str(store),
                "--coarse-mask", str(flow_archive[1]), "--engine", "ray", "--ray-address", ray_cluster.address]
     log = tmp_path / "run.log"
@@ -233,3 +226,22 @@ def test_watermark_takes_only_studies_new_since_the_last_successful_run(annotate
     assert [c["status"] for c in second["cases"]] == ["failed"]  # only the new study was looked at
     third = run_flow(images, masks, store, **nightly)
     assert third["cases"] == []
+
+
+def test_round_run_on_ray_from_the_command_line(flow_archive, tmp_path, ray_cluster, capsys):
+    from pipeline.cli.main import main
+    from pipeline.store.records import ROUNDS, read_record
+
+    release_warm_actors()
+    store = tmp_path / "store"
+    argv = ["round", "run", str(flow_archive[0]), "--store", str(store), "--coarse-mask", str(flow_archive[1]),
+            "--engine", "ray", "--ray-address", ray_cluster.address]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "round 1:" in out and "2 done" in out
+    report = read_record(CaseStore(store), ROUNDS, "round-001.json")
+    assert report["cases"]["annotated"] == 2 and report["run_id"]
+    assert all(CaseStore(store).attributes(c).review_status in ("auto-accepted", "review", "rejected")
+               for c in CaseStore(store).committed_cases())  # routed
+    assert main(argv) == 0  # round 2 with the same model: nothing is stale
+    assert read_record(CaseStore(store), ROUNDS, "round-002.json")["cases"]["skipped"] == 2

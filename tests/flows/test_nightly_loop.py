@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import complete_dicom_headers, write_ct_series
+from conftest import complete_dicom_headers, release_warm_actors, write_ct_series
 from orthanc import MISSING, ORTHANC, PASSWORD, PLUGIN, USER, running_orthanc
 from seg_making import reviewer_seg
 
@@ -90,8 +90,12 @@ def test_nightly_round_from_the_pacs_reviewed_finetuned_and_the_next_night(pacs,
     from flows.watermark import read_mark
     from pipeline.distributed.ray_pool import PoolOptions
 
-    monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_USER", USER)
-    monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_PASSWORD", PASSWORD)
+    release_warm_actors()  # the worker's flow run is another driver: it needs the cluster's CPUs
+    # the actors download the series themselves: they find the login in a credentials file (its path is
+    # forwarded to them; a password in the environment never leaves the driver)
+    secrets = tmp_path / "dicomweb.yaml"
+    secrets.write_text(f"{pacs['url']}:\n  user: {USER}\n  password: {PASSWORD}\n")
+    monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_CREDENTIALS", str(secrets))
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "RAY_ADDRESS": ray_cluster.address}
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name="medsam-process", type="process"), overwrite=True)

@@ -14,7 +14,7 @@ from orthanc import MISSING, ORTHANC, PASSWORD, PLUGIN, USER, free_port, running
 
 from pipeline.cli.main import main
 from pipeline.core.errors import ReadError, is_transient
-from pipeline.io.discover import DiscoveryOptions, discover
+from pipeline.io.discover import DiscoveryOptions, discover, materialise
 from pipeline.io.readers import read_case
 from pipeline.store.case_store import CaseStore
 
@@ -56,16 +56,18 @@ def credentials(monkeypatch):
     monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_BACKOFF_S", "0.05")
 
 
-def test_study_url_gives_one_case_per_series(orthanc, tmp_path, chest_volume):
+def test_study_url_gives_one_case_per_series_downloaded_by_whoever_annotates_it(orthanc, tmp_path, chest_volume):
     store = CaseStore(tmp_path / "store")
     cases = discover([f"{orthanc}/dicom-web/studies/{STUDY}"], store.case_ids())
-    assert [c.kind for c in cases] == ["dicom-series", "dicom-series"]  # the scout is dropped
-    for case in cases:
-        assert Path(case.image).is_relative_to(store.root / "_cache" / "dicomweb")
+    assert [c.kind for c in cases] == ["dicomweb-series", "dicomweb-series"]  # the scout is dropped (QIDO-RS)
+    assert not (store.root / "_cache").exists()  # discovery only asked: nothing downloaded yet
+    local = [materialise(case, store.cache_dir()) for case in cases]
+    for case in local:
+        assert case.kind == "dicom-series" and Path(case.image).is_relative_to(store.root / "_cache" / "dicomweb")
         assert not any(uid in case.image or any(uid in f for f in case.files) for uid in (STUDY, *SERIES))
         assert np.array_equal(read_case(case).array, chest_volume.array)
     syntaxes = {str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-                for case in cases for f in case.files}
+                for case in local for f in case.files}
     assert RLE_LOSSLESS in syntaxes  # fetched as stored, decoded locally
 
 
@@ -73,17 +75,18 @@ def test_series_url_and_cache_reuse(orthanc, tmp_path, chest_volume):
     store = CaseStore(tmp_path / "store")
     url = f"{orthanc}/dicom-web/studies/{STUDY}/series/{SERIES[1]}"
     (case,) = discover([url], store.case_ids())
-    marker = Path(case.image).parent / ".complete"
+    local = materialise(case, store.cache_dir())
+    marker = Path(local.image).parent / ".complete"
     stamp = marker.stat().st_mtime_ns
-    assert discover([url], store.case_ids()) == [case] and marker.stat().st_mtime_ns == stamp
-    assert np.array_equal(read_case(case).array, chest_volume.array)
+    assert materialise(case, store.cache_dir()) == local and marker.stat().st_mtime_ns == stamp
+    assert np.array_equal(read_case(local).array, chest_volume.array)
 
 
 def test_unknown_study_is_one_failing_case_without_uids(orthanc, tmp_path):
     missing = "1.2.826.0.1.3680043.8.498.7199"
     (case,) = discover([f"{orthanc}/dicom-web/studies/{missing}"], CaseStore(tmp_path / "store").case_ids())
     assert case.kind == "unreadable" and missing not in case.error and missing not in case.image
-    with pytest.raises(ReadError, match=r"not found \(HTTP 404\)|has no series"):
+    with pytest.raises(ReadError, match=r"not found"):
         read_case(case)
 
 
@@ -109,7 +112,9 @@ def test_a_busy_pacs_costs_retries_not_cases(orthanc, tmp_path, chest_volume, mo
         proxy.inject(2, path_part="/series/", status=503)
         proxy.inject(1, path_part="/series/", drop=True)
         proxy.inject(1, path_part="/series/", stall_s=2.5)  # longer than the 1 s read timeout
-        cases = discover([f"{proxy.url}/dicom-web/studies/{STUDY}"], CaseStore(tmp_path / "store").case_ids())
+        store = CaseStore(tmp_path / "store")
+        cases = [materialise(case, store.cache_dir())
+                 for case in discover([f"{proxy.url}/dicom-web/studies/{STUDY}"], store.case_ids())]
         assert proxy.injected() == 7
     assert [c.kind for c in cases] == ["dicom-series", "dicom-series"]
     for case in cases:
@@ -141,8 +146,8 @@ def test_a_service_root_means_its_studies_filtered_by_the_query(orthanc, tmp_pat
     store = CaseStore(tmp_path / "store")
     root = f"{orthanc}/dicom-web"
     cases = discover([root], store.case_ids(), options=DiscoveryOptions(pacs_query={"ModalitiesInStudy": "CT"}))
-    assert [c.kind for c in cases] == ["dicom-series", "dicom-series"]
-    assert np.array_equal(read_case(cases[0]).array, chest_volume.array)
+    assert [c.kind for c in cases] == ["dicomweb-series", "dicomweb-series"]
+    assert np.array_equal(read_case(materialise(cases[0], store.cache_dir())).array, chest_volume.array)
     (none,) = discover([root], store.case_ids(), options=DiscoveryOptions(pacs_query={"ModalitiesInStudy": "MR"}))
     assert none.kind == "unreadable" and "no study matches" in none.error and "MR" not in none.error
     assert main(["annotate", root, "--pacs-query", "ModalitiesInStudy=CT", "--out", str(tmp_path / "s"),
@@ -205,12 +210,14 @@ def test_coarse_mask_from_pacs_is_the_newest_seg_of_the_series_not_made_here(ort
 
     url = f"{orthanc}/dicom-web/studies/{STUDY}/series/{SERIES[0]}"
     store = CaseStore(tmp_path / "store")
-    (plain,) = discover([url], store.case_ids())
+    plain = materialise(discover([url], store.case_ids())[0], store.cache_dir())
     _reviewer_seg_in_pacs(orthanc, plain, small_chest, (5,), "20260101080000", tmp_path / "old.dcm")
     _reviewer_seg_in_pacs(orthanc, plain, small_chest, (5, 6), "20260102080000", tmp_path / "new.dcm")
     assert main(["annotate", url, "--out", str(tmp_path / "pushed"), "--detector", "intensity",
                  "--push-seg", f"{orthanc}/dicom-web"]) == 0  # the engine's own SEG, newer still, is not taken
-    (case,) = discover([url], store.case_ids(), coarse_masks=["from-pacs"])
+    (lazy,) = discover([url], store.case_ids(), coarse_masks=["from-pacs"])
+    assert lazy.coarse_mask.startswith(orthanc)  # the SEG is downloaded with the series, by the annotator
+    case = materialise(lazy, store.cache_dir())
     assert referenced_series(Path(case.coarse_mask)) == SERIES[0]
     assert sorted(seg_label_names(Path(case.coarse_mask)).values()) == ["Left lung", "Right lung"]
     assert SERIES[0] not in case.coarse_mask and STUDY not in case.coarse_mask
@@ -252,8 +259,9 @@ def test_credentials_from_a_file_keyed_by_server(orthanc, tmp_path, monkeypatch,
     secrets.write_text(f"{orthanc}:\n  user: {USER}\n  password: {PASSWORD}\n")
     monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_CREDENTIALS", str(secrets))
     url = f"{orthanc}/dicom-web/studies/{STUDY}/series/{SERIES[1]}"
-    (case,) = discover([url], CaseStore(tmp_path / "store").case_ids())
-    assert case.kind == "dicom-series"
+    store = CaseStore(tmp_path / "store")
+    (case,) = discover([url], store.case_ids())
+    assert materialise(case, store.cache_dir()).kind == "dicom-series"
     secrets.write_text(f"{orthanc}:\n  user: {USER}\n  password: not-it\n")
     (case,) = discover([url], CaseStore(tmp_path / "other").case_ids())
     assert "refused the credentials" in case.error and "not-it" not in case.error + caplog.text
