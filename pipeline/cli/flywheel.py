@@ -1,5 +1,5 @@
-"""The flywheel's commands: `review export|import|calibrate`, `finetune`, `round run|report` (see pipeline/cli/main.py
-for the others and the exit codes)."""
+"""The flywheel's commands: `review export|import|calibrate`, `finetune`, `model list|use`, `round run|report`
+(see pipeline/cli/main.py for the others and the exit codes)."""
 from __future__ import annotations
 
 import json
@@ -20,7 +20,7 @@ from pipeline.cli.common import (
     run_config,
 )
 from pipeline.core.errors import ReadError
-from pipeline.flywheel.registry import current_model
+from pipeline.flywheel.registry import current_model, is_promoted, registered_models, set_current
 from pipeline.flywheel.review import FORMATS as REVIEW_FORMATS
 from pipeline.flywheel.review import calibrate_store, export_queue, import_corrections, pull_corrections
 from pipeline.flywheel.rounds import format_table, round_rows, run_round, write_round_table
@@ -32,7 +32,7 @@ from pipeline.store.case_store import CaseStore
 
 
 def add_parsers(sub) -> None:
-    """`review export|import|calibrate`, `finetune`, `round run|report` (the data-engine flywheel)."""
+    """`review export|import|calibrate`, `finetune`, `model list|use`, `round run|report` (the flywheel)."""
     review = add_command(sub, "review", "review queue out, corrections in")
     review_sub = review.add_subparsers(dest="review_command", required=True, metavar="ACTION")
     out = add_command(review_sub, "export", "write the review queue (worst first) and its QC report")
@@ -45,7 +45,8 @@ def add_parsers(sub) -> None:
     into = add_command(review_sub, "import", "ingest corrected masks and mark the cases accepted")
     into.add_argument("store", metavar="STORE", help="the store the proposals came from")
     into.add_argument("corrections", nargs="+", metavar="CORRECTION",
-                      help="label maps (NIfTI, NRRD, .seg.nrrd, DICOM SEG, OME-Zarr) or folders of them, or a "
+                      help="label maps (NIfTI, NRRD, .seg.nrrd, DICOM SEG, OME-Zarr) or folders of them, or "
+                           "a "
                            "DICOMweb service root (http://HOST/dicom-web): the reviewers' SEGs there that "
                            "reference a case's series and are newer than its proposal")
     into.add_argument("--reviewer", required=True, help="who reviewed (a name or id; never a patient's)")
@@ -71,8 +72,21 @@ def add_parsers(sub) -> None:
                       help="where to train (default auto: a visible GPU, else the CPU)")
     tune.add_argument("--whole-model", choices=["auto", "yes", "no"], default="auto",
                       help="train the image encoder too (auto: yes on CUDA, no on CPU)")
+    tune.add_argument("--promote", choices=["if-better", "always", "never"], default="if-better",
+                      help="make the new model the store's current one: if it beats its parent (the current "
+                           "model) on the held-out reviewed cases (default), always, or never")
     tune.add_argument("--detector-out", default=None, metavar="ARTEFACT",
                       help="retrain the learned detector on the same accepted masks (with --store)")
+
+    model = add_command(sub, "model", "the store's registered models: list them, choose the current one")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    listing = add_command(model_sub, "list", "registered models (oldest first) and why each was promoted")
+    listing.add_argument("store", metavar="STORE", help="the flywheel's store")
+    use = add_command(model_sub, "use", "make a registered model (or the official weights) the current one")
+    use.add_argument("store", metavar="STORE", help="the flywheel's store")
+    use.add_argument("sha256", metavar="SHA256", help="the model's sha256 (a unique prefix) or 'base'")
+    use.add_argument("--why", default="chosen by hand (medsam-engine model use)",
+                     help="recorded with the choice")
 
     rnd = add_command(sub, "round", "one data-engine round: annotate, route, export the review queue")
     rnd_sub = rnd.add_subparsers(dest="round_command", required=True, metavar="ACTION")
@@ -163,7 +177,7 @@ def finetune(args) -> int:
     whole = device == "cuda" if args.whole_model == "auto" else args.whole_model == "yes"
     options = FinetuneOptions(epochs=args.epochs, holdout=args.holdout, lr=args.lr,
                               max_slices=args.max_slices, boxes_per_epoch=args.boxes_per_epoch, device=device,
-                              train_encoder=whole)
+                              train_encoder=whole, promote=args.promote)
     store = CaseStore(args.store) if args.store else None
     try:
         entry = finetune(args.out, store=store, images=args.images, label_maps=args.labels,
@@ -176,8 +190,35 @@ def finetune(args) -> int:
 
         entry = retrain_detector(store, entry, args.detector_out)
     print(json.dumps({k: entry[k] for k in ("sha256", "parent_sha256", "checkpoint", "data", "metrics",
-                                            "seconds", "registry") if k in entry}
+                                            "promotion", "seconds", "registry") if k in entry}
                      | ({"detector": entry["detector"]} if "detector" in entry else {}), indent=1))
+    return EXIT_OK
+
+
+def model_lines(store) -> list[str]:
+    """One line per registered model (oldest first): sha256, held-out Dice, whether it is current, why."""
+    current = (current_model(store) or {}).get("sha256")
+    lines = []
+    for entry in registered_models(store):
+        mark = "current" if entry.get("sha256") == current else "promoted" if is_promoted(entry) else "held"
+        why = (entry.get("promotion") or {}).get("why", "registered before promotion rules")
+        lines.append(f"{str(entry.get('sha256'))[:12]}  {mark:8s}  {entry.get('created_at', '')[:19]}  {why}")
+    if current is None:
+        lines.append("the official LiteMedSAM weights are current")
+    return lines
+
+
+def model_command(args) -> int:
+    store = CaseStore(args.store)
+    if args.model_command == "use":
+        try:
+            entry = set_current(store, args.sha256, why=args.why)
+        except ValueError as exc:
+            print(f"medsam-engine model use: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"current model: {entry['sha256'] if entry else 'the official LiteMedSAM weights'}")
+        return EXIT_OK
+    print("\n".join(model_lines(store)))
     return EXIT_OK
 
 
@@ -187,6 +228,8 @@ def round_command(args) -> int:
         print(format_table(round_rows(store)))
         for kind, path in write_round_table(store).items():
             print(f"{kind}: {path}")
+        print("models:")
+        print("\n".join("  " + line for line in model_lines(store)))
         return EXIT_OK
     return _round_run(args, CaseStore(args.store))
 

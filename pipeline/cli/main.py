@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         return run_demo(Path(args.out))
     handlers = {"annotate": _annotate, "export": _export, "eval": _eval, "detector": _detector,
-                "review": flywheel.review, "finetune": flywheel.finetune, "round": flywheel.round_command}
+                "review": flywheel.review, "finetune": flywheel.finetune, "round": flywheel.round_command,
+                "model": flywheel.model_command}
     try:
         return handlers[args.command](args)
     except StoreUnavailableError as exc:

@@ -11,9 +11,11 @@ its meaning). Hold-out: whole cases when there are two or more, else the top ``h
 (a z block), else, on a single 2D image, the objects in its right-most ``holdout`` fraction (an x block).
 Early stopping on the held-out Dice (per box, at the slice's resolution, as the runner thresholds it).
 
-The result is a full LiteMedSAM state dict (strict-loadable by ``pipeline.model.runner.load_lite_medsam``) and a
-registry entry (sha256, parent sha256, data, held-out Dice before and after) written next to it as
-``CKPT.json`` and, for a store, as ``STORE/_models/<sha16>.json``.
+The result is a full LiteMedSAM state dict (strict-loadable by ``pipeline.model.runner.load_lite_medsam``) and
+a registry entry (sha256, parent sha256, data, held-out Dice before and after, promotion) written next to it as
+``CKPT.json`` and, for a store, as ``STORE/_models/<sha16>.json``. The parent is the store's current model, so
+"before" is the current model on the held-out reviewed cases: the new one becomes current only if it beats it
+(``promote="if-better"``; ``always``/``never`` as asked), see pipeline/flywheel/registry.py.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from pipeline.flywheel.finetune_data import (
     split_samples,
     store_samples,
 )
-from pipeline.flywheel.registry import current_model, register, registered_models
+from pipeline.flywheel.registry import current_model, register, registered_models, set_current
 from pipeline.model.build import build_runner
 from pipeline.model.checkpoint import LITE_MEDSAM_SHA256, load_lite_medsam
 from pipeline.model.framing import Framing
@@ -210,8 +212,31 @@ def finetune(out: str | Path, *, store: CaseStore | None = None, images: list | 
                       "split": how, "train": count(train_set), "holdout": count(held)},
              "options": asdict(options), "metrics": metrics, "seconds": round(time.perf_counter() - start, 1),
              "created_at": utc_stamp(precise=True)}
+    entry["promotion"] = promotion(metrics, options.promote, parent_sha)
     entry["registry"] = register(entry, Path(out), store)
+    if store is not None and entry["promotion"]["promoted"]:
+        set_current(store, sha, why=entry["promotion"]["why"])
     return entry
+
+
+def promotion(metrics: dict, rule: str, parent_sha: str) -> dict:
+    """Champion and challenger: the new model is promoted (becomes the store's current model) when its
+    held-out Dice beats its parent's (by default the current model) on the same held-out reviewed cases, or
+    as asked."""
+    before, after = metrics["holdout_dice_before"], metrics["holdout_dice_after"]
+    where = "the held-out reviewed cases" if metrics["measured_on"] == "holdout" else "its training cases"
+    shown = lambda value: "n/a" if value is None else f"{value:.4f}"  # noqa: E731
+    score = f"Dice {shown(after)} vs {shown(before)} of its parent {parent_sha[:12]} on {where}"
+    if rule not in ("if-better", "always", "never"):
+        raise ValueError(f"Argument 'promote' must be if-better, always or never; got {rule!r}")
+    if rule != "if-better":
+        promoted = rule == "always"
+        return {"promoted": promoted, "rule": rule, "against": parent_sha,
+                "why": f"{'promoted' if promoted else 'not promoted'} as asked ({score})"}
+    promoted = after is not None and (before is None or after > before + 1e-4)
+    why = f"promoted: it beats its parent ({score})" if promoted else \
+        f"registered, not promoted: it does not beat its parent ({score})"
+    return {"promoted": promoted, "rule": rule, "against": parent_sha, "why": why}
 
 
 def retrain_detector(store: CaseStore, entry: dict, out: str | Path, *, epochs: int = 200,

@@ -38,6 +38,7 @@ class FinetuneOptions:
     seed: int = 0
     train_encoder: bool = False
     device: str = "cpu"
+    promote: str = "if-better"  # if-better (beats the current model on the held-out cases), always, never
 
 
 @dataclass

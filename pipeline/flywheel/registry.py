@@ -1,18 +1,29 @@
-"""The model registry: fine-tuned checkpoints with their lineage, metrics and sha256.
+"""The model registry: fine-tuned checkpoints with their lineage, metrics, sha256 and promotion.
 
 Each entry is written beside its checkpoint (``CKPT.json``) and, for a store, as STORE/_models/<sha16>.json.
-The store's current model is the newest registered entry whose checkpoint is still there with its sha256; the
-nightly round and `round run` use it without any change to their configuration. No torch here.
+Champion and challenger: a fine-tuned model is registered always, and becomes the store's current model only
+when it is promoted (it beat the current model on the held-out reviewed cases, or a person asked for it).
+The current model is named in STORE/_models/current.json ({"sha256" | "model": "base", "why", "set_at"});
+`medsam-engine model use STORE SHA|base` rolls back (or forward) to any registered model. Stores from before
+the pin: the newest registered, promoted entry. A current model whose checkpoint is gone or changed is passed
+over for the one before it. The nightly round and `round run` use the current model without any change to
+their configuration. No torch here.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from pipeline.core.atomic import write_text_atomic
-from pipeline.core.provenance import file_sha256
+from pipeline.core.provenance import file_sha256, utc_stamp
 from pipeline.store.case_store import CaseStore
 from pipeline.store.records import MODELS, list_records, read_record, write_record
+
+log = logging.getLogger(__name__)
+
+CURRENT = "current.json"  # STORE/_models/current.json: which model is current
+BASE = "base"  # the official LiteMedSAM weights, as a choice of `model use`
 
 
 def register(entry: dict, checkpoint: Path, store: CaseStore | None) -> list[str]:
@@ -27,14 +38,60 @@ def register(entry: dict, checkpoint: Path, store: CaseStore | None) -> list[str
 
 def registered_models(store: CaseStore) -> list[dict]:
     """Every registry entry of ``store``, oldest first (by their creation stamp)."""
-    entries = [read_record(store, MODELS, name) or {} for name in list_records(store, MODELS)]
+    names = [name for name in list_records(store, MODELS) if name != CURRENT]
+    entries = [read_record(store, MODELS, name) or {} for name in names]
     return sorted(entries, key=lambda e: e.get("created_at", ""))
 
 
+def is_promoted(entry: dict) -> bool:
+    """Whether the entry was promoted when it was registered (entries from before promotion count as so)."""
+    return bool((entry.get("promotion") or {}).get("promoted", True))
+
+
+def _usable(entry: dict) -> bool:
+    path = Path(entry.get("checkpoint", ""))
+    return path.is_file() and file_sha256(path) == entry.get("sha256")
+
+
+def current_choice(store: CaseStore) -> dict | None:
+    """The record of which model is current (STORE/_models/current.json), or None when none was set."""
+    return read_record(store, MODELS, CURRENT)
+
+
 def current_model(store: CaseStore) -> dict | None:
-    """The newest registered model of ``store`` whose checkpoint is still there with its sha256."""
-    for entry in reversed(registered_models(store)):
-        path = Path(entry.get("checkpoint", ""))
-        if path.is_file() and file_sha256(path) == entry.get("sha256"):
+    """The store's current model's registry entry; None for the official weights (nothing promoted yet, or
+    ``model use base``)."""
+    entries = registered_models(store)
+    choice = current_choice(store)
+    if choice is not None:
+        if choice.get("model") == BASE:
+            return None
+        chosen = [e for e in entries if e.get("sha256") == choice.get("sha256")]
+        if chosen and _usable(chosen[0]):
+            return chosen[0]
+        log.warning("the current model %s is gone or changed on disk; using the newest promoted one",
+                    str(choice.get("sha256"))[:12])
+    for entry in reversed(entries):
+        if is_promoted(entry) and _usable(entry):
             return entry
     return None
+
+
+def set_current(store: CaseStore, sha256: str, *, why: str) -> dict | None:
+    """Make the registered model whose sha256 starts with ``sha256`` (or ``base``) the current one; returns
+    its entry (None for base). ValueError when no single usable registered model matches."""
+    if sha256 == BASE:
+        write_record(store, {"model": BASE, "why": why, "set_at": utc_stamp()}, MODELS, CURRENT)
+        return None
+    matches = [e for e in registered_models(store) if str(e.get("sha256", "")).startswith(sha256)]
+    if len(matches) != 1:
+        known = ", ".join(str(e.get("sha256", ""))[:12] for e in registered_models(store)) or "none"
+        how_many = "no" if not matches else "more than one"
+        raise ValueError(f"{how_many} registered model starts with {sha256!r} (registered: {known}; or "
+                         "'base' for the official weights)")
+    entry = matches[0]
+    if not _usable(entry):
+        raise ValueError(f"the checkpoint of model {entry['sha256'][:12]} is gone or changed: "
+                         f"{entry.get('checkpoint')}")
+    write_record(store, {"sha256": entry["sha256"], "why": why, "set_at": utc_stamp()}, MODELS, CURRENT)
+    return entry

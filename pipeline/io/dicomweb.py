@@ -1,5 +1,6 @@
-"""DICOMweb through dicomweb-client: a study or series URL -> its instances as Part 10 files in a local cache
-folder; QIDO-RS queries of a service root; STOW-RS of the engine's SEG.
+"""DICOMweb through dicomweb-client: QIDO-RS queries (a service root's studies, a study's series, the SEGs that
+reference a series), a series downloaded as Part 10 files into a local cache folder, STOW-RS of the engine's
+SEG.
 
 ``http(s)://HOST/…/dicom-web/studies/<study>[/series/<series>]``: QIDO-RS lists the series, WADO-RS streams
 each series as stored (``transfer-syntax=*``, so compressed data stays compressed and is decoded by the
@@ -12,9 +13,10 @@ one that lasts is a transient failure (stage "io": never quarantined, the next r
 the environment: ``MEDSAM_ENGINE_DICOMWEB_RETRIES`` (6), ``MEDSAM_ENGINE_DICOMWEB_BACKOFF_S`` (0.5, doubling up
 to 30 s), ``MEDSAM_ENGINE_DICOMWEB_TIMEOUT_S`` (60 per request). Credentials, never logged or stored:
 ``MEDSAM_ENGINE_DICOMWEB_TOKEN`` (a bearer token) or ``MEDSAM_ENGINE_DICOMWEB_USER`` and
-``MEDSAM_ENGINE_DICOMWEB_PASSWORD`` (HTTP basic), else the file ``MEDSAM_ENGINE_DICOMWEB_CREDENTIALS`` names
-(JSON or YAML: ``{"token": …}`` or ``{"user": …, "password": …}``, or such entries keyed by the server's
-``http(s)://host:port``); a refused login (401/403) is a lasting failure.
+``MEDSAM_ENGINE_DICOMWEB_PASSWORD`` (HTTP basic), else the file ``MEDSAM_ENGINE_DICOMWEB_CREDENTIALS`` names,
+else ``~/.config/medsam-engine/dicomweb.yaml`` (JSON or YAML: ``{"token": …}`` or ``{"user": …, "password":
+…}``, or such entries keyed by the server's ``http(s)://host:port``); a refused login (401/403) is a lasting
+failure. Ray actors download the series they annotate: they are given the file's path (never a secret).
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def _credentials(url: str) -> dict:
         return {"token": token}
     if user:
         return {"user": user, "password": os.environ.get("MEDSAM_ENGINE_DICOMWEB_PASSWORD", "")}
-    path = os.environ.get("MEDSAM_ENGINE_DICOMWEB_CREDENTIALS")
+    path = os.environ.get("MEDSAM_ENGINE_DICOMWEB_CREDENTIALS") or _default_credentials()
     if not path:
         return {}
     import yaml
@@ -80,6 +82,13 @@ def _credentials(url: str) -> dict:
     if not isinstance(entry, dict) or not ({"token"} <= entry.keys() or {"user", "password"} <= entry.keys()):
         return {}
     return {k: str(v) for k, v in entry.items() if k in ("token", "user", "password")}
+
+
+def _default_credentials() -> str | None:
+    """$XDG_CONFIG_HOME/medsam-engine/dicomweb.yaml (~/.config/…) when it exists."""
+    home = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    path = os.path.join(home, "medsam-engine", "dicomweb.yaml")
+    return path if os.path.isfile(path) else None
 
 
 def dicomweb_session(url: str, methods: tuple[str, ...] = ("GET", "HEAD")):

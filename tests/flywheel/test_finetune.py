@@ -17,7 +17,7 @@ from pipeline.flywheel.registry import current_model
 from pipeline.model.checkpoint import LITE_MEDSAM_SHA256, load_lite_medsam
 from pipeline.store.case_store import CaseStore
 
-TINY = FinetuneOptions(epochs=1, boxes_per_epoch=4, boxes_per_step=4)
+TINY = FinetuneOptions(epochs=1, boxes_per_epoch=4, boxes_per_step=4, promote="always")  # promotion: below
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,33 @@ def test_finetune_from_a_store_registers_a_strict_loadable_model(accepted_store,
     entry = retrain_detector(accepted_store, entry, tmp_path / "detector.pt", epochs=20, runner=runner)
     assert entry["detector"]["labels"] == [5, 6] and entry["detector"]["version"]
     assert current_model(accepted_store)["detector"]["artefact"] == str((tmp_path / "detector.pt").resolve())
+
+
+def test_a_challenger_that_does_not_beat_the_current_model_is_held_and_any_model_can_be_chosen(
+        accepted_store, runner, tmp_path, capsys):
+    import shutil
+    from dataclasses import replace
+
+    store = CaseStore(shutil.copytree(accepted_store.root, tmp_path / "store",
+                                      ignore=shutil.ignore_patterns("_models")))
+    # a learning rate that wrecks the decoder: no epoch beats the official model on the held-out slices
+    wrecked = finetune(tmp_path / "wrecked.pth", store=store, runner=runner,
+                       options=replace(TINY, lr=1.0, promote="if-better"))
+    assert wrecked["promotion"]["promoted"] is False and "not promoted" in wrecked["promotion"]["why"]
+    assert current_model(store) is None  # the official weights stay current
+    assert main(["round", "report", str(store.root)]) == 0
+    out = capsys.readouterr().out
+    assert f"{wrecked['sha256'][:12]}  held" in out and "does not beat its parent" in out
+    assert "the official LiteMedSAM weights are current" in out
+
+    assert main(["model", "use", str(store.root), wrecked["sha256"][:10]]) == 0  # chosen by hand (a rollback)
+    assert current_model(store)["sha256"] == wrecked["sha256"]
+    assert main(["model", "list", str(store.root)]) == 0
+    assert f"{wrecked['sha256'][:12]}  current" in capsys.readouterr().out
+    assert main(["model", "use", str(store.root), "base"]) == 0
+    assert current_model(store) is None
+    assert main(["model", "use", str(store.root), "0000"]) == 2
+    assert "no registered model starts with '0000'" in capsys.readouterr().err
 
 
 def _sample(case_id: str, z: int, centres_x: list[int]) -> SliceSample:
