@@ -31,7 +31,7 @@ from pipeline.annotate.config import EngineConfig, load_config
 from pipeline.annotate.lazy_runner import LazyRunner
 from pipeline.annotate.policy import RETRY_NEXT_RUN
 from pipeline.annotate.signature import signature_or_none
-from pipeline.core.errors import ReadError, is_transient
+from pipeline.core.errors import is_transient
 from pipeline.core.outcome import CaseOutcome
 from pipeline.core.provenance import package_version, utc_stamp
 from pipeline.core.types import CaseRef
@@ -117,11 +117,9 @@ def select_studies(inputs: list[str], store_url: str, run: RunOptions, model: st
     roots = [given for given in inputs if is_service_root(given)]
     chosen = watermark.select_new(watermark.study_entries([i for i in inputs if i not in roots]), since=since,
                                   until=until)
-    try:
-        pacs = watermark.pacs_studies(roots, dict(run.pacs_query), key=store.case_ids().case_id,
-                                      seen=watermark.read_seen(store, run.watermark, model=model))
-    except ReadError as exc:  # a PACS down or refusing the login: one clear error before any case is read
-        raise RuntimeError(f"DICOMweb service: {exc.reason}") from exc
+    # a PACS down or refusing the login raises its ReadError here: one clear error before any case is read
+    pacs = watermark.pacs_studies(roots, dict(run.pacs_query), key=store.case_ids().case_id,
+                                  seen=watermark.read_seen(store, run.watermark, model=model))
     chosen += [watermark.Entry(url, float("inf")) for url in pacs]
     get_run_logger().info("watermark %s: %d studies changed since %s", run.watermark, len(chosen),
                           "the beginning" if since is None else utc_stamp(since))

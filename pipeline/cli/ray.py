@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.core.errors import CaseError
 from pipeline.distributed.ray_pool import PoolOptions
 from pipeline.store.case_store import CaseStore
 
@@ -68,19 +69,23 @@ def _print_report(report: dict, store_url: str) -> int:
     return EXIT_CASES_FAILED if failed else EXIT_OK
 
 
-def _run_flow(command: str, start) -> tuple[dict | None, dict | None]:
-    """(the flow's result, None); (None, the run's report) when too many cases failed; (None, None) after
-    printing why the arguments cannot work."""
+def _run_flow(command: str, start) -> tuple[dict | None, dict | None, int]:
+    """(the flow's result, None, 0); (None, the run's report, 1) when too many cases failed; (None, None, code)
+    after printing why the run could not start: 2 for arguments that cannot work, 1 for inputs that cannot
+    be listed (a PACS down or refusing the login)."""
     from flows.annotate import TooManyFailures
 
     try:
-        return start(), None
+        return start(), None, EXIT_OK
     except TooManyFailures as exc:
         print(f"medsam-engine {command}: {exc}", file=sys.stderr)
-        return None, exc.report
+        return None, exc.report, EXIT_CASES_FAILED
+    except CaseError as exc:
+        print(f"medsam-engine {command}: {exc.reason}", file=sys.stderr)
+        return None, None, EXIT_CASES_FAILED
     except ValueError as exc:
         print(f"medsam-engine {command}: {exc}", file=sys.stderr)
-        return None, None
+        return None, None, EXIT_USAGE
 
 
 def annotate_on_ray(args, config) -> int:
@@ -92,11 +97,11 @@ def annotate_on_ray(args, config) -> int:
     if options is None:
         return EXIT_USAGE
     run, pool, policy = options
-    report, failed = _run_flow("annotate", lambda: annotate_archive(
+    report, failed, code = _run_flow("annotate", lambda: annotate_archive(
         inputs=list(args.inputs), out=args.out, coarse_masks=list(args.coarse_mask), run=run, pool=pool,
         policy=policy))
     report = report or failed
-    return EXIT_USAGE if report is None else _print_report(report, args.out)
+    return code if report is None else _print_report(report, args.out)
 
 
 def round_on_ray(args, config) -> int:
@@ -108,12 +113,12 @@ def round_on_ray(args, config) -> int:
     if options is None:
         return EXIT_USAGE
     run, pool, policy = options
-    result, failed = _run_flow("round run", lambda: flywheel_round(
+    result, failed, code = _run_flow("round run", lambda: flywheel_round(
         inputs=list(args.inputs), store=args.store, coarse_masks=list(args.coarse_mask), run=run, pool=pool,
         policy=policy, checkpoint=args.checkpoint, review_out=args.review_out))
     report = result["run"] if result else failed
     if report is None:
-        return EXIT_USAGE
+        return code
     code = _print_report(report, args.store)
     if result is not None:
         print(f"round {result['round']}: {json.dumps(result['cases'])}; routing {json.dumps(result['routing'])}")

@@ -164,3 +164,18 @@ def test_nightly_round_from_the_pacs_reviewed_finetuned_and_the_next_night(pacs,
     assert cases.attributes(stale).round == 2
     assert cases.attributes(reviewed).review_status == "accepted"
     assert read_record(cases, "_watermarks", "nightly.json")["model"] == tuned["sha256"]
+
+
+def test_a_wrong_password_stops_the_night_with_one_clear_error_before_any_case(pacs, prefect_server, tmp_path,
+                                                                              monkeypatch):
+    from flows.annotate import RunOptions
+    from flows.round import flywheel_round
+    from pipeline.core.errors import ReadError
+
+    monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_PASSWORD", "not-the-password")
+    store = tmp_path / "store"
+    with pytest.raises(ReadError, match="refused the credentials") as raised:
+        flywheel_round(inputs=[pacs["root"]], store=str(store), coarse_masks=["from-pacs"],
+                       run=RunOptions(watermark="nightly", settle_seconds=0))
+    assert "not-the-password" not in str(raised.value)
+    assert CaseStore(store).errors() == {} and CaseStore(store).committed_cases() == []
