@@ -1,6 +1,6 @@
-"""DICOMweb through dicomweb-client: QIDO-RS queries (a service root's studies, a study's series, the SEGs that
-reference a series), a series downloaded as Part 10 files into a local cache folder, STOW-RS of the engine's
-SEG.
+"""DICOMweb through dicomweb-client: QIDO-RS queries (a service root's studies, a study's series, the SEGs
+that reference a series), a series downloaded as Part 10 files into a local cache folder, STOW-RS of the
+engine's SEG.
 
 ``http(s)://HOST/…/dicom-web/studies/<study>[/series/<series>]``: QIDO-RS lists the series, WADO-RS streams
 each series as stored (``transfer-syntax=*``, so compressed data stays compressed and is decoded by the
@@ -61,7 +61,8 @@ def _setting(name: str, default: float) -> float:
 def _credentials(url: str) -> dict:
     """{"token"} or {"user", "password"} for the server of ``url``: the environment first, then the file
     MEDSAM_ENGINE_DICOMWEB_CREDENTIALS names (one entry, or entries keyed by ``scheme://host[:port]``)."""
-    token, user = os.environ.get("MEDSAM_ENGINE_DICOMWEB_TOKEN"), os.environ.get("MEDSAM_ENGINE_DICOMWEB_USER")
+    token = os.environ.get("MEDSAM_ENGINE_DICOMWEB_TOKEN")
+    user = os.environ.get("MEDSAM_ENGINE_DICOMWEB_USER")
     if token:
         return {"token": token}
     if user:
@@ -139,8 +140,9 @@ def answers(url: str, *, missing: str = "study or series not found"):
         status = exc.response.status_code if exc.response is not None else 0
         raise _refusal(url, status, missing) from exc
     except requests.RequestException as exc:
-        raise PacsUnavailableError(f"DICOMweb server {_server(url)} could not be reached "
-                                   f"({type(exc).__name__}): temporarily unavailable through every retry") from exc
+        why = type(exc).__name__
+        raise PacsUnavailableError(f"DICOMweb server {_server(url)} could not be reached ({why}): temporarily "
+                                   "unavailable through every retry") from exc
 
 
 def _refusal(url: str, status: int, missing: str) -> ReadError:
@@ -208,7 +210,8 @@ def is_service_root(text: str) -> bool:
     return str(text).startswith(("http://", "https://")) and not is_dicomweb_url(text)
 
 
-def query_studies(root: str, filters: dict[str, str] | None = None, *, page: int = 500) -> dict[str, int | None]:
+def query_studies(root: str, filters: dict[str, str] | None = None, *,
+                  page: int = 500) -> dict[str, int | None]:
     """StudyInstanceUID -> number of instances (None when the server does not say) of the studies QIDO-RS
     lists at ``root`` under ``filters`` (e.g. ``{"ModalitiesInStudy": "CT", "StudyDate": "20260101-"}``),
     page by page; ReadError naming the server (never a study) otherwise."""
@@ -264,11 +267,12 @@ class PacsSeries:
     series: str
     modality: str
     localizer: bool
+    instances: int | None = None  # NumberOfSeriesRelatedInstances, when the server says
 
 
 def list_series(url: str) -> list[PacsSeries]:
-    """The series of the study or series at ``url`` (QIDO-RS only: nothing is downloaded); ReadError naming the
-    server (never a study) when it cannot say, "not found" when it has no such study or series."""
+    """The series of the study or series at ``url`` (QIDO-RS only: nothing is downloaded); ReadError naming
+    the server (never a study) when it cannot say, "not found" when it has no such study or series."""
     match = URL_PATTERN.match(url)
     if not match:
         raise ReadError("not a DICOMweb study or series URL (…/studies/<uid>[/series/<uid>])")
@@ -276,7 +280,8 @@ def list_series(url: str) -> list[PacsSeries]:
     client = dicomweb_client(root)
     listed = []
     with answers(url):
-        found = client.search_for_series(study, search_filters={"SeriesInstanceUID": only} if only else None)
+        found = client.search_for_series(study, search_filters={"SeriesInstanceUID": only} if only else None,
+                                         fields=["NumberOfSeriesRelatedInstances"])
         for item in found:
             series, modality = _first(item, "0020000E"), _first(item, "00080060").upper()
             if not series:
@@ -286,7 +291,9 @@ def list_series(url: str) -> list[PacsSeries]:
                 first = client.search_for_instances(study, series, fields=["ImageType"], limit=1)
                 image_type = ((first[0].get("00080008") or {}).get("Value") or []) if first else []
                 localizer = "LOCALIZER" in [str(v).upper() for v in image_type]
-            listed.append(PacsSeries(f"{root}/studies/{study}/series/{series}", study, series, modality, localizer))
+            count = _first(item, "00201209")
+            listed.append(PacsSeries(f"{root}/studies/{study}/series/{series}", study, series, modality,
+                                     localizer, int(count) if count.isdigit() else None))
     if not listed:
         raise ReadError(f"DICOMweb server {_server(url)}: study or series not found")
     return listed
@@ -299,7 +306,8 @@ def fetch_instance(url: str, path: Path) -> Path:
     if not match:
         raise ReadError("not a DICOMweb instance URL (…/series/<uid>/instances/<uid>)")
     root = match.group("base").rstrip("/")
-    return fetch_seg(root, PacsSeg(match.group("study"), match.group("series"), match.group("sop"), "", ""), path)
+    seg = PacsSeg(match.group("study"), match.group("series"), match.group("sop"), "", "")
+    return fetch_seg(root, seg, path)
 
 
 # -- DICOM SEG in the PACS: reviewers' corrections and coarse masks ------------------------------------------

@@ -258,9 +258,10 @@ class _Finder:
             shown = ", ".join(f"{n} {what}" for what, n in sorted(dropped.items()))
             return [self.error_case(identity, self.cache / "dicomweb" / key,
                                     f"DICOMweb input {key[:8]}: no image series (skipped: {shown})")]
-        cases = [CaseRef(case_id=self.case_id("dicomweb-series:" + s.series), image=s.url,
-                         kind=DICOMWEB_SERIES, series=self.case_id("series|dicomweb-series:" + s.series))
-                 for s in kept]
+        # "#N": the series' number of instances, so a series that grew on the PACS is downloaded again
+        cases = [CaseRef(case_id=self.case_id("dicomweb-series:" + s.series),
+                         image=s.url + (f"#{s.instances}" if s.instances else ""), kind=DICOMWEB_SERIES,
+                         series=self.case_id("series|dicomweb-series:" + s.series)) for s in kept]
         cases = self.superseding(cases, identity)
         return self.with_pacs_segs(kept, cases) if self.options.seg_from_pacs else cases
 
@@ -288,7 +289,8 @@ def materialise(case: CaseRef, cache: Path) -> CaseRef:
     or holds no single image stack."""
     if case.kind != DICOMWEB_SERIES:
         return case
-    folder = fetch_dicomweb(case.image, cache / "dicomweb" / case.case_id)
+    url, _, instances = case.image.partition("#")
+    folder = fetch_dicomweb(url, cache / "dicomweb" / (case.case_id + (f"-{instances}" if instances else "")))
     scan = scan_headers(_visible_files(folder))
     groups, dropped = group_series(scan.headers)
     if len(groups) != 1:

@@ -75,6 +75,7 @@ def test_series_url_and_cache_reuse(orthanc, tmp_path, chest_volume):
     store = CaseStore(tmp_path / "store")
     url = f"{orthanc}/dicom-web/studies/{STUDY}/series/{SERIES[1]}"
     (case,) = discover([url], store.case_ids())
+    assert case.image.endswith("#4")  # its number of instances: a series that grows is fetched again
     local = materialise(case, store.cache_dir())
     marker = Path(local.image).parent / ".complete"
     stamp = marker.stat().st_mtime_ns
