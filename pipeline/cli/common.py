@@ -10,6 +10,7 @@ from pathlib import Path
 
 from detectors import get_spec
 from pipeline.annotate.config import load_config
+from pipeline.export.pacs_push import push_segs
 from pipeline.io.label_table import read_label_table
 from pipeline.model.devices import cuda_available
 
@@ -111,8 +112,6 @@ def push_and_print(store, case_ids: list[str], url: str | None) -> bool:
     refused or could not be reached for some case."""
     if not url:
         return False
-    from pipeline.export.pacs_push import push_segs
-
     report = push_segs(store, case_ids, url)
     for case_id, reason in {**report.skipped, **report.failed}.items():
         print(f"{'no SEG' if case_id in report.skipped else 'unpushed'} {case_id}  {reason}")

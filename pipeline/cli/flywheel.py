@@ -19,6 +19,7 @@ from pipeline.cli.common import (
     push_and_print,
     run_config,
 )
+from pipeline.cli.ray import round_on_ray
 from pipeline.core.errors import ReadError
 from pipeline.flywheel.registry import current_model, is_promoted, registered_models, set_current
 from pipeline.flywheel.review import FORMATS as REVIEW_FORMATS
@@ -242,8 +243,6 @@ def _round_run(args, store) -> int:
     if config is None:
         return EXIT_USAGE
     if args.engine == "ray":
-        from pipeline.cli.ray import round_on_ray
-
         return round_on_ray(args, config)
     try:
         options = DiscoveryOptions(pacs_query=pacs_filters(args.pacs_query))

@@ -11,11 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.cli.common import EXIT_CASES_FAILED, EXIT_OK, EXIT_USAGE, pacs_filters
 from pipeline.core.errors import CaseError
 from pipeline.distributed.ray_pool import PoolOptions
 from pipeline.store.case_store import CaseStore
-
-EXIT_OK, EXIT_CASES_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _quiet_defaults() -> None:
@@ -32,7 +31,6 @@ def _flow_options(args, config, command: str):
     from pydantic import ValidationError
 
     from flows.annotate import FailurePolicy, RunOptions
-    from pipeline.cli.common import pacs_filters
 
     try:
         run = RunOptions(config=config, overwrite=getattr(args, "overwrite", False),

@@ -164,28 +164,30 @@ def conditional_put(fs, path: str, data: bytes, *, if_match: str | None = None) 
     return True
 
 
+GUARD_STALE_S = 30.0  # a takeover guard older than this was left by a killed process (a takeover takes ms)
+
+
 def _take_over_local(lease: Lease, stale: dict) -> bool:
-    """Move a stale lease file aside and create ours; only one of racing runs moves that very file."""
+    """Replace a stale lease file with ours. Takeovers of one case are serialised by an exclusive guard file,
+    and the lease file is replaced in one atomic rename, so it never vanishes: a new claimant's exclusive
+    create keeps failing, and of racing takeovers exactly one finds the stale record still in place."""
     path = Path(lease.path)
-    aside = path.with_name(f".{uuid.uuid4().hex[:12]}.stale.{path.name}")
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return False
-    try:
-        moved = json.loads(aside.read_text() or "{}")
-    except ValueError:
-        moved = {}
-    if moved.get("token") != stale.get("token") and stale.get("token") is not None:
-        # Another run replaced the stale lease between our read and our move: put its fresh lease back.
+    guard = path.with_name(f".{path.name}.takeover")
+    if not create_exclusive(guard, lease.token):
         try:
-            os.link(aside, path)
-        except FileExistsError:
+            if time.time() - guard.stat().st_mtime > GUARD_STALE_S:
+                guard.unlink(missing_ok=True)  # left by a killed takeover: the next attempt may go ahead
+        except FileNotFoundError:
             pass
-        aside.unlink(missing_ok=True)
         return False
-    aside.unlink(missing_ok=True)
-    return create_exclusive(path, json.dumps(lease.record()))
+    try:
+        current, _ = read_lease(lease.store, lease.case_id)
+        if current is None or current.get("token") != stale.get("token") or not is_stale(current):
+            return False  # released, or replaced by another run's fresh lease meanwhile
+        write_text_atomic(path, json.dumps(lease.record()))
+        return True
+    finally:
+        guard.unlink(missing_ok=True)
 
 
 def acquire(store: CaseStore, case_id: str, *, run_id: str, ttl_s: float = DEFAULT_TTL_S) -> Lease | None:
