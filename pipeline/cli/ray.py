@@ -86,34 +86,38 @@ def _run_flow(command: str, start) -> tuple[dict | None, dict | None, int]:
         return None, None, EXIT_USAGE
 
 
+def _run_on_ray(args, config, command: str, call) -> tuple[dict | None, dict | None, int]:
+    """Validate the run options and run ``call(run, pool, policy)`` (a flow) as :func:`_run_flow` does."""
+    _quiet_defaults()
+    options = _flow_options(args, config, command)
+    if options is None:
+        return None, None, EXIT_USAGE
+    return _run_flow(command, lambda: call(*options))
+
+
 def annotate_on_ray(args, config) -> int:
     """Run the annotate flow for parsed ``annotate`` arguments and a validated EngineConfig; print outcomes."""
-    _quiet_defaults()
-    from flows.annotate import annotate_archive
+    def call(run, pool, policy):
+        from flows.annotate import annotate_archive
 
-    options = _flow_options(args, config, "annotate")
-    if options is None:
-        return EXIT_USAGE
-    run, pool, policy = options
-    report, failed, code = _run_flow("annotate", lambda: annotate_archive(
-        inputs=list(args.inputs), out=args.out, coarse_masks=list(args.coarse_mask), run=run, pool=pool,
-        policy=policy))
+        return annotate_archive(inputs=list(args.inputs), out=args.out, coarse_masks=list(args.coarse_mask),
+                                run=run, pool=pool, policy=policy)
+
+    report, failed, code = _run_on_ray(args, config, "annotate", call)
     report = report or failed
     return code if report is None else _print_report(report, args.out)
 
 
 def round_on_ray(args, config) -> int:
     """`round run --engine ray`: the flywheel-round flow (flows/round.py) for parsed arguments."""
-    _quiet_defaults()
-    from flows.round import flywheel_round
+    def call(run, pool, policy):
+        from flows.round import flywheel_round
 
-    options = _flow_options(args, config, "round run")
-    if options is None:
-        return EXIT_USAGE
-    run, pool, policy = options
-    result, failed, code = _run_flow("round run", lambda: flywheel_round(
-        inputs=list(args.inputs), store=args.store, coarse_masks=list(args.coarse_mask), run=run, pool=pool,
-        policy=policy, checkpoint=args.checkpoint, review_out=args.review_out))
+        return flywheel_round(inputs=list(args.inputs), store=args.store, coarse_masks=list(args.coarse_mask),
+                              run=run, pool=pool, policy=policy, checkpoint=args.checkpoint,
+                              review_out=args.review_out)
+
+    result, failed, code = _run_on_ray(args, config, "round run", call)
     report = result["run"] if result else failed
     if report is None:
         return code
