@@ -73,6 +73,9 @@ def add_parsers(sub) -> None:
                       help="where to train (default auto: a visible GPU, else the CPU)")
     tune.add_argument("--whole-model", choices=["auto", "yes", "no"], default="auto",
                       help="train the image encoder too (auto: yes on CUDA, no on CPU)")
+    tune.add_argument("--encoder-stages", type=int, default=0, metavar="N",
+                      help="also train the image encoder's last N stages (1-3) and its neck, from activations "
+                           "computed once per slice (CPU-friendly; default 0: prompt encoder + mask decoder)")
     tune.add_argument("--promote", choices=["if-better", "always", "never"], default="if-better",
                       help="make the new model the store's current one: if it beats its parent (the current "
                            "model) on the held-out reviewed cases (default), always, or never")
@@ -178,7 +181,8 @@ def finetune(args) -> int:
     whole = device == "cuda" if args.whole_model == "auto" else args.whole_model == "yes"
     options = FinetuneOptions(epochs=args.epochs, holdout=args.holdout, lr=args.lr,
                               max_slices=args.max_slices, boxes_per_epoch=args.boxes_per_epoch, device=device,
-                              train_encoder=whole, promote=args.promote)
+                              train_encoder=whole, promote=args.promote,
+                              encoder_stages=0 if whole else args.encoder_stages)
     store = CaseStore(args.store) if args.store else None
     try:
         entry = finetune(args.out, store=store, images=args.images, label_maps=args.labels,

@@ -54,10 +54,19 @@ log = logging.getLogger(__name__)
 
 
 # -- the model pieces ---------------------------------------------------------------------------------------
-def _embed(net, sample: SliceSample, device: str) -> torch.Tensor:
-    """The sample's (1, 256, 64, 64) embedding: cached, or from the encoder when it is being trained."""
+def _embed(net, sample: SliceSample, options: FinetuneOptions) -> torch.Tensor:
+    """The sample's (1, 256, 64, 64) embedding: cached, from the encoder's trained last stages and neck on the
+    cached activations that enter them, or from the whole encoder when all of it is being trained."""
+    device = options.device
     if sample.image is not None:
         return net.image_encoder(torch.from_numpy(sample.image).permute(2, 0, 1)[None].to(device))
+    if sample.features is not None:
+        encoder = net.image_encoder
+        hidden = sample.features.to(device, torch.float32)
+        for layer in encoder.layers[len(encoder.layers) - options.encoder_stages:]:
+            hidden = layer(hidden)
+        side = int(round(hidden.shape[1] ** 0.5))
+        return encoder.neck(hidden.view(1, side, side, hidden.shape[2]).permute(0, 3, 1, 2))
     return sample.embedding.to(device, torch.float32)  # type: ignore[union-attr]
 
 
@@ -93,7 +102,7 @@ def evaluate(net, samples: list[SliceSample], options: FinetuneOptions, framing:
         height, width = sample.original_hw
         new_h, new_w = framing.logits_hw(height, width)
         boxes_model = framing.boxes(sample.boxes, height, width)
-        embedding = _embed(net, sample, options.device)
+        embedding = _embed(net, sample, options)
         for start in range(0, len(sample.boxes), options.boxes_per_step):
             index = np.arange(start, min(start + options.boxes_per_step, len(sample.boxes)))
             low, _ = _decode(net, embedding, index, boxes_model, options.device)
@@ -115,14 +124,26 @@ def _epoch_steps(samples: list[SliceSample], options: FinetuneOptions, rng: np.r
     return [steps[j] for j in rng.permutation(len(steps))]
 
 
+def trained_prefixes(net, options: FinetuneOptions) -> tuple[str, ...]:
+    """Names of the parameters fine-tuning trains: prompt encoder and mask decoder, plus the encoder's last
+    ``options.encoder_stages`` stages and its neck."""
+    prefixes = ("prompt_encoder.", "mask_decoder.")
+    if options.encoder_stages:
+        count = len(net.image_encoder.layers)
+        prefixes += ("image_encoder.neck.",) + tuple(f"image_encoder.layers.{i}." for i in
+                                                     range(count - options.encoder_stages, count))
+    return prefixes
+
+
 def train(net, train_set: list[SliceSample], held: list[SliceSample], options: FinetuneOptions,
           framing: Framing) -> dict:
     """Fine-tune ``net`` in place (best held-out epoch kept); returns Dice before/after and the history."""
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
     net.eval()  # no dropout; batch-norm statistics of the encoder stay frozen
+    trained = trained_prefixes(net, options)
     for name, parameter in net.named_parameters():
-        parameter.requires_grad_(options.train_encoder or not name.startswith("image_encoder."))
+        parameter.requires_grad_(options.train_encoder or name.startswith(trained))
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
     watch = held or train_set
@@ -134,7 +155,7 @@ def train(net, train_set: list[SliceSample], held: list[SliceSample], options: F
             height, width = sample.original_hw
             boxes_model = jitter_boxes(framing.boxes(sample.boxes, height, width), options.box_jitter, rng,
                                        framing.resized_hw(height, width), pixels=False)
-            low, iou = _decode(net, _embed(net, sample, options.device), index, boxes_model, options.device)
+            low, iou = _decode(net, _embed(net, sample, options), index, boxes_model, options.device)
             loss = _loss(low, iou, torch.from_numpy(sample.targets[index]).to(options.device))
             optimiser.zero_grad()
             loss.backward()
@@ -207,7 +228,9 @@ def finetune(out: str | Path, *, store: CaseStore | None = None, images: list | 
     entry = {"sha256": sha, "parent_sha256": parent_sha,
              "parent_is_official": parent_sha == LITE_MEDSAM_SHA256,
              "checkpoint": str(Path(out).resolve()), "name": f"lite-medsam-{sha[:12]}",
-             "trained": "whole model" if options.train_encoder else "prompt encoder + mask decoder",
+             "trained": "whole model" if options.train_encoder else (
+                 f"last {options.encoder_stages} image encoder stage(s) + neck + prompt encoder + mask decoder"
+                 if options.encoder_stages else "prompt encoder + mask decoder"),
              "data": {"source": "store" if store is not None else "image/label pairs", "cases": case_ids,
                       "split": how, "train": count(train_set), "holdout": count(held)},
              "options": asdict(options), "metrics": metrics, "seconds": round(time.perf_counter() - start, 1),

@@ -37,6 +37,7 @@ class FinetuneOptions:
     box_jitter: float = 0.05
     seed: int = 0
     train_encoder: bool = False
+    encoder_stages: int = 0  # last TinyViT stages trained (+ neck) from activations cached per slice; 0: none
     device: str = "cpu"
     promote: str = "if-better"  # if-better (beats the current model on the held-out cases), always, never
 
@@ -52,6 +53,7 @@ class SliceSample:
     boxes: np.ndarray
     masks: np.ndarray
     targets: np.ndarray  # (K, h, w) float32: the masks on the low-res logits' part that covers the slice
+    features: torch.Tensor | None = None  # (1, tokens, C) float16: what enters the first trained encoder stage
 
     @property
     def original_hw(self) -> tuple[int, int]:
@@ -59,7 +61,7 @@ class SliceSample:
 
     def subset(self, keep: np.ndarray) -> "SliceSample":
         return SliceSample(self.case_id, self.z, self.embedding, self.image, self.boxes[keep],
-                           self.masks[keep], self.targets[keep])
+                           self.masks[keep], self.targets[keep], self.features)
 
 
 def slice_objects(labels: np.ndarray, rules, spacing: tuple[float, float, float]
@@ -105,14 +107,31 @@ def case_samples(case_id: str, volume: Volume, labels: np.ndarray, config, runne
         slice_u8 = rendered[window][z]
         boxes = np.array([b for b, _ in grouped[(z, window)]], dtype=np.float32)
         masks = np.stack([m for _, m in grouped[(z, window)]])
-        embedding = image = None
+        embedding = image = features = None
         if options.train_encoder:
             image = runner.model.framing.prepare(slice_u8)[0]
+        elif options.encoder_stages:
+            features = encoder_features(runner.model.net, runner.model.framing.prepare(slice_u8)[0],
+                                        options.encoder_stages)
         else:
             embedding = runner.encode([slice_u8])[0].tensor().detach().to("cpu", torch.float16)
         targets = np.stack([_target(m, runner.model.framing) for m in masks])
-        samples.append(SliceSample(case_id, z, embedding, image, boxes, masks, targets))
+        samples.append(SliceSample(case_id, z, embedding, image, boxes, masks, targets, features))
     return samples
+
+
+@torch.no_grad()
+def encoder_features(net, image: np.ndarray, stages: int) -> torch.Tensor:
+    """What enters the last ``stages`` stages of the image encoder (TinyViT) for one (size, size, 3) model
+    input: computed once per slice, so fine-tuning those stages costs only their own forward and backward."""
+    encoder = net.image_encoder
+    if not 1 <= stages < len(encoder.layers):
+        raise ValueError(f"Argument 'encoder_stages' must lie in 1..{len(encoder.layers) - 1}; got {stages}")
+    device = next(net.parameters()).device
+    hidden = encoder.patch_embed(torch.from_numpy(image).permute(2, 0, 1)[None].to(device, torch.float32))
+    for layer in encoder.layers[: len(encoder.layers) - stages]:
+        hidden = layer(hidden)
+    return hidden.to("cpu", torch.float16)
 
 
 def split_samples(samples: list[SliceSample], holdout: float

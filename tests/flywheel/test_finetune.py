@@ -81,6 +81,32 @@ def test_a_challenger_that_does_not_beat_the_current_model_is_held_and_any_model
     assert "no registered model starts with '0000'" in capsys.readouterr().err
 
 
+def test_finetune_of_the_last_encoder_stage_from_cached_activations(accepted_store, runner, tmp_path):
+    from dataclasses import replace
+
+    from pipeline.flywheel.finetune import _embed, trained_prefixes
+    from pipeline.flywheel.finetune_data import store_samples
+
+    options = replace(TINY, encoder_stages=1, max_slices=2, promote="never")
+    staged, _ = store_samples(accepted_store, runner, options)
+    cached, _ = store_samples(accepted_store, runner, replace(options, encoder_stages=0))
+    with torch.no_grad():  # the last stage + neck on the cached activations give the encoder's embedding
+        for with_features, plain in zip(staged, cached, strict=True):
+            embedding = _embed(runner.model.net, with_features, options).float()
+            assert torch.allclose(embedding, plain.embedding.float(), atol=0.05, rtol=0.05)
+    assert trained_prefixes(runner.model.net, options) == (
+        "prompt_encoder.", "mask_decoder.", "image_encoder.neck.", "image_encoder.layers.3.")
+
+    out = tmp_path / "stage.pth"
+    entry = finetune(out, store=CaseStore(accepted_store.root), runner=runner, options=options)
+    assert entry["trained"].startswith("last 1 image encoder stage(s) + neck")
+    tuned, official = load_lite_medsam(out).net.state_dict(), runner.model.net.state_dict()
+    frozen = [k for k in official if k.startswith(("image_encoder.patch_embed.", "image_encoder.layers.0.",
+                                                   "image_encoder.layers.1.", "image_encoder.layers.2."))]
+    assert frozen and all(torch.equal(official[k], tuned[k]) for k in frozen)
+    assert entry["metrics"]["holdout_dice_after"] >= entry["metrics"]["holdout_dice_before"]
+
+
 def _sample(case_id: str, z: int, centres_x: list[int]) -> SliceSample:
     boxes = np.array([[x - 2, 10, x + 2, 14] for x in centres_x], dtype=np.float32)
     masks = np.zeros((len(centres_x), 32, 64), bool)
