@@ -76,6 +76,9 @@ def add_parsers(sub) -> None:
     tune.add_argument("--encoder-stages", type=int, default=0, metavar="N",
                       help="also train the image encoder's last N stages (1-3) and its neck, from activations "
                            "computed once per slice (CPU-friendly; default 0: prompt encoder + mask decoder)")
+    tune.add_argument("--augment", action="store_true",
+                      help="also train on the training slices flipped left-right, up-down and turned 90 degrees "
+                           "(boxes and masks follow; four times the embedding time)")
     tune.add_argument("--promote", choices=["if-better", "always", "never"], default="if-better",
                       help="make the new model the store's current one: if it beats its parent (the current "
                            "model) on the held-out reviewed cases (default), always, or never")
@@ -182,7 +185,7 @@ def finetune(args) -> int:
     options = FinetuneOptions(epochs=args.epochs, holdout=args.holdout, lr=args.lr,
                               max_slices=args.max_slices, boxes_per_epoch=args.boxes_per_epoch, device=device,
                               train_encoder=whole, promote=args.promote,
-                              encoder_stages=0 if whole else args.encoder_stages)
+                              encoder_stages=0 if whole else args.encoder_stages, augment=args.augment)
     store = CaseStore(args.store) if args.store else None
     try:
         entry = finetune(args.out, store=store, images=args.images, label_maps=args.labels,

@@ -37,6 +37,7 @@ from pipeline.flywheel.detector_training import train_from_store
 from pipeline.flywheel.finetune_data import (
     FinetuneOptions,
     SliceSample,
+    augmented,
     pair_samples,
     split_samples,
     store_samples,
@@ -220,6 +221,8 @@ def finetune(out: str | Path, *, store: CaseStore | None = None, images: list | 
     if not train_set:
         raise ValueError("no training objects left after the hold-out split; give more data or a smaller "
                          "holdout")
+    if options.augment:  # flipped and turned copies of the training slices only
+        train_set = train_set + augmented(train_set, runner, options)
     net = copy.deepcopy(runner.model.net).to(options.device)  # a private copy: the runner's model stays as is
     metrics = train(net, train_set, held, options, runner.model.framing)
     sha = save_checkpoint(net, out)

@@ -2,6 +2,7 @@
 split (see pipeline/flywheel/finetune.py for the method)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ class FinetuneOptions:
     seed: int = 0
     train_encoder: bool = False
     encoder_stages: int = 0  # last TinyViT stages trained (+ neck) from activations cached per slice; 0: none
+    augment: bool = False  # training slices also flipped left-right, up-down and turned 90 degrees
     device: str = "cpu"
     promote: str = "if-better"  # if-better (beats the current model on the held-out cases), always, never
 
@@ -54,6 +56,7 @@ class SliceSample:
     masks: np.ndarray
     targets: np.ndarray  # (K, h, w) float32: the masks on the low-res logits' part that covers the slice
     features: torch.Tensor | None = None  # (1, tokens, C) float16: what enters the first trained encoder stage
+    source: np.ndarray | None = None  # the rendered slice (kept only to make augmented copies of it)
 
     @property
     def original_hw(self) -> tuple[int, int]:
@@ -61,7 +64,7 @@ class SliceSample:
 
     def subset(self, keep: np.ndarray) -> "SliceSample":
         return SliceSample(self.case_id, self.z, self.embedding, self.image, self.boxes[keep],
-                           self.masks[keep], self.targets[keep], self.features)
+                           self.masks[keep], self.targets[keep], self.features, self.source)
 
 
 def slice_objects(labels: np.ndarray, rules, spacing: tuple[float, float, float]
@@ -69,9 +72,6 @@ def slice_objects(labels: np.ndarray, rules, spacing: tuple[float, float, float]
     """(label, z, box XYXY widened by the rules' margins, (H, W) mask) for every object of a (z, y, x) label
     map on each slice where it is present: the objects, size filters and margins of the coarse-mask box
     compiler (detectors/coarse_mask.py), so fine-tuning learns from the boxes that annotate would give."""
-    import dataclasses
-
-
     out = []
     margins = rules.margins(spacing[1:])
     no_jitter = dataclasses.replace(rules, jitter_mm=0.0)  # fine-tuning jitters boxes its own way
@@ -107,17 +107,59 @@ def case_samples(case_id: str, volume: Volume, labels: np.ndarray, config, runne
         slice_u8 = rendered[window][z]
         boxes = np.array([b for b, _ in grouped[(z, window)]], dtype=np.float32)
         masks = np.stack([m for _, m in grouped[(z, window)]])
-        embedding = image = features = None
-        if options.train_encoder:
-            image = runner.model.framing.prepare(slice_u8)[0]
-        elif options.encoder_stages:
-            features = encoder_features(runner.model.net, runner.model.framing.prepare(slice_u8)[0],
-                                        options.encoder_stages)
-        else:
-            embedding = runner.encode([slice_u8])[0].tensor().detach().to("cpu", torch.float16)
-        targets = np.stack([_target(m, runner.model.framing) for m in masks])
-        samples.append(SliceSample(case_id, z, embedding, image, boxes, masks, targets, features))
+        samples.append(_sample(case_id, z, slice_u8, boxes, masks, runner, options))
     return samples
+
+
+def _sample(case_id: str, z: int, slice_u8: np.ndarray, boxes: np.ndarray, masks: np.ndarray, runner,
+            options: FinetuneOptions) -> SliceSample:
+    """A slice with its objects and what the model needs of it: its embedding (decoder-only training), the
+    activations entering the trained encoder stages, or the model input (whole-model training)."""
+    embedding = image = features = None
+    if options.train_encoder:
+        image = runner.model.framing.prepare(slice_u8)[0]
+    elif options.encoder_stages:
+        features = encoder_features(runner.model.net, runner.model.framing.prepare(slice_u8)[0],
+                                    options.encoder_stages)
+    else:
+        embedding = runner.encode([slice_u8])[0].tensor().detach().to("cpu", torch.float16)
+    targets = np.stack([_target(m, runner.model.framing) for m in masks])
+    return SliceSample(case_id, z, embedding, image, boxes, masks, targets, features,
+                       slice_u8 if options.augment else None)
+
+
+AUGMENTATIONS = ("flip-x", "flip-y", "turn-90")
+
+
+def transform_slice(kind: str, image: np.ndarray, boxes: np.ndarray, masks: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A slice (H, W[, C]), its (K, 4) XYXY boxes (pixel edges) and (K, H, W) masks, flipped left-right,
+    up-down or turned 90 degrees counter-clockwise (np.rot90) together, so every box still frames its mask."""
+    height, width = image.shape[:2]
+    x1, y1, x2, y2 = boxes.T
+    if kind == "flip-x":
+        return image[:, ::-1], np.stack([width - x2, y1, width - x1, y2], axis=1), masks[:, :, ::-1]
+    if kind == "flip-y":
+        return image[::-1], np.stack([x1, height - y2, x2, height - y1], axis=1), masks[:, ::-1]
+    if kind == "turn-90":  # (row y, column x) -> (row W - x, column y)
+        return (np.rot90(image, axes=(0, 1)), np.stack([y1, width - x2, y2, width - x1], axis=1),
+                np.rot90(masks, axes=(1, 2)))
+    raise ValueError(f"Argument 'kind' must be one of {AUGMENTATIONS}; got {kind!r}")
+
+
+def augmented(samples: list[SliceSample], runner, options: FinetuneOptions) -> list[SliceSample]:
+    """Flipped and turned copies of ``samples`` (training slices only: the held-out ones stay as they are),
+    embedded as the originals are; boxes, masks and targets follow the image."""
+    out = []
+    for sample in samples:
+        if sample.source is None:
+            continue
+        for kind in AUGMENTATIONS:
+            image, boxes, masks = transform_slice(kind, sample.source, sample.boxes, sample.masks)
+            out.append(_sample(sample.case_id, sample.z, np.ascontiguousarray(image),
+                               boxes.astype(np.float32), np.ascontiguousarray(masks), runner,
+                               dataclasses.replace(options, augment=False)))
+    return out
 
 
 @torch.no_grad()

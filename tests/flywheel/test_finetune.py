@@ -107,6 +107,39 @@ def test_finetune_of_the_last_encoder_stage_from_cached_activations(accepted_sto
     assert entry["metrics"]["holdout_dice_after"] >= entry["metrics"]["holdout_dice_before"]
 
 
+def test_augmented_slices_keep_every_box_on_its_mask(chest_ct):
+    from pipeline.flywheel.finetune_data import AUGMENTATIONS, transform_slice
+    from pipeline.io.readers import read_volume
+
+    volume, labels = read_volume(chest_ct[0]), read_volume(chest_ct[1]).array
+    z = int(np.argmax([(np.isin(labels[k], (5, 6))).sum() for k in range(labels.shape[0])]))
+    masks = np.stack([labels[z] == value for value in (5, 6)])  # the real lungs on their fullest slice
+    boxes = []
+    for mask in masks:
+        rows, cols = np.nonzero(mask)
+        boxes.append([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])  # pixel edges
+    image = np.clip(volume.array[z], -1000, 400).astype(np.float32)
+    for kind in AUGMENTATIONS:
+        new_image, new_boxes, new_masks = transform_slice(kind, image, np.array(boxes, np.float32), masks)
+        assert new_image.shape[:2] == new_masks.shape[1:] and new_masks.sum() == masks.sum()
+        for box, mask in zip(new_boxes, new_masks):
+            rows, cols = np.nonzero(mask)
+            assert box.tolist() == [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], kind
+        assert not np.array_equal(new_image, image)
+
+
+def test_finetune_with_augmentation_trains_on_four_views_of_each_training_slice(accepted_store, runner,
+                                                                                 tmp_path):
+    from dataclasses import replace
+
+    plain = finetune(tmp_path / "plain.pth", store=CaseStore(accepted_store.root), runner=runner,
+                     options=replace(TINY, promote="never"))
+    more = finetune(tmp_path / "more.pth", store=CaseStore(accepted_store.root), runner=runner,
+                    options=replace(TINY, promote="never", augment=True))
+    assert more["data"]["train"]["slices"] == 4 * plain["data"]["train"]["slices"]
+    assert more["data"]["holdout"] == plain["data"]["holdout"]  # held-out slices stay as they are
+
+
 def _sample(case_id: str, z: int, centres_x: list[int]) -> SliceSample:
     boxes = np.array([[x - 2, 10, x + 2, 14] for x in centres_x], dtype=np.float32)
     masks = np.zeros((len(centres_x), 32, 64), bool)
