@@ -79,6 +79,9 @@ def add_parsers(sub) -> None:
     tune.add_argument("--augment", action="store_true",
                       help="also train on the training slices flipped left-right, up-down and turned 90 degrees "
                            "(boxes and masks follow; four times the embedding time)")
+    tune.add_argument("--no-weight-by-edit", dest="weight_by_edit", action="store_false",
+                      help="draw every box evenly (default: boxes of labels the reviewer changed more, by edit "
+                           "Dice, are drawn more often)")
     tune.add_argument("--promote", choices=["if-better", "always", "never"], default="if-better",
                       help="make the new model the store's current one: if it beats its parent (the current "
                            "model) on the held-out reviewed cases (default), always, or never")
@@ -185,7 +188,8 @@ def finetune(args) -> int:
     options = FinetuneOptions(epochs=args.epochs, holdout=args.holdout, lr=args.lr,
                               max_slices=args.max_slices, boxes_per_epoch=args.boxes_per_epoch, device=device,
                               train_encoder=whole, promote=args.promote,
-                              encoder_stages=0 if whole else args.encoder_stages, augment=args.augment)
+                              encoder_stages=0 if whole else args.encoder_stages, augment=args.augment,
+                              weight_by_edit=args.weight_by_edit)
     store = CaseStore(args.store) if args.store else None
     try:
         entry = finetune(args.out, store=store, images=args.images, label_maps=args.labels,

@@ -114,9 +114,13 @@ def evaluate(net, samples: list[SliceSample], options: FinetuneOptions, framing:
 
 
 def _epoch_steps(samples: list[SliceSample], options: FinetuneOptions, rng: np.random.Generator):
-    """(sample, box indices) steps of one epoch: ``boxes_per_epoch`` random boxes, grouped by slice."""
+    """(sample, box indices) steps of one epoch: ``boxes_per_epoch`` random boxes (drawn by the samples' box
+    weights: labels the reviewer changed more come up more often), grouped by slice."""
     units = [(i, k) for i, s in enumerate(samples) for k in range(len(s.boxes))]
-    chosen = [units[j] for j in rng.permutation(len(units))[: options.boxes_per_epoch]]
+    weights = np.array([1.0 if samples[i].weights is None else samples[i].weights[k] for i, k in units])
+    count = min(options.boxes_per_epoch, len(units))
+    picked = rng.choice(len(units), size=count, replace=False, p=weights / weights.sum()) if units else []
+    chosen = [units[j] for j in picked]
     by_sample: dict[int, list[int]] = {}
     for i, k in chosen:
         by_sample.setdefault(i, []).append(k)

@@ -40,6 +40,7 @@ class FinetuneOptions:
     train_encoder: bool = False
     encoder_stages: int = 0  # last TinyViT stages trained (+ neck) from activations cached per slice; 0: none
     augment: bool = False  # training slices also flipped left-right, up-down and turned 90 degrees
+    weight_by_edit: bool = True  # objects of labels the reviewer changed more are drawn more often
     device: str = "cpu"
     promote: str = "if-better"  # if-better (beats the current model on the held-out cases), always, never
 
@@ -57,6 +58,7 @@ class SliceSample:
     targets: np.ndarray  # (K, h, w) float32: the masks on the low-res logits' part that covers the slice
     features: torch.Tensor | None = None  # (1, tokens, C) float16: what enters the first trained encoder stage
     source: np.ndarray | None = None  # the rendered slice (kept only to make augmented copies of it)
+    weights: np.ndarray | None = None  # (K,) how often each box is drawn for training, relative (None: evenly)
 
     @property
     def original_hw(self) -> tuple[int, int]:
@@ -64,7 +66,8 @@ class SliceSample:
 
     def subset(self, keep: np.ndarray) -> "SliceSample":
         return SliceSample(self.case_id, self.z, self.embedding, self.image, self.boxes[keep],
-                           self.masks[keep], self.targets[keep], self.features, self.source)
+                           self.masks[keep], self.targets[keep], self.features, self.source,
+                           None if self.weights is None else self.weights[keep])
 
 
 def slice_objects(labels: np.ndarray, rules, spacing: tuple[float, float, float]
@@ -89,25 +92,30 @@ def _target(mask: np.ndarray, framing: Framing) -> np.ndarray:
     return cv2.resize(mask.astype(np.float32), (new_w, new_h), interpolation=cv2.INTER_AREA)
 
 
-def case_samples(case_id: str, volume: Volume, labels: np.ndarray, config, runner, options: FinetuneOptions
-                 ) -> list[SliceSample]:
-    """Embedded slices of one case with its objects, rendered per label window as ``config`` annotates."""
+def case_samples(case_id: str, volume: Volume, labels: np.ndarray, config, runner, options: FinetuneOptions,
+                 edits: dict[int, float] | None = None) -> list[SliceSample]:
+    """Embedded slices of one case with its objects, rendered per label window as ``config`` annotates.
+    ``edits`` (label -> the reviewer's edit Dice, proposal vs correction) weights each object by how much
+    the reviewer changed its label: 1 + (1 - edit Dice), so a label redrawn entirely counts twice."""
     objects = slice_objects(labels, config.prompts.box_rules(), volume.spacing)
     prompts = [BoxPrompt(label=o[0], instance=1, z=o[1], box=o[2]) for o in objects]
     rendered, window_of, _ = renderings(volume, labels, prompts, config)
     default = next(iter(rendered))
     grouped: dict[tuple[int, str], list] = {}
     for label, z, box, mask in objects:
-        grouped.setdefault((z, window_of.get(label, default)), []).append((box, mask))
+        weight = 1.0 + (1.0 - float((edits or {}).get(label, 1.0))) if options.weight_by_edit else 1.0
+        grouped.setdefault((z, window_of.get(label, default)), []).append((box, mask, weight))
     keys = sorted(grouped)
     if len(keys) > options.max_slices:
         keys = [keys[i] for i in np.linspace(0, len(keys) - 1, options.max_slices).round().astype(int)]
     samples = []
     for z, window in keys:
         slice_u8 = rendered[window][z]
-        boxes = np.array([b for b, _ in grouped[(z, window)]], dtype=np.float32)
-        masks = np.stack([m for _, m in grouped[(z, window)]])
-        samples.append(_sample(case_id, z, slice_u8, boxes, masks, runner, options))
+        boxes = np.array([b for b, _, _ in grouped[(z, window)]], dtype=np.float32)
+        masks = np.stack([m for _, m, _ in grouped[(z, window)]])
+        sample = _sample(case_id, z, slice_u8, boxes, masks, runner, options)
+        sample.weights = np.array([w for _, _, w in grouped[(z, window)]], dtype=np.float64)
+        samples.append(sample)
     return samples
 
 
@@ -156,9 +164,10 @@ def augmented(samples: list[SliceSample], runner, options: FinetuneOptions) -> l
             continue
         for kind in AUGMENTATIONS:
             image, boxes, masks = transform_slice(kind, sample.source, sample.boxes, sample.masks)
-            out.append(_sample(sample.case_id, sample.z, np.ascontiguousarray(image),
-                               boxes.astype(np.float32), np.ascontiguousarray(masks), runner,
-                               dataclasses.replace(options, augment=False)))
+            copy = _sample(sample.case_id, sample.z, np.ascontiguousarray(image), boxes.astype(np.float32),
+                           np.ascontiguousarray(masks), runner, dataclasses.replace(options, augment=False))
+            copy.weights = sample.weights
+            out.append(copy)
     return out
 
 
@@ -215,7 +224,9 @@ def store_samples(store: CaseStore, runner, options: FinetuneOptions) -> tuple[l
     samples = []
     for case_id in case_ids:
         volume, labels, attrs = read_case_volume(store, case_id)
-        samples += case_samples(case_id, volume, labels, _case_config(attrs), runner, options)
+        edits = (attrs.raw.get("review") or {}).get("edit_dice_per_label") or {}
+        samples += case_samples(case_id, volume, labels, _case_config(attrs), runner, options,
+                                edits={int(label): float(value) for label, value in edits.items()})
     return samples, case_ids
 
 

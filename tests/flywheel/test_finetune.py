@@ -29,6 +29,13 @@ def accepted_store(tmp_path_factory, small_chest):
     return commit_lungs_case(tmp_path_factory.mktemp("accepted"), small_chest, config, review_status="accepted")
 
 
+def _without_models(store: CaseStore, tmp_path) -> CaseStore:
+    """A copy of the accepted store with no registered model (the official weights current)."""
+    import shutil
+
+    return CaseStore(shutil.copytree(store.root, tmp_path / "store", ignore=shutil.ignore_patterns("_models")))
+
+
 def test_finetune_from_a_store_registers_a_strict_loadable_model(accepted_store, runner, tmp_path):
     from pipeline.flywheel.finetune import retrain_detector
 
@@ -56,11 +63,9 @@ def test_finetune_from_a_store_registers_a_strict_loadable_model(accepted_store,
 
 def test_a_challenger_that_does_not_beat_the_current_model_is_held_and_any_model_can_be_chosen(
         accepted_store, runner, tmp_path, capsys):
-    import shutil
     from dataclasses import replace
 
-    store = CaseStore(shutil.copytree(accepted_store.root, tmp_path / "store",
-                                      ignore=shutil.ignore_patterns("_models")))
+    store = _without_models(accepted_store, tmp_path)
     # a learning rate that wrecks the decoder: no epoch beats the official model on the held-out slices
     wrecked = finetune(tmp_path / "wrecked.pth", store=store, runner=runner,
                        options=replace(TINY, lr=1.0, promote="if-better"))
@@ -98,7 +103,7 @@ def test_finetune_of_the_last_encoder_stage_from_cached_activations(accepted_sto
         "prompt_encoder.", "mask_decoder.", "image_encoder.neck.", "image_encoder.layers.3.")
 
     out = tmp_path / "stage.pth"
-    entry = finetune(out, store=CaseStore(accepted_store.root), runner=runner, options=options)
+    entry = finetune(out, store=_without_models(accepted_store, tmp_path), runner=runner, options=options)
     assert entry["trained"].startswith("last 1 image encoder stage(s) + neck")
     tuned, official = load_lite_medsam(out).net.state_dict(), runner.model.net.state_dict()
     frozen = [k for k in official if k.startswith(("image_encoder.patch_embed.", "image_encoder.layers.0.",
@@ -132,9 +137,9 @@ def test_finetune_with_augmentation_trains_on_four_views_of_each_training_slice(
                                                                                  tmp_path):
     from dataclasses import replace
 
-    plain = finetune(tmp_path / "plain.pth", store=CaseStore(accepted_store.root), runner=runner,
-                     options=replace(TINY, promote="never"))
-    more = finetune(tmp_path / "more.pth", store=CaseStore(accepted_store.root), runner=runner,
+    store = _without_models(accepted_store, tmp_path)  # the official model is current: the runner's
+    plain = finetune(tmp_path / "plain.pth", store=store, runner=runner, options=replace(TINY, promote="never"))
+    more = finetune(tmp_path / "more.pth", store=store, runner=runner,
                     options=replace(TINY, promote="never", augment=True))
     assert more["data"]["train"]["slices"] == 4 * plain["data"]["train"]["slices"]
     assert more["data"]["holdout"] == plain["data"]["holdout"]  # held-out slices stay as they are
@@ -222,3 +227,17 @@ def test_one_slice_cannot_be_split_by_case_or_z():
     assert split_by_case_or_z([_sample("a", 0, [5, 15])], 0.25) is None
     train, held, how = split_by_case_or_z([_sample("a", z, [5]) for z in range(4)], 0.25)
     assert how == "z-block" and [s.z for s in held] == [3] and len(train) == 3
+
+
+def test_boxes_of_labels_the_reviewer_changed_more_are_drawn_more_often():
+    from pipeline.flywheel.finetune import _epoch_steps
+
+    kept, redrawn = _sample("c0", 0, [10, 20, 30, 40]), _sample("c0", 1, [10, 20, 30, 40])
+    kept.weights, redrawn.weights = np.ones(4), np.full(4, 2.0)  # edit Dice 1.0 vs 0.0
+    options = FinetuneOptions(boxes_per_epoch=2, boxes_per_step=2)
+    rng = np.random.default_rng(0)
+    drawn = {0: 0, 1: 0}
+    for _ in range(400):
+        for sample, index in _epoch_steps([kept, redrawn], options, rng):
+            drawn[sample.z] += len(index)
+    assert drawn[1] > 1.5 * drawn[0]
