@@ -1,5 +1,9 @@
 """Fine-tune LiteMedSAM from accepted masks: prompt encoder + mask decoder on cached image embeddings (minutes
-on a CPU), or the whole model (``train_encoder``, meant for a GPU).
+on a CPU); with ``encoder_stages`` N also the image encoder's last N TinyViT stages and its neck, trained from
+the activations that enter them, computed once per slice (the stages below stay frozen, so only the trained
+part runs forward and backward); or the whole model (``train_encoder``, meant for a GPU). ``augment`` adds
+flipped and turned copies of the training slices (boxes and masks follow); ``weight_by_edit`` draws the boxes
+of labels the reviewer changed more more often.
 
 Data: a store's accepted cases (``review_status == "accepted"``), or image/label-map pairs on the same grid.
 Each slice is rendered exactly as the annotate run renders it (the case's own configuration: CT window per
