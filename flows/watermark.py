@@ -93,21 +93,22 @@ def check_name(name: str) -> str:
     return name
 
 
-def read_mark(store, name: str, *, model: str | None = None) -> float | None:
-    """Where the watermark stands; None (take everything) before its first run, and when ``model`` is given
-    and the watermark was set by a run with another model."""
+def _record(store, name: str, model: str | None) -> dict | None:
+    """The watermark's record, or None before its first run or when ``model`` is given and the watermark was
+    set by a run with another model (everything is to be taken again)."""
     record = read_watermark(store, check_name(name))
-    if record is None or (model is not None and record.get("model") != model):
-        return None
-    return float(record["since"])
+    return None if record is None or (model is not None and record.get("model") != model) else record
+
+
+def read_mark(store, name: str, *, model: str | None = None) -> float | None:
+    """Where the watermark stands (seconds since the epoch), or None: take everything (see :func:`_record`)."""
+    record = _record(store, name, model)
+    return None if record is None else float(record["since"])
 
 
 def read_seen(store, name: str, *, model: str | None = None) -> dict[str, int]:
     """The PACS studies the watermark has seen (keyed study -> instances); empty where read_mark is None."""
-    record = read_watermark(store, check_name(name))
-    if record is None or (model is not None and record.get("model") != model):
-        return {}
-    return dict(record.get("pacs") or {})
+    return dict((_record(store, name, model) or {}).get("pacs") or {})
 
 
 def write_mark(store, name: str, since: float, *, run_id: str, model: str | None = None,

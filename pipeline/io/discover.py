@@ -1,11 +1,12 @@
 """Inputs on the command line -> CaseRefs, paired with coarse masks.
 
-An input is an image file, a folder, a zip/tar archive (extracted safely into STORE/_cache), a DICOMweb
-study/series URL or an fsspec URL such as s3://bucket/prefix (both fetched into STORE/_cache). Folders give
-one case per image file and one case per DICOM series (grouped by SeriesInstanceUID, orientation and size;
-localizers and derived secondary captures dropped unless asked for). Files that look like images but cannot
-be read become cases whose reading raises the reason, so each is recorded in the store's errors and the
-batch goes on.
+An input is an image file, a folder, a zip/tar archive (extracted safely into STORE/_cache), an fsspec URL
+such as s3://bucket/prefix (fetched into STORE/_cache), or DICOMweb: a study or series URL or a service root
+(its studies by QIDO-RS). Folders give one case per image file and one case per DICOM series (grouped by
+SeriesInstanceUID, orientation and size; localizers and derived secondary captures dropped unless asked
+for); DICOMweb gives one case per image series from QIDO-RS alone, downloaded by whoever annotates it
+(:func:`materialise`). Files that look like images but cannot be read become cases whose reading raises the
+reason, so each is recorded in the store's errors and the batch goes on.
 
 Case ids and series keys are keyed hashes (the store's key): no name, ID, date or UID reaches an id, a
 path under the cache, a log line or a message.
@@ -80,7 +81,7 @@ class DiscoveryOptions:
 
 
 FROM_PACS = "from-pacs"  # --coarse-mask from-pacs: each DICOMweb series' newest SEG in the PACS not made here
-PACS_DOWNLOADS = 4  # studies of a service root downloaded at once
+PACS_QUERIES = 4  # studies of a service root whose series are listed (QIDO-RS) at once
 
 
 def content_hash(path: str | Path) -> str:
@@ -237,7 +238,7 @@ class _Finder:
                                     f"DICOMweb service: no study matches the query (filters on: {shown})")]
         log.info("DICOMweb service: %d studies match the query", len(studies))
         base = root.rstrip("/")
-        with ThreadPoolExecutor(max_workers=PACS_DOWNLOADS) as pool:
+        with ThreadPoolExecutor(max_workers=PACS_QUERIES) as pool:
             found = list(pool.map(self.dicomweb, [f"{base}/studies/{uid}" for uid in studies]))
         return [case for cases in found for case in cases]
 
