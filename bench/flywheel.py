@@ -4,8 +4,9 @@ Protocol, per dataset (all through the `medsam-engine` commands, run in this pro
 
 1. `round run` on every case with the official model (boxes from the reference masks: the MedSAM protocol).
 2. The simulated reviewer corrects part A: `review import` of the reference masks of A.
-3. `finetune --store` on the accepted part A (prompt encoder + mask decoder on cached embeddings, CPU; with
-   `--finetune-arg=--encoder-stages --finetune-arg=1` also the image encoder's last stage and neck).
+3. `finetune --store` on the accepted part A (CPU; its defaults: the image encoder's last two stages and
+   neck, prompt encoder and mask decoder; `--finetune-arg=--encoder-stages --finetune-arg=0` for the decoder only,
+   `... --finetune-arg=--augment` for flipped and turned copies).
 4. `round run` again: part A is kept (accepted), part B is stale for the new model and is re-annotated.
 Dice on part B from round 1 (official model) and round 2 (fine-tuned) uses the same prompts and the same
 post-processing, so the difference (the lift) is the model's.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +33,9 @@ import numpy as np
 from pipeline.cli.main import main as cli
 
 CHEST_LABELS = (2, 3, 4, 5, 6)
+# one case-id key for every run, so every option is measured on the same held-out split (the split follows the
+# keyed case ids; a store of its own would draw another key, and another split, each time)
+os.environ.setdefault("MEDSAM_ENGINE_ID_KEY", "flywheel-bench")
 
 
 def chest_data(root: Path) -> tuple[list[str], list[str]]:
@@ -87,7 +92,6 @@ def nuclei_data(root: Path) -> tuple[list[str], list[str]]:
 def pooled_dice(store_path: Path, root: Path, stems: list[str]) -> dict:
     """Dice per label pooled over the cases of ``stems`` (voxels summed), and their mean."""
     from pipeline.core.geometry import align_to
-    from pipeline.core.types import Geometry, Volume
     from pipeline.io.readers import read_volume, stem_of
     from pipeline.store.case_store import CaseStore
 
@@ -99,7 +103,7 @@ def pooled_dice(store_path: Path, root: Path, stems: list[str]) -> dict:
         if stem not in stems:
             continue
         labels, attrs = store.read_labels(case_id)
-        case = Volume(labels, Geometry.from_json(attrs["geometry"]), attrs.get("modality", "OT"))
+        case = attrs.volume(labels)
         reference_file = next((root / "reference").glob(f"{stem}.*"))
         reference = align_to(read_volume(reference_file), case, what="reference")
         for value in (int(v) for v in np.unique(reference) if v):

@@ -1,7 +1,8 @@
-"""Fine-tune LiteMedSAM from accepted masks: prompt encoder + mask decoder on cached image embeddings (minutes
-on a CPU); with ``encoder_stages`` N also the image encoder's last N TinyViT stages and its neck, trained from
-the activations that enter them, computed once per slice (the stages below stay frozen, so only the trained
-part runs forward and backward); or the whole model (``train_encoder``, meant for a GPU). ``augment`` adds
+"""Fine-tune LiteMedSAM from accepted masks: prompt encoder + mask decoder with the image encoder's last
+``encoder_stages`` TinyViT stages (default 2) and its neck, trained from the activations that enter those
+stages, computed once per slice (the stages below stay frozen, so only the trained part runs forward and
+backward: minutes on a CPU); ``encoder_stages=0``: prompt encoder + mask decoder on cached embeddings; or the
+whole model (``train_encoder``, meant for a GPU). ``augment`` adds
 flipped and turned copies of the training slices (boxes and masks follow); ``weight_by_edit`` draws the boxes
 of labels the reviewer changed more more often.
 

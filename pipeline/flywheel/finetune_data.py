@@ -38,7 +38,7 @@ class FinetuneOptions:
     box_jitter: float = 0.05
     seed: int = 0
     train_encoder: bool = False
-    encoder_stages: int = 0  # last TinyViT stages trained (+ neck) from activations cached per slice; 0: none
+    encoder_stages: int = 2  # last TinyViT stages trained (+ neck) from activations cached per slice; 0: none
     augment: bool = False  # training slices also flipped left-right, up-down and turned 90 degrees
     weight_by_edit: bool = True  # objects of labels the reviewer changed more are drawn more often
     device: str = "cpu"

@@ -17,7 +17,9 @@ from pipeline.flywheel.registry import current_model
 from pipeline.model.checkpoint import LITE_MEDSAM_SHA256, load_lite_medsam
 from pipeline.store.case_store import CaseStore
 
-TINY = FinetuneOptions(epochs=1, boxes_per_epoch=4, boxes_per_step=4, promote="always")  # promotion: below
+# decoder-only (the encoder stays the official one) and promoted always; the other modes and promotion below
+TINY = FinetuneOptions(epochs=1, boxes_per_epoch=4, boxes_per_step=4, promote="always", encoder_stages=0,
+                       augment=False)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +140,8 @@ def test_finetune_with_augmentation_trains_on_four_views_of_each_training_slice(
     from dataclasses import replace
 
     store = _without_models(accepted_store, tmp_path)  # the official model is current: the runner's
-    plain = finetune(tmp_path / "plain.pth", store=store, runner=runner, options=replace(TINY, promote="never"))
+    plain = finetune(tmp_path / "plain.pth", store=store, runner=runner,
+                     options=replace(TINY, promote="never", augment=False))
     more = finetune(tmp_path / "more.pth", store=store, runner=runner,
                     options=replace(TINY, promote="never", augment=True))
     assert more["data"]["train"]["slices"] == 4 * plain["data"]["train"]["slices"]

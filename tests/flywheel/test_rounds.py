@@ -35,7 +35,8 @@ def two_rounds(tmp_path_factory, runner, small_chest, small_chest_nifti):
     proposals = {c: store.read_labels(c)[0] for c in store.committed_cases()}
     imported = import_corrections(store, [reference / "chest_a.nrrd"], reviewer="simulated")
     entry = finetune(root / "round1.pth", store=store, runner=runner,
-                     options=FinetuneOptions(epochs=1, boxes_per_epoch=4, boxes_per_step=4, promote="always"))
+                     options=FinetuneOptions(epochs=1, boxes_per_epoch=4, boxes_per_step=4, promote="always",
+                                             encoder_stages=0, augment=False))
     tuned = config.with_overrides(model={"checkpoint": str(root / "round1.pth")})
     # decoder-only fine-tuning keeps the encoder: the session's embedding cache stays valid
     tuned_runner = LiteMedSAMRunner(load_lite_medsam(root / "round1.pth"), _cache=runner._cache)
