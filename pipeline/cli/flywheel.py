@@ -79,8 +79,8 @@ def add_parsers(sub) -> None:
                            "computed once per slice (default 2, the best lift per minute measured on CPU; 0: "
                            "prompt encoder + mask decoder only)")
     tune.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
-                      help="also train on the training slices flipped left-right, up-down and turned 90 degrees "
-                           "(boxes and masks follow; four times the embedding time)")
+                      help="also train on the training slices flipped left-right, up-down, turned 90 degrees "
+                           "and with brighter mid-tones (boxes and masks follow; five times the embedding time)")
     tune.add_argument("--no-weight-by-edit", dest="weight_by_edit", action="store_false",
                       help="draw every box evenly (default: boxes of labels the reviewer changed more, by edit "
                            "Dice, are drawn more often)")

@@ -3,7 +3,7 @@
 stages, computed once per slice (the stages below stay frozen, so only the trained part runs forward and
 backward: minutes on a CPU); ``encoder_stages=0``: prompt encoder + mask decoder on cached embeddings; or the
 whole model (``train_encoder``, meant for a GPU). ``augment`` adds
-flipped and turned copies of the training slices (boxes and masks follow); ``weight_by_edit`` draws the boxes
+flipped, turned and brightened copies of the training slices (boxes and masks follow); ``weight_by_edit`` draws the boxes
 of labels the reviewer changed more more often.
 
 Data: a store's accepted cases (``review_status == "accepted"``), or image/label-map pairs on the same grid.
@@ -230,7 +230,7 @@ def finetune(out: str | Path, *, store: CaseStore | None = None, images: list | 
     if not train_set:
         raise ValueError("no training objects left after the hold-out split; give more data or a smaller "
                          "holdout")
-    if options.augment:  # flipped and turned copies of the training slices only
+    if options.augment:  # flipped, turned and brightened copies of the training slices only
         train_set = train_set + augmented(train_set, runner, options)
     net = copy.deepcopy(runner.model.net).to(options.device)  # a private copy: the runner's model stays as is
     metrics = train(net, train_set, held, options, runner.model.framing)

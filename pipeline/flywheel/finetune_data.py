@@ -136,13 +136,15 @@ def _sample(case_id: str, z: int, slice_u8: np.ndarray, boxes: np.ndarray, masks
                        slice_u8 if options.augment else None)
 
 
-AUGMENTATIONS = ("flip-x", "flip-y", "turn-90")
+AUGMENTATIONS = ("flip-x", "flip-y", "turn-90", "gamma")
+GAMMA = 0.7  # the intensity copy: a brighter mid-range, as another window or scanner would render the slice
 
 
 def transform_slice(kind: str, image: np.ndarray, boxes: np.ndarray, masks: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A slice (H, W[, C]), its (K, 4) XYXY boxes (pixel edges) and (K, H, W) masks, flipped left-right,
-    up-down or turned 90 degrees counter-clockwise (np.rot90) together, so every box still frames its mask."""
+    """A slice (H, W[, C]; uint8 as rendered), its (K, 4) XYXY boxes (pixel edges) and (K, H, W) masks,
+    flipped left-right, up-down or turned 90 degrees counter-clockwise (np.rot90) together, so every box still
+    frames its mask; or its intensities bent by a gamma curve ("gamma": boxes and masks as they are)."""
     height, width = image.shape[:2]
     x1, y1, x2, y2 = boxes.T
     if kind == "flip-x":
@@ -152,11 +154,14 @@ def transform_slice(kind: str, image: np.ndarray, boxes: np.ndarray, masks: np.n
     if kind == "turn-90":  # (row y, column x) -> (row W - x, column y)
         return (np.rot90(image, axes=(0, 1)), np.stack([y1, width - x2, y2, width - x1], axis=1),
                 np.rot90(masks, axes=(1, 2)))
+    if kind == "gamma":
+        curve = (255.0 * (np.arange(256) / 255.0) ** GAMMA).round().astype(np.uint8)
+        return curve[image] if image.dtype == np.uint8 else image ** GAMMA, boxes, masks
     raise ValueError(f"Argument 'kind' must be one of {AUGMENTATIONS}; got {kind!r}")
 
 
 def augmented(samples: list[SliceSample], runner, options: FinetuneOptions) -> list[SliceSample]:
-    """Flipped and turned copies of ``samples`` (training slices only: the held-out ones stay as they are),
+    """Flipped, turned and brightened copies of ``samples`` (training slices only: the held-out ones stay as they are),
     embedded as the originals are; boxes, masks and targets follow the image."""
     out = []
     for sample in samples:

@@ -125,7 +125,8 @@ def test_augmented_slices_keep_every_box_on_its_mask(chest_ct):
     for mask in masks:
         rows, cols = np.nonzero(mask)
         boxes.append([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])  # pixel edges
-    image = np.clip(volume.array[z], -1000, 400).astype(np.float32)
+    image = (np.clip(volume.array[z], -1000, 400) + 1000) * 255 / 1400  # a lung window, as rendered
+    image = image.astype(np.uint8)
     for kind in AUGMENTATIONS:
         new_image, new_boxes, new_masks = transform_slice(kind, image, np.array(boxes, np.float32), masks)
         assert new_image.shape[:2] == new_masks.shape[1:] and new_masks.sum() == masks.sum()
@@ -135,7 +136,7 @@ def test_augmented_slices_keep_every_box_on_its_mask(chest_ct):
         assert not np.array_equal(new_image, image)
 
 
-def test_finetune_with_augmentation_trains_on_four_views_of_each_training_slice(accepted_store, runner,
+def test_finetune_with_augmentation_trains_on_five_views_of_each_training_slice(accepted_store, runner,
                                                                                  tmp_path):
     from dataclasses import replace
 
@@ -144,7 +145,7 @@ def test_finetune_with_augmentation_trains_on_four_views_of_each_training_slice(
                      options=replace(TINY, promote="never", augment=False))
     more = finetune(tmp_path / "more.pth", store=store, runner=runner,
                     options=replace(TINY, promote="never", augment=True))
-    assert more["data"]["train"]["slices"] == 4 * plain["data"]["train"]["slices"]
+    assert more["data"]["train"]["slices"] == 5 * plain["data"]["train"]["slices"]
     assert more["data"]["holdout"] == plain["data"]["holdout"]  # held-out slices stay as they are
 
 
