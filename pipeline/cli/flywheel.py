@@ -47,8 +47,7 @@ def add_parsers(sub) -> None:
     into = add_command(review_sub, "import", "ingest corrected masks and mark the cases accepted")
     into.add_argument("store", metavar="STORE", help="the store the proposals came from")
     into.add_argument("corrections", nargs="+", metavar="CORRECTION",
-                      help="label maps (NIfTI, NRRD, .seg.nrrd, DICOM SEG, OME-Zarr) or folders of them, or "
-                           "a "
+                      help="label maps (NIfTI, NRRD, .seg.nrrd, DICOM SEG, OME-Zarr) or folders of them, or a "
                            "DICOMweb service root (http://HOST/dicom-web): the reviewers' SEGs there that "
                            "reference a case's series and are newer than its proposal")
     into.add_argument("--reviewer", required=True, help="who reviewed (a name or id; never a patient's)")
@@ -210,7 +209,8 @@ def finetune(args) -> int:
 
 
 def model_lines(store) -> list[str]:
-    """One line per registered model (oldest first): sha256, held-out Dice, whether it is current, why."""
+    """One line per registered model (oldest first): sha256, current / promoted / held, when, and why (with
+    the held-out Dice it was judged on)."""
     current = (current_model(store) or {}).get("sha256")
     lines = []
     for entry in registered_models(store):
