@@ -301,9 +301,7 @@ def annotate_inputs(inputs: list[str], store_url: str, coarse_masks: list[str], 
 @task(name="push-seg", cache_policy=NO_CACHE)
 def push_proposals(store_url: str, case_ids: list[str], service: str) -> dict:
     """Store the committed proposals in the PACS as DICOM SEG (once per committed version); counts only."""
-    pushed = push_segs(CaseStore(store_url), case_ids, service)
-    counts = {"pushed": len(pushed.pushed), "already": len(pushed.already), "no_dicom_source": len(pushed.skipped),
-              "failed": len(pushed.failed)}
+    counts = push_segs(CaseStore(store_url), case_ids, service).counts()
     get_run_logger().info("SEG push: %s", counts)
     return counts
 

@@ -115,9 +115,14 @@ def push_and_print(store, case_ids: list[str], url: str | None) -> bool:
     report = push_segs(store, case_ids, url)
     for case_id, reason in {**report.skipped, **report.failed}.items():
         print(f"{'no SEG' if case_id in report.skipped else 'unpushed'} {case_id}  {reason}")
-    print(f"SEG: {len(report.pushed)} pushed, {len(report.already)} already there, {len(report.skipped)} "
-          f"without a DICOM source, {len(report.failed)} refused or unreachable")
+    print(push_line(report.counts()))
     return bool(report.failed)
+
+
+def push_line(counts: dict[str, int]) -> str:
+    """The summary line of a SEG push (:meth:`pipeline.export.pacs_push.PushReport.counts`)."""
+    return (f"SEG: {counts['pushed']} pushed, {counts['already']} already there, {counts['no_dicom_source']} "
+            f"without a DICOM source, {counts['failed']} refused or unreachable")
 
 
 class _DropExitNoise(logging.Filter):

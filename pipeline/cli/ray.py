@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.cli.common import EXIT_CASES_FAILED, EXIT_OK, EXIT_USAGE, pacs_filters
+from pipeline.cli.common import EXIT_CASES_FAILED, EXIT_OK, EXIT_USAGE, pacs_filters, push_line
 from pipeline.core.errors import CaseError
 from pipeline.distributed.ray_pool import PoolOptions
 from pipeline.store.case_store import CaseStore
@@ -61,8 +61,7 @@ def _print_report(report: dict, store_url: str) -> int:
           f"{counts['failed']} failed -> {store_url if '://' in store_url else Path(store_url).resolve()}")
     push = report.get("push")
     if push:
-        print(f"SEG: {push['pushed']} pushed, {push['already']} already there, {push['no_dicom_source']} without "
-              f"a DICOM source, {push['failed']} refused or unreachable")
+        print(push_line(push))
     failed = counts["failed"] or counts["quarantined"] or (push or {}).get("failed")
     return EXIT_CASES_FAILED if failed else EXIT_OK
 

@@ -27,6 +27,11 @@ class PushReport:
     skipped: dict[str, str] = field(default_factory=dict)  # case id -> why no SEG can be made
     failed: dict[str, str] = field(default_factory=dict)  # case id -> why the PACS did not take it
 
+    def counts(self) -> dict[str, int]:
+        """How many cases were pushed, already there, without a DICOM source, refused (no ids, no reasons)."""
+        return {"pushed": len(self.pushed), "already": len(self.already), "no_dicom_source": len(self.skipped),
+                "failed": len(self.failed)}
+
 
 def push_segs(store: CaseStore, case_ids: list[str], url: str) -> PushReport:
     """Push the committed ``case_ids`` to the DICOMweb service at ``url`` as DICOM SEG (see the module doc)."""

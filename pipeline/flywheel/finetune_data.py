@@ -113,14 +113,13 @@ def case_samples(case_id: str, volume: Volume, labels: np.ndarray, config, runne
         slice_u8 = rendered[window][z]
         boxes = np.array([b for b, _, _ in grouped[(z, window)]], dtype=np.float32)
         masks = np.stack([m for _, m, _ in grouped[(z, window)]])
-        sample = _sample(case_id, z, slice_u8, boxes, masks, runner, options)
-        sample.weights = np.array([w for _, _, w in grouped[(z, window)]], dtype=np.float64)
-        samples.append(sample)
+        weights = np.array([w for _, _, w in grouped[(z, window)]], dtype=np.float64)
+        samples.append(_sample(case_id, z, slice_u8, boxes, masks, runner, options, weights))
     return samples
 
 
 def _sample(case_id: str, z: int, slice_u8: np.ndarray, boxes: np.ndarray, masks: np.ndarray, runner,
-            options: FinetuneOptions) -> SliceSample:
+            options: FinetuneOptions, weights: np.ndarray | None) -> SliceSample:
     """A slice with its objects and what the model needs of it: its embedding (decoder-only training), the
     activations entering the trained encoder stages, or the model input (whole-model training)."""
     embedding = image = features = None
@@ -133,7 +132,7 @@ def _sample(case_id: str, z: int, slice_u8: np.ndarray, boxes: np.ndarray, masks
         embedding = runner.encode([slice_u8])[0].tensor().detach().to("cpu", torch.float16)
     targets = np.stack([_target(m, runner.model.framing) for m in masks])
     return SliceSample(case_id, z, embedding, image, boxes, masks, targets, features,
-                       slice_u8 if options.augment else None)
+                       slice_u8 if options.augment else None, weights)
 
 
 AUGMENTATIONS = ("flip-x", "flip-y", "turn-90", "gamma")
@@ -161,18 +160,17 @@ def transform_slice(kind: str, image: np.ndarray, boxes: np.ndarray, masks: np.n
 
 
 def augmented(samples: list[SliceSample], runner, options: FinetuneOptions) -> list[SliceSample]:
-    """Flipped, turned and brightened copies of ``samples`` (training slices only: the held-out ones stay as they are),
-    embedded as the originals are; boxes, masks and targets follow the image."""
+    """Flipped, turned and brightened copies of ``samples`` (training slices only: the held-out ones stay as
+    they are), embedded as the originals are; boxes, masks and targets follow the image."""
     out = []
     for sample in samples:
         if sample.source is None:
             continue
         for kind in AUGMENTATIONS:
             image, boxes, masks = transform_slice(kind, sample.source, sample.boxes, sample.masks)
-            copy = _sample(sample.case_id, sample.z, np.ascontiguousarray(image), boxes.astype(np.float32),
-                           np.ascontiguousarray(masks), runner, dataclasses.replace(options, augment=False))
-            copy.weights = sample.weights
-            out.append(copy)
+            out.append(_sample(sample.case_id, sample.z, np.ascontiguousarray(image),
+                               boxes.astype(np.float32), np.ascontiguousarray(masks), runner,
+                               dataclasses.replace(options, augment=False), sample.weights))
     return out
 
 

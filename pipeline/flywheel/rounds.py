@@ -122,7 +122,8 @@ def run_round(cases: list, store: CaseStore, config: EngineConfig, *, checkpoint
     over Ray."""
     start = begin_round(store, config, checkpoint=checkpoint)
     todo_ids, kept = split_accepted(store, [c.case_id for c in cases])
-    todo = [c for c in cases if c.case_id in set(todo_ids)]
+    wanted = set(todo_ids)
+    todo = [c for c in cases if c.case_id in wanted]
     runner = runner or LazyRunner(start.config)
     summary = annotate(todo, store, start.config, overwrite=True, runner=runner)
     return finish_round(store, start, summary.outcomes, given=len(cases), kept=len(kept),
@@ -200,7 +201,7 @@ COLUMNS = ("round", "model", "annotated", "seconds_per_case", "auto_acceptance_r
 
 def format_table(rows: list[dict]) -> str:
     """A Markdown table of :func:`round_rows` (empty cells where a figure does not exist yet)."""
-    cell = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    cell = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in COLUMNS) + " |" for row in rows]
     return "\n".join(lines)
