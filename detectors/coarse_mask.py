@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import cc3d
 import numpy as np
 from scipy import ndimage
 
 from pipeline.core.metrics import present_labels
 from pipeline.core.types import BoxPrompt, ObjectBox
+from postprocess import label_boxes
 
 SOURCE = "coarse-mask"
 
@@ -44,24 +46,27 @@ class BoxRules:
                 self.margin_px + int(round(self.margin_mm / spacing_yx[1])))
 
 
+CC3D_CONNECTIVITY = {1: 6, 2: 18, 3: 26}  # scipy's connectivity rank -> cc3d's neighbour count
+
+
 def label_objects(label_map: np.ndarray, instances: np.ndarray | None = None, connectivity: int = 3
                   ) -> Iterator[tuple[int, np.ndarray, tuple[slice, ...]]]:
     """Yield (label, boolean sub-volume, its slices) per object: labels in ascending order, each label's
     objects in order of their first voxel.
 
-    Each label is searched within its own bounding box (one pass over the map finds them all), so an
-    instance map with hundreds of labels costs about one pass, not one per label."""
-    structure = ndimage.generate_binary_structure(3, connectivity)
+    Each label is searched within its own bounding box (a few labels: a comparison and projections each;
+    an instance map with hundreds of labels: one ``find_objects`` pass), and split with cc3d (scipy's
+    components in the same order, several times faster)."""
+    if connectivity not in CC3D_CONNECTIVITY:
+        raise ValueError(f"Argument 'connectivity' must be 1, 2 or 3; got {connectivity}.")
     values = present_labels(label_map)
     whole = tuple(slice(0, n) for n in label_map.shape)
-    regions = {}
-    if values and label_map.dtype.kind in "ui" and min(values) > 0 and max(values) <= 1 << 20:
-        regions = dict(enumerate(ndimage.find_objects(label_map), start=1))
+    regions = label_boxes(label_map, values) if label_map.dtype.kind in "ui" else {}
     for label in values:
         region = regions.get(label) or whole
         inside = label_map[region] == label
         if instances is None:
-            components, _ = ndimage.label(inside, structure=structure)
+            components = cc3d.connected_components(inside, connectivity=CC3D_CONNECTIVITY[connectivity])
         else:
             components = np.where(inside, instances[region], 0)
         for index, found in enumerate(ndimage.find_objects(components), start=1):

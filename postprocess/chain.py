@@ -14,10 +14,9 @@ from numbers import Integral
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from postprocess._checks import check_spacing
-from postprocess._crop import bounding_box
+from postprocess._crop import bounding_box, label_boxes
 from postprocess.defaults import DEFAULT_CHAINS
 from postprocess.registry import OPS, REQUIRED
 
@@ -193,10 +192,7 @@ def apply_chain(label_map: np.ndarray, *, spacing: Sequence[float], chain: Seque
     out = np.zeros(label_map.shape, dtype=label_map.dtype)
     claims: list[tuple[np.ndarray, int]] = []
     records = []
-    for index, box in enumerate(ndimage.find_objects(label_map)):
-        if box is None:
-            continue
-        value = index + 1
+    for value, box in label_boxes(label_map).items():
         claimed, record = _process_label(label_map, out, box, value, overrides.get(value, default), zyx)
         claims.append((claimed, value))
         records.append({"chain": "per_label" if value in overrides else "default", **record})

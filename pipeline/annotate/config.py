@@ -108,6 +108,17 @@ class StoreSection(_Section):
     lease_ttl_s: float = Field(default=300.0, ge=5.0)
 
 
+class PipelineSection(_Section):
+    """How one process (the local job, a Ray actor) keeps its model fed: several cases in flight at once,
+    each read (in a reader process of its own), prompted, cleaned and written on its own thread, while the
+    model works on one case at a time."""
+
+    case_workers: int | None = Field(None, ge=1, le=64, description="cases in flight at once per process or "
+                                                                    "actor; None: 2 on CPU (the next case is read "
+                                                                    "while the model works), one per CPU core "
+                                                                    "(up to 16) on a GPU")
+
+
 class QualitySection(_Section):
     """Quality scores and review routing (pipeline/annotate/quality.py). Routing never changes masks."""
 
@@ -163,6 +174,7 @@ class EngineConfig(_Section):
     propagate: PropagateSection = PropagateSection()
     postprocess: PostprocessSection = PostprocessSection()
     store: StoreSection = StoreSection()
+    pipeline: PipelineSection = PipelineSection()
     quality: QualitySection = QualitySection()
     labels: dict[int, LabelEntry] = {}  # label value -> meaning; names, codes and colours of every output
 
@@ -179,6 +191,7 @@ class EngineConfig(_Section):
         data["model"].pop("embedding_cache_mb")
         data["model"].pop("backend")
         data.pop("store")
+        data.pop("pipeline")  # how many cases are in flight never changes a mask
         data.pop("labels")  # names, codes and colours never change the masks
         quality = data.pop("quality")  # routing and calibration never change the masks
         if quality["jitter_check"]:  # ... the jitter check adds a record per instance

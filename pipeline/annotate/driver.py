@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 from detectors.coarse_mask import object_boxes
-from detectors.registry import build_detector
+from detectors.registry import build_detector, get_spec
 from pipeline.annotate.config import EngineConfig
 from pipeline.annotate.lazy_runner import LazyRunner
 from pipeline.annotate.policy import LOCAL, RETRY_NEXT_RUN, FailurePolicy, failure_of, with_retries
@@ -116,29 +116,22 @@ def clean(label_map: np.ndarray, volume: Volume, config: EngineConfig) -> tuple[
 
 
 def annotate_case(case: CaseRef, volume: Volume, store: CaseStore, config: EngineConfig, runner: LazyRunner, *,
-                  signature: dict, overwrite: bool, progress=None, lease: Lease | None = None) -> int:
+                  signature: dict, overwrite: bool, progress=None, lease: Lease | None = None,
+                  model_lock=None) -> int:
     """Prompt, segment, clean and commit one read case; returns the number of slices segmented. Raises
     CaseError for expected failures, StoreConflictError when ``lease`` was taken over by another run while
-    this one worked (it commits instead)."""
-    coarse, prompts, label_names = case_prompts(case, volume, config, runner)
+    this one worked (it commits instead).
+
+    Only the model's work holds ``model_lock`` (the segmentation, and the prompts of a detector that runs the
+    model): prompts, renderings, post-processing, quality scores and the commit of concurrent calls overlap it.
+    """
+    lock = model_lock or contextlib.nullcontext()
+    with lock if get_spec(config.prompts.detector).needs_model else contextlib.nullcontext():
+        coarse, prompts, label_names = case_prompts(case, volume, config, runner)
     rendered, window_of, windows = renderings(volume, coarse, prompts, config)
-    model = runner.get()
     slices = len({p.z for p in prompts})
-    if progress is not None:
-        progress.reset(total=slices)
-    on_slice = None if progress is None else lambda: progress.update(1)
-    if config.model.mode == "propagate":
-        rules = PropagateRules(**config.propagate.model_dump())
-        label_map, records = propagate_volume(model, rendered, object_boxes(prompts), window_of=window_of,
-                                              rules=rules, model_name=model.model.name, on_slice=on_slice,
-                                              jitter=config.quality.jitter())
-    else:
-        cuda = str(model.device).startswith("cuda")
-        label_map, records = segment_volume(
-            model, rendered, prompts, window_of=window_of, model_name=model.model.name, on_slice=on_slice,
-            encoder_batch=config.model.encoder_batch or (32 if cuda else 1),
-            decoder_batch=config.model.decoder_batch or default_decoder_batch(model, cuda),
-            jitter=config.quality.jitter())
+    with lock:
+        label_map, records = _segment(rendered, prompts, window_of, config, runner.get(), progress, slices)
     label_map, cleaning = clean(label_map, volume, config)
     attrs = {
         "case_id": case.case_id,
@@ -161,6 +154,23 @@ def annotate_case(case: CaseRef, volume: Volume, store: CaseStore, config: Engin
     return slices
 
 
+def _segment(rendered, prompts: list[BoxPrompt], window_of: dict[int, str], config: EngineConfig, model,
+             progress, slices: int):
+    """The model's part of a case: (label map, instance records) in the configured mode."""
+    if progress is not None:
+        progress.reset(total=slices)
+    on_slice = None if progress is None else lambda: progress.update(1)
+    if config.model.mode == "propagate":
+        rules = PropagateRules(**config.propagate.model_dump())
+        return propagate_volume(model, rendered, object_boxes(prompts), window_of=window_of, rules=rules,
+                                model_name=model.model.name, on_slice=on_slice, jitter=config.quality.jitter())
+    cuda = str(model.device).startswith("cuda")
+    return segment_volume(model, rendered, prompts, window_of=window_of, model_name=model.model.name,
+                          on_slice=on_slice, encoder_batch=config.model.encoder_batch or (32 if cuda else 1),
+                          decoder_batch=config.model.decoder_batch or default_decoder_batch(model, cuda),
+                          jitter=config.quality.jitter())
+
+
 def _attempt(case: CaseRef, store: CaseStore, config: EngineConfig, runner: LazyRunner, *, run_id: str,
              overwrite: bool, progress, model_lock, node: str) -> CaseOutcome:
     start = time.perf_counter()
@@ -177,11 +187,10 @@ def _attempt(case: CaseRef, store: CaseStore, config: EngineConfig, runner: Lazy
         if committed_with(store, case.case_id, signature):
             return CaseOutcome(case.case_id, "skipped", reason="committed meanwhile by another run", node=node)
         runner.prefetch()  # the model loads while the case is read and prompted
-        volume = read_case(case)  # outside the model lock: overlaps another call's model work
-        with model_lock or contextlib.nullcontext():
-            write_case_manifest(store, case)
-            slices = annotate_case(case, volume, store, config, runner, signature=signature, overwrite=overwrite,
-                                   progress=progress, lease=lease)
+        volume = read_case(case)  # in a reader process of its own: overlaps other calls' work
+        write_case_manifest(store, case)
+        slices = annotate_case(case, volume, store, config, runner, signature=signature, overwrite=overwrite,
+                               progress=progress, lease=lease, model_lock=model_lock)
     return CaseOutcome(case.case_id, "done", seconds=time.perf_counter() - start, slices=slices, node=node)
 
 
@@ -194,8 +203,9 @@ def run_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: Lazy
     quarantined when the policy asks, unless the next run should simply retry it); :class:`RunError` (no
     usable model; :class:`StoreUnavailableError` when the store is full, read-only or not writable, which
     would fail every next case the same way) propagates. ``model_lock`` serialises the model work of
-    concurrent calls (a Ray actor reads the next case while the model works on this one); ``node`` names the
-    machine in the outcome.
+    concurrent calls: cases run on several threads at once (the local job's and a Ray actor's case workers)
+    read, prompt, clean and commit in parallel while the model works on one case at a time; ``node`` names
+    the machine in the outcome.
     """
     where = node() if node is not None else ""
     start = time.perf_counter()

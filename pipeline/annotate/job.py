@@ -5,7 +5,11 @@ is skipped without loading the model.
 """
 from __future__ import annotations
 
+import itertools
+import os
 import sys
+import threading
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
@@ -17,6 +21,7 @@ from pipeline.annotate.policy import LOCAL, FailurePolicy
 from pipeline.core.outcome import CaseOutcome
 from pipeline.core.provenance import package_version, version_id
 from pipeline.core.types import CaseRef
+from pipeline.model.devices import resolve_device
 from pipeline.store.case_store import CaseStore, remove_stale_staging
 
 
@@ -36,26 +41,74 @@ class RunSummary:
         return [o for o in self.outcomes if o.status == "failed"]
 
 
+def case_workers(config: EngineConfig) -> int:
+    """Cases one process works on at once (``pipeline.case_workers``; by default 2 on CPU, where the model
+    takes the cores and one case read ahead hides the rest, and one per core up to 16 on a GPU, whose model
+    outruns a single reader)."""
+    if config.pipeline.case_workers:
+        return config.pipeline.case_workers
+    try:
+        cuda = resolve_device(config.model.device) == "cuda"
+    except ValueError:  # CUDA asked for but absent: the runner says so when the model is first needed
+        cuda = False
+    return max(2, min(16, os.cpu_count() or 1)) if cuda else 2
+
+
 def annotate(cases: list[CaseRef], store: CaseStore, config: EngineConfig, *, overwrite: bool = False,
              runner: LazyRunner | None = None, show_progress: bool | None = None,
-             policy: FailurePolicy = LOCAL) -> RunSummary:
-    """Run every case in this process; failures are recorded per case and never stop the batch."""
+             policy: FailurePolicy = LOCAL, workers: int | None = None) -> RunSummary:
+    """Run every case in this process; failures are recorded per case and never stop the batch.
+
+    ``workers`` cases (default :func:`case_workers`) are in flight at once: each is read, prompted, cleaned
+    and committed on its own thread while the model works on one case at a time (a lock). Outcomes keep the
+    order of ``cases``. A :class:`~pipeline.core.errors.RunError` (no model, the store gone) stops the run:
+    cases not started are left for the next run, the ones under way finish first.
+    """
     runner = runner or LazyRunner(config)
     remove_stale_staging(store)
     summary = RunSummary(run_id=version_id())
     show = sys.stderr.isatty() if show_progress is None else show_progress
+    workers = max(1, min(workers or case_workers(config), len(cases) or 1))
+    model_lock = threading.Lock() if workers > 1 else None
+    outcomes: dict[int, CaseOutcome] = {}
     try:
         with tqdm(total=len(cases), desc="cases", unit="case", disable=not show) as bar, \
                 tqdm(desc="slices", unit="slice", disable=not show, leave=False) as slices:
-            for case in cases:
-                summary.outcomes.append(run_case(case, store, config, runner, run_id=summary.run_id,
-                                                 policy=policy, overwrite=overwrite,
-                                                 progress=slices if show else None))
+            def one(case: CaseRef) -> CaseOutcome:
+                return run_case(case, store, config, runner, run_id=summary.run_id, policy=policy,
+                                overwrite=overwrite, progress=slices if show else None, model_lock=model_lock)
+
+            for index, outcome in _in_flight(one, cases, workers):  # a RunError stops the run here
+                outcomes[index] = outcome
                 bar.update(1)
     finally:
         runner.settle()
+    summary.outcomes = [outcomes[i] for i in sorted(outcomes)]
     summary.runner_stats = runner.stats()
     store.write_run(summary.run_id, {
         "run_id": summary.run_id, "package_version": package_version(), "config": config.model_dump(mode="json"),
         "cases": [o.record() for o in summary.outcomes], "runner": summary.runner_stats})
     return summary
+
+
+def _in_flight(work, cases: list[CaseRef], workers: int):
+    """(index, ``work(case)``) as cases finish, ``workers`` at a time on threads (in this thread when 1). When
+    a call raises, cases not started are cancelled; the ones under way finish before the error propagates."""
+    if workers == 1:
+        for index, case in enumerate(cases):
+            yield index, work(case)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="medsam-case") as pool:
+        waiting = iter(enumerate(cases))
+        running = {pool.submit(work, case): index for index, case in itertools.islice(waiting, workers)}
+        try:
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index = running.pop(future)
+                    yield index, future.result()
+                    for later, case in itertools.islice(waiting, 1):
+                        running[pool.submit(work, case)] = later
+        finally:
+            for future in running:
+                future.cancel()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from detectors.evaluation import box_iou
+from pipeline.core.boxes import box_iou
 from pipeline.store.case_store import CaseStore
 from pipeline.store.records import QUALITY, current_round, read_record
 

@@ -13,7 +13,7 @@ import numpy as np
 from pipeline.annotate.quality import JitterCheck, mask_ious, stability_scores
 from pipeline.core.boxes import jitter_boxes
 from pipeline.core.types import BoxPrompt, InstanceRecord
-from pipeline.model.runner import LiteMedSAMRunner, foreground
+from pipeline.model.runner import SIGMOID_HALF, LiteMedSAMRunner, foreground
 
 
 def resolve_slice(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -32,17 +32,18 @@ class SliceResolver:
     Ties go to the earlier box, exactly as ``argmax`` over the concatenated logits."""
 
     def __init__(self, shape_hw: tuple[int, int]) -> None:
-        self.best = np.full(shape_hw, -np.inf, dtype=np.float32)
-        self.winner = np.full(shape_hw, -1, dtype=np.int64)
+        # the best logit so far starts at the foreground threshold: "above it" is then "claims the pixel and
+        # beats every earlier box" in one comparison per box (ties stay with the earlier box)
+        self.best = np.full(shape_hw, SIGMOID_HALF, dtype=np.float32)
+        self.winner = np.full(shape_hw, -1, dtype=np.int32)
         self.count = 0
 
     def add(self, logits: np.ndarray) -> None:
-        scores = np.where(foreground(logits), logits, -np.inf)
-        top = scores.max(axis=0)
-        better = top > self.best
-        self.winner[better] = scores.argmax(axis=0)[better] + self.count
-        self.best[better] = top[better]
-        self.count += len(logits)
+        for plane in np.asarray(logits, dtype=np.float32):
+            better = plane > self.best
+            np.copyto(self.best, plane, where=better)
+            np.copyto(self.winner, self.count, where=better)
+            self.count += 1
 
 
 def by_slice(prompts: Iterable[BoxPrompt]) -> dict[int, list[BoxPrompt]]:
@@ -100,7 +101,8 @@ def segment_volume(runner: LiteMedSAMRunner, volume_u8: np.ndarray | dict[str, n
                         moved_logits, _ = runner.decode(embeddings[(z, window)], moved)
                         agreement.append(mask_ious(foreground(part_logits), foreground(moved_logits)))
             winner = resolver.winner
-            label_map[z] = np.where(winner >= 0, np.array([p.label for p in slice_prompts])[np.maximum(winner, 0)], 0)
+            values = np.array([0] + [p.label for p in slice_prompts], dtype=np.uint16)  # winner -1: background
+            np.take(values, winner + 1, out=label_map[z])
             _record(lineage, z, slice_prompts, np.concatenate(iou), winner, np.concatenate(stability),
                     np.concatenate(agreement) if agreement else None)
             if on_slice is not None:

@@ -24,3 +24,14 @@ def jitter_boxes(boxes: np.ndarray, fraction: float, rng: np.random.Generator, s
     high = np.maximum(moved[:, :2], moved[:, 2:])
     limit = np.array([shape_yx[1] - 1, shape_yx[0] - 1], dtype=np.float32)
     return np.concatenate([np.clip(low, 0, limit), np.clip(high, 0, limit)], axis=1).astype(np.float32)
+
+
+def box_iou(a: tuple[int, ...], b: tuple[int, ...]) -> float:
+    """IoU of two inclusive XYXY voxel boxes."""
+    ix = min(a[2], b[2]) - max(a[0], b[0]) + 1
+    iy = min(a[3], b[3]) - max(a[1], b[1]) + 1
+    if ix <= 0 or iy <= 0:
+        return 0.0
+    inter = ix * iy
+    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
+    return inter / float(area(a) + area(b) - inter)

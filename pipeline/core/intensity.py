@@ -42,16 +42,29 @@ def to_uint8(array: np.ndarray, modality: str, config: IntensityConfig = Intensi
             return np.zeros(array.shape, dtype=np.uint8)
         lower, upper = np.percentile(positive.astype(np.float32), [config.lower_percentile,
                                                                    config.upper_percentile])
-    low = float(np.clip(np.float32(array.min()), lower, upper))  # == clip(volume).min()
-    high = float(np.clip(np.float32(array.max()), lower, upper))
-    out = np.empty(array.shape, dtype=np.uint8)
-    for start in range(0, array.shape[0], slab):
-        data = array[start : start + slab].astype(np.float32)
+    smallest, largest = array.min(), array.max()
+    low = float(np.clip(np.float32(smallest), lower, upper))  # == clip(volume).min()
+    high = float(np.clip(np.float32(largest), lower, upper))
+
+    def scale(data: np.ndarray) -> np.ndarray:
         scaled = (np.clip(data, lower, upper) - low) / max(high - low, 1e-8) * 255.0
         if modality != "CT":
             scaled[data == 0] = 0.0
-        out[start : start + slab] = scaled.astype(np.uint8)
+        return scaled.astype(np.uint8)
+
+    out = np.empty(array.shape, dtype=np.uint8)
+    if array.dtype.kind in "ui" and int(largest) - int(smallest) < LUT_RANGE:
+        # integer voxels (CT in HU): the same float32 arithmetic once per value, then one look-up per voxel
+        table = scale(np.arange(int(smallest), int(largest) + 1, dtype=np.float32))
+        for start in range(0, array.shape[0], slab):
+            np.take(table, array[start : start + slab].astype(np.intp) - int(smallest), out=out[start : start + slab])
+        return out
+    for start in range(0, array.shape[0], slab):
+        out[start : start + slab] = scale(array[start : start + slab].astype(np.float32))
     return out
+
+
+LUT_RANGE = 1 << 20  # integer images spanning fewer values than this are mapped through a look-up table
 
 
 LUNG_MEDIAN_HU = -400.0  # a label whose coarse-mask median is below this is aerated lung

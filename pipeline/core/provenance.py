@@ -1,6 +1,7 @@
 """Provenance: the package version, UTC time stamps, version ids and file hashes every record carries."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import uuid
@@ -11,8 +12,10 @@ from pathlib import Path
 HASH_BLOCK = 1 << 20
 
 
+@functools.cache
 def package_version() -> str:
-    """medsam-engine's installed version ("0+unknown" when run from a source tree without metadata)."""
+    """medsam-engine's installed version ("0+unknown" when run from a source tree without metadata); read from
+    the package metadata once per process (every case's signature names it)."""
     try:
         return version("medsam-engine")
     except PackageNotFoundError:

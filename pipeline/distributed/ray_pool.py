@@ -4,10 +4,12 @@
   is given) or starts a local Ray.
 * :func:`plan_actors` sizes the pool from the cluster: one actor per GPU (or per ``gpus_per_actor`` share of
   one), else CPU actors of up to 4 threads each; an actor never spans nodes.
-* :class:`Annotator` loads the model once (lazily); it runs two calls at a time so that hashing and decoding
-  the next case (in the isolated reader process) overlap the model work on this one, which a lock keeps to
-  one case at a time. Writes are idempotent: a case already committed with the same signature is skipped,
-  so a call that Ray retries after the actor was lost is harmless.
+* :class:`Annotator` loads the model once (lazily); it runs ``case_workers`` calls at a time (2 on a CPU actor;
+  one per reserved CPU on a GPU actor, which takes its GPU's whole share of the node's CPUs) so that reading
+  (each call in a reader process of its own), prompts, post-processing and the commit of other cases overlap
+  the model work on this one, which a lock keeps to one case at a time. Writes are idempotent: a case already
+  committed with the same signature is skipped, so a call that Ray retries after the actor was lost is
+  harmless.
 * :func:`drive` keeps at most ``in_flight`` calls per actor with ``ray.wait`` and survives lost actors: Ray
   restarts an actor and retries its calls (``max_restarts``/``max_task_retries``); when an actor is gone for
   good its cases are retried one at a time on a fresh actor, and a case that kills a worker twice is failed
@@ -18,6 +20,7 @@ pipeline/annotate/policy.py with quarantine on.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -45,6 +48,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "medsam-engine"
 MAX_CPU_THREADS = 4  # torch's encoder scales poorly past ~4 threads; more CPUs make more actors instead
+MAX_GPU_CASE_WORKERS = 16  # cases in flight in one GPU actor (each with a reader process)
 ACTOR_RESTARTS = 2
 TASK_RETRIES = 2
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2  # volumes travel by path; the object store only carries records
@@ -59,7 +63,8 @@ class PoolOptions(BaseModel):
     actors: int | None = Field(None, ge=1, description="annotator actors (default: as many as fit)")
     cpus_per_actor: int | None = Field(None, ge=1, description="CPUs (torch threads) per actor")
     gpus_per_actor: float | None = Field(None, ge=0, le=8, description="GPU share per actor (0: CPU only)")
-    in_flight: int = Field(2, ge=1, le=16, description="cases sent ahead to each actor (read-ahead depth)")
+    in_flight: int | None = Field(None, ge=1, le=32, description="cases sent ahead to each actor; None: one more "
+                                                                  "than the actor's case workers")
     case_retries: int = Field(2, ge=0, le=10, description="retries of a case after a transient I/O error")
     keep_actors: bool = Field(False, description="keep the actors and their models for this process's next "
                                                  "run (else they are released when the run ends)")
@@ -111,12 +116,15 @@ class NodeResources:
 
 @dataclass(frozen=True)
 class ActorPlan:
-    """``count`` actors, each reserving ``num_cpus`` CPUs and ``num_gpus`` GPUs; torch runs ``threads``."""
+    """``count`` actors, each reserving ``num_cpus`` CPUs and ``num_gpus`` GPUs; torch runs ``threads``;
+    ``case_workers`` cases are in flight in each actor at once (read, prompted, cleaned and written in
+    parallel while its model works on one case at a time)."""
 
     count: int
     num_cpus: int
     num_gpus: float
     threads: int
+    case_workers: int = 2
 
 
 def cluster_nodes() -> list[NodeResources]:
@@ -126,19 +134,29 @@ def cluster_nodes() -> list[NodeResources]:
             for n in ray.nodes() if n.get("Alive")]
 
 
-def plan_actors(nodes: Iterable[NodeResources], options: PoolOptions) -> ActorPlan:
+def plan_actors(nodes: Iterable[NodeResources], options: PoolOptions, *, case_workers: int | None = None
+                ) -> ActorPlan:
     """How many actors fit and what each reserves (see the module doc). More actors than fit are refused
-    with a warning (Ray would leave them pending and their cases would never run)."""
+    with a warning (Ray would leave them pending and their cases would never run). ``case_workers`` (the
+    config's ``pipeline.case_workers``) overrides the cases each actor has in flight."""
+    plan = _plan(list(nodes), options)
+    return dataclasses.replace(plan, case_workers=case_workers) if case_workers else plan
+
+
+def _plan(nodes: list[NodeResources], options: PoolOptions) -> ActorPlan:
     nodes = [n for n in nodes if n.cpus >= 1]
     if not nodes:
         raise ValueError("the Ray cluster has no node with a CPU")
     share = 1.0 if options.gpus_per_actor is None else options.gpus_per_actor
     if share > 0 and any(n.gpus > 0 for n in nodes):
+        # a GPU actor takes its GPU's whole share of the node's CPUs: they read, prompt and write the cases
+        # that keep the GPU fed (one case worker per CPU); its own torch threads stay few
         per_node = {i: int(n.gpus / share + 1e-9) for i, n in enumerate(nodes) if n.gpus > 0}
         fair = min(int(nodes[i].cpus) // max(1, k) for i, k in per_node.items())
-        cpus = options.cpus_per_actor or max(1, min(MAX_CPU_THREADS, fair))
+        cpus = options.cpus_per_actor or max(1, fair)
         slots = sum(min(k, int(nodes[i].cpus) // cpus) for i, k in per_node.items())
-        return _capped(ActorPlan(slots, cpus, share, cpus), options.actors)
+        plan = ActorPlan(slots, cpus, share, min(MAX_CPU_THREADS, cpus), max(2, min(MAX_GPU_CASE_WORKERS, cpus)))
+        return _capped(plan, options.actors)
     cpus = options.cpus_per_actor or max(1, min(MAX_CPU_THREADS, int(max(n.cpus for n in nodes))))
     slots = sum(int(n.cpus) // cpus for n in nodes)
     return _capped(ActorPlan(slots, cpus, 0.0, cpus), options.actors)
@@ -149,7 +167,7 @@ def _capped(plan: ActorPlan, wanted: int | None) -> ActorPlan:
         raise ValueError(f"no node can hold an actor of {plan.num_cpus} CPUs and {plan.num_gpus:g} GPUs")
     if wanted is not None and wanted > plan.count:
         log.warning("%d actors asked for but only %d fit the cluster", wanted, plan.count)
-    return ActorPlan(min(wanted or plan.count, plan.count), plan.num_cpus, plan.num_gpus, plan.threads)
+    return dataclasses.replace(plan, count=min(wanted or plan.count, plan.count))
 
 
 def annotator_name(plan: ActorPlan, index: int, config_json: str) -> str:
@@ -184,7 +202,7 @@ def get_annotator(plan: ActorPlan, index: int, config_json: str, *, lost=None):
         if current is not None:
             ray.kill(current)
             _wait_until_gone(name)
-        actor_class = ray.remote(max_concurrency=2, concurrency_groups={"control": 1})(Annotator)
+        actor_class = ray.remote(max_concurrency=plan.case_workers, concurrency_groups={"control": 1})(Annotator)
         forwarded = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         _actors[name] = actor_class.options(
             name=name, namespace=NAMESPACE, max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,

@@ -319,8 +319,16 @@ def _seg_masks(folder: Path) -> dict[str, Path]:
     return found
 
 
+def _masks_by_stem(folder: Path) -> dict[str, Path]:
+    """A mask folder's files by stem (the first in name order when stems repeat): listed once per run."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        found.setdefault(stem_of(path), path)
+    return found
+
+
 def _mask_for(image: Path, index: int, n_inputs: int, masks: list[Path], case: CaseRef | None = None,
-              segs: dict[str, Path] | None = None) -> Path | None:
+              segs: dict[str, Path] | None = None, stems: dict[str, Path] | None = None) -> Path | None:
     if not masks:
         return None
     if segs and case is not None and case.files:  # a DICOM SEG that references this very series
@@ -329,8 +337,8 @@ def _mask_for(image: Path, index: int, n_inputs: int, masks: list[Path], case: C
             return segs[uid]
     if len(masks) == 1 and masks[0].is_dir():
         stem = stem_of(image)
-        found = [p for p in sorted(masks[0].iterdir()) if stem_of(p) == stem]
-        return found[0] if found else masks[0] / f"{stem}.missing"
+        stems = _masks_by_stem(masks[0]) if stems is None else stems
+        return stems.get(stem, masks[0] / f"{stem}.missing")
     return masks[index] if len(masks) == n_inputs else None
 
 
@@ -362,11 +370,13 @@ def discover(inputs: Sequence[str | Path], ids: CaseIds, *, coarse_masks: Sequen
                 merged.add(case.case_id)
             else:
                 log.warning("case %s appears more than once in the inputs; keeping the first", case.case_id)
-    segs = _seg_masks(masks[0]) if len(masks) == 1 and masks[0].is_dir() else {}
+    folder = len(masks) == 1 and masks[0].is_dir()
+    segs = _seg_masks(masks[0]) if folder else {}
+    stems = _masks_by_stem(masks[0]) if folder else None
     cases = []
     for case_id, (index, case) in found.items():
         case = _one_file_per_instance(case) if case_id in merged else case
-        mask = _mask_for(Path(case.image), index, len(inputs), masks, case, segs)
+        mask = _mask_for(Path(case.image), index, len(inputs), masks, case, segs, stems)
         cases.append(case if mask is None else _with_mask(case, mask))
     return cases
 

@@ -4,11 +4,13 @@ Decoders are native code: python-gdcm segfaults on some corrupt files and pylibj
 ``except Exception``. :class:`IsolatedWorker` keeps one ``spawn``-ed child alive and sends it one call at a
 time; when the child dies (a signal, an abort) or overruns its time, the call raises :class:`WorkerCrash`
 and the next call starts a fresh child. The child starts once per process (a fraction of a second of imports),
-so the cost per case is sending the result back through a pipe.
+so the cost per case is sending the result back through a pipe. :class:`WorkerPool` lends one worker per
+concurrent caller, so cases read by several threads at once decode in parallel processes.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import mmap
 import os
@@ -19,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -219,16 +221,55 @@ class IsolatedWorker:
             self._stop(kill=False)
 
 
-_default: IsolatedWorker | None = None
+class WorkerPool:
+    """Isolated workers lent one per concurrent caller: threads that read cases at the same time decode in
+    as many child processes, in parallel. A worker goes back to the pool after each call and is reused;
+    the pool grows to the most callers ever at once and its children end with :meth:`close`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[IsolatedWorker] = []
+        self._all: list[IsolatedWorker] = []
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[IsolatedWorker]:
+        with self._lock:
+            if self._idle:
+                worker = self._idle.pop()
+            else:
+                worker = IsolatedWorker()
+                self._all.append(worker)
+        try:
+            yield worker
+        finally:
+            with self._lock:
+                self._idle.append(worker)
+
+    def call(self, function: Callable, *args: Any, timeout_s: float | None = None) -> Any:
+        """:meth:`IsolatedWorker.call` on a worker of the pool that no other caller holds."""
+        with self.borrow() as worker:
+            return worker.call(function, *args, timeout_s=timeout_s)
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def close(self) -> None:
+        with self._lock:
+            workers, self._all, self._idle = self._all, [], []
+        for worker in workers:
+            worker.close()
+
+
+_default: WorkerPool | None = None
 _default_lock = threading.Lock()
 
 
-def default_worker() -> IsolatedWorker:
-    """This process's shared worker (created on first use, closed at exit)."""
+def default_pool() -> WorkerPool:
+    """This process's shared pool of isolated workers (created on first use, closed at exit)."""
     global _default
     with _default_lock:
         if _default is None:
-            _default = IsolatedWorker()
+            _default = WorkerPool()
             atexit.register(_default.close)
         return _default
 

@@ -21,11 +21,11 @@ from pipeline.core.orientation import LPS_TO_RAS, canonical_volume
 from pipeline.core.types import CaseRef, Geometry, Volume
 from pipeline.io.dicom import read_dicom_files, read_dicom_series
 from pipeline.io.dicom_seg_reader import is_dicom_seg, read_dicom_seg, seg_label_names
-from pipeline.io.isolate import WorkerCrash, default_worker
+from pipeline.io.isolate import WorkerCrash, default_pool
 from pipeline.io.slicer_seg import read_seg_nrrd, seg_nrrd_names
 
 if TYPE_CHECKING:
-    from pipeline.io.isolate import IsolatedWorker
+    from pipeline.io.isolate import IsolatedWorker, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def read_case_here(case: CaseRef) -> Volume:
     return read_volume(case.image)
 
 
-def read_case(case: CaseRef, *, isolated: bool = True, worker: IsolatedWorker | None = None,
+def read_case(case: CaseRef, *, isolated: bool = True, worker: IsolatedWorker | WorkerPool | None = None,
               timeout_s: float | None = None) -> Volume:
     """The engine's entry point: a case's image as a canonical Volume, or a ReadError with the reason.
 
@@ -221,11 +221,12 @@ def read_case(case: CaseRef, *, isolated: bool = True, worker: IsolatedWorker | 
                         f"perhaps its missing slices: {names}") from exc
 
 
-def _read_isolated(case: CaseRef, worker: IsolatedWorker | None, timeout_s: float | None) -> Volume:
+def _read_isolated(case: CaseRef, worker: IsolatedWorker | WorkerPool | None, timeout_s: float | None
+                   ) -> Volume:
     if timeout_s is None:
         timeout_s = float(os.environ.get("MEDSAM_ENGINE_READ_TIMEOUT_S", READ_TIMEOUT_S))
     try:
-        return (worker or default_worker()).call(read_case_here, case, timeout_s=timeout_s)
+        return (worker or default_pool()).call(read_case_here, case, timeout_s=timeout_s)
     except WorkerCrash as exc:
         log.error("reader process for %s ended: %s", case.case_id, exc.why)
         raise ReadError(f"{case_label(case)}: the image decoder crashed ({exc.why}); the file is probably "

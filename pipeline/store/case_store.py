@@ -252,7 +252,7 @@ class CaseStore:
         staging = Path(self.root) / "_staging" / f"{case_id}.{writer_tag()}.{uuid.uuid4().hex[:8]}{CASE_SUFFIX}"
         staging.parent.mkdir(parents=True, exist_ok=True)
         try:
-            write_case_group(str(staging), **content)
+            write_local_group(staging, **content)
         except BaseException:  # a full disk, a kill: leave no half-written group behind, not even in staging
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -295,32 +295,86 @@ def image_label_metadata(labels: np.ndarray, *, names: dict[int, str], instances
     }
 
 
+CHUNK_BYTES = 4 << 20  # a chunk holds whole planes, about this many bytes: few files, few calls per case
+
+
+def plane_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Chunks of whole (y, x) planes, as many as fit in :data:`CHUNK_BYTES` (at least one): per-chunk
+    overhead (a file and a codec call each) dominated writes of one-plane chunks."""
+    plane = int(np.prod(shape[1:])) * itemsize
+    return (max(1, min(shape[0], CHUNK_BYTES // max(1, plane))), *shape[1:])
+
+
+def _codecs():
+    """Images: LZ4 behind a byte shuffle (several times faster than zstd, ~10 % larger on CT); label maps:
+    zstd, which packs their long runs of zeros tightly. Every chunk is written (the check that skips chunks
+    of zeros cost more than writing them)."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), ZstdCodec(level=1)
+
+
 def write_case_group(target, *, labels: np.ndarray, image: np.ndarray | None, attrs: dict,
                      label_names: dict[int, str | dict]) -> None:
-    """Write one case group at ``target`` (a path or zarr store); the 'medsam' status is written last."""
+    """Write one case group at ``target`` (a path or zarr store); the 'medsam' status is written last.
+
+    Attributes go with a node's creation where they are known then (one write each); the root's 'medsam'
+    attributes, which carry the commit status, are the last write."""
     import zarr
 
     spacing = [float(s) for s in attrs["geometry"]["spacing_zyx_mm"]]
-    root = zarr.open_group(target, mode="w", zarr_format=3)
-    plane = labels.shape[1:]
+    image_codec, label_codec = _codecs()
+    whole = {"write_empty_chunks": True}
+    root_attrs = {}
     if image is not None:
         axes = ["z", "y", "x"] if image.ndim == 3 else ["c", "z", "y", "x"]
-        data = image if image.ndim == 3 else np.moveaxis(image, -1, 0)
-        chunks = (1, *plane) if image.ndim == 3 else (data.shape[0], 1, *plane)
-        root.create_array("0", data=np.ascontiguousarray(data), chunks=chunks, dimension_names=axes)
         scale = spacing if image.ndim == 3 else [1.0, *spacing]
-        root.attrs["ome"] = {"version": "0.5", "multiscales": _multiscales("image", axes, scale)}
-    label_group = root.create_group("labels")
-    label_group.attrs["ome"] = {"version": "0.5", "labels": ["medsam"]}
+        root_attrs["ome"] = {"version": "0.5", "multiscales": _multiscales("image", axes, scale)}
+    root = zarr.create_group(target, zarr_format=3, overwrite=True, attributes=root_attrs)
+    if image is not None:
+        data = np.ascontiguousarray(image if image.ndim == 3 else np.moveaxis(image, -1, 0))
+        chunks = plane_chunks(data.shape, data.itemsize) if image.ndim == 3 else \
+            (data.shape[0], *plane_chunks(data.shape[1:], data.itemsize * data.shape[0]))
+        root.create_array("0", data=data, chunks=chunks, dimension_names=axes, compressors=image_codec,
+                          config=whole)
+    label_group = root.create_group("labels", attributes={"ome": {"version": "0.5", "labels": ["medsam"]}})
     medsam = label_group.create_group("medsam")
-    medsam.create_array("0", data=labels.astype(np.uint16), chunks=(1, *plane),
-                        dimension_names=["z", "y", "x"])
-    medsam.attrs["ome"] = {
+    stored = labels.astype(np.uint16, copy=False)
+    medsam.create_array("0", data=stored, chunks=plane_chunks(stored.shape, 2), dimension_names=["z", "y", "x"],
+                        compressors=label_codec, config=whole)
+    medsam.update_attributes({"ome": {
         "version": "0.5",
         "multiscales": _multiscales("medsam", ["z", "y", "x"], spacing),
         "image-label": image_label_metadata(labels, names=label_names, instances=attrs.get("instances", [])),
-    }
-    root.attrs["medsam"] = dict(attrs, status=STATUS_COMMITTED)
+    }})
+    root.update_attributes({"medsam": dict(attrs, status=STATUS_COMMITTED)})
+
+
+IN_MEMORY_BYTES = 64 << 20  # cases up to this size are encoded in memory, then written as plain files
+
+
+def write_local_group(folder: Path, *, labels: np.ndarray, image: np.ndarray | None, attrs: dict,
+                      label_names: dict[int, str | dict]) -> None:
+    """:func:`write_case_group` into a local folder. A small case is encoded into an in-memory zarr store and
+    its objects written as files here, the root's ``zarr.json`` last: zarr's asynchronous store costs a
+    thread hand-off per object, which was most of a small 2D case's write (13 ms of files vs 6 ms)."""
+    from zarr.storage import MemoryStore
+
+    size = labels.nbytes + (image.nbytes if image is not None else 0)
+    if size > IN_MEMORY_BYTES:
+        write_case_group(str(folder), labels=labels, image=image, attrs=attrs, label_names=label_names)
+        return
+    encoded: dict = {}
+    write_case_group(MemoryStore(store_dict=encoded), labels=labels, image=image, attrs=attrs,
+                     label_names=label_names)
+    objects = sorted(encoded.items(), key=lambda item: item[0] == "zarr.json")  # the root's last
+    made: set[Path] = set()
+    for key, buffer in objects:
+        path = folder / key
+        if path.parent not in made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made.add(path.parent)
+        path.write_bytes(buffer.to_bytes())
 
 
 def writer_tag() -> str:

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from pipeline.core.intensity import IntensityConfig, to_uint8
 from pipeline.io.readers import read_volume
@@ -20,3 +23,14 @@ def test_percentile_mapping_keeps_zeros_and_is_slab_invariant(chest_ct):
     whole = to_uint8(positive, "MR", IntensityConfig(), slab=positive.shape[0])
     assert np.array_equal(to_uint8(positive, "MR", slab=3), whole)
     assert (whole[positive == 0] == 0).all() and whole.max() == 255
+
+
+@given(hnp.arrays(np.int32, st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 9)),
+                  elements=st.integers(-1024, 3000)),
+       st.sampled_from([np.int16, np.uint16, np.int32]), st.sampled_from(["CT", "MR"]))
+def test_integer_images_through_the_look_up_table_equal_the_float_path(values, dtype, modality):
+    """Integer voxels are mapped by a table of the same float32 arithmetic: identical bytes."""
+    array = (np.abs(values) if dtype == np.uint16 else values).astype(dtype)
+    config = IntensityConfig(ct_level=-600.0, ct_width=1500.0)
+    assert np.array_equal(to_uint8(array, modality, config, slab=2),
+                          to_uint8(array.astype(np.float32), modality, config, slab=2))

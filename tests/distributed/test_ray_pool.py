@@ -11,19 +11,24 @@ from pipeline.store.case_store import CaseStore
 
 
 @pytest.mark.parametrize("nodes, options, expected", [
-    ([NodeResources(2)], {}, (1, 2, 0.0)),                                  # a laptop: one 2-thread actor
-    ([NodeResources(1), NodeResources(1)], {}, (2, 1, 0.0)),                # an actor never spans nodes
-    ([NodeResources(16)], {}, (4, 4, 0.0)),                                 # more CPUs: more actors
-    ([NodeResources(16)], {"cpus_per_actor": 2, "actors": 3}, (3, 2, 0.0)),
-    ([NodeResources(64, 8)], {}, (8, 4, 1.0)),                              # one actor per GPU
-    ([NodeResources(64, 8)], {"gpus_per_actor": 0.5}, (16, 4, 0.5)),        # two actors share a GPU
-    ([NodeResources(64, 8), NodeResources(8)], {"gpus_per_actor": 0}, (18, 4, 0.0)),  # CPU only by choice
-    ([NodeResources(2)], {"actors": 5}, (1, 2, 0.0)),                       # what does not fit is not made
+    ([NodeResources(2)], {}, (1, 2, 0.0, 2, 2)),                         # a laptop: one 2-thread actor
+    ([NodeResources(1), NodeResources(1)], {}, (2, 1, 0.0, 1, 2)),       # an actor never spans nodes
+    ([NodeResources(16)], {}, (4, 4, 0.0, 4, 2)),                        # more CPUs: more actors
+    ([NodeResources(16)], {"cpus_per_actor": 2, "actors": 3}, (3, 2, 0.0, 2, 2)),
+    ([NodeResources(64, 8)], {}, (8, 8, 1.0, 4, 8)),                     # one actor per GPU, fed by 8 CPUs
+    ([NodeResources(16, 1)], {}, (1, 16, 1.0, 4, 16)),                   # one GPU: the node's CPUs feed it
+    ([NodeResources(64, 8)], {"gpus_per_actor": 0.5}, (16, 4, 0.5, 4, 4)),  # two actors share a GPU
+    ([NodeResources(64, 8), NodeResources(8)], {"gpus_per_actor": 0}, (18, 4, 0.0, 4, 2)),  # CPU only by choice
+    ([NodeResources(2)], {"actors": 5}, (1, 2, 0.0, 2, 2)),              # what does not fit is not made
 ])
 def test_plan_actors_sizes_the_pool_from_the_cluster(nodes, options, expected):
+    """(actors, CPUs, GPUs, torch threads, cases in flight) per actor."""
     plan = plan_actors(nodes, PoolOptions(**options))
-    assert (plan.count, plan.num_cpus, plan.num_gpus) == expected
-    assert plan.threads == plan.num_cpus
+    assert (plan.count, plan.num_cpus, plan.num_gpus, plan.threads, plan.case_workers) == expected
+
+
+def test_the_config_sets_the_cases_in_flight_per_actor():
+    assert plan_actors([NodeResources(2)], PoolOptions(), case_workers=5).case_workers == 5
 
 
 def test_plan_actors_refuses_a_cluster_without_cpus():

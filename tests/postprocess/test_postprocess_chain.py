@@ -211,8 +211,8 @@ def test_cropping_per_label_gives_the_same_result_as_the_whole_array(mask):
 
 # --- layering -----------------------------------------------------------------------------------------------
 
-def test_the_package_imports_only_numpy_scipy_opencv_skimage_and_itself():
-    allowed = {"numpy", "scipy", "cv2", "skimage", "postprocess", "__future__"} | set(sys.stdlib_module_names)
+def test_the_package_imports_only_numpy_scipy_opencv_skimage_cc3d_and_itself():
+    allowed = {"numpy", "scipy", "cv2", "skimage", "cc3d", "postprocess", "__future__"} | set(sys.stdlib_module_names)
     for path in PACKAGE.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (

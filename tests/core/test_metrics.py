@@ -1,0 +1,25 @@
+"""present_labels: the histogram path for 8/16-bit maps gives np.unique's non-zero values."""
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from pipeline.core.metrics import present_labels
+
+
+@given(hnp.arrays(st.sampled_from([np.uint8, np.uint16, np.int32, np.uint32]),
+                  hnp.array_shapes(min_dims=1, max_dims=3, max_side=12),
+                  elements=st.integers(0, 255)),
+       st.sampled_from([1, 300, 65535]))
+def test_present_labels_are_the_non_zero_values(label_map, scale):
+    if label_map.dtype != np.uint8:
+        label_map = (label_map.astype(np.int64) * scale % 65536).astype(label_map.dtype)
+    assert present_labels(label_map) == [int(v) for v in np.unique(label_map) if v != 0]
+
+
+def test_present_labels_on_an_empty_map_and_the_largest_uint16():
+    assert present_labels(np.zeros((0, 4), np.uint16)) == []
+    assert present_labels(np.zeros((3, 4, 5), np.uint8)) == []
+    assert present_labels(np.array([[0, 65535], [3, 3]], np.uint16)) == [3, 65535]
