@@ -9,9 +9,15 @@ Measures, in one run on one device:
   reference boxes of those slices;
 * end to end: `annotate` on the 10-label chest CT case of bench/runner_speed.py (model load, read, prompts,
   model, commit; device as given, backend auto = eager torch on CUDA) in slices/s, with Dice against the
-  reference labels.
+  reference labels;
+* issue 19, keeping the GPU fed: the isolated encoder rate at the batch the engine sizes from free device
+  memory (bf16 on CUDA), and on the same node the Ray pipeline's rate: one actor holding the GPU and the
+  node's CPUs (one case worker each), annotating ``--copies`` 512 x 512 chest CT cases (DICOM Explicit VR
+  Little Endian and NIfTI, lungs as coarse masks) and ``--tiles`` small 2D nuclei cases; prompted slices per
+  second after the model is warm, and its ratio to the isolated encoder rate (goal >= 0.8).
 
-    .venv/bin/python bench/gpu_check.py [--device cuda] [--batches 1 64] [--repeats 5] [--json FILE]
+    .venv/bin/python bench/gpu_check.py [--device cuda] [--batches 1 64] [--repeats 5] [--copies 8]
+                                        [--tiles 400] [--json FILE]
 
 The figures are printed and, with ``--json`` (default ``$OUT/gpu_check.json`` when ``OUT`` is set), written
 as JSON. Nothing is downloaded: the model is the bundled checkpoint, the data ship in slicerio.
@@ -134,11 +140,89 @@ def end_to_end(device: str) -> dict:
             "runner": summary.runner_stats}
 
 
+def memory_sized_encoder(model, device: str, slices, repeats: int) -> dict:
+    """The isolated encoder at the engine's own batch size (sized by free device memory on CUDA)."""
+    from pipeline.model.runner import LiteMedSAMRunner
+
+    runner = LiteMedSAMRunner(model, device=device, cache_bytes=0)  # precision auto: bf16 autocast on CUDA
+    batch = runner.memory_batch()
+    return {"batch": batch, "bf16": runner.bf16, "slices_per_s": encoder_speed(runner, slices, batch, repeats)}
+
+
+def pipeline_inputs(root: Path, copies: int, tiles: int) -> tuple[list[Path], list[Path]]:
+    """``copies`` distinct chest CT cases (each as a DICOM series and as NIfTI) and a folder of ``tiles`` 2D
+    nuclei cases, with their coarse masks (bench/pipeline_ceiling.py makes them from slicerio and stardist)."""
+    from pipeline_ceiling import SYNTAXES, make_2d, make_3d
+
+    inputs, masks = [], []
+    for k in range(copies):
+        made = make_3d(root / f"ct-{k}", variant=k + 1, syntaxes={"explicit-le": SYNTAXES["explicit-le"]})
+        inputs += [pair[0] for pair in made.values()]
+        masks += [pair[1] for pair in made.values()]
+    if tiles:
+        images, tile_masks = make_2d(root / "tiles", tiles)
+        inputs.append(images)
+        masks.append(tile_masks)
+    return inputs, masks
+
+
+def ray_pipeline(device: str, copies: int, tiles: int) -> dict:
+    """Prompted slices/s of the Ray pipeline on this node: one actor with the GPU (on CPU: one CPU actor),
+    warmed on one case, then timed over the rest."""
+    import dataclasses
+
+    import ray
+
+    from pipeline.annotate.config import EngineConfig
+    from pipeline.distributed.ray_pool import (
+        Job,
+        PoolOptions,
+        cluster_nodes,
+        connect,
+        drive,
+        get_annotator,
+        plan_actors,
+        release_annotators,
+    )
+    from pipeline.io.discover import discover
+    from pipeline.store.case_store import CaseStore
+
+    connect()
+    cuda = device.startswith("cuda")
+    plan = plan_actors(cluster_nodes(), PoolOptions(actors=1, gpus_per_actor=None if cuda else 0))
+    config_json = EngineConfig.model_validate({"model": {"device": device}}).model_dump_json()
+    with tempfile.TemporaryDirectory(prefix="medsam-gpu-ray-") as tmp:
+        inputs, masks = pipeline_inputs(Path(tmp), copies, tiles)
+        store = CaseStore(Path(tmp) / "store")
+        cases = [dataclasses.asdict(c) for c in discover(inputs, store.case_ids(), coarse_masks=masks)]
+        actor = get_annotator(plan, 0, config_json)
+        job = Job(str(store.root), "gpu-check", config_json)
+        try:
+            drive(cases[:1], lambda lost=None: actor, job)  # model load, kernels, reader processes
+            before = ray.get(actor.info.remote())["runner"]
+            start = time.perf_counter()
+            outcomes = drive(cases[1:], lambda lost=None: actor, job, in_flight=plan.case_workers + 1)
+            seconds = time.perf_counter() - start
+            after = ray.get(actor.info.remote())["runner"]
+        finally:
+            release_annotators(plan, config_json)
+    failed = [o for o in outcomes if o["status"] != "done"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} cases failed: {failed[:3]}")
+    slices = after["encoded_slices"] - before["encoded_slices"]
+    calls = after["encoder_calls"] - before["encoder_calls"]
+    return {"cpus": plan.num_cpus, "gpus": plan.num_gpus, "case_workers": plan.case_workers,
+            "cases": len(outcomes), "slices": slices, "seconds": seconds, "slices_per_s": slices / seconds,
+            "slices_per_encoder_call": slices / max(1, calls)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--copies", type=int, default=8, help="CT cases for the Ray pipeline (x2: DICOM, NIfTI)")
+    parser.add_argument("--tiles", type=int, default=400, help="small 2D cases for the Ray pipeline")
     parser.add_argument("--json", default=str(Path(os.environ["OUT"]) / "gpu_check.json")
                         if os.environ.get("OUT") else None)
     args = parser.parse_args()
@@ -176,6 +260,17 @@ def main() -> None:
     e2e = report["end_to_end"]
     print(f"annotate, 10-label chest CT: {e2e['slices']} slices in {e2e['seconds']:.1f} s = "
           f"{e2e['slices_per_s']:.2f} slices/s (model load included), Dice {e2e['dice_mean']:.4f}")
+    report["isolated_encoder"] = memory_sized_encoder(model, device, slices, args.repeats)
+    isolated = report["isolated_encoder"]
+    print(f"isolated encoder at the engine's batch ({isolated['batch']} slices, bf16 {isolated['bf16']}): "
+          f"{isolated['slices_per_s']:.1f} slices/s")
+    report["ray_pipeline"] = ray_pipeline(device, args.copies, args.tiles)
+    flow = report["ray_pipeline"]
+    flow["ratio_to_isolated_encoder"] = flow["slices_per_s"] / isolated["slices_per_s"]
+    print(f"Ray pipeline, 1 actor x {flow['cpus']} CPUs ({flow['case_workers']} case workers): {flow['cases']} "
+          f"cases, {flow['slices']} slices in {flow['seconds']:.1f} s = {flow['slices_per_s']:.1f} slices/s "
+          f"({flow['slices_per_encoder_call']:.1f} per encoder call); ratio to the isolated encoder "
+          f"{flow['ratio_to_isolated_encoder']:.2f} (goal >= 0.8)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
         print(f"written {args.json}")

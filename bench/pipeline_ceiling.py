@@ -90,7 +90,7 @@ def write_dicom(ct: np.ndarray, affine_lps: np.ndarray, folder: Path, syntax: st
         ds.save_as(str(folder / f"IM{k:04d}.dcm"), enforce_file_format=True)
 
 
-def make_3d(root: Path, variant: int = 0) -> dict[str, tuple[Path, Path]]:
+def make_3d(root: Path, variant: int = 0, syntaxes: dict[str, str] = SYNTAXES) -> dict[str, tuple[Path, Path]]:
     """The CT as NIfTI and as a DICOM series per syntax (new UIDs each call); ``variant`` changes one corner
     voxel so that copies are distinct cases."""
     import nibabel as nib
@@ -106,7 +106,7 @@ def make_3d(root: Path, variant: int = 0) -> dict[str, tuple[Path, Path]]:
     nifti.parent.mkdir()
     nib.save(nib.Nifti1Image(ct, affine_ras), str(nifti))
     cases["NIfTI"] = (nifti, mask_path)
-    for name, uid in SYNTAXES.items():
+    for name, uid in syntaxes.items():
         folder = root / f"dicom-{name}"
         write_dicom(ct, affine_lps, folder, uid)
         cases[f"DICOM {name}"] = (folder, mask_path)
