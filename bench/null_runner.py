@@ -25,6 +25,9 @@ class NullRunner:
         self.model = SimpleNamespace(name="null-runner", sha256="0" * 64, device="cpu")
         self.stats = RunnerStats()
 
+    def memory_batch(self) -> int:
+        return 1
+
     def encode(self, slices_u8: list[np.ndarray]) -> list[SliceEmbedding]:
         self.stats.encoder_calls += 1
         self.stats.encoded_slices += len(slices_u8)

@@ -62,7 +62,8 @@ class ModelSection(_Section):
         "auto", description="runtime of encoder and decoder (same masks); auto: the fastest that passes "
                             "parity on CPU, torch on CUDA")
     encoder_batch: int | None = Field(None, ge=1, description="slices per encoder call; None: 1 on CPU (batches "
-                                                              "measured no faster there, and cost memory), 32 on CUDA")
+                                                              "measured no faster there, and cost memory), on CUDA as "
+                                                              "many as fit half the free device memory (<= 128)")
     embedding_cache_mb: int | None = Field(None, ge=0, description="recent slice embeddings kept (4 MiB each); None: "
                                                                    "512 with the learned detector (its encoder pass is "
                                                                    "shared with segmentation), else 32")
@@ -117,6 +118,9 @@ class PipelineSection(_Section):
                                                                     "actor; None: 2 on CPU (the next case is read "
                                                                     "while the model works), one per CPU core "
                                                                     "(up to 16) on a GPU")
+    batch_across_cases: bool | None = Field(None, description="merge the encoder calls of the cases in flight "
+                                                              "into shared batches (slices of several small "
+                                                              "cases in one GPU call); None: on a GPU")
 
 
 class QualitySection(_Section):

@@ -124,14 +124,22 @@ def annotate_case(case: CaseRef, volume: Volume, store: CaseStore, config: Engin
 
     Only the model's work holds ``model_lock`` (the segmentation, and the prompts of a detector that runs the
     model): prompts, renderings, post-processing, quality scores and the commit of concurrent calls overlap it.
+    With ``pipeline.batch_across_cases`` (default on a GPU) the lock is held per model call instead of per
+    case, and the encoder calls of concurrent cases share batches (:mod:`pipeline.annotate.shared_runner`).
     """
     lock = model_lock or contextlib.nullcontext()
     with lock if get_spec(config.prompts.detector).needs_model else contextlib.nullcontext():
         coarse, prompts, label_names = case_prompts(case, volume, config, runner)
     rendered, window_of, windows = renderings(volume, coarse, prompts, config)
     slices = len({p.z for p in prompts})
-    with lock:
-        label_map, records = _segment(rendered, prompts, window_of, config, runner.get(), progress, slices)
+    model = runner.get()
+    batch = encoder_batch(model, config)
+    if model_lock is not None and batch_across_cases(model, config):
+        shared = runner.shared(model_lock, batch)
+        label_map, records = _segment(rendered, prompts, window_of, config, shared, progress, slices, batch)
+    else:
+        with lock:
+            label_map, records = _segment(rendered, prompts, window_of, config, model, progress, slices, batch)
     label_map, cleaning = clean(label_map, volume, config)
     attrs = {
         "case_id": case.case_id,
@@ -154,8 +162,20 @@ def annotate_case(case: CaseRef, volume: Volume, store: CaseStore, config: Engin
     return slices
 
 
+def encoder_batch(model, config: EngineConfig) -> int:
+    """Slices per encoder call: the configured number, else 1 on CPU and on CUDA as many as fit half the
+    free device memory (measured once per runner)."""
+    return config.model.encoder_batch or model.memory_batch()
+
+
+def batch_across_cases(model, config: EngineConfig) -> bool:
+    """Whether concurrent cases share encoder batches (configured, else on CUDA)."""
+    wanted = config.pipeline.batch_across_cases
+    return str(model.device).startswith("cuda") if wanted is None else wanted
+
+
 def _segment(rendered, prompts: list[BoxPrompt], window_of: dict[int, str], config: EngineConfig, model,
-             progress, slices: int):
+             progress, slices: int, batch: int):
     """The model's part of a case: (label map, instance records) in the configured mode."""
     if progress is not None:
         progress.reset(total=slices)
@@ -166,7 +186,7 @@ def _segment(rendered, prompts: list[BoxPrompt], window_of: dict[int, str], conf
                                 model_name=model.model.name, on_slice=on_slice, jitter=config.quality.jitter())
     cuda = str(model.device).startswith("cuda")
     return segment_volume(model, rendered, prompts, window_of=window_of, model_name=model.model.name,
-                          on_slice=on_slice, encoder_batch=config.model.encoder_batch or (32 if cuda else 1),
+                          on_slice=on_slice, encoder_batch=batch,
                           decoder_batch=config.model.decoder_batch or default_decoder_batch(model, cuda),
                           jitter=config.quality.jitter())
 

@@ -6,6 +6,7 @@ import functools
 import threading
 
 from pipeline.annotate.config import EngineConfig
+from pipeline.annotate.shared_runner import SharedRunner
 from pipeline.core.provenance import file_sha256
 from pipeline.model.build import build_runner
 from pipeline.model.checkpoint import LITE_MEDSAM_SHA256, load_lite_medsam
@@ -26,6 +27,7 @@ class LazyRunner:
         self._runner: LiteMedSAMRunner | None = None
         self._loading: concurrent.futures.Future | None = None
         self._lock = threading.Lock()
+        self._shared: SharedRunner | None = None
 
     def _build(self) -> LiteMedSAMRunner:
         section = self.config.model
@@ -68,6 +70,15 @@ class LazyRunner:
                         self._loading = None
                 raise
         return self._runner
+
+    def shared(self, lock: threading.Lock, max_slices: int) -> SharedRunner:
+        """The loaded runner shared by the threads that hold ``lock`` for its calls (one per lock), their
+        encoder calls merged into batches of up to ``max_slices`` slices."""
+        runner = self.get()
+        with self._lock:
+            if self._shared is None or self._shared.lock is not lock or self._shared.runner is not runner:
+                self._shared = SharedRunner(runner, lock, max_slices)
+            return self._shared
 
     def settle(self) -> None:
         """Wait for a background load still under way (a run whose cases all failed early leaves one),

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_ENCODER_BATCH = 128  # slices per encoder call on CUDA at most (larger batches gain little there)
+
 @dataclass
 class RunnerStats:
     encoder_calls: int = 0
@@ -98,6 +100,7 @@ class LiteMedSAMRunner:
     _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
     graphs: Graphs | None = field(default=None, repr=False)  # the runtime's compiled graphs (build.py)
     _box_decoder: torch.nn.Module | None = field(default=None, repr=False)  # eager torch's decoder
+    _memory_batch: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -119,6 +122,38 @@ class LiteMedSAMRunner:
     def bf16(self) -> bool:
         """Whether eager torch runs under bf16 autocast (CUDA only)."""
         return str(self.device).startswith("cuda") and self.precision in ("auto", "bf16") and self.graphs is None
+
+    def memory_batch(self, *, share: float = 0.5, cap: int = MAX_ENCODER_BATCH) -> int:
+        """Slices per encoder call for this runner: on CUDA as many as fit ``share`` of the device's free
+        memory (the memory one slice adds to an encoder call, measured once), at most ``cap``; 1 elsewhere
+        (on the CPU batches were measured no faster, and cost memory)."""
+        if not str(self.device).startswith("cuda") or self.graphs is not None:
+            return 1
+        if self._memory_batch is None:
+            import torch
+
+            free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+            self._memory_batch = fitting_batch(free, self._slice_bytes(), share=share, cap=cap)
+            log.info("encoder batch %d (%.1f GiB free on %s)", self._memory_batch, free / 2**30, self.device)
+        return self._memory_batch
+
+    def _slice_bytes(self) -> int:
+        """CUDA memory one more slice adds to an encoder call: peak of a two-slice call minus a one-slice one."""
+        import torch
+
+        device = torch.device(self.device)
+        peaks = []
+        for count in (1, 2):
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            images = torch.zeros((count, 3, self.model.framing.size, self.model.framing.size), device=device)
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+                self.model.net.image_encoder(images)
+            torch.cuda.synchronize(device)
+            peaks.append(torch.cuda.max_memory_allocated(device) - base)
+            del images
+        return max(peaks[1] - peaks[0], peaks[0] // 2, 1)
 
     @staticmethod
     def _key(slice_u8: np.ndarray) -> bytes:
@@ -215,6 +250,11 @@ class LiteMedSAMRunner:
             cv2.resize(low_res[i, 0, :new_h, :new_w], (width, height), dst=logits[i],
                        interpolation=cv2.INTER_LINEAR)
         return logits, np.ascontiguousarray(iou[:, 0], dtype=np.float32)
+
+
+def fitting_batch(free_bytes: int, slice_bytes: int, *, share: float = 0.5, cap: int = MAX_ENCODER_BATCH) -> int:
+    """How many slices of ``slice_bytes`` each fit ``share`` of ``free_bytes``: at least 1, at most ``cap``."""
+    return max(1, min(cap, int(free_bytes * share) // max(1, slice_bytes)))
 
 
 def _nbytes(embedding) -> int:

@@ -1,0 +1,35 @@
+"""Encoder batches sized by free device memory (CUDA); the CPU keeps batches of one."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.model.runner import MAX_ENCODER_BATCH, fitting_batch
+
+
+def test_the_batch_fills_half_the_free_memory_within_its_bounds():
+    assert fitting_batch(10 * 2**30, 100 * 2**20) == 51  # 5 GiB / 100 MiB
+    assert fitting_batch(10 * 2**30, 100 * 2**20, share=0.25) == 25
+    assert fitting_batch(2**20, 100 * 2**20) == 1  # never below one slice
+    assert fitting_batch(140 * 2**30, 2**20) == MAX_ENCODER_BATCH
+    assert fitting_batch(140 * 2**30, 2**20, cap=512) == 512
+
+
+def test_the_cpu_runner_encodes_one_slice_per_call(runner):
+    assert runner.memory_batch() == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_runner_sizes_its_batch_from_free_memory_and_that_batch_runs():
+    import numpy as np
+
+    from pipeline.model.checkpoint import load_lite_medsam
+    from pipeline.model.runner import LiteMedSAMRunner
+
+    runner = LiteMedSAMRunner(load_lite_medsam(device="cuda"), device="cuda")
+    batch = runner.memory_batch()
+    assert 1 <= batch <= MAX_ENCODER_BATCH and runner.memory_batch() == batch  # measured once
+    free_before, _ = torch.cuda.mem_get_info()
+    embedded = runner.encode([np.full((64, 64), k % 251, np.uint8) for k in range(batch)])
+    assert len(embedded) == batch and torch.cuda.mem_get_info()[0] > 0.2 * free_before
