@@ -11,13 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import cc3d
 import numpy as np
 from scipy import ndimage
 
 from pipeline.core.metrics import present_labels
 from pipeline.core.types import BoxPrompt, ObjectBox
-from postprocess import label_boxes
+from postprocess import label_boxes, label_components
 
 SOURCE = "coarse-mask"
 
@@ -55,8 +54,8 @@ def label_objects(label_map: np.ndarray, instances: np.ndarray | None = None, co
     objects in order of their first voxel.
 
     Each label is searched within its own bounding box (a few labels: a comparison and projections each;
-    an instance map with hundreds of labels: one ``find_objects`` pass), and split with cc3d (scipy's
-    components in the same order, several times faster)."""
+    an instance map with hundreds of labels: one ``find_objects`` pass), and split into components by cc3d
+    (scipy's, in the same order, several times faster)."""
     if connectivity not in CC3D_CONNECTIVITY:
         raise ValueError(f"Argument 'connectivity' must be 1, 2 or 3; got {connectivity}.")
     values = present_labels(label_map)
@@ -66,7 +65,7 @@ def label_objects(label_map: np.ndarray, instances: np.ndarray | None = None, co
         region = regions.get(label) or whole
         inside = label_map[region] == label
         if instances is None:
-            components = cc3d.connected_components(inside, connectivity=CC3D_CONNECTIVITY[connectivity])
+            components, _ = label_components(inside, CC3D_CONNECTIVITY[connectivity])
         else:
             components = np.where(inside, instances[region], 0)
         for index, found in enumerate(ndimage.find_objects(components), start=1):

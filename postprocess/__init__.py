@@ -8,6 +8,7 @@ from postprocess.chain import DEFAULT_CHAINS, OPS, apply_chain, default_chain, v
 from postprocess.components import (
     keep_largest_components_2d,
     keep_largest_components_3d,
+    label_components,
     remove_small_components_2d,
     remove_small_components_3d,
 )
@@ -20,6 +21,7 @@ from postprocess.smoothing import smooth_gaussian
 __all__ = [
     "DEFAULT_CHAINS", "OPS", "apply_chain", "binary_closing", "binary_opening", "bridge_slice_gaps",
     "default_chain", "drop_disconnected_slices", "fill_holes_2d", "keep_largest_components_2d",
-    "keep_largest_components_3d", "label_boxes", "remove_small_components_2d", "remove_small_components_3d",
+    "keep_largest_components_3d", "label_boxes", "label_components", "remove_small_components_2d",
+    "remove_small_components_3d",
     "simplify_contours_2d", "smooth_gaussian", "structuring_element_2d", "validate_chain",
 ]

@@ -23,11 +23,21 @@ def _plane_components(plane: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, stats[:, cv2.CC_STAT_AREA]
 
 
+def label_components(volume: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    """Connected components of a (z, y, x) mask: (uint32 labels 1..n in raster order of their first voxel, n).
+
+    The labels of ``scipy.ndimage.label`` with the matching structure (``connectivity`` 6, 18 or 26
+    neighbours), from cc3d, ~7x faster. cc3d works on a copy padded with background: version 4.1 fails on
+    arrays with a side of one voxel (its union-find table is sized too small there); the padding changes no
+    label."""
+    padded = np.pad(np.asarray(volume, dtype=bool), 1)
+    labels, count = cc3d.connected_components(padded, connectivity=connectivity, return_N=True)
+    return np.ascontiguousarray(labels[1:-1, 1:-1, 1:-1]), int(count)
+
+
 def _volume_components(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """26-connected labels of a (z, y, x) array and the voxel count of each label (index 0: background).
-    Labels come from cc3d (those of ``scipy.ndimage.label`` with a full 3x3x3 structure, in the same
-    raster order, ~7x faster)."""
-    labels, count = cc3d.connected_components(np.ascontiguousarray(volume), connectivity=26, return_N=True)
+    """26-connected labels of a (z, y, x) array and the voxel count of each label (index 0: background)."""
+    labels, count = label_components(volume)
     sizes = np.zeros(count + 1, dtype=np.int64)
     for start in range(0, len(labels), _SLAB):  # bincount widens to int64: slabs keep that copy small
         sizes += np.bincount(labels[start:start + _SLAB].ravel(), minlength=count + 1)

@@ -1,4 +1,5 @@
-"""label_boxes: per-label bounding boxes equal scipy's find_objects, by projections (few labels) or one pass."""
+"""label_boxes and label_components against scipy: per-label bounding boxes (by projections for a few labels, else
+one pass) and connected components (cc3d)."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,3 +26,15 @@ def test_label_boxes_of_given_values_only():
     label_map[1, 2:4, 1:5] = 7
     label_map[0, 0, 0] = 2
     assert label_boxes(label_map, [7]) == {7: (slice(1, 2), slice(2, 4), slice(1, 5))}
+
+
+@given(hnp.arrays(np.bool_, st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 6))),
+       st.sampled_from([(6, 1), (18, 2), (26, 3)]))
+def test_label_components_equal_scipy_labels_even_on_one_voxel_thin_arrays(mask, connectivity):
+    """cc3d on its own fails on shapes such as (1, 3, 1); the padded call gives scipy's labels, same order."""
+    from postprocess import label_components
+
+    neighbours, rank = connectivity
+    labels, count = label_components(mask, neighbours)
+    expected, expected_count = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, rank))
+    assert count == expected_count and np.array_equal(labels, expected)
