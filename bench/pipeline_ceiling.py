@@ -10,12 +10,17 @@ run record. Data (real, shipped in packages):
   Lossless, JPEG-LS Lossless, JPEG 2000 Lossless): one case each, repeated ``--repeats`` times in fresh stores;
 * 2D: ``--tiles`` crops (96 x 96) of stardist's nuclei image with their instance masks: many small cases.
 
-Each row runs the local engine (`pipeline.annotate.job.annotate`, one process plus its isolated reader) and,
-with ``--ray``, the same cases sharded over one Ray actor per core (`pipeline.distributed.ray_pool.drive`).
-Printed per row: wall seconds, prompted slices per wall second, slices per CPU-second (user + system time
-of the process and its children: "per core"), and milliseconds per case.
+Each row runs the local engine (`pipeline.annotate.job.annotate`: one process, its case workers and their
+reader processes) and, with ``--ray``, the same cases sharded over one Ray actor per core
+(`pipeline.distributed.ray_pool.drive`). Printed per row: wall seconds, prompted slices per wall second,
+slices per CPU-second (user + system time of the process and of its children, the reader processes
+included while they run: "per core"), and milliseconds per case.
 
-    .venv/bin/python bench/pipeline_ceiling.py [--repeats 3] [--tiles 200] [--ray]
+    .venv/bin/python bench/pipeline_ceiling.py [--repeats 3] [--tiles 200] [--ray] [--baseline REV]
+
+With ``--baseline REV`` the same rows are measured first on the engine of git commit REV (a temporary
+worktree put before the installed package on PYTHONPATH, this bench script and data), then on this tree,
+and the ratios are printed: today's figures and the new ones from one run on one machine.
 """
 from __future__ import annotations
 
@@ -191,15 +196,15 @@ def run_ray(inputs: list[Path], masks: list[Path], store: Path, config, actors: 
     s = CaseStore(store)
     wall = time.perf_counter()
     cases = discover([str(p) for p in inputs], s.case_ids(), coarse_masks=[str(m) for m in masks])
-    handles = [ray.remote(NullAnnotator).options(num_cpus=1).remote(config.model_dump_json(), 1)
-               for _ in range(actors)]
+    handles = [ray.remote(NullAnnotator).options(num_cpus=1, max_concurrency=2).remote(config.model_dump_json(), 1)
+               for _ in range(actors)]  # two cases at once per actor, as the engine's CPU actors
     ray.get([h.info.remote() for h in handles])  # started
     started = time.perf_counter()
     job = Job(str(store), "bench", config.model_dump_json())
     shards = [[dataclasses.asdict(c) for c in cases[k::actors]] for k in range(actors)]
     with ThreadPoolExecutor(actors) as pool:
-        outcomes = [o for part in pool.map(lambda k: drive(shards[k], lambda lost=None: handles[k], job),
-                                           range(actors)) for o in part]
+        outcomes = [o for part in pool.map(lambda k: drive(shards[k], lambda lost=None: handles[k], job,
+                                                           in_flight=3), range(actors)) for o in part]
     end = time.perf_counter()
     stats = [ray.get(h.info.remote()) for h in handles]
     for handle in handles:
@@ -216,46 +221,100 @@ def row(name: str, result: dict) -> str:
             f"{result['slices'] / result['wall']:9.1f} {result['slices'] / result['cpu']:9.1f} {per_case:9.1f}")
 
 
+def measure(args, config, root: Path) -> dict[str, dict]:
+    """Every row of the table, by name (printed as they come)."""
+    rows: dict[str, dict] = {}
+
+    def show(name: str, result: dict) -> None:
+        rows[name] = result
+        print(row(name, result), flush=True)
+
+    three_d = make_3d(root / "data")
+    images, masks = make_2d(root / "data", args.tiles)
+    cores = os.cpu_count() or 1
+    for name, (image, mask) in three_d.items():
+        runs = [run_local([image], [mask], root / f"store-{name}-{k}".replace(" ", "-"), config)
+                for k in range(args.repeats)]
+        show(f"local {name}", min(runs, key=lambda r: r["wall"]))
+    show(f"local 2D x{args.tiles}", run_local([images], [masks], root / "store-2d", config))
+    if args.ray:
+        from pipeline.distributed.ray_pool import connect
+
+        start = time.perf_counter()
+        connect(local_cpus=cores)
+        print(f"(Ray started in {time.perf_counter() - start:.1f} s; actors: {cores}, 1 CPU each; "
+              "wall excludes actor start; sl/cpu-s counts every actor's core as busy)", flush=True)
+        sets = [make_3d(root / f"ray-data-{k}", variant=k + 1) for k in range(args.repeats)]  # distinct cases
+        inputs = [pair[0] for made in sets for pair in made.values()]
+        mask_list = [pair[1] for made in sets for pair in made.values()]
+        show("ray 3D (all syntaxes)", run_ray(inputs, mask_list, root / "store-ray-3d", config, cores))
+        show(f"ray 2D x{args.tiles}", run_ray([images], [masks], root / "store-ray-2d", config, cores))
+    return rows
+
+
+def baseline(rev: str, args) -> dict[str, dict]:
+    """The same rows measured on the engine of commit ``rev`` (a git worktree, this bench script), now."""
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    tree = Path(tempfile.mkdtemp(prefix="ceiling-baseline-"))
+    out = tree / "rows.json"
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tree / "src"), rev], check=True,
+                   capture_output=True)
+    try:
+        command = [sys.executable, str(Path(__file__).resolve()), "--repeats", str(args.repeats), "--tiles",
+                   str(args.tiles), "--rows-json", str(out)] + (["--ray"] if args.ray else [])
+        env = dict(os.environ, PYTHONPATH=str(tree / "src"))  # the old packages before the installed ones
+        subprocess.run(command, check=True, env=env, cwd=Path(__file__).parent)
+        return json.loads(out.read_text())
+    finally:
+        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree / "src")],
+                       capture_output=True)
+        shutil.rmtree(tree, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiles", type=int, default=200)
     parser.add_argument("--ray", action="store_true", help="also through Ray actors (one per core)")
+    parser.add_argument("--baseline", metavar="REV", help="first measure the engine of this git commit, then "
+                                                          "this tree, and print the ratios")
+    parser.add_argument("--rows-json", help=argparse.SUPPRESS)  # the baseline's child writes its rows here
     args = parser.parse_args()
 
+    import json
+
+    import pipeline
     from pipeline.annotate.config import EngineConfig
 
-    config = EngineConfig()
+    before = None
+    if args.baseline:
+        print(f"== baseline: the engine at {args.baseline}", flush=True)
+        before = baseline(args.baseline, args)
+        print("== this tree", flush=True)
+    cores = os.cpu_count() or 1
+    print(f"cores: {cores}; null runner (every box filled, no model); {args.repeats} runs per 3D row; "
+          f"engine from {Path(pipeline.__file__).parent.parent}", flush=True)
+    print(f"{'case':28s} {'cases':>5s} {'slices':>6s} {'wall s':>8s} {'slices/s':>9s} {'sl/cpu-s':>9s} "
+          f"{'ms/case':>9s}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="ceiling-"))
     try:
-        three_d = make_3d(root / "data")
-        images, masks = make_2d(root / "data", args.tiles)
-        cores = os.cpu_count() or 1
-        print(f"cores: {cores}; null runner (every box filled, no model); {args.repeats} runs per 3D row")
-        print(f"{'case':28s} {'cases':>5s} {'slices':>6s} {'wall s':>8s} {'slices/s':>9s} {'sl/cpu-s':>9s} "
-              f"{'ms/case':>9s}")
-        for name, (image, mask) in three_d.items():
-            runs = [run_local([image], [mask], root / f"store-{name}-{k}".replace(" ", "-"), config)
-                    for k in range(args.repeats)]
-            best = min(runs, key=lambda r: r["wall"])
-            print(row(f"local {name}", best))
-        tiles = sorted(images.iterdir())
-        two_d = run_local([images], [masks], root / "store-2d", config)
-        print(row(f"local 2D x{len(tiles)}", two_d))
-        if args.ray:
-            from pipeline.distributed.ray_pool import connect
-
-            start = time.perf_counter()
-            connect(local_cpus=cores)
-            print(f"(Ray started in {time.perf_counter() - start:.1f} s; actors: {cores}, 1 CPU each; "
-                  "wall excludes actor start; sl/cpu-s counts every actor's core as busy)")
-            sets = [make_3d(root / f"ray-data-{k}", variant=k + 1) for k in range(args.repeats)]  # distinct cases
-            inputs = [pair[0] for made in sets for pair in made.values()]
-            mask_list = [pair[1] for made in sets for pair in made.values()]
-            print(row("ray 3D (all syntaxes)", run_ray(inputs, mask_list, root / "store-ray-3d", config, cores)))
-            print(row(f"ray 2D x{len(tiles)}", run_ray([images], [masks], root / "store-ray-2d", config, cores)))
+        rows = measure(args, EngineConfig(), root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    if args.rows_json:
+        Path(args.rows_json).write_text(json.dumps(rows))
+    if before:
+        print(f"== this tree against {args.baseline} (same run, same machine)")
+        print(f"{'case':28s} {'sl/cpu-s x':>11s} {'ms/case x':>10s}")
+        for name, now in rows.items():
+            old = before[name]
+            per_cpu = (now["slices"] / now["cpu"]) / (old["slices"] / old["cpu"])
+            per_case = (old["wall"] / old["cases"]) / (now["wall"] / now["cases"])
+            print(f"{name:28s} {per_cpu:10.2f}x {per_case:9.2f}x")
 
 
 if __name__ == "__main__":

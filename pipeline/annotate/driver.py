@@ -41,7 +41,7 @@ from pipeline.core.provenance import utc_stamp
 from pipeline.core.types import BoxPrompt, CaseRef, Volume
 from pipeline.io.discover import materialise
 from pipeline.io.readers import label_names_of, read_case, read_volume
-from pipeline.store.case_store import CaseStore
+from pipeline.store.case_store import UNREAD, CaseStore
 from pipeline.store.leases import Lease, holder, leased
 from pipeline.store.records import quarantine
 from postprocess.chain import apply_chain
@@ -117,7 +117,7 @@ def clean(label_map: np.ndarray, volume: Volume, config: EngineConfig) -> tuple[
 
 def annotate_case(case: CaseRef, volume: Volume, store: CaseStore, config: EngineConfig, runner: LazyRunner, *,
                   signature: dict, overwrite: bool, progress=None, lease: Lease | None = None,
-                  model_lock=None) -> int:
+                  model_lock=None, current: dict | None | object = UNREAD) -> int:
     """Prompt, segment, clean and commit one read case; returns the number of slices segmented. Raises
     CaseError for expected failures, StoreConflictError when ``lease`` was taken over by another run while
     this one worked (it commits instead).
@@ -158,7 +158,7 @@ def annotate_case(case: CaseRef, volume: Volume, store: CaseStore, config: Engin
         raise StoreConflictError("another run took this case over while this one worked (its lease expired); "
                                  "that run commits it", case_id=case.case_id)
     store.commit_case(case.case_id, labels=label_map, attrs=attrs, image=image, overwrite=overwrite,
-                      label_names=label_names, supersedes=case.supersedes)
+                      label_names=label_names, supersedes=case.supersedes, current=current)
     return slices
 
 
@@ -204,13 +204,14 @@ def _attempt(case: CaseRef, store: CaseStore, config: EngineConfig, runner: Lazy
         if lease is None:
             other = (holder(store, case.case_id) or {}).get("run_id", "another run")
             return CaseOutcome(case.case_id, "skipped", reason=f"in progress in run {other}", node=node)
-        if committed_with(store, case.case_id, signature):
+        current = store.case_attrs(case.case_id)  # read once under the lease: the commit needs no second read
+        if current is not None and current.get("signature") == signature:
             return CaseOutcome(case.case_id, "skipped", reason="committed meanwhile by another run", node=node)
         runner.prefetch()  # the model loads while the case is read and prompted
         volume = read_case(case)  # in a reader process of its own: overlaps other calls' work
         write_case_manifest(store, case)
         slices = annotate_case(case, volume, store, config, runner, signature=signature, overwrite=overwrite,
-                               progress=progress, lease=lease, model_lock=model_lock)
+                               progress=progress, lease=lease, model_lock=model_lock, current=current)
     return CaseOutcome(case.case_id, "done", seconds=time.perf_counter() - start, slices=slices, node=node)
 
 

@@ -44,6 +44,7 @@ from pipeline.store.labels_meta import describe_labels
 from pipeline.store.leases import HOST, conditional_put, process_alive
 
 CASE_SUFFIX = ".ome.zarr"
+UNREAD = object()  # commit_case reads the case's committed attributes itself
 STATUS_COMMITTED = "committed"
 LABELS_PATH = "labels/medsam"
 
@@ -207,16 +208,19 @@ class CaseStore:
 
     def commit_case(self, case_id: str, *, labels: np.ndarray, attrs: dict, image: np.ndarray | None = None,
                     overwrite: bool = False, label_names: dict[int, str | dict] | None = None,
-                    supersedes: str | None = None) -> Path | PurePosixPath:
+                    supersedes: str | None = None, current: dict | None | object = UNREAD
+                    ) -> Path | PurePosixPath:
         """Write a case and commit it last; returns its final path.
 
         ``labels`` is the (z, y, x) label map (stored uint16); ``image`` (z, y, x) or (z, y, x, c); ``attrs``
         the 'medsam' attributes (its 'status' is set here, last). An existing committed case with another
         signature raises StoreConflictError unless ``overwrite``, which keeps the old version under
         _previous/ and lists it in the new version's ``previous_versions``. The open failure of this case and
-        of the case it ``supersedes`` (its input's failure to be fetched) are closed.
+        of the case it ``supersedes`` (its input's failure to be fetched) are closed. ``current``: the case's
+        committed attributes (None: not committed) as a caller that holds the case's lease read them, which
+        saves reading them again (a request per case on object stores).
         """
-        old = self.case_attrs(case_id)
+        old = self.case_attrs(case_id) if current is UNREAD else current
         if old is not None and old.get("signature") != attrs.get("signature") and not overwrite:
             raise StoreConflictError("already committed with a different signature (model, config or input "
                                      "changed); pass --overwrite to replace it", case_id=case_id)

@@ -29,8 +29,16 @@ def stop_here(*args, **kwargs):
     ready.write_text(hook)
     time.sleep(600)  # killed long before this ends
 
-if hook == "mid-write":  # image and label chunks are on disk; label metadata, status and commit are not
+if hook == "mid-write":  # a large case, streamed: image and label chunks on disk; label metadata, status not
+    store_module.IN_MEMORY_BYTES = 0
     store_module.image_label_metadata = stop_here
+elif hook == "mid-files":  # a small case, encoded in memory: some of its files written, the root's not
+    real_write = Path.write_bytes
+    def write_bytes(self, data):
+        if self.name == "0":  # a chunk: the metadata files of its folder are written already
+            stop_here()
+        return real_write(self, data)
+    Path.write_bytes = write_bytes
 else:  # "before-commit": the whole group is written; the rename into place has not happened
     real_replace = os.replace
     def replace(src, dst):
@@ -78,7 +86,7 @@ def _kill_writer_at(hook: str, root, tmp_path, *, overwrite: bool) -> None:
 
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["new", "overwrite"])
-@pytest.mark.parametrize("hook", ["mid-write", "before-commit"])
+@pytest.mark.parametrize("hook", ["mid-write", "mid-files", "before-commit"])
 def test_killed_writer_leaves_no_done_case_and_a_rerun_commits_it(tmp_path, hook, overwrite):
     root = tmp_path / "store"
     store = CaseStore(root)
