@@ -149,21 +149,24 @@ def memory_sized_encoder(model, device: str, slices, repeats: int) -> dict:
     return {"batch": batch, "bf16": runner.bf16, "slices_per_s": encoder_speed(runner, slices, batch, repeats)}
 
 
-def pipeline_inputs(root: Path, copies: int, tiles: int) -> tuple[list[Path], list[Path]]:
-    """``copies`` distinct chest CT cases (each as a DICOM series and as NIfTI) and a folder of ``tiles`` 2D
-    nuclei cases, with their coarse masks (bench/pipeline_ceiling.py makes them from slicerio and stardist)."""
+def pipeline_cases(root: Path, copies: int, tiles: int, ids) -> list:
+    """CaseRefs of ``copies`` distinct chest CT cases (each as a DICOM series and as NIfTI, the lungs as coarse
+    mask) and of ``tiles`` small 2D nuclei cases with their instance masks (bench/pipeline_ceiling.py makes
+    them from slicerio and stardist)."""
     from pipeline_ceiling import SYNTAXES, make_2d, make_3d
+
+    from pipeline.io.discover import discover
 
     inputs, masks = [], []
     for k in range(copies):
         made = make_3d(root / f"ct-{k}", variant=k + 1, syntaxes={"explicit-le": SYNTAXES["explicit-le"]})
         inputs += [pair[0] for pair in made.values()]
         masks += [pair[1] for pair in made.values()]
+    cases = discover(inputs, ids, coarse_masks=masks) if inputs else []
     if tiles:
         images, tile_masks = make_2d(root / "tiles", tiles)
-        inputs.append(images)
-        masks.append(tile_masks)
-    return inputs, masks
+        cases += discover([images], ids, coarse_masks=[tile_masks])  # masks paired with tiles by file name
+    return cases
 
 
 def ray_pipeline(device: str, copies: int, tiles: int) -> dict:
@@ -184,7 +187,6 @@ def ray_pipeline(device: str, copies: int, tiles: int) -> dict:
         plan_actors,
         release_annotators,
     )
-    from pipeline.io.discover import discover
     from pipeline.store.case_store import CaseStore
 
     connect()
@@ -192,9 +194,8 @@ def ray_pipeline(device: str, copies: int, tiles: int) -> dict:
     plan = plan_actors(cluster_nodes(), PoolOptions(actors=1, gpus_per_actor=None if cuda else 0))
     config_json = EngineConfig.model_validate({"model": {"device": device}}).model_dump_json()
     with tempfile.TemporaryDirectory(prefix="medsam-gpu-ray-") as tmp:
-        inputs, masks = pipeline_inputs(Path(tmp), copies, tiles)
         store = CaseStore(Path(tmp) / "store")
-        cases = [dataclasses.asdict(c) for c in discover(inputs, store.case_ids(), coarse_masks=masks)]
+        cases = [dataclasses.asdict(c) for c in pipeline_cases(Path(tmp), copies, tiles, store.case_ids())]
         actor = get_annotator(plan, 0, config_json)
         job = Job(str(store.root), "gpu-check", config_json)
         try:
@@ -206,9 +207,10 @@ def ray_pipeline(device: str, copies: int, tiles: int) -> dict:
             after = ray.get(actor.info.remote())["runner"]
         finally:
             release_annotators(plan, config_json)
-    failed = [o for o in outcomes if o["status"] != "done"]
-    if failed:
-        raise RuntimeError(f"{len(failed)} cases failed: {failed[:3]}")
+        failed = [o for o in outcomes if o["status"] != "done"]
+        if failed:
+            reasons = [error.get("reason") for error in store.errors().values()]
+            raise RuntimeError(f"{len(failed)} of {len(outcomes)} cases failed: {reasons[:3]}")
     slices = after["encoded_slices"] - before["encoded_slices"]
     calls = after["encoder_calls"] - before["encoder_calls"]
     return {"cpus": plan.num_cpus, "gpus": plan.num_gpus, "case_workers": plan.case_workers,
