@@ -72,8 +72,8 @@ def decode_pixels(ds, where: str) -> np.ndarray:
 
 
 def _compact(values: np.ndarray, stored=np.int16) -> np.ndarray:
-    """float32 values as uint8 (8-bit stored data) or int16 when exact (HU usually is), else float32."""
-    if not values.size or not np.all(values == np.rint(values)):
+    """Values as uint8 (8-bit stored data) or int16 when exact (HU usually is), else float32."""
+    if not values.size or (values.dtype.kind == "f" and not np.all(values == np.rint(values))):
         return values.astype(np.float32)
     low, high = values.min(), values.max()
     if np.dtype(stored) == np.uint8 and low >= 0 and high <= 255:
@@ -81,16 +81,39 @@ def _compact(values: np.ndarray, stored=np.int16) -> np.ndarray:
     return values.astype(np.int16) if low >= -32768 and high <= 32767 else values.astype(np.float32)
 
 
+def _integer_rescale(ds, pixels: np.ndarray) -> tuple[int, int] | None:
+    """(slope, intercept) when the modality transform maps integers to integers exactly (integer pixels, no
+    Modality LUT, whole-number slope and intercept: CT's usual 1 and -1024), else None."""
+    if pixels.dtype.kind not in "iu" or pixels.dtype.itemsize > 2 or "ModalityLUTSequence" in ds:
+        return None
+    try:
+        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError):
+        return None
+    if slope != round(slope) or intercept != round(intercept) or max(abs(slope), abs(intercept)) > 1 << 15:
+        return None
+    return int(slope), int(intercept)
+
+
 def grey_values(ds, pixels: np.ndarray) -> np.ndarray:
-    """Stored values -> modality values (HU for CT) as float32; MONOCHROME1 inverted over the stored range."""
+    """Stored values -> modality values (HU for CT): int32 when the rescale is in whole numbers (the same
+    values as pydicom's float64 arithmetic, without it), else float32; MONOCHROME1 inverted over the stored
+    range."""
     from pydicom.pixels import apply_modality_lut
 
-    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
+    rescale = _integer_rescale(ds, pixels)
+    if rescale is not None:
+        values = pixels.astype(np.int32)
+        if rescale != (1, 0):
+            values *= rescale[0]
+            values += rescale[1]
+    else:
+        values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
     if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
         bits = int(getattr(ds, "BitsStored", 16) or 16)
         signed = int(getattr(ds, "PixelRepresentation", 0) or 0) == 1
         stored = np.array([-(1 << (bits - 1)), (1 << (bits - 1)) - 1] if signed else [0, (1 << bits) - 1])
-        low, high = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+        low, high = np.asarray(apply_modality_lut(stored, ds), dtype=values.dtype)
         values = (low + high) - values
     return values
 
