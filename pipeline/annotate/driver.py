@@ -26,7 +26,12 @@ from pipeline.annotate.propagate import PropagateRules, propagate_volume
 from pipeline.annotate.quality import quality_attrs
 from pipeline.annotate.rendering import default_decoder_batch, effective_modality, renderings
 from pipeline.annotate.segment import segment_volume
-from pipeline.annotate.signature import committed_with, signature_or_none, signature_or_read_error
+from pipeline.annotate.signature import (
+    committed_with,
+    signature_or_none,
+    signature_or_read_error,
+    signed_with,
+)
 from pipeline.core.errors import (
     CaseError,
     PromptError,
@@ -205,7 +210,7 @@ def _attempt(case: CaseRef, store: CaseStore, config: EngineConfig, runner: Lazy
             other = (holder(store, case.case_id) or {}).get("run_id", "another run")
             return CaseOutcome(case.case_id, "skipped", reason=f"in progress in run {other}", node=node)
         current = store.case_attrs(case.case_id)  # read once under the lease: the commit needs no second read
-        if current is not None and current.get("signature") == signature:
+        if signed_with(current, signature):
             return CaseOutcome(case.case_id, "skipped", reason="committed meanwhile by another run", node=node)
         runner.prefetch()  # the model loads while the case is read and prompted
         volume = read_case(case)  # in a reader process of its own: overlaps other calls' work

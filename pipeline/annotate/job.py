@@ -41,6 +41,9 @@ class RunSummary:
         return [o for o in self.outcomes if o.status == "failed"]
 
 
+MAX_GPU_CASE_WORKERS = 16  # cases in flight at once in one GPU process or actor (each with a reader process)
+
+
 def case_workers(config: EngineConfig) -> int:
     """Cases one process works on at once (``pipeline.case_workers``; by default 2 on CPU, where the model
     takes the cores and one case read ahead hides the rest, and one per core up to 16 on a GPU, whose model
@@ -51,7 +54,7 @@ def case_workers(config: EngineConfig) -> int:
         cuda = resolve_device(config.model.device) == "cuda"
     except ValueError:  # CUDA asked for but absent: the runner says so when the model is first needed
         cuda = False
-    return max(2, min(16, os.cpu_count() or 1)) if cuda else 2
+    return max(2, min(MAX_GPU_CASE_WORKERS, os.cpu_count() or 1)) if cuda else 2
 
 
 def annotate(cases: list[CaseRef], store: CaseStore, config: EngineConfig, *, overwrite: bool = False,

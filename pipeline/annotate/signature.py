@@ -49,5 +49,9 @@ def signature_or_none(case: CaseRef, config: EngineConfig, model_sha256: str) ->
 
 def committed_with(store: CaseStore, case_id: str, signature: dict) -> bool:
     """Whether the case is committed with exactly this signature (then there is nothing to do)."""
-    attrs = store.case_attrs(case_id)
+    return signed_with(store.case_attrs(case_id), signature)
+
+
+def signed_with(attrs: dict | None, signature: dict) -> bool:
+    """Whether committed attributes (None: not committed) carry exactly this signature."""
     return attrs is not None and attrs.get("signature") == signature

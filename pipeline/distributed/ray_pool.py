@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.annotate.config import EngineConfig
 from pipeline.annotate.driver import run_case
+from pipeline.annotate.job import MAX_GPU_CASE_WORKERS
 from pipeline.annotate.lazy_runner import LazyRunner
 from pipeline.annotate.policy import FailurePolicy
 from pipeline.annotate.signature import signature_or_none
@@ -48,7 +49,6 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "medsam-engine"
 MAX_CPU_THREADS = 4  # torch's encoder scales poorly past ~4 threads; more CPUs make more actors instead
-MAX_GPU_CASE_WORKERS = 16  # cases in flight in one GPU actor (each with a reader process)
 ACTOR_RESTARTS = 2
 TASK_RETRIES = 2
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2  # volumes travel by path; the object store only carries records

@@ -116,3 +116,17 @@ def test_worker_reports_how_the_child_died():
         assert worker.call(os.getpid) != child
     finally:
         worker.close()
+
+
+def test_concurrent_callers_of_the_pool_read_in_processes_of_their_own():
+    """Cases read by several threads at once decode in as many child processes; a returned worker is reused."""
+    from pipeline.io.isolate import WorkerPool
+
+    pool = WorkerPool()
+    try:
+        with pool.borrow() as first, pool.borrow() as second:
+            pids = {first.call(os.getpid), second.call(os.getpid)}
+        assert len(pids) == 2 and os.getpid() not in pids
+        assert pool.call(os.getpid) in pids and len(pool) == 2  # no third child
+    finally:
+        pool.close()
