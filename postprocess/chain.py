@@ -135,12 +135,16 @@ def _process_label(label_map: np.ndarray, out: np.ndarray, box: tuple[slice, ...
     original = crop == value
     result, history = _run_steps(original, steps, spacing)
     kept = result & original
-    out[box][kept] = value
-    grown = np.nonzero(result & (crop == 0))
-    claims = np.ravel_multi_index(tuple(axis + part.start for axis, part in zip(grown, box)), label_map.shape)
+    np.copyto(out[box], value, where=kept)
+    after, kept_count = int(np.count_nonzero(result)), int(np.count_nonzero(kept))
+    if after > kept_count:  # the steps added voxels: those on background are claims
+        grown = np.nonzero(result & (crop == 0))
+        claims = np.ravel_multi_index(tuple(axis + part.start for axis, part in zip(grown, box)),
+                                      label_map.shape)
+    else:
+        claims = np.zeros(0, dtype=np.intp)
     record = {"label": value, "voxels_before": int(np.count_nonzero(original)), "steps": history,
-              "voxels_after": int(np.count_nonzero(kept)),
-              "voxels_lost_in_merge": int(np.count_nonzero(result))}  # settled in apply_chain
+              "voxels_after": kept_count, "voxels_lost_in_merge": after}  # settled in apply_chain
     return claims, record
 
 

@@ -19,6 +19,10 @@ _SLAB = 16  # slices per bincount call
 
 def _plane_components(plane: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """8-connected labels of a uint8 (y, x) plane and the pixel count of each label (index 0: background)."""
+    count, labels = cv2.connectedComponents(plane, connectivity=8, ltype=cv2.CV_32S)
+    if count <= 2:  # one component (or none): counted without OpenCV's statistics, 5x the labelling's cost
+        filled = int(np.count_nonzero(plane))
+        return labels, np.array([plane.size - filled, filled][:count], dtype=np.int64)
     _, labels, stats, _ = cv2.connectedComponentsWithStats(plane, connectivity=8, ltype=cv2.CV_32S)
     return labels, stats[:, cv2.CC_STAT_AREA]
 
@@ -36,8 +40,16 @@ def label_components(volume: np.ndarray, connectivity: int = 26) -> tuple[np.nda
 
 
 def _volume_components(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """26-connected labels of a (z, y, x) array and the voxel count of each label (index 0: background)."""
-    labels, count = label_components(volume)
+    """26-connected labels of a (z, y, x) array and the voxel count of each label (index 0: background).
+
+    The labels are a view into cc3d's background-padded result (see :func:`label_components`); a single
+    component (the usual case) is counted without a pass over the labels."""
+    padded = np.pad(np.asarray(volume, dtype=bool), 1)
+    labels, count = cc3d.connected_components(padded, connectivity=26, return_N=True)
+    labels = labels[1:-1, 1:-1, 1:-1]
+    if count <= 1:
+        filled = int(np.count_nonzero(volume))
+        return labels, np.array([volume.size - filled, filled][:count + 1], dtype=np.int64)
     sizes = np.zeros(count + 1, dtype=np.int64)
     for start in range(0, len(labels), _SLAB):  # bincount widens to int64: slabs keep that copy small
         sizes += np.bincount(labels[start:start + _SLAB].ravel(), minlength=count + 1)
@@ -59,9 +71,16 @@ def _largest(k: int) -> Callable[[np.ndarray], np.ndarray]:
     return rule
 
 
-def _select(labels: np.ndarray, sizes: np.ndarray, rule: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+def _select(mask: np.ndarray, labels: np.ndarray, sizes: np.ndarray,
+            rule: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """The voxels of ``mask`` in the components ``rule`` keeps; ``labels`` numbers them, ``sizes`` counts
+    them (index 0: background). Keeping all or none costs no look-up per voxel."""
     keep = rule(sizes)
     keep[0] = False
+    if keep[1:].all():
+        return mask.astype(bool)
+    if not keep.any():
+        return np.zeros(mask.shape, dtype=bool)
     return keep[labels]
 
 
@@ -81,7 +100,7 @@ def remove_small_components_2d(mask: np.ndarray, *, min_area_mm2: float,
     area = check_number(min_area_mm2, name="min_area_mm2")
     sy, sx = check_spacing(spacing_yx, name="spacing_yx", ndim=2)
     rule = _at_least(area / (sy * sx))
-    return map_slices(mask, lambda plane: _select(*_plane_components(plane), rule))
+    return map_slices(mask, lambda plane: _select(plane, *_plane_components(plane), rule))
 
 
 def remove_small_components_3d(mask: np.ndarray, *, min_volume_mm3: float,
@@ -100,7 +119,7 @@ def remove_small_components_3d(mask: np.ndarray, *, min_volume_mm3: float,
     volume = check_number(min_volume_mm3, name="min_volume_mm3")
     sz, sy, sx = check_spacing(spacing, name="spacing", ndim=3)
     rule = _at_least(volume / (sz * sy * sx))
-    return map_in_box(mask, lambda crop: _select(*_volume_components(crop), rule))
+    return map_in_box(mask, lambda crop: _select(crop, *_volume_components(crop), rule))
 
 
 def keep_largest_components_2d(mask: np.ndarray, *, k: int = 1) -> np.ndarray:
@@ -111,7 +130,7 @@ def keep_largest_components_2d(mask: np.ndarray, *, k: int = 1) -> np.ndarray:
     """
     check_mask(mask)
     rule = _largest(check_int(k, name="k", minimum=1))
-    return map_slices(mask, lambda plane: _select(*_plane_components(plane), rule))
+    return map_slices(mask, lambda plane: _select(plane, *_plane_components(plane), rule))
 
 
 def keep_largest_components_3d(mask: np.ndarray, *, k: int = 1) -> np.ndarray:
@@ -122,4 +141,4 @@ def keep_largest_components_3d(mask: np.ndarray, *, k: int = 1) -> np.ndarray:
     """
     check_mask(mask, ndims=(3,))
     rule = _largest(check_int(k, name="k", minimum=1))
-    return map_in_box(mask, lambda crop: _select(*_volume_components(crop), rule))
+    return map_in_box(mask, lambda crop: _select(crop, *_volume_components(crop), rule))

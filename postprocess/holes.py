@@ -15,14 +15,27 @@ from postprocess._checks import RELATIVE_SLACK, check_mask, check_optional_numbe
 from postprocess._crop import map_slices
 
 
+MANY_HOLES = 32  # above this many holes to fill in a plane, one look-up per pixel beats one pass per hole
+
+
 def _fill_plane(plane: np.ndarray, max_pixels: float) -> np.ndarray:
     """Fill the holes of a uint8 (y, x) plane whose pixel count is at most ``max_pixels``."""
     padded = cv2.copyMakeBorder(plane, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    regions, labels = cv2.connectedComponents(1 - padded, connectivity=4, ltype=cv2.CV_32S)
+    if regions <= 2:  # the object (0) and the outside: no hole (OpenCV's statistics cost 5x the labelling)
+        return plane.astype(bool)
     _, labels, stats, _ = cv2.connectedComponentsWithStats(1 - padded, connectivity=4, ltype=cv2.CV_32S)
     fill = stats[:, cv2.CC_STAT_AREA] <= max_pixels
     fill[0] = False  # label 0 is the foreground itself
     fill[labels[0, 0]] = False  # the region outside the object, reached from the padded border
-    return (padded.astype(bool) | fill[labels])[1:-1, 1:-1]
+    holes = np.flatnonzero(fill)
+    if holes.size > MANY_HOLES:
+        return (padded.astype(bool) | fill[labels])[1:-1, 1:-1]
+    out = plane.astype(bool)
+    for hole in holes:  # each within its own box (a hole never touches the padding: shift by one)
+        x, y, w, h = (int(v) for v in stats[hole, :4])
+        out[y - 1:y - 1 + h, x - 1:x - 1 + w] |= labels[y:y + h, x:x + w] == hole
+    return out
 
 
 def fill_holes_2d(mask: np.ndarray, *, max_area_mm2: float | None = None,
