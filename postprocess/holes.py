@@ -14,7 +14,6 @@ import numpy as np
 from postprocess._checks import RELATIVE_SLACK, check_mask, check_optional_number, check_spacing
 from postprocess._crop import map_slices
 
-
 MANY_HOLES = 32  # above this many holes to fill in a plane, one look-up per pixel beats one pass per hole
 
 

@@ -10,8 +10,11 @@ from hypothesis.extra import numpy as hnp
 from scipy import ndimage
 
 from postprocess import apply_chain
-from postprocess.components import (keep_largest_components_3d, remove_small_components_2d,
-                                    remove_small_components_3d)
+from postprocess.components import (
+    keep_largest_components_3d,
+    remove_small_components_2d,
+    remove_small_components_3d,
+)
 from postprocess.holes import MANY_HOLES, fill_holes_2d
 
 masks = hnp.arrays(np.bool_, st.tuples(st.integers(1, 5), st.integers(1, 14), st.integers(1, 14)))
@@ -26,7 +29,8 @@ def _filter(mask: np.ndarray, structure: np.ndarray, keep) -> np.ndarray:
 def _fill_reference(mask: np.ndarray, max_pixels: float) -> np.ndarray:
     out = mask.copy()
     for z, plane in enumerate(mask):
-        labels, count = ndimage.label(np.pad(~plane, 1, constant_values=True))  # 4-connected background; the padding is outside
+        # 4-connected background regions; the padding is the outside
+        labels, count = ndimage.label(np.pad(~plane, 1, constant_values=True))
         sizes = np.bincount(labels.ravel(), minlength=count + 1)
         for k in range(1, count + 1):
             if k != labels[0, 0] and sizes[k] <= max_pixels:
