@@ -65,7 +65,10 @@ def label_objects(label_map: np.ndarray, instances: np.ndarray | None = None, co
         region = regions.get(label) or whole
         inside = label_map[region] == label
         if instances is None:
-            components, _ = label_components(inside, CC3D_CONNECTIVITY[connectivity])
+            components, count = label_components(inside, CC3D_CONNECTIVITY[connectivity])
+            if count == 1 and label in regions:  # one object: it fills the label's own box
+                yield label, inside, region
+                continue
         else:
             components = np.where(inside, instances[region], 0)
         for index, found in enumerate(ndimage.find_objects(components), start=1):
@@ -82,7 +85,7 @@ def admitted_objects(label_map: np.ndarray, *, spacing: tuple[float, float, floa
     voxel_mm3 = float(np.prod(spacing))
     counters: dict[int, int] = {}
     for label, component, found in label_objects(label_map, instances, connectivity):
-        size = int(component.sum())
+        size = int(np.count_nonzero(component))
         if size < rules.min_voxels or size * voxel_mm3 < rules.min_size_mm3:
             continue
         counters[label] = counters.get(label, 0) + 1

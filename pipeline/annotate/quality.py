@@ -37,8 +37,8 @@ ROUTES = ("auto-accepted", "review", "rejected")
 def stability_scores(logits: np.ndarray, offset: float = STABILITY_OFFSET) -> np.ndarray:
     """(B,) stability of (B, H, W) logits: |logits > +offset| / |logits > -offset| (0.0 where both empty)."""
     flat = logits.reshape(len(logits), -1)
-    inner = (flat > offset).sum(axis=1)
-    outer = (flat > -offset).sum(axis=1)
+    inner = np.array([np.count_nonzero(row > offset) for row in flat], dtype=np.int64)
+    outer = np.array([np.count_nonzero(row > -offset) for row in flat], dtype=np.int64)
     return np.where(outer > 0, inner / np.maximum(outer, 1), 0.0).astype(np.float32)
 
 
@@ -96,9 +96,11 @@ def geometry_checks(masks: dict[int, np.ndarray], boxes: dict[int, tuple]) -> di
     (``slice_iou_min``, ``area_jump_max``, ``drift_max``) for people to read; those are not features.
     """
     zs = sorted(masks)
-    filled = [z for z in zs if masks[z].any()]
+    areas = {z: int(np.count_nonzero(masks[z])) for z in zs}
+    filled = [z for z in zs if areas[z]]
+    extent = {z: _bbox(masks[z]) for z in filled}
     out: dict[str, float | None] = {"coverage": len(filled) / len(zs) if zs else 0.0}
-    out["box_agreement"] = float(np.mean([box_iou(boxes[z], _bbox(masks[z])) if masks[z].any() else 0.0
+    out["box_agreement"] = float(np.mean([box_iou(boxes[z], extent[z]) if areas[z] else 0.0
                                           for z in zs])) if zs else 0.0
     pairs = [(a, b) for a, b in zip(filled, filled[1:]) if b - a == 1]
     for key in ("slice_iou", "area_steadiness", "drift_steadiness", "slice_iou_min", "area_jump_max",
@@ -108,11 +110,14 @@ def geometry_checks(masks: dict[int, np.ndarray], boxes: dict[int, tuple]) -> di
         return out
     ious, jumps, drifts = [], [], []
     for a, b in pairs:
-        ma, mb = masks[a], masks[b]
-        ious.append(float(np.logical_and(ma, mb).sum() / np.logical_or(ma, mb).sum()))
-        area_a, area_b = int(ma.sum()), int(mb.sum())
+        area_a, area_b = areas[a], areas[b]
+        ba, bb = np.array(extent[a], float), np.array(extent[b], float)
+        x0, y0 = int(max(ba[0], bb[0])), int(max(ba[1], bb[1]))  # the overlap of the two extents
+        x1, y1 = int(min(ba[2], bb[2])), int(min(ba[3], bb[3]))
+        both = int(np.count_nonzero(masks[a][y0:y1 + 1, x0:x1 + 1] & masks[b][y0:y1 + 1, x0:x1 + 1])) \
+            if x0 <= x1 and y0 <= y1 else 0
+        ious.append(both / (area_a + area_b - both))
         jumps.append(abs(area_a - area_b) / max(area_a, area_b))
-        ba, bb = np.array(_bbox(ma), float), np.array(_bbox(mb), float)
         size = max(1.0, float(np.mean(np.concatenate([ba[2:] - ba[:2], bb[2:] - bb[:2]]) + 1)))
         drifts.append(float(np.linalg.norm((ba[:2] + ba[2:]) / 2 - (bb[:2] + bb[2:]) / 2)) / size)
     out.update(slice_iou=float(np.mean(ious)), area_steadiness=1.0 - float(np.mean(jumps)),

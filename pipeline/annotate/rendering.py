@@ -19,12 +19,14 @@ def effective_modality(volume: Volume, config: EngineConfig) -> str:
 def renderings(volume: Volume, coarse: np.ndarray | None, prompts: list[BoxPrompt], config: EngineConfig
                ) -> tuple[dict[str, np.ndarray], dict[int, str], dict[int, tuple[float, float]]]:
     """uint8 (z, y, x) renderings of the volume per intensity window, each label's window name, and each
-    label's (level, width) in HU (CT only; empty otherwise)."""
+    label's (level, width) in HU (CT only; empty otherwise). Only the prompted slices are rendered (the
+    others stay black) unless the model propagates masks beyond them (``model.mode: propagate``)."""
     section = config.intensity
     modality = effective_modality(volume, config)
     base = IntensityConfig(section.ct_level, section.ct_width, section.lower_percentile, section.upper_percentile)
+    only = None if config.model.mode == "propagate" else sorted({p.z for p in prompts})
     if modality != "CT":
-        return {"default": to_uint8(volume.array, modality, base)}, {}, {}
+        return {"default": to_uint8(volume.array, modality, base, only=only)}, {}, {}
     labels = sorted({p.label for p in prompts})
     windows = choose_ct_windows(volume.array, coarse, labels, default=(section.ct_level, section.ct_width),
                                 lung=section.lung_window, bone=section.bone_window,
@@ -34,9 +36,9 @@ def renderings(volume: Volume, coarse: np.ndarray | None, prompts: list[BoxPromp
     for label, (level, width) in windows.items():
         if names[label] not in rendered:
             config_w = IntensityConfig(level, width, section.lower_percentile, section.upper_percentile)
-            rendered[names[label]] = to_uint8(volume.array, "CT", config_w)
+            rendered[names[label]] = to_uint8(volume.array, "CT", config_w, only=only)
     if not rendered:
-        rendered["default"] = to_uint8(volume.array, "CT", base)
+        rendered["default"] = to_uint8(volume.array, "CT", base, only=only)
     return rendered, names, windows
 
 

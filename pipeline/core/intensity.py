@@ -7,6 +7,7 @@ pipeline/model/framing.py.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,13 +24,15 @@ class IntensityConfig:
 
 
 def to_uint8(array: np.ndarray, modality: str, config: IntensityConfig = IntensityConfig(), *,
-             slab: int = 16) -> np.ndarray:
+             slab: int = 16, only: Sequence[int] | None = None) -> np.ndarray:
     """Map a volume's intensities to uint8 as MedSAM's ``pre_CT_MR.py`` does; returns a new array.
 
     CT: clip to the window, min-max to 0..255. Other scalar images that are not already uint8: clip to the
     percentiles of the positive voxels, min-max to 0..255, voxels that were 0 stay 0. Values are truncated
     to uint8 like the official script. Works ``slab`` slices at a time, so a 512 x 512 x 300 CT never has a
     float copy of the whole volume in memory; the result equals the whole-volume computation exactly.
+    ``only``: compute just these slices (z indices; the statistics still come from the whole volume), the
+    others stay 0 — for callers that look at the prompted slices only.
     """
     if modality != "CT" and array.dtype == np.uint8:
         return array.copy()
@@ -52,15 +55,22 @@ def to_uint8(array: np.ndarray, modality: str, config: IntensityConfig = Intensi
             scaled[data == 0] = 0.0
         return scaled.astype(np.uint8)
 
-    out = np.empty(array.shape, dtype=np.uint8)
+    wanted = range(array.shape[0]) if only is None else sorted({int(z) for z in only})
+    out = np.zeros(array.shape, dtype=np.uint8)
     if array.dtype.kind in "ui" and int(largest) - int(smallest) < LUT_RANGE:
-        # integer voxels (CT in HU): the same float32 arithmetic once per value, then one look-up per voxel
+        # integer voxels (CT in HU): the same float32 arithmetic once per value, then one look-up per voxel,
+        # a slice at a time (twice as fast as larger slabs: the index array stays in cache)
         table = scale(np.arange(int(smallest), int(largest) + 1, dtype=np.float32))
-        for start in range(0, array.shape[0], slab):
-            np.take(table, array[start : start + slab].astype(np.intp) - int(smallest), out=out[start : start + slab])
+        index = np.empty(array.shape[1:], dtype=np.intp)
+        for z in wanted:
+            np.subtract(array[z], int(smallest), out=index, dtype=np.intp)
+            np.take(table, index, out=out[z])
         return out
-    for start in range(0, array.shape[0], slab):
-        out[start : start + slab] = scale(array[start : start + slab].astype(np.float32))
+    runs = np.split(np.asarray(wanted, dtype=int), np.flatnonzero(np.diff(wanted) != 1) + 1) if len(wanted) else []
+    for run in runs:  # consecutive wanted slices, ``slab`` at a time
+        for start in range(int(run[0]), int(run[-1]) + 1, slab):
+            stop = min(start + slab, int(run[-1]) + 1)
+            out[start:stop] = scale(array[start:stop].astype(np.float32))
     return out
 
 

@@ -131,3 +131,56 @@ def test_quality_module_is_numpy_only():
     code = "import sys, pipeline.annotate.quality; print([m for m in ('torch', 'cv2') if m in sys.modules])"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"
+
+
+def _geometry_reference(masks: dict, boxes: dict) -> dict:
+    """The slice checks written plainly: whole-plane sums for every area, union and intersection."""
+    from pipeline.core.boxes import box_iou
+
+    def extent(mask):
+        ys, xs = np.nonzero(mask)
+        return (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+
+    zs = sorted(masks)
+    filled = [z for z in zs if masks[z].any()]
+    out = {"coverage": len(filled) / len(zs),
+           "box_agreement": float(np.mean([box_iou(boxes[z], extent(masks[z])) if masks[z].any() else 0.0
+                                           for z in zs]))}
+    pairs = [(a, b) for a, b in zip(filled, filled[1:]) if b - a == 1]
+    if not pairs:
+        return out
+    ious, jumps, drifts = [], [], []
+    for a, b in pairs:
+        ma, mb = masks[a], masks[b]
+        ious.append(float((ma & mb).sum() / (ma | mb).sum()))
+        jumps.append(abs(int(ma.sum()) - int(mb.sum())) / max(int(ma.sum()), int(mb.sum())))
+        ba, bb = np.array(extent(ma), float), np.array(extent(mb), float)
+        size = max(1.0, float(np.mean(np.concatenate([ba[2:] - ba[:2], bb[2:] - bb[:2]]) + 1)))
+        drifts.append(float(np.linalg.norm((ba[:2] + ba[2:]) / 2 - (bb[:2] + bb[2:]) / 2)) / size)
+    out.update(slice_iou=float(np.mean(ious)), area_steadiness=1.0 - float(np.mean(jumps)),
+               drift_steadiness=1.0 - min(1.0, float(np.mean(drifts))), slice_iou_min=float(min(ious)),
+               area_jump_max=float(max(jumps)), drift_max=float(max(drifts)))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_slice_checks_equal_whole_plane_sums(seed):
+    """Areas counted once and intersections only where the two slices' extents overlap: the same figures."""
+    rng = np.random.default_rng(seed)
+    masks, boxes = {}, {}
+    for z in range(8):
+        mask = np.zeros((40, 50), bool)
+        if rng.random() > 0.2:
+            y, x = rng.integers(0, 30), rng.integers(0, 40)
+            mask[y:y + rng.integers(1, 12), x:x + rng.integers(1, 12)] = True
+            mask |= rng.random(mask.shape) > 0.97  # specks: extents that reach further than the blob
+        masks[z], boxes[z] = mask, tuple(int(v) for v in (*rng.integers(0, 20, 2), *rng.integers(20, 40, 2)))
+    got = geometry_checks(masks, boxes)
+    for key, value in _geometry_reference(masks, boxes).items():
+        assert got[key] == value, key
+
+
+def test_stability_counts_equal_whole_stack_sums():
+    logits = np.random.default_rng(3).normal(0, 2, (5, 64, 64)).astype(np.float32)
+    inner, outer = (logits > 1.0).sum(axis=(1, 2)), (logits > -1.0).sum(axis=(1, 2))
+    assert np.array_equal(stability_scores(logits), (inner / outer).astype(np.float32))

@@ -34,3 +34,16 @@ def test_integer_images_through_the_look_up_table_equal_the_float_path(values, d
     config = IntensityConfig(ct_level=-600.0, ct_width=1500.0)
     assert np.array_equal(to_uint8(array, modality, config, slab=2),
                           to_uint8(array.astype(np.float32), modality, config, slab=2))
+
+
+def test_the_full_int16_range_and_single_slices_map_as_the_float_path_does():
+    """Look-up indices are computed in intp: 32767 - (-32768) does not wrap; ``only`` renders just the
+    slices asked for, with the whole volume's statistics, and leaves the others black."""
+    array = np.array([[[-32768, 0], [5, 32767]], [[-1024, 40], [3000, 100]], [[1, 2], [3, 4]]], dtype=np.int16)
+    for modality in ("CT", "MR"):
+        expected = to_uint8(array.astype(np.float32), modality)
+        assert np.array_equal(to_uint8(array, modality), expected)
+        part = to_uint8(array, modality, only=[2, 0])
+        assert np.array_equal(part[[0, 2]], expected[[0, 2]]) and not part[1].any()
+        floats = to_uint8(array.astype(np.float32), modality, only=[1], slab=1)
+        assert np.array_equal(floats[1], expected[1]) and not floats[[0, 2]].any()

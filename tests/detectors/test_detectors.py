@@ -148,3 +148,33 @@ def test_unknown_intensity_target_names_the_modality(small_chest):
 
     with pytest.raises(ValueError, match="head.*CT"):
         build_detector("intensity", options={"targets": {"head": 1}})(read_volume(small_chest[0]))
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None)
+@given(hnp.arrays(np.uint8, st.tuples(st.integers(1, 4), st.integers(1, 9), st.integers(1, 9)),
+                  elements=st.sampled_from([0, 0, 0, 1, 3])), st.integers(1, 3))
+def test_boxes_equal_scipys_components_and_tight_boxes(labels, min_voxels):
+    """Per label, scipy's 26-connected components in order of their first voxel, each slice's tight box:
+    the compiler's shortcuts (one component fills its label's box) give the same prompts."""
+    from scipy import ndimage
+
+    expected = []
+    for value in (1, 3):
+        components, count = ndimage.label(labels == value, structure=np.ones((3, 3, 3), bool))
+        instance = 0
+        for index in range(1, count + 1):
+            mask = components == index
+            if mask.sum() < min_voxels:
+                continue
+            instance += 1
+            for z in np.flatnonzero(mask.any(axis=(1, 2))):
+                ys, xs = np.nonzero(mask[z])
+                expected.append((value, instance, int(z), (int(xs.min()), int(ys.min()), int(xs.max()),
+                                                           int(ys.max()))))
+    got = compile_boxes(labels, rules=BoxRules(min_voxels=min_voxels))
+    assert sorted((p.label, p.instance, p.z, p.box) for p in got) == sorted(expected)
