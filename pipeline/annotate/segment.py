@@ -29,21 +29,52 @@ def resolve_slice(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
 class SliceResolver:
     """Incremental :func:`resolve_slice`: feed (B, H, W) logits in parts; ``winner`` is the index (over all
     parts, in order) of the box with the highest logit among those claiming each pixel, -1 where none does.
-    Ties go to the earlier box, exactly as ``argmax`` over the concatenated logits."""
+    Ties go to the earlier box, exactly as ``argmax`` over the concatenated logits.
 
-    def __init__(self, shape_hw: tuple[int, int]) -> None:
+    With fewer than 255 ``boxes`` announced, the winners are kept as uint8 (box index + 1, 0 for none), so the
+    slice's labels and each box's pixel count come from an OpenCV look-up table and histogram (one fast pass
+    each) instead of int32 indexing."""
+
+    def __init__(self, shape_hw: tuple[int, int], boxes: int | None = None) -> None:
         # the best logit so far starts at the foreground threshold: "above it" is then "claims the pixel and
         # beats every earlier box" in one comparison per box (ties stay with the earlier box)
         self.best = np.full(shape_hw, SIGMOID_HALF, dtype=np.float32)
-        self.winner = np.full(shape_hw, -1, dtype=np.int32)
+        self.small = boxes is not None and boxes < 255
+        self.won = np.zeros(shape_hw, dtype=np.uint8 if self.small else np.int32)  # box index + 1; 0: none
         self.count = 0
 
     def add(self, logits: np.ndarray) -> None:
         for plane in np.asarray(logits, dtype=np.float32):
+            if self.small and self.count >= 254:
+                raise ValueError("more boxes than the resolver was announced")
             better = plane > self.best
             np.copyto(self.best, plane, where=better)
-            np.copyto(self.winner, self.count, where=better)
+            np.copyto(self.won, self.count + 1, where=better)
             self.count += 1
+
+    @property
+    def winner(self) -> np.ndarray:
+        """(H, W) int32: the winning box's index, -1 where no box claims the pixel."""
+        return self.won.astype(np.int32) - 1
+
+    def labels(self, values: np.ndarray) -> np.ndarray:
+        """(H, W) uint16 label slice: ``values[k]`` where box k won, 0 where none did."""
+        table = np.zeros(256 if self.small else self.count + 1, dtype=np.uint16)
+        table[1:self.count + 1] = values[:self.count]
+        if self.small:
+            import cv2
+
+            return cv2.LUT(self.won, table)
+        return np.take(table, self.won)
+
+    def pixels_won(self) -> np.ndarray:
+        """(count,) int64: the number of pixels each box won."""
+        if self.small:
+            import cv2
+
+            counts = cv2.calcHist([self.won], [0], None, [self.count + 1], [0, self.count + 1]).ravel()
+            return counts[1:].astype(np.int64)
+        return np.bincount(self.won.ravel(), minlength=self.count + 1)[1:]
 
 
 def by_slice(prompts: Iterable[BoxPrompt]) -> dict[int, list[BoxPrompt]]:
@@ -85,7 +116,7 @@ def segment_volume(runner: LiteMedSAMRunner, volume_u8: np.ndarray | dict[str, n
         embeddings = _embed_chunk(runner, renderings, chunk, lambda p: window_of.get(p.label, default))
         for z, slice_prompts in chunk:
             slice_prompts = sorted(slice_prompts, key=lambda p: window_of.get(p.label, default))
-            resolver = SliceResolver(shape[1:])
+            resolver = SliceResolver(shape[1:], boxes=len(slice_prompts))
             iou, stability, agreement = [], [], []
             for window in dict.fromkeys(window_of.get(p.label, default) for p in slice_prompts):
                 group = [p for p in slice_prompts if window_of.get(p.label, default) == window]
@@ -100,10 +131,8 @@ def segment_volume(runner: LiteMedSAMRunner, volume_u8: np.ndarray | dict[str, n
                         moved = jitter_boxes(boxes, fraction, rng, shape[1:])
                         moved_logits, _ = runner.decode(embeddings[(z, window)], moved)
                         agreement.append(mask_ious(foreground(part_logits), foreground(moved_logits)))
-            winner = resolver.winner
-            values = np.array([0] + [p.label for p in slice_prompts], dtype=np.uint16)  # winner -1: background
-            np.take(values, winner + 1, out=label_map[z])
-            _record(lineage, z, slice_prompts, np.concatenate(iou), winner, np.concatenate(stability),
+            label_map[z] = resolver.labels(np.array([p.label for p in slice_prompts], dtype=np.uint16))
+            _record(lineage, z, slice_prompts, np.concatenate(iou), resolver.pixels_won(), np.concatenate(stability),
                     np.concatenate(agreement) if agreement else None)
             if on_slice is not None:
                 on_slice()
@@ -138,9 +167,8 @@ def _jitter_slices(zs: list[int], jitter: JitterCheck | None) -> set[int]:
     return {zs[i] for i in picks}
 
 
-def _record(lineage: dict, z: int, prompts: list[BoxPrompt], iou: np.ndarray, winner: np.ndarray,
+def _record(lineage: dict, z: int, prompts: list[BoxPrompt], iou: np.ndarray, counts: np.ndarray,
             stability: np.ndarray, agreement: np.ndarray | None) -> None:
-    counts = np.bincount(winner[winner >= 0].ravel(), minlength=len(prompts))
     for index, prompt in enumerate(prompts):
         entry = lineage[(prompt.label, prompt.instance)]
         entry["slices"].append(z)

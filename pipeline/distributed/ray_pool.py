@@ -252,7 +252,7 @@ class Annotator:
             sys.modules["torch"].set_num_threads(max(1, threads))
         import cv2
 
-        cv2.setNumThreads(max(1, threads))  # logit resizing and pre-processing stay within the actor's CPUs
+        cv2.setNumThreads(1)  # the actor's case workers are its parallelism: OpenCV's own threads only contend
         self.config = EngineConfig.model_validate_json(config_json)
         self.runner = LazyRunner(self.config)
         self.threads = threads

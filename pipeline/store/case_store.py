@@ -378,7 +378,7 @@ def write_local_group(folder: Path, *, labels: np.ndarray, image: np.ndarray | N
         if path.parent not in made:
             path.parent.mkdir(parents=True, exist_ok=True)
             made.add(path.parent)
-        path.write_bytes(buffer.to_bytes())
+        path.write_bytes(buffer.as_buffer_like())  # no copy (to_bytes copies)
 
 
 def writer_tag() -> str:

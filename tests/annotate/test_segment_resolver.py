@@ -16,9 +16,13 @@ EDGES = [-3.0, 0.0, float(SIGMOID_HALF), float(np.nextafter(SIGMOID_HALF, np.flo
                   elements=st.sampled_from(EDGES)),
        st.integers(1, 4))
 def test_the_resolver_picks_the_highest_claiming_box_ties_to_the_earlier(logits, part):
-    resolver = SliceResolver(logits.shape[1:])
-    for start in range(0, len(logits), part):  # boxes arrive in decoder calls of ``part``
-        resolver.add(logits[start:start + part])
-    _, winner = resolve_slice(logits, np.arange(1, len(logits) + 1))
-    assert np.array_equal(resolver.winner, winner)
-    assert resolver.count == len(logits)
+    values = np.arange(1, len(logits) + 1, dtype=np.uint16) * 3
+    labels, winner = resolve_slice(logits, values)
+    for announced in (None, len(logits)):  # int32 winners, or uint8 with OpenCV's table and histogram
+        resolver = SliceResolver(logits.shape[1:], boxes=announced)
+        for start in range(0, len(logits), part):  # boxes arrive in decoder calls of ``part``
+            resolver.add(logits[start:start + part])
+        assert np.array_equal(resolver.winner, winner)
+        assert resolver.count == len(logits)
+        assert np.array_equal(resolver.labels(values), labels)
+        assert resolver.pixels_won().tolist() == [int((winner == k).sum()) for k in range(len(logits))]
