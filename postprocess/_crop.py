@@ -12,13 +12,25 @@ from scipy import ndimage
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Slices of the smallest box holding every True voxel of a bool ``mask``, or None when it is empty."""
-    box = []
-    for axis in range(mask.ndim):
-        others = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=others))
-        if hits.size == 0:
-            return None
+    """Slices of the smallest box holding every True voxel of a bool ``mask``, or None when it is empty.
+
+    Two passes over the array whatever its dimensions: the first axis's projection, then the rest projected
+    onto one plane within the first axis's extent (three strided projections cost twice as much)."""
+    if mask.size == 0:
+        return None
+    if mask.ndim == 1:
+        hits = np.flatnonzero(mask)
+        return None if hits.size == 0 else (slice(int(hits[0]), int(hits[-1]) + 1),)
+    rows = mask.reshape(mask.shape[0], -1)
+    first = np.flatnonzero(rows.any(axis=1))
+    if first.size == 0:
+        return None
+    head = slice(int(first[0]), int(first[-1]) + 1)
+    plane = mask[head].any(axis=0)
+    box = [head]
+    for axis in range(plane.ndim):
+        others = tuple(a for a in range(plane.ndim) if a != axis)
+        hits = np.flatnonzero(plane.any(axis=others)) if others else np.flatnonzero(plane)
         box.append(slice(int(hits[0]), int(hits[-1]) + 1))
     return tuple(box)
 

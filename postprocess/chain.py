@@ -164,7 +164,7 @@ def _grant_claims(out: np.ndarray, claims: list[tuple[np.ndarray, int]]) -> dict
 
 def apply_chain(label_map: np.ndarray, *, spacing: Sequence[float], chain: Sequence[Mapping[str, Any]],
                 per_label: Mapping[int, Sequence[Mapping[str, Any]]] | None = None,
-                ) -> tuple[np.ndarray, dict[str, Any]]:
+                values: Sequence[int] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Run a chain on every label of a label map and merge the results into a new label map.
 
     Each label value's bool mask, cropped to its bounding box, goes through ``chain`` (or its override in
@@ -179,6 +179,8 @@ def apply_chain(label_map: np.ndarray, *, spacing: Sequence[float], chain: Seque
         chain: the steps for every label, e.g. ``[{"op": "closing", "radius_mm": 2}]``; [] changes nothing.
         per_label: optional chains for particular label values, replacing ``chain`` for those labels
             (values absent from the map are ignored).
+        values: the non-zero values present in ``label_map``, when the caller knows them exactly (saves a
+            counting pass over the map); by default they are counted.
 
     Returns:
         The new label map (same shape and dtype; it holds no label absent from the input) and the lineage:
@@ -196,7 +198,7 @@ def apply_chain(label_map: np.ndarray, *, spacing: Sequence[float], chain: Seque
     out = np.zeros(label_map.shape, dtype=label_map.dtype)
     claims: list[tuple[np.ndarray, int]] = []
     records = []
-    for value, box in label_boxes(label_map).items():
+    for value, box in label_boxes(label_map, None if values is None else sorted({int(v) for v in values})).items():
         claimed, record = _process_label(label_map, out, box, value, overrides.get(value, default), zyx)
         claims.append((claimed, value))
         records.append({"chain": "per_label" if value in overrides else "default", **record})

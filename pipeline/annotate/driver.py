@@ -111,13 +111,23 @@ def case_prompts(case: CaseRef, volume: Volume, config: EngineConfig, runner: La
     return detection.label_map, detection.prompts, names
 
 
-def clean(label_map: np.ndarray, volume: Volume, config: EngineConfig) -> tuple[np.ndarray, dict]:
-    """The configured post-processing chain on the label map; returns the new map and its lineage."""
+def clean(label_map: np.ndarray, volume: Volume, config: EngineConfig, values: list[int] | None = None
+          ) -> tuple[np.ndarray, dict]:
+    """The configured post-processing chain on the label map (whose present label ``values`` the caller may
+    know); returns the new map and its lineage."""
     modality = effective_modality(volume, config)
     kind = "2D" if volume.is_2d else modality if modality in ("CT", "MR") else "OT"
     section = config.postprocess
     return apply_chain(label_map, spacing=volume.spacing, chain=section.chain_for(kind),
-                       per_label=section.per_label or None)
+                       per_label=section.per_label or None, values=values)
+
+
+def present_after(records, cleaning: dict | None = None) -> list[int]:
+    """The label values a case's map holds, from its lineage rather than a pass over the map: labels whose
+    instances claimed voxels, and, after post-processing, those it kept voxels of (its counts are exact)."""
+    if cleaning is not None:
+        return sorted({int(r["label"]) for r in cleaning["labels"] if r["voxels_after"] > 0})
+    return sorted({int(r.label) for r in records if r.voxels > 0})
 
 
 def annotate_case(case: CaseRef, volume: Volume, store: CaseStore, config: EngineConfig, runner: LazyRunner, *,
@@ -145,7 +155,7 @@ def annotate_case(case: CaseRef, volume: Volume, store: CaseStore, config: Engin
     else:
         with lock:
             label_map, records = _segment(rendered, prompts, window_of, config, model, progress, slices, batch)
-    label_map, cleaning = clean(label_map, volume, config)
+    label_map, cleaning = clean(label_map, volume, config, present_after(records))
     attrs = {
         "case_id": case.case_id,
         "geometry": volume.geometry.to_json(),
@@ -163,7 +173,8 @@ def annotate_case(case: CaseRef, volume: Volume, store: CaseStore, config: Engin
         raise StoreConflictError("another run took this case over while this one worked (its lease expired); "
                                  "that run commits it", case_id=case.case_id)
     store.commit_case(case.case_id, labels=label_map, attrs=attrs, image=image, overwrite=overwrite,
-                      label_names=label_names, supersedes=case.supersedes, current=current)
+                      label_names=label_names, supersedes=case.supersedes, current=current,
+                      values=present_after(records, cleaning))
     return slices
 
 

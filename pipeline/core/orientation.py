@@ -29,19 +29,52 @@ def guess_modality(array: np.ndarray) -> str:
     return "CT" if np.percentile(sample, 1) < -500 else "MR"
 
 
-def canonical_volume(array_ijk: np.ndarray, affine_ijk: np.ndarray, *, modality: str | None,
-                     source_format: str) -> Volume:
-    """Reorient an (i, j, k) array with its voxel->RAS affine to canonical (z, y, x) and build the Volume."""
-    import nibabel.orientations as nio
-
+def _check_affine(affine_ijk: np.ndarray) -> None:
     linear = np.asarray(affine_ijk, dtype=float)[:3, :3]
     if not np.all(np.isfinite(affine_ijk)) or abs(float(np.linalg.det(linear))) < 1e-12:
         spacing = ", ".join(f"{v:g}" for v in np.linalg.norm(linear, axis=0)) if np.all(np.isfinite(linear)) \
             else "not finite"
         raise ReadError(f"the voxel-to-world transform is degenerate (voxel spacing {spacing} mm): zero, "
                         "missing or non-finite spacing or orientation in the header")
-    transform = nio.ornt_transform(nio.io_orientation(affine_ijk), nio.axcodes2ornt(CANONICAL_AXCODES))
-    canonical = nio.apply_orientation(array_ijk, transform)
+
+
+def _transform(affine_ijk: np.ndarray) -> np.ndarray:
+    import nibabel.orientations as nio
+
+    return nio.ornt_transform(nio.io_orientation(affine_ijk), nio.axcodes2ornt(CANONICAL_AXCODES))
+
+
+def canonical_flips(affine_ijk: np.ndarray) -> tuple[bool, bool, bool] | None:
+    """Whether each of i, j, k is reversed on the way to the canonical order, when that order keeps the
+    axes in place (the usual axial series); None when it swaps axes (or the affine is degenerate). A reader
+    that writes its array with these flips already applied passes ``flipped=True`` to
+    :func:`canonical_volume` and saves the reorienting copy."""
+    try:
+        _check_affine(affine_ijk)
+    except ReadError:
+        return None
+    transform = _transform(affine_ijk)
+    if [int(a) for a in transform[:, 0]] != [0, 1, 2]:
+        return None
+    return tuple(bool(f < 0) for f in transform[:, 1])  # type: ignore[return-value]
+
+
+def canonical_volume(array_ijk: np.ndarray, affine_ijk: np.ndarray, *, modality: str | None,
+                     source_format: str, flipped: bool = False) -> Volume:
+    """Reorient an (i, j, k) array with its voxel->RAS affine to canonical (z, y, x) and build the Volume.
+
+    ``flipped``: the array is already reversed along the axes :func:`canonical_flips` names for this affine
+    (the affine still describes the unflipped array, which the Volume keeps as its source grid)."""
+    import nibabel.orientations as nio
+
+    _check_affine(affine_ijk)
+    transform = _transform(affine_ijk)
+    if flipped:
+        if [int(a) for a in transform[:, 0]] != [0, 1, 2]:
+            raise ValueError("flipped=True for an affine whose canonical order swaps axes")
+        canonical = array_ijk
+    else:
+        canonical = nio.apply_orientation(array_ijk, transform)
     affine_can = affine_ijk @ nio.inv_ornt_aff(transform, array_ijk.shape[:3])
     zyx = np.moveaxis(canonical, (0, 1, 2), (2, 1, 0))
     affine_zyx = affine_can[:, [2, 1, 0, 3]]

@@ -40,12 +40,13 @@ def files_sha256(files: list[Path], *, root: Path | None = None) -> str:
     """One sha256 over ``files`` in the given order: their bytes, each preceded by its name relative to
     ``root`` when a root is given (so a folder's layout counts as well as its contents)."""
     digest = hashlib.sha256()
+    block = memoryview(bytearray(HASH_BLOCK))  # one buffer read into: no new bytes object per block
     for file in files:
         if root is not None:
             digest.update(str(Path(file).relative_to(root)).encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(HASH_BLOCK), b""):
-                digest.update(block)
+        with open(file, "rb", buffering=0) as handle:
+            while size := handle.readinto(block):
+                digest.update(block[:size])
     return digest.hexdigest()
 
 

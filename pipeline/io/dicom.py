@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.core.errors import ReadError
 from pipeline.core.limits import check_voxels
-from pipeline.core.orientation import LPS_TO_RAS, canonical_volume
+from pipeline.core.orientation import LPS_TO_RAS, canonical_flips, canonical_volume
 from pipeline.core.types import Geometry, Volume
 from pipeline.io.dicom_scan import NOT_ANNOTATED_CLASSES, group_series, scan_headers
 
@@ -115,17 +115,40 @@ def _compact(values: np.ndarray, stored=np.int16) -> np.ndarray:
     return values.astype(np.int16) if low >= -32768 and high <= 32767 else values.astype(np.float32)
 
 
-def _compact_stack(planes: list[np.ndarray]) -> np.ndarray:
-    """``_compact(np.stack(planes))`` without the whole-series int32 stack when every plane holds integers:
-    their range is taken plane by plane and each is written once into the int16 (or float32) result."""
+def _compact_stack(planes: list[np.ndarray], flips: tuple[bool, bool, bool] | None = None) -> np.ndarray:
+    """``_compact(np.stack(planes))`` (k, rows, cols) without the whole-series int32 stack when every plane
+    holds integers: their range is taken plane by plane and each is written once into the int16 (or float32)
+    result. ``flips`` (columns, rows, planes) are applied on the way, at no extra cost."""
+    cols, rows, order = (-1 if f else 1 for f in (flips or (False, False, False)))
     if not planes or any(p.dtype.kind not in "iu" for p in planes):
-        return _compact(np.stack(planes))
+        return _compact(np.stack(planes)[::order, ::rows, ::cols])
     low, high = min(int(p.min()) for p in planes), max(int(p.max()) for p in planes)
     out = np.empty((len(planes), *planes[0].shape), dtype=np.int16 if low >= -32768 and high <= 32767
                    else np.float32)
-    for index, plane in enumerate(planes):
-        out[index] = plane
+    for index, plane in enumerate(planes[::order]):
+        out[index] = plane[::rows, ::cols]
     return out
+
+
+def _modality_stack(frames: list[tuple], flips: tuple[bool, bool, bool] | None) -> np.ndarray:
+    """The modality values of a series' (dataset, stored pixels) frames as one compact (k, rows, cols) stack:
+    ``_compact_stack([grey_values(ds, pixels) ...], flips)``.
+
+    When every frame has 8/16-bit integer pixels, a unit slope and a whole intercept (CT's usual 1/-1024; no
+    Modality LUT, not MONOCHROME1) and the values fit int16, each frame is written once, straight from its
+    stored values into the int16 stack: the same values without an int32 copy of every frame."""
+    if frames and all(str(getattr(ds, "PhotometricInterpretation", "")) != "MONOCHROME1"
+                      and (_integer_rescale(ds, pixels) or (0, 0))[0] == 1 for ds, pixels in frames):
+        shifts = [_integer_rescale(ds, pixels)[1] for ds, pixels in frames]  # type: ignore[index]
+        low = min(int(pixels.min()) + shift for (_, pixels), shift in zip(frames, shifts))
+        high = max(int(pixels.max()) + shift for (_, pixels), shift in zip(frames, shifts))
+        if low >= -32768 and high <= 32767:
+            cols, rows, order = (-1 if f else 1 for f in (flips or (False, False, False)))
+            out = np.empty((len(frames), *frames[0][1].shape), dtype=np.int16)
+            for index, ((_, pixels), shift) in enumerate(list(zip(frames, shifts))[::order]):
+                np.add(pixels[::rows, ::cols], shift, out=out[index], dtype=np.int32, casting="unsafe")
+            return out
+    return _compact_stack([grey_values(ds, pixels) for ds, pixels in frames], flips)
 
 
 def _integer_rescale(ds, pixels: np.ndarray) -> tuple[int, int] | None:
@@ -294,7 +317,7 @@ def read_series(datasets: list, where: str, names: list[str] | None = None) -> V
     order = np.argsort(np.asarray(positions) @ normal, kind="stable")
     positions_mm = np.asarray(positions)[order]
     slice_vector = _slice_vector(positions_mm, normal, first, where)
-    planes = []
+    frames = []
     for index in order:
         ds = datasets[index]
         pixels = native_grey_frame(ds)
@@ -302,16 +325,18 @@ def read_series(datasets: list, where: str, names: list[str] | None = None) -> V
             pixels = decode_pixels(ds, where if names[index] == where else f"{where}, {names[index]}")
         if pixels.shape != size:
             raise ReadError(f"{where}: {names[index]} decodes to {pixels.shape}, not one {size} slice")
-        planes.append(grey_values(ds, pixels))
-    stack = _compact_stack(planes)  # (k, rows, cols)
+        frames.append((ds, pixels))
     row_spacing, col_spacing = (float(v) for v in (getattr(first, "PixelSpacing", None) or [1.0, 1.0]))
     affine_lps = np.eye(4)
     affine_lps[:3, 0] = row_dir * col_spacing  # i: column index
     affine_lps[:3, 1] = col_dir * row_spacing  # j: row index
     affine_lps[:3, 2] = slice_vector
     affine_lps[:3, 3] = positions_mm[0]
+    affine_ras = LPS_TO_RAS @ affine_lps
+    flips = canonical_flips(affine_ras)  # an axial series: reoriented while its planes are stacked
+    stack = _modality_stack(frames, flips)  # (k, rows, cols)
     modality = _modality(first)
-    return canonical_volume(np.transpose(stack, (2, 1, 0)), LPS_TO_RAS @ affine_lps,
+    return canonical_volume(np.transpose(stack, (2, 1, 0)), affine_ras, flipped=flips is not None,
                             modality=modality if modality in ("CT", "MR") else None, source_format="dicom")
 
 

@@ -133,3 +133,35 @@ def test_unsupported_transfer_syntax_is_named(tmp_path):
     ds.save_as(str(tmp_path / "mpeg.dcm"))
     with pytest.raises(ReadError, match="unsupported transfer syntax MPEG2"):
         read_volume(tmp_path / "mpeg.dcm")
+
+
+def _turn(degrees: float, axes: tuple[int, int]) -> np.ndarray:
+    turn, (a, b), angle = np.eye(4), axes, np.deg2rad(degrees)
+    turn[[a, a, b, b], [a, b, a, b]] = [np.cos(angle), -np.sin(angle), np.sin(angle), np.cos(angle)]
+    return turn
+
+
+@pytest.mark.parametrize("name, change", [
+    ("axial", np.eye(4)),
+    ("feet first", np.diag([1.0, 1.0, -1.0, 1.0])),  # slices run the other way along the normal
+    ("mirrored rows", np.diag([1.0, -1.0, 1.0, 1.0])),
+    ("oblique", _turn(20, (0, 1))),
+    ("sagittal", _turn(90, (0, 2))),  # the canonical order swaps axes: the reorienting copy as before
+    ("coronal", _turn(90, (1, 2))),
+])
+def test_series_flipped_while_stacked_equal_the_reoriented_stack(tmp_path, chest_volume, monkeypatch, name, change):
+    """An axial series is reoriented as its planes are written into the stack; the Volume (array, its
+    layout, geometry and source grid) is exactly the one the separate reorienting copy made."""
+    import pipeline.io.dicom as dicom
+
+    lps = change @ np.diag([-1.0, -1.0, 1.0, 1.0]) @ chest_volume.geometry.affine
+    write_ct_series(chest_volume, tmp_path / "s", series_uid="1.2.826.0.1.3680043.8.498.84", affine_lps=lps)
+    fast = read_volume(tmp_path / "s")
+    monkeypatch.setattr(dicom, "canonical_flips", lambda affine: None)
+    plain = read_volume(tmp_path / "s")
+    assert fast.array.dtype == plain.array.dtype and fast.array.flags.c_contiguous
+    assert np.array_equal(fast.array, plain.array)
+    for field in ("affine", "source_affine"):
+        assert np.array_equal(getattr(fast.geometry, field), getattr(plain.geometry, field)), field
+    assert fast.geometry.shape == plain.geometry.shape and fast.geometry.source_shape == plain.geometry.source_shape
+    assert fast.geometry.source_format == plain.geometry.source_format and fast.modality == plain.modality

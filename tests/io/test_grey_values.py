@@ -44,3 +44,27 @@ def test_a_whole_number_rescale_stays_integer_and_a_fractional_one_does_not():
     ds.RescaleSlope = 0.5
     assert grey_values(ds, pixels).dtype == np.float32
     assert np.array_equal(grey_values(ds, pixels), _reference(ds, pixels))
+
+
+@pytest.mark.parametrize("name, slope, intercept, dtype", [
+    ("CT_small.dcm", 1, -1024, None),  # int16 stored, CT's usual rescale: written straight into int16
+    ("CT_small.dcm", 1, 0, np.uint16),  # unsigned stored values
+    ("CT_small.dcm", 1, 40000, None),  # beyond int16: float32, as the general path gives
+    ("CT_small.dcm", 2, -1024, None),  # a slope: the general path
+    ("RG1_UNCI.dcm", 1, 0, None),  # MONOCHROME1: the general path
+])
+def test_a_series_stack_equals_the_modality_values_compacted(name, slope, intercept, dtype):
+    """The series stack taken straight from the stored values equals grey_values + _compact_stack, for
+    every combination of flips, dtype and all."""
+    import itertools
+
+    from pipeline.io.dicom import _compact_stack, _modality_stack
+
+    ds = dcmread(get_testdata_file(name))
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    pixels = ds.pixel_array
+    frames = [(ds, (pixels if dtype is None else np.abs(pixels).astype(dtype)) + k) for k in range(3)]
+    for flips in [None, *itertools.product([False, True], repeat=3)]:
+        expected = _compact_stack([grey_values(d, p) for d, p in frames], flips)
+        got = _modality_stack(frames, flips)
+        assert got.dtype == expected.dtype and np.array_equal(got, expected), flips
