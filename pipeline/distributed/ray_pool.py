@@ -21,6 +21,7 @@ pipeline/annotate/policy.py with quarantine on.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import logging
 import os
@@ -258,6 +259,7 @@ class Annotator:
         self.threads = threads
         self._model_lock = threading.Lock()
         self._stores: dict[str, CaseStore] = {}
+        gc.freeze()  # the actor's imports stay out of the collector's scans (see pipeline.annotate.job.frozen_heap)
 
     def _store(self, url: str) -> CaseStore:
         if url not in self._stores:
