@@ -36,11 +36,21 @@ class SliceResolver:
     each) instead of int32 indexing."""
 
     def __init__(self, shape_hw: tuple[int, int], boxes: int | None = None) -> None:
+        self.shape = tuple(shape_hw)
+        self.best = np.empty(self.shape, dtype=np.float32)
+        self._won: dict[bool, np.ndarray] = {}
+        self.reset(boxes)
+
+    def reset(self, boxes: int | None = None) -> None:
+        """Start a new slice with the same shape (the buffers are reused: no fresh pages per slice)."""
         # the best logit so far starts at the foreground threshold: "above it" is then "claims the pixel and
         # beats every earlier box" in one comparison per box (ties stay with the earlier box)
-        self.best = np.full(shape_hw, SIGMOID_HALF, dtype=np.float32)
+        self.best.fill(SIGMOID_HALF)
         self.small = boxes is not None and boxes < 255
-        self.won = np.zeros(shape_hw, dtype=np.uint8 if self.small else np.int32)  # box index + 1; 0: none
+        if self.small not in self._won:
+            self._won[self.small] = np.empty(self.shape, dtype=np.uint8 if self.small else np.int32)
+        self.won = self._won[self.small]  # box index + 1; 0: none
+        self.won.fill(0)
         self.count = 0
 
     def add(self, logits: np.ndarray) -> None:
@@ -57,15 +67,16 @@ class SliceResolver:
         """(H, W) int32: the winning box's index, -1 where no box claims the pixel."""
         return self.won.astype(np.int32) - 1
 
-    def labels(self, values: np.ndarray) -> np.ndarray:
-        """(H, W) uint16 label slice: ``values[k]`` where box k won, 0 where none did."""
+    def labels(self, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """(H, W) uint16 label slice (written into ``out`` when given): ``values[k]`` where box k won, 0 where
+        none did."""
         table = np.zeros(256 if self.small else self.count + 1, dtype=np.uint16)
         table[1:self.count + 1] = values[:self.count]
-        if self.small:
+        if self.small and (out is None or out.flags.c_contiguous):
             import cv2
 
-            return cv2.LUT(self.won, table)
-        return np.take(table, self.won)
+            return cv2.LUT(self.won, table, dst=out)
+        return np.take(table, self.won, out=out)
 
     def pixels_won(self) -> np.ndarray:
         """(count,) int64: the number of pixels each box won."""
@@ -111,12 +122,16 @@ def segment_volume(runner: LiteMedSAMRunner, volume_u8: np.ndarray | dict[str, n
     grouped = list(by_slice(prompts).items())
     checked = _jitter_slices([z for z, _ in grouped], jitter)
     rng = np.random.default_rng(jitter.seed if jitter else 0)
+    resolver: SliceResolver | None = None
     for start in range(0, len(grouped), max(1, encoder_batch)):
         chunk = grouped[start : start + max(1, encoder_batch)]
         embeddings = _embed_chunk(runner, renderings, chunk, lambda p: window_of.get(p.label, default))
         for z, slice_prompts in chunk:
             slice_prompts = sorted(slice_prompts, key=lambda p: window_of.get(p.label, default))
-            resolver = SliceResolver(shape[1:], boxes=len(slice_prompts))
+            if resolver is None:
+                resolver = SliceResolver(shape[1:], boxes=len(slice_prompts))
+            else:
+                resolver.reset(boxes=len(slice_prompts))
             iou, stability, agreement = [], [], []
             for window in dict.fromkeys(window_of.get(p.label, default) for p in slice_prompts):
                 group = [p for p in slice_prompts if window_of.get(p.label, default) == window]
@@ -131,7 +146,7 @@ def segment_volume(runner: LiteMedSAMRunner, volume_u8: np.ndarray | dict[str, n
                         moved = jitter_boxes(boxes, fraction, rng, shape[1:])
                         moved_logits, _ = runner.decode(embeddings[(z, window)], moved)
                         agreement.append(mask_ious(foreground(part_logits), foreground(moved_logits)))
-            label_map[z] = resolver.labels(np.array([p.label for p in slice_prompts], dtype=np.uint16))
+            resolver.labels(np.array([p.label for p in slice_prompts], dtype=np.uint16), out=label_map[z])
             _record(lineage, z, slice_prompts, np.concatenate(iou), resolver.pixels_won(), np.concatenate(stability),
                     np.concatenate(agreement) if agreement else None)
             if on_slice is not None:

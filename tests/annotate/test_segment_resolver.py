@@ -26,3 +26,19 @@ def test_the_resolver_picks_the_highest_claiming_box_ties_to_the_earlier(logits,
         assert resolver.count == len(logits)
         assert np.array_equal(resolver.labels(values), labels)
         assert resolver.pixels_won().tolist() == [int((winner == k).sum()) for k in range(len(logits))]
+
+
+def test_a_reused_resolver_starts_each_slice_afresh_and_writes_labels_in_place():
+    first = np.array([[[2.0, -1.0], [3.0, 0.5]]], np.float32)
+    second = np.array([[[-2.0, 4.0], [-1.0, -1.0]], [[1.0, 5.0], [-3.0, -3.0]]], np.float32)
+    resolver = SliceResolver((2, 2), boxes=1)
+    resolver.add(first)
+    resolver.reset(boxes=300)  # int32 winners now
+    resolver.add(second)
+    assert resolver.winner.tolist() == [[1, 1], [-1, -1]] and resolver.count == 2
+    out = np.full((2, 2), 9, np.uint16)
+    assert resolver.labels(np.array([4, 7], np.uint16), out=out) is out and out.tolist() == [[7, 7], [0, 0]]
+    resolver.reset(boxes=2)
+    resolver.add(second)
+    resolver.labels(np.array([4, 7], np.uint16), out=out)
+    assert out.tolist() == [[7, 7], [0, 0]] and resolver.pixels_won().tolist() == [0, 2]
