@@ -13,8 +13,13 @@ run record. Data (real, shipped in packages):
 Each row runs the local engine (`pipeline.annotate.job.annotate`: one process, its case workers and their
 reader processes) and, with ``--ray``, the same cases sharded over one Ray actor per core
 (`pipeline.distributed.ray_pool.drive`). Printed per row: wall seconds, prompted slices per wall second,
-slices per CPU-second (user + system time of the process and of its children, the reader processes
-included while they run: "per core"), and milliseconds per case.
+prompted slices per CPU-second (user + system time of the process and of its children, the reader processes
+included while they run: "per core"), the series' slices per CPU-second (every slice is read, hashed,
+stored; the prompted ones are also segmented, post-processed and scored) and milliseconds per case.
+
+The machine's own speed is measured in the same run and printed first (one core: fp32 matrix products in
+GFLOP/s, a 64 MiB copy in GB/s, a pure-Python loop in millions of additions per second): the figures move
+with it (this shared 2-core machine varied by a third within one day), the ratios to ``--baseline`` do not.
 
     .venv/bin/python bench/pipeline_ceiling.py [--repeats 3] [--tiles 200] [--ray] [--baseline REV]
 
@@ -175,7 +180,47 @@ def run_local(inputs: list[Path], masks: list[Path], store: Path, config) -> dic
     summary = annotate(cases, s, config, runner=runner, show_progress=False)
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
     assert summary.count("done") == len(cases), [o.reason for o in summary.failed]
-    return {"cases": len(cases), "slices": sum(o.slices for o in summary.outcomes), "wall": wall, "cpu": cpu}
+    return {"cases": len(cases), "slices": sum(o.slices for o in summary.outcomes), "wall": wall, "cpu": cpu,
+            "series_slices": series_slices(s)}
+
+
+def series_slices(store) -> int:
+    """Slices of every committed case's volume (its z extent), read after the timed part."""
+    return sum(int(a.geometry.shape[0]) for a in store.all_attributes().values())
+
+
+def machine_speed() -> dict:
+    """This machine's speed on one core now: fp32 matrix products (GFLOP/s, bench/machine.py's measure on one
+    torch thread), a 64 MiB copy (GB/s) and a pure-Python loop (millions of additions per second), best of
+    three each, in a child process (torch stays out of this one)."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--machine-speed"], env=env, check=True,
+                          capture_output=True, text=True, cwd=Path(__file__).parent)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _measure_machine() -> dict:
+    import torch
+    from machine import matmul_gflops  # bench/machine.py: the FLOP rate every bench here divides by
+
+    torch.set_num_threads(1)
+    big = np.ones(64 << 18, dtype=np.float32)  # 64 MiB
+    out = np.empty_like(big)
+    best = {"gflops": max(matmul_gflops(1024, 10) for _ in range(3)), "copy_gbs": 0.0, "python_madds": 0.0}
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(4):
+            np.copyto(out, big)
+        best["copy_gbs"] = max(best["copy_gbs"], 4 * 2 * big.nbytes / (time.perf_counter() - start) / 1e9)
+        start, total = time.perf_counter(), 0
+        for value in range(2_000_000):
+            total += value
+        best["python_madds"] = max(best["python_madds"], 2.0 / (time.perf_counter() - start))
+    return best
 
 
 def run_ray(inputs: list[Path], masks: list[Path], store: Path, config, actors: int) -> dict:
@@ -212,13 +257,15 @@ def run_ray(inputs: list[Path], masks: list[Path], store: Path, config, actors: 
     assert all(o["status"] == "done" for o in outcomes), outcomes
     slices = sum(st["runner"].get("encoded_slices", 0) for st in stats)
     return {"cases": len(cases), "slices": slices, "wall": end - started, "cpu": (end - started) * actors,
-            "start": started - wall}
+            "start": started - wall, "series_slices": series_slices(s)}
 
 
 def row(name: str, result: dict) -> str:
     per_case = result["wall"] / result["cases"] * 1000
+    series = result.get("series_slices", 0) / result["cpu"]
     return (f"{name:28s} {result['cases']:5d} {result['slices']:6d} {result['wall']:8.2f} "
-            f"{result['slices'] / result['wall']:9.1f} {result['slices'] / result['cpu']:9.1f} {per_case:9.1f}")
+            f"{result['slices'] / result['wall']:9.1f} {result['slices'] / result['cpu']:9.1f} {series:9.1f} "
+            f"{per_case:9.1f}")
 
 
 def measure(args, config, root: Path) -> dict[str, dict]:
@@ -283,7 +330,13 @@ def main() -> None:
     parser.add_argument("--baseline", metavar="REV", help="first measure the engine of this git commit, then "
                                                           "this tree, and print the ratios")
     parser.add_argument("--rows-json", help=argparse.SUPPRESS)  # the baseline's child writes its rows here
+    parser.add_argument("--machine-speed", action="store_true", help=argparse.SUPPRESS)  # machine_speed()'s child
     args = parser.parse_args()
+    if args.machine_speed:
+        import json
+
+        print(json.dumps(_measure_machine()))
+        return
 
     import json
 
@@ -298,8 +351,11 @@ def main() -> None:
     cores = os.cpu_count() or 1
     print(f"cores: {cores}; null runner (every box filled, no model); {args.repeats} runs per 3D row; "
           f"engine from {Path(pipeline.__file__).parent.parent}", flush=True)
+    speed = machine_speed()
+    print(f"machine (one core, now): {speed['gflops']:.1f} GFLOP/s fp32 matmul, {speed['copy_gbs']:.1f} GB/s "
+          f"copy, {speed['python_madds']:.1f} M Python additions/s", flush=True)
     print(f"{'case':28s} {'cases':>5s} {'slices':>6s} {'wall s':>8s} {'slices/s':>9s} {'sl/cpu-s':>9s} "
-          f"{'ms/case':>9s}", flush=True)
+          f"{'series/cs':>9s} {'ms/case':>9s}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="ceiling-"))
     try:
         rows = measure(args, EngineConfig(), root)
@@ -315,6 +371,7 @@ def main() -> None:
             per_cpu = (now["slices"] / now["cpu"]) / (old["slices"] / old["cpu"])
             per_case = (old["wall"] / old["cases"]) / (now["wall"] / now["cases"])
             print(f"{name:28s} {per_cpu:10.2f}x {per_case:9.2f}x")
+        print("(the baseline's rows were measured by a child process of this run, before this tree's)")
 
 
 if __name__ == "__main__":

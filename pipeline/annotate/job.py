@@ -102,7 +102,7 @@ def opencv_threads(count: int):
 
     A run's parallelism is its case workers (and the model runtime's own threads); OpenCV's work per call is
     a slice or less, where its threads mostly wait and spin: a look-up table on a 512 x 512 slice took twice
-    the CPU time on two threads as on one, and segmenting a 34-slice CT case 53 ms of CPU instead of 24."""
+    the CPU time on two threads as on one, and segmenting a 34-slice CT case 45 ms of CPU instead of 24."""
     import cv2
 
     before = cv2.getNumThreads()

@@ -118,7 +118,7 @@ def _compact(values: np.ndarray, stored=np.int16) -> np.ndarray:
 def _compact_stack(planes: list[np.ndarray], flips: tuple[bool, bool, bool] | None = None) -> np.ndarray:
     """``_compact(np.stack(planes))`` (k, rows, cols) without the whole-series int32 stack when every plane
     holds integers: their range is taken plane by plane and each is written once into the int16 (or float32)
-    result. ``flips`` (columns, rows, planes) are applied on the way, at no extra cost."""
+    result. ``flips`` (columns, rows, planes) are applied in that same copy."""
     cols, rows, order = (-1 if f else 1 for f in (flips or (False, False, False)))
     if not planes or any(p.dtype.kind not in "iu" for p in planes):
         return _compact(np.stack(planes)[::order, ::rows, ::cols])
