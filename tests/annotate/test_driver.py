@@ -100,20 +100,3 @@ def test_a_model_that_cannot_load_stops_the_run_instead_of_failing_every_case(tm
         run_case(case, store, config, LazyRunner(config), run_id="r1", policy=QUARANTINE)
     assert store.errors() == {} and quarantined(store, case.case_id) is None
 
-
-def test_the_label_values_taken_from_the_lineage_are_those_of_the_stored_maps(tmp_path, nuclei_2d, small_chest,
-                                                                              runner):
-    """Post-processing and the store's label metadata take the present values from the segmentation's and
-    post-processing's voxel counts instead of a pass over the map: on real cases (hundreds of nuclei, the
-    chest's lungs), they are exactly the values in the committed maps."""
-    from pipeline.core.metrics import present_labels
-
-    store = CaseStore(tmp_path / "store")
-    cases = discover([nuclei_2d[0], small_chest[0]], store.case_ids(), coarse_masks=[nuclei_2d[1], small_chest[1]])
-    config = EngineConfig()
-    summary = annotate(cases, store, config, runner=shared_runner(config, runner), show_progress=False)
-    assert summary.count("done") == 2
-    for case in cases:
-        labels, _ = store.read_labels(case.case_id)
-        stored = [p["label-value"] for p in store.label_properties(case.case_id)]
-        assert stored == present_labels(labels) and len(stored) > 1

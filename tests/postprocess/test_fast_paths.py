@@ -86,3 +86,21 @@ def test_a_chain_that_only_removes_claims_nothing_and_one_that_fills_claims_back
     out, lineage = apply_chain(label_map, spacing=(1.0, 1.0, 1.0), chain=[{"op": "fill_holes_2d"}])
     assert out[0, 3, 3] == 3 and out[0, 8, 8] == 4
     assert {r["label"]: r["voxels_after"] for r in lineage["labels"]} == {3: 25, 4: 1}
+
+
+@settings(max_examples=100, deadline=None)
+@given(hnp.arrays(np.uint16, st.tuples(st.integers(1, 4), st.integers(1, 12), st.integers(1, 12)),
+                  elements=st.sampled_from([0, 0, 0, 2, 5, 9])),
+       st.sampled_from(["CT", "2D", "OT"]))
+def test_the_lineage_counts_are_the_output_maps_counts(label_map, modality):
+    """The engine takes the label values a map holds from this lineage (and gives them back to apply_chain):
+    each label's ``voxels_after`` is exactly its count in the output, with the values given or counted."""
+    from postprocess import default_chain
+
+    values = sorted({int(v) for v in np.unique(label_map) if v})
+    counted = apply_chain(label_map, spacing=(2.0, 1.0, 1.0), chain=default_chain(modality))
+    given_values = apply_chain(label_map, spacing=(2.0, 1.0, 1.0), chain=default_chain(modality), values=values)
+    assert np.array_equal(counted[0], given_values[0]) and counted[1] == given_values[1]
+    out, lineage = counted
+    assert {r["label"]: r["voxels_after"] for r in lineage["labels"]} == \
+        {v: int((out == v).sum()) for v in values}

@@ -30,3 +30,16 @@ def test_direct_chunks_equal_zarrs_own(chest_volume, kind):
     assert sum(key.count("/c/") for key in mine) >= 2  # several chunks per array
     for key in zarrs:
         assert mine[key] == zarrs[key], key
+
+
+def test_label_values_given_by_the_caller_write_the_same_metadata_as_counted_ones():
+    labels = np.zeros((3, 8, 8), np.uint16)
+    labels[0, 1:3, 1:3], labels[2, 5, 5] = 4, 9
+    attrs = {"geometry": {"spacing_zyx_mm": [1.0, 1.0, 1.0]}, "instances": [], "case_id": "x"}
+    written = []
+    for values in (None, [4, 9]):
+        encoded: dict = {}
+        write_case_group(MemoryStore(store_dict=encoded), labels=labels, image=None, attrs=attrs,
+                         label_names={4: "liver"}, values=values, direct=encoded)
+        written.append(encoded["labels/medsam/zarr.json"].to_bytes())
+    assert written[0] == written[1] and b'"label-value": 9' in written[0]
