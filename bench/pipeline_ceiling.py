@@ -21,11 +21,12 @@ The machine's own speed is measured in the same run and printed first (one core:
 GFLOP/s, a 64 MiB copy in GB/s, a pure-Python loop in millions of additions per second): the figures move
 with it (this shared 2-core machine varied by a third within one day), the ratios to ``--baseline`` do not.
 
-    .venv/bin/python bench/pipeline_ceiling.py [--repeats 3] [--tiles 200] [--ray] [--baseline REV]
+    .venv/bin/python bench/pipeline_ceiling.py [--repeats 3] [--tiles 200] [--ray] [--baseline REV [--rounds 2]]
 
-With ``--baseline REV`` the same rows are measured first on the engine of git commit REV (a temporary
-worktree put before the installed package on PYTHONPATH, this bench script and data), then on this tree,
-and the ratios are printed: today's figures and the new ones from one run on one machine.
+With ``--baseline REV`` the same rows are measured on the engine of git commit REV (a temporary worktree put
+before the installed package on PYTHONPATH, this bench script and data) and on this tree, alternately
+``--rounds`` times by child processes, and each row's best run of each engine is compared: today's figures
+and the new ones from one run on one machine, a drift of the host's speed weighing on both alike.
 """
 from __future__ import annotations
 
@@ -299,23 +300,44 @@ def measure(args, config, root: Path) -> dict[str, dict]:
     return rows
 
 
-def baseline(rev: str, args) -> dict[str, dict]:
-    """The same rows measured on the engine of commit ``rev`` (a git worktree, this bench script), now."""
+def _child_rows(src: Path, args, out: Path) -> dict[str, dict]:
+    """Every row measured by a child process running this script on the engine in ``src`` (put before the
+    installed package on PYTHONPATH)."""
     import json
     import subprocess
     import sys
 
+    command = [sys.executable, str(Path(__file__).resolve()), "--repeats", str(args.repeats), "--tiles",
+               str(args.tiles), "--rows-json", str(out)] + (["--ray"] if args.ray else [])
+    env = dict(os.environ, PYTHONPATH=str(src))
+    subprocess.run(command, check=True, env=env, cwd=Path(__file__).parent)
+    return json.loads(out.read_text())
+
+
+def _best(runs: list[dict[str, dict]]) -> dict[str, dict]:
+    """Each row's best run (least CPU per prompted slice) over several rounds."""
+    return {name: min((r[name] for r in runs), key=lambda row: row["cpu"] / max(1, row["slices"]))
+            for name in runs[0]}
+
+
+def compare(rev: str, args) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(baseline rows, this tree's rows): the engine of commit ``rev`` (a temporary git worktree) and this
+    tree measured alternately, ``args.rounds`` times each, by child processes; each row's best run counts, so
+    a drift of the host's speed during the run weighs on both alike."""
+    import subprocess
+
     repo = Path(__file__).resolve().parent.parent
     tree = Path(tempfile.mkdtemp(prefix="ceiling-baseline-"))
-    out = tree / "rows.json"
     subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tree / "src"), rev], check=True,
                    capture_output=True)
     try:
-        command = [sys.executable, str(Path(__file__).resolve()), "--repeats", str(args.repeats), "--tiles",
-                   str(args.tiles), "--rows-json", str(out)] + (["--ray"] if args.ray else [])
-        env = dict(os.environ, PYTHONPATH=str(tree / "src"))  # the old packages before the installed ones
-        subprocess.run(command, check=True, env=env, cwd=Path(__file__).parent)
-        return json.loads(out.read_text())
+        before, now = [], []
+        for round_ in range(1, args.rounds + 1):
+            print(f"== round {round_}/{args.rounds}: the engine at {rev}", flush=True)
+            before.append(_child_rows(tree / "src", args, tree / f"before-{round_}.json"))
+            print(f"== round {round_}/{args.rounds}: this tree", flush=True)
+            now.append(_child_rows(repo, args, tree / f"now-{round_}.json"))
+        return _best(before), _best(now)
     finally:
         subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree / "src")],
                        capture_output=True)
@@ -327,8 +349,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiles", type=int, default=200)
     parser.add_argument("--ray", action="store_true", help="also through Ray actors (one per core)")
-    parser.add_argument("--baseline", metavar="REV", help="first measure the engine of this git commit, then "
-                                                          "this tree, and print the ratios")
+    parser.add_argument("--baseline", metavar="REV", help="measure the engine of this git commit and this tree "
+                                                          "alternately, and print the ratios")
+    parser.add_argument("--rounds", type=int, default=2, help="with --baseline: alternations (best run counts)")
     parser.add_argument("--rows-json", help=argparse.SUPPRESS)  # the baseline's child writes its rows here
     parser.add_argument("--machine-speed", action="store_true", help=argparse.SUPPRESS)  # machine_speed()'s child
     args = parser.parse_args()
@@ -343,11 +366,18 @@ def main() -> None:
     import pipeline
     from pipeline.annotate.config import EngineConfig
 
-    before = None
     if args.baseline:
-        print(f"== baseline: the engine at {args.baseline}", flush=True)
-        before = baseline(args.baseline, args)
-        print("== this tree", flush=True)
+        before, rows = compare(args.baseline, args)
+        print(f"== best of {args.rounds} rounds each, this tree against {args.baseline} (alternating runs, "
+              "same machine)")
+        print(f"{'case':28s} {'cases':>5s} {'slices':>6s} {'wall s':>8s} {'slices/s':>9s} {'sl/cpu-s':>9s} "
+              f"{'series/cs':>9s} {'ms/case':>9s}   {'sl/cpu-s x':>10s} {'ms/case x':>9s}")
+        for name, now in rows.items():
+            old = before[name]
+            per_cpu = (now["slices"] / now["cpu"]) / (old["slices"] / old["cpu"])
+            per_case = (old["wall"] / old["cases"]) / (now["wall"] / now["cases"])
+            print(f"{row(name, now)}   {per_cpu:9.2f}x {per_case:8.2f}x")
+        return
     cores = os.cpu_count() or 1
     print(f"cores: {cores}; null runner (every box filled, no model); {args.repeats} runs per 3D row; "
           f"engine from {Path(pipeline.__file__).parent.parent}", flush=True)
@@ -363,16 +393,6 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     if args.rows_json:
         Path(args.rows_json).write_text(json.dumps(rows))
-    if before:
-        print(f"== this tree against {args.baseline} (same run, same machine)")
-        print(f"{'case':28s} {'sl/cpu-s x':>11s} {'ms/case x':>10s}")
-        for name, now in rows.items():
-            old = before[name]
-            per_cpu = (now["slices"] / now["cpu"]) / (old["slices"] / old["cpu"])
-            per_case = (old["wall"] / old["cases"]) / (now["wall"] / now["cases"])
-            print(f"{name:28s} {per_cpu:10.2f}x {per_case:9.2f}x")
-        print("(the baseline's rows were measured by a child process of this run, before this tree's)")
-
 
 if __name__ == "__main__":
     main()
