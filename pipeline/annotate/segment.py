@@ -75,7 +75,11 @@ class SliceResolver:
         if self.small and (out is None or out.flags.c_contiguous):
             import cv2
 
-            return cv2.LUT(self.won, table, dst=out)
+            result = cv2.LUT(self.won, table, dst=out)
+            if out is not None and result is not out and not np.shares_memory(result, out):
+                out[...] = result  # OpenCV made its own array instead of writing into ``out``
+                return out
+            return result
         return np.take(table, self.won, out=out)
 
     def pixels_won(self) -> np.ndarray:
