@@ -115,18 +115,22 @@ def _compact(values: np.ndarray, stored=np.int16) -> np.ndarray:
     return values.astype(np.int16) if low >= -32768 and high <= 32767 else values.astype(np.float32)
 
 
-def _compact_stack(planes: list[np.ndarray], flips: tuple[bool, bool, bool] | None = None) -> np.ndarray:
-    """``_compact(np.stack(planes))`` (k, rows, cols) without the whole-series int32 stack when every plane
-    holds integers: their range is taken plane by plane and each is written once into the int16 (or float32)
-    result. ``flips`` (columns, rows, planes) are applied in that same copy."""
+def _compact_stack(planes: list[np.ndarray], flips: tuple[bool, bool, bool] | None = None,
+                   shifts: list[int] | None = None) -> np.ndarray:
+    """``_compact(np.stack(planes + shifts))`` (k, rows, cols) without a whole-series copy of wider values when
+    every plane holds integers: the range is taken plane by plane and each plane (plus its shift, in int32) is
+    written once into the int16 (or float32) result. ``flips`` (columns, rows, planes) are applied in that
+    same copy."""
     cols, rows, order = (-1 if f else 1 for f in (flips or (False, False, False)))
+    shifts = shifts or [0] * len(planes)
     if not planes or any(p.dtype.kind not in "iu" for p in planes):
-        return _compact(np.stack(planes)[::order, ::rows, ::cols])
-    low, high = min(int(p.min()) for p in planes), max(int(p.max()) for p in planes)
+        return _compact(np.stack([p + s if s else p for p, s in zip(planes, shifts)])[::order, ::rows, ::cols])
+    low = min(int(p.min()) + s for p, s in zip(planes, shifts))
+    high = max(int(p.max()) + s for p, s in zip(planes, shifts))
     out = np.empty((len(planes), *planes[0].shape), dtype=np.int16 if low >= -32768 and high <= 32767
                    else np.float32)
-    for index, plane in enumerate(planes[::order]):
-        out[index] = plane[::rows, ::cols]
+    for index, (plane, shift) in enumerate(list(zip(planes, shifts))[::order]):
+        np.add(plane[::rows, ::cols], shift, out=out[index], dtype=np.int32, casting="unsafe")
     return out
 
 
@@ -135,19 +139,13 @@ def _modality_stack(frames: list[tuple], flips: tuple[bool, bool, bool] | None) 
     ``_compact_stack([grey_values(ds, pixels) ...], flips)``.
 
     When every frame has 8/16-bit integer pixels, a unit slope and a whole intercept (CT's usual 1/-1024; no
-    Modality LUT, not MONOCHROME1) and the values fit int16, each frame is written once, straight from its
-    stored values into the int16 stack: the same values without an int32 copy of every frame."""
-    if frames and all(str(getattr(ds, "PhotometricInterpretation", "")) != "MONOCHROME1"
-                      and (_integer_rescale(ds, pixels) or (0, 0))[0] == 1 for ds, pixels in frames):
-        shifts = [_integer_rescale(ds, pixels)[1] for ds, pixels in frames]  # type: ignore[index]
-        low = min(int(pixels.min()) + shift for (_, pixels), shift in zip(frames, shifts))
-        high = max(int(pixels.max()) + shift for (_, pixels), shift in zip(frames, shifts))
-        if low >= -32768 and high <= 32767:
-            cols, rows, order = (-1 if f else 1 for f in (flips or (False, False, False)))
-            out = np.empty((len(frames), *frames[0][1].shape), dtype=np.int16)
-            for index, ((_, pixels), shift) in enumerate(list(zip(frames, shifts))[::order]):
-                np.add(pixels[::rows, ::cols], shift, out=out[index], dtype=np.int32, casting="unsafe")
-            return out
+    Modality LUT, not MONOCHROME1), each frame is written once, straight from its stored values plus the
+    intercept: the same values without an int32 copy of every frame."""
+    rescales = [_integer_rescale(ds, pixels) for ds, pixels in frames]
+    if frames and all(rescale is not None and rescale[0] == 1 for rescale in rescales) and \
+            all(str(getattr(ds, "PhotometricInterpretation", "")) != "MONOCHROME1" for ds, _ in frames):
+        return _compact_stack([pixels for _, pixels in frames], flips,
+                              shifts=[rescale[1] for rescale in rescales])  # type: ignore[index]
     return _compact_stack([grey_values(ds, pixels) for ds, pixels in frames], flips)
 
 
