@@ -100,3 +100,32 @@ def test_a_model_that_cannot_load_stops_the_run_instead_of_failing_every_case(tm
         run_case(case, store, config, LazyRunner(config), run_id="r1", policy=QUARANTINE)
     assert store.errors() == {} and quarantined(store, case.case_id) is None
 
+
+
+def test_a_run_works_with_one_opencv_thread_and_a_frozen_heap_and_restores_both(broken_case, monkeypatch):
+    """While cases run, OpenCV keeps one thread and the objects alive at the start are frozen out of the
+    collector's scans; both are as before once the run ends (the case itself fails at read, as usual)."""
+    import gc
+
+    import cv2
+
+    from pipeline.annotate import job
+
+    store, case = broken_case
+    seen = []
+    real = job.run_case
+
+    def watched(*args, **kwargs):
+        seen.append((cv2.getNumThreads(), gc.get_freeze_count()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(job, "run_case", watched)
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    try:
+        summary = annotate([case], store, EngineConfig(), policy=NO_WAIT, show_progress=False)
+        assert [o.stage for o in summary.outcomes] == ["read"]
+        assert seen[0][0] == 1 and seen[0][1] > 0
+        assert cv2.getNumThreads() == 2 and gc.get_freeze_count() == 0
+    finally:
+        cv2.setNumThreads(before)
