@@ -11,11 +11,13 @@ run record. Data (real, shipped in packages):
 * 2D: ``--tiles`` crops (96 x 96) of stardist's nuclei image with their instance masks: many small cases.
 
 Each row runs the local engine (`pipeline.annotate.job.annotate`: one process, its case workers and their
-reader processes) and, with ``--ray``, the same cases sharded over one Ray actor per core
-(`pipeline.distributed.ray_pool.drive`). Printed per row: wall seconds, prompted slices per wall second,
-prompted slices per CPU-second (user + system time of the process and of its children, the reader processes
-included while they run: "per core"), the series' slices per CPU-second (every slice is read, hashed,
-stored; the prompted ones are also segmented, post-processed and scored) and milliseconds per case.
+reader processes) and, with ``--ray``, the same cases sharded over the engine's Ray actors as it plans them
+for this machine (`plan_actors`, `drive`; on 2 cores one actor of 2 CPUs with 2 case workers), after a set
+of warm-up cases through the same actors (untimed, as is discovery). Printed per row: wall seconds,
+prompted slices per wall second, prompted slices per CPU-second (user + system time of the process and of
+its children, the reader processes included while they run: "per core"; on Ray the actors' CPUs count as
+busy for the whole wall time), the series' slices per CPU-second (every slice is read, hashed, stored; the
+prompted ones are also segmented, post-processed and scored) and milliseconds per case.
 
 The machine's own speed is measured in the same run and printed first (one core: fp32 matrix products in
 GFLOP/s, a 64 MiB copy in GB/s, a pure-Python loop in millions of additions per second): the figures move
@@ -124,7 +126,7 @@ def make_3d(root: Path, variant: int = 0, syntaxes: dict[str, str] = SYNTAXES) -
     return cases
 
 
-def make_2d(root: Path, tiles: int) -> tuple[Path, Path]:
+def make_2d(root: Path, tiles: int, seed: int = 0) -> tuple[Path, Path]:
     import cv2
     import stardist
     import tifffile
@@ -136,7 +138,7 @@ def make_2d(root: Path, tiles: int) -> tuple[Path, Path]:
     images, masks = root / "tiles", root / "tile-masks"
     images.mkdir(parents=True)
     masks.mkdir(parents=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     made = 0
     while made < tiles:
         y, x = rng.integers(0, 512 - 96, 2)
@@ -224,41 +226,58 @@ def _measure_machine() -> dict:
     return best
 
 
-def run_ray(inputs: list[Path], masks: list[Path], store: Path, config, actors: int) -> dict:
+def run_ray(inputs: list[Path], masks: list[Path], store: Path, config,
+            warm: tuple[list[Path], list[Path]] | None = None) -> dict:
+    """The cases sharded over the engine's actors as it plans them for this machine (``plan_actors``: how
+    many, their CPUs, threads and case workers; the null runner as model). ``warm`` cases go through the same
+    actors first, untimed, so that the timed part is a long run's steady state (imports done)."""
     import dataclasses
+    import inspect
     from concurrent.futures import ThreadPoolExecutor
 
     import ray
 
-    from pipeline.distributed.ray_pool import Annotator, Job, drive
+    from pipeline.distributed.ray_pool import Annotator, Job, PoolOptions, cluster_nodes, drive, plan_actors
     from pipeline.io.discover import discover
     from pipeline.store.case_store import CaseStore
 
     class NullAnnotator(Annotator):  # the engine's actor with the null runner in place of the model
-        def __init__(self, config_json: str, threads: int = 1) -> None:
-            super().__init__(config_json, threads)
+        def __init__(self, config_json: str, threads: int = 1, case_workers: int = 2) -> None:
+            if "case_workers" in inspect.signature(Annotator.__init__).parameters:
+                super().__init__(config_json, threads, case_workers)
+            else:  # an older engine (--baseline) whose actor starts its readers as cases come
+                super().__init__(config_json, threads)
             self.runner = NullLazyRunner(self.config)
 
-    s = CaseStore(store)
-    wall = time.perf_counter()
-    cases = discover([str(p) for p in inputs], s.case_ids(), coarse_masks=[str(m) for m in masks])
-    handles = [ray.remote(NullAnnotator).options(num_cpus=1, max_concurrency=2).remote(config.model_dump_json(), 1)
-               for _ in range(actors)]  # two cases at once per actor, as the engine's CPU actors
+    plan = plan_actors(cluster_nodes(), PoolOptions(), case_workers=config.pipeline.case_workers)
+    handles = [ray.remote(NullAnnotator).options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
+                                                 max_concurrency=plan.case_workers)
+               .remote(config.model_dump_json(), plan.threads, plan.case_workers) for _ in range(plan.count)]
     ray.get([h.info.remote() for h in handles])  # started
-    started = time.perf_counter()
-    job = Job(str(store), "bench", config.model_dump_json())
-    shards = [[dataclasses.asdict(c) for c in cases[k::actors]] for k in range(actors)]
-    with ThreadPoolExecutor(actors) as pool:
-        outcomes = [o for part in pool.map(lambda k: drive(shards[k], lambda lost=None: handles[k], job,
-                                                           in_flight=3), range(actors)) for o in part]
-    end = time.perf_counter()
-    stats = [ray.get(h.info.remote()) for h in handles]
+
+    def run(images: list[Path], coarse: list[Path], where: Path) -> tuple[list, float]:
+        s = CaseStore(where)
+        cases = discover([str(p) for p in images], s.case_ids(), coarse_masks=[str(m) for m in coarse])
+        started = time.perf_counter()
+        job = Job(str(where), "bench", config.model_dump_json())
+        shards = [[dataclasses.asdict(c) for c in cases[k::plan.count]] for k in range(plan.count)]
+        with ThreadPoolExecutor(plan.count) as pool:
+            outcomes = [o for part in pool.map(
+                lambda k: drive(shards[k], lambda lost=None: handles[k], job, in_flight=plan.case_workers + 1),
+                range(plan.count)) for o in part]
+        assert all(o["status"] == "done" for o in outcomes), outcomes
+        return cases, time.perf_counter() - started
+
+    if warm:
+        run(*warm, store.with_name(store.name + "-warm"))
+    before = sum(ray.get(h.info.remote())["runner"].get("encoded_slices", 0) for h in handles)
+    cases, wall = run(inputs, masks, store)
+    slices = sum(ray.get(h.info.remote())["runner"].get("encoded_slices", 0) for h in handles) - before
     for handle in handles:
         ray.kill(handle)
-    assert all(o["status"] == "done" for o in outcomes), outcomes
-    slices = sum(st["runner"].get("encoded_slices", 0) for st in stats)
-    return {"cases": len(cases), "slices": slices, "wall": end - started, "cpu": (end - started) * actors,
-            "start": started - wall, "series_slices": series_slices(s)}
+    return {"cases": len(cases), "slices": slices, "wall": wall, "cpu": wall * plan.count * plan.num_cpus,
+            "series_slices": series_slices(CaseStore(store)),
+            "plan": f"{plan.count} actor(s) x {plan.num_cpus} CPU, {plan.case_workers} case workers each"}
 
 
 def row(name: str, result: dict) -> str:
@@ -275,7 +294,7 @@ def measure(args, config, root: Path) -> dict[str, dict]:
 
     def show(name: str, result: dict) -> None:
         rows[name] = result
-        print(row(name, result), flush=True)
+        print(row(name, result) + (f"   ({result['plan']})" if "plan" in result else ""), flush=True)
 
     three_d = make_3d(root / "data")
     images, masks = make_2d(root / "data", args.tiles)
@@ -290,13 +309,17 @@ def measure(args, config, root: Path) -> dict[str, dict]:
 
         start = time.perf_counter()
         connect(local_cpus=cores)
-        print(f"(Ray started in {time.perf_counter() - start:.1f} s; actors: {cores}, 1 CPU each; "
-              "wall excludes actor start; sl/cpu-s counts every actor's core as busy)", flush=True)
-        sets = [make_3d(root / f"ray-data-{k}", variant=k + 1) for k in range(args.repeats)]  # distinct cases
+        print(f"(Ray started in {time.perf_counter() - start:.1f} s; the engine's own actor plan; wall excludes "
+              "actor start, warm-up and discovery; sl/cpu-s counts every actor's CPUs as busy)", flush=True)
+        sets = [make_3d(root / f"ray-data-{k}", variant=k + 1) for k in range(args.repeats + 1)]  # distinct
         inputs = [pair[0] for made in sets for pair in made.values()]
         mask_list = [pair[1] for made in sets for pair in made.values()]
-        show("ray 3D (all syntaxes)", run_ray(inputs, mask_list, root / "store-ray-3d", config, cores))
-        show(f"ray 2D x{args.tiles}", run_ray([images], [masks], root / "store-ray-2d", config, cores))
+        first = len(sets[0])  # the first set warms the actors up, untimed
+        show("ray 3D (all syntaxes)", run_ray(inputs[first:], mask_list[first:], root / "store-ray-3d", config,
+                                              warm=(inputs[:first], mask_list[:first])))
+        warm_2d, warm_masks = make_2d(root / "data-warm-2d", 4 * cores, seed=1)
+        show(f"ray 2D x{args.tiles}", run_ray([images], [masks], root / "store-ray-2d", config,
+                                              warm=([warm_2d], [warm_masks])))
     return rows
 
 
@@ -348,7 +371,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiles", type=int, default=200)
-    parser.add_argument("--ray", action="store_true", help="also through Ray actors (one per core)")
+    parser.add_argument("--ray", action="store_true", help="also through the engine's Ray actors")
     parser.add_argument("--baseline", metavar="REV", help="measure the engine of this git commit and this tree "
                                                           "alternately, and print the ratios")
     parser.add_argument("--rounds", type=int, default=2, help="with --baseline: alternations (best run counts)")

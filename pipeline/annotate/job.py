@@ -22,6 +22,7 @@ from pipeline.annotate.policy import LOCAL, FailurePolicy
 from pipeline.core.outcome import CaseOutcome
 from pipeline.core.provenance import package_version, version_id
 from pipeline.core.types import CaseRef
+from pipeline.io.readers import warm_readers
 from pipeline.model.devices import resolve_device
 from pipeline.store.case_store import CaseStore, remove_stale_staging
 
@@ -73,6 +74,8 @@ def annotate(cases: list[CaseRef], store: CaseStore, config: EngineConfig, *, ov
     summary = RunSummary(run_id=version_id())
     show = sys.stderr.isatty() if show_progress is None else show_progress
     workers = max(1, min(workers or case_workers(config), len(cases) or 1))
+    if cases:
+        warm_readers(workers)  # one reader process per case worker, started while the first cases are hashed
     model_lock = threading.Lock() if workers > 1 else None
     outcomes: dict[int, CaseOutcome] = {}
     try:

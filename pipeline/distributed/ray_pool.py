@@ -43,6 +43,7 @@ from pipeline.annotate.signature import signature_or_none
 from pipeline.core.errors import RunError
 from pipeline.core.outcome import CaseOutcome
 from pipeline.core.types import CaseRef
+from pipeline.io.readers import warm_readers
 from pipeline.store.case_store import CaseStore
 from pipeline.store.records import quarantine
 
@@ -208,7 +209,8 @@ def get_annotator(plan: ActorPlan, index: int, config_json: str, *, lost=None):
         _actors[name] = actor_class.options(
             name=name, namespace=NAMESPACE, max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
             num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
-            runtime_env={"env_vars": forwarded} if forwarded else None).remote(config_json, plan.threads)
+            runtime_env={"env_vars": forwarded} if forwarded else None).remote(config_json, plan.threads,
+                                                                           plan.case_workers)
         return _actors[name]
 
 
@@ -241,7 +243,7 @@ def release_annotators(plan: ActorPlan, config_json: str) -> None:
 class Annotator:
     """Holds one model (loaded on the first case that needs it); torch and CPU runtimes use ``threads``."""
 
-    def __init__(self, config_json: str, threads: int = 1) -> None:
+    def __init__(self, config_json: str, threads: int = 1, case_workers: int = 2) -> None:
         import ray
 
         if not ray.get_runtime_context().get_accelerator_ids().get("GPU"):
@@ -259,6 +261,7 @@ class Annotator:
         self.threads = threads
         self._model_lock = threading.Lock()
         self._stores: dict[str, CaseStore] = {}
+        warm_readers(case_workers)  # its reader processes start now, beside the model's load, not in its first cases
         gc.freeze()  # the actor's imports stay out of the collector's scans (see pipeline.annotate.job.frozen_heap)
 
     def _store(self, url: str) -> CaseStore:

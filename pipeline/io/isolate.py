@@ -181,21 +181,29 @@ class IsolatedWorker:
             self._spool = ""
         return process.returncode
 
+    def _running(self) -> tuple[Connection, Connection]:
+        """The live child's pipes, a child started first if there is none (caller holds the lock)."""
+        if self._pid != os.getpid():  # inherited through fork: that child belongs to the parent
+            self._process = self._send = self._recv = None
+            self._pid = os.getpid()
+        if self._process is None or self._process.poll() is not None or self._send is None or self._recv is None:
+            self._stop(kill=True)
+            return self._start()
+        return self._send, self._recv
+
+    def start(self) -> None:
+        """Start the child now unless it runs; returns at once, while the child imports what it needs and runs
+        the initializer (a first call waits for that)."""
+        with self._lock:
+            self._running()
+
     def call(self, function: Callable, *args: Any, timeout_s: float | None = None) -> Any:
         """``function(*args)`` in the child; its exceptions are re-raised here; a dead child -> WorkerCrash.
 
         ``function`` and ``args`` must be picklable (a module-level function, plain values).
         """
         with self._lock:
-            if self._pid != os.getpid():  # inherited through fork: that child belongs to the parent
-                self._process = self._send = self._recv = None
-                self._pid = os.getpid()
-            if self._process is None or self._process.poll() is not None or self._send is None \
-                    or self._recv is None:
-                self._stop(kill=True)
-                send, recv = self._start()
-            else:
-                send, recv = self._send, self._recv
+            send, recv = self._running()
             try:
                 send.send((function, args, self._spool))
                 if not recv.poll(timeout_s):
@@ -244,6 +252,18 @@ class WorkerPool:
         finally:
             with self._lock:
                 self._idle.append(worker)
+
+    def warm(self, count: int, *, preload: Callable[[], None] | None = None) -> int:
+        """Start workers until the pool holds ``count``, their children started now and running ``preload``
+        (a module-level function: the imports their calls will need), so that the first ``count`` callers
+        at once don't each wait for an interpreter to start. Returns how many were added."""
+        with self._lock:
+            added = [IsolatedWorker(initializer=preload) for _ in range(count - len(self._all))]
+            self._all.extend(added)
+            self._idle.extend(added)
+        for worker in added:
+            worker.start()
+        return len(added)
 
     def call(self, function: Callable, *args: Any, timeout_s: float | None = None) -> Any:
         """:meth:`IsolatedWorker.call` on a worker of the pool that no other caller holds."""

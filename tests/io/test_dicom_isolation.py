@@ -16,7 +16,7 @@ from pydicom.data import get_testdata_file
 from pipeline.core.errors import ReadError
 from pipeline.core.types import CaseRef
 from pipeline.io.isolate import IsolatedWorker, WorkerCrash
-from pipeline.io.readers import read_case
+from pipeline.io.readers import read_case, read_case_here
 
 DECODER_DEPENDENCIES: dict = {}
 
@@ -128,5 +128,48 @@ def test_concurrent_callers_of_the_pool_read_in_processes_of_their_own():
             pids = {first.call(os.getpid), second.call(os.getpid)}
         assert len(pids) == 2 and os.getpid() not in pids
         assert pool.call(os.getpid) in pids and len(pool) == 2  # no third child
+    finally:
+        pool.close()
+
+
+def _imported(name: str) -> bool:
+    import sys
+
+    return name in sys.modules
+
+
+def test_a_warmed_pool_starts_its_readers_at_once_with_the_readers_libraries_imported():
+    """warm() starts the children before any call (they import while the caller goes on); each has run the
+    preload, so its first case finds pydicom and nibabel loaded; warming again adds nothing."""
+    from pipeline.io.isolate import WorkerPool
+    from pipeline.io.readers import preload
+
+    pool = WorkerPool()
+    try:
+        assert pool.warm(2, preload=preload) == 2 and len(pool) == 2
+        with pool.borrow() as first, pool.borrow() as second:
+            children = [first._process, second._process]
+            assert all(child is not None and child.poll() is None for child in children)  # started, alive
+            # (this module imports pydicom itself; nibabel and ISA-L only the preload does)
+            assert all(w.call(_imported, "nibabel") and w.call(_imported, "isal.isal_zlib") for w in (first, second))
+            assert {first.call(os.getpid), second.call(os.getpid)} == {c.pid for c in children}
+        assert pool.warm(2, preload=preload) == 0 and pool.warm(1) == 0 and len(pool) == 2
+        case = CaseRef("x", get_testdata_file("CT_small.dcm"))
+        assert np.array_equal(pool.call(read_case_here, case).array, read_case(case, isolated=False).array)
+    finally:
+        pool.close()
+
+
+def test_a_crashed_warm_reader_is_replaced_with_its_preload():
+    from pipeline.io.isolate import WorkerPool
+    from pipeline.io.readers import preload
+
+    pool = WorkerPool()
+    try:
+        pool.warm(1, preload=preload)
+        child = pool.call(os.getpid)
+        with pytest.raises(WorkerCrash):
+            pool.call(os.kill, child, signal.SIGKILL)
+        assert pool.call(os.getpid) != child and pool.call(_imported, "nibabel") and len(pool) == 1
     finally:
         pool.close()
