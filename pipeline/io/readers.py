@@ -7,9 +7,10 @@ array axes (x, y, z) follow L, P, S, the nearest-axis reorientation that nibabel
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -231,27 +232,40 @@ def read_case(case: CaseRef, *, isolated: bool = True, worker: IsolatedWorker | 
                         f"perhaps its missing slices: {names}") from exc
 
 
-PRELOADED = ("pydicom", "pydicom.pixels", "nibabel", "isal.isal_zlib")  # what nearly every read needs
+LIBRARIES = {"dicom": ("pydicom",), "nifti": ("nibabel", "isal.isal_zlib"), "nrrd": ("nrrd",), "2d": ("cv2",)}
 
 
-def preload() -> None:
-    """A reader process's imports, made as it starts (:func:`warm_readers`) instead of in its first case
-    (~0.5 s of CPU). Never raises: a library that cannot be imported fails where a read needs it, with its
-    reason."""
+def libraries_for(cases: Iterable[CaseRef] | None) -> tuple[str, ...]:
+    """The modules that reading ``cases`` will import (by each input's kind); None: those of DICOM and NIfTI,
+    the kinds an archive mostly holds."""
+    if cases is None:
+        return LIBRARIES["dicom"] + LIBRARIES["nifti"]
+    kinds = set()
+    for case in cases:
+        suffix = "" if case.files else suffix_of(case.image)
+        kinds.add("nifti" if suffix in NIFTI_SUFFIXES else "nrrd" if suffix in NRRD_SUFFIXES
+                  else "2d" if suffix in IMAGE_SUFFIXES else "dicom")
+    return tuple(name for kind in sorted(kinds) for name in LIBRARIES[kind])
+
+
+def preload(names: tuple[str, ...]) -> None:
+    """Import ``names`` in a reader process as it starts (:func:`warm_readers`) instead of in its first case
+    (pydicom or nibabel ~0.4 s of CPU each). Never raises: a library that cannot be imported fails where a read
+    needs it, with its reason."""
     import importlib
 
-    for name in PRELOADED:
+    for name in names:
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - see the docstring
             pass
 
 
-def warm_readers(count: int) -> int:
+def warm_readers(count: int, cases: Iterable[CaseRef] | None = None) -> int:
     """Start reader processes now until this process's pool holds ``count`` (one per case worker), each
-    importing the readers' libraries while the caller goes on: the first cases of a run then don't each wait
-    for an interpreter and its imports. Returns how many were started."""
-    return default_pool().warm(count, preload=preload)
+    importing the libraries that reading ``cases`` needs (:func:`libraries_for`) while the caller goes on: the
+    first cases of a run don't each wait for an interpreter and its imports. Returns how many were started."""
+    return default_pool().warm(count, preload=functools.partial(preload, libraries_for(cases)))
 
 
 def _read_isolated(case: CaseRef, worker: IsolatedWorker | WorkerPool | None, timeout_s: float | None

@@ -33,6 +33,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -316,16 +317,20 @@ def plane_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
 
 
 def _codecs():
-    """(image codec, label codec) and the numcodecs twin of each, which encodes a chunk exactly as zarr does
+    """(image codec, label codec), each as (zarr codec, numcodecs twin factory, its zarr.json entry factory):
+    the twin encodes a chunk exactly as zarr does and the entry is zarr's own description of the codec
     (tests/store/test_direct_chunks.py compares the bytes). Images: LZ4 behind a byte shuffle (several times
     faster than zstd, ~10 % larger on CT); label maps: zstd, which packs their long runs of zeros tightly.
     Every chunk is written (the check that skips chunks of zeros cost more than writing them)."""
     from numcodecs import Blosc, Zstd
     from zarr.codecs import BloscCodec, ZstdCodec
 
-    return ((BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), lambda itemsize: Blosc(
-        cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE, blocksize=0, typesize=itemsize)),
-            (ZstdCodec(level=1), lambda itemsize: Zstd(level=1)))
+    return ((BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+             lambda itemsize: Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE, blocksize=0, typesize=itemsize),
+             lambda itemsize: {"name": "blosc", "configuration": {"typesize": itemsize, "cname": "lz4", "clevel": 5,
+                                                                  "shuffle": "shuffle", "blocksize": 0}}),
+            (ZstdCodec(level=1), lambda itemsize: Zstd(level=1),
+             lambda itemsize: {"name": "zstd", "configuration": {"level": 1, "checksum": False}}))
 
 
 def encoded_chunks(data: np.ndarray, chunks: tuple[int, ...], compressor) -> Iterator[tuple[str, bytes]]:
@@ -341,58 +346,111 @@ def encoded_chunks(data: np.ndarray, chunks: tuple[int, ...], compressor) -> Ite
         yield key, compressor.encode(np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<")))
 
 
-def _fill(array, path: str, data: np.ndarray, compressor, direct: dict | None) -> None:
-    """Write ``data`` into a new zarr array: through zarr, or (``direct``: the dict behind an in-memory
-    store) chunk by chunk with the codec's numcodecs twin, without zarr's asynchronous pipeline, whose
-    thread hand-offs and copies cost as much as the compression itself (a 512 x 512 x 34 CT: 20 -> 14 ms)."""
-    if direct is None:
-        array[...] = data
-        return
-    for key, payload in encoded_chunks(data, array.chunks, compressor(data.dtype.itemsize)):
-        direct[f"{path}/{key}"] = payload
+@dataclass(frozen=True)
+class _Node:
+    """One node of a case group: a group (``data`` None) or an array with its chunks, axes and codec."""
+
+    path: str  # "" for the root
+    attributes: dict
+    data: np.ndarray | None = None
+    chunks: tuple[int, ...] = ()
+    dims: tuple[str, ...] = ()
+    codec: tuple | None = None  # one of _codecs()
 
 
-def write_case_group(target, *, labels: np.ndarray, image: np.ndarray | None, attrs: dict,
-                     label_names: dict[int, str | dict], values: list[int] | None = None,
-                     direct: dict | None = None) -> None:
-    """Write one case group at ``target`` (a path or zarr store); the 'medsam' status is written last.
-
-    Attributes go with a node's creation where they are known then (one write each); the root's 'medsam'
-    attributes, which carry the commit status, are the last write. ``values``: the label values present in
-    ``labels`` when the caller knows them exactly (else counted). ``direct``: ``target`` is an in-memory
-    store over this dict, into which chunks are encoded directly (see :func:`_fill`)."""
-    import zarr
-
+def _case_nodes(labels: np.ndarray, image: np.ndarray | None, attrs: dict, label_names: dict[int, str | dict],
+                values: list[int] | None) -> list[_Node]:
+    """A case group's nodes, each with its final attributes: the root (OME multiscales of the image and the
+    'medsam' attributes that carry the commit status), its image array, the labels group and the label map."""
     spacing = [float(s) for s in attrs["geometry"]["spacing_zyx_mm"]]
-    (image_codec, image_twin), (label_codec, label_twin) = _codecs()
-    whole = {"write_empty_chunks": True}
+    image_codec, label_codec = _codecs()
+    nodes = []
     root_attrs = {}
     if image is not None:
         axes = ["z", "y", "x"] if image.ndim == 3 else ["c", "z", "y", "x"]
         scale = spacing if image.ndim == 3 else [1.0, *spacing]
         root_attrs["ome"] = {"version": "0.5", "multiscales": _multiscales("image", axes, scale)}
-    root = zarr.create_group(target, zarr_format=3, overwrite=True, attributes=root_attrs)
-    if image is not None:
         data = np.ascontiguousarray(image if image.ndim == 3 else np.moveaxis(image, -1, 0))
         chunks = plane_chunks(data.shape, data.itemsize) if image.ndim == 3 else \
             (data.shape[0], *plane_chunks(data.shape[1:], data.itemsize * data.shape[0]))
-        array = root.create_array("0", shape=data.shape, dtype=data.dtype, chunks=chunks, fill_value=0,
-                                  dimension_names=axes, compressors=image_codec, config=whole)
-        _fill(array, "0", data, image_twin, direct)
-    label_group = root.create_group("labels", attributes={"ome": {"version": "0.5", "labels": ["medsam"]}})
-    medsam = label_group.create_group("medsam")
-    stored = labels.astype(np.uint16, copy=False)
-    array = medsam.create_array("0", shape=stored.shape, dtype=stored.dtype, chunks=plane_chunks(stored.shape, 2),
-                                fill_value=0, dimension_names=["z", "y", "x"], compressors=label_codec,
-                                config=whole)
-    _fill(array, "labels/medsam/0", stored, label_twin, direct)
-    medsam.update_attributes({"ome": {
+        nodes.append(_Node("0", {}, data, chunks, tuple(axes), image_codec))
+    root_attrs["medsam"] = dict(attrs, status=STATUS_COMMITTED)
+    nodes.insert(0, _Node("", root_attrs))
+    nodes.append(_Node("labels", {"ome": {"version": "0.5", "labels": ["medsam"]}}))
+    nodes.append(_Node("labels/medsam", {"ome": {
         "version": "0.5",
         "multiscales": _multiscales("medsam", ["z", "y", "x"], spacing),
         "image-label": image_label_metadata(labels, names=label_names, instances=attrs.get("instances", []),
                                             values=values),
-    }})
-    root.update_attributes({"medsam": dict(attrs, status=STATUS_COMMITTED)})
+    }}))
+    stored = labels.astype(np.uint16, copy=False)
+    nodes.append(_Node("labels/medsam/0", {}, stored, plane_chunks(stored.shape, 2), ("z", "y", "x"), label_codec))
+    return nodes
+
+
+def write_case_group(target, *, labels: np.ndarray, image: np.ndarray | None, attrs: dict,
+                     label_names: dict[int, str | dict], values: list[int] | None = None) -> None:
+    """Write one case group at ``target`` (a path or zarr store) through zarr; the root's 'medsam' attributes,
+    which carry the commit status, are the last write. ``values``: the label values present in ``labels``
+    when the caller knows them exactly (else counted)."""
+    import zarr
+
+    nodes = _case_nodes(labels, image, attrs, label_names, values)
+    root_attrs = dict(nodes[0].attributes)
+    status = root_attrs.pop("medsam")
+    groups = {"": zarr.create_group(target, zarr_format=3, overwrite=True, attributes=root_attrs)}
+    for node in nodes[1:]:
+        parent, _, name = node.path.rpartition("/")
+        if node.data is None:
+            groups[node.path] = groups[parent].create_group(name, attributes=node.attributes)
+            continue
+        array = groups[parent].create_array(
+            name, shape=node.data.shape, dtype=node.data.dtype, chunks=node.chunks, fill_value=0,
+            dimension_names=list(node.dims), compressors=node.codec[0], config={"write_empty_chunks": True},
+            attributes=node.attributes or None)
+        array[...] = node.data
+    groups[""].update_attributes({"medsam": status})
+
+
+DIRECT_DTYPES = frozenset({"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"})
+
+
+def _document(doc: dict) -> bytes:
+    return json.dumps(doc, indent=2, allow_nan=True).encode()  # as zarr writes a node's zarr.json
+
+
+def encoded_case_group(*, labels: np.ndarray, image: np.ndarray | None, attrs: dict,
+                       label_names: dict[int, str | dict], values: list[int] | None = None) -> dict[str, bytes] | None:
+    """Every object of the case group that :func:`write_case_group` writes (key -> bytes), made without zarr:
+    each node's ``zarr.json`` as zarr writes it (zarr v3's documents, json with an indent of 2) and each chunk
+    through its codec's numcodecs twin (:func:`encoded_chunks`). Byte for byte zarr's own objects
+    (tests/store/test_direct_chunks.py); zarr's asynchronous API costs a thread hand-off and a metadata
+    round-trip per node, most of a small case's write, and holds the interpreter lock while it does. None
+    for an image type outside :data:`DIRECT_DTYPES` (written through zarr then)."""
+    nodes = _case_nodes(labels, image, attrs, label_names, values)
+    objects: dict[str, bytes] = {}
+    for node in nodes:
+        prefix = f"{node.path}/" if node.path else ""
+        if node.data is None:
+            objects[f"{prefix}zarr.json"] = _document({"attributes": node.attributes, "zarr_format": 3,
+                                                       "node_type": "group"})
+            continue
+        dtype = node.data.dtype
+        if dtype.name not in DIRECT_DTYPES:
+            return None
+        _, twin, entry = node.codec
+        endian = {} if dtype.itemsize == 1 else {"configuration": {"endian": "little"}}
+        objects[f"{prefix}zarr.json"] = _document({
+            "shape": list(node.data.shape), "data_type": dtype.name,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(node.chunks)}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "fill_value": 0.0 if dtype.kind == "f" else 0,
+            "codecs": [{"name": "bytes", **endian}, entry(dtype.itemsize)],
+            "attributes": node.attributes, "dimension_names": list(node.dims), "zarr_format": 3, "node_type": "array",
+            "storage_transformers": []})
+        for key, payload in encoded_chunks(node.data, node.chunks, twin(dtype.itemsize)):
+            objects[f"{prefix}{key}"] = payload
+    return objects
 
 
 IN_MEMORY_BYTES = 64 << 20  # cases up to this size are encoded in memory, then written as plain files
@@ -400,27 +458,24 @@ IN_MEMORY_BYTES = 64 << 20  # cases up to this size are encoded in memory, then 
 
 def write_local_group(folder: Path, *, labels: np.ndarray, image: np.ndarray | None, attrs: dict,
                       label_names: dict[int, str | dict], values: list[int] | None = None) -> None:
-    """:func:`write_case_group` into a local folder. A small case is encoded into an in-memory zarr store and
-    its objects written as files here, the root's ``zarr.json`` last: zarr's asynchronous store costs a
-    thread hand-off per object, which was most of a small 2D case's write (13 ms of files vs 6 ms)."""
-    from zarr.storage import MemoryStore
-
+    """:func:`write_case_group` into a local folder. A small case is encoded in memory
+    (:func:`encoded_case_group`) and its objects written as files here, the root's ``zarr.json`` last."""
     size = labels.nbytes + (image.nbytes if image is not None else 0)
-    if size > IN_MEMORY_BYTES:
+    objects = None
+    if size <= IN_MEMORY_BYTES:
+        objects = encoded_case_group(labels=labels, image=image, attrs=attrs, label_names=label_names,
+                                     values=values)
+    if objects is None:
         write_case_group(str(folder), labels=labels, image=image, attrs=attrs, label_names=label_names,
                          values=values)
         return
-    encoded: dict = {}
-    write_case_group(MemoryStore(store_dict=encoded), labels=labels, image=image, attrs=attrs,
-                     label_names=label_names, values=values, direct=encoded)
-    objects = sorted(encoded.items(), key=lambda item: item[0] == "zarr.json")  # the root's last
     made: set[Path] = set()
-    for key, buffer in objects:
+    for key in sorted(objects, key=lambda key: key == "zarr.json"):  # the root's last: it marks the commit
         path = folder / key
         if path.parent not in made:
             path.parent.mkdir(parents=True, exist_ok=True)
             made.add(path.parent)
-        path.write_bytes(buffer if isinstance(buffer, bytes) else buffer.as_buffer_like())  # no copy
+        path.write_bytes(objects[key])
 
 
 def writer_tag() -> str:

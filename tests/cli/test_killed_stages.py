@@ -33,7 +33,7 @@ def _check_whole(store: CaseStore) -> None:
 @pytest.mark.parametrize("target, nth, committed", [
     ("pipeline.annotate.driver:read_case", 2, 0),  # reading the second case ahead, the first in the model
     ("pipeline.annotate.driver:segment_volume", 1, 0),  # in the model
-    ("pipeline.store.case_store:image_label_metadata", 2, 1),  # mid-write: the second case being encoded
+    ("pipeline.store.case_store:image_label_metadata", 2, 1),  # mid-commit: the second case being encoded
     ("pipeline.store.case_store:CaseStore.write_run", 1, 2),  # every case committed, the run record not yet
 ], ids=["read", "model", "commit", "run-record"])
 def test_annotate_killed_then_rerun(two_tiles, tiles_reference, tmp_path, target, nth, committed):

@@ -5,6 +5,7 @@ functions below) that the child process installs in place of the real RLE decode
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -142,8 +143,9 @@ def test_a_warmed_pool_starts_its_readers_at_once_with_the_readers_libraries_imp
     """warm() starts the children before any call (they import while the caller goes on); each has run the
     preload, so its first case finds pydicom and nibabel loaded; warming again adds nothing."""
     from pipeline.io.isolate import WorkerPool
-    from pipeline.io.readers import preload
+    from pipeline.io.readers import libraries_for, preload
 
+    preload = functools.partial(preload, libraries_for(None))
     pool = WorkerPool()
     try:
         assert pool.warm(2, preload=preload) == 2 and len(pool) == 2
@@ -162,14 +164,25 @@ def test_a_warmed_pool_starts_its_readers_at_once_with_the_readers_libraries_imp
 
 def test_a_crashed_warm_reader_is_replaced_with_its_preload():
     from pipeline.io.isolate import WorkerPool
-    from pipeline.io.readers import preload
+    from pipeline.io.readers import libraries_for, preload
 
     pool = WorkerPool()
     try:
-        pool.warm(1, preload=preload)
+        pool.warm(1, preload=functools.partial(preload, libraries_for(None)))
         child = pool.call(os.getpid)
         with pytest.raises(WorkerCrash):
             pool.call(os.kill, child, signal.SIGKILL)
         assert pool.call(os.getpid) != child and pool.call(_imported, "nibabel") and len(pool) == 1
     finally:
         pool.close()
+
+
+def test_readers_preload_the_libraries_of_the_run_s_inputs(tmp_path):
+    from pipeline.io.readers import libraries_for
+
+    dicom = CaseRef("a", str(tmp_path / "series"), files=(str(tmp_path / "series" / "1.dcm"),))
+    nifti, png = CaseRef("b", str(tmp_path / "ct.nii.gz")), CaseRef("c", str(tmp_path / "cells.png"))
+    assert libraries_for([dicom]) == ("pydicom",)
+    assert libraries_for([nifti, nifti]) == ("nibabel", "isal.isal_zlib")
+    assert libraries_for([png, dicom]) == ("cv2", "pydicom")
+    assert set(libraries_for(None)) == {"pydicom", "nibabel", "isal.isal_zlib"}

@@ -1,45 +1,69 @@
-"""Chunks encoded directly (the in-memory write path) are byte for byte the objects zarr itself writes: every
-key and every byte of a real CT with a partial last chunk, a colour image and a label map."""
+"""A small case's group encoded without zarr (the in-memory write path: each node's zarr.json and every chunk)
+is byte for byte what zarr itself writes: every key and every byte of a real CT with a partial last chunk, a
+colour image, a 2D image and a label map, with real attributes; and zarr reads it back."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
+import zarr
 from zarr.storage import MemoryStore
 
-from pipeline.store.case_store import write_case_group
+from pipeline.store.case_store import encoded_case_group, write_case_group, write_local_group
+
+ATTRS = {"geometry": {"spacing_zyx_mm": [2.5, 0.7, 0.7]}, "case_id": "x", "score": math.nan,
+         "instances": [{"label": 3, "name": "lung", "predicted_iou": 0.91, "slices": [0, 18]}],
+         "note": "ünïcode"}
 
 
-def _objects(labels, image, direct: bool) -> dict[str, bytes]:
+def _objects(labels, image, direct: bool, attrs=ATTRS, values=None) -> dict[str, bytes]:
+    if direct:
+        return encoded_case_group(labels=labels, image=image, attrs=attrs, label_names={3: "lung"}, values=values)
     encoded: dict = {}
-    attrs = {"geometry": {"spacing_zyx_mm": [2.5, 0.7, 0.7]}, "instances": [], "case_id": "x"}
     write_case_group(MemoryStore(store_dict=encoded), labels=labels, image=image, attrs=attrs,
-                     label_names={1: "lung"}, direct=encoded if direct else None)
-    return {key: bytes(value) if isinstance(value, bytes) else value.to_bytes() for key, value in encoded.items()}
+                     label_names={3: "lung"}, values=values)
+    return {key: value.to_bytes() for key, value in encoded.items()}
 
 
-@pytest.mark.parametrize("kind", ["ct", "colour", "labels only"])
-def test_direct_chunks_equal_zarrs_own(chest_volume, kind):
+@pytest.mark.parametrize("kind", ["ct", "colour", "2d grey", "float", "labels only"])
+def test_a_case_encoded_directly_equals_zarrs_own_objects(chest_volume, kind):
     ct = chest_volume.array  # real HU, int16
     ct = np.concatenate([ct] * 6)[:19]  # more planes than one chunk holds, and a partial last chunk
     ct = np.ascontiguousarray(np.pad(ct, ((0, 0), (0, 0), (0, 1536 - ct.shape[2]))))  # 3 MiB planes
     labels = (ct > -300).astype(np.uint16) * 3
-    image = {"ct": ct, "labels only": None,
-             "colour": np.stack([np.clip(ct // 8, 0, 255).astype(np.uint8)] * 3, axis=-1)}[kind]
+    grey = np.clip(ct // 8, 0, 255).astype(np.uint8)
+    image = {"ct": ct, "labels only": None, "colour": np.stack([grey] * 3, axis=-1), "2d grey": grey[:1],
+             "float": ct[:2].astype(np.float32) / 7}[kind]
+    if kind in ("2d grey", "float"):
+        labels = labels[:image.shape[0]]
     mine, zarrs = _objects(labels, image, True), _objects(labels, image, False)
     assert sorted(mine) == sorted(zarrs)
-    assert sum(key.count("/c/") for key in mine) >= 2  # several chunks per array
+    if kind == "ct":
+        assert sum(key.count("/c/") for key in mine) >= 2  # several chunks per array
     for key in zarrs:
         assert mine[key] == zarrs[key], key
+    group = zarr.open_group(MemoryStore(store_dict={k: zarr.core.buffer.cpu.Buffer.from_bytes(v)
+                                                    for k, v in mine.items()}), mode="r")
+    assert np.array_equal(group["labels/medsam/0"][...], labels)
+    assert group.attrs["medsam"]["status"] == "committed" and group.attrs["medsam"]["note"] == "ünïcode"
+    if image is not None:
+        assert np.array_equal(group["0"][...], image if image.ndim == 3 else np.moveaxis(image, -1, 0))
+
+
+def test_an_image_type_without_a_direct_encoding_goes_through_zarr(tmp_path):
+    labels = np.zeros((1, 8, 8), np.uint16)
+    image = np.ones((1, 8, 8), np.complex64)
+    assert encoded_case_group(labels=labels, image=image, attrs=ATTRS, label_names={}) is None
+    write_local_group(tmp_path / "case", labels=labels, image=image, attrs=ATTRS, label_names={})
+    group = zarr.open_group(str(tmp_path / "case"), mode="r")
+    assert group["0"].dtype == np.complex64 and group.attrs["medsam"]["status"] == "committed"
 
 
 def test_label_values_given_by_the_caller_write_the_same_metadata_as_counted_ones():
     labels = np.zeros((3, 8, 8), np.uint16)
     labels[0, 1:3, 1:3], labels[2, 5, 5] = 4, 9
     attrs = {"geometry": {"spacing_zyx_mm": [1.0, 1.0, 1.0]}, "instances": [], "case_id": "x"}
-    written = []
-    for values in (None, [4, 9]):
-        encoded: dict = {}
-        write_case_group(MemoryStore(store_dict=encoded), labels=labels, image=None, attrs=attrs,
-                         label_names={4: "liver"}, values=values, direct=encoded)
-        written.append(encoded["labels/medsam/zarr.json"].to_bytes())
-    assert written[0] == written[1] and b'"label-value": 9' in written[0]
+    written = [_objects(labels, None, direct, attrs, values)["labels/medsam/zarr.json"]
+               for direct in (True, False) for values in (None, [4, 9])]
+    assert len(set(written)) == 1 and b'"label-value": 9' in written[0]
