@@ -11,10 +11,12 @@ Measures, in one run on one device:
   model, commit; device as given, backend auto = eager torch on CUDA) in slices/s, with Dice against the
   reference labels;
 * issue 19, keeping the GPU fed: the isolated encoder rate at the batch the engine sizes from free device
-  memory (bf16 on CUDA), and on the same node the Ray pipeline's rate: one actor holding the GPU and the
-  node's CPUs (one case worker each), annotating ``--copies`` 512 x 512 chest CT cases (DICOM Explicit VR
-  Little Endian and NIfTI, lungs as coarse masks) and ``--tiles`` small 2D nuclei cases; prompted slices per
-  second after the model is warm, and its ratio to the isolated encoder rate (goal >= 0.8).
+  memory (bf16 on CUDA), and on the same node the Ray pipeline's rate in two layouts: the engine's default
+  plan (several actors sharing the GPU, each with its share of the node's CPUs and of the GPU's memory) and
+  one actor holding the whole GPU and all the CPUs (``--gpus-per-actor 1``), one case worker per CPU,
+  annotating ``--copies`` 512 x 512 chest CT cases (DICOM Explicit VR Little Endian and NIfTI, lungs as
+  coarse masks) and ``--tiles`` small 2D nuclei cases; prompted slices per second after each actor's model
+  is warm, and the ratio to the isolated encoder rate (goal >= 0.8).
 
     .venv/bin/python bench/gpu_check.py [--device cuda] [--batches 1 64] [--repeats 5] [--copies 8]
                                         [--tiles 400] [--json FILE]
@@ -169,10 +171,12 @@ def pipeline_cases(root: Path, copies: int, tiles: int, ids) -> list:
     return cases
 
 
-def ray_pipeline(device: str, copies: int, tiles: int) -> dict:
-    """Prompted slices/s of the Ray pipeline on this node: one actor with the GPU (on CPU: one CPU actor),
-    warmed on one case, then timed over the rest."""
+def ray_pipeline(device: str, copies: int, tiles: int, gpus_per_actor: float | None) -> dict:
+    """Prompted slices/s of the Ray pipeline on this node with the engine's actor plan for
+    ``gpus_per_actor`` (None: the default, several actors sharing the GPU; 1: one actor with the whole GPU;
+    on CPU: CPU actors), each actor warmed on one case, then timed over the rest, sharded as the engine does."""
     import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
 
     import ray
 
@@ -191,29 +195,34 @@ def ray_pipeline(device: str, copies: int, tiles: int) -> dict:
 
     connect()
     cuda = device.startswith("cuda")
-    plan = plan_actors(cluster_nodes(), PoolOptions(actors=1, gpus_per_actor=None if cuda else 0))
+    plan = plan_actors(cluster_nodes(), PoolOptions(gpus_per_actor=gpus_per_actor if cuda else 0))
     config_json = EngineConfig.model_validate({"model": {"device": device}}).model_dump_json()
     with tempfile.TemporaryDirectory(prefix="medsam-gpu-ray-") as tmp:
         store = CaseStore(Path(tmp) / "store")
         cases = [dataclasses.asdict(c) for c in pipeline_cases(Path(tmp), copies, tiles, store.case_ids())]
-        actor = get_annotator(plan, 0, config_json)
+        actors = [get_annotator(plan, k, config_json) for k in range(plan.count)]
         job = Job(str(store.root), "gpu-check", config_json)
+        warm, timed = cases[:plan.count], cases[plan.count:]
+        shards = [timed[k::plan.count] for k in range(plan.count)]
         try:
-            drive(cases[:1], lambda lost=None: actor, job)  # model load, kernels, reader processes
-            before = ray.get(actor.info.remote())["runner"]
-            start = time.perf_counter()
-            outcomes = drive(cases[1:], lambda lost=None: actor, job, in_flight=plan.case_workers + 1)
-            seconds = time.perf_counter() - start
-            after = ray.get(actor.info.remote())["runner"]
+            with ThreadPoolExecutor(plan.count) as pool:  # model load, kernels: one case per actor
+                list(pool.map(lambda k: drive([warm[k]], lambda lost=None: actors[k], job), range(plan.count)))
+                before = [ray.get(a.info.remote())["runner"] for a in actors]
+                start = time.perf_counter()
+                outcomes = [o for part in pool.map(
+                    lambda k: drive(shards[k], lambda lost=None: actors[k], job, in_flight=plan.case_workers + 1),
+                    range(plan.count)) for o in part]
+                seconds = time.perf_counter() - start
+            after = [ray.get(a.info.remote())["runner"] for a in actors]
         finally:
             release_annotators(plan, config_json)
         failed = [o for o in outcomes if o["status"] != "done"]
         if failed:
             reasons = [error.get("reason") for error in store.errors().values()]
             raise RuntimeError(f"{len(failed)} of {len(outcomes)} cases failed: {reasons[:3]}")
-    slices = after["encoded_slices"] - before["encoded_slices"]
-    calls = after["encoder_calls"] - before["encoder_calls"]
-    return {"cpus": plan.num_cpus, "gpus": plan.num_gpus, "case_workers": plan.case_workers,
+    slices = sum(a["encoded_slices"] - b["encoded_slices"] for a, b in zip(after, before))
+    calls = sum(a["encoder_calls"] - b["encoder_calls"] for a, b in zip(after, before))
+    return {"actors": plan.count, "cpus": plan.num_cpus, "gpus": plan.num_gpus, "case_workers": plan.case_workers,
             "cases": len(outcomes), "slices": slices, "seconds": seconds, "slices_per_s": slices / seconds,
             "slices_per_encoder_call": slices / max(1, calls)}
 
@@ -266,13 +275,16 @@ def main() -> None:
     isolated = report["isolated_encoder"]
     print(f"isolated encoder at the engine's batch ({isolated['batch']} slices, bf16 {isolated['bf16']}): "
           f"{isolated['slices_per_s']:.1f} slices/s")
-    report["ray_pipeline"] = ray_pipeline(device, args.copies, args.tiles)
-    flow = report["ray_pipeline"]
-    flow["ratio_to_isolated_encoder"] = flow["slices_per_s"] / isolated["slices_per_s"]
-    print(f"Ray pipeline, 1 actor x {flow['cpus']} CPUs ({flow['case_workers']} case workers): {flow['cases']} "
-          f"cases, {flow['slices']} slices in {flow['seconds']:.1f} s = {flow['slices_per_s']:.1f} slices/s "
-          f"({flow['slices_per_encoder_call']:.1f} per encoder call); ratio to the isolated encoder "
-          f"{flow['ratio_to_isolated_encoder']:.2f} (goal >= 0.8)")
+    layouts = {"default plan": None, "one actor per GPU": 1.0} if device.startswith("cuda") else {"CPU actors": 0}
+    report["ray_pipeline"] = {}
+    for layout, share in layouts.items():  # the engine's default, then one process holding the whole GPU
+        flow = report["ray_pipeline"][layout] = ray_pipeline(device, args.copies, args.tiles, share)
+        flow["ratio_to_isolated_encoder"] = flow["slices_per_s"] / isolated["slices_per_s"]
+        print(f"Ray pipeline, {layout}: {flow['actors']} actor(s) x {flow['cpus']} CPUs, {flow['gpus']:g} GPU "
+              f"({flow['case_workers']} case workers each): {flow['cases']} cases, {flow['slices']} slices in "
+              f"{flow['seconds']:.1f} s = {flow['slices_per_s']:.1f} slices/s ({flow['slices_per_encoder_call']:.1f} "
+              f"per encoder call); ratio to the isolated encoder {flow['ratio_to_isolated_encoder']:.2f} "
+              "(goal >= 0.8)", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
         print(f"written {args.json}")

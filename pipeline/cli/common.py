@@ -79,7 +79,8 @@ def add_engine_options(ann) -> None:
     ray.add_argument("--cpus-per-actor", type=int, default=None, metavar="N",
                      help="CPUs (runtime threads) per actor (default: up to 4)")
     ray.add_argument("--gpus-per-actor", type=float, default=None, metavar="F",
-                     help="GPU share per actor, e.g. 0.5 (default 1 when the cluster has GPUs; 0: CPU only)")
+                     help="GPU share per actor, e.g. 0.5 (default: one actor per 4 CPUs per GPU, up to 4 "
+                          "sharing a GPU, so that several processes feed it; 1: one actor per GPU; 0: CPU only)")
     ray.add_argument("--shards", type=int, default=None, metavar="N", help="shards (default: one per actor)")
     ray.add_argument("--max-failure-fraction", type=float, default=0.1, metavar="F",
                      help="the run fails when more than this fraction of the cases tried failed")

@@ -2,10 +2,11 @@
 
 * :func:`connect` joins an existing cluster (``address`` or $RAY_ADDRESS, with Ray's token auth when a token
   is given) or starts a local Ray.
-* :func:`plan_actors` sizes the pool from the cluster: one actor per GPU (or per ``gpus_per_actor`` share of
-  one), else CPU actors of up to 4 threads each; an actor never spans nodes.
+* :func:`plan_actors` sizes the pool from the cluster: on GPU nodes one actor per 4 CPUs per GPU, up to 4
+  sharing each GPU (:func:`actors_per_gpu`; or per ``gpus_per_actor`` share of one), else CPU actors of up to
+  4 threads each; an actor never spans nodes.
 * :class:`Annotator` loads the model once (lazily); it runs ``case_workers`` calls at a time (2 on a CPU actor;
-  one per reserved CPU on a GPU actor, which takes its GPU's whole share of the node's CPUs) so that reading
+  one per reserved CPU on a GPU actor, which takes its GPU share's part of the node's CPUs) so that reading
   (each call in a reader process of its own), prompts, post-processing and the commit of other cases overlap
   the model work on this one, which a lock keeps to one case at a time. Writes are idempotent: a case already
   committed with the same signature is skipped, so a call that Ray retries after the actor was lost is
@@ -44,6 +45,7 @@ from pipeline.core.errors import RunError
 from pipeline.core.outcome import CaseOutcome
 from pipeline.core.types import CaseRef
 from pipeline.io.readers import warm_readers
+from pipeline.model.devices import GPU_SHARE_VARIABLE
 from pipeline.store.case_store import CaseStore
 from pipeline.store.records import quarantine
 
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "medsam-engine"
 MAX_CPU_THREADS = 4  # torch's encoder scales poorly past ~4 threads; more CPUs make more actors instead
+CPUS_PER_GPU_ACTOR = 4  # by default a GPU is shared by one actor per this many of its node's CPUs ...
+MAX_ACTORS_PER_GPU = 4  # ... and at most this many (each holds a model and a CUDA context)
 ACTOR_RESTARTS = 2
 TASK_RETRIES = 2
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2  # volumes travel by path; the object store only carries records
@@ -64,7 +68,8 @@ class PoolOptions(BaseModel):
     address: str | None = Field(None, description="Ray cluster address (else $RAY_ADDRESS, else a local Ray)")
     actors: int | None = Field(None, ge=1, description="annotator actors (default: as many as fit)")
     cpus_per_actor: int | None = Field(None, ge=1, description="CPUs (torch threads) per actor")
-    gpus_per_actor: float | None = Field(None, ge=0, le=8, description="GPU share per actor (0: CPU only)")
+    gpus_per_actor: float | None = Field(None, ge=0, le=8, description="GPU share per actor (None: see "
+                                                                        "actors_per_gpu; 0: CPU only)")
     in_flight: int | None = Field(None, ge=1, le=32, description="cases sent ahead to each actor; None: one more "
                                                                   "than the actor's case workers")
     case_retries: int = Field(2, ge=0, le=10, description="retries of a case after a transient I/O error")
@@ -145,11 +150,23 @@ def plan_actors(nodes: Iterable[NodeResources], options: PoolOptions, *, case_wo
     return dataclasses.replace(plan, case_workers=case_workers) if case_workers else plan
 
 
+def actors_per_gpu(nodes: list[NodeResources]) -> int:
+    """Actors that share each GPU by default: one per :data:`CPUS_PER_GPU_ACTOR` CPUs the GPU nodes have per
+    GPU, at most :data:`MAX_ACTORS_PER_GPU`. One process's case workers hold Python's interpreter lock for
+    part of every case (measured: ~55 ms of a 512² x 34 CT case, ~5 ms of a 96² 2D case; docs/benchmarks.md),
+    which caps what one process can hand its GPU whatever its CPUs; several processes per GPU lift that cap,
+    each with its own model and its share of the device's memory."""
+    per_gpu = min(n.cpus / n.gpus for n in nodes if n.gpus > 0)
+    return max(1, min(MAX_ACTORS_PER_GPU, int(per_gpu // CPUS_PER_GPU_ACTOR)))
+
+
 def _plan(nodes: list[NodeResources], options: PoolOptions) -> ActorPlan:
     nodes = [n for n in nodes if n.cpus >= 1]
     if not nodes:
         raise ValueError("the Ray cluster has no node with a CPU")
-    share = 1.0 if options.gpus_per_actor is None else options.gpus_per_actor
+    share = options.gpus_per_actor
+    if share is None:
+        share = 1.0 / actors_per_gpu(nodes) if any(n.gpus > 0 for n in nodes) else 1.0
     if share > 0 and any(n.gpus > 0 for n in nodes):
         # a GPU actor takes its GPU's whole share of the node's CPUs: they read, prompt and write the cases
         # that keep the GPU fed (one case worker per CPU); its own torch threads stay few
@@ -248,6 +265,9 @@ class Annotator:
 
         if not ray.get_runtime_context().get_accelerator_ids().get("GPU"):
             os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU actor on a GPU node must not take the GPU's memory
+        else:  # a fraction of a GPU: batches sized by free memory take only this actor's part of it
+            share = ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0)
+            os.environ[GPU_SHARE_VARIABLE] = f"{min(1.0, share):g}"
         # the CPU runtimes read OMP_NUM_THREADS (pipeline/model/graph_cache.default_threads), and so does torch when a
         # case first needs it (eager torch, an export); a runner on cached graphs never imports torch at all
         os.environ["OMP_NUM_THREADS"] = str(max(1, threads))

@@ -31,3 +31,17 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not cuda_available():
         raise ValueError("Argument 'device' is 'cuda' but no CUDA device is visible.")
     return device
+
+
+GPU_SHARE_VARIABLE = "MEDSAM_ENGINE_GPU_SHARE"  # set by a Ray actor that holds a fraction of its GPU
+
+
+def gpu_share() -> float:
+    """The fraction of its GPU this process holds (a Ray actor of ``--gpus-per-actor 0.25``: 0.25), from
+    $MEDSAM_ENGINE_GPU_SHARE; 1 when unset or unusable. Memory-sized batches scale by it, so that the
+    processes sharing a GPU together keep to what one would take."""
+    try:
+        share = float(os.environ.get(GPU_SHARE_VARIABLE, "1"))
+    except ValueError:
+        return 1.0
+    return share if 0.0 < share <= 1.0 else 1.0

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from pipeline.model.checkpoint import LoadedModel
+from pipeline.model.devices import gpu_share
 from pipeline.model.graph_cache import BACKENDS, Graphs
 
 if TYPE_CHECKING:
@@ -123,16 +124,18 @@ class LiteMedSAMRunner:
         """Whether eager torch runs under bf16 autocast (CUDA only)."""
         return str(self.device).startswith("cuda") and self.precision in ("auto", "bf16") and self.graphs is None
 
-    def memory_batch(self, *, share: float = 0.5, cap: int = MAX_ENCODER_BATCH) -> int:
+    def memory_batch(self, *, share: float | None = None, cap: int = MAX_ENCODER_BATCH) -> int:
         """Slices per encoder call for this runner: on CUDA as many as fit ``share`` of the device's free
-        memory (the memory one slice adds to an encoder call, measured once), at most ``cap``; 1 elsewhere
-        (on the CPU batches were measured no faster, and cost memory)."""
+        memory (default: half, times the fraction of the GPU this process holds, ``devices.gpu_share``; the
+        memory one slice adds to an encoder call, measured once), at most ``cap``; 1 elsewhere (on the CPU
+        batches were measured no faster, and cost memory)."""
         if not str(self.device).startswith("cuda") or self.graphs is not None:
             return 1
         if self._memory_batch is None:
             import torch
 
             free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+            share = 0.5 * gpu_share() if share is None else share
             self._memory_batch = fitting_batch(free, self._slice_bytes(), share=share, cap=cap)
             log.info("encoder batch %d (%.1f GiB free on %s)", self._memory_batch, free / 2**30, self.device)
         return self._memory_batch

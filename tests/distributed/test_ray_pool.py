@@ -15,8 +15,11 @@ from pipeline.store.case_store import CaseStore
     ([NodeResources(1), NodeResources(1)], {}, (2, 1, 0.0, 1, 2)),       # an actor never spans nodes
     ([NodeResources(16)], {}, (4, 4, 0.0, 4, 2)),                        # more CPUs: more actors
     ([NodeResources(16)], {"cpus_per_actor": 2, "actors": 3}, (3, 2, 0.0, 2, 2)),
-    ([NodeResources(64, 8)], {}, (8, 8, 1.0, 4, 8)),                     # one actor per GPU, fed by 8 CPUs
-    ([NodeResources(16, 1)], {}, (1, 16, 1.0, 4, 16)),                   # one GPU: the node's CPUs feed it
+    ([NodeResources(64, 8)], {}, (16, 4, 0.5, 4, 4)),                    # 8 CPUs per GPU: two actors each
+    ([NodeResources(16, 1)], {}, (4, 4, 0.25, 4, 4)),                    # one GPU, 16 CPUs: four processes feed it
+    ([NodeResources(16, 1)], {"gpus_per_actor": 1}, (1, 16, 1.0, 4, 16)),  # one actor with the whole GPU, asked
+    ([NodeResources(8, 4)], {}, (4, 2, 1.0, 2, 2)),                      # 2 CPUs per GPU: one actor per GPU
+    ([NodeResources(24, 2), NodeResources(8)], {}, (6, 4, 1 / 3, 4, 4)),  # 12 CPUs per GPU: three actors each
     ([NodeResources(64, 8)], {"gpus_per_actor": 0.5}, (16, 4, 0.5, 4, 4)),  # two actors share a GPU
     ([NodeResources(64, 8), NodeResources(8)], {"gpus_per_actor": 0}, (18, 4, 0.0, 4, 2)),  # CPU only by choice
     ([NodeResources(2)], {"actors": 5}, (1, 2, 0.0, 2, 2)),              # what does not fit is not made

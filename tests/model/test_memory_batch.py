@@ -33,3 +33,19 @@ def test_a_cuda_runner_sizes_its_batch_from_free_memory_and_that_batch_runs():
     free_before, _ = torch.cuda.mem_get_info()
     embedded = runner.encode([np.full((64, 64), k % 251, np.uint8) for k in range(batch)])
     assert len(embedded) == batch and torch.cuda.mem_get_info()[0] > 0.2 * free_before
+
+
+@pytest.mark.parametrize("value, share", [(None, 1.0), ("0.25", 0.25), ("1", 1.0), ("0", 1.0), ("2", 1.0),
+                                          ("half", 1.0)])
+def test_the_gpu_share_a_process_holds_scales_its_memory_sized_batches(monkeypatch, value, share):
+    """A Ray actor holding a quarter of a GPU sets $MEDSAM_ENGINE_GPU_SHARE to 0.25: its batches are sized
+    to a quarter of what a process with the whole GPU takes; unusable values count as the whole GPU."""
+    from pipeline.model.devices import GPU_SHARE_VARIABLE, gpu_share
+
+    if value is None:
+        monkeypatch.delenv(GPU_SHARE_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(GPU_SHARE_VARIABLE, value)
+    assert gpu_share() == share
+    whole, part = fitting_batch(40 * 2**30, 100 * 2**20), fitting_batch(40 * 2**30, 100 * 2**20, share=0.5 * share)
+    assert part == (whole if share == 1.0 else int(40 * 2**30 * 0.125) // (100 * 2**20))
