@@ -1,8 +1,10 @@
-"""A small case's group encoded without zarr (the in-memory write path: each node's zarr.json and every chunk)
-is byte for byte what zarr itself writes: every key and every byte of a real CT with a partial last chunk, a
-colour image, a 2D image and a label map, with real attributes; and zarr reads it back."""
+"""A small case's group encoded without zarr (the in-memory write path) is what zarr itself writes: the same
+keys, every chunk byte for byte and every node's zarr.json the same JSON document (compact where zarr's is
+indented), for a real CT with a partial last chunk, a colour image, a 2D image, floats and a label map with
+real attributes; and zarr reads it back."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -42,7 +44,10 @@ def test_a_case_encoded_directly_equals_zarrs_own_objects(chest_volume, kind):
     if kind == "ct":
         assert sum(key.count("/c/") for key in mine) >= 2  # several chunks per array
     for key in zarrs:
-        assert mine[key] == zarrs[key], key
+        if key.endswith("zarr.json"):  # NaN kept as its name, so that documents with NaN compare equal
+            assert json.loads(mine[key], parse_constant=str) == json.loads(zarrs[key], parse_constant=str), key
+        else:
+            assert mine[key] == zarrs[key], key
     group = zarr.open_group(MemoryStore(store_dict={k: zarr.core.buffer.cpu.Buffer.from_bytes(v)
                                                     for k, v in mine.items()}), mode="r")
     assert np.array_equal(group["labels/medsam/0"][...], labels)
@@ -64,6 +69,7 @@ def test_label_values_given_by_the_caller_write_the_same_metadata_as_counted_one
     labels = np.zeros((3, 8, 8), np.uint16)
     labels[0, 1:3, 1:3], labels[2, 5, 5] = 4, 9
     attrs = {"geometry": {"spacing_zyx_mm": [1.0, 1.0, 1.0]}, "instances": [], "case_id": "x"}
-    written = [_objects(labels, None, direct, attrs, values)["labels/medsam/zarr.json"]
+    written = [json.loads(_objects(labels, None, direct, attrs, values)["labels/medsam/zarr.json"])
                for direct in (True, False) for values in (None, [4, 9])]
-    assert len(set(written)) == 1 and b'"label-value": 9' in written[0]
+    assert all(doc == written[0] for doc in written)
+    assert [c["label-value"] for c in written[0]["attributes"]["ome"]["image-label"]["colors"]] == [4, 9]
