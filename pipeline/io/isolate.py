@@ -145,6 +145,10 @@ class IsolatedWorker:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "pipeline.io.isolate", str(to_child_r), str(from_child_w)],
                 pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, env=env)
+        except BaseException:
+            os.close(to_child_w)  # no child: our ends of its pipes are closed too
+            os.close(from_child_r)
+            raise
         finally:
             os.close(to_child_r)
             os.close(from_child_w)
@@ -256,13 +260,17 @@ class WorkerPool:
     def warm(self, count: int, *, preload: Callable[[], None] | None = None) -> int:
         """Start workers until the pool holds ``count``, their children started now and running ``preload``
         (a module-level function: the imports their calls will need), so that the first ``count`` callers
-        at once don't each wait for an interpreter to start. Returns how many were added."""
+        at once don't each wait for an interpreter to start. Returns how many were added. Best effort: a child
+        that cannot be started now (no memory, a process limit) is tried again by its first call."""
         with self._lock:
             added = [IsolatedWorker(initializer=preload) for _ in range(count - len(self._all))]
             self._all.extend(added)
             self._idle.extend(added)
         for worker in added:
-            worker.start()
+            try:
+                worker.start()
+            except OSError as exc:
+                log.warning("a reader process could not be started ahead (%s); it starts with its first case", exc)
         return len(added)
 
     def call(self, function: Callable, *args: Any, timeout_s: float | None = None) -> Any:

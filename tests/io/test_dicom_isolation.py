@@ -186,3 +186,27 @@ def test_readers_preload_the_libraries_of_the_run_s_inputs(tmp_path):
     assert libraries_for([nifti, nifti]) == ("nibabel", "isal.isal_zlib")
     assert libraries_for([png, dicom]) == ("cv2", "pydicom")
     assert set(libraries_for(None)) == {"pydicom", "nibabel", "isal.isal_zlib"}
+
+
+def test_a_reader_that_cannot_be_started_ahead_starts_with_its_first_call(monkeypatch, caplog):
+    """warm() is best effort: when no process can be started (a process limit, no memory) the run goes on and
+    the worker's first call starts it."""
+    import subprocess
+
+    from pipeline.io.isolate import WorkerPool
+
+    real_popen = subprocess.Popen
+
+    def refused(*args, **kwargs):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    pool = WorkerPool()
+    try:
+        monkeypatch.setattr(subprocess, "Popen", refused)
+        open_fds = len(os.listdir("/proc/self/fd"))
+        assert pool.warm(1) == 1 and "could not be started ahead" in caplog.text
+        assert len(os.listdir("/proc/self/fd")) == open_fds  # the child's pipes were closed again
+        monkeypatch.setattr(subprocess, "Popen", real_popen)
+        assert pool.call(os.getpid) != os.getpid() and len(pool) == 1
+    finally:
+        pool.close()
