@@ -153,7 +153,7 @@ def plan_actors(nodes: Iterable[NodeResources], options: PoolOptions, *, case_wo
 def actors_per_gpu(nodes: list[NodeResources]) -> int:
     """Actors that share each GPU by default: one per :data:`CPUS_PER_GPU_ACTOR` CPUs the GPU nodes have per
     GPU, at most :data:`MAX_ACTORS_PER_GPU`. One process's case workers hold Python's interpreter lock for
-    part of every case (measured: ~43 ms of a 512² x 34 CT case, ~4 ms of a 96² 2D case; bench/gil_share.py),
+    part of every case (measured: ~31 ms of a 512² x 34 CT case, ~4 ms of a 96² 2D case; bench/gil_share.py),
     which caps what one process can hand its GPU whatever its CPUs; several processes per GPU lift that cap,
     each with its own model and its share of the device's memory."""
     per_gpu = min(n.cpus / n.gpus for n in nodes if n.gpus > 0)
