@@ -208,10 +208,12 @@ def _fast_values(data: bytes) -> tuple[str, dict[str, bytes]] | None:
     if syntax != EXPLICIT_LE and not syntax.startswith(ENCAPSULATED_PREFIXES):
         return None
     values: dict[str, bytes] = {}
+    previous = 0
     while at < len(data):
         tag, vr, start, length = _element(data, at)
-        if tag >> 16 == 0xFFFE:
-            return None  # an item or delimiter at the top level
+        if tag >> 16 == 0xFFFE or tag <= previous:
+            return None  # an item or delimiter at the top level, or elements out of order: pydicom reads all
+        previous = tag
         if tag > LAST_FAST_TAG:
             return meta_class, values
         if length == UNDEFINED:

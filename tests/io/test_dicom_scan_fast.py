@@ -93,3 +93,22 @@ def test_a_truncated_header_is_read_by_pydicom_and_fails_with_its_reason(tmp_pat
     assert _fast_header(str(path)) is None
     with pytest.raises(ValueError):
         read_header(str(path))
+
+
+def test_elements_out_of_order_are_left_to_pydicom(tmp_path):
+    """A nonconformant file whose Image Position comes after Rows/Columns: the fast path, which stops at
+    Columns, must not miss it; it declines and pydicom reads every element."""
+    import struct
+
+    data = bytearray(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    position = data.index(struct.pack("<HH", 0x0020, 0x0032))
+    length = struct.unpack("<H", data[position + 6:position + 8])[0]
+    element = bytes(data[position:position + 8 + length])
+    del data[position:position + 8 + length]
+    after = data.index(struct.pack("<HH", 0x0028, 0x0011))
+    after += 8 + struct.unpack("<H", data[after + 6:after + 8])[0]
+    data[after:after] = element  # now after Columns
+    path = tmp_path / "shuffled.dcm"
+    path.write_bytes(bytes(data))
+    assert _fast_header(str(path)) is None
+    assert read_header(str(path)).position is not None
