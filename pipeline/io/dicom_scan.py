@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -136,6 +137,7 @@ FAST_TAGS = {0x00080008: "ImageType", 0x00080016: "SOPClassUID", 0x00080018: "SO
              0x00200037: "ImageOrientationPatient", 0x00280008: "NumberOfFrames", 0x00280010: "Rows",
              0x00280011: "Columns"}
 LAST_FAST_TAG = 0x00280011
+FAST_MULTI_VALUED = {"ImageType", "ImagePositionPatient", "ImageOrientationPatient"}
 
 
 class _Decline(Exception):
@@ -238,23 +240,17 @@ def _fast_header(path: str) -> SliceHeader | str | None:
         if found is None:
             return None
         meta_class, raw = found
-        sop_class = _text(raw.get("SOPClassUID", b"")) or meta_class
-        if sop_class in NOT_ANNOTATED_CLASSES:
-            return NOT_ANNOTATED_CLASSES[sop_class]
-        sizes = [int.from_bytes(raw[k], "little") if len(raw.get(k, b"")) == 2 else 0 for k in ("Rows", "Columns")]
-        if min(sizes) <= 0:
+        texts = {key: _text(value) for key, value in raw.items() if key not in ("Rows", "Columns")}
+        sizes = {key: int.from_bytes(raw[key], "little") if len(raw.get(key, b"")) == 2 else 0
+                 for key in ("Rows", "Columns")}
+        if min(sizes.values()) <= 0 and (texts.get("SOPClassUID") or meta_class) not in NOT_ANNOTATED_CLASSES:
             return None  # pydicom's reasons for a file without an image size
-        texts = {k: _text(raw.get(k, b"")) for k in ("ImageType", "ImagePositionPatient", "ImageOrientationPatient")}
-        multi = {k: text.split("\\") if text else None for k, text in texts.items()}
-        frames = _text(raw["NumberOfFrames"]) if "NumberOfFrames" in raw else ""
-        return SliceHeader(
-            path=str(path), sop_class=sop_class, sop_instance=_text(raw.get("SOPInstanceUID", b"")) or str(path),
-            series_uid=_text(raw.get("SeriesInstanceUID", b"")), modality=_text(raw.get("Modality", b"")) or "OT",
-            image_type=tuple(v.strip().upper() for v in multi["ImageType"] or []),
-            rows=sizes[0], columns=sizes[1], frames=max(1, int(frames)) if frames else 1,
-            orientation=_floats(multi["ImageOrientationPatient"], 6),
-            position=_floats(multi["ImagePositionPatient"], 3),  # type: ignore[arg-type]
-        )
+        frames = texts.pop("NumberOfFrames", "")
+        fields = {**{key: text.split("\\") if key in FAST_MULTI_VALUED and text else text
+                     for key, text in texts.items()},
+                  **sizes, "NumberOfFrames": int(frames) if frames else None,
+                  "file_meta": SimpleNamespace(MediaStorageSOPClassUID=meta_class)}
+        return _header_of(fields, path)  # the values as pydicom gives them: the same header by construction
     except (_Decline, OSError, ValueError):
         return None
 
