@@ -37,9 +37,11 @@ def test_a_cuda_runner_sizes_its_batch_from_free_memory_and_that_batch_runs():
 
 @pytest.mark.parametrize("value, share", [(None, 1.0), ("0.25", 0.25), ("1", 1.0), ("0", 1.0), ("2", 1.0),
                                           ("half", 1.0)])
-def test_the_gpu_share_a_process_holds_scales_its_memory_sized_batches(monkeypatch, value, share):
-    """A Ray actor holding a quarter of a GPU sets $MEDSAM_ENGINE_GPU_SHARE to 0.25: its batches are sized
-    to a quarter of what a process with the whole GPU takes; unusable values count as the whole GPU."""
+def test_the_gpu_share_a_process_holds_scales_its_memory_sized_batches(runner, monkeypatch, value, share):
+    """A Ray actor holding a quarter of a GPU sets $MEDSAM_ENGINE_GPU_SHARE to 0.25: the runner's own
+    memory_batch sizes its batches to a quarter of what a process with the whole GPU takes; unusable values
+    count as the whole GPU. (The runner is pointed at "cuda" with the device's free memory and a slice's
+    cost given, so that its sizing runs on this CPU.)"""
     from pipeline.model.devices import GPU_SHARE_VARIABLE, gpu_share
 
     if value is None:
@@ -47,5 +49,11 @@ def test_the_gpu_share_a_process_holds_scales_its_memory_sized_batches(monkeypat
     else:
         monkeypatch.setenv(GPU_SHARE_VARIABLE, value)
     assert gpu_share() == share
-    whole, part = fitting_batch(40 * 2**30, 100 * 2**20), fitting_batch(40 * 2**30, 100 * 2**20, share=0.5 * share)
-    assert part == (whole if share == 1.0 else int(40 * 2**30 * 0.125) // (100 * 2**20))
+    monkeypatch.setattr(runner, "device", "cuda")
+    monkeypatch.setattr(runner, "graphs", None)
+    monkeypatch.setattr(runner, "_memory_batch", None)
+    monkeypatch.setattr(runner, "_slice_bytes", lambda: 100 * 2**20)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 2**30, 80 * 2**30))
+    assert runner.memory_batch(cap=1024) == int(40 * 2**30 * 0.5 * share) // (100 * 2**20)  # 204 whole, 51 a quarter
+    monkeypatch.setattr(runner, "_memory_batch", None)
+    assert runner.memory_batch(share=0.5, cap=1024) == 204  # an explicit share is taken as it is
