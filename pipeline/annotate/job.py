@@ -75,7 +75,7 @@ def annotate(cases: list[CaseRef], store: CaseStore, config: EngineConfig, *, ov
     show = sys.stderr.isatty() if show_progress is None else show_progress
     workers = max(1, min(workers or case_workers(config), len(cases) or 1))
     if cases:
-        warm_readers(workers, cases)  # a reader process per case worker, started while the first cases are hashed
+        warm_readers(workers, cases, when_needed=True)  # a reader per case worker, all at the run's first read
     model_lock = threading.Lock() if workers > 1 else None
     outcomes: dict[int, CaseOutcome] = {}
     try:

@@ -242,9 +242,14 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._idle: list[IsolatedWorker] = []
         self._all: list[IsolatedWorker] = []
+        self._planned: tuple[int, Callable[[], None] | None] | None = None  # a warm() left for the first call
 
     @contextlib.contextmanager
     def borrow(self) -> Iterator[IsolatedWorker]:
+        with self._lock:
+            planned, self._planned = self._planned, None
+        if planned is not None:
+            self.warm(planned[0], preload=planned[1])
         with self._lock:
             if self._idle:
                 worker = self._idle.pop()
@@ -257,11 +262,17 @@ class WorkerPool:
             with self._lock:
                 self._idle.append(worker)
 
-    def warm(self, count: int, *, preload: Callable[[], None] | None = None) -> int:
+    def warm(self, count: int, *, preload: Callable[[], None] | None = None, when_needed: bool = False) -> int:
         """Start workers until the pool holds ``count``, their children started now and running ``preload``
         (a module-level function: the imports their calls will need), so that the first ``count`` callers
-        at once don't each wait for an interpreter to start. Returns how many were added. Best effort: a child
-        that cannot be started now (no memory, a process limit) is tried again by its first call."""
+        at once don't each wait for an interpreter to start. Returns how many were added. ``when_needed``:
+        not now but at the pool's first call (a run whose cases are all committed already starts none).
+        Best effort: a child that cannot be started now (no memory, a process limit) is tried again by its
+        first call."""
+        if when_needed:
+            with self._lock:
+                self._planned = (count, preload)
+            return 0
         with self._lock:
             added = [IsolatedWorker(initializer=preload) for _ in range(count - len(self._all))]
             self._all.extend(added)

@@ -261,11 +261,13 @@ def preload(names: tuple[str, ...]) -> None:
             pass
 
 
-def warm_readers(count: int, cases: Iterable[CaseRef] | None = None) -> int:
-    """Start reader processes now until this process's pool holds ``count`` (one per case worker), each
+def warm_readers(count: int, cases: Iterable[CaseRef] | None = None, *, when_needed: bool = False) -> int:
+    """Start reader processes until this process's pool holds ``count`` (one per case worker), each
     importing the libraries that reading ``cases`` needs (:func:`libraries_for`) while the caller goes on: the
-    first cases of a run don't each wait for an interpreter and its imports. Returns how many were started."""
-    return default_pool().warm(count, preload=functools.partial(preload, libraries_for(cases)))
+    first cases of a run don't each wait for an interpreter and its imports. Now, or with ``when_needed`` at
+    the first read. Returns how many were started now."""
+    return default_pool().warm(count, preload=functools.partial(preload, libraries_for(cases)),
+                               when_needed=when_needed)
 
 
 def _read_isolated(case: CaseRef, worker: IsolatedWorker | WorkerPool | None, timeout_s: float | None

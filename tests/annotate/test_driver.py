@@ -129,3 +129,30 @@ def test_a_run_works_with_one_opencv_thread_and_a_frozen_heap_and_restores_both(
         assert cv2.getNumThreads() == 2 and gc.get_freeze_count() == 0
     finally:
         cv2.setNumThreads(before)
+
+
+def test_a_run_starts_its_readers_at_its_first_read_and_a_rerun_of_committed_cases_starts_none(
+        two_tiles, runner, tmp_path, monkeypatch):
+    """The readers (one per case worker) start together when the first case is read; a rerun whose cases are
+    all committed with the same signature reads nothing and starts no reader process."""
+    from pipeline.io import readers
+    from pipeline.io.isolate import WorkerPool
+
+    pools = []
+
+    def fresh_pool():
+        return pools[-1]
+
+    monkeypatch.setattr(readers, "default_pool", fresh_pool)
+    store = CaseStore(tmp_path / "store")
+    lazy = shared_runner(EngineConfig(), runner)
+    cases = discover([two_tiles[0]], store.case_ids(), coarse_masks=[two_tiles[1]])
+    try:
+        for expected, readers_started in (("done", 2), ("skipped", 0)):
+            pools.append(WorkerPool())
+            summary = annotate(cases, store, lazy.config, runner=lazy, show_progress=False)
+            assert [o.status for o in summary.outcomes] == [expected] * 2
+            assert len(pools[-1]) == readers_started
+    finally:
+        for pool in pools:
+            pool.close()

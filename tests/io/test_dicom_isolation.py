@@ -210,3 +210,21 @@ def test_a_reader_that_cannot_be_started_ahead_starts_with_its_first_call(monkey
         assert pool.call(os.getpid) != os.getpid() and len(pool) == 1
     finally:
         pool.close()
+
+
+def test_a_pool_warmed_when_needed_starts_its_readers_at_its_first_call_only(tmp_path):
+    """A run whose cases are all committed reads nothing and starts no reader; the first read starts all of
+    them, each with its preload."""
+    from pipeline.io.isolate import WorkerPool
+    from pipeline.io.readers import libraries_for, preload
+
+    pool = WorkerPool()
+    try:
+        assert pool.warm(2, preload=functools.partial(preload, libraries_for(None)), when_needed=True) == 0
+        assert len(pool) == 0  # nothing started yet
+        assert pool.call(os.getpid) != os.getpid() and len(pool) == 2
+        with pool.borrow() as first, pool.borrow() as second:
+            assert all(w.call(_imported, "nibabel") for w in (first, second))
+        assert pool.call(os.getpid) and len(pool) == 2  # planned once
+    finally:
+        pool.close()
