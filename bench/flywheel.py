@@ -170,11 +170,10 @@ def summary(result: dict) -> str:
     metrics = result["finetune"]["metrics"]
     lines.append(f"fine-tune: held-out Dice {metrics['holdout_dice_before']} -> "
                  f"{metrics['holdout_dice_after']} "
-                 f"({metrics['epochs_run']} epochs, {result['finetune']['seconds']} s, "
+                 f"({metrics['epochs_chosen']} epochs chosen, {result['finetune']['seconds']} s, "
                  f"data {json.dumps(result['finetune']['data'])})")
-    before, after = metrics["holdout_dice_before"], metrics["holdout_dice_after"]
     lines.append(f"trained: {result['finetune']['trained']}; the default rule would "
-                 f"{'promote' if after is not None and (before is None or after > before + 1e-4) else 'hold'} it")
+                 f"{'promote' if metrics['epochs_chosen'] else 'hold'} it ({metrics['choice']})")
     lines.append(f"seconds: {json.dumps(result['seconds'])}")
     lines.append(f"calibration fitted for round 2: {json.dumps(result['calibration_round2'])}")
     lines.append(result["table"])

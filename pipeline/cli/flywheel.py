@@ -64,8 +64,16 @@ def add_parsers(sub) -> None:
     tune.add_argument("--out", required=True, metavar="CKPT", help="checkpoint file to write")
     tune.add_argument("--parent", default=None, metavar="CKPT", help="start from this checkpoint (default: "
                       "the store's current registered model, else the official weights)")
-    tune.add_argument("--epochs", type=int, default=8, help="epochs at most (the best held-out epoch is kept)")
-    tune.add_argument("--holdout", type=float, default=0.25, help="fraction of cases (or z) held out")
+    tune.add_argument("--epochs", type=int, default=8,
+                      help="epochs at most: cross-validation chooses how many (0 to 8), then the model is "
+                           "trained that long on all the reviewed data")
+    tune.add_argument("--folds", type=int, default=2, metavar="N",
+                      help="cross-validation folds: whole cases when there are 4 or more and every kind is in "
+                           "two of them, else blocks of slices (or objects) within each case (default 2)")
+    tune.add_argument("--tolerance", type=float, default=0.01,
+                      help="held-out Dice any kind (modality + label) with 5 or more boxes may lose against the "
+                           "parent for the model to be chosen and promoted (default 0.01)")
+    tune.add_argument("--holdout", type=float, default=None, help=argparse.SUPPRESS)  # before --folds
     tune.add_argument("--lr", type=float, default=5e-5, help="learning rate (AdamW)")
     tune.add_argument("--max-slices", type=int, default=48, help="embedded slices per case")
     tune.add_argument("--boxes-per-epoch", type=int, default=64, help="random boxes drawn per epoch")
@@ -186,7 +194,11 @@ def finetune(args) -> int:
         print(f"medsam-engine finetune: {exc}", file=sys.stderr)
         return EXIT_USAGE
     whole = device == "cuda" if args.whole_model == "auto" else args.whole_model == "yes"
-    options = FinetuneOptions(epochs=args.epochs, holdout=args.holdout, lr=args.lr,
+    if args.folds < 2 or args.epochs < 0 or not 0 <= args.tolerance < 1:
+        print("medsam-engine finetune: --folds must be at least 2, --epochs at least 0 and --tolerance in "
+              "[0, 1)", file=sys.stderr)
+        return EXIT_USAGE
+    options = FinetuneOptions(epochs=args.epochs, folds=args.folds, tolerance=args.tolerance, lr=args.lr,
                               max_slices=args.max_slices, boxes_per_epoch=args.boxes_per_epoch, device=device,
                               train_encoder=whole, promote=args.promote,
                               encoder_stages=0 if whole else args.encoder_stages, augment=args.augment,
@@ -198,14 +210,26 @@ def finetune(args) -> int:
     except (ValueError, CheckpointError) as exc:
         print(f"medsam-engine finetune: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.detector_out:
+    if args.detector_out and entry.get("sha256"):
         from pipeline.flywheel.finetune import retrain_detector
 
         entry = retrain_detector(store, entry, args.detector_out)
-    print(json.dumps({k: entry[k] for k in ("sha256", "parent_sha256", "checkpoint", "data", "metrics",
-                                            "promotion", "seconds", "registry") if k in entry}
-                     | ({"detector": entry["detector"]} if "detector" in entry else {}), indent=1))
+    shown = {k: entry[k] for k in ("sha256", "parent_sha256", "checkpoint", "trained", "data", "metrics",
+                                   "promotion", "seconds", "registry") if k in entry}
+    shown["metrics"] = {k: v for k, v in entry["metrics"].items() if k not in ("folds", "final_fit")}
+    print(json.dumps(shown | ({"detector": entry["detector"]} if "detector" in entry else {}), indent=1))
+    print(finetune_summary(entry), file=sys.stderr)
     return EXIT_OK
+
+
+def finetune_summary(entry: dict) -> str:
+    """One line: what was learned from what, and whether it was written and promoted."""
+    learned = entry["data"].get("learned_from")
+    if entry.get("sha256") is None:
+        return f"medsam-engine finetune: {entry['promotion']['why']}"
+    return (f"medsam-engine finetune: learned from {learned['boxes']} boxes on {learned['slices']} slices of "
+            f"{len(learned['cases'])} case(s) ({len(entry['data']['kinds'])} kind(s)); wrote "
+            f"{entry['checkpoint']} ({entry['sha256'][:12]}); {entry['promotion']['why']}")
 
 
 def model_lines(store) -> list[str]:
@@ -214,6 +238,10 @@ def model_lines(store) -> list[str]:
     current = (current_model(store) or {}).get("sha256")
     lines = []
     for entry in registered_models(store):
+        if entry.get("sha256") is None and "sha256" in entry:  # a fine-tuning run that trained nothing
+            lines.append(f"{'(none)':12s}  {'untrained':8s}  {entry.get('created_at', '')[:19]}  "
+                         f"{(entry.get('promotion') or {}).get('why', '')}")
+            continue
         mark = "current" if entry.get("sha256") == current else "promoted" if is_promoted(entry) else "held"
         why = (entry.get("promotion") or {}).get("why", "registered before promotion rules")
         lines.append(f"{str(entry.get('sha256'))[:12]}  {mark:8s}  {entry.get('created_at', '')[:19]}  {why}")

@@ -9,18 +9,24 @@ of labels the reviewer changed more more often.
 Data: a store's accepted cases (``review_status == "accepted"``), or image/label-map pairs on the same grid.
 Each slice is rendered exactly as the annotate run renders it (the case's own configuration: CT window per
 label, percentile clip) and embedded once per window; every object (3D connected component per label value)
-gives one box per slice (the run's box margin) and its mask there. Training jitters each box edge by up to
+gives one box per slice (the run's box margin) and its mask there, and has a kind (modality + label). Training
+draws boxes with cases and kinds balanced (pipeline/flywheel/selection.py), jitters each box edge by up to
 ``box_jitter`` of its size, and the loss is BCE + soft Dice on the 256 x 256 low-resolution logits against the
 mask resized into the model frame, plus the squared error of the predicted IoU (so the quality score keeps
-its meaning). Hold-out: whole cases when there are two or more, else the top ``holdout`` fraction of slices
-(a z block), else, on a single 2D image, the objects in its right-most ``holdout`` fraction (an x block).
-Early stopping on the held-out Dice (per box, at the slice's resolution, as the runner thresholds it).
+its meaning).
+
+Every correction is learned from. Cross-validation (``folds``: whole cases when there are enough, else
+blocks within each case, so every kind is trained on in every fold) scores each fold's held-out boxes after
+every epoch; the epoch count with the best held-out Dice over kinds, among those where no kind loses more than
+``tolerance``, is chosen, and the model is then trained that long on *all* the reviewed data. When the choice
+is zero epochs, nothing is written: the entry says why and the parent stays.
 
 The result is a full LiteMedSAM state dict (strict-loadable by ``pipeline.model.runner.load_lite_medsam``) and
-a registry entry (sha256, parent sha256, data, held-out Dice before and after, promotion) written next to it as
-``CKPT.json`` and, for a store, as ``STORE/_models/<sha16>.json``. The parent is the store's current model, so
-"before" is the current model on the held-out reviewed cases: the new one becomes current only if it beats it
-(``promote="if-better"``; ``always``/``never`` as asked), see pipeline/flywheel/registry.py.
+a registry entry (sha256, parent sha256, what was learned from, the kinds, held-out Dice per kind before and
+after, promotion) written next to it as ``CKPT.json`` and, for a store, as ``STORE/_models/<sha16>.json``. The
+parent is the store's current model, so "before" is the current model on the same held-out boxes: the new one
+becomes current when the cross-validation chose to train (``promote="if-better"``; ``always``/``never`` as
+asked), see pipeline/flywheel/registry.py.
 """
 from __future__ import annotations
 
@@ -44,16 +50,17 @@ from pipeline.flywheel.finetune_data import (
     SliceSample,
     augmented,
     pair_samples,
-    split_samples,
     store_samples,
 )
 from pipeline.flywheel.registry import current_model, register, registered_models, set_current
+from pipeline.flywheel.selection import Choice, Curve, Folds, balance_weights, choose_epochs, make_folds
 from pipeline.model.build import build_runner
 from pipeline.model.checkpoint import LITE_MEDSAM_SHA256, load_lite_medsam
 from pipeline.model.framing import Framing
 from pipeline.model.runner import LiteMedSAMRunner, foreground
 from pipeline.store.case_store import CaseStore
 from pipeline.store.queries import select_cases
+from pipeline.store.records import current_round
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +107,9 @@ def _loss(low: torch.Tensor, iou: torch.Tensor, targets: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
-def evaluate(net, samples: list[SliceSample], options: FinetuneOptions, framing: Framing) -> float | None:
-    """Mean Dice per box on ``samples`` at the slices' resolution (thresholded as the runner does), or None
-    without boxes."""
-    scores = []
+def evaluate_boxes(net, samples: list[SliceSample], options: FinetuneOptions, framing: Framing) -> np.ndarray:
+    """Dice per box of ``samples`` (in order), at the slices' resolution, thresholded as the runner does."""
+    scores: list[float] = []
     for sample in samples:
         height, width = sample.original_hw
         new_h, new_w = framing.logits_hw(height, width)
@@ -115,14 +121,15 @@ def evaluate(net, samples: list[SliceSample], options: FinetuneOptions, framing:
             full = foreground(F.interpolate(low[..., :new_h, :new_w], size=(height, width), mode="bilinear",
                                             align_corners=False)[:, 0].cpu().numpy())
             scores.extend(dice(predicted, truth) for predicted, truth in zip(full, sample.masks[index]))
-    return float(np.mean(scores)) if scores else None
+    return np.asarray(scores, dtype=np.float64)
 
 
 def _epoch_steps(samples: list[SliceSample], options: FinetuneOptions, rng: np.random.Generator):
-    """(sample, box indices) steps of one epoch: ``boxes_per_epoch`` random boxes (drawn by the samples' box
-    weights: labels the reviewer changed more come up more often), grouped by slice."""
+    """(sample, box indices) steps of one epoch: ``boxes_per_epoch`` random boxes drawn by
+    :func:`balance_weights` (cases and kinds balanced, labels the reviewer changed more drawn more often),
+    grouped by slice."""
     units = [(i, k) for i, s in enumerate(samples) for k in range(len(s.boxes))]
-    weights = np.array([1.0 if samples[i].weights is None else samples[i].weights[k] for i, k in units])
+    weights = np.concatenate(balance_weights(samples)) if units else np.zeros(0)
     count = min(options.boxes_per_epoch, len(units))
     picked = rng.choice(len(units), size=count, replace=False, p=weights / weights.sum()) if units else []
     chosen = [units[j] for j in picked]
@@ -145,48 +152,93 @@ def trained_prefixes(net, options: FinetuneOptions) -> tuple[str, ...]:
     return prefixes
 
 
-def train(net, train_set: list[SliceSample], held: list[SliceSample], options: FinetuneOptions,
-          framing: Framing) -> dict:
-    """Fine-tune ``net`` in place (best held-out epoch kept); returns Dice before/after and the history."""
-    torch.manual_seed(options.seed)
-    rng = np.random.default_rng(options.seed)
+def _optimiser(net, options: FinetuneOptions) -> torch.optim.Optimizer:
+    """AdamW over the parameters fine-tuning trains (the others frozen)."""
     net.eval()  # no dropout; batch-norm statistics of the encoder stay frozen
     trained = trained_prefixes(net, options)
     for name, parameter in net.named_parameters():
         parameter.requires_grad_(options.train_encoder or name.startswith(trained))
     trainable = [p for p in net.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
-    watch = held or train_set
-    before = evaluate(net, watch, options, framing)
-    best, best_state, waited, history = before or 0.0, copy.deepcopy(net.state_dict()), 0, []
-    for epoch in range(options.epochs):
-        losses = []
-        for sample, index in _epoch_steps(train_set, options, rng):
-            height, width = sample.original_hw
-            boxes_model = jitter_boxes(framing.boxes(sample.boxes, height, width), options.box_jitter, rng,
-                                       framing.resized_hw(height, width), pixels=False)
-            low, iou = _decode(net, _embed(net, sample, options), index, boxes_model, options.device)
-            loss = _loss(low, iou, torch.from_numpy(sample.targets[index]).to(options.device))
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            losses.append(loss.item())
-        score = evaluate(net, watch, options, framing) or 0.0
-        mean_loss = float(np.mean(losses)) if losses else None
-        history.append({"epoch": epoch + 1, "train_loss": _r(mean_loss), "holdout_dice": round(score, 5)})
-        log.info("fine-tune epoch %d: loss %s, held-out Dice %.4f", epoch + 1, _r(mean_loss), score)
-        if score > best + 1e-4:
-            best, best_state, waited = score, copy.deepcopy(net.state_dict()), 0
-        else:
-            waited += 1
-            if waited >= options.patience:
-                break
-    net.load_state_dict(best_state)
+    return torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
+
+
+def _epoch(net, optimiser, train_set: list[SliceSample], options: FinetuneOptions, framing: Framing,
+           rng: np.random.Generator) -> float | None:
+    """One epoch of ``boxes_per_epoch`` jittered boxes drawn by :func:`balance_weights`; its mean loss."""
+    losses = []
+    for sample, index in _epoch_steps(train_set, options, rng):
+        height, width = sample.original_hw
+        boxes_model = jitter_boxes(framing.boxes(sample.boxes, height, width), options.box_jitter, rng,
+                                   framing.resized_hw(height, width), pixels=False)
+        low, iou = _decode(net, _embed(net, sample, options), index, boxes_model, options.device)
+        loss = _loss(low, iou, torch.from_numpy(sample.targets[index]).to(options.device))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    return float(np.mean(losses)) if losses else None
+
+
+def fit(net, train_set: list[SliceSample], options: FinetuneOptions, framing: Framing, *, epochs: int,
+        held: list[SliceSample] | None = None) -> tuple[np.ndarray, list[dict]]:
+    """Train ``net`` in place for ``epochs`` epochs on ``train_set``. With ``held``: the held-out Dice per box
+    before training and after each epoch ((rows, boxes), rows <= epochs + 1: the fold stops once ``patience``
+    epochs in a row did not beat its best) and the history; without: an empty array and the history."""
+    torch.manual_seed(options.seed)
+    rng = np.random.default_rng(options.seed)
+    optimiser = _optimiser(net, options)
+    rows = [evaluate_boxes(net, held, options, framing)] if held else []
+    history: list[dict] = []
+    best, waited = (rows[0].mean() if rows else 0.0), 0
+    for epoch in range(epochs):
+        loss = _epoch(net, optimiser, train_set, options, framing, rng)
+        entry = {"epoch": epoch + 1, "train_loss": _r(loss)}
+        if held:
+            rows.append(evaluate_boxes(net, held, options, framing))
+            entry["holdout_dice"] = _r(float(rows[-1].mean()))
+            best, waited = (rows[-1].mean(), 0) if rows[-1].mean() > best + 1e-4 else (best, waited + 1)
+        history.append(entry)
+        log.info("fine-tune epoch %d: %s", epoch + 1, entry)
+        if held and waited >= options.patience:
+            break
     for parameter in net.parameters():
         parameter.requires_grad_(False)
-    return {"holdout_dice_before": _r(before), "holdout_dice_after": _r(best),
-            "measured_on": "holdout" if held else "train (no hold-out possible)",
-            "epochs_run": len(history), "history": history}
+    return (np.vstack(rows) if rows else np.zeros((0, 0))), history
+
+
+def _kinds_of(samples: list[SliceSample]) -> np.ndarray:
+    return np.concatenate([s.kinds if s.kinds is not None else np.full(len(s.boxes), "objects")
+                           for s in samples]) if samples else np.zeros(0, dtype=str)
+
+
+def cross_validate(net, folds: Folds, extra: dict[int, list[SliceSample]], options: FinetuneOptions,
+                   framing: Framing) -> tuple[Curve, list[dict]]:
+    """Train a copy of ``net`` per fold (its training part, plus the ``extra`` augmented copies of whole
+    training slices, keyed by ``id`` of the original) and score its held-out part after every epoch."""
+    per_fold, histories = [], []
+    for n, (train_part, held_part) in enumerate(folds.parts):
+        copies = [c for s in train_part for c in extra.get(id(s), [])]
+        if len(held_part) > options.eval_slices:  # scored on evenly spaced held-out slices: time
+            picked = np.linspace(0, len(held_part) - 1, options.eval_slices).round().astype(int)
+            held_part = [held_part[i] for i in picked]
+        fold_net = copy.deepcopy(net)
+        scores, history = fit(fold_net, train_part + copies, options, framing, epochs=options.epochs,
+                              held=held_part)
+        per_fold.append((scores, _kinds_of(held_part)))
+        histories.append({"fold": n + 1, "train_boxes": _boxes(train_part + copies),
+                          "holdout_boxes": _boxes(held_part),
+                          "history": history})
+        del fold_net
+    return Curve.pooled(per_fold), histories
+
+
+def _kind_counts(samples: list[SliceSample]) -> dict[str, int]:
+    kinds, counts = np.unique(_kinds_of(samples), return_counts=True)
+    return {str(k): int(n) for k, n in zip(kinds, counts)}
+
+
+def _boxes(samples: list[SliceSample]) -> int:
+    return int(sum(len(s.boxes) for s in samples))
 
 
 def _r(value: float | None) -> float | None:
@@ -226,52 +278,73 @@ def finetune(out: str | Path, *, store: CaseStore | None = None, images: list | 
         samples, case_ids = store_samples(store, runner, options)
     else:
         samples, case_ids = pair_samples(list(images or []), list(label_maps or []), runner, options)
-    train_set, held, how = split_samples(samples, options.holdout)
-    if not train_set:
-        raise ValueError("no training objects left after the hold-out split; give more data or a smaller "
-                         "holdout")
-    if options.augment:  # flipped, turned and brightened copies of the training slices only
-        train_set = train_set + augmented(train_set, runner, options)
-    net = copy.deepcopy(runner.model.net).to(options.device)  # a private copy: the runner's model stays as is
-    metrics = train(net, train_set, held, options, runner.model.framing)
-    sha = save_checkpoint(net, out)
-    count = lambda part: {"cases": sorted({s.case_id for s in part}), "slices": len(part),  # noqa: E731
-                          "boxes": int(sum(len(s.boxes) for s in part))}
-    entry = {"sha256": sha, "parent_sha256": parent_sha,
-             "parent_is_official": parent_sha == LITE_MEDSAM_SHA256,
-             "checkpoint": str(Path(out).resolve()), "name": f"lite-medsam-{sha[:12]}",
-             "trained": "whole model" if options.train_encoder else (
-                 f"last {options.encoder_stages} image encoder stage(s) + neck + prompt encoder + mask decoder"
-                 if options.encoder_stages else "prompt encoder + mask decoder"),
+    if not samples:
+        raise ValueError("the reviewed data hold no object to learn from (every label map is empty)")
+    folds = make_folds(samples, options.folds, min_kind_boxes=options.min_kind_boxes)
+    if not folds.parts:
+        raise ValueError("too few objects to hold any out (one object in all): give more reviewed data")
+    extra = augmented(samples, runner, options) if options.augment else {}
+    framing = runner.model.framing
+    base = copy.deepcopy(runner.model.net).to(options.device)  # private copies: the runner's model stays as is
+    curve, fold_runs = cross_validate(base, folds, extra, options, framing)
+    choice = choose_epochs(curve, tolerance=options.tolerance, min_kind_boxes=options.min_kind_boxes)
+    log.info("fine-tune: %s", choice.why)
+    entry = {"parent_sha256": parent_sha, "parent_is_official": parent_sha == LITE_MEDSAM_SHA256,
+             "trained": _trained(options) if choice.epochs else "nothing (the parent is kept)",
              "data": {"source": "store" if store is not None else "image/label pairs", "cases": case_ids,
-                      "split": how, "train": count(train_set), "holdout": count(held)},
-             "options": asdict(options), "metrics": metrics, "seconds": round(time.perf_counter() - start, 1),
-             "created_at": utc_stamp(precise=True)}
-    entry["promotion"] = promotion(metrics, options.promote, parent_sha)
-    entry["registry"] = register(entry, Path(out), store)
+                      "learned_from": _count(samples) if choice.epochs else None,
+                      "augmented_slices": sum(len(c) for c in extra.values()),
+                      "kinds": _kind_counts(samples), "folds": folds.how, "fold_count": len(folds.parts)},
+             "options": asdict(options),
+             "metrics": {"holdout_dice_before": choice.before, "holdout_dice_after": choice.after,
+                         "measured_on": f"cross-validation over {folds.how}", "per_kind": choice.per_kind,
+                         "epochs_chosen": choice.epochs, "choice": choice.why, "folds": fold_runs},
+             "round": current_round(store) if store is not None else None}
+    if choice.epochs:
+        _, final = fit(base, samples + [c for copies in extra.values() for c in copies], options, framing,
+                       epochs=choice.epochs)
+        entry["metrics"]["final_fit"] = final
+        sha = save_checkpoint(base, out)
+        entry.update(sha256=sha, checkpoint=str(Path(out).resolve()), name=f"lite-medsam-{sha[:12]}")
+    else:
+        entry.update(sha256=None, checkpoint=None, name=None)
+    entry.update(seconds=round(time.perf_counter() - start, 1), created_at=utc_stamp(precise=True))
+    entry["promotion"] = promotion(entry["metrics"], options.promote, parent_sha, choice)
+    entry["registry"] = register(entry, Path(out) if choice.epochs else None, store)
     if store is not None and entry["promotion"]["promoted"]:
-        set_current(store, sha, why=entry["promotion"]["why"])
+        set_current(store, entry["sha256"], why=entry["promotion"]["why"])
     return entry
 
 
-def promotion(metrics: dict, rule: str, parent_sha: str) -> dict:
-    """Champion and challenger: the new model is promoted (becomes the store's current model) when its
-    held-out Dice beats its parent's (by default the current model) on the same held-out reviewed cases, or
-    as asked."""
-    before, after = metrics["holdout_dice_before"], metrics["holdout_dice_after"]
-    where = "the held-out reviewed cases" if metrics["measured_on"] == "holdout" else "its training cases"
-    shown = lambda value: "n/a" if value is None else f"{value:.4f}"  # noqa: E731
-    score = f"Dice {shown(after)} vs {shown(before)} of its parent {parent_sha[:12]} on {where}"
+def _trained(options: FinetuneOptions) -> str:
+    if options.train_encoder:
+        return "whole model"
+    if options.encoder_stages:
+        return f"last {options.encoder_stages} image encoder stage(s) + neck + prompt encoder + mask decoder"
+    return "prompt encoder + mask decoder"
+
+
+def _count(samples: list[SliceSample]) -> dict:
+    return {"cases": sorted({s.case_id for s in samples}), "slices": len(samples), "boxes": _boxes(samples)}
+
+
+def promotion(metrics: dict, rule: str, parent_sha: str, choice: Choice) -> dict:
+    """Champion and challenger: the new model is promoted (becomes the store's current model) when the
+    cross-validation chose to train (its held-out Dice beats the parent's, by default the current model, with
+    no kind worse by more than the tolerance), or as asked; a run that trained nothing promotes nothing."""
     if rule not in ("if-better", "always", "never"):
         raise ValueError(f"Argument 'promote' must be if-better, always or never; got {rule!r}")
+    score = (f"held-out Dice {metrics['holdout_dice_after']:.4f} vs {metrics['holdout_dice_before']:.4f} of "
+             f"its parent {parent_sha[:12]} ({metrics['measured_on']})")
+    if not choice.epochs:
+        return {"promoted": False, "rule": rule, "against": parent_sha,
+                "why": f"nothing to promote: {choice.why}; no checkpoint written"}
     if rule != "if-better":
         promoted = rule == "always"
         return {"promoted": promoted, "rule": rule, "against": parent_sha,
                 "why": f"{'promoted' if promoted else 'not promoted'} as asked ({score})"}
-    promoted = after is not None and (before is None or after > before + 1e-4)
-    why = f"promoted: it beats its parent ({score})" if promoted else \
-        f"registered, not promoted: it does not beat its parent ({score})"
-    return {"promoted": promoted, "rule": rule, "against": parent_sha, "why": why}
+    return {"promoted": True, "rule": rule, "against": parent_sha,
+            "why": f"promoted: it beats its parent {parent_sha[:12]}: {choice.why}"}
 
 
 def retrain_detector(store: CaseStore, entry: dict, out: str | Path, *, epochs: int = 200,

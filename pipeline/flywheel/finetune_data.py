@@ -1,5 +1,5 @@
-"""Fine-tuning data: options, per-slice samples from accepted cases or image/label-map pairs, and the hold-out
-split (see pipeline/flywheel/finetune.py for the method)."""
+"""Fine-tuning data: options, and per-slice samples (with each object's kind) from accepted cases or
+image/label-map pairs (see pipeline/flywheel/finetune.py for the method, selection.py for folds and kinds)."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +16,8 @@ from pipeline.annotate.config import EngineConfig
 from pipeline.annotate.rendering import renderings
 from pipeline.core.geometry import align_to
 from pipeline.core.types import BoxPrompt, CaseAttributes, Volume
-from pipeline.flywheel.detector_training import read_case_volume, split_by_case_or_z
+from pipeline.flywheel.detector_training import read_case_volume, stored_label_names
+from pipeline.flywheel.selection import is_instance_map, kind_of
 from pipeline.io.readers import read_volume
 from pipeline.model.framing import Framing
 from pipeline.store.case_store import CaseStore
@@ -30,8 +31,11 @@ class FinetuneOptions:
     epochs: int = 8
     lr: float = 5e-5
     weight_decay: float = 0.01
-    patience: int = 2
-    holdout: float = 0.25
+    patience: int = 3  # a fold stops once this many epochs in a row did not beat its best held-out Dice
+    folds: int = 2  # cross-validation folds that choose the epochs and judge the model (selection.py)
+    tolerance: float = 0.01  # held-out Dice a kind may lose against the parent
+    min_kind_boxes: int = 5  # held-out boxes a kind needs to be judged on its own
+    eval_slices: int = 16  # held-out slices a fold is scored on after each epoch (evenly spaced)
     max_slices: int = 48  # embedded (slice, window) pairs per case, evenly spaced
     boxes_per_epoch: int = 64
     boxes_per_step: int = 8
@@ -59,15 +63,17 @@ class SliceSample:
     features: torch.Tensor | None = None  # (1, tokens, C) float16: what enters the first trained encoder stage
     source: np.ndarray | None = None  # the rendered slice (kept only to make augmented copies of it)
     weights: np.ndarray | None = None  # (K,) how often each box is drawn for training, relative (None: evenly)
+    kinds: np.ndarray | None = None  # (K,) str: each object's kind (selection.kind_of)
 
     @property
     def original_hw(self) -> tuple[int, int]:
         return self.masks.shape[1], self.masks.shape[2]
 
     def subset(self, keep: np.ndarray) -> "SliceSample":
-        return SliceSample(self.case_id, self.z, self.embedding, self.image, self.boxes[keep],
-                           self.masks[keep], self.targets[keep], self.features, self.source,
-                           None if self.weights is None else self.weights[keep])
+        return dataclasses.replace(self, boxes=self.boxes[keep], masks=self.masks[keep],
+                                   targets=self.targets[keep],
+                                   weights=None if self.weights is None else self.weights[keep],
+                                   kinds=None if self.kinds is None else self.kinds[keep])
 
 
 def slice_objects(labels: np.ndarray, rules, spacing: tuple[float, float, float]
@@ -93,28 +99,34 @@ def _target(mask: np.ndarray, framing: Framing) -> np.ndarray:
 
 
 def case_samples(case_id: str, volume: Volume, labels: np.ndarray, config, runner, options: FinetuneOptions,
-                 edits: dict[int, float] | None = None) -> list[SliceSample]:
+                 edits: dict[int, float] | None = None, names: dict[int, str] | None = None
+                 ) -> list[SliceSample]:
     """Embedded slices of one case with its objects, rendered per label window as ``config`` annotates.
     ``edits`` (label -> the reviewer's edit Dice, proposal vs correction) weights each object by how much
-    the reviewer changed its label: 1 + (1 - edit Dice), so a label redrawn entirely counts twice."""
+    the reviewer changed its label: 1 + (1 - edit Dice), so a label redrawn entirely counts twice. ``names``
+    (label -> name) name the objects' kinds."""
     objects = slice_objects(labels, config.prompts.box_rules(), volume.spacing)
+    instance_map = is_instance_map([o[0] for o in objects], flat=labels.shape[0] == 1)
     prompts = [BoxPrompt(label=o[0], instance=1, z=o[1], box=o[2]) for o in objects]
     rendered, window_of, _ = renderings(volume, labels, prompts, config)
     default = next(iter(rendered))
     grouped: dict[tuple[int, str], list] = {}
     for label, z, box, mask in objects:
         weight = 1.0 + (1.0 - float((edits or {}).get(label, 1.0))) if options.weight_by_edit else 1.0
-        grouped.setdefault((z, window_of.get(label, default)), []).append((box, mask, weight))
+        kind = kind_of(volume.modality, label, names, instance_map)
+        grouped.setdefault((z, window_of.get(label, default)), []).append((box, mask, weight, kind))
     keys = sorted(grouped)
     if len(keys) > options.max_slices:
         keys = [keys[i] for i in np.linspace(0, len(keys) - 1, options.max_slices).round().astype(int)]
     samples = []
     for z, window in keys:
         slice_u8 = rendered[window][z]
-        boxes = np.array([b for b, _, _ in grouped[(z, window)]], dtype=np.float32)
-        masks = np.stack([m for _, m, _ in grouped[(z, window)]])
-        weights = np.array([w for _, _, w in grouped[(z, window)]], dtype=np.float64)
-        samples.append(_sample(case_id, z, slice_u8, boxes, masks, runner, options, weights))
+        objects_here = grouped[(z, window)]
+        boxes = np.array([o[0] for o in objects_here], dtype=np.float32)
+        masks = np.stack([o[1] for o in objects_here])
+        weights = np.array([o[2] for o in objects_here], dtype=np.float64)
+        sample = _sample(case_id, z, slice_u8, boxes, masks, runner, options, weights)
+        samples.append(dataclasses.replace(sample, kinds=np.array([o[3] for o in objects_here])))
     return samples
 
 
@@ -159,18 +171,20 @@ def transform_slice(kind: str, image: np.ndarray, boxes: np.ndarray, masks: np.n
     raise ValueError(f"Argument 'kind' must be one of {AUGMENTATIONS}; got {kind!r}")
 
 
-def augmented(samples: list[SliceSample], runner, options: FinetuneOptions) -> list[SliceSample]:
-    """Flipped, turned and brightened copies of ``samples`` (training slices only: the held-out ones stay as
-    they are), embedded as the originals are; boxes, masks and targets follow the image."""
-    out = []
+def augmented(samples: list[SliceSample], runner, options: FinetuneOptions) -> dict[int, list[SliceSample]]:
+    """Flipped, turned and brightened copies of each of ``samples``, keyed by ``id`` of the original (a fold
+    trains on the copies of its whole training slices only), embedded as the originals are; boxes, masks and
+    targets follow the image."""
+    out: dict[int, list[SliceSample]] = {}
     for sample in samples:
         if sample.source is None:
             continue
         for kind in AUGMENTATIONS:
             image, boxes, masks = transform_slice(kind, sample.source, sample.boxes, sample.masks)
-            out.append(_sample(sample.case_id, sample.z, np.ascontiguousarray(image),
-                               boxes.astype(np.float32), np.ascontiguousarray(masks), runner,
-                               dataclasses.replace(options, augment=False), sample.weights))
+            copy = _sample(sample.case_id, sample.z, np.ascontiguousarray(image), boxes.astype(np.float32),
+                           np.ascontiguousarray(masks), runner, dataclasses.replace(options, augment=False),
+                           sample.weights)
+            out.setdefault(id(sample), []).append(dataclasses.replace(copy, kinds=sample.kinds))
     return out
 
 
@@ -186,25 +200,6 @@ def encoder_features(net, image: np.ndarray, stages: int) -> torch.Tensor:
     for layer in encoder.layers[: len(encoder.layers) - stages]:
         hidden = layer(hidden)
     return hidden.to("cpu", torch.float16)
-
-
-def split_samples(samples: list[SliceSample], holdout: float
-                  ) -> tuple[list[SliceSample], list[SliceSample], str]:
-    """(train, held-out, how): by case, else by a z block, else by an x block of objects (one 2D image)."""
-    split = split_by_case_or_z(samples, holdout)
-    if split is not None:
-        return split
-    centres = [(s.boxes[:, 0] + s.boxes[:, 2]) / 2 for s in samples]
-    centres = np.concatenate(centres) if centres else np.zeros(0)
-    if len(centres) < 2:
-        return samples, [], "none"
-    cut = float(np.quantile(centres, 1 - holdout))
-    train, held = [], []
-    for s in samples:
-        right = (s.boxes[:, 0] + s.boxes[:, 2]) / 2 >= cut
-        train += [s.subset(~right)] if (~right).any() else []
-        held += [s.subset(right)] if right.any() else []
-    return train, held, "x-block"
 
 
 def _case_config(attrs: CaseAttributes) -> EngineConfig:
@@ -229,7 +224,8 @@ def store_samples(store: CaseStore, runner, options: FinetuneOptions) -> tuple[l
         volume, labels, attrs = read_case_volume(store, case_id)
         edits = (attrs.raw.get("review") or {}).get("edit_dice_per_label") or {}
         samples += case_samples(case_id, volume, labels, _case_config(attrs), runner, options,
-                                edits={int(label): float(value) for label, value in edits.items()})
+                                edits={int(label): float(value) for label, value in edits.items()},
+                                names=stored_label_names(store, case_id))
     return samples, case_ids
 
 

@@ -26,13 +26,19 @@ CURRENT = "current.json"  # STORE/_models/current.json: which model is current
 BASE = "base"  # the official LiteMedSAM weights, as a choice of `model use`
 
 
-def register(entry: dict, checkpoint: Path, store: CaseStore | None) -> list[str]:
-    """Write the registry entry as CKPT.json and, for a store, STORE/_models/<sha16>.json."""
-    side = checkpoint.with_name(checkpoint.name + ".json")
-    write_text_atomic(side, json.dumps(entry, indent=1, sort_keys=True))
-    written = [str(side)]
+def register(entry: dict, checkpoint: Path | None, store: CaseStore | None) -> list[str]:
+    """Write the registry entry as CKPT.json and, for a store, STORE/_models/<sha16>.json. A fine-tuning run
+    that trained nothing (``checkpoint`` None, no sha256) is recorded in the store only, as
+    STORE/_models/untrained-<stamp>.json, so the round report shows the attempt and why."""
+    written = []
+    if checkpoint is not None:
+        side = checkpoint.with_name(checkpoint.name + ".json")
+        write_text_atomic(side, json.dumps(entry, indent=1, sort_keys=True))
+        written.append(str(side))
     if store is not None:
-        written.append(write_record(store, entry, MODELS, f"{entry['sha256'][:16]}.json"))
+        name = (f"{entry['sha256'][:16]}.json" if entry.get("sha256") else
+                "untrained-" + "".join(c for c in str(entry.get("created_at", "")) if c.isdigit()) + ".json")
+        written.append(write_record(store, entry, MODELS, name))
     return written
 
 
@@ -83,9 +89,9 @@ def set_current(store: CaseStore, sha256: str, *, why: str) -> dict | None:
     if sha256 == BASE:
         write_record(store, {"model": BASE, "why": why, "set_at": utc_stamp()}, MODELS, CURRENT)
         return None
-    matches = [e for e in registered_models(store) if str(e.get("sha256", "")).startswith(sha256)]
+    matches = [e for e in registered_models(store) if e.get("sha256") and str(e["sha256"]).startswith(sha256)]
     if len(matches) != 1:
-        known = ", ".join(str(e.get("sha256", ""))[:12] for e in registered_models(store)) or "none"
+        known = ", ".join(str(e["sha256"])[:12] for e in registered_models(store) if e.get("sha256")) or "none"
         how_many = "no" if not matches else "more than one"
         raise ValueError(f"{how_many} registered model starts with {sha256!r} (registered: {known}; or "
                          "'base' for the official weights)")

@@ -12,14 +12,14 @@ from pipeline.annotate.config import EngineConfig
 from pipeline.cli.main import main
 from pipeline.core.provenance import file_sha256
 from pipeline.flywheel.finetune import FinetuneOptions, finetune
-from pipeline.flywheel.finetune_data import SliceSample, split_samples
+from pipeline.flywheel.finetune_data import SliceSample
 from pipeline.flywheel.registry import current_model
 from pipeline.model.checkpoint import LITE_MEDSAM_SHA256, load_lite_medsam
 from pipeline.store.case_store import CaseStore
 
-# decoder-only (the encoder stays the official one) and promoted always; the other modes and promotion below
-TINY = FinetuneOptions(epochs=1, boxes_per_epoch=4, boxes_per_step=4, promote="always", encoder_stages=0,
-                       augment=False)
+# decoder-only (the encoder stays the official one), two short epochs that learn on the four lung slices
+TINY = FinetuneOptions(epochs=2, boxes_per_epoch=8, boxes_per_step=4, lr=2e-4, promote="if-better",
+                       encoder_stages=0, augment=False)
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +44,20 @@ def test_finetune_from_a_store_registers_a_strict_loadable_model(accepted_store,
     decoder_before = {k: v.clone() for k, v in runner.model.net.mask_decoder.state_dict().items()}
     out = tmp_path / "round1.pth"
     entry = finetune(out, store=accepted_store, runner=runner, options=TINY)
-    assert entry["sha256"] == file_sha256(out) and entry["parent_sha256"] == LITE_MEDSAM_SHA256
-    assert entry["data"]["cases"] == ["c0ffee"] and entry["data"]["split"] == "z-block"
-    assert entry["data"]["train"]["boxes"] > 0 and entry["data"]["holdout"]["boxes"] > 0
+    assert entry["sha256"] == file_sha256(out)
+    assert entry["parent_sha256"] == LITE_MEDSAM_SHA256
+    assert entry["data"]["cases"] == ["c0ffee"]
+    assert entry["data"]["folds"] == "blocks"  # one case: z blocks of its slices
+    learned = entry["data"]["learned_from"]  # every reviewed box, none kept back
+    assert learned["boxes"] == sum(entry["data"]["kinds"].values())
+    assert learned["slices"] == 4
+    assert set(entry["data"]["kinds"]) == {"CT right lung", "CT left lung"}
     metrics = entry["metrics"]
-    assert 0 < metrics["holdout_dice_before"] <= metrics["holdout_dice_after"] <= 1
-    assert metrics["epochs_run"] == 1 and metrics["history"][0]["train_loss"] > 0
+    assert 1 <= metrics["epochs_chosen"] <= 2
+    assert metrics["holdout_dice_after"] > metrics["holdout_dice_before"] > 0
+    assert len(metrics["final_fit"]) == metrics["epochs_chosen"]
+    assert [fold["fold"] for fold in metrics["folds"]] == [1, 2]
+    assert entry["promotion"]["promoted"]
     tuned = load_lite_medsam(out)  # strict keys
     assert tuned.name == f"lite-medsam-{entry['sha256'][:12]}"
     for key, value in runner.model.net.image_encoder.state_dict().items():  # the session runner is official
@@ -68,20 +76,30 @@ def test_a_challenger_that_does_not_beat_the_current_model_is_held_and_any_model
     from dataclasses import replace
 
     store = _without_models(accepted_store, tmp_path)
-    # a learning rate that wrecks the decoder: no epoch beats the official model on the held-out slices
-    wrecked = finetune(tmp_path / "wrecked.pth", store=store, runner=runner,
-                       options=replace(TINY, lr=1.0, promote="if-better"))
-    assert wrecked["promotion"]["promoted"] is False and "not promoted" in wrecked["promotion"]["why"]
+    # a learning rate that wrecks the decoder: no epoch beats the official model on the held-out slices, so
+    # nothing is trained and no checkpoint is written
+    wrecked = finetune(tmp_path / "wrecked.pth", store=store, runner=runner, options=replace(TINY, lr=1.0))
+    assert wrecked["sha256"] is None
+    assert not (tmp_path / "wrecked.pth").exists()
+    assert not (tmp_path / "wrecked.pth.json").exists()
+    assert wrecked["metrics"]["epochs_chosen"] == 0
+    assert wrecked["promotion"]["why"].startswith("nothing to promote: no training")
     assert current_model(store) is None  # the official weights stay current
     assert main(["round", "report", str(store.root)]) == 0
     out = capsys.readouterr().out
-    assert f"{wrecked['sha256'][:12]}  held" in out and "does not beat its parent" in out
+    assert "(none)        untrained" in out
     assert "the official LiteMedSAM weights are current" in out
 
-    assert main(["model", "use", str(store.root), wrecked["sha256"][:10]]) == 0  # chosen by hand (a rollback)
-    assert current_model(store)["sha256"] == wrecked["sha256"]
+    # a model trained by hand but not promoted is held
+    held = finetune(tmp_path / "held.pth", store=store, runner=runner, options=replace(TINY, promote="never"))
+    assert held["promotion"]["promoted"] is False
     assert main(["model", "list", str(store.root)]) == 0
-    assert f"{wrecked['sha256'][:12]}  current" in capsys.readouterr().out
+    assert f"{held['sha256'][:12]}  held" in capsys.readouterr().out
+
+    assert main(["model", "use", str(store.root), held["sha256"][:10]]) == 0  # chosen by hand (a rollback)
+    assert current_model(store)["sha256"] == held["sha256"]
+    assert main(["model", "list", str(store.root)]) == 0
+    assert f"{held['sha256'][:12]}  current" in capsys.readouterr().out
     assert main(["model", "use", str(store.root), "base"]) == 0
     assert current_model(store) is None
     assert main(["model", "use", str(store.root), "0000"]) == 2
@@ -94,7 +112,7 @@ def test_finetune_of_the_last_encoder_stage_from_cached_activations(accepted_sto
     from pipeline.flywheel.finetune import _embed, trained_prefixes
     from pipeline.flywheel.finetune_data import store_samples
 
-    options = replace(TINY, encoder_stages=1, max_slices=2, promote="never")
+    options = replace(TINY, encoder_stages=1, max_slices=2, promote="never", epochs=1, lr=5e-4)
     staged, _ = store_samples(accepted_store, runner, options)
     cached, _ = store_samples(accepted_store, runner, replace(options, encoder_stages=0))
     with torch.no_grad():  # the last stage + neck on the cached activations give the encoder's embedding
@@ -110,8 +128,9 @@ def test_finetune_of_the_last_encoder_stage_from_cached_activations(accepted_sto
     tuned, official = load_lite_medsam(out).net.state_dict(), runner.model.net.state_dict()
     frozen = [k for k in official if k.startswith(("image_encoder.patch_embed.", "image_encoder.layers.0.",
                                                    "image_encoder.layers.1.", "image_encoder.layers.2."))]
-    assert frozen and all(torch.equal(official[k], tuned[k]) for k in frozen)
-    assert entry["metrics"]["holdout_dice_after"] >= entry["metrics"]["holdout_dice_before"]
+    assert frozen
+    assert all(torch.equal(official[k], tuned[k]) for k in frozen)
+    assert not torch.equal(official["image_encoder.neck.0.weight"], tuned["image_encoder.neck.0.weight"])
 
 
 def test_augmented_slices_keep_every_box_on_its_mask(chest_ct):
@@ -141,12 +160,12 @@ def test_finetune_with_augmentation_trains_on_five_views_of_each_training_slice(
     from dataclasses import replace
 
     store = _without_models(accepted_store, tmp_path)  # the official model is current: the runner's
-    plain = finetune(tmp_path / "plain.pth", store=store, runner=runner,
-                     options=replace(TINY, promote="never", augment=False))
-    more = finetune(tmp_path / "more.pth", store=store, runner=runner,
-                    options=replace(TINY, promote="never", augment=True))
-    assert more["data"]["train"]["slices"] == 5 * plain["data"]["train"]["slices"]
-    assert more["data"]["holdout"] == plain["data"]["holdout"]  # held-out slices stay as they are
+    entry = finetune(tmp_path / "more.pth", store=store, runner=runner,
+                     options=replace(TINY, promote="never", augment=True))
+    learned = entry["data"]["learned_from"]
+    assert entry["data"]["augmented_slices"] == 4 * learned["slices"]
+    for fold in entry["metrics"]["folds"]:  # each fold trains on four more views of its own slices only
+        assert fold["train_boxes"] == 5 * (learned["boxes"] - fold["holdout_boxes"])
 
 
 def _sample(case_id: str, z: int, centres_x: list[int]) -> SliceSample:
@@ -155,24 +174,18 @@ def _sample(case_id: str, z: int, centres_x: list[int]) -> SliceSample:
     return SliceSample(case_id, z, None, None, boxes, masks, masks.astype(np.float32))
 
 
-def test_holdout_split_by_case_then_z_block_then_x_block():
-    train, held, how = split_samples([_sample("a", 0, [5]), _sample("b", 0, [5]), _sample("c", 0, [5]),
-                                      _sample("d", 0, [5])], 0.25)
-    assert how == "cases" and [s.case_id for s in held] == ["d"] and len(train) == 3
-    train, held, how = split_samples([_sample("a", z, [5]) for z in range(8)], 0.25)
-    assert how == "z-block" and [s.z for s in held] == [6, 7]
-    train, held, how = split_samples([_sample("a", 0, [5, 15, 25, 35, 45, 55, 60, 62])], 0.25)
-    assert how == "x-block" and held[0].boxes[:, 0].min() > train[0].boxes[:, 2].max() - 5
-
-
 def test_cli_finetune_on_image_label_pairs_then_annotate_with_the_checkpoint(nuclei_2d, tmp_path, capsys):
     out = tmp_path / "nuclei.pth"
     code = main(["finetune", "--images", str(nuclei_2d[0]), "--labels", str(nuclei_2d[1]), "--out", str(out),
-                 "--epochs", "1", "--boxes-per-epoch", "4", "--device", "cpu"])
+                 "--epochs", "2", "--boxes-per-epoch", "8", "--lr", "2e-4", "--encoder-stages", "0",
+                 "--device", "cpu"])
     assert code == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["data"]["split"] == "x-block" and report["data"]["holdout"]["boxes"] >= 3
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["data"]["folds"] == "blocks"  # one 2D image: x blocks of its nuclei
+    assert list(report["data"]["kinds"]) == ["2D objects"]  # an instance map: one kind
     assert report["sha256"] == file_sha256(out)
+    assert f"wrote {out.resolve()} ({report['sha256'][:12]})" in captured.err
     config = tmp_path / "torch.yaml"
     config.write_text("model:\n  backend: torch\n")  # no graph export for a one-off checkpoint
     store = tmp_path / "store"
