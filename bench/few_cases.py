@@ -25,6 +25,7 @@ Kinds (real data shipped in packages):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -103,7 +104,7 @@ def ct_data(root: Path) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]
     folder.mkdir(parents=True, exist_ok=True)
     pairs = []
     edges = np.linspace(0, image.shape[2], 11).round().astype(int)
-    for n, (k0, k1) in enumerate(zip(edges[:-1], edges[1:])):
+    for n, (k0, k1) in enumerate(itertools.pairwise(edges)):
         block = dict(header)
         step = np.asarray(header["space directions"], float)[2]
         block["space origin"] = np.asarray(header["space origin"], float) + k0 * step
@@ -231,7 +232,9 @@ def main() -> None:
     print("| regime | reviewed cases | official | fine-tuned | lift | epochs | minutes |", file=sys.stdout)
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        shown = lambda d: ", ".join(f"{k} {v:.3f}" for k, v in d.items())  # noqa: E731
+        def shown(figures: dict) -> str:
+            return ", ".join(f"{k} {v:.3f}" for k, v in figures.items())
+
         print(f"| {r['regime']} | {r['cases']} | {shown(r['before'])} | {shown(r['after'])} | "
               f"{r['mean_lift']:+.3f} | {r['epochs_chosen']} | {r['finetune_minutes']:.1f} |")
 

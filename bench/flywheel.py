@@ -4,7 +4,7 @@ Protocol, per dataset (all through the `medsam-engine` commands, run in this pro
 
 1. `round run` on every case with the official model (boxes from the reference masks: the MedSAM protocol).
 2. The simulated reviewer corrects part A: `review import` of the reference masks of A.
-3. `finetune --store` on the accepted part A (CPU; its defaults: the image encoder's last two stages and
+3. `finetune --store` on the accepted part A (CPU; its defaults: the image encoder's last stage and
    neck, prompt encoder and mask decoder; `--finetune-arg=--encoder-stages --finetune-arg=0` for the decoder only,
    `... --finetune-arg=--augment` for flipped and turned copies).
 4. `round run` again: part A is kept (accepted), part B is stale for the new model and is re-annotated.
@@ -139,10 +139,12 @@ def experiment(name: str, root: Path, part_a: list[str], part_b: list[str], fine
                                "--promote", "always", *finetune_args], log)
     seconds["round 2"] = run(inputs, log)
     round2 = pooled_dice(store, root, part_b)
-    entry = json.loads((root / "round1.pth.json").read_text())
+    from pipeline.flywheel.registry import registered_models
+    from pipeline.store.case_store import CaseStore
+
+    entry = registered_models(CaseStore(store))[-1]  # the run's entry, whether it trained a model or not
     reports = [json.loads((store / "_rounds" / f"round-00{n}.json").read_text()) for n in (1, 2)]
     from pipeline.flywheel.rounds import format_table, round_rows
-    from pipeline.store.case_store import CaseStore
 
     return {"dataset": name, "commands": log, "seconds": {k: round(v, 1) for k, v in seconds.items()},
             "round1_A": round1["A"], "round1_B": round1["B"], "round2_B": round2,

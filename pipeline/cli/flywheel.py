@@ -25,7 +25,14 @@ from pipeline.core.errors import ReadError
 from pipeline.flywheel.registry import current_model, is_promoted, registered_models, set_current
 from pipeline.flywheel.review import FORMATS as REVIEW_FORMATS
 from pipeline.flywheel.review import calibrate_store, export_queue, import_corrections, pull_corrections
-from pipeline.flywheel.rounds import format_table, round_rows, run_round, write_round_table
+from pipeline.flywheel.rounds import (
+    finetune_rows,
+    format_finetune_table,
+    format_table,
+    round_rows,
+    run_round,
+    write_round_table,
+)
 from pipeline.io.dicomweb import is_service_root
 from pipeline.io.discover import DiscoveryOptions, discover
 from pipeline.model.checkpoint import CheckpointError
@@ -74,16 +81,17 @@ def add_parsers(sub) -> None:
                       help="held-out Dice any kind (modality + label) with 5 or more boxes may lose against the "
                            "parent for the model to be chosen and promoted (default 0.01)")
     tune.add_argument("--holdout", type=float, default=None, help=argparse.SUPPRESS)  # before --folds
-    tune.add_argument("--lr", type=float, default=5e-5, help="learning rate (AdamW)")
+    tune.add_argument("--lr", type=float, default=1e-4, help="learning rate (AdamW)")
     tune.add_argument("--max-slices", type=int, default=48, help="embedded slices per case")
-    tune.add_argument("--boxes-per-epoch", type=int, default=64, help="random boxes drawn per epoch")
+    tune.add_argument("--boxes-per-epoch", type=int, default=32,
+                      help="boxes drawn per epoch, as slices of up to 4 boxes each (default 32: 8 slices)")
     tune.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                       help="where to train (default auto: a visible GPU, else the CPU)")
     tune.add_argument("--whole-model", choices=["auto", "yes", "no"], default="auto",
                       help="train the image encoder too (auto: yes on CUDA, no on CPU)")
-    tune.add_argument("--encoder-stages", type=int, default=2, metavar="N",
+    tune.add_argument("--encoder-stages", type=int, default=1, metavar="N",
                       help="also train the image encoder's last N stages (1-3) and its neck, from activations "
-                           "computed once per slice (default 2, the best lift per minute measured on CPU; 0: "
+                           "computed once per slice (default 1; 2 costs about twice as much per step; 0: "
                            "prompt encoder + mask decoder only)")
     tune.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                       help="also train on the training slices flipped left-right, up-down, turned 90 degrees "
@@ -268,6 +276,10 @@ def round_command(args) -> int:
     if args.round_command == "report":
         store = CaseStore(args.store)
         print(format_table(round_rows(store)))
+        tuned = finetune_rows(store)
+        if tuned:
+            print("fine-tuning per kind (held-out Dice from cross-validation):")
+            print(format_finetune_table(tuned))
         for kind, path in write_round_table(store).items():
             print(f"{kind}: {path}")
         print("models:")

@@ -1,5 +1,5 @@
 """Fine-tune LiteMedSAM from accepted masks: prompt encoder + mask decoder with the image encoder's last
-``encoder_stages`` TinyViT stages (default 2) and its neck, trained from the activations that enter those
+``encoder_stages`` TinyViT stages (default 1) and its neck, trained from the activations that enter those
 stages, computed once per slice (the stages below stay frozen, so only the trained part runs forward and
 backward: minutes on a CPU); ``encoder_stages=0``: prompt encoder + mask decoder on cached embeddings; or the
 whole model (``train_encoder``, meant for a GPU). ``augment`` adds
@@ -53,7 +53,15 @@ from pipeline.flywheel.finetune_data import (
     store_samples,
 )
 from pipeline.flywheel.registry import current_model, register, registered_models, set_current
-from pipeline.flywheel.selection import Choice, Curve, Folds, balance_weights, choose_epochs, make_folds
+from pipeline.flywheel.selection import (
+    Choice,
+    Curve,
+    Folds,
+    balance_weights,
+    choose_epochs,
+    kinds_of,
+    make_folds,
+)
 from pipeline.model.build import build_runner
 from pipeline.model.checkpoint import LITE_MEDSAM_SHA256, load_lite_medsam
 from pipeline.model.framing import Framing
@@ -125,20 +133,22 @@ def evaluate_boxes(net, samples: list[SliceSample], options: FinetuneOptions, fr
 
 
 def _epoch_steps(samples: list[SliceSample], options: FinetuneOptions, rng: np.random.Generator):
-    """(sample, box indices) steps of one epoch: ``boxes_per_epoch`` random boxes drawn by
-    :func:`balance_weights` (cases and kinds balanced, labels the reviewer changed more drawn more often),
-    grouped by slice."""
-    units = [(i, k) for i, s in enumerate(samples) for k in range(len(s.boxes))]
-    weights = np.concatenate(balance_weights(samples)) if units else np.zeros(0)
-    count = min(options.boxes_per_epoch, len(units))
-    picked = rng.choice(len(units), size=count, replace=False, p=weights / weights.sum()) if units else []
-    chosen = [units[j] for j in picked]
-    by_sample: dict[int, list[int]] = {}
-    for i, k in chosen:
-        by_sample.setdefault(i, []).append(k)
-    steps = [(samples[i], np.array(ks[s : s + options.boxes_per_step]))
-             for i, ks in by_sample.items() for s in range(0, len(ks), options.boxes_per_step)]
-    return [steps[j] for j in rng.permutation(len(steps))]
+    """(sample, box indices) steps of one epoch: ``boxes_per_epoch // boxes_per_step`` distinct slices drawn
+    by the weight of their boxes (:func:`balance_weights`: cases and kinds balanced, labels the reviewer
+    changed more drawn more often), each with up to ``boxes_per_step`` of its boxes drawn by the same weights.
+    A step's cost is one pass through the trained encoder stages, so an epoch costs the same however many
+    slices and boxes the data hold."""
+    if not samples:
+        return []
+    weights = balance_weights(samples)
+    per_slice = np.array([w.sum() for w in weights])
+    count = min(max(1, options.boxes_per_epoch // options.boxes_per_step), len(samples))
+    steps = []
+    for i in rng.choice(len(samples), size=count, replace=False, p=per_slice / per_slice.sum()):
+        take = min(options.boxes_per_step, len(samples[i].boxes))
+        index = rng.choice(len(samples[i].boxes), size=take, replace=False, p=weights[i] / weights[i].sum())
+        steps.append((samples[i], np.sort(index)))
+    return steps
 
 
 def trained_prefixes(net, options: FinetuneOptions) -> tuple[str, ...]:
@@ -206,11 +216,6 @@ def fit(net, train_set: list[SliceSample], options: FinetuneOptions, framing: Fr
     return (np.vstack(rows) if rows else np.zeros((0, 0))), history
 
 
-def _kinds_of(samples: list[SliceSample]) -> np.ndarray:
-    return np.concatenate([s.kinds if s.kinds is not None else np.full(len(s.boxes), "objects")
-                           for s in samples]) if samples else np.zeros(0, dtype=str)
-
-
 def cross_validate(net, folds: Folds, extra: dict[int, list[SliceSample]], options: FinetuneOptions,
                    framing: Framing) -> tuple[Curve, list[dict]]:
     """Train a copy of ``net`` per fold (its training part, plus the ``extra`` augmented copies of whole
@@ -218,23 +223,46 @@ def cross_validate(net, folds: Folds, extra: dict[int, list[SliceSample]], optio
     per_fold, histories = [], []
     for n, (train_part, held_part) in enumerate(folds.parts):
         copies = [c for s in train_part for c in extra.get(id(s), [])]
-        if len(held_part) > options.eval_slices:  # scored on evenly spaced held-out slices: time
-            picked = np.linspace(0, len(held_part) - 1, options.eval_slices).round().astype(int)
-            held_part = [held_part[i] for i in picked]
+        held_part = scored_part(held_part, options.eval_boxes)
         fold_net = copy.deepcopy(net)
         scores, history = fit(fold_net, train_part + copies, options, framing, epochs=options.epochs,
                               held=held_part)
-        per_fold.append((scores, _kinds_of(held_part)))
+        per_fold.append((scores, kinds_of(held_part)))
         histories.append({"fold": n + 1, "train_boxes": _boxes(train_part + copies),
                           "holdout_boxes": _boxes(held_part),
                           "history": history})
-        del fold_net
     return Curve.pooled(per_fold), histories
 
 
 def _kind_counts(samples: list[SliceSample]) -> dict[str, int]:
-    kinds, counts = np.unique(_kinds_of(samples), return_counts=True)
+    kinds, counts = np.unique(kinds_of(samples), return_counts=True)
     return {str(k): int(n) for k, n in zip(kinds, counts)}
+
+
+def scored_part(held: list[SliceSample], boxes: int) -> list[SliceSample]:
+    """The held-out slices a fold is scored on after each epoch: all of them up to ``boxes`` boxes, else
+    slices spread evenly over the held-out part (in its order) until they hold ``boxes`` boxes."""
+    if _boxes(held) <= boxes:
+        return held
+    order, taken, count = _spread(len(held)), [], 0
+    for i in order:
+        taken.append(i)
+        count += len(held[i].boxes)
+        if count >= boxes:
+            break
+    return [held[i] for i in sorted(taken)]
+
+
+def _spread(n: int) -> list[int]:
+    """0..n-1 in an order whose every prefix is spread over the range (bisection: 0, n/2, n/4, 3n/4, ...)."""
+    order, seen, step = [], set(), n
+    while len(order) < n:
+        for i in range(0, n, max(step, 1)):
+            if i not in seen:
+                seen.add(i)
+                order.append(i)
+        step //= 2
+    return order
 
 
 def _boxes(samples: list[SliceSample]) -> int:
@@ -292,6 +320,8 @@ def finetune(out: str | Path, *, store: CaseStore | None = None, images: list | 
     entry = {"parent_sha256": parent_sha, "parent_is_official": parent_sha == LITE_MEDSAM_SHA256,
              "trained": _trained(options) if choice.epochs else "nothing (the parent is kept)",
              "data": {"source": "store" if store is not None else "image/label pairs", "cases": case_ids,
+                      "inputs": None if store is not None else {f"pair{n}": Path(str(image)).name
+                                                                for n, image in enumerate(images or [])},
                       "learned_from": _count(samples) if choice.epochs else None,
                       "augmented_slices": sum(len(c) for c in extra.values()),
                       "kinds": _kind_counts(samples), "folds": folds.how, "fold_count": len(folds.parts)},
@@ -353,6 +383,8 @@ def retrain_detector(store: CaseStore, entry: dict, out: str | Path, *, epochs: 
     the same round; its version, metrics and parent are added to the model's registry entry (returned).
     ``runner`` may be any runner with the fine-tuned model's image encoder (after decoder-only training, the
     parent's runner and its embedding cache); by default one is built from the checkpoint."""
+    if not entry.get("checkpoint"):
+        raise ValueError("the fine-tuning run trained nothing: no model to retrain the detector with")
     with_detector = [e for e in registered_models(store) if e.get("detector") and e.get("sha256") != entry["sha256"]]
     parent = with_detector[-1]["detector"]["version"] if with_detector else None
     runner = runner or LiteMedSAMRunner(load_lite_medsam(entry["checkpoint"]))

@@ -28,7 +28,7 @@ from pipeline.annotate.lazy_runner import LazyRunner
 from pipeline.core.atomic import write_text_atomic
 from pipeline.core.outcome import CaseOutcome
 from pipeline.core.provenance import utc_stamp
-from pipeline.flywheel.registry import current_model
+from pipeline.flywheel.registry import current_model, registered_models
 from pipeline.flywheel.review import calibrate_store, export_queue
 from pipeline.store.case_store import CaseStore
 from pipeline.store.queries import ACCEPTED
@@ -199,22 +199,54 @@ COLUMNS = ("round", "model", "annotated", "seconds_per_case", "auto_acceptance_r
            "accepted_minor_edit", "mean_edit_voxels", "mean_edit_dice")
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
     """A Markdown table of :func:`round_rows` (empty cells where a figure does not exist yet)."""
     cell = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in COLUMNS) + " |" for row in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
+def finetune_rows(store: CaseStore) -> list[dict]:
+    """One row per fine-tuning run and kind, oldest first: the round whose corrections it learned from, the
+    model written (or none), the cases learned from, the kind's held-out boxes and Dice before (the parent)
+    and after, and whether the model was promoted and why."""
+    rows = []
+    for entry in registered_models(store):
+        per_kind = (entry.get("metrics") or {}).get("per_kind") or {}
+        promotion = entry.get("promotion") or {}
+        cases = (entry.get("data") or {}).get("cases") or []
+        for kind, figures in sorted(per_kind.items()):
+            rows.append({"round": entry.get("round"), "model": str(entry.get("sha256") or "(none)")[:12],
+                         "cases": len(cases), "kind": kind, "heldout_boxes": figures.get("boxes"),
+                         "dice_before": figures.get("before"), "dice_after": figures.get("after"),
+                         "promoted": "yes" if promotion.get("promoted") else "no", "why": promotion.get("why")})
+    return rows
+
+
+FINETUNE_COLUMNS = ("round", "model", "cases", "kind", "heldout_boxes", "dice_before", "dice_after", "promoted",
+                    "why")
+
+
+def format_finetune_table(rows: list[dict]) -> str:
+    """A Markdown table of :func:`finetune_rows` (fine-tuning per round and kind)."""
+    return format_table(rows, FINETUNE_COLUMNS)
+
+
 def write_round_table(store: CaseStore) -> dict[str, str]:
-    """STORE/_rounds/rounds.md (table) and rounds.png (plot, when matplotlib is installed); local stores."""
+    """STORE/_rounds/rounds.md (the rounds, then fine-tuning per kind) and rounds.png (plot, when matplotlib
+    is installed); local stores."""
     rows = round_rows(store)
     if not store.is_local:
         return {}
     folder = Path(store.root) / ROUNDS
     folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(folder / "rounds.md", format_table(rows) + "\n")
+    tuned = finetune_rows(store)
+    text = format_table(rows) + "\n"
+    if tuned:
+        text += "\nFine-tuning per kind (held-out Dice from cross-validation):\n\n" + \
+            format_finetune_table(tuned) + "\n"
+    write_text_atomic(folder / "rounds.md", text)
     out = {"table": str(folder / "rounds.md")}
     if plot_rounds(rows, folder / "rounds.png"):
         out["plot"] = str(folder / "rounds.png")

@@ -56,6 +56,11 @@ def _kinds(sample) -> list[str]:
     return list(sample.kinds) if sample.kinds is not None else ["objects"] * len(sample.boxes)
 
 
+def kinds_of(samples: list) -> np.ndarray:
+    """(N,) the kind of every box of ``samples``, in order ("objects" where a sample has no kinds)."""
+    return np.array([kind for sample in samples for kind in _kinds(sample)], dtype=str)
+
+
 def use_case_folds(samples: list, *, min_kind_boxes: int) -> bool:
     """Whether cases can be the folds: enough cases, and every kind with enough boxes in two cases or more."""
     cases_of: dict[str, set[str]] = {}

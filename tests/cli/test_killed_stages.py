@@ -100,8 +100,9 @@ def test_the_loop_killed_at_each_step_then_rerun(two_tiles, tmp_path, capsys):
     assert store.attributes(first[0]).raw["review"] == review_before
 
     checkpoint = tmp_path / "models" / "round1.pth"
-    finetune_argv = ["finetune", "--store", str(store.root), "--out", str(checkpoint), "--epochs", "1",
-                     "--boxes-per-epoch", "4", "--device", "cpu", "--encoder-stages", "0", "--no-augment"]
+    finetune_argv = ["finetune", "--store", str(store.root), "--out", str(checkpoint), "--epochs", "2",
+                     "--lr", "2e-4", "--boxes-per-epoch", "8", "--device", "cpu", "--encoder-stages", "0",
+                     "--no-augment"]
     kill_at("torch:save", finetune_argv, tmp_path)  # writing the checkpoint
     assert not checkpoint.exists() and registered_models(store) == []
     kill_at("pipeline.flywheel.finetune:register", finetune_argv, tmp_path)  # saved, not registered

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,6 +96,11 @@ def test_a_challenger_that_does_not_beat_the_current_model_is_held_and_any_model
     assert held["promotion"]["promoted"] is False
     assert main(["model", "list", str(store.root)]) == 0
     assert f"{held['sha256'][:12]}  held" in capsys.readouterr().out
+    assert main(["round", "report", str(store.root)]) == 0  # per fine-tuning run and kind
+    report = capsys.readouterr().out
+    assert f"| 0 | {held['sha256'][:12]} | 1 | CT left lung | " in report
+    assert "| 0 | (none) | 1 | CT right lung | " in report
+    assert "Fine-tuning per kind" in (Path(store.root) / "_rounds" / "rounds.md").read_text()
 
     assert main(["model", "use", str(store.root), held["sha256"][:10]]) == 0  # chosen by hand (a rollback)
     assert current_model(store)["sha256"] == held["sha256"]
@@ -258,3 +264,15 @@ def test_boxes_of_labels_the_reviewer_changed_more_are_drawn_more_often():
         for sample, index in _epoch_steps([kept, redrawn], options, rng):
             drawn[sample.z] += len(index)
     assert drawn[1] > 1.5 * drawn[0]
+
+
+def test_finetune_on_label_maps_without_objects_says_so(nuclei_2d, tmp_path, capsys):
+    import cv2
+
+    empty = tmp_path / "empty.png"
+    cv2.imwrite(str(empty), np.zeros(cv2.imread(str(nuclei_2d[0]), cv2.IMREAD_UNCHANGED).shape[:2], np.uint16))
+    out = tmp_path / "x.pth"
+    assert main(["finetune", "--images", str(nuclei_2d[0]), "--labels", str(empty), "--out", str(out),
+                 "--device", "cpu", "--encoder-stages", "0"]) == 2
+    assert "hold no object to learn from" in capsys.readouterr().err
+    assert not out.exists()

@@ -35,8 +35,8 @@ def two_rounds(tmp_path_factory, runner, small_chest, small_chest_nifti):
     proposals = {c: store.read_labels(c)[0] for c in store.committed_cases()}
     imported = import_corrections(store, [reference / "chest_a.nrrd"], reviewer="simulated")
     entry = finetune(root / "round1.pth", store=store, runner=runner,
-                     options=FinetuneOptions(epochs=1, boxes_per_epoch=4, boxes_per_step=4, promote="always",
-                                             encoder_stages=0, augment=False))
+                     options=FinetuneOptions(epochs=2, boxes_per_epoch=8, boxes_per_step=4, lr=2e-4,
+                                             promote="always", encoder_stages=0, augment=False))
     tuned = config.with_overrides(model={"checkpoint": str(root / "round1.pth")})
     # decoder-only fine-tuning keeps the encoder: the session's embedding cache stays valid
     tuned_runner = LiteMedSAMRunner(load_lite_medsam(root / "round1.pth"), _cache=runner._cache)
@@ -83,7 +83,14 @@ def test_round_table_reports_review_outcomes_per_round(two_rounds, capsys):
     assert "| 1 |" in out and "| 2 |" in out and "mean_edit_dice" in out
     if importlib.util.find_spec("matplotlib"):  # the plot is optional; the table is always written
         assert (store.root / ROUNDS / "rounds.png").stat().st_size > 1000
-    assert (store.root / ROUNDS / "rounds.md").read_text().count("\n") == 4
+    rounds_table, tuning = (store.root / ROUNDS / "rounds.md").read_text().split("\n\n", 1)
+    assert rounds_table.count("\n") == 3  # header, rule, rounds 1 and 2
+    # the fine-tuning run after round 1 (it learned from round 1's corrections), per kind
+    entry = two_rounds["entry"]
+    assert "Fine-tuning per kind" in tuning
+    assert f"| 1 | {entry['sha256'][:12]} | 1 | CT label 5 |" in tuning  # the lungs, unnamed in this store
+    assert f"| 1 | {entry['sha256'][:12]} | 1 | CT label 6 |" in tuning
+    assert "fine-tuning per kind" in out
     assert (store.root / ROUNDS / "round-002.json").is_file()
 
 

@@ -58,7 +58,7 @@ def test_a_kind_found_in_one_case_keeps_the_folds_within_cases():
 def test_a_single_2d_image_is_folded_in_x_blocks_of_its_objects():
     folds = make_folds([_sample("a", 0, [5, 15, 25, 35, 45, 55])], 2)
     assert folds.how == "blocks"
-    (train0, held0), (train1, held1) = folds.parts
+    (train0, held0), (_, held1) = folds.parts
     assert sorted(held0[0].boxes[:, 0] + 2) == [5, 15, 25]
     assert sorted(train0[0].boxes[:, 0] + 2) == [35, 45, 55]
     assert sorted(held1[0].boxes[:, 0] + 2) == [35, 45, 55]
@@ -131,3 +131,12 @@ def test_a_fold_that_stopped_early_keeps_its_last_scores():
     curve = Curve.pooled([(np.array([[0.5], [0.6], [0.7]]), np.array(["A"])),
                           (np.array([[0.5], [0.4]]), np.array(["A"]))])
     assert curve.scores.tolist() == [[0.5, 0.5], [0.6, 0.4], [0.7, 0.4]]
+
+
+def test_a_fold_is_scored_on_held_out_slices_spread_over_its_part_up_to_a_box_budget():
+    from pipeline.flywheel.finetune import scored_part
+
+    held = [_sample("a", z, [5, 15, 25]) for z in range(16)]  # 48 boxes
+    assert scored_part(held, 48) == held
+    picked = [s.z for s in scored_part(held, 12)]
+    assert picked == [0, 4, 8, 12]  # four slices of three boxes, spread over the part
