@@ -71,9 +71,12 @@ def add_parsers(sub) -> None:
     tune.add_argument("--out", required=True, metavar="CKPT", help="checkpoint file to write")
     tune.add_argument("--parent", default=None, metavar="CKPT", help="start from this checkpoint (default: "
                       "the store's current registered model, else the official weights)")
-    tune.add_argument("--epochs", type=int, default=8,
-                      help="epochs at most: cross-validation chooses how many (0 to 8), then the model is "
+    tune.add_argument("--epochs", type=int, default=12,
+                      help="epochs at most: cross-validation chooses how many (0 to 12), then the model is "
                            "trained that long on all the reviewed data")
+    tune.add_argument("--minutes", type=float, default=9.0,
+                      help="time budget: the epochs allowed are cut, from the first one's time, so the run "
+                           "ends within it (default 9; 0: no budget)")
     tune.add_argument("--folds", type=int, default=2, metavar="N",
                       help="cross-validation folds: whole cases when there are 4 or more and every kind is in "
                            "two of them, else blocks of slices (or objects) within each case (default 2)")
@@ -202,11 +205,12 @@ def finetune(args) -> int:
         print(f"medsam-engine finetune: {exc}", file=sys.stderr)
         return EXIT_USAGE
     whole = device == "cuda" if args.whole_model == "auto" else args.whole_model == "yes"
-    if args.folds < 2 or args.epochs < 0 or not 0 <= args.tolerance < 1:
-        print("medsam-engine finetune: --folds must be at least 2, --epochs at least 0 and --tolerance in "
-              "[0, 1)", file=sys.stderr)
+    if args.folds < 2 or args.epochs < 0 or not 0 <= args.tolerance < 1 or args.minutes < 0:
+        print("medsam-engine finetune: --folds must be at least 2, --epochs and --minutes at least 0 and "
+              "--tolerance in [0, 1)", file=sys.stderr)
         return EXIT_USAGE
     options = FinetuneOptions(epochs=args.epochs, folds=args.folds, tolerance=args.tolerance, lr=args.lr,
+                              minutes=args.minutes,
                               max_slices=args.max_slices, boxes_per_epoch=args.boxes_per_epoch, device=device,
                               train_encoder=whole, promote=args.promote,
                               encoder_stages=0 if whole else args.encoder_stages, augment=args.augment,

@@ -72,6 +72,8 @@ from pipeline.store.records import current_round
 
 log = logging.getLogger(__name__)
 
+PROMOTE_RULES = ("if-better", "always", "never")
+
 
 
 # -- the model pieces ---------------------------------------------------------------------------------------
@@ -133,7 +135,7 @@ def evaluate_boxes(net, samples: list[SliceSample], options: FinetuneOptions, fr
 
 
 def _epoch_steps(samples: list[SliceSample], options: FinetuneOptions, rng: np.random.Generator):
-    """(sample, box indices) steps of one epoch: ``boxes_per_epoch // boxes_per_step`` distinct slices drawn
+    """(sample, box indices) steps of one epoch: ``boxes_per_epoch // boxes_per_step`` slices drawn
     by the weight of their boxes (:func:`balance_weights`: cases and kinds balanced, labels the reviewer
     changed more drawn more often), each with up to ``boxes_per_step`` of its boxes drawn by the same weights.
     A step's cost is one pass through the trained encoder stages, so an epoch costs the same however many
@@ -142,9 +144,9 @@ def _epoch_steps(samples: list[SliceSample], options: FinetuneOptions, rng: np.r
         return []
     weights = balance_weights(samples)
     per_slice = np.array([w.sum() for w in weights])
-    count = min(max(1, options.boxes_per_epoch // options.boxes_per_step), len(samples))
-    steps = []
-    for i in rng.choice(len(samples), size=count, replace=False, p=per_slice / per_slice.sum()):
+    count = max(1, options.boxes_per_epoch // options.boxes_per_step)
+    steps = []  # fewer slices than steps (a 2D image or two): slices come up again, with other boxes
+    for i in rng.choice(len(samples), size=count, replace=len(samples) < count, p=per_slice / per_slice.sum()):
         take = min(options.boxes_per_step, len(samples[i].boxes))
         index = rng.choice(len(samples[i].boxes), size=take, replace=False, p=weights[i] / weights[i].sum())
         steps.append((samples[i], np.sort(index)))
@@ -190,10 +192,12 @@ def _epoch(net, optimiser, train_set: list[SliceSample], options: FinetuneOption
 
 
 def fit(net, train_set: list[SliceSample], options: FinetuneOptions, framing: Framing, *, epochs: int,
-        held: list[SliceSample] | None = None) -> tuple[np.ndarray, list[dict]]:
+        held: list[SliceSample] | None = None, budget: EpochBudget | None = None
+        ) -> tuple[np.ndarray, list[dict]]:
     """Train ``net`` in place for ``epochs`` epochs on ``train_set``. With ``held``: the held-out Dice per box
     before training and after each epoch ((rows, boxes), rows <= epochs + 1: the fold stops once ``patience``
-    epochs in a row did not beat its best) and the history; without: an empty array and the history."""
+    epochs in a row did not beat its best, or at the ``budget``'s epoch cap) and the history; without: an
+    empty array and the history."""
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
     optimiser = _optimiser(net, options)
@@ -201,6 +205,9 @@ def fit(net, train_set: list[SliceSample], options: FinetuneOptions, framing: Fr
     history: list[dict] = []
     best, waited = (rows[0].mean() if rows else 0.0), 0
     for epoch in range(epochs):
+        if budget is not None and epoch >= budget.cap:
+            break
+        started = time.perf_counter()
         loss = _epoch(net, optimiser, train_set, options, framing, rng)
         entry = {"epoch": epoch + 1, "train_loss": _r(loss)}
         if held:
@@ -209,6 +216,8 @@ def fit(net, train_set: list[SliceSample], options: FinetuneOptions, framing: Fr
             best, waited = (rows[-1].mean(), 0) if rows[-1].mean() > best + 1e-4 else (best, waited + 1)
         history.append(entry)
         log.info("fine-tune epoch %d: %s", epoch + 1, entry)
+        if budget is not None:
+            budget.measured(time.perf_counter() - started)
         if held and waited >= options.patience:
             break
     for parameter in net.parameters():
@@ -216,17 +225,38 @@ def fit(net, train_set: list[SliceSample], options: FinetuneOptions, framing: Fr
     return (np.vstack(rows) if rows else np.zeros((0, 0))), history
 
 
+class EpochBudget:
+    """How many epochs the folds and the final fit may run so that fine-tuning ends within ``seconds`` of
+    ``start``: set from the first fold epoch's time (a final-fit epoch costs about as much, less scoring)."""
+
+    def __init__(self, seconds: float, start: float, folds: int, epochs: int) -> None:
+        self.seconds, self.start, self.folds, self.cap = seconds, start, folds, epochs
+        self.planned = False
+
+    def measured(self, epoch_seconds: float) -> None:
+        """Plan the cap from the first epoch measured (later calls change nothing)."""
+        if self.planned:
+            return
+        self.planned = True
+        left = self.seconds - (time.perf_counter() - self.start) + epoch_seconds  # the first epoch counts
+        fits = int(left // (epoch_seconds * (self.folds + 1)))
+        if fits < self.cap:
+            log.info("fine-tune: %d epoch(s) at most, to end within %.0f s", max(1, fits), self.seconds)
+            self.cap = max(1, fits)
+
+
 def cross_validate(net, folds: Folds, extra: dict[int, list[SliceSample]], options: FinetuneOptions,
-                   framing: Framing) -> tuple[Curve, list[dict]]:
+                   framing: Framing, budget: EpochBudget | None = None) -> tuple[Curve, list[dict]]:
     """Train a copy of ``net`` per fold (its training part, plus the ``extra`` augmented copies of whole
-    training slices, keyed by ``id`` of the original) and score its held-out part after every epoch."""
+    training slices, keyed by ``id`` of the original) and score its held-out part after every epoch, within
+    the ``budget``'s epoch cap."""
     per_fold, histories = [], []
     for n, (train_part, held_part) in enumerate(folds.parts):
         copies = [c for s in train_part for c in extra.get(id(s), [])]
         held_part = scored_part(held_part, options.eval_boxes)
         fold_net = copy.deepcopy(net)
         scores, history = fit(fold_net, train_part + copies, options, framing, epochs=options.epochs,
-                              held=held_part)
+                              held=held_part, budget=budget)
         per_fold.append((scores, kinds_of(held_part)))
         histories.append({"fold": n + 1, "train_boxes": _boxes(train_part + copies),
                           "holdout_boxes": _boxes(held_part),
@@ -289,6 +319,9 @@ def finetune(out: str | Path, *, store: CaseStore | None = None, images: list | 
     and register it; returns the registry entry. ``parent`` defaults to the store's current registered model,
     else the official weights. ``runner`` (optional) embeds the slices and must hold the parent's weights."""
     start = time.perf_counter()
+    if options.promote not in PROMOTE_RULES:
+        raise ValueError(f"Argument 'promote' must be one of {', '.join(PROMOTE_RULES)}; "
+                         f"got {options.promote!r}")
     if store is not None and not select_cases(store, "accepted")[0]:
         raise ValueError(f"no accepted case in {store.url}: import reviewed corrections first")
     if store is None and (not images or len(images) != len(label_maps or [])):
@@ -314,7 +347,8 @@ def finetune(out: str | Path, *, store: CaseStore | None = None, images: list | 
     extra = augmented(samples, runner, options) if options.augment else {}
     framing = runner.model.framing
     base = copy.deepcopy(runner.model.net).to(options.device)  # private copies: the runner's model stays as is
-    curve, fold_runs = cross_validate(base, folds, extra, options, framing)
+    budget = EpochBudget(options.minutes * 60, start, len(folds.parts), options.epochs) if options.minutes else None
+    curve, fold_runs = cross_validate(base, folds, extra, options, framing, budget)
     choice = choose_epochs(curve, tolerance=options.tolerance, min_kind_boxes=options.min_kind_boxes)
     log.info("fine-tune: %s", choice.why)
     entry = {"parent_sha256": parent_sha, "parent_is_official": parent_sha == LITE_MEDSAM_SHA256,
@@ -328,7 +362,8 @@ def finetune(out: str | Path, *, store: CaseStore | None = None, images: list | 
              "options": asdict(options),
              "metrics": {"holdout_dice_before": choice.before, "holdout_dice_after": choice.after,
                          "measured_on": f"cross-validation over {folds.how}", "per_kind": choice.per_kind,
-                         "epochs_chosen": choice.epochs, "choice": choice.why, "folds": fold_runs},
+                         "epochs_chosen": choice.epochs, "choice": choice.why, "folds": fold_runs,
+                         "epochs_allowed": budget.cap if budget else options.epochs},
              "round": current_round(store) if store is not None else None}
     if choice.epochs:
         _, final = fit(base, samples + [c for copies in extra.values() for c in copies], options, framing,
@@ -362,8 +397,6 @@ def promotion(metrics: dict, rule: str, parent_sha: str, choice: Choice) -> dict
     """Champion and challenger: the new model is promoted (becomes the store's current model) when the
     cross-validation chose to train (its held-out Dice beats the parent's, by default the current model, with
     no kind worse by more than the tolerance), or as asked; a run that trained nothing promotes nothing."""
-    if rule not in ("if-better", "always", "never"):
-        raise ValueError(f"Argument 'promote' must be if-better, always or never; got {rule!r}")
     score = (f"held-out Dice {metrics['holdout_dice_after']:.4f} vs {metrics['holdout_dice_before']:.4f} of "
              f"its parent {parent_sha[:12]} ({metrics['measured_on']})")
     if not choice.epochs:

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FinetuneOptions:
-    epochs: int = 8
+    epochs: int = 12  # at most; cross-validation chooses how many, within ``minutes``
+    minutes: float = 9.0  # the run's time budget: fewer epochs at most when the first one shows it is needed
     lr: float = 1e-4
     weight_decay: float = 0.01
     patience: int = 3  # a fold stops once this many epochs in a row did not beat its best held-out Dice

@@ -140,3 +140,18 @@ def test_a_fold_is_scored_on_held_out_slices_spread_over_its_part_up_to_a_box_bu
     assert scored_part(held, 48) == held
     picked = [s.z for s in scored_part(held, 12)]
     assert picked == [0, 4, 8, 12]  # four slices of three boxes, spread over the part
+
+
+def test_the_epoch_cap_is_cut_so_both_folds_and_the_final_fit_end_within_the_budget():
+    import time
+
+    from pipeline.flywheel.finetune import EpochBudget
+
+    budget = EpochBudget(100.0, time.perf_counter() - 45.0, folds=2, epochs=12)
+    budget.measured(10.0)  # 65 s left counting the epoch measured: 3 epochs (2 folds + final) fit twice
+    assert budget.cap == 2
+    budget.measured(1.0)
+    assert budget.cap == 2  # planned once, from the first epoch
+    roomy = EpochBudget(1000.0, time.perf_counter(), folds=2, epochs=12)
+    roomy.measured(1.0)
+    assert roomy.cap == 12
