@@ -59,6 +59,7 @@ from pipeline.flywheel.selection import (
     Folds,
     balance_weights,
     choose_epochs,
+    count_kinds,
     kinds_of,
     make_folds,
 )
@@ -264,11 +265,6 @@ def cross_validate(net, folds: Folds, extra: dict[int, list[SliceSample]], optio
     return Curve.pooled(per_fold), histories
 
 
-def _kind_counts(samples: list[SliceSample]) -> dict[str, int]:
-    kinds, counts = np.unique(kinds_of(samples), return_counts=True)
-    return {str(k): int(n) for k, n in zip(kinds, counts)}
-
-
 def scored_part(held: list[SliceSample], boxes: int) -> list[SliceSample]:
     """The held-out slices a fold is scored on after each epoch: all of them up to ``boxes`` boxes, else
     slices spread evenly over the held-out part (in its order) until they hold ``boxes`` boxes."""
@@ -358,7 +354,7 @@ def finetune(out: str | Path, *, store: CaseStore | None = None, images: list | 
                                                                 for n, image in enumerate(images or [])},
                       "learned_from": _count(samples) if choice.epochs else None,
                       "augmented_slices": sum(len(c) for c in extra.values()),
-                      "kinds": _kind_counts(samples), "folds": folds.how, "fold_count": len(folds.parts)},
+                      "kinds": count_kinds(kinds_of(samples)), "folds": folds.how, "fold_count": len(folds.parts)},
              "options": asdict(options),
              "metrics": {"holdout_dice_before": choice.before, "holdout_dice_after": choice.after,
                          "measured_on": f"cross-validation over {folds.how}", "per_kind": choice.per_kind,

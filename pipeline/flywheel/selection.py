@@ -61,6 +61,12 @@ def kinds_of(samples: list) -> np.ndarray:
     return np.array([kind for sample in samples for kind in _kinds(sample)], dtype=str)
 
 
+def count_kinds(kinds: np.ndarray) -> dict[str, int]:
+    """Kind -> how many of ``kinds`` (boxes) are of it, sorted by kind."""
+    names, counts = np.unique(kinds, return_counts=True)
+    return {str(k): int(n) for k, n in zip(names, counts, strict=True)}
+
+
 def use_case_folds(samples: list, *, min_kind_boxes: int) -> bool:
     """Whether cases can be the folds: enough cases, and every kind with enough boxes in two cases or more."""
     cases_of: dict[str, set[str]] = {}
@@ -163,7 +169,7 @@ class Curve:
         return float(np.mean(list(self.by_kind(epoch).values())))
 
     def boxes(self) -> dict[str, int]:
-        return {str(k): int((self.kinds == k).sum()) for k in np.unique(self.kinds)}
+        return count_kinds(self.kinds)
 
 
 @dataclass(frozen=True)
