@@ -23,8 +23,8 @@ def chest_slices(count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """``count`` lung-window slices of slicerio's chest CT and each slice's lung boxes (XYXY)."""
     import slicerio
 
-    from pipeline.core.geometry import align_to
-    from pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.core.geometry import align_to
+    from medsam_engine.pipeline.io.readers import read_volume
 
     data = Path(slicerio.__file__).parent / "data"
     volume = read_volume(data / "CTChest4.nrrd")
@@ -53,8 +53,8 @@ def one_pass(runner, slices: list[np.ndarray], boxes: list[np.ndarray]) -> float
 
 
 def main() -> None:
-    from pipeline.model.build import build_runner
-    from pipeline.model.checkpoint import load_lite_medsam
+    from medsam_engine.pipeline.model.build import build_runner
+    from medsam_engine.pipeline.model.checkpoint import load_lite_medsam
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a fine-tuned LiteMedSAM checkpoint")

@@ -29,11 +29,11 @@ def official_loop(image: Path, labels_path: Path) -> tuple[np.ndarray, float, in
     """The official structure on the stored array; returns its label map (canonical grid), seconds, encodes."""
     import nrrd
 
-    from detectors.coarse_mask import boxes_from_label_map
-    from pipeline.core.intensity import to_uint8
-    from pipeline.io.readers import read_volume
-    from pipeline.model.checkpoint import load_lite_medsam
-    from pipeline.model.runner import LiteMedSAMRunner, foreground
+    from medsam_engine.detectors.coarse_mask import boxes_from_label_map
+    from medsam_engine.pipeline.core.intensity import to_uint8
+    from medsam_engine.pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.model.checkpoint import load_lite_medsam
+    from medsam_engine.pipeline.model.runner import LiteMedSAMRunner, foreground
 
     raw, _ = nrrd.read(str(image))
     stored = np.transpose(raw, (2, 1, 0))  # SimpleITK's GetArrayFromImage order, no reorientation
@@ -54,17 +54,17 @@ def official_loop(image: Path, labels_path: Path) -> tuple[np.ndarray, float, in
     # bring the result onto the canonical grid our store uses, for a like-for-like Dice
     volume = read_volume(image)
     canonical = np.transpose(segs, (2, 1, 0))
-    from pipeline.core.orientation import canonical_volume
+    from medsam_engine.pipeline.core.orientation import canonical_volume
 
     canon = canonical_volume(canonical, volume.geometry.source_affine, modality="CT", source_format="nrrd")
     return canon.array, seconds, runner.stats.encoder_calls
 
 
 def ours(image: Path, labels_path: Path, workdir: Path) -> tuple[np.ndarray, float, dict]:
-    from pipeline.annotate.config import EngineConfig
-    from pipeline.annotate.job import annotate
-    from pipeline.io.discover import discover
-    from pipeline.store.case_store import CaseStore
+    from medsam_engine.pipeline.annotate.config import EngineConfig
+    from medsam_engine.pipeline.annotate.job import annotate
+    from medsam_engine.pipeline.io.discover import discover
+    from medsam_engine.pipeline.store.case_store import CaseStore
 
     store = CaseStore(workdir / "store")
     cases = discover([image], store.case_ids(), coarse_masks=[labels_path])
@@ -78,9 +78,9 @@ def ours(image: Path, labels_path: Path, workdir: Path) -> tuple[np.ndarray, flo
 def main() -> None:
     import slicerio
 
-    from pipeline.core.geometry import align_to
-    from pipeline.core.metrics import dice
-    from pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.core.geometry import align_to
+    from medsam_engine.pipeline.core.metrics import dice
+    from medsam_engine.pipeline.io.readers import read_volume
 
     data = Path(slicerio.__file__).parent / "data"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

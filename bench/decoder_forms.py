@@ -28,12 +28,12 @@ NOMINAL_GFLOP = 3.62
 def real_inputs():
     import slicerio
 
-    from detectors.coarse_mask import boxes_from_label_map
-    from pipeline.core.geometry import align_to
-    from pipeline.core.intensity import to_uint8
-    from pipeline.io.readers import read_volume
-    from pipeline.model.checkpoint import load_lite_medsam
-    from pipeline.model.runner import LiteMedSAMRunner
+    from medsam_engine.detectors.coarse_mask import boxes_from_label_map
+    from medsam_engine.pipeline.core.geometry import align_to
+    from medsam_engine.pipeline.core.intensity import to_uint8
+    from medsam_engine.pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.model.checkpoint import load_lite_medsam
+    from medsam_engine.pipeline.model.runner import LiteMedSAMRunner
 
     data = Path(slicerio.__file__).parent / "data"
     volume = read_volume(data / "CTChest4.nrrd")
@@ -64,7 +64,7 @@ def openvino_model(module: torch.nn.Module, embedding, boxes, folder: Path):
 def main() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.model.fast_decoder import BoxDecoder, FactoredBoxDecoder
+    from medsam_engine.pipeline.model.fast_decoder import BoxDecoder, FactoredBoxDecoder
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cli.main import main as cli
+from medsam_engine.pipeline.cli.main import main as cli
 
 os.environ.setdefault("MEDSAM_ENGINE_ID_KEY", "few-cases-bench")
 TORCH_CONFIG = "model:\n  backend: torch\n"
@@ -142,9 +142,9 @@ def nuclei_data(root: Path) -> tuple[list[tuple[Path, Path]], list[tuple[Path, P
 
 def pooled_dice(store: Path, unseen: list[tuple[Path, Path]]) -> float:
     """Mean over labels of each label's Dice pooled over the unseen cases (voxels summed)."""
-    from pipeline.core.geometry import align_to
-    from pipeline.io.readers import read_volume, stem_of
-    from pipeline.store.case_store import CaseStore
+    from medsam_engine.pipeline.core.geometry import align_to
+    from medsam_engine.pipeline.io.readers import read_volume, stem_of
+    from medsam_engine.pipeline.store.case_store import CaseStore
 
     reference_of = {stem_of(image): labels for image, labels in unseen}
     case_store = CaseStore(store)
@@ -209,7 +209,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.verbose:
         logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
-        logging.getLogger("pipeline.flywheel").setLevel(logging.INFO)
+        logging.getLogger("medsam_engine.pipeline.flywheel").setLevel(logging.INFO)
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     config = root / "torch.yaml"

@@ -48,10 +48,10 @@ def make_cases(root: Path, cases: int, slices: int) -> tuple[Path, Path]:
 
 
 def run_runner(images: Path, masks: Path, store: Path, config) -> tuple[float, int]:
-    from pipeline.annotate.job import annotate
-    from pipeline.annotate.lazy_runner import LazyRunner
-    from pipeline.io.discover import discover
-    from pipeline.store.case_store import CaseStore
+    from medsam_engine.pipeline.annotate.job import annotate
+    from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
+    from medsam_engine.pipeline.io.discover import discover
+    from medsam_engine.pipeline.store.case_store import CaseStore
 
     cases = discover([images], CaseStore(store).case_ids(), coarse_masks=[masks])
     start = time.perf_counter()
@@ -62,7 +62,7 @@ def run_runner(images: Path, masks: Path, store: Path, config) -> tuple[float, i
 
 
 def run_flow(images: Path, masks: Path, store: Path, config) -> tuple[float, int, dict]:
-    from flows.annotate import RunOptions, annotate_archive
+    from medsam_engine.flows.annotate import RunOptions, annotate_archive
 
     start = time.perf_counter()
     report = annotate_archive(inputs=[str(images)], out=str(store), coarse_masks=[str(masks)],
@@ -83,7 +83,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from pipeline.annotate.config import EngineConfig
+    from medsam_engine.pipeline.annotate.config import EngineConfig
 
     config = EngineConfig().with_overrides(model={"device": args.device})
     root = Path(tempfile.mkdtemp(prefix="flow-bench-"))
@@ -93,7 +93,7 @@ def main() -> None:
             runner_s, runner_slices = run_runner(images, masks, root / "store-runner", config)
         from prefect.testing.utilities import prefect_test_harness
 
-        from pipeline.distributed.ray_pool import connect
+        from medsam_engine.pipeline.distributed.ray_pool import connect
 
         started = time.perf_counter()
         connect(None, local_cpus=os.cpu_count())

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cli.main import main as cli
+from medsam_engine.pipeline.cli.main import main as cli
 
 CHEST_LABELS = (2, 3, 4, 5, 6)
 # one case-id key for every run, so every option is measured on the same held-out split (the split follows the
@@ -91,9 +91,9 @@ def nuclei_data(root: Path) -> tuple[list[str], list[str]]:
 
 def pooled_dice(store_path: Path, root: Path, stems: list[str]) -> dict:
     """Dice per label pooled over the cases of ``stems`` (voxels summed), and their mean."""
-    from pipeline.core.geometry import align_to
-    from pipeline.io.readers import read_volume, stem_of
-    from pipeline.store.case_store import CaseStore
+    from medsam_engine.pipeline.core.geometry import align_to
+    from medsam_engine.pipeline.io.readers import read_volume, stem_of
+    from medsam_engine.pipeline.store.case_store import CaseStore
 
     store = CaseStore(store_path)
     inter: dict[int, int] = {}
@@ -139,12 +139,12 @@ def experiment(name: str, root: Path, part_a: list[str], part_b: list[str], fine
                                "--promote", "always", *finetune_args], log)
     seconds["round 2"] = run(inputs, log)
     round2 = pooled_dice(store, root, part_b)
-    from pipeline.flywheel.registry import registered_models
-    from pipeline.store.case_store import CaseStore
+    from medsam_engine.pipeline.flywheel.registry import registered_models
+    from medsam_engine.pipeline.store.case_store import CaseStore
 
     entry = registered_models(CaseStore(store))[-1]  # the run's entry, whether it trained a model or not
     reports = [json.loads((store / "_rounds" / f"round-00{n}.json").read_text()) for n in (1, 2)]
-    from pipeline.flywheel.rounds import format_table, round_rows
+    from medsam_engine.pipeline.flywheel.rounds import format_table, round_rows
 
     return {"dataset": name, "commands": log, "seconds": {k: round(v, 1) for k, v in seconds.items()},
             "round1_A": round1["A"], "round1_B": round1["B"], "round2_B": round2,

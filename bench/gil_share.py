@@ -31,7 +31,7 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, {bench!r})
 import pipeline_ceiling as pc
-from pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.annotate.config import EngineConfig
 
 root, kind, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 config = EngineConfig()

@@ -68,10 +68,10 @@ def real_slices():
     """uint8 chest CT slices (window 40/400) that hold reference labels, and each slice's reference boxes."""
     import slicerio
 
-    from detectors import compile_boxes
-    from pipeline.core.geometry import align_to
-    from pipeline.core.intensity import to_uint8
-    from pipeline.io.readers import read_volume
+    from medsam_engine.detectors import compile_boxes
+    from medsam_engine.pipeline.core.geometry import align_to
+    from medsam_engine.pipeline.core.intensity import to_uint8
+    from medsam_engine.pipeline.io.readers import read_volume
 
     data = Path(slicerio.__file__).parent / "data"
     volume = read_volume(data / "CTChest4.nrrd")
@@ -97,8 +97,8 @@ def encoder_speed(runner, slices: list[np.ndarray], batch: int, repeats: int) ->
 
 def bf16_agreement(model, device: str, slices, boxes) -> dict:
     """bf16 autocast vs fp32 on the same slices: max |embedding delta| and Dice of every box's mask."""
-    from pipeline.core.metrics import dice
-    from pipeline.model.runner import LiteMedSAMRunner, foreground
+    from medsam_engine.pipeline.core.metrics import dice
+    from medsam_engine.pipeline.model.runner import LiteMedSAMRunner, foreground
 
     fp32 = LiteMedSAMRunner(model, device=device, precision="fp32", cache_bytes=0)
     bf16 = LiteMedSAMRunner(model, device=device, precision="bf16", cache_bytes=0)
@@ -117,11 +117,11 @@ def end_to_end(device: str) -> dict:
     """``annotate`` on the 10-label chest CT case (bench/runner_speed.py's), in this process."""
     from runner_speed import write_cases
 
-    from pipeline.annotate.config import EngineConfig
-    from pipeline.annotate.job import annotate
-    from pipeline.core.metrics import dice
-    from pipeline.io.discover import discover
-    from pipeline.store.case_store import CaseStore
+    from medsam_engine.pipeline.annotate.config import EngineConfig
+    from medsam_engine.pipeline.annotate.job import annotate
+    from medsam_engine.pipeline.core.metrics import dice
+    from medsam_engine.pipeline.io.discover import discover
+    from medsam_engine.pipeline.store.case_store import CaseStore
 
     with tempfile.TemporaryDirectory(prefix="medsam-gpu-") as tmp:
         image, mask, reference, _ = write_cases(Path(tmp))["10 labels"]
@@ -144,7 +144,7 @@ def end_to_end(device: str) -> dict:
 
 def memory_sized_encoder(model, device: str, slices, repeats: int) -> dict:
     """The isolated encoder at the engine's own batch size (sized by free device memory on CUDA)."""
-    from pipeline.model.runner import LiteMedSAMRunner
+    from medsam_engine.pipeline.model.runner import LiteMedSAMRunner
 
     runner = LiteMedSAMRunner(model, device=device, cache_bytes=0)  # precision auto: bf16 autocast on CUDA
     batch = runner.memory_batch()
@@ -157,7 +157,7 @@ def pipeline_cases(root: Path, copies: int, tiles: int, ids) -> list:
     them from slicerio and stardist)."""
     from pipeline_ceiling import SYNTAXES, make_2d, make_3d
 
-    from pipeline.io.discover import discover
+    from medsam_engine.pipeline.io.discover import discover
 
     inputs, masks = [], []
     for k in range(copies):
@@ -180,8 +180,8 @@ def ray_pipeline(device: str, copies: int, tiles: int, gpus_per_actor: float | N
 
     import ray
 
-    from pipeline.annotate.config import EngineConfig
-    from pipeline.distributed.ray_pool import (
+    from medsam_engine.pipeline.annotate.config import EngineConfig
+    from medsam_engine.pipeline.distributed.ray_pool import (
         Job,
         PoolOptions,
         cluster_nodes,
@@ -191,7 +191,7 @@ def ray_pipeline(device: str, copies: int, tiles: int, gpus_per_actor: float | N
         plan_actors,
         release_annotators,
     )
-    from pipeline.store.case_store import CaseStore
+    from medsam_engine.pipeline.store.case_store import CaseStore
 
     connect()
     cuda = device.startswith("cuda")
@@ -237,9 +237,9 @@ def main() -> None:
     parser.add_argument("--json", default=str(Path(os.environ["OUT"]) / "gpu_check.json")
                         if os.environ.get("OUT") else None)
     args = parser.parse_args()
-    from pipeline.model.checkpoint import load_lite_medsam
-    from pipeline.model.devices import resolve_device
-    from pipeline.model.runner import LiteMedSAMRunner
+    from medsam_engine.pipeline.model.checkpoint import load_lite_medsam
+    from medsam_engine.pipeline.model.devices import resolve_device
+    from medsam_engine.pipeline.model.runner import LiteMedSAMRunner
 
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from pipeline.annotate.lazy_runner import LazyRunner
-from pipeline.model.runner import RunnerStats, SliceEmbedding
+from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
+from medsam_engine.pipeline.model.runner import RunnerStats, SliceEmbedding
 
 
 class NullRunner:

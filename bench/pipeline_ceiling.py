@@ -172,9 +172,9 @@ def cpu_seconds() -> float:
 
 
 def run_local(inputs: list[Path], masks: list[Path], store: Path, config) -> dict:
-    from pipeline.annotate.job import annotate
-    from pipeline.io.discover import discover
-    from pipeline.store.case_store import CaseStore
+    from medsam_engine.pipeline.annotate.job import annotate
+    from medsam_engine.pipeline.io.discover import discover
+    from medsam_engine.pipeline.store.case_store import CaseStore
 
     s = CaseStore(store)
     wall, cpu = time.perf_counter(), cpu_seconds()
@@ -237,9 +237,9 @@ def run_ray(inputs: list[Path], masks: list[Path], store: Path, config,
 
     import ray
 
-    from pipeline.distributed.ray_pool import Annotator, Job, PoolOptions, cluster_nodes, drive, plan_actors
-    from pipeline.io.discover import discover
-    from pipeline.store.case_store import CaseStore
+    from medsam_engine.pipeline.distributed.ray_pool import Annotator, Job, PoolOptions, cluster_nodes, drive, plan_actors
+    from medsam_engine.pipeline.io.discover import discover
+    from medsam_engine.pipeline.store.case_store import CaseStore
 
     class NullAnnotator(Annotator):  # the engine's actor with the null runner in place of the model
         def __init__(self, config_json: str, threads: int = 1, case_workers: int = 2) -> None:
@@ -305,7 +305,7 @@ def measure(args, config, root: Path) -> dict[str, dict]:
         show(f"local {name}", min(runs, key=lambda r: r["wall"]))
     show(f"local 2D x{args.tiles}", run_local([images], [masks], root / "store-2d", config))
     if args.ray:
-        from pipeline.distributed.ray_pool import connect
+        from medsam_engine.pipeline.distributed.ray_pool import connect
 
         start = time.perf_counter()
         connect(local_cpus=cores)
@@ -386,8 +386,8 @@ def main() -> None:
 
     import json
 
-    import pipeline
-    from pipeline.annotate.config import EngineConfig
+    import medsam_engine.pipeline as pipeline
+    from medsam_engine.pipeline.annotate.config import EngineConfig
 
     if args.baseline:
         before, rows = compare(args.baseline, args)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from postprocess.chain import apply_chain, default_chain
+from medsam_engine.postprocess.chain import apply_chain, default_chain
 
 STEPS = [
     {"op": "remove_small_components", "min_volume_mm3": 10.0},
@@ -47,8 +47,8 @@ STEPS = [
 def chest(cache: Path):
     import slicerio
 
-    from pipeline.core.geometry import align_to
-    from pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.core.geometry import align_to
+    from medsam_engine.pipeline.io.readers import read_volume
 
     data = Path(slicerio.__file__).parent / "data"
     volume = read_volume(data / "CTChest4.nrrd")
@@ -59,7 +59,7 @@ def chest(cache: Path):
 def nuclei(cache: Path):
     from stardist.data import test_image_nuclei_2d
 
-    from pipeline.core.types import Geometry, Volume
+    from medsam_engine.pipeline.core.types import Geometry, Volume
 
     image, instances = test_image_nuclei_2d(return_mask=True)
     image = (image.astype(np.float32) / image.max() * 255).astype(np.uint8)[None]
@@ -72,12 +72,12 @@ def nuclei(cache: Path):
 def _raw(path: Path, volume, reference, instances=None) -> np.ndarray:
     if path.is_file():
         return np.load(path)
-    from detectors import compile_boxes
-    from pipeline.annotate.config import EngineConfig
-    from pipeline.annotate.rendering import renderings
-    from pipeline.annotate.segment import segment_volume
-    from pipeline.model.checkpoint import load_lite_medsam
-    from pipeline.model.runner import LiteMedSAMRunner
+    from medsam_engine.detectors import compile_boxes
+    from medsam_engine.pipeline.annotate.config import EngineConfig
+    from medsam_engine.pipeline.annotate.rendering import renderings
+    from medsam_engine.pipeline.annotate.segment import segment_volume
+    from medsam_engine.pipeline.model.checkpoint import load_lite_medsam
+    from medsam_engine.pipeline.model.runner import LiteMedSAMRunner
 
     runner = LiteMedSAMRunner(load_lite_medsam())
     prompts = compile_boxes(reference, spacing=volume.spacing, instances=instances)
@@ -89,7 +89,7 @@ def _raw(path: Path, volume, reference, instances=None) -> np.ndarray:
 
 
 def scores(prediction: np.ndarray, reference: np.ndarray) -> dict[int, float]:
-    from pipeline.core.metrics import dice
+    from medsam_engine.pipeline.core.metrics import dice
 
     return {int(v): dice(prediction == v, reference == v) for v in np.unique(reference) if v}
 

@@ -19,18 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detectors import BoxRules, build_detector, compile_boxes
-from detectors.evaluation import match_boxes, object_scores
-from detectors.learned import grid_targets, grid_to_slice, render, train_head
-from pipeline.annotate.config import EngineConfig
-from pipeline.annotate.rendering import renderings
-from pipeline.annotate.segment import segment_volume
-from pipeline.core.geometry import align_to
-from pipeline.core.metrics import dice
-from pipeline.core.types import Geometry, Volume
-from pipeline.io.readers import read_volume
-from pipeline.model.checkpoint import load_lite_medsam
-from pipeline.model.runner import LiteMedSAMRunner
+from medsam_engine.detectors import BoxRules, build_detector, compile_boxes
+from medsam_engine.detectors.evaluation import match_boxes, object_scores
+from medsam_engine.detectors.learned import grid_targets, grid_to_slice, render, train_head
+from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.annotate.rendering import renderings
+from medsam_engine.pipeline.annotate.segment import segment_volume
+from medsam_engine.pipeline.core.geometry import align_to
+from medsam_engine.pipeline.core.metrics import dice
+from medsam_engine.pipeline.core.types import Geometry, Volume
+from medsam_engine.pipeline.io.readers import read_volume
+from medsam_engine.pipeline.model.checkpoint import load_lite_medsam
+from medsam_engine.pipeline.model.runner import LiteMedSAMRunner
 
 
 def segment(runner, volume: Volume, coarse: np.ndarray, prompts) -> np.ndarray:

@@ -58,10 +58,10 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-from pipeline.annotate.config import EngineConfig
-from pipeline.io.discover import discover
-from pipeline.annotate.job import annotate
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.io.discover import discover
+from medsam_engine.pipeline.annotate.job import annotate
+from medsam_engine.pipeline.store.case_store import CaseStore
 image, mask, root, backend = sys.argv[1:5]
 config = EngineConfig.model_validate({"intensity": {"ct_window": "fixed"}, "model": {"backend": backend},
                                       "postprocess": {"chain": []}})
@@ -82,8 +82,8 @@ def write_cases(folder: Path) -> dict[str, tuple[Path, Path, np.ndarray, object]
     import slicerio
     from stardist.data import test_image_nuclei_2d
 
-    from pipeline.core.geometry import align_to
-    from pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.core.geometry import align_to
+    from medsam_engine.pipeline.io.readers import read_volume
 
     data = Path(slicerio.__file__).parent / "data"
     volume = read_volume(data / "CTChest4.nrrd")
@@ -123,10 +123,10 @@ def write_cases(folder: Path) -> dict[str, tuple[Path, Path, np.ndarray, object]
 def official(array: np.ndarray, reference: np.ndarray, two_d: bool) -> tuple[np.ndarray, float, dict, float]:
     """The official loop's structure on our canonical arrays; returns masks, loop seconds, runner stats and
     the seconds it took to load the model (in a child process, as a fresh script would: imports included)."""
-    from detectors import compile_boxes
-    from pipeline.core.intensity import to_uint8
-    from pipeline.model.checkpoint import load_lite_medsam
-    from pipeline.model.runner import LiteMedSAMRunner, foreground
+    from medsam_engine.detectors import compile_boxes
+    from medsam_engine.pipeline.core.intensity import to_uint8
+    from medsam_engine.pipeline.model.checkpoint import load_lite_medsam
+    from medsam_engine.pipeline.model.runner import LiteMedSAMRunner, foreground
 
     load = subprocess.run([sys.executable, "-c", "import time; t = time.perf_counter(); import torch; "
                            "from pipeline.model.checkpoint import load_lite_medsam; load_lite_medsam(); "
@@ -153,7 +153,7 @@ def official(array: np.ndarray, reference: np.ndarray, two_d: bool) -> tuple[np.
 
 
 def ours(image: Path, mask: Path, root: Path, backend: str) -> tuple[np.ndarray, dict]:
-    from pipeline.store.case_store import CaseStore
+    from medsam_engine.pipeline.store.case_store import CaseStore
 
     done = subprocess.run([sys.executable, "-c", CHILD, str(image), str(mask), str(root), backend],
                           capture_output=True, text=True, check=True)
@@ -165,7 +165,7 @@ def ours(image: Path, mask: Path, root: Path, backend: str) -> tuple[np.ndarray,
 
 
 def report(name: str, reference, mine, result, theirs, t_official, official_stats, peak, t_load) -> None:
-    from pipeline.core.metrics import dice
+    from medsam_engine.pipeline.core.metrics import dice
 
     stats = result["stats"]
     unique = int(reference.any(axis=(1, 2)).sum())
@@ -201,8 +201,8 @@ def large_case(folder: Path, backend: str) -> None:
     import slicerio
     from scipy import ndimage
 
-    from pipeline.core.geometry import align_to
-    from pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.core.geometry import align_to
+    from medsam_engine.pipeline.io.readers import read_volume
 
     data = Path(slicerio.__file__).parent / "data"
     volume = read_volume(data / "CTChest4.nrrd")
@@ -240,7 +240,7 @@ def before_after(folder: Path, name: str, image: Path, mask: Path, before: Path,
     for attempt in range(repeats):
         slug = f"{name.replace(' ', '-')}-{attempt}"
         times["before"].append(cli_seconds(before, module, image, mask, folder / f"before-{slug}", config))
-        times["after"].append(cli_seconds(here, "pipeline.cli.main", image, mask, folder / f"after-{slug}",
+        times["after"].append(cli_seconds(here, "medsam_engine.pipeline.cli.main", image, mask, folder / f"after-{slug}",
                                           config))
     b, a = min(times["before"]), min(times["after"])
     print(f"  before/after ({before.name}): {b:.1f} s vs {a:.1f} s -> after is {b / a:.2f}x the before speed "

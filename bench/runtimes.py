@@ -30,11 +30,11 @@ def real_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     """Four prepared chest CT slices (4, 3, 256, 256) float32 and 8 boxes (8, 1, 4) in the 256 frame."""
     import slicerio
 
-    from detectors.coarse_mask import boxes_from_label_map
-    from pipeline.core.geometry import align_to
-    from pipeline.core.intensity import to_uint8
-    from pipeline.model.framing import FRAMINGS
-    from pipeline.io.readers import read_volume
+    from medsam_engine.detectors.coarse_mask import boxes_from_label_map
+    from medsam_engine.pipeline.core.geometry import align_to
+    from medsam_engine.pipeline.core.intensity import to_uint8
+    from medsam_engine.pipeline.model.framing import FRAMINGS
+    from medsam_engine.pipeline.io.readers import read_volume
 
     data = Path(slicerio.__file__).parent / "data"
     volume = read_volume(data / "CTChest4.nrrd")
@@ -52,7 +52,7 @@ def count_gflop(net: torch.nn.Module, image: torch.Tensor, box: torch.Tensor) ->
     """GFLOP of one encoder slice and of one decoder box, counted on the model itself."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.model.fast_decoder import BoxDecoder
+    from medsam_engine.pipeline.model.fast_decoder import BoxDecoder
 
     with torch.inference_mode():
         counter = FlopCounterMode(display=False)
@@ -100,8 +100,8 @@ def main() -> None:
     if args.cache_root:
         os.environ["MEDSAM_ENGINE_CACHE"] = args.cache_root
 
-    from pipeline.model.checkpoint import load_lite_medsam
-    from pipeline.model.runner import LiteMedSAMRunner
+    from medsam_engine.pipeline.model.checkpoint import load_lite_medsam
+    from medsam_engine.pipeline.model.runner import LiteMedSAMRunner
 
     model = load_lite_medsam()
     runners = {"torch": LiteMedSAMRunner(model)}

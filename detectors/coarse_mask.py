@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from pipeline.core.metrics import present_labels
-from pipeline.core.types import BoxPrompt, ObjectBox
-from postprocess import label_boxes, label_components
+from medsam_engine.pipeline.core.metrics import present_labels
+from medsam_engine.pipeline.core.types import BoxPrompt, ObjectBox
+from medsam_engine.postprocess import label_boxes, label_components
 
 SOURCE = "coarse-mask"
 

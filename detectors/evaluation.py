@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from pipeline.core.boxes import box_iou
+from medsam_engine.pipeline.core.boxes import box_iou
 
 
 def component_boxes(label_slice: np.ndarray, label: int, *, min_pixels: int = 1) -> list[tuple[int, int, int, int]]:

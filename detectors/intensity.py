@@ -18,9 +18,9 @@ import numpy as np
 from pydantic import Field
 from scipy import ndimage
 
-from detectors.coarse_mask import BoxRules, compile_boxes
-from detectors.protocol import Detection, DetectorOptions
-from pipeline.core.types import Volume
+from medsam_engine.detectors.coarse_mask import BoxRules, compile_boxes
+from medsam_engine.detectors.protocol import Detection, DetectorOptions
+from medsam_engine.pipeline.core.types import Volume
 
 SOURCE = "intensity"
 CT_TARGETS = ("body", "lungs", "right lung", "left lung", "bone")

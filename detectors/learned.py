@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from detectors.coarse_mask import BoxRules, compile_boxes
-from detectors.protocol import Detection
-from pipeline.core.atomic import atomic_file
-from pipeline.core.intensity import IntensityConfig, to_uint8
-from pipeline.core.provenance import file_sha256
-from pipeline.core.types import Volume
-from pipeline.model.framing import Framing
+from medsam_engine.detectors.coarse_mask import BoxRules, compile_boxes
+from medsam_engine.detectors.protocol import Detection
+from medsam_engine.pipeline.core.atomic import atomic_file
+from medsam_engine.pipeline.core.intensity import IntensityConfig, to_uint8
+from medsam_engine.pipeline.core.provenance import file_sha256
+from medsam_engine.pipeline.core.types import Volume
+from medsam_engine.pipeline.model.framing import Framing
 
 GRID = 64  # the embedding is GRID x GRID over the model's square input frame (LiteMedSAM and SAM ViT alike)
 EMBED_DIM = 256

@@ -12,7 +12,7 @@ from typing import Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.core.types import BoxPrompt, Volume
+from medsam_engine.pipeline.core.types import BoxPrompt, Volume
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from detectors.coarse_mask import BoxRules, compile_boxes
-from detectors.intensity import IntensityDetector, IntensityOptions
-from detectors.protocol import Detection, Detector, DetectorOptions
-from pipeline.core.types import Volume
+from medsam_engine.detectors.coarse_mask import BoxRules, compile_boxes
+from medsam_engine.detectors.intensity import IntensityDetector, IntensityOptions
+from medsam_engine.detectors.protocol import Detection, Detector, DetectorOptions
+from medsam_engine.pipeline.core.types import Volume
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def _build_intensity(rules: BoxRules, options: Any, runner: Any) -> Detector:
 
 
 def _build_learned(rules: BoxRules, options: Any, runner: Any) -> Detector:
-    from detectors.learned import LearnedDetector
+    from medsam_engine.detectors.learned import LearnedDetector
 
     return LearnedDetector.from_artefact(options.artefact, rules=rules, runner=runner,
                                          threshold=options.threshold)

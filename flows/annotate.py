@@ -26,16 +26,16 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flows import progress, sharding, summary, watermark
-from pipeline.annotate.config import EngineConfig, load_config
-from pipeline.annotate.lazy_runner import LazyRunner
-from pipeline.annotate.policy import RETRY_NEXT_RUN
-from pipeline.annotate.signature import signature_or_none
-from pipeline.core.errors import is_transient
-from pipeline.core.outcome import CaseOutcome
-from pipeline.core.provenance import package_version, utc_stamp
-from pipeline.core.types import CaseRef
-from pipeline.distributed.ray_pool import (
+from medsam_engine.flows import progress, sharding, summary, watermark
+from medsam_engine.pipeline.annotate.config import EngineConfig, load_config
+from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
+from medsam_engine.pipeline.annotate.policy import RETRY_NEXT_RUN
+from medsam_engine.pipeline.annotate.signature import signature_or_none
+from medsam_engine.pipeline.core.errors import is_transient
+from medsam_engine.pipeline.core.outcome import CaseOutcome
+from medsam_engine.pipeline.core.provenance import package_version, utc_stamp
+from medsam_engine.pipeline.core.types import CaseRef
+from medsam_engine.pipeline.distributed.ray_pool import (
     ActorPlan,
     Job,
     PoolOptions,
@@ -46,11 +46,11 @@ from pipeline.distributed.ray_pool import (
     plan_actors,
     release_annotators,
 )
-from pipeline.export.pacs_push import push_segs
-from pipeline.io.dicomweb import is_service_root
-from pipeline.io.discover import FROM_PACS, DiscoveryOptions, discover
-from pipeline.store.case_store import CaseStore, remove_stale_staging
-from pipeline.store.records import quarantined
+from medsam_engine.pipeline.export.pacs_push import push_segs
+from medsam_engine.pipeline.io.dicomweb import is_service_root
+from medsam_engine.pipeline.io.discover import FROM_PACS, DiscoveryOptions, discover
+from medsam_engine.pipeline.store.case_store import CaseStore, remove_stale_staging
+from medsam_engine.pipeline.store.records import quarantined
 
 MAX_SHARD_THREADS = 256  # shard tasks mostly wait on ray.wait; one thread each
 

@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.annotate import (
+from medsam_engine.flows.annotate import (
     MAX_SHARD_THREADS,
     FailurePolicy,
     RunOptions,
@@ -26,11 +26,11 @@ from flows.annotate import (
     annotate_inputs,
     enforce_policy,
 )
-from pipeline.annotate.lazy_runner import LazyRunner
-from pipeline.core.outcome import CaseOutcome
-from pipeline.distributed.ray_pool import PoolOptions
-from pipeline.flywheel.rounds import RoundStart, begin_round, finish_round, split_accepted
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
+from medsam_engine.pipeline.core.outcome import CaseOutcome
+from medsam_engine.pipeline.distributed.ray_pool import PoolOptions
+from medsam_engine.pipeline.flywheel.rounds import RoundStart, begin_round, finish_round, split_accepted
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 @task(name="begin-round", cache_policy=NO_CACHE)

@@ -11,8 +11,8 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pipeline.core.types import CaseRef
-from pipeline.io.readers import NIFTI_SUFFIXES, NRRD_SUFFIXES, suffix_of
+from medsam_engine.pipeline.core.types import CaseRef
+from medsam_engine.pipeline.io.readers import NIFTI_SUFFIXES, NRRD_SUFFIXES, suffix_of
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from pipeline.store.case_store import LABELS_PATH, CaseStore
+from medsam_engine.pipeline.store.case_store import LABELS_PATH, CaseStore
 
 MAX_TABLE_ROWS = 500  # the artifact lists failures first, then the rest up to this many rows
 

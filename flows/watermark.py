@@ -19,8 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.io.dicomweb import query_studies
-from pipeline.store.records import read_watermark, write_watermark
+from medsam_engine.pipeline.io.dicomweb import query_studies
+from medsam_engine.pipeline.store.records import read_watermark, write_watermark
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 

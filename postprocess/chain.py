@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from postprocess._checks import check_spacing
-from postprocess._crop import bounding_box, label_boxes
-from postprocess.defaults import DEFAULT_CHAINS
-from postprocess.registry import OPS, REQUIRED
+from medsam_engine.postprocess._checks import check_spacing
+from medsam_engine.postprocess._crop import bounding_box, label_boxes
+from medsam_engine.postprocess.defaults import DEFAULT_CHAINS
+from medsam_engine.postprocess.registry import OPS, REQUIRED
 
 __all__ = ["DEFAULT_CHAINS", "OPS", "apply_chain", "default_chain", "validate_chain"]
 

@@ -11,8 +11,8 @@ import cc3d
 import cv2
 import numpy as np
 
-from postprocess._checks import RELATIVE_SLACK, check_int, check_mask, check_number, check_spacing
-from postprocess._crop import map_in_box, map_slices
+from medsam_engine.postprocess._checks import RELATIVE_SLACK, check_int, check_mask, check_number, check_spacing
+from medsam_engine.postprocess._crop import map_in_box, map_slices
 
 _SLAB = 16  # slices per bincount call
 

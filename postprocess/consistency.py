@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from postprocess._checks import check_int, check_mask
+from medsam_engine.postprocess._checks import check_int, check_mask
 
 
 def drop_disconnected_slices(mask: np.ndarray, *, max_gap: int = 0) -> np.ndarray:

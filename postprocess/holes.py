@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from postprocess._checks import RELATIVE_SLACK, check_mask, check_optional_number, check_spacing
-from postprocess._crop import map_slices
+from medsam_engine.postprocess._checks import RELATIVE_SLACK, check_mask, check_optional_number, check_spacing
+from medsam_engine.postprocess._crop import map_slices
 
 MANY_HOLES = 32  # above this many holes to fill in a plane, one look-up per pixel beats one pass per hole
 

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 import cv2
 import numpy as np
 
-from postprocess._checks import RELATIVE_SLACK, check_bool, check_mask, check_number, check_spacing
-from postprocess._crop import as_volume, map_in_box
+from medsam_engine.postprocess._checks import RELATIVE_SLACK, check_bool, check_mask, check_number, check_spacing
+from medsam_engine.postprocess._crop import as_volume, map_in_box
 
 _Layers = list[tuple[int, np.ndarray]]
 

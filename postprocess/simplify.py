@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from postprocess._checks import check_mask, check_number, check_spacing
-from postprocess._crop import map_slices
+from medsam_engine.postprocess._checks import check_mask, check_number, check_spacing
+from medsam_engine.postprocess._crop import map_slices
 
 
 def _depths(parents: np.ndarray) -> np.ndarray:

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from postprocess._checks import check_bool, check_mask, check_number, check_spacing
-from postprocess._crop import map_in_box
+from medsam_engine.postprocess._checks import check_bool, check_mask, check_number, check_spacing
+from medsam_engine.postprocess._crop import map_in_box
 
 _TRUNCATE = 3.0  # kernel half-width in sigmas
 

@@ -66,7 +66,7 @@ def small_chest_nifti(tmp_path_factory, small_chest) -> tuple[Path, Path]:
     """The same four slices as NIfTI in RAS with (x, y, z) axes, as research pipelines write them."""
     import nibabel as nib
 
-    from pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.io.readers import read_volume
 
     folder = tmp_path_factory.mktemp("small_chest_nifti")
     paths = []
@@ -136,8 +136,8 @@ def two_tiles(nuclei_tiles, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiles_reference(two_tiles, tmp_path_factory):
     """The label maps of an annotate run over ``two_tiles`` that met no fault, by case id."""
-    from pipeline.cli.main import main
-    from pipeline.store.case_store import CaseStore
+    from medsam_engine.pipeline.cli.main import main
+    from medsam_engine.pipeline.store.case_store import CaseStore
 
     store = tmp_path_factory.mktemp("reference") / "store"
     assert main(["annotate", str(two_tiles[0]), "--coarse-mask", str(two_tiles[1]), "--out", str(store)]) == 0
@@ -176,8 +176,8 @@ def use_s3(monkeypatch, endpoint: str, bucket: str | None = None) -> str | None:
 
 @pytest.fixture(scope="session")
 def runner():
-    from pipeline.model.checkpoint import load_lite_medsam
-    from pipeline.model.runner import LiteMedSAMRunner
+    from medsam_engine.pipeline.model.checkpoint import load_lite_medsam
+    from medsam_engine.pipeline.model.runner import LiteMedSAMRunner
 
     return LiteMedSAMRunner(load_lite_medsam())
 
@@ -220,7 +220,7 @@ def write_dicom_series(volume, folder: Path, *, series_uid: str = "1.2.826.0.1.3
 
 @pytest.fixture(scope="session")
 def small_chest_dicom(tmp_path_factory, small_chest) -> Path:
-    from pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.io.readers import read_volume
 
     return write_dicom_series(read_volume(small_chest[0]), tmp_path_factory.mktemp("dicom") / "series")
 
@@ -280,7 +280,7 @@ def chest_series(tmp_path_factory, small_chest) -> dict[str, Path]:
     about x and 12 deg about z, so every ImageOrientationPatient component is off-axis)."""
     from dataclasses import replace
 
-    from pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.io.readers import read_volume
 
     ct = read_volume(small_chest[0])
     tilted = rotation(0, 20) @ rotation(2, 12) @ ct.geometry.affine
@@ -296,8 +296,8 @@ def chest_series(tmp_path_factory, small_chest) -> dict[str, Path]:
 def commit_from_source(store, source: Path, labels: np.ndarray, *, names: dict[int, str] | None = None,
                        instances: list[dict] | None = None, keep_image: bool = True, **attrs) -> str:
     """Commit a case as the engine would (manifest, signature, geometry, lineage), ``labels`` as its mask."""
-    from pipeline.io.discover import content_hash
-    from pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.io.discover import content_hash
+    from medsam_engine.pipeline.io.readers import read_volume
 
     volume = read_volume(source)
     assert labels.shape == volume.shape
@@ -373,7 +373,7 @@ def write_ct_series(volume, folder: Path, *, series_uid: str, affine_lps=None, s
 @pytest.fixture(scope="session")
 def chest_volume(small_chest):
     """The four real chest CT slices as a canonical Volume (HU)."""
-    from pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.io.readers import read_volume
 
     return read_volume(small_chest[0])
 
@@ -426,8 +426,8 @@ def ray_cluster():
 def release_warm_actors() -> None:
     """Free the cluster's CPUs held by this process's warm actors (the flow tests keep them between runs), for
     another driver's actors or a run with other settings."""
-    from pipeline.annotate.config import EngineConfig
-    from pipeline.distributed.ray_pool import PoolOptions, cluster_nodes, plan_actors, release_annotators
+    from medsam_engine.pipeline.annotate.config import EngineConfig
+    from medsam_engine.pipeline.distributed.ray_pool import PoolOptions, cluster_nodes, plan_actors, release_annotators
 
     release_annotators(plan_actors(cluster_nodes(), PoolOptions()), EngineConfig().model_dump_json())
 

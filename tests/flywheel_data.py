@@ -35,7 +35,7 @@ def lung_inputs(root: Path, small_chest, small_chest_nifti) -> tuple[Path, Path,
 
 def shared_runner(config, runner):
     """A LazyRunner for ``config`` that uses an already loaded runner (the session's model and its cache)."""
-    from pipeline.annotate.lazy_runner import LazyRunner
+    from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
 
     lazy = LazyRunner(config)
     lazy._runner = runner
@@ -44,7 +44,7 @@ def shared_runner(config, runner):
 
 def case_of(store, stem: str) -> str:
     """The id of the committed case whose input file has this stem."""
-    from pipeline.io.readers import stem_of
+    from medsam_engine.pipeline.io.readers import stem_of
 
     (found,) = [c for c in store.committed_cases() if stem_of(store.manifest(c)["image"]) == stem]
     return found
@@ -53,10 +53,10 @@ def case_of(store, stem: str) -> str:
 def commit_lungs_case(root: Path, small_chest, config=None, **attrs):
     """A store holding the four real chest slices with their reference lungs as case "c0ffee", annotated
     with ``config`` (default EngineConfig); extra case ``attrs`` (``review_status``, say) are added."""
-    from pipeline.annotate.config import EngineConfig
-    from pipeline.core.geometry import align_to
-    from pipeline.io.readers import read_volume
-    from pipeline.store.case_store import CaseStore
+    from medsam_engine.pipeline.annotate.config import EngineConfig
+    from medsam_engine.pipeline.core.geometry import align_to
+    from medsam_engine.pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.store.case_store import CaseStore
 
     volume = read_volume(small_chest[0])
     labels = align_to(read_volume(small_chest[1]), volume)

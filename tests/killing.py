@@ -33,7 +33,7 @@ def main_with_stop(target, ready, nth, argv):
         return real(*args, **kwargs)
 
     setattr(owner, name, stop_here)
-    from pipeline.cli.main import main
+    from medsam_engine.pipeline.cli.main import main
     return main(argv)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 
-from pipeline.io.readers import read_volume
+from medsam_engine.pipeline.io.readers import read_volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

@@ -8,9 +8,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from detectors import BoxRules, validate_options
-from pipeline.annotate.quality import JitterCheck
-from postprocess.chain import default_chain, validate_chain
+from medsam_engine.detectors import BoxRules, validate_options
+from medsam_engine.pipeline.annotate.quality import JitterCheck
+from medsam_engine.postprocess.chain import default_chain, validate_chain
 
 
 class _Section(BaseModel):

@@ -17,22 +17,22 @@ from collections.abc import Callable
 
 import numpy as np
 
-from detectors.coarse_mask import object_boxes
-from detectors.registry import build_detector, get_spec
-from pipeline.annotate.config import EngineConfig
-from pipeline.annotate.lazy_runner import LazyRunner
-from pipeline.annotate.policy import LOCAL, RETRY_NEXT_RUN, FailurePolicy, failure_of, with_retries
-from pipeline.annotate.propagate import PropagateRules, propagate_volume
-from pipeline.annotate.quality import quality_attrs
-from pipeline.annotate.rendering import default_decoder_batch, effective_modality, renderings
-from pipeline.annotate.segment import segment_volume
-from pipeline.annotate.signature import (
+from medsam_engine.detectors.coarse_mask import object_boxes
+from medsam_engine.detectors.registry import build_detector, get_spec
+from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
+from medsam_engine.pipeline.annotate.policy import LOCAL, RETRY_NEXT_RUN, FailurePolicy, failure_of, with_retries
+from medsam_engine.pipeline.annotate.propagate import PropagateRules, propagate_volume
+from medsam_engine.pipeline.annotate.quality import quality_attrs
+from medsam_engine.pipeline.annotate.rendering import default_decoder_batch, effective_modality, renderings
+from medsam_engine.pipeline.annotate.segment import segment_volume
+from medsam_engine.pipeline.annotate.signature import (
     committed_with,
     signature_or_none,
     signature_or_read_error,
     signed_with,
 )
-from pipeline.core.errors import (
+from medsam_engine.pipeline.core.errors import (
     CaseError,
     PromptError,
     RunError,
@@ -40,16 +40,16 @@ from pipeline.core.errors import (
     StoreUnavailableError,
     resource_fault,
 )
-from pipeline.core.geometry import align_to
-from pipeline.core.outcome import CaseOutcome
-from pipeline.core.provenance import utc_stamp
-from pipeline.core.types import BoxPrompt, CaseRef, Volume
-from pipeline.io.discover import materialise
-from pipeline.io.readers import label_names_of, read_case, read_volume
-from pipeline.store.case_store import UNREAD, CaseStore
-from pipeline.store.leases import Lease, holder, leased
-from pipeline.store.records import quarantine
-from postprocess.chain import apply_chain
+from medsam_engine.pipeline.core.geometry import align_to
+from medsam_engine.pipeline.core.outcome import CaseOutcome
+from medsam_engine.pipeline.core.provenance import utc_stamp
+from medsam_engine.pipeline.core.types import BoxPrompt, CaseRef, Volume
+from medsam_engine.pipeline.io.discover import materialise
+from medsam_engine.pipeline.io.readers import label_names_of, read_case, read_volume
+from medsam_engine.pipeline.store.case_store import UNREAD, CaseStore
+from medsam_engine.pipeline.store.leases import Lease, holder, leased
+from medsam_engine.pipeline.store.records import quarantine
+from medsam_engine.postprocess.chain import apply_chain
 
 log = logging.getLogger(__name__)
 

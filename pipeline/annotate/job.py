@@ -15,16 +15,16 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from pipeline.annotate.config import EngineConfig
-from pipeline.annotate.driver import run_case
-from pipeline.annotate.lazy_runner import LazyRunner
-from pipeline.annotate.policy import LOCAL, FailurePolicy
-from pipeline.core.outcome import CaseOutcome
-from pipeline.core.provenance import package_version, version_id
-from pipeline.core.types import CaseRef
-from pipeline.io.readers import warm_readers
-from pipeline.model.devices import resolve_device
-from pipeline.store.case_store import CaseStore, remove_stale_staging
+from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.annotate.driver import run_case
+from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
+from medsam_engine.pipeline.annotate.policy import LOCAL, FailurePolicy
+from medsam_engine.pipeline.core.outcome import CaseOutcome
+from medsam_engine.pipeline.core.provenance import package_version, version_id
+from medsam_engine.pipeline.core.types import CaseRef
+from medsam_engine.pipeline.io.readers import warm_readers
+from medsam_engine.pipeline.model.devices import resolve_device
+from medsam_engine.pipeline.store.case_store import CaseStore, remove_stale_staging
 
 
 @dataclass

@@ -5,13 +5,13 @@ import concurrent.futures
 import functools
 import threading
 
-from pipeline.annotate.config import EngineConfig
-from pipeline.annotate.shared_runner import SharedRunner
-from pipeline.core.provenance import file_sha256
-from pipeline.model.build import build_runner
-from pipeline.model.checkpoint import LITE_MEDSAM_SHA256, load_lite_medsam
-from pipeline.model.devices import resolve_device
-from pipeline.model.runner import LiteMedSAMRunner
+from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.annotate.shared_runner import SharedRunner
+from medsam_engine.pipeline.core.provenance import file_sha256
+from medsam_engine.pipeline.model.build import build_runner
+from medsam_engine.pipeline.model.checkpoint import LITE_MEDSAM_SHA256, load_lite_medsam
+from medsam_engine.pipeline.model.devices import resolve_device
+from medsam_engine.pipeline.model.runner import LiteMedSAMRunner
 
 
 class LazyRunner:

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from pipeline.core.errors import CaseError, is_transient
-from pipeline.io.isolate import WorkerCrash
+from medsam_engine.pipeline.core.errors import CaseError, is_transient
+from medsam_engine.pipeline.io.isolate import WorkerCrash
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.annotate.quality import JitterCheck, mask_ious, stability_scores
-from pipeline.core.boxes import jitter_boxes
-from pipeline.core.types import InstanceRecord, ObjectBox
-from pipeline.model.runner import LiteMedSAMRunner, foreground
+from medsam_engine.pipeline.annotate.quality import JitterCheck, mask_ious, stability_scores
+from medsam_engine.pipeline.core.boxes import jitter_boxes
+from medsam_engine.pipeline.core.types import InstanceRecord, ObjectBox
+from medsam_engine.pipeline.model.runner import LiteMedSAMRunner, foreground
 
 
 @dataclass(frozen=True)

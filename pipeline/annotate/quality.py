@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.core.boxes import box_iou
-from pipeline.store.case_store import CaseStore
-from pipeline.store.records import QUALITY, current_round, read_record
+from medsam_engine.pipeline.core.boxes import box_iou
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.records import QUALITY, current_round, read_record
 
 STABILITY_OFFSET = 1.0  # logit offset of SAM's stability score
 FEATURES = ("predicted_iou", "stability", "jitter_iou", "coverage", "box_agreement", "slice_iou",

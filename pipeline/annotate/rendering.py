@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.annotate.config import EngineConfig
-from pipeline.core.intensity import IntensityConfig, choose_ct_windows, to_uint8
-from pipeline.core.types import BoxPrompt, Volume
-from pipeline.model.runner import LiteMedSAMRunner
+from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.core.intensity import IntensityConfig, choose_ct_windows, to_uint8
+from medsam_engine.pipeline.core.types import BoxPrompt, Volume
+from medsam_engine.pipeline.model.runner import LiteMedSAMRunner
 
 
 def effective_modality(volume: Volume, config: EngineConfig) -> str:

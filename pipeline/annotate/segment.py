@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from pipeline.annotate.quality import JitterCheck, mask_ious, stability_scores
-from pipeline.core.boxes import jitter_boxes
-from pipeline.core.types import BoxPrompt, InstanceRecord
-from pipeline.model.runner import SIGMOID_HALF, LiteMedSAMRunner, foreground
+from medsam_engine.pipeline.annotate.quality import JitterCheck, mask_ious, stability_scores
+from medsam_engine.pipeline.core.boxes import jitter_boxes
+from medsam_engine.pipeline.core.types import BoxPrompt, InstanceRecord
+from medsam_engine.pipeline.model.runner import SIGMOID_HALF, LiteMedSAMRunner, foreground
 
 
 def resolve_slice(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

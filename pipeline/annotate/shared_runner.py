@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.model.runner import LiteMedSAMRunner, SliceEmbedding
+from medsam_engine.pipeline.model.runner import LiteMedSAMRunner, SliceEmbedding
 
 
 @dataclass

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.annotate.config import EngineConfig
-from pipeline.core.errors import ReadError, is_transient
-from pipeline.core.provenance import package_version
-from pipeline.core.types import CaseRef
-from pipeline.io.discover import case_content_hash, content_hash
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.core.errors import ReadError, is_transient
+from medsam_engine.pipeline.core.provenance import package_version
+from medsam_engine.pipeline.core.types import CaseRef
+from medsam_engine.pipeline.io.discover import case_content_hash, content_hash
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 def case_signature(case: CaseRef, config: EngineConfig, model_sha256: str) -> dict:

@@ -8,11 +8,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from detectors import get_spec
-from pipeline.annotate.config import load_config
-from pipeline.export.pacs_push import push_segs
-from pipeline.io.label_table import read_label_table
-from pipeline.model.devices import cuda_available
+from medsam_engine.detectors import get_spec
+from medsam_engine.pipeline.annotate.config import load_config
+from medsam_engine.pipeline.export.pacs_push import push_segs
+from medsam_engine.pipeline.io.label_table import read_label_table
+from medsam_engine.pipeline.model.devices import cuda_available
 
 EXIT_OK, EXIT_CASES_FAILED, EXIT_USAGE = 0, 1, 2
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from detectors.coarse_mask import boxes_from_label_map
-from pipeline.annotate.config import EngineConfig
-from pipeline.annotate.job import annotate
-from pipeline.core.geometry import align_to
-from pipeline.core.metrics import filled_box_dice
-from pipeline.export.nifti import export_nifti
-from pipeline.io.discover import discover
-from pipeline.io.readers import read_volume
-from pipeline.report.evaluate import evaluate_store
-from pipeline.report.qc import write_report
-from pipeline.store.case_store import CaseStore
+from medsam_engine.detectors.coarse_mask import boxes_from_label_map
+from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.annotate.job import annotate
+from medsam_engine.pipeline.core.geometry import align_to
+from medsam_engine.pipeline.core.metrics import filled_box_dice
+from medsam_engine.pipeline.export.nifti import export_nifti
+from medsam_engine.pipeline.io.discover import discover
+from medsam_engine.pipeline.io.readers import read_volume
+from medsam_engine.pipeline.report.evaluate import evaluate_store
+from medsam_engine.pipeline.report.qc import write_report
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 def demo_inputs(folder: Path) -> tuple[Path, Path, Path, dict[int, str]]:

@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.cli.common import (
+from medsam_engine.pipeline.cli.common import (
     EXIT_CASES_FAILED,
     EXIT_OK,
     EXIT_USAGE,
@@ -20,12 +20,12 @@ from pipeline.cli.common import (
     push_and_print,
     run_config,
 )
-from pipeline.cli.ray import round_on_ray
-from pipeline.core.errors import ReadError
-from pipeline.flywheel.registry import current_model, is_promoted, registered_models, set_current
-from pipeline.flywheel.review import FORMATS as REVIEW_FORMATS
-from pipeline.flywheel.review import calibrate_store, export_queue, import_corrections, pull_corrections
-from pipeline.flywheel.rounds import (
+from medsam_engine.pipeline.cli.ray import round_on_ray
+from medsam_engine.pipeline.core.errors import ReadError
+from medsam_engine.pipeline.flywheel.registry import current_model, is_promoted, registered_models, set_current
+from medsam_engine.pipeline.flywheel.review import FORMATS as REVIEW_FORMATS
+from medsam_engine.pipeline.flywheel.review import calibrate_store, export_queue, import_corrections, pull_corrections
+from medsam_engine.pipeline.flywheel.rounds import (
     finetune_rows,
     format_finetune_table,
     format_table,
@@ -33,11 +33,11 @@ from pipeline.flywheel.rounds import (
     run_round,
     write_round_table,
 )
-from pipeline.io.dicomweb import is_service_root
-from pipeline.io.discover import DiscoveryOptions, discover
-from pipeline.model.checkpoint import CheckpointError
-from pipeline.model.devices import resolve_device
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.io.dicomweb import is_service_root
+from medsam_engine.pipeline.io.discover import DiscoveryOptions, discover
+from medsam_engine.pipeline.model.checkpoint import CheckpointError
+from medsam_engine.pipeline.model.devices import resolve_device
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 def add_parsers(sub) -> None:
@@ -191,7 +191,7 @@ def _pull_from_pacs(store, sources: list[str], folder: Path) -> list[str]:
 
 
 def finetune(args) -> int:
-    from pipeline.flywheel.finetune import FinetuneOptions, finetune
+    from medsam_engine.pipeline.flywheel.finetune import FinetuneOptions, finetune
 
     if args.images and (not args.labels or len(args.labels) != len(args.images)):
         print("medsam-engine finetune: give one --labels map per --images entry", file=sys.stderr)
@@ -223,7 +223,7 @@ def finetune(args) -> int:
         print(f"medsam-engine finetune: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.detector_out and entry.get("sha256"):
-        from pipeline.flywheel.finetune import retrain_detector
+        from medsam_engine.pipeline.flywheel.finetune import retrain_detector
 
         entry = retrain_detector(store, entry, args.detector_out)
     shown = {k: entry[k] for k in ("sha256", "parent_sha256", "checkpoint", "trained", "data", "metrics",

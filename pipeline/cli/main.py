@@ -9,11 +9,11 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.annotate.config import EngineConfig
-from pipeline.annotate.job import annotate
-from pipeline.annotate.lazy_runner import LazyRunner
-from pipeline.cli import flywheel
-from pipeline.cli.common import (
+from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.annotate.job import annotate
+from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
+from medsam_engine.pipeline.cli import flywheel
+from medsam_engine.pipeline.cli.common import (
     EXIT_CASES_FAILED,
     EXIT_OK,
     EXIT_USAGE,
@@ -27,17 +27,17 @@ from pipeline.cli.common import (
     run_config,
     verbosity_options,
 )
-from pipeline.cli.demo import run_demo
-from pipeline.cli.ray import annotate_on_ray
-from pipeline.core.errors import StoreUnavailableError, resource_fault
-from pipeline.core.provenance import package_version
-from pipeline.export.common import ExportTargetError
-from pipeline.export.formats import FORMATS, export_store
-from pipeline.flywheel.detector_training import train_from_store
-from pipeline.io.discover import DiscoveryOptions, discover
-from pipeline.model.checkpoint import CheckpointError
-from pipeline.report.evaluate import evaluate_store
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.cli.demo import run_demo
+from medsam_engine.pipeline.cli.ray import annotate_on_ray
+from medsam_engine.pipeline.core.errors import StoreUnavailableError, resource_fault
+from medsam_engine.pipeline.core.provenance import package_version
+from medsam_engine.pipeline.export.common import ExportTargetError
+from medsam_engine.pipeline.export.formats import FORMATS, export_store
+from medsam_engine.pipeline.flywheel.detector_training import train_from_store
+from medsam_engine.pipeline.io.discover import DiscoveryOptions, discover
+from medsam_engine.pipeline.model.checkpoint import CheckpointError
+from medsam_engine.pipeline.report.evaluate import evaluate_store
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 def _parser() -> argparse.ArgumentParser:

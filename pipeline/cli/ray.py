@@ -11,10 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.cli.common import EXIT_CASES_FAILED, EXIT_OK, EXIT_USAGE, pacs_filters, push_line
-from pipeline.core.errors import CaseError
-from pipeline.distributed.ray_pool import PoolOptions
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.cli.common import EXIT_CASES_FAILED, EXIT_OK, EXIT_USAGE, pacs_filters, push_line
+from medsam_engine.pipeline.core.errors import CaseError
+from medsam_engine.pipeline.distributed.ray_pool import PoolOptions
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 def _quiet_defaults() -> None:
@@ -30,7 +30,7 @@ def _flow_options(args, config, command: str):
     """RunOptions, PoolOptions and FailurePolicy of parsed run arguments, or None after printing why not."""
     from pydantic import ValidationError
 
-    from flows.annotate import FailurePolicy, RunOptions
+    from medsam_engine.flows.annotate import FailurePolicy, RunOptions
 
     try:
         run = RunOptions(config=config, overwrite=getattr(args, "overwrite", False),
@@ -70,7 +70,7 @@ def _run_flow(command: str, start) -> tuple[dict | None, dict | None, int]:
     """(the flow's result, None, 0); (None, the run's report, 1) when too many cases failed; (None, None, code)
     after printing why the run could not start: 2 for arguments that cannot work, 1 for inputs that cannot
     be listed (a PACS down or refusing the login)."""
-    from flows.annotate import TooManyFailures
+    from medsam_engine.flows.annotate import TooManyFailures
 
     try:
         return start(), None, EXIT_OK
@@ -97,7 +97,7 @@ def _run_on_ray(args, config, command: str, call) -> tuple[dict | None, dict | N
 def annotate_on_ray(args, config) -> int:
     """Run the annotate flow for parsed ``annotate`` arguments and a validated EngineConfig; print outcomes."""
     def call(run, pool, policy):
-        from flows.annotate import annotate_archive
+        from medsam_engine.flows.annotate import annotate_archive
 
         return annotate_archive(inputs=list(args.inputs), out=args.out, coarse_masks=list(args.coarse_mask),
                                 run=run, pool=pool, policy=policy)
@@ -110,7 +110,7 @@ def annotate_on_ray(args, config) -> int:
 def round_on_ray(args, config) -> int:
     """`round run --engine ray`: the flywheel-round flow (flows/round.py) for parsed arguments."""
     def call(run, pool, policy):
-        from flows.round import flywheel_round
+        from medsam_engine.flows.round import flywheel_round
 
         return flywheel_round(inputs=list(args.inputs), store=args.store, coarse_masks=list(args.coarse_mask),
                               run=run, pool=pool, policy=policy, checkpoint=args.checkpoint,

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.core.errors import GeometryError
-from pipeline.core.types import Volume
+from medsam_engine.pipeline.core.errors import GeometryError
+from medsam_engine.pipeline.core.types import Volume
 
 TOLERANCE_MM = 1e-3
 

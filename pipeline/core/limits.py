@@ -10,7 +10,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from pipeline.core.errors import ReadError
+from medsam_engine.pipeline.core.errors import ReadError
 
 DEFAULT_MAX_VOXELS = 1 << 30
 

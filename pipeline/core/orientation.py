@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.core.errors import ReadError
-from pipeline.core.types import Geometry, Volume
+from medsam_engine.pipeline.core.errors import ReadError
+from medsam_engine.pipeline.core.types import Geometry, Volume
 
 CANONICAL_AXCODES = ("L", "P", "S")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -35,19 +35,19 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.annotate.config import EngineConfig
-from pipeline.annotate.driver import run_case
-from pipeline.annotate.job import MAX_GPU_CASE_WORKERS
-from pipeline.annotate.lazy_runner import LazyRunner
-from pipeline.annotate.policy import FailurePolicy
-from pipeline.annotate.signature import signature_or_none
-from pipeline.core.errors import RunError
-from pipeline.core.outcome import CaseOutcome
-from pipeline.core.types import CaseRef
-from pipeline.io.readers import warm_readers
-from pipeline.model.devices import GPU_SHARE_VARIABLE
-from pipeline.store.case_store import CaseStore
-from pipeline.store.records import quarantine
+from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.annotate.driver import run_case
+from medsam_engine.pipeline.annotate.job import MAX_GPU_CASE_WORKERS
+from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
+from medsam_engine.pipeline.annotate.policy import FailurePolicy
+from medsam_engine.pipeline.annotate.signature import signature_or_none
+from medsam_engine.pipeline.core.errors import RunError
+from medsam_engine.pipeline.core.outcome import CaseOutcome
+from medsam_engine.pipeline.core.types import CaseRef
+from medsam_engine.pipeline.io.readers import warm_readers
+from medsam_engine.pipeline.model.devices import GPU_SHARE_VARIABLE
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.records import quarantine
 
 log = logging.getLogger(__name__)
 

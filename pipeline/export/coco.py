@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.atomic import atomic_file
-from pipeline.export.common import ExportCheckError, ExportReport
-from pipeline.store.case_store import CaseStore
-from pipeline.store.labels_meta import describe_labels, meanings_from_properties
+from medsam_engine.pipeline.core.atomic import atomic_file
+from medsam_engine.pipeline.export.common import ExportCheckError, ExportReport
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.labels_meta import describe_labels, meanings_from_properties
 
 
 def encode_rle(mask: np.ndarray) -> dict:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.errors import CaseError
-from pipeline.core.geometry import to_source_grid
-from pipeline.core.types import Geometry
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.core.errors import CaseError
+from medsam_engine.pipeline.core.geometry import to_source_grid
+from medsam_engine.pipeline.core.types import Geometry
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 class ExportError(CaseError):

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.atomic import atomic_file
-from pipeline.core.types import CaseAttributes, CaseRef, Geometry
-from pipeline.export.common import ExportCheckError, ExportError, label_map_on_source
-from pipeline.io.discover import case_content_hash
-from pipeline.store.case_store import CaseStore
-from pipeline.store.labels_meta import LabelMeaning, describe_labels, meanings_from_properties
+from medsam_engine.pipeline.core.atomic import atomic_file
+from medsam_engine.pipeline.core.types import CaseAttributes, CaseRef, Geometry
+from medsam_engine.pipeline.export.common import ExportCheckError, ExportError, label_map_on_source
+from medsam_engine.pipeline.io.discover import case_content_hash
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.labels_meta import LabelMeaning, describe_labels, meanings_from_properties
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Type 2 patient/study attributes a SEG copies from its source; real archives sometimes omit them, and a

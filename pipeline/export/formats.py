@@ -9,12 +9,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.export.coco import export_coco
-from pipeline.export.common import ExportCheckError, ExportReport, per_case
-from pipeline.export.dicom_seg import write_case_seg
-from pipeline.export.nifti import write_case_nifti
-from pipeline.export.nnunet import export_nnunet
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.export.coco import export_coco
+from medsam_engine.pipeline.export.common import ExportCheckError, ExportReport, per_case
+from medsam_engine.pipeline.export.dicom_seg import write_case_seg
+from medsam_engine.pipeline.export.nifti import write_case_nifti
+from medsam_engine.pipeline.export.nnunet import export_nnunet
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 FORMATS: dict[str, Callable[[CaseStore, Path], ExportReport]] = {
     "nifti": per_case(write_case_nifti),

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.atomic import atomic_file
-from pipeline.export.common import ExportCheckError, label_map_on_source
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.core.atomic import atomic_file
+from medsam_engine.pipeline.export.common import ExportCheckError, label_map_on_source
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 def save_nifti_checked(data: np.ndarray, affine: np.ndarray, path: Path, *, what: str) -> Path:

@@ -26,16 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.atomic import replaced_folder, write_text_atomic
-from pipeline.core.errors import ReadError
-from pipeline.core.geometry import to_source_grid
-from pipeline.core.provenance import utc_stamp
-from pipeline.core.types import Geometry
-from pipeline.export.common import ExportCheckError, ExportError, ExportReport, ExportTargetError, label_map_on_source
-from pipeline.export.nifti import save_nifti_checked
-from pipeline.io.readers import read_volume
-from pipeline.store.case_store import CaseStore
-from pipeline.store.queries import select_cases
+from medsam_engine.pipeline.core.atomic import replaced_folder, write_text_atomic
+from medsam_engine.pipeline.core.errors import ReadError
+from medsam_engine.pipeline.core.geometry import to_source_grid
+from medsam_engine.pipeline.core.provenance import utc_stamp
+from medsam_engine.pipeline.core.types import Geometry
+from medsam_engine.pipeline.export.common import ExportCheckError, ExportError, ExportReport, ExportTargetError, label_map_on_source
+from medsam_engine.pipeline.export.nifti import save_nifti_checked
+from medsam_engine.pipeline.io.readers import read_volume
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.queries import select_cases
 
 MARKER = ".medsam-engine-export"  # in every dataset folder this engine wrote: such a folder may be replaced
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")

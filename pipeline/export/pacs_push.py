@@ -12,12 +12,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.core.errors import CaseError
-from pipeline.core.provenance import utc_stamp
-from pipeline.export.dicom_seg import write_case_seg
-from pipeline.io.dicomweb import stow
-from pipeline.store.case_store import CaseStore
-from pipeline.store.records import PUSHED, read_record, write_record
+from medsam_engine.pipeline.core.errors import CaseError
+from medsam_engine.pipeline.core.provenance import utc_stamp
+from medsam_engine.pipeline.export.dicom_seg import write_case_seg
+from medsam_engine.pipeline.io.dicomweb import stow
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.records import PUSHED, read_record, write_record
 
 
 @dataclass

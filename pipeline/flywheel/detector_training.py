@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from detectors.evaluation import object_scores
-from pipeline.core.provenance import utc_stamp
-from pipeline.core.types import CaseAttributes, Volume
-from pipeline.model.framing import Framing
-from pipeline.store.case_store import CaseStore
-from pipeline.store.queries import select_cases
+from medsam_engine.detectors.evaluation import object_scores
+from medsam_engine.pipeline.core.provenance import utc_stamp
+from medsam_engine.pipeline.core.types import CaseAttributes, Volume
+from medsam_engine.pipeline.model.framing import Framing
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.queries import select_cases
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _chosen_slices(labels: np.ndarray, wanted: list[int]) -> list[int]:
 
 def collect_samples(store: CaseStore, runner, case_ids: list[str], wanted: list[int], meta: dict
                     ) -> list[SliceSample]:
-    from detectors.learned import grid_targets, render
+    from medsam_engine.detectors.learned import grid_targets, render
 
     samples = []
     for case_id in case_ids:
@@ -106,7 +106,7 @@ def evaluate_head(head, samples: list[SliceSample], wanted: list[int], framing: 
     """Object recall/precision per label on samples, from the head's thresholded heat maps."""
     import torch
 
-    from detectors.learned import grid_to_slice
+    from medsam_engine.detectors.learned import grid_to_slice
 
     if not samples:
         return {}
@@ -127,7 +127,7 @@ def train_from_store(store: CaseStore, out: str | Path, *, runner, labels: list[
     """Train, evaluate on the hold-out, save the artefact; returns its metadata (with version and metrics)."""
     import torch
 
-    from detectors.learned import save_artefact, train_head
+    from medsam_engine.detectors.learned import save_artefact, train_head
 
     case_ids = select_cases(store, "accepted-else-all")[0]
     if not case_ids:

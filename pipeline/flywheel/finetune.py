@@ -40,20 +40,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.core.atomic import atomic_file
-from pipeline.core.boxes import jitter_boxes
-from pipeline.core.metrics import dice
-from pipeline.core.provenance import file_sha256, utc_stamp
-from pipeline.flywheel.detector_training import train_from_store
-from pipeline.flywheel.finetune_data import (
+from medsam_engine.pipeline.core.atomic import atomic_file
+from medsam_engine.pipeline.core.boxes import jitter_boxes
+from medsam_engine.pipeline.core.metrics import dice
+from medsam_engine.pipeline.core.provenance import file_sha256, utc_stamp
+from medsam_engine.pipeline.flywheel.detector_training import train_from_store
+from medsam_engine.pipeline.flywheel.finetune_data import (
     FinetuneOptions,
     SliceSample,
     augmented,
     pair_samples,
     store_samples,
 )
-from pipeline.flywheel.registry import current_model, register, registered_models, set_current
-from pipeline.flywheel.selection import (
+from medsam_engine.pipeline.flywheel.registry import current_model, register, registered_models, set_current
+from medsam_engine.pipeline.flywheel.selection import (
     Choice,
     Curve,
     Folds,
@@ -63,13 +63,13 @@ from pipeline.flywheel.selection import (
     kinds_of,
     make_folds,
 )
-from pipeline.model.build import build_runner
-from pipeline.model.checkpoint import LITE_MEDSAM_SHA256, load_lite_medsam
-from pipeline.model.framing import Framing
-from pipeline.model.runner import LiteMedSAMRunner, foreground
-from pipeline.store.case_store import CaseStore
-from pipeline.store.queries import select_cases
-from pipeline.store.records import current_round
+from medsam_engine.pipeline.model.build import build_runner
+from medsam_engine.pipeline.model.checkpoint import LITE_MEDSAM_SHA256, load_lite_medsam
+from medsam_engine.pipeline.model.framing import Framing
+from medsam_engine.pipeline.model.runner import LiteMedSAMRunner, foreground
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.queries import select_cases
+from medsam_engine.pipeline.store.records import current_round
 
 log = logging.getLogger(__name__)
 

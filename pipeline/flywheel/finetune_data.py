@@ -11,17 +11,17 @@ import cv2
 import numpy as np
 import torch
 
-from detectors.coarse_mask import admitted_objects, slice_boxes, widen_box
-from pipeline.annotate.config import EngineConfig
-from pipeline.annotate.rendering import renderings
-from pipeline.core.geometry import align_to
-from pipeline.core.types import BoxPrompt, CaseAttributes, Volume
-from pipeline.flywheel.detector_training import read_case_volume, stored_label_names
-from pipeline.flywheel.selection import is_instance_map, kind_of
-from pipeline.io.readers import read_volume
-from pipeline.model.framing import Framing
-from pipeline.store.case_store import CaseStore
-from pipeline.store.queries import select_cases
+from medsam_engine.detectors.coarse_mask import admitted_objects, slice_boxes, widen_box
+from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.annotate.rendering import renderings
+from medsam_engine.pipeline.core.geometry import align_to
+from medsam_engine.pipeline.core.types import BoxPrompt, CaseAttributes, Volume
+from medsam_engine.pipeline.flywheel.detector_training import read_case_volume, stored_label_names
+from medsam_engine.pipeline.flywheel.selection import is_instance_map, kind_of
+from medsam_engine.pipeline.io.readers import read_volume
+from medsam_engine.pipeline.model.framing import Framing
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.queries import select_cases
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline.core.atomic import write_text_atomic
-from pipeline.core.provenance import file_sha256, utc_stamp
-from pipeline.store.case_store import CaseStore
-from pipeline.store.records import MODELS, list_records, read_record, write_record
+from medsam_engine.pipeline.core.atomic import write_text_atomic
+from medsam_engine.pipeline.core.provenance import file_sha256, utc_stamp
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.records import MODELS, list_records, read_record, write_record
 
 log = logging.getLogger(__name__)
 

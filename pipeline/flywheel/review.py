@@ -26,27 +26,27 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.annotate.quality import box_region, fit_calibration
-from pipeline.core.atomic import write_text_atomic
-from pipeline.core.errors import CaseError, GeometryError, ReadError
-from pipeline.core.geometry import align_to, to_source_grid
-from pipeline.core.metrics import dice
-from pipeline.core.provenance import utc_stamp
-from pipeline.core.types import CaseAttributes
-from pipeline.export.common import ExportError
-from pipeline.export.dicom_seg import write_case_seg
-from pipeline.export.nifti import save_nifti_checked, write_case_nifti
-from pipeline.io.dicom_scan import series_uid_of
-from pipeline.io.dicom_seg_reader import referenced_series
-from pipeline.io.dicomweb import fetch_seg, find_segs, newest_per_series
-from pipeline.io.readers import read_volume, stem_of
-from pipeline.io.slicer_seg import write_seg_nrrd
-from pipeline.report.qc import write_review_report
-from pipeline.store.case_store import CaseStore
-from pipeline.store.labels_meta import meanings_from_properties, spec_of
-from pipeline.store.leases import leased
-from pipeline.store.queries import ACCEPTED
-from pipeline.store.records import QUALITY, write_record
+from medsam_engine.pipeline.annotate.quality import box_region, fit_calibration
+from medsam_engine.pipeline.core.atomic import write_text_atomic
+from medsam_engine.pipeline.core.errors import CaseError, GeometryError, ReadError
+from medsam_engine.pipeline.core.geometry import align_to, to_source_grid
+from medsam_engine.pipeline.core.metrics import dice
+from medsam_engine.pipeline.core.provenance import utc_stamp
+from medsam_engine.pipeline.core.types import CaseAttributes
+from medsam_engine.pipeline.export.common import ExportError
+from medsam_engine.pipeline.export.dicom_seg import write_case_seg
+from medsam_engine.pipeline.export.nifti import save_nifti_checked, write_case_nifti
+from medsam_engine.pipeline.io.dicom_scan import series_uid_of
+from medsam_engine.pipeline.io.dicom_seg_reader import referenced_series
+from medsam_engine.pipeline.io.dicomweb import fetch_seg, find_segs, newest_per_series
+from medsam_engine.pipeline.io.readers import read_volume, stem_of
+from medsam_engine.pipeline.io.slicer_seg import write_seg_nrrd
+from medsam_engine.pipeline.report.qc import write_review_report
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.labels_meta import meanings_from_properties, spec_of
+from medsam_engine.pipeline.store.leases import leased
+from medsam_engine.pipeline.store.queries import ACCEPTED
+from medsam_engine.pipeline.store.records import QUALITY, write_record
 
 log = logging.getLogger(__name__)
 

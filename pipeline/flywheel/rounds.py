@@ -22,17 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.annotate.config import EngineConfig
-from pipeline.annotate.job import annotate
-from pipeline.annotate.lazy_runner import LazyRunner
-from pipeline.core.atomic import write_text_atomic
-from pipeline.core.outcome import CaseOutcome
-from pipeline.core.provenance import utc_stamp
-from pipeline.flywheel.registry import current_model, registered_models
-from pipeline.flywheel.review import calibrate_store, export_queue
-from pipeline.store.case_store import CaseStore
-from pipeline.store.queries import ACCEPTED
-from pipeline.store.records import ROUNDS, current_round, list_records, read_record, write_record
+from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.annotate.job import annotate
+from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
+from medsam_engine.pipeline.core.atomic import write_text_atomic
+from medsam_engine.pipeline.core.outcome import CaseOutcome
+from medsam_engine.pipeline.core.provenance import utc_stamp
+from medsam_engine.pipeline.flywheel.registry import current_model, registered_models
+from medsam_engine.pipeline.flywheel.review import calibrate_store, export_queue
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.queries import ACCEPTED
+from medsam_engine.pipeline.store.records import ROUNDS, current_round, list_records, read_record, write_record
 
 log = logging.getLogger(__name__)
 

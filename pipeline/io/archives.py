@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from pipeline.core.atomic import staged_folder
-from pipeline.core.errors import ReadError
+from medsam_engine.pipeline.core.atomic import staged_folder
+from medsam_engine.pipeline.core.errors import ReadError
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.errors import ReadError
-from pipeline.core.limits import check_voxels
-from pipeline.core.orientation import LPS_TO_RAS, canonical_flips, canonical_volume
-from pipeline.core.types import Geometry, Volume
-from pipeline.io.dicom_scan import NOT_ANNOTATED_CLASSES, group_series, scan_headers
+from medsam_engine.pipeline.core.errors import ReadError
+from medsam_engine.pipeline.core.limits import check_voxels
+from medsam_engine.pipeline.core.orientation import LPS_TO_RAS, canonical_flips, canonical_volume
+from medsam_engine.pipeline.core.types import Geometry, Volume
+from medsam_engine.pipeline.io.dicom_scan import NOT_ANNOTATED_CLASSES, group_series, scan_headers
 
 DEFAULT_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 IRREGULAR_STEP = 0.2  # relative deviation of one slice step from the median that is refused

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from pipeline.io.isolate import IsolatedWorker, WorkerCrash
+from medsam_engine.pipeline.io.isolate import IsolatedWorker, WorkerCrash
 
 log = logging.getLogger(__name__)
 

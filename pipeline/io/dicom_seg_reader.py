@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.errors import ReadError
-from pipeline.core.orientation import LPS_TO_RAS, canonical_volume
-from pipeline.core.types import Volume
+from medsam_engine.pipeline.core.errors import ReadError
+from medsam_engine.pipeline.core.orientation import LPS_TO_RAS, canonical_volume
+from medsam_engine.pipeline.core.types import Volume
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 _OURS = re.compile(r"label (\d+)")

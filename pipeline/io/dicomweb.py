@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pipeline.core.atomic import staged_folder
-from pipeline.core.errors import ReadError
+from medsam_engine.pipeline.core.atomic import staged_folder
+from medsam_engine.pipeline.core.errors import ReadError
 
 log = logging.getLogger(__name__)
 

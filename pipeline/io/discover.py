@@ -22,11 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pipeline.core.errors import ReadError
-from pipeline.core.provenance import files_sha256
-from pipeline.core.types import CaseIds, CaseRef
-from pipeline.io.archives import ExtractLimits, extract_archive, is_archive
-from pipeline.io.dicom_scan import (
+from medsam_engine.pipeline.core.errors import ReadError
+from medsam_engine.pipeline.core.provenance import files_sha256
+from medsam_engine.pipeline.core.types import CaseIds, CaseRef
+from medsam_engine.pipeline.io.archives import ExtractLimits, extract_archive, is_archive
+from medsam_engine.pipeline.io.dicom_scan import (
     PARALLEL_FROM,
     SeriesGroup,
     SliceHeader,
@@ -35,8 +35,8 @@ from pipeline.io.dicom_scan import (
     scan_headers,
     series_uid_of,
 )
-from pipeline.io.dicom_seg_reader import referenced_series
-from pipeline.io.dicomweb import (
+from medsam_engine.pipeline.io.dicom_seg_reader import referenced_series
+from medsam_engine.pipeline.io.dicomweb import (
     INSTANCE_PATTERN,
     NON_IMAGE_MODALITIES,
     fetch_dicomweb,
@@ -47,7 +47,7 @@ from pipeline.io.dicomweb import (
     newest_per_series,
     query_studies,
 )
-from pipeline.io.readers import (
+from medsam_engine.pipeline.io.readers import (
     DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
     NIFTI_SUFFIXES,
@@ -56,7 +56,7 @@ from pipeline.io.readers import (
     stem_of,
     suffix_of,
 )
-from pipeline.io.remote import fetch_remote, is_remote_url
+from medsam_engine.pipeline.io.remote import fetch_remote, is_remote_url
 
 log = logging.getLogger(__name__)
 

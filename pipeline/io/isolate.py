@@ -101,7 +101,7 @@ def _receive_reply(inbox) -> tuple[str, Any]:
 
 
 def _child_main(read_fd: int, write_fd: int) -> None:
-    """Entry point of the child (``python -m pipeline.io.isolate R W``): the parent's sys.path, then serve."""
+    """Entry point of the child (``python -m medsam_engine.pipeline.io.isolate R W``): the parent's sys.path, then serve."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     sys.path[:] = inbox.recv()
@@ -143,7 +143,7 @@ class IsolatedWorker:
                                                                          os.environ.get("PYTHONPATH")])))
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.io.isolate", str(to_child_r), str(from_child_w)],
+                [sys.executable, "-m", "medsam_engine.pipeline.io.isolate", str(to_child_r), str(from_child_w)],
                 pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, env=env)
         except BaseException:
             os.close(to_child_w)  # no child: our ends of its pipes are closed too

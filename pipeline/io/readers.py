@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.core.errors import ReadError
-from pipeline.core.limits import check_voxels
-from pipeline.core.orientation import LPS_TO_RAS, canonical_volume
-from pipeline.core.types import CaseRef, Geometry, Volume
-from pipeline.io.dicom import read_dicom_files, read_dicom_series
-from pipeline.io.dicom_seg_reader import is_dicom_seg, read_dicom_seg, seg_label_names
-from pipeline.io.isolate import WorkerCrash, default_pool
-from pipeline.io.slicer_seg import read_seg_nrrd, seg_nrrd_names
+from medsam_engine.pipeline.core.errors import ReadError
+from medsam_engine.pipeline.core.limits import check_voxels
+from medsam_engine.pipeline.core.orientation import LPS_TO_RAS, canonical_volume
+from medsam_engine.pipeline.core.types import CaseRef, Geometry, Volume
+from medsam_engine.pipeline.io.dicom import read_dicom_files, read_dicom_series
+from medsam_engine.pipeline.io.dicom_seg_reader import is_dicom_seg, read_dicom_seg, seg_label_names
+from medsam_engine.pipeline.io.isolate import WorkerCrash, default_pool
+from medsam_engine.pipeline.io.slicer_seg import read_seg_nrrd, seg_nrrd_names
 
 if TYPE_CHECKING:
-    from pipeline.io.isolate import IsolatedWorker, WorkerPool
+    from medsam_engine.pipeline.io.isolate import IsolatedWorker, WorkerPool
 
 log = logging.getLogger(__name__)
 

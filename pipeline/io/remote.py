@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
-from pipeline.core.atomic import staged_folder
-from pipeline.core.errors import ReadError
-from pipeline.io.archives import safe_member_path
+from medsam_engine.pipeline.core.atomic import staged_folder
+from medsam_engine.pipeline.core.errors import ReadError
+from medsam_engine.pipeline.io.archives import safe_member_path
 
 COMPLETE = ".complete"
 

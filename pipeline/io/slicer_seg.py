@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.atomic import atomic_file
-from pipeline.core.errors import ReadError
-from pipeline.core.orientation import LPS_TO_RAS, canonical_volume
-from pipeline.core.types import Volume
+from medsam_engine.pipeline.core.atomic import atomic_file
+from medsam_engine.pipeline.core.errors import ReadError
+from medsam_engine.pipeline.core.orientation import LPS_TO_RAS, canonical_volume
+from medsam_engine.pipeline.core.types import Volume
 
 _OURS = re.compile(r"label_(\d+)")
 

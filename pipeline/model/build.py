@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.model.checkpoint import LoadedModel
-from pipeline.model.graph_cache import AUTO_ORDER, RUNTIMES, BackendError, Graphs, load_cached, runtime_version
-from pipeline.model.runner import LiteMedSAMRunner, check_graph_backend
+from medsam_engine.pipeline.model.checkpoint import LoadedModel
+from medsam_engine.pipeline.model.graph_cache import AUTO_ORDER, RUNTIMES, BackendError, Graphs, load_cached, runtime_version
+from medsam_engine.pipeline.model.runner import LiteMedSAMRunner, check_graph_backend
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def load_graphs(model: LoadedModel, runtime: str, *, cache_root: str | Path | No
     graphs = load_cached(model.sha256, runtime, cache_root=cache_root, threads=threads)
     if graphs is not None:
         return graphs
-    from pipeline.model.graph_export import provide_graphs  # imports torch: only on a cache miss
+    from medsam_engine.pipeline.model.graph_export import provide_graphs  # imports torch: only on a cache miss
 
     return provide_graphs(model, runtime, cache_root=cache_root, threads=threads)
 

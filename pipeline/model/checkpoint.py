@@ -10,9 +10,9 @@ import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.core.errors import RunError
-from pipeline.core.provenance import file_sha256
-from pipeline.model.framing import FRAMINGS, build_net, detect_kind
+from medsam_engine.pipeline.core.errors import RunError
+from medsam_engine.pipeline.core.provenance import file_sha256
+from medsam_engine.pipeline.model.framing import FRAMINGS, build_net, detect_kind
 
 if TYPE_CHECKING:
     import torch

@@ -31,9 +31,9 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline.core.atomic import write_text_atomic
-from pipeline.core.errors import RunError
-from pipeline.core.provenance import file_sha256
+from medsam_engine.pipeline.core.atomic import write_text_atomic
+from medsam_engine.pipeline.core.errors import RunError
+from medsam_engine.pipeline.core.provenance import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.core.atomic import atomic_file
-from pipeline.core.provenance import file_sha256
-from pipeline.model.checkpoint import LoadedModel
-from pipeline.model.fast_decoder import BoxDecoder, FactoredBoxDecoder
-from pipeline.model.graph_cache import (
+from medsam_engine.pipeline.core.atomic import atomic_file
+from medsam_engine.pipeline.core.provenance import file_sha256
+from medsam_engine.pipeline.model.checkpoint import LoadedModel
+from medsam_engine.pipeline.model.fast_decoder import BoxDecoder, FactoredBoxDecoder
+from medsam_engine.pipeline.model.graph_cache import (
     EMBEDDING_TOLERANCE,
     GRAPH_FORM,
     GRAPHS,

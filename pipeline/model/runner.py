@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from pipeline.model.checkpoint import LoadedModel
-from pipeline.model.devices import gpu_share
-from pipeline.model.graph_cache import BACKENDS, Graphs
+from medsam_engine.pipeline.model.checkpoint import LoadedModel
+from medsam_engine.pipeline.model.devices import gpu_share
+from medsam_engine.pipeline.model.graph_cache import BACKENDS, Graphs
 
 if TYPE_CHECKING:
     import torch
@@ -115,7 +115,7 @@ class LiteMedSAMRunner:
                 raise ValueError(f"Argument 'graphs' is needed for backend {self.backend!r}: build the runner "
                                  "with pipeline.model.build.build_runner, which loads or exports them.")
         else:  # eager torch builds the network now (strict keys); SAM's own decoder modules, the reference
-            from pipeline.model.fast_decoder import BoxDecoder
+            from medsam_engine.pipeline.model.fast_decoder import BoxDecoder
 
             self._box_decoder = BoxDecoder(self.model.net)
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.core.geometry import align_to
-from pipeline.core.metrics import per_label_scores
-from pipeline.io.readers import read_volume, stem_of
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.core.geometry import align_to
+from medsam_engine.pipeline.core.metrics import per_label_scores
+from medsam_engine.pipeline.io.readers import read_volume, stem_of
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 def match_references(store: CaseStore, references: list[str | Path]) -> dict[str, Path]:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.atomic import write_text_atomic
-from pipeline.core.intensity import IntensityConfig, to_uint8
-from pipeline.store.case_store import CaseStore
-from pipeline.store.labels_meta import LabelMeaning, label_colour, meanings_from_properties
+from medsam_engine.pipeline.core.atomic import write_text_atomic
+from medsam_engine.pipeline.core.intensity import IntensityConfig, to_uint8
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.labels_meta import LabelMeaning, label_colour, meanings_from_properties
 
 SCORE_COLUMNS = ("score", "route", "predicted_iou", "stability", "jitter_iou", "coverage", "box_agreement",
                  "slice_iou", "area_jump_max", "drift_max")

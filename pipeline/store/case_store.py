@@ -38,13 +38,13 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from pipeline.core.atomic import create_exclusive, write_text_atomic
-from pipeline.core.errors import StoreConflictError
-from pipeline.core.metrics import present_labels
-from pipeline.core.provenance import utc_stamp, version_id
-from pipeline.core.types import CaseAttributes, CaseIds
-from pipeline.store.labels_meta import describe_labels
-from pipeline.store.leases import HOST, conditional_put, process_alive
+from medsam_engine.pipeline.core.atomic import create_exclusive, write_text_atomic
+from medsam_engine.pipeline.core.errors import StoreConflictError
+from medsam_engine.pipeline.core.metrics import present_labels
+from medsam_engine.pipeline.core.provenance import utc_stamp, version_id
+from medsam_engine.pipeline.core.types import CaseAttributes, CaseIds
+from medsam_engine.pipeline.store.labels_meta import describe_labels
+from medsam_engine.pipeline.store.leases import HOST, conditional_put, process_alive
 
 CASE_SUFFIX = ".ome.zarr"
 UNREAD = object()  # commit_case reads the case's committed attributes itself

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.core.atomic import create_exclusive, write_text_atomic
+from medsam_engine.pipeline.core.atomic import create_exclusive, write_text_atomic
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from pipeline.store.case_store import CaseStore
+    from medsam_engine.pipeline.store.case_store import CaseStore
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pipeline.core.types import CaseAttributes
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.core.types import CaseAttributes
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 ACCEPTED = "accepted"
 AcceptanceRule = Literal["accepted", "accepted-or-unrouted", "accepted-else-all"]

@@ -9,8 +9,8 @@
 """
 from __future__ import annotations
 
-from pipeline.core.provenance import utc_stamp
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.core.provenance import utc_stamp
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 ROUNDS, QUALITY, MODELS, QUARANTINE, WATERMARKS = "_rounds", "_quality", "_models", "_quarantine", "_watermarks"
 PUSHED = "_pushed"  # which committed version of a case was stored in which PACS (pipeline/export/pacs_push.py)

@@ -6,16 +6,16 @@ import errno
 import pytest
 from flywheel_data import shared_runner
 
-from pipeline.annotate import driver
-from pipeline.annotate.config import EngineConfig
-from pipeline.annotate.driver import run_case
-from pipeline.annotate.job import annotate
-from pipeline.annotate.lazy_runner import LazyRunner
-from pipeline.annotate.policy import FailurePolicy
-from pipeline.io.discover import discover
-from pipeline.model.checkpoint import CheckpointError
-from pipeline.store.case_store import CaseStore
-from pipeline.store.records import quarantined
+from medsam_engine.pipeline.annotate import driver
+from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.annotate.driver import run_case
+from medsam_engine.pipeline.annotate.job import annotate
+from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
+from medsam_engine.pipeline.annotate.policy import FailurePolicy
+from medsam_engine.pipeline.io.discover import discover
+from medsam_engine.pipeline.model.checkpoint import CheckpointError
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.records import quarantined
 
 NO_WAIT = FailurePolicy(retries=2, retry_delay_s=0)
 QUARANTINE = FailurePolicy(retries=2, retry_delay_s=0, quarantine=True)
@@ -109,7 +109,7 @@ def test_a_run_works_with_one_opencv_thread_and_a_frozen_heap_and_restores_both(
 
     import cv2
 
-    from pipeline.annotate import job
+    from medsam_engine.pipeline.annotate import job
 
     store, case = broken_case
     seen = []
@@ -135,8 +135,8 @@ def test_a_run_starts_its_readers_at_its_first_read_and_a_rerun_of_committed_cas
         two_tiles, runner, tmp_path, monkeypatch):
     """The readers (one per case worker) start together when the first case is read; a rerun whose cases are
     all committed with the same signature reads nothing and starts no reader process."""
-    from pipeline.io import readers
-    from pipeline.io.isolate import WorkerPool
+    from medsam_engine.pipeline.io import readers
+    from medsam_engine.pipeline.io.isolate import WorkerPool
 
     pools = []
 

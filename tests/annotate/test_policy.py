@@ -5,8 +5,8 @@ import errno
 
 import pytest
 
-from pipeline.annotate.policy import FailurePolicy, with_retries
-from pipeline.core.errors import ReadError, is_transient
+from medsam_engine.pipeline.annotate.policy import FailurePolicy, with_retries
+from medsam_engine.pipeline.core.errors import ReadError, is_transient
 
 
 def test_only_io_hiccups_are_transient():
@@ -45,8 +45,8 @@ def test_with_retries_repeats_transient_failures_only():
 
 
 def test_failures_are_sorted_into_quarantined_and_retried_next_run():
-    from pipeline.annotate.policy import RETRY_NEXT_RUN, failure_of
-    from pipeline.io.isolate import WorkerCrash
+    from medsam_engine.pipeline.annotate.policy import RETRY_NEXT_RUN, failure_of
+    from medsam_engine.pipeline.io.isolate import WorkerCrash
 
     def read_error(why: str) -> ReadError:
         try:

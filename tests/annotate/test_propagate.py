@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from detectors import compile_boxes, object_boxes
-from pipeline.annotate.propagate import PropagateRules, _advance, _Canvas, _Track, propagate_volume
-from pipeline.core.geometry import align_to
-from pipeline.core.intensity import to_uint8
-from pipeline.core.metrics import dice
-from pipeline.core.types import ObjectBox
-from pipeline.io.readers import read_volume
+from medsam_engine.detectors import compile_boxes, object_boxes
+from medsam_engine.pipeline.annotate.propagate import PropagateRules, _advance, _Canvas, _Track, propagate_volume
+from medsam_engine.pipeline.core.geometry import align_to
+from medsam_engine.pipeline.core.intensity import to_uint8
+from medsam_engine.pipeline.core.metrics import dice
+from medsam_engine.pipeline.core.types import ObjectBox
+from medsam_engine.pipeline.io.readers import read_volume
 
 
 def test_propagation_from_the_middle_slice_segments_both_lungs(runner, small_chest):
@@ -36,7 +36,7 @@ def test_propagation_from_the_middle_slice_segments_both_lungs(runner, small_che
 
 
 def _lung():
-    from pipeline.core.intensity import IntensityConfig
+    from medsam_engine.pipeline.core.intensity import IntensityConfig
 
     return IntensityConfig(ct_level=-600, ct_width=1500)
 
@@ -71,7 +71,7 @@ def test_a_direction_stops_when_the_mask_jumps_away():
 def test_jitter_check_scores_each_seed_and_never_changes_the_masks(runner, small_chest):
     """Propagate mode's jitter check: one extra jittered box per object on its seed slice, in the seeds'
     decoder call; the masks are those of the run without the check."""
-    from pipeline.annotate.quality import JitterCheck
+    from medsam_engine.pipeline.annotate.quality import JitterCheck
 
     volume = read_volume(small_chest[0])
     reference = align_to(read_volume(small_chest[1]), volume)

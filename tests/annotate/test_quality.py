@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.annotate.config import EngineConfig
-from pipeline.annotate.quality import (
+from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.annotate.quality import (
     auc,
     case_status,
     fit_calibration,
@@ -16,7 +16,7 @@ from pipeline.annotate.quality import (
     score,
     stability_scores,
 )
-from pipeline.core.boxes import jitter_boxes
+from medsam_engine.pipeline.core.boxes import jitter_boxes
 
 
 def test_stability_is_the_iou_of_the_masks_at_plus_and_minus_the_offset():
@@ -103,12 +103,12 @@ def test_routing_settings_stay_out_of_the_mask_signature():
 
 
 def test_segmentation_records_stability_and_jitter_agreement(runner, small_chest):
-    from detectors import compile_boxes
-    from pipeline.annotate.quality import JitterCheck
-    from pipeline.annotate.segment import segment_volume
-    from pipeline.core.geometry import align_to
-    from pipeline.core.intensity import IntensityConfig, to_uint8
-    from pipeline.io.readers import read_volume
+    from medsam_engine.detectors import compile_boxes
+    from medsam_engine.pipeline.annotate.quality import JitterCheck
+    from medsam_engine.pipeline.annotate.segment import segment_volume
+    from medsam_engine.pipeline.core.geometry import align_to
+    from medsam_engine.pipeline.core.intensity import IntensityConfig, to_uint8
+    from medsam_engine.pipeline.io.readers import read_volume
 
     volume = read_volume(small_chest[0])
     reference = align_to(read_volume(small_chest[1]), volume)
@@ -136,7 +136,7 @@ def test_quality_module_is_numpy_only():
 def _geometry_reference(masks: dict, boxes: dict) -> dict:
     """The area-based checks written plainly (whole-plane sums for every area, union and intersection); the
     drift checks did not change and are left out."""
-    from pipeline.core.boxes import box_iou
+    from medsam_engine.pipeline.core.boxes import box_iou
 
     zs = sorted(masks)
     filled = [z for z in zs if masks[z].sum() > 0]

@@ -6,8 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pipeline.annotate.segment import SliceResolver, resolve_slice
-from pipeline.model.runner import SIGMOID_HALF
+from medsam_engine.pipeline.annotate.segment import SliceResolver, resolve_slice
+from medsam_engine.pipeline.model.runner import SIGMOID_HALF
 
 EDGES = [-3.0, 0.0, float(SIGMOID_HALF), float(np.nextafter(SIGMOID_HALF, np.float32(1))), 0.5, 2.0, 7.0]
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pipeline.annotate.shared_runner import SharedRunner
-from pipeline.model.runner import SliceEmbedding
+from medsam_engine.pipeline.annotate.shared_runner import SharedRunner
+from medsam_engine.pipeline.model.runner import SliceEmbedding
 
 
 class RecordingEncoder:
@@ -97,11 +97,11 @@ def test_an_encoder_error_reaches_every_caller_of_its_batch_and_no_other():
 def test_shared_batches_on_real_2d_cases_give_the_masks_of_case_by_case_runs(nuclei_tiles, tmp_path):
     """Four small nuclei cases, in flight together with their encoder calls merged (the CPU graphs take any
     batch): fewer encoder calls than slices, and the same masks as one case at a time."""
-    from pipeline.annotate.config import EngineConfig
-    from pipeline.annotate.job import annotate
-    from pipeline.core.metrics import dice
-    from pipeline.io.discover import discover
-    from pipeline.store.case_store import CaseStore
+    from medsam_engine.pipeline.annotate.config import EngineConfig
+    from medsam_engine.pipeline.annotate.job import annotate
+    from medsam_engine.pipeline.core.metrics import dice
+    from medsam_engine.pipeline.io.discover import discover
+    from medsam_engine.pipeline.store.case_store import CaseStore
 
     images, masks = nuclei_tiles
     maps = {}

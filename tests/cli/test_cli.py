@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import make_archive
 
-from pipeline.cli.main import main
-from pipeline.io.readers import read_volume
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.cli.main import main
+from medsam_engine.pipeline.io.readers import read_volume
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_2d_png_with_many_instance_boxes(nuclei_2d, tmp_path):
     reference = read_volume(nuclei_2d[1]).array
     assert labels.shape == (1, 256, 256)
     assert len(attrs.instances) >= 20
-    from pipeline.core.metrics import dice
+    from medsam_engine.pipeline.core.metrics import dice
 
     assert dice(labels > 0, reference > 0) > 0.7
     out = tmp_path / "nifti"

@@ -8,13 +8,13 @@ import sys
 
 import numpy as np
 
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 def test_two_runs_started_together_commit_each_case_once(nuclei_tiles, tmp_path):
     images, masks = nuclei_tiles
     store = tmp_path / "store"
-    command = [sys.executable, "-m", "pipeline.cli.main", "annotate", str(images), "--coarse-mask", str(masks),
+    command = [sys.executable, "-m", "medsam_engine.pipeline.cli.main", "annotate", str(images), "--coarse-mask", str(masks),
                "--out", str(store)]
     runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [run.communicate(timeout=900) for run in runs]

@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 
-from pipeline.cli.main import _parser, main
-from pipeline.core.provenance import package_version
+from medsam_engine.pipeline.cli.main import _parser, main
+from medsam_engine.pipeline.core.provenance import package_version
 
 
 def _parsers(parser: argparse.ArgumentParser, path: str = "medsam-engine"):
@@ -57,7 +57,7 @@ def test_log_lines_carry_a_timestamp_and_third_party_warnings_stay_out(tmp_path,
     (tmp_path / "broken.png").write_bytes(b"not a PNG")
     (tmp_path / "broken_mask.png").write_bytes(b"not a PNG either")
     (tmp_path / "config.yaml").write_text("model:\n  backend: torch\n")
-    command = [sys.executable, "-m", "pipeline.cli.main", "annotate", str(tmp_path / "crop.png"),
+    command = [sys.executable, "-m", "medsam_engine.pipeline.cli.main", "annotate", str(tmp_path / "crop.png"),
                str(tmp_path / "broken.png"), "--coarse-mask", str(tmp_path / "crop_mask.png"),
                str(tmp_path / "broken_mask.png"), "--out", str(tmp_path / "store"), "--config",
                str(tmp_path / "config.yaml"), "-v"]

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from killing import kill_at
 
-from pipeline.cli.main import main
-from pipeline.core.provenance import file_sha256
-from pipeline.flywheel.registry import registered_models
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.cli.main import main
+from medsam_engine.pipeline.core.provenance import file_sha256
+from medsam_engine.pipeline.flywheel.registry import registered_models
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 def _annotate_argv(two_tiles, store) -> list[str]:
@@ -31,10 +31,10 @@ def _check_whole(store: CaseStore) -> None:
 
 
 @pytest.mark.parametrize("target, nth, committed", [
-    ("pipeline.annotate.driver:read_case", 2, 0),  # reading the second case ahead, the first in the model
-    ("pipeline.annotate.driver:segment_volume", 1, 0),  # in the model
-    ("pipeline.store.case_store:image_label_metadata", 2, 1),  # mid-commit: the second case being encoded
-    ("pipeline.store.case_store:CaseStore.write_run", 1, 2),  # every case committed, the run record not yet
+    ("medsam_engine.pipeline.annotate.driver:read_case", 2, 0),  # reading the second case ahead, the first in the model
+    ("medsam_engine.pipeline.annotate.driver:segment_volume", 1, 0),  # in the model
+    ("medsam_engine.pipeline.store.case_store:image_label_metadata", 2, 1),  # mid-commit: the second case being encoded
+    ("medsam_engine.pipeline.store.case_store:CaseStore.write_run", 1, 2),  # every case committed, the run record not yet
 ], ids=["read", "model", "commit", "run-record"])
 def test_annotate_killed_then_rerun(two_tiles, tiles_reference, tmp_path, target, nth, committed):
     store = CaseStore(tmp_path / "store")
@@ -63,7 +63,7 @@ def test_an_export_killed_over_an_older_one_leaves_the_older_one_whole(two_tiles
     assert main(argv) == 0
     (dataset,) = out.iterdir()
     before = _visible_files(out)
-    kill_at("pipeline.export.nnunet:_write_case", argv, tmp_path, nth=2)
+    kill_at("medsam_engine.pipeline.export.nnunet:_write_case", argv, tmp_path, nth=2)
     assert _visible_files(out) == before  # the earlier export, untouched (the killed one's is a hidden .partial)
     assert main(argv) == 0
     meta = json.loads((dataset / "dataset.json").read_text())
@@ -74,7 +74,7 @@ def test_the_loop_killed_at_each_step_then_rerun(two_tiles, tmp_path, capsys):
     """round run -> review import -> finetune, each killed once mid-way and run again."""
     store = CaseStore(tmp_path / "store")
     round_argv = ["round", "run", str(two_tiles[0]), "--store", str(store.root), "--coarse-mask", str(two_tiles[1])]
-    kill_at("pipeline.flywheel.rounds:export_queue", round_argv, tmp_path)  # annotated; queue, record not yet
+    kill_at("medsam_engine.pipeline.flywheel.rounds:export_queue", round_argv, tmp_path)  # annotated; queue, record not yet
     assert main(round_argv) == 0
     rounds = sorted(p.name for p in (store.root / "_rounds").glob("round-*.json"))
     assert rounds == ["round-001.json"]  # the killed round is the one completed, not a second round
@@ -85,7 +85,7 @@ def test_the_loop_killed_at_each_step_then_rerun(two_tiles, tmp_path, capsys):
     corrections = tmp_path / "corrections"
     shutil.copytree(two_tiles[1], corrections)  # the reviewer's corrected masks, named like the inputs
     import_argv = ["review", "import", str(store.root), str(corrections), "--reviewer", "dr-kill"]
-    kill_at("pipeline.flywheel.review:_commit_review", import_argv, tmp_path, nth=2)  # one case imported
+    kill_at("medsam_engine.pipeline.flywheel.review:_commit_review", import_argv, tmp_path, nth=2)  # one case imported
     first = [c for c in store.committed_cases() if store.attributes(c).review_status == "accepted"]
     assert len(first) == 1
     review_before = store.attributes(first[0]).raw["review"]
@@ -105,7 +105,7 @@ def test_the_loop_killed_at_each_step_then_rerun(two_tiles, tmp_path, capsys):
                      "--no-augment"]
     kill_at("torch:save", finetune_argv, tmp_path)  # writing the checkpoint
     assert not checkpoint.exists() and registered_models(store) == []
-    kill_at("pipeline.flywheel.finetune:register", finetune_argv, tmp_path)  # saved, not registered
+    kill_at("medsam_engine.pipeline.flywheel.finetune:register", finetune_argv, tmp_path)  # saved, not registered
     assert checkpoint.exists() and registered_models(store) == []
     assert main(finetune_argv) == 0
     (model,) = registered_models(store)

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from pipeline.core.atomic import atomic_file, create_exclusive, staged_folder, write_text_atomic
+from medsam_engine.pipeline.core.atomic import atomic_file, create_exclusive, staged_folder, write_text_atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_partial(tmp_path):

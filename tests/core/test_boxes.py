@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.core.boxes import jitter_boxes
+from medsam_engine.pipeline.core.boxes import jitter_boxes
 
 
 def test_voxel_boxes_move_by_whole_pixels_within_the_fraction_and_the_slice():

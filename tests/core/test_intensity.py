@@ -6,8 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pipeline.core.intensity import IntensityConfig, to_uint8
-from pipeline.io.readers import read_volume
+from medsam_engine.pipeline.core.intensity import IntensityConfig, to_uint8
+from medsam_engine.pipeline.io.readers import read_volume
 
 
 def test_ct_window_is_the_same_whatever_the_slab_size(chest_ct):

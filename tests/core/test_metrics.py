@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pipeline.core.metrics import present_labels
+from medsam_engine.pipeline.core.metrics import present_labels
 
 
 @given(hnp.arrays(st.sampled_from([np.uint8, np.uint16, np.int32, np.uint32]),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from pipeline.core.provenance import file_sha256, files_sha256, package_version, utc_stamp, version_id
+from medsam_engine.pipeline.core.provenance import file_sha256, files_sha256, package_version, utc_stamp, version_id
 
 
 def test_utc_stamps_are_iso_8601():

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detectors import get_spec
-from detectors.coarse_mask import boxes_from_label_map
+from medsam_engine.detectors import get_spec
+from medsam_engine.detectors.coarse_mask import boxes_from_label_map
 
 
 def test_two_blobs_of_one_label_are_two_instances():
@@ -48,8 +48,8 @@ def test_negative_margin_and_unknown_detector_are_refused():
 
 
 # -- box rules in millimetres ----------------------------------------------------------------------------
-from detectors import BoxRules, build_detector, compile_boxes, object_boxes  # noqa: E402
-from detectors.evaluation import box_iou, match_boxes  # noqa: E402
+from medsam_engine.detectors import BoxRules, build_detector, compile_boxes, object_boxes  # noqa: E402
+from medsam_engine.detectors.evaluation import box_iou, match_boxes  # noqa: E402
 
 
 def test_margin_in_mm_respects_anisotropic_pixels():
@@ -115,9 +115,9 @@ def test_box_matching_is_one_to_one():
 
 # -- intensity rules on real data ------------------------------------------------------------------------
 def test_intensity_rules_find_both_lungs_on_the_right_side_of_real_ct(chest_ct):
-    from pipeline.core.geometry import align_to
-    from pipeline.core.metrics import dice
-    from pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.core.geometry import align_to
+    from medsam_engine.pipeline.core.metrics import dice
+    from medsam_engine.pipeline.io.readers import read_volume
 
     volume = read_volume(chest_ct[0])
     reference = align_to(read_volume(chest_ct[1]), volume)  # slicerio: 5 right lung, 6 left lung
@@ -132,7 +132,7 @@ def test_intensity_rules_find_both_lungs_on_the_right_side_of_real_ct(chest_ct):
 def test_intensity_blobs_split_touching_real_nuclei(nuclei_2d):
     from scipy import ndimage
 
-    from pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.io.readers import read_volume
 
     image, mask = read_volume(nuclei_2d[0]), read_volume(nuclei_2d[1]).array[0]
     detection = build_detector("intensity")(image)
@@ -144,7 +144,7 @@ def test_intensity_blobs_split_touching_real_nuclei(nuclei_2d):
 
 
 def test_unknown_intensity_target_names_the_modality(small_chest):
-    from pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.io.readers import read_volume
 
     with pytest.raises(ValueError, match="head.*CT"):
         build_detector("intensity", options={"targets": {"head": 1}})(read_volume(small_chest[0]))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flywheel_data import commit_lungs_case
 
-from pipeline.cli.main import main
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.cli.main import main
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def test_detector_train_writes_a_versioned_artefact_with_metrics(accepted_store,
     code = main(["detector", "train", "--store", str(accepted_store.root), "--out", str(out), "--epochs", "40"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    from detectors.learned import load_artefact
+    from medsam_engine.detectors.learned import load_artefact
 
     head, meta, sha = load_artefact(out)
     assert report["version"] == sha and meta["labels"] == [5, 6] == report["labels"]

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from pipeline.core.outcome import CaseOutcome
-from pipeline.distributed.ray_pool import NodeResources, PoolOptions, plan_actors
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.core.outcome import CaseOutcome
+from medsam_engine.pipeline.distributed.ray_pool import NodeResources, PoolOptions, plan_actors
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 @pytest.mark.parametrize("nodes, options, expected", [
@@ -43,9 +43,9 @@ def test_a_case_that_kills_two_workers_is_failed_and_quarantined_and_the_others_
                                                                                           tmp_path):
     import ray
 
-    from pipeline.annotate.config import EngineConfig
-    from pipeline.distributed.ray_pool import Job, drive
-    from pipeline.store.records import quarantined
+    from medsam_engine.pipeline.annotate.config import EngineConfig
+    from medsam_engine.pipeline.distributed.ray_pool import Job, drive
+    from medsam_engine.pipeline.store.records import quarantined
 
     class Fragile:  # defined here so that Ray ships it by value
         def annotate_case(self, case, store_url, run_id, **_):
@@ -90,9 +90,9 @@ def test_a_given_ray_token_turns_on_token_auth_for_an_explicit_address(tmp_path)
 def test_a_store_that_cannot_be_written_stops_the_ray_run_with_its_reason(ray_cluster, tmp_path):
     import ray
 
-    from pipeline.annotate.config import EngineConfig
-    from pipeline.core.errors import StoreUnavailableError
-    from pipeline.distributed.ray_pool import Job, drive
+    from medsam_engine.pipeline.annotate.config import EngineConfig
+    from medsam_engine.pipeline.core.errors import StoreUnavailableError
+    from medsam_engine.pipeline.distributed.ray_pool import Job, drive
 
     class FullDisk:  # raises what the per-case driver raises when the store's disk is full
         def annotate_case(self, case, store_url, run_id, **_):
@@ -113,8 +113,8 @@ def test_a_store_that_cannot_be_written_stops_the_ray_run_with_its_reason(ray_cl
 def test_a_cpu_actor_sees_no_gpu(ray_cluster):
     import ray
 
-    from pipeline.annotate.config import EngineConfig
-    from pipeline.distributed.ray_pool import Annotator
+    from medsam_engine.pipeline.annotate.config import EngineConfig
+    from medsam_engine.pipeline.distributed.ray_pool import Annotator
 
     probe = ray.remote(Annotator).options(num_cpus=0, num_gpus=0).remote(EngineConfig().model_dump_json(), 1)
     env = ray.get(probe.__ray_call__.remote(lambda self: os.environ.get("CUDA_VISIBLE_DEVICES")))

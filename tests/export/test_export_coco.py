@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from conftest import commit_from_source
 
-from pipeline.export.coco import decode_rle, encode_rle
-from pipeline.export.formats import export_store
-from pipeline.io.readers import read_volume
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.export.coco import decode_rle, encode_rle
+from medsam_engine.pipeline.export.formats import export_store
+from medsam_engine.pipeline.io.readers import read_volume
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 # pycocotools' decoder predates numpy 2's __array__(copy=) protocol; the warning is harmless
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import commit_from_source
 
-from pipeline.export.formats import export_store
-from pipeline.io.readers import read_volume
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.export.formats import export_store
+from medsam_engine.pipeline.io.readers import read_volume
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def _two_case_store(root, small_chest, small_chest_nifti, chest_label_names, *, 
 
 def test_an_export_over_an_older_one_holds_exactly_its_own_cases(tmp_path, small_chest, small_chest_nifti,
                                                                   chest_label_names):
-    from pipeline.cli.main import main
+    from medsam_engine.pipeline.cli.main import main
 
     two = _two_case_store(tmp_path / "two", small_chest, small_chest_nifti, chest_label_names, cases=2)
     one = _two_case_store(tmp_path / "one", small_chest, small_chest_nifti, chest_label_names, cases=1)
@@ -93,7 +93,7 @@ def test_an_export_over_an_older_one_holds_exactly_its_own_cases(tmp_path, small
 
 def test_a_folder_the_engine_did_not_write_is_refused_and_left_alone(tmp_path, small_chest, small_chest_nifti,
                                                                      chest_label_names, capsys):
-    from pipeline.cli.main import main
+    from medsam_engine.pipeline.cli.main import main
 
     store = _two_case_store(tmp_path / "store", small_chest, small_chest_nifti, chest_label_names, cases=1)
     foreign = tmp_path / "someone-elses"

@@ -13,11 +13,11 @@ import pydicom
 import pytest
 from conftest import commit_from_source
 
-from pipeline.core.geometry import align_to
-from pipeline.export.dicom_seg import algorithm_type
-from pipeline.export.formats import export_store
-from pipeline.io.readers import read_volume
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.core.geometry import align_to
+from medsam_engine.pipeline.export.dicom_seg import algorithm_type
+from medsam_engine.pipeline.export.formats import export_store
+from medsam_engine.pipeline.io.readers import read_volume
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from flows.sharding import balance, estimate_slices
-from flows.watermark import Entry, check_name, next_mark, read_mark, select_new, study_entries, write_mark
-from pipeline.core.types import CaseRef
-from pipeline.store.case_store import CaseStore
+from medsam_engine.flows.sharding import balance, estimate_slices
+from medsam_engine.flows.watermark import Entry, check_name, next_mark, read_mark, select_new, study_entries, write_mark
+from medsam_engine.pipeline.core.types import CaseRef
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 def test_balance_groups_cases_into_shards_of_near_equal_slices():
@@ -60,8 +60,8 @@ def test_summary_counts_label_volumes_lazily_from_the_store(tmp_path, small_ches
     import nrrd
     from conftest import commit_from_source
 
-    from flows.summary import label_volumes_ml
-    from pipeline.io.readers import read_volume
+    from medsam_engine.flows.summary import label_volumes_ml
+    from medsam_engine.pipeline.io.readers import read_volume
 
     store = CaseStore(tmp_path / "store")
     labels = read_volume(small_chest[1]).array.astype(np.uint16)
@@ -75,7 +75,7 @@ def test_summary_counts_label_volumes_lazily_from_the_store(tmp_path, small_ches
 
 
 def test_ray_options_need_the_ray_engine(tmp_path, small_chest):
-    from pipeline.cli.main import main
+    from medsam_engine.pipeline.cli.main import main
 
     code = main(["annotate", str(small_chest[0]), "--out", str(tmp_path / "s"), "--coarse-mask",
                  str(small_chest[1]), "--actors", "2"])

@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 from conftest import release_warm_actors
 
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 REPO = Path(__file__).resolve().parents[2]
 WARM = {"keep_actors": True}  # keep the actors' models between the tests of this process
 
 
 def run_flow(images: Path, masks: Path, store: Path, **options) -> dict:
-    from flows.annotate import FailurePolicy, RunOptions, annotate_archive
-    from pipeline.distributed.ray_pool import PoolOptions
+    from medsam_engine.flows.annotate import FailurePolicy, RunOptions, annotate_archive
+    from medsam_engine.pipeline.distributed.ray_pool import PoolOptions
 
     return annotate_archive(inputs=[str(images)], out=str(store), coarse_masks=[str(masks)],
                             run=RunOptions(**options.get("run", {})),
@@ -104,8 +104,8 @@ def test_rerun_does_only_what_is_missing(annotated, flow_archive, tmp_path):
 
 def test_failures_are_recorded_quarantined_and_fail_the_run_only_above_the_fraction(annotated, flow_archive,
                                                                                        tmp_path):
-    from flows.annotate import TooManyFailures
-    from pipeline.store.records import quarantined
+    from medsam_engine.flows.annotate import TooManyFailures
+    from medsam_engine.pipeline.store.records import quarantined
 
     images = Path(shutil.copytree(flow_archive[0], tmp_path / "images"))
     masks = Path(shutil.copytree(flow_archive[1], tmp_path / "masks"))
@@ -132,8 +132,8 @@ def test_failures_are_recorded_quarantined_and_fail_the_run_only_above_the_fract
 def _actor_pid(index: int) -> int:
     import ray
 
-    from pipeline.annotate.config import EngineConfig
-    from pipeline.distributed.ray_pool import PoolOptions, cluster_nodes, get_annotator, plan_actors
+    from medsam_engine.pipeline.annotate.config import EngineConfig
+    from medsam_engine.pipeline.distributed.ray_pool import PoolOptions, cluster_nodes, get_annotator, plan_actors
 
     plan = plan_actors(cluster_nodes(), PoolOptions())
     actor = get_annotator(plan, index, EngineConfig().model_dump_json())
@@ -189,7 +189,7 @@ def test_a_run_killed_mid_way_is_finished_by_the_rerun_with_identical_masks(anno
                                                                             ray_cluster):
     store = tmp_path / "store"
     release_warm_actors()
-    command = [sys.executable, "-m", "pipeline.cli.main", "annotate", str(flow_archive[0]), "--out", str(store),
+    command = [sys.executable, "-m", "medsam_engine.pipeline.cli.main", "annotate", str(flow_archive[0]), "--out", str(store),
                "--coarse-mask", str(flow_archive[1]), "--engine", "ray", "--ray-address", ray_cluster.address]
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
@@ -211,7 +211,7 @@ def test_a_run_killed_mid_way_is_finished_by_the_rerun_with_identical_masks(anno
 
 
 def test_watermark_takes_only_studies_new_since_the_last_successful_run(annotated, flow_archive, tmp_path):
-    from flows.watermark import read_mark
+    from medsam_engine.flows.watermark import read_mark
 
     images = Path(shutil.copytree(flow_archive[0], tmp_path / "images"))
     masks = Path(shutil.copytree(flow_archive[1], tmp_path / "masks"))
@@ -229,8 +229,8 @@ def test_watermark_takes_only_studies_new_since_the_last_successful_run(annotate
 
 
 def test_round_run_on_ray_from_the_command_line(flow_archive, tmp_path, ray_cluster, capsys):
-    from pipeline.cli.main import main
-    from pipeline.store.records import ROUNDS, read_record
+    from medsam_engine.pipeline.cli.main import main
+    from medsam_engine.pipeline.store.records import ROUNDS, read_record
 
     release_warm_actors()
     store = tmp_path / "store"

@@ -19,13 +19,13 @@ from conftest import complete_dicom_headers, release_warm_actors, write_ct_serie
 from orthanc import MISSING, ORTHANC, PASSWORD, PLUGIN, USER, running_orthanc
 from seg_making import reviewer_seg
 
-from pipeline.cli.main import main
-from pipeline.core.geometry import align_to
-from pipeline.flywheel.registry import current_model
-from pipeline.io.dicomweb import stow
-from pipeline.io.readers import read_volume
-from pipeline.store.case_store import CaseStore
-from pipeline.store.records import ROUNDS, read_record
+from medsam_engine.pipeline.cli.main import main
+from medsam_engine.pipeline.core.geometry import align_to
+from medsam_engine.pipeline.flywheel.registry import current_model
+from medsam_engine.pipeline.io.dicomweb import stow
+from medsam_engine.pipeline.io.readers import read_volume
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.records import ROUNDS, read_record
 
 pytestmark = pytest.mark.skipif(ORTHANC is None or PLUGIN is None, reason=MISSING)
 
@@ -86,10 +86,10 @@ def test_nightly_round_from_the_pacs_reviewed_finetuned_and_the_next_night(pacs,
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL
 
-    from flows.annotate import RunOptions
-    from flows.round import flywheel_round
-    from flows.watermark import read_mark
-    from pipeline.distributed.ray_pool import PoolOptions
+    from medsam_engine.flows.annotate import RunOptions
+    from medsam_engine.flows.round import flywheel_round
+    from medsam_engine.flows.watermark import read_mark
+    from medsam_engine.pipeline.distributed.ray_pool import PoolOptions
 
     release_warm_actors()  # the worker's flow run is another driver: it needs the cluster's CPUs
     # the actors download the series themselves: they find the login in a credentials file (its path is
@@ -168,9 +168,9 @@ def test_nightly_round_from_the_pacs_reviewed_finetuned_and_the_next_night(pacs,
 
 def test_a_wrong_password_stops_the_night_with_one_clear_error_before_any_case(pacs, prefect_server, tmp_path,
                                                                               monkeypatch):
-    from flows.annotate import RunOptions
-    from flows.round import flywheel_round
-    from pipeline.core.errors import ReadError
+    from medsam_engine.flows.annotate import RunOptions
+    from medsam_engine.flows.round import flywheel_round
+    from medsam_engine.pipeline.core.errors import ReadError
 
     monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_PASSWORD", "not-the-password")
     store = tmp_path / "store"

@@ -9,14 +9,14 @@ import pytest
 import torch
 from flywheel_data import commit_lungs_case
 
-from pipeline.annotate.config import EngineConfig
-from pipeline.cli.main import main
-from pipeline.core.provenance import file_sha256
-from pipeline.flywheel.finetune import FinetuneOptions, finetune
-from pipeline.flywheel.finetune_data import SliceSample
-from pipeline.flywheel.registry import current_model
-from pipeline.model.checkpoint import LITE_MEDSAM_SHA256, load_lite_medsam
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.cli.main import main
+from medsam_engine.pipeline.core.provenance import file_sha256
+from medsam_engine.pipeline.flywheel.finetune import FinetuneOptions, finetune
+from medsam_engine.pipeline.flywheel.finetune_data import SliceSample
+from medsam_engine.pipeline.flywheel.registry import current_model
+from medsam_engine.pipeline.model.checkpoint import LITE_MEDSAM_SHA256, load_lite_medsam
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 # decoder-only (the encoder stays the official one), two short epochs that learn on the four lung slices
 TINY = FinetuneOptions(epochs=2, boxes_per_epoch=8, boxes_per_step=4, lr=2e-4, promote="if-better",
@@ -40,7 +40,7 @@ def _without_models(store: CaseStore, tmp_path) -> CaseStore:
 
 
 def test_finetune_from_a_store_registers_a_strict_loadable_model(accepted_store, runner, tmp_path):
-    from pipeline.flywheel.finetune import retrain_detector
+    from medsam_engine.pipeline.flywheel.finetune import retrain_detector
 
     decoder_before = {k: v.clone() for k, v in runner.model.net.mask_decoder.state_dict().items()}
     out = tmp_path / "round1.pth"
@@ -115,8 +115,8 @@ def test_a_challenger_that_does_not_beat_the_current_model_is_held_and_any_model
 def test_finetune_of_the_last_encoder_stage_from_cached_activations(accepted_store, runner, tmp_path):
     from dataclasses import replace
 
-    from pipeline.flywheel.finetune import _embed, trained_prefixes
-    from pipeline.flywheel.finetune_data import store_samples
+    from medsam_engine.pipeline.flywheel.finetune import _embed, trained_prefixes
+    from medsam_engine.pipeline.flywheel.finetune_data import store_samples
 
     options = replace(TINY, encoder_stages=1, max_slices=2, promote="never", epochs=1, lr=5e-4)
     staged, _ = store_samples(accepted_store, runner, options)
@@ -140,8 +140,8 @@ def test_finetune_of_the_last_encoder_stage_from_cached_activations(accepted_sto
 
 
 def test_augmented_slices_keep_every_box_on_its_mask(chest_ct):
-    from pipeline.flywheel.finetune_data import AUGMENTATIONS, transform_slice
-    from pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.flywheel.finetune_data import AUGMENTATIONS, transform_slice
+    from medsam_engine.pipeline.io.readers import read_volume
 
     volume, labels = read_volume(chest_ct[0]), read_volume(chest_ct[1]).array
     z = int(np.argmax([(np.isin(labels[k], (5, 6))).sum() for k in range(labels.shape[0])]))
@@ -226,10 +226,10 @@ def test_whole_model_finetune_on_cuda(accepted_store, tmp_path):
 def test_finetune_objects_follow_the_box_compilers_size_filter_and_margins(chest_ct):
     """Fine-tuning learns from the boxes annotate would give: objects under the rules' minimum size are
     left out and boxes carry the rules' margins, as detectors/coarse_mask.compile_boxes makes them."""
-    from detectors.coarse_mask import BoxRules, compile_boxes
-    from pipeline.core.geometry import align_to
-    from pipeline.flywheel.finetune_data import slice_objects
-    from pipeline.io.readers import read_volume
+    from medsam_engine.detectors.coarse_mask import BoxRules, compile_boxes
+    from medsam_engine.pipeline.core.geometry import align_to
+    from medsam_engine.pipeline.flywheel.finetune_data import slice_objects
+    from medsam_engine.pipeline.io.readers import read_volume
 
     volume = read_volume(chest_ct[0])
     labels = align_to(read_volume(chest_ct[1]), volume).astype(np.uint16)
@@ -245,7 +245,7 @@ def test_finetune_objects_follow_the_box_compilers_size_filter_and_margins(chest
 
 
 def test_one_slice_cannot_be_split_by_case_or_z():
-    from pipeline.flywheel.detector_training import split_by_case_or_z
+    from medsam_engine.pipeline.flywheel.detector_training import split_by_case_or_z
 
     assert split_by_case_or_z([_sample("a", 0, [5, 15])], 0.25) is None
     train, held, how = split_by_case_or_z([_sample("a", z, [5]) for z in range(4)], 0.25)
@@ -253,7 +253,7 @@ def test_one_slice_cannot_be_split_by_case_or_z():
 
 
 def test_boxes_of_labels_the_reviewer_changed_more_are_drawn_more_often():
-    from pipeline.flywheel.finetune import _epoch_steps
+    from medsam_engine.pipeline.flywheel.finetune import _epoch_steps
 
     kept, redrawn = _sample("c0", 0, [10, 20, 30, 40]), _sample("c0", 1, [10, 20, 30, 40])
     kept.weights, redrawn.weights = np.ones(4), np.full(4, 2.0)  # edit Dice 1.0 vs 0.0

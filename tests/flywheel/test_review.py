@@ -10,12 +10,12 @@ import pytest
 import zarr
 from flywheel_data import case_of, lung_inputs, shared_runner
 
-from pipeline.annotate.config import EngineConfig
-from pipeline.cli.main import main
-from pipeline.core.metrics import dice
-from pipeline.flywheel.rounds import run_round
-from pipeline.io.discover import discover
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.cli.main import main
+from medsam_engine.pipeline.core.metrics import dice
+from medsam_engine.pipeline.flywheel.rounds import run_round
+from medsam_engine.pipeline.io.discover import discover
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_a_bad_correction_imports_nothing(routed, tmp_path, small_chest, capsys)
 
 
 def test_import_records_the_edit_and_accepts_the_case(routed, tmp_path, capsys):
-    from pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.io.readers import read_volume
 
     store = copy_store(routed, tmp_path)
     case_a = case_of(store, "chest_a")
@@ -108,7 +108,7 @@ def test_import_records_the_edit_and_accepts_the_case(routed, tmp_path, capsys):
 
 
 def test_an_edited_ome_zarr_from_napari_imports_too(routed, tmp_path):
-    from pipeline.flywheel.review import export_queue, import_corrections
+    from medsam_engine.pipeline.flywheel.review import export_queue, import_corrections
 
     store = copy_store(routed, tmp_path)
     case_b = case_of(store, "chest_b")
@@ -128,7 +128,7 @@ def test_an_edited_ome_zarr_from_napari_imports_too(routed, tmp_path):
 
 
 def test_queue_of_a_dicom_series_carries_a_dicom_seg(routed, chest_series, runner, tmp_path):
-    from pipeline.flywheel.review import export_queue
+    from medsam_engine.pipeline.flywheel.review import export_queue
 
     store = CaseStore(tmp_path / "store")
     config = EngineConfig().with_overrides(quality={"accept_above": 1.0, "reject_below": 0.0})

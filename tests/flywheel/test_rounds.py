@@ -9,22 +9,22 @@ import numpy as np
 import pytest
 from flywheel_data import case_of, lung_inputs, shared_runner
 
-from pipeline.annotate.config import EngineConfig
-from pipeline.cli.main import main
-from pipeline.flywheel.finetune import FinetuneOptions, finetune
-from pipeline.flywheel.review import import_corrections
-from pipeline.flywheel.rounds import round_rows, run_round
-from pipeline.io.discover import discover
-from pipeline.store.case_store import CaseStore
-from pipeline.store.records import ROUNDS
+from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.cli.main import main
+from medsam_engine.pipeline.flywheel.finetune import FinetuneOptions, finetune
+from medsam_engine.pipeline.flywheel.review import import_corrections
+from medsam_engine.pipeline.flywheel.rounds import round_rows, run_round
+from medsam_engine.pipeline.io.discover import discover
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.records import ROUNDS
 
 
 @pytest.fixture(scope="module")
 def two_rounds(tmp_path_factory, runner, small_chest, small_chest_nifti):
     """Round 1 (official model) on both cases; chest_a corrected by the simulated reviewer; fine-tune on it;
     round 2 with the fine-tuned model."""
-    from pipeline.model.checkpoint import load_lite_medsam
-    from pipeline.model.runner import LiteMedSAMRunner
+    from medsam_engine.pipeline.model.checkpoint import load_lite_medsam
+    from medsam_engine.pipeline.model.runner import LiteMedSAMRunner
 
     root = tmp_path_factory.mktemp("rounds")
     images, masks, reference = lung_inputs(root, small_chest, small_chest_nifti)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.flywheel.finetune_data import SliceSample
-from pipeline.flywheel.selection import (
+from medsam_engine.pipeline.flywheel.finetune_data import SliceSample
+from medsam_engine.pipeline.flywheel.selection import (
     Curve,
     balance_weights,
     choose_epochs,
@@ -134,7 +134,7 @@ def test_a_fold_that_stopped_early_keeps_its_last_scores():
 
 
 def test_a_fold_is_scored_on_held_out_slices_spread_over_its_part_up_to_a_box_budget():
-    from pipeline.flywheel.finetune import scored_part
+    from medsam_engine.pipeline.flywheel.finetune import scored_part
 
     held = [_sample("a", z, [5, 15, 25]) for z in range(16)]  # 48 boxes
     assert scored_part(held, 48) == held
@@ -145,7 +145,7 @@ def test_a_fold_is_scored_on_held_out_slices_spread_over_its_part_up_to_a_box_bu
 def test_the_epoch_cap_is_cut_so_both_folds_and_the_final_fit_end_within_the_budget():
     import time
 
-    from pipeline.flywheel.finetune import EpochBudget
+    from medsam_engine.pipeline.flywheel.finetune import EpochBudget
 
     budget = EpochBudget(100.0, time.perf_counter() - 45.0, folds=2, epochs=12)
     budget.measured(10.0)  # 65 s left counting the epoch measured: 3 epochs (2 folds + final) fit twice

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from pipeline.core.errors import ReadError
-from pipeline.core.types import CaseRef
-from pipeline.io.isolate import IsolatedWorker, WorkerCrash
-from pipeline.io.readers import read_case, read_case_here
+from medsam_engine.pipeline.core.errors import ReadError
+from medsam_engine.pipeline.core.types import CaseRef
+from medsam_engine.pipeline.io.isolate import IsolatedWorker, WorkerCrash
+from medsam_engine.pipeline.io.readers import read_case, read_case_here
 
 DECODER_DEPENDENCIES: dict = {}
 
@@ -121,7 +121,7 @@ def test_worker_reports_how_the_child_died():
 
 def test_concurrent_callers_of_the_pool_read_in_processes_of_their_own():
     """Cases read by several threads at once decode in as many child processes; a returned worker is reused."""
-    from pipeline.io.isolate import WorkerPool
+    from medsam_engine.pipeline.io.isolate import WorkerPool
 
     pool = WorkerPool()
     try:
@@ -142,8 +142,8 @@ def _imported(name: str) -> bool:
 def test_a_warmed_pool_starts_its_readers_at_once_with_the_readers_libraries_imported():
     """warm() starts the children before any call (they import while the caller goes on); each has run the
     preload, so its first case finds pydicom and nibabel loaded; warming again adds nothing."""
-    from pipeline.io.isolate import WorkerPool
-    from pipeline.io.readers import libraries_for, preload
+    from medsam_engine.pipeline.io.isolate import WorkerPool
+    from medsam_engine.pipeline.io.readers import libraries_for, preload
 
     preload = functools.partial(preload, libraries_for(None))
     pool = WorkerPool()
@@ -163,8 +163,8 @@ def test_a_warmed_pool_starts_its_readers_at_once_with_the_readers_libraries_imp
 
 
 def test_a_crashed_warm_reader_is_replaced_with_its_preload():
-    from pipeline.io.isolate import WorkerPool
-    from pipeline.io.readers import libraries_for, preload
+    from medsam_engine.pipeline.io.isolate import WorkerPool
+    from medsam_engine.pipeline.io.readers import libraries_for, preload
 
     pool = WorkerPool()
     try:
@@ -178,7 +178,7 @@ def test_a_crashed_warm_reader_is_replaced_with_its_preload():
 
 
 def test_readers_preload_the_libraries_of_the_run_s_inputs(tmp_path):
-    from pipeline.io.readers import libraries_for
+    from medsam_engine.pipeline.io.readers import libraries_for
 
     dicom = CaseRef("a", str(tmp_path / "series"), files=(str(tmp_path / "series" / "1.dcm"),))
     nifti, png = CaseRef("b", str(tmp_path / "ct.nii.gz")), CaseRef("c", str(tmp_path / "cells.png"))
@@ -193,7 +193,7 @@ def test_a_reader_that_cannot_be_started_ahead_starts_with_its_first_call(monkey
     the worker's first call starts it."""
     import subprocess
 
-    from pipeline.io.isolate import WorkerPool
+    from medsam_engine.pipeline.io.isolate import WorkerPool
 
     real_popen = subprocess.Popen
 
@@ -215,8 +215,8 @@ def test_a_reader_that_cannot_be_started_ahead_starts_with_its_first_call(monkey
 def test_a_pool_warmed_when_needed_starts_its_readers_at_its_first_call_only(tmp_path):
     """A run whose cases are all committed reads nothing and starts no reader; the first read starts all of
     them, each with its preload."""
-    from pipeline.io.isolate import WorkerPool
-    from pipeline.io.readers import libraries_for, preload
+    from medsam_engine.pipeline.io.isolate import WorkerPool
+    from medsam_engine.pipeline.io.readers import libraries_for, preload
 
     pool = WorkerPool()
     try:

@@ -10,8 +10,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from pipeline.io import dicom_scan
-from pipeline.io.dicom_scan import SliceHeader, _fast_header, read_header
+from medsam_engine.pipeline.io import dicom_scan
+from medsam_engine.pipeline.io.dicom_scan import SliceHeader, _fast_header, read_header
 
 
 def _pydicom_header(path: str, monkeypatch) -> SliceHeader | str | Exception:

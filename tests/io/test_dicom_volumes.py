@@ -10,10 +10,10 @@ from conftest import write_ct_series
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from pipeline.core.errors import ReadError
-from pipeline.core.geometry import to_source_grid
-from pipeline.core.orientation import LPS_TO_RAS
-from pipeline.io.readers import read_volume
+from medsam_engine.pipeline.core.errors import ReadError
+from medsam_engine.pipeline.core.geometry import to_source_grid
+from medsam_engine.pipeline.core.orientation import LPS_TO_RAS
+from medsam_engine.pipeline.io.readers import read_volume
 
 
 @pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
@@ -152,7 +152,7 @@ def _turn(degrees: float, axes: tuple[int, int]) -> np.ndarray:
 def test_series_flipped_while_stacked_equal_the_reoriented_stack(tmp_path, chest_volume, monkeypatch, name, change):
     """An axial series is reoriented as its planes are written into the stack; the Volume (array, its
     layout, geometry and source grid) is exactly the one the separate reorienting copy made."""
-    import pipeline.io.dicom as dicom
+    import medsam_engine.pipeline.io.dicom as dicom
 
     lps = change @ np.diag([-1.0, -1.0, 1.0, 1.0]) @ chest_volume.geometry.affine
     write_ct_series(chest_volume, tmp_path / "s", series_uid="1.2.826.0.1.3680043.8.498.84", affine_lps=lps)

@@ -12,11 +12,11 @@ from conftest import complete_dicom_headers, write_ct_series
 from faults import FaultProxy
 from orthanc import MISSING, ORTHANC, PASSWORD, PLUGIN, USER, free_port, running_orthanc
 
-from pipeline.cli.main import main
-from pipeline.core.errors import ReadError, is_transient
-from pipeline.io.discover import DiscoveryOptions, discover, materialise
-from pipeline.io.readers import read_case
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.cli.main import main
+from medsam_engine.pipeline.core.errors import ReadError, is_transient
+from medsam_engine.pipeline.io.discover import DiscoveryOptions, discover, materialise
+from medsam_engine.pipeline.io.readers import read_case
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 STUDY = "1.2.826.0.1.3680043.8.498.7100"
 SERIES = tuple(f"1.2.826.0.1.3680043.8.498.710{k}" for k in (1, 2, 3))
@@ -190,8 +190,8 @@ def _reviewer_seg_in_pacs(orthanc, case, small_chest, labels: tuple[int, ...], m
     ``made`` (YYYYMMDDHHMMSS), stored in the PACS."""
     from seg_making import reviewer_seg
 
-    from pipeline.core.geometry import align_to
-    from pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.core.geometry import align_to
+    from medsam_engine.pipeline.io.readers import read_volume
 
     volume = read_volume(Path(case.image))
     reference = align_to(read_volume(small_chest[1]), volume)
@@ -207,7 +207,7 @@ def _reviewer_seg_in_pacs(orthanc, case, small_chest, labels: tuple[int, ...], m
 
 def test_coarse_mask_from_pacs_is_the_newest_seg_of_the_series_not_made_here(orthanc, tmp_path, small_chest,
                                                                              capsys):
-    from pipeline.io.dicom_seg_reader import referenced_series, seg_label_names
+    from medsam_engine.pipeline.io.dicom_seg_reader import referenced_series, seg_label_names
 
     url = f"{orthanc}/dicom-web/studies/{STUDY}/series/{SERIES[0]}"
     store = CaseStore(tmp_path / "store")

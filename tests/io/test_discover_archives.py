@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.core.errors import ReadError
-from pipeline.io.archives import ExtractLimits, extract_archive, safe_member_path
-from pipeline.io.discover import DiscoveryOptions, discover
-from pipeline.io.readers import read_case
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.core.errors import ReadError
+from medsam_engine.pipeline.io.archives import ExtractLimits, extract_archive, safe_member_path
+from medsam_engine.pipeline.io.discover import DiscoveryOptions, discover
+from medsam_engine.pipeline.io.readers import read_case
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 def _zip_folder(folder: Path, target: Path, *, extra: dict[str, bytes] | None = None) -> Path:

@@ -11,10 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from pipeline.core.errors import ReadError
-from pipeline.io.discover import DiscoveryOptions, case_content_hash, discover
-from pipeline.io.readers import read_case
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.core.errors import ReadError
+from medsam_engine.pipeline.io.discover import DiscoveryOptions, case_content_hash, discover
+from medsam_engine.pipeline.io.readers import read_case
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 DICOMDIR_TREES = Path(pydicom.data.get_testdata_file("dicomdirtests"))
 

@@ -9,9 +9,9 @@ import fsspec
 import numpy as np
 import pytest
 
-from pipeline.io.discover import discover
-from pipeline.io.readers import read_case
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.io.discover import discover
+from medsam_engine.pipeline.io.readers import read_case
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 def _upload(fs, folder: Path, prefix: str) -> None:

@@ -8,7 +8,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 
-from pipeline.io.dicom import _compact, grey_values
+from medsam_engine.pipeline.io.dicom import _compact, grey_values
 
 FILES = ["CT_small.dcm", "MR_small.dcm", "RG1_UNCI.dcm", "MR2_UNCI.dcm", "emri_small.dcm", "JPEG2000.dcm"]
 
@@ -58,7 +58,7 @@ def test_a_series_stack_equals_the_modality_values_compacted(name, slope, interc
     every combination of flips, dtype and all."""
     import itertools
 
-    from pipeline.io.dicom import _compact_stack, _modality_stack
+    from medsam_engine.pipeline.io.dicom import _compact_stack, _modality_stack
 
     ds = dcmread(get_testdata_file(name))
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept

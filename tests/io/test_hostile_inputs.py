@@ -14,9 +14,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from pipeline.cli.main import main
-from pipeline.io.readers import read_volume
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.cli.main import main
+from medsam_engine.pipeline.io.readers import read_volume
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 def _nifti_claiming(path, shape) -> None:

@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.cli.main import main
-from pipeline.io.label_table import read_label_table
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.cli.main import main
+from medsam_engine.pipeline.io.label_table import read_label_table
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 def test_json_csv_and_slicer_tables_read_alike(tmp_path):
@@ -48,7 +48,7 @@ def test_a_label_table_reaches_every_output(tmp_path, chest_series, small_chest)
     import cv2
     import highdicom as hd
 
-    from pipeline.report.qc import write_report
+    from medsam_engine.pipeline.report.qc import write_report
 
     table = tmp_path / "labels.csv"
     table.write_text("value,name,code,colour\n5,right lung,,#e6194b\n6,left lung,44029006,#3cb44b\n"

@@ -17,12 +17,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
-from pipeline.core.errors import CaseError, ReadError
-from pipeline.core.types import Volume
-from pipeline.io.archives import ExtractLimits
-from pipeline.io.discover import DiscoveryOptions, discover
-from pipeline.io.readers import read_case
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.core.errors import CaseError, ReadError
+from medsam_engine.pipeline.core.types import Volume
+from medsam_engine.pipeline.io.archives import ExtractLimits
+from medsam_engine.pipeline.io.discover import DiscoveryOptions, discover
+from medsam_engine.pipeline.io.readers import read_case
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
 

@@ -13,7 +13,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.data.data_manager import DATA_ROOT
 
-from pipeline.io.dicom import native_grey_frame
+from medsam_engine.pipeline.io.dicom import native_grey_frame
 
 
 def _datasets():

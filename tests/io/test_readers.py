@@ -6,9 +6,9 @@ import nrrd
 import numpy as np
 import pytest
 
-from pipeline.core.errors import ReadError
-from pipeline.core.geometry import align_to, to_source_grid
-from pipeline.io.readers import read_volume
+from medsam_engine.pipeline.core.errors import ReadError
+from medsam_engine.pipeline.core.geometry import align_to, to_source_grid
+from medsam_engine.pipeline.io.readers import read_volume
 
 
 def test_lps_nrrd_with_negative_directions_is_reoriented_and_restored(chest_ct):
@@ -51,7 +51,7 @@ def test_permuted_nifti_mask_is_matched_whatever_the_axis_order(tmp_path, small_
 
 
 def test_mask_on_another_grid_is_a_geometry_error(tmp_path, small_chest):
-    from pipeline.core.errors import GeometryError
+    from medsam_engine.pipeline.core.errors import GeometryError
 
     image = read_volume(small_chest[0])
     nib.save(nib.Nifti1Image(np.zeros((64, 64, 4), np.uint8), np.diag([6.0, 6.0, 10.0, 1.0])),

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from seg_making import reviewer_seg
 
-from pipeline.cli.main import main
-from pipeline.core.geometry import align_to
-from pipeline.io.readers import read_volume
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.cli.main import main
+from medsam_engine.pipeline.core.geometry import align_to
+from medsam_engine.pipeline.io.readers import read_volume
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_seg_coarse_masks_are_matched_by_series_and_corrections_imported(tmp_pat
     read_back = align_to(read_volume(masks / "AB12CD.dcm"), volume)  # the SEG lands on the series' voxels
     assert np.array_equal(read_back, np.where(lungs == 5, 1, np.where(lungs == 6, 2, 0)))
     labels, _ = store.read_labels(case_id)
-    from pipeline.core.metrics import dice
+    from medsam_engine.pipeline.core.metrics import dice
 
     assert dice(labels == 1, lungs == 5) > 0.7 and dice(labels == 2, lungs == 6) > 0.7  # prompts from the SEG
 

@@ -7,9 +7,9 @@ import nibabel as nib
 import numpy as np
 import pydicom
 
-from pipeline.cli.main import main
-from pipeline.io.discover import discover
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.cli.main import main
+from medsam_engine.pipeline.io.discover import discover
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 def _split(series, root):

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model import build, graph_export
-from pipeline.model import graph_cache as backends
-from pipeline.model.checkpoint import CheckpointError, bundled_checkpoint, load_lite_medsam
-from pipeline.model.fast_decoder import BoxDecoder, FactoredBoxDecoder, image_to_tokens, tokens_to_image
-from pipeline.model.runner import foreground
+from medsam_engine.pipeline.model import build, graph_export
+from medsam_engine.pipeline.model import graph_cache as backends
+from medsam_engine.pipeline.model.checkpoint import CheckpointError, bundled_checkpoint, load_lite_medsam
+from medsam_engine.pipeline.model.fast_decoder import BoxDecoder, FactoredBoxDecoder, image_to_tokens, tokens_to_image
+from medsam_engine.pipeline.model.runner import foreground
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,8 @@ def test_image_to_tokens_matches_sam_attention(attention, shared):
 
 @pytest.fixture(scope="module")
 def ct_embedding(runner, chest_ct):
-    from pipeline.core.intensity import to_uint8
-    from pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.core.intensity import to_uint8
+    from medsam_engine.pipeline.io.readers import read_volume
 
     volume = read_volume(chest_ct[0])
     return runner.encode([to_uint8(volume.array, "CT")[20]])[0]
@@ -120,8 +120,8 @@ def test_graphs_of_an_older_form_are_exported_again(runner, tmp_path, monkeypatc
 @torch.inference_mode()
 def test_exported_encoder_form_matches_the_live_encoder_on_real_ct(runner, chest_ct):
     """The encoder copy that is exported (split q/k/v projections, dynamic batch) computes the same embedding."""
-    from pipeline.core.intensity import to_uint8
-    from pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.core.intensity import to_uint8
+    from medsam_engine.pipeline.io.readers import read_volume
 
     u8 = to_uint8(read_volume(chest_ct[0]).array, "CT")
     images = np.stack([runner.model.framing.prepare(u8[z])[0] for z in (10, 20)])
@@ -134,9 +134,9 @@ def test_exported_encoder_form_matches_the_live_encoder_on_real_ct(runner, chest
 
 def test_runner_defaults_bound_memory_and_never_change_results(runner):
     """Decoder batch by device and backend; embedding cache 512 MiB only for the learned detector."""
-    from pipeline.annotate.config import EngineConfig
-    from pipeline.annotate.lazy_runner import LazyRunner
-    from pipeline.annotate.rendering import default_decoder_batch
+    from medsam_engine.pipeline.annotate.config import EngineConfig
+    from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
+    from medsam_engine.pipeline.annotate.rendering import default_decoder_batch
 
     assert default_decoder_batch(runner, cuda=True) == 64
     assert runner.backend == "torch" and default_decoder_batch(runner, cuda=False) == 4
@@ -151,10 +151,10 @@ def test_runner_defaults_bound_memory_and_never_change_results(runner):
 
 def test_discovery_hash_is_the_signature_input_hash(tmp_path, small_chest):
     """A file case carries the sha256 discovery computed; the signature reuses it and it is the file's hash."""
-    from pipeline.annotate.config import EngineConfig
-    from pipeline.annotate.signature import case_signature
-    from pipeline.io.discover import content_hash, discover
-    from pipeline.store.case_store import CaseStore
+    from medsam_engine.pipeline.annotate.config import EngineConfig
+    from medsam_engine.pipeline.annotate.signature import case_signature
+    from medsam_engine.pipeline.io.discover import content_hash, discover
+    from medsam_engine.pipeline.store.case_store import CaseStore
 
     (case,) = discover([small_chest[0]], CaseStore(tmp_path / "store").case_ids())
     assert case.content_sha256 == content_hash(small_chest[0])
@@ -164,9 +164,9 @@ def test_discovery_hash_is_the_signature_input_hash(tmp_path, small_chest):
 def test_model_prefetch_overlaps_and_failures_reach_get(tmp_path):
     """``prefetch`` loads in the background and ``get`` hands over that runner; a load that fails raises in
     ``get`` (not in the thread) and the next ``get`` tries again."""
-    from pipeline.annotate.config import EngineConfig
-    from pipeline.annotate.lazy_runner import LazyRunner
-    from pipeline.model.checkpoint import CheckpointError
+    from medsam_engine.pipeline.annotate.config import EngineConfig
+    from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
+    from medsam_engine.pipeline.model.checkpoint import CheckpointError
 
     lazy = LazyRunner(EngineConfig.model_validate({"model": {"backend": "torch"}}))  # no graph export here
     lazy.prefetch()

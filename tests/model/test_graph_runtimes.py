@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from detectors.coarse_mask import boxes_from_label_map
-from pipeline.annotate.config import EngineConfig
-from pipeline.core.geometry import align_to
-from pipeline.core.intensity import to_uint8
-from pipeline.io.readers import read_volume
-from pipeline.model import build, graph_export
-from pipeline.model import graph_cache as backends
-from pipeline.model.runner import foreground
+from medsam_engine.detectors.coarse_mask import boxes_from_label_map
+from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.core.geometry import align_to
+from medsam_engine.pipeline.core.intensity import to_uint8
+from medsam_engine.pipeline.io.readers import read_volume
+from medsam_engine.pipeline.model import build, graph_export
+from medsam_engine.pipeline.model import graph_cache as backends
+from medsam_engine.pipeline.model.runner import foreground
 
 SLICES = (15, 20)
 RUNTIMES = [pytest.param(name, marks=pytest.mark.skipif(importlib.util.find_spec(name) is None,

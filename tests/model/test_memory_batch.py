@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.model.runner import MAX_ENCODER_BATCH, fitting_batch
+from medsam_engine.pipeline.model.runner import MAX_ENCODER_BATCH, fitting_batch
 
 
 def test_the_batch_fills_half_the_free_memory_within_its_bounds():
@@ -24,8 +24,8 @@ def test_the_cpu_runner_encodes_one_slice_per_call(runner):
 def test_a_cuda_runner_sizes_its_batch_from_free_memory_and_that_batch_runs():
     import numpy as np
 
-    from pipeline.model.checkpoint import load_lite_medsam
-    from pipeline.model.runner import LiteMedSAMRunner
+    from medsam_engine.pipeline.model.checkpoint import load_lite_medsam
+    from medsam_engine.pipeline.model.runner import LiteMedSAMRunner
 
     runner = LiteMedSAMRunner(load_lite_medsam(device="cuda"), device="cuda")
     batch = runner.memory_batch()
@@ -42,7 +42,7 @@ def test_the_gpu_share_a_process_holds_scales_its_memory_sized_batches(runner, m
     memory_batch sizes its batches to a quarter of what a process with the whole GPU takes; unusable values
     count as the whole GPU. (The runner is pointed at "cuda" with the device's free memory and a slice's
     cost given, so that its sizing runs on this CPU.)"""
-    from pipeline.model.devices import GPU_SHARE_VARIABLE, gpu_share
+    from medsam_engine.pipeline.model.devices import GPU_SHARE_VARIABLE, gpu_share
 
     if value is None:
         monkeypatch.delenv(GPU_SHARE_VARIABLE, raising=False)

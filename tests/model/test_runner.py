@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from detectors.coarse_mask import boxes_from_label_map
-from pipeline.annotate.segment import resolve_slice, segment_volume
-from pipeline.core.geometry import align_to
-from pipeline.core.intensity import to_uint8
-from pipeline.core.provenance import file_sha256
-from pipeline.io.readers import read_volume
-from pipeline.model.checkpoint import LITE_MEDSAM_SHA256, CheckpointError, bundled_checkpoint, load_lite_medsam
+from medsam_engine.detectors.coarse_mask import boxes_from_label_map
+from medsam_engine.pipeline.annotate.segment import resolve_slice, segment_volume
+from medsam_engine.pipeline.core.geometry import align_to
+from medsam_engine.pipeline.core.intensity import to_uint8
+from medsam_engine.pipeline.core.provenance import file_sha256
+from medsam_engine.pipeline.io.readers import read_volume
+from medsam_engine.pipeline.model.checkpoint import LITE_MEDSAM_SHA256, CheckpointError, bundled_checkpoint, load_lite_medsam
 
 
 def test_bundled_checkpoint_is_the_official_file():
@@ -72,7 +72,7 @@ def test_batched_runner_masks_equal_naive_loop_on_real_multilabel_ct(runner, che
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_runner_matches_cpu_masks(runner, chest_ct):
-    from pipeline.model.runner import LiteMedSAMRunner
+    from medsam_engine.pipeline.model.runner import LiteMedSAMRunner
 
     volume = read_volume(chest_ct[0])
     labels = align_to(read_volume(chest_ct[1]), volume)
@@ -99,7 +99,7 @@ def test_embedding_cache_serves_a_repeated_slice_without_an_encoder_pass(runner,
 
 
 def test_batched_encoder_calls_give_the_same_masks(runner, small_chest):
-    from pipeline.model.runner import LiteMedSAMRunner
+    from medsam_engine.pipeline.model.runner import LiteMedSAMRunner
 
     volume = read_volume(small_chest[0])
     labels = align_to(read_volume(small_chest[1]), volume)
@@ -129,7 +129,7 @@ def test_a_full_medsam_vit_b_checkpoint_runs_through_the_same_runner(tmp_path, s
     is framed at 1024 and the masks come back at the slice's size."""
     from segment_anything import sam_model_registry
 
-    from pipeline.model.build import build_runner
+    from medsam_engine.pipeline.model.build import build_runner
 
     path = tmp_path / "medsam_vit_b.pth"
     torch.manual_seed(0)
@@ -148,7 +148,7 @@ def test_a_full_medsam_vit_b_checkpoint_runs_through_the_same_runner(tmp_path, s
 
 
 def test_bf16_is_refused_on_the_cpu(runner):
-    from pipeline.model.runner import LiteMedSAMRunner
+    from medsam_engine.pipeline.model.runner import LiteMedSAMRunner
 
     with pytest.raises(ValueError, match="CUDA"):
         LiteMedSAMRunner(runner.model, precision="bf16")
@@ -164,7 +164,7 @@ def test_a_state_dict_of_another_model_is_refused(tmp_path):
 def test_foreground_threshold_equals_float32_sigmoid_above_one_half():
     """``foreground`` thresholds logits without torch; it must agree with torch's float32 sigmoid > 0.5 on every
     float32 around the threshold, on tiny and ordinary logits, and on the special values."""
-    from pipeline.model.runner import SIGMOID_HALF, foreground
+    from medsam_engine.pipeline.model.runner import SIGMOID_HALF, foreground
 
     bits = np.array([SIGMOID_HALF], np.float32).view(np.uint32)[0]
     around = np.arange(int(bits) - 1_000_000, int(bits) + 1_000_000, dtype=np.uint32).view(np.float32)
@@ -176,7 +176,7 @@ def test_foreground_threshold_equals_float32_sigmoid_above_one_half():
 
 
 def test_hidden_gpus_are_told_without_asking_torch(monkeypatch):
-    from pipeline.model.devices import _no_gpu_visible, resolve_device
+    from medsam_engine.pipeline.model.devices import _no_gpu_visible, resolve_device
 
     for hidden in ("", "-1"):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)

@@ -9,13 +9,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import ndimage
 
-from postprocess import apply_chain
-from postprocess.components import (
+from medsam_engine.postprocess import apply_chain
+from medsam_engine.postprocess.components import (
     keep_largest_components_3d,
     remove_small_components_2d,
     remove_small_components_3d,
 )
-from postprocess.holes import MANY_HOLES, fill_holes_2d
+from medsam_engine.postprocess.holes import MANY_HOLES, fill_holes_2d
 
 masks = hnp.arrays(np.bool_, st.tuples(st.integers(1, 5), st.integers(1, 14), st.integers(1, 14)))
 
@@ -95,7 +95,7 @@ def test_a_chain_that_only_removes_claims_nothing_and_one_that_fills_claims_back
 def test_the_lineage_counts_are_the_output_maps_counts(label_map, modality):
     """The engine takes the label values a map holds from this lineage (and gives them back to apply_chain):
     each label's ``voxels_after`` is exactly its count in the output, with the values given or counted."""
-    from postprocess import default_chain
+    from medsam_engine.postprocess import default_chain
 
     values = sorted({int(v) for v in np.unique(label_map) if v})
     counted = apply_chain(label_map, spacing=(2.0, 1.0, 1.0), chain=default_chain(modality))

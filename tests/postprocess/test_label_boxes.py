@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import ndimage
 
-from postprocess import label_boxes
-from postprocess._crop import present_values
+from medsam_engine.postprocess import label_boxes
+from medsam_engine.postprocess._crop import present_values
 
 
 @given(hnp.arrays(st.sampled_from([np.uint8, np.uint16, np.int32]),
@@ -32,7 +32,7 @@ def test_label_boxes_of_given_values_only():
        st.sampled_from([(6, 1), (18, 2), (26, 3)]))
 def test_label_components_equal_scipy_labels_even_on_one_voxel_thin_arrays(mask, connectivity):
     """cc3d on its own fails on shapes such as (1, 3, 1); the padded call gives scipy's labels, same order."""
-    from postprocess import label_components
+    from medsam_engine.postprocess import label_components
 
     neighbours, rank = connectivity
     labels, count = label_components(mask, neighbours)

@@ -4,17 +4,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from postprocess.components import (
+from medsam_engine.postprocess.components import (
     keep_largest_components_2d,
     keep_largest_components_3d,
     remove_small_components_2d,
     remove_small_components_3d,
 )
-from postprocess.consistency import bridge_slice_gaps, drop_disconnected_slices
-from postprocess.holes import fill_holes_2d
-from postprocess.morphology import binary_closing, binary_opening, structuring_element_2d
-from postprocess.simplify import simplify_contours_2d
-from postprocess.smoothing import smooth_gaussian
+from medsam_engine.postprocess.consistency import bridge_slice_gaps, drop_disconnected_slices
+from medsam_engine.postprocess.holes import fill_holes_2d
+from medsam_engine.postprocess.morphology import binary_closing, binary_opening, structuring_element_2d
+from medsam_engine.postprocess.simplify import simplify_contours_2d
+from medsam_engine.postprocess.smoothing import smooth_gaussian
 
 
 def _mask(rows: list[str]) -> np.ndarray:

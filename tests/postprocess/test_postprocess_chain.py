@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from postprocess.chain import DEFAULT_CHAINS, OPS, apply_chain, default_chain, validate_chain
-from postprocess.components import remove_small_components_3d
-from postprocess.holes import fill_holes_2d
-from postprocess.morphology import binary_closing
+from medsam_engine.postprocess.chain import DEFAULT_CHAINS, OPS, apply_chain, default_chain, validate_chain
+from medsam_engine.postprocess.components import remove_small_components_3d
+from medsam_engine.postprocess.holes import fill_holes_2d
+from medsam_engine.postprocess.morphology import binary_closing
 
 PACKAGE = Path(__file__).resolve().parents[2] / "postprocess"
 

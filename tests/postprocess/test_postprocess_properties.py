@@ -7,17 +7,17 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import ndimage
 
-from postprocess.components import (
+from medsam_engine.postprocess.components import (
     keep_largest_components_2d,
     keep_largest_components_3d,
     remove_small_components_2d,
     remove_small_components_3d,
 )
-from postprocess.consistency import bridge_slice_gaps, drop_disconnected_slices
-from postprocess.holes import fill_holes_2d
-from postprocess.morphology import binary_closing, binary_opening
-from postprocess.simplify import simplify_contours_2d
-from postprocess.smoothing import smooth_gaussian
+from medsam_engine.postprocess.consistency import bridge_slice_gaps, drop_disconnected_slices
+from medsam_engine.postprocess.holes import fill_holes_2d
+from medsam_engine.postprocess.morphology import binary_closing, binary_opening
+from medsam_engine.postprocess.simplify import simplify_contours_2d
+from medsam_engine.postprocess.smoothing import smooth_gaussian
 
 FAST = settings(max_examples=60, deadline=None)
 

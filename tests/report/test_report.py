@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 from flywheel_data import shared_runner
 
-from pipeline.annotate.config import EngineConfig
-from pipeline.annotate.job import annotate
-from pipeline.io.discover import discover
-from pipeline.report.evaluate import evaluate_store, match_references
-from pipeline.report.qc import write_report
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.annotate.job import annotate
+from medsam_engine.pipeline.io.discover import discover
+from medsam_engine.pipeline.report.evaluate import evaluate_store, match_references
+from medsam_engine.pipeline.report.qc import write_report
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import zarr
 from zarr.storage import MemoryStore
 
-from pipeline.store.case_store import encoded_case_group, write_case_group, write_local_group
+from medsam_engine.pipeline.store.case_store import encoded_case_group, write_case_group, write_local_group
 
 ATTRS = {"geometry": {"spacing_zyx_mm": [2.5, 0.7, 0.7]}, "case_id": "x", "score": math.nan,
          "instances": [{"label": 3, "name": "lung", "predicted_iou": 0.91, "slices": [0, 18]}],

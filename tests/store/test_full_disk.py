@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 @pytest.fixture()
@@ -24,7 +24,7 @@ def small_disk(tmp_path):
 
 
 def _annotate(inputs, masks, out):
-    command = [sys.executable, "-m", "pipeline.cli.main", "annotate", *map(str, inputs), "--coarse-mask",
+    command = [sys.executable, "-m", "medsam_engine.pipeline.cli.main", "annotate", *map(str, inputs), "--coarse-mask",
                *map(str, masks), "--out", str(out)]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 

@@ -13,8 +13,8 @@ import time
 import pytest
 from conftest import use_s3
 
-from pipeline.store.case_store import CaseStore
-from pipeline.store.leases import acquire, holder, leased, read_lease
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.leases import acquire, holder, leased, read_lease
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from conftest import commit_from_source
 
-from pipeline.core.geometry import align_to
-from pipeline.io.readers import read_volume
-from pipeline.store.case_store import CaseStore
-from pipeline.store.queries import select_cases
+from medsam_engine.pipeline.core.geometry import align_to
+from medsam_engine.pipeline.io.readers import read_volume
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.queries import select_cases
 
 
 @pytest.fixture()

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cli.main import main
-from pipeline.io.readers import stem_of
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.cli.main import main
+from medsam_engine.pipeline.io.readers import stem_of
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "round1"
 

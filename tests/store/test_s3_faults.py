@@ -10,8 +10,8 @@ import pytest
 from conftest import use_s3
 from faults import FaultProxy
 
-from pipeline.cli.main import main
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.cli.main import main
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 @pytest.fixture

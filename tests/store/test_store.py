@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.core.errors import StoreConflictError
-from pipeline.core.types import Geometry
-from pipeline.store.case_store import CaseStore
-from pipeline.store.labels_meta import label_colour
+from medsam_engine.pipeline.core.errors import StoreConflictError
+from medsam_engine.pipeline.core.types import Geometry
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.labels_meta import label_colour
 
 AFFINE = np.diag([2.0, 1.0, 1.0, 1.0])  # (z, y, x) voxel -> mm
 GEOMETRY = Geometry(affine=AFFINE, shape=(2, 4, 4), source_affine=AFFINE[:, [2, 1, 0, 3]], source_shape=(4, 4, 2),
@@ -86,7 +86,7 @@ def test_label_colours_and_names_do_not_depend_on_the_other_labels(tmp_path):
 def test_commit_closes_the_cases_error_and_quarantine_records(tmp_path):
     """A case committed after it failed (fixed input, new model, --retry-quarantined, or a local run after a
     distributed one) keeps no open failure: its error and quarantine records go with the commit."""
-    from pipeline.store.records import quarantine, quarantined
+    from medsam_engine.pipeline.store.records import quarantine, quarantined
 
     store = CaseStore(tmp_path)
     store.record_error("c1", stage="read", reason="c1.nii.gz: truncated", run_id="r1")

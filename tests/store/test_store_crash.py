@@ -14,14 +14,14 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.export.formats import export_store
-from pipeline.store.case_store import CaseStore, remove_stale_staging
+from medsam_engine.pipeline.export.formats import export_store
+from medsam_engine.pipeline.store.case_store import CaseStore, remove_stale_staging
 
 CHILD = r'''
 import os, sys, time
 from pathlib import Path
 import numpy as np
-import pipeline.store.case_store as store_module
+import medsam_engine.pipeline.store.case_store as store_module
 
 root, ready, hook, overwrite = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
 

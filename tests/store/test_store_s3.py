@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import commit_from_source, use_s3
 
-from pipeline.core.errors import StoreConflictError
-from pipeline.export.formats import export_store
-from pipeline.io.readers import read_volume
-from pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.core.errors import StoreConflictError
+from medsam_engine.pipeline.export.formats import export_store
+from medsam_engine.pipeline.io.readers import read_volume
+from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 
@@ -81,7 +81,7 @@ def test_an_interrupted_write_on_s3_is_not_a_case_and_a_rerun_commits_it(bucket,
 
 
 def test_exports_read_from_and_write_to_s3(bucket, small_chest, chest_labels, tmp_path):
-    from pipeline.cli.main import main
+    from medsam_engine.pipeline.cli.main import main
 
     store = CaseStore(f"{bucket}/exports-store")
     case_id = commit_from_source(store, small_chest[0], chest_labels)
