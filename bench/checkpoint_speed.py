@@ -9,6 +9,7 @@ the fine-tuned runner took to build (its graphs' export and parity check).
 
     .venv/bin/python bench/checkpoint_speed.py --checkpoint TUNED.pth [--repeats 3] [--slices 16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,17 +68,21 @@ def main() -> None:
     start = time.perf_counter()
     tuned = build_runner(load_lite_medsam(args.checkpoint))  # exports and checks its graphs on a cache miss
     export_s = time.perf_counter() - start
-    print(f"backends: official {official.backend}, fine-tuned {tuned.backend}; fine-tuned runner built in "
-          f"{export_s:.1f} s (graph export and parity check when not cached)")
+    print(
+        f"backends: official {official.backend}, fine-tuned {tuned.backend}; fine-tuned runner built in "
+        f"{export_s:.1f} s (graph export and parity check when not cached)"
+    )
     one_pass(official, slices, boxes), one_pass(tuned, slices, boxes)  # warm-up
     times = {"official": [], "fine-tuned": []}
     for _ in range(args.repeats):
         times["official"].append(one_pass(official, slices, boxes))
         times["fine-tuned"].append(one_pass(tuned, slices, boxes))
     best = {name: min(values) for name, values in times.items()}
-    print(f"{len(slices)} slices, {sum(len(b) for b in boxes)} boxes per pass; seconds per pass (best of "
-          f"{args.repeats}): official {best['official']:.3f}, fine-tuned {best['fine-tuned']:.3f}; ratio "
-          f"fine-tuned / official {best['fine-tuned'] / best['official']:.3f}")
+    print(
+        f"{len(slices)} slices, {sum(len(b) for b in boxes)} boxes per pass; seconds per pass (best of "
+        f"{args.repeats}): official {best['official']:.3f}, fine-tuned {best['fine-tuned']:.3f}; ratio "
+        f"fine-tuned / official {best['fine-tuned'] / best['official']:.3f}"
+    )
     print(json.dumps({"all_seconds": {k: [round(v, 3) for v in vs] for k, vs in times.items()}}))
 
 

@@ -10,6 +10,7 @@ eta = 74.95 GFLOP / s per slice / matmul GFLOP/s measured here, and Dice per lab
 
     .venv/bin/python bench/compare_official.py [--image CT --labels LABELS] [--threads N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,8 @@ ENCODER_GFLOP = 74.95  # facts.md: 2 FLOP per multiply-add, 256x256 input
 
 
 def official_loop(image: Path, labels_path: Path) -> tuple[np.ndarray, float, int]:
-    """The official structure on the stored array; returns its label map (canonical grid), seconds, encodes."""
+    """The official structure on the stored array; returns its label map (canonical grid), seconds,
+    encodes."""
     import nrrd
 
     from medsam_engine.detectors.coarse_mask import boxes_from_label_map
@@ -47,7 +49,9 @@ def official_loop(image: Path, labels_path: Path) -> tuple[np.ndarray, float, in
     for label in sorted({p.label for p in prompts}):
         for z in sorted({p.z for p in prompts if p.label == label}):
             for prompt in (p for p in prompts if p.label == label and p.z == z):
-                embedded = runner.encode([u8[z]])[0]  # re-encoded per (label, slice) as the official script does
+                embedded = runner.encode([u8[z]])[
+                    0
+                ]  # re-encoded per (label, slice) as the official script does
                 logits, _ = runner.decode(embedded, np.array([prompt.box], dtype=np.float32))
                 segs[z][foreground(logits)[0]] = label
     seconds = time.perf_counter() - start
@@ -101,19 +105,28 @@ def main() -> None:
     unique_slices = len({z for z in range(reference.shape[0]) if reference[z].any()})
     per_slice = stats["seconds_encode"] / max(stats["encoded_slices"], 1)
     print(f"machine matmul: {peak:.1f} GFLOP/s ({args.threads} threads)")
-    print(f"ours:     {t_ours:7.1f} s, encoder calls {stats['encoder_calls']} for {unique_slices} unique slices "
-          f"({stats['encoder_calls'] / unique_slices:.2f} per slice), decoder calls {stats['decoder_calls']} "
-          f"for {stats['decoded_boxes']} boxes")
-    print(f"official: {t_official:7.1f} s, encoder calls {official_encodes} "
-          f"({official_encodes / unique_slices:.2f} per slice)")
+    print(
+        f"ours:     {t_ours:7.1f} s, encoder calls {stats['encoder_calls']} for {unique_slices} unique "
+        f"slices "
+        f"({stats['encoder_calls'] / unique_slices:.2f} per slice), decoder calls {stats['decoder_calls']} "
+        f"for {stats['decoded_boxes']} boxes"
+    )
+    print(
+        f"official: {t_official:7.1f} s, encoder calls {official_encodes} "
+        f"({official_encodes / unique_slices:.2f} per slice)"
+    )
     print(f"speed-up (official / ours): {t_official / t_ours:.2f}x")
     print(f"encoder eta: {ENCODER_GFLOP / per_slice / peak:.3f} ({per_slice:.2f} s per slice)")
     print(f"{'label':>5s} {'Dice ours':>10s} {'Dice official':>14s}")
     for label in (int(v) for v in np.unique(reference) if v):
-        print(f"{label:5d} {dice(mine == label, reference == label):10.4f} "
-              f"{dice(official == label, reference == label):14.4f}")
-    print(f"{'mean':>5s} {np.mean([dice(mine == v, reference == v) for v in np.unique(reference) if v]):10.4f} "
-          f"{np.mean([dice(official == v, reference == v) for v in np.unique(reference) if v]):14.4f}")
+        print(
+            f"{label:5d} {dice(mine == label, reference == label):10.4f} "
+            f"{dice(official == label, reference == label):14.4f}"
+        )
+    print(
+        f"{'mean':>5s} {np.mean([dice(mine == v, reference == v) for v in np.unique(reference) if v]):10.4f} "
+        f"{np.mean([dice(official == v, reference == v) for v in np.unique(reference) if v]):14.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""SAM's box decoder as the official modules run it versus pipeline/model/fast_decoder.py's factored form, measured
-in one run: eager torch and OpenVINO fp32, per box, at several boxes per call.
+"""SAM's box decoder as the official modules run it versus pipeline/model/fast_decoder.py's factored form,
+measured in one run: eager torch and OpenVINO fp32, per box, at several boxes per call.
 
 Input: a real embedding (slicerio's chest CT, middle slice, window 40/400) and real boxes from its reference
 labels, repeated to the batch size. Printed per form: FLOPs per box (torch.utils.flop_counter, 2 per
@@ -9,6 +9,7 @@ the factored/original speed ratio and the largest logit difference between the t
 
     cd bench && ../.venv/bin/python decoder_forms.py [--repeats 3] [--batches 1 4 16 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,11 +53,22 @@ def openvino_model(module: torch.nn.Module, embedding, boxes, folder: Path):
     path = folder / f"{type(module).__name__}.onnx"
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (embedding, boxes), str(path), dynamo=False, opset_version=17,
-                          input_names=["embedding", "boxes"], output_names=["low_res_logits", "iou"],
-                          dynamic_axes={"boxes": {0: "b"}, "low_res_logits": {0: "b"}, "iou": {0: "b"}})
-    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-              "PERFORMANCE_HINT": "LATENCY", "SNIPPETS_MODE": "DISABLE"}  # as pipeline/model/graph_cache.py compiles
+        torch.onnx.export(
+            module,
+            (embedding, boxes),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["embedding", "boxes"],
+            output_names=["low_res_logits", "iou"],
+            dynamic_axes={"boxes": {0: "b"}, "low_res_logits": {0: "b"}, "iou": {0: "b"}},
+        )
+    config = {
+        "INFERENCE_PRECISION_HINT": "f32",
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+        "PERFORMANCE_HINT": "LATENCY",
+        "SNIPPETS_MODE": "DISABLE",
+    }  # as pipeline/model/graph_cache.py compiles
     request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
     return lambda e, b: request.infer({"embedding": e.numpy(), "boxes": b.numpy()})
 
@@ -78,12 +90,16 @@ def main() -> None:
     gflop = {}
     for name, form in forms.items():
         with FlopCounterMode(display=False) as counter, torch.inference_mode():
-            form(embedding, batch[16] if 16 in batch else real_boxes)
+            form(embedding, batch.get(16, real_boxes))
         gflop[name] = counter.get_total_flops() / 1e9 / (16 if 16 in batch else len(real_boxes))
     with tempfile.TemporaryDirectory() as tmp:
         runs = {(name, "torch"): torch.inference_mode()(form) for name, form in forms.items()}
-        runs.update({(name, "openvino"): openvino_model(form, embedding, real_boxes, Path(tmp))
-                     for name, form in forms.items()})
+        runs.update(
+            {
+                (name, "openvino"): openvino_model(form, embedding, real_boxes, Path(tmp))
+                for name, form in forms.items()
+            }
+        )
         peak = matmul_gflops()
         times: dict = {key: {n: [] for n in args.batches} for key in runs}
         for _ in range(args.repeats + 1):  # the first round warms every graph and shape up, not counted
@@ -92,18 +108,28 @@ def main() -> None:
                     start = time.perf_counter()
                     run(embedding, batch[n])
                     times[key][n].append((time.perf_counter() - start) / n)
-    print(f"machine matmul {peak:.1f} GFLOP/s, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"max |logit difference| factored vs original {float((logits['factored'] - logits['original']).abs().max()):.1e}")
+    difference = float((logits["factored"] - logits["original"]).abs().max())
+    print(
+        f"machine matmul {peak:.1f} GFLOP/s, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"max |logit difference| factored vs original {difference:.1e}"
+    )
     for (name, runtime), per_batch in times.items():
         cells = []
         for n, seconds in per_batch.items():
             s = statistics.median(seconds[1:])
-            cells.append(f"B={n}: {s * 1000:5.1f} ms (eta {NOMINAL_GFLOP / s / peak:.2f} / {gflop[name] / s / peak:.2f})")
+            eta = f"{NOMINAL_GFLOP / s / peak:.2f} / {gflop[name] / s / peak:.2f}"
+            cells.append(f"B={n}: {s * 1000:5.1f} ms (eta {eta})")
         print(f"{name:9s} {runtime:8s} {gflop[name]:.2f} GFLOP/box  " + "  ".join(cells))
     for runtime in ("torch", "openvino"):
-        ratios = [statistics.median(times[("original", runtime)][n][1:]) /
-                  statistics.median(times[("factored", runtime)][n][1:]) for n in args.batches]
-        print(f"factored speed-up on {runtime}: " + ", ".join(f"B={n} {r:.2f}x" for n, r in zip(args.batches, ratios)))
+        ratios = [
+            statistics.median(times[("original", runtime)][n][1:])
+            / statistics.median(times[("factored", runtime)][n][1:])
+            for n in args.batches
+        ]
+        print(
+            f"factored speed-up on {runtime}: "
+            + ", ".join(f"B={n} {r:.2f}x" for n, r in zip(args.batches, ratios, strict=False))
+        )
 
 
 if __name__ == "__main__":

@@ -17,11 +17,13 @@ Kinds (real data shipped in packages):
   from the template's tissue maps (p > 0.5); the unseen targets are the *right* hemisphere's, on all slabs.
 * ``ct``: slicerio's chest CT cut into ten z blocks (3-4 slices), labels 2-6 (spine, lungs); unseen: blocks
   1, 4 and 7; reviewed cases from the others.
-* ``nuclei``: stardist's 512 x 512 nuclei image as sixteen 128 x 128 tiles, each nucleus its own label; unseen:
+* ``nuclei``: stardist's 512 x 512 nuclei image as sixteen 128 x 128 tiles, each nucleus its own label;
+unseen:
   six fixed tiles; reviewed cases from the others.
 
     .venv/bin/python bench/few_cases.py [--out /tmp/few-cases] [--regime mixed-2 ...] [--list]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,12 +46,20 @@ TORCH_CONFIG = "model:\n  backend: torch\n"
 # regime -> reviewed cases per kind
 REGIMES = {
     "mixed-2": {"mr": 1, "ct": 1},
-    "mr-1": {"mr": 1}, "ct-1": {"ct": 1}, "nuclei-1": {"nuclei": 1},
+    "mr-1": {"mr": 1},
+    "ct-1": {"ct": 1},
+    "nuclei-1": {"nuclei": 1},
     "mixed-3": {"mr": 1, "ct": 1, "nuclei": 1},
-    "ct-2": {"ct": 2}, "nuclei-2": {"nuclei": 2}, "mr-2": {"mr": 2},
-    "ct-3": {"ct": 3}, "nuclei-3": {"nuclei": 3}, "mr-3": {"mr": 3},
+    "ct-2": {"ct": 2},
+    "nuclei-2": {"nuclei": 2},
+    "mr-2": {"mr": 2},
+    "ct-3": {"ct": 3},
+    "nuclei-3": {"nuclei": 3},
+    "mr-3": {"mr": 3},
     "mixed-5": {"mr": 1, "ct": 2, "nuclei": 2},
-    "ct-5": {"ct": 5}, "nuclei-5": {"nuclei": 5}, "mr-5": {"mr": 5},
+    "ct-5": {"ct": 5},
+    "nuclei-5": {"nuclei": 5},
+    "mr-5": {"mr": 5},
 }
 
 
@@ -162,8 +172,16 @@ def pooled_dice(store: Path, unseen: list[tuple[Path, Path]]) -> float:
 
 def annotate_unseen(kind: str, unseen: list, out: Path, config: Path, checkpoint: Path | None) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    command = ["annotate", *[str(i) for i, _ in unseen], "--coarse-mask", *[str(m) for _, m in unseen],
-               "--out", str(out), "--config", str(config)]
+    command = [
+        "annotate",
+        *[str(i) for i, _ in unseen],
+        "--coarse-mask",
+        *[str(m) for _, m in unseen],
+        "--out",
+        str(out),
+        "--config",
+        str(config),
+    ]
     if checkpoint is not None:
         command += ["--checkpoint", str(checkpoint)]
     if cli(command) != 0:
@@ -178,8 +196,17 @@ def run_regime(name: str, data: dict, baseline: dict, root: Path, config: Path) 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     checkpoint = out / "ft.pth"
-    command = ["finetune", "--images", *[str(i) for i, _ in pairs], "--labels", *[str(m) for _, m in pairs],
-               "--out", str(checkpoint), "--device", "cpu"]
+    command = [
+        "finetune",
+        "--images",
+        *[str(i) for i, _ in pairs],
+        "--labels",
+        *[str(m) for _, m in pairs],
+        "--out",
+        str(checkpoint),
+        "--device",
+        "cpu",
+    ]
     start = time.perf_counter()
     code = cli(command)
     minutes = (time.perf_counter() - start) / 60
@@ -187,18 +214,34 @@ def run_regime(name: str, data: dict, baseline: dict, root: Path, config: Path) 
         raise RuntimeError(f"finetune for {name} exited {code}")
     after = {}
     for kind in counts:
-        after[kind] = (annotate_unseen(kind, data[kind][1], out / f"unseen-{kind}", config, checkpoint)
-                       if checkpoint.exists() else baseline[kind])
+        after[kind] = (
+            annotate_unseen(kind, data[kind][1], out / f"unseen-{kind}", config, checkpoint)
+            if checkpoint.exists()
+            else baseline[kind]
+        )
     entry = json.loads((out / "ft.pth.json").read_text()) if checkpoint.exists() else None
     lifts = {kind: after[kind] - baseline[kind] for kind in counts}
-    return {"regime": name, "cases": counts, "finetune_minutes": round(minutes, 2),
-            "written": checkpoint.exists(), "before": {k: round(baseline[k], 4) for k in counts},
-            "after": {k: round(v, 4) for k, v in after.items()}, "lift": {k: round(v, 4) for k, v in lifts.items()},
-            "mean_lift": round(float(np.mean(list(lifts.values()))), 4),
-            "epochs_chosen": entry["metrics"]["epochs_chosen"] if entry else 0,
-            "cv": ({"before": entry["metrics"]["holdout_dice_before"], "after": entry["metrics"]["holdout_dice_after"],
-                    "folds": entry["data"]["folds"]} if entry else None),
-            "command": "medsam-engine " + " ".join(command)}
+    return {
+        "regime": name,
+        "cases": counts,
+        "finetune_minutes": round(minutes, 2),
+        "written": checkpoint.exists(),
+        "before": {k: round(baseline[k], 4) for k in counts},
+        "after": {k: round(v, 4) for k, v in after.items()},
+        "lift": {k: round(v, 4) for k, v in lifts.items()},
+        "mean_lift": round(float(np.mean(list(lifts.values()))), 4),
+        "epochs_chosen": entry["metrics"]["epochs_chosen"] if entry else 0,
+        "cv": (
+            {
+                "before": entry["metrics"]["holdout_dice_before"],
+                "after": entry["metrics"]["holdout_dice_after"],
+                "folds": entry["data"]["folds"],
+            }
+            if entry
+            else None
+        ),
+        "command": "medsam-engine " + " ".join(command),
+    }
 
 
 def main() -> None:
@@ -222,7 +265,9 @@ def main() -> None:
     for kind in sorted(needed - set(baseline)):
         baseline[kind] = annotate_unseen(kind, data[kind][1], root / f"base-{kind}", config, None)
         baseline_file.write_text(json.dumps(baseline))
-    print(f"official model on the unseen targets: {json.dumps({k: round(v, 4) for k, v in baseline.items()})}")
+    print(
+        f"official model on the unseen targets: {json.dumps({k: round(v, 4) for k, v in baseline.items()})}"
+    )
     results = []
     for name in args.regime:
         results.append(run_regime(name, data, baseline, root, config))
@@ -232,11 +277,14 @@ def main() -> None:
     print("| regime | reviewed cases | official | fine-tuned | lift | epochs | minutes |", file=sys.stdout)
     print("|---|---|---|---|---|---|---|")
     for r in results:
+
         def shown(figures: dict) -> str:
             return ", ".join(f"{k} {v:.3f}" for k, v in figures.items())
 
-        print(f"| {r['regime']} | {r['cases']} | {shown(r['before'])} | {shown(r['after'])} | "
-              f"{r['mean_lift']:+.3f} | {r['epochs_chosen']} | {r['finetune_minutes']:.1f} |")
+        print(
+            f"| {r['regime']} | {r['cases']} | {shown(r['before'])} | {shown(r['after'])} | "
+            f"{r['mean_lift']:+.3f} | {r['epochs_chosen']} | {r['finetune_minutes']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Slices per second of the Prefect flow on Ray versus the runner alone, on the same real cases, in one run.
 
 Data: slicerio's chest CT cut into ``--cases`` overlapping slabs (distinct cases) with the lung labels (5, 6)
-of its segmentation as coarse masks. "Runner alone" is the engine in this process (`pipeline.annotate.job.annotate`,
+of its segmentation as coarse masks. "Runner alone" is the engine in this process
+(`pipeline.annotate.job.annotate`,
 model load included); "flow" is `annotate_archive` under a temporary Prefect server on a local Ray started
 here (actor start and model load included; Ray and Prefect start-up are printed apart). Both use the default
 configuration and every CPU. Prints one table and the ratio flow / runner (the goal is at least 0.8).
@@ -9,6 +10,7 @@ configuration and every CPU. Prints one table and the ratio flow / runner (the g
     .venv/bin/python bench/flow_throughput.py [--cases 3] [--slices 12] [--device auto|cpu|cuda]
                                               [--flow-first]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +42,7 @@ def make_cases(root: Path, cases: int, slices: int) -> tuple[Path, Path]:
             meta = {k: v for k, v in src_header.items() if not k.startswith(("Segment", "sizes"))}
             step = np.asarray(meta["space directions"])[2]
             meta["space origin"] = np.asarray(meta["space origin"], float) + z0 * step
-            slab = np.ascontiguousarray(source[:, :, z0:z0 + slices])
+            slab = np.ascontiguousarray(source[:, :, z0 : z0 + slices])
             if keep is not None:
                 slab = np.where(np.isin(slab, keep), slab, 0).astype(slab.dtype)
             nrrd.write(str(folder / f"slab{n}.nrrd"), slab, meta)
@@ -65,8 +67,9 @@ def run_flow(images: Path, masks: Path, store: Path, config) -> tuple[float, int
     from medsam_engine.flows.annotate import RunOptions, annotate_archive
 
     start = time.perf_counter()
-    report = annotate_archive(inputs=[str(images)], out=str(store), coarse_masks=[str(masks)],
-                              run=RunOptions(config=config))
+    report = annotate_archive(
+        inputs=[str(images)], out=str(store), coarse_masks=[str(masks)], run=RunOptions(config=config)
+    )
     seconds = time.perf_counter() - start
     assert report["counts"]["done"] == len(report["cases"]), report["counts"]
     return seconds, report["slices"], report
@@ -107,9 +110,11 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     runner_rate, flow_rate = runner_slices / runner_s, flow_slices / flow_s
-    print(f"{args.cases} cases, {runner_slices} slices with prompts, {os.cpu_count()} CPUs, "
-          f"device {args.device}; "
-          f"flow: {report['actors']} actor(s), {report['shards']} shard(s)")
+    print(
+        f"{args.cases} cases, {runner_slices} slices with prompts, {os.cpu_count()} CPUs, "
+        f"device {args.device}; "
+        f"flow: {report['actors']} actor(s), {report['shards']} shard(s)"
+    )
     print(f"{'':28s} {'wall s':>8s} {'slices':>7s} {'slices/s':>9s}")
     print(f"{'runner alone (engine)':28s} {runner_s:8.1f} {runner_slices:7d} {runner_rate:9.3f}")
     print(f"{'flow (Prefect + Ray)':28s} {flow_s:8.1f} {flow_slices:7d} {flow_rate:9.3f}")

@@ -5,8 +5,8 @@ Protocol, per dataset (all through the `medsam-engine` commands, run in this pro
 1. `round run` on every case with the official model (boxes from the reference masks: the MedSAM protocol).
 2. The simulated reviewer corrects part A: `review import` of the reference masks of A.
 3. `finetune --store` on the accepted part A (CPU; its defaults: the image encoder's last stage and
-   neck, prompt encoder and mask decoder; `--finetune-arg=--encoder-stages --finetune-arg=0` for the decoder only,
-   `... --finetune-arg=--augment` for flipped and turned copies).
+   neck, prompt encoder and mask decoder; `--finetune-arg=--encoder-stages --finetune-arg=0` for the decoder
+   only, `... --finetune-arg=--augment` for flipped and turned copies).
 4. `round run` again: part A is kept (accepted), part B is stale for the new model and is re-annotated.
 Dice on part B from round 1 (official model) and round 2 (fine-tuned) uses the same prompts and the same
 post-processing, so the difference (the lift) is the model's.
@@ -19,9 +19,11 @@ Data (real, shipped in packages):
 
     .venv/bin/python bench/flywheel.py [--out /tmp/flywheel-bench] [--only chest|nuclei]
 """
+
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -45,7 +47,7 @@ def chest_data(root: Path) -> tuple[list[str], list[str]]:
 
     data = Path(slicerio.__file__).parent / "data"
     image, header = nrrd.read(str(data / "CTChest4.nrrd"))
-    labels, label_header = nrrd.read(str(data / "Segmentation.seg.nrrd"))
+    labels, _label_header = nrrd.read(str(data / "Segmentation.seg.nrrd"))
     if labels.shape != image.shape:
         raise RuntimeError("the bundled chest labels are no longer on the image grid")
     labels = np.where(np.isin(labels, CHEST_LABELS), labels, 0).astype(np.uint8)
@@ -54,7 +56,7 @@ def chest_data(root: Path) -> tuple[list[str], list[str]]:
     stems = []
     for folder in ("images", "masks", "reference"):
         (root / folder).mkdir(parents=True, exist_ok=True)
-    for n, (k0, k1) in enumerate(zip(edges[:-1], edges[1:])):
+    for n, (k0, k1) in enumerate(itertools.pairwise(edges)):
         block = dict(header)
         step = np.asarray(header["space directions"], float)[2]
         block["space origin"] = np.asarray(header["space origin"], float) + k0 * step
@@ -126,17 +128,36 @@ def run(command: list[str], log: list[str]) -> float:
 
 def experiment(name: str, root: Path, part_a: list[str], part_b: list[str], finetune_args: list[str]) -> dict:
     store, log, seconds = root / "store", [], {}
-    inputs = ["round", "run", str(root / "images"), "--store", str(store),
-              "--coarse-mask", str(root / "masks")]
+    inputs = [
+        "round",
+        "run",
+        str(root / "images"),
+        "--store",
+        str(store),
+        "--coarse-mask",
+        str(root / "masks"),
+    ]
     seconds["round 1"] = run(inputs, log)
     round1 = {"A": pooled_dice(store, root, part_a), "B": pooled_dice(store, root, part_b)}
     corrections = [str(next((root / "reference").glob(f"{s}.*"))) for s in part_a]
-    seconds["review import"] = run(["review", "import", str(store), *corrections,
-                                    "--reviewer", "simulated"], log)
+    seconds["review import"] = run(
+        ["review", "import", str(store), *corrections, "--reviewer", "simulated"], log
+    )
     # promoted whatever its held-out Dice, so round 2 measures the fine-tuned model; its entry still says
     # whether the default rule (beat the current model on the held-out cases) would have promoted it
-    seconds["finetune"] = run(["finetune", "--store", str(store), "--out", str(root / "round1.pth"),
-                               "--promote", "always", *finetune_args], log)
+    seconds["finetune"] = run(
+        [
+            "finetune",
+            "--store",
+            str(store),
+            "--out",
+            str(root / "round1.pth"),
+            "--promote",
+            "always",
+            *finetune_args,
+        ],
+        log,
+    )
     seconds["round 2"] = run(inputs, log)
     round2 = pooled_dice(store, root, part_b)
     from medsam_engine.pipeline.flywheel.registry import registered_models
@@ -146,20 +167,29 @@ def experiment(name: str, root: Path, part_a: list[str], part_b: list[str], fine
     reports = [json.loads((store / "_rounds" / f"round-00{n}.json").read_text()) for n in (1, 2)]
     from medsam_engine.pipeline.flywheel.rounds import format_table, round_rows
 
-    return {"dataset": name, "commands": log, "seconds": {k: round(v, 1) for k, v in seconds.items()},
-            "round1_A": round1["A"], "round1_B": round1["B"], "round2_B": round2,
-            "lift_B": round2["mean"] - round1["B"]["mean"],
-            "finetune": {k: entry[k] for k in ("data", "metrics", "seconds", "trained")},
-            "routing": [r["routing"] for r in reports], "calibration_round2": reports[1]["calibration"],
-            "table": format_table(round_rows(CaseStore(store)))}
+    return {
+        "dataset": name,
+        "commands": log,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "round1_A": round1["A"],
+        "round1_B": round1["B"],
+        "round2_B": round2,
+        "lift_B": round2["mean"] - round1["B"]["mean"],
+        "finetune": {k: entry[k] for k in ("data", "metrics", "seconds", "trained")},
+        "routing": [r["routing"] for r in reports],
+        "calibration_round2": reports[1]["calibration"],
+        "table": format_table(round_rows(CaseStore(store))),
+    }
 
 
 def summary(result: dict) -> str:
     first_a, first_b, second_b = result["round1_A"], result["round1_B"], result["round2_B"]
-    lines = [f"== {result['dataset']}",
-             f"Dice round 1 (official) part A {first_a['mean']:.4f}, part B {first_b['mean']:.4f}"
-             f" ({first_b['labels']} labels)",
-             f"Dice round 2 (fine-tuned on A) part B {second_b['mean']:.4f}  -> lift {result['lift_B']:+.4f}"]
+    lines = [
+        f"== {result['dataset']}",
+        f"Dice round 1 (official) part A {first_a['mean']:.4f}, part B {first_b['mean']:.4f}"
+        f" ({first_b['labels']} labels)",
+        f"Dice round 2 (fine-tuned on A) part B {second_b['mean']:.4f}  -> lift {result['lift_B']:+.4f}",
+    ]
     if len(result["round1_B"]["per_label"]) <= 8:
         for label, before in result["round1_B"]["per_label"].items():
             lines.append(f"   label {label}: {before:.4f} -> {result['round2_B']['per_label'][label]:.4f}")
@@ -170,12 +200,16 @@ def summary(result: dict) -> str:
         change = float(np.median(after - before))
         lines.append(f"   per label: better {better}, worse {worse}, median change {change:+.4f}")
     metrics = result["finetune"]["metrics"]
-    lines.append(f"fine-tune: held-out Dice {metrics['holdout_dice_before']} -> "
-                 f"{metrics['holdout_dice_after']} "
-                 f"({metrics['epochs_chosen']} epochs chosen, {result['finetune']['seconds']} s, "
-                 f"data {json.dumps(result['finetune']['data'])})")
-    lines.append(f"trained: {result['finetune']['trained']}; the default rule would "
-                 f"{'promote' if metrics['epochs_chosen'] else 'hold'} it ({metrics['choice']})")
+    lines.append(
+        f"fine-tune: held-out Dice {metrics['holdout_dice_before']} -> "
+        f"{metrics['holdout_dice_after']} "
+        f"({metrics['epochs_chosen']} epochs chosen, {result['finetune']['seconds']} s, "
+        f"data {json.dumps(result['finetune']['data'])})"
+    )
+    lines.append(
+        f"trained: {result['finetune']['trained']}; the default rule would "
+        f"{'promote' if metrics['epochs_chosen'] else 'hold'} it ({metrics['choice']})"
+    )
     lines.append(f"seconds: {json.dumps(result['seconds'])}")
     lines.append(f"calibration fitted for round 2: {json.dumps(result['calibration_round2'])}")
     lines.append(result["table"])

@@ -14,6 +14,7 @@ on threads overlap everything else, not that.
 
 py-spy needs the permission to read another process's memory (root, or ptrace_scope 0).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-CHILD = r'''
+CHILD = r"""
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {bench!r})
@@ -37,7 +38,8 @@ root, kind, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 config = EngineConfig()
 config = config.model_copy(update={{"pipeline": config.pipeline.model_copy(update={{"case_workers": 1}})}})
 if kind == "3d":
-    made = [pc.make_3d(root / f"d{{k}}", variant=k + 1, syntaxes={{"explicit-le": pc.SYNTAXES["explicit-le"]}})
+    made = [pc.make_3d(root / f"d{{k}}", variant=k + 1, syntaxes={{"explicit-le":
+    pc.SYNTAXES["explicit-le"]}})
             for k in range(9)]
     images, masks = [m["DICOM explicit-le"][0] for m in made], [m["DICOM explicit-le"][1] for m in made]
 else:
@@ -51,7 +53,7 @@ for k in range(rounds):
     result = pc.run_local(images[1:] if kind == "3d" else images, masks[1:] if kind == "3d" else masks,
                           root / f"store-{{k}}-{{time.time()}}", config)
     print("CASE_MS", result["wall"] / result["cases"] * 1000, flush=True)
-'''
+"""
 
 
 def samples(path: Path) -> Counter:
@@ -67,8 +69,12 @@ def samples(path: Path) -> Counter:
 def measure(kind: str, seconds: float, rate: int, spy: str, work: Path) -> dict:
     script = work / "child.py"
     script.write_text(CHILD.format(bench=str(Path(__file__).resolve().parent)))
-    child = subprocess.Popen([sys.executable, str(script), str(work / kind), kind, "40"], stdout=subprocess.PIPE,
-                             text=True, cwd=Path(__file__).parent)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(work / kind), kind, "40"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent,
+    )
     assert child.stdout is not None
     while child.stdout.readline().strip() != "GO":
         if child.poll() is not None:
@@ -77,18 +83,44 @@ def measure(kind: str, seconds: float, rate: int, spy: str, work: Path) -> dict:
     files = {}
     for mode, flags in (("active", []), ("gil", ["--gil"])):
         files[mode] = work / f"{kind}-{mode}.txt"
-        subprocess.run([spy, "record", "-p", str(child.pid), "-d", str(seconds), "-r", str(rate), "-f", "raw",
-                        "--threads", "--nonblocking", "-o", str(files[mode]), *flags],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                spy,
+                "record",
+                "-p",
+                str(child.pid),
+                "-d",
+                str(seconds),
+                "-r",
+                str(rate),
+                "-f",
+                "raw",
+                "--threads",
+                "--nonblocking",
+                "-o",
+                str(files[mode]),
+                *flags,
+            ],
+            check=True,
+            capture_output=True,
+        )
     child.kill()
     child.wait()
-    per_case = [float(line.split()[1]) for line in child.stdout.read().splitlines() if line.startswith("CASE_MS")]
+    per_case = [
+        float(line.split()[1]) for line in child.stdout.read().splitlines() if line.startswith("CASE_MS")
+    ]
     active, held = samples(files["active"]), samples(files["gil"])
     expected = seconds * rate  # samples of a thread at work all the time
     case_ms = min(per_case) if per_case else float("nan")
     share = sum(held.values()) / expected  # all threads' GIL samples over the wall time
-    return {"kind": kind, "case_ms": case_ms, "main_active": active.get("MainThread", 0) / expected,
-            "gil_share": share, "gil_ms_per_case": share * case_ms, "threads": dict(held.most_common(4))}
+    return {
+        "kind": kind,
+        "case_ms": case_ms,
+        "main_active": active.get("MainThread", 0) / expected,
+        "gil_share": share,
+        "gil_ms_per_case": share * case_ms,
+        "threads": dict(held.most_common(4)),
+    }
 
 
 def main() -> None:
@@ -104,10 +136,14 @@ def main() -> None:
         for kind in ("3d", "2d"):
             found = measure(kind, args.seconds, args.rate, spy, Path(tmp))
             ceiling = 1000 / found["gil_ms_per_case"]
-            print(f"{kind}: {found['case_ms']:.1f} ms per case (one case worker); GIL held {found['gil_share']:.0%} of "
-                  f"the wall time = {found['gil_ms_per_case']:.1f} ms per case (samples by thread: "
-                  f"{found['threads']}); one process's ceiling ~{ceiling:.0f} cases/s = "
-                  f"{ceiling * slices[kind]:.0f} prompted slices/s", flush=True)
+            print(
+                f"{kind}: {found['case_ms']:.1f} ms per case (one case worker); GIL held "
+                f"{found['gil_share']:.0%} of "
+                f"the wall time = {found['gil_ms_per_case']:.1f} ms per case (samples by thread: "
+                f"{found['threads']}); one process's ceiling ~{ceiling:.0f} cases/s = "
+                f"{ceiling * slices[kind]:.0f} prompted slices/s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ Measures, in one run on one device:
 The figures are printed and, with ``--json`` (default ``$OUT/gpu_check.json`` when ``OUT`` is set), written
 as JSON. Nothing is downloaded: the model is the bundled checkpoint, the data ship in slicerio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,14 +104,18 @@ def bf16_agreement(model, device: str, slices, boxes) -> dict:
     fp32 = LiteMedSAMRunner(model, device=device, precision="fp32", cache_bytes=0)
     bf16 = LiteMedSAMRunner(model, device=device, precision="bf16", cache_bytes=0)
     worst, scores = 0.0, []
-    for u8, slice_boxes in zip(slices[:8], boxes[:8]):
+    for u8, slice_boxes in zip(slices[:8], boxes[:8], strict=False):
         a, b = fp32._encode([u8])[0], bf16._encode([u8])[0]
         worst = max(worst, float(np.abs(a.array() - b.array()).max()))
         masks_a = foreground(fp32.decode(a, slice_boxes)[0])
         masks_b = foreground(bf16.decode(b, slice_boxes)[0])
-        scores += [dice(x, y) for x, y in zip(masks_a, masks_b)]
-    return {"embedding_max_abs_delta": worst, "mask_dice_mean": float(np.mean(scores)),
-            "mask_dice_min": float(np.min(scores)), "boxes": len(scores)}
+        scores += [dice(x, y) for x, y in zip(masks_a, masks_b, strict=False)]
+    return {
+        "embedding_max_abs_delta": worst,
+        "mask_dice_mean": float(np.mean(scores)),
+        "mask_dice_min": float(np.min(scores)),
+        "boxes": len(scores),
+    }
 
 
 def end_to_end(device: str) -> dict:
@@ -126,8 +131,9 @@ def end_to_end(device: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="medsam-gpu-") as tmp:
         image, mask, reference, _ = write_cases(Path(tmp))["10 labels"]
         store = CaseStore(Path(tmp) / "store")
-        config = EngineConfig.model_validate({"model": {"device": device}, "intensity": {"ct_window": "fixed"},
-                                              "postprocess": {"chain": []}})
+        config = EngineConfig.model_validate(
+            {"model": {"device": device}, "intensity": {"ct_window": "fixed"}, "postprocess": {"chain": []}}
+        )
         start = time.perf_counter()
         cases = discover([image], store.case_ids(), coarse_masks=[mask])
         summary = annotate(cases, store, config, show_progress=False)
@@ -137,9 +143,13 @@ def end_to_end(device: str) -> dict:
         labels, _ = store.read_labels(cases[0].case_id)
     slices = int(reference.any(axis=(1, 2)).sum())
     values = [int(v) for v in np.unique(reference) if v]
-    return {"seconds": seconds, "slices": slices, "slices_per_s": slices / seconds,
-            "dice_mean": float(np.mean([dice(labels == v, reference == v) for v in values])),
-            "runner": summary.runner_stats}
+    return {
+        "seconds": seconds,
+        "slices": slices,
+        "slices_per_s": slices / seconds,
+        "dice_mean": float(np.mean([dice(labels == v, reference == v) for v in values])),
+        "runner": summary.runner_stats,
+    }
 
 
 def memory_sized_encoder(model, device: str, slices, repeats: int) -> dict:
@@ -148,13 +158,17 @@ def memory_sized_encoder(model, device: str, slices, repeats: int) -> dict:
 
     runner = LiteMedSAMRunner(model, device=device, cache_bytes=0)  # precision auto: bf16 autocast on CUDA
     batch = runner.memory_batch()
-    return {"batch": batch, "bf16": runner.bf16, "slices_per_s": encoder_speed(runner, slices, batch, repeats)}
+    return {
+        "batch": batch,
+        "bf16": runner.bf16,
+        "slices_per_s": encoder_speed(runner, slices, batch, repeats),
+    }
 
 
 def pipeline_cases(root: Path, copies: int, tiles: int, ids) -> list:
-    """CaseRefs of ``copies`` distinct chest CT cases (each as a DICOM series and as NIfTI, the lungs as coarse
-    mask) and of ``tiles`` small 2D nuclei cases with their instance masks (bench/pipeline_ceiling.py makes
-    them from slicerio and stardist)."""
+    """CaseRefs of ``copies`` distinct chest CT cases (each as a DICOM series and as NIfTI, the lungs as
+    coarse mask) and of ``tiles`` small 2D nuclei cases with their instance masks (bench/pipeline_ceiling.py
+    makes them from slicerio and stardist)."""
     from pipeline_ceiling import SYNTAXES, make_2d, make_3d
 
     from medsam_engine.pipeline.io.discover import discover
@@ -174,7 +188,8 @@ def pipeline_cases(root: Path, copies: int, tiles: int, ids) -> list:
 def ray_pipeline(device: str, copies: int, tiles: int, gpus_per_actor: float | None) -> dict:
     """Prompted slices/s of the Ray pipeline on this node with the engine's actor plan for
     ``gpus_per_actor`` (None: the default, several actors sharing the GPU; 1: one actor with the whole GPU;
-    on CPU: CPU actors), each actor warmed on one case, then timed over the rest, sharded as the engine does."""
+    on CPU: CPU actors), each actor warmed on one case, then timed over the rest, sharded as the engine
+    does."""
     import dataclasses
     from concurrent.futures import ThreadPoolExecutor
 
@@ -202,16 +217,25 @@ def ray_pipeline(device: str, copies: int, tiles: int, gpus_per_actor: float | N
         cases = [dataclasses.asdict(c) for c in pipeline_cases(Path(tmp), copies, tiles, store.case_ids())]
         actors = [get_annotator(plan, k, config_json) for k in range(plan.count)]
         job = Job(str(store.root), "gpu-check", config_json)
-        warm, timed = cases[:plan.count], cases[plan.count:]
-        shards = [timed[k::plan.count] for k in range(plan.count)]
+        warm, timed = cases[: plan.count], cases[plan.count :]
+        shards = [timed[k :: plan.count] for k in range(plan.count)]
         try:
             with ThreadPoolExecutor(plan.count) as pool:  # model load, kernels: one case per actor
-                list(pool.map(lambda k: drive([warm[k]], lambda lost=None: actors[k], job), range(plan.count)))
+                list(
+                    pool.map(lambda k: drive([warm[k]], lambda lost=None: actors[k], job), range(plan.count))
+                )
                 before = [ray.get(a.info.remote())["runner"] for a in actors]
                 start = time.perf_counter()
-                outcomes = [o for part in pool.map(
-                    lambda k: drive(shards[k], lambda lost=None: actors[k], job, in_flight=plan.case_workers + 1),
-                    range(plan.count)) for o in part]
+                outcomes = [
+                    o
+                    for part in pool.map(
+                        lambda k: drive(
+                            shards[k], lambda lost=None: actors[k], job, in_flight=plan.case_workers + 1
+                        ),
+                        range(plan.count),
+                    )
+                    for o in part
+                ]
                 seconds = time.perf_counter() - start
             after = [ray.get(a.info.remote())["runner"] for a in actors]
         finally:
@@ -220,11 +244,19 @@ def ray_pipeline(device: str, copies: int, tiles: int, gpus_per_actor: float | N
         if failed:
             reasons = [error.get("reason") for error in store.errors().values()]
             raise RuntimeError(f"{len(failed)} of {len(outcomes)} cases failed: {reasons[:3]}")
-    slices = sum(a["encoded_slices"] - b["encoded_slices"] for a, b in zip(after, before))
-    calls = sum(a["encoder_calls"] - b["encoder_calls"] for a, b in zip(after, before))
-    return {"actors": plan.count, "cpus": plan.num_cpus, "gpus": plan.num_gpus, "case_workers": plan.case_workers,
-            "cases": len(outcomes), "slices": slices, "seconds": seconds, "slices_per_s": slices / seconds,
-            "slices_per_encoder_call": slices / max(1, calls)}
+    slices = sum(a["encoded_slices"] - b["encoded_slices"] for a, b in zip(after, before, strict=False))
+    calls = sum(a["encoder_calls"] - b["encoder_calls"] for a, b in zip(after, before, strict=False))
+    return {
+        "actors": plan.count,
+        "cpus": plan.num_cpus,
+        "gpus": plan.num_gpus,
+        "case_workers": plan.case_workers,
+        "cases": len(outcomes),
+        "slices": slices,
+        "seconds": seconds,
+        "slices_per_s": slices / seconds,
+        "slices_per_encoder_call": slices / max(1, calls),
+    }
 
 
 def main() -> None:
@@ -232,22 +264,36 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--copies", type=int, default=8, help="CT cases for the Ray pipeline (x2: DICOM, NIfTI)")
+    parser.add_argument(
+        "--copies", type=int, default=8, help="CT cases for the Ray pipeline (x2: DICOM, NIfTI)"
+    )
     parser.add_argument("--tiles", type=int, default=400, help="small 2D cases for the Ray pipeline")
-    parser.add_argument("--json", default=str(Path(os.environ["OUT"]) / "gpu_check.json")
-                        if os.environ.get("OUT") else None)
+    parser.add_argument(
+        "--json", default=str(Path(os.environ["OUT"]) / "gpu_check.json") if os.environ.get("OUT") else None
+    )
     args = parser.parse_args()
     from medsam_engine.pipeline.model.checkpoint import load_lite_medsam
     from medsam_engine.pipeline.model.devices import resolve_device
     from medsam_engine.pipeline.model.runner import LiteMedSAMRunner
 
     device = resolve_device(args.device)
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
-    report: dict = {"device": name, "torch": torch.__version__,
-                    "matmul_gflops": {"fp32": matmul_rate(device, torch.float32),
-                                      "bf16": matmul_rate(device, torch.bfloat16)}}
-    print(f"{name}, torch {torch.__version__}: matmul fp32 {report['matmul_gflops']['fp32']:.0f} GFLOP/s, "
-          f"bf16 {report['matmul_gflops']['bf16']:.0f} GFLOP/s")
+    name = (
+        torch.cuda.get_device_name()
+        if device.startswith("cuda")
+        else f"cpu, {torch.get_num_threads()} threads"
+    )
+    report: dict = {
+        "device": name,
+        "torch": torch.__version__,
+        "matmul_gflops": {
+            "fp32": matmul_rate(device, torch.float32),
+            "bf16": matmul_rate(device, torch.bfloat16),
+        },
+    }
+    print(
+        f"{name}, torch {torch.__version__}: matmul fp32 {report['matmul_gflops']['fp32']:.0f} GFLOP/s, "
+        f"bf16 {report['matmul_gflops']['bf16']:.0f} GFLOP/s"
+    )
     model = load_lite_medsam(device=device)
     slices, boxes = real_slices()
     precisions = ["fp32", "bf16"] if device.startswith("cuda") else ["fp32"]
@@ -257,8 +303,12 @@ def main() -> None:
         rate = report["matmul_gflops"][precision]
         for batch in args.batches:
             speed = encoder_speed(runner, slices, batch, args.repeats)
-            row = {"precision": precision, "batch": batch, "slices_per_s": speed,
-                   "eta": ENCODER_GFLOP * speed / rate}
+            row = {
+                "precision": precision,
+                "batch": batch,
+                "slices_per_s": speed,
+                "eta": ENCODER_GFLOP * speed / rate,
+            }
             if device.startswith("cuda"):
                 row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
                 torch.cuda.reset_peak_memory_stats()
@@ -269,22 +319,32 @@ def main() -> None:
         print(f"bf16 vs fp32: {report['bf16_vs_fp32']}")
     report["end_to_end"] = end_to_end(device)
     e2e = report["end_to_end"]
-    print(f"annotate, 10-label chest CT: {e2e['slices']} slices in {e2e['seconds']:.1f} s = "
-          f"{e2e['slices_per_s']:.2f} slices/s (model load included), Dice {e2e['dice_mean']:.4f}")
+    print(
+        f"annotate, 10-label chest CT: {e2e['slices']} slices in {e2e['seconds']:.1f} s = "
+        f"{e2e['slices_per_s']:.2f} slices/s (model load included), Dice {e2e['dice_mean']:.4f}"
+    )
     report["isolated_encoder"] = memory_sized_encoder(model, device, slices, args.repeats)
     isolated = report["isolated_encoder"]
-    print(f"isolated encoder at the engine's batch ({isolated['batch']} slices, bf16 {isolated['bf16']}): "
-          f"{isolated['slices_per_s']:.1f} slices/s")
-    layouts = {"default plan": None, "one actor per GPU": 1.0} if device.startswith("cuda") else {"CPU actors": 0}
+    print(
+        f"isolated encoder at the engine's batch ({isolated['batch']} slices, bf16 {isolated['bf16']}): "
+        f"{isolated['slices_per_s']:.1f} slices/s"
+    )
+    layouts = (
+        {"default plan": None, "one actor per GPU": 1.0} if device.startswith("cuda") else {"CPU actors": 0}
+    )
     report["ray_pipeline"] = {}
     for layout, share in layouts.items():  # the engine's default, then one process holding the whole GPU
         flow = report["ray_pipeline"][layout] = ray_pipeline(device, args.copies, args.tiles, share)
         flow["ratio_to_isolated_encoder"] = flow["slices_per_s"] / isolated["slices_per_s"]
-        print(f"Ray pipeline, {layout}: {flow['actors']} actor(s) x {flow['cpus']} CPUs, {flow['gpus']:g} GPU "
-              f"({flow['case_workers']} case workers each): {flow['cases']} cases, {flow['slices']} slices in "
-              f"{flow['seconds']:.1f} s = {flow['slices_per_s']:.1f} slices/s ({flow['slices_per_encoder_call']:.1f} "
-              f"per encoder call); ratio to the isolated encoder {flow['ratio_to_isolated_encoder']:.2f} "
-              "(goal >= 0.8)", flush=True)
+        print(
+            f"Ray pipeline, {layout}: {flow['actors']} actor(s) x {flow['cpus']} CPUs, {flow['gpus']:g} GPU "
+            f"({flow['case_workers']} case workers each): {flow['cases']} cases, {flow['slices']} slices in "
+            f"{flow['seconds']:.1f} s = {flow['slices_per_s']:.1f} slices/s "
+            f"({flow['slices_per_encoder_call']:.1f} "
+            f"per encoder call); ratio to the isolated encoder {flow['ratio_to_isolated_encoder']:.2f} "
+            "(goal >= 0.8)",
+            flush=True,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
         print(f"written {args.json}")

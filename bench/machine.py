@@ -1,4 +1,5 @@
 """The machine's own measured FLOP rate, the denominator of every efficiency figure in bench/."""
+
 from __future__ import annotations
 
 import time

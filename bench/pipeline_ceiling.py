@@ -7,7 +7,8 @@ run record. Data (real, shipped in packages):
 
 * 3D: slicerio's chest CT resampled to 512 x 512 in-plane (34 slices, the lungs as coarse mask on 26 of
   them), written as NIfTI and as DICOM series in four transfer syntaxes (Explicit VR Little Endian, RLE
-  Lossless, JPEG-LS Lossless, JPEG 2000 Lossless): one case each, repeated ``--repeats`` times in fresh stores;
+  Lossless, JPEG-LS Lossless, JPEG 2000 Lossless): one case each, repeated ``--repeats`` times in fresh
+  stores;
 * 2D: ``--tiles`` crops (96 x 96) of stardist's nuclei image with their instance masks: many small cases.
 
 Each row runs the local engine (`pipeline.annotate.job.annotate`: one process, its case workers and their
@@ -23,13 +24,15 @@ The machine's own speed is measured in the same run and printed first (one core:
 GFLOP/s, a 64 MiB copy in GB/s, a pure-Python loop in millions of additions per second): the figures move
 with it (this shared 2-core machine varied by a third within one day), the ratios to ``--baseline`` do not.
 
-    .venv/bin/python bench/pipeline_ceiling.py [--repeats 3] [--tiles 200] [--ray] [--baseline REV [--rounds 2]]
+    .venv/bin/python bench/pipeline_ceiling.py [--repeats 3] [--tiles 200] [--ray] [--baseline REV [--rounds
+    2]]
 
 With ``--baseline REV`` the same rows are measured on the engine of git commit REV (a temporary worktree put
 before the installed package on PYTHONPATH, this bench script and data) and on this tree, alternately
 ``--rounds`` times by child processes, and each row's best run of each engine is compared: today's figures
 and the new ones from one run on one machine, a drift of the host's speed weighing on both alike.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +46,12 @@ from pathlib import Path
 import numpy as np
 from null_runner import NullLazyRunner  # bench/ (scripts run from bench/)
 
-SYNTAXES = {"explicit-le": "1.2.840.10008.1.2.1", "rle": "1.2.840.10008.1.2.5",
-            "jpeg-ls": "1.2.840.10008.1.2.4.80", "jpeg2000": "1.2.840.10008.1.2.4.90"}
+SYNTAXES = {
+    "explicit-le": "1.2.840.10008.1.2.1",
+    "rle": "1.2.840.10008.1.2.5",
+    "jpeg-ls": "1.2.840.10008.1.2.4.80",
+    "jpeg2000": "1.2.840.10008.1.2.4.90",
+}
 
 
 def chest_512() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -57,11 +64,25 @@ def chest_512() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     image, header = nrrd.read(str(data / "CTChest4.nrrd"))
     labels, _ = nrrd.read(str(data / "Segmentation.seg.nrrd"))
     size = 512
-    ct = np.stack([cv2.resize(image[:, :, k].astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
-                   for k in range(image.shape[2])], axis=2).round().astype(np.int16)
+    ct = (
+        np.stack(
+            [
+                cv2.resize(image[:, :, k].astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+                for k in range(image.shape[2])
+            ],
+            axis=2,
+        )
+        .round()
+        .astype(np.int16)
+    )
     lungs = np.where(np.isin(labels, (5, 6)), labels, 0).astype(np.uint8)
-    mask = np.stack([cv2.resize(lungs[:, :, k], (size, size), interpolation=cv2.INTER_NEAREST)
-                     for k in range(lungs.shape[2])], axis=2)
+    mask = np.stack(
+        [
+            cv2.resize(lungs[:, :, k], (size, size), interpolation=cv2.INTER_NEAREST)
+            for k in range(lungs.shape[2])
+        ],
+        axis=2,
+    )
     directions = np.asarray(header["space directions"], dtype=float)
     affine = np.eye(4)
     affine[:3, :3] = directions.T * np.array([image.shape[0] / size, image.shape[1] / size, 1.0])
@@ -103,7 +124,9 @@ def write_dicom(ct: np.ndarray, affine_lps: np.ndarray, folder: Path, syntax: st
         ds.save_as(str(folder / f"IM{k:04d}.dcm"), enforce_file_format=True)
 
 
-def make_3d(root: Path, variant: int = 0, syntaxes: dict[str, str] = SYNTAXES) -> dict[str, tuple[Path, Path]]:
+def make_3d(
+    root: Path, variant: int = 0, syntaxes: dict[str, str] = SYNTAXES
+) -> dict[str, tuple[Path, Path]]:
     """The CT as NIfTI and as a DICOM series per syntax (new UIDs each call); ``variant`` changes one corner
     voxel so that copies are distinct cases."""
     import nibabel as nib
@@ -142,7 +165,7 @@ def make_2d(root: Path, tiles: int, seed: int = 0) -> tuple[Path, Path]:
     made = 0
     while made < tiles:
         y, x = rng.integers(0, 512 - 96, 2)
-        window = np.s_[y:y + 96, x:x + 96]
+        window = np.s_[y : y + 96, x : x + 96]
         if mask[window].max() == 0:
             continue
         cv2.imwrite(str(images / f"t{made:04d}.png"), scaled[window])
@@ -183,8 +206,13 @@ def run_local(inputs: list[Path], masks: list[Path], store: Path, config) -> dic
     summary = annotate(cases, s, config, runner=runner, show_progress=False)
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
     assert summary.count("done") == len(cases), [o.reason for o in summary.failed]
-    return {"cases": len(cases), "slices": sum(o.slices for o in summary.outcomes), "wall": wall, "cpu": cpu,
-            "series_slices": series_slices(s)}
+    return {
+        "cases": len(cases),
+        "slices": sum(o.slices for o in summary.outcomes),
+        "wall": wall,
+        "cpu": cpu,
+        "series_slices": series_slices(s),
+    }
 
 
 def series_slices(store) -> int:
@@ -201,8 +229,14 @@ def machine_speed() -> dict:
     import sys
 
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--machine-speed"], env=env, check=True,
-                          capture_output=True, text=True, cwd=Path(__file__).parent)
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--machine-speed"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -226,8 +260,13 @@ def _measure_machine() -> dict:
     return best
 
 
-def run_ray(inputs: list[Path], masks: list[Path], store: Path, config,
-            warm: tuple[list[Path], list[Path]] | None = None) -> dict:
+def run_ray(
+    inputs: list[Path],
+    masks: list[Path],
+    store: Path,
+    config,
+    warm: tuple[list[Path], list[Path]] | None = None,
+) -> dict:
     """The cases sharded over the engine's actors as it plans them for this machine (``plan_actors``: how
     many, their CPUs, threads and case workers; the null runner as model). ``warm`` cases go through the same
     actors first, untimed, so that the timed part is a long run's steady state (imports done)."""
@@ -237,7 +276,14 @@ def run_ray(inputs: list[Path], masks: list[Path], store: Path, config,
 
     import ray
 
-    from medsam_engine.pipeline.distributed.ray_pool import Annotator, Job, PoolOptions, cluster_nodes, drive, plan_actors
+    from medsam_engine.pipeline.distributed.ray_pool import (
+        Annotator,
+        Job,
+        PoolOptions,
+        cluster_nodes,
+        drive,
+        plan_actors,
+    )
     from medsam_engine.pipeline.io.discover import discover
     from medsam_engine.pipeline.store.case_store import CaseStore
 
@@ -250,9 +296,12 @@ def run_ray(inputs: list[Path], masks: list[Path], store: Path, config,
             self.runner = NullLazyRunner(self.config)
 
     plan = plan_actors(cluster_nodes(), PoolOptions(), case_workers=config.pipeline.case_workers)
-    handles = [ray.remote(NullAnnotator).options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
-                                                 max_concurrency=plan.case_workers)
-               .remote(config.model_dump_json(), plan.threads, plan.case_workers) for _ in range(plan.count)]
+    handles = [
+        ray.remote(NullAnnotator)
+        .options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_concurrency=plan.case_workers)
+        .remote(config.model_dump_json(), plan.threads, plan.case_workers)
+        for _ in range(plan.count)
+    ]
     ray.get([h.info.remote() for h in handles])  # started
 
     def run(images: list[Path], coarse: list[Path], where: Path) -> tuple[list, float]:
@@ -260,11 +309,18 @@ def run_ray(inputs: list[Path], masks: list[Path], store: Path, config,
         cases = discover([str(p) for p in images], s.case_ids(), coarse_masks=[str(m) for m in coarse])
         started = time.perf_counter()
         job = Job(str(where), "bench", config.model_dump_json())
-        shards = [[dataclasses.asdict(c) for c in cases[k::plan.count]] for k in range(plan.count)]
+        shards = [[dataclasses.asdict(c) for c in cases[k :: plan.count]] for k in range(plan.count)]
         with ThreadPoolExecutor(plan.count) as pool:
-            outcomes = [o for part in pool.map(
-                lambda k: drive(shards[k], lambda lost=None: handles[k], job, in_flight=plan.case_workers + 1),
-                range(plan.count)) for o in part]
+            outcomes = [
+                o
+                for part in pool.map(
+                    lambda k: drive(
+                        shards[k], lambda lost=None: handles[k], job, in_flight=plan.case_workers + 1
+                    ),
+                    range(plan.count),
+                )
+                for o in part
+            ]
         assert all(o["status"] == "done" for o in outcomes), outcomes
         return cases, time.perf_counter() - started
 
@@ -275,17 +331,24 @@ def run_ray(inputs: list[Path], masks: list[Path], store: Path, config,
     slices = sum(ray.get(h.info.remote())["runner"].get("encoded_slices", 0) for h in handles) - before
     for handle in handles:
         ray.kill(handle)
-    return {"cases": len(cases), "slices": slices, "wall": wall, "cpu": wall * plan.count * plan.num_cpus,
-            "series_slices": series_slices(CaseStore(store)),
-            "plan": f"{plan.count} actor(s) x {plan.num_cpus} CPU, {plan.case_workers} case workers each"}
+    return {
+        "cases": len(cases),
+        "slices": slices,
+        "wall": wall,
+        "cpu": wall * plan.count * plan.num_cpus,
+        "series_slices": series_slices(CaseStore(store)),
+        "plan": f"{plan.count} actor(s) x {plan.num_cpus} CPU, {plan.case_workers} case workers each",
+    }
 
 
 def row(name: str, result: dict) -> str:
     per_case = result["wall"] / result["cases"] * 1000
     series = result.get("series_slices", 0) / result["cpu"]
-    return (f"{name:28s} {result['cases']:5d} {result['slices']:6d} {result['wall']:8.2f} "
-            f"{result['slices'] / result['wall']:9.1f} {result['slices'] / result['cpu']:9.1f} {series:9.1f} "
-            f"{per_case:9.1f}")
+    return (
+        f"{name:28s} {result['cases']:5d} {result['slices']:6d} {result['wall']:8.2f} "
+        f"{result['slices'] / result['wall']:9.1f} {result['slices'] / result['cpu']:9.1f} {series:9.1f} "
+        f"{per_case:9.1f}"
+    )
 
 
 def measure(args, config, root: Path) -> dict[str, dict]:
@@ -300,8 +363,10 @@ def measure(args, config, root: Path) -> dict[str, dict]:
     images, masks = make_2d(root / "data", args.tiles)
     cores = os.cpu_count() or 1
     for name, (image, mask) in three_d.items():
-        runs = [run_local([image], [mask], root / f"store-{name}-{k}".replace(" ", "-"), config)
-                for k in range(args.repeats)]
+        runs = [
+            run_local([image], [mask], root / f"store-{name}-{k}".replace(" ", "-"), config)
+            for k in range(args.repeats)
+        ]
         show(f"local {name}", min(runs, key=lambda r: r["wall"]))
     show(f"local 2D x{args.tiles}", run_local([images], [masks], root / "store-2d", config))
     if args.ray:
@@ -309,17 +374,31 @@ def measure(args, config, root: Path) -> dict[str, dict]:
 
         start = time.perf_counter()
         connect(local_cpus=cores)
-        print(f"(Ray started in {time.perf_counter() - start:.1f} s; the engine's own actor plan; wall excludes "
-              "actor start, warm-up and discovery; sl/cpu-s counts every actor's CPUs as busy)", flush=True)
+        print(
+            f"(Ray started in {time.perf_counter() - start:.1f} s; the engine's own actor plan; wall "
+            f"excludes "
+            "actor start, warm-up and discovery; sl/cpu-s counts every actor's CPUs as busy)",
+            flush=True,
+        )
         sets = [make_3d(root / f"ray-data-{k}", variant=k + 1) for k in range(args.repeats + 1)]  # distinct
         inputs = [pair[0] for made in sets for pair in made.values()]
         mask_list = [pair[1] for made in sets for pair in made.values()]
         first = len(sets[0])  # the first set warms the actors up, untimed
-        show("ray 3D (all syntaxes)", run_ray(inputs[first:], mask_list[first:], root / "store-ray-3d", config,
-                                              warm=(inputs[:first], mask_list[:first])))
+        show(
+            "ray 3D (all syntaxes)",
+            run_ray(
+                inputs[first:],
+                mask_list[first:],
+                root / "store-ray-3d",
+                config,
+                warm=(inputs[:first], mask_list[:first]),
+            ),
+        )
         warm_2d, warm_masks = make_2d(root / "data-warm-2d", 4 * cores, seed=1)
-        show(f"ray 2D x{args.tiles}", run_ray([images], [masks], root / "store-ray-2d", config,
-                                              warm=([warm_2d], [warm_masks])))
+        show(
+            f"ray 2D x{args.tiles}",
+            run_ray([images], [masks], root / "store-ray-2d", config, warm=([warm_2d], [warm_masks])),
+        )
     return rows
 
 
@@ -330,8 +409,16 @@ def _child_rows(src: Path, args, out: Path) -> dict[str, dict]:
     import subprocess
     import sys
 
-    command = [sys.executable, str(Path(__file__).resolve()), "--repeats", str(args.repeats), "--tiles",
-               str(args.tiles), "--rows-json", str(out)] + (["--ray"] if args.ray else [])
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--repeats",
+        str(args.repeats),
+        "--tiles",
+        str(args.tiles),
+        "--rows-json",
+        str(out),
+    ] + (["--ray"] if args.ray else [])
     env = dict(os.environ, PYTHONPATH=str(src))
     subprocess.run(command, check=True, env=env, cwd=Path(__file__).parent)
     return json.loads(out.read_text())
@@ -339,8 +426,10 @@ def _child_rows(src: Path, args, out: Path) -> dict[str, dict]:
 
 def _best(runs: list[dict[str, dict]]) -> dict[str, dict]:
     """Each row's best run (least CPU per prompted slice) over several rounds."""
-    return {name: min((r[name] for r in runs), key=lambda row: row["cpu"] / max(1, row["slices"]))
-            for name in runs[0]}
+    return {
+        name: min((r[name] for r in runs), key=lambda row: row["cpu"] / max(1, row["slices"]))
+        for name in runs[0]
+    }
 
 
 def compare(rev: str, args) -> tuple[dict[str, dict], dict[str, dict]]:
@@ -351,8 +440,11 @@ def compare(rev: str, args) -> tuple[dict[str, dict], dict[str, dict]]:
 
     repo = Path(__file__).resolve().parent.parent
     tree = Path(tempfile.mkdtemp(prefix="ceiling-baseline-"))
-    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tree / "src"), rev], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(repo), "worktree", "add", "--detach", str(tree / "src"), rev],
+        check=True,
+        capture_output=True,
+    )
     try:
         before, now = [], []
         for round_ in range(1, args.rounds + 1):
@@ -362,8 +454,9 @@ def compare(rev: str, args) -> tuple[dict[str, dict], dict[str, dict]]:
             now.append(_child_rows(repo, args, tree / f"now-{round_}.json"))
         return _best(before), _best(now)
     finally:
-        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree / "src")],
-                       capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(repo), "worktree", "remove", "--force", str(tree / "src")], capture_output=True
+        )
         shutil.rmtree(tree, ignore_errors=True)
 
 
@@ -372,11 +465,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiles", type=int, default=200)
     parser.add_argument("--ray", action="store_true", help="also through the engine's Ray actors")
-    parser.add_argument("--baseline", metavar="REV", help="measure the engine of this git commit and this tree "
-                                                          "alternately, and print the ratios")
-    parser.add_argument("--rounds", type=int, default=2, help="with --baseline: alternations (best run counts)")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="measure the engine of this git commit and this tree alternately, and print the ratios",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="with --baseline: alternations (best run counts)"
+    )
     parser.add_argument("--rows-json", help=argparse.SUPPRESS)  # the baseline's child writes its rows here
-    parser.add_argument("--machine-speed", action="store_true", help=argparse.SUPPRESS)  # machine_speed()'s child
+    parser.add_argument(
+        "--machine-speed", action="store_true", help=argparse.SUPPRESS
+    )  # machine_speed()'s child
     args = parser.parse_args()
     if args.machine_speed:
         import json
@@ -391,10 +491,14 @@ def main() -> None:
 
     if args.baseline:
         before, rows = compare(args.baseline, args)
-        print(f"== best of {args.rounds} rounds each, this tree against {args.baseline} (alternating runs, "
-              "same machine)")
-        print(f"{'case':28s} {'cases':>5s} {'slices':>6s} {'wall s':>8s} {'slices/s':>9s} {'sl/cpu-s':>9s} "
-              f"{'series/cs':>9s} {'ms/case':>9s}   {'sl/cpu-s x':>10s} {'ms/case x':>9s}")
+        print(
+            f"== best of {args.rounds} rounds each, this tree against {args.baseline} (alternating runs, "
+            "same machine)"
+        )
+        print(
+            f"{'case':28s} {'cases':>5s} {'slices':>6s} {'wall s':>8s} {'slices/s':>9s} {'sl/cpu-s':>9s} "
+            f"{'series/cs':>9s} {'ms/case':>9s}   {'sl/cpu-s x':>10s} {'ms/case x':>9s}"
+        )
         for name, now in rows.items():
             old = before[name]
             per_cpu = (now["slices"] / now["cpu"]) / (old["slices"] / old["cpu"])
@@ -402,13 +506,22 @@ def main() -> None:
             print(f"{row(name, now)}   {per_cpu:9.2f}x {per_case:8.2f}x")
         return
     cores = os.cpu_count() or 1
-    print(f"cores: {cores}; null runner (every box filled, no model); {args.repeats} runs per 3D row; "
-          f"engine from {Path(pipeline.__file__).parent.parent}", flush=True)
+    print(
+        f"cores: {cores}; null runner (every box filled, no model); {args.repeats} runs per 3D row; "
+        f"engine from {Path(pipeline.__file__).parent.parent}",
+        flush=True,
+    )
     speed = machine_speed()
-    print(f"machine (one core, now): {speed['gflops']:.1f} GFLOP/s fp32 matmul, {speed['copy_gbs']:.1f} GB/s "
-          f"copy, {speed['python_madds']:.1f} M Python additions/s", flush=True)
-    print(f"{'case':28s} {'cases':>5s} {'slices':>6s} {'wall s':>8s} {'slices/s':>9s} {'sl/cpu-s':>9s} "
-          f"{'series/cs':>9s} {'ms/case':>9s}", flush=True)
+    print(
+        f"machine (one core, now): {speed['gflops']:.1f} GFLOP/s fp32 matmul, {speed['copy_gbs']:.1f} GB/s "
+        f"copy, {speed['python_madds']:.1f} M Python additions/s",
+        flush=True,
+    )
+    print(
+        f"{'case':28s} {'cases':>5s} {'slices':>6s} {'wall s':>8s} {'slices/s':>9s} {'sl/cpu-s':>9s} "
+        f"{'series/cs':>9s} {'ms/case':>9s}",
+        flush=True,
+    )
     root = Path(tempfile.mkdtemp(prefix="ceiling-"))
     try:
         rows = measure(args, EngineConfig(), root)
@@ -416,6 +529,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     if args.rows_json:
         Path(args.rows_json).write_text(json.dumps(rows))
+
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@ Data: slicerio's chest CT (7 labels: ribs, 3 spine parts, 2 lungs, body) and sta
 
     .venv/bin/python bench/postprocess_steps.py [--cache /tmp/pp-cache]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,7 +67,13 @@ def nuclei(cache: Path):
     geometry = Geometry(np.eye(4), image.shape, np.eye(4), image.shape, "2d")
     volume = Volume(image, geometry, "OT")
     reference = (instances > 0).astype(np.uint16)[None]
-    return "nuclei 2D", "2D", volume, reference, _raw(cache / "nuclei.npy", volume, reference, instances[None])
+    return (
+        "nuclei 2D",
+        "2D",
+        volume,
+        reference,
+        _raw(cache / "nuclei.npy", volume, reference, instances[None]),
+    )
 
 
 def _raw(path: Path, volume, reference, instances=None) -> np.ndarray:
@@ -105,8 +112,10 @@ def main() -> None:
     for name, kind, volume, reference, raw in (chest(args.cache), nuclei(args.cache)):
         base = scores(raw, reference)
         mean = float(np.mean(list(base.values())))
-        print(f"\n{name}: raw MedSAM mean Dice {mean:.4f}  per label "
-              + " ".join(f"{k}:{v:.3f}" for k, v in base.items()))
+        print(
+            f"\n{name}: raw MedSAM mean Dice {mean:.4f}  per label "
+            + " ".join(f"{k}:{v:.3f}" for k, v in base.items())
+        )
         candidates = [[s] for s in STEPS] + [default_chain(kind)]
         for chain in candidates:
             start = time.perf_counter()
@@ -114,10 +123,16 @@ def main() -> None:
             seconds = time.perf_counter() - start
             after = scores(cleaned, reference)
             delta = float(np.mean(list(after.values()))) - mean
-            label = "default chain: " + "; ".join(describe(s) for s in chain) if len(chain) != 1 or \
-                chain is candidates[-1] else describe(chain[0])
+            label = (
+                "default chain: " + "; ".join(describe(s) for s in chain)
+                if len(chain) != 1 or chain is candidates[-1]
+                else describe(chain[0])
+            )
             worst = min(after, key=lambda k: after[k] - base[k])
-            print(f"  {delta:+.4f}  worst label {worst} {after[worst] - base[worst]:+.4f}  {seconds:5.2f} s  {label}")
+            print(
+                f"  {delta:+.4f}  worst label {worst} {after[worst] - base[worst]:+.4f}  {seconds:5.2f} s  "
+                f"{label}"
+            )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Prints object recall/precision (box IoU >= 0.5) and Dice after MedSAM for each s
 
     .venv/bin/python bench/prompt_sources.py
 """
+
 from __future__ import annotations
 
 import time
@@ -39,22 +40,28 @@ def segment(runner, volume: Volume, coarse: np.ndarray, prompts) -> np.ndarray:
     return label_map
 
 
-def learned_label_map(runner, volume: Volume, train_z: list[int], test_z: list[int], labels: list[int],
-                      reference: np.ndarray) -> tuple[np.ndarray, float]:
+def learned_label_map(
+    runner, volume: Volume, train_z: list[int], test_z: list[int], labels: list[int], reference: np.ndarray
+) -> tuple[np.ndarray, float]:
     """Train the head on ``train_z`` slices, predict a label map on ``test_z`` (zero elsewhere)."""
     meta = {"ct_window": [40.0, 400.0]}
     rendered = render(volume, meta)
     embed = {z: runner.encode([rendered[z]])[0] for z in sorted(set(train_z) | set(test_z))}
     x = torch.cat([embed[z].tensor().float() for z in train_z])
-    y = torch.from_numpy(np.stack([grid_targets(reference[z], labels, runner.model.framing) for z in train_z]))
+    y = torch.from_numpy(
+        np.stack([grid_targets(reference[z], labels, runner.model.framing) for z in train_z])
+    )
     start = time.perf_counter()
-    head, history = train_head((x, y), None, epochs=200, seed=0)
+    head, _history = train_head((x, y), None, epochs=200, seed=0)
     seconds = time.perf_counter() - start
     out = np.zeros(volume.shape, dtype=np.uint16)
     with torch.no_grad():
         for z in test_z:
-            heat = grid_to_slice(torch.sigmoid(head(embed[z].tensor().float()))[0].numpy(), embed[z].original_hw,
-                                 runner.model.framing)
+            heat = grid_to_slice(
+                torch.sigmoid(head(embed[z].tensor().float()))[0].numpy(),
+                embed[z].original_hw,
+                runner.model.framing,
+            )
             out[z] = np.where(heat.max(axis=0) > 0.5, np.asarray(labels)[heat.argmax(axis=0)], 0)
     return out, seconds
 
@@ -74,21 +81,26 @@ def ct_lungs(runner) -> list[str]:
     held[test_z] = reference[test_z]
     oracle = compile_boxes(reference, spacing=volume.spacing)
     found = build_detector("intensity", options={"targets": {"right lung": 5, "left lung": 6}})(volume)
-    learned_map, seconds = learned_label_map(runner, volume, [z for z in range(volume.shape[0]) if z < cut],
-                                             test_z, [5, 6], reference)
+    learned_map, seconds = learned_label_map(
+        runner, volume, [z for z in range(volume.shape[0]) if z < cut], test_z, [5, 6], reference
+    )
     learned = compile_boxes(learned_map, spacing=volume.spacing, source="learned")
-    for name, coarse, prompts, scope in (("oracle", reference, oracle, reference),
-                                         ("intensity", found.label_map, found.prompts, reference),
-                                         ("oracle, held-out z", held, [p for p in oracle if p.z >= cut], held),
-                                         ("learned, held-out z", learned_map, learned, held)):
+    for name, coarse, prompts, scope in (
+        ("oracle", reference, oracle, reference),
+        ("intensity", found.label_map, found.prompts, reference),
+        ("oracle, held-out z", held, [p for p in oracle if p.z >= cut], held),
+        ("learned, held-out z", learned_map, learned, held),
+    ):
         result = segment(runner, volume, coarse, prompts)
         if scope is held:
             result[:cut] = 0
         objects = object_scores(coarse, scope, [5, 6]) if name != "oracle" else None
         for label in (5, 6):
             recall = f"{objects[label]['recall']:.3f}/{objects[label]['precision']:.3f}" if objects else "1/1"
-            rows.append(f"chest CT  {name:20s} label {label}  boxes {sum(p.label == label for p in prompts):4d}  "
-                        f"recall/precision {recall:>11s}  Dice {dice(result == label, scope == label):.4f}")
+            rows.append(
+                f"chest CT  {name:20s} label {label}  boxes {sum(p.label == label for p in prompts):4d}  "
+                f"recall/precision {recall:>11s}  Dice {dice(result == label, scope == label):.4f}"
+            )
     rows.append(f"chest CT  learned head trained in {seconds:.1f} s on {len(present) - len(test_z)} slices")
     return rows
 
@@ -105,12 +117,21 @@ def nuclei(runner) -> list[str]:
     crops = {}
     for side, (ys, xs) in halves.items():
         crop_geometry = Geometry(geometry.affine, (1, 512, 256), np.eye(4), (1, 512, 256), "2d")
-        crops[side] = (Volume(image[ys, xs][None], crop_geometry, "OT"), reference[:, ys, xs],
-                       instances[ys, xs][None])
+        crops[side] = (
+            Volume(image[ys, xs][None], crop_geometry, "OT"),
+            reference[:, ys, xs],
+            instances[ys, xs][None],
+        )
     rows = []
     volume, ref, inst = crops["right"]
-    boxes = lambda m: [(f[1].start, f[0].start, f[1].stop - 1, f[0].stop - 1)  # noqa: E731
-                       for f in ndimage.find_objects(m[0]) if f is not None]
+
+    def boxes(m):
+        return [
+            (f[1].start, f[0].start, f[1].stop - 1, f[0].stop - 1)
+            for f in ndimage.find_objects(m[0])
+            if f is not None
+        ]
+
     oracle = compile_boxes(ref, instances=inst)
     found = build_detector("intensity")(volume)
     learned_map, seconds = learned_label_map_2d(runner, crops)
@@ -118,10 +139,14 @@ def nuclei(runner) -> list[str]:
     for name, prompts in (("oracle", oracle), ("intensity", found.prompts), ("learned", learned)):
         result = segment_volume(runner, volume.array, prompts)[0]
         hits, missed, extra = match_boxes([p.box for p in prompts], boxes(inst))
-        rows.append(f"nuclei 2D {name:20s} boxes {len(prompts):4d}  recall/precision "
-                    f"{hits / max(hits + missed, 1):.3f}/{hits / max(hits + extra, 1):.3f}  "
-                    f"Dice {dice(result > 0, ref > 0):.4f}")
-    rows.append(f"nuclei 2D learned head trained in {seconds:.1f} s on the left half, scored on the right half")
+        rows.append(
+            f"nuclei 2D {name:20s} boxes {len(prompts):4d}  recall/precision "
+            f"{hits / max(hits + missed, 1):.3f}/{hits / max(hits + extra, 1):.3f}  "
+            f"Dice {dice(result > 0, ref > 0):.4f}"
+        )
+    rows.append(
+        f"nuclei 2D learned head trained in {seconds:.1f} s on the left half, scored on the right half"
+    )
     return rows
 
 
@@ -137,8 +162,11 @@ def learned_label_map_2d(runner, crops) -> tuple[np.ndarray, float]:
     head, _ = train_head((x, y), None, epochs=200, seed=0)
     seconds = time.perf_counter() - start
     with torch.no_grad():
-        heat = grid_to_slice(torch.sigmoid(head(test_embedding.tensor().float()))[0].numpy(),
-                             test_embedding.original_hw, runner.model.framing)
+        heat = grid_to_slice(
+            torch.sigmoid(head(test_embedding.tensor().float()))[0].numpy(),
+            test_embedding.original_hw,
+            runner.model.framing,
+        )
     return (heat[0] > 0.5).astype(np.uint16)[None], seconds
 
 
@@ -148,8 +176,10 @@ def main() -> None:
     start = time.perf_counter()
     rows = ct_lungs(runner) + nuclei(runner)
     print("\n".join(rows))
-    print(f"total {time.perf_counter() - start:.0f} s; encoder passes {runner.stats.encoded_slices}, "
-          f"cache hits {runner.stats.cache_hits}")
+    print(
+        f"total {time.perf_counter() - start:.0f} s; encoder passes {runner.stats.encoded_slices}, "
+        f"cache hits {runner.stats.cache_hits}"
+    )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ official masks.
 this one on every case, in the same run, each as ``python -m MODULE annotate ...`` with the same
 configuration (interpreter start included for both): the before/after ratio of a refactoring.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,7 +77,8 @@ print(json.dumps({"seconds": seconds, "stats": summary.runner_stats, "case": cas
 
 
 def write_cases(folder: Path) -> dict[str, tuple[Path, Path, np.ndarray, object]]:
-    """NIfTI/PNG inputs and masks for each case; returns name -> (image, mask, reference on our grid, volume)."""
+    """NIfTI/PNG inputs and masks for each case; returns name -> (image, mask, reference on our grid,
+    volume)."""
     import cv2
     import nibabel as nib
     import slicerio
@@ -92,7 +94,7 @@ def write_cases(folder: Path) -> dict[str, tuple[Path, Path, np.ndarray, object]
     for source, new in ((5, 8), (6, 9)):
         zs = np.nonzero((labels == source).any(axis=(1, 2)))[0]
         upper = np.zeros_like(labels, dtype=bool)
-        upper[zs[len(zs) // 2]:] = True
+        upper[zs[len(zs) // 2] :] = True
         ten[(labels == source) & upper] = new
     ribs = labels == 1
     ribs[:, :, : labels.shape[2] // 2] = False
@@ -108,12 +110,17 @@ def write_cases(folder: Path) -> dict[str, tuple[Path, Path, np.ndarray, object]
     picture = (picture.astype(np.float32) / picture.max() * 255).astype(np.uint8)
     cv2.imwrite(str(folder / "nuclei.png"), picture)
     cv2.imwrite(str(folder / "nuclei-mask.png"), instances.astype(np.uint16))
-    cases["2D"] = (folder / "nuclei.png", folder / "nuclei-mask.png", instances.astype(np.uint16)[None],
-                   picture[None])
+    cases["2D"] = (
+        folder / "nuclei.png",
+        folder / "nuclei-mask.png",
+        instances.astype(np.uint16)[None],
+        picture[None],
+    )
     wide = np.concatenate([picture, picture[:, ::-1]], axis=1)
     mirrored = instances[:, ::-1].astype(np.uint16)
-    wide_instances = np.concatenate([instances.astype(np.uint16),
-                                     np.where(mirrored > 0, mirrored + instances.max(), 0)], axis=1)
+    wide_instances = np.concatenate(
+        [instances.astype(np.uint16), np.where(mirrored > 0, mirrored + instances.max(), 0)], axis=1
+    )
     cv2.imwrite(str(folder / "wide.png"), wide)
     cv2.imwrite(str(folder / "wide-mask.png"), wide_instances)
     cases["2D 250"] = (folder / "wide.png", folder / "wide-mask.png", wide_instances[None], wide[None])
@@ -128,9 +135,18 @@ def official(array: np.ndarray, reference: np.ndarray, two_d: bool) -> tuple[np.
     from medsam_engine.pipeline.model.checkpoint import load_lite_medsam
     from medsam_engine.pipeline.model.runner import LiteMedSAMRunner, foreground
 
-    load = subprocess.run([sys.executable, "-c", "import time; t = time.perf_counter(); import torch; "
-                           "from pipeline.model.checkpoint import load_lite_medsam; load_lite_medsam(); "
-                           "print(time.perf_counter() - t)"], capture_output=True, text=True, check=True)
+    load = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import time; t = time.perf_counter(); import torch; "
+            "from medsam_engine.pipeline.model.checkpoint import load_lite_medsam; load_lite_medsam(); "
+            "print(time.perf_counter() - t)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     load_seconds = float(load.stdout.strip().splitlines()[-1])
     runner = LiteMedSAMRunner(load_lite_medsam(), cache_bytes=0)
     start = time.perf_counter()
@@ -140,7 +156,9 @@ def official(array: np.ndarray, reference: np.ndarray, two_d: bool) -> tuple[np.
         embedded = runner.encode([u8[0]])[0]
         for value in (int(v) for v in np.unique(reference) if v):
             ys, xs = np.nonzero(reference[0] == value)
-            logits, _ = runner.decode(embedded, np.array([[xs.min(), ys.min(), xs.max(), ys.max()]], np.float32))
+            logits, _ = runner.decode(
+                embedded, np.array([[xs.min(), ys.min(), xs.max(), ys.max()]], np.float32)
+            )
             out[0][foreground(logits)[0]] = 1
         return out, time.perf_counter() - start, runner.stats.as_dict(), load_seconds
     prompts = compile_boxes(reference)
@@ -155,8 +173,12 @@ def official(array: np.ndarray, reference: np.ndarray, two_d: bool) -> tuple[np.
 def ours(image: Path, mask: Path, root: Path, backend: str) -> tuple[np.ndarray, dict]:
     from medsam_engine.pipeline.store.case_store import CaseStore
 
-    done = subprocess.run([sys.executable, "-c", CHILD, str(image), str(mask), str(root), backend],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(image), str(mask), str(root), backend],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if result["failed"]:
         raise RuntimeError(result["failed"])
@@ -181,19 +203,27 @@ def report(name: str, reference, mine, result, theirs, t_official, official_stat
     official_encode = official_stats["seconds_encode"] / max(official_stats["encoded_slices"], 1)
     official_decode = official_stats["seconds_decode"] / max(official_stats["decoded_boxes"], 1)
     print(f"\n== {name}: {len(values)} label(s), {unique} slice(s), {stats['decoded_boxes']} boxes")
-    print(f"  official {t_official:8.1f} s  encoder calls {official_stats['encoder_calls']:4d} "
-          f"({official_stats['encoder_calls'] / unique:.2f}/slice)  enc {official_encode:.3f} s/slice "
-          f"(eta {ENCODER_GFLOP / official_encode / peak:.3f})  dec {official_decode * 1000:.0f} ms/box "
-          f"(eta {DECODER_GFLOP / official_decode / peak:.3f})")
-    print(f"  ours     {result['seconds']:8.1f} s  encoder calls {stats['encoder_calls']:4d} "
-          f"({stats['encoded_slices'] / unique:.2f}/slice)  enc {encode_s:.3f} s/slice "
-          f"(eta {ENCODER_GFLOP / encode_s / peak:.3f})  dec {decode_s * 1000:.0f} ms/box "
-          f"(eta {DECODER_GFLOP / decode_s / peak:.3f})  peak RSS {result['peak_rss_mb']:.0f} MB")
+    print(
+        f"  official {t_official:8.1f} s  encoder calls {official_stats['encoder_calls']:4d} "
+        f"({official_stats['encoder_calls'] / unique:.2f}/slice)  enc {official_encode:.3f} s/slice "
+        f"(eta {ENCODER_GFLOP / official_encode / peak:.3f})  dec {official_decode * 1000:.0f} ms/box "
+        f"(eta {DECODER_GFLOP / official_decode / peak:.3f})"
+    )
+    print(
+        f"  ours     {result['seconds']:8.1f} s  encoder calls {stats['encoder_calls']:4d} "
+        f"({stats['encoded_slices'] / unique:.2f}/slice)  enc {encode_s:.3f} s/slice "
+        f"(eta {ENCODER_GFLOP / encode_s / peak:.3f})  dec {decode_s * 1000:.0f} ms/box "
+        f"(eta {DECODER_GFLOP / decode_s / peak:.3f})  peak RSS {result['peak_rss_mb']:.0f} MB"
+    )
     print(f"  official model load (fresh process, imports included) {t_load:.1f} s")
-    print(f"  speed-up {(t_official + t_load) / result['seconds']:.2f}x with the official model load, "
-          f"{t_official / result['seconds']:.2f}x without it (ours includes its load)")
-    print(f"  Dice vs reference: ours {dice_ours:.4f}, "
-          f"official {dice_theirs:.4f}; ours vs official masks {agree:.4f}")
+    print(
+        f"  speed-up {(t_official + t_load) / result['seconds']:.2f}x with the official model load, "
+        f"{t_official / result['seconds']:.2f}x without it (ours includes its load)"
+    )
+    print(
+        f"  Dice vs reference: ours {dice_ours:.4f}, "
+        f"official {dice_theirs:.4f}; ours vs official masks {agree:.4f}"
+    )
 
 
 def large_case(folder: Path, backend: str) -> None:
@@ -212,10 +242,14 @@ def large_case(folder: Path, backend: str) -> None:
     big_labels = ndimage.zoom((labels == 5).astype(np.uint8) * 5, factors, order=0).astype(np.uint16)
     affine = volume.geometry.affine @ np.diag([1 / f for f in factors] + [1.0])
     nib.save(nib.Nifti1Image(big.transpose(2, 1, 0), affine[:, [2, 1, 0, 3]]), folder / "big-ct.nii.gz")
-    nib.save(nib.Nifti1Image(big_labels.transpose(2, 1, 0), affine[:, [2, 1, 0, 3]]), folder / "big-mask.nii.gz")
+    nib.save(
+        nib.Nifti1Image(big_labels.transpose(2, 1, 0), affine[:, [2, 1, 0, 3]]), folder / "big-mask.nii.gz"
+    )
     _, result = ours(folder / "big-ct.nii.gz", folder / "big-mask.nii.gz", folder / "big-store", backend)
-    print(f"\n== 512 x 512 x 300 CT, 1 label: {result['seconds']:.1f} s, {result['stats']['encoded_slices']} "
-          f"slices encoded, peak RSS {result['peak_rss_mb']:.0f} MB (ours only)")
+    print(
+        f"\n== 512 x 512 x 300 CT, 1 label: {result['seconds']:.1f} s, {result['stats']['encoded_slices']} "
+        f"slices encoded, peak RSS {result['peak_rss_mb']:.0f} MB (ours only)"
+    )
 
 
 def cli_seconds(tree: Path, module: str, image: Path, mask: Path, out: Path, config: Path) -> float:
@@ -224,27 +258,61 @@ def cli_seconds(tree: Path, module: str, image: Path, mask: Path, out: Path, con
 
     env = dict(os.environ, PYTHONPATH=str(tree))
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", module, "annotate", str(image), "--coarse-mask", str(mask), "--out",
-                    str(out), "--config", str(config)], cwd=tree, env=env, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            module,
+            "annotate",
+            str(image),
+            "--coarse-mask",
+            str(mask),
+            "--out",
+            str(out),
+            "--config",
+            str(config),
+        ],
+        cwd=tree,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     return time.perf_counter() - start
 
 
-def before_after(folder: Path, name: str, image: Path, mask: Path, before: Path, module: str, backend: str,
-                 repeats: int = 2) -> None:
+def before_after(
+    folder: Path,
+    name: str,
+    image: Path,
+    mask: Path,
+    before: Path,
+    module: str,
+    backend: str,
+    repeats: int = 2,
+) -> None:
     """Best of ``repeats`` alternating runs of the other checkout's CLI and this one's, on one case."""
     config = folder / "before-after.yaml"
-    config.write_text(json.dumps({"intensity": {"ct_window": "fixed"}, "model": {"backend": backend},
-                                  "postprocess": {"chain": []}}))
+    config.write_text(
+        json.dumps(
+            {"intensity": {"ct_window": "fixed"}, "model": {"backend": backend}, "postprocess": {"chain": []}}
+        )
+    )
     here = Path(__file__).resolve().parents[1]
     times: dict[str, list[float]] = {"before": [], "after": []}
     for attempt in range(repeats):
         slug = f"{name.replace(' ', '-')}-{attempt}"
         times["before"].append(cli_seconds(before, module, image, mask, folder / f"before-{slug}", config))
-        times["after"].append(cli_seconds(here, "medsam_engine.pipeline.cli.main", image, mask, folder / f"after-{slug}",
-                                          config))
+        times["after"].append(
+            cli_seconds(
+                here, "medsam_engine.pipeline.cli.main", image, mask, folder / f"after-{slug}", config
+            )
+        )
     b, a = min(times["before"]), min(times["after"])
-    print(f"  before/after ({before.name}): {b:.1f} s vs {a:.1f} s -> after is {b / a:.2f}x the before speed "
-          f"(all runs: before {[round(x, 1) for x in times['before']]}, after {[round(x, 1) for x in times['after']]})")
+    print(
+        f"  before/after ({before.name}): {b:.1f} s vs {a:.1f} s -> after is {b / a:.2f}x the before speed "
+        f"(all runs: before {[round(x, 1) for x in times['before']]}, "
+        f"after {[round(x, 1) for x in times['after']]})"
+    )
 
 
 def main() -> None:
@@ -256,8 +324,10 @@ def main() -> None:
     parser.add_argument("--before-module", default="pipeline.cli", help="its command-line module")
     args = parser.parse_args()
     peak = matmul_gflops()
-    print(f"machine matmul {peak:.1f} GFLOP/s, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"backend {args.backend}")
+    print(
+        f"machine matmul {peak:.1f} GFLOP/s, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"backend {args.backend}"
+    )
     with tempfile.TemporaryDirectory(prefix="medsam-speed-") as tmp:
         folder = Path(tmp)
         for name, (image, mask, reference, array) in write_cases(folder).items():
@@ -267,7 +337,9 @@ def main() -> None:
             theirs, t_official, official_stats, t_load = official(array, reference, name.startswith("2D"))
             report(name, reference, mine, result, theirs, t_official, official_stats, peak, t_load)
             if args.before is not None:
-                before_after(folder, name, image, mask, args.before.resolve(), args.before_module, args.backend)
+                before_after(
+                    folder, name, image, mask, args.before.resolve(), args.before_module, args.backend
+                )
         if args.large:
             large_case(folder, args.backend)
 

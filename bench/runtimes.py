@@ -11,6 +11,7 @@ torch.utils.flop_counter (2 FLOP per multiply-add, matmul and convolution only);
 
     .venv/bin/python bench/runtimes.py [--repeats 5] [--threads N] [--cache-root DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,8 @@ def real_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     from medsam_engine.detectors.coarse_mask import boxes_from_label_map
     from medsam_engine.pipeline.core.geometry import align_to
     from medsam_engine.pipeline.core.intensity import to_uint8
-    from medsam_engine.pipeline.model.framing import FRAMINGS
     from medsam_engine.pipeline.io.readers import read_volume
+    from medsam_engine.pipeline.model.framing import FRAMINGS
 
     data = Path(slicerio.__file__).parent / "data"
     volume = read_volume(data / "CTChest4.nrrd")
@@ -77,16 +78,24 @@ def measure(runners: dict, images: torch.Tensor, boxes: torch.Tensor, repeats: i
     embedding = runners["torch"].model.net.image_encoder(images[:1])
     for repeat in range(repeats + 1):  # the first round warms up and is not kept
         for name, runner in runners.items():
-            encode = runner.model.net.image_encoder if runner._graphs is None else (
-                lambda batch, graphs=runner._graphs: graphs.encode(batch.numpy()))
-            times = {"encoder_b1": timed(encode, images[:1]), "encoder_b4": timed(encode, images) / 4,
-                     "decoder_1box": timed(runner._decode_graph, embedding, boxes[:1]),
-                     "decoder_8box": timed(runner._decode_graph, embedding, boxes)}
+            encode = (
+                runner.model.net.image_encoder
+                if runner._graphs is None
+                else (lambda batch, graphs=runner._graphs: graphs.encode(batch.numpy()))
+            )
+            times = {
+                "encoder_b1": timed(encode, images[:1]),
+                "encoder_b4": timed(encode, images) / 4,
+                "decoder_1box": timed(runner._decode_graph, embedding, boxes[:1]),
+                "decoder_8box": timed(runner._decode_graph, embedding, boxes),
+            }
             for key, seconds in times.items():
                 if repeat:
                     samples[name].setdefault(key, []).append(seconds)
-    return {name: {key: statistics.median(values) for key, values in keys.items()}
-            for name, keys in samples.items()}
+    return {
+        name: {key: statistics.median(values) for key, values in keys.items()}
+        for name, keys in samples.items()
+    }
 
 
 def main() -> None:

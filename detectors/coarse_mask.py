@@ -6,6 +6,7 @@ gets its tight box (MedSAM's protocol), optionally widened by a margin (pixels p
 setting means the same physical margin at any in-plane spacing) and always clipped to the image. Optional
 jitter (off by default) perturbs each box edge for robustness checks.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -41,15 +42,18 @@ class BoxRules:
 
     def margins(self, spacing_yx: tuple[float, float]) -> tuple[int, int]:
         """(margin_y, margin_x) in pixels for a slice with this pixel size in mm."""
-        return (self.margin_px + int(round(self.margin_mm / spacing_yx[0])),
-                self.margin_px + int(round(self.margin_mm / spacing_yx[1])))
+        return (
+            self.margin_px + int(round(self.margin_mm / spacing_yx[0])),
+            self.margin_px + int(round(self.margin_mm / spacing_yx[1])),
+        )
 
 
 CC3D_CONNECTIVITY = {1: 6, 2: 18, 3: 26}  # scipy's connectivity rank -> cc3d's neighbour count
 
 
-def label_objects(label_map: np.ndarray, instances: np.ndarray | None = None, connectivity: int = 3
-                  ) -> Iterator[tuple[int, np.ndarray, tuple[slice, ...]]]:
+def label_objects(
+    label_map: np.ndarray, instances: np.ndarray | None = None, connectivity: int = 3
+) -> Iterator[tuple[int, np.ndarray, tuple[slice, ...]]]:
     """Yield (label, boolean sub-volume, its slices) per object: labels in ascending order, each label's
     objects in order of their first voxel.
 
@@ -73,13 +77,24 @@ def label_objects(label_map: np.ndarray, instances: np.ndarray | None = None, co
             components = np.where(inside, instances[region], 0)
         for index, found in enumerate(ndimage.find_objects(components), start=1):
             if found is not None:
-                yield label, components[found] == index, tuple(
-                    slice(part.start + outer.start, part.stop + outer.start) for part, outer in zip(found, region))
+                yield (
+                    label,
+                    components[found] == index,
+                    tuple(
+                        slice(part.start + outer.start, part.stop + outer.start)
+                        for part, outer in zip(found, region, strict=False)
+                    ),
+                )
 
 
-def admitted_objects(label_map: np.ndarray, *, spacing: tuple[float, float, float], rules: BoxRules,
-                     instances: np.ndarray | None = None, connectivity: int = 3
-                     ) -> Iterator[tuple[int, int, np.ndarray, tuple[slice, ...]]]:
+def admitted_objects(
+    label_map: np.ndarray,
+    *,
+    spacing: tuple[float, float, float],
+    rules: BoxRules,
+    instances: np.ndarray | None = None,
+    connectivity: int = 3,
+) -> Iterator[tuple[int, int, np.ndarray, tuple[slice, ...]]]:
     """:func:`label_objects` that the rules' size filters admit, as (label, instance, boolean sub-volume,
     its slices); instances are numbered 1.. per label."""
     voxel_mm3 = float(np.prod(spacing))
@@ -103,8 +118,14 @@ def slice_boxes(component: np.ndarray, found: tuple[slice, ...]) -> Iterator[tup
         yield int(z + z0), (int(xs[0] + x0), int(ys[0] + y0), int(xs[-1] + x0), int(ys[-1] + y0))
 
 
-def widen_box(box: tuple[int, ...], rules: BoxRules, margins: tuple[int, int], jitter: tuple[int, int],
-              rng: np.random.Generator | None, shape_yx: tuple[int, int]) -> tuple[int, int, int, int]:
+def widen_box(
+    box: tuple[int, ...],
+    rules: BoxRules,
+    margins: tuple[int, int],
+    jitter: tuple[int, int],
+    rng: np.random.Generator | None,
+    shape_yx: tuple[int, int],
+) -> tuple[int, int, int, int]:
     """A slice's tight box widened by ``margins`` (y, x) px, moved by up to ``jitter`` (y, x) px per edge when
     ``rules.jitter_mm`` is set, and clipped to the slice."""
     my, mx = margins
@@ -117,13 +138,23 @@ def widen_box(box: tuple[int, ...], rules: BoxRules, margins: tuple[int, int], j
         x0, x1 = min(x0, x1), max(x0, x1)
         y0, y1 = min(y0, y1), max(y0, y1)
     height, width = shape_yx
-    return (int(np.clip(x0, 0, width - 1)), int(np.clip(y0, 0, height - 1)),
-            int(np.clip(x1, 0, width - 1)), int(np.clip(y1, 0, height - 1)))
+    return (
+        int(np.clip(x0, 0, width - 1)),
+        int(np.clip(y0, 0, height - 1)),
+        int(np.clip(x1, 0, width - 1)),
+        int(np.clip(y1, 0, height - 1)),
+    )
 
 
-def compile_boxes(label_map: np.ndarray, *, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                  rules: BoxRules = BoxRules(), instances: np.ndarray | None = None, connectivity: int = 3,
-                  source: str = SOURCE) -> list[BoxPrompt]:
+def compile_boxes(
+    label_map: np.ndarray,
+    *,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    rules: BoxRules = BoxRules(),
+    instances: np.ndarray | None = None,
+    connectivity: int = 3,
+    source: str = SOURCE,
+) -> list[BoxPrompt]:
     """Boxes for every (label, object, slice) of a (z, y, x) integer label map with voxel ``spacing`` in mm.
 
     Objects are 3D connected components per label (``connectivity`` 1..3 as in scipy), or the ids of the
@@ -134,17 +165,26 @@ def compile_boxes(label_map: np.ndarray, *, spacing: tuple[float, float, float] 
     if label_map.ndim != 3:
         raise ValueError(f"Argument 'label_map' must be (z, y, x); got shape {label_map.shape}.")
     if instances is not None and instances.shape != label_map.shape:
-        raise ValueError(f"Argument 'instances' must have the label map's shape {label_map.shape}; "
-                         f"got {instances.shape}.")
+        raise ValueError(
+            f"Argument 'instances' must have the label map's shape {label_map.shape}; got {instances.shape}."
+        )
     margins = rules.margins(spacing[1:])
     jitter = (int(round(rules.jitter_mm / spacing[1])), int(round(rules.jitter_mm / spacing[2])))
     rng = np.random.default_rng(rules.seed)
     prompts: list[BoxPrompt] = []
-    for label, instance, component, found in admitted_objects(label_map, spacing=spacing, rules=rules,
-                                                              instances=instances, connectivity=connectivity):
+    for label, instance, component, found in admitted_objects(
+        label_map, spacing=spacing, rules=rules, instances=instances, connectivity=connectivity
+    ):
         for z, box in slice_boxes(component, found):
-            prompts.append(BoxPrompt(label=label, instance=instance, z=z, source=source,
-                                     box=widen_box(box, rules, margins, jitter, rng, label_map.shape[1:])))
+            prompts.append(
+                BoxPrompt(
+                    label=label,
+                    instance=instance,
+                    z=z,
+                    source=source,
+                    box=widen_box(box, rules, margins, jitter, rng, label_map.shape[1:]),
+                )
+            )
     return prompts
 
 
@@ -159,16 +199,32 @@ def object_boxes(prompts: list[BoxPrompt]) -> list[ObjectBox]:
         group.sort(key=lambda p: p.z)
         middle = group[len(group) // 2]
         boxes = np.array([p.box for p in group])
-        union = (int(boxes[:, 0].min()), int(boxes[:, 1].min()), int(boxes[:, 2].max()), int(boxes[:, 3].max()))
-        objects.append(ObjectBox(label=label, instance=instance, z_range=(group[0].z, group[-1].z),
-                                 z_middle=middle.z, box_middle=middle.box, box_union=union, source=middle.source))
+        union = (
+            int(boxes[:, 0].min()),
+            int(boxes[:, 1].min()),
+            int(boxes[:, 2].max()),
+            int(boxes[:, 3].max()),
+        )
+        objects.append(
+            ObjectBox(
+                label=label,
+                instance=instance,
+                z_range=(group[0].z, group[-1].z),
+                z_middle=middle.z,
+                box_middle=middle.box,
+                box_union=union,
+                source=middle.source,
+            )
+        )
     return objects
 
 
-def boxes_from_label_map(label_map: np.ndarray, *, margin_px: int = 0, min_voxels: int = 1,
-                         connectivity: int = 3) -> list[BoxPrompt]:
+def boxes_from_label_map(
+    label_map: np.ndarray, *, margin_px: int = 0, min_voxels: int = 1, connectivity: int = 3
+) -> list[BoxPrompt]:
     """:func:`compile_boxes` with a margin in pixels and a minimum size in voxels only."""
     if margin_px < 0:
         raise ValueError(f"Argument 'margin_px' must be >= 0; got {margin_px}.")
-    return compile_boxes(label_map, rules=BoxRules(margin_px=margin_px, min_voxels=min_voxels),
-                         connectivity=connectivity)
+    return compile_boxes(
+        label_map, rules=BoxRules(margin_px=margin_px, min_voxels=min_voxels), connectivity=connectivity
+    )

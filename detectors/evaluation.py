@@ -3,6 +3,7 @@
 An object is a 2D connected component of one label on one slice; a predicted box finds it when their box
 IoU is at least ``iou`` (greedy one-to-one matching, best IoU first). Pure numpy/scipy.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,9 @@ from scipy import ndimage
 from medsam_engine.pipeline.core.boxes import box_iou
 
 
-def component_boxes(label_slice: np.ndarray, label: int, *, min_pixels: int = 1) -> list[tuple[int, int, int, int]]:
+def component_boxes(
+    label_slice: np.ndarray, label: int, *, min_pixels: int = 1
+) -> list[tuple[int, int, int, int]]:
     """XYXY (inclusive) boxes of the 8-connected components of ``label`` in an (H, W) label slice."""
     components, _ = ndimage.label(label_slice == label, structure=np.ones((3, 3), dtype=bool))
     boxes = []
@@ -23,8 +26,10 @@ def component_boxes(label_slice: np.ndarray, label: int, *, min_pixels: int = 1)
 
 def match_boxes(predicted: list, reference: list, *, iou: float = 0.5) -> tuple[int, int, int]:
     """(true positives, missed references, unmatched predictions) under greedy one-to-one matching."""
-    pairs = sorted(((box_iou(p, r), i, j) for i, p in enumerate(predicted) for j, r in enumerate(reference)),
-                   reverse=True)
+    pairs = sorted(
+        ((box_iou(p, r), i, j) for i, p in enumerate(predicted) for j, r in enumerate(reference)),
+        reverse=True,
+    )
     used_p, used_r = set(), set()
     for score, i, j in pairs:
         if score < iou:
@@ -35,8 +40,9 @@ def match_boxes(predicted: list, reference: list, *, iou: float = 0.5) -> tuple[
     return len(used_r), len(reference) - len(used_r), len(predicted) - len(used_p)
 
 
-def object_scores(predicted: np.ndarray, reference: np.ndarray, labels: list[int], *, iou: float = 0.5,
-                  min_pixels: int = 10) -> dict[int, dict[str, float]]:
+def object_scores(
+    predicted: np.ndarray, reference: np.ndarray, labels: list[int], *, iou: float = 0.5, min_pixels: int = 10
+) -> dict[int, dict[str, float]]:
     """Recall and precision of objects per label for (z, y, x) predicted and reference label maps.
 
     Reference objects smaller than ``min_pixels`` are not counted (nor are predictions that small).

@@ -9,6 +9,7 @@
 * 2D images: ``foreground`` blobs by Otsu (polarity: the minority class unless told), holes filled, touching
   blobs split by a watershed on the distance transform; each blob is one instance.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,7 +25,11 @@ from medsam_engine.pipeline.core.types import Volume
 
 SOURCE = "intensity"
 CT_TARGETS = ("body", "lungs", "right lung", "left lung", "bone")
-DEFAULT_TARGETS = {"CT": {"right lung": 1, "left lung": 2, "bone": 3}, "3D": {"head": 1}, "2D": {"foreground": 1}}
+DEFAULT_TARGETS = {
+    "CT": {"right lung": 1, "left lung": 2, "bone": 3},
+    "3D": {"head": 1},
+    "2D": {"foreground": 1},
+}
 
 
 class IntensityOptions(DetectorOptions):
@@ -63,8 +68,9 @@ def _keep_large(mask: np.ndarray, min_voxels: float) -> np.ndarray:
     return keep[components]
 
 
-def ct_regions(hu: np.ndarray, *, spacing: tuple[float, float, float], right_is_low_x: bool,
-               options: IntensityOptions) -> dict[str, np.ndarray]:
+def ct_regions(
+    hu: np.ndarray, *, spacing: tuple[float, float, float], right_is_low_x: bool, options: IntensityOptions
+) -> dict[str, np.ndarray]:
     """Boolean (z, y, x) masks of the CT targets from a HU volume with ``spacing`` in mm."""
     voxel = float(np.prod(spacing))
     body = _fill_per_slice(_largest(hu > options.body_hu))
@@ -74,7 +80,7 @@ def ct_regions(hu: np.ndarray, *, spacing: tuple[float, float, float], right_is_
         if not body[z].any():
             continue
         middle = np.nonzero(body[z].any(axis=0))[0].mean()
-        components, count = ndimage.label(lungs[z])
+        components, _count = ndimage.label(lungs[z])
         for index, found in enumerate(ndimage.find_objects(components), start=1):
             centre = (found[1].start + found[1].stop - 1) / 2.0
             side = right if (centre < middle) == right_is_low_x else left
@@ -110,7 +116,9 @@ def blobs_2d(image: np.ndarray, *, options: IntensityOptions) -> np.ndarray:
     if not options.split_touching or not mask.any():
         return components.astype(np.int32)
     distance = ndimage.distance_transform_edt(mask)
-    peaks = peak_local_max(distance, min_distance=options.min_distance_px, labels=components, exclude_border=False)
+    peaks = peak_local_max(
+        distance, min_distance=options.min_distance_px, labels=components, exclude_border=False
+    )
     markers = np.zeros(mask.shape, dtype=np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     split = watershed(-distance, markers, mask=mask)
@@ -133,7 +141,9 @@ class IntensityDetector:
         allowed = {"CT": CT_TARGETS, "3D": ("head",), "2D": ("foreground",)}[kind]
         unknown = sorted(set(targets) - set(allowed))
         if unknown:
-            raise ValueError(f"intensity targets {unknown} do not exist for {kind} images; use {list(allowed)}")
+            raise ValueError(
+                f"intensity targets {unknown} do not exist for {kind} images; use {list(allowed)}"
+            )
         return targets
 
     def __call__(self, volume: Volume, coarse: np.ndarray | None = None) -> Detection:
@@ -148,10 +158,12 @@ class IntensityDetector:
             label_map[foreground_3d(volume.array)] = targets["head"]
         else:
             right_is_low_x = float(volume.geometry.affine[0, 2]) < 0  # RAS+ x grows toward patient right
-            regions = ct_regions(volume.array, spacing=volume.spacing, right_is_low_x=right_is_low_x,
-                                 options=self.options)
+            regions = ct_regions(
+                volume.array, spacing=volume.spacing, right_is_low_x=right_is_low_x, options=self.options
+            )
             for name, value in targets.items():
                 label_map[regions[name] & (label_map == 0)] = value
-        prompts = compile_boxes(label_map, spacing=volume.spacing, rules=self.rules, instances=instances,
-                                source=SOURCE)
+        prompts = compile_boxes(
+            label_map, spacing=volume.spacing, rules=self.rules, instances=instances, source=SOURCE
+        )
         return Detection(prompts, label_map, {value: name for name, value in targets.items()})

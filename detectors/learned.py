@@ -9,6 +9,7 @@ Artefacts are single torch files holding tensors and a JSON string only (loadabl
 ``weights_only=True``): the head's weights and its metadata (labels, intensity rendering, metrics, training
 data, parent version). Their version is the sha256 of the file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,9 +41,12 @@ class DetectorHead(nn.Module):
     def __init__(self, labels: int, hidden: int = 32) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Conv2d(EMBED_DIM, hidden, 1), nn.GELU(),
-            nn.Conv2d(hidden, hidden, 3, padding=1), nn.GELU(),
-            nn.Conv2d(hidden, hidden, 3, padding=1), nn.GELU(),
+            nn.Conv2d(EMBED_DIM, hidden, 1),
+            nn.GELU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.GELU(),
             nn.Conv2d(hidden, labels, 1),
         )
 
@@ -63,13 +67,15 @@ def grid_targets(label_slice: np.ndarray, labels: list[int], framing: Framing) -
 
 
 def grid_to_slice(heat: np.ndarray, original_hw: tuple[int, int], framing: Framing) -> np.ndarray:
-    """(L, 64, 64) heat maps -> (L, H, W) on the slice grid (bilinear), cropping the padding of ``framing``."""
+    """(L, 64, 64) heat maps -> (L, H, W) on the slice grid (bilinear), cropping the padding of
+    ``framing``."""
     height, width = original_hw
     new_h, new_w = framing.resized_hw(height, width)
     side = framing.size
     frame = np.stack([cv2.resize(h, (side, side), interpolation=cv2.INTER_LINEAR) for h in heat])
-    return np.stack([cv2.resize(f[:new_h, :new_w], (width, height), interpolation=cv2.INTER_LINEAR)
-                     for f in frame])
+    return np.stack(
+        [cv2.resize(f[:new_h, :new_w], (width, height), interpolation=cv2.INTER_LINEAR) for f in frame]
+    )
 
 
 def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -84,9 +90,16 @@ def _loss(head: DetectorHead, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.binary_cross_entropy_with_logits(logits, y) + soft_dice_loss(logits, y)
 
 
-def train_head(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None, *,
-               epochs: int = 200, lr: float = 3e-3, patience: int = 30, seed: int = 0,
-               batch: int = 16) -> tuple[DetectorHead, list[dict]]:
+def train_head(
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor] | None,
+    *,
+    epochs: int = 200,
+    lr: float = 3e-3,
+    patience: int = 30,
+    seed: int = 0,
+    batch: int = 16,
+) -> tuple[DetectorHead, list[dict]]:
     """Fit a head on (embeddings (N, 256, 64, 64), targets (N, L, 64, 64)); early stopping on the
     validation loss (on the training loss without ``val``). Returns the best head and the loss history."""
     torch.manual_seed(seed)
@@ -163,8 +176,9 @@ class LearnedDetector:
     name: str = "learned"
 
     @classmethod
-    def from_artefact(cls, path: str | Path, *, rules: BoxRules, runner: Any, threshold: float = 0.5
-                      ) -> "LearnedDetector":
+    def from_artefact(
+        cls, path: str | Path, *, rules: BoxRules, runner: Any, threshold: float = 0.5
+    ) -> LearnedDetector:
         head, meta, sha = load_artefact(path)
         return cls(head=head, meta=meta, version=sha, rules=rules, runner=runner, threshold=threshold)
 
@@ -175,9 +189,11 @@ class LearnedDetector:
         model = self.runner.get()
         out = np.zeros((len(self.meta["labels"]), *volume.shape), dtype=np.float32)
         for start in range(0, volume.shape[0], self.batch):
-            embedded = model.encode([rendered[z] for z in range(start, min(start + self.batch, volume.shape[0]))])
+            embedded = model.encode(
+                [rendered[z] for z in range(start, min(start + self.batch, volume.shape[0]))]
+            )
             grids = torch.sigmoid(self.head(torch.cat([e.tensor().float().cpu() for e in embedded]))).numpy()
-            for offset, (grid, e) in enumerate(zip(grids, embedded)):
+            for offset, (grid, e) in enumerate(zip(grids, embedded, strict=False)):
                 out[:, start + offset] = grid_to_slice(grid, e.original_hw, model.model.framing)
         return out
 
@@ -186,7 +202,8 @@ class LearnedDetector:
         labels = np.asarray(self.meta["labels"], dtype=np.uint16)
         best = heat.argmax(axis=0)
         label_map = np.where(heat.max(axis=0) > self.threshold, labels[best], 0).astype(np.uint16)
-        prompts = compile_boxes(label_map, spacing=volume.spacing, rules=self.rules,
-                                source=f"learned:{self.version[:12]}")
+        prompts = compile_boxes(
+            label_map, spacing=volume.spacing, rules=self.rules, source=f"learned:{self.version[:12]}"
+        )
         names = {int(k): v for k, v in self.meta.get("label_names", {}).items()}
         return Detection(prompts, label_map, names)

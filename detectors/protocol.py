@@ -4,6 +4,7 @@ A Detection carries the prompts plus the coarse label map they were compiled fro
 pick CT windows per label) and the names of the labels it produced. Each detector declares a pydantic model
 for its own options, validated when the run configuration is loaded, before any case is read.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

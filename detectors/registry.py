@@ -1,4 +1,5 @@
 """The explicit registry behind ``--detector NAME`` (the protocol is in detectors.protocol)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -51,8 +52,9 @@ def _build_intensity(rules: BoxRules, options: Any, runner: Any) -> Detector:
 def _build_learned(rules: BoxRules, options: Any, runner: Any) -> Detector:
     from medsam_engine.detectors.learned import LearnedDetector
 
-    return LearnedDetector.from_artefact(options.artefact, rules=rules, runner=runner,
-                                         threshold=options.threshold)
+    return LearnedDetector.from_artefact(
+        options.artefact, rules=rules, runner=runner, threshold=options.threshold
+    )
 
 
 class LearnedOptions(DetectorOptions):
@@ -61,12 +63,26 @@ class LearnedOptions(DetectorOptions):
 
 
 REGISTRY: dict[str, DetectorSpec] = {
-    "coarse-mask": DetectorSpec("coarse-mask", CoarseMaskOptions, lambda r, o, m: CoarseMaskDetector(r),
-                                needs_coarse_mask=True, description="boxes from a label map per input"),
-    "intensity": DetectorSpec("intensity", IntensityOptions, _build_intensity,
-                              description="CT body/lungs/bone by HU, MR head, 2D blobs by Otsu; no labels"),
-    "learned": DetectorSpec("learned", LearnedOptions, _build_learned, needs_model=True,
-                            description="a head on LiteMedSAM embeddings trained by `detector train`"),
+    "coarse-mask": DetectorSpec(
+        "coarse-mask",
+        CoarseMaskOptions,
+        lambda r, o, m: CoarseMaskDetector(r),
+        needs_coarse_mask=True,
+        description="boxes from a label map per input",
+    ),
+    "intensity": DetectorSpec(
+        "intensity",
+        IntensityOptions,
+        _build_intensity,
+        description="CT body/lungs/bone by HU, MR head, 2D blobs by Otsu; no labels",
+    ),
+    "learned": DetectorSpec(
+        "learned",
+        LearnedOptions,
+        _build_learned,
+        needs_model=True,
+        description="a head on LiteMedSAM embeddings trained by `detector train`",
+    ),
 }
 
 
@@ -87,8 +103,9 @@ def validate_options(name: str, options: dict) -> DetectorOptions:
         raise ValueError(f"options of detector '{name}' are invalid: {problems}") from None
 
 
-def build_detector(name: str, *, rules: BoxRules = BoxRules(), options: dict | None = None,
-                   runner: Any = None) -> Detector:
+def build_detector(
+    name: str, *, rules: BoxRules = BoxRules(), options: dict | None = None, runner: Any = None
+) -> Detector:
     """The registered detector ``name`` with validated ``options``; ``runner`` serves detectors that need
     the model (it must have ``get()``)."""
     spec = get_spec(name)

@@ -11,6 +11,7 @@ was a transient I/O error (retried in the actor first); the flow fails only when
 cases it tried exceeds ``policy.max_failure_fraction``, or when a shard itself could not run. Progress and
 a summary table are Prefect artifacts; a progress bar shows on a terminal.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,20 +61,27 @@ class RunOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    config: EngineConfig | None = Field(None, description="engine configuration (else config_path, else the "
-                                                          "defaults)")
+    config: EngineConfig | None = Field(
+        None, description="engine configuration (else config_path, else the defaults)"
+    )
     config_path: str | None = Field(None, description="YAML/JSON engine configuration file")
     overwrite: bool = Field(False, description="replace cases committed with another signature")
     keep_localizers: bool = False
     keep_derived: bool = False
-    watermark: str | None = Field(None, description="name of a watermark: take only studies changed since "
-                                                    "the last successful run that used it")
-    settle_seconds: float = Field(300.0, ge=0, description="studies changed more recently wait for the next "
-                                                           "run")
-    pacs_query: dict[str, str] = Field(default_factory=dict, description="QIDO-RS filters for an input that is "
-                                                                          "a DICOMweb service root")
-    push_seg: str | None = Field(None, description="DICOMweb service root: store each committed proposal "
-                                                   "there as DICOM SEG (STOW-RS)")
+    watermark: str | None = Field(
+        None,
+        description="name of a watermark: take only studies changed since "
+        "the last successful run that used it",
+    )
+    settle_seconds: float = Field(
+        300.0, ge=0, description="studies changed more recently wait for the next run"
+    )
+    pacs_query: dict[str, str] = Field(
+        default_factory=dict, description="QIDO-RS filters for an input that is a DICOMweb service root"
+    )
+    push_seg: str | None = Field(
+        None, description="DICOMweb service root: store each committed proposal there as DICOM SEG (STOW-RS)"
+    )
 
     @model_validator(mode="after")
     def _one_config(self) -> RunOptions:
@@ -90,8 +98,9 @@ class RunOptions(BaseModel):
 class FailurePolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_failure_fraction: float = Field(0.1, ge=0, le=1, description="the run fails above this fraction of "
-                                                                     "failed cases among those it tried")
+    max_failure_fraction: float = Field(
+        0.1, ge=0, le=1, description="the run fails above this fraction of failed cases among those it tried"
+    )
     retry_quarantined: bool = Field(False, description="try quarantined cases again")
     shards: int | None = Field(None, ge=1, description="shards (default: one per actor)")
 
@@ -115,33 +124,54 @@ def select_studies(inputs: list[str], store_url: str, run: RunOptions, model: st
     until, store = time.time() - run.settle_seconds, CaseStore(store_url)
     since = watermark.read_mark(store, run.watermark, model=model)
     roots = [given for given in inputs if is_service_root(given)]
-    chosen = watermark.select_new(watermark.study_entries([i for i in inputs if i not in roots]), since=since,
-                                  until=until)
+    chosen = watermark.select_new(
+        watermark.study_entries([i for i in inputs if i not in roots]), since=since, until=until
+    )
     # a PACS down or refusing the login raises its ReadError here: one clear error before any case is read
-    pacs = watermark.pacs_studies(roots, dict(run.pacs_query), key=store.case_ids().case_id,
-                                  seen=watermark.read_seen(store, run.watermark, model=model))
+    pacs = watermark.pacs_studies(
+        roots,
+        dict(run.pacs_query),
+        key=store.case_ids().case_id,
+        seen=watermark.read_seen(store, run.watermark, model=model),
+    )
     chosen += [watermark.Entry(url, float("inf")) for url in pacs]
-    get_run_logger().info("watermark %s: %d studies changed since %s", run.watermark, len(chosen),
-                          "the beginning" if since is None else utc_stamp(since))
-    return {"units": [e.path for e in chosen], "changed": [e.changed for e in chosen], "until": until,
-            "pacs": pacs}
+    get_run_logger().info(
+        "watermark %s: %d studies changed since %s",
+        run.watermark,
+        len(chosen),
+        "the beginning" if since is None else utc_stamp(since),
+    )
+    return {
+        "units": [e.path for e in chosen],
+        "changed": [e.changed for e in chosen],
+        "until": until,
+        "pacs": pacs,
+    }
 
 
 @task(name="discover", cache_policy=NO_CACHE)
 def discover_cases(units: list[str], store_url: str, coarse_masks: list[str], run: RunOptions) -> dict:
     """CaseRef fields of every case, and the index of the unit (study) each came from."""
     store = CaseStore(store_url)
-    options = DiscoveryOptions(keep_localizers=run.keep_localizers, keep_derived=run.keep_derived,
-                               pacs_query=dict(run.pacs_query))
+    options = DiscoveryOptions(
+        keep_localizers=run.keep_localizers, keep_derived=run.keep_derived, pacs_query=dict(run.pacs_query)
+    )
     if run.watermark is None:
-        found = [(None, c) for c in discover(units, store.case_ids(), coarse_masks=coarse_masks, options=options)]
+        found = [
+            (None, c) for c in discover(units, store.case_ids(), coarse_masks=coarse_masks, options=options)
+        ]
     else:
-        if coarse_masks != [FROM_PACS] and (len(coarse_masks) > 1
-                                            or (coarse_masks and not Path(coarse_masks[0]).is_dir())):
-            raise ValueError("with a watermark, --coarse-mask must be one folder whose file stems match, or "
-                             "from-pacs")
-        found = [(i, c) for i, unit in enumerate(units)
-                 for c in discover([unit], store.case_ids(), coarse_masks=coarse_masks, options=options)]
+        if coarse_masks != [FROM_PACS] and (
+            len(coarse_masks) > 1 or (coarse_masks and not Path(coarse_masks[0]).is_dir())
+        ):
+            raise ValueError(
+                "with a watermark, --coarse-mask must be one folder whose file stems match, or from-pacs"
+            )
+        found = [
+            (i, c)
+            for i, unit in enumerate(units)
+            for c in discover([unit], store.case_ids(), coarse_masks=coarse_masks, options=options)
+        ]
     seen: set[str] = set()
     cases, unit_of = [], []
     for unit, case in found:
@@ -175,10 +205,16 @@ def skip_committed(cases: list[dict], store_url: str, config_json: str, retry_qu
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         verdicts = list(pool.map(verdict, cases))
-    split = {kind: [c for c, v in zip(cases, verdicts, strict=True) if v == kind]
-             for kind in ("todo", "skipped", "quarantined")}
-    get_run_logger().info("%d to annotate, %d already committed, %d quarantined", len(split["todo"]),
-                          len(split["skipped"]), len(split["quarantined"]))
+    split = {
+        kind: [c for c, v in zip(cases, verdicts, strict=True) if v == kind]
+        for kind in ("todo", "skipped", "quarantined")
+    }
+    get_run_logger().info(
+        "%d to annotate, %d already committed, %d quarantined",
+        len(split["todo"]),
+        len(split["skipped"]),
+        len(split["quarantined"]),
+    )
     return split
 
 
@@ -187,8 +223,9 @@ def make_shards(cases: list[dict], shards: int) -> list[list[dict]]:
     """Cases grouped into at most ``shards`` groups of about equal slice counts (read from headers)."""
     weights = sharding.slice_counts([CaseRef(**c) for c in cases])
     groups = sharding.balance(weights, shards)
-    get_run_logger().info("%d shards of ~%s slices", len(groups),
-                          "/".join(str(sum(weights[i] for i in g)) for g in groups))
+    get_run_logger().info(
+        "%d shards of ~%s slices", len(groups), "/".join(str(sum(weights[i] for i in g)) for g in groups)
+    )
     return [[cases[i] for i in group] for group in groups]
 
 
@@ -196,14 +233,20 @@ def _retry_if_transient(task, task_run, state) -> bool:
     """Shard tasks are retried only for transient errors (I/O, lost connection to the cluster)."""
     from ray.exceptions import RaySystemError
 
-
     exc = state.result(raise_on_failure=False)
     return isinstance(exc, RaySystemError) or is_transient(exc)
 
 
-@task(name="annotate-shard", task_run_name="shard-{index}", cache_policy=INPUTS + TASK_SOURCE + RUN_ID,
-      persist_result=True, result_serializer="json", retries=2, retry_delay_seconds=10,
-      retry_condition_fn=_retry_if_transient)
+@task(
+    name="annotate-shard",
+    task_run_name="shard-{index}",
+    cache_policy=INPUTS + TASK_SOURCE + RUN_ID,
+    persist_result=True,
+    result_serializer="json",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=_retry_if_transient,
+)
 def annotate_shard(shard: list[dict], index: int, plan: dict, job: dict, in_flight: int) -> dict:
     """Annotate one shard on actor ``index % plan.count``; returns {"committed": [ids], "outcomes": [...]}.
 
@@ -214,8 +257,9 @@ def annotate_shard(shard: list[dict], index: int, plan: dict, job: dict, in_flig
     def annotator(lost=None):
         return get_annotator(actor_plan, index % actor_plan.count, work.config_json, lost=lost)
 
-    outcomes = drive(shard, annotator, work, in_flight=in_flight,
-                     on_outcome=None if board is None else board.advance)
+    outcomes = drive(
+        shard, annotator, work, in_flight=in_flight, on_outcome=None if board is None else board.advance
+    )
     return {"committed": [o["case_id"] for o in outcomes if o["status"] == "done"], "outcomes": outcomes}
 
 
@@ -226,53 +270,89 @@ def summarise(outcomes: list[dict], store_url: str, run_id: str, facts: dict, co
     volumes = summary.label_volumes_ml(store, [o["case_id"] for o in outcomes if o["status"] == "done"])
     counts = summary.counts(outcomes)
     tried = counts["done"] + counts["failed"]
-    report = {"run_id": run_id, "counts": counts, "cases": outcomes, **facts,
-              "slices": sum(o.get("slices", 0) for o in outcomes),
-              "failure_fraction": round(counts["failed"] / tried, 4) if tried else 0.0}
-    create_table_artifact(key="annotate-summary", table=summary.table_rows(outcomes, volumes),
-                          description=f"{counts} in {facts.get('wall_s', 0):.0f} s")
-    store.write_run(run_id, {**report, "label_volumes_ml": volumes, "package_version": package_version(),
-                             "config": json.loads(config_json)})
+    report = {
+        "run_id": run_id,
+        "counts": counts,
+        "cases": outcomes,
+        **facts,
+        "slices": sum(o.get("slices", 0) for o in outcomes),
+        "failure_fraction": round(counts["failed"] / tried, 4) if tried else 0.0,
+    }
+    create_table_artifact(
+        key="annotate-summary",
+        table=summary.table_rows(outcomes, volumes),
+        description=f"{counts} in {facts.get('wall_s', 0):.0f} s",
+    )
+    store.write_run(
+        run_id,
+        {
+            **report,
+            "label_volumes_ml": volumes,
+            "package_version": package_version(),
+            "config": json.loads(config_json),
+        },
+    )
     get_run_logger().info("annotate-archive: %s, %d slices", counts, report["slices"])
     return report
 
 
 def _run_shards(shards: list[list[dict]], plan, job: dict, in_flight: int) -> tuple[list[dict], int]:
     """Submit every shard, wait for all; returns the outcomes and the number of shards that failed."""
-    futures = [annotate_shard.submit(shard, i, dataclasses.asdict(plan), job, in_flight)
-               for i, shard in enumerate(shards)]
+    futures = [
+        annotate_shard.submit(shard, i, dataclasses.asdict(plan), job, in_flight)
+        for i, shard in enumerate(shards)
+    ]
     outcomes, broken = [], 0
     for shard, future in zip(shards, futures, strict=True):
         result = future.result(raise_on_failure=False)
         if isinstance(result, BaseException):
             broken += 1
-            get_run_logger().error("shard failed (%s); its %d cases are left for the next run",
-                                   type(result).__name__, len(shard))
-            result = {"outcomes": [CaseOutcome(c["case_id"], "failed", stage="shard").record() for c in shard]}
+            get_run_logger().error(
+                "shard failed (%s); its %d cases are left for the next run", type(result).__name__, len(shard)
+            )
+            result = {
+                "outcomes": [CaseOutcome(c["case_id"], "failed", stage="shard").record() for c in shard]
+            }
         outcomes += result["outcomes"]
     return outcomes, broken
 
 
 @flow(name="annotate-archive", task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARD_THREADS))
-def annotate_archive(inputs: list[str], out: str, coarse_masks: list[str] | None = None,
-                     run: RunOptions | None = None, pool: PoolOptions | None = None,
-                     policy: FailurePolicy | None = None) -> dict:
+def annotate_archive(
+    inputs: list[str],
+    out: str,
+    coarse_masks: list[str] | None = None,
+    run: RunOptions | None = None,
+    pool: PoolOptions | None = None,
+    policy: FailurePolicy | None = None,
+) -> dict:
     """Annotate every case under ``inputs`` into the store ``out`` on a Ray pool; returns the run's report
     (counts per status, one outcome record per case, slices, wall time). Raises TooManyFailures when the
     failed fraction exceeds the policy (the report is on the exception)."""
     run, pool, policy = run or RunOptions(), pool or PoolOptions(), policy or FailurePolicy()
     store_url = out if "://" in out else str(Path(out).resolve())
     config_json = run.engine_config().model_dump_json()
-    report, seen = annotate_inputs(inputs, store_url, list(coarse_masks or []), run, pool, policy, config_json)
+    report, seen = annotate_inputs(
+        inputs, store_url, list(coarse_masks or []), run, pool, policy, config_json
+    )
     enforce_policy(report, policy)
     if run.watermark is not None:
         advance_watermark(store_url, run, seen, report)
     return report
 
 
-def annotate_inputs(inputs: list[str], store_url: str, coarse_masks: list[str], run: RunOptions,
-                    pool: PoolOptions, policy: FailurePolicy, config_json: str, *, model: str | None = None,
-                    keep=None) -> tuple[dict, dict]:
+def annotate_inputs(
+    inputs: list[str],
+    store_url: str,
+    coarse_masks: list[str],
+    run: RunOptions,
+    pool: PoolOptions,
+    policy: FailurePolicy,
+    config_json: str,
+    *,
+    model: str | None = None,
+    keep=None,
+) -> tuple[dict, dict]:
     """The steps both flows share, inside a flow run: studies (watermark), discovery, the cases ``keep``
     leaves (a callable on case ids; all by default), skip committed, annotate on Ray, summarise, push SEGs.
     Returns the run's report and what the watermark needs (the studies and the cases found in them)."""
@@ -285,16 +365,30 @@ def annotate_inputs(inputs: list[str], store_url: str, coarse_masks: list[str], 
         kept = [c["case_id"] for c in cases if c["case_id"] not in chosen]
         cases = [c for c in cases if c["case_id"] in chosen]
     split = skip_committed(cases, store_url, config_json, policy.retry_quarantined)
-    job = {"store_url": store_url, "run_id": run_id, "config_json": config_json, "overwrite": run.overwrite,
-           "retries": pool.case_retries}
+    job = {
+        "store_url": store_url,
+        "run_id": run_id,
+        "config_json": config_json,
+        "overwrite": run.overwrite,
+        "retries": pool.case_retries,
+    }
     outcomes, facts = _annotate_on_ray(split["todo"], job, pool, policy) if split["todo"] else ([], {})
-    outcomes += [CaseOutcome(c["case_id"], kind).record() for kind in ("skipped", "quarantined") for c in split[kind]]
-    facts = {"actors": 0, "shards": 0, "broken_shards": 0, "kept_accepted": len(kept), **facts,
-             "wall_s": round(time.perf_counter() - started, 2)}
+    outcomes += [
+        CaseOutcome(c["case_id"], kind).record() for kind in ("skipped", "quarantined") for c in split[kind]
+    ]
+    facts = {
+        "actors": 0,
+        "shards": 0,
+        "broken_shards": 0,
+        "kept_accepted": len(kept),
+        **facts,
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
     report = summarise(outcomes, store_url, run_id, facts, config_json)
     if run.push_seg:
-        report["push"] = push_proposals(store_url, [o["case_id"] for o in outcomes if o["status"] != "failed"],
-                                        run.push_seg)
+        report["push"] = push_proposals(
+            store_url, [o["case_id"] for o in outcomes if o["status"] != "failed"], run.push_seg
+        )
     return report, {"studies": studies, "found": found}
 
 
@@ -306,14 +400,20 @@ def push_proposals(store_url: str, case_ids: list[str], service: str) -> dict:
     return counts
 
 
-def _annotate_on_ray(todo: list[dict], job: dict, pool: PoolOptions,
-                     policy: FailurePolicy) -> tuple[list[dict], dict]:
+def _annotate_on_ray(
+    todo: list[dict], job: dict, pool: PoolOptions, policy: FailurePolicy
+) -> tuple[list[dict], dict]:
     """Size the pool, shard ``todo`` and run the shards; returns the outcomes and facts about the pool."""
     connect(pool.address)
     config = EngineConfig.model_validate_json(job["config_json"])
     plan = plan_actors(cluster_nodes(), pool, case_workers=config.pipeline.case_workers)
-    get_run_logger().info("%d actors x %d CPUs, %g GPUs, %d cases in flight each", plan.count, plan.num_cpus,
-                          plan.num_gpus, plan.case_workers)
+    get_run_logger().info(
+        "%d actors x %d CPUs, %g GPUs, %d cases in flight each",
+        plan.count,
+        plan.num_cpus,
+        plan.num_gpus,
+        plan.case_workers,
+    )
     shards = make_shards(todo, policy.shards or plan.count)
     progress.open_board(job["run_id"], len(todo))
     try:
@@ -331,17 +431,24 @@ def enforce_policy(report: dict, policy: FailurePolicy) -> None:
         raise RuntimeError(f"{report['broken_shards']} shard(s) could not run; rerun to finish their cases")
     if report["failure_fraction"] > policy.max_failure_fraction:
         failed, fraction = report["counts"]["failed"], report["failure_fraction"]
-        raise TooManyFailures(f"{failed} cases failed ({fraction:.1%} of those tried; the policy allows "
-                              f"{policy.max_failure_fraction:.1%})", report)
+        raise TooManyFailures(
+            f"{failed} cases failed ({fraction:.1%} of those tried; the policy allows "
+            f"{policy.max_failure_fraction:.1%})",
+            report,
+        )
 
 
-def advance_watermark(store_url: str, run: RunOptions, seen: dict, report: dict, *,
-                       model: str | None = None) -> None:
+def advance_watermark(
+    store_url: str, run: RunOptions, seen: dict, report: dict, *, model: str | None = None
+) -> None:
     """Move the watermark to this run's horizon, held back before studies whose cases failed transiently."""
     studies, found = seen["studies"], seen["found"]
     unit_of = {c["case_id"]: u for c, u in zip(found["cases"], found["units"], strict=True)}
-    retry = {unit_of.get(o["case_id"]) for o in report["cases"]
-             if o["status"] == "failed" and o["stage"] in RETRY_NEXT_RUN}
+    retry = {
+        unit_of.get(o["case_id"])
+        for o in report["cases"]
+        if o["status"] == "failed" and o["stage"] in RETRY_NEXT_RUN
+    }
     entries = [watermark.Entry(studies["units"][u], studies["changed"][u]) for u in retry if u is not None]
     mark = watermark.next_mark(studies["until"], entries)
     store = CaseStore(store_url)

@@ -3,6 +3,7 @@
 Shard tasks run in threads of the flow's process; they find the run's board by flow-run id, so nothing
 unpicklable travels as a task parameter.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,10 @@ class ProgressBoard:
         self._lock = threading.Lock()
         self._started = time.perf_counter()
         self.artifact: UUID | None = create_progress_artifact(
-            progress=0.0 if total else 100.0, key="annotate-progress",
-            description=f"cases annotated of {total} to do")
+            progress=0.0 if total else 100.0,
+            key="annotate-progress",
+            description=f"cases annotated of {total} to do",
+        )
         show = sys.stderr.isatty() if show_bar is None else show_bar
         self._bar = tqdm(total=total, desc="cases", unit="case", disable=not show)
 
@@ -54,7 +57,7 @@ class ProgressBoard:
             return
         try:
             update_progress_artifact(self.artifact, progress=progress)
-        except Exception as exc:  # noqa: BLE001 - a lost progress update must never fail the run
+        except Exception as exc:
             log.warning("progress artifact not updated (%s)", type(exc).__name__)
 
     def close(self) -> None:

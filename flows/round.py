@@ -1,15 +1,16 @@
 """Prefect flow: one data-engine round over Ray actors (the nightly deployment `nightly-round`).
 
 begin the round (calibration refit on the reviews so far, the store's current registered model, round n+1
-marked in progress) -> the studies new since the watermark (all of them when the watermark was set with another
-model) -> discover -> leave out cases a person accepted -> skip what this model already committed -> annotate
-on Ray with routing on -> summarise -> push proposals as DICOM SEG (with ``run.push_seg``) -> export the
-review queue and write the round report -> move the watermark.
+marked in progress) -> the studies new since the watermark (all of them when the watermark was set with
+another model) -> discover -> leave out cases a person accepted -> skip what this model already committed ->
+annotate on Ray with routing on -> summarise -> push proposals as DICOM SEG (with ``run.push_seg``) -> export
+the review queue and write the round report -> move the watermark.
 
 A model registered by `medsam-engine finetune --store` is the next night's model without any change to the
 deployment: its signature differs, so every case it did not annotate is stale and re-annotated. The same
 steps run in one process as `medsam-engine round run` (pipeline/flywheel/rounds.py).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,30 +37,53 @@ from medsam_engine.pipeline.store.case_store import CaseStore
 @task(name="begin-round", cache_policy=NO_CACHE)
 def start_round(store_url: str, run: RunOptions, checkpoint: str | None) -> RoundStart:
     start = begin_round(CaseStore(store_url), run.engine_config(), checkpoint=checkpoint)
-    get_run_logger().info("round %d%s with model %s", start.number, " (resumed)" if start.resumed else "",
-                          "registered" if start.registered else ("given" if start.checkpoint else "base"))
+    get_run_logger().info(
+        "round %d%s with model %s",
+        start.number,
+        " (resumed)" if start.resumed else "",
+        "registered" if start.registered else ("given" if start.checkpoint else "base"),
+    )
     return start
 
 
 @task(name="finish-round", cache_policy=NO_CACHE)
-def end_round(store_url: str, start: RoundStart, report: dict, model_sha256: str,
-              review_out: str | None) -> dict:
+def end_round(
+    store_url: str, start: RoundStart, report: dict, model_sha256: str, review_out: str | None
+) -> dict:
     outcomes = [CaseOutcome.from_record(record) for record in report["cases"]]
     given = len(outcomes) + report["kept_accepted"]
-    result = finish_round(CaseStore(store_url), start, outcomes, given=given, kept=report["kept_accepted"],
-                          model_sha256=model_sha256, queue_dir=review_out,
-                          extra={"run_id": report["run_id"], "push": report.get("push")})
-    get_run_logger().info("round %d: %s; review queue %d case(s)", result.number, result.report["cases"],
-                          result.report["queue"]["cases"])
+    result = finish_round(
+        CaseStore(store_url),
+        start,
+        outcomes,
+        given=given,
+        kept=report["kept_accepted"],
+        model_sha256=model_sha256,
+        queue_dir=review_out,
+        extra={"run_id": report["run_id"], "push": report.get("push")},
+    )
+    get_run_logger().info(
+        "round %d: %s; review queue %d case(s)",
+        result.number,
+        result.report["cases"],
+        result.report["queue"]["cases"],
+    )
     return {**result.report, "report_path": result.report_path, "run": report}
 
 
 @flow(name="flywheel-round", task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARD_THREADS))
-def flywheel_round(inputs: list[str], store: str, coarse_masks: list[str] | None = None,
-                   run: RunOptions | None = None, pool: PoolOptions | None = None,
-                   policy: FailurePolicy | None = None, checkpoint: str | None = None,
-                   review_out: str | None = None) -> dict:
-    """Run round n+1 on ``inputs`` into the flywheel's ``store`` (see the module doc); returns the round report
+def flywheel_round(
+    inputs: list[str],
+    store: str,
+    coarse_masks: list[str] | None = None,
+    run: RunOptions | None = None,
+    pool: PoolOptions | None = None,
+    policy: FailurePolicy | None = None,
+    checkpoint: str | None = None,
+    review_out: str | None = None,
+) -> dict:
+    """Run round n+1 on ``inputs`` into the flywheel's ``store`` (see the module doc); returns the round
+    report
     with the run's report under "run". ``checkpoint`` pins a model (default: the store's current registered
     model, else the base model); ``review_out`` is the queue folder (default STORE/_review/round-NNN).
     Raises TooManyFailures after the round report is written when too many cases failed."""
@@ -69,9 +93,17 @@ def flywheel_round(inputs: list[str], store: str, coarse_masks: list[str] | None
     model = LazyRunner(start.config).model_sha256
     run = run.model_copy(update={"overwrite": True})  # a stale case is replaced by this round's proposal
     accepted = CaseStore(store_url)
-    report, seen = annotate_inputs(inputs, store_url, list(coarse_masks or []), run, pool, policy,
-                                   start.config.model_dump_json(), model=model,
-                                   keep=lambda ids: split_accepted(accepted, ids)[0])
+    report, seen = annotate_inputs(
+        inputs,
+        store_url,
+        list(coarse_masks or []),
+        run,
+        pool,
+        policy,
+        start.config.model_dump_json(),
+        model=model,
+        keep=lambda ids: split_accepted(accepted, ids)[0],
+    )
     result = end_round(store_url, start, report, model, review_out)
     enforce_policy(report, policy)
     if run.watermark is not None:

@@ -4,6 +4,7 @@ Label volumes are counted with dask.array over the committed zarr label maps: on
 chunk of every case, reduced by ``da.unique(..., return_counts=True)`` on threads, so no volume is ever held
 whole and chunk decompression runs in parallel. No Prefect and no Ray in this module.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,14 @@ def label_volumes_ml(store: CaseStore, case_ids: list[str]) -> dict[str, dict[in
         spacing = group.attrs["medsam"]["geometry"]["spacing_zyx_mm"]
         voxel_ml[case_id] = math.prod(float(s) for s in spacing) / 1000.0
     (counted,) = dask.compute(lazy, scheduler="threads")
-    return {case_id: {int(v): round(int(n) * voxel_ml[case_id], 3)
-                      for v, n in zip(*counted[case_id], strict=True) if v != 0} for case_id in counted}
+    return {
+        case_id: {
+            int(v): round(int(n) * voxel_ml[case_id], 3)
+            for v, n in zip(*counted[case_id], strict=True)
+            if v != 0
+        }
+        for case_id in counted
+    }
 
 
 def table_rows(outcomes: list[dict], volumes: dict[str, dict[int, float]]) -> list[dict]:
@@ -40,13 +47,22 @@ def table_rows(outcomes: list[dict], volumes: dict[str, dict[int, float]]) -> li
     rows = []
     for o in sorted(outcomes, key=lambda o: (order.get(o["status"], 9), o["case_id"]))[:MAX_TABLE_ROWS]:
         labels = volumes.get(o["case_id"], {})
-        rows.append({"case": o["case_id"], "status": o["status"], "stage": o.get("stage", ""),
-                     "slices": o.get("slices", 0), "seconds": o.get("seconds", 0.0),
-                     "labels (mL)": ", ".join(f"{k}: {v:g}" for k, v in sorted(labels.items())),
-                     "node": o.get("node", "")})
+        rows.append(
+            {
+                "case": o["case_id"],
+                "status": o["status"],
+                "stage": o.get("stage", ""),
+                "slices": o.get("slices", 0),
+                "seconds": o.get("seconds", 0.0),
+                "labels (mL)": ", ".join(f"{k}: {v:g}" for k, v in sorted(labels.items())),
+                "node": o.get("node", ""),
+            }
+        )
     return rows
 
 
 def counts(outcomes: list[dict]) -> dict[str, int]:
-    return {status: sum(o["status"] == status for o in outcomes)
-            for status in ("done", "skipped", "quarantined", "failed")}
+    return {
+        status: sum(o["status"] == status for o in outcomes)
+        for status in ("done", "skipped", "quarantined", "failed")
+    }

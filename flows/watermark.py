@@ -11,6 +11,7 @@ watermark has not seen it with its current number of instances (a series added t
 the record keeps a keyed hash of each study done, never its UID. Other URL inputs (a study URL, s3://) have no
 change time here and are always taken. No Prefect in this module.
 """
+
 from __future__ import annotations
 
 import os
@@ -57,16 +58,20 @@ def study_entries(inputs: Iterable[str]) -> list[Entry]:
             entries.append(Entry(given, float("inf")))
             continue
         path = Path(given)
-        children = [path] if not path.is_dir() else sorted(p for p in path.iterdir()
-                                                           if not p.name.startswith("."))
+        children = (
+            [path] if not path.is_dir() else sorted(p for p in path.iterdir() if not p.name.startswith("."))
+        )
         entries += [Entry(str(child), newest_change(child)) for child in children if child.exists()]
     return entries
 
 
 def select_new(entries: list[Entry], *, since: float | None, until: float) -> list[Entry]:
     """Entries that changed after ``since`` (all when None) and no later than ``until`` (URLs always)."""
-    return [e for e in entries if e.changed == float("inf")
-            or ((since is None or e.changed > since) and e.changed <= until)]
+    return [
+        e
+        for e in entries
+        if e.changed == float("inf") or ((since is None or e.changed > since) and e.changed <= until)
+    ]
 
 
 def next_mark(until: float, retry: Iterable[Entry]) -> float:
@@ -101,7 +106,8 @@ def _record(store, name: str, model: str | None) -> dict | None:
 
 
 def read_mark(store, name: str, *, model: str | None = None) -> float | None:
-    """Where the watermark stands (seconds since the epoch), or None: take everything (see :func:`_record`)."""
+    """Where the watermark stands (seconds since the epoch), or None: take everything (see
+    :func:`_record`)."""
     record = _record(store, name, model)
     return None if record is None else float(record["since"])
 
@@ -111,6 +117,13 @@ def read_seen(store, name: str, *, model: str | None = None) -> dict[str, int]:
     return dict((_record(store, name, model) or {}).get("pacs") or {})
 
 
-def write_mark(store, name: str, since: float, *, run_id: str, model: str | None = None,
-               pacs: dict[str, int] | None = None) -> None:
+def write_mark(
+    store,
+    name: str,
+    since: float,
+    *,
+    run_id: str,
+    model: str | None = None,
+    pacs: dict[str, int] | None = None,
+) -> None:
     write_watermark(store, check_name(name), since, run_id=run_id, model=model, pacs=pacs)

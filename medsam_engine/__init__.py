@@ -5,10 +5,19 @@ The layer packages live under this namespace (``medsam_engine.pipeline``, ``meds
 (:mod:`medsam_engine.pipeline.api`) is re-exported here and imported on first use, so importing a layer module
 does not load the model's libraries.
 """
+
 from __future__ import annotations
 
-__all__ = ["BoxPrompt", "CaseStore", "EngineConfig", "RunSummary", "annotate", "open_store", "read_case",
-           "segment"]
+__all__ = [
+    "BoxPrompt",
+    "CaseStore",
+    "EngineConfig",
+    "RunSummary",
+    "annotate",
+    "open_store",
+    "read_case",
+    "segment",
+]
 
 
 def __getattr__(name: str):

@@ -5,11 +5,13 @@
     summary = me.annotate(["ct.nii.gz"], "store", coarse_masks=["ct_boxes.nii.gz"])
     for case_id in me.open_store("store").committed_cases():
         labels, attrs = me.read_case("store", case_id)
-    labels = me.segment(volume, [me.BoxPrompt(label=1, instance=1, z=12, box=(40, 52, 90, 101))], modality="CT")
+    labels = me.segment(volume, [me.BoxPrompt(label=1, instance=1, z=12, box=(40, 52, 90, 101))],
+    modality="CT")
 
 Everything here is what the ``medsam-engine`` command runs; the command-line contract (docs/design.md) is the
 reference for what each option means.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -27,8 +29,16 @@ from medsam_engine.pipeline.core.types import BoxPrompt, CaseAttributes
 from medsam_engine.pipeline.io.discover import DiscoveryOptions, discover
 from medsam_engine.pipeline.store.case_store import CaseStore
 
-__all__ = ["BoxPrompt", "CaseStore", "EngineConfig", "RunSummary", "annotate", "open_store", "read_case",
-           "segment"]
+__all__ = [
+    "BoxPrompt",
+    "CaseStore",
+    "EngineConfig",
+    "RunSummary",
+    "annotate",
+    "open_store",
+    "read_case",
+    "segment",
+]
 
 
 _RUNNERS: dict[str, LazyRunner] = {}  # one loaded model per configuration (its JSON), for repeated segment()
@@ -48,17 +58,27 @@ def open_store(store: str | Path | CaseStore) -> CaseStore:
     return CaseStore(store)
 
 
-def annotate(inputs: Sequence[str | Path], store: str | Path | CaseStore, *,
-             coarse_masks: Sequence[str | Path] = (), config: EngineConfig | str | Path | None = None,
-             overwrite: bool = False, keep_localizers: bool = False) -> RunSummary:
+def annotate(
+    inputs: Sequence[str | Path],
+    store: str | Path | CaseStore,
+    *,
+    coarse_masks: Sequence[str | Path] = (),
+    config: EngineConfig | str | Path | None = None,
+    overwrite: bool = False,
+    keep_localizers: bool = False,
+) -> RunSummary:
     """Annotate ``inputs`` (files, folders, archives, ``s3://`` prefixes, a DICOMweb root) into ``store`` in
     this process, as ``medsam-engine annotate INPUT... --out STORE`` does. Boxes come from ``coarse_masks``
     (one per input, or one folder paired by file stem) or from the configured detector. Failures are recorded
     per case in the summary and the store; committed cases whose input did not change are skipped."""
     case_store = store if isinstance(store, CaseStore) else CaseStore(store)
     engine_config = _config(config)
-    cases = discover(list(inputs), case_store.case_ids(), coarse_masks=list(coarse_masks),
-                     options=DiscoveryOptions(keep_localizers=keep_localizers))
+    cases = discover(
+        list(inputs),
+        case_store.case_ids(),
+        coarse_masks=list(coarse_masks),
+        options=DiscoveryOptions(keep_localizers=keep_localizers),
+    )
     return _annotate_cases(cases, case_store, engine_config, overwrite=overwrite, show_progress=False)
 
 
@@ -71,13 +91,20 @@ def read_case(store: str | Path | CaseStore, case_id: str) -> tuple[np.ndarray, 
     return case_store.read_labels(case_id)
 
 
-def segment(volume: np.ndarray, boxes: Sequence[BoxPrompt], *, modality: str = "CT",
-            config: EngineConfig | str | Path | None = None) -> np.ndarray:
+def segment(
+    volume: np.ndarray,
+    boxes: Sequence[BoxPrompt],
+    *,
+    modality: str = "CT",
+    config: EngineConfig | str | Path | None = None,
+) -> np.ndarray:
     """Segment an in-memory (z, y, x) volume, a (y, x) image or a (y, x, 3) RGB image from box prompts
-    (voxel XYXY on slice ``z``; ``z`` is 0 for a 2D image). Intensities are mapped as MedSAM's protocol maps
-    ``modality`` ("CT", "MR", ...; RGB and uint8 images are used as they are); overlaps are resolved per slice
-    by the model's logits. Returns a uint16 label map of the input's spatial shape; no post-processing. The model
-is loaded on the first call and kept for later calls with the same configuration."""
+        (voxel XYXY on slice ``z``; ``z`` is 0 for a 2D image). Intensities are mapped as MedSAM's protocol
+        maps ``modality`` ("CT", "MR", ...; RGB and uint8 images are used as they are); overlaps are resolved
+        per slice
+        by the model's logits. Returns a uint16 label map of the input's spatial shape; no post-processing.
+        The model
+    is loaded on the first call and kept for later calls with the same configuration."""
     engine_config = _config(config)
     array = np.asarray(volume)
     planar = array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3 and array.dtype == np.uint8)

@@ -1,4 +1,5 @@
 """Argument checks for the post-processing functions; each failure is a ValueError naming the argument."""
+
 from __future__ import annotations
 
 import math

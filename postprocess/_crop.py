@@ -3,6 +3,7 @@
 Every operation in this package keeps its result inside the input's bounding box, so working on the crop
 gives exactly the result on the whole array, at a fraction of the cost.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

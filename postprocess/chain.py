@@ -6,6 +6,7 @@ of steps; ``OPS`` (postprocess.registry) maps each op name to its function and p
 results back without letting labels take each other's voxels; it returns a JSON-ready lineage with the
 parameters and voxel counts of every step.
 """
+
 from __future__ import annotations
 
 import copy
@@ -98,8 +99,9 @@ def _check_label_map(label_map: Any) -> np.ndarray:
     return label_map
 
 
-def _run_steps(mask: np.ndarray, steps: list[Step],
-               spacing: tuple[float, float, float]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def _run_steps(
+    mask: np.ndarray, steps: list[Step], spacing: tuple[float, float, float]
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Apply ``steps`` to a bool (z, y, x) mask; the result and one record per step.
 
     No op moves voxels outside its input's bounding box, so after each step the work shrinks to the result's
@@ -112,20 +114,31 @@ def _run_steps(mask: np.ndarray, steps: list[Step],
         params = {key: value for key, value in step.items() if key != "op"}
         before = int(np.count_nonzero(work))
         work = OPS[step["op"]].run(work, spacing=spacing, params=params)
-        history.append({"op": step["op"], "params": params, "voxels_before": before,
-                        "voxels_after": int(np.count_nonzero(work))})
+        history.append(
+            {
+                "op": step["op"],
+                "params": params,
+                "voxels_before": before,
+                "voxels_after": int(np.count_nonzero(work)),
+            }
+        )
         inner = bounding_box(work)
         if inner is not None:
-            box = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner))
+            box = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner, strict=False))
             work = work[inner]
     result = np.zeros(mask.shape, dtype=bool)
     result[box] = work
     return result, history
 
 
-def _process_label(label_map: np.ndarray, out: np.ndarray, box: tuple[slice, ...], value: int,
-                   steps: list[Step], spacing: tuple[float, float, float],
-                   ) -> tuple[np.ndarray, dict[str, Any]]:
+def _process_label(
+    label_map: np.ndarray,
+    out: np.ndarray,
+    box: tuple[slice, ...],
+    value: int,
+    steps: list[Step],
+    spacing: tuple[float, float, float],
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Run ``steps`` on one label inside ``box``; write the voxels it keeps into ``out``.
 
     Returns the flat indices of the background voxels it adds (its claims) and its lineage record, whose
@@ -139,12 +152,18 @@ def _process_label(label_map: np.ndarray, out: np.ndarray, box: tuple[slice, ...
     after, kept_count = int(np.count_nonzero(result)), int(np.count_nonzero(kept))
     if after > kept_count:  # the steps added voxels: those on background are claims
         grown = np.nonzero(result & (crop == 0))
-        claims = np.ravel_multi_index(tuple(axis + part.start for axis, part in zip(grown, box)),
-                                      label_map.shape)
+        claims = np.ravel_multi_index(
+            tuple(axis + part.start for axis, part in zip(grown, box, strict=False)), label_map.shape
+        )
     else:
         claims = np.zeros(0, dtype=np.intp)
-    record = {"label": value, "voxels_before": int(np.count_nonzero(original)), "steps": history,
-              "voxels_after": kept_count, "voxels_lost_in_merge": after}  # settled in apply_chain
+    record = {
+        "label": value,
+        "voxels_before": int(np.count_nonzero(original)),
+        "steps": history,
+        "voxels_after": kept_count,
+        "voxels_lost_in_merge": after,
+    }  # settled in apply_chain
     return claims, record
 
 
@@ -159,12 +178,17 @@ def _grant_claims(out: np.ndarray, claims: list[tuple[np.ndarray, int]]) -> dict
     granted = owners[first[alone]]
     np.put(out, unique[alone], granted)
     values, amounts = np.unique(granted, return_counts=True)
-    return dict(zip(values.tolist(), amounts.tolist()))
+    return dict(zip(values.tolist(), amounts.tolist(), strict=False))
 
 
-def apply_chain(label_map: np.ndarray, *, spacing: Sequence[float], chain: Sequence[Mapping[str, Any]],
-                per_label: Mapping[int, Sequence[Mapping[str, Any]]] | None = None,
-                values: Sequence[int] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+def apply_chain(
+    label_map: np.ndarray,
+    *,
+    spacing: Sequence[float],
+    chain: Sequence[Mapping[str, Any]],
+    per_label: Mapping[int, Sequence[Mapping[str, Any]]] | None = None,
+    values: Sequence[int] | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Run a chain on every label of a label map and merge the results into a new label map.
 
     Each label value's bool mask, cropped to its bounding box, goes through ``chain`` (or its override in
@@ -175,9 +199,9 @@ def apply_chain(label_map: np.ndarray, *, spacing: Sequence[float], chain: Seque
 
     Args:
         label_map: integer (z, y, x) array (typically uint16), 0 = background; a 2D image has z == 1.
-        spacing: voxel size (z, y, x) in mm.
-        chain: the steps for every label, e.g. ``[{"op": "closing", "radius_mm": 2}]``; [] changes nothing.
-        per_label: optional chains for particular label values, replacing ``chain`` for those labels
+        spacing: voxel size (z, y, x) in mm. chain: the steps for every label, e.g. ``[{"op": "closing",
+        "radius_mm": 2}]``; [] changes nothing. per_label: optional chains for particular label values,
+        replacing ``chain`` for those labels
             (values absent from the map are ignored).
         values: the non-zero values present in ``label_map``, when the caller knows them exactly (saves a
             counting pass over the map); by default they are counted.
@@ -198,7 +222,9 @@ def apply_chain(label_map: np.ndarray, *, spacing: Sequence[float], chain: Seque
     out = np.zeros(label_map.shape, dtype=label_map.dtype)
     claims: list[tuple[np.ndarray, int]] = []
     records = []
-    for value, box in label_boxes(label_map, None if values is None else sorted({int(v) for v in values})).items():
+    for value, box in label_boxes(
+        label_map, None if values is None else sorted({int(v) for v in values})
+    ).items():
         claimed, record = _process_label(label_map, out, box, value, overrides.get(value, default), zyx)
         claims.append((claimed, value))
         records.append({"chain": "per_label" if value in overrides else "default", **record})

@@ -3,6 +3,7 @@
 Slices use 8-connectivity in (y, x); volumes use 26-connectivity in (z, y, x). All functions take a bool mask,
 return a new bool array of the same shape, and never modify their input.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -11,7 +12,13 @@ import cc3d
 import cv2
 import numpy as np
 
-from medsam_engine.postprocess._checks import RELATIVE_SLACK, check_int, check_mask, check_number, check_spacing
+from medsam_engine.postprocess._checks import (
+    RELATIVE_SLACK,
+    check_int,
+    check_mask,
+    check_number,
+    check_spacing,
+)
 from medsam_engine.postprocess._crop import map_in_box, map_slices
 
 _SLAB = 16  # slices per bincount call
@@ -45,10 +52,10 @@ def _volume_components(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     labels, count = label_components(volume)
     if count <= 1:
         filled = int(np.count_nonzero(volume))
-        return labels, np.array([volume.size - filled, filled][:count + 1], dtype=np.int64)
+        return labels, np.array([volume.size - filled, filled][: count + 1], dtype=np.int64)
     sizes = np.zeros(count + 1, dtype=np.int64)
     for start in range(0, len(labels), _SLAB):  # bincount widens to int64: slabs keep that copy small
-        sizes += np.bincount(labels[start:start + _SLAB].ravel(), minlength=count + 1)
+        sizes += np.bincount(labels[start : start + _SLAB].ravel(), minlength=count + 1)
     return labels, sizes
 
 
@@ -59,16 +66,19 @@ def _at_least(threshold: float) -> Callable[[np.ndarray], np.ndarray]:
 
 def _largest(k: int) -> Callable[[np.ndarray], np.ndarray]:
     """Keep rule: the ``k`` largest components; ties go to the component met first in raster order."""
+
     def rule(sizes: np.ndarray) -> np.ndarray:
         keep = np.zeros(sizes.shape, dtype=bool)
         order = np.argsort(-sizes[1:], kind="stable")[:k] + 1
         keep[order] = True
         return keep
+
     return rule
 
 
-def _select(mask: np.ndarray, labels: np.ndarray, sizes: np.ndarray,
-            rule: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+def _select(
+    mask: np.ndarray, labels: np.ndarray, sizes: np.ndarray, rule: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
     """The voxels of ``mask`` in the components ``rule`` keeps; ``labels`` numbers them, ``sizes`` counts
     them (index 0: background). Keeping all or none costs no look-up per voxel."""
     keep = rule(sizes)
@@ -80,8 +90,9 @@ def _select(mask: np.ndarray, labels: np.ndarray, sizes: np.ndarray,
     return keep[labels]
 
 
-def remove_small_components_2d(mask: np.ndarray, *, min_area_mm2: float,
-                               spacing_yx: Sequence[float]) -> np.ndarray:
+def remove_small_components_2d(
+    mask: np.ndarray, *, min_area_mm2: float, spacing_yx: Sequence[float]
+) -> np.ndarray:
     """Drop 8-connected components whose area is below ``min_area_mm2``, slice by slice.
 
     Args:
@@ -99,8 +110,9 @@ def remove_small_components_2d(mask: np.ndarray, *, min_area_mm2: float,
     return map_slices(mask, lambda plane: _select(plane, *_plane_components(plane), rule))
 
 
-def remove_small_components_3d(mask: np.ndarray, *, min_volume_mm3: float,
-                               spacing: Sequence[float]) -> np.ndarray:
+def remove_small_components_3d(
+    mask: np.ndarray, *, min_volume_mm3: float, spacing: Sequence[float]
+) -> np.ndarray:
     """Drop 26-connected components whose volume is below ``min_volume_mm3``.
 
     Args:

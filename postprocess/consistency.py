@@ -3,6 +3,7 @@
 Both functions take a bool (z, y, x) mask and return a new bool (z, y, x) array; a 2D image is a volume
 with z == 1 (nothing to do then).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,7 +36,7 @@ def drop_disconnected_slices(mask: np.ndarray, *, max_gap: int = 0) -> np.ndarra
     ends = np.concatenate([breaks, [filled.size - 1]])
     best = int(np.argmax(np.add.reduceat(counts[filled], starts)))
     first, last = filled[starts[best]], filled[ends[best]]
-    out[first:last + 1] = mask[first:last + 1]
+    out[first : last + 1] = mask[first : last + 1]
     return out
 
 

@@ -2,6 +2,7 @@
 
 Deliberately conservative until measured: drop specks and fill pinholes, nothing that moves an outline.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -3,6 +3,7 @@
 A hole is a 4-connected background region of a (y, x) slice that does not touch the slice's border (the dual
 of the 8-connected foreground used elsewhere in this package).
 """
+
 from __future__ import annotations
 
 import math
@@ -33,12 +34,13 @@ def _fill_plane(plane: np.ndarray, max_pixels: float) -> np.ndarray:
     out = plane.astype(bool)
     for hole in holes:  # each within its own box (a hole never touches the padding: shift by one)
         x, y, w, h = (int(v) for v in stats[hole, :4])
-        out[y - 1:y - 1 + h, x - 1:x - 1 + w] |= labels[y:y + h, x:x + w] == hole
+        out[y - 1 : y - 1 + h, x - 1 : x - 1 + w] |= labels[y : y + h, x : x + w] == hole
     return out
 
 
-def fill_holes_2d(mask: np.ndarray, *, max_area_mm2: float | None = None,
-                  spacing_yx: Sequence[float] | None = None) -> np.ndarray:
+def fill_holes_2d(
+    mask: np.ndarray, *, max_area_mm2: float | None = None, spacing_yx: Sequence[float] | None = None
+) -> np.ndarray:
     """Fill holes in each (y, x) slice; with ``max_area_mm2``, only holes of at most that area.
 
     Args:

@@ -7,6 +7,7 @@ that also spans radius/sz slices. It is applied with OpenCV slice by slice (the 
 elliptical cross-sections). Outside the array counts as background, and closing pads the array first, so an
 object never sticks to the border; closing only adds voxels within ``radius_mm`` of the mask.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,13 @@ from collections.abc import Callable, Sequence
 import cv2
 import numpy as np
 
-from medsam_engine.postprocess._checks import RELATIVE_SLACK, check_bool, check_mask, check_number, check_spacing
+from medsam_engine.postprocess._checks import (
+    RELATIVE_SLACK,
+    check_bool,
+    check_mask,
+    check_number,
+    check_spacing,
+)
 from medsam_engine.postprocess._crop import as_volume, map_in_box
 
 _Layers = list[tuple[int, np.ndarray]]
@@ -75,8 +82,9 @@ def _erode(stack: np.ndarray, layers: _Layers) -> np.ndarray:
     return out
 
 
-def _prepare(mask: np.ndarray, radius_mm: float, spacing: Sequence[float],
-             in_plane: bool) -> tuple[np.ndarray, _Layers, Callable[[np.ndarray], np.ndarray]]:
+def _prepare(
+    mask: np.ndarray, radius_mm: float, spacing: Sequence[float], in_plane: bool
+) -> tuple[np.ndarray, _Layers, Callable[[np.ndarray], np.ndarray]]:
     """Check the arguments; the mask as (z, y, x), the element layers, and the shape-restoring function."""
     check_mask(mask)
     radius = check_number(radius_mm, name="radius_mm")
@@ -87,8 +95,9 @@ def _prepare(mask: np.ndarray, radius_mm: float, spacing: Sequence[float],
     return volume, _layers(radius, zyx, flat), restore
 
 
-def binary_opening(mask: np.ndarray, *, radius_mm: float, spacing: Sequence[float],
-                   in_plane: bool = True) -> np.ndarray:
+def binary_opening(
+    mask: np.ndarray, *, radius_mm: float, spacing: Sequence[float], in_plane: bool = True
+) -> np.ndarray:
     """Erode then dilate with the ball of ``radius_mm``: removes spurs and islands thinner than the ball.
 
     Args:
@@ -104,8 +113,9 @@ def binary_opening(mask: np.ndarray, *, radius_mm: float, spacing: Sequence[floa
     return restore(map_in_box(volume, lambda crop: _dilate(_erode(crop, layers), layers).astype(bool)))
 
 
-def binary_closing(mask: np.ndarray, *, radius_mm: float, spacing: Sequence[float],
-                   in_plane: bool = True) -> np.ndarray:
+def binary_closing(
+    mask: np.ndarray, *, radius_mm: float, spacing: Sequence[float], in_plane: bool = True
+) -> np.ndarray:
     """Dilate then erode with the ball of ``radius_mm``: closes gaps and dents narrower than the ball.
 
     Args:
@@ -124,6 +134,8 @@ def binary_closing(mask: np.ndarray, *, radius_mm: float, spacing: Sequence[floa
 
     def close(crop: np.ndarray) -> np.ndarray:
         closed = _erode(_dilate(np.pad(crop, pad), layers), layers)
-        return closed[pz:closed.shape[0] - pz, py:closed.shape[1] - py, px:closed.shape[2] - px].astype(bool)
+        return closed[pz : closed.shape[0] - pz, py : closed.shape[1] - py, px : closed.shape[2] - px].astype(
+            bool
+        )
 
     return restore(map_in_box(volume, close))

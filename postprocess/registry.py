@@ -4,6 +4,7 @@ Each function takes a bool mask as its first argument and keyword-only options; 
 spacing as ``spacing`` (z, y, x) or ``spacing_yx`` (y, x), as the entry says. Op names without a suffix work
 on the whole (z, y, x) volume; ``_2d`` ops work slice by slice.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -45,8 +46,9 @@ class Op:
     params: Mapping[str, Param] = field(default_factory=dict)
     spacing: Literal["spacing", "spacing_yx"] | None = None
 
-    def run(self, mask: np.ndarray, *, spacing: tuple[float, float, float],
-            params: Mapping[str, Any]) -> np.ndarray:
+    def run(
+        self, mask: np.ndarray, *, spacing: tuple[float, float, float], params: Mapping[str, Any]
+    ) -> np.ndarray:
         """Apply to a bool (z, y, x) mask with the case's (z, y, x) spacing in mm; returns a new mask."""
         options = dict(params)
         if self.spacing == "spacing":

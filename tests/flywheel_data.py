@@ -1,4 +1,5 @@
 """Real-data helpers shared by the flywheel tests (quality, review, finetune, rounds)."""
+
 from __future__ import annotations
 
 import shutil
@@ -27,8 +28,10 @@ def lung_inputs(root: Path, small_chest, small_chest_nifti) -> tuple[Path, Path,
         nrrd.write(str(folder / "chest_a.nrrd"), lungs, header)
     nifti = nib.load(str(small_chest_nifti[1]))
     labels = np.asanyarray(nifti.dataobj)
-    nib.save(nib.Nifti1Image(np.where(np.isin(labels, LUNGS), labels, 0).astype(np.int16), nifti.affine),
-             str(masks / "chest_b.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(np.where(np.isin(labels, LUNGS), labels, 0).astype(np.int16), nifti.affine),
+        str(masks / "chest_b.nii.gz"),
+    )
     shutil.copy(masks / "chest_b.nii.gz", reference / "chest_b.nii.gz")
     return images, masks, reference
 
@@ -63,8 +66,20 @@ def commit_lungs_case(root: Path, small_chest, config=None, **attrs):
     labels = np.where(np.isin(labels, LUNGS), labels, 0).astype(np.uint16)
     store = CaseStore(root)
     config = config or EngineConfig()
-    record = {"case_id": "c0ffee", "geometry": volume.geometry.to_json(), "modality": "CT", "signature": {},
-              "instances": [], "config": config.model_dump(mode="json"), **attrs}
-    store.commit_case("c0ffee", labels=labels, attrs=record, image=volume.array,
-                      label_names={5: "right lung", 6: "left lung"})
+    record = {
+        "case_id": "c0ffee",
+        "geometry": volume.geometry.to_json(),
+        "modality": "CT",
+        "signature": {},
+        "instances": [],
+        "config": config.model_dump(mode="json"),
+        **attrs,
+    }
+    store.commit_case(
+        "c0ffee",
+        labels=labels,
+        attrs=record,
+        image=volume.array,
+        label_names={5: "right lung", 6: "left lung"},
+    )
     return store

@@ -1,6 +1,8 @@
 """SIGKILL at a chosen point: the command runs in a child process in which one function (``module:name`` or
 ``module:Class.method``) is wrapped so that, on its ``nth`` call, it says so in a file and waits; the parent
-then kills the child with SIGKILL at that known moment (no guessed sleeps) and the test checks what is left."""
+then kills the child with SIGKILL at that known moment (no guessed sleeps) and the test checks what is
+left."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-CHILD = r'''
+CHILD = r"""
 import importlib, json, sys, time
 from pathlib import Path
 
@@ -39,7 +41,7 @@ def main_with_stop(target, ready, nth, argv):
 
 if __name__ == "__main__":  # worker processes started by spawn import this file too
     sys.exit(main_with_stop(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])))
-'''
+"""
 
 
 def kill_at(target: str, argv: list[str], tmp_path: Path, *, nth: int = 1, timeout_s: float = 600) -> None:
@@ -48,8 +50,11 @@ def kill_at(target: str, argv: list[str], tmp_path: Path, *, nth: int = 1, timeo
     script.write_text(CHILD)
     log = tmp_path / f"{ready.name}.log"
     with open(log, "wb") as sink:
-        child = subprocess.Popen([sys.executable, str(script), target, str(ready), str(nth), json.dumps(argv)],
-                                 stdout=subprocess.DEVNULL, stderr=sink)
+        child = subprocess.Popen(
+            [sys.executable, str(script), target, str(ready), str(nth), json.dumps(argv)],
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
     deadline = time.monotonic() + timeout_s
     while not ready.exists():
         if child.poll() is not None:

@@ -1,9 +1,9 @@
 """The installed names (one ``medsam_engine`` namespace) and the Python API on real data."""
+
 from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,13 @@ LAYER_FOLDERS = ("pipeline", "flows", "detectors", "postprocess")
 
 
 def test_every_layer_package_is_installed_under_the_namespace():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    folders = {".".join(("medsam_engine", *p.parent.relative_to(ROOT).parts))
-               for top in LAYER_FOLDERS for p in (ROOT / top).rglob("__init__.py")}
+    folders = {
+        ".".join(("medsam_engine", *p.parent.relative_to(ROOT).parts))
+        for top in LAYER_FOLDERS
+        for p in (ROOT / top).rglob("__init__.py")
+    }
     assert set(config["packages"]) == folders | {"medsam_engine"}
     assert {config["package-dir"][f"medsam_engine.{top}"] for top in LAYER_FOLDERS} == set(LAYER_FOLDERS)
 
@@ -29,9 +33,13 @@ def test_a_projects_own_flows_and_pipeline_folders_neither_shadow_nor_are_shadow
     for name in ("flows", "pipeline"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"OWNER = 'the project {name}'\n")
-    code = ("import flows, pipeline, medsam_engine.flows.round as r, medsam_engine.pipeline.cli.main as m; "
-            "print(flows.OWNER, pipeline.OWNER, r.__file__, m.__file__, sep='|')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    code = (
+        "import flows, pipeline, medsam_engine.flows.round as r, medsam_engine.pipeline.cli.main as m; "
+        "print(flows.OWNER, pipeline.OWNER, r.__file__, m.__file__, sep='|')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
     own_flows, own_pipeline, engine_round, engine_cli = out.stdout.strip().split("|")
     assert (own_flows, own_pipeline) == ("the project flows", "the project pipeline")
     assert Path(engine_round) == ROOT / "flows" / "round.py"
@@ -57,7 +65,7 @@ def test_annotate_then_read_case_on_real_ct(small_chest, tmp_path):
     assert [o.status for o in summary.outcomes] == ["done"]
     store = me.open_store(tmp_path / "store")
     (case_id,) = store.committed_cases()
-    labels, attrs = me.read_case(store, case_id)
+    labels, _attrs = me.read_case(store, case_id)
     reference = read_volume(mask).array
     assert labels.shape == reference.shape
     assert dice(labels > 0, reference > 0) > 0.7

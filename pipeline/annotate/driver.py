@@ -7,6 +7,7 @@ Per case: download (a DICOMweb series, by whoever annotates it) -> signature (a 
 one is skipped without loading the model) -> read -> prompts (the configured detector) -> LiteMedSAM (slice or
 propagate mode) -> post-processing -> quality scores -> commit (the store's commit marker is written last).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +22,13 @@ from medsam_engine.detectors.coarse_mask import object_boxes
 from medsam_engine.detectors.registry import build_detector, get_spec
 from medsam_engine.pipeline.annotate.config import EngineConfig
 from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
-from medsam_engine.pipeline.annotate.policy import LOCAL, RETRY_NEXT_RUN, FailurePolicy, failure_of, with_retries
+from medsam_engine.pipeline.annotate.policy import (
+    LOCAL,
+    RETRY_NEXT_RUN,
+    FailurePolicy,
+    failure_of,
+    with_retries,
+)
 from medsam_engine.pipeline.annotate.propagate import PropagateRules, propagate_volume
 from medsam_engine.pipeline.annotate.quality import quality_attrs
 from medsam_engine.pipeline.annotate.rendering import default_decoder_batch, effective_modality, renderings
@@ -56,9 +63,17 @@ log = logging.getLogger(__name__)
 
 def write_case_manifest(store: CaseStore, case: CaseRef) -> None:
     """Record what the case is made of before its work starts (its inputs, series and kind)."""
-    store.write_manifest(case.case_id, {"case_id": case.case_id, "image": case.image, "series": case.series,
-                                        "files": list(case.files), "coarse_mask": case.coarse_mask,
-                                        "kind": case.kind})
+    store.write_manifest(
+        case.case_id,
+        {
+            "case_id": case.case_id,
+            "image": case.image,
+            "series": case.series,
+            "files": list(case.files),
+            "coarse_mask": case.coarse_mask,
+            "kind": case.kind,
+        },
+    )
 
 
 MAX_LABEL = 65535  # label maps are stored as uint16
@@ -74,21 +89,26 @@ def label_values(coarse: np.ndarray) -> np.ndarray:
         off = np.abs(coarse - rounded) > 1e-3
         if off.any():
             example = float(coarse[off][0])
-            raise PromptError(f"coarse mask holds {int(off.sum())} non-integer values (e.g. {example:g}); give an "
-                              "integer label map (threshold a probability map first)")
+            raise PromptError(
+                f"coarse mask holds {int(off.sum())} non-integer values (e.g. {example:g}); give an "
+                "integer label map (threshold a probability map first)"
+            )
         coarse = rounded.astype(np.int64)
     low, high = int(coarse.min(initial=0)), int(coarse.max(initial=0))
     if low < 0:
-        raise PromptError(f"coarse mask holds negative labels (down to {low}); label values are 0 (background) "
-                          "or positive")
+        raise PromptError(
+            f"coarse mask holds negative labels (down to {low}); label values are 0 (background) or positive"
+        )
     if high > MAX_LABEL:
-        raise PromptError(f"coarse mask holds label {high}, beyond {MAX_LABEL}; is it an image rather than a "
-                          "label map?")
+        raise PromptError(
+            f"coarse mask holds label {high}, beyond {MAX_LABEL}; is it an image rather than a label map?"
+        )
     return coarse
 
 
-def case_prompts(case: CaseRef, volume: Volume, config: EngineConfig, runner: LazyRunner
-                 ) -> tuple[np.ndarray | None, list[BoxPrompt], dict[int, str]]:
+def case_prompts(
+    case: CaseRef, volume: Volume, config: EngineConfig, runner: LazyRunner
+) -> tuple[np.ndarray | None, list[BoxPrompt], dict[int, str]]:
     """The case's coarse label map (given or found), its box prompts from the configured detector, and the
     label names (from the coarse mask's file, then the detector's, then the configured label table, whose
     entries also carry SNOMED codes and colours)."""
@@ -100,8 +120,9 @@ def case_prompts(case: CaseRef, volume: Volume, config: EngineConfig, runner: La
         coarse = label_values(coarse)
     section = config.prompts
     try:
-        detector = build_detector(section.detector, rules=section.box_rules(), options=section.options,
-                                  runner=runner)
+        detector = build_detector(
+            section.detector, rules=section.box_rules(), options=section.options, runner=runner
+        )
         detection = detector(volume, coarse)
     except ValueError as exc:
         raise PromptError(str(exc)) from exc
@@ -111,15 +132,21 @@ def case_prompts(case: CaseRef, volume: Volume, config: EngineConfig, runner: La
     return detection.label_map, detection.prompts, names
 
 
-def clean(label_map: np.ndarray, volume: Volume, config: EngineConfig, values: list[int] | None = None
-          ) -> tuple[np.ndarray, dict]:
+def clean(
+    label_map: np.ndarray, volume: Volume, config: EngineConfig, values: list[int] | None = None
+) -> tuple[np.ndarray, dict]:
     """The configured post-processing chain on the label map (whose present label ``values`` the caller may
     know); returns the new map and its lineage."""
     modality = effective_modality(volume, config)
     kind = "2D" if volume.is_2d else modality if modality in ("CT", "MR") else "OT"
     section = config.postprocess
-    return apply_chain(label_map, spacing=volume.spacing, chain=section.chain_for(kind),
-                       per_label=section.per_label or None, values=values)
+    return apply_chain(
+        label_map,
+        spacing=volume.spacing,
+        chain=section.chain_for(kind),
+        per_label=section.per_label or None,
+        values=values,
+    )
 
 
 def present_after(records, cleaning: dict | None = None) -> list[int]:
@@ -130,16 +157,27 @@ def present_after(records, cleaning: dict | None = None) -> list[int]:
     return sorted({int(r.label) for r in records if r.voxels > 0})
 
 
-def annotate_case(case: CaseRef, volume: Volume, store: CaseStore, config: EngineConfig, runner: LazyRunner, *,
-                  signature: dict, overwrite: bool, progress=None, lease: Lease | None = None,
-                  model_lock=None, current: dict | None | object = UNREAD) -> int:
+def annotate_case(
+    case: CaseRef,
+    volume: Volume,
+    store: CaseStore,
+    config: EngineConfig,
+    runner: LazyRunner,
+    *,
+    signature: dict,
+    overwrite: bool,
+    progress=None,
+    lease: Lease | None = None,
+    model_lock=None,
+    current: dict | object | None = UNREAD,
+) -> int:
     """Prompt, segment, clean and commit one read case; returns the number of slices segmented. Raises
     CaseError for expected failures, StoreConflictError when ``lease`` was taken over by another run while
     this one worked (it commits instead).
 
     Only the model's work holds ``model_lock`` (the segmentation, and the prompts of a detector that runs the
-    model): prompts, renderings, post-processing, quality scores and the commit of concurrent calls overlap it.
-    With ``pipeline.batch_across_cases`` (default on a GPU) the lock is held per model call instead of per
+    model): prompts, renderings, post-processing, quality scores and the commit of concurrent calls overlap
+    it. With ``pipeline.batch_across_cases`` (default on a GPU) the lock is held per model call instead of per
     case, and the encoder calls of concurrent cases share batches (:mod:`pipeline.annotate.shared_runner`).
     """
     lock = model_lock or contextlib.nullcontext()
@@ -154,7 +192,9 @@ def annotate_case(case: CaseRef, volume: Volume, store: CaseStore, config: Engin
         label_map, records = _segment(rendered, prompts, window_of, config, shared, progress, slices, batch)
     else:
         with lock:
-            label_map, records = _segment(rendered, prompts, window_of, config, model, progress, slices, batch)
+            label_map, records = _segment(
+                rendered, prompts, window_of, config, model, progress, slices, batch
+            )
     label_map, cleaning = clean(label_map, volume, config, present_after(records))
     attrs = {
         "case_id": case.case_id,
@@ -170,11 +210,21 @@ def annotate_case(case: CaseRef, volume: Volume, store: CaseStore, config: Engin
     }
     image = volume.array if config.store.write_image else None
     if lease is not None and lease.lost:
-        raise StoreConflictError("another run took this case over while this one worked (its lease expired); "
-                                 "that run commits it", case_id=case.case_id)
-    store.commit_case(case.case_id, labels=label_map, attrs=attrs, image=image, overwrite=overwrite,
-                      label_names=label_names, supersedes=case.supersedes, current=current,
-                      values=present_after(records, cleaning))
+        raise StoreConflictError(
+            "another run took this case over while this one worked (its lease expired); that run commits it",
+            case_id=case.case_id,
+        )
+    store.commit_case(
+        case.case_id,
+        labels=label_map,
+        attrs=attrs,
+        image=image,
+        overwrite=overwrite,
+        label_names=label_names,
+        supersedes=case.supersedes,
+        current=current,
+        values=present_after(records, cleaning),
+    )
     return slices
 
 
@@ -190,50 +240,108 @@ def batch_across_cases(model, config: EngineConfig) -> bool:
     return str(model.device).startswith("cuda") if wanted is None else wanted
 
 
-def _segment(rendered, prompts: list[BoxPrompt], window_of: dict[int, str], config: EngineConfig, model,
-             progress, slices: int, batch: int):
+def _segment(
+    rendered,
+    prompts: list[BoxPrompt],
+    window_of: dict[int, str],
+    config: EngineConfig,
+    model,
+    progress,
+    slices: int,
+    batch: int,
+):
     """The model's part of a case: (label map, instance records) in the configured mode."""
     if progress is not None:
         progress.reset(total=slices)
     on_slice = None if progress is None else lambda: progress.update(1)
     if config.model.mode == "propagate":
         rules = PropagateRules(**config.propagate.model_dump())
-        return propagate_volume(model, rendered, object_boxes(prompts), window_of=window_of, rules=rules,
-                                model_name=model.model.name, on_slice=on_slice, jitter=config.quality.jitter())
+        return propagate_volume(
+            model,
+            rendered,
+            object_boxes(prompts),
+            window_of=window_of,
+            rules=rules,
+            model_name=model.model.name,
+            on_slice=on_slice,
+            jitter=config.quality.jitter(),
+        )
     cuda = str(model.device).startswith("cuda")
-    return segment_volume(model, rendered, prompts, window_of=window_of, model_name=model.model.name,
-                          on_slice=on_slice, encoder_batch=batch,
-                          decoder_batch=config.model.decoder_batch or default_decoder_batch(model, cuda),
-                          jitter=config.quality.jitter())
+    return segment_volume(
+        model,
+        rendered,
+        prompts,
+        window_of=window_of,
+        model_name=model.model.name,
+        on_slice=on_slice,
+        encoder_batch=batch,
+        decoder_batch=config.model.decoder_batch or default_decoder_batch(model, cuda),
+        jitter=config.quality.jitter(),
+    )
 
 
-def _attempt(case: CaseRef, store: CaseStore, config: EngineConfig, runner: LazyRunner, *, run_id: str,
-             overwrite: bool, progress, model_lock, node: str) -> CaseOutcome:
+def _attempt(
+    case: CaseRef,
+    store: CaseStore,
+    config: EngineConfig,
+    runner: LazyRunner,
+    *,
+    run_id: str,
+    overwrite: bool,
+    progress,
+    model_lock,
+    node: str,
+) -> CaseOutcome:
     start = time.perf_counter()
     case = materialise(case, store.cache_dir())  # a DICOMweb series is downloaded here
     signature = signature_or_read_error(case, config, runner.model_sha256)
     if committed_with(store, case.case_id, signature):
         if case.supersedes:  # its input failed to download on an earlier run: that failure is over
             store.close_failures(case.supersedes)
-        return CaseOutcome(case.case_id, "skipped", reason="already committed with the same signature", node=node)
+        return CaseOutcome(
+            case.case_id, "skipped", reason="already committed with the same signature", node=node
+        )
     with leased(store, case.case_id, run_id=run_id, ttl_s=config.store.lease_ttl_s) as lease:
         if lease is None:
             other = (holder(store, case.case_id) or {}).get("run_id", "another run")
             return CaseOutcome(case.case_id, "skipped", reason=f"in progress in run {other}", node=node)
         current = store.case_attrs(case.case_id)  # read once under the lease: the commit needs no second read
         if signed_with(current, signature):
-            return CaseOutcome(case.case_id, "skipped", reason="committed meanwhile by another run", node=node)
+            return CaseOutcome(
+                case.case_id, "skipped", reason="committed meanwhile by another run", node=node
+            )
         runner.prefetch()  # the model loads while the case is read and prompted
         volume = read_case(case)  # in a reader process of its own: overlaps other calls' work
         write_case_manifest(store, case)
-        slices = annotate_case(case, volume, store, config, runner, signature=signature, overwrite=overwrite,
-                               progress=progress, lease=lease, model_lock=model_lock, current=current)
+        slices = annotate_case(
+            case,
+            volume,
+            store,
+            config,
+            runner,
+            signature=signature,
+            overwrite=overwrite,
+            progress=progress,
+            lease=lease,
+            model_lock=model_lock,
+            current=current,
+        )
     return CaseOutcome(case.case_id, "done", seconds=time.perf_counter() - start, slices=slices, node=node)
 
 
-def run_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: LazyRunner, *, run_id: str,
-             policy: FailurePolicy = LOCAL, overwrite: bool = False, progress=None, model_lock=None,
-             node: Callable[[], str] | None = None) -> CaseOutcome:
+def run_case(
+    case: CaseRef,
+    store: CaseStore,
+    config: EngineConfig,
+    runner: LazyRunner,
+    *,
+    run_id: str,
+    policy: FailurePolicy = LOCAL,
+    overwrite: bool = False,
+    progress=None,
+    model_lock=None,
+    node: Callable[[], str] | None = None,
+) -> CaseOutcome:
     """Annotate and commit one case under ``policy``; never raises for the case's own failure.
 
     Transient errors are retried; a failure is recorded in STORE/_errors with its stage and reason (and
@@ -247,28 +355,49 @@ def run_case(case: CaseRef, store: CaseStore, config: EngineConfig, runner: Lazy
     where = node() if node is not None else ""
     start = time.perf_counter()
     try:
-        return with_retries(lambda: _attempt(case, store, config, runner, run_id=run_id, overwrite=overwrite,
-                                             progress=progress, model_lock=model_lock, node=where), policy)
+        return with_retries(
+            lambda: _attempt(
+                case,
+                store,
+                config,
+                runner,
+                run_id=run_id,
+                overwrite=overwrite,
+                progress=progress,
+                model_lock=model_lock,
+                node=where,
+            ),
+            policy,
+        )
     except RunError:
         raise
-    except Exception as exc:  # noqa: BLE001 - expected or a bug, a case's failure fails that case only
+    except Exception as exc:
         fault = None if isinstance(exc, CaseError) else resource_fault(exc)
         if fault is not None:  # the store itself cannot take writes: every next case would fail the same way
-            raise StoreUnavailableError(f"case {case.case_id} could not be written to the store {store.url}: "
-                                        f"{fault}; nothing half-written was kept, rerun when there is room"
-                                        ) from exc
+            raise StoreUnavailableError(
+                f"case {case.case_id} could not be written to the store {store.url}: "
+                f"{fault}; nothing half-written was kept, rerun when there is room"
+            ) from exc
         stage, reason = failure_of(exc)
         log.debug("case %s:\n%s", case.case_id, traceback.format_exc())  # may name files: debug only
     log.error("case %s failed at %s: %s", case.case_id, stage, reason)
     try:
         store.record_error(case.case_id, stage=stage, reason=reason, run_id=run_id)
         if policy.quarantine and stage not in RETRY_NEXT_RUN:
-            quarantine(store, case.case_id, stage=stage, run_id=run_id,
-                       signature=signature_or_none(case, config, runner.model_sha256))
-    except Exception as exc:  # noqa: BLE001 - not even the failure can be written: the store is gone
+            quarantine(
+                store,
+                case.case_id,
+                stage=stage,
+                run_id=run_id,
+                signature=signature_or_none(case, config, runner.model_sha256),
+            )
+    except Exception as exc:
         why = resource_fault(exc) or f"{type(exc).__name__}: {exc}"
-        raise StoreUnavailableError(f"the store {store.url} cannot be written ({why}) while recording that case "
-                                    f"{case.case_id} failed at {stage}; nothing half-written was kept, rerun "
-                                    "when the store is back") from exc
-    return CaseOutcome(case.case_id, "failed", stage=stage, reason=reason, seconds=time.perf_counter() - start,
-                       node=where)
+        raise StoreUnavailableError(
+            f"the store {store.url} cannot be written ({why}) while recording that case "
+            f"{case.case_id} failed at {stage}; nothing half-written was kept, rerun "
+            "when the store is back"
+        ) from exc
+    return CaseOutcome(
+        case.case_id, "failed", stage=stage, reason=reason, seconds=time.perf_counter() - start, node=where
+    )

@@ -3,6 +3,7 @@
 Per-case failures are recorded in the store and the batch goes on; a committed case with the same signature
 is skipped without loading the model.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,9 +60,17 @@ def case_workers(config: EngineConfig) -> int:
     return max(2, min(MAX_GPU_CASE_WORKERS, os.cpu_count() or 1)) if cuda else 2
 
 
-def annotate(cases: list[CaseRef], store: CaseStore, config: EngineConfig, *, overwrite: bool = False,
-             runner: LazyRunner | None = None, show_progress: bool | None = None,
-             policy: FailurePolicy = LOCAL, workers: int | None = None) -> RunSummary:
+def annotate(
+    cases: list[CaseRef],
+    store: CaseStore,
+    config: EngineConfig,
+    *,
+    overwrite: bool = False,
+    runner: LazyRunner | None = None,
+    show_progress: bool | None = None,
+    policy: FailurePolicy = LOCAL,
+    workers: int | None = None,
+) -> RunSummary:
     """Run every case in this process; failures are recorded per case and never stop the batch.
 
     ``workers`` cases (default :func:`case_workers`) are in flight at once: each is read, prompted, cleaned
@@ -75,16 +84,31 @@ def annotate(cases: list[CaseRef], store: CaseStore, config: EngineConfig, *, ov
     show = sys.stderr.isatty() if show_progress is None else show_progress
     workers = max(1, min(workers or case_workers(config), len(cases) or 1))
     if cases:
-        warm_readers(workers, cases, when_needed=True)  # a reader per case worker, all at the run's first read
+        warm_readers(
+            workers, cases, when_needed=True
+        )  # a reader per case worker, all at the run's first read
     model_lock = threading.Lock() if workers > 1 else None
     outcomes: dict[int, CaseOutcome] = {}
     try:
-        with tqdm(total=len(cases), desc="cases", unit="case", disable=not show) as bar, \
-                tqdm(desc="slices", unit="slice", disable=not show, leave=False) as slices, \
-                opencv_threads(1), frozen_heap():
+        with (
+            tqdm(total=len(cases), desc="cases", unit="case", disable=not show) as bar,
+            tqdm(desc="slices", unit="slice", disable=not show, leave=False) as slices,
+            opencv_threads(1),
+            frozen_heap(),
+        ):
+
             def one(case: CaseRef) -> CaseOutcome:
-                return run_case(case, store, config, runner, run_id=summary.run_id, policy=policy,
-                                overwrite=overwrite, progress=slices if show else None, model_lock=model_lock)
+                return run_case(
+                    case,
+                    store,
+                    config,
+                    runner,
+                    run_id=summary.run_id,
+                    policy=policy,
+                    overwrite=overwrite,
+                    progress=slices if show else None,
+                    model_lock=model_lock,
+                )
 
             for index, outcome in _in_flight(one, cases, workers):  # a RunError stops the run here
                 outcomes[index] = outcome
@@ -93,9 +117,16 @@ def annotate(cases: list[CaseRef], store: CaseStore, config: EngineConfig, *, ov
         runner.settle()
     summary.outcomes = [outcomes[i] for i in sorted(outcomes)]
     summary.runner_stats = runner.stats()
-    store.write_run(summary.run_id, {
-        "run_id": summary.run_id, "package_version": package_version(), "config": config.model_dump(mode="json"),
-        "cases": [o.record() for o in summary.outcomes], "runner": summary.runner_stats})
+    store.write_run(
+        summary.run_id,
+        {
+            "run_id": summary.run_id,
+            "package_version": package_version(),
+            "config": config.model_dump(mode="json"),
+            "cases": [o.record() for o in summary.outcomes],
+            "runner": summary.runner_stats,
+        },
+    )
     return summary
 
 

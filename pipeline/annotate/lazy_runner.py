@@ -1,4 +1,5 @@
 """The model, loaded on first use: a run whose cases are all committed never loads it."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -35,9 +36,13 @@ class LazyRunner:
         cache_mb = section.embedding_cache_mb
         if cache_mb is None:
             cache_mb = 512 if self.config.prompts.detector == "learned" else 32
-        return build_runner(load_lite_medsam(section.checkpoint, device=device, lazy=True),
-                            device=device, backend=section.backend, precision=section.precision,
-                            cache_bytes=cache_mb << 20)
+        return build_runner(
+            load_lite_medsam(section.checkpoint, device=device, lazy=True),
+            device=device,
+            backend=section.backend,
+            precision=section.precision,
+            cache_bytes=cache_mb << 20,
+        )
 
     def _start(self) -> concurrent.futures.Future:
         with self._lock:
@@ -47,7 +52,7 @@ class LazyRunner:
                 def load() -> None:
                     try:
                         future.set_result(self._build())
-                    except BaseException as exc:  # noqa: BLE001 - handed to the caller of get()
+                    except BaseException as exc:
                         future.set_exception(exc)
 
                 threading.Thread(target=load, name="medsam-engine-model-load", daemon=True).start()

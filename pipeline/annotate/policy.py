@@ -11,6 +11,7 @@
   signature; runs that honour quarantine skip it until its input, model, configuration or version change.
 * :class:`~pipeline.core.errors.RunError` (the model cannot load) is not a case's failure: it propagates.
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,9 +66,11 @@ def with_retries(call: Callable[[], T], policy: FailurePolicy) -> T:
     while True:
         try:
             return call()
-        except Exception as exc:  # noqa: BLE001 - only transient errors are retried; the rest re-raised
+        except Exception as exc:
             if attempt >= policy.retries or not is_transient(exc):
                 raise
-            log.warning("transient error (%s); retry %d of %d", type(exc).__name__, attempt + 1, policy.retries)
+            log.warning(
+                "transient error (%s); retry %d of %d", type(exc).__name__, attempt + 1, policy.retries
+            )
             time.sleep(policy.retry_delay_s * 2**attempt)
             attempt += 1

@@ -16,6 +16,7 @@ with its box's edges moved at random, in the same decoder call batch as the othe
 IoU of the two masks is the object's ``jitter_iou``. The seed decides the whole propagation, so its
 robustness to the box is the one worth paying a decode for. The extra masks are never painted.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -58,8 +59,12 @@ class _Track:
 def _mask_box(mask: np.ndarray, margin: int) -> tuple[int, int, int, int]:
     ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
     height, width = mask.shape
-    return (max(0, int(xs[0]) - margin), max(0, int(ys[0]) - margin),
-            min(width - 1, int(xs[-1]) + margin), min(height - 1, int(ys[-1]) + margin))
+    return (
+        max(0, int(xs[0]) - margin),
+        max(0, int(ys[0]) - margin),
+        min(width - 1, int(xs[-1]) + margin),
+        min(height - 1, int(ys[-1]) + margin),
+    )
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -81,7 +86,9 @@ class _Canvas:
         self.winner[z][better] = index
 
 
-def _advance(track: _Track, z: int, logits: np.ndarray, iou: float, rules: PropagateRules, box, canvas) -> None:
+def _advance(
+    track: _Track, z: int, logits: np.ndarray, iou: float, rules: PropagateRules, box, canvas
+) -> None:
     mask = foreground(logits[None])[0]
     track.slices.append(z)
     track.boxes.append(box)
@@ -103,42 +110,71 @@ def _advance(track: _Track, z: int, logits: np.ndarray, iou: float, rules: Propa
     canvas.paint(z, logits, mask, track.index)
 
 
-def _sweep(runner, renderings, window_of, tracks: list[_Track], order: list[int], step: int,
-           rules: PropagateRules, canvas: _Canvas, on_slice, jitter: JitterCheck | None = None,
-           rng: np.random.Generator | None = None) -> None:
+def _sweep(
+    runner,
+    renderings,
+    window_of,
+    tracks: list[_Track],
+    order: list[int],
+    step: int,
+    rules: PropagateRules,
+    canvas: _Canvas,
+    on_slice,
+    jitter: JitterCheck | None = None,
+    rng: np.random.Generator | None = None,
+) -> None:
     """Visit slices in ``order``; on each, decode every live track whose next slice it is (with ``jitter``,
     the seeds on it once more with jittered boxes)."""
     default = next(iter(renderings))
     for z in order:
-        live = [t for t in tracks if not t.done and (t.obj.z_middle <= z <= t.obj.z_range[1] if step > 0
-                                                      else t.obj.z_range[0] <= z < t.obj.z_middle)]
+        live = [
+            t
+            for t in tracks
+            if not t.done
+            and (
+                t.obj.z_middle <= z <= t.obj.z_range[1]
+                if step > 0
+                else t.obj.z_range[0] <= z < t.obj.z_middle
+            )
+        ]
         if not live:
             continue
         by_window: dict[str, list[_Track]] = defaultdict(list)
         for track in live:
             by_window[window_of.get(track.obj.label, default)].append(track)
         for window, group in by_window.items():
-            boxes = [t.obj.box_middle if t.previous is None or z == t.obj.z_middle
-                     else _mask_box(t.previous, rules.box_margin_px) for t in group]
+            boxes = [
+                t.obj.box_middle
+                if t.previous is None or z == t.obj.z_middle
+                else _mask_box(t.previous, rules.box_margin_px)
+                for t in group
+            ]
             embedded = runner.encode([renderings[window][z]])[0]
             boxes = np.array(boxes, dtype=np.float32)
             seeds = [i for i, t in enumerate(group) if z == t.obj.z_middle] if jitter is not None else []
             moved = jitter_boxes(boxes[seeds], jitter.fraction, rng, embedded.original_hw) if seeds else None
             logits, iou = runner.decode(embedded, boxes if moved is None else np.concatenate([boxes, moved]))
             if seeds:
-                agreement = mask_ious(foreground(logits[seeds]), foreground(logits[len(group):]))
-                for i, value in zip(seeds, agreement):
+                agreement = mask_ious(foreground(logits[seeds]), foreground(logits[len(group) :]))
+                for i, value in zip(seeds, agreement, strict=False):
                     group[i].jitter_iou = float(value)
-            for track, box, slice_logits, score in zip(group, boxes, logits, iou):
+            for track, box, slice_logits, score in zip(group, boxes, logits, iou, strict=False):
                 _advance(track, z, slice_logits, float(score), rules, tuple(int(v) for v in box), canvas)
         if on_slice is not None:
             on_slice()
 
 
-def propagate_volume(runner: LiteMedSAMRunner, renderings: dict[str, np.ndarray], objects: list[ObjectBox], *,
-                     window_of: dict[int, str] | None = None, rules: PropagateRules = PropagateRules(),
-                     model_name: str = "", on_slice: Callable[[], None] | None = None,
-                     jitter: JitterCheck | None = None) -> tuple[np.ndarray, list[InstanceRecord]]:
+def propagate_volume(
+    runner: LiteMedSAMRunner,
+    renderings: dict[str, np.ndarray],
+    objects: list[ObjectBox],
+    *,
+    window_of: dict[int, str] | None = None,
+    rules: PropagateRules = PropagateRules(),
+    model_name: str = "",
+    on_slice: Callable[[], None] | None = None,
+    jitter: JitterCheck | None = None,
+) -> tuple[np.ndarray, list[InstanceRecord]]:
     """Segment each object from its middle slice up and down its z range; returns the (z, y, x) uint16
     label map and one InstanceRecord per object (slices visited, boxes used, mean predicted IoU, voxels, and
     with ``jitter`` the seed's mask agreement under jittered boxes)."""
@@ -149,22 +185,42 @@ def propagate_volume(runner: LiteMedSAMRunner, renderings: dict[str, np.ndarray]
     low = min((o.z_range[0] for o in objects), default=0)
     high = max((o.z_range[1] for o in objects), default=-1)
     rng = np.random.default_rng(jitter.seed if jitter else 0)
-    _sweep(runner, renderings, window_of, up, list(range(low, high + 1)), +1, rules, canvas, on_slice,
-           jitter, rng)
+    _sweep(
+        runner,
+        renderings,
+        window_of,
+        up,
+        list(range(low, high + 1)),
+        +1,
+        rules,
+        canvas,
+        on_slice,
+        jitter,
+        rng,
+    )
     down = [_Track(t.obj, t.index, previous=t.middle_mask) for t in up]  # downwards from the middle mask
     _sweep(runner, renderings, window_of, down, list(range(high, low - 1, -1)), -1, rules, canvas, on_slice)
     labels = np.array([o.label for o in objects] + [0], dtype=np.uint16)
     label_map = labels[canvas.winner]  # winner -1 picks the trailing 0
     voxels = np.bincount(canvas.winner[canvas.winner >= 0].ravel(), minlength=len(objects))
     records = []
-    for obj, u, d in zip(objects, up, down):
+    for obj, u, d in zip(objects, up, down, strict=False):
         order = sorted(range(len(u.slices) + len(d.slices)), key=lambda i: (u.slices + d.slices)[i])
         slices, boxes, ious = u.slices + d.slices, u.boxes + d.boxes, u.iou + d.iou
         stability = u.stability + d.stability
-        records.append(InstanceRecord(
-            label=obj.label, instance=obj.instance, prompt_source=obj.source,
-            slices=tuple(slices[i] for i in order), boxes=tuple(tuple(boxes[i]) for i in order),
-            predicted_iou=float(np.mean(ious)) if ious else 0.0, voxels=int(voxels[u.index]), model=model_name,
-            stage="auto-propagate", stability=float(np.mean(stability)) if stability else None,
-            jitter_iou=u.jitter_iou))
+        records.append(
+            InstanceRecord(
+                label=obj.label,
+                instance=obj.instance,
+                prompt_source=obj.source,
+                slices=tuple(slices[i] for i in order),
+                boxes=tuple(tuple(boxes[i]) for i in order),
+                predicted_iou=float(np.mean(ious)) if ious else 0.0,
+                voxels=int(voxels[u.index]),
+                model=model_name,
+                stage="auto-propagate",
+                stability=float(np.mean(stability)) if stability else None,
+                jitter_iou=u.jitter_iou,
+            )
+        )
     return label_map, records

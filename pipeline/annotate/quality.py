@@ -16,8 +16,10 @@ earlier proposals, :func:`fit_calibration` fits a logistic regression of "the co
 the proposal" on the features, and the score becomes that probability. Routing compares the score with
 per-label thresholds: auto-accepted / review / rejected.
 """
+
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,10 +29,26 @@ from medsam_engine.pipeline.store.case_store import CaseStore
 from medsam_engine.pipeline.store.records import QUALITY, current_round, read_record
 
 STABILITY_OFFSET = 1.0  # logit offset of SAM's stability score
-FEATURES = ("predicted_iou", "stability", "jitter_iou", "coverage", "box_agreement", "slice_iou",
-            "area_steadiness", "drift_steadiness")
-WEIGHTS = {"predicted_iou": 1.0, "stability": 1.0, "jitter_iou": 1.0, "coverage": 1.0, "box_agreement": 1.0,
-           "slice_iou": 0.5, "area_steadiness": 0.5, "drift_steadiness": 0.5}
+FEATURES = (
+    "predicted_iou",
+    "stability",
+    "jitter_iou",
+    "coverage",
+    "box_agreement",
+    "slice_iou",
+    "area_steadiness",
+    "drift_steadiness",
+)
+WEIGHTS = {
+    "predicted_iou": 1.0,
+    "stability": 1.0,
+    "jitter_iou": 1.0,
+    "coverage": 1.0,
+    "box_agreement": 1.0,
+    "slice_iou": 0.5,
+    "area_steadiness": 0.5,
+    "drift_steadiness": 0.5,
+}
 ROUTES = ("auto-accepted", "review", "rejected")
 
 
@@ -73,7 +91,7 @@ def instance_masks(label_map: np.ndarray, record: dict, *, alone: bool) -> dict[
     the label's only instance (``alone``), else those inside its prompt box grown by 10 % + 2 px."""
     out: dict[int, np.ndarray] = {}
     label = int(record["label"])
-    for z, box in zip(record["slices"], record.get("boxes_xyxy", [])):
+    for z, box in zip(record["slices"], record.get("boxes_xyxy", []), strict=False):
         plane = label_map[int(z)] == label
         if not alone:
             ys, xs = box_region(box, plane.shape)
@@ -100,11 +118,18 @@ def geometry_checks(masks: dict[int, np.ndarray], boxes: dict[int, tuple]) -> di
     filled = [z for z in zs if areas[z]]
     extent = {z: _bbox(masks[z]) for z in filled}
     out: dict[str, float | None] = {"coverage": len(filled) / len(zs) if zs else 0.0}
-    out["box_agreement"] = float(np.mean([box_iou(boxes[z], extent[z]) if areas[z] else 0.0
-                                          for z in zs])) if zs else 0.0
-    pairs = [(a, b) for a, b in zip(filled, filled[1:]) if b - a == 1]
-    for key in ("slice_iou", "area_steadiness", "drift_steadiness", "slice_iou_min", "area_jump_max",
-                "drift_max"):
+    out["box_agreement"] = (
+        float(np.mean([box_iou(boxes[z], extent[z]) if areas[z] else 0.0 for z in zs])) if zs else 0.0
+    )
+    pairs = [(a, b) for a, b in itertools.pairwise(filled) if b - a == 1]
+    for key in (
+        "slice_iou",
+        "area_steadiness",
+        "drift_steadiness",
+        "slice_iou_min",
+        "area_jump_max",
+        "drift_max",
+    ):
         out[key] = None
     if not pairs:
         return out
@@ -114,25 +139,35 @@ def geometry_checks(masks: dict[int, np.ndarray], boxes: dict[int, tuple]) -> di
         ba, bb = np.array(extent[a], float), np.array(extent[b], float)
         x0, y0 = int(max(ba[0], bb[0])), int(max(ba[1], bb[1]))  # the overlap of the two extents
         x1, y1 = int(min(ba[2], bb[2])), int(min(ba[3], bb[3]))
-        both = int(np.count_nonzero(masks[a][y0:y1 + 1, x0:x1 + 1] & masks[b][y0:y1 + 1, x0:x1 + 1])) \
-            if x0 <= x1 and y0 <= y1 else 0
+        both = (
+            int(np.count_nonzero(masks[a][y0 : y1 + 1, x0 : x1 + 1] & masks[b][y0 : y1 + 1, x0 : x1 + 1]))
+            if x0 <= x1 and y0 <= y1
+            else 0
+        )
         ious.append(both / (area_a + area_b - both))
         jumps.append(abs(area_a - area_b) / max(area_a, area_b))
         size = max(1.0, float(np.mean(np.concatenate([ba[2:] - ba[:2], bb[2:] - bb[:2]]) + 1)))
         drifts.append(float(np.linalg.norm((ba[:2] + ba[2:]) / 2 - (bb[:2] + bb[2:]) / 2)) / size)
-    out.update(slice_iou=float(np.mean(ious)), area_steadiness=1.0 - float(np.mean(jumps)),
-               drift_steadiness=1.0 - min(1.0, float(np.mean(drifts))), slice_iou_min=float(min(ious)),
-               area_jump_max=float(max(jumps)), drift_max=float(max(drifts)))
+    out.update(
+        slice_iou=float(np.mean(ious)),
+        area_steadiness=1.0 - float(np.mean(jumps)),
+        drift_steadiness=1.0 - min(1.0, float(np.mean(drifts))),
+        slice_iou_min=float(min(ious)),
+        area_jump_max=float(max(jumps)),
+        drift_max=float(max(drifts)),
+    )
     return out
 
 
 def instance_features(label_map: np.ndarray, record: dict, *, alone: bool) -> dict[str, float | None]:
     """All features (see the module docstring) and the diagnostics of one instance record (a to_json dict)."""
     masks = instance_masks(label_map, record, alone=alone)
-    boxes = {int(z): tuple(b) for z, b in zip(record["slices"], record.get("boxes_xyxy", []))}
+    boxes = {int(z): tuple(b) for z, b in zip(record["slices"], record.get("boxes_xyxy", []), strict=False)}
     features: dict[str, float | None] = {
         "predicted_iou": float(np.clip(record.get("predicted_iou", 0.0), 0.0, 1.0)),
-        "stability": record.get("stability"), "jitter_iou": record.get("jitter_iou")}
+        "stability": record.get("stability"),
+        "jitter_iou": record.get("jitter_iou"),
+    }
     features.update(geometry_checks(masks, boxes))
     return {k: (None if v is None else round(float(v), 5)) for k, v in features.items()}
 
@@ -158,22 +193,43 @@ class Calibration:
 
     def matrix(self, rows: list[dict]) -> np.ndarray:
         """(N, F) standardised features; a missing value takes the training mean (0 after scaling)."""
-        x = np.array([[row.get(f) if row.get(f) is not None else m for f, m in zip(self.features, self.mean)]
-                      for row in rows], dtype=float).reshape(len(rows), len(self.features))
+        x = np.array(
+            [
+                [
+                    row.get(f) if row.get(f) is not None else m
+                    for f, m in zip(self.features, self.mean, strict=False)
+                ]
+                for row in rows
+            ],
+            dtype=float,
+        ).reshape(len(rows), len(self.features))
         return (x - np.asarray(self.mean)) / np.asarray(self.scale)
 
     def probability(self, rows: list[dict]) -> np.ndarray:
         return _sigmoid(self.matrix(rows) @ np.asarray(self.weights) + self.bias)
 
     def to_json(self) -> dict:
-        return {"features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),
-                "weights": list(self.weights), "bias": self.bias, "threshold": self.threshold,
-                "report": self.report}
+        return {
+            "features": list(self.features),
+            "mean": list(self.mean),
+            "scale": list(self.scale),
+            "weights": list(self.weights),
+            "bias": self.bias,
+            "threshold": self.threshold,
+            "report": self.report,
+        }
 
     @classmethod
-    def from_json(cls, data: dict) -> "Calibration":
-        return cls(tuple(data["features"]), tuple(data["mean"]), tuple(data["scale"]), tuple(data["weights"]),
-                   float(data["bias"]), float(data["threshold"]), dict(data.get("report", {})))
+    def from_json(cls, data: dict) -> Calibration:
+        return cls(
+            tuple(data["features"]),
+            tuple(data["mean"]),
+            tuple(data["scale"]),
+            tuple(data["weights"]),
+            float(data["bias"]),
+            float(data["threshold"]),
+            dict(data.get("report", {})),
+        )
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -209,8 +265,16 @@ def auc(scores: np.ndarray, good: np.ndarray) -> float | None:
     return float((ranks[good].sum() - n_good * (n_good + 1) / 2) / (n_good * n_bad))
 
 
-def fit_calibration(rows: list[dict], edit_dice: list[float], *, threshold: float = 0.9, ridge: float = 1.0,
-                    min_rows: int = 8, folds: int = 5, seed: int = 0) -> Calibration | None:
+def fit_calibration(
+    rows: list[dict],
+    edit_dice: list[float],
+    *,
+    threshold: float = 0.9,
+    ridge: float = 1.0,
+    min_rows: int = 8,
+    folds: int = 5,
+    seed: int = 0,
+) -> Calibration | None:
     """Fit P(edit Dice >= threshold) on reviewed instances' features; None (with no fit) when there are
     fewer than ``min_rows`` rows or fewer than two of either outcome. The report has the out-of-fold AUC and
     Brier score of the fit next to the AUC of the uncalibrated heuristic score, and a reliability table."""
@@ -226,15 +290,27 @@ def fit_calibration(rows: list[dict], edit_dice: list[float], *, threshold: floa
     weights, bias = _logistic(x, good.astype(float), ridge)
     held = _out_of_fold(x, good, ridge, folds, seed)
     heuristic = np.array([heuristic_score(r) for r in rows])
-    report = {"rows": len(rows), "good": int(good.sum()), "edit_dice_threshold": threshold, "ridge": ridge,
-              "coefficients": {n: round(float(w), 4) for n, w in zip(names, weights)},
-              "auc_out_of_fold": _round(auc(held, good)),
-              "brier_out_of_fold": round(float(np.mean((held - good) ** 2)), 4),
-              "auc_heuristic": _round(auc(heuristic, good)),
-              "brier_base_rate": round(float(good.mean() * (1 - good.mean())), 4),
-              "reliability": reliability(held, good)}
-    return Calibration(names, tuple(float(m) for m in mean), tuple(float(s) for s in scale),
-                       tuple(float(w) for w in weights), bias, threshold, report)
+    report = {
+        "rows": len(rows),
+        "good": int(good.sum()),
+        "edit_dice_threshold": threshold,
+        "ridge": ridge,
+        "coefficients": {n: round(float(w), 4) for n, w in zip(names, weights, strict=False)},
+        "auc_out_of_fold": _round(auc(held, good)),
+        "brier_out_of_fold": round(float(np.mean((held - good) ** 2)), 4),
+        "auc_heuristic": _round(auc(heuristic, good)),
+        "brier_base_rate": round(float(good.mean() * (1 - good.mean())), 4),
+        "reliability": reliability(held, good),
+    }
+    return Calibration(
+        names,
+        tuple(float(m) for m in mean),
+        tuple(float(s) for s in scale),
+        tuple(float(w) for w in weights),
+        bias,
+        threshold,
+        report,
+    )
 
 
 def _round(value: float | None) -> float | None:
@@ -259,12 +335,17 @@ def reliability(probability: np.ndarray, good: np.ndarray, bins: int = 5) -> lis
     """Per probability bin: rows, mean predicted P(good) and the observed fraction good."""
     edges = np.linspace(0, 1, bins + 1)
     table = []
-    for low, high in zip(edges[:-1], edges[1:]):
+    for low, high in itertools.pairwise(edges):
         inside = (probability >= low) & ((probability < high) | (high == 1.0))
         if inside.any():
-            table.append({"bin": f"{low:.1f}-{high:.1f}", "rows": int(inside.sum()),
-                          "predicted": round(float(probability[inside].mean()), 3),
-                          "observed": round(float(good[inside].mean()), 3)})
+            table.append(
+                {
+                    "bin": f"{low:.1f}-{high:.1f}",
+                    "rows": int(inside.sum()),
+                    "predicted": round(float(probability[inside].mean()), 3),
+                    "observed": round(float(good[inside].mean()), 3),
+                }
+            )
     return table
 
 
@@ -277,8 +358,14 @@ def score(features: dict, calibration: Calibration | None) -> float:
     return float(calibration.probability([features])[0])
 
 
-def route(value: float, label: int, *, accept_above: float, reject_below: float,
-          per_label: dict[int, tuple[float, float]] | None = None) -> str:
+def route(
+    value: float,
+    label: int,
+    *,
+    accept_above: float,
+    reject_below: float,
+    per_label: dict[int, tuple[float, float]] | None = None,
+) -> str:
     """auto-accepted (score >= accept), rejected (score < reject) or review; ``per_label`` maps a label
     value to its own (reject_below, accept_above)."""
     reject, accept = (per_label or {}).get(int(label), (reject_below, accept_above))
@@ -297,8 +384,9 @@ def case_status(routes: list[str]) -> str:
     return "review"
 
 
-def assess_instances(label_map: np.ndarray, instances: list[dict], *, calibration: Calibration | None,
-                     thresholds: dict | None) -> tuple[list[dict], dict]:
+def assess_instances(
+    label_map: np.ndarray, instances: list[dict], *, calibration: Calibration | None, thresholds: dict | None
+) -> tuple[list[dict], dict]:
     """Add a ``quality`` entry (features, score, route when ``thresholds`` is given) to copies of the
     instance dicts; returns them and a case summary (worst and mean score, routes, review status).
 
@@ -311,16 +399,17 @@ def assess_instances(label_map: np.ndarray, instances: list[dict], *, calibratio
     for inst in instances:
         features = instance_features(label_map, inst, alone=counts[int(inst["label"])] == 1)
         value = score(features, calibration)
-        quality = {"features": features, "score": round(value, 5),
-                   "calibrated": calibration is not None}
+        quality = {"features": features, "score": round(value, 5), "calibrated": calibration is not None}
         if thresholds is not None:
             quality["route"] = route(value, inst["label"], **thresholds)
             routes.append(quality["route"])
         scores.append(value)
         out.append(dict(inst, quality=quality))
-    summary: dict = {"worst_score": round(min(scores), 5) if scores else None,
-                     "mean_score": round(float(np.mean(scores)), 5) if scores else None,
-                     "calibrated": calibration is not None}
+    summary: dict = {
+        "worst_score": round(min(scores), 5) if scores else None,
+        "mean_score": round(float(np.mean(scores)), 5) if scores else None,
+        "calibrated": calibration is not None,
+    }
     if thresholds is not None:
         summary["routes"] = {r: routes.count(r) for r in ROUTES}
         summary["review_status"] = case_status(routes)
@@ -341,8 +430,12 @@ def quality_attrs(store: CaseStore, config, label_map: np.ndarray, records) -> d
     if number:
         instances = [dict(i, round=number) for i in instances]
     section = config.quality
-    instances, summary = assess_instances(label_map, instances, calibration=load_calibration(store),
-                                          thresholds=section.thresholds() if section.route else None)
+    instances, summary = assess_instances(
+        label_map,
+        instances,
+        calibration=load_calibration(store),
+        thresholds=section.thresholds() if section.route else None,
+    )
     out: dict = {"instances": instances, "quality": summary}
     if section.route:
         out["review_status"] = summary["review_status"]

@@ -1,5 +1,6 @@
 """A volume rendered as the model sees it: uint8 per intensity window (MedSAM's CT windows, percentile
 clipping for the rest), and the default decoder batch for a runner."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,21 +17,31 @@ def effective_modality(volume: Volume, config: EngineConfig) -> str:
     return volume.modality if wanted == "auto" else wanted
 
 
-def renderings(volume: Volume, coarse: np.ndarray | None, prompts: list[BoxPrompt], config: EngineConfig
-               ) -> tuple[dict[str, np.ndarray], dict[int, str], dict[int, tuple[float, float]]]:
+def renderings(
+    volume: Volume, coarse: np.ndarray | None, prompts: list[BoxPrompt], config: EngineConfig
+) -> tuple[dict[str, np.ndarray], dict[int, str], dict[int, tuple[float, float]]]:
     """uint8 (z, y, x) renderings of the volume per intensity window, each label's window name, and each
     label's (level, width) in HU (CT only; empty otherwise). Only the prompted slices are rendered (the
     others stay black) unless the model propagates masks beyond them (``model.mode: propagate``)."""
     section = config.intensity
     modality = effective_modality(volume, config)
-    base = IntensityConfig(section.ct_level, section.ct_width, section.lower_percentile, section.upper_percentile)
+    base = IntensityConfig(
+        section.ct_level, section.ct_width, section.lower_percentile, section.upper_percentile
+    )
     only = None if config.model.mode == "propagate" else sorted({p.z for p in prompts})
     if modality != "CT":
         return {"default": to_uint8(volume.array, modality, base, only=only)}, {}, {}
     labels = sorted({p.label for p in prompts})
-    windows = choose_ct_windows(volume.array, coarse, labels, default=(section.ct_level, section.ct_width),
-                                lung=section.lung_window, bone=section.bone_window,
-                                explicit=section.label_windows, auto=section.ct_window == "auto")
+    windows = choose_ct_windows(
+        volume.array,
+        coarse,
+        labels,
+        default=(section.ct_level, section.ct_width),
+        lung=section.lung_window,
+        bone=section.bone_window,
+        explicit=section.label_windows,
+        auto=section.ct_window == "auto",
+    )
     names = {label: f"{level:g}/{width:g}" for label, (level, width) in windows.items()}
     rendered = {}
     for label, (level, width) in windows.items():

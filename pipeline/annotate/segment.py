@@ -3,6 +3,7 @@
 Overlaps between boxes of one slice are resolved voxel by voxel in favour of the highest logit among the
 boxes that claim the voxel (the official script lets later labels overwrite earlier ones instead).
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -17,7 +18,8 @@ from medsam_engine.pipeline.model.runner import SIGMOID_HALF, LiteMedSAMRunner, 
 
 
 def resolve_slice(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(B, H, W) logits of B boxes with label values (B,) -> (H, W) label slice and winner index (-1: none)."""
+    """(B, H, W) logits of B boxes with label values (B,) -> (H, W) label slice and winner index (-1:
+    none)."""
     claimed = foreground(logits)
     scores = np.where(claimed, logits, -np.inf)
     winner = np.argmax(scores, axis=0)
@@ -71,7 +73,7 @@ class SliceResolver:
         """(H, W) uint16 label slice (written into ``out`` when given): ``values[k]`` where box k won, 0 where
         none did."""
         table = np.zeros(256 if self.small else self.count + 1, dtype=np.uint16)
-        table[1:self.count + 1] = values[:self.count]
+        table[1 : self.count + 1] = values[: self.count]
         if self.small and (out is None or out.flags.c_contiguous):
             import cv2
 
@@ -99,11 +101,18 @@ def by_slice(prompts: Iterable[BoxPrompt]) -> dict[int, list[BoxPrompt]]:
     return dict(sorted(grouped.items()))
 
 
-def segment_volume(runner: LiteMedSAMRunner, volume_u8: np.ndarray | dict[str, np.ndarray],
-                   prompts: list[BoxPrompt], *, window_of: dict[int, str] | None = None, model_name: str = "",
-                   on_slice: Callable[[], None] | None = None,
-                   encoder_batch: int = 1, decoder_batch: int = 16,
-                   jitter: JitterCheck | None = None) -> tuple[np.ndarray, list[InstanceRecord]]:
+def segment_volume(
+    runner: LiteMedSAMRunner,
+    volume_u8: np.ndarray | dict[str, np.ndarray],
+    prompts: list[BoxPrompt],
+    *,
+    window_of: dict[int, str] | None = None,
+    model_name: str = "",
+    on_slice: Callable[[], None] | None = None,
+    encoder_batch: int = 1,
+    decoder_batch: int = 16,
+    jitter: JitterCheck | None = None,
+) -> tuple[np.ndarray, list[InstanceRecord]]:
     """Segment every prompted slice of a (z, y, x[, 3]) uint8 volume.
 
     ``volume_u8`` may instead map intensity-window names to uint8 renderings of the same volume, with
@@ -121,8 +130,17 @@ def segment_volume(runner: LiteMedSAMRunner, volume_u8: np.ndarray | dict[str, n
     window_of = window_of or {}
     shape = next(iter(renderings.values())).shape[:3]
     label_map = np.zeros(shape, dtype=np.uint16)
-    lineage: dict[tuple[int, int], dict] = defaultdict(lambda: {"slices": [], "boxes": [], "iou": [], "voxels": 0,
-                                                                "source": "", "stability": [], "jitter": []})
+    lineage: dict[tuple[int, int], dict] = defaultdict(
+        lambda: {
+            "slices": [],
+            "boxes": [],
+            "iou": [],
+            "voxels": 0,
+            "source": "",
+            "stability": [],
+            "jitter": [],
+        }
+    )
     grouped = list(by_slice(prompts).items())
     checked = _jitter_slices([z for z, _ in grouped], jitter)
     rng = np.random.default_rng(jitter.seed if jitter else 0)
@@ -151,21 +169,38 @@ def segment_volume(runner: LiteMedSAMRunner, volume_u8: np.ndarray | dict[str, n
                         moved_logits, _ = runner.decode(embeddings[(z, window)], moved)
                         agreement.append(mask_ious(foreground(part_logits), foreground(moved_logits)))
             resolver.labels(np.array([p.label for p in slice_prompts], dtype=np.uint16), out=label_map[z])
-            _record(lineage, z, slice_prompts, np.concatenate(iou), resolver.pixels_won(), np.concatenate(stability),
-                    np.concatenate(agreement) if agreement else None)
+            _record(
+                lineage,
+                z,
+                slice_prompts,
+                np.concatenate(iou),
+                resolver.pixels_won(),
+                np.concatenate(stability),
+                np.concatenate(agreement) if agreement else None,
+            )
             if on_slice is not None:
                 on_slice()
     records = [
-        InstanceRecord(label=label, instance=instance, prompt_source=e["source"], slices=tuple(e["slices"]),
-                       boxes=tuple(e["boxes"]), predicted_iou=float(np.mean(e["iou"])), voxels=e["voxels"],
-                       model=model_name, stability=float(np.mean(e["stability"])),
-                       jitter_iou=float(np.mean(e["jitter"])) if e["jitter"] else None)
+        InstanceRecord(
+            label=label,
+            instance=instance,
+            prompt_source=e["source"],
+            slices=tuple(e["slices"]),
+            boxes=tuple(e["boxes"]),
+            predicted_iou=float(np.mean(e["iou"])),
+            voxels=e["voxels"],
+            model=model_name,
+            stability=float(np.mean(e["stability"])),
+            jitter_iou=float(np.mean(e["jitter"])) if e["jitter"] else None,
+        )
         for (label, instance), e in sorted(lineage.items())
     ]
     return label_map, records
 
 
-def _embed_chunk(runner: LiteMedSAMRunner, renderings: dict[str, np.ndarray], chunk, window_of_prompt) -> dict:
+def _embed_chunk(
+    runner: LiteMedSAMRunner, renderings: dict[str, np.ndarray], chunk, window_of_prompt
+) -> dict:
     """{(z, window): embedding} for a chunk of (z, prompts), one encoder call per window."""
     wanted: dict[str, list[int]] = defaultdict(list)
     for z, slice_prompts in chunk:
@@ -173,7 +208,7 @@ def _embed_chunk(runner: LiteMedSAMRunner, renderings: dict[str, np.ndarray], ch
             wanted[window].append(z)
     out = {}
     for window, zs in wanted.items():
-        for z, embedded in zip(zs, runner.encode([renderings[window][z] for z in zs])):
+        for z, embedded in zip(zs, runner.encode([renderings[window][z] for z in zs]), strict=False):
             out[(z, window)] = embedded
     return out
 
@@ -186,8 +221,15 @@ def _jitter_slices(zs: list[int], jitter: JitterCheck | None) -> set[int]:
     return {zs[i] for i in picks}
 
 
-def _record(lineage: dict, z: int, prompts: list[BoxPrompt], iou: np.ndarray, counts: np.ndarray,
-            stability: np.ndarray, agreement: np.ndarray | None) -> None:
+def _record(
+    lineage: dict,
+    z: int,
+    prompts: list[BoxPrompt],
+    iou: np.ndarray,
+    counts: np.ndarray,
+    stability: np.ndarray,
+    agreement: np.ndarray | None,
+) -> None:
     for index, prompt in enumerate(prompts):
         entry = lineage[(prompt.label, prompt.instance)]
         entry["slices"].append(z)

@@ -8,6 +8,7 @@ batch of up to ``max_slices`` slices (the slices of many small 2D cases in one G
 calls take turns. Every call into the underlying runner holds the same model lock, so a detector that runs
 the model under that lock (the learned one) never overlaps them.
 """
+
 from __future__ import annotations
 
 import threading
@@ -33,7 +34,8 @@ class SharedRunner:
     A thread that finds the model free takes every queued request, oldest first, up to ``max_slices`` slices
     (always at least one request), runs them in one encoder call and hands each caller its embeddings; a
     caller whose request was taken by another thread just waits for it. Results equal separate calls' (the
-    runner's embedding cache still serves repeated slices); an encoder error reaches every caller of its batch.
+    runner's embedding cache still serves repeated slices); an encoder error reaches every caller of its
+    batch.
     """
 
     def __init__(self, runner: LiteMedSAMRunner, lock: threading.Lock, max_slices: int) -> None:
@@ -71,7 +73,7 @@ class SharedRunner:
     def _run(self, batch: list[_Request]) -> None:
         try:
             embedded = self.runner.encode([s for request in batch for s in request.slices])
-        except BaseException as exc:  # noqa: BLE001 - every caller of the batch gets the encoder's error
+        except BaseException as exc:
             for request in batch:
                 request.error = exc
                 request.done.set()

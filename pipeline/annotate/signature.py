@@ -1,5 +1,6 @@
 """A case's signature: what its committed result depends on (input bytes, prompts, model, configuration,
 package version). Same signature -> nothing to do; another -> refused unless overwriting."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """Pieces every subcommand shares: exit codes, the run configuration a command's flags ask for, and the
 checks of model options against this machine."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,65 +26,120 @@ def verbosity_options(*, top_level: bool) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("output")
     default = 0 if top_level else argparse.SUPPRESS
-    group.add_argument("-v", "--verbose", action="count", default=default,
-                       help="log progress (-vv: debug details)")
-    group.add_argument("-q", "--quiet", action="count", default=default,
-                       help="log errors only (the per-case lines and the summary are still printed)")
+    group.add_argument(
+        "-v", "--verbose", action="count", default=default, help="log progress (-vv: debug details)"
+    )
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        default=default,
+        help="log errors only (the per-case lines and the summary are still printed)",
+    )
     return parent
 
 
-def add_command(sub, name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002 - argparse's own word
+def add_command(sub, name: str, help: str) -> argparse.ArgumentParser:
     """A subcommand with the shared -v/-q options; ``help`` is its line in the listing and its description."""
     return sub.add_parser(name, help=help, description=help, parents=[verbosity_options(top_level=False)])
 
 
 def add_prompt_options(parser: argparse.ArgumentParser, *, checkpoint_help: str) -> None:
     """The options every run command shares (annotate, round run): masks, detector, checkpoint, config."""
-    parser.add_argument("--coarse-mask", nargs="+", default=[], metavar="MASK",
-                        help="label maps on the inputs' grids: one per input in order, or one folder matched "
-                             "by stem (DICOM SEG files by the series they reference), or from-pacs: for DICOMweb "
-                             "inputs, the newest SEG in the PACS that references the series and was not "
-                             "written by this engine")
-    parser.add_argument("--labels", default=None, metavar="FILE",
-                        help="what the label values mean: JSON or CSV (value, name[, SNOMED code][, colour]) or a "
-                             "3D Slicer colour table; names, codes and colours go into the store and every export")
-    parser.add_argument("--detector", default=None, help="prompt source: coarse-mask (default), intensity, learned")
-    parser.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="an option of the detector, e.g. artefact=det.pt (YAML value); repeatable")
+    parser.add_argument(
+        "--coarse-mask",
+        nargs="+",
+        default=[],
+        metavar="MASK",
+        help="label maps on the inputs' grids: one per input in order, or one folder matched "
+        "by stem (DICOM SEG files by the series they reference), or from-pacs: for DICOMweb "
+        "inputs, the newest SEG in the PACS that references the series and was not "
+        "written by this engine",
+    )
+    parser.add_argument(
+        "--labels",
+        default=None,
+        metavar="FILE",
+        help="what the label values mean: JSON or CSV (value, name[, SNOMED code][, colour]) or a "
+        "3D Slicer colour table; names, codes and colours go into the store and every export",
+    )
+    parser.add_argument(
+        "--detector", default=None, help="prompt source: coarse-mask (default), intensity, learned"
+    )
+    parser.add_argument(
+        "--detector-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the detector, e.g. artefact=det.pt (YAML value); repeatable",
+    )
     parser.add_argument("--checkpoint", default=None, metavar="CKPT", help=checkpoint_help)
     parser.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON configuration")
 
 
 def add_pacs_options(parser: argparse.ArgumentParser) -> None:
     """The PACS options of the run commands (annotate, round run): --push-seg and --pacs-query."""
-    parser.add_argument("--push-seg", default=None, metavar="URL",
-                        help="store each committed proposal as DICOM SEG in this DICOMweb service (STOW-RS), "
-                             "once per version; cases whose input is not a DICOM series are skipped with the "
-                             "reason")
-    parser.add_argument("--pacs-query", action="append", default=[], metavar="KEY=VALUE",
-                        help="for an input that is a DICOMweb service root (http://HOST:PORT/dicom-web): "
-                             "QIDO-RS filters on its studies, e.g. ModalitiesInStudy=CT or StudyDate=20260101- "
-                             "(repeatable)")
+    parser.add_argument(
+        "--push-seg",
+        default=None,
+        metavar="URL",
+        help="store each committed proposal as DICOM SEG in this DICOMweb service (STOW-RS), "
+        "once per version; cases whose input is not a DICOM series are skipped with the "
+        "reason",
+    )
+    parser.add_argument(
+        "--pacs-query",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="for an input that is a DICOMweb service root (http://HOST:PORT/dicom-web): "
+        "QIDO-RS filters on its studies, e.g. ModalitiesInStudy=CT or StudyDate=20260101- "
+        "(repeatable)",
+    )
 
 
 def add_engine_options(ann) -> None:
-    """--engine (annotate, round run): local (this process) or ray (the orchestrated flows over Ray actors)."""
-    ann.add_argument("--engine", choices=["local", "ray"], default="local",
-                     help="local: this process; ray: the orchestrated flow, cases sharded over Ray actors")
+    """--engine (annotate, round run): local (this process) or ray (the orchestrated flows over Ray
+    actors)."""
+    ann.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process; ray: the orchestrated flow, cases sharded over Ray actors",
+    )
     ray = ann.add_argument_group("--engine ray")
-    ray.add_argument("--ray-address", default=None, metavar="ADDR",
-                     help="existing Ray cluster: host:port, auto or ray://... "
-                          "(default $RAY_ADDRESS, else a local Ray)")
-    ray.add_argument("--actors", type=int, default=None, metavar="N",
-                     help="annotator actors (default: as many as fit)")
-    ray.add_argument("--cpus-per-actor", type=int, default=None, metavar="N",
-                     help="CPUs (runtime threads) per actor (default: up to 4)")
-    ray.add_argument("--gpus-per-actor", type=float, default=None, metavar="F",
-                     help="GPU share per actor, e.g. 0.5 (default: one actor per 4 CPUs per GPU, up to 4 "
-                          "sharing a GPU, so that several processes feed it; 1: one actor per GPU; 0: CPU only)")
+    ray.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="existing Ray cluster: host:port, auto or ray://... (default $RAY_ADDRESS, else a local Ray)",
+    )
+    ray.add_argument(
+        "--actors", type=int, default=None, metavar="N", help="annotator actors (default: as many as fit)"
+    )
+    ray.add_argument(
+        "--cpus-per-actor",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPUs (runtime threads) per actor (default: up to 4)",
+    )
+    ray.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=None,
+        metavar="F",
+        help="GPU share per actor, e.g. 0.5 (default: one actor per 4 CPUs per GPU, up to 4 "
+        "sharing a GPU, so that several processes feed it; 1: one actor per GPU; 0: CPU only)",
+    )
     ray.add_argument("--shards", type=int, default=None, metavar="N", help="shards (default: one per actor)")
-    ray.add_argument("--max-failure-fraction", type=float, default=0.1, metavar="F",
-                     help="the run fails when more than this fraction of the cases tried failed")
+    ray.add_argument(
+        "--max-failure-fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="the run fails when more than this fraction of the cases tried failed",
+    )
     ray.add_argument("--retry-quarantined", action="store_true", help="try quarantined cases again")
 
 
@@ -91,11 +147,18 @@ def engine_problem(args) -> str | None:
     """Why the --engine options do not go together, or None."""
     if args.engine == "ray":
         return None
-    given = [flag for flag, value in (("--ray-address", args.ray_address), ("--actors", args.actors),
-                                      ("--cpus-per-actor", args.cpus_per_actor),
-                                      ("--gpus-per-actor", args.gpus_per_actor), ("--shards", args.shards),
-                                      ("--retry-quarantined", args.retry_quarantined or None))
-             if value is not None]
+    given = [
+        flag
+        for flag, value in (
+            ("--ray-address", args.ray_address),
+            ("--actors", args.actors),
+            ("--cpus-per-actor", args.cpus_per_actor),
+            ("--gpus-per-actor", args.gpus_per_actor),
+            ("--shards", args.shards),
+            ("--retry-quarantined", args.retry_quarantined or None),
+        )
+        if value is not None
+    ]
     return f"{', '.join(given)} only apply with --engine ray" if given else None
 
 
@@ -104,7 +167,9 @@ def pacs_filters(pairs: list[str]) -> dict[str, str]:
     filters = {key: value.strip() for key, value in key_values(pairs, "--pacs-query").items()}
     empty = [key for key, value in filters.items() if not value]
     if empty:
-        raise ValueError(f"--pacs-query must be KEY=VALUE (a DICOM keyword or tag); '{empty[0]}' has no value")
+        raise ValueError(
+            f"--pacs-query must be KEY=VALUE (a DICOM keyword or tag); '{empty[0]}' has no value"
+        )
     return filters
 
 
@@ -122,8 +187,10 @@ def push_and_print(store, case_ids: list[str], url: str | None) -> bool:
 
 def push_line(counts: dict[str, int]) -> str:
     """The summary line of a SEG push (:meth:`pipeline.export.pacs_push.PushReport.counts`)."""
-    return (f"SEG: {counts['pushed']} pushed, {counts['already']} already there, {counts['no_dicom_source']} "
-            f"without a DICOM source, {counts['failed']} refused or unreachable")
+    return (
+        f"SEG: {counts['pushed']} pushed, {counts['already']} already there, {counts['no_dicom_source']} "
+        f"without a DICOM source, {counts['failed']} refused or unreachable"
+    )
 
 
 class _DropExitNoise(logging.Filter):
@@ -136,8 +203,10 @@ class _DropExitNoise(logging.Filter):
         message = record.getMessage()
         if message.startswith(("Unclosed client session", "Unclosed connector")):
             return False
-        return not (message.startswith(("Task was destroyed but it is pending", "Task exception was never"))
-                    and "zarr" in message)
+        return not (
+            message.startswith(("Task was destroyed but it is pending", "Task exception was never"))
+            and "zarr" in message
+        )
 
 
 def configure_output(*, verbose: int = 0, quiet: int = 0) -> None:
@@ -151,16 +220,16 @@ def configure_output(*, verbose: int = 0, quiet: int = 0) -> None:
         warnings.filterwarnings("ignore", message=r"Importing from timm\.", category=FutureWarning)
 
 
-def run_config(args, command: str, *, detector_defaults: dict[str, dict] | None = None,
-               checkpoint_in_config: bool = True):
+def run_config(
+    args, command: str, *, detector_defaults: dict[str, dict] | None = None, checkpoint_in_config: bool = True
+):
     """The configuration a run command's arguments ask for (file, then flags), or None after printing why it
     cannot work: a bad file or option, a detector that needs --coarse-mask without one, --engine ray options
-    without --engine ray, or model options this machine cannot serve. ``detector_defaults`` ({detector: options}) fill the chosen detector's
-    options that neither the file nor a flag set (the flywheel's current detector artefact for the learned
-    detector); ``checkpoint_in_config`` False leaves --checkpoint out
+    without --engine ray, or model options this machine cannot serve. ``detector_defaults`` ({detector:
+    options}) fill the chosen detector's options that neither the file nor a flag set (the flywheel's current
+    detector artefact for the learned detector); ``checkpoint_in_config`` False leaves --checkpoint out
     of the returned configuration (the flywheel passes it on by itself) but still checks it."""
     from pydantic import ValidationError
-
 
     try:
         config = load_config(args.config)
@@ -168,18 +237,27 @@ def run_config(args, command: str, *, detector_defaults: dict[str, dict] | None 
         options = {**defaults, **config.prompts.options, **detector_options(args.detector_option)}
         checkpoint = getattr(args, "checkpoint", None)
         config = config.with_overrides(
-            prompts={"detector": args.detector, "box_margin": getattr(args, "box_margin", None),
-                     "options": options or None},
-            model={"checkpoint": checkpoint if checkpoint_in_config else None,
-                   "device": getattr(args, "device", None), "mode": getattr(args, "mode", None)})
+            prompts={
+                "detector": args.detector,
+                "box_margin": getattr(args, "box_margin", None),
+                "options": options or None,
+            },
+            model={
+                "checkpoint": checkpoint if checkpoint_in_config else None,
+                "device": getattr(args, "device", None),
+                "mode": getattr(args, "mode", None),
+            },
+        )
         if getattr(args, "labels", None):
             config = config.with_overrides(labels=read_label_table(args.labels))
     except (ValidationError, OSError, ValueError) as exc:
         print(f"medsam-engine {command}: bad configuration: {exc}", file=sys.stderr)
         return None
     if get_spec(config.prompts.detector).needs_coarse_mask and not args.coarse_mask:
-        print(f"medsam-engine {command}: the {config.prompts.detector} detector needs --coarse-mask",
-              file=sys.stderr)
+        print(
+            f"medsam-engine {command}: the {config.prompts.detector} detector needs --coarse-mask",
+            file=sys.stderr,
+        )
         return None
     problem = engine_problem(args) or model_problem(config.with_overrides(model={"checkpoint": checkpoint}))
     if problem:
@@ -189,7 +267,8 @@ def run_config(args, command: str, *, detector_defaults: dict[str, dict] | None 
 
 
 def key_values(pairs: list[str], option: str) -> dict[str, str]:
-    """``KEY=VALUE`` arguments of a repeatable ``option`` as {key: value text}; ValueError naming the option."""
+    """``KEY=VALUE`` arguments of a repeatable ``option`` as {key: value text}; ValueError naming the
+    option."""
     found = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -212,7 +291,8 @@ def model_problem(config) -> str | None:
 
     if config.model.device == "cuda" and not cuda_available():
         return "--device cuda was asked for but no CUDA device is visible"
-    if config.model.precision == "bf16" and config.model.device != "cuda":
-        if config.model.device == "cpu" or not cuda_available():
-            return "precision bf16 runs on a CUDA device only (the CPU path is fp32)"
+    if config.model.precision == "bf16" and (
+        config.model.device == "cpu" or (config.model.device != "cuda" and not cuda_available())
+    ):
+        return "precision bf16 runs on a CUDA device only (the CPU path is fp32)"
     return None

@@ -4,6 +4,7 @@ Data: slicerio's chest CT (128x128x34, LPS with negative in-plane directions) an
 cervical/thoracic/lumbar spine, right lung, left lung, tissue). The label map plays the coarse mask (the
 MedSAM protocol: a tight box per object per slice) and the reference.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -25,7 +26,8 @@ from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 def demo_inputs(folder: Path) -> tuple[Path, Path, Path, dict[int, str]]:
-    """Copy the bundled chest CT and its labels into ``folder``; returns image, coarse mask, reference, names."""
+    """Copy the bundled chest CT and its labels into ``folder``; returns image, coarse mask, reference,
+    names."""
     import nrrd
     import slicerio
 
@@ -41,8 +43,12 @@ def demo_inputs(folder: Path) -> tuple[Path, Path, Path, dict[int, str]]:
     for key, value in header.items():
         if key.endswith("_LabelValue"):
             names[int(value)] = header.get(key.replace("_LabelValue", "_Name"), f"label {value}")
-    return folder / "images" / "chest_ct.nrrd", folder / "coarse" / "chest_ct.nrrd", \
-        folder / "reference" / "chest_ct.nrrd", names
+    return (
+        folder / "images" / "chest_ct.nrrd",
+        folder / "coarse" / "chest_ct.nrrd",
+        folder / "reference" / "chest_ct.nrrd",
+        names,
+    )
 
 
 def _box_dice(image: Path, coarse: Path) -> dict[int, float]:
@@ -68,15 +74,20 @@ def run_demo(out: Path) -> int:
     for path in exported:
         print(f"NIfTI label map:        {path.resolve()}")
     print(f"\n{'label':>5s}  {'structure':28s} {'Dice':>7s} {'NSD':>7s} {'box Dice':>9s}")
-    for case_id, labels in results.items():
+    for labels in results.values():
         for label, scores in labels.items():
-            print(f"{label:5d}  {names.get(label, '')[:28]:28s} {scores['dice']:7.4f} {scores['nsd']:7.4f} "
-                  f"{box.get(label, float('nan')):9.4f}")
+            print(
+                f"{label:5d}  {names.get(label, '')[:28]:28s} {scores['dice']:7.4f} {scores['nsd']:7.4f} "
+                f"{box.get(label, float('nan')):9.4f}"
+            )
         mean = np.mean([s["dice"] for s in labels.values()])
         print(f"{'mean':>5s}  {'':28s} {mean:7.4f} {'':7s} {np.mean(list(box.values())):9.4f}")
     stats = summary.runner_stats
     if stats:
-        print(f"\nencoder: {stats['encoded_slices']} slices in {stats['seconds_encode']:.1f} s; decoder: "
-              f"{stats['decoded_boxes']} boxes in {stats['decoder_calls']} calls, {stats['seconds_decode']:.1f} s")
+        print(
+            f"\nencoder: {stats['encoded_slices']} slices in {stats['seconds_encode']:.1f} s; decoder: "
+            f"{stats['decoded_boxes']} boxes in {stats['decoder_calls']} calls, "
+            f"{stats['seconds_decode']:.1f} s"
+        )
     print(f"QC report: {report.resolve()}")
     return 1 if summary.failed else 0

@@ -1,5 +1,6 @@
 """The flywheel's commands: `review export|import|calibrate`, `finetune`, `model list|use`, `round run|report`
 (see pipeline/cli/main.py for the others and the exit codes)."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,19 @@ from medsam_engine.pipeline.cli.common import (
 )
 from medsam_engine.pipeline.cli.ray import round_on_ray
 from medsam_engine.pipeline.core.errors import ReadError
-from medsam_engine.pipeline.flywheel.registry import current_model, is_promoted, registered_models, set_current
+from medsam_engine.pipeline.flywheel.registry import (
+    current_model,
+    is_promoted,
+    registered_models,
+    set_current,
+)
 from medsam_engine.pipeline.flywheel.review import FORMATS as REVIEW_FORMATS
-from medsam_engine.pipeline.flywheel.review import calibrate_store, export_queue, import_corrections, pull_corrections
+from medsam_engine.pipeline.flywheel.review import (
+    calibrate_store,
+    export_queue,
+    import_corrections,
+    pull_corrections,
+)
 from medsam_engine.pipeline.flywheel.rounds import (
     finetune_rows,
     format_finetune_table,
@@ -47,21 +58,34 @@ def add_parsers(sub) -> None:
     out = add_command(review_sub, "export", "write the review queue (worst first) and its QC report")
     out.add_argument("store", metavar="STORE", help="the store whose routed cases to export")
     out.add_argument("--out", required=True, metavar="DIR", help="folder for the queue")
-    out.add_argument("--formats", nargs="+", default=list(REVIEW_FORMATS), choices=list(REVIEW_FORMATS),
-                     help="what to write per case (default all): NIfTI, a named .seg.nrrd for 3D Slicer, the "
-                          "OME-Zarr group, DICOM SEG for OHIF and PACS")
+    out.add_argument(
+        "--formats",
+        nargs="+",
+        default=list(REVIEW_FORMATS),
+        choices=list(REVIEW_FORMATS),
+        help="what to write per case (default all): NIfTI, a named .seg.nrrd for 3D Slicer, the "
+        "OME-Zarr group, DICOM SEG for OHIF and PACS",
+    )
     out.add_argument("--limit", type=int, default=None, help="only the N worst cases")
     into = add_command(review_sub, "import", "ingest corrected masks and mark the cases accepted")
     into.add_argument("store", metavar="STORE", help="the store the proposals came from")
-    into.add_argument("corrections", nargs="+", metavar="CORRECTION",
-                      help="label maps (NIfTI, NRRD, .seg.nrrd, DICOM SEG, OME-Zarr) or folders of them, or a "
-                           "DICOMweb service root (http://HOST/dicom-web): the reviewers' SEGs there that "
-                           "reference a case's series and are newer than its proposal")
+    into.add_argument(
+        "corrections",
+        nargs="+",
+        metavar="CORRECTION",
+        help="label maps (NIfTI, NRRD, .seg.nrrd, DICOM SEG, OME-Zarr) or folders of them, or a "
+        "DICOMweb service root (http://HOST/dicom-web): the reviewers' SEGs there that "
+        "reference a case's series and are newer than its proposal",
+    )
     into.add_argument("--reviewer", required=True, help="who reviewed (a name or id; never a patient's)")
     calibrate = add_command(review_sub, "calibrate", "refit the quality score on the reviews so far")
     calibrate.add_argument("store", metavar="STORE", help="the store with reviewed cases")
-    calibrate.add_argument("--edit-dice-threshold", type=float, default=0.9,
-                           help="a proposal is good when the correction's Dice with it is at least this")
+    calibrate.add_argument(
+        "--edit-dice-threshold",
+        type=float,
+        default=0.9,
+        help="a proposal is good when the correction's Dice with it is at least this",
+    )
 
     tune = add_command(sub, "finetune", "fine-tune LiteMedSAM on accepted masks or image/label pairs")
     source = tune.add_mutually_exclusive_group(required=True)
@@ -69,44 +93,99 @@ def add_parsers(sub) -> None:
     source.add_argument("--images", nargs="+", metavar="IMG", help="train on these images (with --labels)")
     tune.add_argument("--labels", nargs="+", metavar="LABELMAP", help="one label map per --images entry")
     tune.add_argument("--out", required=True, metavar="CKPT", help="checkpoint file to write")
-    tune.add_argument("--parent", default=None, metavar="CKPT", help="start from this checkpoint (default: "
-                      "the store's current registered model, else the official weights)")
-    tune.add_argument("--epochs", type=int, default=12,
-                      help="epochs at most: cross-validation chooses how many (0 to 12), then the model is "
-                           "trained that long on all the reviewed data")
-    tune.add_argument("--minutes", type=float, default=9.0,
-                      help="time budget: the epochs allowed are cut, from the first one's time, so the run "
-                           "ends within it (default 9; 0: no budget)")
-    tune.add_argument("--folds", type=int, default=2, metavar="N",
-                      help="cross-validation folds: whole cases when there are 4 or more and every kind is in "
-                           "two of them, else blocks of slices (or objects) within each case (default 2)")
-    tune.add_argument("--tolerance", type=float, default=0.01,
-                      help="held-out Dice any kind (modality + label) with 5 or more boxes may lose against the "
-                           "parent for the model to be chosen and promoted (default 0.01)")
+    tune.add_argument(
+        "--parent",
+        default=None,
+        metavar="CKPT",
+        help="start from this checkpoint (default: "
+        "the store's current registered model, else the official weights)",
+    )
+    tune.add_argument(
+        "--epochs",
+        type=int,
+        default=12,
+        help="epochs at most: cross-validation chooses how many (0 to 12), then the model is "
+        "trained that long on all the reviewed data",
+    )
+    tune.add_argument(
+        "--minutes",
+        type=float,
+        default=9.0,
+        help="time budget: the epochs allowed are cut, from the first one's time, so the run "
+        "ends within it (default 9; 0: no budget)",
+    )
+    tune.add_argument(
+        "--folds",
+        type=int,
+        default=2,
+        metavar="N",
+        help="cross-validation folds: whole cases when there are 4 or more and every kind is in "
+        "two of them, else blocks of slices (or objects) within each case (default 2)",
+    )
+    tune.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="held-out Dice any kind (modality + label) with 5 or more boxes may lose against the "
+        "parent for the model to be chosen and promoted (default 0.01)",
+    )
     tune.add_argument("--holdout", type=float, default=None, help=argparse.SUPPRESS)  # before --folds
     tune.add_argument("--lr", type=float, default=1e-4, help="learning rate (AdamW)")
     tune.add_argument("--max-slices", type=int, default=48, help="embedded slices per case")
-    tune.add_argument("--boxes-per-epoch", type=int, default=32,
-                      help="boxes drawn per epoch, as slices of up to 4 boxes each (default 32: 8 slices)")
-    tune.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                      help="where to train (default auto: a visible GPU, else the CPU)")
-    tune.add_argument("--whole-model", choices=["auto", "yes", "no"], default="auto",
-                      help="train the image encoder too (auto: yes on CUDA, no on CPU)")
-    tune.add_argument("--encoder-stages", type=int, default=1, metavar="N",
-                      help="also train the image encoder's last N stages (1-3) and its neck, from activations "
-                           "computed once per slice (default 1; 2 costs about twice as much per step; 0: "
-                           "prompt encoder + mask decoder only)")
-    tune.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
-                      help="also train on the training slices flipped left-right, up-down, turned 90 degrees "
-                           "and with brighter mid-tones (boxes and masks follow; five times the embedding time)")
-    tune.add_argument("--no-weight-by-edit", dest="weight_by_edit", action="store_false",
-                      help="draw every box evenly (default: boxes of labels the reviewer changed more, by edit "
-                           "Dice, are drawn more often)")
-    tune.add_argument("--promote", choices=["if-better", "always", "never"], default="if-better",
-                      help="make the new model the store's current one: if it beats its parent (the current "
-                           "model) on the held-out reviewed cases (default), always, or never")
-    tune.add_argument("--detector-out", default=None, metavar="ARTEFACT",
-                      help="retrain the learned detector on the same accepted masks (with --store)")
+    tune.add_argument(
+        "--boxes-per-epoch",
+        type=int,
+        default=32,
+        help="boxes drawn per epoch, as slices of up to 4 boxes each (default 32: 8 slices)",
+    )
+    tune.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where to train (default auto: a visible GPU, else the CPU)",
+    )
+    tune.add_argument(
+        "--whole-model",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="train the image encoder too (auto: yes on CUDA, no on CPU)",
+    )
+    tune.add_argument(
+        "--encoder-stages",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also train the image encoder's last N stages (1-3) and its neck, from activations "
+        "computed once per slice (default 1; 2 costs about twice as much per step; 0: "
+        "prompt encoder + mask decoder only)",
+    )
+    tune.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also train on the training slices flipped left-right, up-down, turned 90 degrees "
+        "and with brighter mid-tones (boxes and masks follow; five times the embedding time)",
+    )
+    tune.add_argument(
+        "--no-weight-by-edit",
+        dest="weight_by_edit",
+        action="store_false",
+        help="draw every box evenly (default: boxes of labels the reviewer changed more, by edit "
+        "Dice, are drawn more often)",
+    )
+    tune.add_argument(
+        "--promote",
+        choices=["if-better", "always", "never"],
+        default="if-better",
+        help="make the new model the store's current one: if it beats its parent (the current "
+        "model) on the held-out reviewed cases (default), always, or never",
+    )
+    tune.add_argument(
+        "--detector-out",
+        default=None,
+        metavar="ARTEFACT",
+        help="retrain the learned detector on the same accepted masks (with --store)",
+    )
 
     model = add_command(sub, "model", "the store's registered models: list them, choose the current one")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
@@ -115,8 +194,9 @@ def add_parsers(sub) -> None:
     use = add_command(model_sub, "use", "make a registered model (or the official weights) the current one")
     use.add_argument("store", metavar="STORE", help="the flywheel's store")
     use.add_argument("sha256", metavar="SHA256", help="the model's sha256 (a unique prefix) or 'base'")
-    use.add_argument("--why", default="chosen by hand (medsam-engine model use)",
-                     help="recorded with the choice")
+    use.add_argument(
+        "--why", default="chosen by hand (medsam-engine model use)", help="recorded with the choice"
+    )
 
     rnd = add_command(sub, "round", "one data-engine round: annotate, route, export the review queue")
     rnd_sub = rnd.add_subparsers(dest="round_command", required=True, metavar="ACTION")
@@ -139,8 +219,10 @@ def review(args) -> int:
     if args.review_command == "export":
         result = export_queue(store, args.out, formats=tuple(args.formats), limit=args.limit)
         for entry in result.cases:
-            print(f"{entry['rank']:4d} {entry['case_id']}  {entry['review_status']:8s} worst score "
-                  f"{entry['worst_score'] if entry['worst_score'] is not None else float('nan'):.3f}")
+            print(
+                f"{entry['rank']:4d} {entry['case_id']}  {entry['review_status']:8s} worst score "
+                f"{entry['worst_score'] if entry['worst_score'] is not None else float('nan'):.3f}"
+            )
         for case_id, reason in result.skipped.items():
             print(f"skipped  {case_id}  {reason}")
         print(f"{len(result.cases)} case(s) to review -> {Path(args.out).resolve()}; report: {result.report}")
@@ -169,9 +251,12 @@ def review(args) -> int:
     for case_id in report.already:
         print(f"already  {case_id}  holds this correction")
     if report.errors:
-        print("nothing imported: fix the files above and run the import again" if not report.imported else
-              "the cases above were not imported: run the import again (imported cases are kept once)",
-              file=sys.stderr)
+        print(
+            "nothing imported: fix the files above and run the import again"
+            if not report.imported
+            else "the cases above were not imported: run the import again (imported cases are kept once)",
+            file=sys.stderr,
+        )
         return EXIT_CASES_FAILED
     return EXIT_OK
 
@@ -206,19 +291,37 @@ def finetune(args) -> int:
         return EXIT_USAGE
     whole = device == "cuda" if args.whole_model == "auto" else args.whole_model == "yes"
     if args.folds < 2 or args.epochs < 0 or not 0 <= args.tolerance < 1 or args.minutes < 0:
-        print("medsam-engine finetune: --folds must be at least 2, --epochs and --minutes at least 0 and "
-              "--tolerance in [0, 1)", file=sys.stderr)
+        print(
+            "medsam-engine finetune: --folds must be at least 2, --epochs and --minutes at least 0 and "
+            "--tolerance in [0, 1)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
-    options = FinetuneOptions(epochs=args.epochs, folds=args.folds, tolerance=args.tolerance, lr=args.lr,
-                              minutes=args.minutes,
-                              max_slices=args.max_slices, boxes_per_epoch=args.boxes_per_epoch, device=device,
-                              train_encoder=whole, promote=args.promote,
-                              encoder_stages=0 if whole else args.encoder_stages, augment=args.augment,
-                              weight_by_edit=args.weight_by_edit)
+    options = FinetuneOptions(
+        epochs=args.epochs,
+        folds=args.folds,
+        tolerance=args.tolerance,
+        lr=args.lr,
+        minutes=args.minutes,
+        max_slices=args.max_slices,
+        boxes_per_epoch=args.boxes_per_epoch,
+        device=device,
+        train_encoder=whole,
+        promote=args.promote,
+        encoder_stages=0 if whole else args.encoder_stages,
+        augment=args.augment,
+        weight_by_edit=args.weight_by_edit,
+    )
     store = CaseStore(args.store) if args.store else None
     try:
-        entry = finetune(args.out, store=store, images=args.images, label_maps=args.labels,
-                         parent=args.parent, options=options)
+        entry = finetune(
+            args.out,
+            store=store,
+            images=args.images,
+            label_maps=args.labels,
+            parent=args.parent,
+            options=options,
+        )
     except (ValueError, CheckpointError) as exc:
         print(f"medsam-engine finetune: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -226,8 +329,21 @@ def finetune(args) -> int:
         from medsam_engine.pipeline.flywheel.finetune import retrain_detector
 
         entry = retrain_detector(store, entry, args.detector_out)
-    shown = {k: entry[k] for k in ("sha256", "parent_sha256", "checkpoint", "trained", "data", "metrics",
-                                   "promotion", "seconds", "registry") if k in entry}
+    shown = {
+        k: entry[k]
+        for k in (
+            "sha256",
+            "parent_sha256",
+            "checkpoint",
+            "trained",
+            "data",
+            "metrics",
+            "promotion",
+            "seconds",
+            "registry",
+        )
+        if k in entry
+    }
     shown["metrics"] = {k: v for k, v in entry["metrics"].items() if k not in ("folds", "final_fit")}
     print(json.dumps(shown | ({"detector": entry["detector"]} if "detector" in entry else {}), indent=1))
     print(finetune_summary(entry), file=sys.stderr)
@@ -239,9 +355,11 @@ def finetune_summary(entry: dict) -> str:
     learned = entry["data"].get("learned_from")
     if entry.get("sha256") is None:
         return f"medsam-engine finetune: {entry['promotion']['why']}"
-    return (f"medsam-engine finetune: learned from {learned['boxes']} boxes on {learned['slices']} slices of "
-            f"{len(learned['cases'])} case(s) ({len(entry['data']['kinds'])} kind(s)); wrote "
-            f"{entry['checkpoint']} ({entry['sha256'][:12]}); {entry['promotion']['why']}")
+    return (
+        f"medsam-engine finetune: learned from {learned['boxes']} boxes on {learned['slices']} slices of "
+        f"{len(learned['cases'])} case(s) ({len(entry['data']['kinds'])} kind(s)); wrote "
+        f"{entry['checkpoint']} ({entry['sha256'][:12]}); {entry['promotion']['why']}"
+    )
 
 
 def model_lines(store) -> list[str]:
@@ -251,8 +369,10 @@ def model_lines(store) -> list[str]:
     lines = []
     for entry in registered_models(store):
         if entry.get("sha256") is None and "sha256" in entry:  # a fine-tuning run that trained nothing
-            lines.append(f"{'(none)':12s}  {'untrained':8s}  {entry.get('created_at', '')[:19]}  "
-                         f"{(entry.get('promotion') or {}).get('why', '')}")
+            lines.append(
+                f"{'(none)':12s}  {'untrained':8s}  {entry.get('created_at', '')[:19]}  "
+                f"{(entry.get('promotion') or {}).get('why', '')}"
+            )
             continue
         mark = "current" if entry.get("sha256") == current else "promoted" if is_promoted(entry) else "held"
         why = (entry.get("promotion") or {}).get("why", "registered before promotion rules")

@@ -2,6 +2,7 @@
 
 Exit codes: 0 every case done; 1 some cases failed (each recorded with its reason); 2 bad usage.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,30 +42,57 @@ from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medsam-engine", description=__doc__.splitlines()[0],
-                                     parents=[verbosity_options(top_level=True)])
-    parser.add_argument("--version", action="version", version=f"medsam-engine {package_version()}",
-                        help="print the version and exit")
+    parser = argparse.ArgumentParser(
+        prog="medsam-engine", description=__doc__.splitlines()[0], parents=[verbosity_options(top_level=True)]
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"medsam-engine {package_version()}",
+        help="print the version and exit",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = add_command(sub, "demo", "annotate bundled real data (a chest CT) and report Dice")
     demo.add_argument("--out", default="medsam-demo", help="folder for the store, exports and report")
 
     ann = add_command(sub, "annotate", "pre-annotate images with LiteMedSAM")
-    ann.add_argument("inputs", nargs="+", metavar="INPUT",
-                     help="files or folders: DICOM, NIfTI, NRRD, PNG/JPEG/TIFF, zip/tar, DICOMweb or s3:// URLs")
+    ann.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="files or folders: DICOM, NIfTI, NRRD, PNG/JPEG/TIFF, zip/tar, DICOMweb or s3:// URLs",
+    )
     ann.add_argument("--out", required=True, metavar="STORE", help="the store (a folder or an s3:// URL)")
-    add_prompt_options(ann, checkpoint_help="LiteMedSAM or MedSAM checkpoint (default: the bundled official "
-                                            "LiteMedSAM)")
-    ann.add_argument("--box-margin", type=int, default=None, metavar="PX",
-                     help="pixels added on every side of each box (default 0: the MedSAM protocol)")
-    ann.add_argument("--mode", choices=["slice", "propagate"], default=None,
-                     help="slice: a box on every slice (default); propagate: LiteMedSAM's 3D algorithm")
-    ann.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
-                     help="where the model runs (default auto: a visible GPU, else the CPU)")
-    ann.add_argument("--overwrite", action="store_true", help="replace cases committed with another signature")
+    add_prompt_options(
+        ann, checkpoint_help="LiteMedSAM or MedSAM checkpoint (default: the bundled official LiteMedSAM)"
+    )
+    ann.add_argument(
+        "--box-margin",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="pixels added on every side of each box (default 0: the MedSAM protocol)",
+    )
+    ann.add_argument(
+        "--mode",
+        choices=["slice", "propagate"],
+        default=None,
+        help="slice: a box on every slice (default); propagate: LiteMedSAM's 3D algorithm",
+    )
+    ann.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default=None,
+        help="where the model runs (default auto: a visible GPU, else the CPU)",
+    )
+    ann.add_argument(
+        "--overwrite", action="store_true", help="replace cases committed with another signature"
+    )
     ann.add_argument("--keep-localizers", action="store_true", help="annotate localizer/scout series too")
-    ann.add_argument("--keep-derived", action="store_true", help="annotate derived/secondary-capture series too")
+    ann.add_argument(
+        "--keep-derived", action="store_true", help="annotate derived/secondary-capture series too"
+    )
     add_pacs_options(ann)
     add_engine_options(ann)
 
@@ -72,25 +100,38 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("store", metavar="STORE", help="the store to export")
     exp.add_argument("--format", required=True, choices=list(FORMATS), help="what to write")
     exp.add_argument("--out", required=True, metavar="DIR", help="folder (or s3:// URL) to write into")
-    exp.add_argument("--dataset-id", type=int, default=None, metavar="N",
-                     help="nnunet: write nnU-Net's DIR/DatasetNNN_NAME (DIR is nnUNet_raw) instead of DIR itself")
-    exp.add_argument("--dataset-name", default=None, metavar="NAME",
-                     help="nnunet: the dataset's name (default MedSAM)")
+    exp.add_argument(
+        "--dataset-id",
+        type=int,
+        default=None,
+        metavar="N",
+        help="nnunet: write nnU-Net's DIR/DatasetNNN_NAME (DIR is nnUNet_raw) instead of DIR itself",
+    )
+    exp.add_argument(
+        "--dataset-name", default=None, metavar="NAME", help="nnunet: the dataset's name (default MedSAM)"
+    )
 
     det = add_command(sub, "detector", "learned detector: train from a store's accepted masks")
     det_sub = det.add_subparsers(dest="detector_command", required=True, metavar="ACTION")
     train = add_command(det_sub, "train", "fit the learned detector on a store's accepted masks")
     train.add_argument("--store", required=True, metavar="STORE", help="store whose accepted masks to learn")
     train.add_argument("--out", required=True, metavar="ARTEFACT", help="file to write (e.g. detector.pt)")
-    train.add_argument("--labels", nargs="+", type=int, default=None, help="label values to learn (default all)")
+    train.add_argument(
+        "--labels", nargs="+", type=int, default=None, help="label values to learn (default all)"
+    )
     train.add_argument("--epochs", type=int, default=200, help="training epochs at most (early stopping)")
     train.add_argument("--holdout", type=float, default=0.25, help="fraction of cases (or z) held out")
     train.add_argument("--parent", default=None, help="version of the artefact this one replaces")
 
     ev = add_command(sub, "eval", "Dice and NSD against reference label maps")
     ev.add_argument("store", metavar="STORE", help="the store to score")
-    ev.add_argument("--reference", nargs="+", required=True, metavar="MASK",
-                    help="reference label maps, matched to cases by input file stem")
+    ev.add_argument(
+        "--reference",
+        nargs="+",
+        required=True,
+        metavar="MASK",
+        help="reference label maps, matched to cases by input file stem",
+    )
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     flywheel.add_parsers(sub)
     return parser
@@ -104,10 +145,16 @@ def _annotate(args) -> int:
         return annotate_on_ray(args, config)
     store = CaseStore(args.out)
     try:
-        cases = discover(args.inputs, store.case_ids(), coarse_masks=args.coarse_mask,
-                         options=DiscoveryOptions(keep_localizers=args.keep_localizers,
-                                                  keep_derived=args.keep_derived,
-                                                  pacs_query=pacs_filters(args.pacs_query)))
+        cases = discover(
+            args.inputs,
+            store.case_ids(),
+            coarse_masks=args.coarse_mask,
+            options=DiscoveryOptions(
+                keep_localizers=args.keep_localizers,
+                keep_derived=args.keep_derived,
+                pacs_query=pacs_filters(args.pacs_query),
+            ),
+        )
     except ValueError as exc:
         print(f"medsam-engine annotate: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -123,10 +170,13 @@ def _annotate(args) -> int:
     for outcome in summary.outcomes:
         line = f"{outcome.status:8s} {outcome.case_id}"
         print(line + (f"  {outcome.reason}" if outcome.status == "failed" else ""))
-    print(f"{summary.count('done')} done, {summary.count('skipped')} skipped, {summary.count('failed')} failed "
-          f"-> {Path(args.out).resolve()}")
-    push_failed = push_and_print(store, [o.case_id for o in summary.outcomes if o.status != "failed"],
-                                 args.push_seg)
+    print(
+        f"{summary.count('done')} done, {summary.count('skipped')} skipped, {summary.count('failed')} failed "
+        f"-> {Path(args.out).resolve()}"
+    )
+    push_failed = push_and_print(
+        store, [o.case_id for o in summary.outcomes if o.status != "failed"], args.push_seg
+    )
     return EXIT_CASES_FAILED if summary.failed or push_failed else EXIT_OK
 
 
@@ -139,11 +189,27 @@ def _detector(args) -> int:
         print("medsam-engine detector train: --holdout must be between 0 and 1", file=sys.stderr)
         return EXIT_USAGE
     runner = LazyRunner(EngineConfig()).get()
-    meta = train_from_store(store, args.out, runner=runner, labels=args.labels, holdout=args.holdout,
-                            epochs=args.epochs, parent=args.parent)
-    print(json.dumps({"artefact": str(Path(args.out).resolve()), "version": meta["version"],
-                      "labels": meta["labels"], "training": meta["training"], "metrics": meta["metrics"]},
-                     indent=1))
+    meta = train_from_store(
+        store,
+        args.out,
+        runner=runner,
+        labels=args.labels,
+        holdout=args.holdout,
+        epochs=args.epochs,
+        parent=args.parent,
+    )
+    print(
+        json.dumps(
+            {
+                "artefact": str(Path(args.out).resolve()),
+                "version": meta["version"],
+                "labels": meta["labels"],
+                "training": meta["training"],
+                "metrics": meta["metrics"],
+            },
+            indent=1,
+        )
+    )
     return EXIT_OK
 
 
@@ -153,10 +219,15 @@ def _export(args) -> int:
     if not store.fs.exists(str(store.root)):
         print(f"medsam-engine export: no store at {args.store}", file=sys.stderr)
         return EXIT_USAGE
-    options = {k: v for k, v in (("dataset_id", args.dataset_id), ("dataset_name", args.dataset_name))
-               if v is not None}
+    options = {
+        k: v
+        for k, v in (("dataset_id", args.dataset_id), ("dataset_name", args.dataset_name))
+        if v is not None
+    }
     if options and args.format != "nnunet":
-        print("medsam-engine export: --dataset-id and --dataset-name are for --format nnunet", file=sys.stderr)
+        print(
+            "medsam-engine export: --dataset-id and --dataset-name are for --format nnunet", file=sys.stderr
+        )
         return EXIT_USAGE
     try:
         report = export_store(store, args.format, args.out, **options)
@@ -167,8 +238,10 @@ def _export(args) -> int:
         print(f"excluded {case_id}  {reason}")
     for case_id, reason in report.skipped.items():
         print(f"skipped  {case_id}  {reason}")
-    print(f"{args.format}: wrote {len(report.written)} files, skipped {len(report.skipped)} cases, "
-          f"excluded {len(report.excluded)} -> {args.out}")
+    print(
+        f"{args.format}: wrote {len(report.written)} files, skipped {len(report.skipped)} cases, "
+        f"excluded {len(report.excluded)} -> {args.out}"
+    )
     return EXIT_CASES_FAILED if report.skipped else EXIT_OK
 
 
@@ -194,9 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     configure_output(verbose=args.verbose, quiet=args.quiet)
     if args.command == "demo":
         return run_demo(Path(args.out))
-    handlers = {"annotate": _annotate, "export": _export, "eval": _eval, "detector": _detector,
-                "review": flywheel.review, "finetune": flywheel.finetune, "round": flywheel.round_command,
-                "model": flywheel.model_command}
+    handlers = {
+        "annotate": _annotate,
+        "export": _export,
+        "eval": _eval,
+        "detector": _detector,
+        "review": flywheel.review,
+        "finetune": flywheel.finetune,
+        "round": flywheel.round_command,
+        "model": flywheel.model_command,
+    }
     try:
         return handlers[args.command](args)
     except StoreUnavailableError as exc:

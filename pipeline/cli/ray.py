@@ -1,9 +1,11 @@
-"""`medsam-engine annotate|round run ... --engine ray`: the same jobs as the local engine, run as Prefect flows.
+"""`medsam-engine annotate|round run ... --engine ray`: the same jobs as the local engine, run as Prefect
+flows.
 
 Without $PREFECT_API_URL Prefect starts a temporary server for the run; without --ray-address/$RAY_ADDRESS a
 local Ray is started. Output and exit codes follow the annotate contract (0 all done, 1 some cases failed,
 2 bad usage).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,14 +35,25 @@ def _flow_options(args, config, command: str):
     from medsam_engine.flows.annotate import FailurePolicy, RunOptions
 
     try:
-        run = RunOptions(config=config, overwrite=getattr(args, "overwrite", False),
-                         keep_localizers=getattr(args, "keep_localizers", False),
-                         keep_derived=getattr(args, "keep_derived", False),
-                         pacs_query=pacs_filters(args.pacs_query), push_seg=args.push_seg)
-        pool = PoolOptions(address=args.ray_address, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-                           gpus_per_actor=args.gpus_per_actor)
-        policy = FailurePolicy(max_failure_fraction=args.max_failure_fraction,
-                               retry_quarantined=args.retry_quarantined, shards=args.shards)
+        run = RunOptions(
+            config=config,
+            overwrite=getattr(args, "overwrite", False),
+            keep_localizers=getattr(args, "keep_localizers", False),
+            keep_derived=getattr(args, "keep_derived", False),
+            pacs_query=pacs_filters(args.pacs_query),
+            push_seg=args.push_seg,
+        )
+        pool = PoolOptions(
+            address=args.ray_address,
+            actors=args.actors,
+            cpus_per_actor=args.cpus_per_actor,
+            gpus_per_actor=args.gpus_per_actor,
+        )
+        policy = FailurePolicy(
+            max_failure_fraction=args.max_failure_fraction,
+            retry_quarantined=args.retry_quarantined,
+            shards=args.shards,
+        )
     except (ValidationError, ValueError) as exc:
         print(f"medsam-engine {command}: {exc}", file=sys.stderr)
         return None
@@ -57,8 +70,10 @@ def _print_report(report: dict, store_url: str) -> int:
             line += f"  {reasons.get(case['case_id'], {}).get('reason', case['stage'])}"
         print(line)
     counts = report["counts"]
-    print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['quarantined']} quarantined, "
-          f"{counts['failed']} failed -> {store_url if '://' in store_url else Path(store_url).resolve()}")
+    print(
+        f"{counts['done']} done, {counts['skipped']} skipped, {counts['quarantined']} quarantined, "
+        f"{counts['failed']} failed -> {store_url if '://' in store_url else Path(store_url).resolve()}"
+    )
     push = report.get("push")
     if push:
         print(push_line(push))
@@ -67,9 +82,9 @@ def _print_report(report: dict, store_url: str) -> int:
 
 
 def _run_flow(command: str, start) -> tuple[dict | None, dict | None, int]:
-    """(the flow's result, None, 0); (None, the run's report, 1) when too many cases failed; (None, None, code)
-    after printing why the run could not start: 2 for arguments that cannot work, 1 for inputs that cannot
-    be listed (a PACS down or refusing the login)."""
+    """(the flow's result, None, 0); (None, the run's report, 1) when too many cases failed; (None, None,
+    code) after printing why the run could not start: 2 for arguments that cannot work, 1 for inputs that
+    cannot be listed (a PACS down or refusing the login)."""
     from medsam_engine.flows.annotate import TooManyFailures
 
     try:
@@ -95,12 +110,20 @@ def _run_on_ray(args, config, command: str, call) -> tuple[dict | None, dict | N
 
 
 def annotate_on_ray(args, config) -> int:
-    """Run the annotate flow for parsed ``annotate`` arguments and a validated EngineConfig; print outcomes."""
+    """Run the annotate flow for parsed ``annotate`` arguments and a validated EngineConfig; print
+    outcomes."""
+
     def call(run, pool, policy):
         from medsam_engine.flows.annotate import annotate_archive
 
-        return annotate_archive(inputs=list(args.inputs), out=args.out, coarse_masks=list(args.coarse_mask),
-                                run=run, pool=pool, policy=policy)
+        return annotate_archive(
+            inputs=list(args.inputs),
+            out=args.out,
+            coarse_masks=list(args.coarse_mask),
+            run=run,
+            pool=pool,
+            policy=policy,
+        )
 
     report, failed, code = _run_on_ray(args, config, "annotate", call)
     report = report or failed
@@ -109,12 +132,20 @@ def annotate_on_ray(args, config) -> int:
 
 def round_on_ray(args, config) -> int:
     """`round run --engine ray`: the flywheel-round flow (flows/round.py) for parsed arguments."""
+
     def call(run, pool, policy):
         from medsam_engine.flows.round import flywheel_round
 
-        return flywheel_round(inputs=list(args.inputs), store=args.store, coarse_masks=list(args.coarse_mask),
-                              run=run, pool=pool, policy=policy, checkpoint=args.checkpoint,
-                              review_out=args.review_out)
+        return flywheel_round(
+            inputs=list(args.inputs),
+            store=args.store,
+            coarse_masks=list(args.coarse_mask),
+            run=run,
+            pool=pool,
+            policy=policy,
+            checkpoint=args.checkpoint,
+            review_out=args.review_out,
+        )
 
     result, failed, code = _run_on_ray(args, config, "round run", call)
     report = result["run"] if result else failed
@@ -122,7 +153,9 @@ def round_on_ray(args, config) -> int:
         return code
     code = _print_report(report, args.store)
     if result is not None:
-        print(f"round {result['round']}: {json.dumps(result['cases'])}; routing {json.dumps(result['routing'])}")
+        print(
+            f"round {result['round']}: {json.dumps(result['cases'])}; routing {json.dumps(result['routing'])}"
+        )
         print(f"review queue: {result['queue']['cases']} case(s) -> {result['queue']['folder']}")
         print(f"round report: {result['report_path']}")
     return code

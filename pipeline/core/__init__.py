@@ -1,1 +1,2 @@
-"""Layer 1: value types, errors, geometry and orientation, intensity, metrics, boxes, provenance, atomic writes."""
+"""Layer 1: value types, errors, geometry and orientation, intensity, metrics, boxes, provenance, atomic
+writes."""

@@ -4,8 +4,10 @@ Every writer in the project goes through these: a hidden sibling (same folder, s
 file system) is written first and renamed into place last; a failure removes it. Readers therefore never see
 a half-written file, and a killed writer leaves at most a hidden ``.partial`` sibling behind.
 """
+
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -96,9 +98,7 @@ def staged_folder(dest: str | Path) -> Iterator[Path]:
     staging.mkdir(parents=True)
     try:
         yield staging
-        try:
+        with contextlib.suppress(OSError):  # another process finished first: use its copy
             staging.rename(dest)
-        except OSError:  # another process finished first: use its copy
-            pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)

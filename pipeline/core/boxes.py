@@ -1,12 +1,21 @@
 """Box arithmetic shared by quality checks and fine-tuning. Boxes are (B, 4) XYXY arrays in the pixel
 coordinates of one slice: x = column, y = row."""
+
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
 
-def jitter_boxes(boxes: np.ndarray, fraction: float, rng: np.random.Generator, shape_yx: tuple[int, int], *,
-                 pixels: bool = True) -> np.ndarray:
+def jitter_boxes(
+    boxes: np.ndarray,
+    fraction: float,
+    rng: np.random.Generator,
+    shape_yx: tuple[int, int],
+    *,
+    pixels: bool = True,
+) -> np.ndarray:
     """(B, 4) XYXY boxes with each edge moved by a uniform shift of up to ``fraction`` of the box's width
     (x edges) or height (y edges), at least one pixel, clipped to a slice of ``shape_yx``; float32.
 
@@ -33,5 +42,8 @@ def box_iou(a: tuple[int, ...], b: tuple[int, ...]) -> float:
     if ix <= 0 or iy <= 0:
         return 0.0
     inter = ix * iy
-    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
+
+    def area(r: Sequence[int]) -> int:
+        return (r[2] - r[0] + 1) * (r[3] - r[1] + 1)
+
     return inter / float(area(a) + area(b) - inter)

@@ -4,6 +4,7 @@ Anything not derived from :class:`CaseError` is a bug: the per-case driver (pipe
 records it against its case as stage "internal". :class:`RunError` is a failure of the whole run (the model
 cannot load, the store is gone): it propagates. :func:`is_transient` tells an I/O hiccup worth retrying.
 """
+
 from __future__ import annotations
 
 import errno
@@ -58,8 +59,12 @@ class StoreUnavailableError(RunError):
     """The store (or the disk a run writes to) cannot be written: full, read-only or not ours to write."""
 
 
-RESOURCE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exhausted",
-                   errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
+RESOURCE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+}
 
 
 def _chain(exc: BaseException | None) -> Iterator[BaseException]:
@@ -80,22 +85,46 @@ def resource_fault(exc: BaseException | None) -> str | None:
     return None
 
 
-TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY,
-                              errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ENETDOWN,
-                              errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EPIPE})
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EIO,
+        errno.EAGAIN,
+        errno.ETIMEDOUT,
+        errno.ESTALE,
+        errno.EBUSY,
+        errno.ECONNRESET,
+        errno.ECONNREFUSED,
+        errno.ECONNABORTED,
+        errno.ENETDOWN,
+        errno.ENETUNREACH,
+        errno.EHOSTUNREACH,
+        errno.EPIPE,
+    }
+)
 # A reader error that crossed the isolated reader's process boundary (or became a failing case at discovery)
 # has lost its cause; its reason still names the cause's type and errno ("... (OSError: [Errno 5] Input/output
 # error)"), or says "temporarily unavailable" (a server that stayed busy through its retries).
-_TRANSIENT_TEXT = re.compile(r"\b(TimeoutError|Connection\w*Error|BrokenPipeError|ReadTimeout"
-                             r"|temporarily unavailable)\b|\[Errno ("
-                             + "|".join(str(n) for n in sorted(TRANSIENT_ERRNOS)) + r")\]")
+_TRANSIENT_TEXT = re.compile(
+    r"\b(TimeoutError|Connection\w*Error|BrokenPipeError|ReadTimeout"
+    r"|temporarily unavailable)\b|\[Errno (" + "|".join(str(n) for n in sorted(TRANSIENT_ERRNOS)) + r")\]"
+)
 
 
 # Connection failures of the HTTP stacks under s3fs/requests that are not Python's ConnectionError; named, so
 # this module imports none of them.
-TRANSIENT_TYPES = frozenset({"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
-                             "ConnectTimeoutError", "ResponseStreamingError", "ServerDisconnectedError",
-                             "ClientConnectorError", "ClientOSError", "ClientPayloadError"})
+TRANSIENT_TYPES = frozenset(
+    {
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+        "ReadTimeoutError",
+        "ConnectTimeoutError",
+        "ResponseStreamingError",
+        "ServerDisconnectedError",
+        "ClientConnectorError",
+        "ClientOSError",
+        "ClientPayloadError",
+    }
+)
 
 
 def is_transient(exc: BaseException | None) -> bool:

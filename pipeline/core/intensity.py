@@ -5,6 +5,7 @@ clipped to the 0.5-99.5 percentiles of their non-zero voxels and scaled to 0..25
 images are used as they are. How a slice then becomes the model's input depends on the checkpoint's kind:
 pipeline/model/framing.py.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,8 +24,14 @@ class IntensityConfig:
     upper_percentile: float = 99.5
 
 
-def to_uint8(array: np.ndarray, modality: str, config: IntensityConfig = IntensityConfig(), *,
-             slab: int = 16, only: Sequence[int] | None = None) -> np.ndarray:
+def to_uint8(
+    array: np.ndarray,
+    modality: str,
+    config: IntensityConfig = IntensityConfig(),
+    *,
+    slab: int = 16,
+    only: Sequence[int] | None = None,
+) -> np.ndarray:
     """Map a volume's intensities to uint8 as MedSAM's ``pre_CT_MR.py`` does; returns a new array.
 
     CT: clip to the window, min-max to 0..255. Other scalar images that are not already uint8: clip to the
@@ -35,7 +42,7 @@ def to_uint8(array: np.ndarray, modality: str, config: IntensityConfig = Intensi
     others stay 0 — for callers that look at the prompted slices only.
     """
     if modality != "CT" and array.dtype == np.uint8:
-        return array.copy()
+        return np.array(array, copy=True)
     if modality == "CT":
         lower = config.ct_level - config.ct_width / 2.0
         upper = config.ct_level + config.ct_width / 2.0
@@ -43,14 +50,15 @@ def to_uint8(array: np.ndarray, modality: str, config: IntensityConfig = Intensi
         positive = array[array > 0]
         if positive.size == 0:
             return np.zeros(array.shape, dtype=np.uint8)
-        lower, upper = np.percentile(positive.astype(np.float32), [config.lower_percentile,
-                                                                   config.upper_percentile])
+        lower, upper = np.percentile(
+            positive.astype(np.float32), [config.lower_percentile, config.upper_percentile]
+        )
     smallest, largest = array.min(), array.max()
     low = float(np.clip(np.float32(smallest), lower, upper))  # == clip(volume).min()
     high = float(np.clip(np.float32(largest), lower, upper))
 
     def scale(data: np.ndarray) -> np.ndarray:
-        scaled = (np.clip(data, lower, upper) - low) / max(high - low, 1e-8) * 255.0
+        scaled: np.ndarray = (np.clip(data, lower, upper) - low) / max(high - low, 1e-8) * 255.0
         if modality != "CT":
             scaled[data == 0] = 0.0
         return scaled.astype(np.uint8)
@@ -66,7 +74,11 @@ def to_uint8(array: np.ndarray, modality: str, config: IntensityConfig = Intensi
             np.subtract(array[z], int(smallest), out=index, dtype=np.intp)
             np.take(table, index, out=out[z])
         return out
-    runs = np.split(np.asarray(wanted, dtype=int), np.flatnonzero(np.diff(wanted) != 1) + 1) if len(wanted) else []
+    runs = (
+        np.split(np.asarray(wanted, dtype=int), np.flatnonzero(np.diff(wanted) != 1) + 1)
+        if len(wanted)
+        else []
+    )
     for run in runs:  # consecutive wanted slices, ``slab`` at a time
         for start in range(int(run[0]), int(run[-1]) + 1, slab):
             stop = min(start + slab, int(run[-1]) + 1)
@@ -81,10 +93,17 @@ LUNG_MEDIAN_HU = -400.0  # a label whose coarse-mask median is below this is aer
 BONE_MEDIAN_HU = 180.0  # ... above this, bone (or dense contrast): the bone window shows its edges
 
 
-def choose_ct_windows(volume_hu: np.ndarray, coarse: np.ndarray | None, labels: list[int], *,
-                      default: tuple[float, float], lung: tuple[float, float], bone: tuple[float, float],
-                      explicit: dict[int, tuple[float, float]] | None = None,
-                      auto: bool = True) -> dict[int, tuple[float, float]]:
+def choose_ct_windows(
+    volume_hu: np.ndarray,
+    coarse: np.ndarray | None,
+    labels: list[int],
+    *,
+    default: tuple[float, float],
+    lung: tuple[float, float],
+    bone: tuple[float, float],
+    explicit: dict[int, tuple[float, float]] | None = None,
+    auto: bool = True,
+) -> dict[int, tuple[float, float]]:
     """(level, width) per label: explicit choice, else (auto) by the median HU under the coarse mask."""
     explicit = explicit or {}
     windows = {}

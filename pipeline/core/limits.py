@@ -4,6 +4,7 @@ A corrupt or hostile header (a NIfTI claiming 30000³ voxels, a gzip bomb of zer
 must fail its case with a reason, not exhaust the node's memory. ``MEDSAM_ENGINE_MAX_VOXELS`` (default 2³⁰,
 about 1.07 billion voxels: a 512×512×4096 CT) sets the limit per image.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,5 +31,7 @@ def check_voxels(shape: Sequence[int], where: str) -> None:
         raise ReadError(f"{where}: the header claims an empty image ({'×'.join(map(str, dims))} voxels)")
     count, limit = math.prod(dims), max_voxels()
     if count > limit:
-        raise ReadError(f"{where}: the header claims {'×'.join(map(str, dims))} = {count:,} voxels, beyond the "
-                        f"limit of {limit:,} (MEDSAM_ENGINE_MAX_VOXELS); the header is probably corrupt")
+        raise ReadError(
+            f"{where}: the header claims {'×'.join(map(str, dims))} = {count:,} voxels, beyond the "
+            f"limit of {limit:,} (MEDSAM_ENGINE_MAX_VOXELS); the header is probably corrupt"
+        )

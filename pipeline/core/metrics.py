@@ -1,8 +1,15 @@
 """Dice and normalised surface Dice (NSD) per label, with spacing in mm. numpy/scipy only."""
+
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from medsam_engine.pipeline.core.types import BoxPrompt
 
 
 def present_labels(label_map: np.ndarray) -> list[int]:
@@ -31,11 +38,16 @@ def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
-    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1))
+    inner: np.ndarray = ndimage.binary_erosion(
+        mask, structure=ndimage.generate_binary_structure(mask.ndim, 1)
+    )
+    surface: np.ndarray = mask & ~inner
+    return surface
 
 
-def normalised_surface_dice(prediction: np.ndarray, reference: np.ndarray, *, spacing: tuple[float, ...],
-                            tolerance_mm: float = 2.0) -> float:
+def normalised_surface_dice(
+    prediction: np.ndarray, reference: np.ndarray, *, spacing: tuple[float, ...], tolerance_mm: float = 2.0
+) -> float:
     """Fraction of both surfaces lying within ``tolerance_mm`` of the other surface (1.0 if both empty)."""
     pred_surface, ref_surface = _surface(prediction), _surface(reference)
     n_pred, n_ref = int(pred_surface.sum()), int(ref_surface.sum())
@@ -45,25 +57,34 @@ def normalised_surface_dice(prediction: np.ndarray, reference: np.ndarray, *, sp
         return 0.0
     to_ref = ndimage.distance_transform_edt(~ref_surface, sampling=spacing)
     to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)
-    within = int((to_ref[pred_surface] <= tolerance_mm).sum()) + int((to_pred[ref_surface] <= tolerance_mm).sum())
+    within = int((to_ref[pred_surface] <= tolerance_mm).sum()) + int(
+        (to_pred[ref_surface] <= tolerance_mm).sum()
+    )
     return within / (n_pred + n_ref)
 
 
-def per_label_scores(prediction: np.ndarray, reference: np.ndarray, *, spacing: tuple[float, ...],
-                     labels: list[int] | None = None) -> dict[int, dict[str, float]]:
+def per_label_scores(
+    prediction: np.ndarray,
+    reference: np.ndarray,
+    *,
+    spacing: tuple[float, ...],
+    labels: list[int] | None = None,
+) -> dict[int, dict[str, float]]:
     """{label: {"dice": .., "nsd": ..}} for every label present in the reference (or the given labels)."""
     if prediction.shape != reference.shape:
         raise ValueError(f"prediction {prediction.shape} and reference {reference.shape} differ in shape")
     if labels is None:
         labels = present_labels(reference)
     return {
-        label: {"dice": dice(prediction == label, reference == label),
-                "nsd": normalised_surface_dice(prediction == label, reference == label, spacing=spacing)}
+        label: {
+            "dice": dice(prediction == label, reference == label),
+            "nsd": normalised_surface_dice(prediction == label, reference == label, spacing=spacing),
+        }
         for label in labels
     }
 
 
-def filled_box_dice(reference: np.ndarray, prompts) -> dict[int, float]:
+def filled_box_dice(reference: np.ndarray, prompts: Iterable[BoxPrompt]) -> dict[int, float]:
     """Dice per label of the no-model baseline: every prompt box of that label filled."""
     scores = {}
     for label in sorted({p.label for p in prompts}):

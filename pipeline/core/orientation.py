@@ -4,6 +4,7 @@ Canonical order is LPS+ axis codes read as (x, y, z) = (L, P, S), stored (z, y, 
 source affine and shape so exports land on exactly the input's grid. LPS_TO_RAS turns DICOM's patient (LPS)
 affines into NIfTI's RAS convention.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,16 +33,24 @@ def guess_modality(array: np.ndarray) -> str:
 def _check_affine(affine_ijk: np.ndarray) -> None:
     linear = np.asarray(affine_ijk, dtype=float)[:3, :3]
     if not np.all(np.isfinite(affine_ijk)) or abs(float(np.linalg.det(linear))) < 1e-12:
-        spacing = ", ".join(f"{v:g}" for v in np.linalg.norm(linear, axis=0)) if np.all(np.isfinite(linear)) \
+        spacing = (
+            ", ".join(f"{v:g}" for v in np.linalg.norm(linear, axis=0))
+            if np.all(np.isfinite(linear))
             else "not finite"
-        raise ReadError(f"the voxel-to-world transform is degenerate (voxel spacing {spacing} mm): zero, "
-                        "missing or non-finite spacing or orientation in the header")
+        )
+        raise ReadError(
+            f"the voxel-to-world transform is degenerate (voxel spacing {spacing} mm): zero, "
+            "missing or non-finite spacing or orientation in the header"
+        )
 
 
 def _transform(affine_ijk: np.ndarray) -> np.ndarray:
     import nibabel.orientations as nio
 
-    return nio.ornt_transform(nio.io_orientation(affine_ijk), nio.axcodes2ornt(CANONICAL_AXCODES))
+    transform: np.ndarray = nio.ornt_transform(
+        nio.io_orientation(affine_ijk), nio.axcodes2ornt(CANONICAL_AXCODES)
+    )
+    return transform
 
 
 def canonical_flips(affine_ijk: np.ndarray) -> tuple[bool, bool, bool] | None:
@@ -59,8 +68,14 @@ def canonical_flips(affine_ijk: np.ndarray) -> tuple[bool, bool, bool] | None:
     return tuple(bool(f < 0) for f in transform[:, 1])  # type: ignore[return-value]
 
 
-def canonical_volume(array_ijk: np.ndarray, affine_ijk: np.ndarray, *, modality: str | None,
-                     source_format: str, flipped: bool = False) -> Volume:
+def canonical_volume(
+    array_ijk: np.ndarray,
+    affine_ijk: np.ndarray,
+    *,
+    modality: str | None,
+    source_format: str,
+    flipped: bool = False,
+) -> Volume:
     """Reorient an (i, j, k) array with its voxel->RAS affine to canonical (z, y, x) and build the Volume.
 
     ``flipped``: the array is already reversed along the axes :func:`canonical_flips` names for this affine
@@ -98,7 +113,7 @@ def _single_slice_first(zyx: np.ndarray, affine_zyx: np.ndarray) -> tuple[np.nda
     """
     single = 1 if zyx.shape[1] == 1 else 2
     other = 2 if single == 1 else 1
-    order = [single, 0, other] + list(range(3, zyx.ndim))
+    order = [single, 0, other, *list(range(3, zyx.ndim))]
     array = np.transpose(zyx, order)[:, ::-1]
     affine = affine_zyx.copy()
     affine[:, :3] = affine_zyx[:, [single, 0, other]]

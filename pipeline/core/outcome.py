@@ -1,8 +1,9 @@
 """What became of one case in a run: the typed value every driver returns and every report is built from."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Status = Literal["done", "skipped", "failed", "quarantined"]
 STATUSES: tuple[str, ...] = ("done", "skipped", "failed", "quarantined")
@@ -32,13 +33,25 @@ class CaseOutcome:
         if self.status not in STATUSES:
             raise ValueError(f"Argument 'status' must be one of {STATUSES}; got {self.status!r}.")
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         """The outcome as a JSON record without the reason (ids, status, stage, figures; no file names)."""
-        return {"case_id": self.case_id, "status": self.status, "stage": self.stage, "slices": self.slices,
-                "seconds": round(self.seconds, 3), "node": self.node}
+        return {
+            "case_id": self.case_id,
+            "status": self.status,
+            "stage": self.stage,
+            "slices": self.slices,
+            "seconds": round(self.seconds, 3),
+            "node": self.node,
+        }
 
     @classmethod
-    def from_record(cls, record: dict) -> CaseOutcome:
-        return cls(record["case_id"], record["status"], stage=record.get("stage", ""),
-                   reason=record.get("reason", ""), seconds=float(record.get("seconds", 0.0)),
-                   slices=int(record.get("slices", 0)), node=record.get("node", ""))
+    def from_record(cls, record: dict[str, Any]) -> CaseOutcome:
+        return cls(
+            record["case_id"],
+            record["status"],
+            stage=record.get("stage", ""),
+            reason=record.get("reason", ""),
+            seconds=float(record.get("seconds", 0.0)),
+            slices=int(record.get("slices", 0)),
+            node=record.get("node", ""),
+        )

@@ -1,4 +1,5 @@
 """Provenance: the package version, UTC time stamps, version ids and file hashes every record carries."""
+
 from __future__ import annotations
 
 import functools
@@ -32,7 +33,8 @@ def utc_stamp(when: float | None = None, *, precise: bool = False) -> str:
 
 
 def version_id() -> str:
-    """A sortable unique id for a run or a stored version: local ``YYYYmmddTHHMMSS`` and 6 random hex digits."""
+    """A sortable unique id for a run or a stored version: local ``YYYYmmddTHHMMSS`` and 6 random hex
+    digits."""
     return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 

@@ -9,11 +9,13 @@ Conventions used everywhere in the project:
 * Boxes are ``(x_min, y_min, x_max, y_max)`` in voxel indices of the Volume, inclusive on both ends
   (MedSAM's convention for boxes taken from masks). The model's 256-pixel boxes exist only in the runner.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +41,7 @@ class Geometry:
         norms = np.linalg.norm(np.asarray(self.affine)[:3, :3], axis=0)
         return (float(norms[0]), float(norms[1]), float(norms[2]))
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "affine_zyx_to_ras": np.asarray(self.affine, dtype=float).tolist(),
             "shape_zyx": list(self.shape),
@@ -50,7 +52,7 @@ class Geometry:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> "Geometry":
+    def from_json(cls, data: dict[str, Any]) -> Geometry:
         return cls(
             affine=np.asarray(data["affine_zyx_to_ras"], dtype=float),
             shape=tuple(int(s) for s in data["shape_zyx"]),  # type: ignore[arg-type]
@@ -73,15 +75,19 @@ class Volume:
 
     def __post_init__(self) -> None:
         if self.array.ndim not in (3, 4):
-            raise ValueError(f"Argument 'array' must be (z, y, x) or (z, y, x, 3); got shape {self.array.shape}.")
+            raise ValueError(
+                f"Argument 'array' must be (z, y, x) or (z, y, x, 3); got shape {self.array.shape}."
+            )
         if tuple(self.array.shape[:3]) != tuple(self.geometry.shape):
             raise ValueError(
-                f"Argument 'array' has shape {self.array.shape[:3]} but the geometry says {self.geometry.shape}."
+                f"Argument 'array' has shape {self.array.shape[:3]} but the geometry says "
+                f"{self.geometry.shape}."
             )
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.array.shape[:3])  # type: ignore[return-value]
+        z, y, x = self.array.shape[:3]
+        return int(z), int(y), int(x)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -89,9 +95,9 @@ class Volume:
 
     @property
     def is_2d(self) -> bool:
-        return self.array.shape[0] == 1
+        return bool(self.array.shape[0] == 1)
 
-    def with_array(self, array: np.ndarray) -> "Volume":
+    def with_array(self, array: np.ndarray) -> Volume:
         """A new Volume on the same grid with another array (a label map, say)."""
         return replace(self, array=array)
 
@@ -146,7 +152,7 @@ class InstanceRecord:
     jitter_iou: float | None = None  # mean IoU of the mask with masks from jittered boxes (sampled slices)
     edit_dice: float | None = None  # Dice between the proposal and the reviewer's correction
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "label": self.label,
             "instance": self.instance,
@@ -170,15 +176,17 @@ class InstanceRecord:
 class CaseRef:
     """One unit of work: an image (file or DICOM series folder) and its optional coarse mask.
 
-    ``case_id`` is a keyed hash: it carries no name, ID, date or UID from the input. For DICOM, ``series`` is a
-    keyed hash of the series (SeriesInstanceUID, orientation and size; never the UID itself) and ``files`` lists
-    the series' files inside ``image`` (a folder may hold several series). ``error`` is set when discovery
-    could not make a readable case of an input (a corrupt file, a refused archive member): reading the case
-    raises it as a ReadError so it is recorded like any other failure. ``content_sha256`` is the image file's
-    sha256 as discovery read it for the case id, so the case's signature does not read the file again.
-    ``unreadable_nearby`` names the files in a series' folders that could not be read as DICOM (each also its own
-    failing case): when the series fails to read (a gap, say), its reason names them, as they may be its slices.
-    ``supersedes`` is the id of the failing case a remote input (DICOMweb, s3://…) gave on a run where it could
+    ``case_id`` is a keyed hash: it carries no name, ID, date or UID from the input. For DICOM, ``series`` is
+    a keyed hash of the series (SeriesInstanceUID, orientation and size; never the UID itself) and ``files``
+    lists the series' files inside ``image`` (a folder may hold several series). ``error`` is set when
+    discovery could not make a readable case of an input (a corrupt file, a refused archive member): reading
+    the case raises it as a ReadError so it is recorded like any other failure. ``content_sha256`` is the
+    image file's sha256 as discovery read it for the case id, so the case's signature does not read the file
+    again. ``unreadable_nearby`` names the files in a series' folders that could not be read as DICOM (each
+    also its own
+    failing case): when the series fails to read (a gap, say), its reason names them, as they may be its
+    slices. ``supersedes`` is the id of the failing case a remote input (DICOMweb, s3://…) gave on a run where
+    it could
     not be fetched; its error record is removed once this case is committed.
     """
 
@@ -218,22 +226,30 @@ class CaseAttributes:
     case_id: str
     geometry: Geometry
     modality: str
-    signature: dict
-    instances: tuple[dict, ...]
+    signature: dict[str, Any]
+    instances: tuple[dict[str, Any], ...]
     review_status: str | None
     round: int | None
     committed_at: str | None
-    quality: dict
-    config: dict
-    raw: dict
+    quality: dict[str, Any]
+    config: dict[str, Any]
+    raw: dict[str, Any]
 
     @classmethod
-    def from_json(cls, data: dict) -> "CaseAttributes":
-        return cls(case_id=str(data.get("case_id", "")), geometry=Geometry.from_json(data["geometry"]),
-                   modality=str(data.get("modality", "OT")), signature=dict(data.get("signature") or {}),
-                   instances=tuple(data.get("instances") or ()), review_status=data.get("review_status"),
-                   round=data.get("round"), committed_at=data.get("committed_at"),
-                   quality=dict(data.get("quality") or {}), config=dict(data.get("config") or {}), raw=dict(data))
+    def from_json(cls, data: dict[str, Any]) -> CaseAttributes:
+        return cls(
+            case_id=str(data.get("case_id", "")),
+            geometry=Geometry.from_json(data["geometry"]),
+            modality=str(data.get("modality", "OT")),
+            signature=dict(data.get("signature") or {}),
+            instances=tuple(data.get("instances") or ()),
+            review_status=data.get("review_status"),
+            round=data.get("round"),
+            committed_at=data.get("committed_at"),
+            quality=dict(data.get("quality") or {}),
+            config=dict(data.get("config") or {}),
+            raw=dict(data),
+        )
 
     def volume(self, array: np.ndarray) -> Volume:
         """``array`` (the case's label map or image) as a Volume on the case's grid."""

@@ -5,7 +5,8 @@
 * :func:`plan_actors` sizes the pool from the cluster: on GPU nodes one actor per 4 CPUs per GPU, up to 4
   sharing each GPU (:func:`actors_per_gpu`; or per ``gpus_per_actor`` share of one), else CPU actors of up to
   4 threads each; an actor never spans nodes.
-* :class:`Annotator` loads the model once (lazily); it runs ``case_workers`` calls at a time (2 on a CPU actor;
+* :class:`Annotator` loads the model once (lazily); it runs ``case_workers`` calls at a time (2 on a CPU
+actor;
   one per reserved CPU on a GPU actor, which takes its GPU share's part of the node's CPUs) so that reading
   (each call in a reader process of its own), prompts, post-processing and the commit of other cases overlap
   the model work on this one, which a lock keeps to one case at a time. Writes are idempotent: a case already
@@ -19,6 +20,7 @@
 Each case runs through the one per-case driver (pipeline/annotate/driver.py) under the failure policy of
 pipeline/annotate/policy.py with quarantine on.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,13 +70,21 @@ class PoolOptions(BaseModel):
     address: str | None = Field(None, description="Ray cluster address (else $RAY_ADDRESS, else a local Ray)")
     actors: int | None = Field(None, ge=1, description="annotator actors (default: as many as fit)")
     cpus_per_actor: int | None = Field(None, ge=1, description="CPUs (torch threads) per actor")
-    gpus_per_actor: float | None = Field(None, ge=0, le=8, description="GPU share per actor (None: see "
-                                                                        "actors_per_gpu; 0: CPU only)")
-    in_flight: int | None = Field(None, ge=1, le=32, description="cases sent ahead to each actor; None: one more "
-                                                                  "than the actor's case workers")
+    gpus_per_actor: float | None = Field(
+        None, ge=0, le=8, description="GPU share per actor (None: see actors_per_gpu; 0: CPU only)"
+    )
+    in_flight: int | None = Field(
+        None,
+        ge=1,
+        le=32,
+        description="cases sent ahead to each actor; None: one more than the actor's case workers",
+    )
     case_retries: int = Field(2, ge=0, le=10, description="retries of a case after a transient I/O error")
-    keep_actors: bool = Field(False, description="keep the actors and their models for this process's next "
-                                                 "run (else they are released when the run ends)")
+    keep_actors: bool = Field(
+        False,
+        description="keep the actors and their models for this process's next "
+        "run (else they are released when the run ends)",
+    )
 
 
 # -- connecting ---------------------------------------------------------------------------------------------
@@ -109,8 +119,13 @@ def connect(address: str | None = None, *, local_cpus: int | None = None) -> str
                 _enable_token_auth()
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         else:
-            ray.init(namespace=NAMESPACE, include_dashboard=False, num_cpus=local_cpus,
-                     object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=False)
+            ray.init(
+                namespace=NAMESPACE,
+                include_dashboard=False,
+                num_cpus=local_cpus,
+                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                log_to_driver=False,
+            )
     return ray.get_runtime_context().gcs_address
 
 
@@ -137,12 +152,16 @@ class ActorPlan:
 def cluster_nodes() -> list[NodeResources]:
     import ray
 
-    return [NodeResources(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))
-            for n in ray.nodes() if n.get("Alive")]
+    return [
+        NodeResources(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
 
 
-def plan_actors(nodes: Iterable[NodeResources], options: PoolOptions, *, case_workers: int | None = None
-                ) -> ActorPlan:
+def plan_actors(
+    nodes: Iterable[NodeResources], options: PoolOptions, *, case_workers: int | None = None
+) -> ActorPlan:
     """How many actors fit and what each reserves (see the module doc). More actors than fit are refused
     with a warning (Ray would leave them pending and their cases would never run). ``case_workers`` (the
     config's ``pipeline.case_workers``) overrides the cases each actor has in flight."""
@@ -174,7 +193,9 @@ def _plan(nodes: list[NodeResources], options: PoolOptions) -> ActorPlan:
         fair = min(int(nodes[i].cpus) // max(1, k) for i, k in per_node.items())
         cpus = options.cpus_per_actor or max(1, fair)
         slots = sum(min(k, int(nodes[i].cpus) // cpus) for i, k in per_node.items())
-        plan = ActorPlan(slots, cpus, share, min(MAX_CPU_THREADS, cpus), max(2, min(MAX_GPU_CASE_WORKERS, cpus)))
+        plan = ActorPlan(
+            slots, cpus, share, min(MAX_CPU_THREADS, cpus), max(2, min(MAX_GPU_CASE_WORKERS, cpus))
+        )
         return _capped(plan, options.actors)
     cpus = options.cpus_per_actor or max(1, min(MAX_CPU_THREADS, int(max(n.cpus for n in nodes))))
     slots = sum(int(n.cpus) // cpus for n in nodes)
@@ -201,8 +222,13 @@ def annotator_name(plan: ActorPlan, index: int, config_json: str) -> str:
 # settings the driver's environment gives the actors, which download DICOMweb series themselves: where the
 # credentials file is (a path, never a secret: tokens and passwords stay out of Ray's runtime environments, so
 # the nodes need that file or their own MEDSAM_ENGINE_DICOMWEB_TOKEN/_USER/_PASSWORD) and the retry settings
-FORWARDED_ENV = ("MEDSAM_ENGINE_DICOMWEB_CREDENTIALS", "MEDSAM_ENGINE_DICOMWEB_RETRIES",
-                 "MEDSAM_ENGINE_DICOMWEB_BACKOFF_S", "MEDSAM_ENGINE_DICOMWEB_TIMEOUT_S", "MEDSAM_ENGINE_CACHE")
+FORWARDED_ENV = (
+    "MEDSAM_ENGINE_DICOMWEB_CREDENTIALS",
+    "MEDSAM_ENGINE_DICOMWEB_RETRIES",
+    "MEDSAM_ENGINE_DICOMWEB_BACKOFF_S",
+    "MEDSAM_ENGINE_DICOMWEB_TIMEOUT_S",
+    "MEDSAM_ENGINE_CACHE",
+)
 _actors: dict[str, object] = {}  # this process's actors: a non-detached actor lives while a handle does
 _actors_lock = threading.Lock()
 
@@ -221,13 +247,19 @@ def get_annotator(plan: ActorPlan, index: int, config_json: str, *, lost=None):
         if current is not None:
             ray.kill(current)
             _wait_until_gone(name)
-        actor_class = ray.remote(max_concurrency=plan.case_workers, concurrency_groups={"control": 1})(Annotator)
+        actor_class = ray.remote(max_concurrency=plan.case_workers, concurrency_groups={"control": 1})(
+            Annotator
+        )
         forwarded = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         _actors[name] = actor_class.options(
-            name=name, namespace=NAMESPACE, max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
-            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
-            runtime_env={"env_vars": forwarded} if forwarded else None).remote(config_json, plan.threads,
-                                                                           plan.case_workers)
+            name=name,
+            namespace=NAMESPACE,
+            max_restarts=ACTOR_RESTARTS,
+            max_task_retries=TASK_RETRIES,
+            num_cpus=plan.num_cpus,
+            num_gpus=plan.num_gpus,
+            runtime_env={"env_vars": forwarded} if forwarded else None,
+        ).remote(config_json, plan.threads, plan.case_workers)
         return _actors[name]
 
 
@@ -264,38 +296,54 @@ class Annotator:
         import ray
 
         if not ray.get_runtime_context().get_accelerator_ids().get("GPU"):
-            os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU actor on a GPU node must not take the GPU's memory
+            os.environ["CUDA_VISIBLE_DEVICES"] = (
+                ""  # a CPU actor on a GPU node must not take the GPU's memory
+            )
         else:  # a fraction of a GPU: batches sized by free memory take only this actor's part of it
             share = ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0)
             os.environ[GPU_SHARE_VARIABLE] = f"{min(1.0, share):g}"
-        # the CPU runtimes read OMP_NUM_THREADS (pipeline/model/graph_cache.default_threads), and so does torch when a
-        # case first needs it (eager torch, an export); a runner on cached graphs never imports torch at all
+        # the CPU runtimes read OMP_NUM_THREADS (pipeline/model/graph_cache.default_threads), and so does
+        # torch when a case first needs it (eager torch, an export); a runner on cached graphs never imports
+        # torch at all
         os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(max(1, threads))
         import cv2
 
-        cv2.setNumThreads(1)  # the actor's case workers are its parallelism: OpenCV's own threads only contend
+        cv2.setNumThreads(
+            1
+        )  # the actor's case workers are its parallelism: OpenCV's own threads only contend
         self.config = EngineConfig.model_validate_json(config_json)
         self.runner = LazyRunner(self.config)
         self.threads = threads
         self._model_lock = threading.Lock()
         self._stores: dict[str, CaseStore] = {}
-        warm_readers(case_workers)  # its reader processes start now, beside the model's load, not in its first cases
-        gc.freeze()  # the actor's imports stay out of the collector's scans (see pipeline.annotate.job.frozen_heap)
+        # its reader processes start now, beside the model's load, not in its first cases
+        warm_readers(case_workers)
+        gc.freeze()  # the actor's imports stay out of the collector's scans (see annotate.job.frozen_heap)
 
     def _store(self, url: str) -> CaseStore:
         if url not in self._stores:
             self._stores[url] = CaseStore(url)
         return self._stores[url]
 
-    def annotate_case(self, case: dict, store_url: str, run_id: str, *, overwrite: bool = False,
-                      retries: int = 2) -> dict:
+    def annotate_case(
+        self, case: dict, store_url: str, run_id: str, *, overwrite: bool = False, retries: int = 2
+    ) -> dict:
         """Annotate and commit one case through the one per-case driver; returns its outcome record. Never
         raises for a case's failure: it is recorded in STORE/_errors and quarantined unless transient."""
         policy = FailurePolicy(retries=retries, quarantine=True)
-        result = run_case(CaseRef(**case), self._store(store_url), self.config, self.runner, run_id=run_id,
-                          policy=policy, overwrite=overwrite, model_lock=self._model_lock, node=_node)
+        result = run_case(
+            CaseRef(**case),
+            self._store(store_url),
+            self.config,
+            self.runner,
+            run_id=run_id,
+            policy=policy,
+            overwrite=overwrite,
+            model_lock=self._model_lock,
+            node=_node,
+        )
         return result.record()
 
     def info(self) -> dict:
@@ -321,8 +369,14 @@ class Job:
     retries: int = 2
 
 
-def drive(cases: list[dict], actor_factory: Callable[..., object], job: Job, *, in_flight: int = 2,
-          on_outcome: Callable[[dict], None] | None = None) -> list[dict]:
+def drive(
+    cases: list[dict],
+    actor_factory: Callable[..., object],
+    job: Job,
+    *,
+    in_flight: int = 2,
+    on_outcome: Callable[[dict], None] | None = None,
+) -> list[dict]:
     """Annotate ``cases`` (CaseRef fields) on the actor from ``actor_factory()``, ``in_flight`` at a time.
 
     A lost actor is Ray's to restart and retry; when it is gone for good (restarts spent)
@@ -338,8 +392,9 @@ def drive(cases: list[dict], actor_factory: Callable[..., object], job: Job, *, 
     while queue or pending:
         while queue and _may_send(queue[0], pending, deaths, in_flight):
             case = queue.popleft()
-            ref = actor.annotate_case.remote(case, job.store_url, job.run_id, overwrite=job.overwrite,
-                                             retries=job.retries)
+            ref = actor.annotate_case.remote(
+                case, job.store_url, job.run_id, overwrite=job.overwrite, retries=job.retries
+            )
             pending[ref] = (case, actor)
         ready, _ = ray.wait(list(pending), num_returns=1)
         case, held_by = pending.pop(ready[0])

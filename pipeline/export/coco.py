@@ -6,6 +6,7 @@ store label value (id = the value, name and SNOMED category from the label metad
 ``iscrowd`` 0, and ``score`` = the mean predicted IoU of the label's instances when the lineage has them.
 Masks are in the image's pixel grid (row = y, column = x); 3D cases are skipped with the reason.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,13 +45,24 @@ def _annotations(labels_yx: np.ndarray, image_id: int, instances: list[dict], fi
     for value in (int(v) for v in np.unique(labels_yx) if v != 0):
         rle = encode_rle(labels_yx == value)
         raw = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-        ious = [float(r["predicted_iou"]) for r in instances
-                if int(r.get("label", -1)) == value and r.get("predicted_iou") is not None]
-        out.append({"id": first_id + len(out), "image_id": image_id, "category_id": value,
-                    "segmentation": rle, "area": int(mask_utils.area(raw)),
-                    "bbox": [float(b) for b in mask_utils.toBbox(raw)], "iscrowd": 0,
-                    **({"score": round(float(np.mean(ious)), 5)} if ious else {}),
-                    "medsam_instances": sum(int(r.get("label", -1)) == value for r in instances)})
+        ious = [
+            float(r["predicted_iou"])
+            for r in instances
+            if int(r.get("label", -1)) == value and r.get("predicted_iou") is not None
+        ]
+        out.append(
+            {
+                "id": first_id + len(out),
+                "image_id": image_id,
+                "category_id": value,
+                "segmentation": rle,
+                "area": int(mask_utils.area(raw)),
+                "bbox": [float(b) for b in mask_utils.toBbox(raw)],
+                "iscrowd": 0,
+                **({"score": round(float(np.mean(ious)), 5)} if ious else {}),
+                "medsam_instances": sum(int(r.get("label", -1)) == value for r in instances),
+            }
+        )
     return out
 
 
@@ -73,30 +85,45 @@ def _write_png(store: CaseStore, case_id: str, folder: Path) -> str | None:
 def export_coco(store: CaseStore, out: Path) -> ExportReport:
     """Write OUT/annotations.json (and images/) for every committed 2D case; re-read and compared."""
     report = ExportReport(format="coco")
-    coco: dict = {"info": {"description": "LiteMedSAM pre-annotations exported by medsam-engine"},
-                  "images": [], "annotations": [], "categories": []}
+    coco: dict = {
+        "info": {"description": "LiteMedSAM pre-annotations exported by medsam-engine"},
+        "images": [],
+        "annotations": [],
+        "categories": [],
+    }
     expected: dict[int, np.ndarray] = {}
     meanings = {}
     for case_id in store.committed_cases():
         labels, attrs = store.read_labels(case_id)
         if labels.shape[0] != 1:
-            report.skipped[case_id] = (f"not a 2D image ({labels.shape[0]} slices): COCO RLE is for 2D "
-                                       "images (export volumes with --format nifti or nnunet)")
+            report.skipped[case_id] = (
+                f"not a 2D image ({labels.shape[0]} slices): COCO RLE is for 2D "
+                "images (export volumes with --format nifti or nnunet)"
+            )
             continue
         image_id = len(coco["images"]) + 1
         file_name = _write_png(store, case_id, out / "images") or f"{case_id}.png"
-        coco["images"].append({"id": image_id, "file_name": file_name, "height": int(labels.shape[1]),
-                               "width": int(labels.shape[2]), "medsam_case_id": case_id})
-        coco["annotations"] += _annotations(labels[0], image_id, list(attrs.instances),
-                                            len(coco["annotations"]) + 1)
+        coco["images"].append(
+            {
+                "id": image_id,
+                "file_name": file_name,
+                "height": int(labels.shape[1]),
+                "width": int(labels.shape[2]),
+                "medsam_case_id": case_id,
+            }
+        )
+        coco["annotations"] += _annotations(
+            labels[0], image_id, list(attrs.instances), len(coco["annotations"]) + 1
+        )
         expected[image_id] = labels[0]
         for value, meaning in meanings_from_properties(store.label_properties(case_id)).items():
             meanings.setdefault(value, meaning)
     values = sorted({a["category_id"] for a in coco["annotations"]})
     missing = describe_labels([v for v in values if v not in meanings])
     meanings.update({m.value: m for m in missing})
-    coco["categories"] = [{"id": v, "name": meanings[v].name, "supercategory": meanings[v].category[1]}
-                          for v in values]
+    coco["categories"] = [
+        {"id": v, "name": meanings[v].name, "supercategory": meanings[v].category[1]} for v in values
+    ]
     path = out / "annotations.json"
     with atomic_file(path) as temp:
         temp.write_text(json.dumps(coco))

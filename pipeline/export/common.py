@@ -4,6 +4,7 @@ Every export writes each file under a temporary name, re-reads it, compares it w
 gives it its final name. Cases an export cannot represent (a SEG for a NIfTI input, COCO for a 3D volume) are
 skipped with a reason per case; everything else that goes wrong is a bug and propagates.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -50,6 +51,7 @@ def label_map_on_source(labels_zyx: np.ndarray, geometry: Geometry) -> np.ndarra
 
 def per_case(write: Callable[[CaseStore, str, Path], Path]) -> Callable[[CaseStore, Path], ExportReport]:
     """An exporter that runs ``write`` per committed case and records ExportErrors as skipped cases."""
+
     def run(store: CaseStore, out: Path) -> ExportReport:
         report = ExportReport(format="")
         for case_id in store.committed_cases():
@@ -58,4 +60,5 @@ def per_case(write: Callable[[CaseStore, str, Path], Path]) -> Callable[[CaseSto
             except ExportError as exc:
                 report.skipped[case_id] = exc.reason
         return report
+
     return run

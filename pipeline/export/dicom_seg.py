@@ -13,6 +13,7 @@ type (generic "Tissue" when the name is not known), display colour, and the algo
 * SEMIAUTOMATIC some instance had a person in the loop: a reviewer, a person's prompt or a manual edit;
 * AUTOMATIC    otherwise (model output from coarse-mask or detector prompts, unreviewed).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,17 @@ from medsam_engine.pipeline.store.labels_meta import LabelMeaning, describe_labe
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Type 2 patient/study attributes a SEG copies from its source; real archives sometimes omit them, and a
 # present-but-empty value is what the standard asks for then (filled on the in-memory headers only).
-TYPE2_FROM_SOURCE = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyID",
-                     "AccessionNumber", "StudyDate", "StudyTime", "ReferringPhysicianName")
+TYPE2_FROM_SOURCE = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
 HUMAN_PROMPT_SOURCES = {"user", "user-box", "manual", "manual-box", "human", "person"}
 TOLERANCE_MM = 1e-2
 
@@ -41,8 +51,9 @@ def algorithm_type(records: list[dict]) -> str:
     manual = [r.get("stage") == "manual" for r in records]
     if records and all(manual):
         return "MANUAL"
-    human = any(manual) or any(r.get("reviewer") or r.get("prompt_source") in HUMAN_PROMPT_SOURCES
-                               for r in records)
+    human = any(manual) or any(
+        r.get("reviewer") or r.get("prompt_source") in HUMAN_PROMPT_SOURCES for r in records
+    )
     return "SEMIAUTOMATIC" if human else "AUTOMATIC"
 
 
@@ -52,8 +63,10 @@ def _source_files(store: CaseStore, case_id: str, attrs: CaseAttributes) -> list
     source_format = attrs.geometry.source_format
     manifest = store.manifest(case_id) or {}
     if source_format != "dicom" or not manifest.get("image"):
-        raise ExportError(f"source is {source_format or 'unknown'}, not a DICOM series: a SEG "
-                          "must reference its source images (export it with --format nifti)")
+        raise ExportError(
+            f"source is {source_format or 'unknown'}, not a DICOM series: a SEG "
+            "must reference its source images (export it with --format nifti)"
+        )
     path = Path(manifest["image"])
     files = tuple(str(f) for f in manifest.get("files") or ())
     if not path.exists() or not all(Path(f).is_file() for f in files):
@@ -78,8 +91,10 @@ def _slice_of(ds, lps: np.ndarray, shape: tuple[int, int, int]) -> int | None:
         return None
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
-    if not (np.allclose(orientation[:3], lps[:3, 0] / spacing[0], atol=1e-3)
-            and np.allclose(orientation[3:], lps[:3, 1] / spacing[1], atol=1e-3)):
+    if not (
+        np.allclose(orientation[:3], lps[:3, 0] / spacing[0], atol=1e-3)
+        and np.allclose(orientation[3:], lps[:3, 1] / spacing[1], atol=1e-3)
+    ):
         return None
     ijk = np.linalg.solve(lps[:3, :3], np.asarray(ds.ImagePositionPatient, dtype=float) - lps[:3, 3])
     k = int(round(ijk[2]))
@@ -112,8 +127,10 @@ def _frames_on_grid(files: list[Path], geometry: Geometry) -> list:
     complete = [s for s in series.values() if len(s) == n_k and all(len(v) == 1 for v in s.values())]
     if len(complete) != 1:
         found = max((len(s) for s in series.values()), default=0)
-        raise ExportError(f"{len(complete)} series in the source cover the annotated grid (expected 1; the "
-                          f"largest covers {found} of {n_k} slices once)")
+        raise ExportError(
+            f"{len(complete)} series in the source cover the annotated grid (expected 1; the "
+            f"largest covers {found} of {n_k} slices once)"
+        )
     datasets = [complete[0][k][0] for k in range(n_k)]
     if any("FrameOfReferenceUID" not in ds for ds in datasets):
         raise ExportError("source series has no FrameOfReferenceUID, which a SEG must share with its source")
@@ -146,18 +163,25 @@ def _segment_descriptions(case_id: str, meanings: list[LabelMeaning], attrs: Cas
     model = str(signature.get("model_sha256", ""))[:16]
     version = f"{model} medsam-engine {signature.get('package_version', '')}".strip()[:64]
     algorithm = hd.AlgorithmIdentificationSequence(
-        name="LiteMedSAM", family=codes.cid7162.ArtificialIntelligence, version=version)
+        name="LiteMedSAM", family=codes.cid7162.ArtificialIntelligence, version=version
+    )
     descriptions = []
     for number, meaning in enumerate(meanings, start=1):
         records = [r for r in attrs.instances if int(r.get("label", -1)) == meaning.value]
         kind = algorithm_type(records)
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=number, segment_label=meaning.name[:64],
-            segmented_property_category=_sct(meaning.category),
-            segmented_property_type=_sct(meaning.property_type),
-            algorithm_type=kind, algorithm_identification=None if kind == "MANUAL" else algorithm,
-            tracking_id=f"label {meaning.value}", tracking_uid=_uid(case_id, f"label {meaning.value}"),
-            display_color=hd.color.CIELabColor.from_rgb(*meaning.rgb)))
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=meaning.name[:64],
+                segmented_property_category=_sct(meaning.category),
+                segmented_property_type=_sct(meaning.property_type),
+                algorithm_type=kind,
+                algorithm_identification=None if kind == "MANUAL" else algorithm,
+                tracking_id=f"label {meaning.value}",
+                tracking_uid=_uid(case_id, f"label {meaning.value}"),
+                display_color=hd.color.CIELabColor.from_rgb(*meaning.rgb),
+            )
+        )
     return descriptions
 
 
@@ -189,14 +213,21 @@ def write_case_seg(store: CaseStore, case_id: str, out: Path) -> Path:
     frames = _expected_frames(labels, geometry, values)
     signature = attrs.signature
     seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=frames.astype(np.uint8 if len(values) < 256 else np.uint16),
+        source_images=sources,
+        pixel_array=frames.astype(np.uint8 if len(values) < 256 else np.uint16),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=_segment_descriptions(case_id, _meanings(store, case_id, values, attrs), attrs),
-        series_instance_uid=_uid(case_id, signature, attrs.committed_at, "series"), series_number=900,
-        sop_instance_uid=_uid(case_id, signature, attrs.committed_at, "instance"), instance_number=1,
-        manufacturer="medsam-engine", manufacturer_model_name="LiteMedSAM",
-        software_versions=str(signature.get("package_version", "unknown")), device_serial_number="0",
-        content_label="MEDSAM", content_description="LiteMedSAM pre-annotation")
+        series_instance_uid=_uid(case_id, signature, attrs.committed_at, "series"),
+        series_number=900,
+        sop_instance_uid=_uid(case_id, signature, attrs.committed_at, "instance"),
+        instance_number=1,
+        manufacturer="medsam-engine",
+        manufacturer_model_name="LiteMedSAM",
+        software_versions=str(signature.get("package_version", "unknown")),
+        device_serial_number="0",
+        content_label="MEDSAM",
+        content_description="LiteMedSAM pre-annotation",
+    )
     path = out / f"{case_id}.seg.dcm"
     with atomic_file(path) as temp:
         seg.save_as(str(temp))
@@ -217,8 +248,12 @@ def check_seg(path: Path, sources: list, frames: np.ndarray, geometry: Geometry)
     to_source = np.linalg.inv(LPS_FROM_RAS @ np.asarray(geometry.source_affine)) @ np.asarray(volume.affine)
     linear, shift = to_source[:3, :3], to_source[:3, 3]
     step = round(float(linear[2, 0]))  # highdicom may stack the slices in either direction along the normal
-    if not (np.allclose(linear, [[0, 0, 1], [0, 1, 0], [step, 0, 0]], atol=1e-3) and abs(step) == 1
-            and np.allclose(shift[:2], 0, atol=1e-3) and np.isclose(shift[2], round(shift[2]), atol=1e-3)):
+    if not (
+        np.allclose(linear, [[0, 0, 1], [0, 1, 0], [step, 0, 0]], atol=1e-3)
+        and abs(step) == 1
+        and np.allclose(shift[:2], 0, atol=1e-3)
+        and np.isclose(shift[2], round(shift[2]), atol=1e-3)
+    ):
         raise ExportCheckError(f"{path.name}: the SEG's plane geometry does not lie on the source grid")
     slices = round(float(shift[2])) + step * np.arange(volume.array.shape[0])
     inside = slices.min() >= 0 and slices.max() < len(frames)

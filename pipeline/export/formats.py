@@ -3,6 +3,7 @@
 ``out_dir`` may be a local folder or an fsspec URL (``s3://bucket/prefix``): files are then written and
 checked locally first and uploaded once complete.
 """
+
 from __future__ import annotations
 
 import tempfile

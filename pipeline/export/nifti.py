@@ -6,6 +6,7 @@ skipped with a reason per case; everything else that goes wrong is a bug and pro
 ``out_dir`` may be a local folder or an fsspec URL (``s3://bucket/prefix``): files are then written and
 checked locally first and uploaded once complete.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,7 +28,9 @@ def save_nifti_checked(data: np.ndarray, affine: np.ndarray, path: Path, *, what
     with atomic_file(path) as temp:
         nib.save(image, str(temp))
         check = nib.load(str(temp))
-        same = np.array_equal(np.asanyarray(check.dataobj), data) and np.allclose(check.affine, affine, atol=1e-4)
+        same = np.array_equal(np.asanyarray(check.dataobj), data) and np.allclose(
+            check.affine, affine, atol=1e-4
+        )
         if not same:
             raise ExportCheckError(f"{what}: NIfTI did not read back identically")
     return path
@@ -46,5 +49,3 @@ def export_nifti(store: CaseStore, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return [write_case_nifti(store, case_id, out) for case_id in store.committed_cases()]
-
-

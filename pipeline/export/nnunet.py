@@ -2,10 +2,10 @@
 
 OUT is the dataset folder itself (name it like ``nnUNet_raw/Dataset501_Chest``), or, with ``dataset_id``,
 nnU-Net's raw folder, the dataset going to OUT/Dataset<id>_<name>. The export owns that folder: the whole
-dataset is written beside it, checked, and then takes its place, so it never mixes with an older export's files
-(labelsTr always holds exactly the cases dataset.json lists). A folder that holds files this engine did not
-write is refused (:class:`ExportTargetError`), never overwritten. Images and labels are written on the input's
-own grid and affine (as the NIfTI export), so they overlay the source exactly.
+dataset is written beside it, checked, and then takes its place, so it never mixes with an older export's
+files (labelsTr always holds exactly the cases dataset.json lists). A folder that holds files this engine did
+not write is refused (:class:`ExportTargetError`), never overwritten. Images and labels are written on the
+input's own grid and affine (as the NIfTI export), so they overlay the source exactly.
 
 Which cases: every committed case whose ``review_status`` attribute is "accepted"; a case without that
 attribute (nothing has been reviewed yet) is included too, so a first round can train on pre-annotations.
@@ -17,6 +17,7 @@ manifest names.
 Labels: nnU-Net wants consecutive values, so the store's values (union over the included cases) are mapped to
 1..N in order; dataset.json's "labels" gives the names, and "medsam_label_values" the store value of each.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,13 @@ from medsam_engine.pipeline.core.errors import ReadError
 from medsam_engine.pipeline.core.geometry import to_source_grid
 from medsam_engine.pipeline.core.provenance import utc_stamp
 from medsam_engine.pipeline.core.types import Geometry
-from medsam_engine.pipeline.export.common import ExportCheckError, ExportError, ExportReport, ExportTargetError, label_map_on_source
+from medsam_engine.pipeline.export.common import (
+    ExportCheckError,
+    ExportError,
+    ExportReport,
+    ExportTargetError,
+    label_map_on_source,
+)
 from medsam_engine.pipeline.export.nifti import save_nifti_checked
 from medsam_engine.pipeline.io.readers import read_volume
 from medsam_engine.pipeline.store.case_store import CaseStore
@@ -89,27 +96,41 @@ def _labels_json(names: dict[int, str]) -> tuple[dict[str, int], dict[str, int],
     return labels, values, remap
 
 
-def _write_case(case_id: str, labels: np.ndarray, image: np.ndarray, geometry: Geometry, out: Path,
-                remap: dict[int, int]) -> list[Path]:
+def _write_case(
+    case_id: str, labels: np.ndarray, image: np.ndarray, geometry: Geometry, out: Path, remap: dict[int, int]
+) -> list[Path]:
     """Write one case's label file and image channels (both on the source grid); returns the paths."""
     lut = np.zeros(max([int(labels.max()), *remap]) + 1, dtype=np.uint16)
     for value, index in remap.items():
         lut[value] = index
     target = lut[label_map_on_source(labels, geometry)].astype(np.uint8 if len(remap) < 256 else np.uint16)
-    written = [save_nifti_checked(target, geometry.source_affine, out / "labelsTr" / f"{case_id}.nii.gz",
-                                  what=f"case {case_id} labels")]
+    written = [
+        save_nifti_checked(
+            target,
+            geometry.source_affine,
+            out / "labelsTr" / f"{case_id}.nii.gz",
+            what=f"case {case_id} labels",
+        )
+    ]
     for channel in range(image.shape[-1]):
         data = to_source_grid(np.ascontiguousarray(image[..., channel]), geometry)
-        written.append(save_nifti_checked(data, geometry.source_affine,
-                                          out / "imagesTr" / f"{case_id}_{channel:04d}.nii.gz",
-                                          what=f"case {case_id} image channel {channel}"))
+        written.append(
+            save_nifti_checked(
+                data,
+                geometry.source_affine,
+                out / "imagesTr" / f"{case_id}_{channel:04d}.nii.gz",
+                what=f"case {case_id} image channel {channel}",
+            )
+        )
     return written
 
 
 def dataset_folder(out: Path, dataset_id: int | None, dataset_name: str) -> Path:
     """``out`` itself, or nnU-Net's ``out/Dataset<id, 3 digits>_<name>`` when an id is given."""
     if not DATASET_NAME.match(dataset_name):
-        raise ValueError(f"Argument 'dataset_name' must be letters, digits, '_' or '-'; got {dataset_name!r}.")
+        raise ValueError(
+            f"Argument 'dataset_name' must be letters, digits, '_' or '-'; got {dataset_name!r}."
+        )
     if dataset_id is None:
         return out
     if not 1 <= dataset_id <= 999:
@@ -117,14 +138,17 @@ def dataset_folder(out: Path, dataset_id: int | None, dataset_name: str) -> Path
     return out / f"Dataset{dataset_id:03d}_{dataset_name}"
 
 
-def export_nnunet(store: CaseStore, out: Path, *, dataset_id: int | None = None,
-                  dataset_name: str = "MedSAM") -> ExportReport:
+def export_nnunet(
+    store: CaseStore, out: Path, *, dataset_id: int | None = None, dataset_name: str = "MedSAM"
+) -> ExportReport:
     """Write the dataset (see the module doc) and check dataset.json against its files before it replaces
     an earlier export; ExportTargetError for a folder this engine did not make."""
     target = dataset_folder(Path(out), dataset_id, dataset_name)
     if target.is_dir() and any(target.iterdir()) and not (target / MARKER).is_file():
-        raise ExportTargetError(f"{target} holds files that no nnunet export of medsam-engine wrote; give a new "
-                                "or empty folder, or one an earlier nnunet export made")
+        raise ExportTargetError(
+            f"{target} holds files that no nnunet export of medsam-engine wrote; give a new "
+            "or empty folder, or one an earlier nnunet export made"
+        )
     with replaced_folder(target) as staging:
         report = _write_dataset(store, staging, dataset_name)
         write_text_atomic(staging / MARKER, json.dumps({"store": store.url, "written_at": utc_stamp()}))
@@ -154,10 +178,16 @@ def _write_dataset(store: CaseStore, out: Path, name: str) -> ExportReport:
         channels, modality = image.shape[-1], attrs.modality
         report.written.extend(str(p) for p in _write_case(case_id, labels, image, geometry, out, remap))
         training.append(case_id)
-    dataset = {"name": name, "description": "LiteMedSAM pre-annotations exported by medsam-engine",
-               "channel_names": _channel_names(modality, channels or 1), "labels": labels_json,
-               "numTraining": len(training), "file_ending": ".nii.gz", "medsam_label_values": store_values,
-               "medsam_cases": training}
+    dataset = {
+        "name": name,
+        "description": "LiteMedSAM pre-annotations exported by medsam-engine",
+        "channel_names": _channel_names(modality, channels or 1),
+        "labels": labels_json,
+        "numTraining": len(training),
+        "file_ending": ".nii.gz",
+        "medsam_label_values": store_values,
+        "medsam_cases": training,
+    }
     path = out / "dataset.json"
     write_text_atomic(path, json.dumps(dataset, indent=1))
     _check_dataset(out, training)

@@ -6,6 +6,7 @@ proposals go out as new SEG instances. Cases whose input is not a DICOM series c
 reported as skipped; a PACS that refuses or stays unreachable fails the push of that case with the reason
 (the case itself stays committed).
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -29,12 +30,17 @@ class PushReport:
 
     def counts(self) -> dict[str, int]:
         """How many cases were pushed, already there, without a DICOM source, refused (no ids, no reasons)."""
-        return {"pushed": len(self.pushed), "already": len(self.already), "no_dicom_source": len(self.skipped),
-                "failed": len(self.failed)}
+        return {
+            "pushed": len(self.pushed),
+            "already": len(self.already),
+            "no_dicom_source": len(self.skipped),
+            "failed": len(self.failed),
+        }
 
 
 def push_segs(store: CaseStore, case_ids: list[str], url: str) -> PushReport:
-    """Push the committed ``case_ids`` to the DICOMweb service at ``url`` as DICOM SEG (see the module doc)."""
+    """Push the committed ``case_ids`` to the DICOMweb service at ``url`` as DICOM SEG (see the module
+    doc)."""
     report = PushReport()
     for case_id in case_ids:
         attrs = store.attributes(case_id)
@@ -55,7 +61,11 @@ def push_segs(store: CaseStore, case_ids: list[str], url: str) -> PushReport:
             except CaseError as exc:
                 report.failed[case_id] = exc.reason
                 continue
-        write_record(store, {"case_id": case_id, "signature": attrs.signature, "service": url,
-                             "pushed_at": utc_stamp()}, PUSHED, f"{case_id}.json")
+        write_record(
+            store,
+            {"case_id": case_id, "signature": attrs.signature, "service": url, "pushed_at": utc_stamp()},
+            PUSHED,
+            f"{case_id}.json",
+        )
         report.pushed.append(case_id)
     return report

@@ -8,6 +8,7 @@ least one); with a single case, the top ``holdout`` fraction of its slices along
 neighbouring slices don't leak). Early stopping watches the hold-out loss; the metrics reported are object
 recall and precision (box IoU >= 0.5) on the held-out slices.
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,13 +66,17 @@ def _chosen_slices(labels: np.ndarray, wanted: list[int]) -> list[int]:
     present = np.isin(labels, wanted).any(axis=(1, 2))
     positives = list(np.nonzero(present)[0])
     empty = np.nonzero(~present)[0]
-    negatives = list(empty[np.linspace(0, len(empty) - 1, min(len(empty), len(positives))).astype(int)]) \
-        if len(empty) else []
+    negatives = (
+        list(empty[np.linspace(0, len(empty) - 1, min(len(empty), len(positives))).astype(int)])
+        if len(empty)
+        else []
+    )
     return sorted(int(z) for z in positives + negatives)
 
 
-def collect_samples(store: CaseStore, runner, case_ids: list[str], wanted: list[int], meta: dict
-                    ) -> list[SliceSample]:
+def collect_samples(
+    store: CaseStore, runner, case_ids: list[str], wanted: list[int], meta: dict
+) -> list[SliceSample]:
     from medsam_engine.detectors.learned import grid_targets, render
 
     samples = []
@@ -80,9 +85,16 @@ def collect_samples(store: CaseStore, runner, case_ids: list[str], wanted: list[
         rendered = render(volume, meta)
         for z in _chosen_slices(labels, wanted):
             embedded = runner.encode([rendered[z]])[0]
-            samples.append(SliceSample(case_id, z, embedded.array()[0],
-                                       grid_targets(labels[z], wanted, runner.model.framing), labels[z],
-                                       embedded.original_hw))
+            samples.append(
+                SliceSample(
+                    case_id,
+                    z,
+                    embedded.array()[0],
+                    grid_targets(labels[z], wanted, runner.model.framing),
+                    labels[z],
+                    embedded.original_hw,
+                )
+            )
     return samples
 
 
@@ -91,9 +103,12 @@ def split_by_case_or_z(samples: list, holdout: float) -> tuple[list, list, str] 
     there are several, else the top z block of the one case; None when neither can be split (one slice)."""
     cases = sorted({s.case_id for s in samples})
     if len(cases) >= 2:
-        held = set(cases[len(cases) - max(1, int(round(len(cases) * holdout))):])
-        return ([s for s in samples if s.case_id not in held], [s for s in samples if s.case_id in held],
-                "cases")
+        held = set(cases[len(cases) - max(1, int(round(len(cases) * holdout))) :])
+        return (
+            [s for s in samples if s.case_id not in held],
+            [s for s in samples if s.case_id in held],
+            "cases",
+        )
     zs = sorted({s.z for s in samples})
     if len(zs) >= 2:
         cut = zs[min(len(zs) - 1, int(len(zs) * (1 - holdout)))]
@@ -101,8 +116,9 @@ def split_by_case_or_z(samples: list, holdout: float) -> tuple[list, list, str] 
     return None
 
 
-def evaluate_head(head, samples: list[SliceSample], wanted: list[int], framing: Framing,
-                  threshold: float = 0.5) -> dict:
+def evaluate_head(
+    head, samples: list[SliceSample], wanted: list[int], framing: Framing, threshold: float = 0.5
+) -> dict:
     """Object recall/precision per label on samples, from the head's thresholded heat maps."""
     import torch
 
@@ -113,7 +129,7 @@ def evaluate_head(head, samples: list[SliceSample], wanted: list[int], framing: 
     with torch.no_grad():
         grids = torch.sigmoid(head(torch.from_numpy(np.stack([s.embedding for s in samples])))).numpy()
     predicted, reference = [], []
-    for grid, sample in zip(grids, samples):
+    for grid, sample in zip(grids, samples, strict=False):
         heat = grid_to_slice(grid, sample.original_hw, framing)
         best = np.asarray(wanted)[heat.argmax(axis=0)]
         predicted.append(np.where(heat.max(axis=0) > threshold, best, 0))
@@ -122,8 +138,17 @@ def evaluate_head(head, samples: list[SliceSample], wanted: list[int], framing: 
     return {str(k): {m: round(v, 4) for m, v in s.items()} for k, s in scores.items()}
 
 
-def train_from_store(store: CaseStore, out: str | Path, *, runner, labels: list[int] | None = None,
-                     holdout: float = 0.25, epochs: int = 200, seed: int = 0, parent: str | None = None) -> dict:
+def train_from_store(
+    store: CaseStore,
+    out: str | Path,
+    *,
+    runner,
+    labels: list[int] | None = None,
+    holdout: float = 0.25,
+    epochs: int = 200,
+    seed: int = 0,
+    parent: str | None = None,
+) -> dict:
     """Train, evaluate on the hold-out, save the artefact; returns its metadata (with version and metrics)."""
     import torch
 
@@ -142,20 +167,41 @@ def train_from_store(store: CaseStore, out: str | Path, *, runner, labels: list[
     start = time.perf_counter()
     samples = collect_samples(store, runner, case_ids, wanted, meta)
     train, held, how = split_by_case_or_z(samples, holdout) or (samples, [], "none")
-    as_tensors = lambda s: (torch.from_numpy(np.stack([x.embedding for x in s])),  # noqa: E731
-                            torch.from_numpy(np.stack([x.target for x in s])))
-    head, history = train_head(as_tensors(train), as_tensors(held) if held else None, epochs=epochs, seed=seed)
-    meta.update({
-        "kind": "medsam-engine learned detector", "format": 1, "labels": wanted,
-        "hidden": 32, "label_names": names, "encoder_model_sha256": runner.model.sha256, "parent": parent,
-        "training": {"cases": case_ids, "train_slices": len(train), "holdout_slices": len(held),
-                     "split": how,
-                     "epochs_run": len(history), "seconds": round(time.perf_counter() - start, 1)},
-        "metrics": {"holdout": evaluate_head(head, held, wanted, runner.model.framing),
-                    "train": evaluate_head(head, train, wanted, runner.model.framing),
-                    "final_val_loss": round(min(h["val_loss"] for h in history), 5)},
-        "created_at": utc_stamp(),
-    })
+
+    def as_tensors(s):
+        return (
+            torch.from_numpy(np.stack([x.embedding for x in s])),
+            torch.from_numpy(np.stack([x.target for x in s])),
+        )
+
+    head, history = train_head(
+        as_tensors(train), as_tensors(held) if held else None, epochs=epochs, seed=seed
+    )
+    meta.update(
+        {
+            "kind": "medsam-engine learned detector",
+            "format": 1,
+            "labels": wanted,
+            "hidden": 32,
+            "label_names": names,
+            "encoder_model_sha256": runner.model.sha256,
+            "parent": parent,
+            "training": {
+                "cases": case_ids,
+                "train_slices": len(train),
+                "holdout_slices": len(held),
+                "split": how,
+                "epochs_run": len(history),
+                "seconds": round(time.perf_counter() - start, 1),
+            },
+            "metrics": {
+                "holdout": evaluate_head(head, held, wanted, runner.model.framing),
+                "train": evaluate_head(head, train, wanted, runner.model.framing),
+                "final_val_loss": round(min(h["val_loss"] for h in history), 5),
+            },
+            "created_at": utc_stamp(),
+        }
+    )
     meta["version"] = save_artefact(out, head, meta)
     log.info("detector %s: %s", meta["version"][:12], meta["metrics"]["holdout"])
     return meta

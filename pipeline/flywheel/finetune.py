@@ -3,8 +3,8 @@
 stages, computed once per slice (the stages below stay frozen, so only the trained part runs forward and
 backward: minutes on a CPU); ``encoder_stages=0``: prompt encoder + mask decoder on cached embeddings; or the
 whole model (``train_encoder``, meant for a GPU). ``augment`` adds
-flipped, turned and brightened copies of the training slices (boxes and masks follow); ``weight_by_edit`` draws the boxes
-of labels the reviewer changed more more often.
+flipped, turned and brightened copies of the training slices (boxes and masks follow); ``weight_by_edit``
+draws the boxes of labels the reviewer changed more more often.
 
 Data: a store's accepted cases (``review_status == "accepted"``), or image/label-map pairs on the same grid.
 Each slice is rendered exactly as the annotate run renders it (the case's own configuration: CT window per
@@ -28,6 +28,7 @@ parent is the store's current model, so "before" is the current model on the sam
 becomes current when the cross-validation chose to train (``promote="if-better"``; ``always``/``never`` as
 asked), see pipeline/flywheel/registry.py.
 """
+
 from __future__ import annotations
 
 import copy
@@ -76,7 +77,6 @@ log = logging.getLogger(__name__)
 PROMOTE_RULES = ("if-better", "always", "never")
 
 
-
 # -- the model pieces ---------------------------------------------------------------------------------------
 def _embed(net, sample: SliceSample, options: FinetuneOptions) -> torch.Tensor:
     """The sample's (1, 256, 64, 64) embedding: cached, from the encoder's trained last stages and neck on the
@@ -87,7 +87,7 @@ def _embed(net, sample: SliceSample, options: FinetuneOptions) -> torch.Tensor:
     if sample.features is not None:
         encoder = net.image_encoder
         hidden = sample.features.to(device, torch.float32)
-        for layer in encoder.layers[len(encoder.layers) - options.encoder_stages:]:
+        for layer in encoder.layers[len(encoder.layers) - options.encoder_stages :]:
             hidden = layer(hidden)
         side = int(round(hidden.shape[1] ** 0.5))
         return encoder.neck(hidden.view(1, side, side, hidden.shape[2]).permute(0, 3, 1, 2))
@@ -98,9 +98,13 @@ def _decode(net, embedding: torch.Tensor, index: np.ndarray, boxes_model: np.nda
     """(K, 1, 256, 256) low-resolution logits and (K, 1) predicted IoU for some of a slice's boxes."""
     boxes = torch.from_numpy(boxes_model[index]).to(device)[:, None, :]
     sparse, dense = net.prompt_encoder(points=None, boxes=boxes, masks=None)
-    return net.mask_decoder(image_embeddings=embedding, image_pe=net.prompt_encoder.get_dense_pe(),
-                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                            multimask_output=False)
+    return net.mask_decoder(
+        image_embeddings=embedding,
+        image_pe=net.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
 
 
 def _loss(low: torch.Tensor, iou: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -113,8 +117,11 @@ def _loss(low: torch.Tensor, iou: torch.Tensor, targets: torch.Tensor) -> torch.
     with torch.no_grad():
         hard, truth = logits > 0, targets > 0.5
         actual = (hard & truth).sum(dim=(1, 2)) / ((hard | truth).sum(dim=(1, 2)).clamp(min=1))
-    return (F.binary_cross_entropy_with_logits(logits, targets) + soft_dice.mean()
-            + F.mse_loss(iou[:, 0], actual.float()))
+    return (
+        F.binary_cross_entropy_with_logits(logits, targets)
+        + soft_dice.mean()
+        + F.mse_loss(iou[:, 0], actual.float())
+    )
 
 
 @torch.no_grad()
@@ -129,9 +136,16 @@ def evaluate_boxes(net, samples: list[SliceSample], options: FinetuneOptions, fr
         for start in range(0, len(sample.boxes), options.boxes_per_step):
             index = np.arange(start, min(start + options.boxes_per_step, len(sample.boxes)))
             low, _ = _decode(net, embedding, index, boxes_model, options.device)
-            full = foreground(F.interpolate(low[..., :new_h, :new_w], size=(height, width), mode="bilinear",
-                                            align_corners=False)[:, 0].cpu().numpy())
-            scores.extend(dice(predicted, truth) for predicted, truth in zip(full, sample.masks[index]))
+            full = foreground(
+                F.interpolate(
+                    low[..., :new_h, :new_w], size=(height, width), mode="bilinear", align_corners=False
+                )[:, 0]
+                .cpu()
+                .numpy()
+            )
+            scores.extend(
+                dice(predicted, truth) for predicted, truth in zip(full, sample.masks[index], strict=False)
+            )
     return np.asarray(scores, dtype=np.float64)
 
 
@@ -147,7 +161,9 @@ def _epoch_steps(samples: list[SliceSample], options: FinetuneOptions, rng: np.r
     per_slice = np.array([w.sum() for w in weights])
     count = max(1, options.boxes_per_epoch // options.boxes_per_step)
     steps = []  # fewer slices than steps (a 2D image or two): slices come up again, with other boxes
-    for i in rng.choice(len(samples), size=count, replace=len(samples) < count, p=per_slice / per_slice.sum()):
+    for i in rng.choice(
+        len(samples), size=count, replace=len(samples) < count, p=per_slice / per_slice.sum()
+    ):
         take = min(options.boxes_per_step, len(samples[i].boxes))
         index = rng.choice(len(samples[i].boxes), size=take, replace=False, p=weights[i] / weights[i].sum())
         steps.append((samples[i], np.sort(index)))
@@ -160,8 +176,10 @@ def trained_prefixes(net, options: FinetuneOptions) -> tuple[str, ...]:
     prefixes = ("prompt_encoder.", "mask_decoder.")
     if options.encoder_stages:
         count = len(net.image_encoder.layers)
-        prefixes += ("image_encoder.neck.",) + tuple(f"image_encoder.layers.{i}." for i in
-                                                     range(count - options.encoder_stages, count))
+        prefixes += (
+            "image_encoder.neck.",
+            *tuple(f"image_encoder.layers.{i}." for i in range(count - options.encoder_stages, count)),
+        )
     return prefixes
 
 
@@ -175,14 +193,25 @@ def _optimiser(net, options: FinetuneOptions) -> torch.optim.Optimizer:
     return torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
 
 
-def _epoch(net, optimiser, train_set: list[SliceSample], options: FinetuneOptions, framing: Framing,
-           rng: np.random.Generator) -> float | None:
+def _epoch(
+    net,
+    optimiser,
+    train_set: list[SliceSample],
+    options: FinetuneOptions,
+    framing: Framing,
+    rng: np.random.Generator,
+) -> float | None:
     """One epoch of ``boxes_per_epoch`` jittered boxes drawn by :func:`balance_weights`; its mean loss."""
     losses = []
     for sample, index in _epoch_steps(train_set, options, rng):
         height, width = sample.original_hw
-        boxes_model = jitter_boxes(framing.boxes(sample.boxes, height, width), options.box_jitter, rng,
-                                   framing.resized_hw(height, width), pixels=False)
+        boxes_model = jitter_boxes(
+            framing.boxes(sample.boxes, height, width),
+            options.box_jitter,
+            rng,
+            framing.resized_hw(height, width),
+            pixels=False,
+        )
         low, iou = _decode(net, _embed(net, sample, options), index, boxes_model, options.device)
         loss = _loss(low, iou, torch.from_numpy(sample.targets[index]).to(options.device))
         optimiser.zero_grad()
@@ -192,9 +221,16 @@ def _epoch(net, optimiser, train_set: list[SliceSample], options: FinetuneOption
     return float(np.mean(losses)) if losses else None
 
 
-def fit(net, train_set: list[SliceSample], options: FinetuneOptions, framing: Framing, *, epochs: int,
-        held: list[SliceSample] | None = None, budget: EpochBudget | None = None
-        ) -> tuple[np.ndarray, list[dict]]:
+def fit(
+    net,
+    train_set: list[SliceSample],
+    options: FinetuneOptions,
+    framing: Framing,
+    *,
+    epochs: int,
+    held: list[SliceSample] | None = None,
+    budget: EpochBudget | None = None,
+) -> tuple[np.ndarray, list[dict]]:
     """Train ``net`` in place for ``epochs`` epochs on ``train_set``. With ``held``: the held-out Dice per box
     before training and after each epoch ((rows, boxes), rows <= epochs + 1: the fold stops once ``patience``
     epochs in a row did not beat its best, or at the ``budget``'s epoch cap) and the history; without: an
@@ -246,8 +282,14 @@ class EpochBudget:
             self.cap = max(1, fits)
 
 
-def cross_validate(net, folds: Folds, extra: dict[int, list[SliceSample]], options: FinetuneOptions,
-                   framing: Framing, budget: EpochBudget | None = None) -> tuple[Curve, list[dict]]:
+def cross_validate(
+    net,
+    folds: Folds,
+    extra: dict[int, list[SliceSample]],
+    options: FinetuneOptions,
+    framing: Framing,
+    budget: EpochBudget | None = None,
+) -> tuple[Curve, list[dict]]:
     """Train a copy of ``net`` per fold (its training part, plus the ``extra`` augmented copies of whole
     training slices, keyed by ``id`` of the original) and score its held-out part after every epoch, within
     the ``budget``'s epoch cap."""
@@ -256,12 +298,24 @@ def cross_validate(net, folds: Folds, extra: dict[int, list[SliceSample]], optio
         copies = [c for s in train_part for c in extra.get(id(s), [])]
         held_part = scored_part(held_part, options.eval_boxes)
         fold_net = copy.deepcopy(net)
-        scores, history = fit(fold_net, train_part + copies, options, framing, epochs=options.epochs,
-                              held=held_part, budget=budget)
+        scores, history = fit(
+            fold_net,
+            train_part + copies,
+            options,
+            framing,
+            epochs=options.epochs,
+            held=held_part,
+            budget=budget,
+        )
         per_fold.append((scores, kinds_of(held_part)))
-        histories.append({"fold": n + 1, "train_boxes": _boxes(train_part + copies),
-                          "holdout_boxes": _boxes(held_part),
-                          "history": history})
+        histories.append(
+            {
+                "fold": n + 1,
+                "train_boxes": _boxes(train_part + copies),
+                "holdout_boxes": _boxes(held_part),
+                "history": history,
+            }
+        )
     return Curve.pooled(per_fold), histories
 
 
@@ -308,16 +362,24 @@ def save_checkpoint(net, path: str | Path) -> str:
     return file_sha256(path)
 
 
-def finetune(out: str | Path, *, store: CaseStore | None = None, images: list | None = None,
-             label_maps: list | None = None, parent: str | Path | None = None, runner=None,
-             options: FinetuneOptions = FinetuneOptions()) -> dict:
+def finetune(
+    out: str | Path,
+    *,
+    store: CaseStore | None = None,
+    images: list | None = None,
+    label_maps: list | None = None,
+    parent: str | Path | None = None,
+    runner=None,
+    options: FinetuneOptions = FinetuneOptions(),
+) -> dict:
     """Fine-tune from a store's accepted cases or from image/label-map pairs, save the checkpoint at ``out``
     and register it; returns the registry entry. ``parent`` defaults to the store's current registered model,
     else the official weights. ``runner`` (optional) embeds the slices and must hold the parent's weights."""
     start = time.perf_counter()
     if options.promote not in PROMOTE_RULES:
-        raise ValueError(f"Argument 'promote' must be one of {', '.join(PROMOTE_RULES)}; "
-                         f"got {options.promote!r}")
+        raise ValueError(
+            f"Argument 'promote' must be one of {', '.join(PROMOTE_RULES)}; got {options.promote!r}"
+        )
     if store is not None and not select_cases(store, "accepted")[0]:
         raise ValueError(f"no accepted case in {store.url}: import reviewed corrections first")
     if store is None and (not images or len(images) != len(label_maps or [])):
@@ -329,8 +391,9 @@ def finetune(out: str | Path, *, store: CaseStore | None = None, images: list | 
         raise ValueError("Argument 'runner' must hold the parent model's weights")
     if runner is None:
         backend = "torch" if options.train_encoder else "auto"  # whole-model runs embed inside the loop
-        runner = build_runner(load_lite_medsam(parent, device=options.device), device=options.device,
-                              backend=backend)
+        runner = build_runner(
+            load_lite_medsam(parent, device=options.device), device=options.device, backend=backend
+        )
     if store is not None:
         samples, case_ids = store_samples(store, runner, options)
     else:
@@ -342,28 +405,54 @@ def finetune(out: str | Path, *, store: CaseStore | None = None, images: list | 
         raise ValueError("too few objects to hold any out (one object in all): give more reviewed data")
     extra = augmented(samples, runner, options) if options.augment else {}
     framing = runner.model.framing
-    base = copy.deepcopy(runner.model.net).to(options.device)  # private copies: the runner's model stays as is
-    budget = EpochBudget(options.minutes * 60, start, len(folds.parts), options.epochs) if options.minutes else None
+    base = copy.deepcopy(runner.model.net).to(
+        options.device
+    )  # private copies: the runner's model stays as is
+    budget = (
+        EpochBudget(options.minutes * 60, start, len(folds.parts), options.epochs)
+        if options.minutes
+        else None
+    )
     curve, fold_runs = cross_validate(base, folds, extra, options, framing, budget)
     choice = choose_epochs(curve, tolerance=options.tolerance, min_kind_boxes=options.min_kind_boxes)
     log.info("fine-tune: %s", choice.why)
-    entry = {"parent_sha256": parent_sha, "parent_is_official": parent_sha == LITE_MEDSAM_SHA256,
-             "trained": _trained(options) if choice.epochs else "nothing (the parent is kept)",
-             "data": {"source": "store" if store is not None else "image/label pairs", "cases": case_ids,
-                      "inputs": None if store is not None else {f"pair{n}": Path(str(image)).name
-                                                                for n, image in enumerate(images or [])},
-                      "learned_from": _count(samples) if choice.epochs else None,
-                      "augmented_slices": sum(len(c) for c in extra.values()),
-                      "kinds": count_kinds(kinds_of(samples)), "folds": folds.how, "fold_count": len(folds.parts)},
-             "options": asdict(options),
-             "metrics": {"holdout_dice_before": choice.before, "holdout_dice_after": choice.after,
-                         "measured_on": f"cross-validation over {folds.how}", "per_kind": choice.per_kind,
-                         "epochs_chosen": choice.epochs, "choice": choice.why, "folds": fold_runs,
-                         "epochs_allowed": budget.cap if budget else options.epochs},
-             "round": current_round(store) if store is not None else None}
+    entry = {
+        "parent_sha256": parent_sha,
+        "parent_is_official": parent_sha == LITE_MEDSAM_SHA256,
+        "trained": _trained(options) if choice.epochs else "nothing (the parent is kept)",
+        "data": {
+            "source": "store" if store is not None else "image/label pairs",
+            "cases": case_ids,
+            "inputs": None
+            if store is not None
+            else {f"pair{n}": Path(str(image)).name for n, image in enumerate(images or [])},
+            "learned_from": _count(samples) if choice.epochs else None,
+            "augmented_slices": sum(len(c) for c in extra.values()),
+            "kinds": count_kinds(kinds_of(samples)),
+            "folds": folds.how,
+            "fold_count": len(folds.parts),
+        },
+        "options": asdict(options),
+        "metrics": {
+            "holdout_dice_before": choice.before,
+            "holdout_dice_after": choice.after,
+            "measured_on": f"cross-validation over {folds.how}",
+            "per_kind": choice.per_kind,
+            "epochs_chosen": choice.epochs,
+            "choice": choice.why,
+            "folds": fold_runs,
+            "epochs_allowed": budget.cap if budget else options.epochs,
+        },
+        "round": current_round(store) if store is not None else None,
+    }
     if choice.epochs:
-        _, final = fit(base, samples + [c for copies in extra.values() for c in copies], options, framing,
-                       epochs=choice.epochs)
+        _, final = fit(
+            base,
+            samples + [c for copies in extra.values() for c in copies],
+            options,
+            framing,
+            epochs=choice.epochs,
+        )
         entry["metrics"]["final_fit"] = final
         sha = save_checkpoint(base, out)
         entry.update(sha256=sha, checkpoint=str(Path(out).resolve()), name=f"lite-medsam-{sha[:12]}")
@@ -393,33 +482,58 @@ def promotion(metrics: dict, rule: str, parent_sha: str, choice: Choice) -> dict
     """Champion and challenger: the new model is promoted (becomes the store's current model) when the
     cross-validation chose to train (its held-out Dice beats the parent's, by default the current model, with
     no kind worse by more than the tolerance), or as asked; a run that trained nothing promotes nothing."""
-    score = (f"held-out Dice {metrics['holdout_dice_after']:.4f} vs {metrics['holdout_dice_before']:.4f} of "
-             f"its parent {parent_sha[:12]} ({metrics['measured_on']})")
+    score = (
+        f"held-out Dice {metrics['holdout_dice_after']:.4f} vs {metrics['holdout_dice_before']:.4f} of "
+        f"its parent {parent_sha[:12]} ({metrics['measured_on']})"
+    )
     if not choice.epochs:
-        return {"promoted": False, "rule": rule, "against": parent_sha,
-                "why": f"nothing to promote: {choice.why}; no checkpoint written"}
+        return {
+            "promoted": False,
+            "rule": rule,
+            "against": parent_sha,
+            "why": f"nothing to promote: {choice.why}; no checkpoint written",
+        }
     if rule != "if-better":
         promoted = rule == "always"
-        return {"promoted": promoted, "rule": rule, "against": parent_sha,
-                "why": f"{'promoted' if promoted else 'not promoted'} as asked ({score})"}
-    return {"promoted": True, "rule": rule, "against": parent_sha,
-            "why": f"promoted: it beats its parent {parent_sha[:12]}: {choice.why}"}
+        return {
+            "promoted": promoted,
+            "rule": rule,
+            "against": parent_sha,
+            "why": f"{'promoted' if promoted else 'not promoted'} as asked ({score})",
+        }
+    return {
+        "promoted": True,
+        "rule": rule,
+        "against": parent_sha,
+        "why": f"promoted: it beats its parent {parent_sha[:12]}: {choice.why}",
+    }
 
 
-def retrain_detector(store: CaseStore, entry: dict, out: str | Path, *, epochs: int = 200,
-                     runner=None) -> dict:
+def retrain_detector(
+    store: CaseStore, entry: dict, out: str | Path, *, epochs: int = 200, runner=None
+) -> dict:
     """Retrain the learned detector on the store's accepted masks with the fine-tuned model's embeddings, in
     the same round; its version, metrics and parent are added to the model's registry entry (returned).
     ``runner`` may be any runner with the fine-tuned model's image encoder (after decoder-only training, the
     parent's runner and its embedding cache); by default one is built from the checkpoint."""
     if not entry.get("checkpoint"):
         raise ValueError("the fine-tuning run trained nothing: no model to retrain the detector with")
-    with_detector = [e for e in registered_models(store) if e.get("detector") and e.get("sha256") != entry["sha256"]]
+    with_detector = [
+        e for e in registered_models(store) if e.get("detector") and e.get("sha256") != entry["sha256"]
+    ]
     parent = with_detector[-1]["detector"]["version"] if with_detector else None
     runner = runner or LiteMedSAMRunner(load_lite_medsam(entry["checkpoint"]))
     meta = train_from_store(store, out, runner=runner, epochs=epochs, parent=parent)
-    entry = dict(entry, detector={"artefact": str(Path(out).resolve()), "version": meta["version"],
-                                  "parent": parent, "labels": meta["labels"], "metrics": meta["metrics"]})
+    entry = dict(
+        entry,
+        detector={
+            "artefact": str(Path(out).resolve()),
+            "version": meta["version"],
+            "parent": parent,
+            "labels": meta["labels"],
+            "metrics": meta["metrics"],
+        },
+    )
     record = {k: v for k, v in entry.items() if k != "registry"}
     entry["registry"] = register(record, Path(entry["checkpoint"]), store)
     return entry

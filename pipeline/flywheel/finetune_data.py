@@ -1,5 +1,6 @@
 """Fine-tuning data: options, and per-slice samples (with each object's kind) from accepted cases or
 image/label-map pairs (see pipeline/flywheel/finetune.py for the method, selection.py for folds and kinds)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,7 +39,9 @@ class FinetuneOptions:
     min_kind_boxes: int = 5  # held-out boxes a kind needs to be judged on its own
     eval_boxes: int = 48  # held-out boxes a fold is scored on after each epoch (on slices spread evenly)
     max_slices: int = 48  # embedded (slice, window) pairs per case, evenly spaced
-    boxes_per_epoch: int = 32  # drawn as boxes_per_epoch // boxes_per_step slices of up to boxes_per_step boxes
+    boxes_per_epoch: int = (
+        32  # drawn as boxes_per_epoch // boxes_per_step slices of up to boxes_per_step boxes
+    )
     boxes_per_step: int = 4
     box_jitter: float = 0.05
     seed: int = 0
@@ -57,28 +60,39 @@ class SliceSample:
     case_id: str
     z: int
     embedding: torch.Tensor | None  # (1, 256, 64, 64) float16 on the CPU (decoder-only training)
-    image: np.ndarray | None  # (size, size, 3) float32 model input of the kind's framing (whole-model training)
+    image: (
+        np.ndarray | None
+    )  # (size, size, 3) float32 model input of the kind's framing (whole-model training)
     boxes: np.ndarray
     masks: np.ndarray
     targets: np.ndarray  # (K, h, w) float32: the masks on the low-res logits' part that covers the slice
-    features: torch.Tensor | None = None  # (1, tokens, C) float16: what enters the first trained encoder stage
+    features: torch.Tensor | None = (
+        None  # (1, tokens, C) float16: what enters the first trained encoder stage
+    )
     source: np.ndarray | None = None  # the rendered slice (kept only to make augmented copies of it)
-    weights: np.ndarray | None = None  # (K,) how often each box is drawn for training, relative (None: evenly)
+    weights: np.ndarray | None = (
+        None  # (K,) how often each box is drawn for training, relative (None: evenly)
+    )
     kinds: np.ndarray | None = None  # (K,) str: each object's kind (selection.kind_of)
 
     @property
     def original_hw(self) -> tuple[int, int]:
         return self.masks.shape[1], self.masks.shape[2]
 
-    def subset(self, keep: np.ndarray) -> "SliceSample":
-        return dataclasses.replace(self, boxes=self.boxes[keep], masks=self.masks[keep],
-                                   targets=self.targets[keep],
-                                   weights=None if self.weights is None else self.weights[keep],
-                                   kinds=None if self.kinds is None else self.kinds[keep])
+    def subset(self, keep: np.ndarray) -> SliceSample:
+        return dataclasses.replace(
+            self,
+            boxes=self.boxes[keep],
+            masks=self.masks[keep],
+            targets=self.targets[keep],
+            weights=None if self.weights is None else self.weights[keep],
+            kinds=None if self.kinds is None else self.kinds[keep],
+        )
 
 
-def slice_objects(labels: np.ndarray, rules, spacing: tuple[float, float, float]
-                  ) -> list[tuple[int, int, tuple, np.ndarray]]:
+def slice_objects(
+    labels: np.ndarray, rules, spacing: tuple[float, float, float]
+) -> list[tuple[int, int, tuple, np.ndarray]]:
     """(label, z, box XYXY widened by the rules' margins, (H, W) mask) for every object of a (z, y, x) label
     map on each slice where it is present: the objects, size filters and margins of the coarse-mask box
     compiler (detectors/coarse_mask.py), so fine-tuning learns from the boxes that annotate would give."""
@@ -99,9 +113,16 @@ def _target(mask: np.ndarray, framing: Framing) -> np.ndarray:
     return cv2.resize(mask.astype(np.float32), (new_w, new_h), interpolation=cv2.INTER_AREA)
 
 
-def case_samples(case_id: str, volume: Volume, labels: np.ndarray, config, runner, options: FinetuneOptions,
-                 edits: dict[int, float] | None = None, names: dict[int, str] | None = None
-                 ) -> list[SliceSample]:
+def case_samples(
+    case_id: str,
+    volume: Volume,
+    labels: np.ndarray,
+    config,
+    runner,
+    options: FinetuneOptions,
+    edits: dict[int, float] | None = None,
+    names: dict[int, str] | None = None,
+) -> list[SliceSample]:
     """Embedded slices of one case with its objects, rendered per label window as ``config`` annotates.
     ``edits`` (label -> the reviewer's edit Dice, proposal vs correction) weights each object by how much
     the reviewer changed its label: 1 + (1 - edit Dice), so a label redrawn entirely counts twice. ``names``
@@ -131,29 +152,49 @@ def case_samples(case_id: str, volume: Volume, labels: np.ndarray, config, runne
     return samples
 
 
-def _sample(case_id: str, z: int, slice_u8: np.ndarray, boxes: np.ndarray, masks: np.ndarray, runner,
-            options: FinetuneOptions, weights: np.ndarray | None) -> SliceSample:
+def _sample(
+    case_id: str,
+    z: int,
+    slice_u8: np.ndarray,
+    boxes: np.ndarray,
+    masks: np.ndarray,
+    runner,
+    options: FinetuneOptions,
+    weights: np.ndarray | None,
+) -> SliceSample:
     """A slice with its objects and what the model needs of it: its embedding (decoder-only training), the
     activations entering the trained encoder stages, or the model input (whole-model training)."""
     embedding = image = features = None
     if options.train_encoder:
         image = runner.model.framing.prepare(slice_u8)[0]
     elif options.encoder_stages:
-        features = encoder_features(runner.model.net, runner.model.framing.prepare(slice_u8)[0],
-                                    options.encoder_stages)
+        features = encoder_features(
+            runner.model.net, runner.model.framing.prepare(slice_u8)[0], options.encoder_stages
+        )
     else:
         embedding = runner.encode([slice_u8])[0].tensor().detach().to("cpu", torch.float16)
     targets = np.stack([_target(m, runner.model.framing) for m in masks])
-    return SliceSample(case_id, z, embedding, image, boxes, masks, targets, features,
-                       slice_u8 if options.augment else None, weights)
+    return SliceSample(
+        case_id,
+        z,
+        embedding,
+        image,
+        boxes,
+        masks,
+        targets,
+        features,
+        slice_u8 if options.augment else None,
+        weights,
+    )
 
 
 AUGMENTATIONS = ("flip-x", "flip-y", "turn-90", "gamma")
 GAMMA = 0.7  # the intensity copy: a brighter mid-range, as another window or scanner would render the slice
 
 
-def transform_slice(kind: str, image: np.ndarray, boxes: np.ndarray, masks: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def transform_slice(
+    kind: str, image: np.ndarray, boxes: np.ndarray, masks: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A slice (H, W[, C]; uint8 as rendered), its (K, 4) XYXY boxes (pixel edges) and (K, H, W) masks,
     flipped left-right, up-down or turned 90 degrees counter-clockwise (np.rot90) together, so every box still
     frames its mask; or its intensities bent by a gamma curve ("gamma": boxes and masks as they are)."""
@@ -164,11 +205,14 @@ def transform_slice(kind: str, image: np.ndarray, boxes: np.ndarray, masks: np.n
     if kind == "flip-y":
         return image[::-1], np.stack([x1, height - y2, x2, height - y1], axis=1), masks[:, ::-1]
     if kind == "turn-90":  # (row y, column x) -> (row W - x, column y)
-        return (np.rot90(image, axes=(0, 1)), np.stack([y1, width - x2, y2, width - x1], axis=1),
-                np.rot90(masks, axes=(1, 2)))
+        return (
+            np.rot90(image, axes=(0, 1)),
+            np.stack([y1, width - x2, y2, width - x1], axis=1),
+            np.rot90(masks, axes=(1, 2)),
+        )
     if kind == "gamma":
         curve = (255.0 * (np.arange(256) / 255.0) ** GAMMA).round().astype(np.uint8)
-        return curve[image] if image.dtype == np.uint8 else image ** GAMMA, boxes, masks
+        return curve[image] if image.dtype == np.uint8 else image**GAMMA, boxes, masks
     raise ValueError(f"Argument 'kind' must be one of {AUGMENTATIONS}; got {kind!r}")
 
 
@@ -182,9 +226,16 @@ def augmented(samples: list[SliceSample], runner, options: FinetuneOptions) -> d
             continue
         for kind in AUGMENTATIONS:
             image, boxes, masks = transform_slice(kind, sample.source, sample.boxes, sample.masks)
-            copy = _sample(sample.case_id, sample.z, np.ascontiguousarray(image), boxes.astype(np.float32),
-                           np.ascontiguousarray(masks), runner, dataclasses.replace(options, augment=False),
-                           sample.weights)
+            copy = _sample(
+                sample.case_id,
+                sample.z,
+                np.ascontiguousarray(image),
+                boxes.astype(np.float32),
+                np.ascontiguousarray(masks),
+                runner,
+                dataclasses.replace(options, augment=False),
+                sample.weights,
+            )
             out.setdefault(id(sample), []).append(dataclasses.replace(copy, kinds=sample.kinds))
     return out
 
@@ -207,7 +258,6 @@ def _case_config(attrs: CaseAttributes) -> EngineConfig:
     """The configuration the case was annotated with (defaults when it is missing or no longer valid)."""
     from pydantic import ValidationError
 
-
     try:
         return EngineConfig.model_validate(attrs.config)
     except ValidationError:
@@ -224,20 +274,29 @@ def store_samples(store: CaseStore, runner, options: FinetuneOptions) -> tuple[l
     for case_id in case_ids:
         volume, labels, attrs = read_case_volume(store, case_id)
         edits = (attrs.raw.get("review") or {}).get("edit_dice_per_label") or {}
-        samples += case_samples(case_id, volume, labels, _case_config(attrs), runner, options,
-                                edits={int(label): float(value) for label, value in edits.items()},
-                                names=stored_label_names(store, case_id))
+        samples += case_samples(
+            case_id,
+            volume,
+            labels,
+            _case_config(attrs),
+            runner,
+            options,
+            edits={int(label): float(value) for label, value in edits.items()},
+            names=stored_label_names(store, case_id),
+        )
     return samples, case_ids
 
 
-def pair_samples(images: list[str | Path], label_maps: list[str | Path], runner, options: FinetuneOptions,
-                 config=None) -> tuple[list[SliceSample], list[str]]:
+def pair_samples(
+    images: list[str | Path], label_maps: list[str | Path], runner, options: FinetuneOptions, config=None
+) -> tuple[list[SliceSample], list[str]]:
     """Samples from image/label-map pairs on the same grid (case ids "pair0", "pair1", ... in order)."""
     if len(images) != len(label_maps) or not images:
-        raise ValueError(f"give one label map per image; got {len(images)} images and "
-                         f"{len(label_maps)} label maps")
+        raise ValueError(
+            f"give one label map per image; got {len(images)} images and {len(label_maps)} label maps"
+        )
     samples, ids = [], []
-    for n, (image, label_map) in enumerate(zip(images, label_maps)):
+    for n, (image, label_map) in enumerate(zip(images, label_maps, strict=False)):
         volume = read_volume(image)
         labels = align_to(read_volume(label_map), volume, what=f"label map {Path(label_map).name}")
         if not np.issubdtype(labels.dtype, np.integer):

@@ -9,6 +9,7 @@ the pin: the newest registered, promoted entry. A current model whose checkpoint
 over for the one before it. The nightly round and `round run` use the current model without any change to
 their configuration. No torch here.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,11 @@ def register(entry: dict, checkpoint: Path | None, store: CaseStore | None) -> l
         write_text_atomic(side, json.dumps(entry, indent=1, sort_keys=True))
         written.append(str(side))
     if store is not None:
-        name = (f"{entry['sha256'][:16]}.json" if entry.get("sha256") else
-                "untrained-" + "".join(c for c in str(entry.get("created_at", "")) if c.isdigit()) + ".json")
+        name = (
+            f"{entry['sha256'][:16]}.json"
+            if entry.get("sha256")
+            else "untrained-" + "".join(c for c in str(entry.get("created_at", "")) if c.isdigit()) + ".json"
+        )
         written.append(write_record(store, entry, MODELS, name))
     return written
 
@@ -75,8 +79,10 @@ def current_model(store: CaseStore) -> dict | None:
         chosen = [e for e in entries if e.get("sha256") == choice.get("sha256")]
         if chosen and _usable(chosen[0]):
             return chosen[0]
-        log.warning("the current model %s is gone or changed on disk; using the newest promoted one",
-                    str(choice.get("sha256"))[:12])
+        log.warning(
+            "the current model %s is gone or changed on disk; using the newest promoted one",
+            str(choice.get("sha256"))[:12],
+        )
     for entry in reversed(entries):
         if is_promoted(entry) and _usable(entry):
             return entry
@@ -91,13 +97,18 @@ def set_current(store: CaseStore, sha256: str, *, why: str) -> dict | None:
         return None
     matches = [e for e in registered_models(store) if e.get("sha256") and str(e["sha256"]).startswith(sha256)]
     if len(matches) != 1:
-        known = ", ".join(str(e["sha256"])[:12] for e in registered_models(store) if e.get("sha256")) or "none"
+        known = (
+            ", ".join(str(e["sha256"])[:12] for e in registered_models(store) if e.get("sha256")) or "none"
+        )
         how_many = "no" if not matches else "more than one"
-        raise ValueError(f"{how_many} registered model starts with {sha256!r} (registered: {known}; or "
-                         "'base' for the official weights)")
+        raise ValueError(
+            f"{how_many} registered model starts with {sha256!r} (registered: {known}; or "
+            "'base' for the official weights)"
+        )
     entry = matches[0]
     if not _usable(entry):
-        raise ValueError(f"the checkpoint of model {entry['sha256'][:12]} is gone or changed: "
-                         f"{entry.get('checkpoint')}")
+        raise ValueError(
+            f"the checkpoint of model {entry['sha256'][:12]} is gone or changed: {entry.get('checkpoint')}"
+        )
     write_record(store, {"sha256": entry["sha256"], "why": why, "set_at": utc_stamp()}, MODELS, CURRENT)
     return entry

@@ -15,6 +15,7 @@ it records the reviewer, the voxels changed and the Dice between proposal and co
 "accepted" and commits it through the store (the proposal is kept under ``_previous/``). Every correction is
 read and checked before the first commit, so a bad file imports nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,12 +63,25 @@ def review_queue(store: CaseStore) -> list[dict]:
     for case_id, attrs in store.all_attributes().items():
         if attrs.review_status not in QUEUE_STATUSES:
             continue
-        instances = [{"label": i["label"], "instance": i["instance"], "slices": len(i.get("slices", [])),
-                      **{k: (i.get("quality") or {}).get(k) for k in ("score", "route", "features")}}
-                     for i in attrs.instances]
+        instances = [
+            {
+                "label": i["label"],
+                "instance": i["instance"],
+                "slices": len(i.get("slices", [])),
+                **{k: (i.get("quality") or {}).get(k) for k in ("score", "route", "features")},
+            }
+            for i in attrs.instances
+        ]
         instances.sort(key=lambda i: i["score"] if i["score"] is not None else 0.0)
-        entries.append({"case_id": case_id, "review_status": attrs.review_status, "round": attrs.round,
-                        "worst_score": attrs.quality.get("worst_score"), "instances": instances})
+        entries.append(
+            {
+                "case_id": case_id,
+                "review_status": attrs.review_status,
+                "round": attrs.round,
+                "worst_score": attrs.quality.get("worst_score"),
+                "instances": instances,
+            }
+        )
     entries.sort(key=lambda e: (e["worst_score"] if e["worst_score"] is not None else 0.0, e["case_id"]))
     return entries
 
@@ -80,8 +94,9 @@ class QueueExport:
     report: Path | None = None
 
 
-def export_queue(store: CaseStore, out_dir: str | Path, *, formats: tuple[str, ...] = FORMATS,
-                 limit: int | None = None) -> QueueExport:
+def export_queue(
+    store: CaseStore, out_dir: str | Path, *, formats: tuple[str, ...] = FORMATS, limit: int | None = None
+) -> QueueExport:
     """Write the review queue (see the module docstring) to ``out_dir``; a format a case cannot take (a SEG
     for a NIfTI input) is noted in ``skipped`` per case and in queue.json."""
     unknown = set(formats) - set(FORMATS)
@@ -109,11 +124,14 @@ def export_queue(store: CaseStore, out_dir: str | Path, *, formats: tuple[str, .
                 result.skipped[case_id] = f"dicom-seg: {exc.reason}"
         result.cases.append(dict(entry, rank=rank, files=files))
     result.report = write_review_report(store, out / "report.html", result.cases)
-    queue = {"created_at": utc_stamp(), "cases": result.cases,
-             "skipped": result.skipped,
-             "how_to": "correct slicer/<case_id>.seg.nrrd in 3D Slicer, seg/<case_id>.seg.dcm in OHIF, or "
-                       "nifti/<case_id>.nii.gz (or the labels of zarr/<case_id>.ome.zarr), then run "
-                       "`medsam-engine review import STORE <files or folder> --reviewer NAME`"}
+    queue = {
+        "created_at": utc_stamp(),
+        "cases": result.cases,
+        "skipped": result.skipped,
+        "how_to": "correct slicer/<case_id>.seg.nrrd in 3D Slicer, seg/<case_id>.seg.dcm in OHIF, or "
+        "nifti/<case_id>.nii.gz (or the labels of zarr/<case_id>.ome.zarr), then run "
+        "`medsam-engine review import STORE <files or folder> --reviewer NAME`",
+    }
     write_text_atomic(out / "queue.json", json.dumps(queue, indent=1, default=str))
     return result
 
@@ -126,16 +144,28 @@ def _write_image(store: CaseStore, case_id: str, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     geometry = store.attributes(case_id).geometry  # type: ignore[union-attr]
     channels = image[..., None] if image.ndim == 3 else image
-    return [save_nifti_checked(to_source_grid(np.ascontiguousarray(channels[..., c]), geometry),
-                               geometry.source_affine, folder / f"{case_id}_{c:04d}.nii.gz",
-                               what=f"case {case_id} image channel {c}") for c in range(channels.shape[-1])]
+    return [
+        save_nifti_checked(
+            to_source_grid(np.ascontiguousarray(channels[..., c]), geometry),
+            geometry.source_affine,
+            folder / f"{case_id}_{c:04d}.nii.gz",
+            what=f"case {case_id} image channel {c}",
+        )
+        for c in range(channels.shape[-1])
+    ]
 
 
 def _write_seg_nrrd(store: CaseStore, case_id: str, folder: Path) -> Path:
     labels, attrs = store.read_labels(case_id)
-    meanings = sorted(meanings_from_properties(store.label_properties(case_id)).values(), key=lambda m: m.value)
-    return write_seg_nrrd(to_source_grid(labels, attrs.geometry), attrs.geometry.source_affine, meanings,
-                          folder / f"{case_id}.seg.nrrd")
+    meanings = sorted(
+        meanings_from_properties(store.label_properties(case_id)).values(), key=lambda m: m.value
+    )
+    return write_seg_nrrd(
+        to_source_grid(labels, attrs.geometry),
+        attrs.geometry.source_affine,
+        meanings,
+        folder / f"{case_id}.seg.nrrd",
+    )
 
 
 def _copy_group(store: CaseStore, case_id: str, folder: Path) -> Path:
@@ -161,15 +191,22 @@ class ReviewImportError(CaseError):
 class ImportReport:
     imported: dict[str, dict] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # file name -> reason
-    already: list[str] = field(default_factory=list)  # cases that hold this very correction, accepted, already
+    already: list[str] = field(
+        default_factory=list
+    )  # cases that hold this very correction, accepted, already
 
 
 def _correction_files(paths: list[str | Path]) -> list[Path]:
     files = []
     for path in (Path(p) for p in paths):
         if path.is_dir() and not path.name.endswith(".ome.zarr"):
-            files.extend(sorted(p for p in path.iterdir() if not p.name.startswith(".")
-                                and (p.is_file() or p.name.endswith(".ome.zarr"))))
+            files.extend(
+                sorted(
+                    p
+                    for p in path.iterdir()
+                    if not p.name.startswith(".") and (p.is_file() or p.name.endswith(".ome.zarr"))
+                )
+            )
         else:
             files.append(path)
     return files
@@ -238,14 +275,15 @@ def read_correction(path: Path, labels: np.ndarray, attrs: CaseAttributes) -> np
 
 def _instance_region(record: dict, shape: tuple[int, int, int]) -> np.ndarray:
     region = np.zeros(shape, dtype=bool)
-    for z, box in zip(record.get("slices", []), record.get("boxes_xyxy", [])):
+    for z, box in zip(record.get("slices", []), record.get("boxes_xyxy", []), strict=False):
         ys, xs = box_region(box, shape[1:])
         region[int(z), ys, xs] = True
     return region
 
 
-def edit_records(proposal: np.ndarray, correction: np.ndarray, instances: list[dict], *, reviewer: str,
-                 number: int | None) -> tuple[list[dict], dict]:
+def edit_records(
+    proposal: np.ndarray, correction: np.ndarray, instances: list[dict], *, reviewer: str, number: int | None
+) -> tuple[list[dict], dict]:
     """Instance records with the edit (voxels changed, Dice proposal vs correction, reviewer) and a case
     summary. An instance is compared on the whole map when it is its label's only one, else inside its
     prompt boxes grown by 10 % + 2 px. Labels only the correction has become "manual" records."""
@@ -259,22 +297,46 @@ def edit_records(proposal: np.ndarray, correction: np.ndarray, instances: list[d
         if counts[label] > 1:
             region = _instance_region(inst, proposal.shape)
             mine, theirs = mine & region, theirs & region
-        out.append(dict(inst, reviewer=reviewer, edit_voxels=int(np.logical_xor(mine, theirs).sum()),
-                        edit_dice=round(dice(mine, theirs), 5), proposal_stage=inst.get("stage"),
-                        stage="reviewed"))
+        out.append(
+            dict(
+                inst,
+                reviewer=reviewer,
+                edit_voxels=int(np.logical_xor(mine, theirs).sum()),
+                edit_dice=round(dice(mine, theirs), 5),
+                proposal_stage=inst.get("stage"),
+                stage="reviewed",
+            )
+        )
     for label in sorted(set(np.unique(correction).tolist()) - set(counts) - {0}):
         drawn = correction == label
         zs = [int(z) for z in np.nonzero(drawn.any(axis=(1, 2)))[0]]
-        out.append({"label": int(label), "instance": 1, "prompt_source": "manual", "slices": zs,
-                    "boxes_xyxy": [], "predicted_iou": 0.0, "voxels": int(drawn.sum()), "stage": "manual",
-                    "round": number or 1, "model": "", "reviewer": reviewer,
-                    "edit_voxels": int(drawn.sum()), "edit_dice": 0.0})
+        out.append(
+            {
+                "label": int(label),
+                "instance": 1,
+                "prompt_source": "manual",
+                "slices": zs,
+                "boxes_xyxy": [],
+                "predicted_iou": 0.0,
+                "voxels": int(drawn.sum()),
+                "stage": "manual",
+                "round": number or 1,
+                "model": "",
+                "reviewer": reviewer,
+                "edit_voxels": int(drawn.sum()),
+                "edit_dice": 0.0,
+            }
+        )
     values = sorted((set(np.unique(proposal).tolist()) | set(np.unique(correction).tolist())) - {0})
     per_label = {str(v): round(dice(proposal == v, correction == v), 5) for v in values}
-    summary = {"reviewer": reviewer, "reviewed_at": utc_stamp(),
-               "round": number, "edit_voxels": int((proposal != correction).sum()),
-               "edit_dice": round(float(np.mean(list(per_label.values()))), 5) if per_label else 1.0,
-               "edit_dice_per_label": per_label}
+    summary = {
+        "reviewer": reviewer,
+        "reviewed_at": utc_stamp(),
+        "round": number,
+        "edit_voxels": int((proposal != correction).sum()),
+        "edit_dice": round(float(np.mean(list(per_label.values()))), 5) if per_label else 1.0,
+        "edit_dice_per_label": per_label,
+    }
     return out, summary
 
 
@@ -313,21 +375,40 @@ def import_corrections(store: CaseStore, paths: list[str | Path], *, reviewer: s
     return report
 
 
-def _commit_review(store: CaseStore, case_id: str, proposal: np.ndarray, correction: np.ndarray,
-                   attrs: CaseAttributes,
-                   reviewer: str) -> dict:
+def _commit_review(
+    store: CaseStore,
+    case_id: str,
+    proposal: np.ndarray,
+    correction: np.ndarray,
+    attrs: CaseAttributes,
+    reviewer: str,
+) -> dict:
     number = attrs.round
-    instances, summary = edit_records(proposal, correction, list(attrs.instances), reviewer=reviewer,
-                                      number=number)
-    names = {value: spec_of(meaning)  # names, codes and colours kept as they were
-             for value, meaning in meanings_from_properties(store.label_properties(case_id)).items()}
+    instances, summary = edit_records(
+        proposal, correction, list(attrs.instances), reviewer=reviewer, number=number
+    )
+    names = {
+        value: spec_of(meaning)  # names, codes and colours kept as they were
+        for value, meaning in meanings_from_properties(store.label_properties(case_id)).items()
+    }
     new = {k: v for k, v in attrs.raw.items() if k != "status"}
-    new.update(instances=instances, review=summary, review_status="accepted",
-               proposal_status=attrs.review_status)
-    store.commit_case(case_id, labels=correction, attrs=new, image=store.read_image(case_id), overwrite=True,
-                      label_names=names)
-    log.info("case %s accepted by review: %d voxels changed, Dice %.3f", case_id, summary["edit_voxels"],
-             summary["edit_dice"])
+    new.update(
+        instances=instances, review=summary, review_status="accepted", proposal_status=attrs.review_status
+    )
+    store.commit_case(
+        case_id,
+        labels=correction,
+        attrs=new,
+        image=store.read_image(case_id),
+        overwrite=True,
+        label_names=names,
+    )
+    log.info(
+        "case %s accepted by review: %d voxels changed, Dice %.3f",
+        case_id,
+        summary["edit_voxels"],
+        summary["edit_dice"],
+    )
     return {"edit_voxels": summary["edit_voxels"], "edit_dice": summary["edit_dice"]}
 
 
@@ -353,8 +434,12 @@ def calibrate_store(store: CaseStore, *, threshold: float = 0.9) -> dict:
     calibration = fit_calibration(rows, dices, threshold=threshold)
     if calibration is None:
         good = int(sum(d >= threshold for d in dices))
-        result = {"calibrated": False, "rows": len(rows), "good": good,
-                  "reason": "needs at least 8 reviewed instances with at least 2 of each outcome"}
+        result = {
+            "calibrated": False,
+            "rows": len(rows),
+            "good": good,
+            "reason": "needs at least 8 reviewed instances with at least 2 of each outcome",
+        }
         write_record(store, result, QUALITY, "calibration.json")
         return result
     write_record(store, calibration.to_json(), QUALITY, "calibration.json")

@@ -14,6 +14,7 @@ Per case, the annotate run stores quality scores with each instance and, when ro
 the case's ``review_status`` (auto-accepted / review / rejected) and ``round``. Cases a person accepted
 (``review_status == "accepted"``) are never re-annotated by a round.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,9 +33,16 @@ from medsam_engine.pipeline.flywheel.registry import current_model, registered_m
 from medsam_engine.pipeline.flywheel.review import calibrate_store, export_queue
 from medsam_engine.pipeline.store.case_store import CaseStore
 from medsam_engine.pipeline.store.queries import ACCEPTED
-from medsam_engine.pipeline.store.records import ROUNDS, current_round, list_records, read_record, write_record
+from medsam_engine.pipeline.store.records import (
+    ROUNDS,
+    current_round,
+    list_records,
+    read_record,
+    write_record,
+)
 
 log = logging.getLogger(__name__)
+
 
 # -- one round --------------------------------------------------------------------------------------------
 @dataclass
@@ -85,27 +93,52 @@ def begin_round(store: CaseStore, config: EngineConfig, *, checkpoint: str | Non
     return RoundStart(number, resumed, started, checkpoint, bool(registered), config, calibration)
 
 
-def finish_round(store: CaseStore, start: RoundStart, outcomes: list[CaseOutcome], *, given: int,
-                 kept: int, model_sha256: str, queue_dir: str | Path | None = None,
-                 runner_stats: dict | None = None, extra: dict | None = None) -> RoundResult:
+def finish_round(
+    store: CaseStore,
+    start: RoundStart,
+    outcomes: list[CaseOutcome],
+    *,
+    given: int,
+    kept: int,
+    model_sha256: str,
+    queue_dir: str | Path | None = None,
+    runner_stats: dict | None = None,
+    extra: dict | None = None,
+) -> RoundResult:
     """Export the review queue (``queue_dir``, else STORE/_review/round-NNN for a local store), count the
     routes of the cases annotated now and write the round report and the table over rounds."""
     number = start.number
-    queue_dir = Path(queue_dir) if queue_dir else (Path(store.root) / "_review" / f"round-{number:03d}"
-                                                    if store.is_local else None)
+    queue_dir = (
+        Path(queue_dir)
+        if queue_dir
+        else (Path(store.root) / "_review" / f"round-{number:03d}" if store.is_local else None)
+    )
     queue = export_queue(store, queue_dir) if queue_dir is not None else None
     done = [o for o in outcomes if o.status == "done"]
-    count = lambda status: sum(o.status == status for o in outcomes)
+
+    def count(status):
+        return sum(o.status == status for o in outcomes)
+
     report = {
-        "round": number, "started_at": start.started_at, "resumed": start.resumed,
+        "round": number,
+        "started_at": start.started_at,
+        "resumed": start.resumed,
         "finished_at": utc_stamp(),
         "model": {"sha256": model_sha256, "checkpoint": start.checkpoint, "registered": start.registered},
-        "cases": {"given": given, "annotated": len(done), "skipped": count("skipped"),
-                  "failed": count("failed"), "quarantined": count("quarantined"), "kept_accepted": kept},
+        "cases": {
+            "given": given,
+            "annotated": len(done),
+            "skipped": count("skipped"),
+            "failed": count("failed"),
+            "quarantined": count("quarantined"),
+            "kept_accepted": kept,
+        },
         "seconds_per_case": round(float(np.mean([o.seconds for o in done])), 2) if done else None,
-        "routing": _routing([o.case_id for o in done], store), "calibration": start.calibration,
+        "routing": _routing([o.case_id for o in done], store),
+        "calibration": start.calibration,
         "queue": {"cases": len(queue.cases) if queue else 0, "folder": str(queue_dir) if queue_dir else None},
-        "runner": runner_stats or {}, **(extra or {}),
+        "runner": runner_stats or {},
+        **(extra or {}),
     }
     path = write_record(store, report, ROUNDS, f"round-{number:03d}.json")
     write_round_table(store)
@@ -114,8 +147,15 @@ def finish_round(store: CaseStore, start: RoundStart, outcomes: list[CaseOutcome
     return RoundResult(number, report, path, str(queue_dir) if queue_dir else None, failed, committed)
 
 
-def run_round(cases: list, store: CaseStore, config: EngineConfig, *, checkpoint: str | None = None,
-              queue_dir: str | Path | None = None, runner=None) -> RoundResult:
+def run_round(
+    cases: list,
+    store: CaseStore,
+    config: EngineConfig,
+    *,
+    checkpoint: str | None = None,
+    queue_dir: str | Path | None = None,
+    runner=None,
+) -> RoundResult:
     """Round n+1 in this process: begin it, annotate the cases not accepted by a person with its model
     (cases committed with the same signature are skipped), route them, export the review queue and write
     the round report. ``cases`` are CaseRefs (pipeline.io.discover). flows/round.py runs the same round
@@ -126,9 +166,16 @@ def run_round(cases: list, store: CaseStore, config: EngineConfig, *, checkpoint
     todo = [c for c in cases if c.case_id in wanted]
     runner = runner or LazyRunner(start.config)
     summary = annotate(todo, store, start.config, overwrite=True, runner=runner)
-    return finish_round(store, start, summary.outcomes, given=len(cases), kept=len(kept),
-                        model_sha256=runner.model_sha256, queue_dir=queue_dir,
-                        runner_stats=summary.runner_stats)
+    return finish_round(
+        store,
+        start,
+        summary.outcomes,
+        given=len(cases),
+        kept=len(kept),
+        model_sha256=runner.model_sha256,
+        queue_dir=queue_dir,
+        runner_stats=summary.runner_stats,
+    )
 
 
 def _routing(case_ids: list[str], store: CaseStore) -> dict:
@@ -146,8 +193,11 @@ def _routing(case_ids: list[str], store: CaseStore) -> dict:
             if chosen in instances:
                 instances[chosen] += 1
     total = sum(instances.values())
-    return {"instances": instances, "cases": statuses,
-            "auto_acceptance_rate": round(instances["auto-accepted"] / total, 4) if total else None}
+    return {
+        "instances": instances,
+        "cases": statuses,
+        "auto_acceptance_rate": round(instances["auto-accepted"] / total, 4) if total else None,
+    }
 
 
 # -- the table and plot over rounds ----------------------------------------------------------------------
@@ -165,10 +215,12 @@ def review_outcomes(store: CaseStore, *, threshold: float = 0.9) -> dict[int, di
     for number, rows in sorted(per_round.items()):
         dices = np.array([r["edit_dice"] for r in rows], float)
         voxels = [r.get("edit_voxels") or 0 for r in rows]
-        out[number] = {"reviewed": len(rows),
-                       "accepted_minor_edit": round(float((dices >= threshold).mean()), 4),
-                       "mean_edit_voxels": round(float(np.mean(voxels)), 1),
-                       "mean_edit_dice": round(float(dices.mean()), 4)}
+        out[number] = {
+            "reviewed": len(rows),
+            "accepted_minor_edit": round(float((dices >= threshold).mean()), 4),
+            "mean_edit_voxels": round(float(np.mean(voxels)), 1),
+            "mean_edit_dice": round(float(dices.mean()), 4),
+        }
     return out
 
 
@@ -183,20 +235,35 @@ def round_rows(store: CaseStore) -> list[dict]:
         number = int(report.get("round", 0))
         routing = report.get("routing", {})
         review = reviews.get(number, {})
-        rows.append({"round": number, "model": str(report.get("model", {}).get("sha256", ""))[:12],
-                     "annotated": report.get("cases", {}).get("annotated"),
-                     "seconds_per_case": report.get("seconds_per_case"),
-                     "auto_acceptance_rate": routing.get("auto_acceptance_rate"),
-                     "queued": report.get("queue", {}).get("cases"),
-                     "reviewed": review.get("reviewed", 0),
-                     "accepted_minor_edit": review.get("accepted_minor_edit"),
-                     "mean_edit_voxels": review.get("mean_edit_voxels"),
-                     "mean_edit_dice": review.get("mean_edit_dice")})
+        rows.append(
+            {
+                "round": number,
+                "model": str(report.get("model", {}).get("sha256", ""))[:12],
+                "annotated": report.get("cases", {}).get("annotated"),
+                "seconds_per_case": report.get("seconds_per_case"),
+                "auto_acceptance_rate": routing.get("auto_acceptance_rate"),
+                "queued": report.get("queue", {}).get("cases"),
+                "reviewed": review.get("reviewed", 0),
+                "accepted_minor_edit": review.get("accepted_minor_edit"),
+                "mean_edit_voxels": review.get("mean_edit_voxels"),
+                "mean_edit_dice": review.get("mean_edit_dice"),
+            }
+        )
     return rows
 
 
-COLUMNS = ("round", "model", "annotated", "seconds_per_case", "auto_acceptance_rate", "queued", "reviewed",
-           "accepted_minor_edit", "mean_edit_voxels", "mean_edit_dice")
+COLUMNS = (
+    "round",
+    "model",
+    "annotated",
+    "seconds_per_case",
+    "auto_acceptance_rate",
+    "queued",
+    "reviewed",
+    "accepted_minor_edit",
+    "mean_edit_voxels",
+    "mean_edit_dice",
+)
 
 
 def format_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
@@ -217,15 +284,33 @@ def finetune_rows(store: CaseStore) -> list[dict]:
         promotion = entry.get("promotion") or {}
         cases = (entry.get("data") or {}).get("cases") or []
         for kind, figures in sorted(per_kind.items()):
-            rows.append({"round": entry.get("round"), "model": str(entry.get("sha256") or "(none)")[:12],
-                         "cases": len(cases), "kind": kind, "heldout_boxes": figures.get("boxes"),
-                         "dice_before": figures.get("before"), "dice_after": figures.get("after"),
-                         "promoted": "yes" if promotion.get("promoted") else "no", "why": promotion.get("why")})
+            rows.append(
+                {
+                    "round": entry.get("round"),
+                    "model": str(entry.get("sha256") or "(none)")[:12],
+                    "cases": len(cases),
+                    "kind": kind,
+                    "heldout_boxes": figures.get("boxes"),
+                    "dice_before": figures.get("before"),
+                    "dice_after": figures.get("after"),
+                    "promoted": "yes" if promotion.get("promoted") else "no",
+                    "why": promotion.get("why"),
+                }
+            )
     return rows
 
 
-FINETUNE_COLUMNS = ("round", "model", "cases", "kind", "heldout_boxes", "dice_before", "dice_after", "promoted",
-                    "why")
+FINETUNE_COLUMNS = (
+    "round",
+    "model",
+    "cases",
+    "kind",
+    "heldout_boxes",
+    "dice_before",
+    "dice_after",
+    "promoted",
+    "why",
+)
 
 
 def format_finetune_table(rows: list[dict]) -> str:
@@ -244,8 +329,11 @@ def write_round_table(store: CaseStore) -> dict[str, str]:
     tuned = finetune_rows(store)
     text = format_table(rows) + "\n"
     if tuned:
-        text += "\nFine-tuning per kind (held-out Dice from cross-validation):\n\n" + \
-            format_finetune_table(tuned) + "\n"
+        text += (
+            "\nFine-tuning per kind (held-out Dice from cross-validation):\n\n"
+            + format_finetune_table(tuned)
+            + "\n"
+        )
     write_text_atomic(folder / "rounds.md", text)
     out = {"table": str(folder / "rounds.md")}
     if plot_rounds(rows, folder / "rounds.png"):
@@ -266,8 +354,11 @@ def plot_rounds(rows: list[dict], path: Path) -> bool:
         return False
     numbers = [r["round"] for r in rows]
     fig, (rates, seconds) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for key, name in (("auto_acceptance_rate", "auto-accepted"), ("accepted_minor_edit", "minor edit only"),
-                      ("mean_edit_dice", "Dice proposal vs correction")):
+    for key, name in (
+        ("auto_acceptance_rate", "auto-accepted"),
+        ("accepted_minor_edit", "minor edit only"),
+        ("mean_edit_dice", "Dice proposal vs correction"),
+    ):
         values = [np.nan if r.get(key) is None else r[key] for r in rows]
         rates.plot(numbers, values, marker="o", label=name)
     rates.set(xlabel="round", ylim=(0, 1.02), title="review outcomes")

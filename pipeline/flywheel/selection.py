@@ -15,6 +15,7 @@ Every reviewed object is learned from: the folds only *choose* (how many epochs,
   among those where no kind with at least ``min_kind_boxes`` held-out boxes loses more than ``tolerance``
   against the parent; 0 unless that beats the parent by ``MIN_GAIN``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -98,7 +99,7 @@ def make_folds(samples: list, folds: int, *, min_kind_boxes: int = 5) -> Folds:
         for case in sorted({s.case_id for s in samples}):
             _block_folds([s for s in samples if s.case_id == case], folds, train, held)
         how = "blocks"
-    parts = tuple((t, h) for t, h in zip(train, held) if h and t)
+    parts = tuple((t, h) for t, h in zip(train, held, strict=False) if h and t)
     return Folds(how, parts)
 
 
@@ -126,8 +127,8 @@ def _block_folds(case_samples: list, folds: int, train: list[list], held: list[l
 
 def balance_weights(samples: list) -> list[np.ndarray]:
     """Per sample, (K,) draw weights that give each case a share of the draws growing with the square root of
-    its boxes, and each kind within a case likewise, so a small case or a rare kind (one lesion beside an atlas
-    of many structures) is trained on; multiplied by the samples' own (edit) weights."""
+    its boxes, and each kind within a case likewise, so a small case or a rare kind (one lesion beside an
+    atlas of many structures) is trained on; multiplied by the samples' own (edit) weights."""
     case_boxes: dict[str, int] = {}
     kind_boxes: dict[tuple[str, str], int] = {}
     for sample in samples:
@@ -140,8 +141,12 @@ def balance_weights(samples: list) -> list[np.ndarray]:
     out = []
     for sample in samples:
         case = sample.case_id
-        weights = np.array([np.sqrt(case_boxes[case]) / (kind_root[case] * np.sqrt(kind_boxes[(case, kind)]))
-                            for kind in _kinds(sample)])
+        weights = np.array(
+            [
+                np.sqrt(case_boxes[case]) / (kind_root[case] * np.sqrt(kind_boxes[(case, kind)]))
+                for kind in _kinds(sample)
+            ]
+        )
         out.append(weights * (1.0 if sample.weights is None else sample.weights))
     return out
 
@@ -195,14 +200,24 @@ def choose_epochs(curve: Curve, *, tolerance: float, min_kind_boxes: int) -> Cho
         elif curve.mean(epoch) > best_mean + (MIN_GAIN if best == 0 else 0.0):
             best, best_mean = epoch, curve.mean(epoch)
     after = curve.by_kind(best)
-    per_kind = {k: {"boxes": boxes[k], "before": round(before[k], 5), "after": round(after[k], 5),
-                    "judged": k in judged} for k in sorted(boxes)}
+    per_kind = {
+        k: {
+            "boxes": boxes[k],
+            "before": round(before[k], 5),
+            "after": round(after[k], 5),
+            "judged": k in judged,
+        }
+        for k in sorted(boxes)
+    }
     if best:
-        why = (f"{best} epoch(s): held-out Dice {curve.mean(0):.4f} -> {best_mean:.4f} (mean over "
-               f"{len(boxes)} kind(s)), no kind with >= {min_kind_boxes} boxes worse by more than {tolerance}")
+        why = (
+            f"{best} epoch(s): held-out Dice {curve.mean(0):.4f} -> {best_mean:.4f} (mean over "
+            f"{len(boxes)} kind(s)), no kind with >= {min_kind_boxes} boxes worse by more than {tolerance}"
+        )
     elif curve.scores.shape[0] == 1:
         why = "no epoch was run"
     else:
-        why = (f"no training: no epoch beat the parent's held-out Dice {curve.mean(0):.4f} by {MIN_GAIN}"
-               + (f" without a kind losing more than {tolerance}" if refused else ""))
+        why = f"no training: no epoch beat the parent's held-out Dice {curve.mean(0):.4f} by {MIN_GAIN}" + (
+            f" without a kind losing more than {tolerance}" if refused else ""
+        )
     return Choice(best, round(curve.mean(0), 5), round(best_mean, 5), per_kind, why)

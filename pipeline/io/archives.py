@@ -5,6 +5,7 @@ members are refused (each is reported, the rest is extracted). Extraction stream
 byte counter, so a zip bomb stops at ``max_bytes`` (or at ``max_ratio`` times the archive's size) whatever
 sizes the archive declares. A finished extraction is renamed into place and reused on the next run.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,18 +65,23 @@ class _Budget:
     def add_member(self) -> None:
         self.members += 1
         if self.members > self.limits.max_members:
-            raise ReadError(f"{self.archive.name}: more than {self.limits.max_members} members; "
-                            "extraction stopped")
+            raise ReadError(
+                f"{self.archive.name}: more than {self.limits.max_members} members; extraction stopped"
+            )
 
     def add(self, count: int) -> None:
         self.written += count
         if self.written > self.limits.max_bytes:
-            raise ReadError(f"{self.archive.name}: expands beyond {self.limits.max_bytes} bytes; extraction "
-                            "stopped (a zip bomb, or raise the limit)")
+            raise ReadError(
+                f"{self.archive.name}: expands beyond {self.limits.max_bytes} bytes; extraction "
+                "stopped (a zip bomb, or raise the limit)"
+            )
         ratio = self.written / self.size
         if self.written > self.limits.ratio_from_bytes and ratio > self.limits.max_ratio:
-            raise ReadError(f"{self.archive.name}: expands more than {self.limits.max_ratio:g} times its "
-                            "size; extraction stopped (a zip bomb?)")
+            raise ReadError(
+                f"{self.archive.name}: expands more than {self.limits.max_ratio:g} times its "
+                "size; extraction stopped (a zip bomb?)"
+            )
 
 
 def _copy(source: IO[bytes], target: Path, budget: _Budget) -> None:
@@ -143,8 +149,9 @@ def _extract_into(archive: Path, dest: Path, limits: ExtractLimits) -> list[tupl
     return refused
 
 
-def extract_archive(archive: str | Path, dest: str | Path, *,
-                    limits: ExtractLimits = ExtractLimits()) -> tuple[Path, list[tuple[str, str]]]:
+def extract_archive(
+    archive: str | Path, dest: str | Path, *, limits: ExtractLimits = ExtractLimits()
+) -> tuple[Path, list[tuple[str, str]]]:
     """Extract ``archive`` into the folder ``dest`` (reused when already complete).
 
     Returns the folder and the refused members as (file name, reason). Raises ReadError when the archive is
@@ -152,17 +159,27 @@ def extract_archive(archive: str | Path, dest: str | Path, *,
     """
     archive, dest = Path(archive), Path(dest)
     if (dest / REFUSED_FILE).is_file():
-        return dest, [tuple(r) for r in json.loads((dest / REFUSED_FILE).read_text())]  # type: ignore[misc]
+        return dest, [tuple(r) for r in json.loads((dest / REFUSED_FILE).read_text())]
     try:
         with staged_folder(dest) as staging:
             refused = _extract_into(archive, staging, limits)
             (staging / REFUSED_FILE).write_text(json.dumps(refused))
     except ReadError:
         raise
-    except (zipfile.BadZipFile, tarfile.TarError, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError,
-            RuntimeError, NotImplementedError) as exc:
-        raise ReadError(f"{archive.name}: corrupt or unreadable archive ({type(exc).__name__}: "
-                        f"{str(exc)[:160]})") from exc
+    except (
+        zipfile.BadZipFile,
+        tarfile.TarError,
+        zlib.error,
+        lzma.LZMAError,
+        EOFError,
+        OSError,
+        ValueError,
+        RuntimeError,
+        NotImplementedError,
+    ) as exc:
+        raise ReadError(
+            f"{archive.name}: corrupt or unreadable archive ({type(exc).__name__}: {str(exc)[:160]})"
+        ) from exc
     if refused:
         log.warning("%s: %d archive members refused", archive.name, len(refused))
-    return dest, [tuple(r) for r in json.loads((dest / REFUSED_FILE).read_text())]  # type: ignore[misc]
+    return dest, [tuple(r) for r in json.loads((dest / REFUSED_FILE).read_text())]

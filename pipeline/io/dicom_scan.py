@@ -5,6 +5,7 @@ sharing SeriesInstanceUID, orientation and size), a multi-frame file (enhanced C
 image without patient geometry (CR, DX, US). Localizers/scouts and derived secondary captures are dropped
 unless asked for. UIDs stay in memory for grouping and hashing: they are never logged or put in messages.
 """
+
 from __future__ import annotations
 
 import filecmp
@@ -15,16 +16,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medsam_engine.pipeline.io.isolate import IsolatedWorker, WorkerCrash
 
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
 log = logging.getLogger(__name__)
 
 HEADER_TAGS = [
-    "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality", "ImageType", "Rows", "Columns",
-    "NumberOfFrames", "SamplesPerPixel", "ImageOrientationPatient", "ImagePositionPatient",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "ImageType",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "SamplesPerPixel",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
 ]
 LOCALIZER_TYPES = {"LOCALIZER", "SCOUT", "SCANOGRAM"}
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
@@ -34,9 +48,13 @@ NOT_ANNOTATED_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.30": "parametric map",
 }
 ENHANCED_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2",  # enhanced / legacy converted CT
-    "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.3", "1.2.840.10008.5.1.4.1.1.4.4",  # MR
-    "1.2.840.10008.5.1.4.1.1.128.1", "1.2.840.10008.5.1.4.1.1.130",  # PET
+    "1.2.840.10008.5.1.4.1.1.2.1",
+    "1.2.840.10008.5.1.4.1.1.2.2",  # enhanced / legacy converted CT
+    "1.2.840.10008.5.1.4.1.1.4.1",
+    "1.2.840.10008.5.1.4.1.1.4.3",
+    "1.2.840.10008.5.1.4.1.1.4.4",  # MR
+    "1.2.840.10008.5.1.4.1.1.128.1",
+    "1.2.840.10008.5.1.4.1.1.130",  # PET
 }
 ORIENTATION_TOLERANCE = 1e-3
 PARALLEL_FROM = 1000
@@ -94,10 +112,10 @@ class SeriesGroup:
 class ScanResult:
     headers: list[SliceHeader]
     failures: list[tuple[str, str]]  # (path, reason) for DICOM-looking files whose header cannot be read
-    ignored: Counter  # what was skipped and how often: "not an image", "segmentation", ...
+    ignored: Counter[str]  # what was skipped and how often: "not an image", "segmentation", ...
 
 
-def _floats(value, count: int) -> tuple[float, ...] | None:
+def _floats(value: Any, count: int) -> tuple[float, ...] | None:
     try:
         numbers = tuple(float(v) for v in value)
     except (TypeError, ValueError):
@@ -105,14 +123,14 @@ def _floats(value, count: int) -> tuple[float, ...] | None:
     return numbers if len(numbers) == count and all(np.isfinite(numbers)) else None
 
 
-def _multi(value) -> list:
+def _multi(value: Any) -> list[Any]:
     """A multi-valued element's values: pydicom gives a single value as itself (a str is not its letters)."""
     if not value:
         return []
     return [value] if isinstance(value, str | bytes) else list(value)
 
 
-def _int(value, default: int) -> int:
+def _int(value: Any, default: int) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -132,10 +150,18 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 ENCAPSULATED_PREFIXES = ("1.2.840.10008.1.2.4.", "1.2.840.10008.1.2.5")  # JPEG family, JPEG-LS/2000, RLE
 LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 UNDEFINED = 0xFFFFFFFF
-FAST_TAGS = {0x00080008: "ImageType", 0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID",
-             0x00080060: "Modality", 0x0020000E: "SeriesInstanceUID", 0x00200032: "ImagePositionPatient",
-             0x00200037: "ImageOrientationPatient", 0x00280008: "NumberOfFrames", 0x00280010: "Rows",
-             0x00280011: "Columns"}
+FAST_TAGS = {
+    0x00080008: "ImageType",
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+    0x00080060: "Modality",
+    0x0020000E: "SeriesInstanceUID",
+    0x00200032: "ImagePositionPatient",
+    0x00200037: "ImageOrientationPatient",
+    0x00280008: "NumberOfFrames",
+    0x00280010: "Rows",
+    0x00280011: "Columns",
+}
 LAST_FAST_TAG = 0x00280011
 FAST_MULTI_VALUED = {"ImageType", "ImagePositionPatient", "ImageOrientationPatient"}
 
@@ -148,17 +174,17 @@ def _element(data: bytes, at: int) -> tuple[int, bytes, int, int]:
     """(tag, VR, value offset, value length) of the explicit-VR little-endian element at ``at``."""
     if at + 8 > len(data):
         raise _Decline
-    tag = int.from_bytes(data[at:at + 2], "little") << 16 | int.from_bytes(data[at + 2:at + 4], "little")
+    tag = int.from_bytes(data[at : at + 2], "little") << 16 | int.from_bytes(data[at + 2 : at + 4], "little")
     if tag >> 16 == 0xFFFE:  # an item or delimiter where an element belongs
-        return tag, b"", at + 8, int.from_bytes(data[at + 4:at + 8], "little")
-    vr = data[at + 4:at + 6]
+        return tag, b"", at + 8, int.from_bytes(data[at + 4 : at + 8], "little")
+    vr = data[at + 4 : at + 6]
     if vr in LONG_VRS:
         if at + 12 > len(data):
             raise _Decline
-        return tag, vr, at + 12, int.from_bytes(data[at + 8:at + 12], "little")
+        return tag, vr, at + 12, int.from_bytes(data[at + 8 : at + 12], "little")
     if not (vr.isalpha() and vr.isupper()):
         raise _Decline  # not explicit VR after all
-    return tag, vr, at + 8, int.from_bytes(data[at + 6:at + 8], "little")
+    return tag, vr, at + 8, int.from_bytes(data[at + 6 : at + 8], "little")
 
 
 def _skip_sequence(data: bytes, at: int) -> int:
@@ -198,14 +224,14 @@ def _fast_values(data: bytes) -> tuple[str, dict[str, bytes]] | None:
     if data[128:132] != b"DICM":
         return None
     at, meta_class, syntax = 132, "", ""
-    while at + 8 <= len(data) and data[at:at + 2] == b"\x02\x00":  # group 0002, always explicit VR LE
+    while at + 8 <= len(data) and data[at : at + 2] == b"\x02\x00":  # group 0002, always explicit VR LE
         tag, _, start, length = _element(data, at)
         if length == UNDEFINED:
             return None
         if tag == 0x00020002:
-            meta_class = _text(data[start:start + length])
+            meta_class = _text(data[start : start + length])
         elif tag == 0x00020010:
-            syntax = _text(data[start:start + length])
+            syntax = _text(data[start : start + length])
         at = start + length
     if syntax != EXPLICIT_LE and not syntax.startswith(ENCAPSULATED_PREFIXES):
         return None
@@ -226,7 +252,7 @@ def _fast_values(data: bytes) -> tuple[str, dict[str, bytes]] | None:
         if tag in FAST_TAGS:
             if start + length > len(data):
                 return None
-            values[FAST_TAGS[tag]] = data[start:start + length]
+            values[FAST_TAGS[tag]] = data[start : start + length]
         at = start + length
     return None  # the header ends, or runs past what was read, before (0028,0011): pydicom reads it
 
@@ -241,15 +267,22 @@ def _fast_header(path: str) -> SliceHeader | str | None:
             return None
         meta_class, raw = found
         texts = {key: _text(value) for key, value in raw.items() if key not in ("Rows", "Columns")}
-        sizes = {key: int.from_bytes(raw[key], "little") if len(raw.get(key, b"")) == 2 else 0
-                 for key in ("Rows", "Columns")}
+        sizes = {
+            key: int.from_bytes(raw[key], "little") if len(raw.get(key, b"")) == 2 else 0
+            for key in ("Rows", "Columns")
+        }
         if min(sizes.values()) <= 0 and (texts.get("SOPClassUID") or meta_class) not in NOT_ANNOTATED_CLASSES:
             return None  # pydicom's reasons for a file without an image size
         frames = texts.pop("NumberOfFrames", "")
-        fields = {**{key: text.split("\\") if key in FAST_MULTI_VALUED and text else text
-                     for key, text in texts.items()},
-                  **sizes, "NumberOfFrames": int(frames) if frames else None,
-                  "file_meta": SimpleNamespace(MediaStorageSOPClassUID=meta_class)}
+        fields = {
+            **{
+                key: text.split("\\") if key in FAST_MULTI_VALUED and text else text
+                for key, text in texts.items()
+            },
+            **sizes,
+            "NumberOfFrames": int(frames) if frames else None,
+            "file_meta": SimpleNamespace(MediaStorageSOPClassUID=meta_class),
+        }
         return _header_of(fields, path)  # the values as pydicom gives them: the same header by construction
     except (_Decline, OSError, ValueError):
         return None
@@ -283,7 +316,7 @@ def read_header(path: str) -> SliceHeader | str:
         raise ValueError(f"corrupt DICOM header ({type(exc).__name__}: {str(exc)[:120]})") from exc
 
 
-def _header_of(ds, path: str | Path) -> SliceHeader | str:
+def _header_of(ds: Dataset | dict[str, Any], path: str | Path) -> SliceHeader | str:
     """The header fields of a parsed dataset (or why it is skipped); raises ValueError when unusable."""
     import pydicom
 
@@ -302,10 +335,15 @@ def _header_of(ds, path: str | Path) -> SliceHeader | str:
         return "not an image"
     position = _floats(ds.get("ImagePositionPatient"), 3)
     return SliceHeader(
-        path=str(path), sop_class=sop_class, sop_instance=str(ds.get("SOPInstanceUID", "") or path),
-        series_uid=str(ds.get("SeriesInstanceUID", "") or ""), modality=str(ds.get("Modality", "") or "OT"),
+        path=str(path),
+        sop_class=sop_class,
+        sop_instance=str(ds.get("SOPInstanceUID", "") or path),
+        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+        modality=str(ds.get("Modality", "") or "OT"),
         image_type=tuple(str(v).strip().upper() for v in _multi(ds.get("ImageType"))),
-        rows=rows, columns=columns, frames=max(1, _int(ds.get("NumberOfFrames"), 1)),
+        rows=rows,
+        columns=columns,
+        frames=max(1, _int(ds.get("NumberOfFrames"), 1)),
         orientation=_floats(ds.get("ImageOrientationPatient"), 6),
         position=position,  # type: ignore[arg-type]
     )
@@ -323,21 +361,21 @@ def _scan_chunk(paths: list[str]) -> list[tuple[str, SliceHeader | str | None, s
     return out
 
 
-def _scan_in_workers(chunks: list[list[str]], workers: int) -> list:
+def _scan_in_workers(chunks: list[list[str]], workers: int) -> list[Any]:
     """Chunks scanned by ``workers`` isolated processes (a parser crash loses only its chunk's headers)."""
     import queue
     from concurrent.futures import ThreadPoolExecutor
 
-
-    idle: queue.Queue = queue.Queue()
+    idle: queue.Queue[Any] = queue.Queue()
     pool = [IsolatedWorker() for _ in range(workers)]
     for worker in pool:
         idle.put(worker)
 
-    def run(chunk: list[str]) -> list:
+    def run(chunk: list[str]) -> list[Any]:
         worker = idle.get()
         try:
-            return worker.call(_scan_chunk, chunk)
+            found: list[Any] = worker.call(_scan_chunk, chunk)
+            return found
         except WorkerCrash as exc:
             return [(path, None, f"the header parser crashed ({exc.why})") for path in chunk]
         finally:
@@ -351,20 +389,21 @@ def _scan_in_workers(chunks: list[list[str]], workers: int) -> list:
             worker.close()
 
 
-def scan_headers(paths: Sequence[str | Path], *, workers: int | None = None,
-                 parallel_from: int = PARALLEL_FROM) -> ScanResult:
+def scan_headers(
+    paths: Sequence[str | Path], *, workers: int | None = None, parallel_from: int = PARALLEL_FROM
+) -> ScanResult:
     """Read the headers of ``paths``; in parallel worker processes from ``parallel_from`` files on."""
     names = [str(p) for p in paths]
     workers = workers or min(8, os.cpu_count() or 1)
     if len(names) >= max(parallel_from, 2) and workers > 1:
         size = max(1, min(CHUNK, -(-len(names) // (4 * workers))))
-        chunks = [names[i:i + size] for i in range(0, len(names), size)]
+        chunks = [names[i : i + size] for i in range(0, len(names), size)]
         rows = _scan_in_workers(chunks, min(workers, len(chunks)))
     else:
         rows = _scan_chunk(names)
     headers: list[SliceHeader] = []
     failures: list[tuple[str, str]] = []
-    ignored: Counter = Counter()
+    ignored: Counter[str] = Counter()
     for path, header, failure in rows:
         if failure is not None:
             failures.append((path, failure))
@@ -397,11 +436,12 @@ def _same_orientation(a: tuple[float, ...] | None, b: tuple[float, ...] | None) 
     return bool(np.max(np.abs(np.subtract(a, b))) <= ORIENTATION_TOLERANCE)
 
 
-def group_series(headers: list[SliceHeader], *, keep_localizers: bool = False,
-                 keep_derived: bool = False) -> tuple[list[SeriesGroup], Counter]:
+def group_series(
+    headers: list[SliceHeader], *, keep_localizers: bool = False, keep_derived: bool = False
+) -> tuple[list[SeriesGroup], Counter[str]]:
     """Group headers into cases; returns the groups (in a stable order) and counts of what was dropped."""
-    dropped: Counter = Counter()
-    volumes: dict[tuple, list[SliceHeader]] = {}
+    dropped: Counter[str] = Counter()
+    volumes: dict[tuple[Any, ...], list[SliceHeader]] = {}
     groups: list[SeriesGroup] = []
     instances: dict[str, str] = {}  # SOP Instance UID -> the first file that holds it
     for header in sorted(headers, key=lambda h: h.path):
@@ -412,8 +452,11 @@ def group_series(headers: list[SliceHeader], *, keep_localizers: bool = False,
                 continue
             # another file claims the same instance with other content: keep it, so that it fails where it
             # lands (two slices at one position, or its own case) rather than vanish
-            log.warning("%s and %s hold the same DICOM instance with different content", Path(first).name,
-                        Path(header.path).name)
+            log.warning(
+                "%s and %s hold the same DICOM instance with different content",
+                Path(first).name,
+                Path(header.path).name,
+            )
         if header.is_localizer and not keep_localizers:
             dropped["localizer"] += 1
             continue
@@ -425,8 +468,16 @@ def group_series(headers: list[SliceHeader], *, keep_localizers: bool = False,
             identity = f"dicom-{kind}:{header.sop_instance}"
             groups.append(SeriesGroup(kind, identity, (header.path,), header.modality))
             continue
-        key = next((k for k in volumes if k[0] == header.series_uid and k[1] == (header.rows, header.columns)
-                    and _same_orientation(k[2], header.orientation)), None)
+        key = next(
+            (
+                k
+                for k in volumes
+                if k[0] == header.series_uid
+                and k[1] == (header.rows, header.columns)
+                and _same_orientation(k[2], header.orientation)
+            ),
+            None,
+        )
         if key is None:
             key = (header.series_uid, (header.rows, header.columns), header.orientation)
             volumes[key] = []

@@ -5,16 +5,21 @@ Segments become label values: a segment whose tracking id is "label N" (as this 
 the value N, any other takes its segment number. Where segments overlap, the later segment wins (as label
 maps are written). The segment labels are the names (:func:`seg_label_names`).
 """
+
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medsam_engine.pipeline.core.errors import ReadError
 from medsam_engine.pipeline.core.orientation import LPS_TO_RAS, canonical_volume
 from medsam_engine.pipeline.core.types import Volume
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 _OURS = re.compile(r"label (\d+)")
@@ -26,7 +31,7 @@ def is_dicom_seg(path: str | Path) -> bool:
 
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPClassUID"])
-    except Exception:  # noqa: BLE001 - not DICOM, or unreadable: not a SEG then
+    except Exception:
         return False
     return str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS
 
@@ -41,11 +46,11 @@ def referenced_series(path: str | Path) -> str | None:
         if str(ds.get("SOPClassUID", "")) != SEG_SOP_CLASS:
             return None
         return str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
-    except Exception:  # noqa: BLE001 - not DICOM, unreadable, or no reference: not matched by series
+    except Exception:
         return None
 
 
-def _segment_values(ds) -> dict[int, int]:
+def _segment_values(ds: Dataset) -> dict[int, int]:
     """Segment number -> label value, from a SEG dataset's SegmentSequence (see the module doc)."""
     values = {}
     for item in ds.get("SegmentSequence", []):
@@ -61,8 +66,10 @@ def seg_label_names(path: str | Path) -> dict[int, str]:
 
     ds = pydicom.dcmread(str(path), stop_before_pixels=True)
     values = _segment_values(ds)
-    return {values[int(item.SegmentNumber)]: str(item.get("SegmentLabel", ""))
-            for item in ds.get("SegmentSequence", [])}
+    return {
+        values[int(item.SegmentNumber)]: str(item.get("SegmentLabel", ""))
+        for item in ds.get("SegmentSequence", [])
+    }
 
 
 def read_dicom_seg(path: str | Path) -> Volume:
@@ -88,5 +95,6 @@ def read_dicom_seg(path: str | Path) -> Volume:
     labels = np.zeros(planes.shape[:3], dtype=np.uint16)
     for index, number in enumerate(numbers):  # later segments win where segments overlap
         labels[planes[..., index] > 0] = values[number]
-    return canonical_volume(labels, LPS_TO_RAS @ np.asarray(volume.affine, dtype=float), modality="SEG",
-                            source_format="dicom-seg")
+    return canonical_volume(
+        labels, LPS_TO_RAS @ np.asarray(volume.affine, dtype=float), modality="SEG", source_format="dicom-seg"
+    )

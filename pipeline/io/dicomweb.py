@@ -10,35 +10,47 @@ name the server, never the study. A finished download is renamed into place and 
 A busy or briefly failing PACS costs retries, not cases: HTTP 429/500/502/503/504, refused or dropped
 connections and read timeouts are retried with exponential backoff (honouring ``Retry-After``) by urllib3;
 one that lasts is a transient failure (stage "io": never quarantined, the next run tries again). Settings from
-the environment: ``MEDSAM_ENGINE_DICOMWEB_RETRIES`` (6), ``MEDSAM_ENGINE_DICOMWEB_BACKOFF_S`` (0.5, doubling up
-to 30 s), ``MEDSAM_ENGINE_DICOMWEB_TIMEOUT_S`` (60 per request). Credentials, never logged or stored:
+the environment: ``MEDSAM_ENGINE_DICOMWEB_RETRIES`` (6), ``MEDSAM_ENGINE_DICOMWEB_BACKOFF_S`` (0.5, doubling
+up to 30 s), ``MEDSAM_ENGINE_DICOMWEB_TIMEOUT_S`` (60 per request). Credentials, never logged or stored:
 ``MEDSAM_ENGINE_DICOMWEB_TOKEN`` (a bearer token) or ``MEDSAM_ENGINE_DICOMWEB_USER`` and
 ``MEDSAM_ENGINE_DICOMWEB_PASSWORD`` (HTTP basic), else the file ``MEDSAM_ENGINE_DICOMWEB_CREDENTIALS`` names,
 else ``~/.config/medsam-engine/dicomweb.yaml`` (JSON or YAML: ``{"token": …}`` or ``{"user": …, "password":
 …}``, or such entries keyed by the server's ``http(s)://host:port``); a refused login (401/403) is a lasting
 failure. Ray actors download the series they annotate: they are given the file's path (never a secret).
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import re
+from collections.abc import Container, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from medsam_engine.pipeline.core.atomic import staged_folder
 from medsam_engine.pipeline.core.errors import ReadError
 
+if TYPE_CHECKING:
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
 log = logging.getLogger(__name__)
 
-URL_PATTERN = re.compile(r"^(?P<base>https?://.+?/)studies/(?P<study>[0-9.]+)(?:/series/(?P<series>[0-9.]+))?/?$")
-INSTANCE_PATTERN = re.compile(r"^(?P<base>https?://.+?/)studies/(?P<study>[0-9.]+)/series/(?P<series>[0-9.]+)"
-                              r"/instances/(?P<sop>[0-9.]+)/?$")
+URL_PATTERN = re.compile(
+    r"^(?P<base>https?://.+?/)studies/(?P<study>[0-9.]+)(?:/series/(?P<series>[0-9.]+))?/?$"
+)
+INSTANCE_PATTERN = re.compile(
+    r"^(?P<base>https?://.+?/)studies/(?P<study>[0-9.]+)/series/(?P<series>[0-9.]+)"
+    r"/instances/(?P<sop>[0-9.]+)/?$"
+)
 # series that hold no image to annotate (a SEG is a coarse mask or a correction, never an input image)
-NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "PR", "KO", "DOC", "REG", "FID", "RWV", "RTSTRUCT", "RTPLAN",
-                                  "RTRECORD", "RTDOSE", "PLAN"})
+NON_IMAGE_MODALITIES = frozenset(
+    {"SEG", "SR", "PR", "KO", "DOC", "REG", "FID", "RWV", "RTSTRUCT", "RTPLAN", "RTRECORD", "RTDOSE", "PLAN"}
+)
 AS_STORED = (("application/dicom", "*"),)  # WADO-RS media type: each instance in the syntax it is stored in
 TIMEOUT_S = 60
 COMPLETE = ".complete"
@@ -58,7 +70,7 @@ def _setting(name: str, default: float) -> float:
         raise ReadError(f"MEDSAM_ENGINE_DICOMWEB_{name} must be a number") from exc
 
 
-def _credentials(url: str) -> dict:
+def _credentials(url: str) -> dict[str, Any]:
     """{"token"} or {"user", "password"} for the server of ``url``: the environment first, then the file
     MEDSAM_ENGINE_DICOMWEB_CREDENTIALS names (one entry, or entries keyed by ``scheme://host[:port]``)."""
     token = os.environ.get("MEDSAM_ENGINE_DICOMWEB_TOKEN")
@@ -75,8 +87,9 @@ def _credentials(url: str) -> dict:
     try:
         entries = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise ReadError(f"MEDSAM_ENGINE_DICOMWEB_CREDENTIALS: cannot read the credentials file "
-                        f"({type(exc).__name__})") from exc
+        raise ReadError(
+            f"MEDSAM_ENGINE_DICOMWEB_CREDENTIALS: cannot read the credentials file ({type(exc).__name__})"
+        ) from exc
     if not isinstance(entries, dict):
         raise ReadError("MEDSAM_ENGINE_DICOMWEB_CREDENTIALS: the credentials file must hold a mapping")
     entry = entries.get(_server(url), entries)
@@ -92,7 +105,7 @@ def _default_credentials() -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def dicomweb_session(url: str, methods: tuple[str, ...] = ("GET", "HEAD")):
+def dicomweb_session(url: str, methods: tuple[str, ...] = ("GET", "HEAD")) -> requests.Session:
     """A requests session for the server of ``url`` with its credentials and urllib3's retries with backoff
     (for ``methods``: a STOW-RS POST is safe to repeat, the PACS keeps one copy of an instance)."""
     import requests
@@ -100,10 +113,19 @@ def dicomweb_session(url: str, methods: tuple[str, ...] = ("GET", "HEAD")):
     from urllib3.util.retry import Retry
 
     retries = int(_setting("RETRIES", 6))
-    retry = Retry(total=retries, connect=retries, read=retries, status=retries, other=0,
-                  backoff_factor=_setting("BACKOFF_S", 0.5), backoff_max=30, status_forcelist=RETRY_STATUSES,
-                  allowed_methods=frozenset(methods), respect_retry_after_header=True,
-                  raise_on_status=False)
+    retry = Retry(
+        total=retries,
+        connect=retries,
+        read=retries,
+        status=retries,
+        other=0,
+        backoff_factor=_setting("BACKOFF_S", 0.5),
+        backoff_max=30,
+        status_forcelist=RETRY_STATUSES,
+        allowed_methods=frozenset(methods),
+        respect_retry_after_header=True,
+        raise_on_status=False,
+    )
     session = requests.Session()
     adapter = HTTPAdapter(max_retries=retry, pool_maxsize=8)
     session.mount("http://", adapter)
@@ -116,19 +138,22 @@ def dicomweb_session(url: str, methods: tuple[str, ...] = ("GET", "HEAD")):
     return session
 
 
-def dicomweb_client(root: str, *, methods: tuple[str, ...] = ("GET", "HEAD")):
+def dicomweb_client(root: str, *, methods: tuple[str, ...] = ("GET", "HEAD")) -> DICOMwebClient:
     """A dicomweb-client for the service ``root`` (…/dicom-web) over :func:`dicomweb_session`; its own
     retries are off, urllib3's do the retrying."""
     from dicomweb_client.api import DICOMwebClient
 
-    client = DICOMwebClient(url=root.rstrip("/"), session=dicomweb_session(root, methods),
-                            timeout=_setting("TIMEOUT_S", TIMEOUT_S))
+    client = DICOMwebClient(
+        url=root.rstrip("/"),
+        session=dicomweb_session(root, methods),
+        timeout=_setting("TIMEOUT_S", TIMEOUT_S),
+    )
     client.set_http_retry_params(retry=False)
     return client
 
 
 @contextmanager
-def answers(url: str, *, missing: str = "study or series not found"):
+def answers(url: str, *, missing: str = "study or series not found") -> Iterator[None]:
     """What every DICOMweb call refuses alike, raised as the engine's errors naming the server only: an
     unreachable or still busy server (PacsUnavailableError, transient), refused credentials (lasting),
     ``missing`` on 404, any other refusal with its HTTP status."""
@@ -141,18 +166,24 @@ def answers(url: str, *, missing: str = "study or series not found"):
         raise _refusal(url, status, missing) from exc
     except requests.RequestException as exc:
         why = type(exc).__name__
-        raise PacsUnavailableError(f"DICOMweb server {_server(url)} could not be reached ({why}): temporarily "
-                                   "unavailable through every retry") from exc
+        raise PacsUnavailableError(
+            f"DICOMweb server {_server(url)} could not be reached ({why}): temporarily "
+            "unavailable through every retry"
+        ) from exc
 
 
 def _refusal(url: str, status: int, missing: str) -> ReadError:
     if status in (401, 403):
-        return ReadError(f"DICOMweb server {_server(url)} refused the credentials (HTTP {status}); set "
-                         "MEDSAM_ENGINE_DICOMWEB_TOKEN or MEDSAM_ENGINE_DICOMWEB_USER/_PASSWORD (or "
-                         "MEDSAM_ENGINE_DICOMWEB_CREDENTIALS)")
+        return ReadError(
+            f"DICOMweb server {_server(url)} refused the credentials (HTTP {status}); set "
+            "MEDSAM_ENGINE_DICOMWEB_TOKEN or MEDSAM_ENGINE_DICOMWEB_USER/_PASSWORD (or "
+            "MEDSAM_ENGINE_DICOMWEB_CREDENTIALS)"
+        )
     if status in RETRY_STATUSES:
-        return PacsUnavailableError(f"DICOMweb server {_server(url)} answered HTTP {status}: temporarily "
-                                    "unavailable through every retry")
+        return PacsUnavailableError(
+            f"DICOMweb server {_server(url)} answered HTTP {status}: temporarily "
+            "unavailable through every retry"
+        )
     if status == 404:
         return ReadError(f"DICOMweb server {_server(url)}: {missing} (HTTP 404)")
     return ReadError(f"DICOMweb server {_server(url)} answered HTTP {status}")
@@ -167,7 +198,7 @@ def _server(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
 
-def uid_values(items: list[dict], tag: str) -> list[str]:
+def uid_values(items: list[dict[str, Any]], tag: str) -> list[str]:
     """The values of ``tag`` (e.g. '0020000E') in a QIDO-RS answer (DICOM JSON)."""
     try:
         return [str(item[tag]["Value"][0]) for item in items if item.get(tag, {}).get("Value")]
@@ -175,7 +206,7 @@ def uid_values(items: list[dict], tag: str) -> list[str]:
         raise ReadError("a QIDO-RS answer that is not DICOM JSON") from exc
 
 
-def _download_series(client, url: str, study: str, series: str, folder: Path) -> int:
+def _download_series(client: DICOMwebClient, url: str, study: str, series: str, folder: Path) -> int:
     """Stream one series as stored (its transfer syntax kept) into ``folder`` as Part 10 files."""
     folder.mkdir(parents=True)
     count = 0
@@ -210,8 +241,9 @@ def is_service_root(text: str) -> bool:
     return str(text).startswith(("http://", "https://")) and not is_dicomweb_url(text)
 
 
-def query_studies(root: str, filters: dict[str, str] | None = None, *,
-                  page: int = 500) -> dict[str, int | None]:
+def query_studies(
+    root: str, filters: dict[str, str] | None = None, *, page: int = 500
+) -> dict[str, int | None]:
     """StudyInstanceUID -> number of instances (None when the server does not say) of the studies QIDO-RS
     lists at ``root`` under ``filters`` (e.g. ``{"ModalitiesInStudy": "CT", "StudyDate": "20260101-"}``),
     page by page; ReadError naming the server (never a study) otherwise."""
@@ -220,8 +252,12 @@ def query_studies(root: str, filters: dict[str, str] | None = None, *,
     offset = 0
     while True:
         with answers(root, missing="no QIDO-RS service here"):
-            found = client.search_for_studies(search_filters=dict(filters or {}), limit=page, offset=offset,
-                                              fields=["NumberOfStudyRelatedInstances"])
+            found = client.search_for_studies(
+                search_filters=dict(filters or {}),
+                limit=page,
+                offset=offset,
+                fields=["NumberOfStudyRelatedInstances"],
+            )
         for item in found:
             uid = uid_values([item], "0020000D")
             if uid:
@@ -250,8 +286,10 @@ def fetch_dicomweb(url: str, dest: str | Path) -> Path:
                 series_list = uid_values(client.search_for_series(study), "0020000E")
         if not series_list:
             raise ReadError(f"DICOMweb server {_server(url)}: the study has no series")
-        count = sum(_download_series(client, url, study, uid, staging / f"s{k + 1:03d}")
-                    for k, uid in enumerate(series_list))
+        count = sum(
+            _download_series(client, url, study, uid, staging / f"s{k + 1:03d}")
+            for k, uid in enumerate(series_list)
+        )
         (staging / COMPLETE).write_text(str(count))
     log.info("fetched %d instances in %d series from %s", count, len(series_list), _server(url))
     return dest
@@ -280,8 +318,11 @@ def list_series(url: str) -> list[PacsSeries]:
     client = dicomweb_client(root)
     listed = []
     with answers(url):
-        found = client.search_for_series(study, search_filters={"SeriesInstanceUID": only} if only else None,
-                                         fields=["NumberOfSeriesRelatedInstances"])
+        found = client.search_for_series(
+            study,
+            search_filters={"SeriesInstanceUID": only} if only else None,
+            fields=["NumberOfSeriesRelatedInstances"],
+        )
         for item in found:
             series, modality = _first(item, "0020000E"), _first(item, "00080060").upper()
             if not series:
@@ -292,8 +333,16 @@ def list_series(url: str) -> list[PacsSeries]:
                 image_type = ((first[0].get("00080008") or {}).get("Value") or []) if first else []
                 localizer = "LOCALIZER" in [str(v).upper() for v in image_type]
             count = _first(item, "00201209")
-            listed.append(PacsSeries(f"{root}/studies/{study}/series/{series}", study, series, modality,
-                                     localizer, int(count) if count.isdigit() else None))
+            listed.append(
+                PacsSeries(
+                    f"{root}/studies/{study}/series/{series}",
+                    study,
+                    series,
+                    modality,
+                    localizer,
+                    int(count) if count.isdigit() else None,
+                )
+            )
     if not listed:
         raise ReadError(f"DICOMweb server {_server(url)}: study or series not found")
     return listed
@@ -326,7 +375,7 @@ class PacsSeg:
     made: str
 
 
-def _first(item: dict, tag: str) -> str:
+def _first(item: dict[str, Any], tag: str) -> str:
     value = (item.get(tag) or {}).get("Value") or [""]
     return str(value[0]) if not isinstance(value[0], dict) else ""
 
@@ -347,12 +396,13 @@ def find_segs(root: str, *, study: str | None = None) -> list[PacsSeg]:
                     continue
                 refs = ((item.get("00081115") or {}).get("Value") or [{}])[0]
                 made = _first(item, "00080023") + _first(item, "00080033").split(".")[0]
-                segs.append(PacsSeg(study_uid, series_uid, _first(item, "00080018"), _first(refs, "0020000E"),
-                                    made))
+                segs.append(
+                    PacsSeg(study_uid, series_uid, _first(item, "00080018"), _first(refs, "0020000E"), made)
+                )
     return segs
 
 
-def newest_per_series(segs: list[PacsSeg], wanted=None) -> dict[str, PacsSeg]:
+def newest_per_series(segs: list[PacsSeg], wanted: Container[str] | None = None) -> dict[str, PacsSeg]:
     """The newest SEG referencing each series (of ``wanted`` series UIDs, when given)."""
     newest: dict[str, PacsSeg] = {}
     for seg in sorted(segs, key=lambda s: s.made):

@@ -11,6 +11,7 @@ reason, so each is recorded in the store's errors and the batch goes on.
 Case ids and series keys are keyed hashes (the store's key): no name, ID, date or UID reaches an id, a
 path under the cache, a log line or a message.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from medsam_engine.pipeline.core.errors import ReadError
 from medsam_engine.pipeline.core.provenance import files_sha256
@@ -112,9 +114,12 @@ def _common_folder(files: tuple[str, ...]) -> Path:
 
 def _visible_files(folder: Path) -> list[Path]:
     """Files under ``folder`` (not hidden), including broken links so that they can be reported."""
-    return sorted(p for p in folder.rglob("*")
-                  if (p.is_file() or (p.is_symlink() and not p.exists()))
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if (p.is_file() or (p.is_symlink() and not p.exists()))
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 class _Finder:
@@ -125,8 +130,9 @@ class _Finder:
         self.cache = Path(options.cache_dir) if options.cache_dir else ids.cache
 
     def error_case(self, identity: str, image: Path, reason: str) -> CaseRef:
-        return CaseRef(case_id=self.case_id("unreadable:" + identity), image=str(image),
-                       kind="unreadable", error=reason)
+        return CaseRef(
+            case_id=self.case_id("unreadable:" + identity), image=str(image), kind="unreadable", error=reason
+        )
 
     def file_case(self, path: Path) -> CaseRef:
         try:
@@ -134,13 +140,21 @@ class _Finder:
             identity = "sha256:" + digest
         except OSError:
             digest, identity = None, "path:" + str(path.resolve())
-        return CaseRef(case_id=self.case_id(identity), image=str(path),
-                       kind=suffix_of(path).lstrip("."), content_sha256=digest)
+        return CaseRef(
+            case_id=self.case_id(identity),
+            image=str(path),
+            kind=suffix_of(path).lstrip("."),
+            content_sha256=digest,
+        )
 
     def group_case(self, group: SeriesGroup) -> CaseRef:
-        return CaseRef(case_id=self.case_id(group.identity), image=str(_common_folder(group.files)),
-                       kind=GROUP_KINDS[group.kind], series=self.case_id("series|" + group.identity),
-                       files=group.files)
+        return CaseRef(
+            case_id=self.case_id(group.identity),
+            image=str(_common_folder(group.files)),
+            kind=GROUP_KINDS[group.kind],
+            series=self.case_id("series|" + group.identity),
+            files=group.files,
+        )
 
     def expand(self, given: str | Path, depth: int = 0) -> list[CaseRef]:
         text = str(given)
@@ -166,14 +180,16 @@ class _Finder:
             folder, refused = extract_archive(path, dest, limits=self.options.limits)
         except ReadError as exc:
             return [self.error_case(identity, path, exc.reason)]
-        cases = [self.error_case(f"{identity}:{i}:{name}", path, f"{path.name}: member '{name}' {why}")
-                 for i, (name, why) in enumerate(refused)]
+        cases = [
+            self.error_case(f"{identity}:{i}:{name}", path, f"{path.name}: member '{name}' {why}")
+            for i, (name, why) in enumerate(refused)
+        ]
         return cases + self.folder(folder, depth + 1)
 
     def folder(self, folder: Path, depth: int) -> list[CaseRef]:
         cases: list[CaseRef] = []
         candidates: list[Path] = []
-        ignored: Counter = Counter()
+        ignored: Counter[str] = Counter()
         for path in _visible_files(folder):
             suffix = suffix_of(path)
             if not path.exists():
@@ -193,20 +209,28 @@ class _Finder:
             cases.append(self.error_case("empty:" + str(folder.resolve()), folder, reason))
         return cases
 
-    def dicom(self, folder: Path, files: list[Path], ignored: Counter) -> list[CaseRef]:
+    def dicom(self, folder: Path, files: list[Path], ignored: Counter[str]) -> list[CaseRef]:
         """Cases for the DICOM-looking ``files``; ``ignored`` gains what was skipped and why."""
         options = self.options
         scan = scan_headers(files, workers=options.scan_workers, parallel_from=options.parallel_from)
-        groups, dropped = group_series(scan.headers, keep_localizers=options.keep_localizers,
-                                       keep_derived=options.keep_derived)
+        groups, dropped = group_series(
+            scan.headers, keep_localizers=options.keep_localizers, keep_derived=options.keep_derived
+        )
         nearby = tuple(f"{Path(p).name} ({why})" for p, why in scan.failures)
         cases = [replace(self.group_case(g), unreadable_nearby=nearby) for g in groups]
-        cases += [self.error_case("path:" + str(Path(p).resolve()), Path(p), f"{Path(p).name}: {why}")
-                  for p, why in scan.failures]
+        cases += [
+            self.error_case("path:" + str(Path(p).resolve()), Path(p), f"{Path(p).name}: {why}")
+            for p, why in scan.failures
+        ]
         ignored.update(dropped + scan.ignored)
         if ignored or scan.failures:
-            log.info("%s: %d DICOM series/images, %d unreadable files, skipped %s", folder.name, len(groups),
-                     len(scan.failures), dict(ignored))
+            log.info(
+                "%s: %d DICOM series/images, %d unreadable files, skipped %s",
+                folder.name,
+                len(groups),
+                len(scan.failures),
+                dict(ignored),
+            )
         return cases
 
     def remote(self, url: str, depth: int) -> list[CaseRef]:
@@ -234,8 +258,13 @@ class _Finder:
             return [self.error_case(identity, self.cache / "dicomweb", f"DICOMweb service: {exc.reason}")]
         if not studies:
             shown = ", ".join(sorted(filters)) or "none"  # the keys only: values may name a patient
-            return [self.error_case(identity, self.cache / "dicomweb",
-                                    f"DICOMweb service: no study matches the query (filters on: {shown})")]
+            return [
+                self.error_case(
+                    identity,
+                    self.cache / "dicomweb",
+                    f"DICOMweb service: no study matches the query (filters on: {shown})",
+                )
+            ]
         log.info("DICOMweb service: %d studies match the query", len(studies))
         base = root.rstrip("/")
         with ThreadPoolExecutor(max_workers=PACS_QUERIES) as pool:
@@ -250,23 +279,40 @@ class _Finder:
         try:
             listed = list_series(url)
         except ReadError as exc:
-            return [self.error_case(identity, self.cache / "dicomweb" / key,
-                                    f"DICOMweb input {key[:8]}: {exc.reason}")]
-        kept = [s for s in listed if s.modality not in NON_IMAGE_MODALITIES
-                and (self.options.keep_localizers or not s.localizer)]
+            return [
+                self.error_case(
+                    identity, self.cache / "dicomweb" / key, f"DICOMweb input {key[:8]}: {exc.reason}"
+                )
+            ]
+        kept = [
+            s
+            for s in listed
+            if s.modality not in NON_IMAGE_MODALITIES and (self.options.keep_localizers or not s.localizer)
+        ]
         if not kept:
             dropped = Counter("localizer" if s.localizer else s.modality for s in listed)
             shown = ", ".join(f"{n} {what}" for what, n in sorted(dropped.items()))
-            return [self.error_case(identity, self.cache / "dicomweb" / key,
-                                    f"DICOMweb input {key[:8]}: no image series (skipped: {shown})")]
+            return [
+                self.error_case(
+                    identity,
+                    self.cache / "dicomweb" / key,
+                    f"DICOMweb input {key[:8]}: no image series (skipped: {shown})",
+                )
+            ]
         # "#N": the series' number of instances, so a series that grew on the PACS is downloaded again
-        cases = [CaseRef(case_id=self.case_id("dicomweb-series:" + s.series),
-                         image=s.url + (f"#{s.instances}" if s.instances else ""), kind=DICOMWEB_SERIES,
-                         series=self.case_id("series|dicomweb-series:" + s.series)) for s in kept]
+        cases = [
+            CaseRef(
+                case_id=self.case_id("dicomweb-series:" + s.series),
+                image=s.url + (f"#{s.instances}" if s.instances else ""),
+                kind=DICOMWEB_SERIES,
+                series=self.case_id("series|dicomweb-series:" + s.series),
+            )
+            for s in kept
+        ]
         cases = self.superseding(cases, identity)
         return self.with_pacs_segs(kept, cases) if self.options.seg_from_pacs else cases
 
-    def with_pacs_segs(self, listed: list, cases: list[CaseRef]) -> list[CaseRef]:
+    def with_pacs_segs(self, listed: list[Any], cases: list[CaseRef]) -> list[CaseRef]:
         """``cases`` (of the ``listed`` series, in order), each with the newest SEG in its study that
         references its series and was not written by this engine (a reviewer's or a model's) as its coarse
         mask, by URL (downloaded with the series); a series without one gets a missing mask, which fails it
@@ -275,11 +321,15 @@ class _Finder:
         try:
             newest = newest_per_series(find_segs(root, study=listed[0].study), {s.series for s in listed})
         except ReadError as exc:
-            return [replace(case, kind="unreadable", error=f"coarse mask from the PACS: {exc.reason}")
-                    for case in cases]
+            return [
+                replace(case, kind="unreadable", error=f"coarse mask from the PACS: {exc.reason}")
+                for case in cases
+            ]
         nothing = self.cache / "dicomweb-seg" / "no SEG in the PACS references this series.missing"
-        masks = {uid: f"{root}/studies/{seg.study}/series/{seg.series}/instances/{seg.sop}"
-                 for uid, seg in newest.items()}
+        masks = {
+            uid: f"{root}/studies/{seg.study}/series/{seg.series}/instances/{seg.sop}"
+            for uid, seg in newest.items()
+        }
         return [_with_mask(case, masks.get(s.series, nothing)) for s, case in zip(listed, cases, strict=True)]
 
 
@@ -296,23 +346,31 @@ def materialise(case: CaseRef, cache: Path) -> CaseRef:
     groups, dropped = group_series(scan.headers)
     if len(groups) != 1:
         skipped = ", ".join(f"{n} {what}" for what, n in sorted(dropped.items())) or "none"
-        raise ReadError(f"the DICOMweb series holds {len(groups)} image stacks (orientations or sizes "
-                        f"differ; skipped: {skipped}); annotate it from a folder to split it")
+        raise ReadError(
+            f"the DICOMweb series holds {len(groups)} image stacks (orientations or sizes "
+            f"differ; skipped: {skipped}); annotate it from a folder to split it"
+        )
     group = groups[0]
     mask = case.coarse_mask
     if mask and INSTANCE_PATTERN.match(mask):
         name = f"{case.case_id}-{hashlib.sha256(mask.encode()).hexdigest()[:12]}.dcm"  # one file per SEG
         mask = str(fetch_instance(mask, cache / "dicomweb-seg" / name))
     nearby = tuple(f"{Path(p).name} ({why})" for p, why in scan.failures)
-    return replace(case, image=str(_common_folder(group.files)), kind=GROUP_KINDS[group.kind],
-                   files=group.files, coarse_mask=mask, unreadable_nearby=nearby)
+    return replace(
+        case,
+        image=str(_common_folder(group.files)),
+        kind=GROUP_KINDS[group.kind],
+        files=group.files,
+        coarse_mask=mask,
+        unreadable_nearby=nearby,
+    )
 
 
 def _seg_masks(folder: Path) -> dict[str, Path]:
     """The DICOM SEG files in a mask folder, by the SeriesInstanceUID they reference (kept in memory only)."""
-    found = {}
+    found: dict[str, Path] = {}
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        if suffix_of(path) in DICOM_SUFFIXES + ("",) or has_dicom_marker(path):
+        if suffix_of(path) in (*DICOM_SUFFIXES, "") or has_dicom_marker(path):
             uid = referenced_series(path)
             if uid:
                 found.setdefault(uid, path)
@@ -327,8 +385,15 @@ def _masks_by_stem(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _mask_for(image: Path, index: int, n_inputs: int, masks: list[Path], case: CaseRef | None = None,
-              segs: dict[str, Path] | None = None, stems: dict[str, Path] | None = None) -> Path | None:
+def _mask_for(
+    image: Path,
+    index: int,
+    n_inputs: int,
+    masks: list[Path],
+    case: CaseRef | None = None,
+    segs: dict[str, Path] | None = None,
+    stems: dict[str, Path] | None = None,
+) -> Path | None:
     if not masks:
         return None
     if segs and case is not None and case.files:  # a DICOM SEG that references this very series
@@ -342,8 +407,13 @@ def _mask_for(image: Path, index: int, n_inputs: int, masks: list[Path], case: C
     return masks[index] if len(masks) == n_inputs else None
 
 
-def discover(inputs: Sequence[str | Path], ids: CaseIds, *, coarse_masks: Sequence[str | Path] = (),
-             options: DiscoveryOptions | None = None) -> list[CaseRef]:
+def discover(
+    inputs: Sequence[str | Path],
+    ids: CaseIds,
+    *,
+    coarse_masks: Sequence[str | Path] = (),
+    options: DiscoveryOptions | None = None,
+) -> list[CaseRef]:
     """CaseRefs for every image under ``inputs``; masks pair by order or, for a mask folder, by file stem.
 
     ``ids`` names the cases (a keyed hash) and says where archives and downloads are unpacked; a store's
@@ -355,8 +425,9 @@ def discover(inputs: Sequence[str | Path], ids: CaseIds, *, coarse_masks: Sequen
         options, coarse_masks = replace(options, seg_from_pacs=True), ()
     masks = [Path(p) for p in coarse_masks]
     if masks and not (len(masks) == len(inputs) or (len(masks) == 1 and masks[0].is_dir())):
-        raise ValueError(f"--coarse-mask takes one mask per input ({len(inputs)}) or one folder; "
-                         f"got {len(masks)}")
+        raise ValueError(
+            f"--coarse-mask takes one mask per input ({len(inputs)}) or one folder; got {len(masks)}"
+        )
     finder = _Finder(ids, options)
     found: dict[str, tuple[int, CaseRef]] = {}  # case id -> (index of the first input that holds it, case)
     merged: set[str] = set()
@@ -385,8 +456,9 @@ def _union(first: CaseRef, second: CaseRef) -> CaseRef:
     """One DICOM series from the files of both cases (paths in order, each once)."""
     files = tuple(dict.fromkeys(first.files + second.files))
     nearby = tuple(dict.fromkeys(first.unreadable_nearby + second.unreadable_nearby))
-    return replace(first, image=str(_common_folder(files)), files=files, content_sha256=None,
-                   unreadable_nearby=nearby)
+    return replace(
+        first, image=str(_common_folder(files)), files=files, content_sha256=None, unreadable_nearby=nearby
+    )
 
 
 def _one_file_per_instance(case: CaseRef) -> CaseRef:
@@ -404,14 +476,22 @@ def _one_file_per_instance(case: CaseRef) -> CaseRef:
             conflicts.append(" and ".join(Path(p).name for p in paths[:2]))
         kept.append(paths[0])
     if conflicts:
-        return replace(case, kind="unreadable", error=f"the series' files in several inputs disagree: "
-                                                      f"{'; '.join(conflicts[:5])} hold the same DICOM instance "
-                                                      "with different content")
+        return replace(
+            case,
+            kind="unreadable",
+            error=f"the series' files in several inputs disagree: "
+            f"{'; '.join(conflicts[:5])} hold the same DICOM instance "
+            "with different content",
+        )
     files = tuple(kept)
-    log.info("series %s: %d files from several inputs, %d duplicate copies dropped", case.case_id[:8],
-             len(case.files), len(case.files) - len(files))
+    log.info(
+        "series %s: %d files from several inputs, %d duplicate copies dropped",
+        case.case_id[:8],
+        len(case.files),
+        len(case.files) - len(files),
+    )
     return replace(case, image=str(_common_folder(files)), files=files)
 
 
-def _with_mask(case: CaseRef, mask: Path) -> CaseRef:
+def _with_mask(case: CaseRef, mask: str | Path) -> CaseRef:
     return replace(case, coarse_mask=str(mask))

@@ -7,6 +7,7 @@ and the next call starts a fresh child. The child starts once per process (a fra
 so the cost per case is sending the result back through a pipe. :class:`WorkerPool` lends one worker per
 concurrent caller, so cases read by several threads at once decode in parallel processes.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -44,11 +45,11 @@ def _portable(exc: BaseException) -> BaseException:
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
-    except Exception:  # noqa: BLE001 - any pickling failure means "send a plain copy"
+    except Exception:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def _serve(inbox, outbox, initializer: Callable[[], None] | None) -> None:
+def _serve(inbox: Connection, outbox: Connection, initializer: Callable[[], None] | None) -> None:
     """Child loop: receive (function, args), send back ("ok", result) or ("error", exception)."""
     if initializer is not None:
         initializer()
@@ -62,16 +63,16 @@ def _serve(inbox, outbox, initializer: Callable[[], None] | None) -> None:
         function, args, spool = message
         try:
             reply: tuple[str, Any] = ("ok", function(*args))
-        except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent, which decides
+        except BaseException as exc:
             reply = ("error", _portable(exc))
         try:
             _send_reply(outbox, reply, spool)
-        except Exception as exc:  # noqa: BLE001 - an unpicklable result is reported, not fatal
+        except Exception as exc:
             error = RuntimeError(f"the result could not be sent back ({type(exc).__name__}: {exc})")
             _send_reply(outbox, ("error", error), spool)
 
 
-def _send_reply(outbox, reply: tuple[str, Any], spool: str) -> None:
+def _send_reply(outbox: Connection, reply: tuple[str, Any], spool: str) -> None:
     """Pickle ``reply``; large array buffers go through files in ``spool`` (tmpfs), far faster than a pipe."""
     buffers: list[pickle.PickleBuffer] = []
     data = pickle.dumps(reply, protocol=5, buffer_callback=buffers.append)
@@ -89,7 +90,7 @@ def _send_reply(outbox, reply: tuple[str, Any], spool: str) -> None:
     outbox.send((data, paths))
 
 
-def _receive_reply(inbox) -> tuple[str, Any]:
+def _receive_reply(inbox: Connection) -> tuple[str, Any]:
     data, paths = inbox.recv()
     buffers = []
     for path in paths:
@@ -97,11 +98,13 @@ def _receive_reply(inbox) -> tuple[str, Any]:
             size = os.fstat(handle.fileno()).st_size
             buffers.append(mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY) if size else bytearray())
         os.unlink(path)
-    return pickle.loads(data, buffers=buffers)
+    reply: tuple[str, Any] = pickle.loads(data, buffers=buffers)
+    return reply
 
 
 def _child_main(read_fd: int, write_fd: int) -> None:
-    """Entry point of the child (``python -m medsam_engine.pipeline.io.isolate R W``): the parent's sys.path, then serve."""
+    """Entry point of the child (``python -m medsam_engine.pipeline.io.isolate R W``): the parent's sys.path,
+    then serve."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     sys.path[:] = inbox.recv()
@@ -129,7 +132,7 @@ class IsolatedWorker:
     def __init__(self, *, initializer: Callable[[], None] | None = None) -> None:
         self._initializer = initializer
         self._lock = threading.Lock()
-        self._process: subprocess.Popen | None = None
+        self._process: subprocess.Popen[bytes] | None = None
         self._send: Connection | None = None
         self._recv: Connection | None = None
         self._spool = ""
@@ -139,12 +142,22 @@ class IsolatedWorker:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         package_root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root,
-                                                                         os.environ.get("PYTHONPATH")])))
+        env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        )
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "medsam_engine.pipeline.io.isolate", str(to_child_r), str(from_child_w)],
-                pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, env=env)
+                [
+                    sys.executable,
+                    "-m",
+                    "medsam_engine.pipeline.io.isolate",
+                    str(to_child_r),
+                    str(from_child_w),
+                ],
+                pass_fds=(to_child_r, from_child_w),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
         except BaseException:
             os.close(to_child_w)  # no child: our ends of its pipes are closed too
             os.close(from_child_r)
@@ -166,10 +179,8 @@ class IsolatedWorker:
         if process is None:
             return None
         if not kill and send is not None:
-            try:
+            with contextlib.suppress(OSError):
                 send.send(None)
-            except OSError:
-                pass
         try:
             if kill:
                 process.kill()
@@ -190,7 +201,12 @@ class IsolatedWorker:
         if self._pid != os.getpid():  # inherited through fork: that child belongs to the parent
             self._process = self._send = self._recv = None
             self._pid = os.getpid()
-        if self._process is None or self._process.poll() is not None or self._send is None or self._recv is None:
+        if (
+            self._process is None
+            or self._process.poll() is not None
+            or self._send is None
+            or self._recv is None
+        ):
             self._stop(kill=True)
             return self._start()
         return self._send, self._recv
@@ -201,7 +217,7 @@ class IsolatedWorker:
         with self._lock:
             self._running()
 
-    def call(self, function: Callable, *args: Any, timeout_s: float | None = None) -> Any:
+    def call(self, function: Callable[..., Any], *args: Any, timeout_s: float | None = None) -> Any:
         """``function(*args)`` in the child; its exceptions are re-raised here; a dead child -> WorkerCrash.
 
         ``function`` and ``args`` must be picklable (a module-level function, plain values).
@@ -217,10 +233,8 @@ class IsolatedWorker:
             except (EOFError, OSError):
                 process = self._process
                 if process is not None:
-                    try:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
                         process.wait(timeout=5)
-                    except subprocess.TimeoutExpired:
-                        pass
                 code = process.returncode if process is not None else None
                 self._stop(kill=True)
                 raise WorkerCrash(_describe_exit(code)) from None
@@ -262,7 +276,9 @@ class WorkerPool:
             with self._lock:
                 self._idle.append(worker)
 
-    def warm(self, count: int, *, preload: Callable[[], None] | None = None, when_needed: bool = False) -> int:
+    def warm(
+        self, count: int, *, preload: Callable[[], None] | None = None, when_needed: bool = False
+    ) -> int:
         """Start workers until the pool holds ``count``, their children started now and running ``preload``
         (a module-level function: the imports their calls will need), so that the first ``count`` callers
         at once don't each wait for an interpreter to start. Returns how many were added. ``when_needed``:
@@ -281,10 +297,12 @@ class WorkerPool:
             try:
                 worker.start()
             except OSError as exc:
-                log.warning("a reader process could not be started ahead (%s); it starts with its first case", exc)
+                log.warning(
+                    "a reader process could not be started ahead (%s); it starts with its first case", exc
+                )
         return len(added)
 
-    def call(self, function: Callable, *args: Any, timeout_s: float | None = None) -> Any:
+    def call(self, function: Callable[..., Any], *args: Any, timeout_s: float | None = None) -> Any:
         """:meth:`IsolatedWorker.call` on a worker of the pool that no other caller holds."""
         with self.borrow() as worker:
             return worker.call(function, *args, timeout_s=timeout_s)

@@ -2,7 +2,8 @@
 
 ``--labels FILE`` takes:
 
-* JSON: ``{"1": "liver", "2": {"name": "spleen", "code": "78961009", "colour": [157, 108, 162]}}`` or a list of
+* JSON: ``{"1": "liver", "2": {"name": "spleen", "code": "78961009", "colour": [157, 108, 162]}}`` or a list
+of
   ``{"value": 1, "name": ..., "code": ..., "meaning": ..., "colour": ...}``;
 * CSV (header optional): ``value,name[,code][,colour]`` with the colour as ``#rrggbb`` or ``r g b``;
 * a 3D Slicer colour table (``.ctbl`` / ``.txt``): ``value name r g b a`` lines, ``#`` comments.
@@ -11,22 +12,28 @@
 name as for any label (pipeline/store/labels_meta.py). The result is ``{value: {"name", "code", "meaning",
 "rgb"}}`` with absent keys left out, which the engine's configuration carries (``labels`` section).
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 _HEX = re.compile(r"#?([0-9a-fA-F]{6})")
 
 
-def _colour(value, where: str) -> list[int] | None:
+def _colour(value: Any, where: str) -> list[int] | None:
     if value in (None, ""):
         return None
     if isinstance(value, str):
         match = _HEX.fullmatch(value.strip())
-        parts = [int(match.group(1)[i:i + 2], 16) for i in (0, 2, 4)] if match else value.replace(",", " ").split()
+        parts = (
+            [int(match.group(1)[i : i + 2], 16) for i in (0, 2, 4)]
+            if match
+            else value.replace(",", " ").split()
+        )
     else:
         parts = list(value)
     try:
@@ -38,7 +45,9 @@ def _colour(value, where: str) -> list[int] | None:
     return rgb
 
 
-def _entry(value, name, code=None, meaning=None, colour=None, *, where: str) -> tuple[int, dict]:
+def _entry(
+    value: Any, name: Any, code: Any = None, meaning: Any = None, colour: Any = None, *, where: str
+) -> tuple[int, dict[str, Any]]:
     try:
         number = int(str(value).strip())
     except ValueError as exc:
@@ -48,7 +57,7 @@ def _entry(value, name, code=None, meaning=None, colour=None, *, where: str) -> 
     name = str(name or "").strip()
     if not name:
         raise ValueError(f"{where}: label {number} has no name")
-    entry: dict = {"name": name}
+    entry: dict[str, Any] = {"name": name}
     if code not in (None, ""):
         entry["code"] = str(code).strip()
         entry["meaning"] = str(meaning).strip() if meaning else name
@@ -58,42 +67,59 @@ def _entry(value, name, code=None, meaning=None, colour=None, *, where: str) -> 
     return number, entry
 
 
-def _from_json(data, name: str) -> dict[int, dict]:
+def _from_json(data: Any, name: str) -> dict[int, dict[str, Any]]:
     items = data.items() if isinstance(data, dict) else ((d.get("value"), d) for d in data)
     table = {}
     for value, spec in items:
         spec = {"name": spec} if isinstance(spec, str) else dict(spec or {})
-        number, entry = _entry(value, spec.get("name"), spec.get("code"), spec.get("meaning"),
-                               spec.get("colour", spec.get("color", spec.get("rgb"))), where=name)
+        number, entry = _entry(
+            value,
+            spec.get("name"),
+            spec.get("code"),
+            spec.get("meaning"),
+            spec.get("colour", spec.get("color", spec.get("rgb"))),
+            where=name,
+        )
         table[number] = entry
     return table
 
 
-def _from_csv(text: str, name: str) -> dict[int, dict]:
-    rows = [r for r in csv.reader(line for line in text.splitlines() if line.strip() and not line.startswith("#"))]
+def _from_csv(text: str, name: str) -> dict[int, dict[str, Any]]:
+    rows = list(csv.reader(line for line in text.splitlines() if line.strip() and not line.startswith("#")))
     if rows and not rows[0][0].strip().lstrip("-").isdigit():  # a header row
         header = [h.strip().lower() for h in rows[0]]
-        columns = {key: header.index(key) for key in ("value", "name", "code", "meaning", "colour", "color")
-                   if key in header}
+        columns: dict[str, int] = {
+            key: header.index(key)
+            for key in ("value", "name", "code", "meaning", "colour", "color")
+            if key in header
+        }
         rows = rows[1:]
     else:
         columns = {"value": 0, "name": 1, "code": 2, "colour": 3}
     if "value" not in columns or "name" not in columns:
         raise ValueError(f"{name}: a CSV label table needs 'value' and 'name' columns")
 
-    def cell(row, key):
-        index = columns.get(key, columns.get("color") if key == "colour" else None)
+    def cell(row: list[str], key: str) -> str | None:
+        index = columns.get(key)
+        if index is None and key == "colour":
+            index = columns.get("color")
         return row[index].strip() if index is not None and index < len(row) else None
 
     table = {}
     for k, row in enumerate(rows, start=2 if "value" in columns else 1):
-        number, entry = _entry(cell(row, "value"), cell(row, "name"), cell(row, "code"), cell(row, "meaning"),
-                               cell(row, "colour"), where=f"{name} line {k}")
+        number, entry = _entry(
+            cell(row, "value"),
+            cell(row, "name"),
+            cell(row, "code"),
+            cell(row, "meaning"),
+            cell(row, "colour"),
+            where=f"{name} line {k}",
+        )
         table[number] = entry
     return table
 
 
-def _from_slicer(text: str, name: str) -> dict[int, dict]:
+def _from_slicer(text: str, name: str) -> dict[int, dict[str, Any]]:
     table = {}
     for k, line in enumerate(text.splitlines(), start=1):
         parts = line.split()
@@ -103,12 +129,14 @@ def _from_slicer(text: str, name: str) -> dict[int, dict]:
             raise ValueError(f"{name} line {k}: a colour table line is 'value name r g b [a]'")
         if parts[0] == "0":  # the background
             continue
-        number, entry = _entry(parts[0], parts[1].replace("_", " "), colour=parts[2:5], where=f"{name} line {k}")
+        number, entry = _entry(
+            parts[0], parts[1].replace("_", " "), colour=parts[2:5], where=f"{name} line {k}"
+        )
         table[number] = entry
     return table
 
 
-def read_label_table(path: str | Path) -> dict[int, dict]:
+def read_label_table(path: str | Path) -> dict[int, dict[str, Any]]:
     """The label table in ``path`` (see the module doc); ValueError naming the file and line otherwise."""
     path = Path(path)
     try:

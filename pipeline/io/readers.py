@@ -5,14 +5,16 @@ radiologists display them (row 0 anterior, column 0 the patient's right; slices 
 array axes (x, y, z) follow L, P, S, the nearest-axis reorientation that nibabel computes from the affine
 (no resampling). ``Geometry.source_affine``/``source_shape`` keep the input's own grid so exports land on it.
 """
+
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -39,7 +41,7 @@ READ_TIMEOUT_S = 1800.0
 
 def suffix_of(path: str | Path) -> str:
     name = Path(path).name.lower()
-    for suffix in NIFTI_SUFFIXES + (".seg.nrrd",) + NRRD_SUFFIXES + IMAGE_SUFFIXES + DICOM_SUFFIXES:
+    for suffix in (*NIFTI_SUFFIXES, ".seg.nrrd", *NRRD_SUFFIXES, *IMAGE_SUFFIXES, *DICOM_SUFFIXES):
         if name.endswith(suffix):
             return ".nrrd" if suffix == ".seg.nrrd" else suffix
     return Path(name).suffix
@@ -48,7 +50,7 @@ def suffix_of(path: str | Path) -> str:
 def stem_of(path: str | Path) -> str:
     """File name without its image suffix ('ct.nii.gz' -> 'ct', 'a.seg.nrrd' -> 'a')."""
     name = Path(path).name
-    for suffix in (".seg.nrrd",) + NIFTI_SUFFIXES + NRRD_SUFFIXES + IMAGE_SUFFIXES + DICOM_SUFFIXES:
+    for suffix in (".seg.nrrd", *NIFTI_SUFFIXES, *NRRD_SUFFIXES, *IMAGE_SUFFIXES, *DICOM_SUFFIXES):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
@@ -60,7 +62,7 @@ IN_MEMORY_NIFTI_BYTES = 1 << 30  # a .nii.gz up to this size (uncompressed) is i
 def read_nifti(path: Path) -> Volume:
     import nibabel as nib
 
-    image = nib.load(str(path))
+    image = cast(nib.Nifti1Image, nib.load(str(path)))  # Nifti2Image is a subclass
     check_voxels(image.header.get_data_shape(), path.name)
     size = int(np.prod(image.header.get_data_shape())) * image.header.get_data_dtype().itemsize
     if path.name.lower().endswith(".gz") and size <= IN_MEMORY_NIFTI_BYTES:
@@ -79,7 +81,7 @@ def read_nifti(path: Path) -> Volume:
     return canonical_volume(data, image.affine, modality=None, source_format="nifti")
 
 
-def _nrrd_affine(header: dict, name: str) -> np.ndarray:
+def _nrrd_affine(header: dict[str, Any], name: str) -> np.ndarray:
     directions = np.asarray(header.get("space directions"), dtype=float)
     if directions.shape != (3, 3) or not np.all(np.isfinite(directions)):
         raise ReadError(f"{name}: NRRD without 3 spatial 'space directions' (got {directions.shape})")
@@ -108,8 +110,10 @@ def read_nrrd(path: Path) -> Volume:
         data = data[0]
         header = dict(header, **{"space directions": np.asarray(header["space directions"])[1:]})
     if data.ndim != 3:
-        raise ReadError(f"{path.name}: NRRD with shape {data.shape} is not a single 3D volume "
-                        "(multi-layer segmentations must be flattened first)")
+        raise ReadError(
+            f"{path.name}: NRRD with shape {data.shape} is not a single 3D volume "
+            "(multi-layer segmentations must be flattened first)"
+        )
     return canonical_volume(data, _nrrd_affine(header, path.name), modality=None, source_format="nrrd")
 
 
@@ -138,8 +142,13 @@ def read_image_2d(path: Path) -> Volume:
         raise ReadError(f"{path.name}: image of shape {data.shape} is neither grey nor RGB 2D")
     array = data[None]
     affine = np.array([[0.0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]])
-    geometry = Geometry(affine=affine, shape=array.shape[:3], source_affine=np.eye(4),
-                        source_shape=(array.shape[2], array.shape[1], 1), source_format="2d")
+    geometry = Geometry(
+        affine=affine,
+        shape=array.shape[:3],
+        source_affine=np.eye(4),
+        source_shape=(array.shape[2], array.shape[1], 1),
+        source_format="2d",
+    )
     return Volume(array, geometry, "2D")
 
 
@@ -161,8 +170,10 @@ def _guarded(path: Path, where: str, read: Callable[[], Volume]) -> Volume:
     if volume.array.dtype.kind in "fc":
         bad = int(volume.array.size - np.count_nonzero(np.isfinite(volume.array)))
         if bad:
-            raise ReadError(f"{where}: {bad} voxel{'s' if bad > 1 else ''} NaN or infinite; the model needs finite "
-                            "intensities (fill them, e.g. with the background value, and rerun)")
+            raise ReadError(
+                f"{where}: {bad} voxel{'s' if bad > 1 else ''} NaN or infinite; the model needs finite "
+                "intensities (fill them, e.g. with the background value, and rerun)"
+            )
     return volume
 
 
@@ -172,8 +183,11 @@ def read_volume(path: str | Path) -> Volume:
     if not path.exists():
         raise ReadError(f"{path.name}: no such file or folder")
     suffix = suffix_of(path)
-    readers = {**{s: read_nifti for s in NIFTI_SUFFIXES}, **{s: read_nrrd for s in NRRD_SUFFIXES},
-               **{s: read_image_2d for s in IMAGE_SUFFIXES}}
+    readers = {
+        **dict.fromkeys(NIFTI_SUFFIXES, read_nifti),
+        **dict.fromkeys(NRRD_SUFFIXES, read_nrrd),
+        **dict.fromkeys(IMAGE_SUFFIXES, read_image_2d),
+    }
     if not path.is_dir() and suffix in readers:
         return _guarded(path, path.name, lambda: readers[suffix](path))
     # DICOM: a series folder, a DICOM suffix, or a file with no suffix or the 'DICM' marker (often unnamed)
@@ -206,13 +220,19 @@ def read_case_here(case: CaseRef) -> Volume:
         raise ReadError(case.error)
     if case.files:
         where = case_label(case)
-        return _guarded(Path(case.files[0]), where,
-                        lambda: read_dicom_files([Path(f) for f in case.files], where=where))
+        return _guarded(
+            Path(case.files[0]), where, lambda: read_dicom_files([Path(f) for f in case.files], where=where)
+        )
     return read_volume(case.image)
 
 
-def read_case(case: CaseRef, *, isolated: bool = True, worker: IsolatedWorker | WorkerPool | None = None,
-              timeout_s: float | None = None) -> Volume:
+def read_case(
+    case: CaseRef,
+    *,
+    isolated: bool = True,
+    worker: IsolatedWorker | WorkerPool | None = None,
+    timeout_s: float | None = None,
+) -> Volume:
     """The engine's entry point: a case's image as a canonical Volume, or a ReadError with the reason.
 
     Decoding runs in an isolated child process (see :mod:`pipeline.io.isolate`): a decoder that crashes or
@@ -228,8 +248,10 @@ def read_case(case: CaseRef, *, isolated: bool = True, worker: IsolatedWorker | 
         if not case.unreadable_nearby:
             raise
         names = ", ".join(case.unreadable_nearby[:5]) + (" …" if len(case.unreadable_nearby) > 5 else "")
-        raise ReadError(f"{exc.reason}; {len(case.unreadable_nearby)} unreadable file(s) beside the series, "
-                        f"perhaps its missing slices: {names}") from exc
+        raise ReadError(
+            f"{exc.reason}; {len(case.unreadable_nearby)} unreadable file(s) beside the series, "
+            f"perhaps its missing slices: {names}"
+        ) from exc
 
 
 LIBRARIES = {"dicom": ("pydicom",), "nifti": ("nibabel", "isal.isal_zlib"), "nrrd": ("nrrd",), "2d": ("cv2",)}
@@ -243,22 +265,27 @@ def libraries_for(cases: Iterable[CaseRef] | None) -> tuple[str, ...]:
     kinds = set()
     for case in cases:
         suffix = "" if case.files else suffix_of(case.image)
-        kinds.add("nifti" if suffix in NIFTI_SUFFIXES else "nrrd" if suffix in NRRD_SUFFIXES
-                  else "2d" if suffix in IMAGE_SUFFIXES else "dicom")
+        kinds.add(
+            "nifti"
+            if suffix in NIFTI_SUFFIXES
+            else "nrrd"
+            if suffix in NRRD_SUFFIXES
+            else "2d"
+            if suffix in IMAGE_SUFFIXES
+            else "dicom"
+        )
     return tuple(name for kind in sorted(kinds) for name in LIBRARIES[kind])
 
 
 def preload(names: tuple[str, ...]) -> None:
     """Import ``names`` in a reader process as it starts (:func:`warm_readers`) instead of in its first case
-    (pydicom or nibabel ~0.4 s of CPU each). Never raises: a library that cannot be imported fails where a read
-    needs it, with its reason."""
+    (pydicom or nibabel ~0.4 s of CPU each). Never raises: a library that cannot be imported fails where a
+    read needs it, with its reason."""
     import importlib
 
     for name in names:
-        try:
+        with contextlib.suppress(Exception):
             importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - see the docstring
-            pass
 
 
 def warm_readers(count: int, cases: Iterable[CaseRef] | None = None, *, when_needed: bool = False) -> int:
@@ -266,20 +293,25 @@ def warm_readers(count: int, cases: Iterable[CaseRef] | None = None, *, when_nee
     importing the libraries that reading ``cases`` needs (:func:`libraries_for`) while the caller goes on: the
     first cases of a run don't each wait for an interpreter and its imports. Now, or with ``when_needed`` at
     the first read. Returns how many were started now."""
-    return default_pool().warm(count, preload=functools.partial(preload, libraries_for(cases)),
-                               when_needed=when_needed)
+    return default_pool().warm(
+        count, preload=functools.partial(preload, libraries_for(cases)), when_needed=when_needed
+    )
 
 
-def _read_isolated(case: CaseRef, worker: IsolatedWorker | WorkerPool | None, timeout_s: float | None
-                   ) -> Volume:
+def _read_isolated(
+    case: CaseRef, worker: IsolatedWorker | WorkerPool | None, timeout_s: float | None
+) -> Volume:
     if timeout_s is None:
         timeout_s = float(os.environ.get("MEDSAM_ENGINE_READ_TIMEOUT_S", READ_TIMEOUT_S))
     try:
-        return (worker or default_pool()).call(read_case_here, case, timeout_s=timeout_s)
+        volume: Volume = (worker or default_pool()).call(read_case_here, case, timeout_s=timeout_s)
+        return volume
     except WorkerCrash as exc:
         log.error("reader process for %s ended: %s", case.case_id, exc.why)
-        raise ReadError(f"{case_label(case)}: the image decoder crashed ({exc.why}); the file is probably "
-                        "corrupt or uses an encoding the decoder mishandles") from exc
+        raise ReadError(
+            f"{case_label(case)}: the image decoder crashed ({exc.why}); the file is probably "
+            "corrupt or uses an encoding the decoder mishandles"
+        ) from exc
 
 
 def label_names_of(path: str | Path) -> dict[int, str]:
@@ -289,7 +321,7 @@ def label_names_of(path: str | Path) -> dict[int, str]:
         if Path(path).is_file() and is_dicom_seg(path):
             try:
                 return seg_label_names(path)
-            except Exception:  # noqa: BLE001 - a SEG that cannot be read fails where it is read, with a reason
+            except Exception:
                 return {}
         return {}
     import nrrd
@@ -306,7 +338,7 @@ def label_names_of(path: str | Path) -> dict[int, str]:
     names = {}
     for key, value in header.items():
         if key.startswith("Segment") and key.endswith("_Name"):
-            index = key[len("Segment"):-len("_Name")]
+            index = key[len("Segment") : -len("_Name")]
             label = header.get(f"Segment{index}_LabelValue", int(index) + 1 if index.isdigit() else None)
             if label is not None:
                 names[int(label)] = str(value)

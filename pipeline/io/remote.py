@@ -4,14 +4,19 @@ A URL naming a folder (a prefix) is copied with its relative layout; one naming 
 a zip stays a zip and is then extracted like a local one). Nothing is written outside the destination:
 relative names with ``..`` or absolute parts are refused. A finished copy is renamed into place and reused.
 """
+
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from medsam_engine.pipeline.core.atomic import staged_folder
 from medsam_engine.pipeline.core.errors import ReadError
 from medsam_engine.pipeline.io.archives import safe_member_path
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 COMPLETE = ".complete"
 
@@ -27,7 +32,7 @@ def _label(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"  # bucket names are not PHI; object keys may be
 
 
-def _listing(fs, path: str, label: str) -> tuple[bool, list[str]]:
+def _listing(fs: AbstractFileSystem, path: str, label: str) -> tuple[bool, list[str]]:
     if fs.isdir(path):
         return True, sorted(fs.find(path))
     if fs.isfile(path):
@@ -54,18 +59,19 @@ def fetch_remote(url: str, dest: str | Path, *, max_bytes: int) -> Path:
             _copy_into(fs, path, label, staging, max_bytes)
     except ReadError:
         raise
-    except Exception as exc:  # noqa: BLE001 - network and permission errors of any fsspec backend
+    except Exception as exc:
         raise ReadError(f"{label}: could not be copied ({type(exc).__name__}: {str(exc)[:160]})") from exc
     return dest / (dest / COMPLETE).read_text()
 
 
-def _copy_into(fs, path: str, label: str, staging: Path, max_bytes: int) -> None:
+def _copy_into(fs: AbstractFileSystem, path: str, label: str, staging: Path, max_bytes: int) -> None:
     """Copy the file or folder at ``path`` into ``staging`` and write the completion marker last."""
     is_folder, remote_files = _listing(fs, path, label)
     total = 0
     for remote in remote_files:
-        relative = safe_member_path(PurePosixPath(remote).relative_to(path).as_posix()
-                                    if is_folder else PurePosixPath(remote).name)
+        relative = safe_member_path(
+            PurePosixPath(remote).relative_to(path).as_posix() if is_folder else PurePosixPath(remote).name
+        )
         if relative is None:
             continue
         total += int(fs.size(remote) or 0)

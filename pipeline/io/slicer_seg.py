@@ -5,10 +5,13 @@ Reading (a reviewer's correction, a coarse mask): every segment becomes a label 
 resolve in that order, later segments winning. Writing (the review queue): one segment per label value with
 the store's name and colour, on the input's own grid.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +23,7 @@ from medsam_engine.pipeline.core.types import Volume
 _OURS = re.compile(r"label_(\d+)")
 
 
-def _segment_values(segments: list[dict]) -> list[int]:
+def _segment_values(segments: list[dict[str, Any]]) -> list[int]:
     """Each segment's label value: N for our "label_N" ids; the stored value in a one-layer file; else the
     next unused value (layers reuse their values)."""
     layered = any(int(segment.get("layer", 0) or 0) > 0 for segment in segments)
@@ -33,23 +36,27 @@ def _segment_values(segments: list[dict]) -> list[int]:
     return [v or next(spare) for v in values]
 
 
-def seg_nrrd_segments(path: str | Path, *, voxels: bool = True) -> tuple[dict, list[int]]:
+def seg_nrrd_segments(path: str | Path, *, voxels: bool = True) -> tuple[dict[str, Any], list[int]]:
     """slicerio's segmentation of ``path`` (its header only unless ``voxels``) and the label value of each of
     its segments."""
     import slicerio
 
     try:
         segmentation = slicerio.read_segmentation(str(path), skip_voxels=not voxels)
-    except Exception as exc:  # noqa: BLE001 - third-party reader: any failure is a reason
-        raise ReadError(f"{Path(path).name}: unreadable 3D Slicer segmentation ({type(exc).__name__}: {exc})"
-                        ) from exc
+    except Exception as exc:
+        raise ReadError(
+            f"{Path(path).name}: unreadable 3D Slicer segmentation ({type(exc).__name__}: {exc})"
+        ) from exc
     return segmentation, _segment_values(list(segmentation.get("segments") or []))
 
 
 def seg_nrrd_names(path: str | Path) -> dict[int, str]:
     """Label value -> segment name, as :func:`read_seg_nrrd` numbers them (the header alone is read)."""
     segmentation, values = seg_nrrd_segments(path, voxels=False)
-    return {value: str(s.get("name") or f"label {value}") for s, value in zip(segmentation["segments"], values)}
+    return {
+        value: str(s.get("name") or f"label {value}")
+        for s, value in zip(segmentation["segments"], values, strict=False)
+    }
 
 
 def read_seg_nrrd(path: str | Path) -> Volume:
@@ -58,24 +65,35 @@ def read_seg_nrrd(path: str | Path) -> Volume:
     voxels = np.asarray(segmentation["voxels"])
     layers = voxels if voxels.ndim == 4 else voxels[None]
     labels = np.zeros(layers.shape[1:], dtype=np.uint16)
-    for segment, value in zip(segmentation["segments"], values):
+    for segment, value in zip(segmentation["segments"], values, strict=False):
         layer = int(segment.get("layer", 0) or 0)
         labels[layers[layer] == int(segment.get("labelValue", 1))] = value
     affine = LPS_TO_RAS @ np.asarray(segmentation["ijkToLPS"], dtype=float)
     return canonical_volume(labels, affine, modality="SEG", source_format="nrrd")
 
 
-def write_seg_nrrd(labels_ijk: np.ndarray, affine_ras: np.ndarray, meanings, path: str | Path) -> Path:
+def write_seg_nrrd(
+    labels_ijk: np.ndarray, affine_ras: np.ndarray, meanings: Sequence[Any], path: str | Path
+) -> Path:
     """Write ``labels_ijk`` (on the grid of ``affine_ras``) as a .seg.nrrd with one named, coloured segment
     per value in ``meanings`` (pipeline.store.labels_meta.LabelMeaning); atomic."""
     import slicerio
 
-    segmentation = slicerio.create_segmentation(labels_ijk.shape, np.linalg.inv(LPS_TO_RAS) @ affine_ras,
-                                                dtype="uint16" if len(meanings) > 255 else "uint8")
+    segmentation = slicerio.create_segmentation(
+        labels_ijk.shape,
+        np.linalg.inv(LPS_TO_RAS) @ affine_ras,
+        dtype="uint16" if len(meanings) > 255 else "uint8",
+    )
     for meaning in meanings:
-        slicerio.add_segment(segmentation, labels_ijk == meaning.value, {
-            "id": f"label_{meaning.value}", "name": meaning.name,
-            "color": [round(c / 255, 4) for c in meaning.rgb]})
+        slicerio.add_segment(
+            segmentation,
+            labels_ijk == meaning.value,
+            {
+                "id": f"label_{meaning.value}",
+                "name": meaning.name,
+                "color": [round(c / 255, 4) for c in meaning.rgb],
+            },
+        )
     path = Path(path)
     with atomic_file(path) as temp:
         slicerio.write_segmentation(str(temp), segmentation)

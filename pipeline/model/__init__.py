@@ -1,1 +1,2 @@
-"""Layer 2: checkpoints, devices, model framing, the runner and its runtimes (torch, ONNX Runtime, OpenVINO)."""
+"""Layer 2: checkpoints, devices, model framing, the runner and its runtimes (torch, ONNX Runtime,
+OpenVINO)."""

@@ -4,6 +4,7 @@ MedSAM ViT checkpoint, read with ``weights_only=True`` and loaded with strict ke
 Nothing here imports torch until the weights are needed: the official checkpoint is only hashed until its
 network is built (a runner on cached graphs never builds it).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
     import torch
 
 LITE_MEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
-
 
 
 class CheckpointError(RunError):
@@ -49,8 +49,8 @@ def _state_dict(path: Path) -> dict:
 
 
 class LoadedModel:
-    """A checkpoint ready to run: its weights' sha256, a display name, its kind (pipeline/model/framing.py) and the
-    torch network, built on first use of ``net``.
+    """A checkpoint ready to run: its weights' sha256, a display name, its kind (pipeline/model/framing.py)
+    and the torch network, built on first use of ``net``.
 
     Building the network imports torch and the architecture (timm, for LiteMedSAM: seconds of start-up and a
     few hundred MB), which a runner on cached ONNX graphs never needs: their manifest vouches that this very
@@ -59,9 +59,18 @@ class LoadedModel:
     not fit.
     """
 
-    def __init__(self, *, sha256: str, name: str, kind: str = "lite", state: dict | None = None,
-                 net: torch.nn.Module | None = None, device: str = "cpu", source: str = "",
-                 path: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        sha256: str,
+        name: str,
+        kind: str = "lite",
+        state: dict | None = None,
+        net: torch.nn.Module | None = None,
+        device: str = "cpu",
+        source: str = "",
+        path: Path | None = None,
+    ) -> None:
         if net is None and state is None and path is None:
             raise ValueError("LoadedModel needs a network, a state dict or a checkpoint path")
         self.sha256, self.name, self.kind, self.device = sha256, name, kind, device
@@ -87,7 +96,9 @@ class LoadedModel:
         return f"LoadedModel(name={self.name!r}, kind={self.kind!r}, built={self._net is not None})"
 
 
-def load_lite_medsam(checkpoint: str | Path | None = None, *, device: str = "cpu", lazy: bool = False) -> LoadedModel:
+def load_lite_medsam(
+    checkpoint: str | Path | None = None, *, device: str = "cpu", lazy: bool = False
+) -> LoadedModel:
     """Read a checkpoint's weights safely and, unless ``lazy``, build its network with strict keys.
 
     Without ``checkpoint`` the bundled official LiteMedSAM file is used and its sha256 must match. A user's
@@ -103,8 +114,9 @@ def load_lite_medsam(checkpoint: str | Path | None = None, *, device: str = "cpu
     if checkpoint is None and sha != LITE_MEDSAM_SHA256:
         raise CheckpointError(f"bundled checkpoint has sha256 {sha}, expected {LITE_MEDSAM_SHA256}")
     if lazy and sha == LITE_MEDSAM_SHA256:
-        return LoadedModel(sha256=sha, name="lite-medsam-official", kind="lite", device=device,
-                           source=path.name, path=path)
+        return LoadedModel(
+            sha256=sha, name="lite-medsam-official", kind="lite", device=device, source=path.name, path=path
+        )
     state = _state_dict(path)
     try:
         kind = detect_kind(state)

@@ -1,5 +1,6 @@
 """Which device a run uses: CUDA when asked for (or ``auto``) and visible, else the CPU; told without
 importing torch when no GPU can be present."""
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,8 @@ def _no_gpu_visible() -> bool:
         if os.environ.get(variable, "unset").strip() in ("", "-1"):
             return True
     return sys.platform.startswith("linux") and not any(
-        os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg"))
+        os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+    )
 
 
 def cuda_available() -> bool:

@@ -16,8 +16,10 @@ run once per box. Two exact rewrites (up to float rounding) remove most of them:
 Per box this takes the decoder from 3.6 to about 1.6 GFLOP; the upscaling convolutions (0.8 GFLOP) cannot
 be factored. :class:`FactoredBoxDecoder` reads the weights of the loaded network (nothing is copied or
 retrained) and is checked against the original modules in tests/test_fast_decoder.py and at every export
-(pipeline/model/graph_export.py's parity check). Eager torch keeps running the original modules: it is the reference.
+(pipeline/model/graph_export.py's parity check). Eager torch keeps running the original modules: it is the
+reference.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,9 +44,13 @@ class BoxDecoder(torch.nn.Module):
 
     def forward(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
-        return self.mask_decoder(image_embeddings=embedding, image_pe=self.dense_pe,
-                                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                 multimask_output=False)
+        return self.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=self.dense_pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -113,8 +119,9 @@ def image_to_tokens(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.
     return weights.transpose(1, 2) @ values + attn.out_proj.bias
 
 
-def upscaled_masks(upscaling: nn.Sequential, keys: torch.Tensor, hyper: torch.Tensor, height: int,
-                   width: int) -> torch.Tensor:
+def upscaled_masks(
+    upscaling: nn.Sequential, keys: torch.Tensor, hyper: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
     """SAM's ``output_upscaling`` (ConvT 2x2/2, LayerNorm2d, GELU, ConvT 2x2/2, GELU) and the dot product with
     the mask token's hypernetwork output, computed channels-last: keys (B, h*w, C) -> masks (B, 1, 4h, 4w).
 
@@ -151,7 +158,7 @@ class FactoredBoxDecoder(BoxDecoder):
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
-        _, channels, height, width = embedding.shape
+        _, _channels, height, width = embedding.shape
         keys = (embedding + dense).flatten(2).transpose(1, 2)  # (1, N, C): shared until the first update
         key_pe = self.dense_pe.flatten(2).transpose(1, 2)
         queries = tokens
@@ -163,12 +170,15 @@ class FactoredBoxDecoder(BoxDecoder):
                 queries = queries + layer.self_attn(q=q, k=q, v=queries)
             queries = layer.norm1(queries)
             keyed = keys + key_pe  # both cross attentions of the block read it
-            queries = layer.norm2(queries + tokens_to_image(layer.cross_attn_token_to_image, queries + tokens,
-                                                            keyed, keys))
+            queries = layer.norm2(
+                queries + tokens_to_image(layer.cross_attn_token_to_image, queries + tokens, keyed, keys)
+            )
             queries = layer.norm3(queries + layer.mlp(queries))
             attn_out = image_to_tokens(layer.cross_attn_image_to_token, keyed, queries + tokens, queries)
             keys = layer.norm4(keys + attn_out)  # (B, N, C) from here on
-        attn_out = tokens_to_image(transformer.final_attn_token_to_image, queries + tokens, keys + key_pe, keys)
+        attn_out = tokens_to_image(
+            transformer.final_attn_token_to_image, queries + tokens, keys + key_pe, keys
+        )
         queries = transformer.norm_final_attn(queries + attn_out)
         hyper = decoder.output_hypernetworks_mlps[0](queries[:, 1])  # first mask token: single-mask output
         masks = upscaled_masks(decoder.output_upscaling, keys, hyper, height, width)

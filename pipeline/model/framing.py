@@ -8,6 +8,7 @@
   1024 / H, and the 256 x 256 low-resolution logits are resized straight to the slice size.
 Both min-max normalise the 3-channel uint8 slice to [0, 1].
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,18 +59,25 @@ class Framing:
         return boxes * np.array([self.size / width, self.size / height] * 2, dtype=np.float32)
 
 
-FRAMINGS = {"lite": Framing(256, True), "vit_b": Framing(1024, False), "vit_l": Framing(1024, False),
-            "vit_h": Framing(1024, False)}
+FRAMINGS = {
+    "lite": Framing(256, True),
+    "vit_b": Framing(1024, False),
+    "vit_l": Framing(1024, False),
+    "vit_h": Framing(1024, False),
+}
 
 
 def detect_kind(state_dict: dict) -> str:
-    """'lite' for LiteMedSAM's TinyViT encoder, 'vit_b'/'vit_l'/'vit_h' for (Med)SAM's ViT; ValueError else."""
+    """'lite' for LiteMedSAM's TinyViT encoder, 'vit_b'/'vit_l'/'vit_h' for (Med)SAM's ViT; ValueError
+    else."""
     if any(k.startswith("image_encoder.patch_embed.seq.") for k in state_dict):
         return "lite"
     weight = state_dict.get("image_encoder.patch_embed.proj.weight")
     if weight is not None and int(weight.shape[0]) in VIT_WIDTHS:
         return VIT_WIDTHS[int(weight.shape[0])]
-    raise ValueError("the state dict is neither LiteMedSAM nor a SAM/MedSAM ViT (no known image_encoder keys)")
+    raise ValueError(
+        "the state dict is neither LiteMedSAM nor a SAM/MedSAM ViT (no known image_encoder keys)"
+    )
 
 
 def build_net(kind: str):

@@ -6,8 +6,9 @@ Two graphs are exported (legacy TorchScript exporter, opset 17):
 - ``encoder.onnx``: ``image`` float32 (N, 3, 256, 256), dynamic N -> ``embedding`` float32 (N, 256, 64, 64).
 - ``decoder.onnx``: ``embedding`` float32 (1, 256, 64, 64) and ``boxes`` float32 (B, 1, 4), XYXY in the
   model's 256-pixel frame, dynamic B -> ``low_res_logits`` float32 (B, 1, 256, 256), ``iou`` float32 (B, 1).
-  It is exported from pipeline/model/fast_decoder.py's factored form of SAM's decoder (box-independent work once
-  per call, about 1.6 instead of 3.6 GFLOP per box), checked against the original modules like the encoder.
+  It is exported from pipeline/model/fast_decoder.py's factored form of SAM's decoder (box-independent work
+  once per call, about 1.6 instead of 3.6 GFLOP per box), checked against the original modules like the
+  encoder.
 
 They live in ``$MEDSAM_ENGINE_CACHE`` (else ``~/.cache/medsam-engine``) under
 ``onnx/<checkpoint sha256[:16]>-<runtime>-<runtime version>-<torch version>/``. Each file is written under a
@@ -19,6 +20,7 @@ tested; a runtime that misses parity raises :class:`BackendError` and ``auto`` f
 This module does not import torch: a runner on cached graphs starts without it (seconds and ~0.5 GB saved per
 worker). Exporting and the parity check (pipeline/model/graph_export.py) need torch and import it then.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +45,8 @@ OPSET = 17
 EMBEDDING_TOLERANCE = 1e-4  # max |delta| of the embedding versus eager torch
 LOGIT_TOLERANCE = 1e-2  # max |delta| of the decoder's low-res logits versus eager torch (logits span ~±30)
 GRAPHS = ("encoder", "decoder")
-GRAPH_FORM = "factored-decoder-split-qkv-3"  # bump when the exported modules change: cached graphs are then re-exported
+# bump when the exported modules change: cached graphs are then re-exported
+GRAPH_FORM = "factored-decoder-split-qkv-3"
 
 
 class BackendError(RunError):
@@ -71,8 +74,8 @@ def torch_version() -> str:
 
 
 def default_threads() -> int:
-    """Threads for a runtime: torch's intra-op setting when torch is loaded, else ``OMP_NUM_THREADS`` (Ray sets
-    it for actors), else 0: the runtime's own default (one per physical core, as torch's)."""
+    """Threads for a runtime: torch's intra-op setting when torch is loaded, else ``OMP_NUM_THREADS`` (Ray
+    sets it for actors), else 0: the runtime's own default (one per physical core, as torch's)."""
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "get_num_threads"):  # not while another thread imports it
         return torch.get_num_threads()
@@ -94,8 +97,12 @@ class OnnxRuntimeGraphs:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._sessions = {name: ort.InferenceSession(str(folder / f"{name}.onnx"), options,
-                                                     providers=["CPUExecutionProvider"]) for name in GRAPHS}
+        self._sessions = {
+            name: ort.InferenceSession(
+                str(folder / f"{name}.onnx"), options, providers=["CPUExecutionProvider"]
+            )
+            for name in GRAPHS
+        }
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         return self._sessions["encoder"].run(None, {"image": np.ascontiguousarray(images)})[0]
@@ -114,17 +121,24 @@ class OpenVinoGraphs:
         # compiled graphs are cached next to the ONNX files (keyed by OpenVINO on graph and settings), so a
         # worker's start imports them instead of compiling; snippets off measured as fast or faster here
         core.set_property({"CACHE_DIR": str(folder / "openvino-cache")})
-        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads,
-                  "PERFORMANCE_HINT": "LATENCY", "SNIPPETS_MODE": "DISABLE"}
-        self._compiled = {name: core.compile_model(str(folder / f"{name}.onnx"), "CPU", config)
-                          for name in GRAPHS}
+        config = {
+            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY",
+            "SNIPPETS_MODE": "DISABLE",
+        }
+        self._compiled = {
+            name: core.compile_model(str(folder / f"{name}.onnx"), "CPU", config) for name in GRAPHS
+        }
         self._requests = {name: model.create_infer_request() for name, model in self._compiled.items()}
 
     def _run(self, name: str, inputs: dict) -> list[np.ndarray]:
         request = self._requests[name]
         request.infer({key: np.ascontiguousarray(value) for key, value in inputs.items()})
-        return [np.array(request.get_output_tensor(i).data, copy=True)
-                for i in range(len(self._compiled[name].outputs))]
+        return [
+            np.array(request.get_output_tensor(i).data, copy=True)
+            for i in range(len(self._compiled[name].outputs))
+        ]
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         return self._run("encoder", {"image": images})[0]
@@ -134,12 +148,15 @@ class OpenVinoGraphs:
         return logits, iou
 
 
-RUNTIMES: dict[str, type[OnnxRuntimeGraphs | OpenVinoGraphs]] = {"onnxruntime": OnnxRuntimeGraphs,
-                                                                 "openvino": OpenVinoGraphs}
+RUNTIMES: dict[str, type[OnnxRuntimeGraphs | OpenVinoGraphs]] = {
+    "onnxruntime": OnnxRuntimeGraphs,
+    "openvino": OpenVinoGraphs,
+}
 
 
 def file_stamp(path: Path) -> list[int]:
-    """A file's (size, modification time in ns): unchanged stamps mean unchanged bytes, as make and git assume."""
+    """A file's (size, modification time in ns): unchanged stamps mean unchanged bytes, as make and git
+    assume."""
     stat = path.stat()
     return [stat.st_size, stat.st_mtime_ns]
 
@@ -155,8 +172,11 @@ def check_graphs(folder: Path, sha256: str) -> tuple[set[str], dict[str, list[in
         manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
         return set(), {}
-    if (manifest.get("checkpoint_sha256") != sha256 or manifest.get("opset") != OPSET
-            or manifest.get("form") != GRAPH_FORM):
+    if (
+        manifest.get("checkpoint_sha256") != sha256
+        or manifest.get("opset") != OPSET
+        or manifest.get("form") != GRAPH_FORM
+    ):
         return set(), {}
     hashes, stamps = manifest.get("graphs", {}), manifest.get("stamps", {})
     valid, hashed = set(), {}
@@ -194,8 +214,9 @@ def restamp(folder: Path, hashed: dict[str, list[int]]) -> None:
         log.debug("graph stamps in %s not recorded: %s", folder, exc)
 
 
-def load_cached(sha256: str, runtime: str, *, cache_root: str | Path | None = None,
-                threads: int | None = None) -> Graphs | None:
+def load_cached(
+    sha256: str, runtime: str, *, cache_root: str | Path | None = None, threads: int | None = None
+) -> Graphs | None:
     """Both graphs of the checkpoint ``sha256`` compiled by ``runtime`` when the cache's manifest vouches for
     them, else None (pipeline/model/graph_export.py then exports them). ``threads`` defaults to
     :func:`default_threads`."""

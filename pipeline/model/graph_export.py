@@ -7,6 +7,7 @@ runtime-friendly rewrites (batch read from the shape; q/k/v projected separately
 pipeline/model/fast_decoder.py's factored form; both are checked against SAM's own modules by
 :func:`measure_parity` before :func:`provide_graphs` writes the manifest that vouches for them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -63,9 +64,21 @@ def _split_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
     folded into the query projection; the same arithmetic otherwise."""
     b, n, _ = x.shape
     x = self.norm(x)
-    q = torch.nn.functional.linear(x, self.q_weight, self.q_bias).view(b, n, self.num_heads, -1).transpose(1, 2)
-    k = torch.nn.functional.linear(x, self.k_weight, self.k_bias).view(b, n, self.num_heads, -1).transpose(1, 2)
-    v = torch.nn.functional.linear(x, self.v_weight, self.v_bias).view(b, n, self.num_heads, -1).transpose(1, 2)
+    q = (
+        torch.nn.functional.linear(x, self.q_weight, self.q_bias)
+        .view(b, n, self.num_heads, -1)
+        .transpose(1, 2)
+    )
+    k = (
+        torch.nn.functional.linear(x, self.k_weight, self.k_bias)
+        .view(b, n, self.num_heads, -1)
+        .transpose(1, 2)
+    )
+    v = (
+        torch.nn.functional.linear(x, self.v_weight, self.v_bias)
+        .view(b, n, self.num_heads, -1)
+        .transpose(1, 2)
+    )
     attn = (q @ k.transpose(-2, -1) + self.ab).softmax(dim=-1)
     return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.dh))
 
@@ -102,10 +115,15 @@ def _example_inputs(net: torch.nn.Module, batch: int = 2) -> tuple[torch.Tensor,
     side = int(getattr(net.image_encoder, "img_size", 256))
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij")
     disc = ((xx - 0.2) ** 2 + (yy + 0.1) ** 2 < 0.15).float()
-    images = torch.stack([(0.5 + 0.3 * torch.sin(4 * xx * (i + 1)) * torch.cos(3 * yy) + 0.2 * disc) / 1.2
-                          for i in range(batch)])
-    boxes = torch.tensor([[[100.0, 90.0, 180.0, 160.0]], [[20.0, 30.0, 240.0, 220.0]],
-                          [[60.0, 60.0, 90.0, 75.0]]]) * (side / 256)
+    images = torch.stack(
+        [
+            (0.5 + 0.3 * torch.sin(4 * xx * (i + 1)) * torch.cos(3 * yy) + 0.2 * disc) / 1.2
+            for i in range(batch)
+        ]
+    )
+    boxes = torch.tensor(
+        [[[100.0, 90.0, 180.0, 160.0]], [[20.0, 30.0, 240.0, 220.0]], [[60.0, 60.0, 90.0, 75.0]]]
+    ) * (side / 256)
     return images[:, None].expand(-1, 3, -1, -1).contiguous(), boxes
 
 
@@ -117,19 +135,37 @@ def export_graphs(net: torch.nn.Module, folder: Path, names: tuple[str, ...] = G
     images, boxes = _example_inputs(net)  # traced with 2 images and 3 boxes; parity is checked with 1 image
     embedding = torch.zeros(1, net.prompt_encoder.embed_dim, *net.prompt_encoder.image_embedding_size)
     specs = {
-        "encoder": (traceable_encoder(net), (images,), ["image"], ["embedding"],
-                    {"image": {0: "n"}, "embedding": {0: "n"}}),
-        "decoder": (FactoredBoxDecoder(net).eval(), (embedding, boxes), ["embedding", "boxes"],
-                    ["low_res_logits", "iou"],
-                    {"boxes": {0: "b"}, "low_res_logits": {0: "b"}, "iou": {0: "b"}}),
+        "encoder": (
+            traceable_encoder(net),
+            (images,),
+            ["image"],
+            ["embedding"],
+            {"image": {0: "n"}, "embedding": {0: "n"}},
+        ),
+        "decoder": (
+            FactoredBoxDecoder(net).eval(),
+            (embedding, boxes),
+            ["embedding", "boxes"],
+            ["low_res_logits", "iou"],
+            {"boxes": {0: "b"}, "low_res_logits": {0: "b"}, "iou": {0: "b"}},
+        ),
     }
     for name in names:
         module, args, inputs, outputs, axes = specs[name]
         log.info("exporting the LiteMedSAM %s to %s", name, folder)
         with atomic_file(folder / f"{name}.onnx") as path, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches
-            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=inputs,
-                              output_names=outputs, dynamic_axes=axes, do_constant_folding=True)
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes=axes,
+                do_constant_folding=True,
+            )
         exports[name] += 1
 
 
@@ -154,10 +190,11 @@ def measure_parity(model: LoadedModel, graphs: Graphs) -> dict[str, float]:
     embedding, logits, iou = _eager_reference(model)
     got = graphs.encode(images.numpy())
     got_logits, got_iou = graphs.decode(embedding, boxes.numpy())
-    return {"embedding": float(np.abs(got - embedding).max()),
-            "logits": float(np.abs(got_logits - logits).max()), "iou": float(np.abs(got_iou - iou).max())}
-
-
+    return {
+        "embedding": float(np.abs(got - embedding).max()),
+        "logits": float(np.abs(got_logits - logits).max()),
+        "iou": float(np.abs(got_iou - iou).max()),
+    }
 
 
 def _provide(model: LoadedModel, folder: Path, names: tuple[str, ...]) -> None:
@@ -176,26 +213,37 @@ def _provide(model: LoadedModel, folder: Path, names: tuple[str, ...]) -> None:
         export_graphs(model.net, folder, tuple(missing))
 
 
-def provide_graphs(model: LoadedModel, runtime: str, *, cache_root: str | Path | None = None,
-                   threads: int | None = None) -> Graphs:
+def provide_graphs(
+    model: LoadedModel, runtime: str, *, cache_root: str | Path | None = None, threads: int | None = None
+) -> Graphs:
     """Export (or copy) the graphs of ``model`` that the cache lacks or holds damaged, check ``runtime``
     against eager torch (embedding max |delta| <= 1e-4, logits <= 1e-2) and only then write the manifest that
     vouches for them; :class:`BackendError` if parity fails."""
     folder = graph_folder(model.sha256, runtime, cache_root=cache_root)
     stale = tuple(name for name in GRAPHS if name not in valid_graphs(folder, model.sha256))
     if folder.exists():
-        log.warning("cached %s graphs %s in %s are missing, damaged or of an older form; exporting them again",
-                    runtime, stale, folder)
+        log.warning(
+            "cached %s graphs %s in %s are missing, damaged or of an older form; exporting them again",
+            runtime,
+            stale,
+            folder,
+        )
     (folder / "manifest.json").unlink(missing_ok=True)
     _provide(model, folder, stale)
     graphs = RUNTIMES[runtime](folder, threads or default_threads())
     parity = measure_parity(model, graphs)
     if parity["embedding"] > EMBEDDING_TOLERANCE or parity["logits"] > LOGIT_TOLERANCE:
         raise BackendError(f"{runtime} {runtime_version(runtime)} does not reproduce eager torch: {parity}")
-    manifest = {"checkpoint_sha256": model.sha256, "runtime": runtime,
-                "runtime_version": runtime_version(runtime), "torch": torch_version(), "opset": OPSET,
-                "form": GRAPH_FORM, "parity_max_abs": parity,
-                "graphs": {name: file_sha256(folder / f"{name}.onnx") for name in GRAPHS},
-                "stamps": {name: file_stamp(folder / f"{name}.onnx") for name in GRAPHS}}
+    manifest = {
+        "checkpoint_sha256": model.sha256,
+        "runtime": runtime,
+        "runtime_version": runtime_version(runtime),
+        "torch": torch_version(),
+        "opset": OPSET,
+        "form": GRAPH_FORM,
+        "parity_max_abs": parity,
+        "graphs": {name: file_sha256(folder / f"{name}.onnx") for name in GRAPHS},
+        "stamps": {name: file_stamp(folder / f"{name}.onnx") for name in GRAPHS},
+    }
     write_manifest(folder, manifest)
     return graphs

@@ -9,6 +9,7 @@ handed in by pipeline/model/build.py) runs the bundled checkpoint with numpy, Op
 which saves a worker seconds of start-up and about 0.5 GB of memory. Eager torch, exports and users'
 checkpoints import it on first use.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_ENCODER_BATCH = 128  # slices per encoder call on CUDA at most (larger batches gain little there)
 
+
 @dataclass
 class RunnerStats:
     encoder_calls: int = 0
@@ -44,6 +46,7 @@ class RunnerStats:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
 
 @dataclass(frozen=True)
 class SliceEmbedding:
@@ -68,6 +71,7 @@ class SliceEmbedding:
             return torch.from_numpy(self.embedding)
         return self.embedding
 
+
 def check_graph_backend(model: LoadedModel, device: str, backend: str) -> None:
     """ValueError naming the argument when ``backend`` cannot run ``model`` on ``device``: the exported graphs
     are LiteMedSAM's and run on the CPU; eager torch runs every kind anywhere."""
@@ -76,8 +80,10 @@ def check_graph_backend(model: LoadedModel, device: str, backend: str) -> None:
     if backend == "torch":
         return
     if model.kind != "lite":
-        raise ValueError(f"Argument 'backend' {backend!r} runs LiteMedSAM only; "
-                         f"a {model.kind} checkpoint runs on backend 'torch'.")
+        raise ValueError(
+            f"Argument 'backend' {backend!r} runs LiteMedSAM only; "
+            f"a {model.kind} checkpoint runs on backend 'torch'."
+        )
     if device != "cpu":
         raise ValueError(f"Argument 'backend' {backend!r} runs on the CPU only, but device is {device!r}.")
 
@@ -112,8 +118,10 @@ class LiteMedSAMRunner:
         check_graph_backend(self.model, self.device, self.backend)
         if self.backend != "torch":
             if self.graphs is None:
-                raise ValueError(f"Argument 'graphs' is needed for backend {self.backend!r}: build the runner "
-                                 "with pipeline.model.build.build_runner, which loads or exports them.")
+                raise ValueError(
+                    f"Argument 'graphs' is needed for backend {self.backend!r}: build the runner "
+                    "with pipeline.model.build.build_runner, which loads or exports them."
+                )
         else:  # eager torch builds the network now (strict keys); SAM's own decoder modules, the reference
             from medsam_engine.pipeline.model.fast_decoder import BoxDecoder
 
@@ -122,7 +130,9 @@ class LiteMedSAMRunner:
     @property
     def bf16(self) -> bool:
         """Whether eager torch runs under bf16 autocast (CUDA only)."""
-        return str(self.device).startswith("cuda") and self.precision in ("auto", "bf16") and self.graphs is None
+        return (
+            str(self.device).startswith("cuda") and self.precision in ("auto", "bf16") and self.graphs is None
+        )
 
     def memory_batch(self, *, share: float | None = None, cap: int = MAX_ENCODER_BATCH) -> int:
         """Slices per encoder call for this runner: on CUDA as many as fit ``share`` of the device's free
@@ -141,7 +151,8 @@ class LiteMedSAMRunner:
         return self._memory_batch
 
     def _slice_bytes(self) -> int:
-        """CUDA memory one more slice adds to an encoder call: peak of a two-slice call minus a one-slice one."""
+        """CUDA memory one more slice adds to an encoder call: peak of a two-slice call minus a one-slice
+        one."""
         import torch
 
         device = torch.device(self.device)
@@ -160,8 +171,9 @@ class LiteMedSAMRunner:
 
     @staticmethod
     def _key(slice_u8: np.ndarray) -> bytes:
-        return hashlib.blake2b(np.ascontiguousarray(slice_u8).data, digest_size=16,
-                               person=str(slice_u8.shape).encode()[:16]).digest()
+        return hashlib.blake2b(
+            np.ascontiguousarray(slice_u8).data, digest_size=16, person=str(slice_u8.shape).encode()[:16]
+        ).digest()
 
     def encode(self, slices_u8: list[np.ndarray]) -> list[SliceEmbedding]:
         """Embed slices ((H, W) or (H, W, 3) uint8), one encoder call for those not cached."""
@@ -169,7 +181,7 @@ class LiteMedSAMRunner:
         missing = [i for i, key in enumerate(keys) if key not in self._cache]
         if missing:
             fresh = self._encode([slices_u8[i] for i in missing])
-            for i, embedded in zip(missing, fresh):
+            for i, embedded in zip(missing, fresh, strict=False):
                 self._remember(keys[i], embedded)
         self.stats.cache_hits += len(slices_u8) - len(missing)
         out = []
@@ -204,8 +216,10 @@ class LiteMedSAMRunner:
         self.stats.seconds_encode += time.perf_counter() - start
         self.stats.encoder_calls += 1
         self.stats.encoded_slices += len(slices_u8)
-        return [SliceEmbedding(part, tuple(s.shape[:2]), p[1])  # type: ignore[arg-type]
-                for part, s, p in zip(parts, slices_u8, prepared)]
+        return [
+            SliceEmbedding(part, tuple(s.shape[:2]), p[1])  # type: ignore[arg-type]
+            for part, s, p in zip(parts, slices_u8, prepared, strict=False)
+        ]
 
     def decode(self, embedded: SliceEmbedding, boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Segment (B, 4) voxel boxes on an embedded slice in one decoder call.
@@ -235,11 +249,16 @@ class LiteMedSAMRunner:
         height, width = embedded.original_hw
         with torch.inference_mode():
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
-                low_res, iou = self._box_decoder(embedded.tensor().to(self.device),
-                                                 torch.from_numpy(boxes).to(self.device))
+                low_res, iou = self._box_decoder(
+                    embedded.tensor().to(self.device), torch.from_numpy(boxes).to(self.device)
+                )
             new_h, new_w = self.model.framing.logits_hw(height, width, low_res.shape[-1])
-            logits = F.interpolate(low_res[..., :new_h, :new_w].float(), size=(height, width), mode="bilinear",
-                                   align_corners=False)
+            logits = F.interpolate(
+                low_res[..., :new_h, :new_w].float(),
+                size=(height, width),
+                mode="bilinear",
+                align_corners=False,
+            )
             return logits[:, 0].cpu().numpy(), iou[:, 0].float().cpu().numpy()
 
     def _decode_graphs(self, embedded: SliceEmbedding, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -250,18 +269,26 @@ class LiteMedSAMRunner:
         new_h, new_w = self.model.framing.logits_hw(height, width, low_res.shape[-1])
         logits = np.empty((len(boxes), height, width), dtype=np.float32)
         for i in range(len(boxes)):
-            cv2.resize(low_res[i, 0, :new_h, :new_w], (width, height), dst=logits[i],
-                       interpolation=cv2.INTER_LINEAR)
+            cv2.resize(
+                low_res[i, 0, :new_h, :new_w], (width, height), dst=logits[i], interpolation=cv2.INTER_LINEAR
+            )
         return logits, np.ascontiguousarray(iou[:, 0], dtype=np.float32)
 
 
-def fitting_batch(free_bytes: int, slice_bytes: int, *, share: float = 0.5, cap: int = MAX_ENCODER_BATCH) -> int:
-    """How many slices of ``slice_bytes`` each fit ``share`` of ``free_bytes``: at least 1, at most ``cap``."""
+def fitting_batch(
+    free_bytes: int, slice_bytes: int, *, share: float = 0.5, cap: int = MAX_ENCODER_BATCH
+) -> int:
+    """How many slices of ``slice_bytes`` each fit ``share`` of ``free_bytes``: at least 1, at most
+    ``cap``."""
     return max(1, min(cap, int(free_bytes * share) // max(1, slice_bytes)))
 
 
 def _nbytes(embedding) -> int:
-    return embedding.nbytes if isinstance(embedding, np.ndarray) else embedding.numel() * embedding.element_size()
+    return (
+        embedding.nbytes
+        if isinstance(embedding, np.ndarray)
+        else embedding.numel() * embedding.element_size()
+    )
 
 
 SIGMOID_HALF = np.float32(3 * 2.0**-25)  # the largest float32 logit whose float32 sigmoid is not above 0.5

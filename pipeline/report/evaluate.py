@@ -1,4 +1,5 @@
 """Compare a store's committed label maps with reference label maps (Dice, NSD per case and label)."""
+
 from __future__ import annotations
 
 from pathlib import Path

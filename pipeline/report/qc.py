@@ -1,9 +1,11 @@
 """QC reports: HTML pages with overlay pictures and per-instance scores, worst first.
 
-``write_report`` covers a whole store; ``write_review_report`` covers the review queue (pipeline/flywheel/review.py),
+``write_report`` covers a whole store; ``write_review_report`` covers the review queue
+(pipeline/flywheel/review.py),
 with each case's worst instances pictured on the slices where they are. Instances are ordered by their
 quality score (pipeline/annotate/quality.py) when the case has one, else by the model's predicted IoU.
 """
+
 from __future__ import annotations
 
 import html
@@ -16,12 +18,27 @@ from medsam_engine.pipeline.core.intensity import IntensityConfig, to_uint8
 from medsam_engine.pipeline.store.case_store import CaseStore
 from medsam_engine.pipeline.store.labels_meta import LabelMeaning, label_colour, meanings_from_properties
 
-SCORE_COLUMNS = ("score", "route", "predicted_iou", "stability", "jitter_iou", "coverage", "box_agreement",
-                 "slice_iou", "area_jump_max", "drift_max")
+SCORE_COLUMNS = (
+    "score",
+    "route",
+    "predicted_iou",
+    "stability",
+    "jitter_iou",
+    "coverage",
+    "box_agreement",
+    "slice_iou",
+    "area_jump_max",
+    "drift_max",
+)
 
 
-def overlay(slice_u8: np.ndarray, labels: np.ndarray, *, scale: int = 3,
-            colours: dict[int, tuple[int, int, int]] | None = None) -> np.ndarray:
+def overlay(
+    slice_u8: np.ndarray,
+    labels: np.ndarray,
+    *,
+    scale: int = 3,
+    colours: dict[int, tuple[int, int, int]] | None = None,
+) -> np.ndarray:
     """An RGB picture of a (y, x) uint8 slice with each label's contour drawn in its colour: the store's
     (``colours``, from its label metadata), else :func:`label_colour`, the colour every output uses."""
     import cv2
@@ -48,8 +65,10 @@ def legend(meanings: dict[int, LabelMeaning]) -> str:
     for value, meaning in sorted(meanings.items()):
         red, green, blue = meaning.rgb
         code = f" (SCT {html.escape(meaning.code[0])})" if meaning.code else ""
-        rows.append(f"<li><span style='display:inline-block;width:1em;height:1em;"
-                    f"background:rgb({red},{green},{blue})'></span> {value}: {html.escape(meaning.name)}{code}</li>")
+        rows.append(
+            f"<li><span style='display:inline-block;width:1em;height:1em;"
+            f"background:rgb({red},{green},{blue})'></span> {value}: {html.escape(meaning.name)}{code}</li>"
+        )
     return "<ul class='legend'>" + "".join(rows) + "</ul>" if rows else ""
 
 
@@ -60,26 +79,39 @@ def _rendered(store: CaseStore, case_id: str) -> tuple[np.ndarray, np.ndarray] |
     if image is None:
         return None
     section = attrs.config.get("intensity", {})
-    u8 = to_uint8(image, attrs.modality, IntensityConfig(
-        section.get("ct_level", 40.0), section.get("ct_width", 400.0)))
+    u8 = to_uint8(
+        image, attrs.modality, IntensityConfig(section.get("ct_level", 40.0), section.get("ct_width", 400.0))
+    )
     return u8, labels
 
 
-def _save_pictures(case_id: str, rendered, slices: list[int], out: Path,
-                   colours: dict[int, tuple[int, int, int]] | None = None) -> list[str]:
+def _save_pictures(
+    case_id: str,
+    rendered,
+    slices: list[int],
+    out: Path,
+    colours: dict[int, tuple[int, int, int]] | None = None,
+) -> list[str]:
     import cv2
 
     u8, labels = rendered
     names = []
     for z in slices:
         name = f"{case_id}_z{z:04d}.png"
-        cv2.imwrite(str(out / name), cv2.cvtColor(overlay(u8[z], labels[z], colours=colours), cv2.COLOR_RGB2BGR))
+        cv2.imwrite(
+            str(out / name), cv2.cvtColor(overlay(u8[z], labels[z], colours=colours), cv2.COLOR_RGB2BGR)
+        )
         names.append(name)
     return names
 
 
-def _case_pictures(store: CaseStore, case_id: str, out: Path, per_case: int,
-                   colours: dict[int, tuple[int, int, int]] | None = None) -> list[str]:
+def _case_pictures(
+    store: CaseStore,
+    case_id: str,
+    out: Path,
+    per_case: int,
+    colours: dict[int, tuple[int, int, int]] | None = None,
+) -> list[str]:
     """Pictures of the ``per_case`` slices with the most labelled voxels."""
     rendered = _rendered(store, case_id)
     if rendered is None:
@@ -98,8 +130,13 @@ def _order_key(inst: dict) -> float:
 
 def _score_cells(inst: dict) -> str:
     quality = inst.get("quality") or {}
-    values = {**(quality.get("features") or {}), "score": quality.get("score"), "route": quality.get("route"),
-              "predicted_iou": inst.get("predicted_iou"), "stability": inst.get("stability")}
+    values = {
+        **(quality.get("features") or {}),
+        "score": quality.get("score"),
+        "route": quality.get("route"),
+        "predicted_iou": inst.get("predicted_iou"),
+        "stability": inst.get("stability"),
+    }
     cells = []
     for key in SCORE_COLUMNS:
         value = values.get(key)
@@ -109,8 +146,11 @@ def _score_cells(inst: dict) -> str:
 
 
 def _header(first: list[str]) -> str:
-    return "<table border=1 cellpadding=3><tr>" + "".join(f"<th>{html.escape(c)}</th>"
-                                                          for c in [*first, *SCORE_COLUMNS]) + "</tr>"
+    return (
+        "<table border=1 cellpadding=3><tr>"
+        + "".join(f"<th>{html.escape(c)}</th>" for c in [*first, *SCORE_COLUMNS])
+        + "</tr>"
+    )
 
 
 def write_report(store: CaseStore, out_dir: str | Path, *, per_case: int = 3) -> Path:
@@ -123,13 +163,17 @@ def write_report(store: CaseStore, out_dir: str | Path, *, per_case: int = 3) ->
         for inst in attrs.instances if attrs is not None else ():
             rows.append((_order_key(inst), case_id, inst))
     rows.sort(key=lambda r: r[0])
-    parts = ["<!doctype html><meta charset='utf-8'><title>MedSAM Engine QC</title>",
-             "<h1>QC report</h1><h2>Instances, worst first</h2>",
-             _header(["case", "label", "instance", "slices", "voxels", "prompt"])]
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>MedSAM Engine QC</title>",
+        "<h1>QC report</h1><h2>Instances, worst first</h2>",
+        _header(["case", "label", "instance", "slices", "voxels", "prompt"]),
+    ]
     for _, case_id, inst in rows:
-        parts.append(f"<tr><td>{html.escape(case_id)}</td><td>{inst['label']}</td><td>{inst['instance']}</td>"
-                     f"<td>{len(inst['slices'])}</td><td>{inst['voxels']}</td>"
-                     f"<td>{html.escape(inst['prompt_source'])}</td>{_score_cells(inst)}</tr>")
+        parts.append(
+            f"<tr><td>{html.escape(case_id)}</td><td>{inst['label']}</td><td>{inst['instance']}</td>"
+            f"<td>{len(inst['slices'])}</td><td>{inst['voxels']}</td>"
+            f"<td>{html.escape(inst['prompt_source'])}</td>{_score_cells(inst)}</tr>"
+        )
     parts.append("</table><h2>Overlays</h2>")
     for case_id in store.committed_cases():
         meanings = _meanings(store, case_id)
@@ -159,37 +203,50 @@ def _worst_slices(instances: list[dict], per_case: int) -> list[int]:
 
 def write_review_report(store: CaseStore, path: str | Path, queue: list[dict], *, per_case: int = 3) -> Path:
     """Write the review queue's HTML page at ``path`` (PNGs beside it): the ``queue`` entries of
-    pipeline.flywheel.review in their order (worst first), each with its instance scores and overlays of the slices
-    of its worst instances."""
+    pipeline.flywheel.review in their order (worst first), each with its instance scores and overlays of the
+    slices of its worst instances."""
     path = Path(path)
     pictures = path.parent / "pictures"
     pictures.mkdir(parents=True, exist_ok=True)
-    parts = ["<!doctype html><meta charset='utf-8'><title>MedSAM Engine review queue</title>",
-             f"<h1>Review queue: {len(queue)} case(s), worst first</h1>"]
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>MedSAM Engine review queue</title>",
+        f"<h1>Review queue: {len(queue)} case(s), worst first</h1>",
+    ]
     for entry in queue:
         case_id = entry["case_id"]
         attrs = store.attributes(case_id)
         instances = sorted(attrs.instances if attrs is not None else (), key=_order_key)
         worst = entry.get("worst_score")
-        parts.append(f"<h2>{entry.get('rank', '')}. case {html.escape(case_id)} — "
-                     f"{html.escape(str(entry.get('review_status')))}, worst score "
-                     f"{'' if worst is None else f'{worst:.3f}'}</h2>")
+        parts.append(
+            f"<h2>{entry.get('rank', '')}. case {html.escape(case_id)} — "
+            f"{html.escape(str(entry.get('review_status')))}, worst score "
+            f"{'' if worst is None else f'{worst:.3f}'}</h2>"
+        )
         files = entry.get("files") or {}
         if files:
-            parts.append("<p>" + ", ".join(f"{html.escape(k)}: <code>{html.escape(str(v))}</code>"
-                                           for k, v in files.items()) + "</p>")
+            parts.append(
+                "<p>"
+                + ", ".join(f"{html.escape(k)}: <code>{html.escape(str(v))}</code>" for k, v in files.items())
+                + "</p>"
+            )
         parts.append(_header(["label", "instance", "slices", "voxels"]))
         for inst in instances:
-            parts.append(f"<tr><td>{inst['label']}</td><td>{inst['instance']}</td>"
-                         f"<td>{len(inst['slices'])}</td><td>{inst['voxels']}</td>{_score_cells(inst)}</tr>")
+            parts.append(
+                f"<tr><td>{inst['label']}</td><td>{inst['instance']}</td>"
+                f"<td>{len(inst['slices'])}</td><td>{inst['voxels']}</td>{_score_cells(inst)}</tr>"
+            )
         parts.append("</table>")
         rendered = _rendered(store, case_id)
         if rendered is not None:
             meanings = _meanings(store, case_id)
             parts.append(legend(meanings))
             colours = {v: m.rgb for v, m in meanings.items()}
-            for name in _save_pictures(case_id, rendered, _worst_slices(instances, per_case), pictures, colours):
-                parts.append(f"<figure style='display:inline-block'><img src='pictures/{name}'>"
-                             f"<figcaption>{html.escape(name)}</figcaption></figure>")
+            for name in _save_pictures(
+                case_id, rendered, _worst_slices(instances, per_case), pictures, colours
+            ):
+                parts.append(
+                    f"<figure style='display:inline-block'><img src='pictures/{name}'>"
+                    f"<figcaption>{html.escape(name)}</figcaption></figure>"
+                )
     write_text_atomic(path, "\n".join(parts))
     return path

@@ -21,6 +21,7 @@ A case is done only when its root ``zarr.json`` says ``status: committed``, and 
 
 Either way a killed writer leaves nothing that readers, exports or resume take as done. One writer per shard.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,9 +33,11 @@ import secrets
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -46,8 +49,20 @@ from medsam_engine.pipeline.core.types import CaseAttributes, CaseIds
 from medsam_engine.pipeline.store.labels_meta import describe_labels
 from medsam_engine.pipeline.store.leases import HOST, conditional_put, process_alive
 
+if TYPE_CHECKING:
+    import zarr
+    from numcodecs.abc import Codec
+    from zarr.core.array_spec import ArrayConfigParams
+    from zarr.storage import FsspecStore, StoreLike
+
 CASE_SUFFIX = ".ome.zarr"
-UNREAD = object()  # commit_case reads the case's committed attributes itself
+
+
+class _Unread(Enum):
+    UNREAD = 0  # commit_case reads the case's committed attributes itself
+
+
+UNREAD = _Unread.UNREAD
 STATUS_COMMITTED = "committed"
 LABELS_PATH = "labels/medsam"
 
@@ -59,7 +74,7 @@ class CaseStore:
     endpoints come from ``storage_options`` or the usual environment (``AWS_ENDPOINT_URL`` and friends).
     """
 
-    def __init__(self, root: str | Path, *, storage_options: dict | None = None) -> None:
+    def __init__(self, root: str | Path, *, storage_options: dict[str, Any] | None = None) -> None:
         import fsspec
 
         self.url = str(root)
@@ -68,24 +83,24 @@ class CaseStore:
         protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
         self.is_local = "file" in protocols
         self.protocol = protocols[0]
-        local = str(root)[len("file://"):] if str(root).startswith("file://") else root
+        local = str(root)[len("file://") :] if str(root).startswith("file://") else root
         self.root: Path | PurePosixPath = Path(local) if self.is_local else PurePosixPath(path)
 
     # -- file primitives (local or remote) --------------------------------------------------------------
-    def read_json(self, path: PurePosixPath | Path) -> dict | None:
+    def read_json(self, path: PurePosixPath | Path) -> dict[str, Any] | None:
         """A JSON record, or None when it does not exist."""
         try:
-            return json.loads(self.fs.cat_file(str(path)))
+            return cast(dict[str, Any], json.loads(self.fs.cat_file(str(path))))
         except FileNotFoundError:
             return None
 
-    def write_json(self, path: PurePosixPath | Path, data: dict) -> None:
+    def write_json(self, path: PurePosixPath | Path, data: dict[str, Any]) -> None:
         """Write a JSON record whole: a temporary file renamed into place (local), one PUT (object stores)."""
         text = json.dumps(data, indent=1, sort_keys=True, default=str)
         if not self.is_local:
             self.fs.pipe_file(str(path), text.encode())  # one PUT: readers see all of it or nothing
             return
-        write_text_atomic(path, text)
+        write_text_atomic(Path(path), text)
 
     def list_names(self, path: PurePosixPath | Path) -> list[str]:
         """Names (not paths) directly under ``path``; [] when it does not exist."""
@@ -96,13 +111,14 @@ class CaseStore:
         except FileNotFoundError:
             return []
 
-    def _zarr_target(self, path: PurePosixPath | Path, *, read_only: bool):
+    def _zarr_target(self, path: PurePosixPath | Path, *, read_only: bool) -> str | FsspecStore:
         if self.is_local:
             return str(path)
         from zarr.storage import FsspecStore
 
-        return FsspecStore.from_url(f"{self.protocol}://{path}", storage_options=self.storage_options,
-                                    read_only=read_only)
+        return FsspecStore.from_url(
+            f"{self.protocol}://{path}", storage_options=self.storage_options, read_only=read_only
+        )
 
     # -- identity -----------------------------------------------------------------------------------
     def id_key(self) -> bytes:
@@ -115,7 +131,7 @@ class CaseStore:
             if not self.fs.exists(str(path)):
                 # a conditional PUT: of two runs creating the key at once, exactly one writes it
                 conditional_put(self.fs, str(path), secrets.token_hex(32).encode())
-            return self.fs.cat_file(str(path)).strip()
+            return bytes(self.fs.cat_file(str(path))).strip()
         path = Path(path)
         if not path.exists():
             create_exclusive(path, secrets.token_hex(32))  # first writer wins; never replace an existing key
@@ -140,7 +156,7 @@ class CaseStore:
     def case_path(self, case_id: str) -> Path | PurePosixPath:
         return self.root / f"{case_id}{CASE_SUFFIX}"
 
-    def case_attrs(self, case_id: str) -> dict | None:
+    def case_attrs(self, case_id: str) -> dict[str, Any] | None:
         """The case's 'medsam' attributes as stored (JSON) if it is committed, else None; readers that use
         its fields take :meth:`attributes` instead."""
         meta = self.read_json(self.case_path(case_id) / "zarr.json")
@@ -156,7 +172,7 @@ class CaseStore:
         found = {case_id: self.attributes(case_id) for case_id in self.committed_cases()}
         return {case_id: attrs for case_id, attrs in found.items() if attrs is not None}
 
-    def open_case(self, case_id: str):
+    def open_case(self, case_id: str) -> zarr.Group:
         """The committed case's zarr group, read-only; KeyError when the case is not committed."""
         import zarr
 
@@ -172,47 +188,59 @@ class CaseStore:
     def read_labels(self, case_id: str) -> tuple[np.ndarray, CaseAttributes]:
         """The (z, y, x) uint16 label map and the case's attributes."""
         group = self.open_case(case_id)
-        return np.asarray(group[f"{LABELS_PATH}/0"][:]), CaseAttributes.from_json(dict(group.attrs["medsam"]))
+        labels = cast("zarr.Array[Any]", group[f"{LABELS_PATH}/0"])
+        attrs = cast(dict[str, Any], group.attrs["medsam"])
+        return np.asarray(labels[:]), CaseAttributes.from_json(dict(attrs))
 
     def read_image(self, case_id: str) -> np.ndarray | None:
         """The stored image as (z, y, x) or (z, y, x, c), or None when the store kept no image."""
         group = self.open_case(case_id)
         if "0" not in group:
             return None
-        data = np.asarray(group["0"][:])
+        data = np.asarray(cast("zarr.Array[Any]", group["0"])[:])
         return data if data.ndim == 3 else np.moveaxis(data, 0, -1)
 
-    def label_properties(self, case_id: str) -> list[dict]:
+    def label_properties(self, case_id: str) -> list[dict[str, Any]]:
         """The case's OME-Zarr ``image-label.properties`` (one dict per label value)."""
         meta = self.read_json(self.case_path(case_id) / LABELS_PATH / "zarr.json") or {}
         return list(meta.get("attributes", {}).get("ome", {}).get("image-label", {}).get("properties", []))
 
-    def manifest(self, case_id: str) -> dict | None:
+    def manifest(self, case_id: str) -> dict[str, Any] | None:
         return self.read_json(self.root / "_manifest" / f"{case_id}.json")
 
-    def errors(self) -> dict[str, dict]:
+    def errors(self) -> dict[str, dict[str, Any]]:
         folder = self.root / "_errors"
         names = [n for n in self.list_names(folder) if n.endswith(".json") and not n.startswith(".")]
         return {n[:-5]: self.read_json(folder / n) or {} for n in names}
 
     # -- writing ------------------------------------------------------------------------------------
-    def write_manifest(self, case_id: str, record: dict) -> None:
+    def write_manifest(self, case_id: str, record: dict[str, Any]) -> None:
         self.write_json(self.root / "_manifest" / f"{case_id}.json", record)
 
-    def write_run(self, run_id: str, record: dict) -> Path | PurePosixPath:
+    def write_run(self, run_id: str, record: dict[str, Any]) -> Path | PurePosixPath:
         path = self.root / "_runs" / f"{run_id}.json"
         self.write_json(path, record)
         return path
 
     def record_error(self, case_id: str, *, stage: str, reason: str, run_id: str) -> None:
-        self.write_json(self.root / "_errors" / f"{case_id}.json",
-                        {"case_id": case_id, "stage": stage, "reason": reason, "run_id": run_id,
-                         "time": utc_stamp()})
+        self.write_json(
+            self.root / "_errors" / f"{case_id}.json",
+            {"case_id": case_id, "stage": stage, "reason": reason, "run_id": run_id, "time": utc_stamp()},
+        )
 
-    def commit_case(self, case_id: str, *, labels: np.ndarray, attrs: dict, image: np.ndarray | None = None,
-                    overwrite: bool = False, label_names: dict[int, str | dict] | None = None,
-                    supersedes: str | None = None, current: dict | None | object = UNREAD,
-                    values: list[int] | None = None) -> Path | PurePosixPath:
+    def commit_case(
+        self,
+        case_id: str,
+        *,
+        labels: np.ndarray,
+        attrs: dict[str, Any],
+        image: np.ndarray | None = None,
+        overwrite: bool = False,
+        label_names: dict[int, str | dict[str, Any]] | None = None,
+        supersedes: str | None = None,
+        current: dict[str, Any] | _Unread | None = UNREAD,
+        values: list[int] | None = None,
+    ) -> Path | PurePosixPath:
         """Write a case and commit it last; returns its final path.
 
         ``labels`` is the (z, y, x) label map (stored uint16); ``image`` (z, y, x) or (z, y, x, c); ``attrs``
@@ -224,23 +252,38 @@ class CaseStore:
         saves reading them again (a request per case on object stores). ``values``: the label values present
         in ``labels``, when the caller knows them exactly (saves a counting pass).
         """
-        old = self.case_attrs(case_id) if current is UNREAD else current
+        old = self.case_attrs(case_id) if isinstance(current, _Unread) else current
         if old is not None and old.get("signature") != attrs.get("signature") and not overwrite:
-            raise StoreConflictError("already committed with a different signature (model, config or input "
-                                     "changed); pass --overwrite to replace it", case_id=case_id)
+            raise StoreConflictError(
+                "already committed with a different signature (model, config or input "
+                "changed); pass --overwrite to replace it",
+                case_id=case_id,
+            )
         version = version_id()
         previous = self.root / "_previous" / case_id / version
         if old is not None:
             history = list(old.get("previous_versions", []))
-            history.append({"path": str(previous.relative_to(self.root)), "signature": old.get("signature"),
-                            "committed_at": old.get("committed_at")})
+            history.append(
+                {
+                    "path": str(previous.relative_to(self.root)),
+                    "signature": old.get("signature"),
+                    "committed_at": old.get("committed_at"),
+                }
+            )
             attrs = dict(attrs, previous_versions=history)
-        content = {"labels": labels, "image": image, "attrs": attrs, "label_names": label_names or {},
-                   "values": values}
+        content = {
+            "labels": labels,
+            "image": image,
+            "attrs": attrs,
+            "label_names": label_names or {},
+            "values": values,
+        }
+        final: Path | PurePosixPath
         if self.is_local:
             final = self._commit_local(case_id, content, previous)
         else:
-            final = self._commit_remote(case_id, content, previous if old is not None else None)
+            remote_previous = PurePosixPath(previous) if old is not None else None
+            final = self._commit_remote(case_id, content, remote_previous)
         self.close_failures(case_id, supersedes)
         return final
 
@@ -256,9 +299,11 @@ class CaseStore:
         if self.fs.exists(str(path)):
             self.fs.rm_file(str(path))
 
-    def _commit_local(self, case_id: str, content: dict, previous: Path | PurePosixPath) -> Path:
+    def _commit_local(self, case_id: str, content: dict[str, Any], previous: Path | PurePosixPath) -> Path:
         final = Path(self.case_path(case_id))
-        staging = Path(self.root) / "_staging" / f"{case_id}.{writer_tag()}.{uuid.uuid4().hex[:8]}{CASE_SUFFIX}"
+        staging = (
+            Path(self.root) / "_staging" / f"{case_id}.{writer_tag()}.{uuid.uuid4().hex[:8]}{CASE_SUFFIX}"
+        )
         staging.parent.mkdir(parents=True, exist_ok=True)
         try:
             write_local_group(staging, **content)
@@ -271,7 +316,9 @@ class CaseStore:
         os.replace(staging, final)
         return final
 
-    def _commit_remote(self, case_id: str, content: dict, previous: PurePosixPath | None) -> PurePosixPath:
+    def _commit_remote(
+        self, case_id: str, content: dict[str, Any], previous: PurePosixPath | None
+    ) -> PurePosixPath:
         final = PurePosixPath(self.case_path(case_id))
         if self.list_names(final):
             if previous is not None:  # the old version was committed: keep it
@@ -282,18 +329,27 @@ class CaseStore:
         return final
 
 
-def _multiscales(name: str, axes: list[str], scale: list[float]) -> list[dict]:
+def _multiscales(name: str, axes: list[str], scale: list[float]) -> list[dict[str, Any]]:
     kinds = {"c": "channel", "z": "space", "y": "space", "x": "space"}
-    return [{
-        "name": name,
-        "axes": [{"name": a, "type": kinds[a], **({"unit": "millimeter"} if kinds[a] == "space" else {})}
-                 for a in axes],
-        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
-    }]
+    return [
+        {
+            "name": name,
+            "axes": [
+                {"name": a, "type": kinds[a], **({"unit": "millimeter"} if kinds[a] == "space" else {})}
+                for a in axes
+            ],
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+        }
+    ]
 
 
-def image_label_metadata(labels: np.ndarray, *, names: dict[int, str], instances: list[dict],
-                         values: list[int] | None = None) -> dict:
+def image_label_metadata(
+    labels: np.ndarray,
+    *,
+    names: Mapping[int, str | dict[str, Any]],
+    instances: list[dict[str, Any]],
+    values: list[int] | None = None,
+) -> dict[str, Any]:
     """OME-Zarr 0.5 ``image-label`` metadata: a colour and properties for each non-zero value (``values``
     when the caller knows exactly which are present, else counted)."""
     values = present_labels(labels) if values is None else sorted({int(v) for v in values})
@@ -316,7 +372,7 @@ def plane_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     return (max(1, min(shape[0], CHUNK_BYTES // max(1, plane))), *shape[1:])
 
 
-def _codecs():
+def _codecs() -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """(image codec, label codec), each as (zarr codec, numcodecs twin factory, its zarr.json entry factory):
     the twin encodes a chunk exactly as zarr does and the entry is zarr's own description of the codec
     (tests/store/test_direct_chunks.py compares the bytes). Images: LZ4 behind a byte shuffle (several times
@@ -325,24 +381,44 @@ def _codecs():
     from numcodecs import Blosc, Zstd
     from zarr.codecs import BloscCodec, ZstdCodec
 
-    return ((BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
-             lambda itemsize: Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE, blocksize=0, typesize=itemsize),
-             lambda itemsize: {"name": "blosc", "configuration": {"typesize": itemsize, "cname": "lz4", "clevel": 5,
-                                                                  "shuffle": "shuffle", "blocksize": 0}}),
-            (ZstdCodec(level=1), lambda itemsize: Zstd(level=1),
-             lambda itemsize: {"name": "zstd", "configuration": {"level": 1, "checksum": False}}))
+    return (
+        (
+            BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+            lambda itemsize: Blosc(
+                cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE, blocksize=0, typesize=itemsize
+            ),
+            lambda itemsize: {
+                "name": "blosc",
+                "configuration": {
+                    "typesize": itemsize,
+                    "cname": "lz4",
+                    "clevel": 5,
+                    "shuffle": "shuffle",
+                    "blocksize": 0,
+                },
+            },
+        ),
+        (
+            ZstdCodec(level=1),
+            lambda itemsize: Zstd(level=1),
+            lambda itemsize: {"name": "zstd", "configuration": {"level": 1, "checksum": False}},
+        ),
+    )
 
 
-def encoded_chunks(data: np.ndarray, chunks: tuple[int, ...], compressor) -> Iterator[tuple[str, bytes]]:
+def encoded_chunks(
+    data: np.ndarray, chunks: tuple[int, ...], compressor: Codec
+) -> Iterator[tuple[str, bytes]]:
     """(chunk key, bytes) of every chunk of ``data`` as zarr v3 stores it: default chunk keys (``c/i/j/k``),
-    edge chunks padded with the fill value 0, little-endian bytes through ``compressor`` (a numcodecs codec)."""
-    for starts in itertools.product(*(range(0, n, c) for n, c in zip(data.shape, chunks))):
-        block = data[tuple(slice(s, s + c) for s, c in zip(starts, chunks))]
+    edge chunks padded with the fill value 0, little-endian bytes through ``compressor`` (a numcodecs
+    codec)."""
+    for starts in itertools.product(*(range(0, n, c) for n, c in zip(data.shape, chunks, strict=False))):
+        block = data[tuple(slice(s, s + c) for s, c in zip(starts, chunks, strict=False))]
         if block.shape != tuple(chunks):
             padded = np.zeros(chunks, dtype=data.dtype)
             padded[tuple(slice(0, n) for n in block.shape)] = block
             block = padded
-        key = "c/" + "/".join(str(s // c) for s, c in zip(starts, chunks))
+        key = "c/" + "/".join(str(s // c) for s, c in zip(starts, chunks, strict=False))
         yield key, compressor.encode(np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<")))
 
 
@@ -351,15 +427,20 @@ class _Node:
     """One node of a case group: a group (``data`` None) or an array with its chunks, axes and codec."""
 
     path: str  # "" for the root
-    attributes: dict
+    attributes: dict[str, Any]
     data: np.ndarray | None = None
     chunks: tuple[int, ...] = ()
     dims: tuple[str, ...] = ()
-    codec: tuple | None = None  # one of _codecs()
+    codec: tuple[Any, ...] | None = None  # one of _codecs()
 
 
-def _case_nodes(labels: np.ndarray, image: np.ndarray | None, attrs: dict, label_names: dict[int, str | dict],
-                values: list[int] | None) -> list[_Node]:
+def _case_nodes(
+    labels: np.ndarray,
+    image: np.ndarray | None,
+    attrs: dict[str, Any],
+    label_names: dict[int, str | dict[str, Any]],
+    values: list[int] | None,
+) -> list[_Node]:
     """A case group's nodes, each with its final attributes: the root (OME multiscales of the image and the
     'medsam' attributes that carry the commit status), its image array, the labels group and the label map."""
     spacing = [float(s) for s in attrs["geometry"]["spacing_zyx_mm"]]
@@ -371,25 +452,45 @@ def _case_nodes(labels: np.ndarray, image: np.ndarray | None, attrs: dict, label
         scale = spacing if image.ndim == 3 else [1.0, *spacing]
         root_attrs["ome"] = {"version": "0.5", "multiscales": _multiscales("image", axes, scale)}
         data = np.ascontiguousarray(image if image.ndim == 3 else np.moveaxis(image, -1, 0))
-        chunks = plane_chunks(data.shape, data.itemsize) if image.ndim == 3 else \
-            (data.shape[0], *plane_chunks(data.shape[1:], data.itemsize * data.shape[0]))
+        chunks = (
+            plane_chunks(data.shape, data.itemsize)
+            if image.ndim == 3
+            else (data.shape[0], *plane_chunks(data.shape[1:], data.itemsize * data.shape[0]))
+        )
         nodes.append(_Node("0", {}, data, chunks, tuple(axes), image_codec))
     root_attrs["medsam"] = dict(attrs, status=STATUS_COMMITTED)
     nodes.insert(0, _Node("", root_attrs))
     nodes.append(_Node("labels", {"ome": {"version": "0.5", "labels": ["medsam"]}}))
-    nodes.append(_Node("labels/medsam", {"ome": {
-        "version": "0.5",
-        "multiscales": _multiscales("medsam", ["z", "y", "x"], spacing),
-        "image-label": image_label_metadata(labels, names=label_names, instances=attrs.get("instances", []),
-                                            values=values),
-    }}))
+    nodes.append(
+        _Node(
+            "labels/medsam",
+            {
+                "ome": {
+                    "version": "0.5",
+                    "multiscales": _multiscales("medsam", ["z", "y", "x"], spacing),
+                    "image-label": image_label_metadata(
+                        labels, names=label_names, instances=attrs.get("instances", []), values=values
+                    ),
+                }
+            },
+        )
+    )
     stored = labels.astype(np.uint16, copy=False)
-    nodes.append(_Node("labels/medsam/0", {}, stored, plane_chunks(stored.shape, 2), ("z", "y", "x"), label_codec))
+    nodes.append(
+        _Node("labels/medsam/0", {}, stored, plane_chunks(stored.shape, 2), ("z", "y", "x"), label_codec)
+    )
     return nodes
 
 
-def write_case_group(target, *, labels: np.ndarray, image: np.ndarray | None, attrs: dict,
-                     label_names: dict[int, str | dict], values: list[int] | None = None) -> None:
+def write_case_group(
+    target: str | Path | StoreLike,
+    *,
+    labels: np.ndarray,
+    image: np.ndarray | None,
+    attrs: dict[str, Any],
+    label_names: dict[int, str | dict[str, Any]],
+    values: list[int] | None = None,
+) -> None:
     """Write one case group at ``target`` (a path or zarr store) through zarr; the root's 'medsam' attributes,
     which carry the commit status, are the last write. ``values``: the label values present in ``labels``
     when the caller knows them exactly (else counted)."""
@@ -405,9 +506,16 @@ def write_case_group(target, *, labels: np.ndarray, image: np.ndarray | None, at
             groups[node.path] = groups[parent].create_group(name, attributes=node.attributes)
             continue
         array = groups[parent].create_array(
-            name, shape=node.data.shape, dtype=node.data.dtype, chunks=node.chunks, fill_value=0,
-            dimension_names=list(node.dims), compressors=node.codec[0], config={"write_empty_chunks": True},
-            attributes=node.attributes or None)
+            name,
+            shape=node.data.shape,
+            dtype=node.data.dtype,
+            chunks=node.chunks,
+            fill_value=0,
+            dimension_names=list(node.dims),
+            compressors=cast(tuple[Any, ...], node.codec)[0],
+            config=cast("ArrayConfigParams", {"write_empty_chunks": True}),
+            attributes=node.attributes or None,
+        )
         array[...] = node.data
     groups[""].update_attributes({"medsam": status})
 
@@ -415,14 +523,20 @@ def write_case_group(target, *, labels: np.ndarray, image: np.ndarray | None, at
 DIRECT_DTYPES = frozenset({"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"})
 
 
-def _document(doc: dict) -> bytes:
+def _document(doc: dict[str, Any]) -> bytes:
     # zarr's own document; compact, where zarr indents it: Python's json indents in pure Python, 6x slower
     # and holding the interpreter lock (0.8 -> 0.13 ms for a small 2D case's documents)
     return json.dumps(doc, allow_nan=True).encode()
 
 
-def encoded_case_group(*, labels: np.ndarray, image: np.ndarray | None, attrs: dict,
-                       label_names: dict[int, str | dict], values: list[int] | None = None) -> dict[str, bytes] | None:
+def encoded_case_group(
+    *,
+    labels: np.ndarray,
+    image: np.ndarray | None,
+    attrs: dict[str, Any],
+    label_names: dict[int, str | dict[str, Any]],
+    values: list[int] | None = None,
+) -> dict[str, bytes] | None:
     """Every object of the case group that :func:`write_case_group` writes (key -> bytes), made without zarr:
     each node's ``zarr.json`` (zarr v3's document, the same JSON zarr writes, without its indentation) and
     each chunk through its codec's numcodecs twin (:func:`encoded_chunks`, byte for byte zarr's own; both
@@ -434,22 +548,30 @@ def encoded_case_group(*, labels: np.ndarray, image: np.ndarray | None, attrs: d
     for node in nodes:
         prefix = f"{node.path}/" if node.path else ""
         if node.data is None:
-            objects[f"{prefix}zarr.json"] = _document({"attributes": node.attributes, "zarr_format": 3,
-                                                       "node_type": "group"})
+            objects[f"{prefix}zarr.json"] = _document(
+                {"attributes": node.attributes, "zarr_format": 3, "node_type": "group"}
+            )
             continue
         dtype = node.data.dtype
         if dtype.name not in DIRECT_DTYPES:
             return None
-        _, twin, entry = node.codec
+        _, twin, entry = cast(tuple[Any, ...], node.codec)
         endian = {} if dtype.itemsize == 1 else {"configuration": {"endian": "little"}}
-        objects[f"{prefix}zarr.json"] = _document({
-            "shape": list(node.data.shape), "data_type": dtype.name,
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(node.chunks)}},
-            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-            "fill_value": 0.0 if dtype.kind == "f" else 0,
-            "codecs": [{"name": "bytes", **endian}, entry(dtype.itemsize)],
-            "attributes": node.attributes, "dimension_names": list(node.dims), "zarr_format": 3, "node_type": "array",
-            "storage_transformers": []})
+        objects[f"{prefix}zarr.json"] = _document(
+            {
+                "shape": list(node.data.shape),
+                "data_type": dtype.name,
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(node.chunks)}},
+                "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+                "fill_value": 0.0 if dtype.kind == "f" else 0,
+                "codecs": [{"name": "bytes", **endian}, entry(dtype.itemsize)],
+                "attributes": node.attributes,
+                "dimension_names": list(node.dims),
+                "zarr_format": 3,
+                "node_type": "array",
+                "storage_transformers": [],
+            }
+        )
         for key, payload in encoded_chunks(node.data, node.chunks, twin(dtype.itemsize)):
             objects[f"{prefix}{key}"] = payload
     return objects
@@ -458,18 +580,27 @@ def encoded_case_group(*, labels: np.ndarray, image: np.ndarray | None, attrs: d
 IN_MEMORY_BYTES = 64 << 20  # cases up to this size are encoded in memory, then written as plain files
 
 
-def write_local_group(folder: Path, *, labels: np.ndarray, image: np.ndarray | None, attrs: dict,
-                      label_names: dict[int, str | dict], values: list[int] | None = None) -> None:
+def write_local_group(
+    folder: Path,
+    *,
+    labels: np.ndarray,
+    image: np.ndarray | None,
+    attrs: dict[str, Any],
+    label_names: dict[int, str | dict[str, Any]],
+    values: list[int] | None = None,
+) -> None:
     """:func:`write_case_group` into a local folder. A small case is encoded in memory
     (:func:`encoded_case_group`) and its objects written as files here, the root's ``zarr.json`` last."""
     size = labels.nbytes + (image.nbytes if image is not None else 0)
     objects = None
     if size <= IN_MEMORY_BYTES:
-        objects = encoded_case_group(labels=labels, image=image, attrs=attrs, label_names=label_names,
-                                     values=values)
+        objects = encoded_case_group(
+            labels=labels, image=image, attrs=attrs, label_names=label_names, values=values
+        )
     if objects is None:
-        write_case_group(str(folder), labels=labels, image=image, attrs=attrs, label_names=label_names,
-                         values=values)
+        write_case_group(
+            str(folder), labels=labels, image=image, attrs=attrs, label_names=label_names, values=values
+        )
         return
     made: set[Path] = set()
     for key in sorted(objects, key=lambda key: key == "zarr.json"):  # the root's last: it marks the commit

@@ -3,12 +3,15 @@
 The same answers feed the store's OME-Zarr ``image-label`` metadata and the DICOM SEG segment descriptions,
 so a label looks and reads the same in every viewer.
 """
+
 from __future__ import annotations
 
 import colorsys
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 # SNOMED CT codes as (value, meaning). Names are matched lower-case, plural "s" dropped; anything not found
 # here is looked up in pydicom's SNOMED dictionary by its CamelCase name (e.g. "adrenal gland").
@@ -19,10 +22,19 @@ _LATERAL_CODES = {
     "left kidney": ("18639004", "Left kidney"),
 }
 _SYNONYMS = {  # name -> pydicom codes.SCT keyword
-    "vertebral column": "Spine", "spine": "Spine", "spinal column": "Spine",
-    "cervical vertebral column": "CervicalSpine", "thoracic vertebral column": "ThoracicSpine",
-    "lumbar vertebral column": "LumbarSpine", "rib": "Rib", "lung": "Lung", "kidney": "Kidney",
-    "urinary bladder": "Bladder", "tumour": "Tumor", "nuclei": "Nucleus", "cell nucleus": "Nucleus",
+    "vertebral column": "Spine",
+    "spine": "Spine",
+    "spinal column": "Spine",
+    "cervical vertebral column": "CervicalSpine",
+    "thoracic vertebral column": "ThoracicSpine",
+    "lumbar vertebral column": "LumbarSpine",
+    "rib": "Rib",
+    "lung": "Lung",
+    "kidney": "Kidney",
+    "urinary bladder": "Bladder",
+    "tumour": "Tumor",
+    "nuclei": "Nucleus",
+    "cell nucleus": "Nucleus",
 }
 _ABNORMAL = {"Tumor", "Neoplasm", "Lesion", "Mass", "Nodule", "Cyst", "Metastasis"}
 _TISSUE = {"Tissue", "SoftTissue", "Fat", "Muscle", "Skin"}
@@ -51,10 +63,15 @@ class LabelMeaning:
         """The segmented property type to write: the code when known, else the generic "Tissue"."""
         return self.code or GENERIC_TYPE
 
-    def to_ome_property(self) -> dict:
+    def to_ome_property(self) -> dict[str, Any]:
         """The entry of OME-Zarr ``image-label.properties`` for this value."""
-        entry = {"label-value": self.value, "name": self.name, "review-status": self.review_status,
-                 "category": self.category[1], "rgb": list(self.rgb)}
+        entry = {
+            "label-value": self.value,
+            "name": self.name,
+            "review-status": self.review_status,
+            "category": self.category[1],
+            "rgb": list(self.rgb),
+        }
         if self.code is not None:
             entry.update({"snomed-ct-code": self.code[0], "snomed-ct-meaning": self.code[1]})
         return entry
@@ -69,7 +86,8 @@ def label_colour(value: int) -> tuple[int, int, int]:
 
 @functools.lru_cache(maxsize=4096)
 def _sct_keyword(keyword: str) -> tuple[str, str] | None:
-    """pydicom's SNOMED code for a CamelCase keyword (a miss costs milliseconds: pydicom looks for near names)."""
+    """pydicom's SNOMED code for a CamelCase keyword (a miss costs milliseconds: pydicom looks for near
+    names)."""
     from pydicom.sr.codedict import codes
 
     try:
@@ -86,19 +104,25 @@ def snomed_code(name: str) -> tuple[tuple[str, str] | None, tuple[str, str]]:
         return None, CATEGORY_TISSUE
     if key in _LATERAL_CODES:
         return _LATERAL_CODES[key], CATEGORY_ANATOMY
-    for candidate in (key, key[:-1] if key.endswith("s") else key,
-                      key.removeprefix("right ").removeprefix("left ")):
+    for candidate in (
+        key,
+        key[:-1] if key.endswith("s") else key,
+        key.removeprefix("right ").removeprefix("left "),
+    ):
         keyword = _SYNONYMS.get(candidate) or "".join(w.capitalize() for w in candidate.split())
         code = _sct_keyword(keyword) if keyword.isalnum() else None
         if code is not None:
-            category = CATEGORY_ABNORMAL if keyword in _ABNORMAL else (
-                CATEGORY_TISSUE if keyword in _TISSUE else CATEGORY_ANATOMY)
+            category = (
+                CATEGORY_ABNORMAL
+                if keyword in _ABNORMAL
+                else (CATEGORY_TISSUE if keyword in _TISSUE else CATEGORY_ANATOMY)
+            )
             return code, category
     return None, CATEGORY_TISSUE
 
 
-def review_status(instances: list[dict], value: int) -> str:
-    """"reviewed" when every instance of the label has a reviewer, "partly reviewed", else "unreviewed"."""
+def review_status(instances: list[dict[str, Any]], value: int) -> str:
+    """ "reviewed" when every instance of the label has a reviewer, "partly reviewed", else "unreviewed"."""
     mine = [r for r in instances if int(r.get("label", -1)) == value]
     reviewed = sum(1 for r in mine if r.get("reviewer"))
     if mine and reviewed == len(mine):
@@ -106,8 +130,12 @@ def review_status(instances: list[dict], value: int) -> str:
     return "partly reviewed" if reviewed else "unreviewed"
 
 
-def describe_labels(values: list[int], *, names: dict[int, str | dict] | None = None,
-                    instances: list[dict] | None = None) -> list[LabelMeaning]:
+def describe_labels(
+    values: list[int],
+    *,
+    names: Mapping[int, str | dict[str, Any]] | None = None,
+    instances: list[dict[str, Any]] | None = None,
+) -> list[LabelMeaning]:
     """The meaning of each label value. ``names`` gives a name, or a spec {"name", "code", "meaning", "rgb"}
     (a label table's entry, pipeline/io/label_table.py); names default to "label <v>", codes to the name's
     SNOMED CT code when one is known, colours to :func:`label_colour`."""
@@ -121,28 +149,41 @@ def describe_labels(values: list[int], *, names: dict[int, str | dict] | None = 
         if spec.get("code"):
             code = (str(spec["code"]), str(spec.get("meaning") or name))
             category = category if category != CATEGORY_TISSUE else CATEGORY_ANATOMY
-        rgb = tuple(int(c) for c in spec["rgb"]) if spec.get("rgb") else label_colour(value)
+        rgb = (
+            cast(tuple[int, int, int], tuple(int(c) for c in spec["rgb"]))
+            if spec.get("rgb")
+            else label_colour(value)
+        )
         out.append(LabelMeaning(value, name, code, category, rgb, review_status(instances or [], value)))
     return out
 
 
-def spec_of(meaning: LabelMeaning) -> dict:
+def spec_of(meaning: LabelMeaning) -> dict[str, Any]:
     """A label's meaning as a spec that :func:`describe_labels` takes back (to re-commit a case unchanged)."""
-    spec: dict = {"name": meaning.name, "rgb": list(meaning.rgb)}
+    spec: dict[str, Any] = {"name": meaning.name, "rgb": list(meaning.rgb)}
     if meaning.code is not None:
         spec.update(code=meaning.code[0], meaning=meaning.code[1])
     return spec
 
 
-def meanings_from_properties(properties: list[dict]) -> dict[int, LabelMeaning]:
+def meanings_from_properties(properties: list[dict[str, Any]]) -> dict[int, LabelMeaning]:
     """Rebuild the meanings from the store's ``image-label.properties`` (codes re-derived if absent)."""
     out = {}
     for entry in properties:
         value = int(entry["label-value"])
         name = str(entry.get("name") or f"label {value}")
         derived, category = snomed_code(name)
-        code = (entry["snomed-ct-code"], entry.get("snomed-ct-meaning", name)) if "snomed-ct-code" in entry \
+        code = (
+            (entry["snomed-ct-code"], entry.get("snomed-ct-meaning", name))
+            if "snomed-ct-code" in entry
             else derived
-        rgb = tuple(int(c) for c in entry["rgb"][:3]) if entry.get("rgb") else label_colour(value)
-        out[value] = LabelMeaning(value, name, code, category, rgb, str(entry.get("review-status", "unreviewed")))
+        )
+        rgb = (
+            cast(tuple[int, int, int], tuple(int(c) for c in entry["rgb"][:3]))
+            if entry.get("rgb")
+            else label_colour(value)
+        )
+        out[value] = LabelMeaning(
+            value, name, code, category, rgb, str(entry.get("review-status", "unreviewed"))
+        )
     return out

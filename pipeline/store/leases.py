@@ -14,6 +14,7 @@ at once when its holder is a process of this machine that no longer exists (a ki
 Clocks: expiry compares the holder's ``expires_at`` with this machine's clock; keep nodes NTP-synchronised and
 the TTL well above their skew.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,15 +24,17 @@ import socket
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from medsam_engine.pipeline.core.atomic import create_exclusive, write_text_atomic
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    from fsspec import AbstractFileSystem
 
     from medsam_engine.pipeline.store.case_store import CaseStore
 
@@ -62,12 +65,14 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def is_stale(record: dict, *, now: float | None = None) -> bool:
+def is_stale(record: dict[str, Any], *, now: float | None = None) -> bool:
     """Whether a lease record may be taken over: expired, or held by a dead process of this machine."""
     now = time.time() if now is None else now
     if float(record.get("expires_at", 0)) < now:
         return True
-    return record.get("host") == HOST and isinstance(record.get("pid"), int) and not process_alive(record["pid"])
+    return (
+        record.get("host") == HOST and isinstance(record.get("pid"), int) and not process_alive(record["pid"])
+    )
 
 
 @dataclass
@@ -85,9 +90,16 @@ class Lease:
     def path(self) -> str:
         return str(self.store.root / LEASES / f"{self.case_id}.json")
 
-    def record(self) -> dict:
-        return {"case_id": self.case_id, "run_id": self.run_id, "token": self.token, "host": HOST,
-                "pid": os.getpid(), "ttl_s": self.ttl_s, "expires_at": time.time() + self.ttl_s}
+    def record(self) -> dict[str, Any]:
+        return {
+            "case_id": self.case_id,
+            "run_id": self.run_id,
+            "token": self.token,
+            "host": HOST,
+            "pid": os.getpid(),
+            "ttl_s": self.ttl_s,
+            "expires_at": time.time() + self.ttl_s,
+        }
 
     def renew(self) -> bool:
         """Extend the lease; False (and ``lost``) when another run has taken it over meanwhile."""
@@ -108,13 +120,11 @@ class Lease:
         """Give the lease back (only if it is still ours)."""
         current, _ = read_lease(self.store, self.case_id)
         if current is not None and current.get("token") == self.token:
-            try:
+            with suppress(FileNotFoundError):
                 self.store.fs.rm_file(self.path)
-            except FileNotFoundError:
-                pass
 
 
-def read_lease(store: CaseStore, case_id: str) -> tuple[dict | None, str | None]:
+def read_lease(store: CaseStore, case_id: str) -> tuple[dict[str, Any] | None, str | None]:
     """The case's lease record and (object stores) its ETag; (None, None) when there is none. An unreadable
     record (a torn write of some other tool) reads as an expired lease."""
     path = str(store.root / LEASES / f"{case_id}.json")
@@ -147,7 +157,7 @@ def _precondition_failed(exc: BaseException) -> bool:
     return "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text
 
 
-def conditional_put(fs, path: str, data: bytes, *, if_match: str | None = None) -> bool:
+def conditional_put(fs: AbstractFileSystem, path: str, data: bytes, *, if_match: str | None = None) -> bool:
     """One conditional PUT on an object store: create ``path`` only if it is absent (``if_match`` None), or
     replace only the version with that ETag. False when the condition failed (another writer was first)."""
     try:
@@ -167,7 +177,7 @@ def conditional_put(fs, path: str, data: bytes, *, if_match: str | None = None) 
 GUARD_STALE_S = 30.0  # a takeover guard older than this was left by a killed process (a takeover takes ms)
 
 
-def _take_over_local(lease: Lease, stale: dict) -> bool:
+def _take_over_local(lease: Lease, stale: dict[str, Any]) -> bool:
     """Replace a stale lease file with ours. Takeovers of one case are serialised by an exclusive guard file,
     and the lease file is replaced in one atomic rename, so it never vanishes: a new claimant's exclusive
     create keeps failing, and of racing takeovers exactly one finds the stale record still in place."""
@@ -215,15 +225,16 @@ def acquire(store: CaseStore, case_id: str, *, run_id: str, ttl_s: float = DEFAU
     return None
 
 
-def holder(store: CaseStore, case_id: str) -> dict | None:
+def holder(store: CaseStore, case_id: str) -> dict[str, Any] | None:
     """The live lease on a case (its record), or None when nobody holds it."""
     record, _ = read_lease(store, case_id)
     return None if record is None or is_stale(record) else record
 
 
 @contextmanager
-def leased(store: CaseStore, case_id: str, *, run_id: str, ttl_s: float = DEFAULT_TTL_S
-           ) -> Iterator[Lease | None]:
+def leased(
+    store: CaseStore, case_id: str, *, run_id: str, ttl_s: float = DEFAULT_TTL_S
+) -> Iterator[Lease | None]:
     """Hold the case's lease for the block, renewing it in the background; yields None (and holds nothing)
     when another live run holds it."""
     lease = acquire(store, case_id, run_id=run_id, ttl_s=ttl_s)
@@ -238,7 +249,7 @@ def leased(store: CaseStore, case_id: str, *, run_id: str, ttl_s: float = DEFAUL
                 if not lease.renew():
                     log.warning("case %s: the lease was taken over by another run", case_id)
                     return
-            except Exception as exc:  # noqa: BLE001 - a failed renewal is retried at the next beat
+            except Exception as exc:
                 log.warning("case %s: could not renew the lease (%s)", case_id, exc)
 
     beat = threading.Thread(target=keep, name=f"lease-{case_id}", daemon=True)
@@ -250,5 +261,7 @@ def leased(store: CaseStore, case_id: str, *, run_id: str, ttl_s: float = DEFAUL
         beat.join()
         try:
             lease.release()
-        except Exception as exc:  # noqa: BLE001 - an unreleased lease only expires later
-            log.warning("case %s: could not release the lease (%s); it expires in %.0f s", case_id, exc, ttl_s)
+        except Exception as exc:
+            log.warning(
+                "case %s: could not release the lease (%s); it expires in %.0f s", case_id, exc, ttl_s
+            )

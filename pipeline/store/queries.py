@@ -4,6 +4,7 @@
 ("accepted", `review import`). Only what a person accepted is ground truth for training; an export of a store
 that was never routed takes every case.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -21,8 +22,9 @@ def review_statuses(store: CaseStore) -> dict[str, str | None]:
     return {case_id: attrs.review_status for case_id, attrs in store.all_attributes().items()}
 
 
-def select_cases(store: CaseStore, rule: AcceptanceRule, *, attributes: dict[str, CaseAttributes] | None = None
-                 ) -> tuple[list[str], dict[str, str]]:
+def select_cases(
+    store: CaseStore, rule: AcceptanceRule, *, attributes: dict[str, CaseAttributes] | None = None
+) -> tuple[list[str], dict[str, str]]:
     """(chosen case ids, {left-out case id: why}) under ``rule``:
 
     * ``accepted``: only cases a person accepted (fine-tuning);
@@ -34,8 +36,11 @@ def select_cases(store: CaseStore, rule: AcceptanceRule, *, attributes: dict[str
     """
     if rule not in RULES:
         raise ValueError(f"Argument 'rule' must be one of {RULES}; got {rule!r}.")
-    statuses = (review_statuses(store) if attributes is None
-                else {case_id: attrs.review_status for case_id, attrs in attributes.items()})
+    statuses = (
+        review_statuses(store)
+        if attributes is None
+        else {case_id: attrs.review_status for case_id, attrs in attributes.items()}
+    )
     if rule == "accepted-else-all" and all(status is None for status in statuses.values()):
         return list(statuses), {}
     take_unrouted = rule == "accepted-or-unrouted"
@@ -44,6 +49,9 @@ def select_cases(store: CaseStore, rule: AcceptanceRule, *, attributes: dict[str
         if status == ACCEPTED or (status is None and take_unrouted):
             chosen.append(case_id)
         else:
-            left_out[case_id] = ("not reviewed by a person" if status is None
-                                 else f"review status is '{status}', not '{ACCEPTED}'")
+            left_out[case_id] = (
+                "not reviewed by a person"
+                if status is None
+                else f"review status is '{status}', not '{ACCEPTED}'"
+            )
     return chosen, left_out

@@ -1,4 +1,5 @@
 """The one per-case driver: a case fails, retries and is quarantined the same way wherever it runs."""
+
 from __future__ import annotations
 
 import errno
@@ -30,7 +31,9 @@ def broken_case(tmp_path):
     return store, case
 
 
-def test_a_corrupt_input_fails_at_read_naming_the_file_and_is_quarantined_only_when_asked(broken_case, runner):
+def test_a_corrupt_input_fails_at_read_naming_the_file_and_is_quarantined_only_when_asked(
+    broken_case, runner
+):
     store, case = broken_case
     lazy = shared_runner(EngineConfig(), runner)
     local = run_case(case, store, lazy.config, lazy, run_id="r1", policy=NO_WAIT)
@@ -73,9 +76,13 @@ def test_a_lasting_io_error_fails_at_io_and_is_never_quarantined(broken_case, ru
     assert (outcome.status, outcome.stage) == ("failed", "io") and quarantined(store, case.case_id) is None
 
 
-def test_a_bug_fails_its_case_only_and_the_batch_goes_on(tmp_path, nuclei_2d, small_chest, runner, monkeypatch):
+def test_a_bug_fails_its_case_only_and_the_batch_goes_on(
+    tmp_path, nuclei_2d, small_chest, runner, monkeypatch
+):
     store = CaseStore(tmp_path / "store")
-    cases = discover([nuclei_2d[0], small_chest[0]], store.case_ids(), coarse_masks=[nuclei_2d[1], small_chest[1]])
+    cases = discover(
+        [nuclei_2d[0], small_chest[0]], store.case_ids(), coarse_masks=[nuclei_2d[1], small_chest[1]]
+    )
     real = driver.renderings
 
     def broken_for_2d(volume, *args):
@@ -99,7 +106,6 @@ def test_a_model_that_cannot_load_stops_the_run_instead_of_failing_every_case(tm
     with pytest.raises(CheckpointError):
         run_case(case, store, config, LazyRunner(config), run_id="r1", policy=QUARANTINE)
     assert store.errors() == {} and quarantined(store, case.case_id) is None
-
 
 
 def test_a_run_works_with_one_opencv_thread_and_a_frozen_heap_and_restores_both(broken_case, monkeypatch):
@@ -132,7 +138,8 @@ def test_a_run_works_with_one_opencv_thread_and_a_frozen_heap_and_restores_both(
 
 
 def test_a_run_starts_its_readers_at_its_first_read_and_a_rerun_of_committed_cases_starts_none(
-        two_tiles, runner, tmp_path, monkeypatch):
+    two_tiles, runner, tmp_path, monkeypatch
+):
     """The readers (one per case worker) start together when the first case is read; a rerun whose cases are
     all committed with the same signature reads nothing and starts no reader process."""
     from medsam_engine.pipeline.io import readers

@@ -1,4 +1,5 @@
 """The one failure policy: what is transient, retries, and the stages that are quarantined."""
+
 from __future__ import annotations
 
 import errno
@@ -41,7 +42,9 @@ def test_with_retries_repeats_transient_failures_only():
     with pytest.raises(OSError):
         with_retries(flaky, FailurePolicy(retries=1, retry_delay_s=0))
     with pytest.raises(ValueError):
-        with_retries(lambda: (_ for _ in ()).throw(ValueError("a bug")), FailurePolicy(retries=5, retry_delay_s=0))
+        with_retries(
+            lambda: (_ for _ in ()).throw(ValueError("a bug")), FailurePolicy(retries=5, retry_delay_s=0)
+        )
 
 
 def test_failures_are_sorted_into_quarantined_and_retried_next_run():
@@ -59,4 +62,3 @@ def test_failures_are_sorted_into_quarantined_and_retried_next_run():
     assert failure_of(OSError(errno.EIO, "Input/output error"))[0] == "io"
     assert failure_of(KeyError("a bug")) == ("internal", "KeyError: 'a bug'")
     assert set(RETRY_NEXT_RUN) == {"io", "killed"}
-

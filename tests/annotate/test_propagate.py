@@ -1,10 +1,17 @@
 """Propagate mode on real CT: lock-step decoding, one embedding per slice, the stop rule."""
+
 from __future__ import annotations
 
 import numpy as np
 
 from medsam_engine.detectors import compile_boxes, object_boxes
-from medsam_engine.pipeline.annotate.propagate import PropagateRules, _advance, _Canvas, _Track, propagate_volume
+from medsam_engine.pipeline.annotate.propagate import (
+    PropagateRules,
+    _advance,
+    _Canvas,
+    _Track,
+    propagate_volume,
+)
 from medsam_engine.pipeline.core.geometry import align_to
 from medsam_engine.pipeline.core.intensity import to_uint8
 from medsam_engine.pipeline.core.metrics import dice
@@ -23,13 +30,17 @@ def test_propagation_from_the_middle_slice_segments_both_lungs(runner, small_che
     label_map, records = propagate_volume(runner, rendering, objects, window_of={5: "lung", 6: "lung"})
     after = runner.stats.as_dict()
     embedded = after["encoded_slices"] + after["cache_hits"] - before["encoded_slices"] - before["cache_hits"]
-    assert after["encoded_slices"] - before["encoded_slices"] <= volume.shape[0]  # each slice encoded at most once
+    assert (
+        after["encoded_slices"] - before["encoded_slices"] <= volume.shape[0]
+    )  # each slice encoded at most once
     assert embedded >= volume.shape[0]
     boxes = after["decoded_boxes"] - before["decoded_boxes"]
     calls = after["decoder_calls"] - before["decoder_calls"]
     assert boxes > calls  # both lungs decoded together on shared slices
     for label in (5, 6):
-        assert dice(label_map == label, reference == label) > 0.7  # figures for both modes: docs/benchmarks.md
+        assert (
+            dice(label_map == label, reference == label) > 0.7
+        )  # figures for both modes: docs/benchmarks.md
     assert {r.label for r in records} == {5, 6} and {r.stage for r in records} == {"auto-propagate"}
     for label in (5, 6):
         assert sum(r.voxels for r in records if r.label == label) == int((label_map == label).sum())
@@ -81,11 +92,14 @@ def test_jitter_check_scores_each_seed_and_never_changes_the_masks(runner, small
     windows = {5: "lung", 6: "lung"}
     plain, plain_records = propagate_volume(runner, rendering, objects, window_of=windows)
     before = runner.stats.as_dict()
-    checked, records = propagate_volume(runner, rendering, objects, window_of=windows,
-                                        jitter=JitterCheck(fraction=0.1, seed=3))
+    checked, records = propagate_volume(
+        runner, rendering, objects, window_of=windows, jitter=JitterCheck(fraction=0.1, seed=3)
+    )
     after = runner.stats.as_dict()
     assert np.array_equal(plain, checked)
-    assert after["decoded_boxes"] - before["decoded_boxes"] == sum(len(r.slices) for r in records) + len(objects)
+    assert after["decoded_boxes"] - before["decoded_boxes"] == sum(len(r.slices) for r in records) + len(
+        objects
+    )
     assert all(r.jitter_iou is None for r in plain_records)
     assert all(0.0 <= r.jitter_iou <= 1.0 for r in records)
     for label in (5, 6):  # each lung's main object: a 10 % box shift barely moves its mask

@@ -1,5 +1,8 @@
 """Quality features, calibration and routing: hand-made arrays, and the model's scores on real slices."""
+
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
@@ -32,7 +35,7 @@ def test_slice_checks_flag_area_jumps_and_drift():
     steady = {z: np.zeros((20, 20), bool) for z in range(3)}
     for mask in steady.values():
         mask[5:15, 5:15] = True
-    boxes = {z: (5, 5, 14, 14) for z in range(3)}
+    boxes = dict.fromkeys(range(3), (5, 5, 14, 14))
     good = geometry_checks(steady, boxes)
     assert good["slice_iou"] == 1.0 and good["area_steadiness"] == 1.0 and good["drift_steadiness"] == 1.0
     assert good["coverage"] == 1.0 and good["box_agreement"] == 1.0
@@ -48,8 +51,13 @@ def test_slice_checks_flag_area_jumps_and_drift():
 def test_single_slice_instances_have_no_3d_checks():
     label_map = np.zeros((1, 10, 10), np.uint16)
     label_map[0, 2:6, 2:6] = 3
-    record = {"label": 3, "slices": [0], "boxes_xyxy": [[2, 2, 5, 5]], "predicted_iou": 0.95,
-              "stability": 0.9}
+    record = {
+        "label": 3,
+        "slices": [0],
+        "boxes_xyxy": [[2, 2, 5, 5]],
+        "predicted_iou": 0.95,
+        "stability": 0.9,
+    }
     features = instance_features(label_map, record, alone=True)
     assert features["slice_iou"] is None and features["coverage"] == 1.0 and features["box_agreement"] == 1.0
 
@@ -72,8 +80,10 @@ def test_calibration_learns_which_features_predict_edits_and_reports_itself():
     assert report["rows"] == 80 and 0 < report["good"] < 80
     assert report["coefficients"]["predicted_iou"] > abs(report["coefficients"]["stability"])
     assert report["auc_out_of_fold"] > 0.85 and report["reliability"]
-    low, high = score({"predicted_iou": 0.2, "stability": 0.5}, calibration), \
-        score({"predicted_iou": 0.95, "stability": 0.5}, calibration)
+    low, high = (
+        score({"predicted_iou": 0.2, "stability": 0.5}, calibration),
+        score({"predicted_iou": 0.95, "stability": 0.5}, calibration),
+    )
     assert 0 <= low < 0.5 < high <= 1
     assert fit_calibration(rows[:5], edit_dice[:5].tolist()) is None  # too few reviews: no fit
 
@@ -129,8 +139,12 @@ def test_quality_module_is_numpy_only():
     import sys
 
     code = "import sys, pipeline.annotate.quality; print([m for m in ('torch', 'cv2') if m in sys.modules])"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip() == "[]"
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == "[]"
+    )
 
 
 def _geometry_reference(masks: dict, boxes: dict) -> dict:
@@ -145,12 +159,16 @@ def _geometry_reference(masks: dict, boxes: dict) -> dict:
         ys, xs = np.nonzero(masks[z])
         agreement.append(box_iou(boxes[z], (xs.min(), ys.min(), xs.max(), ys.max())) if len(ys) else 0.0)
     found = {"coverage": len(filled) / len(zs), "box_agreement": float(np.mean(agreement))}
-    steps = [(masks[a], masks[b]) for a, b in zip(filled, filled[1:]) if b == a + 1]
+    steps = [(masks[a], masks[b]) for a, b in itertools.pairwise(filled) if b == a + 1]
     if steps:
         overlap = [float(np.logical_and(x, y).sum() / np.logical_or(x, y).sum()) for x, y in steps]
         change = [abs(int(x.sum()) - int(y.sum())) / max(int(x.sum()), int(y.sum())) for x, y in steps]
-        found.update(slice_iou=float(np.mean(overlap)), slice_iou_min=float(min(overlap)),
-                     area_steadiness=1.0 - float(np.mean(change)), area_jump_max=float(max(change)))
+        found.update(
+            slice_iou=float(np.mean(overlap)),
+            slice_iou_min=float(min(overlap)),
+            area_steadiness=1.0 - float(np.mean(change)),
+            area_jump_max=float(max(change)),
+        )
     return found
 
 
@@ -163,7 +181,7 @@ def test_slice_checks_equal_whole_plane_sums(seed):
         mask = np.zeros((40, 50), bool)
         if rng.random() > 0.2:
             y, x = rng.integers(0, 30), rng.integers(0, 40)
-            mask[y:y + rng.integers(1, 12), x:x + rng.integers(1, 12)] = True
+            mask[y : y + rng.integers(1, 12), x : x + rng.integers(1, 12)] = True
             mask |= rng.random(mask.shape) > 0.97  # specks: extents that reach further than the blob
         masks[z], boxes[z] = mask, tuple(int(v) for v in (*rng.integers(0, 20, 2), *rng.integers(20, 40, 2)))
     got = geometry_checks(masks, boxes)

@@ -1,4 +1,5 @@
 """The incremental overlap resolver of slice mode against the whole-stack argmax it replaces."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,16 +13,21 @@ from medsam_engine.pipeline.model.runner import SIGMOID_HALF
 EDGES = [-3.0, 0.0, float(SIGMOID_HALF), float(np.nextafter(SIGMOID_HALF, np.float32(1))), 0.5, 2.0, 7.0]
 
 
-@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 5), st.integers(1, 6), st.integers(1, 6)),
-                  elements=st.sampled_from(EDGES)),
-       st.integers(1, 4))
+@given(
+    hnp.arrays(
+        np.float32,
+        st.tuples(st.integers(1, 5), st.integers(1, 6), st.integers(1, 6)),
+        elements=st.sampled_from(EDGES),
+    ),
+    st.integers(1, 4),
+)
 def test_the_resolver_picks_the_highest_claiming_box_ties_to_the_earlier(logits, part):
     values = np.arange(1, len(logits) + 1, dtype=np.uint16) * 3
     labels, winner = resolve_slice(logits, values)
     for announced in (None, len(logits)):  # int32 winners, or uint8 with OpenCV's table and histogram
         resolver = SliceResolver(logits.shape[1:], boxes=announced)
         for start in range(0, len(logits), part):  # boxes arrive in decoder calls of ``part``
-            resolver.add(logits[start:start + part])
+            resolver.add(logits[start : start + part])
         assert np.array_equal(resolver.winner, winner)
         assert resolver.count == len(logits)
         assert np.array_equal(resolver.labels(values), labels)

@@ -1,6 +1,7 @@
 """Encoder calls of concurrent cases merged into shared batches (pipeline/annotate/shared_runner.py): each
 caller gets its own slices' embeddings, waiting calls go through together, errors reach every caller of the
 batch; and end to end on real 2D cases with the real model, the masks are those of case-by-case runs."""
+
 from __future__ import annotations
 
 import threading
@@ -105,8 +106,10 @@ def test_shared_batches_on_real_2d_cases_give_the_masks_of_case_by_case_runs(nuc
 
     images, masks = nuclei_tiles
     maps = {}
-    for name, pipeline in {"alone": {"case_workers": 1},
-                           "shared": {"case_workers": 4, "batch_across_cases": True}}.items():
+    for name, pipeline in {
+        "alone": {"case_workers": 1},
+        "shared": {"case_workers": 4, "batch_across_cases": True},
+    }.items():
         store = CaseStore(tmp_path / name)
         cases = discover([images], store.case_ids(), coarse_masks=[masks])
         config = EngineConfig.model_validate({"pipeline": pipeline, "model": {"encoder_batch": 4}})

@@ -1,4 +1,5 @@
 """The command-line contract end to end on real volumes and a real 2D image."""
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,7 @@ def test_bad_input_fails_only_its_case_with_a_recorded_reason(annotated):
 
 
 def test_nifti_export_lands_on_each_input_grid(annotated, tmp_path):
-    root, store, _ = annotated
+    _root, store, _ = annotated
     assert main(["export", str(store), "--format", "nifti", "--out", str(tmp_path)]) == 0
     s = CaseStore(store)
     for case_id in s.committed_cases():
@@ -57,7 +58,11 @@ def test_nifti_export_lands_on_each_input_grid(annotated, tmp_path):
         assert np.allclose(exported.affine, expected_affine, atol=1e-4)
         # the exported labels sit on the voxels the coarse mask marked (same grid, same label values)
         mask_path = source.replace("/images/", "/masks/")
-        mask = np.asanyarray(nib.load(mask_path).dataobj) if mask_path.endswith(".nii.gz") else nrrd.read(mask_path)[0]
+        mask = (
+            np.asanyarray(nib.load(mask_path).dataobj)
+            if mask_path.endswith(".nii.gz")
+            else nrrd.read(mask_path)[0]
+        )
         out = np.asanyarray(exported.dataobj)
         for label in (3, 7):  # thoracic spine (compact, off-centre in y) and body tissue
             overlap = np.logical_and(out == label, mask == label).sum() / max((mask == label).sum(), 1)
@@ -113,11 +118,25 @@ def test_bad_usage_exits_2(tmp_path, small_chest):
     assert main(["annotate", str(small_chest[0]), "--out", str(tmp_path)]) == 2  # no prompt source
 
 
-def test_dicom_series_with_nifti_coarse_mask_exports_on_the_series_grid(small_chest_dicom, small_chest_nifti,
-                                                                       tmp_path):
+def test_dicom_series_with_nifti_coarse_mask_exports_on_the_series_grid(
+    small_chest_dicom, small_chest_nifti, tmp_path
+):
     store = tmp_path / "store"
-    assert main(["annotate", str(small_chest_dicom), "--coarse-mask", str(small_chest_nifti[1]),
-                 "--out", str(store), "--config", str(_fixed_window(tmp_path))]) == 0
+    assert (
+        main(
+            [
+                "annotate",
+                str(small_chest_dicom),
+                "--coarse-mask",
+                str(small_chest_nifti[1]),
+                "--out",
+                str(store),
+                "--config",
+                str(_fixed_window(tmp_path)),
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "nifti"
     assert main(["export", str(store), "--format", "nifti", "--out", str(out)]) == 0
     (case_id,) = CaseStore(store).committed_cases()
@@ -139,8 +158,15 @@ def _fixed_window(folder):
 
 
 def test_unusable_model_options_exit_2(tmp_path, small_chest):
-    base = ["annotate", str(small_chest[0]), "--coarse-mask", str(small_chest[1]), "--out", str(tmp_path / "s")]
-    assert main(base + ["--checkpoint", str(tmp_path / "missing.pth")]) == 2
+    base = [
+        "annotate",
+        str(small_chest[0]),
+        "--coarse-mask",
+        str(small_chest[1]),
+        "--out",
+        str(tmp_path / "s"),
+    ]
+    assert main([*base, "--checkpoint", str(tmp_path / "missing.pth")]) == 2
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    assert main(base + ["--checkpoint", str(bad)]) == 2
+    assert main([*base, "--checkpoint", str(bad)]) == 2

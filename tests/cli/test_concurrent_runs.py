@@ -1,5 +1,6 @@
 """Two `medsam-engine annotate` processes started together on one store (a manual run during the nightly one):
 each case is computed and committed once, by one of them; nothing lands in `_previous/`; no lease is left."""
+
 from __future__ import annotations
 
 import json
@@ -14,11 +15,22 @@ from medsam_engine.pipeline.store.case_store import CaseStore
 def test_two_runs_started_together_commit_each_case_once(nuclei_tiles, tmp_path):
     images, masks = nuclei_tiles
     store = tmp_path / "store"
-    command = [sys.executable, "-m", "medsam_engine.pipeline.cli.main", "annotate", str(images), "--coarse-mask", str(masks),
-               "--out", str(store)]
-    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    command = [
+        sys.executable,
+        "-m",
+        "medsam_engine.pipeline.cli.main",
+        "annotate",
+        str(images),
+        "--coarse-mask",
+        str(masks),
+        "--out",
+        str(store),
+    ]
+    runs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     results = [run.communicate(timeout=900) for run in runs]
-    for run, (_, err) in zip(runs, results):
+    for run, (_, err) in zip(runs, results, strict=False):
         assert run.returncode == 0, err[-3000:]
         assert "Traceback" not in err
 

@@ -1,5 +1,6 @@
 """Command-line conventions: --version, help on every option, -v/-q on either side of the subcommand,
 timestamped log lines and no third-party warnings in normal output."""
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,12 @@ def test_version(capsys):
 
 
 def test_every_option_of_every_command_has_help():
-    missing = [f"{path}: {action.dest}" for path, parser in _parsers(_parser()) for action in parser._actions
-               if not isinstance(action, argparse._SubParsersAction) and not (action.help or "").strip()]
+    missing = [
+        f"{path}: {action.dest}"
+        for path, parser in _parsers(_parser())
+        for action in parser._actions
+        if not isinstance(action, argparse._SubParsersAction) and not (action.help or "").strip()
+    ]
     assert missing == []
 
 
@@ -57,15 +62,31 @@ def test_log_lines_carry_a_timestamp_and_third_party_warnings_stay_out(tmp_path,
     (tmp_path / "broken.png").write_bytes(b"not a PNG")
     (tmp_path / "broken_mask.png").write_bytes(b"not a PNG either")
     (tmp_path / "config.yaml").write_text("model:\n  backend: torch\n")
-    command = [sys.executable, "-m", "medsam_engine.pipeline.cli.main", "annotate", str(tmp_path / "crop.png"),
-               str(tmp_path / "broken.png"), "--coarse-mask", str(tmp_path / "crop_mask.png"),
-               str(tmp_path / "broken_mask.png"), "--out", str(tmp_path / "store"), "--config",
-               str(tmp_path / "config.yaml"), "-v"]
+    command = [
+        sys.executable,
+        "-m",
+        "medsam_engine.pipeline.cli.main",
+        "annotate",
+        str(tmp_path / "crop.png"),
+        str(tmp_path / "broken.png"),
+        "--coarse-mask",
+        str(tmp_path / "crop_mask.png"),
+        str(tmp_path / "broken_mask.png"),
+        "--out",
+        str(tmp_path / "store"),
+        "--config",
+        str(tmp_path / "config.yaml"),
+        "-v",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-3000:]
-    log_lines = [line for line in done.stderr.splitlines() if re.match(r"\S+ (DEBUG|INFO|WARNING|ERROR) ", line)]
+    log_lines = [
+        line for line in done.stderr.splitlines() if re.match(r"\S+ (DEBUG|INFO|WARNING|ERROR) ", line)
+    ]
     assert log_lines and all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d ", line) for line in log_lines)
     assert any(" ERROR pipeline.annotate.driver: " in line for line in log_lines)
     for noise in ("FutureWarning", "Unclosed client session", "Traceback"):
         assert noise not in done.stderr
-    assert re.search(r"^done\s+\w+$", done.stdout, re.M) and re.search(r"^failed\s+\w+\s+\S", done.stdout, re.M)
+    assert re.search(r"^done\s+\w+$", done.stdout, re.M) and re.search(
+        r"^failed\s+\w+\s+\S", done.stdout, re.M
+    )

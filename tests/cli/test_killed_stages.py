@@ -3,6 +3,7 @@ annotate while reading, in the model, mid-commit and before its run record; an e
 round; a review import; fine-tuning while saving and before registering. After each kill nothing half-written
 is taken as done, and running the same command again completes it with no case lost, duplicated or overwritten
 and no model registered that is not whole."""
+
 from __future__ import annotations
 
 import json
@@ -30,12 +31,28 @@ def _check_whole(store: CaseStore) -> None:
     assert not (store.root / "_previous").exists()
 
 
-@pytest.mark.parametrize("target, nth, committed", [
-    ("medsam_engine.pipeline.annotate.driver:read_case", 2, 0),  # reading the second case ahead, the first in the model
-    ("medsam_engine.pipeline.annotate.driver:segment_volume", 1, 0),  # in the model
-    ("medsam_engine.pipeline.store.case_store:image_label_metadata", 2, 1),  # mid-commit: the second case being encoded
-    ("medsam_engine.pipeline.store.case_store:CaseStore.write_run", 1, 2),  # every case committed, the run record not yet
-], ids=["read", "model", "commit", "run-record"])
+@pytest.mark.parametrize(
+    "target, nth, committed",
+    [
+        (
+            "medsam_engine.pipeline.annotate.driver:read_case",
+            2,
+            0,
+        ),  # reading the second case ahead, the first in the model
+        ("medsam_engine.pipeline.annotate.driver:segment_volume", 1, 0),  # in the model
+        (
+            "medsam_engine.pipeline.store.case_store:image_label_metadata",
+            2,
+            1,
+        ),  # mid-commit: the second case being encoded
+        (
+            "medsam_engine.pipeline.store.case_store:CaseStore.write_run",
+            1,
+            2,
+        ),  # every case committed, the run record not yet
+    ],
+    ids=["read", "model", "commit", "run-record"],
+)
 def test_annotate_killed_then_rerun(two_tiles, tiles_reference, tmp_path, target, nth, committed):
     store = CaseStore(tmp_path / "store")
     kill_at(target, _annotate_argv(two_tiles, store.root), tmp_path, nth=nth)
@@ -51,8 +68,11 @@ def test_annotate_killed_then_rerun(two_tiles, tiles_reference, tmp_path, target
 
 
 def _visible_files(root) -> dict:
-    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+    return {
+        p.relative_to(root): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    }
 
 
 def test_an_export_killed_over_an_older_one_leaves_the_older_one_whole(two_tiles, tiles_reference, tmp_path):
@@ -64,7 +84,9 @@ def test_an_export_killed_over_an_older_one_leaves_the_older_one_whole(two_tiles
     (dataset,) = out.iterdir()
     before = _visible_files(out)
     kill_at("medsam_engine.pipeline.export.nnunet:_write_case", argv, tmp_path, nth=2)
-    assert _visible_files(out) == before  # the earlier export, untouched (the killed one's is a hidden .partial)
+    assert (
+        _visible_files(out) == before
+    )  # the earlier export, untouched (the killed one's is a hidden .partial)
     assert main(argv) == 0
     meta = json.loads((dataset / "dataset.json").read_text())
     assert meta["numTraining"] == len(list((dataset / "labelsTr").iterdir())) == 2
@@ -73,8 +95,18 @@ def test_an_export_killed_over_an_older_one_leaves_the_older_one_whole(two_tiles
 def test_the_loop_killed_at_each_step_then_rerun(two_tiles, tmp_path, capsys):
     """round run -> review import -> finetune, each killed once mid-way and run again."""
     store = CaseStore(tmp_path / "store")
-    round_argv = ["round", "run", str(two_tiles[0]), "--store", str(store.root), "--coarse-mask", str(two_tiles[1])]
-    kill_at("medsam_engine.pipeline.flywheel.rounds:export_queue", round_argv, tmp_path)  # annotated; queue, record not yet
+    round_argv = [
+        "round",
+        "run",
+        str(two_tiles[0]),
+        "--store",
+        str(store.root),
+        "--coarse-mask",
+        str(two_tiles[1]),
+    ]
+    kill_at(
+        "medsam_engine.pipeline.flywheel.rounds:export_queue", round_argv, tmp_path
+    )  # annotated; queue, record not yet
     assert main(round_argv) == 0
     rounds = sorted(p.name for p in (store.root / "_rounds").glob("round-*.json"))
     assert rounds == ["round-001.json"]  # the killed round is the one completed, not a second round
@@ -85,7 +117,9 @@ def test_the_loop_killed_at_each_step_then_rerun(two_tiles, tmp_path, capsys):
     corrections = tmp_path / "corrections"
     shutil.copytree(two_tiles[1], corrections)  # the reviewer's corrected masks, named like the inputs
     import_argv = ["review", "import", str(store.root), str(corrections), "--reviewer", "dr-kill"]
-    kill_at("medsam_engine.pipeline.flywheel.review:_commit_review", import_argv, tmp_path, nth=2)  # one case imported
+    kill_at(
+        "medsam_engine.pipeline.flywheel.review:_commit_review", import_argv, tmp_path, nth=2
+    )  # one case imported
     first = [c for c in store.committed_cases() if store.attributes(c).review_status == "accepted"]
     assert len(first) == 1
     review_before = store.attributes(first[0]).raw["review"]
@@ -100,12 +134,29 @@ def test_the_loop_killed_at_each_step_then_rerun(two_tiles, tmp_path, capsys):
     assert store.attributes(first[0]).raw["review"] == review_before
 
     checkpoint = tmp_path / "models" / "round1.pth"
-    finetune_argv = ["finetune", "--store", str(store.root), "--out", str(checkpoint), "--epochs", "2",
-                     "--lr", "2e-4", "--boxes-per-epoch", "8", "--device", "cpu", "--encoder-stages", "0",
-                     "--no-augment"]
+    finetune_argv = [
+        "finetune",
+        "--store",
+        str(store.root),
+        "--out",
+        str(checkpoint),
+        "--epochs",
+        "2",
+        "--lr",
+        "2e-4",
+        "--boxes-per-epoch",
+        "8",
+        "--device",
+        "cpu",
+        "--encoder-stages",
+        "0",
+        "--no-augment",
+    ]
     kill_at("torch:save", finetune_argv, tmp_path)  # writing the checkpoint
     assert not checkpoint.exists() and registered_models(store) == []
-    kill_at("medsam_engine.pipeline.flywheel.finetune:register", finetune_argv, tmp_path)  # saved, not registered
+    kill_at(
+        "medsam_engine.pipeline.flywheel.finetune:register", finetune_argv, tmp_path
+    )  # saved, not registered
     assert checkpoint.exists() and registered_models(store) == []
     assert main(finetune_argv) == 0
     (model,) = registered_models(store)

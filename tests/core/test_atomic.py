@@ -1,4 +1,5 @@
 """Atomic writes: a file or folder appears whole under its name, or not at all."""
+
 from __future__ import annotations
 
 import threading
@@ -26,8 +27,10 @@ def test_the_temporary_name_keeps_the_suffixes_writers_read(tmp_path):
 
 def test_exclusive_creation_has_one_winner_among_racing_writers(tmp_path):
     path, wins = tmp_path / "_key", []
-    threads = [threading.Thread(target=lambda n=n: wins.append(create_exclusive(path, f"key-{n}")))
-               for n in range(16)]
+    threads = [
+        threading.Thread(target=lambda n=n: wins.append(create_exclusive(path, f"key-{n}")))
+        for n in range(16)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

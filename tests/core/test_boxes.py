@@ -1,4 +1,5 @@
 """Box jitter, as reviewers draw boxes: in voxels (quality checks) and in the model's frame (fine-tuning)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,9 @@ def test_voxel_boxes_move_by_whole_pixels_within_the_fraction_and_the_slice():
     moved = jitter_boxes(boxes, 0.1, np.random.default_rng(1), (50, 40))
     assert np.array_equal(moved, np.round(moved))
     assert np.all(np.abs(moved[0] - boxes[0]) <= np.array([2, 2, 2, 2]))  # 10 % of 20 px = 2 px
-    assert np.all(moved[:, 2:] >= moved[:, :2]) and moved[:, [0, 2]].max() <= 39 and moved[:, [1, 3]].max() <= 49
+    assert (
+        np.all(moved[:, 2:] >= moved[:, :2]) and moved[:, [0, 2]].max() <= 39 and moved[:, [1, 3]].max() <= 49
+    )
     assert moved.min() >= 0
 
 

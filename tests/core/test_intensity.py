@@ -1,4 +1,5 @@
 """MedSAM intensity mapping on real data: slab-wise computation equals the whole-volume one."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,21 +26,31 @@ def test_percentile_mapping_keeps_zeros_and_is_slab_invariant(chest_ct):
     assert (whole[positive == 0] == 0).all() and whole.max() == 255
 
 
-@given(hnp.arrays(np.int32, st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 9)),
-                  elements=st.integers(-1024, 3000)),
-       st.sampled_from([np.int16, np.uint16, np.int32]), st.sampled_from(["CT", "MR"]))
+@given(
+    hnp.arrays(
+        np.int32,
+        st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 9)),
+        elements=st.integers(-1024, 3000),
+    ),
+    st.sampled_from([np.int16, np.uint16, np.int32]),
+    st.sampled_from(["CT", "MR"]),
+)
 def test_integer_images_through_the_look_up_table_equal_the_float_path(values, dtype, modality):
     """Integer voxels are mapped by a table of the same float32 arithmetic: identical bytes."""
     array = (np.abs(values) if dtype == np.uint16 else values).astype(dtype)
     config = IntensityConfig(ct_level=-600.0, ct_width=1500.0)
-    assert np.array_equal(to_uint8(array, modality, config, slab=2),
-                          to_uint8(array.astype(np.float32), modality, config, slab=2))
+    assert np.array_equal(
+        to_uint8(array, modality, config, slab=2),
+        to_uint8(array.astype(np.float32), modality, config, slab=2),
+    )
 
 
 def test_the_full_int16_range_and_single_slices_map_as_the_float_path_does():
     """Look-up indices are computed in intp: 32767 - (-32768) does not wrap; ``only`` renders just the
     slices asked for, with the whole volume's statistics, and leaves the others black."""
-    array = np.array([[[-32768, 0], [5, 32767]], [[-1024, 40], [3000, 100]], [[1, 2], [3, 4]]], dtype=np.int16)
+    array = np.array(
+        [[[-32768, 0], [5, 32767]], [[-1024, 40], [3000, 100]], [[1, 2], [3, 4]]], dtype=np.int16
+    )
     for modality in ("CT", "MR"):
         expected = to_uint8(array.astype(np.float32), modality)
         assert np.array_equal(to_uint8(array, modality), expected)

@@ -1,4 +1,5 @@
 """present_labels: the histogram path for 8/16-bit maps gives np.unique's non-zero values."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,10 +10,14 @@ from hypothesis.extra import numpy as hnp
 from medsam_engine.pipeline.core.metrics import present_labels
 
 
-@given(hnp.arrays(st.sampled_from([np.uint8, np.uint16, np.int32, np.uint32]),
-                  hnp.array_shapes(min_dims=1, max_dims=3, max_side=12),
-                  elements=st.integers(0, 255)),
-       st.sampled_from([1, 300, 65535]))
+@given(
+    hnp.arrays(
+        st.sampled_from([np.uint8, np.uint16, np.int32, np.uint32]),
+        hnp.array_shapes(min_dims=1, max_dims=3, max_side=12),
+        elements=st.integers(0, 255),
+    ),
+    st.sampled_from([1, 300, 65535]),
+)
 def test_present_labels_are_the_non_zero_values(label_map, scale):
     if label_map.dtype != np.uint8:
         label_map = (label_map.astype(np.int64) * scale % 65536).astype(label_map.dtype)

@@ -1,10 +1,17 @@
 """Provenance values: UTC stamps, version ids and file hashes."""
+
 from __future__ import annotations
 
 import hashlib
 import re
 
-from medsam_engine.pipeline.core.provenance import file_sha256, files_sha256, package_version, utc_stamp, version_id
+from medsam_engine.pipeline.core.provenance import (
+    file_sha256,
+    files_sha256,
+    package_version,
+    utc_stamp,
+    version_id,
+)
 
 
 def test_utc_stamps_are_iso_8601():

@@ -1,4 +1,5 @@
 """Coarse-mask prompt compiler on tiny hand-written label maps."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -95,13 +96,18 @@ def test_object_boxes_give_the_z_range_middle_box_and_union():
     labels[2, 2:6, 2:7] = 1
     labels[3, 3:5, 1:3] = 1
     (obj,) = object_boxes(compile_boxes(labels))
-    assert (obj.z_range, obj.z_middle, obj.box_middle, obj.box_union) == ((1, 3), 2, (2, 2, 6, 5), (1, 2, 6, 5))
+    assert (obj.z_range, obj.z_middle, obj.box_middle, obj.box_union) == (
+        (1, 3),
+        2,
+        (2, 2, 6, 5),
+        (1, 2, 6, 5),
+    )
 
 
 def test_negative_rules_and_bad_detector_options_are_refused():
     with pytest.raises(ValueError, match="margin_mm"):
         BoxRules(margin_mm=-1)
-    with pytest.raises(ValueError, match="detector 'intensity'.*bogus"):
+    with pytest.raises(ValueError, match=r"detector 'intensity'.*bogus"):
         build_detector("intensity", options={"bogus": 1})
     with pytest.raises(ValueError, match="needs the model"):
         build_detector("learned", options={"artefact": "x.pt"})
@@ -137,8 +143,10 @@ def test_intensity_blobs_split_touching_real_nuclei(nuclei_2d):
     image, mask = read_volume(nuclei_2d[0]), read_volume(nuclei_2d[1]).array[0]
     detection = build_detector("intensity")(image)
     found = [p.box for p in detection.prompts]
-    reference = [(f[1].start, f[0].start, f[1].stop - 1, f[0].stop - 1) for f in ndimage.find_objects(mask) if f]
-    hits, missed, extra = match_boxes(found, reference)
+    reference = [
+        (f[1].start, f[0].start, f[1].stop - 1, f[0].stop - 1) for f in ndimage.find_objects(mask) if f
+    ]
+    hits, _missed, _extra = match_boxes(found, reference)
     assert hits / len(reference) > 0.5 and hits / len(found) > 0.5
     assert len({p.instance for p in detection.prompts}) == len(found) > 10
 
@@ -146,7 +154,7 @@ def test_intensity_blobs_split_touching_real_nuclei(nuclei_2d):
 def test_unknown_intensity_target_names_the_modality(small_chest):
     from medsam_engine.pipeline.io.readers import read_volume
 
-    with pytest.raises(ValueError, match="head.*CT"):
+    with pytest.raises(ValueError, match=r"head.*CT"):
         build_detector("intensity", options={"targets": {"head": 1}})(read_volume(small_chest[0]))
 
 
@@ -156,8 +164,14 @@ from hypothesis.extra import numpy as hnp  # noqa: E402
 
 
 @settings(max_examples=150, deadline=None)
-@given(hnp.arrays(np.uint8, st.tuples(st.integers(1, 4), st.integers(1, 9), st.integers(1, 9)),
-                  elements=st.sampled_from([0, 0, 0, 1, 3])), st.integers(1, 3))
+@given(
+    hnp.arrays(
+        np.uint8,
+        st.tuples(st.integers(1, 4), st.integers(1, 9), st.integers(1, 9)),
+        elements=st.sampled_from([0, 0, 0, 1, 3]),
+    ),
+    st.integers(1, 3),
+)
 def test_boxes_equal_scipys_components_and_tight_boxes(labels, min_voxels):
     """Per label, scipy's 26-connected components in order of their first voxel, each slice's tight box:
     the compiler's shortcuts (one component fills its label's box) give the same prompts."""
@@ -174,7 +188,8 @@ def test_boxes_equal_scipys_components_and_tight_boxes(labels, min_voxels):
             instance += 1
             for z in np.flatnonzero(mask.any(axis=(1, 2))):
                 ys, xs = np.nonzero(mask[z])
-                expected.append((value, instance, int(z), (int(xs.min()), int(ys.min()), int(xs.max()),
-                                                           int(ys.max()))))
+                expected.append(
+                    (value, instance, int(z), (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())))
+                )
     got = compile_boxes(labels, rules=BoxRules(min_voxels=min_voxels))
     assert sorted((p.label, p.instance, p.z, p.box) for p in got) == sorted(expected)

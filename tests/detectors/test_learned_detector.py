@@ -1,4 +1,5 @@
 """The learned detector: trained from a store's accepted masks by the CLI, then used by annotate."""
+
 from __future__ import annotations
 
 import json
@@ -19,12 +20,14 @@ def accepted_store(tmp_path_factory, small_chest):
 
 def test_detector_train_writes_a_versioned_artefact_with_metrics(accepted_store, tmp_path, capsys):
     out = tmp_path / "detector.pt"
-    code = main(["detector", "train", "--store", str(accepted_store.root), "--out", str(out), "--epochs", "40"])
+    code = main(
+        ["detector", "train", "--store", str(accepted_store.root), "--out", str(out), "--epochs", "40"]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     from medsam_engine.detectors.learned import load_artefact
 
-    head, meta, sha = load_artefact(out)
+    _head, meta, sha = load_artefact(out)
     assert report["version"] == sha and meta["labels"] == [5, 6] == report["labels"]
     assert meta["label_names"] == {"5": "right lung", "6": "left lung"}
     assert meta["training"]["split"] == "z-block" and meta["training"]["holdout_slices"] >= 1
@@ -32,14 +35,39 @@ def test_detector_train_writes_a_versioned_artefact_with_metrics(accepted_store,
     assert meta["metrics"]["train"]["5"]["recall"] > 0.0
 
 
-def test_annotate_with_the_learned_detector_records_its_version(accepted_store, small_chest, tmp_path, capsys):
+def test_annotate_with_the_learned_detector_records_its_version(
+    accepted_store, small_chest, tmp_path, capsys
+):
     artefact = tmp_path / "detector.pt"
-    assert main(["detector", "train", "--store", str(accepted_store.root), "--out", str(artefact),
-                 "--epochs", "60"]) == 0
+    assert (
+        main(
+            [
+                "detector",
+                "train",
+                "--store",
+                str(accepted_store.root),
+                "--out",
+                str(artefact),
+                "--epochs",
+                "60",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     store = tmp_path / "store"
-    code = main(["annotate", str(small_chest[0]), "--out", str(store), "--detector", "learned",
-                 "--detector-option", f"artefact={artefact}"])
+    code = main(
+        [
+            "annotate",
+            str(small_chest[0]),
+            "--out",
+            str(store),
+            "--detector",
+            "learned",
+            "--detector-option",
+            f"artefact={artefact}",
+        ]
+    )
     assert code == 0, capsys.readouterr()
     result = CaseStore(store)
     (case_id,) = result.committed_cases()

@@ -1,4 +1,5 @@
 """`medsam-engine export STORE --format F --out DIR` for every format, on a store built without the model."""
+
 from __future__ import annotations
 
 import json
@@ -21,12 +22,15 @@ def store_path(tmp_path_factory, chest_series, small_chest, nuclei_2d, chest_lab
     return root
 
 
-@pytest.mark.parametrize("fmt, expected_code, produced", [
-    ("nifti", 0, "*.nii.gz"),
-    ("dicom-seg", 1, "*.seg.dcm"),  # the PNG case has no DICOM source: skipped, with its reason printed
-    ("nnunet", 1, "dataset.json"),  # one modality per dataset: the PNG case is skipped
-    ("coco", 1, "annotations.json"),  # the CT volume is not 2D: skipped
-])
+@pytest.mark.parametrize(
+    "fmt, expected_code, produced",
+    [
+        ("nifti", 0, "*.nii.gz"),
+        ("dicom-seg", 1, "*.seg.dcm"),  # the PNG case has no DICOM source: skipped, with its reason printed
+        ("nnunet", 1, "dataset.json"),  # one modality per dataset: the PNG case is skipped
+        ("coco", 1, "annotations.json"),  # the CT volume is not 2D: skipped
+    ],
+)
 def test_every_format_through_the_command_line(store_path, tmp_path, capsys, fmt, expected_code, produced):
     out = tmp_path / fmt
     assert main(["export", str(store_path), "--format", fmt, "--out", str(out)]) == expected_code

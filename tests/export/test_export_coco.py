@@ -1,4 +1,5 @@
 """COCO RLE export of 2D cases, read back with pycocotools' own COCO API."""
+
 from __future__ import annotations
 
 import cv2
@@ -20,17 +21,22 @@ def coco(tmp_path_factory, nuclei_2d, small_chest):
     root = tmp_path_factory.mktemp("coco")
     store = CaseStore(root / "store")
     nuclei = read_volume(nuclei_2d[1]).array
-    instances = [{"label": int(v), "instance": 1, "predicted_iou": 0.5 + (int(v) % 5) / 10}
-                 for v in np.unique(nuclei) if v]
-    ids = {"2d": commit_from_source(store, nuclei_2d[0], nuclei, instances=instances),
-           "3d": commit_from_source(store, small_chest[0], read_volume(small_chest[1]).array)}
+    instances = [
+        {"label": int(v), "instance": 1, "predicted_iou": 0.5 + (int(v) % 5) / 10}
+        for v in np.unique(nuclei)
+        if v
+    ]
+    ids = {
+        "2d": commit_from_source(store, nuclei_2d[0], nuclei, instances=instances),
+        "3d": commit_from_source(store, small_chest[0], read_volume(small_chest[1]).array),
+    }
     return ids, nuclei[0], export_store(store, "coco", root / "out"), root / "out"
 
 
 def test_pycocotools_reads_every_label_back(coco):
     from pycocotools.coco import COCO
 
-    ids, nuclei, report, out = coco
+    ids, nuclei, _report, out = coco
     api = COCO(str(out / "annotations.json"))
     (image,) = api.dataset["images"]
     assert (image["height"], image["width"]) == nuclei.shape and image["medsam_case_id"] == ids["2d"]

@@ -1,5 +1,6 @@
 """DICOM SEG export: it references the source series and lands on the same voxels (axial and oblique series),
 read back with highdicom and with dcmqi's segimage2itkimage (how 3D Slicer reads SEG)."""
+
 from __future__ import annotations
 
 import json
@@ -29,12 +30,23 @@ def exported(tmp_path_factory, chest_series, small_chest, small_chest_nifti, che
     labels = read_volume(small_chest[1]).array.astype(np.uint16)
     oblique = labels.copy()
     oblique[0] = 0  # an empty slice: its frame is left out of the SEG and must still read back as empty
-    reviewed = [{"label": v, "instance": 1, "prompt_source": "coarse-mask", "reviewer": "reviewer-1" if v == 5
-                 else None, "stage": "manual" if v == 7 else "auto"} for v in chest_label_names]
-    ids = {"axial": commit_from_source(store, chest_series["axial"], labels, names=chest_label_names),
-           "oblique": commit_from_source(store, chest_series["oblique"], oblique, names=chest_label_names,
-                                         instances=reviewed),
-           "nifti": commit_from_source(store, small_chest_nifti[0], read_volume(small_chest_nifti[1]).array)}
+    reviewed = [
+        {
+            "label": v,
+            "instance": 1,
+            "prompt_source": "coarse-mask",
+            "reviewer": "reviewer-1" if v == 5 else None,
+            "stage": "manual" if v == 7 else "auto",
+        }
+        for v in chest_label_names
+    ]
+    ids = {
+        "axial": commit_from_source(store, chest_series["axial"], labels, names=chest_label_names),
+        "oblique": commit_from_source(
+            store, chest_series["oblique"], oblique, names=chest_label_names, instances=reviewed
+        ),
+        "nifti": commit_from_source(store, small_chest_nifti[0], read_volume(small_chest_nifti[1]).array),
+    }
     report = export_store(store, "dicom-seg", root / "out")
     return store, ids, report, root / "out", {"axial": labels, "oblique": oblique}
 
@@ -47,7 +59,7 @@ def _value_of_segment(seg) -> dict[int, int]:
 def test_seg_references_the_series_and_each_frame_lands_on_its_source_slice(exported, chest_series, series):
     import highdicom as hd
 
-    store, ids, report, out, expected = exported
+    _store, ids, _report, out, expected = exported
     seg = hd.seg.segread(str(out / f"{ids[series]}.seg.dcm"))
     files = sorted(chest_series[series].iterdir())
     sources = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
@@ -61,8 +73,9 @@ def test_seg_references_the_series_and_each_frame_lands_on_its_source_slice(expo
     for ds in sources:
         z = np.linalg.solve(lps[:3, :3], np.asarray(ds.ImagePositionPatient, float) - lps[:3, 3])
         assert np.allclose(z[1:], 0, atol=1e-3) and np.isclose(z[0], round(z[0]), atol=1e-3)
-        (frame,) = seg.get_pixels_by_source_instance([ds.SOPInstanceUID], combine_segments=True,
-                                                     relabel=False)
+        (frame,) = seg.get_pixels_by_source_instance(
+            [ds.SOPInstanceUID], combine_segments=True, relabel=False
+        )
         as_values = np.vectorize(lambda n: values.get(int(n), 0))(frame)
         assert np.array_equal(as_values, expected[series][round(z[0])])
 
@@ -70,7 +83,7 @@ def test_seg_references_the_series_and_each_frame_lands_on_its_source_slice(expo
 def test_segments_carry_names_codes_colours_and_algorithm_types(exported):
     import highdicom as hd
 
-    store, ids, report, out, _ = exported
+    _store, ids, _report, out, _ = exported
     seg = hd.seg.segread(str(out / f"{ids['oblique']}.seg.dcm"))
     by_value = {v: seg.get_segment_description(n) for n, v in _value_of_segment(seg).items()}
     assert set(by_value) == {1, 3, 5, 6, 7}  # the labels present in these four slices
@@ -105,8 +118,19 @@ def _segimage2itkimage() -> str | None:
 @pytest.mark.parametrize("series", ["axial", "oblique"])
 def test_dcmqi_reads_each_segment_onto_the_store_voxels(exported, tmp_path, series):
     store, ids, _, out, expected = exported
-    subprocess.run([_segimage2itkimage(), "--inputDICOM", str(out / f"{ids[series]}.seg.dcm"),
-                    "--outputDirectory", str(tmp_path), "-t", "nifti"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            _segimage2itkimage(),
+            "--inputDICOM",
+            str(out / f"{ids[series]}.seg.dcm"),
+            "--outputDirectory",
+            str(tmp_path),
+            "-t",
+            "nifti",
+        ],
+        check=True,
+        capture_output=True,
+    )
     labels, attrs = store.read_labels(ids[series])
     case = attrs.volume(labels)
     meta = json.loads((tmp_path / "meta.json").read_text())
@@ -124,8 +148,9 @@ def test_algorithm_type_from_lineage():
     assert algorithm_type([dict(auto, stage="manual")]) == "MANUAL"
 
 
-def test_other_images_in_the_folder_are_left_out_and_a_changed_source_is_refused(tmp_path, chest_series,
-                                                                                small_chest):
+def test_other_images_in_the_folder_are_left_out_and_a_changed_source_is_refused(
+    tmp_path, chest_series, small_chest
+):
     from pydicom.uid import SecondaryCaptureImageStorage
 
     folder = shutil.copytree(chest_series["axial"], tmp_path / "study")

@@ -1,4 +1,5 @@
 """The distributed flow's parts on their own: shards, watermarks and the run summary."""
+
 from __future__ import annotations
 
 import os
@@ -7,7 +8,15 @@ import numpy as np
 import pytest
 
 from medsam_engine.flows.sharding import balance, estimate_slices
-from medsam_engine.flows.watermark import Entry, check_name, next_mark, read_mark, select_new, study_entries, write_mark
+from medsam_engine.flows.watermark import (
+    Entry,
+    check_name,
+    next_mark,
+    read_mark,
+    select_new,
+    study_entries,
+    write_mark,
+)
 from medsam_engine.pipeline.core.types import CaseRef
 from medsam_engine.pipeline.store.case_store import CaseStore
 
@@ -77,7 +86,16 @@ def test_summary_counts_label_volumes_lazily_from_the_store(tmp_path, small_ches
 def test_ray_options_need_the_ray_engine(tmp_path, small_chest):
     from medsam_engine.pipeline.cli.main import main
 
-    code = main(["annotate", str(small_chest[0]), "--out", str(tmp_path / "s"), "--coarse-mask",
-                 str(small_chest[1]), "--actors", "2"])
+    code = main(
+        [
+            "annotate",
+            str(small_chest[0]),
+            "--out",
+            str(tmp_path / "s"),
+            "--coarse-mask",
+            str(small_chest[1]),
+            "--actors",
+            "2",
+        ]
+    )
     assert code == 2
-

@@ -2,6 +2,7 @@
 
 One flow run (module fixture) is the reference; the other tests rerun, break or kill runs and compare.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,10 +28,14 @@ def run_flow(images: Path, masks: Path, store: Path, **options) -> dict:
     from medsam_engine.flows.annotate import FailurePolicy, RunOptions, annotate_archive
     from medsam_engine.pipeline.distributed.ray_pool import PoolOptions
 
-    return annotate_archive(inputs=[str(images)], out=str(store), coarse_masks=[str(masks)],
-                            run=RunOptions(**options.get("run", {})),
-                            pool=PoolOptions(**{**WARM, **options.get("pool", {})}),
-                            policy=FailurePolicy(**options.get("policy", {})))
+    return annotate_archive(
+        inputs=[str(images)],
+        out=str(store),
+        coarse_masks=[str(masks)],
+        run=RunOptions(**options.get("run", {})),
+        pool=PoolOptions(**{**WARM, **options.get("pool", {})}),
+        policy=FailurePolicy(**options.get("policy", {})),
+    )
 
 
 def labels_of(store: Path) -> dict[str, np.ndarray]:
@@ -77,8 +82,9 @@ def test_flow_shards_cases_over_both_nodes_and_commits_each(annotated):
     assert len({case["node"] for case in report["cases"]}) == 2  # one actor on each node
     assert report["slices"] == 4
     assert sorted(annotated["labels"]) == sorted(case["case_id"] for case in report["cases"])
-    assert all(set(np.unique(labels)) <= {0, 5, 6} and (labels > 0).any()
-               for labels in annotated["labels"].values())
+    assert all(
+        set(np.unique(labels)) <= {0, 5, 6} and (labels > 0).any() for labels in annotated["labels"].values()
+    )
     record = CaseStore(annotated["store"]).root / "_runs" / f"{report['run_id']}.json"
     assert record.is_file() and "label_volumes_ml" in record.read_text()
     rows = _table(_artifacts("annotate-summary")[-1])
@@ -102,8 +108,9 @@ def test_rerun_does_only_what_is_missing(annotated, flow_archive, tmp_path):
     assert committed_once(store)
 
 
-def test_failures_are_recorded_quarantined_and_fail_the_run_only_above_the_fraction(annotated, flow_archive,
-                                                                                       tmp_path):
+def test_failures_are_recorded_quarantined_and_fail_the_run_only_above_the_fraction(
+    annotated, flow_archive, tmp_path
+):
     from medsam_engine.flows.annotate import TooManyFailures
     from medsam_engine.pipeline.store.records import quarantined
 
@@ -133,7 +140,12 @@ def _actor_pid(index: int) -> int:
     import ray
 
     from medsam_engine.pipeline.annotate.config import EngineConfig
-    from medsam_engine.pipeline.distributed.ray_pool import PoolOptions, cluster_nodes, get_annotator, plan_actors
+    from medsam_engine.pipeline.distributed.ray_pool import (
+        PoolOptions,
+        cluster_nodes,
+        get_annotator,
+        plan_actors,
+    )
 
     plan = plan_actors(cluster_nodes(), PoolOptions())
     actor = get_annotator(plan, index, EngineConfig().model_dump_json())
@@ -155,8 +167,9 @@ def _busy(store: Path) -> bool:
     return manifests.is_dir() and any(manifests.iterdir()) and not CaseStore(store).committed_cases()
 
 
-def test_an_actor_killed_mid_run_is_restarted_and_every_case_committed_once(annotated, flow_archive,
-                                                                            tmp_path):
+def test_an_actor_killed_mid_run_is_restarted_and_every_case_committed_once(
+    annotated, flow_archive, tmp_path
+):
     store = tmp_path / "store"
     before = _actor_pid(0)
     killed = []
@@ -185,12 +198,26 @@ def _child_env(ray_cluster) -> dict:
     return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "RAY_ADDRESS": ray_cluster.address}
 
 
-def test_a_run_killed_mid_way_is_finished_by_the_rerun_with_identical_masks(annotated, flow_archive, tmp_path,
-                                                                            ray_cluster):
+def test_a_run_killed_mid_way_is_finished_by_the_rerun_with_identical_masks(
+    annotated, flow_archive, tmp_path, ray_cluster
+):
     store = tmp_path / "store"
     release_warm_actors()
-    command = [sys.executable, "-m", "medsam_engine.pipeline.cli.main", "annotate", str(flow_archive[0]), "--out", str(store),
-               "--coarse-mask", str(flow_archive[1]), "--engine", "ray", "--ray-address", ray_cluster.address]
+    command = [
+        sys.executable,
+        "-m",
+        "medsam_engine.pipeline.cli.main",
+        "annotate",
+        str(flow_archive[0]),
+        "--out",
+        str(store),
+        "--coarse-mask",
+        str(flow_archive[1]),
+        "--engine",
+        "ray",
+        "--ray-address",
+        ray_cluster.address,
+    ]
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
         run = subprocess.Popen(command, env=_child_env(ray_cluster), cwd=REPO, stdout=out, stderr=out)
@@ -234,14 +261,27 @@ def test_round_run_on_ray_from_the_command_line(flow_archive, tmp_path, ray_clus
 
     release_warm_actors()
     store = tmp_path / "store"
-    argv = ["round", "run", str(flow_archive[0]), "--store", str(store), "--coarse-mask", str(flow_archive[1]),
-            "--engine", "ray", "--ray-address", ray_cluster.address]
+    argv = [
+        "round",
+        "run",
+        str(flow_archive[0]),
+        "--store",
+        str(store),
+        "--coarse-mask",
+        str(flow_archive[1]),
+        "--engine",
+        "ray",
+        "--ray-address",
+        ray_cluster.address,
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "round 1:" in out and "2 done" in out
     report = read_record(CaseStore(store), ROUNDS, "round-001.json")
     assert report["cases"]["annotated"] == 2 and report["run_id"]
-    assert all(CaseStore(store).attributes(c).review_status in ("auto-accepted", "review", "rejected")
-               for c in CaseStore(store).committed_cases())  # routed
+    assert all(
+        CaseStore(store).attributes(c).review_status in ("auto-accepted", "review", "rejected")
+        for c in CaseStore(store).committed_cases()
+    )  # routed
     assert main(argv) == 0  # round 2 with the same model: nothing is stale
     assert read_record(CaseStore(store), ROUNDS, "round-002.json")["cases"]["skipped"] == 2

@@ -1,9 +1,10 @@
 """The data-engine loop as one scheduled system, end to end against real components: a real Orthanc (DICOMweb,
 authentication on) holding a real CT study stored by STOW-RS with a coarse SEG from another tool; the
 `nightly-round` deployment created from prefect.yaml and run by a real Prefect worker over the session's real
-2-node Ray cluster; proposals pushed back as DICOM SEG; a reviewer's corrected SEG (made with highdicom from the
-reference) stored in the PACS and pulled by `review import`; `finetune` registers a model; the next night
+2-node Ray cluster; proposals pushed back as DICOM SEG; a reviewer's corrected SEG (made with highdicom from
+the reference) stored in the PACS and pulled by `review import`; `finetune` registers a model; the next night
 uses it, keeps the accepted case and re-annotates the stale one."""
+
 from __future__ import annotations
 
 import os
@@ -58,7 +59,9 @@ def pacs(tmp_path_factory, chest_volume, small_chest):
         folders = {}
         for series, syntax, name in ((SERIES[0], None, "a"), (SERIES[1], RLELossless, "b")):
             files = write_ct_series(chest_volume, root / name, series_uid=series, syntax=syntax)
-            complete_dicom_headers(root / name, frame_of_reference_uid=STUDY + ".9")  # a scanner's full headers
+            complete_dicom_headers(
+                root / name, frame_of_reference_uid=STUDY + ".9"
+            )  # a scanner's full headers
             for path in files:
                 ds = pydicom.dcmread(path)
                 ds.StudyInstanceUID = STUDY
@@ -74,13 +77,18 @@ def pacs(tmp_path_factory, chest_volume, small_chest):
 def _segs(pacs: dict) -> list[dict]:
     import requests
 
-    return requests.get(f"{pacs['root']}/studies/{STUDY}/series", params={"Modality": "SEG"},
-                        auth=(USER, PASSWORD), headers={"Accept": "application/dicom+json"}, timeout=10).json()
+    return requests.get(
+        f"{pacs['root']}/studies/{STUDY}/series",
+        params={"Modality": "SEG"},
+        auth=(USER, PASSWORD),
+        headers={"Accept": "application/dicom+json"},
+        timeout=10,
+    ).json()
 
 
-def test_nightly_round_from_the_pacs_reviewed_finetuned_and_the_next_night(pacs, prefect_server, ray_cluster,
-                                                                          tmp_path, small_chest,
-                                                                          monkeypatch):
+def test_nightly_round_from_the_pacs_reviewed_finetuned_and_the_next_night(
+    pacs, prefect_server, ray_cluster, tmp_path, small_chest, monkeypatch
+):
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.deployments import run_deployment
@@ -100,19 +108,46 @@ def test_nightly_round_from_the_pacs_reviewed_finetuned_and_the_next_night(pacs,
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "RAY_ADDRESS": ray_cluster.address}
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name="medsam-process", type="process"), overwrite=True)
-    deploy = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name",
-                             "nightly-round"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    deploy = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "nightly-round"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
 
     # night 1: a real worker runs the deployment; prompts from the PACS's coarse SEGs, proposals pushed back
     store = tmp_path / "store"
     run = {"watermark": "nightly", "settle_seconds": 0, "push_seg": pacs["root"]}
-    parameters = {"inputs": [pacs["root"]], "store": str(store), "coarse_masks": ["from-pacs"], "run": run,
-                  "pool": {"address": ray_cluster.address}}
+    parameters = {
+        "inputs": [pacs["root"]],
+        "store": str(store),
+        "coarse_masks": ["from-pacs"],
+        "run": run,
+        "pool": {"address": ray_cluster.address},
+    }
     flow_run = run_deployment("flywheel-round/nightly-round", parameters=parameters, timeout=0)
-    worker = subprocess.run([sys.executable, "-m", "prefect", "worker", "start", "--pool", "medsam-process",
-                             "--run-once", "--limit", "1"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=500)
+    worker = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "worker",
+            "start",
+            "--pool",
+            "medsam-process",
+            "--run-once",
+            "--limit",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
     assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
     with get_client(sync_client=True) as client:
         finished = client.read_flow_run(flow_run.id)
@@ -149,14 +184,40 @@ def test_nightly_round_from_the_pacs_reviewed_finetuned_and_the_next_night(pacs,
     assert cases.attributes(stale).review_status != "accepted"
 
     checkpoint = tmp_path / "night1.pth"
-    assert main(["finetune", "--store", str(store), "--out", str(checkpoint), "--epochs", "2", "--lr", "2e-4",
-                 "--boxes-per-epoch", "8", "--max-slices", "4", "--promote", "always", "--no-augment"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--store",
+                str(store),
+                "--out",
+                str(checkpoint),
+                "--epochs",
+                "2",
+                "--lr",
+                "2e-4",
+                "--boxes-per-epoch",
+                "8",
+                "--max-slices",
+                "4",
+                "--promote",
+                "always",
+                "--no-augment",
+            ]
+        )
+        == 0
+    )
     tuned = current_model(cases)
 
     # night 2: the same flow, nothing edited: the new model, the accepted case kept, the stale one redone
     before = cases.attributes(stale).signature
-    report = flywheel_round(inputs=[pacs["root"]], store=str(store), coarse_masks=["from-pacs"],
-                            run=RunOptions(**run), pool=PoolOptions(address=ray_cluster.address))
+    report = flywheel_round(
+        inputs=[pacs["root"]],
+        store=str(store),
+        coarse_masks=["from-pacs"],
+        run=RunOptions(**run),
+        pool=PoolOptions(address=ray_cluster.address),
+    )
     assert report["round"] == 2 and report["model"]["registered"]
     assert report["model"]["sha256"] == tuned["sha256"]
     assert report["cases"]["kept_accepted"] == 1 and report["cases"]["annotated"] == 1
@@ -166,8 +227,9 @@ def test_nightly_round_from_the_pacs_reviewed_finetuned_and_the_next_night(pacs,
     assert read_record(cases, "_watermarks", "nightly.json")["model"] == tuned["sha256"]
 
 
-def test_a_wrong_password_stops_the_night_with_one_clear_error_before_any_case(pacs, prefect_server, tmp_path,
-                                                                              monkeypatch):
+def test_a_wrong_password_stops_the_night_with_one_clear_error_before_any_case(
+    pacs, prefect_server, tmp_path, monkeypatch
+):
     from medsam_engine.flows.annotate import RunOptions
     from medsam_engine.flows.round import flywheel_round
     from medsam_engine.pipeline.core.errors import ReadError
@@ -175,7 +237,11 @@ def test_a_wrong_password_stops_the_night_with_one_clear_error_before_any_case(p
     monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_PASSWORD", "not-the-password")
     store = tmp_path / "store"
     with pytest.raises(ReadError, match="refused the credentials") as raised:
-        flywheel_round(inputs=[pacs["root"]], store=str(store), coarse_masks=["from-pacs"],
-                       run=RunOptions(watermark="nightly", settle_seconds=0))
+        flywheel_round(
+            inputs=[pacs["root"]],
+            store=str(store),
+            coarse_masks=["from-pacs"],
+            run=RunOptions(watermark="nightly", settle_seconds=0),
+        )
     assert "not-the-password" not in str(raised.value)
     assert CaseStore(store).errors() == {} and CaseStore(store).committed_cases() == []

@@ -1,4 +1,5 @@
 """Fine-tuning on real accepted masks: a strict-loadable, registered checkpoint that annotate can use."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,15 @@ from medsam_engine.pipeline.model.checkpoint import LITE_MEDSAM_SHA256, load_lit
 from medsam_engine.pipeline.store.case_store import CaseStore
 
 # decoder-only (the encoder stays the official one), two short epochs that learn on the four lung slices
-TINY = FinetuneOptions(epochs=2, boxes_per_epoch=8, boxes_per_step=4, lr=2e-4, promote="if-better",
-                       encoder_stages=0, augment=False)
+TINY = FinetuneOptions(
+    epochs=2,
+    boxes_per_epoch=8,
+    boxes_per_step=4,
+    lr=2e-4,
+    promote="if-better",
+    encoder_stages=0,
+    augment=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +37,18 @@ def accepted_store(tmp_path_factory, small_chest):
     # annotated with the lung window as the default, so every consumer renders the slices as the other tests
     # do and the session's embedding cache serves them
     config = EngineConfig().with_overrides(intensity={"ct_level": -600.0, "ct_width": 1500.0})
-    return commit_lungs_case(tmp_path_factory.mktemp("accepted"), small_chest, config, review_status="accepted")
+    return commit_lungs_case(
+        tmp_path_factory.mktemp("accepted"), small_chest, config, review_status="accepted"
+    )
 
 
 def _without_models(store: CaseStore, tmp_path) -> CaseStore:
     """A copy of the accepted store with no registered model (the official weights current)."""
     import shutil
 
-    return CaseStore(shutil.copytree(store.root, tmp_path / "store", ignore=shutil.ignore_patterns("_models")))
+    return CaseStore(
+        shutil.copytree(store.root, tmp_path / "store", ignore=shutil.ignore_patterns("_models"))
+    )
 
 
 def test_finetune_from_a_store_registers_a_strict_loadable_model(accepted_store, runner, tmp_path):
@@ -73,7 +85,8 @@ def test_finetune_from_a_store_registers_a_strict_loadable_model(accepted_store,
 
 
 def test_a_challenger_that_does_not_beat_the_current_model_is_held_and_any_model_can_be_chosen(
-        accepted_store, runner, tmp_path, capsys):
+    accepted_store, runner, tmp_path, capsys
+):
     from dataclasses import replace
 
     store = _without_models(accepted_store, tmp_path)
@@ -126,14 +139,28 @@ def test_finetune_of_the_last_encoder_stage_from_cached_activations(accepted_sto
             embedding = _embed(runner.model.net, with_features, options).float()
             assert torch.allclose(embedding, plain.embedding.float(), atol=0.05, rtol=0.05)
     assert trained_prefixes(runner.model.net, options) == (
-        "prompt_encoder.", "mask_decoder.", "image_encoder.neck.", "image_encoder.layers.3.")
+        "prompt_encoder.",
+        "mask_decoder.",
+        "image_encoder.neck.",
+        "image_encoder.layers.3.",
+    )
 
     out = tmp_path / "stage.pth"
     entry = finetune(out, store=_without_models(accepted_store, tmp_path), runner=runner, options=options)
     assert entry["trained"].startswith("last 1 image encoder stage(s) + neck")
     tuned, official = load_lite_medsam(out).net.state_dict(), runner.model.net.state_dict()
-    frozen = [k for k in official if k.startswith(("image_encoder.patch_embed.", "image_encoder.layers.0.",
-                                                   "image_encoder.layers.1.", "image_encoder.layers.2."))]
+    frozen = [
+        k
+        for k in official
+        if k.startswith(
+            (
+                "image_encoder.patch_embed.",
+                "image_encoder.layers.0.",
+                "image_encoder.layers.1.",
+                "image_encoder.layers.2.",
+            )
+        )
+    ]
     assert frozen
     assert all(torch.equal(official[k], tuned[k]) for k in frozen)
     assert not torch.equal(official["image_encoder.neck.0.weight"], tuned["image_encoder.neck.0.weight"])
@@ -155,19 +182,24 @@ def test_augmented_slices_keep_every_box_on_its_mask(chest_ct):
     for kind in AUGMENTATIONS:
         new_image, new_boxes, new_masks = transform_slice(kind, image, np.array(boxes, np.float32), masks)
         assert new_image.shape[:2] == new_masks.shape[1:] and new_masks.sum() == masks.sum()
-        for box, mask in zip(new_boxes, new_masks):
+        for box, mask in zip(new_boxes, new_masks, strict=False):
             rows, cols = np.nonzero(mask)
             assert box.tolist() == [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], kind
         assert not np.array_equal(new_image, image)
 
 
-def test_finetune_with_augmentation_trains_on_five_views_of_each_training_slice(accepted_store, runner,
-                                                                                 tmp_path):
+def test_finetune_with_augmentation_trains_on_five_views_of_each_training_slice(
+    accepted_store, runner, tmp_path
+):
     from dataclasses import replace
 
     store = _without_models(accepted_store, tmp_path)  # the official model is current: the runner's
-    entry = finetune(tmp_path / "more.pth", store=store, runner=runner,
-                     options=replace(TINY, promote="never", augment=True))
+    entry = finetune(
+        tmp_path / "more.pth",
+        store=store,
+        runner=runner,
+        options=replace(TINY, promote="never", augment=True),
+    )
     learned = entry["data"]["learned_from"]
     assert entry["data"]["augmented_slices"] == 4 * learned["slices"]
     for fold in entry["metrics"]["folds"]:  # each fold trains on four more views of its own slices only
@@ -182,9 +214,27 @@ def _sample(case_id: str, z: int, centres_x: list[int]) -> SliceSample:
 
 def test_cli_finetune_on_image_label_pairs_then_annotate_with_the_checkpoint(nuclei_2d, tmp_path, capsys):
     out = tmp_path / "nuclei.pth"
-    code = main(["finetune", "--images", str(nuclei_2d[0]), "--labels", str(nuclei_2d[1]), "--out", str(out),
-                 "--epochs", "2", "--boxes-per-epoch", "8", "--lr", "2e-4", "--encoder-stages", "0",
-                 "--device", "cpu"])
+    code = main(
+        [
+            "finetune",
+            "--images",
+            str(nuclei_2d[0]),
+            "--labels",
+            str(nuclei_2d[1]),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--boxes-per-epoch",
+            "8",
+            "--lr",
+            "2e-4",
+            "--encoder-stages",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
@@ -195,8 +245,23 @@ def test_cli_finetune_on_image_label_pairs_then_annotate_with_the_checkpoint(nuc
     config = tmp_path / "torch.yaml"
     config.write_text("model:\n  backend: torch\n")  # no graph export for a one-off checkpoint
     store = tmp_path / "store"
-    assert main(["annotate", str(nuclei_2d[0]), "--coarse-mask", str(nuclei_2d[1]), "--out", str(store),
-                 "--checkpoint", str(out), "--config", str(config)]) == 0
+    assert (
+        main(
+            [
+                "annotate",
+                str(nuclei_2d[0]),
+                "--coarse-mask",
+                str(nuclei_2d[1]),
+                "--out",
+                str(store),
+                "--checkpoint",
+                str(out),
+                "--config",
+                str(config),
+            ]
+        )
+        == 0
+    )
     (case_id,) = CaseStore(store).committed_cases()
     attrs = CaseStore(store).case_attrs(case_id)
     assert attrs["signature"]["model_sha256"] == report["sha256"]
@@ -213,13 +278,17 @@ def test_finetune_needs_accepted_masks(tmp_path, capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_whole_model_finetune_on_cuda(accepted_store, tmp_path):
-    options = FinetuneOptions(epochs=1, boxes_per_epoch=4, boxes_per_step=4, train_encoder=True,
-                              device="cuda")
+    options = FinetuneOptions(
+        epochs=1, boxes_per_epoch=4, boxes_per_step=4, train_encoder=True, device="cuda"
+    )
     entry = finetune(tmp_path / "whole.pth", images=None, store=accepted_store, options=options)
     assert entry["trained"] == "whole model"
     tuned, official = load_lite_medsam(tmp_path / "whole.pth"), load_lite_medsam()
-    changed = [k for k, v in official.net.image_encoder.state_dict().items()
-               if not torch.equal(v, tuned.net.image_encoder.state_dict()[k])]
+    changed = [
+        k
+        for k, v in official.net.image_encoder.state_dict().items()
+        if not torch.equal(v, tuned.net.image_encoder.state_dict()[k])
+    ]
     assert changed  # the encoder was trained too
 
 
@@ -270,9 +339,27 @@ def test_finetune_on_label_maps_without_objects_says_so(nuclei_2d, tmp_path, cap
     import cv2
 
     empty = tmp_path / "empty.png"
-    cv2.imwrite(str(empty), np.zeros(cv2.imread(str(nuclei_2d[0]), cv2.IMREAD_UNCHANGED).shape[:2], np.uint16))
+    cv2.imwrite(
+        str(empty), np.zeros(cv2.imread(str(nuclei_2d[0]), cv2.IMREAD_UNCHANGED).shape[:2], np.uint16)
+    )
     out = tmp_path / "x.pth"
-    assert main(["finetune", "--images", str(nuclei_2d[0]), "--labels", str(empty), "--out", str(out),
-                 "--device", "cpu", "--encoder-stages", "0"]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "--images",
+                str(nuclei_2d[0]),
+                "--labels",
+                str(empty),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--encoder-stages",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "hold no object to learn from" in capsys.readouterr().err
     assert not out.exists()

@@ -1,4 +1,5 @@
 """The review round-trip on real chest CT slices: queue out (NIfTI, OME-Zarr, HTML), corrections in."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,13 @@ def routed(tmp_path_factory, runner, small_chest, small_chest_nifti):
     images, masks, reference = lung_inputs(root, small_chest, small_chest_nifti)
     store = CaseStore(root / "store")
     config = EngineConfig().with_overrides(quality={"accept_above": 1.0, "reject_below": 0.0})
-    run_round(discover([images], store.case_ids(), coarse_masks=[masks]), store, config, queue_dir=root / "queue0",
-              runner=shared_runner(config, runner))
+    run_round(
+        discover([images], store.case_ids(), coarse_masks=[masks]),
+        store,
+        config,
+        queue_dir=root / "queue0",
+        runner=shared_runner(config, runner),
+    )
     return root, reference
 
 
@@ -132,7 +138,9 @@ def test_queue_of_a_dicom_series_carries_a_dicom_seg(routed, chest_series, runne
 
     store = CaseStore(tmp_path / "store")
     config = EngineConfig().with_overrides(quality={"accept_above": 1.0, "reject_below": 0.0})
-    cases = discover([chest_series["axial"]], store.case_ids(), coarse_masks=[routed[0] / "masks" / "chest_b.nii.gz"])
+    cases = discover(
+        [chest_series["axial"]], store.case_ids(), coarse_masks=[routed[0] / "masks" / "chest_b.nii.gz"]
+    )
     run_round(cases, store, config, queue_dir=tmp_path / "queue0", runner=shared_runner(config, runner))
     result = export_queue(store, tmp_path / "queue", formats=("dicom-seg",))
     (entry,) = result.cases

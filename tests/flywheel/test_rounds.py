@@ -1,4 +1,5 @@
 """Two data-engine rounds on real data with a simulated reviewer (the reference masks are the corrections)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -34,15 +35,33 @@ def two_rounds(tmp_path_factory, runner, small_chest, small_chest_nifti):
     first = run_round(cases, store, config, runner=shared_runner(config, runner))
     proposals = {c: store.read_labels(c)[0] for c in store.committed_cases()}
     imported = import_corrections(store, [reference / "chest_a.nrrd"], reviewer="simulated")
-    entry = finetune(root / "round1.pth", store=store, runner=runner,
-                     options=FinetuneOptions(epochs=2, boxes_per_epoch=8, boxes_per_step=4, lr=2e-4,
-                                             promote="always", encoder_stages=0, augment=False))
+    entry = finetune(
+        root / "round1.pth",
+        store=store,
+        runner=runner,
+        options=FinetuneOptions(
+            epochs=2,
+            boxes_per_epoch=8,
+            boxes_per_step=4,
+            lr=2e-4,
+            promote="always",
+            encoder_stages=0,
+            augment=False,
+        ),
+    )
     tuned = config.with_overrides(model={"checkpoint": str(root / "round1.pth")})
     # decoder-only fine-tuning keeps the encoder: the session's embedding cache stays valid
     tuned_runner = LiteMedSAMRunner(load_lite_medsam(root / "round1.pth"), _cache=runner._cache)
     second = run_round(cases, store, config, runner=shared_runner(tuned, tuned_runner))
-    return {"store": store, "first": first, "second": second, "entry": entry, "proposals": proposals,
-            "imported": imported, "root": root}
+    return {
+        "store": store,
+        "first": first,
+        "second": second,
+        "entry": entry,
+        "proposals": proposals,
+        "imported": imported,
+        "root": root,
+    }
 
 
 def test_round_one_annotates_routes_and_exports_the_queue(two_rounds):
@@ -60,8 +79,14 @@ def test_round_two_uses_the_registered_model_on_the_rest_only(two_rounds):
     store, entry = two_rounds["store"], two_rounds["entry"]
     report = two_rounds["second"].report
     assert report["model"]["sha256"] == entry["sha256"] and report["model"]["registered"]
-    assert report["cases"] == {"given": 2, "annotated": 1, "skipped": 0, "failed": 0, "quarantined": 0,
-                               "kept_accepted": 1}
+    assert report["cases"] == {
+        "given": 2,
+        "annotated": 1,
+        "skipped": 0,
+        "failed": 0,
+        "quarantined": 0,
+        "kept_accepted": 1,
+    }
     case_a, case_b = case_of(store, "chest_a"), case_of(store, "chest_b")
     attrs_a, attrs_b = store.case_attrs(case_a), store.case_attrs(case_b)
     assert attrs_a["review_status"] == "accepted" and attrs_a["review"]["reviewer"] == "simulated"
@@ -74,7 +99,7 @@ def test_round_table_reports_review_outcomes_per_round(two_rounds, capsys):
     store = two_rounds["store"]
     rows = round_rows(store)
     assert [r["round"] for r in rows] == [1, 2]
-    reviewed = [i for i in store.case_attrs(case_of(store, "chest_a"))["instances"]]
+    reviewed = list(store.case_attrs(case_of(store, "chest_a"))["instances"])
     assert rows[0]["reviewed"] == len(reviewed)
     assert rows[0]["mean_edit_dice"] == pytest.approx(np.mean([i["edit_dice"] for i in reviewed]), abs=1e-3)
     assert rows[1]["reviewed"] == 0 and rows[1]["annotated"] == 1
@@ -96,8 +121,19 @@ def test_round_table_reports_review_outcomes_per_round(two_rounds, capsys):
 
 def test_cli_round_on_nuclei_then_review_and_calibration(nuclei_2d, tmp_path, capsys):
     store = tmp_path / "store"
-    code = main(["round", "run", str(nuclei_2d[0]), "--store", str(store), "--coarse-mask", str(nuclei_2d[1]),
-                 "--review-out", str(tmp_path / "queue")])
+    code = main(
+        [
+            "round",
+            "run",
+            str(nuclei_2d[0]),
+            "--store",
+            str(store),
+            "--coarse-mask",
+            str(nuclei_2d[1]),
+            "--review-out",
+            str(tmp_path / "queue"),
+        ]
+    )
     assert code == 0
     assert "round 1" in capsys.readouterr().out
     attrs = CaseStore(store).case_attrs(CaseStore(store).committed_cases()[0])
@@ -122,10 +158,38 @@ def test_cli_round_run_checks_its_options_as_annotate_does(nuclei_2d, tmp_path, 
     store = tmp_path / "store"
     assert main(["round", "run", str(nuclei_2d[0]), "--store", str(store)]) == 2
     assert "the coarse-mask detector needs --coarse-mask" in capsys.readouterr().err
-    assert main(["round", "run", str(nuclei_2d[0]), "--store", str(store), "--coarse-mask", str(nuclei_2d[1]),
-                 "--checkpoint", str(tmp_path / "missing.pth")]) == 2
+    assert (
+        main(
+            [
+                "round",
+                "run",
+                str(nuclei_2d[0]),
+                "--store",
+                str(store),
+                "--coarse-mask",
+                str(nuclei_2d[1]),
+                "--checkpoint",
+                str(tmp_path / "missing.pth"),
+            ]
+        )
+        == 2
+    )
     assert "checkpoint not found" in capsys.readouterr().err
-    assert main(["round", "run", str(nuclei_2d[0]), "--store", str(store), "--detector", "intensity",
-                 "--detector-option", "no_such_option=1"]) == 2
+    assert (
+        main(
+            [
+                "round",
+                "run",
+                str(nuclei_2d[0]),
+                "--store",
+                str(store),
+                "--detector",
+                "intensity",
+                "--detector-option",
+                "no_such_option=1",
+            ]
+        )
+        == 2
+    )
     assert "bad configuration" in capsys.readouterr().err
     assert not CaseStore(store).committed_cases()

@@ -1,4 +1,6 @@
-"""Folds, kinds, balanced draws and the choice of epochs (pipeline/flywheel/selection.py), on small samples."""
+"""Folds, kinds, balanced draws and the choice of epochs (pipeline/flywheel/selection.py), on small
+samples."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +20,16 @@ from medsam_engine.pipeline.flywheel.selection import (
 def _sample(case_id: str, z: int, centres_x: list[int], kind: str = "MR label 1") -> SliceSample:
     boxes = np.array([[x - 2, 10, x + 2, 14] for x in centres_x], dtype=np.float32)
     masks = np.zeros((len(centres_x), 32, 64), bool)
-    return SliceSample(case_id, z, None, None, boxes, masks, masks.astype(np.float32),
-                       kinds=np.array([kind] * len(centres_x)))
+    return SliceSample(
+        case_id,
+        z,
+        None,
+        None,
+        boxes,
+        masks,
+        masks.astype(np.float32),
+        kinds=np.array([kind] * len(centres_x)),
+    )
 
 
 def _ids(samples: list[SliceSample]) -> list[tuple[str, int]]:
@@ -102,9 +112,11 @@ def _curve(rows: list[list[float]], kinds: list[str]) -> Curve:
 
 def test_the_best_epoch_is_chosen_and_a_kind_that_loses_rules_an_epoch_out():
     kinds = ["A"] * 5 + ["B"] * 5
-    rows = [[0.7] * 5 + [0.6] * 5,   # the parent
-            [0.8] * 5 + [0.6] * 5,   # epoch 1: A better, B equal
-            [0.95] * 5 + [0.5] * 5]  # epoch 2: the best mean, but B loses 0.1
+    rows = [
+        [0.7] * 5 + [0.6] * 5,  # the parent
+        [0.8] * 5 + [0.6] * 5,  # epoch 1: A better, B equal
+        [0.95] * 5 + [0.5] * 5,
+    ]  # epoch 2: the best mean, but B loses 0.1
     choice = choose_epochs(_curve(rows, kinds), tolerance=0.01, min_kind_boxes=5)
     assert choice.epochs == 1
     assert choice.per_kind["A"] == {"boxes": 5, "before": 0.7, "after": 0.8, "judged": True}
@@ -128,8 +140,9 @@ def test_no_training_when_no_epoch_beats_the_parent():
 
 
 def test_a_fold_that_stopped_early_keeps_its_last_scores():
-    curve = Curve.pooled([(np.array([[0.5], [0.6], [0.7]]), np.array(["A"])),
-                          (np.array([[0.5], [0.4]]), np.array(["A"]))])
+    curve = Curve.pooled(
+        [(np.array([[0.5], [0.6], [0.7]]), np.array(["A"])), (np.array([[0.5], [0.4]]), np.array(["A"]))]
+    )
     assert curve.scores.tolist() == [[0.5, 0.5], [0.6, 0.4], [0.7, 0.4]]
 
 

@@ -3,6 +3,7 @@
 This module doubles as a pydicom decoder plugin (``is_available``, ``DECODER_DEPENDENCIES`` and the decode
 functions below) that the child process installs in place of the real RLE decoders.
 """
+
 from __future__ import annotations
 
 import functools
@@ -120,7 +121,8 @@ def test_worker_reports_how_the_child_died():
 
 
 def test_concurrent_callers_of_the_pool_read_in_processes_of_their_own():
-    """Cases read by several threads at once decode in as many child processes; a returned worker is reused."""
+    """Cases read by several threads at once decode in as many child processes; a returned worker is
+    reused."""
     from medsam_engine.pipeline.io.isolate import WorkerPool
 
     pool = WorkerPool()
@@ -153,7 +155,9 @@ def test_a_warmed_pool_starts_its_readers_at_once_with_the_readers_libraries_imp
             children = [first._process, second._process]
             assert all(child is not None and child.poll() is None for child in children)  # started, alive
             # (this module imports pydicom itself; nibabel and ISA-L only the preload does)
-            assert all(w.call(_imported, "nibabel") and w.call(_imported, "isal.isal_zlib") for w in (first, second))
+            assert all(
+                w.call(_imported, "nibabel") and w.call(_imported, "isal.isal_zlib") for w in (first, second)
+            )
             assert {first.call(os.getpid), second.call(os.getpid)} == {c.pid for c in children}
         assert pool.warm(2, preload=preload) == 0 and pool.warm(1) == 0 and len(pool) == 2
         case = CaseRef("x", get_testdata_file("CT_small.dcm"))

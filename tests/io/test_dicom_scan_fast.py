@@ -1,6 +1,7 @@
 """The header fast path (io.dicom_scan._fast_header) gives exactly what the pydicom path gives, on every
 DICOM file of pydicom's and pydicom-data's test sets (many syntaxes, enhanced multi-frame objects, SEG, RT,
 odd and broken files) and on a CT series written as the bench writes it; where it declines, pydicom reads."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,9 +32,15 @@ def _test_files() -> list[str]:
         roots.add(Path(data_store.__file__).parent / "data")
     except ImportError:
         pass
-    return sorted(str(p) for root in roots if root.is_dir() for p in root.rglob("*")
-                  if p.is_file() and p.stat().st_size > 0 and p.suffix.lower() not in (".py", ".json", ".txt",
-                                                                                         ".gz", ".bz2", ".zip"))
+    return sorted(
+        str(p)
+        for root in roots
+        if root.is_dir()
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.stat().st_size > 0
+        and p.suffix.lower() not in (".py", ".json", ".txt", ".gz", ".bz2", ".zip")
+    )
 
 
 def test_the_fast_path_equals_pydicom_on_every_test_file(monkeypatch):
@@ -102,11 +109,11 @@ def test_elements_out_of_order_are_left_to_pydicom(tmp_path):
 
     data = bytearray(Path(get_testdata_file("CT_small.dcm")).read_bytes())
     position = data.index(struct.pack("<HH", 0x0020, 0x0032))
-    length = struct.unpack("<H", data[position + 6:position + 8])[0]
-    element = bytes(data[position:position + 8 + length])
-    del data[position:position + 8 + length]
+    length = struct.unpack("<H", data[position + 6 : position + 8])[0]
+    element = bytes(data[position : position + 8 + length])
+    del data[position : position + 8 + length]
     after = data.index(struct.pack("<HH", 0x0028, 0x0011))
-    after += 8 + struct.unpack("<H", data[after + 6:after + 8])[0]
+    after += 8 + struct.unpack("<H", data[after + 6 : after + 8])[0]
     data[after:after] = element  # now after Columns
     path = tmp_path / "shuffled.dcm"
     path.write_bytes(bytes(data))

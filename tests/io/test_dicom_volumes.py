@@ -1,4 +1,5 @@
 """DICOM -> Volume on real files: every transfer syntax, enhanced multi-frame, series geometry rules."""
+
 from __future__ import annotations
 
 import shutil
@@ -16,9 +17,17 @@ from medsam_engine.pipeline.core.orientation import LPS_TO_RAS
 from medsam_engine.pipeline.io.readers import read_volume
 
 
-@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
-                                  "MR_small_jpeg_ls_lossless.dcm", "MR_small_bigendian.dcm",
-                                  "MR_small_implicit.dcm", "MR_small_expb.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_expb.dcm",
+    ],
+)
 def test_every_mr_small_syntax_reads_like_the_uncompressed_file(name):
     reference = read_volume(get_testdata_file("MR_small.dcm"))
     volume = read_volume(get_testdata_file(name))
@@ -27,10 +36,15 @@ def test_every_mr_small_syntax_reads_like_the_uncompressed_file(name):
     assert np.allclose(volume.geometry.affine, reference.geometry.affine)
 
 
-@pytest.mark.parametrize("compressed, raw", [("693_J2KR.dcm", "693_UNCR.dcm"),
-                                             ("MR2_J2KR.dcm", "MR2_UNCR.dcm"),
-                                             ("emri_small_RLE.dcm", "emri_small.dcm"),
-                                             ("emri_small_jpeg_ls_lossless.dcm", "emri_small.dcm")])
+@pytest.mark.parametrize(
+    "compressed, raw",
+    [
+        ("693_J2KR.dcm", "693_UNCR.dcm"),
+        ("MR2_J2KR.dcm", "MR2_UNCR.dcm"),
+        ("emri_small_RLE.dcm", "emri_small.dcm"),
+        ("emri_small_jpeg_ls_lossless.dcm", "emri_small.dcm"),
+    ],
+)
 def test_pydicom_data_lossless_files_match_their_uncompressed_twins(compressed, raw):
     decoded = read_volume(get_testdata_file(compressed))
     assert np.array_equal(decoded.array, read_volume(get_testdata_file(raw)).array)
@@ -84,8 +98,9 @@ def test_colour_ultrasound_and_palette_frames_become_rgb_stacks():
 
 
 def test_spacing_comes_from_positions_not_the_spacing_tag(tmp_path, chest_volume):
-    write_ct_series(chest_volume, tmp_path / "s", series_uid="1.2.826.0.1.3680043.8.498.82",
-                    spacing_between_slices=99.0)
+    write_ct_series(
+        chest_volume, tmp_path / "s", series_uid="1.2.826.0.1.3680043.8.498.82", spacing_between_slices=99.0
+    )
     assert read_volume(tmp_path / "s").spacing == pytest.approx(chest_volume.spacing, rel=1e-4)
 
 
@@ -141,15 +156,20 @@ def _turn(degrees: float, axes: tuple[int, int]) -> np.ndarray:
     return turn
 
 
-@pytest.mark.parametrize("name, change", [
-    ("axial", np.eye(4)),
-    ("feet first", np.diag([1.0, 1.0, -1.0, 1.0])),  # slices run the other way along the normal
-    ("mirrored rows", np.diag([1.0, -1.0, 1.0, 1.0])),
-    ("oblique", _turn(20, (0, 1))),
-    ("sagittal", _turn(90, (0, 2))),  # the canonical order swaps axes: the reorienting copy as before
-    ("coronal", _turn(90, (1, 2))),
-])
-def test_series_flipped_while_stacked_equal_the_reoriented_stack(tmp_path, chest_volume, monkeypatch, name, change):
+@pytest.mark.parametrize(
+    "name, change",
+    [
+        ("axial", np.eye(4)),
+        ("feet first", np.diag([1.0, 1.0, -1.0, 1.0])),  # slices run the other way along the normal
+        ("mirrored rows", np.diag([1.0, -1.0, 1.0, 1.0])),
+        ("oblique", _turn(20, (0, 1))),
+        ("sagittal", _turn(90, (0, 2))),  # the canonical order swaps axes: the reorienting copy as before
+        ("coronal", _turn(90, (1, 2))),
+    ],
+)
+def test_series_flipped_while_stacked_equal_the_reoriented_stack(
+    tmp_path, chest_volume, monkeypatch, name, change
+):
     """An axial series is reoriented as its planes are written into the stack; the Volume (array, its
     layout, geometry and source grid) is exactly the one the separate reorienting copy made."""
     import medsam_engine.pipeline.io.dicom as dicom
@@ -163,5 +183,8 @@ def test_series_flipped_while_stacked_equal_the_reoriented_stack(tmp_path, chest
     assert np.array_equal(fast.array, plain.array)
     for field in ("affine", "source_affine"):
         assert np.array_equal(getattr(fast.geometry, field), getattr(plain.geometry, field)), field
-    assert fast.geometry.shape == plain.geometry.shape and fast.geometry.source_shape == plain.geometry.source_shape
+    assert (
+        fast.geometry.shape == plain.geometry.shape
+        and fast.geometry.source_shape == plain.geometry.source_shape
+    )
     assert fast.geometry.source_format == plain.geometry.source_format and fast.modality == plain.modality

@@ -1,4 +1,5 @@
 """DICOMweb inputs against a real Orthanc (Debian packages orthanc + orthanc-dicomweb) on loopback."""
+
 from __future__ import annotations
 
 import io
@@ -36,15 +37,21 @@ def orthanc(tmp_path_factory, chest_volume):
         files = write_ct_series(chest_volume, root / "a", series_uid=SERIES[0])
         complete_dicom_headers(root / "a", frame_of_reference_uid=STUDY + ".9")  # a scanner's full headers
         files += write_ct_series(chest_volume, root / "b", series_uid=SERIES[1], syntax=RLELossless)
-        files += write_ct_series(chest_volume, root / "c", series_uid=SERIES[2], slices=[0],
-                                 image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+        files += write_ct_series(
+            chest_volume,
+            root / "c",
+            series_uid=SERIES[2],
+            slices=[0],
+            image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+        )
         for path in files:
             ds = pydicom.dcmread(path)
             ds.StudyInstanceUID = STUDY
             buffer = io.BytesIO()
             ds.save_as(buffer, enforce_file_format=True)
-            requests.post(url + "/instances", data=buffer.getvalue(), timeout=10,
-                          auth=(USER, PASSWORD)).raise_for_status()
+            requests.post(
+                url + "/instances", data=buffer.getvalue(), timeout=10, auth=(USER, PASSWORD)
+            ).raise_for_status()
         yield url
 
 
@@ -56,18 +63,25 @@ def credentials(monkeypatch):
     monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_BACKOFF_S", "0.05")
 
 
-def test_study_url_gives_one_case_per_series_downloaded_by_whoever_annotates_it(orthanc, tmp_path, chest_volume):
+def test_study_url_gives_one_case_per_series_downloaded_by_whoever_annotates_it(
+    orthanc, tmp_path, chest_volume
+):
     store = CaseStore(tmp_path / "store")
     cases = discover([f"{orthanc}/dicom-web/studies/{STUDY}"], store.case_ids())
     assert [c.kind for c in cases] == ["dicomweb-series", "dicomweb-series"]  # the scout is dropped (QIDO-RS)
     assert not (store.root / "_cache").exists()  # discovery only asked: nothing downloaded yet
     local = [materialise(case, store.cache_dir()) for case in cases]
     for case in local:
-        assert case.kind == "dicom-series" and Path(case.image).is_relative_to(store.root / "_cache" / "dicomweb")
+        assert case.kind == "dicom-series" and Path(case.image).is_relative_to(
+            store.root / "_cache" / "dicomweb"
+        )
         assert not any(uid in case.image or any(uid in f for f in case.files) for uid in (STUDY, *SERIES))
         assert np.array_equal(read_case(case).array, chest_volume.array)
-    syntaxes = {str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-                for case in local for f in case.files}
+    syntaxes = {
+        str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        for case in local
+        for f in case.files
+    }
     assert RLE_LOSSLESS in syntaxes  # fetched as stored, decoded locally
 
 
@@ -97,8 +111,9 @@ def test_unreachable_server_is_a_failing_case(tmp_path):
     assert "could not be reached" in case.error
 
 
-def test_a_wrong_password_is_one_clear_lasting_error_that_never_shows_the_password(orthanc, tmp_path, monkeypatch,
-                                                                                 caplog):
+def test_a_wrong_password_is_one_clear_lasting_error_that_never_shows_the_password(
+    orthanc, tmp_path, monkeypatch, caplog
+):
     monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_PASSWORD", "wrong-password")
     (case,) = discover([f"{orthanc}/dicom-web/studies/{STUDY}"], CaseStore(tmp_path / "store").case_ids())
     assert case.kind == "unreadable" and "refused the credentials (HTTP 401)" in case.error
@@ -114,16 +129,19 @@ def test_a_busy_pacs_costs_retries_not_cases(orthanc, tmp_path, chest_volume, mo
         proxy.inject(1, path_part="/series/", drop=True)
         proxy.inject(1, path_part="/series/", stall_s=2.5)  # longer than the 1 s read timeout
         store = CaseStore(tmp_path / "store")
-        cases = [materialise(case, store.cache_dir())
-                 for case in discover([f"{proxy.url}/dicom-web/studies/{STUDY}"], store.case_ids())]
+        cases = [
+            materialise(case, store.cache_dir())
+            for case in discover([f"{proxy.url}/dicom-web/studies/{STUDY}"], store.case_ids())
+        ]
         assert proxy.injected() == 7
     assert [c.kind for c in cases] == ["dicom-series", "dicom-series"]
     for case in cases:
         assert np.array_equal(read_case(case).array, chest_volume.array)
 
 
-def test_a_pacs_down_for_the_whole_run_fails_its_cases_for_the_next_run(orthanc, tmp_path, chest_volume,
-                                                                        monkeypatch, capsys):
+def test_a_pacs_down_for_the_whole_run_fails_its_cases_for_the_next_run(
+    orthanc, tmp_path, chest_volume, monkeypatch, capsys
+):
     monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_RETRIES", "2")
     store = tmp_path / "store"
     with FaultProxy(orthanc) as proxy:
@@ -146,13 +164,30 @@ def test_a_pacs_down_for_the_whole_run_fails_its_cases_for_the_next_run(orthanc,
 def test_a_service_root_means_its_studies_filtered_by_the_query(orthanc, tmp_path, chest_volume, capsys):
     store = CaseStore(tmp_path / "store")
     root = f"{orthanc}/dicom-web"
-    cases = discover([root], store.case_ids(), options=DiscoveryOptions(pacs_query={"ModalitiesInStudy": "CT"}))
+    cases = discover(
+        [root], store.case_ids(), options=DiscoveryOptions(pacs_query={"ModalitiesInStudy": "CT"})
+    )
     assert [c.kind for c in cases] == ["dicomweb-series", "dicomweb-series"]
     assert np.array_equal(read_case(materialise(cases[0], store.cache_dir())).array, chest_volume.array)
-    (none,) = discover([root], store.case_ids(), options=DiscoveryOptions(pacs_query={"ModalitiesInStudy": "MR"}))
+    (none,) = discover(
+        [root], store.case_ids(), options=DiscoveryOptions(pacs_query={"ModalitiesInStudy": "MR"})
+    )
     assert none.kind == "unreadable" and "no study matches" in none.error and "MR" not in none.error
-    assert main(["annotate", root, "--pacs-query", "ModalitiesInStudy=CT", "--out", str(tmp_path / "s"),
-                 "--detector", "intensity"]) == 0
+    assert (
+        main(
+            [
+                "annotate",
+                root,
+                "--pacs-query",
+                "ModalitiesInStudy=CT",
+                "--out",
+                str(tmp_path / "s"),
+                "--detector",
+                "intensity",
+            ]
+        )
+        == 0
+    )
     assert "2 done" in capsys.readouterr().out
     assert main(["annotate", root, "--pacs-query", "ModalitiesInStudy", "--out", str(tmp_path / "s")]) == 2
 
@@ -162,16 +197,34 @@ def test_push_seg_stores_each_proposal_in_the_pacs_once_per_version(orthanc, tmp
 
     url = f"{orthanc}/dicom-web/studies/{STUDY}/series/{SERIES[0]}"
     store = tmp_path / "store"
-    argv = ["annotate", url, "--out", str(store), "--detector", "intensity", "--push-seg", f"{orthanc}/dicom-web"]
+    argv = [
+        "annotate",
+        url,
+        "--out",
+        str(store),
+        "--detector",
+        "intensity",
+        "--push-seg",
+        f"{orthanc}/dicom-web",
+    ]
     assert main(argv) == 0
     assert "SEG: 1 pushed" in capsys.readouterr().out
     auth = (USER, PASSWORD)
-    found = requests.get(f"{orthanc}/dicom-web/studies/{STUDY}/series", params={"Modality": "SEG"}, auth=auth,
-                         headers={"Accept": "application/dicom+json"}, timeout=10).json()
+    found = requests.get(
+        f"{orthanc}/dicom-web/studies/{STUDY}/series",
+        params={"Modality": "SEG"},
+        auth=auth,
+        headers={"Accept": "application/dicom+json"},
+        timeout=10,
+    ).json()
     assert len(found) == 1
     seg_series = found[0]["0020000E"]["Value"][0]
-    metadata = requests.get(f"{orthanc}/dicom-web/studies/{STUDY}/series/{seg_series}/metadata", auth=auth,
-                            headers={"Accept": "application/dicom+json"}, timeout=10).json()
+    metadata = requests.get(
+        f"{orthanc}/dicom-web/studies/{STUDY}/series/{seg_series}/metadata",
+        auth=auth,
+        headers={"Accept": "application/dicom+json"},
+        timeout=10,
+    ).json()
     referenced = metadata[0]["00081115"]["Value"][0]["0020000E"]["Value"][0]
     assert referenced == SERIES[0]  # the proposal references the series it was made from
     assert main(argv) == 0  # a rerun: the case is skipped and its SEG not pushed twice
@@ -181,8 +234,9 @@ def test_push_seg_stores_each_proposal_in_the_pacs_once_per_version(orthanc, tmp
 def _post(orthanc: str, path: Path) -> None:
     import requests
 
-    requests.post(orthanc + "/instances", data=path.read_bytes(), timeout=10,
-                  auth=(USER, PASSWORD)).raise_for_status()
+    requests.post(
+        orthanc + "/instances", data=path.read_bytes(), timeout=10, auth=(USER, PASSWORD)
+    ).raise_for_status()
 
 
 def _reviewer_seg_in_pacs(orthanc, case, small_chest, labels: tuple[int, ...], made: str, path: Path) -> Path:
@@ -196,8 +250,12 @@ def _reviewer_seg_in_pacs(orthanc, case, small_chest, labels: tuple[int, ...], m
     volume = read_volume(Path(case.image))
     reference = align_to(read_volume(small_chest[1]), volume)
     names = {5: "Right lung", 6: "Left lung"}
-    reviewer_seg(Path(case.image), np.where(np.isin(reference, labels), reference, 0).astype(np.uint16),
-                 {k: names[k] for k in labels}, path)
+    reviewer_seg(
+        Path(case.image),
+        np.where(np.isin(reference, labels), reference, 0).astype(np.uint16),
+        {k: names[k] for k in labels},
+        path,
+    )
     ds = pydicom.dcmread(path)
     ds.ContentDate, ds.ContentTime = made[:8], made[8:]
     ds.save_as(path)
@@ -205,8 +263,9 @@ def _reviewer_seg_in_pacs(orthanc, case, small_chest, labels: tuple[int, ...], m
     return path
 
 
-def test_coarse_mask_from_pacs_is_the_newest_seg_of_the_series_not_made_here(orthanc, tmp_path, small_chest,
-                                                                             capsys):
+def test_coarse_mask_from_pacs_is_the_newest_seg_of_the_series_not_made_here(
+    orthanc, tmp_path, small_chest, capsys
+):
     from medsam_engine.pipeline.io.dicom_seg_reader import referenced_series, seg_label_names
 
     url = f"{orthanc}/dicom-web/studies/{STUDY}/series/{SERIES[0]}"
@@ -214,8 +273,21 @@ def test_coarse_mask_from_pacs_is_the_newest_seg_of_the_series_not_made_here(ort
     plain = materialise(discover([url], store.case_ids())[0], store.cache_dir())
     _reviewer_seg_in_pacs(orthanc, plain, small_chest, (5,), "20260101080000", tmp_path / "old.dcm")
     _reviewer_seg_in_pacs(orthanc, plain, small_chest, (5, 6), "20260102080000", tmp_path / "new.dcm")
-    assert main(["annotate", url, "--out", str(tmp_path / "pushed"), "--detector", "intensity",
-                 "--push-seg", f"{orthanc}/dicom-web"]) == 0  # the engine's own SEG, newer still, is not taken
+    assert (
+        main(
+            [
+                "annotate",
+                url,
+                "--out",
+                str(tmp_path / "pushed"),
+                "--detector",
+                "intensity",
+                "--push-seg",
+                f"{orthanc}/dicom-web",
+            ]
+        )
+        == 0
+    )  # the engine's own SEG, newer still, is not taken
     (lazy,) = discover([url], store.case_ids(), coarse_masks=["from-pacs"])
     assert lazy.coarse_mask.startswith(orthanc)  # the SEG is downloaded with the series, by the annotator
     case = materialise(lazy, store.cache_dir())
@@ -231,7 +303,9 @@ def test_coarse_mask_from_pacs_is_the_newest_seg_of_the_series_not_made_here(ort
     assert "no SEG in the PACS references this series" in capsys.readouterr().out
 
 
-def test_review_import_pulls_the_reviewers_seg_newer_than_the_proposal(orthanc, tmp_path, small_chest, capsys):
+def test_review_import_pulls_the_reviewers_seg_newer_than_the_proposal(
+    orthanc, tmp_path, small_chest, capsys
+):
     import time as clock
 
     url = f"{orthanc}/dicom-web/studies/{STUDY}/series/{SERIES[0]}"
@@ -244,8 +318,14 @@ def test_review_import_pulls_the_reviewers_seg_newer_than_the_proposal(orthanc, 
     (case_id,) = CaseStore(store).committed_cases()
     case = CaseStore(store).manifest(case_id)
     later = clock.strftime("%Y%m%d%H%M%S", clock.gmtime(clock.time() + 60))
-    _reviewer_seg_in_pacs(orthanc, type("Case", (), {"image": str(Path(case["files"][0]).parent)}), small_chest,
-                          (5, 6), later, tmp_path / "correction.dcm")
+    _reviewer_seg_in_pacs(
+        orthanc,
+        type("Case", (), {"image": str(Path(case["files"][0]).parent)}),
+        small_chest,
+        (5, 6),
+        later,
+        tmp_path / "correction.dcm",
+    )
     assert main(["review", "import", str(store), root, "--reviewer", "dr-a"]) == 0
     assert f"accepted {case_id}" in capsys.readouterr().out
     assert CaseStore(store).attributes(case_id).review_status == "accepted"

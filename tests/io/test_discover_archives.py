@@ -1,4 +1,5 @@
 """Zip and tar inputs: extracted safely into the store's cache, then discovered like folders."""
+
 from __future__ import annotations
 
 import io
@@ -27,8 +28,9 @@ def _zip_folder(folder: Path, target: Path, *, extra: dict[str, bytes] | None = 
     return target
 
 
-def test_zip_of_a_study_gives_the_same_cases_as_the_folder(tmp_path, multi_series_folder, small_chest,
-                                                           chest_volume):
+def test_zip_of_a_study_gives_the_same_cases_as_the_folder(
+    tmp_path, multi_series_folder, small_chest, chest_volume
+):
     import shutil
 
     shutil.copy(small_chest[0], multi_series_folder.parent / "chest.nrrd")
@@ -44,7 +46,9 @@ def test_zip_of_a_study_gives_the_same_cases_as_the_folder(tmp_path, multi_serie
     assert folder_ids <= {c.case_id for c in cases}  # same series, same ids, wherever they come from
     marker = next((store.root / "_cache" / "archives").iterdir()) / ".refused.json"
     before = marker.stat().st_mtime_ns
-    assert discover([archive], store.case_ids()) == cases and marker.stat().st_mtime_ns == before  # reused, not redone
+    assert (
+        discover([archive], store.case_ids()) == cases and marker.stat().st_mtime_ns == before
+    )  # reused, not redone
 
 
 def test_tar_gz_input(tmp_path, multi_series_folder):
@@ -59,11 +63,13 @@ def test_path_escapes_and_links_are_refused_and_recorded(tmp_path, multi_series_
     target = tmp_path / "evil.tar"
     with tarfile.open(target, "w") as tf:
         tf.add(multi_series_folder / "a", arcname="ok")
-        for name, kind, link in [("../../escape.dcm", tarfile.REGTYPE, ""),
-                                 ("/etc/cron.d/x", tarfile.REGTYPE, ""),
-                                 ("ok/passwd", tarfile.SYMTYPE, "/etc/passwd"),
-                                 ("ok/up", tarfile.SYMTYPE, "../../.."),
-                                 ("ok/hard", tarfile.LNKTYPE, "/etc/shadow")]:
+        for name, kind, link in [
+            ("../../escape.dcm", tarfile.REGTYPE, ""),
+            ("/etc/cron.d/x", tarfile.REGTYPE, ""),
+            ("ok/passwd", tarfile.SYMTYPE, "/etc/passwd"),
+            ("ok/up", tarfile.SYMTYPE, "../../.."),
+            ("ok/hard", tarfile.LNKTYPE, "/etc/shadow"),
+        ]:
             info = tarfile.TarInfo(name)
             info.type, info.linkname, info.size = kind, link, 4 if kind == tarfile.REGTYPE else 0
             tf.addfile(info, io.BytesIO(b"evil") if kind == tarfile.REGTYPE else None)
@@ -73,11 +79,11 @@ def test_path_escapes_and_links_are_refused_and_recorded(tmp_path, multi_series_
     assert len(errors) == 5 and sum("is a link" in e for e in errors) == 3
     assert sum("unsafe path" in e for e in errors) == 2
     assert not (tmp_path / "store" / "escape.dcm").exists() and not (tmp_path / "escape.dcm").exists()
-    extracted = [p for p in (store.root / "_cache").rglob("*")]
+    extracted = list((store.root / "_cache").rglob("*"))
     assert not any(p.is_symlink() for p in extracted)
     assert [c.kind for c in cases if not c.error] == ["dicom-series"]
     for case in (c for c in cases if c.error):
-        with pytest.raises(ReadError, match="evil.tar: member"):
+        with pytest.raises(ReadError, match=r"evil.tar: member"):
             read_case(case)
 
 
@@ -90,9 +96,10 @@ def test_zip_symlinks_and_escapes_are_refused(tmp_path):
         zf.writestr("../../outside.dcm", b"x")
         zf.writestr("disc/ok.txt", b"fine")
     folder, refused = extract_archive(target, tmp_path / "out")
-    assert sorted(refused) == [("outside.dcm", "has an unsafe path (absolute or with '..'); not extracted"),
-                               ("passwd", "is a link (links are never extracted; they could point outside "
-                                          "the archive)")]
+    assert sorted(refused) == [
+        ("outside.dcm", "has an unsafe path (absolute or with '..'); not extracted"),
+        ("passwd", "is a link (links are never extracted; they could point outside the archive)"),
+    ]
     assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == [".refused.json", "ok.txt"]
     assert not any(p.is_symlink() for p in folder.rglob("*")) and not (tmp_path / "outside.dcm").exists()
 
@@ -104,7 +111,9 @@ def test_zip_bomb_stops_at_the_limit_and_leaves_nothing(tmp_path):
             zf.writestr(f"layer/{k}.dcm", b"\x00" * (16 << 20))
     assert target.stat().st_size < 200_000
     limits = ExtractLimits(max_bytes=1 << 40, max_ratio=100.0, ratio_from_bytes=8 << 20)
-    (case,) = discover([target], CaseStore(tmp_path / "store").case_ids(), options=DiscoveryOptions(limits=limits))
+    (case,) = discover(
+        [target], CaseStore(tmp_path / "store").case_ids(), options=DiscoveryOptions(limits=limits)
+    )
     assert case.kind == "unreadable" and "zip bomb" in case.error
     assert not any((tmp_path / "store" / "_cache").rglob("*.dcm"))
     with pytest.raises(ReadError, match="expands beyond 1000000 bytes"):
@@ -128,9 +137,18 @@ def test_nested_zip_is_extracted(tmp_path, multi_series_folder):
     assert [c.kind for c in cases] == ["dicom-series"]
 
 
-@pytest.mark.parametrize("name, safe", [("a/b.dcm", "a/b.dcm"), ("./a//b", "a/b"), ("../x", None),
-                                        ("/abs", None), ("C:\\win\\x", None), ("a\\..\\..\\x", None),
-                                        ("", None)])
+@pytest.mark.parametrize(
+    "name, safe",
+    [
+        ("a/b.dcm", "a/b.dcm"),
+        ("./a//b", "a/b"),
+        ("../x", None),
+        ("/abs", None),
+        ("C:\\win\\x", None),
+        ("a\\..\\..\\x", None),
+        ("", None),
+    ],
+)
 def test_safe_member_path(name, safe):
     result = safe_member_path(name)
     assert (None if result is None else str(result)) == safe

@@ -1,4 +1,5 @@
 """Discovery splits DICOM folders into one case per series, drops localizers, and leaks no UIDs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,7 @@ def _uids(folder: Path) -> set[str]:
     for path in folder.rglob("*"):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:  # noqa: BLE001 - clutter files
+        except Exception:
             continue
         found |= {str(e.value) for e in ds.iterall() if e.VR == "UI" and e.value and "." in str(e.value)}
     return {uid for uid in found if not uid.startswith("1.2.840.10008.")}  # standard UIDs are not PHI
@@ -89,8 +90,11 @@ def test_pydicom_dicomdir_trees(tmp_path, caplog):
     assert [c.kind for c in by_folder["CR1"]] == ["dicom-image"]
     reversed_ct = read_case(by_folder["CT5N"][0])  # InstanceNumber runs against the positions
     assert reversed_ct.shape == (5, 16, 16) and reversed_ct.spacing[0] == pytest.approx(2.5)
-    with pytest.raises(ReadError, match=r"CT2 series [0-9a-f]{8}: 161 slices missing between z=-99.48 mm "
-                                        r"and z=103.02 mm") as info:
+    with pytest.raises(
+        ReadError,
+        match=r"CT2 series [0-9a-f]{8}: 161 slices missing between z=-99.48 mm "
+        r"and z=103.02 mm",
+    ) as info:
         read_case(by_folder["CT2"][0])
     uids = _uids(DICOMDIR_TREES)
     assert len(uids) > 10
@@ -100,8 +104,11 @@ def test_pydicom_dicomdir_trees(tmp_path, caplog):
 
 def test_parallel_header_scan_matches_the_serial_one(tmp_path):
     serial = discover([DICOMDIR_TREES], CaseStore(tmp_path).case_ids())
-    parallel = discover([DICOMDIR_TREES], CaseStore(tmp_path).case_ids(),
-                        options=DiscoveryOptions(scan_workers=2, parallel_from=1))
+    parallel = discover(
+        [DICOMDIR_TREES],
+        CaseStore(tmp_path).case_ids(),
+        options=DiscoveryOptions(scan_workers=2, parallel_from=1),
+    )
     assert serial == parallel
 
 

@@ -1,4 +1,5 @@
 """fsspec inputs: an in-memory filesystem and a real S3 API (moto's server) on loopback."""
+
 from __future__ import annotations
 
 import socket
@@ -60,9 +61,12 @@ def test_s3_prefix_through_a_real_s3_api(tmp_path, multi_series_folder, chest_vo
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     try:
-        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                           "AWS_DEFAULT_REGION": "us-east-1",
-                           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        }.items():
             monkeypatch.setenv(key, value)
         fs = fsspec.filesystem("s3", skip_instance_cache=True)
         fs.mkdir("archive-bucket")

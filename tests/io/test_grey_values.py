@@ -1,5 +1,6 @@
 """Modality values of real DICOM files (pydicom's test data): the whole-number rescale path (int32) gives
 exactly pydicom's float arithmetic, for CT's slope/intercept, MONOCHROME1 and plain stored values."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,13 +47,16 @@ def test_a_whole_number_rescale_stays_integer_and_a_fractional_one_does_not():
     assert np.array_equal(grey_values(ds, pixels), _reference(ds, pixels))
 
 
-@pytest.mark.parametrize("name, slope, intercept, dtype", [
-    ("CT_small.dcm", 1, -1024, None),  # int16 stored, CT's usual rescale: written straight into int16
-    ("CT_small.dcm", 1, 0, np.uint16),  # unsigned stored values
-    ("CT_small.dcm", 1, 40000, None),  # beyond int16: float32, as the general path gives
-    ("CT_small.dcm", 2, -1024, None),  # a slope: the general path
-    ("RG1_UNCI.dcm", 1, 0, None),  # MONOCHROME1: the general path
-])
+@pytest.mark.parametrize(
+    "name, slope, intercept, dtype",
+    [
+        ("CT_small.dcm", 1, -1024, None),  # int16 stored, CT's usual rescale: written straight into int16
+        ("CT_small.dcm", 1, 0, np.uint16),  # unsigned stored values
+        ("CT_small.dcm", 1, 40000, None),  # beyond int16: float32, as the general path gives
+        ("CT_small.dcm", 2, -1024, None),  # a slope: the general path
+        ("RG1_UNCI.dcm", 1, 0, None),  # MONOCHROME1: the general path
+    ],
+)
 def test_a_series_stack_equals_the_modality_values_compacted(name, slope, intercept, dtype):
     """The series stack taken straight from the stored values equals grey_values + _compact_stack, for
     every combination of flips, dtype and all."""

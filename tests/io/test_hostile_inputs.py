@@ -1,6 +1,8 @@
-"""Hostile input through the command line: absurd headers, degenerate geometry, NaN/Inf voxels, archives nested
-too deep, coarse masks that are not label maps. Each is one failing case with a reason naming the file and
-what is wrong, refused from its header before pixels fill memory; the good case beside them is annotated."""
+"""Hostile input through the command line: absurd headers, degenerate geometry, NaN/Inf voxels, archives
+nested too deep, coarse masks that are not label maps. Each is one failing case with a reason naming the file
+and what is wrong, refused from its header before pixels fill memory; the good case beside them is
+annotated."""
+
 from __future__ import annotations
 
 import shutil
@@ -49,8 +51,11 @@ def hostile(tmp_path_factory, small_chest, small_chest_nifti):
     shutil.copy(small_chest[0], inputs / "good.nrrd")
     _nifti_claiming(inputs / "huge.nii", (30000, 30000, 30000))
     _nifti_claiming(inputs / "no_rows.nii", (0, 512, 10))
-    nrrd.write(str(inputs / "claims.nrrd"), np.zeros((4, 4, 4), np.int16),
-               {"space": "left-posterior-superior", "space directions": np.eye(3), "encoding": "gzip"})
+    nrrd.write(
+        str(inputs / "claims.nrrd"),
+        np.zeros((4, 4, 4), np.int16),
+        {"space": "left-posterior-superior", "space directions": np.eye(3), "encoding": "gzip"},
+    )
     text = (inputs / "claims.nrrd").read_bytes().replace(b"sizes: 4 4 4", b"sizes: 50000 50000 50000")
     (inputs / "claims.nrrd").write_bytes(text)
     _degenerate_nifti(inputs / "flat.nii", small_chest_nifti[0])
@@ -99,14 +104,17 @@ def test_each_hostile_input_is_one_failing_case_with_its_reason(hostile):
 
 
 def test_coarse_masks_that_are_not_label_maps_are_refused(tmp_path, small_chest):
-    """Four copies of the real CT (one voxel apart, so four cases), each with a coarse mask of another kind."""
+    """Four copies of the real CT (one voxel apart, so four cases), each with a coarse mask of another
+    kind."""
     image, header = nrrd.read(str(small_chest[0]))
     labels = read_volume(small_chest[1])
     lungs = np.moveaxis(labels.array, (0, 1, 2), (2, 1, 0)).astype(np.float32)
-    kinds = {"fractions": np.where(lungs > 0, lungs + 0.5, 0),
-             "negative": np.where(lungs == lungs.max(), -1, lungs),
-             "image": lungs * 20000.0,
-             "whole-floats": lungs}  # a float map of whole numbers is a label map
+    kinds = {
+        "fractions": np.where(lungs > 0, lungs + 0.5, 0),
+        "negative": np.where(lungs == lungs.max(), -1, lungs),
+        "image": lungs * 20000.0,
+        "whole-floats": lungs,
+    }  # a float map of whole numbers is a label map
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir()
     masks.mkdir()
@@ -114,12 +122,17 @@ def test_coarse_masks_that_are_not_label_maps_are_refused(tmp_path, small_chest)
         copy = image.copy()
         copy[0, 0, 0] += k + 1
         nrrd.write(str(images / f"{kind}.nrrd"), copy, header)
-        nib.save(nib.Nifti1Image(mask, labels.geometry.affine[:, [2, 1, 0, 3]]), str(masks / f"{kind}.nii.gz"))
+        nib.save(
+            nib.Nifti1Image(mask, labels.geometry.affine[:, [2, 1, 0, 3]]), str(masks / f"{kind}.nii.gz")
+        )
     store = CaseStore(tmp_path / "store")
     assert main(["annotate", str(images), "--coarse-mask", str(masks), "--out", str(store.root)]) == 1
     reasons = {Path(store.manifest(c)["image"]).name: e for c, e in store.errors().items()}
     assert {name: e["stage"] for name, e in reasons.items()} == {
-        "fractions.nrrd": "prompt", "negative.nrrd": "prompt", "image.nrrd": "prompt"}
+        "fractions.nrrd": "prompt",
+        "negative.nrrd": "prompt",
+        "image.nrrd": "prompt",
+    }
     assert "non-integer values (e.g. " in reasons["fractions.nrrd"]["reason"]
     assert "negative labels (down to -1)" in reasons["negative.nrrd"]["reason"]
     assert "beyond 65535" in reasons["image.nrrd"]["reason"]

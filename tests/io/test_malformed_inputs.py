@@ -2,6 +2,7 @@
 
 The fuzz test mutates real DICOM files (flipped, cut and inserted bytes) and checks the same property.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,7 +47,7 @@ def _wrong_length(data: bytes) -> bytes:
     """CT_small with the length of its Patient's Name element set far beyond the end of the file."""
     tag = b"\x10\x00\x10\x00PN"
     at = data.index(tag) + len(tag)
-    return data[:at] + b"\xf0\xff" + data[at + 2:]
+    return data[:at] + b"\xf0\xff" + data[at + 2 :]
 
 
 @pytest.fixture(scope="module")
@@ -111,19 +112,34 @@ def test_every_bad_file_gets_an_error_with_a_reason(tmp_path, corpus):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about every invalid value it meets
-@settings(max_examples=40, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(source=st.sampled_from(["CT_small.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm",
-                               "MR_small_jp2klossless.dcm", "emri_small_RLE.dcm"]),
-       edits=st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert"]), st.floats(0, 1),
-                                st.binary(min_size=1, max_size=16)), min_size=1, max_size=4))
+@settings(
+    max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    source=st.sampled_from(
+        [
+            "CT_small.dcm",
+            "MR_small_RLE.dcm",
+            "MR_small_jpeg_ls_lossless.dcm",
+            "MR_small_jp2klossless.dcm",
+            "emri_small_RLE.dcm",
+        ]
+    ),
+    edits=st.lists(
+        st.tuples(
+            st.sampled_from(["flip", "cut", "insert"]), st.floats(0, 1), st.binary(min_size=1, max_size=16)
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+)
 @example(source="MR_small_jpeg_ls_lossless.dcm", edits=[("flip", 0.228515625, b"\x00")])  # Rows' VR zeroed:
 def test_mutated_dicom_never_escapes_as_anything_but_a_read_error(source, edits):  # raised on first access
     data = bytearray(Path(get_testdata_file(source)).read_bytes())
     for kind, where, noise in edits:
         at = int(where * (len(data) - 1))
         if kind == "flip":
-            data[at:at + len(noise)] = noise
+            data[at : at + len(noise)] = noise
         elif kind == "cut":
             del data[at:]
         else:

@@ -1,6 +1,7 @@
 """The reader's own decoding of uncompressed greyscale frames equals pydicom's ``pixel_array`` on every such
 file of pydicom's and pydicom-data's test sets (8/16-bit, signed and unsigned, unused high bits masked or
 sign-extended), and leaves everything else to pydicom."""
+
 from __future__ import annotations
 
 import warnings
@@ -20,11 +21,14 @@ def _datasets():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the sets hold deliberately broken files
         # the files on disk (pydicom's get_testdata_files would first try to download more)
-        local = [*Path(DATA_ROOT, "test_files").rglob("*.dcm"), *Path(data_store.__file__).parent.rglob("*.dcm")]
+        local = [
+            *Path(DATA_ROOT, "test_files").rglob("*.dcm"),
+            *Path(data_store.__file__).parent.rglob("*.dcm"),
+        ]
         for path in sorted(map(str, local)):
             try:
                 yield path, dcmread(path)
-            except Exception:  # noqa: BLE001 - unreadable on purpose; not what this test is about
+            except Exception:
                 continue
 
 

@@ -1,4 +1,5 @@
 """Readers give canonical (z, y, x) volumes whose source grid is restored exactly."""
+
 from __future__ import annotations
 
 import nibabel as nib
@@ -12,13 +13,17 @@ from medsam_engine.pipeline.io.readers import read_volume
 
 
 def test_lps_nrrd_with_negative_directions_is_reoriented_and_restored(chest_ct):
-    raw, header = nrrd.read(str(chest_ct[0]))
+    raw, _header = nrrd.read(str(chest_ct[0]))
     volume = read_volume(chest_ct[0])
     assert volume.modality == "CT"
     assert volume.shape == (34, 128, 128)
     assert volume.spacing == pytest.approx((10.0, 3.046876, 3.046876), rel=1e-5)
     # canonical: x to the patient's left, y to posterior, z to superior (RAS signs -, -, +)
-    assert volume.geometry.affine[0, 2] < 0 and volume.geometry.affine[1, 1] < 0 and volume.geometry.affine[2, 0] > 0
+    assert (
+        volume.geometry.affine[0, 2] < 0
+        and volume.geometry.affine[1, 1] < 0
+        and volume.geometry.affine[2, 0] > 0
+    )
     assert np.array_equal(to_source_grid(volume.array, volume.geometry), raw)
 
 
@@ -54,8 +59,10 @@ def test_mask_on_another_grid_is_a_geometry_error(tmp_path, small_chest):
     from medsam_engine.pipeline.core.errors import GeometryError
 
     image = read_volume(small_chest[0])
-    nib.save(nib.Nifti1Image(np.zeros((64, 64, 4), np.uint8), np.diag([6.0, 6.0, 10.0, 1.0])),
-             str(tmp_path / "coarse.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(np.zeros((64, 64, 4), np.uint8), np.diag([6.0, 6.0, 10.0, 1.0])),
+        str(tmp_path / "coarse.nii.gz"),
+    )
     with pytest.raises(GeometryError, match="not on the image's grid"):
         align_to(read_volume(tmp_path / "coarse.nii.gz"), image)
 
@@ -84,14 +91,14 @@ def test_dicom_single_file_reads_hounsfield_units():
 def test_unreadable_files_raise_read_error_naming_the_file(tmp_path, content):
     path = tmp_path / "broken.png"
     path.write_bytes(content)
-    with pytest.raises(ReadError, match="broken.png"):
+    with pytest.raises(ReadError, match=r"broken.png"):
         read_volume(path)
 
 
 def test_truncated_nifti_is_a_read_error(tmp_path, small_chest_nifti):
     data = small_chest_nifti[0].read_bytes()
     (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 3])
-    with pytest.raises(ReadError, match="cut.nii.gz"):
+    with pytest.raises(ReadError, match=r"cut.nii.gz"):
         read_volume(tmp_path / "cut.nii.gz")
 
 

@@ -1,6 +1,7 @@
 """DICOM SEG as input, made from the source series with highdicom as another tool would write it: a folder of
 SEGs as `--coarse-mask` (each matched to the series it references, names carried), and a reviewer's SEG
 correction imported by `review import` (matched by series, whatever its file name)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,10 +24,14 @@ def lungs(chest_series, small_chest):
 def test_seg_coarse_masks_are_matched_by_series_and_corrections_imported(tmp_path, chest_series, lungs):
     masks = tmp_path / "masks"
     masks.mkdir()
-    reviewer_seg(chest_series["axial"], lungs, {5: "Right lung", 6: "Left lung"}, masks / "AB12CD.dcm")  # any name
+    reviewer_seg(
+        chest_series["axial"], lungs, {5: "Right lung", 6: "Left lung"}, masks / "AB12CD.dcm"
+    )  # any name
     store_path = tmp_path / "store"
-    assert main(["annotate", str(chest_series["axial"]), "--coarse-mask", str(masks), "--out",
-                 str(store_path)]) == 0
+    assert (
+        main(["annotate", str(chest_series["axial"]), "--coarse-mask", str(masks), "--out", str(store_path)])
+        == 0
+    )
     store = CaseStore(store_path)
     (case_id,) = store.committed_cases()
     assert store.manifest(case_id)["coarse_mask"].endswith("AB12CD.dcm")
@@ -44,7 +49,9 @@ def test_seg_coarse_masks_are_matched_by_series_and_corrections_imported(tmp_pat
     corrected[:, :, :20] = 0  # the reviewer erased a strip
     corrections = tmp_path / "corrections"
     corrections.mkdir()
-    reviewer_seg(chest_series["axial"], corrected, {1: "Right lung", 2: "Left lung"}, corrections / "1.2.3.dcm")
+    reviewer_seg(
+        chest_series["axial"], corrected, {1: "Right lung", 2: "Left lung"}, corrections / "1.2.3.dcm"
+    )
     assert main(["review", "import", str(store_path), str(corrections), "--reviewer", "dr-seg"]) == 0
     after, attrs = store.read_labels(case_id)
     assert attrs.review_status == "accepted" and np.array_equal(after, corrected)
@@ -60,16 +67,25 @@ def test_review_export_writes_named_slicer_segmentations_and_layered_ones_import
     written = tmp_path / "queue" / "slicer" / "c0ffee.seg.nrrd"
     segmentation = slicerio.read_segmentation(str(written))
     assert {s["name"] for s in segmentation["segments"]} == {"right lung", "left lung"}
-    assert np.array_equal(align_to(read_volume(written), attrs.volume(labels)), labels)  # values and grid kept
+    assert np.array_equal(
+        align_to(read_volume(written), attrs.volume(labels)), labels
+    )  # values and grid kept
 
     # a reviewer's file where the two lungs overlap (Slicer keeps them in two layers), named as the case
     layered = slicerio.create_segmentation(segmentation["voxels"].shape[-3:], segmentation["ijkToLPS"])
-    right = np.asarray(segmentation["voxels"]) == [s for s in segmentation["segments"]
-                                                   if s["name"] == "right lung"][0]["labelValue"]
+    right = (
+        np.asarray(segmentation["voxels"])
+        == next(s for s in segmentation["segments"] if s["name"] == "right lung")["labelValue"]
+    )
     slicerio.add_segment(layered, right, {"id": "label_5", "name": "right lung"})
-    slicerio.add_segment(layered, right, {"id": "label_6", "name": "left lung"})  # the same voxels: a 2nd layer
+    slicerio.add_segment(
+        layered, right, {"id": "label_6", "name": "left lung"}
+    )  # the same voxels: a 2nd layer
     slicerio.write_segmentation(str(tmp_path / "c0ffee.seg.nrrd"), layered)
     assert np.asarray(slicerio.read_segmentation(str(tmp_path / "c0ffee.seg.nrrd"))["voxels"]).ndim == 4
-    assert main(["review", "import", str(store.root), str(tmp_path / "c0ffee.seg.nrrd"), "--reviewer", "dr-s"]) == 0
+    assert (
+        main(["review", "import", str(store.root), str(tmp_path / "c0ffee.seg.nrrd"), "--reviewer", "dr-s"])
+        == 0
+    )
     after, _ = store.read_labels("c0ffee")
     assert set(np.unique(after)) == {0, 6} and np.array_equal(after > 0, labels == 5)  # later segment wins

@@ -1,4 +1,5 @@
 """A series is a series wherever its files are: files of one DICOM series in several inputs make one case."""
+
 from __future__ import annotations
 
 import shutil
@@ -29,19 +30,32 @@ def test_the_parts_of_a_series_make_one_case_with_each_instance_once(tmp_path, s
     (whole,) = discover([small_chest_dicom], store.case_ids())
     (merged,) = discover([first, second], store.case_ids())
     assert merged.case_id == whole.case_id and merged.error is None
-    assert sorted(p.rsplit("/", 1)[1] for p in merged.files) == sorted(p.name for p in small_chest_dicom.iterdir())
+    assert sorted(p.rsplit("/", 1)[1] for p in merged.files) == sorted(
+        p.name for p in small_chest_dicom.iterdir()
+    )
 
 
-def test_a_series_split_across_two_folders_exports_as_the_whole_series(tmp_path, small_chest_dicom, small_chest):
+def test_a_series_split_across_two_folders_exports_as_the_whole_series(
+    tmp_path, small_chest_dicom, small_chest
+):
     first, second = _split(small_chest_dicom, tmp_path)
     for name, inputs in (("whole", [small_chest_dicom]), ("split", [first, second])):
         mask = [str(small_chest[1])] * len(inputs)
-        assert main(["annotate", *map(str, inputs), "--coarse-mask", *mask, "--out", str(tmp_path / name)]) == 0
-        assert main(["export", str(tmp_path / name), "--format", "nifti", "--out", str(tmp_path / f"{name}-nii")]) == 0
+        assert (
+            main(["annotate", *map(str, inputs), "--coarse-mask", *mask, "--out", str(tmp_path / name)]) == 0
+        )
+        assert (
+            main(
+                ["export", str(tmp_path / name), "--format", "nifti", "--out", str(tmp_path / f"{name}-nii")]
+            )
+            == 0
+        )
     (whole,) = (tmp_path / "whole-nii").iterdir()
     (split,) = (tmp_path / "split-nii").iterdir()
     a, b = nib.load(str(whole)), nib.load(str(split))
-    assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj)) and np.allclose(a.affine, b.affine)
+    assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj)) and np.allclose(
+        a.affine, b.affine
+    )
     assert int(np.asanyarray(a.dataobj).astype(bool).sum()) > 0
 
 
@@ -56,7 +70,10 @@ def test_copies_of_one_instance_that_differ_fail_the_case_naming_both_files(tmp_
     store = CaseStore(tmp_path / "store")
     (case,) = discover([first, second], store.case_ids())
     assert case.error and shared.name in case.error and "different content" in case.error
-    assert main(["annotate", str(first), str(second), "--out", str(tmp_path / "s"), "--detector", "intensity"]) == 1
+    assert (
+        main(["annotate", str(first), str(second), "--out", str(tmp_path / "s"), "--detector", "intensity"])
+        == 1
+    )
     assert CaseStore(tmp_path / "s").errors()[case.case_id]["stage"] == "read"
 
 

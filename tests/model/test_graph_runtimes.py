@@ -1,4 +1,5 @@
 """ONNX Runtime and OpenVINO runners reproduce eager torch on real CT; their graphs are cached safely."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,9 +19,13 @@ from medsam_engine.pipeline.model import graph_cache as backends
 from medsam_engine.pipeline.model.runner import foreground
 
 SLICES = (15, 20)
-RUNTIMES = [pytest.param(name, marks=pytest.mark.skipif(importlib.util.find_spec(name) is None,
-                                                        reason=f"{name} is not installed"))
-            for name in ("onnxruntime", "openvino")]
+RUNTIMES = [
+    pytest.param(
+        name,
+        marks=pytest.mark.skipif(importlib.util.find_spec(name) is None, reason=f"{name} is not installed"),
+    )
+    for name in ("onnxruntime", "openvino")
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,7 +53,7 @@ def eager(runner, chest_slices):
     """Eager torch's embeddings (one batched call, never the cache) and logits, the reference."""
     slices, boxes = chest_slices
     embedded = runner._encode(slices)
-    return embedded, [runner.decode(e, b) for e, b in zip(embedded, boxes)]
+    return embedded, [runner.decode(e, b) for e, b in zip(embedded, boxes, strict=False)]
 
 
 def _near_boundary(mask: np.ndarray) -> np.ndarray:
@@ -61,7 +66,9 @@ def test_runtime_reproduces_eager_torch_on_real_ct(name, runner, chest_slices, e
     slices, boxes = chest_slices
     fast = build.build_runner(runner.model, backend=name)
     embedded = fast._encode(slices)  # batch of two: the exported graph's batch is dynamic
-    for ours, reference, slice_boxes, (ref_logits, ref_iou) in zip(embedded, eager[0], boxes, eager[1]):
+    for ours, reference, slice_boxes, (ref_logits, ref_iou) in zip(
+        embedded, eager[0], boxes, eager[1], strict=False
+    ):
         assert ours.resized_hw == reference.resized_hw
         assert float(np.abs(ours.array() - reference.array()).max()) <= 1e-4
         logits, iou = fast.decode(ours, slice_boxes)
@@ -174,17 +181,26 @@ def test_annotating_on_cached_graphs_never_imports_torch(runner, nuclei_2d, tmp_
 
     backend = "openvino" if importlib.util.find_spec("openvino") else "onnxruntime"
     build.build_runner(runner.model, backend=backend)  # the graphs are in the cache
-    code = ("import json, sys\n"
-            "from pipeline.annotate.config import EngineConfig\nfrom pipeline.io.discover import discover\n"
-            "from pipeline.annotate.job import annotate\nfrom pipeline.store.case_store import CaseStore\n"
-            "image, mask, root, backend = sys.argv[1:5]\nstore = CaseStore(root)\n"
-            "config = EngineConfig.model_validate({'model': {'backend': backend, 'device': 'auto'}})\n"
-            "summary = annotate(discover([image], store.case_ids(), coarse_masks=[mask]), store, config, show_progress=False)\n"
-            "print(json.dumps({'torch': 'torch' in sys.modules, 'committed': summary.count('done'),\n"
-            "                  'failed': [o.reason for o in summary.failed]}))")
+    code = (
+        "import json, sys\n"
+        "from medsam_engine.pipeline.annotate.config import EngineConfig\nfrom "
+        "medsam_engine.pipeline.io.discover import discover\n"
+        "from medsam_engine.pipeline.annotate.job import annotate\nfrom "
+        "medsam_engine.pipeline.store.case_store import CaseStore\n"
+        "image, mask, root, backend = sys.argv[1:5]\nstore = CaseStore(root)\n"
+        "config = EngineConfig.model_validate({'model': {'backend': backend, 'device': 'auto'}})\n"
+        "summary = annotate(discover([image], store.case_ids(), coarse_masks=[mask]), store, config, "
+        "show_progress=False)\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'committed': summary.count('done'),\n"
+        "                  'failed': [o.reason for o in summary.failed]}))"
+    )
     env = dict(os.environ, MEDSAM_ENGINE_CACHE=str(graph_cache), CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run([sys.executable, "-c", code, str(nuclei_2d[0]), str(nuclei_2d[1]), str(tmp_path / "store"),
-                           backend], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(nuclei_2d[0]), str(nuclei_2d[1]), str(tmp_path / "store"), backend],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"torch": False, "committed": 1, "failed": []}

@@ -1,4 +1,5 @@
 """Encoder batches sized by free device memory (CUDA); the CPU keeps batches of one."""
+
 from __future__ import annotations
 
 import pytest
@@ -35,8 +36,9 @@ def test_a_cuda_runner_sizes_its_batch_from_free_memory_and_that_batch_runs():
     assert len(embedded) == batch and torch.cuda.mem_get_info()[0] > 0.2 * free_before
 
 
-@pytest.mark.parametrize("value, share", [(None, 1.0), ("0.25", 0.25), ("1", 1.0), ("0", 1.0), ("2", 1.0),
-                                          ("half", 1.0)])
+@pytest.mark.parametrize(
+    "value, share", [(None, 1.0), ("0.25", 0.25), ("1", 1.0), ("0", 1.0), ("2", 1.0), ("half", 1.0)]
+)
 def test_the_gpu_share_a_process_holds_scales_its_memory_sized_batches(runner, monkeypatch, value, share):
     """A Ray actor holding a quarter of a GPU sets $MEDSAM_ENGINE_GPU_SHARE to 0.25: the runner's own
     memory_batch sizes its batches to a quarter of what a process with the whole GPU takes; unusable values
@@ -54,6 +56,8 @@ def test_the_gpu_share_a_process_holds_scales_its_memory_sized_batches(runner, m
     monkeypatch.setattr(runner, "_memory_batch", None)
     monkeypatch.setattr(runner, "_slice_bytes", lambda: 100 * 2**20)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 2**30, 80 * 2**30))
-    assert runner.memory_batch(cap=1024) == int(40 * 2**30 * 0.5 * share) // (100 * 2**20)  # 204 whole, 51 a quarter
+    assert runner.memory_batch(cap=1024) == int(40 * 2**30 * 0.5 * share) // (
+        100 * 2**20
+    )  # 204 whole, 51 a quarter
     monkeypatch.setattr(runner, "_memory_batch", None)
     assert runner.memory_batch(share=0.5, cap=1024) == 204  # an explicit share is taken as it is

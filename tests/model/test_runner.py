@@ -1,4 +1,5 @@
 """LiteMedSAM loading and the runner's encode-once / batched-decode parity with a naive loop."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,12 @@ from medsam_engine.pipeline.core.geometry import align_to
 from medsam_engine.pipeline.core.intensity import to_uint8
 from medsam_engine.pipeline.core.provenance import file_sha256
 from medsam_engine.pipeline.io.readers import read_volume
-from medsam_engine.pipeline.model.checkpoint import LITE_MEDSAM_SHA256, CheckpointError, bundled_checkpoint, load_lite_medsam
+from medsam_engine.pipeline.model.checkpoint import (
+    LITE_MEDSAM_SHA256,
+    CheckpointError,
+    bundled_checkpoint,
+    load_lite_medsam,
+)
 
 
 def test_bundled_checkpoint_is_the_official_file():
@@ -30,7 +36,7 @@ def test_litemedsam_checkpoint_missing_a_weight_is_refused_by_strict_loading(tmp
     state.pop("mask_decoder.iou_prediction_head.layers.0.weight")
     bad = tmp_path / "partial.pth"
     torch.save(state, bad)
-    with pytest.raises(CheckpointError, match="(?s)does not fit lite.*Missing key"):
+    with pytest.raises(CheckpointError, match=r"(?s)does not fit lite.*Missing key"):
         load_lite_medsam(bad)
 
 
@@ -162,16 +168,22 @@ def test_a_state_dict_of_another_model_is_refused(tmp_path):
 
 
 def test_foreground_threshold_equals_float32_sigmoid_above_one_half():
-    """``foreground`` thresholds logits without torch; it must agree with torch's float32 sigmoid > 0.5 on every
-    float32 around the threshold, on tiny and ordinary logits, and on the special values."""
+    """``foreground`` thresholds logits without torch; it must agree with torch's float32 sigmoid > 0.5 on
+    every float32 around the threshold, on tiny and ordinary logits, and on the special values."""
     from medsam_engine.pipeline.model.runner import SIGMOID_HALF, foreground
 
     bits = np.array([SIGMOID_HALF], np.float32).view(np.uint32)[0]
     around = np.arange(int(bits) - 1_000_000, int(bits) + 1_000_000, dtype=np.uint32).view(np.float32)
     rng = np.random.default_rng(0)
-    values = np.concatenate([around, -around, rng.normal(0, 1e-6, 100_000).astype(np.float32),
-                             rng.normal(0, 20, 100_000).astype(np.float32),
-                             np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45], np.float32)])
+    values = np.concatenate(
+        [
+            around,
+            -around,
+            rng.normal(0, 1e-6, 100_000).astype(np.float32),
+            rng.normal(0, 20, 100_000).astype(np.float32),
+            np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45], np.float32),
+        ]
+    )
     assert np.array_equal(foreground(values), (torch.sigmoid(torch.from_numpy(values)) > 0.5).numpy())
 
 

@@ -1,6 +1,7 @@
 """Component filters and hole filling against plain scipy references on random masks: the shortcuts (one
 component counted without statistics, keep-all without a look-up per voxel, holes filled within their own
 boxes, no claims when nothing grew) give exactly the straightforward results."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,10 +45,13 @@ def test_small_components_removed_as_scipy_counts_them(mask, pixels):
     plane_structure = np.zeros((3, 3, 3), bool)
     plane_structure[1] = True  # 8-connected within each slice
     expected_2d = _filter(mask, plane_structure, lambda size, k, sizes: size >= pixels)
-    assert np.array_equal(remove_small_components_2d(mask, min_area_mm2=pixels, spacing_yx=(1.0, 1.0)), expected_2d)
+    assert np.array_equal(
+        remove_small_components_2d(mask, min_area_mm2=pixels, spacing_yx=(1.0, 1.0)), expected_2d
+    )
     expected_3d = _filter(mask, np.ones((3, 3, 3), bool), lambda size, k, sizes: size >= pixels)
-    assert np.array_equal(remove_small_components_3d(mask, min_volume_mm3=pixels, spacing=(1.0, 1.0, 1.0)),
-                          expected_3d)
+    assert np.array_equal(
+        remove_small_components_3d(mask, min_volume_mm3=pixels, spacing=(1.0, 1.0, 1.0)), expected_3d
+    )
 
 
 @settings(max_examples=100, deadline=None)
@@ -63,8 +67,10 @@ def test_largest_component_kept_as_scipy_counts_it(mask):
 @settings(max_examples=150, deadline=None)
 @given(masks, st.sampled_from([0, 1, 3, 1000]))
 def test_holes_filled_as_scipy_finds_them(mask, pixels):
-    assert np.array_equal(fill_holes_2d(mask, max_area_mm2=pixels, spacing_yx=(1.0, 1.0)),
-                          _fill_reference(mask, pixels * (1 + 1e-9)))
+    assert np.array_equal(
+        fill_holes_2d(mask, max_area_mm2=pixels, spacing_yx=(1.0, 1.0)),
+        _fill_reference(mask, pixels * (1 + 1e-9)),
+    )
 
 
 def test_a_plane_with_many_holes_takes_the_per_pixel_path_with_the_same_result():
@@ -89,9 +95,14 @@ def test_a_chain_that_only_removes_claims_nothing_and_one_that_fills_claims_back
 
 
 @settings(max_examples=100, deadline=None)
-@given(hnp.arrays(np.uint16, st.tuples(st.integers(1, 4), st.integers(1, 12), st.integers(1, 12)),
-                  elements=st.sampled_from([0, 0, 0, 2, 5, 9])),
-       st.sampled_from(["CT", "2D", "OT"]))
+@given(
+    hnp.arrays(
+        np.uint16,
+        st.tuples(st.integers(1, 4), st.integers(1, 12), st.integers(1, 12)),
+        elements=st.sampled_from([0, 0, 0, 2, 5, 9]),
+    ),
+    st.sampled_from(["CT", "2D", "OT"]),
+)
 def test_the_lineage_counts_are_the_output_maps_counts(label_map, modality):
     """The engine takes the label values a map holds from this lineage (and gives them back to apply_chain):
     each label's ``voxels_after`` is exactly its count in the output, with the values given or counted."""
@@ -99,8 +110,11 @@ def test_the_lineage_counts_are_the_output_maps_counts(label_map, modality):
 
     values = sorted({int(v) for v in np.unique(label_map) if v})
     counted = apply_chain(label_map, spacing=(2.0, 1.0, 1.0), chain=default_chain(modality))
-    given_values = apply_chain(label_map, spacing=(2.0, 1.0, 1.0), chain=default_chain(modality), values=values)
+    given_values = apply_chain(
+        label_map, spacing=(2.0, 1.0, 1.0), chain=default_chain(modality), values=values
+    )
     assert np.array_equal(counted[0], given_values[0]) and counted[1] == given_values[1]
     out, lineage = counted
-    assert {r["label"]: r["voxels_after"] for r in lineage["labels"]} == \
-        {v: int((out == v).sum()) for v in values}
+    assert {r["label"]: r["voxels_after"] for r in lineage["labels"]} == {
+        v: int((out == v).sum()) for v in values
+    }

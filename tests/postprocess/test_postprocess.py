@@ -1,4 +1,5 @@
 """Post-processing: exact expectations on hand-written masks."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,6 +24,7 @@ def _mask(rows: list[str]) -> np.ndarray:
 
 
 # --- components ---------------------------------------------------------------------------------------------
+
 
 def test_islands_below_the_area_in_mm2_are_removed_and_input_kept():
     mask = np.zeros((10, 10), dtype=bool)
@@ -74,14 +76,11 @@ def test_3d_components_connect_through_corners_across_slices():
 
 
 def test_keep_largest_k_per_slice_and_ties_go_to_raster_order():
-    plane = _mask(["###..#.",
-                   "##.....",
-                   ".....##",
-                   ".......",
-                   "#......"])
+    plane = _mask(["###..#.", "##.....", ".....##", ".......", "#......"])
     # components: 5 px (top left), 1 px (top right), 2 px (middle right), 1 px (bottom left)
-    assert np.array_equal(keep_largest_components_2d(plane, k=1), _mask(["###....", "##.....", ".......",
-                                                                         ".......", "......."]))
+    assert np.array_equal(
+        keep_largest_components_2d(plane, k=1), _mask(["###....", "##.....", ".......", ".......", "......."])
+    )
     two = keep_largest_components_2d(plane, k=2)
     assert two.sum() == 7 and two[2, 5:7].all()
     three = keep_largest_components_2d(plane, k=3)
@@ -105,15 +104,20 @@ def test_keep_largest_k_in_3d():
 
 # --- holes --------------------------------------------------------------------------------------------------
 
+
 def test_hole_of_known_area_filled_and_larger_hole_kept():
-    plane = _mask(["#######....",
-                   "#.##..#....",
-                   "####..#....",
-                   "#######....",
-                   "...........",
-                   "...###.....",
-                   "...#.#.....",
-                   "...###....."])
+    plane = _mask(
+        [
+            "#######....",
+            "#.##..#....",
+            "####..#....",
+            "#######....",
+            "...........",
+            "...###.....",
+            "...#.#.....",
+            "...###.....",
+        ]
+    )
     # hole A: 1 px at (1, 1); hole B: 4 px at (1:3, 4:6); hole C: 1 px at (6, 4)
     pixel_mm2 = 0.5 * 2.0
     out = fill_holes_2d(plane, max_area_mm2=1 * pixel_mm2, spacing_yx=(0.5, 2.0))
@@ -127,9 +131,7 @@ def test_hole_of_known_area_filled_and_larger_hole_kept():
 
 
 def test_background_touching_the_border_is_not_a_hole():
-    plane = _mask(["#.#",
-                   "#.#",
-                   "###"])
+    plane = _mask(["#.#", "#.#", "###"])
     assert np.array_equal(fill_holes_2d(plane), plane)
 
 
@@ -146,6 +148,7 @@ def test_max_area_needs_spacing():
 
 # --- morphology ---------------------------------------------------------------------------------------------
 
+
 def test_opening_removes_a_one_pixel_spur():
     plane = np.zeros((9, 9), dtype=bool)
     plane[3:8, 2:7] = True
@@ -158,15 +161,9 @@ def test_opening_removes_a_one_pixel_spur():
 def test_element_radius_in_mm_gives_different_pixel_radii_per_axis():
     element = structuring_element_2d(radius_mm=2.0, spacing_yx=(0.5, 1.0))
     # half-axes 4 px in y and 2 px in x; offset (dy, dx) is in when (0.5 dy)² + (1.0 dx)² <= 2²
-    assert np.array_equal(element, _mask(["..#..",
-                                          ".###.",
-                                          ".###.",
-                                          ".###.",
-                                          "#####",
-                                          ".###.",
-                                          ".###.",
-                                          ".###.",
-                                          "..#.."]))
+    assert np.array_equal(
+        element, _mask(["..#..", ".###.", ".###.", ".###.", "#####", ".###.", ".###.", ".###.", "..#.."])
+    )
     assert structuring_element_2d(radius_mm=0, spacing_yx=(0.5, 1.0)).shape == (1, 1)
 
 
@@ -197,6 +194,7 @@ def test_3d_closing_spans_slices_by_the_z_spacing():
 
 # --- smoothing ----------------------------------------------------------------------------------------------
 
+
 def test_gaussian_smoothing_removes_a_spur_and_keeps_the_body():
     plane = np.zeros((12, 12), dtype=bool)
     plane[3:9, 3:9] = True
@@ -219,19 +217,24 @@ def test_polygon_simplification_removes_a_bump_within_tolerance():
 
 
 def test_polygon_simplification_keeps_holes_and_islands_in_holes():
-    plane = _mask(["#########",
-                   "#.......#",
-                   "#.#####.#",
-                   "#.#...#.#",
-                   "#.#.#.#.#",
-                   "#.#...#.#",
-                   "#.#####.#",
-                   "#.......#",
-                   "#########"])
+    plane = _mask(
+        [
+            "#########",
+            "#.......#",
+            "#.#####.#",
+            "#.#...#.#",
+            "#.#.#.#.#",
+            "#.#...#.#",
+            "#.#####.#",
+            "#.......#",
+            "#########",
+        ]
+    )
     assert np.array_equal(simplify_contours_2d(plane, tolerance_mm=0.5, spacing_yx=(1, 1)), plane)
 
 
 # --- consistency along z ------------------------------------------------------------------------------------
+
 
 def test_single_slice_gap_gets_the_intersection_of_its_neighbours():
     volume = np.zeros((6, 3, 3), dtype=bool)
@@ -264,17 +267,26 @@ def test_the_run_with_most_voxels_wins_over_the_longest_run():
 
 # --- argument checks ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("call, message", [
-    (lambda m: binary_closing(m, radius_mm=-1, spacing=(1, 1)), "Argument 'radius_mm' must be >= 0; got -1."),
-    (lambda m: binary_opening(m, radius_mm=1, spacing=(1, 1, 1)), "Argument 'spacing'"),
-    (lambda m: remove_small_components_2d(m, min_area_mm2=1, spacing_yx=(0, 1)), "Argument 'spacing_yx'"),
-    (lambda m: keep_largest_components_2d(m, k=0), "Argument 'k' must be >= 1; got 0."),
-    (lambda m: keep_largest_components_2d(m, k=True), "Argument 'k' must be an integer"),
-    (lambda m: remove_small_components_3d(m, min_volume_mm3=1, spacing=(1, 1, 1)),
-     "Argument 'mask' must be 3D"),
-    (lambda m: smooth_gaussian(m, sigma_mm=float("nan"), spacing=(1, 1)), "Argument 'sigma_mm'"),
-    (lambda m: fill_holes_2d(m.astype(np.uint8)), "Argument 'mask' must have dtype bool"),
-])
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda m: binary_closing(m, radius_mm=-1, spacing=(1, 1)),
+            "Argument 'radius_mm' must be >= 0; got -1.",
+        ),
+        (lambda m: binary_opening(m, radius_mm=1, spacing=(1, 1, 1)), "Argument 'spacing'"),
+        (lambda m: remove_small_components_2d(m, min_area_mm2=1, spacing_yx=(0, 1)), "Argument 'spacing_yx'"),
+        (lambda m: keep_largest_components_2d(m, k=0), "Argument 'k' must be >= 1; got 0."),
+        (lambda m: keep_largest_components_2d(m, k=True), "Argument 'k' must be an integer"),
+        (
+            lambda m: remove_small_components_3d(m, min_volume_mm3=1, spacing=(1, 1, 1)),
+            "Argument 'mask' must be 3D",
+        ),
+        (lambda m: smooth_gaussian(m, sigma_mm=float("nan"), spacing=(1, 1)), "Argument 'sigma_mm'"),
+        (lambda m: fill_holes_2d(m.astype(np.uint8)), "Argument 'mask' must have dtype bool"),
+    ],
+)
 def test_bad_arguments_raise_value_errors_naming_the_argument(call, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
         call(np.ones((4, 4), dtype=bool))

@@ -1,4 +1,5 @@
 """Post-processing chains as data: validation, per-label application, merging, lineage, defaults, layering."""
+
 from __future__ import annotations
 
 import ast
@@ -23,30 +24,49 @@ PACKAGE = Path(__file__).resolve().parents[2] / "postprocess"
 
 # --- validation ---------------------------------------------------------------------------------------------
 
+
 def test_validation_fills_defaults_and_normalises_numbers():
     steps = validate_chain([{"op": "closing", "radius_mm": np.float32(2)}, {"op": "keep_largest_components"}])
-    assert steps == [{"op": "closing", "radius_mm": 2.0, "in_plane": True},
-                     {"op": "keep_largest_components", "k": 1}]
+    assert steps == [
+        {"op": "closing", "radius_mm": 2.0, "in_plane": True},
+        {"op": "keep_largest_components", "k": 1},
+    ]
     assert type(steps[0]["radius_mm"]) is float
     assert validate_chain([]) == []
 
 
-@pytest.mark.parametrize("chain, message", [
-    ([{"op": "dilate", "radius_mm": 1}], r"Step 1 of the chain: unknown op 'dilate'; known ops: .*closing"),
-    ([{"radius_mm": 1}], r"Step 1 of the chain: unknown op None"),
-    ([{"op": "fill_holes_2d"}, {"op": "closing", "radius": 1}],
-     r"Step 2 of the chain \(op 'closing'\): unknown parameter 'radius'; allowed: radius_mm, in_plane\."),
-    ([{"op": "closing"}], r"Step 1 of the chain \(op 'closing'\): parameter 'radius_mm' is required\."),
-    ([{"op": "closing", "radius_mm": -1}],
-     r"Step 1 of the chain \(op 'closing'\): Argument 'radius_mm' must be >= 0; got -1\."),
-    ([{"op": "keep_largest_components", "k": 1.5}],
-     r"op 'keep_largest_components'\): Argument 'k' must be an integer"),
-    ([{"op": "opening", "radius_mm": 1, "in_plane": "yes"}], r"Argument 'in_plane' must be True or False"),
-    ([{"op": "bridge_slice_gaps", "max_gap": 2}], r"unknown parameter 'max_gap'; allowed: none\."),
-    (["closing"], r"Step 1 of the chain must be a mapping"),
-    ({"op": "closing", "radius_mm": 1}, r"Argument 'chain' must be a list of steps"),
-    ("closing", r"Argument 'chain' must be a list of steps"),
-])
+@pytest.mark.parametrize(
+    "chain, message",
+    [
+        (
+            [{"op": "dilate", "radius_mm": 1}],
+            r"Step 1 of the chain: unknown op 'dilate'; known ops: .*closing",
+        ),
+        ([{"radius_mm": 1}], r"Step 1 of the chain: unknown op None"),
+        (
+            [{"op": "fill_holes_2d"}, {"op": "closing", "radius": 1}],
+            r"Step 2 of the chain \(op 'closing'\): unknown parameter 'radius'; allowed: radius_mm, "
+            r"in_plane\.",
+        ),
+        ([{"op": "closing"}], r"Step 1 of the chain \(op 'closing'\): parameter 'radius_mm' is required\."),
+        (
+            [{"op": "closing", "radius_mm": -1}],
+            r"Step 1 of the chain \(op 'closing'\): Argument 'radius_mm' must be >= 0; got -1\.",
+        ),
+        (
+            [{"op": "keep_largest_components", "k": 1.5}],
+            r"op 'keep_largest_components'\): Argument 'k' must be an integer",
+        ),
+        (
+            [{"op": "opening", "radius_mm": 1, "in_plane": "yes"}],
+            r"Argument 'in_plane' must be True or False",
+        ),
+        ([{"op": "bridge_slice_gaps", "max_gap": 2}], r"unknown parameter 'max_gap'; allowed: none\."),
+        (["closing"], r"Step 1 of the chain must be a mapping"),
+        ({"op": "closing", "radius_mm": 1}, r"Argument 'chain' must be a list of steps"),
+        ("closing", r"Argument 'chain' must be a list of steps"),
+    ],
+)
 def test_validation_names_the_step_op_and_parameter(chain, message):
     with pytest.raises(ValueError, match=message):
         validate_chain(chain)
@@ -67,8 +87,13 @@ def test_apply_chain_validates_everything_before_working():
 
 
 def test_every_registered_op_runs_with_its_defaults_and_required_values():
-    required = {"min_volume_mm3": 1.0, "min_area_mm2": 1.0, "radius_mm": 1.0, "sigma_mm": 1.0,
-                "tolerance_mm": 1.0}
+    required = {
+        "min_volume_mm3": 1.0,
+        "min_area_mm2": 1.0,
+        "radius_mm": 1.0,
+        "sigma_mm": 1.0,
+        "tolerance_mm": 1.0,
+    }
     mask = np.zeros((3, 6, 6), dtype=bool)
     mask[:, 1:5, 1:5] = True
     for name, op in OPS.items():
@@ -78,6 +103,7 @@ def test_every_registered_op_runs_with_its_defaults_and_required_values():
 
 
 # --- defaults -----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("modality", sorted(DEFAULT_CHAINS))
 def test_default_chains_are_valid_and_returned_as_copies(modality):
@@ -95,6 +121,7 @@ def test_default_chain_covers_the_modalities_and_refuses_others():
 
 
 # --- application and merging ------------------------------------------------------------------------------
+
 
 def _two_organs() -> np.ndarray:
     label_map = np.zeros((4, 12, 12), dtype=np.uint16)
@@ -121,7 +148,9 @@ def test_chain_applies_per_label_and_records_lineage():
     assert lineage["spacing_mm"] == [2.0, 1.0, 1.0]
     assert one["label"] == 1 and one["chain"] == "default"
     assert [(s["op"], s["voxels_before"], s["voxels_after"]) for s in one["steps"]] == [
-        ("remove_small_components", 75, 74), ("fill_holes_2d", 74, 75)]
+        ("remove_small_components", 75, 74),
+        ("fill_holes_2d", 74, 75),
+    ]
     assert one["steps"][0]["params"] == {"min_volume_mm3": 4.0}
     assert (one["voxels_before"], one["voxels_after"], one["voxels_lost_in_merge"]) == (75, 75, 0)
     assert (three["label"], three["voxels_before"], three["voxels_after"]) == (3, 80, 80)
@@ -129,8 +158,12 @@ def test_chain_applies_per_label_and_records_lineage():
 
 def test_per_label_chain_overrides_the_default():
     label_map = _two_organs()
-    out, lineage = apply_chain(label_map, spacing=(2.0, 1.0, 1.0), chain=[{"op": "fill_holes_2d"}],
-                               per_label={1: [], 7: [{"op": "closing", "radius_mm": 1}]})
+    out, lineage = apply_chain(
+        label_map,
+        spacing=(2.0, 1.0, 1.0),
+        chain=[{"op": "fill_holes_2d"}],
+        per_label={1: [], 7: [{"op": "closing", "radius_mm": 1}]},
+    )
     assert np.array_equal(out, label_map)
     assert [r["chain"] for r in lineage["labels"]] == ["per_label", "default"]
     assert lineage["labels"][0]["steps"] == []
@@ -167,16 +200,30 @@ def test_an_empty_map_gives_an_empty_map_and_no_records():
     assert not out.any() and lineage["labels"] == []
 
 
-label_maps = hnp.arrays(np.uint16, st.tuples(st.integers(1, 4), st.integers(1, 9), st.integers(1, 9)),
-                        elements=st.sampled_from([0, 0, 0, 1, 2, 5]))
-chains = st.lists(st.sampled_from([
-    {"op": "remove_small_components", "min_volume_mm3": 3},
-    {"op": "remove_small_components_2d", "min_area_mm2": 2},
-    {"op": "keep_largest_components", "k": 1}, {"op": "keep_largest_components_2d", "k": 2},
-    {"op": "fill_holes_2d", "max_area_mm2": 3}, {"op": "opening", "radius_mm": 1},
-    {"op": "closing", "radius_mm": 1.5}, {"op": "closing", "radius_mm": 2, "in_plane": False},
-    {"op": "smooth_gaussian", "sigma_mm": 0.8}, {"op": "simplify_contours_2d", "tolerance_mm": 1},
-    {"op": "drop_disconnected_slices"}, {"op": "bridge_slice_gaps"}]), max_size=4)
+label_maps = hnp.arrays(
+    np.uint16,
+    st.tuples(st.integers(1, 4), st.integers(1, 9), st.integers(1, 9)),
+    elements=st.sampled_from([0, 0, 0, 1, 2, 5]),
+)
+chains = st.lists(
+    st.sampled_from(
+        [
+            {"op": "remove_small_components", "min_volume_mm3": 3},
+            {"op": "remove_small_components_2d", "min_area_mm2": 2},
+            {"op": "keep_largest_components", "k": 1},
+            {"op": "keep_largest_components_2d", "k": 2},
+            {"op": "fill_holes_2d", "max_area_mm2": 3},
+            {"op": "opening", "radius_mm": 1},
+            {"op": "closing", "radius_mm": 1.5},
+            {"op": "closing", "radius_mm": 2, "in_plane": False},
+            {"op": "smooth_gaussian", "sigma_mm": 0.8},
+            {"op": "simplify_contours_2d", "tolerance_mm": 1},
+            {"op": "drop_disconnected_slices"},
+            {"op": "bridge_slice_gaps"},
+        ]
+    ),
+    max_size=4,
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -200,8 +247,11 @@ def test_merged_map_keeps_labels_in_their_place(label_map, chain):
 @given(mask=hnp.arrays(np.bool_, st.tuples(st.integers(1, 4), st.integers(1, 9), st.integers(1, 9))))
 def test_cropping_per_label_gives_the_same_result_as_the_whole_array(mask):
     spacing = (2.0, 0.7, 1.0)
-    chain = [{"op": "remove_small_components", "min_volume_mm3": 3}, {"op": "closing", "radius_mm": 1.5},
-             {"op": "fill_holes_2d", "max_area_mm2": 2}]
+    chain = [
+        {"op": "remove_small_components", "min_volume_mm3": 3},
+        {"op": "closing", "radius_mm": 1.5},
+        {"op": "fill_holes_2d", "max_area_mm2": 2},
+    ]
     whole = remove_small_components_3d(mask, min_volume_mm3=3, spacing=spacing)
     whole = binary_closing(whole, radius_mm=1.5, spacing=spacing)
     whole = fill_holes_2d(whole, max_area_mm2=2, spacing_yx=spacing[1:])
@@ -211,18 +261,27 @@ def test_cropping_per_label_gives_the_same_result_as_the_whole_array(mask):
 
 # --- layering -----------------------------------------------------------------------------------------------
 
+
 def test_the_package_imports_only_numpy_scipy_opencv_skimage_cc3d_and_itself():
-    allowed = {"numpy", "scipy", "cv2", "skimage", "cc3d", "postprocess", "__future__"} | set(sys.stdlib_module_names)
+    allowed = {"numpy", "scipy", "cv2", "skimage", "cc3d", "postprocess", "__future__"} | set(
+        sys.stdlib_module_names
+    )
     for path in PACKAGE.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             for name in names:
-                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+                own = name.removeprefix("medsam_engine.")
+                assert own.split(".")[0] in allowed, f"{path.name} imports {name}"
 
 
 def test_importing_the_package_pulls_in_no_heavy_framework():
-    code = ("import sys, postprocess, postprocess.chain; "
-            "print(','.join(m for m in ('torch', 'ray', 'prefect', 'pipeline') if m in sys.modules))")
+    code = (
+        "import sys, postprocess, postprocess.chain; "
+        "print(','.join(m for m in ('torch', 'ray', 'prefect', 'pipeline') if m in sys.modules))"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == ""

@@ -1,4 +1,5 @@
 """Post-processing: properties over random small masks (hypothesis), checked against simple oracles."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -75,8 +76,13 @@ def test_idempotent_operations(mask, spacing, name):
 
 
 @FAST
-@given(plane=planes, spacing=spacings, name=st.sampled_from(["remove_2d", "largest_2d", "fill", "fill_small",
-                                                             "opening", "closing", "gaussian", "simplify"]))
+@given(
+    plane=planes,
+    spacing=spacings,
+    name=st.sampled_from(
+        ["remove_2d", "largest_2d", "fill", "fill_small", "opening", "closing", "gaussian", "simplify"]
+    ),
+)
 def test_a_2d_image_is_a_volume_with_one_slice(plane, spacing, name):
     spacing_yx = spacing[1:]
     as_image = EVERYTHING[name](plane, spacing_yx if name in ("opening", "closing", "gaussian") else spacing)
@@ -110,7 +116,9 @@ def test_opening_never_adds_voxels(mask, spacing, radius, in_plane):
 
 def _ball(radius: float, spacing) -> np.ndarray:
     half = [int(radius * (1 + 1e-9) // s) for s in spacing]
-    grids = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, spacing)], indexing="ij")
+    grids = np.meshgrid(
+        *[np.arange(-h, h + 1) * s for h, s in zip(half, spacing, strict=False)], indexing="ij"
+    )
     return sum(g * g for g in grids) <= (radius * (1 + 1e-9)) ** 2
 
 

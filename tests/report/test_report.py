@@ -1,4 +1,5 @@
 """QC pages and evaluation on a real annotated chest CT."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,14 +19,18 @@ def annotated_chest(tmp_path_factory, small_chest, runner):
     store = CaseStore(root / "store")
     broken = root / "broken.nrrd"
     broken.write_bytes(b"NRRD0004\nnot really")
-    cases = discover([small_chest[0], broken], store.case_ids(), coarse_masks=[small_chest[1], small_chest[1]])
+    cases = discover(
+        [small_chest[0], broken], store.case_ids(), coarse_masks=[small_chest[1], small_chest[1]]
+    )
     config = EngineConfig()
     summary = annotate(cases, store, config, runner=shared_runner(config, runner), show_progress=False)
     assert [o.status for o in summary.outcomes] == ["done", "failed"]
     return store, summary.outcomes[0].case_id
 
 
-def test_evaluation_matches_the_reference_through_the_affines(annotated_chest, small_chest, small_chest_nifti):
+def test_evaluation_matches_the_reference_through_the_affines(
+    annotated_chest, small_chest, small_chest_nifti
+):
     store, case_id = annotated_chest
     reference = small_chest_nifti[1]  # the same labels as NIfTI, (x, y, z) axes in RAS: matched physically
     assert match_references(store, [reference]) == {case_id: reference}

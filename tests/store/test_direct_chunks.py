@@ -2,6 +2,7 @@
 keys, every chunk byte for byte and every node's zarr.json the same JSON document (compact where zarr's is
 indented), for a real CT with a partial last chunk, a colour image, a 2D image, floats and a label map with
 real attributes; and zarr reads it back."""
+
 from __future__ import annotations
 
 import json
@@ -14,17 +15,29 @@ from zarr.storage import MemoryStore
 
 from medsam_engine.pipeline.store.case_store import encoded_case_group, write_case_group, write_local_group
 
-ATTRS = {"geometry": {"spacing_zyx_mm": [2.5, 0.7, 0.7]}, "case_id": "x", "score": math.nan,
-         "instances": [{"label": 3, "name": "lung", "predicted_iou": 0.91, "slices": [0, 18]}],
-         "note": "ünïcode"}
+ATTRS = {
+    "geometry": {"spacing_zyx_mm": [2.5, 0.7, 0.7]},
+    "case_id": "x",
+    "score": math.nan,
+    "instances": [{"label": 3, "name": "lung", "predicted_iou": 0.91, "slices": [0, 18]}],
+    "note": "ünïcode",
+}
 
 
 def _objects(labels, image, direct: bool, attrs=ATTRS, values=None) -> dict[str, bytes]:
     if direct:
-        return encoded_case_group(labels=labels, image=image, attrs=attrs, label_names={3: "lung"}, values=values)
+        return encoded_case_group(
+            labels=labels, image=image, attrs=attrs, label_names={3: "lung"}, values=values
+        )
     encoded: dict = {}
-    write_case_group(MemoryStore(store_dict=encoded), labels=labels, image=image, attrs=attrs,
-                     label_names={3: "lung"}, values=values)
+    write_case_group(
+        MemoryStore(store_dict=encoded),
+        labels=labels,
+        image=image,
+        attrs=attrs,
+        label_names={3: "lung"},
+        values=values,
+    )
     return {key: value.to_bytes() for key, value in encoded.items()}
 
 
@@ -35,21 +48,30 @@ def test_a_case_encoded_directly_equals_zarrs_own_objects(chest_volume, kind):
     ct = np.ascontiguousarray(np.pad(ct, ((0, 0), (0, 0), (0, 1536 - ct.shape[2]))))  # 3 MiB planes
     labels = (ct > -300).astype(np.uint16) * 3
     grey = np.clip(ct // 8, 0, 255).astype(np.uint8)
-    image = {"ct": ct, "labels only": None, "colour": np.stack([grey] * 3, axis=-1), "2d grey": grey[:1],
-             "float": ct[:2].astype(np.float32) / 7}[kind]
+    image = {
+        "ct": ct,
+        "labels only": None,
+        "colour": np.stack([grey] * 3, axis=-1),
+        "2d grey": grey[:1],
+        "float": ct[:2].astype(np.float32) / 7,
+    }[kind]
     if kind in ("2d grey", "float"):
-        labels = labels[:image.shape[0]]
+        labels = labels[: image.shape[0]]
     mine, zarrs = _objects(labels, image, True), _objects(labels, image, False)
     assert sorted(mine) == sorted(zarrs)
     if kind == "ct":
         assert sum(key.count("/c/") for key in mine) >= 2  # several chunks per array
     for key in zarrs:
         if key.endswith("zarr.json"):  # NaN kept as its name, so that documents with NaN compare equal
-            assert json.loads(mine[key], parse_constant=str) == json.loads(zarrs[key], parse_constant=str), key
+            assert json.loads(mine[key], parse_constant=str) == json.loads(zarrs[key], parse_constant=str), (
+                key
+            )
         else:
             assert mine[key] == zarrs[key], key
-    group = zarr.open_group(MemoryStore(store_dict={k: zarr.core.buffer.cpu.Buffer.from_bytes(v)
-                                                    for k, v in mine.items()}), mode="r")
+    group = zarr.open_group(
+        MemoryStore(store_dict={k: zarr.core.buffer.cpu.Buffer.from_bytes(v) for k, v in mine.items()}),
+        mode="r",
+    )
     assert np.array_equal(group["labels/medsam/0"][...], labels)
     assert group.attrs["medsam"]["status"] == "committed" and group.attrs["medsam"]["note"] == "ünïcode"
     if image is not None:
@@ -69,7 +91,10 @@ def test_label_values_given_by_the_caller_write_the_same_metadata_as_counted_one
     labels = np.zeros((3, 8, 8), np.uint16)
     labels[0, 1:3, 1:3], labels[2, 5, 5] = 4, 9
     attrs = {"geometry": {"spacing_zyx_mm": [1.0, 1.0, 1.0]}, "instances": [], "case_id": "x"}
-    written = [json.loads(_objects(labels, None, direct, attrs, values)["labels/medsam/zarr.json"])
-               for direct in (True, False) for values in (None, [4, 9])]
+    written = [
+        json.loads(_objects(labels, None, direct, attrs, values)["labels/medsam/zarr.json"])
+        for direct in (True, False)
+        for values in (None, [4, 9])
+    ]
     assert all(doc == written[0] for doc in written)
     assert [c["label-value"] for c in written[0]["attributes"]["ome"]["image-label"]["colors"]] == [4, 9]

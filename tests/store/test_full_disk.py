@@ -1,6 +1,7 @@
 """A store on a full disk: exit 1 with a reason naming the lack of space, no traceback, nothing half-written
 kept, and a rerun with room writes the masks a run that never lacked it writes. The disk is a real, small
 tmpfs mounted for the test (root only; skipped elsewhere)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -24,13 +25,23 @@ def small_disk(tmp_path):
 
 
 def _annotate(inputs, masks, out):
-    command = [sys.executable, "-m", "medsam_engine.pipeline.cli.main", "annotate", *map(str, inputs), "--coarse-mask",
-               *map(str, masks), "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "medsam_engine.pipeline.cli.main",
+        "annotate",
+        *map(str, inputs),
+        "--coarse-mask",
+        *map(str, masks),
+        "--out",
+        str(out),
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
-def test_a_full_disk_is_a_reason_and_a_rerun_with_room_completes(small_disk, tmp_path, small_chest,
-                                                                 small_chest_nifti):
+def test_a_full_disk_is_a_reason_and_a_rerun_with_room_completes(
+    small_disk, tmp_path, small_chest, small_chest_nifti
+):
     inputs, masks = [small_chest[0], small_chest_nifti[0]], [small_chest[1], small_chest_nifti[1]]
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * (2048 - 40) * 1024)  # ~40 KiB left: less than one case's group

@@ -1,5 +1,6 @@
 """Per-case leases on a local store and on a real local S3 server: one holder at a time, renewal, expiry, and
 immediate takeover from a killed holder on the same machine."""
+
 from __future__ import annotations
 
 import json
@@ -83,17 +84,21 @@ def test_racing_runs_get_exactly_one_lease(store):
 def test_racing_takeovers_of_one_stale_lease_have_one_winner(store):
     acquire(store, "stale", run_id="dead", ttl_s=60)
     record, _ = read_lease(store, "stale")
-    store.fs.pipe_file(str(store.root / "_leases" / "stale.json"), json.dumps(dict(record, expires_at=0)).encode())
+    store.fs.pipe_file(
+        str(store.root / "_leases" / "stale.json"), json.dumps(dict(record, expires_at=0)).encode()
+    )
     won = _race(store, "stale", 4)
     assert len(won) == 1 and holder(store, "stale")["run_id"] == won[0]
 
 
 def test_a_killed_holder_on_this_machine_frees_its_cases_at_once(tmp_path):
     store = CaseStore(tmp_path / "store")
-    code = ("import sys, time; from pipeline.store.case_store import CaseStore; "
-            "from pipeline.store.leases import acquire; "
-            "acquire(CaseStore(sys.argv[1]), 'case-a', run_id='killed', ttl_s=3600); "
-            "print('held', flush=True); time.sleep(600)")
+    code = (
+        "import sys, time; from medsam_engine.pipeline.store.case_store import CaseStore; "
+        "from medsam_engine.pipeline.store.leases import acquire; "
+        "acquire(CaseStore(sys.argv[1]), 'case-a', run_id='killed', ttl_s=3600); "
+        "print('held', flush=True); time.sleep(600)"
+    )
     child = subprocess.Popen([sys.executable, "-c", code, str(store.root)], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "held"
     assert acquire(store, "case-a", run_id="mine", ttl_s=60) is None  # alive: its lease holds

@@ -1,4 +1,5 @@
 """One accepted-case query, the rule a parameter."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,14 +15,16 @@ from medsam_engine.pipeline.store.queries import select_cases
 @pytest.fixture()
 def routed_store(tmp_path, small_chest, small_chest_nifti):
     """Two real cases (one CT written as NRRD and as NIfTI), with the review statuses a test asks for."""
+
     def make(*statuses):
         store = CaseStore(tmp_path / f"store-{'-'.join(str(s) for s in statuses)}")
         ids = []
-        for source, status in zip((small_chest[0], small_chest_nifti[0]), statuses):
+        for source, status in zip((small_chest[0], small_chest_nifti[0]), statuses, strict=False):
             labels = align_to(read_volume(small_chest[1]), read_volume(source)).astype(np.uint16)
             extra = {} if status is None else {"review_status": status}
             ids.append(commit_from_source(store, source, labels, **extra))
         return store, ids
+
     return make
 
 
@@ -40,6 +43,6 @@ def test_exports_take_accepted_and_unrouted_cases(routed_store):
 def test_a_never_reviewed_store_gives_the_detector_every_case(routed_store):
     store, ids = routed_store(None, None)
     assert select_cases(store, "accepted-else-all") == (sorted(ids), {})
-    assert select_cases(store, "accepted") == ([], {i: "not reviewed by a person" for i in ids})
+    assert select_cases(store, "accepted") == ([], dict.fromkeys(ids, "not reviewed by a person"))
     with pytest.raises(ValueError, match="Argument 'rule'"):
         select_cases(store, "everything")

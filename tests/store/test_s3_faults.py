@@ -1,8 +1,9 @@
 """S3 faults under real runs: a fault-injecting proxy (tests/faults.py) between the engine and a real local S3
 server (moto) answers 503 SlowDown, drops connections, or fails every write of mask chunks for a while.
 Bursts cost retries, not cases; a lasting outage fails the cases it hits at stage "io" (never quarantined) or,
-when not even the failure can be recorded, ends the run with exit 1 and a reason; nothing half-written is taken
-as done, and a rerun after the outage commits masks identical to a run that never met a fault."""
+when not even the failure can be recorded, ends the run with exit 1 and a reason; nothing half-written is
+taken as done, and a rerun after the outage commits masks identical to a run that never met a fault."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,8 +40,9 @@ def _same_as_reference(url: str, reference: dict) -> None:
     assert not s.fs.exists(f"{s.root}/_previous")
 
 
-def test_slowdown_bursts_and_dropped_connections_cost_retries_not_cases(two_tiles, tiles_reference, proxied_s3,
-                                                                       capsys):
+def test_slowdown_bursts_and_dropped_connections_cost_retries_not_cases(
+    two_tiles, tiles_reference, proxied_s3, capsys
+):
     proxied_s3.inject(4, method="PUT", status=503, headers={"Retry-After": "0"})
     proxied_s3.inject(2, method="GET", drop=True)
     url = "s3://faults/bursts"
@@ -50,7 +52,9 @@ def test_slowdown_bursts_and_dropped_connections_cost_retries_not_cases(two_tile
     _same_as_reference(url, tiles_reference)
 
 
-def test_an_outage_mid_commit_fails_the_cases_for_the_next_run(two_tiles, tiles_reference, proxied_s3, capsys):
+def test_an_outage_mid_commit_fails_the_cases_for_the_next_run(
+    two_tiles, tiles_reference, proxied_s3, capsys
+):
     url = "s3://faults/mid-commit"
     proxied_s3.inject(-1, method="PUT", path_part="/labels/medsam/0/c/", status=503)  # mask chunks refused
     assert _annotate(two_tiles, url) == 1

@@ -1,4 +1,5 @@
 """The store: commit last, skip or refuse by signature, keep earlier versions, ignore staging."""
+
 from __future__ import annotations
 
 import json
@@ -12,14 +13,24 @@ from medsam_engine.pipeline.store.case_store import CaseStore
 from medsam_engine.pipeline.store.labels_meta import label_colour
 
 AFFINE = np.diag([2.0, 1.0, 1.0, 1.0])  # (z, y, x) voxel -> mm
-GEOMETRY = Geometry(affine=AFFINE, shape=(2, 4, 4), source_affine=AFFINE[:, [2, 1, 0, 3]], source_shape=(4, 4, 2),
-                    source_format="nifti").to_json()
+GEOMETRY = Geometry(
+    affine=AFFINE,
+    shape=(2, 4, 4),
+    source_affine=AFFINE[:, [2, 1, 0, 3]],
+    source_shape=(4, 4, 2),
+    source_format="nifti",
+).to_json()
 
 
 def _commit(store, case_id, value, signature, **kw):
     labels = np.full((2, 4, 4), value, dtype=np.uint16)
-    return store.commit_case(case_id, labels=labels, attrs={"geometry": GEOMETRY, "signature": signature},
-                             image=np.zeros((2, 4, 4), np.int16), **kw)
+    return store.commit_case(
+        case_id,
+        labels=labels,
+        attrs={"geometry": GEOMETRY, "signature": signature},
+        image=np.zeros((2, 4, 4), np.int16),
+        **kw,
+    )
 
 
 def test_commit_then_read_back_with_ome_metadata(tmp_path):
@@ -77,9 +88,14 @@ def test_label_colours_and_names_do_not_depend_on_the_other_labels(tmp_path):
         label = meta["attributes"]["ome"]["image-label"]
         colours[case_id] = {c["label-value"]: c["rgba"] for c in label["colors"]}
         assert store.label_properties(case_id)[-1] == {
-            "label-value": 5, "name": "liver", "category": "Anatomical Structure",
-            "snomed-ct-code": "10200004", "snomed-ct-meaning": "Liver", "review-status": "unreviewed",
-            "rgb": list(label_colour(5))}
+            "label-value": 5,
+            "name": "liver",
+            "category": "Anatomical Structure",
+            "snomed-ct-code": "10200004",
+            "snomed-ct-meaning": "Liver",
+            "review-status": "unreviewed",
+            "rgb": list(label_colour(5)),
+        }
     assert colours["a"][5] == colours["b"][5] and colours["a"][3] != colours["a"][5]
 
 

@@ -3,6 +3,7 @@
 The child process stops itself at a chosen point of the write (it says where in a file and then waits), so the
 parent kills it at a known moment instead of after a guessed sleep.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ import pytest
 from medsam_engine.pipeline.export.formats import export_store
 from medsam_engine.pipeline.store.case_store import CaseStore, remove_stale_staging
 
-CHILD = r'''
+CHILD = r"""
 import os, sys, time
 from pathlib import Path
 import numpy as np
@@ -30,12 +31,10 @@ def stop_here(*args, **kwargs):
     time.sleep(600)  # killed long before this ends
 
 if hook == "mid-write":  # a large case, streamed: image and label chunks and metadata on disk; the status not
-    import zarr
-    store_module.IN_MEMORY_BYTES = 0
+    import zarr store_module.IN_MEMORY_BYTES = 0
     zarr.Group.update_attributes = stop_here  # the root's 'medsam' status is the last write
 elif hook == "mid-files":  # a small case, encoded in memory: some of its files written, the root's not
-    real_write = Path.write_bytes
-    def write_bytes(self, data):
+    real_write = Path.write_bytes def write_bytes(self, data):
         if self.name == "0":  # a chunk: the metadata files of its folder are written already
             stop_here()
         return real_write(self, data)
@@ -51,7 +50,7 @@ labels = np.random.default_rng(2).integers(0, 4, (16, 256, 256)).astype(np.uint1
 store_module.CaseStore(root).commit_case("case-1", labels=labels, image=labels.astype(np.int16),
                                          attrs={"geometry": {"spacing_zyx_mm": [2.0, 1.0, 1.0]},
                                                 "signature": {"run": 2}}, overwrite=overwrite)
-'''
+"""
 
 
 def _new_labels() -> np.ndarray:
@@ -61,17 +60,26 @@ def _new_labels() -> np.ndarray:
 def _geometry_attrs(signature: dict) -> dict:
     shape = [16, 256, 256]
     affine = np.diag([2.0, 1.0, 1.0, 1.0])  # (z, y, x) voxel -> mm
-    return {"signature": signature,
-            "geometry": {"spacing_zyx_mm": [2.0, 1.0, 1.0], "affine_zyx_to_ras": affine.tolist(),
-                         "shape_zyx": shape, "source_affine": affine[:, [2, 1, 0, 3]].tolist(),
-                         "source_shape": shape[::-1], "source_format": "nifti"}}
+    return {
+        "signature": signature,
+        "geometry": {
+            "spacing_zyx_mm": [2.0, 1.0, 1.0],
+            "affine_zyx_to_ras": affine.tolist(),
+            "shape_zyx": shape,
+            "source_affine": affine[:, [2, 1, 0, 3]].tolist(),
+            "source_shape": shape[::-1],
+            "source_format": "nifti",
+        },
+    }
 
 
 def _kill_writer_at(hook: str, root, tmp_path, *, overwrite: bool) -> None:
     script, ready = tmp_path / "child.py", tmp_path / "ready"
     script.write_text(CHILD)
-    child = subprocess.Popen([sys.executable, str(script), str(root), str(ready), hook, str(int(overwrite))],
-                             stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(root), str(ready), hook, str(int(overwrite))],
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 60
     while not ready.exists():
         if child.poll() is not None:
@@ -109,6 +117,8 @@ def test_killed_writer_leaves_no_done_case_and_a_rerun_commits_it(tmp_path, hook
     store.commit_case("case-1", labels=_new_labels(), attrs=_geometry_attrs({"run": 2}), overwrite=overwrite)
     labels, attrs = store.read_labels("case-1")
     assert attrs.signature == {"run": 2} and np.array_equal(labels, _new_labels())
-    assert [h["signature"] for h in attrs.raw.get("previous_versions", [])] == ([{"run": 1}] if overwrite else [])
+    assert [h["signature"] for h in attrs.raw.get("previous_versions", [])] == (
+        [{"run": 1}] if overwrite else []
+    )
     assert remove_stale_staging(store, older_than_s=0) == 1 and not any((root / "_staging").iterdir())
     assert len(export_store(store, "nifti", tmp_path / "nifti").written) == 1

@@ -1,4 +1,5 @@
 """The store's case groups are valid OME-Zarr 0.5: ome-zarr-models validates them, ome-zarr-py reads them."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,10 @@ from medsam_engine.pipeline.store.case_store import CaseStore
 def case(tmp_path_factory, small_chest, chest_label_names):
     store = CaseStore(tmp_path_factory.mktemp("ome") / "store")
     labels = read_volume(small_chest[1]).array
-    instances = [{"label": v, "instance": 1, "prompt_source": "coarse-mask",
-                  "reviewer": "r1" if v == 5 else None} for v in chest_label_names]
+    instances = [
+        {"label": v, "instance": 1, "prompt_source": "coarse-mask", "reviewer": "r1" if v == 5 else None}
+        for v in chest_label_names
+    ]
     case_id = commit_from_source(store, small_chest[0], labels, names=chest_label_names, instances=instances)
     return store, case_id, labels
 
@@ -43,8 +46,11 @@ def test_ome_zarr_py_reader_opens_the_case_and_its_labels(case):
 
     store, case_id, labels = case
     nodes = list(Reader(parse_url(str(store.case_path(case_id))))())
-    image = next(n for n in nodes if any(isinstance(s, Multiscales) for s in n.specs)
-                 and not any(isinstance(s, Label) for s in n.specs))
+    image = next(
+        n
+        for n in nodes
+        if any(isinstance(s, Multiscales) for s in n.specs) and not any(isinstance(s, Label) for s in n.specs)
+    )
     label = next(n for n in nodes if any(isinstance(s, Label) for s in n.specs))
     assert image.data[0].shape == labels.shape
     assert np.array_equal(np.asarray(label.data[0]), labels)

@@ -1,4 +1,5 @@
 """The store and exports on S3 (fsspec/s3fs), against a real local S3 server (moto) on a loopback port."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ from medsam_engine.pipeline.core.errors import StoreConflictError
 from medsam_engine.pipeline.export.formats import export_store
 from medsam_engine.pipeline.io.readers import read_volume
 from medsam_engine.pipeline.store.case_store import CaseStore
-
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,9 @@ class _Killed(BaseException):
     """Stands in for the writer dying: nothing after the raise is written."""
 
 
-def test_an_interrupted_write_on_s3_is_not_a_case_and_a_rerun_commits_it(bucket, small_chest, chest_labels,
-                                                                           monkeypatch, tmp_path):
+def test_an_interrupted_write_on_s3_is_not_a_case_and_a_rerun_commits_it(
+    bucket, small_chest, chest_labels, monkeypatch, tmp_path
+):
     import zarr
 
     store = CaseStore(f"{bucket}/interrupted")
