@@ -59,7 +59,7 @@ def label_objects(
 
     Each label is searched within its own bounding box (a few labels: a comparison and projections each;
     an instance map with hundreds of labels: one ``find_objects`` pass), and split into components by cc3d
-    (scipy's, in the same order, several times faster)."""
+    (scipy's labels, in the same order, at less cost; measured: docs/benchmarks.md)."""
     if connectivity not in CC3D_CONNECTIVITY:
         raise ValueError(f"Argument 'connectivity' must be 1, 2 or 3; got {connectivity}.")
     values = present_labels(label_map)

@@ -83,10 +83,10 @@ def flywheel_round(
     review_out: str | None = None,
 ) -> dict:
     """Run round n+1 on ``inputs`` into the flywheel's ``store`` (see the module doc); returns the round
-    report
-    with the run's report under "run". ``checkpoint`` pins a model (default: the store's current registered
-    model, else the base model); ``review_out`` is the queue folder (default STORE/_review/round-NNN).
-    Raises TooManyFailures after the round report is written when too many cases failed."""
+    report with the run's report under "run". ``checkpoint`` pins a model (default: the store's current
+    registered model, else the base model); ``review_out`` is the queue folder (default
+    STORE/_review/round-NNN). Raises TooManyFailures after the round report is written when too many cases
+    failed."""
     run, pool, policy = run or RunOptions(), pool or PoolOptions(), policy or FailurePolicy()
     store_url = store if "://" in store else str(Path(store).resolve())
     start = start_round(store_url, run, checkpoint)

@@ -8,7 +8,7 @@
     labels = me.segment(volume, [me.BoxPrompt(label=1, instance=1, z=12, box=(40, 52, 90, 101))],
     modality="CT")
 
-Everything here is what the ``medsam-engine`` command runs; the command-line contract (docs/design.md) is the
+Everything here is what the ``medsam-engine`` command runs; the command-line contract (README.md) is the
 reference for what each option means.
 """
 
@@ -99,12 +99,10 @@ def segment(
     config: EngineConfig | str | Path | None = None,
 ) -> np.ndarray:
     """Segment an in-memory (z, y, x) volume, a (y, x) image or a (y, x, 3) RGB image from box prompts
-        (voxel XYXY on slice ``z``; ``z`` is 0 for a 2D image). Intensities are mapped as MedSAM's protocol
-        maps ``modality`` ("CT", "MR", ...; RGB and uint8 images are used as they are); overlaps are resolved
-        per slice
-        by the model's logits. Returns a uint16 label map of the input's spatial shape; no post-processing.
-        The model
-    is loaded on the first call and kept for later calls with the same configuration."""
+    (voxel XYXY on slice ``z``; ``z`` is 0 for a 2D image). Intensities are mapped as MedSAM's protocol maps
+    ``modality`` ("CT", "MR", ...; RGB and uint8 images are used as they are); overlaps are resolved per slice
+    by the model's logits. Returns a uint16 label map of the input's spatial shape; no post-processing. The
+    model is loaded on the first call and kept for later calls with the same configuration."""
     engine_config = _config(config)
     array = np.asarray(volume)
     planar = array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3 and array.dtype == np.uint8)

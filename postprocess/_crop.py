@@ -16,7 +16,8 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     """Slices of the smallest box holding every True voxel of a bool ``mask``, or None when it is empty.
 
     Two passes over the array whatever its dimensions: the first axis's projection, then the rest projected
-    onto one plane within the first axis's extent (three strided projections cost twice as much)."""
+    onto one plane within the first axis's extent (cheaper than three strided projections; measured:
+    docs/benchmarks.md)."""
     if mask.size == 0:
         return None
     if mask.ndim == 1:
@@ -92,8 +93,8 @@ def present_values(label_map: np.ndarray) -> list[int]:
 def label_boxes(label_map: np.ndarray, values: list[int] | None = None) -> dict[int, tuple[slice, ...]]:
     """Each present non-zero value of an integer label map -> the slices of its bounding box.
 
-    A few labels cost one comparison and three projections each (2 ms a label on a 512 x 512 x 34 map);
-    many (instance maps) one ``find_objects`` pass (20 ms there, whatever their number)."""
+    A few labels cost one comparison and three projections each, less than a ``find_objects`` pass; many
+    (instance maps) one ``find_objects`` pass, whatever their number (measured: docs/benchmarks.md)."""
     values = present_values(label_map) if values is None else values
     if len(values) <= FEW_LABELS or label_map.dtype.kind not in "ui" or max(values) > 1 << 20:
         return {v: box for v in values if (box := bounding_box(label_map == v)) is not None}

@@ -199,9 +199,9 @@ def apply_chain(
 
     Args:
         label_map: integer (z, y, x) array (typically uint16), 0 = background; a 2D image has z == 1.
-        spacing: voxel size (z, y, x) in mm. chain: the steps for every label, e.g. ``[{"op": "closing",
-        "radius_mm": 2}]``; [] changes nothing. per_label: optional chains for particular label values,
-        replacing ``chain`` for those labels
+        spacing: voxel size (z, y, x) in mm.
+        chain: the steps for every label, e.g. ``[{"op": "closing", "radius_mm": 2}]``; [] changes nothing.
+        per_label: optional chains for particular label values, replacing ``chain`` for those labels
             (values absent from the map are ignored).
         values: the non-zero values present in ``label_map``, when the caller knows them exactly (saves a
             counting pass over the map); by default they are counted.

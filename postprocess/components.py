@@ -27,7 +27,8 @@ _SLAB = 16  # slices per bincount call
 def _plane_components(plane: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """8-connected labels of a uint8 (y, x) plane and the pixel count of each label (index 0: background)."""
     count, labels = cv2.connectedComponents(plane, connectivity=8, ltype=cv2.CV_32S)
-    if count <= 2:  # one component (or none): counted without OpenCV's statistics, 5x the labelling's cost
+    # one component (or none): counted without OpenCV's statistics, which cost more than the labelling
+    if count <= 2:
         filled = int(np.count_nonzero(plane))
         return labels, np.array([plane.size - filled, filled][:count], dtype=np.int64)
     _, labels, stats, _ = cv2.connectedComponentsWithStats(plane, connectivity=8, ltype=cv2.CV_32S)
@@ -38,9 +39,9 @@ def label_components(volume: np.ndarray, connectivity: int = 26) -> tuple[np.nda
     """Connected components of a (z, y, x) mask: (uint32 labels 1..n in raster order of their first voxel, n).
 
     The labels of ``scipy.ndimage.label`` with the matching structure (``connectivity`` 6, 18 or 26
-    neighbours), from cc3d, ~7x faster. cc3d works on a copy padded with background: version 4.1 fails on
-    arrays with a side of one voxel (its union-find table is sized too small there); the padding changes no
-    label. The labels are a view into that padded result (not contiguous)."""
+    neighbours), from cc3d, at less cost (measured: docs/benchmarks.md). cc3d works on a copy padded with
+    background: version 4.1 fails on arrays with a side of one voxel (its union-find table is sized too small
+    there); the padding changes no label. The labels are a view into that padded result (not contiguous)."""
     padded = np.pad(np.asarray(volume, dtype=bool), 1)
     labels, count = cc3d.connected_components(padded, connectivity=connectivity, return_N=True)
     return labels[1:-1, 1:-1, 1:-1], int(count)

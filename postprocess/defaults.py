@@ -1,6 +1,7 @@
 """Default post-processing chains per modality: plain data, edit freely (``validate_chain`` guards them).
 
-Deliberately conservative until measured: drop specks and fill pinholes, nothing that moves an outline.
+Deliberately conservative: drop specks and fill pinholes, nothing that moves an outline (such steps cost Dice;
+measured: docs/benchmarks.md).
 """
 
 from __future__ import annotations

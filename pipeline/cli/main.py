@@ -1,4 +1,4 @@
-"""`medsam-engine`: demo, annotate, export, eval (the command-line contract of docs/design.md).
+"""`medsam-engine`: demo, annotate, export, eval (the command-line contract of README.md).
 
 Exit codes: 0 every case done; 1 some cases failed (each recorded with its reason); 2 bad usage.
 """

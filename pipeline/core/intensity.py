@@ -67,7 +67,7 @@ def to_uint8(
     out = np.zeros(array.shape, dtype=np.uint8)
     if array.dtype.kind in "ui" and int(largest) - int(smallest) < LUT_RANGE:
         # integer voxels (CT in HU): the same float32 arithmetic once per value, then one look-up per voxel,
-        # a slice at a time (twice as fast as larger slabs: the index array stays in cache)
+        # a slice at a time, so the index array stays in cache
         table = scale(np.arange(int(smallest), int(largest) + 1, dtype=np.float32))
         index = np.empty(array.shape[1:], dtype=np.intp)
         for z in wanted:

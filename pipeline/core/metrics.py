@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 
 def present_labels(label_map: np.ndarray) -> list[int]:
     """The non-zero values of a label map, ascending. One counting pass for small non-negative integers
-    (OpenCV's histogram for 8/16-bit maps, 7x faster than ``bincount``, which widens to int64 first), several
-    times faster than ``np.unique``'s sort or hash on a CT-sized map."""
+    (OpenCV's histogram for 8/16-bit maps; ``bincount`` widens to int64 first) instead of ``np.unique``'s
+    sort or hash (measured: docs/benchmarks.md)."""
     if label_map.size and label_map.dtype in (np.uint8, np.uint16):
         import cv2
 

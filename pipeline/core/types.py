@@ -183,11 +183,9 @@ class CaseRef:
     the case raises it as a ReadError so it is recorded like any other failure. ``content_sha256`` is the
     image file's sha256 as discovery read it for the case id, so the case's signature does not read the file
     again. ``unreadable_nearby`` names the files in a series' folders that could not be read as DICOM (each
-    also its own
-    failing case): when the series fails to read (a gap, say), its reason names them, as they may be its
-    slices. ``supersedes`` is the id of the failing case a remote input (DICOMweb, s3://…) gave on a run where
-    it could
-    not be fetched; its error record is removed once this case is committed.
+    also its own failing case): when the series fails to read (a gap, say), its reason names them, as they may
+    be its slices. ``supersedes`` is the id of the failing case a remote input (DICOMweb, s3://…) gave on a
+    run where it could not be fetched; its error record is removed once this case is committed.
     """
 
     case_id: str

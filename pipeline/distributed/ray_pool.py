@@ -6,11 +6,10 @@
   sharing each GPU (:func:`actors_per_gpu`; or per ``gpus_per_actor`` share of one), else CPU actors of up to
   4 threads each; an actor never spans nodes.
 * :class:`Annotator` loads the model once (lazily); it runs ``case_workers`` calls at a time (2 on a CPU
-actor;
-  one per reserved CPU on a GPU actor, which takes its GPU share's part of the node's CPUs) so that reading
-  (each call in a reader process of its own), prompts, post-processing and the commit of other cases overlap
-  the model work on this one, which a lock keeps to one case at a time. Writes are idempotent: a case already
-  committed with the same signature is skipped, so a call that Ray retries after the actor was lost is
+  actor; one per reserved CPU on a GPU actor, which takes its GPU share's part of the node's CPUs) so that
+  reading (each call in a reader process of its own), prompts, post-processing and the commit of other cases
+  overlap the model work on this one, which a lock keeps to one case at a time. Writes are idempotent: a case
+  already committed with the same signature is skipped, so a call that Ray retries after the actor was lost is
   harmless.
 * :func:`drive` keeps at most ``in_flight`` calls per actor with ``ray.wait`` and survives lost actors: Ray
   restarts an actor and retries its calls (``max_restarts``/``max_task_retries``); when an actor is gone for
@@ -172,9 +171,9 @@ def plan_actors(
 def actors_per_gpu(nodes: list[NodeResources]) -> int:
     """Actors that share each GPU by default: one per :data:`CPUS_PER_GPU_ACTOR` CPUs the GPU nodes have per
     GPU, at most :data:`MAX_ACTORS_PER_GPU`. One process's case workers hold Python's interpreter lock for
-    part of every case (measured: ~31 ms of a 512² x 34 CT case, ~4 ms of a 96² 2D case; bench/gil_share.py),
-    which caps what one process can hand its GPU whatever its CPUs; several processes per GPU lift that cap,
-    each with its own model and its share of the device's memory."""
+    part of every case (measured: bench/gil_share.py, docs/benchmarks.md), which caps what one process can
+    hand its GPU whatever its CPUs; several processes per GPU lift that cap, each with its own model and its
+    share of the device's memory."""
     per_gpu = min(n.cpus / n.gpus for n in nodes if n.gpus > 0)
     return max(1, min(MAX_ACTORS_PER_GPU, int(per_gpu // CPUS_PER_GPU_ACTOR)))
 

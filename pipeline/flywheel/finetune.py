@@ -21,11 +21,11 @@ every epoch; the epoch count with the best held-out Dice over kinds, among those
 ``tolerance``, is chosen, and the model is then trained that long on *all* the reviewed data. When the choice
 is zero epochs, nothing is written: the entry says why and the parent stays.
 
-The result is a full LiteMedSAM state dict (strict-loadable by ``pipeline.model.runner.load_lite_medsam``) and
-a registry entry (sha256, parent sha256, what was learned from, the kinds, held-out Dice per kind before and
-after, promotion) written next to it as ``CKPT.json`` and, for a store, as ``STORE/_models/<sha16>.json``. The
-parent is the store's current model, so "before" is the current model on the same held-out boxes: the new one
-becomes current when the cross-validation chose to train (``promote="if-better"``; ``always``/``never`` as
+The result is a full LiteMedSAM state dict (strict-loadable by ``pipeline.model.checkpoint.load_lite_medsam``)
+and a registry entry (sha256, parent sha256, what was learned from, the kinds, held-out Dice per kind before
+and after, promotion) written next to it as ``CKPT.json`` and, for a store, as ``STORE/_models/<sha16>.json``.
+The parent is the store's current model, so "before" is the current model on the same held-out boxes: the new
+one becomes current when the cross-validation chose to train (``promote="if-better"``; ``always``/``never`` as
 asked), see pipeline/flywheel/registry.py.
 """
 

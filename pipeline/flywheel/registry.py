@@ -2,10 +2,10 @@
 
 Each entry is written beside its checkpoint (``CKPT.json``) and, for a store, as STORE/_models/<sha16>.json.
 Champion and challenger: a fine-tuned model is registered always, and becomes the store's current model only
-when it is promoted (it beat the current model on the held-out reviewed cases, or a person asked for it).
-The current model is named in STORE/_models/current.json ({"sha256" | "model": "base", "why", "set_at"});
-`medsam-engine model use STORE SHA|base` rolls back (or forward) to any registered model. Stores from before
-the pin: the newest registered, promoted entry. A current model whose checkpoint is gone or changed is passed
+when it is promoted (it beat the current model on the held-out reviewed cases, or a person asked for it). The
+current model is named in STORE/_models/current.json ({"sha256" | "model": "base", "why", "set_at"});
+`medsam-engine model use STORE SHA|base` rolls back (or forward) to any registered model. A store without that
+record: the newest registered, promoted entry. A current model whose checkpoint is gone or changed is passed
 over for the one before it. The nightly round and `round run` use the current model without any change to
 their configuration. No torch here.
 """
@@ -54,7 +54,8 @@ def registered_models(store: CaseStore) -> list[dict]:
 
 
 def is_promoted(entry: dict) -> bool:
-    """Whether the entry was promoted when it was registered (entries from before promotion count as so)."""
+    """Whether the entry was promoted when it was registered (an entry without a promotion record counts as
+    promoted)."""
     return bool((entry.get("promotion") or {}).get("promoted", True))
 
 

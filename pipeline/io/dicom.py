@@ -92,8 +92,9 @@ def native_grey_frame(ds: Dataset) -> np.ndarray | None:
     buffer; None for anything else (pydicom decodes that).
 
     The same array as ``ds.pixel_array`` (bits above Bits Stored cleared, or sign-extended when signed, as
-    pydicom's native decoder does), without pydicom's per-call set-up and checks, which cost about 1 ms a
-    file, as much as reading it. Data shorter than the frame is left to pydicom, which names the fault.
+    pydicom's native decoder does), without pydicom's per-call set-up and checks, which cost as much as
+    reading the file (measured: docs/benchmarks.md). Data shorter than the frame is left to pydicom, which
+    names the fault.
     """
     if str(_syntax(ds)) not in NATIVE_LITTLE_ENDIAN:
         return None
@@ -140,10 +141,9 @@ def _compact_stack(
     planes: list[np.ndarray], flips: tuple[bool, bool, bool] | None = None, shifts: list[int] | None = None
 ) -> np.ndarray:
     """``_compact(np.stack(planes + shifts))`` (k, rows, cols) without a whole-series copy of wider values
-    when
-    every plane holds integers: the range is taken plane by plane and each plane (plus its shift, in int32) is
-    written once into the int16 (or float32) result. ``flips`` (columns, rows, planes) are applied in that
-    same copy."""
+    when every plane holds integers: the range is taken plane by plane and each plane (plus its shift, in
+    int32) is written once into the int16 (or float32) result. ``flips`` (columns, rows, planes) are applied
+    in that same copy."""
     cols, rows, order = (-1 if f else 1 for f in (flips or (False, False, False)))
     shifts = shifts or [0] * len(planes)
     if not planes or any(p.dtype.kind not in "iu" for p in planes):

@@ -138,13 +138,13 @@ def _int(value: Any, default: int) -> int:
 
 
 # -- the header fast path ---------------------------------------------------------------------------------
-# pydicom walks every element of a header in Python (~0.7 ms a file with the conversions), which made the
-# scan of a 34-file CT series ~22 ms, as much as reading its pixels; a discovery of a large archive, and the
-# Ray driver's that feeds a GPU node, is mostly that. The fast path below reads only the first bytes of a
-# Part 10 file in explicit VR little endian (the uncompressed default and every encapsulated syntax), walks
-# its top-level elements up to (0028,0011) skipping sequences, and decodes only the tags grouping needs. It
-# declines (None) whatever is not plain: then pydicom reads the file as before, with its reasons. Equal to
-# the pydicom path on every test file of pydicom and pydicom-data (tests/io/test_dicom_scan_fast.py).
+# pydicom walks every element of a header in Python, which costs a series' scan about as much as reading
+# its pixels; a discovery of a large archive, and the Ray driver's that feeds a GPU node, is mostly that
+# (measured: docs/benchmarks.md). The fast path below reads only the first bytes of a Part 10 file in
+# explicit VR little endian (the uncompressed default and every encapsulated syntax), walks its top-level
+# elements up to (0028,0011) skipping sequences, and decodes only the tags grouping needs. It declines
+# (None) whatever is not plain: then pydicom reads the file, with its reasons. Equal to the pydicom path on
+# every test file of pydicom and pydicom-data (tests/io/test_dicom_scan_fast.py).
 FAST_BYTES = 1 << 16
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 ENCAPSULATED_PREFIXES = ("1.2.840.10008.1.2.4.", "1.2.840.10008.1.2.5")  # JPEG family, JPEG-LS/2000, RLE

@@ -3,8 +3,7 @@
 ``--labels FILE`` takes:
 
 * JSON: ``{"1": "liver", "2": {"name": "spleen", "code": "78961009", "colour": [157, 108, 162]}}`` or a list
-of
-  ``{"value": 1, "name": ..., "code": ..., "meaning": ..., "colour": ...}``;
+  of ``{"value": 1, "name": ..., "code": ..., "meaning": ..., "colour": ...}``;
 * CSV (header optional): ``value,name[,code][,colour]`` with the colour as ``#rrggbb`` or ``r g b``;
 * a 3D Slicer colour table (``.ctbl`` / ``.txt``): ``value name r g b a`` lines, ``#`` comments.
 

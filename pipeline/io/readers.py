@@ -66,8 +66,8 @@ def read_nifti(path: Path) -> Volume:
     check_voxels(image.header.get_data_shape(), path.name)
     size = int(np.prod(image.header.get_data_shape())) * image.header.get_data_dtype().itemsize
     if path.name.lower().endswith(".gz") and size <= IN_MEMORY_NIFTI_BYTES:
-        # inflated at once by ISA-L (2x zlib) and parsed from memory: nibabel's streamed gzip reads took 3x as
-        # long (reading a 512 x 512 x 34 CT: 115 -> 71 ms); the same header, scaling and values
+        # inflated at once by ISA-L and parsed from memory: much faster than nibabel's streamed gzip
+        # (measured: docs/benchmarks.md); the same header, scaling and values
         from isal import igzip
 
         image = type(image).from_bytes(igzip.decompress(path.read_bytes()))
@@ -278,9 +278,9 @@ def libraries_for(cases: Iterable[CaseRef] | None) -> tuple[str, ...]:
 
 
 def preload(names: tuple[str, ...]) -> None:
-    """Import ``names`` in a reader process as it starts (:func:`warm_readers`) instead of in its first case
-    (pydicom or nibabel ~0.4 s of CPU each). Never raises: a library that cannot be imported fails where a
-    read needs it, with its reason."""
+    """Import ``names`` in a reader process as it starts (:func:`warm_readers`) instead of in its first case,
+    which would wait for those imports (measured: docs/benchmarks.md). Never raises: a library that cannot be
+    imported fails where a read needs it, with its reason."""
     import importlib
 
     for name in names:

@@ -1,9 +1,9 @@
 """QC reports: HTML pages with overlay pictures and per-instance scores, worst first.
 
 ``write_report`` covers a whole store; ``write_review_report`` covers the review queue
-(pipeline/flywheel/review.py),
-with each case's worst instances pictured on the slices where they are. Instances are ordered by their
-quality score (pipeline/annotate/quality.py) when the case has one, else by the model's predicted IoU.
+(pipeline/flywheel/review.py), with each case's worst instances pictured on the slices where they are.
+Instances are ordered by their quality score (pipeline/annotate/quality.py) when the case has one, else by the
+model's predicted IoU.
 """
 
 from __future__ import annotations

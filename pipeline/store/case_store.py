@@ -367,7 +367,7 @@ CHUNK_BYTES = 4 << 20  # a chunk holds whole planes, about this many bytes: few 
 
 def plane_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     """Chunks of whole (y, x) planes, as many as fit in :data:`CHUNK_BYTES` (at least one): per-chunk
-    overhead (a file and a codec call each) dominated writes of one-plane chunks."""
+    overhead (a file and a codec call each) would dominate writes of one-plane chunks."""
     plane = int(np.prod(shape[1:])) * itemsize
     return (max(1, min(shape[0], CHUNK_BYTES // max(1, plane))), *shape[1:])
 
@@ -375,9 +375,9 @@ def plane_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
 def _codecs() -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """(image codec, label codec), each as (zarr codec, numcodecs twin factory, its zarr.json entry factory):
     the twin encodes a chunk exactly as zarr does and the entry is zarr's own description of the codec
-    (tests/store/test_direct_chunks.py compares the bytes). Images: LZ4 behind a byte shuffle (several times
-    faster than zstd, ~10 % larger on CT); label maps: zstd, which packs their long runs of zeros tightly.
-    Every chunk is written (the check that skips chunks of zeros cost more than writing them)."""
+    (tests/store/test_direct_chunks.py compares the bytes). Images: LZ4 behind a byte shuffle (faster than
+    zstd, slightly larger; measured: docs/benchmarks.md); label maps: zstd, which packs their long runs of
+    zeros tightly. Every chunk is written (checking for chunks of zeros costs more than writing them)."""
     from numcodecs import Blosc, Zstd
     from zarr.codecs import BloscCodec, ZstdCodec
 
@@ -524,8 +524,8 @@ DIRECT_DTYPES = frozenset({"uint8", "int8", "uint16", "int16", "uint32", "int32"
 
 
 def _document(doc: dict[str, Any]) -> bytes:
-    # zarr's own document; compact, where zarr indents it: Python's json indents in pure Python, 6x slower
-    # and holding the interpreter lock (0.8 -> 0.13 ms for a small 2D case's documents)
+    # zarr's own document; compact, where zarr indents it: Python's json indents in pure Python, slower and
+    # holding the interpreter lock (measured: docs/benchmarks.md)
     return json.dumps(doc, allow_nan=True).encode()
 
 

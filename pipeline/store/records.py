@@ -2,12 +2,10 @@
 (a temporary file renamed into place locally, one PUT on object stores): readers never see a partial one.
 
     STORE/_rounds/current.json, round-NNN.json   the flywheel's rounds (pipeline/flywheel/rounds.py)
-    STORE/_quality/calibration.json              the quality score's calibration
-    (pipeline/annotate/quality.py)
+    STORE/_quality/calibration.json              the score calibration (pipeline/annotate/quality.py)
     STORE/_models/<sha16>.json                   registered fine-tuned models (pipeline/flywheel/registry.py)
     STORE/_quarantine/<case_id>.json             cases that failed for a lasting reason, with their signature
-    STORE/_watermarks/<name>.json                how far a nightly run has taken the inputs
-    (flows/watermark.py)
+    STORE/_watermarks/<name>.json                how far the nightly runs have got (flows/watermark.py)
 """
 
 from __future__ import annotations
