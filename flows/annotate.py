@@ -95,7 +95,10 @@ class RunOptions(BaseModel):
         return self.config if self.config is not None else load_config(self.config_path)
 
 
-class FailurePolicy(BaseModel):
+class RunPolicy(BaseModel):
+    """How a whole run treats failures (the fraction that fails it, quarantined cases) and how it shards;
+    each case's own retries are pipeline.annotate.policy.FailurePolicy."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_failure_fraction: float = Field(
@@ -324,12 +327,12 @@ def annotate_archive(
     coarse_masks: list[str] | None = None,
     run: RunOptions | None = None,
     pool: PoolOptions | None = None,
-    policy: FailurePolicy | None = None,
+    policy: RunPolicy | None = None,
 ) -> dict:
     """Annotate every case under ``inputs`` into the store ``out`` on a Ray pool; returns the run's report
     (counts per status, one outcome record per case, slices, wall time). Raises TooManyFailures when the
     failed fraction exceeds the policy (the report is on the exception)."""
-    run, pool, policy = run or RunOptions(), pool or PoolOptions(), policy or FailurePolicy()
+    run, pool, policy = run or RunOptions(), pool or PoolOptions(), policy or RunPolicy()
     store_url = out if "://" in out else str(Path(out).resolve())
     config_json = run.engine_config().model_dump_json()
     report, seen = annotate_inputs(
@@ -347,7 +350,7 @@ def annotate_inputs(
     coarse_masks: list[str],
     run: RunOptions,
     pool: PoolOptions,
-    policy: FailurePolicy,
+    policy: RunPolicy,
     config_json: str,
     *,
     model: str | None = None,
@@ -401,7 +404,7 @@ def push_proposals(store_url: str, case_ids: list[str], service: str) -> dict:
 
 
 def _annotate_on_ray(
-    todo: list[dict], job: dict, pool: PoolOptions, policy: FailurePolicy
+    todo: list[dict], job: dict, pool: PoolOptions, policy: RunPolicy
 ) -> tuple[list[dict], dict]:
     """Size the pool, shard ``todo`` and run the shards; returns the outcomes and facts about the pool."""
     connect(pool.address)
@@ -425,7 +428,7 @@ def _annotate_on_ray(
     return outcomes, {"actors": plan.count, "shards": len(shards), "broken_shards": broken}
 
 
-def enforce_policy(report: dict, policy: FailurePolicy) -> None:
+def enforce_policy(report: dict, policy: RunPolicy) -> None:
     """Fail the run when a shard could not run or too many cases failed (the summary is written already)."""
     if report["broken_shards"]:
         raise RuntimeError(f"{report['broken_shards']} shard(s) could not run; rerun to finish their cases")

@@ -21,8 +21,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from medsam_engine.flows.annotate import (
     MAX_SHARD_THREADS,
-    FailurePolicy,
     RunOptions,
+    RunPolicy,
     advance_watermark,
     annotate_inputs,
     enforce_policy,
@@ -78,7 +78,7 @@ def flywheel_round(
     coarse_masks: list[str] | None = None,
     run: RunOptions | None = None,
     pool: PoolOptions | None = None,
-    policy: FailurePolicy | None = None,
+    policy: RunPolicy | None = None,
     checkpoint: str | None = None,
     review_out: str | None = None,
 ) -> dict:
@@ -87,7 +87,7 @@ def flywheel_round(
     registered model, else the base model); ``review_out`` is the queue folder (default
     STORE/_review/round-NNN). Raises TooManyFailures after the round report is written when too many cases
     failed."""
-    run, pool, policy = run or RunOptions(), pool or PoolOptions(), policy or FailurePolicy()
+    run, pool, policy = run or RunOptions(), pool or PoolOptions(), policy or RunPolicy()
     store_url = store if "://" in store else str(Path(store).resolve())
     start = start_round(store_url, run, checkpoint)
     model = LazyRunner(start.config).model_sha256

@@ -29,10 +29,10 @@ def _quiet_defaults() -> None:
 
 
 def _flow_options(args, config, command: str):
-    """RunOptions, PoolOptions and FailurePolicy of parsed run arguments, or None after printing why not."""
+    """RunOptions, PoolOptions and RunPolicy of parsed run arguments, or None after printing why not."""
     from pydantic import ValidationError
 
-    from medsam_engine.flows.annotate import FailurePolicy, RunOptions
+    from medsam_engine.flows.annotate import RunOptions, RunPolicy
 
     try:
         run = RunOptions(
@@ -49,7 +49,7 @@ def _flow_options(args, config, command: str):
             cpus_per_actor=args.cpus_per_actor,
             gpus_per_actor=args.gpus_per_actor,
         )
-        policy = FailurePolicy(
+        policy = RunPolicy(
             max_failure_fraction=args.max_failure_fraction,
             retry_quarantined=args.retry_quarantined,
             shards=args.shards,

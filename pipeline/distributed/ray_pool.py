@@ -326,7 +326,7 @@ class Annotator:
             self._stores[url] = CaseStore(url)
         return self._stores[url]
 
-    def annotate_case(
+    def annotate_and_commit(
         self, case: dict, store_url: str, run_id: str, *, overwrite: bool = False, retries: int = 2
     ) -> dict:
         """Annotate and commit one case through the one per-case driver; returns its outcome record. Never
@@ -391,7 +391,7 @@ def drive(
     while queue or pending:
         while queue and _may_send(queue[0], pending, deaths, in_flight):
             case = queue.popleft()
-            ref = actor.annotate_case.remote(
+            ref = actor.annotate_and_commit.remote(
                 case, job.store_url, job.run_id, overwrite=job.overwrite, retries=job.retries
             )
             pending[ref] = (case, actor)

@@ -66,7 +66,7 @@ def test_a_case_that_kills_two_workers_is_failed_and_quarantined_and_the_others_
     from medsam_engine.pipeline.store.records import quarantined
 
     class Fragile:  # defined here so that Ray ships it by value
-        def annotate_case(self, case, store_url, run_id, **_):
+        def annotate_and_commit(self, case, store_url, run_id, **_):
             if case["case_id"] == "poison":
                 os._exit(1)  # as a segfault or the OOM killer would
             return CaseOutcome(case["case_id"], "done").record()
@@ -124,7 +124,7 @@ def test_a_store_that_cannot_be_written_stops_the_ray_run_with_its_reason(ray_cl
     from medsam_engine.pipeline.distributed.ray_pool import Job, drive
 
     class FullDisk:  # raises what the per-case driver raises when the store's disk is full
-        def annotate_case(self, case, store_url, run_id, **_):
+        def annotate_and_commit(self, case, store_url, run_id, **_):
             if case["case_id"] != "a":
                 raise StoreUnavailableError(
                     f"case {case['case_id']} could not be written to the store: no space left on the device"

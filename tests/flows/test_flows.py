@@ -25,7 +25,7 @@ WARM = {"keep_actors": True}  # keep the actors' models between the tests of thi
 
 
 def run_flow(images: Path, masks: Path, store: Path, **options) -> dict:
-    from medsam_engine.flows.annotate import FailurePolicy, RunOptions, annotate_archive
+    from medsam_engine.flows.annotate import RunOptions, RunPolicy, annotate_archive
     from medsam_engine.pipeline.distributed.ray_pool import PoolOptions
 
     return annotate_archive(
@@ -34,7 +34,7 @@ def run_flow(images: Path, masks: Path, store: Path, **options) -> dict:
         coarse_masks=[str(masks)],
         run=RunOptions(**options.get("run", {})),
         pool=PoolOptions(**{**WARM, **options.get("pool", {})}),
-        policy=FailurePolicy(**options.get("policy", {})),
+        policy=RunPolicy(**options.get("policy", {})),
     )
 
 
