@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
 import json
 import os
 import secrets
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, cast
@@ -43,17 +40,14 @@ import numpy as np
 
 from medsam_engine.pipeline.core.atomic import create_exclusive, write_text_atomic
 from medsam_engine.pipeline.core.errors import StoreConflictError
-from medsam_engine.pipeline.core.metrics import present_labels
 from medsam_engine.pipeline.core.provenance import utc_stamp, version_id
 from medsam_engine.pipeline.core.types import CaseAttributes, CaseIds
-from medsam_engine.pipeline.store.labels_meta import describe_labels
 from medsam_engine.pipeline.store.leases import HOST, conditional_put, process_alive
+from medsam_engine.pipeline.store.ome_zarr import STATUS_COMMITTED, write_case_group, write_local_group
 
 if TYPE_CHECKING:
     import zarr
-    from numcodecs.abc import Codec
-    from zarr.core.array_spec import ArrayConfigParams
-    from zarr.storage import FsspecStore, StoreLike
+    from zarr.storage import FsspecStore
 
 CASE_SUFFIX = ".ome.zarr"
 
@@ -63,7 +57,6 @@ class _Unread(Enum):
 
 
 UNREAD = _Unread.UNREAD
-STATUS_COMMITTED = "committed"
 LABELS_PATH = "labels/medsam"
 
 
@@ -327,288 +320,6 @@ class CaseStore:
             self.fs.rm(str(final), recursive=True)
         write_case_group(self._zarr_target(final, read_only=False), **content)
         return final
-
-
-def _multiscales(name: str, axes: list[str], scale: list[float]) -> list[dict[str, Any]]:
-    kinds = {"c": "channel", "z": "space", "y": "space", "x": "space"}
-    return [
-        {
-            "name": name,
-            "axes": [
-                {"name": a, "type": kinds[a], **({"unit": "millimeter"} if kinds[a] == "space" else {})}
-                for a in axes
-            ],
-            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
-        }
-    ]
-
-
-def image_label_metadata(
-    labels: np.ndarray,
-    *,
-    names: Mapping[int, str | dict[str, Any]],
-    instances: list[dict[str, Any]],
-    values: list[int] | None = None,
-) -> dict[str, Any]:
-    """OME-Zarr 0.5 ``image-label`` metadata: a colour and properties for each non-zero value (``values``
-    when the caller knows exactly which are present, else counted)."""
-    values = present_labels(labels) if values is None else sorted({int(v) for v in values})
-    meanings = describe_labels(values, names=names, instances=instances)
-    return {
-        "version": "0.5",
-        "colors": [{"label-value": m.value, "rgba": [*m.rgb, 255]} for m in meanings],
-        "properties": [m.to_ome_property() for m in meanings],
-        "source": {"image": "../../"},
-    }
-
-
-CHUNK_BYTES = 4 << 20  # a chunk holds whole planes, about this many bytes: few files, few calls per case
-
-
-def plane_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
-    """Chunks of whole (y, x) planes, as many as fit in :data:`CHUNK_BYTES` (at least one): per-chunk
-    overhead (a file and a codec call each) would dominate writes of one-plane chunks."""
-    plane = int(np.prod(shape[1:])) * itemsize
-    return (max(1, min(shape[0], CHUNK_BYTES // max(1, plane))), *shape[1:])
-
-
-def _codecs() -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """(image codec, label codec), each as (zarr codec, numcodecs twin factory, its zarr.json entry factory):
-    the twin encodes a chunk exactly as zarr does and the entry is zarr's own description of the codec
-    (tests/store/test_direct_chunks.py compares the bytes). Images: LZ4 behind a byte shuffle (faster than
-    zstd, slightly larger; measured: docs/benchmarks.md); label maps: zstd, which packs their long runs of
-    zeros tightly. Every chunk is written (checking for chunks of zeros costs more than writing them)."""
-    from numcodecs import Blosc, Zstd
-    from zarr.codecs import BloscCodec, ZstdCodec
-
-    return (
-        (
-            BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
-            lambda itemsize: Blosc(
-                cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE, blocksize=0, typesize=itemsize
-            ),
-            lambda itemsize: {
-                "name": "blosc",
-                "configuration": {
-                    "typesize": itemsize,
-                    "cname": "lz4",
-                    "clevel": 5,
-                    "shuffle": "shuffle",
-                    "blocksize": 0,
-                },
-            },
-        ),
-        (
-            ZstdCodec(level=1),
-            lambda itemsize: Zstd(level=1),
-            lambda itemsize: {"name": "zstd", "configuration": {"level": 1, "checksum": False}},
-        ),
-    )
-
-
-def encoded_chunks(
-    data: np.ndarray, chunks: tuple[int, ...], compressor: Codec
-) -> Iterator[tuple[str, bytes]]:
-    """(chunk key, bytes) of every chunk of ``data`` as zarr v3 stores it: default chunk keys (``c/i/j/k``),
-    edge chunks padded with the fill value 0, little-endian bytes through ``compressor`` (a numcodecs
-    codec)."""
-    for starts in itertools.product(*(range(0, n, c) for n, c in zip(data.shape, chunks, strict=False))):
-        block = data[tuple(slice(s, s + c) for s, c in zip(starts, chunks, strict=False))]
-        if block.shape != tuple(chunks):
-            padded = np.zeros(chunks, dtype=data.dtype)
-            padded[tuple(slice(0, n) for n in block.shape)] = block
-            block = padded
-        key = "c/" + "/".join(str(s // c) for s, c in zip(starts, chunks, strict=False))
-        yield key, compressor.encode(np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<")))
-
-
-@dataclass(frozen=True)
-class _Node:
-    """One node of a case group: a group (``data`` None) or an array with its chunks, axes and codec."""
-
-    path: str  # "" for the root
-    attributes: dict[str, Any]
-    data: np.ndarray | None = None
-    chunks: tuple[int, ...] = ()
-    dims: tuple[str, ...] = ()
-    codec: tuple[Any, ...] | None = None  # one of _codecs()
-
-
-def _case_nodes(
-    labels: np.ndarray,
-    image: np.ndarray | None,
-    attrs: dict[str, Any],
-    label_names: dict[int, str | dict[str, Any]],
-    values: list[int] | None,
-) -> list[_Node]:
-    """A case group's nodes, each with its final attributes: the root (OME multiscales of the image and the
-    'medsam' attributes that carry the commit status), its image array, the labels group and the label map."""
-    spacing = [float(s) for s in attrs["geometry"]["spacing_zyx_mm"]]
-    image_codec, label_codec = _codecs()
-    nodes = []
-    root_attrs = {}
-    if image is not None:
-        axes = ["z", "y", "x"] if image.ndim == 3 else ["c", "z", "y", "x"]
-        scale = spacing if image.ndim == 3 else [1.0, *spacing]
-        root_attrs["ome"] = {"version": "0.5", "multiscales": _multiscales("image", axes, scale)}
-        data = np.ascontiguousarray(image if image.ndim == 3 else np.moveaxis(image, -1, 0))
-        chunks = (
-            plane_chunks(data.shape, data.itemsize)
-            if image.ndim == 3
-            else (data.shape[0], *plane_chunks(data.shape[1:], data.itemsize * data.shape[0]))
-        )
-        nodes.append(_Node("0", {}, data, chunks, tuple(axes), image_codec))
-    root_attrs["medsam"] = dict(attrs, status=STATUS_COMMITTED)
-    nodes.insert(0, _Node("", root_attrs))
-    nodes.append(_Node("labels", {"ome": {"version": "0.5", "labels": ["medsam"]}}))
-    nodes.append(
-        _Node(
-            "labels/medsam",
-            {
-                "ome": {
-                    "version": "0.5",
-                    "multiscales": _multiscales("medsam", ["z", "y", "x"], spacing),
-                    "image-label": image_label_metadata(
-                        labels, names=label_names, instances=attrs.get("instances", []), values=values
-                    ),
-                }
-            },
-        )
-    )
-    stored = labels.astype(np.uint16, copy=False)
-    nodes.append(
-        _Node("labels/medsam/0", {}, stored, plane_chunks(stored.shape, 2), ("z", "y", "x"), label_codec)
-    )
-    return nodes
-
-
-def write_case_group(
-    target: str | Path | StoreLike,
-    *,
-    labels: np.ndarray,
-    image: np.ndarray | None,
-    attrs: dict[str, Any],
-    label_names: dict[int, str | dict[str, Any]],
-    values: list[int] | None = None,
-) -> None:
-    """Write one case group at ``target`` (a path or zarr store) through zarr; the root's 'medsam' attributes,
-    which carry the commit status, are the last write. ``values``: the label values present in ``labels``
-    when the caller knows them exactly (else counted)."""
-    import zarr
-
-    nodes = _case_nodes(labels, image, attrs, label_names, values)
-    root_attrs = dict(nodes[0].attributes)
-    status = root_attrs.pop("medsam")
-    groups = {"": zarr.create_group(target, zarr_format=3, overwrite=True, attributes=root_attrs)}
-    for node in nodes[1:]:
-        parent, _, name = node.path.rpartition("/")
-        if node.data is None:
-            groups[node.path] = groups[parent].create_group(name, attributes=node.attributes)
-            continue
-        array = groups[parent].create_array(
-            name,
-            shape=node.data.shape,
-            dtype=node.data.dtype,
-            chunks=node.chunks,
-            fill_value=0,
-            dimension_names=list(node.dims),
-            compressors=cast(tuple[Any, ...], node.codec)[0],
-            config=cast("ArrayConfigParams", {"write_empty_chunks": True}),
-            attributes=node.attributes or None,
-        )
-        array[...] = node.data
-    groups[""].update_attributes({"medsam": status})
-
-
-DIRECT_DTYPES = frozenset({"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"})
-
-
-def _document(doc: dict[str, Any]) -> bytes:
-    # zarr's own document; compact, where zarr indents it: Python's json indents in pure Python, slower and
-    # holding the interpreter lock (measured: docs/benchmarks.md)
-    return json.dumps(doc, allow_nan=True).encode()
-
-
-def encoded_case_group(
-    *,
-    labels: np.ndarray,
-    image: np.ndarray | None,
-    attrs: dict[str, Any],
-    label_names: dict[int, str | dict[str, Any]],
-    values: list[int] | None = None,
-) -> dict[str, bytes] | None:
-    """Every object of the case group that :func:`write_case_group` writes (key -> bytes), made without zarr:
-    each node's ``zarr.json`` (zarr v3's document, the same JSON zarr writes, without its indentation) and
-    each chunk through its codec's numcodecs twin (:func:`encoded_chunks`, byte for byte zarr's own; both
-    compared in tests/store/test_direct_chunks.py). zarr's asynchronous API costs a thread hand-off and a
-    metadata round-trip per node, most of a small case's write, and holds the interpreter lock while it does.
-    None for an image type outside :data:`DIRECT_DTYPES` (written through zarr then)."""
-    nodes = _case_nodes(labels, image, attrs, label_names, values)
-    objects: dict[str, bytes] = {}
-    for node in nodes:
-        prefix = f"{node.path}/" if node.path else ""
-        if node.data is None:
-            objects[f"{prefix}zarr.json"] = _document(
-                {"attributes": node.attributes, "zarr_format": 3, "node_type": "group"}
-            )
-            continue
-        dtype = node.data.dtype
-        if dtype.name not in DIRECT_DTYPES:
-            return None
-        _, twin, entry = cast(tuple[Any, ...], node.codec)
-        endian = {} if dtype.itemsize == 1 else {"configuration": {"endian": "little"}}
-        objects[f"{prefix}zarr.json"] = _document(
-            {
-                "shape": list(node.data.shape),
-                "data_type": dtype.name,
-                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(node.chunks)}},
-                "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-                "fill_value": 0.0 if dtype.kind == "f" else 0,
-                "codecs": [{"name": "bytes", **endian}, entry(dtype.itemsize)],
-                "attributes": node.attributes,
-                "dimension_names": list(node.dims),
-                "zarr_format": 3,
-                "node_type": "array",
-                "storage_transformers": [],
-            }
-        )
-        for key, payload in encoded_chunks(node.data, node.chunks, twin(dtype.itemsize)):
-            objects[f"{prefix}{key}"] = payload
-    return objects
-
-
-IN_MEMORY_BYTES = 64 << 20  # cases up to this size are encoded in memory, then written as plain files
-
-
-def write_local_group(
-    folder: Path,
-    *,
-    labels: np.ndarray,
-    image: np.ndarray | None,
-    attrs: dict[str, Any],
-    label_names: dict[int, str | dict[str, Any]],
-    values: list[int] | None = None,
-) -> None:
-    """:func:`write_case_group` into a local folder. A small case is encoded in memory
-    (:func:`encoded_case_group`) and its objects written as files here, the root's ``zarr.json`` last."""
-    size = labels.nbytes + (image.nbytes if image is not None else 0)
-    objects = None
-    if size <= IN_MEMORY_BYTES:
-        objects = encoded_case_group(
-            labels=labels, image=image, attrs=attrs, label_names=label_names, values=values
-        )
-    if objects is None:
-        write_case_group(
-            str(folder), labels=labels, image=image, attrs=attrs, label_names=label_names, values=values
-        )
-        return
-    made: set[Path] = set()
-    for key in sorted(objects, key=lambda key: key == "zarr.json"):  # the root's last: it marks the commit
-        path = folder / key
-        if path.parent not in made:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            made.add(path.parent)
-        path.write_bytes(objects[key])
 
 
 def writer_tag() -> str:

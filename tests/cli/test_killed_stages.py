@@ -41,7 +41,7 @@ def _check_whole(store: CaseStore) -> None:
         ),  # reading the second case ahead, the first in the model
         ("medsam_engine.pipeline.annotate.driver:segment_volume", 1, 0),  # in the model
         (
-            "medsam_engine.pipeline.store.case_store:image_label_metadata",
+            "medsam_engine.pipeline.store.ome_zarr:image_label_metadata",
             2,
             1,
         ),  # mid-commit: the second case being encoded

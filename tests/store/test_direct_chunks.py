@@ -13,7 +13,7 @@ import pytest
 import zarr
 from zarr.storage import MemoryStore
 
-from medsam_engine.pipeline.store.case_store import encoded_case_group, write_case_group, write_local_group
+from medsam_engine.pipeline.store.ome_zarr import encoded_case_group, write_case_group, write_local_group
 
 ATTRS = {
     "geometry": {"spacing_zyx_mm": [2.5, 0.7, 0.7]},
