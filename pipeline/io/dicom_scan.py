@@ -20,6 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medsam_engine.pipeline.io.dicom_part10 import (
+    FAST_BYTES,
+    FAST_MULTI_VALUED,
+    Decline,
+    part10_values,
+    text_value,
+)
 from medsam_engine.pipeline.io.isolate import IsolatedWorker, WorkerCrash
 
 if TYPE_CHECKING:
@@ -140,121 +147,10 @@ def _int(value: Any, default: int) -> int:
 # -- the header fast path ---------------------------------------------------------------------------------
 # pydicom walks every element of a header in Python, which costs a series' scan about as much as reading
 # its pixels; a discovery of a large archive, and the Ray driver's that feeds a GPU node, is mostly that
-# (measured: docs/benchmarks.md). The fast path below reads only the first bytes of a Part 10 file in
-# explicit VR little endian (the uncompressed default and every encapsulated syntax), walks its top-level
-# elements up to (0028,0011) skipping sequences, and decodes only the tags grouping needs. It declines
-# (None) whatever is not plain: then pydicom reads the file, with its reasons. Equal to the pydicom path on
-# every test file of pydicom and pydicom-data (tests/io/test_dicom_scan_fast.py).
-FAST_BYTES = 1 << 16
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-ENCAPSULATED_PREFIXES = ("1.2.840.10008.1.2.4.", "1.2.840.10008.1.2.5")  # JPEG family, JPEG-LS/2000, RLE
-LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-UNDEFINED = 0xFFFFFFFF
-FAST_TAGS = {
-    0x00080008: "ImageType",
-    0x00080016: "SOPClassUID",
-    0x00080018: "SOPInstanceUID",
-    0x00080060: "Modality",
-    0x0020000E: "SeriesInstanceUID",
-    0x00200032: "ImagePositionPatient",
-    0x00200037: "ImageOrientationPatient",
-    0x00280008: "NumberOfFrames",
-    0x00280010: "Rows",
-    0x00280011: "Columns",
-}
-LAST_FAST_TAG = 0x00280011
-FAST_MULTI_VALUED = {"ImageType", "ImagePositionPatient", "ImageOrientationPatient"}
-
-
-class _Decline(Exception):
-    """The fast path leaves this file to pydicom."""
-
-
-def _element(data: bytes, at: int) -> tuple[int, bytes, int, int]:
-    """(tag, VR, value offset, value length) of the explicit-VR little-endian element at ``at``."""
-    if at + 8 > len(data):
-        raise _Decline
-    tag = int.from_bytes(data[at : at + 2], "little") << 16 | int.from_bytes(data[at + 2 : at + 4], "little")
-    if tag >> 16 == 0xFFFE:  # an item or delimiter where an element belongs
-        return tag, b"", at + 8, int.from_bytes(data[at + 4 : at + 8], "little")
-    vr = data[at + 4 : at + 6]
-    if vr in LONG_VRS:
-        if at + 12 > len(data):
-            raise _Decline
-        return tag, vr, at + 12, int.from_bytes(data[at + 8 : at + 12], "little")
-    if not (vr.isalpha() and vr.isupper()):
-        raise _Decline  # not explicit VR after all
-    return tag, vr, at + 8, int.from_bytes(data[at + 6 : at + 8], "little")
-
-
-def _skip_sequence(data: bytes, at: int) -> int:
-    """The offset after a sequence of undefined length whose items start at ``at``."""
-    while True:
-        tag, _, start, length = _element(data, at)
-        if tag == 0xFFFEE0DD:  # sequence delimiter
-            return start
-        if tag != 0xFFFEE000:
-            raise _Decline
-        at = start + length if length != UNDEFINED else _skip_item(data, start)
-
-
-def _skip_item(data: bytes, at: int) -> int:
-    """The offset after an item of undefined length whose elements start at ``at``."""
-    while True:
-        tag, vr, start, length = _element(data, at)
-        if tag == 0xFFFEE00D:  # item delimiter
-            return start
-        if length == UNDEFINED:
-            if vr != b"SQ":
-                raise _Decline  # undefined length outside a sequence (UN holding implicit VR, say)
-            at = _skip_sequence(data, start)
-        else:
-            at = start + length
-
-
-def _text(raw: bytes) -> str:
-    try:
-        return raw.decode("ascii").rstrip("\x00 ").lstrip(" ")
-    except UnicodeDecodeError:
-        raise _Decline from None
-
-
-def _fast_values(data: bytes) -> tuple[str, dict[str, bytes]] | None:
-    """(the meta's Media Storage SOP Class, {keyword: raw value}) of the tags grouping needs, or None."""
-    if data[128:132] != b"DICM":
-        return None
-    at, meta_class, syntax = 132, "", ""
-    while at + 8 <= len(data) and data[at : at + 2] == b"\x02\x00":  # group 0002, always explicit VR LE
-        tag, _, start, length = _element(data, at)
-        if length == UNDEFINED:
-            return None
-        if tag == 0x00020002:
-            meta_class = _text(data[start : start + length])
-        elif tag == 0x00020010:
-            syntax = _text(data[start : start + length])
-        at = start + length
-    if syntax != EXPLICIT_LE and not syntax.startswith(ENCAPSULATED_PREFIXES):
-        return None
-    values: dict[str, bytes] = {}
-    previous = 0
-    while at < len(data):
-        tag, vr, start, length = _element(data, at)
-        if tag >> 16 == 0xFFFE or tag <= previous:
-            return None  # an item or delimiter at the top level, or elements out of order: pydicom reads all
-        previous = tag
-        if tag > LAST_FAST_TAG:
-            return meta_class, values
-        if length == UNDEFINED:
-            if vr != b"SQ":
-                return None
-            at = _skip_sequence(data, start)
-            continue
-        if tag in FAST_TAGS:
-            if start + length > len(data):
-                return None
-            values[FAST_TAGS[tag]] = data[start : start + length]
-        at = start + length
-    return None  # the header ends, or runs past what was read, before (0028,0011): pydicom reads it
+# (measured: docs/benchmarks.md). The fast path takes the values grouping needs from the first bytes of a
+# Part 10 file (pipeline/io/dicom_part10.py) and declines whatever is not plain: then pydicom reads the file,
+# with its reasons. Equal to the pydicom path on every test file of pydicom and pydicom-data
+# (tests/io/test_dicom_scan_fast.py).
 
 
 def _fast_header(path: str) -> SliceHeader | str | None:
@@ -262,11 +158,11 @@ def _fast_header(path: str) -> SliceHeader | str | None:
     try:
         with open(path, "rb") as handle:
             data = handle.read(FAST_BYTES)
-        found = _fast_values(data)
+        found = part10_values(data)
         if found is None:
             return None
         meta_class, raw = found
-        texts = {key: _text(value) for key, value in raw.items() if key not in ("Rows", "Columns")}
+        texts = {key: text_value(value) for key, value in raw.items() if key not in ("Rows", "Columns")}
         sizes = {
             key: int.from_bytes(raw[key], "little") if len(raw.get(key, b"")) == 2 else 0
             for key in ("Rows", "Columns")
@@ -284,7 +180,7 @@ def _fast_header(path: str) -> SliceHeader | str | None:
             "file_meta": SimpleNamespace(MediaStorageSOPClassUID=meta_class),
         }
         return _header_of(fields, path)  # the values as pydicom gives them: the same header by construction
-    except (_Decline, OSError, ValueError):
+    except (Decline, OSError, ValueError):
         return None
 
 
