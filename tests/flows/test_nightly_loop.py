@@ -198,6 +198,8 @@ def test_nightly_round_from_the_pacs_reviewed_finetuned_and_the_next_night(
                 "2e-4",
                 "--boxes-per-epoch",
                 "8",
+                "--eval-boxes",
+                "12",
                 "--max-slices",
                 "4",
                 "--promote",
