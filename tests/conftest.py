@@ -14,6 +14,18 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+# Fixtures that start a server for the whole session: the tests that use them share one worker under
+# pytest-xdist (one Prefect server, one Ray per test run); every other test runs with the rest of its file,
+# so a file's module-scoped fixtures (an Orthanc, a reference flow run) are built once.
+SESSION_SERVERS = {"prefect_server", "ray_cluster", "local_ray"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = "servers" if SESSION_SERVERS & set(item.fixturenames) else item.nodeid.partition("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One real temporary Prefect server (and database) for the whole test session."""
