@@ -31,10 +31,11 @@ from medsam_engine.flows import progress, sharding, summary, watermark
 from medsam_engine.pipeline.annotate.config import EngineConfig, load_config
 from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
 from medsam_engine.pipeline.annotate.policy import RETRY_NEXT_RUN
+from medsam_engine.pipeline.annotate.run_record import run_record
 from medsam_engine.pipeline.annotate.signature import signature_or_none
 from medsam_engine.pipeline.core.errors import is_transient
 from medsam_engine.pipeline.core.outcome import CaseOutcome
-from medsam_engine.pipeline.core.provenance import package_version, utc_stamp
+from medsam_engine.pipeline.core.provenance import utc_stamp
 from medsam_engine.pipeline.core.types import CaseRef
 from medsam_engine.pipeline.distributed.ray_pool import (
     ActorPlan,
@@ -270,32 +271,18 @@ def annotate_shard(shard: list[dict], index: int, plan: dict, job: dict, in_flig
 def summarise(outcomes: list[dict], store_url: str, run_id: str, facts: dict, config_json: str) -> dict:
     """The run's report; a table artifact (failures first, label volumes in mL) and STORE/_runs/<run>.json."""
     store = CaseStore(store_url)
-    volumes = summary.label_volumes_ml(store, [o["case_id"] for o in outcomes if o["status"] == "done"])
-    counts = summary.counts(outcomes)
-    tried = counts["done"] + counts["failed"]
-    report = {
-        "run_id": run_id,
-        "counts": counts,
-        "cases": outcomes,
-        **facts,
-        "slices": sum(o.get("slices", 0) for o in outcomes),
-        "failure_fraction": round(counts["failed"] / tried, 4) if tried else 0.0,
-    }
+    facts = dict(facts)
+    wall_s = facts.pop("wall_s", 0.0)
+    report = run_record(
+        run_id, outcomes, json.loads(config_json), engine="ray", wall_s=wall_s, store=store, **facts
+    )
     create_table_artifact(
         key="annotate-summary",
-        table=summary.table_rows(outcomes, volumes),
-        description=f"{counts} in {facts.get('wall_s', 0):.0f} s",
+        table=summary.table_rows(outcomes, report["label_volumes_ml"]),
+        description=f"{report['counts']} in {wall_s:.0f} s",
     )
-    store.write_run(
-        run_id,
-        {
-            **report,
-            "label_volumes_ml": volumes,
-            "package_version": package_version(),
-            "config": json.loads(config_json),
-        },
-    )
-    get_run_logger().info("annotate-archive: %s, %d slices", counts, report["slices"])
+    store.write_run(run_id, report)
+    get_run_logger().info("annotate-archive: %s, %d slices", report["counts"], report["slices"])
     return report
 
 

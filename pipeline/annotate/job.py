@@ -11,6 +11,7 @@ import itertools
 import os
 import sys
 import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -20,8 +21,9 @@ from medsam_engine.pipeline.annotate.config import EngineConfig
 from medsam_engine.pipeline.annotate.driver import run_case
 from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
 from medsam_engine.pipeline.annotate.policy import LOCAL, FailurePolicy
+from medsam_engine.pipeline.annotate.run_record import run_record
 from medsam_engine.pipeline.core.outcome import CaseOutcome
-from medsam_engine.pipeline.core.provenance import package_version, version_id
+from medsam_engine.pipeline.core.provenance import version_id
 from medsam_engine.pipeline.core.types import CaseRef
 from medsam_engine.pipeline.io.readers import warm_readers
 from medsam_engine.pipeline.model.devices import resolve_device
@@ -78,6 +80,7 @@ def annotate(
     order of ``cases``. A :class:`~pipeline.core.errors.RunError` (no model, the store gone) stops the run:
     cases not started are left for the next run, the ones under way finish first.
     """
+    started = time.perf_counter()
     runner = runner or LazyRunner(config)
     remove_stale_staging(store)
     summary = RunSummary(run_id=version_id())
@@ -117,16 +120,16 @@ def annotate(
         runner.settle()
     summary.outcomes = [outcomes[i] for i in sorted(outcomes)]
     summary.runner_stats = runner.stats()
-    store.write_run(
+    record = run_record(
         summary.run_id,
-        {
-            "run_id": summary.run_id,
-            "package_version": package_version(),
-            "config": config.model_dump(mode="json"),
-            "cases": [o.record() for o in summary.outcomes],
-            "runner": summary.runner_stats,
-        },
+        [o.record() for o in summary.outcomes],
+        config.model_dump(mode="json"),
+        engine="local",
+        wall_s=time.perf_counter() - started,
+        store=store,
+        runner=summary.runner_stats,
     )
+    store.write_run(summary.run_id, record)
     return summary
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import make_archive
 
+from medsam_engine.pipeline.annotate.run_record import RECORD_KEYS
 from medsam_engine.pipeline.cli.main import main
 from medsam_engine.pipeline.io.readers import read_volume
 from medsam_engine.pipeline.store.case_store import CaseStore
@@ -91,6 +92,8 @@ def test_rerun_skips_committed_cases_without_encoding(annotated):
     statuses = sorted(c["status"] for c in record["cases"])
     assert statuses == ["failed", "skipped", "skipped"]
     assert record["runner"] == {}  # the model was never even loaded
+    assert set(RECORD_KEYS) <= set(record) and record["engine"] == "local"  # the Ray engine's schema
+    assert record["counts"] == {"done": 0, "skipped": 2, "quarantined": 0, "failed": 1}
 
 
 def test_2d_png_with_many_instance_boxes(nuclei_2d, tmp_path):

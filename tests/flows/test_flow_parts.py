@@ -69,7 +69,7 @@ def test_summary_counts_label_volumes_lazily_from_the_store(tmp_path, small_ches
     import nrrd
     from conftest import commit_from_source
 
-    from medsam_engine.flows.summary import label_volumes_ml
+    from medsam_engine.pipeline.annotate.run_record import label_volumes_ml
     from medsam_engine.pipeline.io.readers import read_volume
 
     store = CaseStore(tmp_path / "store")

@@ -5,6 +5,7 @@ One flow run (module fixture) is the reference; the other tests rerun, break or 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 from conftest import release_warm_actors
 
+from medsam_engine.pipeline.annotate.run_record import RECORD_KEYS
 from medsam_engine.pipeline.store.case_store import CaseStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,8 +87,11 @@ def test_flow_shards_cases_over_both_nodes_and_commits_each(annotated):
     assert all(
         set(np.unique(labels)) <= {0, 5, 6} and (labels > 0).any() for labels in annotated["labels"].values()
     )
-    record = CaseStore(annotated["store"]).root / "_runs" / f"{report['run_id']}.json"
-    assert record.is_file() and "label_volumes_ml" in record.read_text()
+    record = json.loads(
+        (CaseStore(annotated["store"]).root / "_runs" / f"{report['run_id']}.json").read_text()
+    )
+    assert set(RECORD_KEYS) <= set(record) and record["engine"] == "ray"  # the local engine's schema
+    assert set(record["label_volumes_ml"]) == set(annotated["labels"])
     rows = _table(_artifacts("annotate-summary")[-1])
     assert {row["case"] for row in rows} >= set(annotated["labels"])
     assert all(row["labels (mL)"].startswith("5: ") for row in rows if row["case"] in annotated["labels"])
