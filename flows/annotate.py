@@ -14,8 +14,6 @@ a summary table are Prefect artifacts; a progress bar shows on a terminal.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -155,7 +153,7 @@ def select_studies(inputs: list[str], store_url: str, run: RunOptions, model: st
 
 @task(name="discover", cache_policy=NO_CACHE)
 def discover_cases(units: list[str], store_url: str, coarse_masks: list[str], run: RunOptions) -> dict:
-    """CaseRef fields of every case, and the index of the unit (study) each came from."""
+    """Every case (CaseRef), and the index of the unit (study) each came from."""
     store = CaseStore(store_url)
     options = DiscoveryOptions(
         keep_localizers=run.keep_localizers, keep_derived=run.keep_derived, pacs_query=dict(run.pacs_query)
@@ -177,30 +175,32 @@ def discover_cases(units: list[str], store_url: str, coarse_masks: list[str], ru
             for c in discover([unit], store.case_ids(), coarse_masks=coarse_masks, options=options)
         ]
     seen: set[str] = set()
-    cases, unit_of = [], []
+    cases: list[CaseRef] = []
+    unit_of = []
     for unit, case in found:
         if case.case_id not in seen:
             seen.add(case.case_id)
-            cases.append(dataclasses.asdict(case))
+            cases.append(case)
             unit_of.append(unit)
     get_run_logger().info("discovered %d cases in %d inputs", len(cases), len(units))
     return {"cases": cases, "units": unit_of}
 
 
 @task(name="skip-committed", cache_policy=NO_CACHE)
-def skip_committed(cases: list[dict], store_url: str, config_json: str, retry_quarantined: bool) -> dict:
+def skip_committed(
+    cases: list[CaseRef], store_url: str, config: EngineConfig, retry_quarantined: bool
+) -> dict[str, list[CaseRef]]:
     """Cases to annotate; those committed with the same signature, or quarantined with it, are left out."""
     store = CaseStore(store_url)
     remove_stale_staging(store)
-    config = EngineConfig.model_validate_json(config_json)
     runner = LazyRunner(config)  # hashes a user's checkpoint once, and only when something is committed
 
-    def verdict(case: dict) -> str:
-        attrs = store.case_attrs(case["case_id"])
-        held = None if retry_quarantined else quarantined(store, case["case_id"])
+    def verdict(case: CaseRef) -> str:
+        attrs = store.case_attrs(case.case_id)
+        held = None if retry_quarantined else quarantined(store, case.case_id)
         if attrs is None and held is None:
             return "todo"  # nothing to compare: the actor computes the signature
-        signature = signature_or_none(CaseRef(**case), config, runner.model_sha256)
+        signature = signature_or_none(case, config, runner.model_sha256)
         if signature is None:
             return "todo"  # the actor records why it cannot be read
         if attrs is not None and attrs.get("signature") == signature:
@@ -223,9 +223,9 @@ def skip_committed(cases: list[dict], store_url: str, config_json: str, retry_qu
 
 
 @task(name="shard", cache_policy=NO_CACHE)
-def make_shards(cases: list[dict], shards: int) -> list[list[dict]]:
+def make_shards(cases: list[CaseRef], shards: int) -> list[list[CaseRef]]:
     """Cases grouped into at most ``shards`` groups of about equal slice counts (read from headers)."""
-    weights = sharding.slice_counts([CaseRef(**c) for c in cases])
+    weights = sharding.slice_counts(cases)
     groups = sharding.balance(weights, shards)
     get_run_logger().info(
         "%d shards of ~%s slices", len(groups), "/".join(str(sum(weights[i] for i in g)) for g in groups)
@@ -251,31 +251,28 @@ def _retry_if_transient(task, task_run, state) -> bool:
     retry_delay_seconds=10,
     retry_condition_fn=_retry_if_transient,
 )
-def annotate_shard(shard: list[dict], index: int, plan: dict, job: dict, in_flight: int) -> dict:
+def annotate_shard(shard: list[CaseRef], index: int, plan: ActorPlan, job: Job, in_flight: int) -> dict:
     """Annotate one shard on actor ``index % plan.count``; returns {"committed": [ids], "outcomes": [...]}.
 
     A retry of the same flow run reuses the persisted result of a shard that completed with these inputs."""
-    actor_plan, work = ActorPlan(**plan), Job(**job)
-    board = progress.board_for(work.run_id)
+    board = progress.board_for(job.run_id)
 
     def annotator(lost=None):
-        return get_annotator(actor_plan, index % actor_plan.count, work.config_json, lost=lost)
+        return get_annotator(plan, index % plan.count, job.config_json, lost=lost)
 
     outcomes = drive(
-        shard, annotator, work, in_flight=in_flight, on_outcome=None if board is None else board.advance
+        shard, annotator, job, in_flight=in_flight, on_outcome=None if board is None else board.advance
     )
     return {"committed": [o["case_id"] for o in outcomes if o["status"] == "done"], "outcomes": outcomes}
 
 
 @task(name="summarise", cache_policy=NO_CACHE)
-def summarise(outcomes: list[dict], store_url: str, run_id: str, facts: dict, config_json: str) -> dict:
+def summarise(outcomes: list[dict], store_url: str, run_id: str, facts: dict, config: dict) -> dict:
     """The run's report; a table artifact (failures first, label volumes in mL) and STORE/_runs/<run>.json."""
     store = CaseStore(store_url)
     facts = dict(facts)
     wall_s = facts.pop("wall_s", 0.0)
-    report = run_record(
-        run_id, outcomes, json.loads(config_json), engine="ray", wall_s=wall_s, store=store, **facts
-    )
+    report = run_record(run_id, outcomes, config, engine="ray", wall_s=wall_s, store=store, **facts)
     create_table_artifact(
         key="annotate-summary",
         table=summary.table_rows(outcomes, report["label_volumes_ml"]),
@@ -286,12 +283,11 @@ def summarise(outcomes: list[dict], store_url: str, run_id: str, facts: dict, co
     return report
 
 
-def _run_shards(shards: list[list[dict]], plan, job: dict, in_flight: int) -> tuple[list[dict], int]:
+def _run_shards(
+    shards: list[list[CaseRef]], plan: ActorPlan, job: Job, in_flight: int
+) -> tuple[list[dict], int]:
     """Submit every shard, wait for all; returns the outcomes and the number of shards that failed."""
-    futures = [
-        annotate_shard.submit(shard, i, dataclasses.asdict(plan), job, in_flight)
-        for i, shard in enumerate(shards)
-    ]
+    futures = [annotate_shard.submit(shard, i, plan, job, in_flight) for i, shard in enumerate(shards)]
     outcomes, broken = [], 0
     for shard, future in zip(shards, futures, strict=True):
         result = future.result(raise_on_failure=False)
@@ -300,9 +296,7 @@ def _run_shards(shards: list[list[dict]], plan, job: dict, in_flight: int) -> tu
             get_run_logger().error(
                 "shard failed (%s); its %d cases are left for the next run", type(result).__name__, len(shard)
             )
-            result = {
-                "outcomes": [CaseOutcome(c["case_id"], "failed", stage="shard").record() for c in shard]
-            }
+            result = {"outcomes": [CaseOutcome(c.case_id, "failed", stage="shard").record() for c in shard]}
         outcomes += result["outcomes"]
     return outcomes, broken
 
@@ -321,9 +315,8 @@ def annotate_archive(
     failed fraction exceeds the policy (the report is on the exception)."""
     run, pool, policy = run or RunOptions(), pool or PoolOptions(), policy or RunPolicy()
     store_url = out if "://" in out else str(Path(out).resolve())
-    config_json = run.engine_config().model_dump_json()
     report, seen = annotate_inputs(
-        inputs, store_url, list(coarse_masks or []), run, pool, policy, config_json
+        inputs, store_url, list(coarse_masks or []), run, pool, policy, run.engine_config()
     )
     enforce_policy(report, policy)
     if run.watermark is not None:
@@ -338,7 +331,7 @@ def annotate_inputs(
     run: RunOptions,
     pool: PoolOptions,
     policy: RunPolicy,
-    config_json: str,
+    config: EngineConfig,
     *,
     model: str | None = None,
     keep=None,
@@ -351,20 +344,14 @@ def annotate_inputs(
     found = discover_cases(studies["units"], store_url, coarse_masks, run)
     cases, kept = found["cases"], []
     if keep is not None:
-        chosen = set(keep([c["case_id"] for c in cases]))
-        kept = [c["case_id"] for c in cases if c["case_id"] not in chosen]
-        cases = [c for c in cases if c["case_id"] in chosen]
-    split = skip_committed(cases, store_url, config_json, policy.retry_quarantined)
-    job = {
-        "store_url": store_url,
-        "run_id": run_id,
-        "config_json": config_json,
-        "overwrite": run.overwrite,
-        "retries": pool.case_retries,
-    }
+        chosen = set(keep([c.case_id for c in cases]))
+        kept = [c.case_id for c in cases if c.case_id not in chosen]
+        cases = [c for c in cases if c.case_id in chosen]
+    split = skip_committed(cases, store_url, config, policy.retry_quarantined)
+    job = Job(store_url, run_id, config, overwrite=run.overwrite, retries=pool.case_retries)
     outcomes, facts = _annotate_on_ray(split["todo"], job, pool, policy) if split["todo"] else ([], {})
     outcomes += [
-        CaseOutcome(c["case_id"], kind).record() for kind in ("skipped", "quarantined") for c in split[kind]
+        CaseOutcome(c.case_id, kind).record() for kind in ("skipped", "quarantined") for c in split[kind]
     ]
     facts = {
         "actors": 0,
@@ -374,7 +361,7 @@ def annotate_inputs(
         **facts,
         "wall_s": round(time.perf_counter() - started, 2),
     }
-    report = summarise(outcomes, store_url, run_id, facts, config_json)
+    report = summarise(outcomes, store_url, run_id, facts, config.model_dump(mode="json"))
     if run.push_seg:
         report["push"] = push_proposals(
             store_url, [o["case_id"] for o in outcomes if o["status"] != "failed"], run.push_seg
@@ -391,12 +378,11 @@ def push_proposals(store_url: str, case_ids: list[str], service: str) -> dict:
 
 
 def _annotate_on_ray(
-    todo: list[dict], job: dict, pool: PoolOptions, policy: RunPolicy
+    todo: list[CaseRef], job: Job, pool: PoolOptions, policy: RunPolicy
 ) -> tuple[list[dict], dict]:
     """Size the pool, shard ``todo`` and run the shards; returns the outcomes and facts about the pool."""
     connect(pool.address)
-    config = EngineConfig.model_validate_json(job["config_json"])
-    plan = plan_actors(cluster_nodes(), pool, case_workers=config.pipeline.case_workers)
+    plan = plan_actors(cluster_nodes(), pool, case_workers=job.config.pipeline.case_workers)
     get_run_logger().info(
         "%d actors x %d CPUs, %g GPUs, %d cases in flight each",
         plan.count,
@@ -405,13 +391,13 @@ def _annotate_on_ray(
         plan.case_workers,
     )
     shards = make_shards(todo, policy.shards or plan.count)
-    progress.open_board(job["run_id"], len(todo))
+    progress.open_board(job.run_id, len(todo))
     try:
         outcomes, broken = _run_shards(shards, plan, job, pool.in_flight or plan.case_workers + 1)
     finally:
-        progress.close_board(job["run_id"])
+        progress.close_board(job.run_id)
         if not pool.keep_actors:
-            release_annotators(plan, job["config_json"])
+            release_annotators(plan, job.config_json)
     return outcomes, {"actors": plan.count, "shards": len(shards), "broken_shards": broken}
 
 
@@ -433,7 +419,7 @@ def advance_watermark(
 ) -> None:
     """Move the watermark to this run's horizon, held back before studies whose cases failed transiently."""
     studies, found = seen["studies"], seen["found"]
-    unit_of = {c["case_id"]: u for c, u in zip(found["cases"], found["units"], strict=True)}
+    unit_of = {c.case_id: u for c, u in zip(found["cases"], found["units"], strict=True)}
     retry = {
         unit_of.get(o["case_id"])
         for o in report["cases"]

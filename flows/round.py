@@ -100,7 +100,7 @@ def flywheel_round(
         run,
         pool,
         policy,
-        start.config.model_dump_json(),
+        start.config,
         model=model,
         keep=lambda ids: split_accepted(accepted, ids)[0],
     )

@@ -327,13 +327,13 @@ class Annotator:
         return self._stores[url]
 
     def annotate_and_commit(
-        self, case: dict, store_url: str, run_id: str, *, overwrite: bool = False, retries: int = 2
+        self, case: CaseRef, store_url: str, run_id: str, *, overwrite: bool = False, retries: int = 2
     ) -> dict:
         """Annotate and commit one case through the one per-case driver; returns its outcome record. Never
         raises for a case's failure: it is recorded in STORE/_errors and quarantined unless transient."""
         policy = FailurePolicy(retries=retries, quarantine=True)
         result = run_case(
-            CaseRef(**case),
+            case,
             self._store(store_url),
             self.config,
             self.runner,
@@ -357,26 +357,31 @@ def _node() -> str:
 
 
 # -- driving actors ------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class Job:
-    """What :func:`drive` sends with every case."""
+    """What :func:`drive` sends with every case: built once per run, the configuration parsed once
+    (``config``; ``config_json`` names the run's actors and reaches them)."""
 
     store_url: str
     run_id: str
-    config_json: str
+    config: EngineConfig
     overwrite: bool = False
     retries: int = 2
 
+    @property
+    def config_json(self) -> str:
+        return self.config.model_dump_json()
+
 
 def drive(
-    cases: list[dict],
+    cases: list[CaseRef],
     actor_factory: Callable[..., object],
     job: Job,
     *,
     in_flight: int = 2,
     on_outcome: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Annotate ``cases`` (CaseRef fields) on the actor from ``actor_factory()``, ``in_flight`` at a time.
+    """Annotate ``cases`` on the actor from ``actor_factory()``, ``in_flight`` at a time.
 
     A lost actor is Ray's to restart and retry; when it is gone for good (restarts spent)
     ``actor_factory(lost=handle)`` gives a fresh one, and the cases the lost one held are retried alone; a
@@ -402,9 +407,9 @@ def drive(
         except RayActorError:
             if held_by is actor:  # the first of its calls to fail: replace the actor once
                 actor = actor_factory(lost=actor)
-            deaths[case["case_id"]] += 1
-            if deaths[case["case_id"]] < 2:
-                log.warning("the worker holding case %s was lost; retrying it alone", case["case_id"])
+            deaths[case.case_id] += 1
+            if deaths[case.case_id] < 2:
+                log.warning("the worker holding case %s was lost; retrying it alone", case.case_id)
                 queue.appendleft(case)
                 continue
             result = _worker_failure(case, job)
@@ -413,27 +418,26 @@ def drive(
                 for ref in pending:
                     ray.cancel(ref)
                 raise exc.cause from None
-            log.error("case %s: %s", case["case_id"], type(exc.cause).__name__)
-            result = CaseOutcome(case["case_id"], "failed", stage="internal").record()
+            log.error("case %s: %s", case.case_id, type(exc.cause).__name__)
+            result = CaseOutcome(case.case_id, "failed", stage="internal").record()
         outcomes.append(result)
         if on_outcome is not None:
             on_outcome(result)
     return outcomes
 
 
-def _may_send(case: dict, pending: dict, deaths: Counter, in_flight: int) -> bool:
+def _may_send(case: CaseRef, pending: dict, deaths: Counter, in_flight: int) -> bool:
     """Suspects (cases held by a worker that died) go alone; nothing goes with them."""
-    if any(deaths[c["case_id"]] for c, _ in pending.values()):
+    if any(deaths[c.case_id] for c, _ in pending.values()):
         return False
-    return not pending if deaths[case["case_id"]] else len(pending) < in_flight
+    return not pending if deaths[case.case_id] else len(pending) < in_flight
 
 
-def _worker_failure(case: dict, job: Job) -> dict:
+def _worker_failure(case: CaseRef, job: Job) -> dict:
     store = CaseStore(job.store_url)
     reason = "the worker died twice while annotating this case (out of memory or a crash in native code)"
-    store.record_error(case["case_id"], stage="worker", reason=reason, run_id=job.run_id)
-    config = EngineConfig.model_validate_json(job.config_json)
-    signature = signature_or_none(CaseRef(**case), config, LazyRunner(config).model_sha256)
-    quarantine(store, case["case_id"], stage="worker", signature=signature, run_id=job.run_id)
-    log.error("case %s failed: %s", case["case_id"], reason)
-    return CaseOutcome(case["case_id"], "failed", stage="worker").record()
+    store.record_error(case.case_id, stage="worker", reason=reason, run_id=job.run_id)
+    signature = signature_or_none(case, job.config, LazyRunner(job.config).model_sha256)
+    quarantine(store, case.case_id, stage="worker", signature=signature, run_id=job.run_id)
+    log.error("case %s failed: %s", case.case_id, reason)
+    return CaseOutcome(case.case_id, "failed", stage="worker").record()

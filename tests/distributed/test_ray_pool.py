@@ -8,6 +8,7 @@ import os
 import pytest
 
 from medsam_engine.pipeline.core.outcome import CaseOutcome
+from medsam_engine.pipeline.core.types import CaseRef
 from medsam_engine.pipeline.distributed.ray_pool import NodeResources, PoolOptions, plan_actors
 from medsam_engine.pipeline.store.case_store import CaseStore
 
@@ -67,15 +68,15 @@ def test_a_case_that_kills_two_workers_is_failed_and_quarantined_and_the_others_
 
     class Fragile:  # defined here so that Ray ships it by value
         def annotate_and_commit(self, case, store_url, run_id, **_):
-            if case["case_id"] == "poison":
+            if case.case_id == "poison":
                 os._exit(1)  # as a segfault or the OOM killer would
-            return CaseOutcome(case["case_id"], "done").record()
+            return CaseOutcome(case.case_id, "done").record()
 
     def fresh_actor(lost=None):
         return ray.remote(Fragile).options(num_cpus=0, max_restarts=0).remote()
 
-    cases = [{"case_id": name, "image": str(tmp_path / f"{name}.nii")} for name in ("a", "poison", "b")]
-    job = Job(str(tmp_path / "store"), "run-1", EngineConfig().model_dump_json())
+    cases = [CaseRef(name, str(tmp_path / f"{name}.nii")) for name in ("a", "poison", "b")]
+    job = Job(str(tmp_path / "store"), "run-1", EngineConfig())
     outcomes = {o["case_id"]: o for o in drive(cases, fresh_actor, job, in_flight=2)}
 
     assert {k: (o["status"], o["stage"]) for k, o in outcomes.items()} == {
@@ -125,17 +126,17 @@ def test_a_store_that_cannot_be_written_stops_the_ray_run_with_its_reason(ray_cl
 
     class FullDisk:  # raises what the per-case driver raises when the store's disk is full
         def annotate_and_commit(self, case, store_url, run_id, **_):
-            if case["case_id"] != "a":
+            if case.case_id != "a":
                 raise StoreUnavailableError(
-                    f"case {case['case_id']} could not be written to the store: no space left on the device"
+                    f"case {case.case_id} could not be written to the store: no space left on the device"
                 )
-            return CaseOutcome(case["case_id"], "done").record()
+            return CaseOutcome(case.case_id, "done").record()
 
     def fresh_actor(lost=None):
         return ray.remote(FullDisk).options(num_cpus=0).remote()
 
-    cases = [{"case_id": name, "image": str(tmp_path / f"{name}.nii")} for name in ("a", "b", "c", "d")]
-    job = Job(str(tmp_path / "store"), "run-1", EngineConfig().model_dump_json())
+    cases = [CaseRef(name, str(tmp_path / f"{name}.nii")) for name in ("a", "b", "c", "d")]
+    job = Job(str(tmp_path / "store"), "run-1", EngineConfig())
     with pytest.raises(StoreUnavailableError, match="no space left"):  # not four "internal" failures
         drive(cases, fresh_actor, job, in_flight=1)
 
