@@ -173,6 +173,23 @@ def pacs_filters(pairs: list[str]) -> dict[str, str]:
     return filters
 
 
+def print_outcomes(outcomes: list[dict], reasons: dict[str, str], store_url: str) -> bool:
+    """The run's report on stdout, the same for every engine: one line per case (a failure's reason from
+    ``reasons``, else its stage), then the counts and the store. True when a case failed or was
+    quarantined."""
+    counts = dict.fromkeys(("done", "skipped", "quarantined", "failed"), 0)
+    for case in outcomes:
+        counts[case["status"]] = counts.get(case["status"], 0) + 1
+        line = f"{case['status']:8s} {case['case_id']}"
+        if case["status"] in ("failed", "quarantined"):
+            line += f"  {reasons.get(case['case_id']) or case.get('stage', '')}"
+        print(line)
+    where = store_url if "://" in store_url else Path(store_url).resolve()
+    held = f", {counts['quarantined']} quarantined" if counts["quarantined"] else ""
+    print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed{held} -> {where}")
+    return bool(counts["failed"] or counts["quarantined"])
+
+
 def push_and_print(store, case_ids: list[str], url: str | None) -> bool:
     """--push-seg: push the cases' proposals as DICOM SEG and print what became of each; True when the PACS
     refused or could not be reached for some case."""

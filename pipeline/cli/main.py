@@ -24,6 +24,7 @@ from medsam_engine.pipeline.cli.common import (
     add_prompt_options,
     configure_output,
     pacs_filters,
+    print_outcomes,
     push_and_print,
     run_config,
     verbosity_options,
@@ -167,17 +168,13 @@ def _annotate(args) -> int:
     except StoreUnavailableError as exc:
         print(f"medsam-engine annotate: {exc}", file=sys.stderr)
         return EXIT_CASES_FAILED
-    for outcome in summary.outcomes:
-        line = f"{outcome.status:8s} {outcome.case_id}"
-        print(line + (f"  {outcome.reason}" if outcome.status == "failed" else ""))
-    print(
-        f"{summary.count('done')} done, {summary.count('skipped')} skipped, {summary.count('failed')} failed "
-        f"-> {Path(args.out).resolve()}"
+    failed = print_outcomes(
+        [o.record() for o in summary.outcomes], {o.case_id: o.reason for o in summary.outcomes}, args.out
     )
     push_failed = push_and_print(
         store, [o.case_id for o in summary.outcomes if o.status != "failed"], args.push_seg
     )
-    return EXIT_CASES_FAILED if summary.failed or push_failed else EXIT_OK
+    return EXIT_CASES_FAILED if failed or push_failed else EXIT_OK
 
 
 def _detector(args) -> int:

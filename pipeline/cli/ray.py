@@ -11,9 +11,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
-from medsam_engine.pipeline.cli.common import EXIT_CASES_FAILED, EXIT_OK, EXIT_USAGE, pacs_filters, push_line
+from medsam_engine.pipeline.cli.common import (
+    EXIT_CASES_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    pacs_filters,
+    print_outcomes,
+    push_line,
+)
 from medsam_engine.pipeline.core.errors import CaseError
 from medsam_engine.pipeline.distributed.ray_pool import PoolOptions
 from medsam_engine.pipeline.store.case_store import CaseStore
@@ -61,24 +67,14 @@ def _flow_options(args, config, command: str):
 
 
 def _print_report(report: dict, store_url: str) -> int:
-    """One line per case (with the reason of a failure, from the store), the counts and the SEG push; the
-    exit code of the annotate contract."""
-    reasons = CaseStore(store_url).errors()
-    for case in report["cases"]:
-        line = f"{case['status']:8s} {case['case_id']}"
-        if case["status"] in ("failed", "quarantined"):
-            line += f"  {reasons.get(case['case_id'], {}).get('reason', case['stage'])}"
-        print(line)
-    counts = report["counts"]
-    print(
-        f"{counts['done']} done, {counts['skipped']} skipped, {counts['quarantined']} quarantined, "
-        f"{counts['failed']} failed -> {store_url if '://' in store_url else Path(store_url).resolve()}"
-    )
+    """The run's report as a local run prints it (reasons from the store), the SEG push; the exit code of
+    the annotate contract."""
+    reasons = {case_id: error.get("reason", "") for case_id, error in CaseStore(store_url).errors().items()}
+    failed = print_outcomes(report["cases"], reasons, store_url)
     push = report.get("push")
     if push:
         print(push_line(push))
-    failed = counts["failed"] or counts["quarantined"] or (push or {}).get("failed")
-    return EXIT_CASES_FAILED if failed else EXIT_OK
+    return EXIT_CASES_FAILED if failed or (push or {}).get("failed") else EXIT_OK
 
 
 def _run_flow(command: str, start) -> tuple[dict | None, dict | None, int]:

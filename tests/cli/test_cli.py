@@ -173,3 +173,25 @@ def test_unusable_model_options_exit_2(tmp_path, small_chest):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
     assert main([*base, "--checkpoint", str(bad)]) == 2
+
+
+def test_every_engine_reports_a_run_in_the_same_lines(tmp_path, capsys):
+    from medsam_engine.pipeline.cli.common import print_outcomes
+
+    outcomes = [
+        {"case_id": "a1", "status": "done", "stage": ""},
+        {"case_id": "b2", "status": "failed", "stage": "io"},
+        {"case_id": "c3", "status": "quarantined", "stage": "io"},
+        {"case_id": "d4", "status": "skipped", "stage": ""},
+    ]
+    assert print_outcomes(outcomes, {"b2": "b.nii.gz: not a NIfTI file"}, str(tmp_path)) is True
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:4] == [
+        "done     a1",
+        "failed   b2  b.nii.gz: not a NIfTI file",
+        "quarantined c3  io",
+        "skipped  d4",
+    ]
+    assert lines[4] == f"1 done, 1 skipped, 1 failed, 1 quarantined -> {tmp_path.resolve()}"
+    assert print_outcomes(outcomes[:1], {}, str(tmp_path)) is False
+    assert capsys.readouterr().out.splitlines()[-1] == f"1 done, 0 skipped, 0 failed -> {tmp_path.resolve()}"
