@@ -80,7 +80,8 @@ def test_segment_an_in_memory_slice_from_a_box(small_chest):
     ys, xs = np.nonzero(reference[1] == 5)
     box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
     labels = me.segment(volume, [me.BoxPrompt(label=5, instance=1, z=1, box=box)], modality="CT")
-    assert labels.shape == volume.shape and labels.dtype == np.uint16
+    assert labels.shape == volume.shape
+    assert labels.dtype == np.uint16
     assert dice(labels[1] == 5, reference[1] == 5) > 0.7  # a lung from its true box (facts.md: 0.75-0.81)
     assert not labels[[0, 2, 3]].any()
     planar = me.segment(volume[1], [me.BoxPrompt(label=5, instance=1, z=0, box=box)], modality="CT")

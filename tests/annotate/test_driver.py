@@ -37,12 +37,16 @@ def test_a_corrupt_input_fails_at_read_naming_the_file_and_is_quarantined_only_w
     store, case = broken_case
     lazy = shared_runner(EngineConfig(), runner)
     local = run_case(case, store, lazy.config, lazy, run_id="r1", policy=NO_WAIT)
-    assert (local.status, local.stage) == ("failed", "read") and "broken.nii.gz" in local.reason
-    assert store.errors()[case.case_id]["stage"] == "read" and quarantined(store, case.case_id) is None
+    assert (local.status, local.stage) == ("failed", "read")
+    assert "broken.nii.gz" in local.reason
+    assert store.errors()[case.case_id]["stage"] == "read"
+    assert quarantined(store, case.case_id) is None
     distributed = run_case(case, store, lazy.config, lazy, run_id="r2", policy=QUARANTINE)
     assert (distributed.stage, distributed.reason) == (local.stage, local.reason)
     held = quarantined(store, case.case_id)
-    assert held["stage"] == "read" and held["signature"]["input_sha256"] and held["run_id"] == "r2"
+    assert held["stage"] == "read"
+    assert held["signature"]["input_sha256"]
+    assert held["run_id"] == "r2"
     assert "reason" not in distributed.record()  # reasons name files: they stay in the store's records
 
 
@@ -60,8 +64,11 @@ def test_a_transient_read_error_is_retried_and_the_case_is_done(tmp_path, nuclei
     monkeypatch.setattr(driver, "read_case", flaky)
     lazy = shared_runner(EngineConfig(), runner)
     outcome = run_case(case, store, lazy.config, lazy, run_id="r1", policy=QUARANTINE)
-    assert outcome.status == "done" and outcome.slices == 1 and len(calls) == 2
-    assert store.case_attrs(case.case_id) is not None and case.case_id not in store.errors()
+    assert outcome.status == "done"
+    assert outcome.slices == 1
+    assert len(calls) == 2
+    assert store.case_attrs(case.case_id) is not None
+    assert case.case_id not in store.errors()
 
 
 def test_a_lasting_io_error_fails_at_io_and_is_never_quarantined(broken_case, runner, monkeypatch):
@@ -73,7 +80,8 @@ def test_a_lasting_io_error_fails_at_io_and_is_never_quarantined(broken_case, ru
     monkeypatch.setattr(driver, "read_case", unreachable)
     lazy = shared_runner(EngineConfig(), runner)
     outcome = run_case(case, store, lazy.config, lazy, run_id="r1", policy=QUARANTINE)
-    assert (outcome.status, outcome.stage) == ("failed", "io") and quarantined(store, case.case_id) is None
+    assert (outcome.status, outcome.stage) == ("failed", "io")
+    assert quarantined(store, case.case_id) is None
 
 
 def test_a_bug_fails_its_case_only_and_the_batch_goes_on(
@@ -105,7 +113,8 @@ def test_a_model_that_cannot_load_stops_the_run_instead_of_failing_every_case(tm
     config = EngineConfig.model_validate({"model": {"checkpoint": str(broken)}})
     with pytest.raises(CheckpointError):
         run_case(case, store, config, LazyRunner(config), run_id="r1", policy=QUARANTINE)
-    assert store.errors() == {} and quarantined(store, case.case_id) is None
+    assert store.errors() == {}
+    assert quarantined(store, case.case_id) is None
 
 
 def test_a_run_works_with_one_opencv_thread_and_a_frozen_heap_and_restores_both(broken_case, monkeypatch):
@@ -131,8 +140,10 @@ def test_a_run_works_with_one_opencv_thread_and_a_frozen_heap_and_restores_both(
     try:
         summary = annotate([case], store, EngineConfig(), policy=NO_WAIT, show_progress=False)
         assert [o.stage for o in summary.outcomes] == ["read"]
-        assert seen[0][0] == 1 and seen[0][1] > 0
-        assert cv2.getNumThreads() == 2 and gc.get_freeze_count() == 0
+        assert seen[0][0] == 1
+        assert seen[0][1] > 0
+        assert cv2.getNumThreads() == 2
+        assert gc.get_freeze_count() == 0
     finally:
         cv2.setNumThreads(before)
 

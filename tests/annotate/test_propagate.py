@@ -41,7 +41,8 @@ def test_propagation_from_the_middle_slice_segments_both_lungs(runner, small_che
         assert (
             dice(label_map == label, reference == label) > 0.7
         )  # figures for both modes: docs/benchmarks.md
-    assert {r.label for r in records} == {5, 6} and {r.stage for r in records} == {"auto-propagate"}
+    assert {r.label for r in records} == {5, 6}
+    assert {r.stage for r in records} == {"auto-propagate"}
     for label in (5, 6):
         assert sum(r.voxels for r in records if r.label == label) == int((label_map == label).sum())
 
@@ -61,9 +62,11 @@ def test_a_direction_stops_after_k_empty_slices_and_falls_back_to_the_middle_box
     track, canvas = _track(), _Canvas((10, 8, 8))
     empty = np.full((8, 8), -5.0, dtype=np.float32)
     _advance(track, 6, empty, 0.5, rules, (2, 2, 5, 5), canvas)
-    assert not track.done and track.previous is None
+    assert not track.done
+    assert track.previous is None
     _advance(track, 7, empty, 0.5, rules, (2, 2, 5, 5), canvas)
-    assert track.done and track.stop_reason == "2 empty slices"
+    assert track.done
+    assert track.stop_reason == "2 empty slices"
 
 
 def test_a_direction_stops_when_the_mask_jumps_away():
@@ -75,8 +78,10 @@ def test_a_direction_stops_when_the_mask_jumps_away():
     elsewhere[5:8, 5:8] = 5.0
     _advance(track, 5, here, 0.9, rules, (1, 1, 3, 3), canvas)
     _advance(track, 6, elsewhere, 0.9, rules, (0, 0, 4, 4), canvas)
-    assert track.done and track.stop_reason == "slice-to-slice IoU drop"
-    assert (canvas.winner[6] == -1).all() and (canvas.winner[5][1:4, 1:4] == 0).all()
+    assert track.done
+    assert track.stop_reason == "slice-to-slice IoU drop"
+    assert (canvas.winner[6] == -1).all()
+    assert (canvas.winner[5][1:4, 1:4] == 0).all()
 
 
 def test_jitter_check_scores_each_seed_and_never_changes_the_masks(runner, small_chest):

@@ -37,13 +37,18 @@ def test_slice_checks_flag_area_jumps_and_drift():
         mask[5:15, 5:15] = True
     boxes = dict.fromkeys(range(3), (5, 5, 14, 14))
     good = geometry_checks(steady, boxes)
-    assert good["slice_iou"] == 1.0 and good["area_steadiness"] == 1.0 and good["drift_steadiness"] == 1.0
-    assert good["coverage"] == 1.0 and good["box_agreement"] == 1.0
+    assert good["slice_iou"] == 1.0
+    assert good["area_steadiness"] == 1.0
+    assert good["drift_steadiness"] == 1.0
+    assert good["coverage"] == 1.0
+    assert good["box_agreement"] == 1.0
     jumpy = {z: m.copy() for z, m in steady.items()}
     jumpy[1][:] = False
     jumpy[1][0:4, 16:20] = True  # the middle slice jumped to a small blob elsewhere
     bad = geometry_checks(jumpy, boxes)
-    assert bad["slice_iou"] == 0.0 and bad["area_jump_max"] > 0.8 and bad["drift_max"] > 0.5
+    assert bad["slice_iou"] == 0.0
+    assert bad["area_jump_max"] > 0.8
+    assert bad["drift_max"] > 0.5
     assert bad["box_agreement"] < good["box_agreement"]
     assert heuristic_score({**bad, "predicted_iou": 0.9}) < heuristic_score({**good, "predicted_iou": 0.9})
 
@@ -59,14 +64,18 @@ def test_single_slice_instances_have_no_3d_checks():
         "stability": 0.9,
     }
     features = instance_features(label_map, record, alone=True)
-    assert features["slice_iou"] is None and features["coverage"] == 1.0 and features["box_agreement"] == 1.0
+    assert features["slice_iou"] is None
+    assert features["coverage"] == 1.0
+    assert features["box_agreement"] == 1.0
 
 
 def test_jittered_boxes_stay_on_the_slice_and_near_the_box():
     boxes = np.array([[10, 10, 29, 49], [0, 0, 5, 5]], np.float32)
     moved = jitter_boxes(boxes, 0.1, np.random.default_rng(0), (50, 40))
-    assert (moved[:, :2] <= moved[:, 2:]).all() and moved.min() >= 0
-    assert moved[:, 2].max() <= 39 and moved[:, 3].max() <= 49
+    assert (moved[:, :2] <= moved[:, 2:]).all()
+    assert moved.min() >= 0
+    assert moved[:, 2].max() <= 39
+    assert moved[:, 3].max() <= 49
     assert np.abs(moved[0] - boxes[0]).max() <= 4
 
 
@@ -77,9 +86,11 @@ def test_calibration_learns_which_features_predict_edits_and_reports_itself():
     edit_dice = np.clip(0.6 + 0.4 * quality + rng.normal(0, 0.05, 80), 0, 1)
     calibration = fit_calibration(rows, edit_dice.tolist(), threshold=0.9)
     report = calibration.report
-    assert report["rows"] == 80 and 0 < report["good"] < 80
+    assert report["rows"] == 80
+    assert 0 < report["good"] < 80
     assert report["coefficients"]["predicted_iou"] > abs(report["coefficients"]["stability"])
-    assert report["auc_out_of_fold"] > 0.85 and report["reliability"]
+    assert report["auc_out_of_fold"] > 0.85
+    assert report["reliability"]
     low, high = (
         score({"predicted_iou": 0.2, "stability": 0.5}, calibration),
         score({"predicted_iou": 0.95, "stability": 0.5}, calibration),
@@ -97,7 +108,8 @@ def test_auc_of_perfect_and_useless_scores():
 def test_routing_thresholds_per_label_and_case_status():
     thresholds = {"accept_above": 0.8, "reject_below": 0.3, "per_label": {7: (0.5, 0.95)}}
     assert [route(s, 5, **thresholds) for s in (0.9, 0.5, 0.1)] == ["auto-accepted", "review", "rejected"]
-    assert route(0.9, 7, **thresholds) == "review" and route(0.4, 7, **thresholds) == "rejected"
+    assert route(0.9, 7, **thresholds) == "review"
+    assert route(0.4, 7, **thresholds) == "rejected"
     assert case_status(["auto-accepted", "auto-accepted"]) == "auto-accepted"
     assert case_status(["rejected", "rejected"]) == "rejected"
     assert case_status(["auto-accepted", "rejected"]) == "review"
@@ -128,7 +140,8 @@ def test_segmentation_records_stability_and_jitter_agreement(runner, small_chest
     _, records = segment_volume(runner, rendered, prompts, jitter=JitterCheck(fraction=0.1, slices=1))
     assert {r.label for r in records} == {5, 6}
     for record in records:
-        assert 0.2 < record.stability <= 1.0 and 0.5 < record.jitter_iou <= 1.0
+        assert 0.2 < record.stability <= 1.0
+        assert 0.5 < record.jitter_iou <= 1.0
         assert record.to_json()["stability"] == round(record.stability, 5)
     _, plain = segment_volume(runner, rendered, prompts)
     assert all(r.jitter_iou is None and r.stability is not None for r in plain)

@@ -41,10 +41,13 @@ def test_a_reused_resolver_starts_each_slice_afresh_and_writes_labels_in_place()
     resolver.add(first)
     resolver.reset(boxes=300)  # int32 winners now
     resolver.add(second)
-    assert resolver.winner.tolist() == [[1, 1], [-1, -1]] and resolver.count == 2
+    assert resolver.winner.tolist() == [[1, 1], [-1, -1]]
+    assert resolver.count == 2
     out = np.full((2, 2), 9, np.uint16)
-    assert resolver.labels(np.array([4, 7], np.uint16), out=out) is out and out.tolist() == [[7, 7], [0, 0]]
+    assert resolver.labels(np.array([4, 7], np.uint16), out=out) is out
+    assert out.tolist() == [[7, 7], [0, 0]]
     resolver.reset(boxes=2)
     resolver.add(second)
     resolver.labels(np.array([4, 7], np.uint16), out=out)
-    assert out.tolist() == [[7, 7], [0, 0]] and resolver.pixels_won().tolist() == [0, 2]
+    assert out.tolist() == [[7, 7], [0, 0]]
+    assert resolver.pixels_won().tolist() == [0, 2]

@@ -81,7 +81,8 @@ def test_a_batch_never_exceeds_max_slices():
     encoder = RecordingEncoder()
     shared = SharedRunner(encoder, threading.Lock(), max_slices=3)
     results = _call_all(shared, [_slices(1), _slices(2, 3), _slices(4), _slices(5, 6, 7)], encoder)
-    assert sum(encoder.calls) == 7 and max(encoder.calls) <= 3
+    assert sum(encoder.calls) == 7
+    assert max(encoder.calls) <= 3
     assert [results[i] for i in range(4)] == [[1.0], [2.0, 3.0], [4.0], [5.0, 6.0, 7.0]]
 
 
@@ -90,7 +91,8 @@ def test_an_encoder_error_reaches_every_caller_of_its_batch_and_no_other():
     shared = SharedRunner(encoder, threading.Lock(), max_slices=3)
     results = _call_all(shared, [_slices(1), _slices(2), _slices(4)], encoder)
     assert results[0] == [1.0]
-    assert isinstance(results[1], RuntimeError) and isinstance(results[2], RuntimeError)  # batched together
+    assert isinstance(results[1], RuntimeError)
+    assert isinstance(results[2], RuntimeError)  # batched together
     with pytest.raises(ValueError, match="max_slices"):
         SharedRunner(encoder, threading.Lock(), max_slices=0)
 

@@ -35,7 +35,8 @@ def test_bad_input_fails_only_its_case_with_a_recorded_reason(annotated):
     errors = CaseStore(store).errors()
     assert len(errors) == 1
     (error,) = errors.values()
-    assert error["stage"] == "read" and "broken.nii.gz" in error["reason"]
+    assert error["stage"] == "read"
+    assert "broken.nii.gz" in error["reason"]
     assert len(CaseStore(store).committed_cases()) == 2
 
 
@@ -92,7 +93,8 @@ def test_rerun_skips_committed_cases_without_encoding(annotated):
     statuses = sorted(c["status"] for c in record["cases"])
     assert statuses == ["failed", "skipped", "skipped"]
     assert record["runner"] == {}  # the model was never even loaded
-    assert set(RECORD_KEYS) <= set(record) and record["engine"] == "local"  # the Ray engine's schema
+    assert set(RECORD_KEYS) <= set(record)
+    assert record["engine"] == "local"  # the Ray engine's schema
     assert record["counts"] == {"done": 0, "skipped": 2, "quarantined": 0, "failed": 1}
 
 
@@ -111,7 +113,8 @@ def test_2d_png_with_many_instance_boxes(nuclei_2d, tmp_path):
     out = tmp_path / "nifti"
     assert main(["export", str(store), "--format", "nifti", "--out", str(out)]) == 0
     exported = np.asanyarray(nib.load(str(out / f"{case_id}.nii.gz")).dataobj)
-    assert exported.shape == (256, 256, 1) and np.array_equal(exported[:, :, 0].T, labels[0])
+    assert exported.shape == (256, 256, 1)
+    assert np.array_equal(exported[:, :, 0].T, labels[0])
 
 
 def test_bad_usage_exits_2(tmp_path, small_chest):

@@ -83,10 +83,10 @@ def test_log_lines_carry_a_timestamp_and_third_party_warnings_stay_out(tmp_path,
     log_lines = [
         line for line in done.stderr.splitlines() if re.match(r"\S+ (DEBUG|INFO|WARNING|ERROR) ", line)
     ]
-    assert log_lines and all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d ", line) for line in log_lines)
+    assert log_lines
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d ", line) for line in log_lines)
     assert any(" ERROR pipeline.annotate.driver: " in line for line in log_lines)
     for noise in ("FutureWarning", "Unclosed client session", "Traceback"):
         assert noise not in done.stderr
-    assert re.search(r"^done\s+\w+$", done.stdout, re.M) and re.search(
-        r"^failed\s+\w+\s+\S", done.stdout, re.M
-    )
+    assert re.search(r"^done\s+\w+$", done.stdout, re.M)
+    assert re.search(r"^failed\s+\w+\s+\S", done.stdout, re.M)

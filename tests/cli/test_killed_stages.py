@@ -27,7 +27,8 @@ def _check_whole(store: CaseStore) -> None:
     """Every committed case reads whole; nothing overwritten."""
     for case_id in store.committed_cases():
         labels, attrs = store.read_labels(case_id)
-        assert labels.shape == (1, 256, 256) and "previous_versions" not in attrs.raw
+        assert labels.shape == (1, 256, 256)
+        assert "previous_versions" not in attrs.raw
     assert not (store.root / "_previous").exists()
 
 
@@ -111,7 +112,8 @@ def test_the_loop_killed_at_each_step_then_rerun(two_tiles, tmp_path, capsys):
     rounds = sorted(p.name for p in (store.root / "_rounds").glob("round-*.json"))
     assert rounds == ["round-001.json"]  # the killed round is the one completed, not a second round
     record = json.loads((store.root / "_rounds" / "round-001.json").read_text())
-    assert record["cases"]["failed"] == 0 and record["cases"]["annotated"] + record["cases"]["skipped"] == 2
+    assert record["cases"]["failed"] == 0
+    assert record["cases"]["annotated"] + record["cases"]["skipped"] == 2
     _check_whole(store)
 
     corrections = tmp_path / "corrections"
@@ -126,10 +128,12 @@ def test_the_loop_killed_at_each_step_then_rerun(two_tiles, tmp_path, capsys):
     capsys.readouterr()
     assert main(import_argv) == 0
     out = capsys.readouterr().out
-    assert out.count("accepted ") == 1 and out.count("already ") == 1
+    assert out.count("accepted ") == 1
+    assert out.count("already ") == 1
     for case_id in store.committed_cases():
         attrs = store.attributes(case_id)
-        assert attrs.review_status == "accepted" and len(attrs.raw["previous_versions"]) == 1
+        assert attrs.review_status == "accepted"
+        assert len(attrs.raw["previous_versions"]) == 1
         assert attrs.raw["proposal_status"] != "accepted"  # never a correction imported against itself
     assert store.attributes(first[0]).raw["review"] == review_before
 
@@ -155,11 +159,13 @@ def test_the_loop_killed_at_each_step_then_rerun(two_tiles, tmp_path, capsys):
         "--no-augment",
     ]
     kill_at("torch:save", finetune_argv, tmp_path)  # writing the checkpoint
-    assert not checkpoint.exists() and registered_models(store) == []
+    assert not checkpoint.exists()
+    assert registered_models(store) == []
     kill_at(
         "medsam_engine.pipeline.flywheel.finetune:register", finetune_argv, tmp_path
     )  # saved, not registered
-    assert checkpoint.exists() and registered_models(store) == []
+    assert checkpoint.exists()
+    assert registered_models(store) == []
     assert main(finetune_argv) == 0
     (model,) = registered_models(store)
     assert model["sha256"] == file_sha256(checkpoint)

@@ -20,7 +20,9 @@ def test_a_failed_write_leaves_the_old_file_and_no_partial(tmp_path):
 
 def test_the_temporary_name_keeps_the_suffixes_writers_read(tmp_path):
     with atomic_file(tmp_path / "case.nii.gz") as temp:
-        assert temp.name.endswith(".case.nii.gz") and temp.name.startswith(".") and temp.parent == tmp_path
+        assert temp.name.endswith(".case.nii.gz")
+        assert temp.name.startswith(".")
+        assert temp.parent == tmp_path
         temp.write_bytes(b"x")
     assert (tmp_path / "case.nii.gz").read_bytes() == b"x"
 
@@ -35,7 +37,8 @@ def test_exclusive_creation_has_one_winner_among_racing_writers(tmp_path):
         thread.start()
     for thread in threads:
         thread.join()
-    assert wins.count(True) == 1 and path.read_text().startswith("key-")
+    assert wins.count(True) == 1
+    assert path.read_text().startswith("key-")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["_key"]
 
 

@@ -16,14 +16,16 @@ def test_ct_window_is_the_same_whatever_the_slab_size(chest_ct):
     whole = to_uint8(hu, "CT", slab=hu.shape[0])
     assert np.array_equal(to_uint8(hu, "CT", slab=1), whole)
     assert np.array_equal(to_uint8(hu, "CT", slab=5), whole)
-    assert whole[hu <= -160].max() == 0 and whole[hu >= 240].min() == 255  # window 40/400
+    assert whole[hu <= -160].max() == 0
+    assert whole[hu >= 240].min() == 255  # window 40/400
 
 
 def test_percentile_mapping_keeps_zeros_and_is_slab_invariant(chest_ct):
     positive = np.clip(read_volume(chest_ct[0]).array.astype(np.float32) + 1000, 0, None)  # an MR-like scalar
     whole = to_uint8(positive, "MR", IntensityConfig(), slab=positive.shape[0])
     assert np.array_equal(to_uint8(positive, "MR", slab=3), whole)
-    assert (whole[positive == 0] == 0).all() and whole.max() == 255
+    assert (whole[positive == 0] == 0).all()
+    assert whole.max() == 255
 
 
 @given(
@@ -55,6 +57,8 @@ def test_the_full_int16_range_and_single_slices_map_as_the_float_path_does():
         expected = to_uint8(array.astype(np.float32), modality)
         assert np.array_equal(to_uint8(array, modality), expected)
         part = to_uint8(array, modality, only=[2, 0])
-        assert np.array_equal(part[[0, 2]], expected[[0, 2]]) and not part[1].any()
+        assert np.array_equal(part[[0, 2]], expected[[0, 2]])
+        assert not part[1].any()
         floats = to_uint8(array.astype(np.float32), modality, only=[1], slab=1)
-        assert np.array_equal(floats[1], expected[1]) and not floats[[0, 2]].any()
+        assert np.array_equal(floats[1], expected[1])
+        assert not floats[[0, 2]].any()

@@ -28,9 +28,11 @@ def test_detector_train_writes_a_versioned_artefact_with_metrics(accepted_store,
     from medsam_engine.detectors.learned import load_artefact
 
     _head, meta, sha = load_artefact(out)
-    assert report["version"] == sha and meta["labels"] == [5, 6] == report["labels"]
+    assert report["version"] == sha
+    assert meta["labels"] == [5, 6] == report["labels"]
     assert meta["label_names"] == {"5": "right lung", "6": "left lung"}
-    assert meta["training"]["split"] == "z-block" and meta["training"]["holdout_slices"] >= 1
+    assert meta["training"]["split"] == "z-block"
+    assert meta["training"]["holdout_slices"] >= 1
     assert set(meta["metrics"]["holdout"]) == {"5", "6"}
     assert meta["metrics"]["train"]["5"]["recall"] > 0.0
 
@@ -72,8 +74,10 @@ def test_annotate_with_the_learned_detector_records_its_version(
     result = CaseStore(store)
     (case_id,) = result.committed_cases()
     labels, attrs = result.read_labels(case_id)
-    assert set(np.unique(labels)) - {0} <= {5, 6} and labels.any()
-    assert attrs.instances and all(i["prompt_source"].startswith("learned:") for i in attrs.instances)
+    assert set(np.unique(labels)) - {0} <= {5, 6}
+    assert labels.any()
+    assert attrs.instances
+    assert all(i["prompt_source"].startswith("learned:") for i in attrs.instances)
     assert "detector_sha256" in attrs.signature
 
 

@@ -39,11 +39,13 @@ def test_pycocotools_reads_every_label_back(coco):
     ids, nuclei, _report, out = coco
     api = COCO(str(out / "annotations.json"))
     (image,) = api.dataset["images"]
-    assert (image["height"], image["width"]) == nuclei.shape and image["medsam_case_id"] == ids["2d"]
+    assert (image["height"], image["width"]) == nuclei.shape
+    assert image["medsam_case_id"] == ids["2d"]
     rebuilt = np.zeros_like(nuclei)
     for annotation in api.loadAnns(api.getAnnIds(imgIds=[image["id"]])):
         mask = api.annToMask(annotation).astype(bool)
-        assert annotation["area"] == mask.sum() and annotation["iscrowd"] == 0
+        assert annotation["area"] == mask.sum()
+        assert annotation["iscrowd"] == 0
         x, y, w, h = annotation["bbox"]
         rows, cols = np.nonzero(mask)
         assert (x, y) == (cols.min(), rows.min())
@@ -58,12 +60,14 @@ def test_image_is_written_and_volumes_are_skipped(coco, nuclei_2d):
     ids, _, report, out = coco
     written = cv2.imread(str(out / "images" / f"{ids['2d']}.png"), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(written, cv2.imread(str(nuclei_2d[0]), cv2.IMREAD_UNCHANGED))
-    assert list(report.skipped) == [ids["3d"]] and "not a 2D image" in report.skipped[ids["3d"]]
+    assert list(report.skipped) == [ids["3d"]]
+    assert "not a 2D image" in report.skipped[ids["3d"]]
 
 
 def test_rle_round_trip_on_a_tiny_mask():
     mask = np.zeros((3, 4), bool)
     mask[0, 1] = mask[2, 1:3] = True
     rle = encode_rle(mask)
-    assert rle["size"] == [3, 4] and isinstance(rle["counts"], str)
+    assert rle["size"] == [3, 4]
+    assert isinstance(rle["counts"], str)
     assert np.array_equal(decode_rle(rle), mask)

@@ -45,15 +45,18 @@ def dataset(tmp_path_factory, chest_series, small_chest, small_chest_nifti, nucl
 def test_dataset_json_lists_accepted_cases_with_consecutive_labels(dataset):
     _store, ids, report, out = dataset
     meta = json.loads((out / "dataset.json").read_text())
-    assert meta["channel_names"] == {"0": "CT"} and meta["file_ending"] == ".nii.gz"
+    assert meta["channel_names"] == {"0": "CT"}
+    assert meta["file_ending"] == ".nii.gz"
     assert meta["numTraining"] == 3
     assert sorted(meta["medsam_cases"]) == sorted(ids[k] for k in ("dicom", "nrrd", "accepted"))
     assert list(meta["labels"].values()) == list(range(len(meta["labels"])))
-    assert meta["labels"]["background"] == 0 and meta["medsam_label_values"]["right lung"] == 5
+    assert meta["labels"]["background"] == 0
+    assert meta["medsam_label_values"]["right lung"] == 5
     expected = sorted(f"{c}.nii.gz" for c in meta["medsam_cases"])
     assert sorted(p.name for p in (out / "labelsTr").iterdir()) == expected
     assert report.excluded == {ids["rejected"]: "review status is 'rejected', not 'accepted'"}
-    assert set(report.skipped) == {ids["2d"]} and "modality" in report.skipped[ids["2d"]]
+    assert set(report.skipped) == {ids["2d"]}
+    assert "modality" in report.skipped[ids["2d"]]
 
 
 def test_labels_and_images_sit_on_the_input_grid(dataset, small_chest):
@@ -127,7 +130,8 @@ def test_an_export_over_an_older_one_holds_exactly_its_own_cases(
         == 0
     )
     meta = json.loads((folder / "dataset.json").read_text())
-    assert meta["numTraining"] == 1 and meta["name"] == "Chest"
+    assert meta["numTraining"] == 1
+    assert meta["name"] == "Chest"
     assert sorted(p.name for p in (folder / "labelsTr").iterdir()) == [f"{meta['medsam_cases'][0]}.nii.gz"]
     assert len(list((folder / "imagesTr").iterdir())) == 1
     assert sorted(p.name for p in raw.iterdir()) == ["Dataset007_Chest"]  # no staging or old copy left

@@ -72,7 +72,8 @@ def test_seg_references_the_series_and_each_frame_lands_on_its_source_slice(expo
     values = _value_of_segment(seg)
     for ds in sources:
         z = np.linalg.solve(lps[:3, :3], np.asarray(ds.ImagePositionPatient, float) - lps[:3, 3])
-        assert np.allclose(z[1:], 0, atol=1e-3) and np.isclose(z[0], round(z[0]), atol=1e-3)
+        assert np.allclose(z[1:], 0, atol=1e-3)
+        assert np.isclose(z[0], round(z[0]), atol=1e-3)
         (frame,) = seg.get_pixels_by_source_instance(
             [ds.SOPInstanceUID], combine_segments=True, relabel=False
         )
@@ -164,7 +165,8 @@ def test_other_images_in_the_folder_are_left_out_and_a_changed_source_is_refused
     store = CaseStore(tmp_path / "store")
     case_id = commit_from_source(store, folder, read_volume(small_chest[1]).array)
     first = export_store(store, "dicom-seg", tmp_path / "out")
-    assert first.skipped == {} and len(first.written) == 1
+    assert first.skipped == {}
+    assert len(first.written) == 1
 
     (folder / "SC0001").unlink()  # the source changed after annotation: the SEG would reference other data
     second = export_store(store, "dicom-seg", tmp_path / "out2")

@@ -25,7 +25,8 @@ def test_balance_groups_cases_into_shards_of_near_equal_slices():
     weights = [40, 3, 3, 30, 10, 10]
     groups = balance(weights, 2)
     totals = sorted(sum(weights[i] + 1 for i in group) for group in groups)
-    assert totals == [50, 52] and sorted(i for g in groups for i in g) == list(range(6))
+    assert totals == [50, 52]
+    assert sorted(i for g in groups for i in g) == list(range(6))
     assert balance([5, 5], 8) == [[0], [1]]
     with pytest.raises(ValueError, match="'shards'"):
         balance([1], 0)
@@ -50,12 +51,14 @@ def test_watermark_selects_settled_studies_changed_since_the_mark(tmp_path):
     entries = study_entries([str(inbox), "https://pacs.example/dicomweb/studies/1"])
     assert [os.path.basename(e.path) for e in entries][:2] == ["study1", "study2.zip"]
     assert entries[0].changed >= os.lstat(inbox / "study1" / "series" / "IM1").st_mtime
-    assert entries[1].changed > 1_000 and entries[2].changed == float("inf")
+    assert entries[1].changed > 1_000
+    assert entries[2].changed == float("inf")
 
     dated = [Entry("old", 50.0), Entry("new", 150.0), Entry("copying", 250.0), Entry("url", float("inf"))]
     assert [e.path for e in select_new(dated, since=100.0, until=200.0)] == ["new", "url"]
     assert [e.path for e in select_new(dated, since=None, until=200.0)] == ["old", "new", "url"]
-    assert next_mark(200.0, [Entry("retry me", 150.0)]) < 150.0 and next_mark(200.0, []) == 200.0
+    assert next_mark(200.0, [Entry("retry me", 150.0)]) < 150.0
+    assert next_mark(200.0, []) == 200.0
 
     store = CaseStore(tmp_path / "store")
     assert read_mark(store, "nightly") is None

@@ -80,7 +80,8 @@ def _table(artifact) -> list[dict]:
 def test_flow_shards_cases_over_both_nodes_and_commits_each(annotated):
     report = annotated["report"]
     assert report["counts"] == {"done": 2, "skipped": 0, "quarantined": 0, "failed": 0}
-    assert report["actors"] == 2 and report["shards"] == 2
+    assert report["actors"] == 2
+    assert report["shards"] == 2
     assert len({case["node"] for case in report["cases"]}) == 2  # one actor on each node
     assert report["slices"] == 4
     assert sorted(annotated["labels"]) == sorted(case["case_id"] for case in report["cases"])
@@ -90,7 +91,8 @@ def test_flow_shards_cases_over_both_nodes_and_commits_each(annotated):
     record = json.loads(
         (CaseStore(annotated["store"]).root / "_runs" / f"{report['run_id']}.json").read_text()
     )
-    assert set(RECORD_KEYS) <= set(record) and record["engine"] == "ray"  # the local engine's schema
+    assert set(RECORD_KEYS) <= set(record)
+    assert record["engine"] == "ray"  # the local engine's schema
     assert set(record["label_volumes_ml"]) == set(annotated["labels"])
     rows = _table(_artifacts("annotate-summary")[-1])
     assert {row["case"] for row in rows} >= set(annotated["labels"])
@@ -106,7 +108,8 @@ def test_rerun_does_only_what_is_missing(annotated, flow_archive, tmp_path):
 
     report = run_flow(*flow_archive, store)
 
-    assert report["counts"]["done"] == 1 and report["counts"]["skipped"] == 1
+    assert report["counts"]["done"] == 1
+    assert report["counts"]["skipped"] == 1
     assert [c["case_id"] for c in report["cases"] if c["status"] == "done"] == [lost]
     again = labels_of(store)
     assert all(np.array_equal(again[c], annotated["labels"][c]) for c in annotated["labels"])
@@ -136,7 +139,8 @@ def test_failures_are_recorded_quarantined_and_fail_the_run_only_above_the_fract
 
     with pytest.raises(TooManyFailures) as failed:
         run_flow(images, masks, store, policy={"max_failure_fraction": 0.5, "retry_quarantined": True})
-    assert failed.value.report["counts"]["failed"] == 1 and failed.value.report["failure_fraction"] == 1.0
+    assert failed.value.report["counts"]["failed"] == 1
+    assert failed.value.report["failure_fraction"] == 1.0
     assert "corrupt_study" not in str(failed.value.report)  # no file names in reports or artifacts
     assert "chest" not in str(_table(_artifacts("annotate-summary")[-1]))
 
@@ -189,7 +193,8 @@ def test_an_actor_killed_mid_run_is_restarted_and_every_case_committed_once(
     report = run_flow(*flow_archive, store)
     killer.join(timeout=5)
 
-    assert killed and _actor_pid(0) != before  # Ray restarted the actor and retried its cases
+    assert killed
+    assert _actor_pid(0) != before  # Ray restarted the actor and retried its cases
     assert report["counts"] == {"done": 2, "skipped": 0, "quarantined": 0, "failed": 0}
     again = labels_of(store)
     assert sorted(again) == sorted(annotated["labels"])
@@ -235,7 +240,8 @@ def test_a_run_killed_mid_way_is_finished_by_the_rerun_with_identical_masks(
 
     report = run_flow(*flow_archive, store)
 
-    assert report["counts"]["failed"] == 0 and report["counts"]["done"] >= 1
+    assert report["counts"]["failed"] == 0
+    assert report["counts"]["done"] >= 1
     again = labels_of(store)
     assert sorted(again) == sorted(annotated["labels"])
     assert all(np.array_equal(again[c], annotated["labels"][c]) for c in again)
@@ -251,7 +257,8 @@ def test_watermark_takes_only_studies_new_since_the_last_successful_run(annotate
     nightly = {"run": {"watermark": "nightly", "settle_seconds": 0}, "policy": {"max_failure_fraction": 1.0}}
 
     first = run_flow(images, masks, store, **nightly)
-    assert first["counts"]["skipped"] == 2 and read_mark(CaseStore(store), "nightly") is not None
+    assert first["counts"]["skipped"] == 2
+    assert read_mark(CaseStore(store), "nightly") is not None
     time.sleep(0.05)
     (images / "late.nii.gz").write_bytes(b"arrived after the first night" * 32)
     second = run_flow(images, masks, store, **nightly)
@@ -281,9 +288,11 @@ def test_round_run_on_ray_from_the_command_line(flow_archive, tmp_path, ray_clus
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "round 1:" in out and "2 done" in out
+    assert "round 1:" in out
+    assert "2 done" in out
     report = read_record(CaseStore(store), ROUNDS, "round-001.json")
-    assert report["cases"]["annotated"] == 2 and report["run_id"]
+    assert report["cases"]["annotated"] == 2
+    assert report["run_id"]
     assert all(
         CaseStore(store).attributes(c).review_status in ("auto-accepted", "review", "rejected")
         for c in CaseStore(store).committed_cases()

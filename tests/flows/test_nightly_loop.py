@@ -153,20 +153,25 @@ def test_nightly_round_from_the_pacs_reviewed_finetuned_and_the_next_night(
         finished = client.read_flow_run(flow_run.id)
         deployment = client.read_deployment(flow_run.deployment_id)
     assert finished.state.is_completed(), finished.state
-    assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 2 * * *"
+    assert deployment.schedules
+    assert deployment.schedules[0].schedule.cron == "0 2 * * *"
     assert deployment.global_concurrency_limit.limit == 1
     assert deployment.concurrency_options.collision_strategy == "CANCEL_NEW"
 
     cases = CaseStore(store)
     first = read_record(cases, ROUNDS, "round-001.json")
-    assert first["cases"]["annotated"] == 2 and first["model"]["registered"] is False
-    assert first["push"]["pushed"] == 2 and len(_segs(pacs)) == 4  # 2 coarse + 2 proposals
-    assert sum(first["routing"]["instances"].values()) > 0 and Path(first["queue"]["folder"]).is_dir()
+    assert first["cases"]["annotated"] == 2
+    assert first["model"]["registered"] is False
+    assert first["push"]["pushed"] == 2
+    assert len(_segs(pacs)) == 4  # 2 coarse + 2 proposals
+    assert sum(first["routing"]["instances"].values()) > 0
+    assert Path(first["queue"]["folder"]).is_dir()
     for case_id in cases.committed_cases():  # the names came with the coarse SEGs
         assert {p.get("name") for p in cases.label_properties(case_id)} == set(LUNGS.values())
     assert read_mark(cases, "nightly") is not None
     mark = read_record(cases, "_watermarks", "nightly.json")
-    assert STUDY not in str(mark) and len(mark["pacs"]) == 1  # the study, by keyed hash only
+    assert STUDY not in str(mark)
+    assert len(mark["pacs"]) == 1  # the study, by keyed hash only
 
     # the reviewer corrects series a (the reference lungs, dilated by hand) and stores the SEG in the PACS
     by_series = {}
@@ -220,9 +225,11 @@ def test_nightly_round_from_the_pacs_reviewed_finetuned_and_the_next_night(
         run=RunOptions(**run),
         pool=PoolOptions(address=ray_cluster.address),
     )
-    assert report["round"] == 2 and report["model"]["registered"]
+    assert report["round"] == 2
+    assert report["model"]["registered"]
     assert report["model"]["sha256"] == tuned["sha256"]
-    assert report["cases"]["kept_accepted"] == 1 and report["cases"]["annotated"] == 1
+    assert report["cases"]["kept_accepted"] == 1
+    assert report["cases"]["annotated"] == 1
     assert cases.attributes(stale).signature != before
     assert cases.attributes(stale).round == 2
     assert cases.attributes(reviewed).review_status == "accepted"
@@ -246,4 +253,5 @@ def test_a_wrong_password_stops_the_night_with_one_clear_error_before_any_case(
             run=RunOptions(watermark="nightly", settle_seconds=0),
         )
     assert "not-the-password" not in str(raised.value)
-    assert CaseStore(store).errors() == {} and CaseStore(store).committed_cases() == []
+    assert CaseStore(store).errors() == {}
+    assert CaseStore(store).committed_cases() == []

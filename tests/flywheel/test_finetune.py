@@ -81,7 +81,8 @@ def test_finetune_from_a_store_registers_a_strict_loadable_model(accepted_store,
     assert current_model(accepted_store)["sha256"] == entry["sha256"]
     assert json.loads(out.with_name("round1.pth.json").read_text())["sha256"] == entry["sha256"]
     entry = retrain_detector(accepted_store, entry, tmp_path / "detector.pt", epochs=20, runner=runner)
-    assert entry["detector"]["labels"] == [5, 6] and entry["detector"]["version"]
+    assert entry["detector"]["labels"] == [5, 6]
+    assert entry["detector"]["version"]
     assert current_model(accepted_store)["detector"]["artefact"] == str((tmp_path / "detector.pt").resolve())
 
 
@@ -182,7 +183,8 @@ def test_augmented_slices_keep_every_box_on_its_mask(chest_ct):
     image = image.astype(np.uint8)
     for kind in AUGMENTATIONS:
         new_image, new_boxes, new_masks = transform_slice(kind, image, np.array(boxes, np.float32), masks)
-        assert new_image.shape[:2] == new_masks.shape[1:] and new_masks.sum() == masks.sum()
+        assert new_image.shape[:2] == new_masks.shape[1:]
+        assert new_masks.sum() == masks.sum()
         for box, mask in zip(new_boxes, new_masks, strict=False):
             rows, cols = np.nonzero(mask)
             assert box.tolist() == [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], kind
@@ -321,7 +323,9 @@ def test_one_slice_cannot_be_split_by_case_or_z():
 
     assert split_by_case_or_z([_sample("a", 0, [5, 15])], 0.25) is None
     train, held, how = split_by_case_or_z([_sample("a", z, [5]) for z in range(4)], 0.25)
-    assert how == "z-block" and [s.z for s in held] == [3] and len(train) == 3
+    assert how == "z-block"
+    assert [s.z for s in held] == [3]
+    assert len(train) == 3
 
 
 def test_boxes_of_labels_the_reviewer_changed_more_are_drawn_more_often():

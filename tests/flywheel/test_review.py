@@ -47,22 +47,27 @@ def test_export_writes_the_queue_worst_first_in_viewer_formats(routed, tmp_path,
     assert main(["review", "export", str(root / "store"), "--out", str(out)]) == 0
     queue = json.loads((out / "queue.json").read_text())
     scores = [c["worst_score"] for c in queue["cases"]]
-    assert len(scores) == 2 and scores == sorted(scores)
+    assert len(scores) == 2
+    assert scores == sorted(scores)
     store = CaseStore(root / "store")
     for entry in queue["cases"]:
         case_id = entry["case_id"]
         labels = nib.load(str(out / entry["files"]["labels"]))
         image = nib.load(str(out / entry["files"]["images"][0]))
-        assert labels.shape == image.shape == (128, 128, 4) and np.allclose(labels.affine, image.affine)
+        assert labels.shape == image.shape == (128, 128, 4)
+        assert np.allclose(labels.affine, image.affine)
         assert set(np.unique(np.asanyarray(labels.dataobj))) <= {0, 5, 6}
         group = zarr.open_group(str(out / entry["files"]["zarr"]), mode="r")
         assert np.array_equal(group["labels/medsam/0"][:], store.read_labels(case_id)[0])
         assert "not a DICOM series" in queue["skipped"][case_id]  # SEG needs a DICOM source
         routes = {i["route"] for i in entry["instances"]}
-        assert routes <= {"review", "rejected"} and all(i["features"] for i in entry["instances"])
+        assert routes <= {"review", "rejected"}
+        assert all(i["features"] for i in entry["instances"])
     page = (out / "report.html").read_text()
     first, second = (page.index(c["case_id"]) for c in queue["cases"])
-    assert first < second and page.count("<img") >= 2 and "stability" in page
+    assert first < second
+    assert page.count("<img") >= 2
+    assert "stability" in page
 
 
 def test_a_bad_correction_imports_nothing(routed, tmp_path, small_chest, capsys):
@@ -90,20 +95,25 @@ def test_import_records_the_edit_and_accepts_the_case(routed, tmp_path, capsys):
     corrected, attrs = store.read_labels(case_a)
     reference = read_volume(routed[1] / "chest_a.nrrd").array
     assert np.array_equal(corrected, reference)
-    assert attrs.review_status == "accepted" and attrs.raw["review"]["reviewer"] == "alice"
+    assert attrs.review_status == "accepted"
+    assert attrs.raw["review"]["reviewer"] == "alice"
     assert attrs.raw["review"]["edit_voxels"] == int((proposal != reference).sum())
     counts = {label: sum(i["label"] == label for i in attrs.instances) for label in (5, 6)}
-    assert counts[5] == 1 and counts[6] > 1  # the left lung's reference has stray fragments: more instances
+    assert counts[5] == 1
+    assert counts[6] > 1  # the left lung's reference has stray fragments: more instances
     for inst in attrs.instances:
         label = inst["label"]
         whole = dice(proposal == label, reference == label)
         changed = int(((proposal == label) != (reference == label)).sum())
-        assert inst["reviewer"] == "alice" and inst["stage"] == "reviewed"
+        assert inst["reviewer"] == "alice"
+        assert inst["stage"] == "reviewed"
         assert attrs.raw["review"]["edit_dice_per_label"][str(label)] == pytest.approx(whole, abs=1e-5)
         if counts[label] == 1:  # the only instance of its label: compared on the whole map
-            assert inst["edit_dice"] == pytest.approx(whole, abs=1e-5) and inst["edit_voxels"] == changed
+            assert inst["edit_dice"] == pytest.approx(whole, abs=1e-5)
+            assert inst["edit_voxels"] == changed
         else:  # one of several: compared around its own boxes
-            assert 0.0 <= inst["edit_dice"] <= 1.0 and inst["edit_voxels"] <= changed
+            assert 0.0 <= inst["edit_dice"] <= 1.0
+            assert inst["edit_voxels"] <= changed
         assert inst["quality"]["features"]["predicted_iou"] is not None  # kept for calibration
     (previous,) = attrs.raw["previous_versions"]
     assert (store.root / previous["path"]).is_dir()  # the proposal is kept
@@ -129,8 +139,10 @@ def test_an_edited_ome_zarr_from_napari_imports_too(routed, tmp_path):
     assert report.imported[case_b]["edit_voxels"] == erased > 0
     attrs = store.attributes(case_b)
     left = max((i for i in attrs.instances if i["label"] == 6), key=lambda i: i["voxels"])
-    assert 0 < left["edit_voxels"] <= erased and left["edit_dice"] < 1.0
-    assert attrs.raw["review"]["reviewer"] == "bob" and attrs.review_status == "accepted"
+    assert 0 < left["edit_voxels"] <= erased
+    assert left["edit_dice"] < 1.0
+    assert attrs.raw["review"]["reviewer"] == "bob"
+    assert attrs.review_status == "accepted"
 
 
 def test_queue_of_a_dicom_series_carries_a_dicom_seg(routed, chest_series, runner, tmp_path):
@@ -144,4 +156,5 @@ def test_queue_of_a_dicom_series_carries_a_dicom_seg(routed, chest_series, runne
     run_round(cases, store, config, queue_dir=tmp_path / "queue0", runner=shared_runner(config, runner))
     result = export_queue(store, tmp_path / "queue", formats=("dicom-seg",))
     (entry,) = result.cases
-    assert not result.skipped and (tmp_path / "queue" / entry["files"]["seg"]).stat().st_size > 0
+    assert not result.skipped
+    assert (tmp_path / "queue" / entry["files"]["seg"]).stat().st_size > 0

@@ -66,9 +66,11 @@ def two_rounds(tmp_path_factory, runner, small_chest, small_chest_nifti):
 
 def test_round_one_annotates_routes_and_exports_the_queue(two_rounds):
     report = two_rounds["first"].report
-    assert report["round"] == 1 and report["cases"]["annotated"] == 2
+    assert report["round"] == 1
+    assert report["cases"]["annotated"] == 2
     routes = report["routing"]["instances"]
-    assert sum(routes.values()) > 0 and report["seconds_per_case"] > 0
+    assert sum(routes.values()) > 0
+    assert report["seconds_per_case"] > 0
     assert report["calibration"]["calibrated"] is False  # no review yet
     assert two_rounds["first"].queue_dir == str(two_rounds["store"].root / "_review" / "round-001")
     queue = json.loads((two_rounds["store"].root / "_review" / "round-001" / "queue.json").read_text())
@@ -78,7 +80,8 @@ def test_round_one_annotates_routes_and_exports_the_queue(two_rounds):
 def test_round_two_uses_the_registered_model_on_the_rest_only(two_rounds):
     store, entry = two_rounds["store"], two_rounds["entry"]
     report = two_rounds["second"].report
-    assert report["model"]["sha256"] == entry["sha256"] and report["model"]["registered"]
+    assert report["model"]["sha256"] == entry["sha256"]
+    assert report["model"]["registered"]
     assert report["cases"] == {
         "given": 2,
         "annotated": 1,
@@ -89,8 +92,10 @@ def test_round_two_uses_the_registered_model_on_the_rest_only(two_rounds):
     }
     case_a, case_b = case_of(store, "chest_a"), case_of(store, "chest_b")
     attrs_a, attrs_b = store.case_attrs(case_a), store.case_attrs(case_b)
-    assert attrs_a["review_status"] == "accepted" and attrs_a["review"]["reviewer"] == "simulated"
-    assert attrs_b["signature"]["model_sha256"] == entry["sha256"] and attrs_b["round"] == 2
+    assert attrs_a["review_status"] == "accepted"
+    assert attrs_a["review"]["reviewer"] == "simulated"
+    assert attrs_b["signature"]["model_sha256"] == entry["sha256"]
+    assert attrs_b["round"] == 2
     assert {i["model"] for i in attrs_b["instances"]} == {f"lite-medsam-{entry['sha256'][:12]}"}
     assert all(i["round"] == 2 for i in attrs_b["instances"])
 
@@ -102,10 +107,13 @@ def test_round_table_reports_review_outcomes_per_round(two_rounds, capsys):
     reviewed = list(store.case_attrs(case_of(store, "chest_a"))["instances"])
     assert rows[0]["reviewed"] == len(reviewed)
     assert rows[0]["mean_edit_dice"] == pytest.approx(np.mean([i["edit_dice"] for i in reviewed]), abs=1e-3)
-    assert rows[1]["reviewed"] == 0 and rows[1]["annotated"] == 1
+    assert rows[1]["reviewed"] == 0
+    assert rows[1]["annotated"] == 1
     assert main(["round", "report", str(store.root)]) == 0
     out = capsys.readouterr().out
-    assert "| 1 |" in out and "| 2 |" in out and "mean_edit_dice" in out
+    assert "| 1 |" in out
+    assert "| 2 |" in out
+    assert "mean_edit_dice" in out
     if importlib.util.find_spec("matplotlib"):  # the plot is optional; the table is always written
         assert (store.root / ROUNDS / "rounds.png").stat().st_size > 1000
     rounds_table, tuning = (store.root / ROUNDS / "rounds.md").read_text().split("\n\n", 1)
@@ -137,7 +145,8 @@ def test_cli_round_on_nuclei_then_review_and_calibration(nuclei_2d, tmp_path, ca
     assert code == 0
     assert "round 1" in capsys.readouterr().out
     attrs = CaseStore(store).case_attrs(CaseStore(store).committed_cases()[0])
-    assert attrs["review_status"] in ("review", "rejected", "auto-accepted") and len(attrs["instances"]) >= 20
+    assert attrs["review_status"] in ("review", "rejected", "auto-accepted")
+    assert len(attrs["instances"]) >= 20
     corrections = tmp_path / "corrections"
     corrections.mkdir()
     shutil.copy(nuclei_2d[1], corrections / "nuclei.png")  # named like the input: matched by stem
@@ -147,7 +156,8 @@ def test_cli_round_on_nuclei_then_review_and_calibration(nuclei_2d, tmp_path, ca
     report = json.loads(capsys.readouterr().out)
     assert report["rows"] >= 20
     if report["calibrated"]:  # needs both outcomes among the nuclei; report what it found either way
-        assert report["auc_out_of_fold"] is not None and report["reliability"]
+        assert report["auc_out_of_fold"] is not None
+        assert report["reliability"]
     else:
         assert "at least" in report["reason"]
 

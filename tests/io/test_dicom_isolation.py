@@ -104,7 +104,8 @@ def test_a_hanging_decoder_is_stopped():
 def test_isolated_and_in_process_reads_agree():
     case = CaseRef("x", get_testdata_file("emri_small_jpeg_ls_lossless.dcm"))
     isolated, local = read_case(case), read_case(case, isolated=False)
-    assert np.array_equal(isolated.array, local.array) and isolated.array.flags.writeable
+    assert np.array_equal(isolated.array, local.array)
+    assert isolated.array.flags.writeable
     assert np.array_equal(isolated.geometry.affine, local.geometry.affine)
 
 
@@ -129,8 +130,10 @@ def test_concurrent_callers_of_the_pool_read_in_processes_of_their_own():
     try:
         with pool.borrow() as first, pool.borrow() as second:
             pids = {first.call(os.getpid), second.call(os.getpid)}
-        assert len(pids) == 2 and os.getpid() not in pids
-        assert pool.call(os.getpid) in pids and len(pool) == 2  # no third child
+        assert len(pids) == 2
+        assert os.getpid() not in pids
+        assert pool.call(os.getpid) in pids
+        assert len(pool) == 2  # no third child
     finally:
         pool.close()
 
@@ -150,7 +153,8 @@ def test_a_warmed_pool_starts_its_readers_at_once_with_the_readers_libraries_imp
     preload = functools.partial(preload, libraries_for(None))
     pool = WorkerPool()
     try:
-        assert pool.warm(2, preload=preload) == 2 and len(pool) == 2
+        assert pool.warm(2, preload=preload) == 2
+        assert len(pool) == 2
         with pool.borrow() as first, pool.borrow() as second:
             children = [first._process, second._process]
             assert all(child is not None and child.poll() is None for child in children)  # started, alive
@@ -159,7 +163,9 @@ def test_a_warmed_pool_starts_its_readers_at_once_with_the_readers_libraries_imp
                 w.call(_imported, "nibabel") and w.call(_imported, "isal.isal_zlib") for w in (first, second)
             )
             assert {first.call(os.getpid), second.call(os.getpid)} == {c.pid for c in children}
-        assert pool.warm(2, preload=preload) == 0 and pool.warm(1) == 0 and len(pool) == 2
+        assert pool.warm(2, preload=preload) == 0
+        assert pool.warm(1) == 0
+        assert len(pool) == 2
         case = CaseRef("x", get_testdata_file("CT_small.dcm"))
         assert np.array_equal(pool.call(read_case_here, case).array, read_case(case, isolated=False).array)
     finally:
@@ -176,7 +182,9 @@ def test_a_crashed_warm_reader_is_replaced_with_its_preload():
         child = pool.call(os.getpid)
         with pytest.raises(WorkerCrash):
             pool.call(os.kill, child, signal.SIGKILL)
-        assert pool.call(os.getpid) != child and pool.call(_imported, "nibabel") and len(pool) == 1
+        assert pool.call(os.getpid) != child
+        assert pool.call(_imported, "nibabel")
+        assert len(pool) == 1
     finally:
         pool.close()
 
@@ -208,10 +216,12 @@ def test_a_reader_that_cannot_be_started_ahead_starts_with_its_first_call(monkey
     try:
         monkeypatch.setattr(subprocess, "Popen", refused)
         open_fds = len(os.listdir("/proc/self/fd"))
-        assert pool.warm(1) == 1 and "could not be started ahead" in caplog.text
+        assert pool.warm(1) == 1
+        assert "could not be started ahead" in caplog.text
         assert len(os.listdir("/proc/self/fd")) == open_fds  # the child's pipes were closed again
         monkeypatch.setattr(subprocess, "Popen", real_popen)
-        assert pool.call(os.getpid) != os.getpid() and len(pool) == 1
+        assert pool.call(os.getpid) != os.getpid()
+        assert len(pool) == 1
     finally:
         pool.close()
 
@@ -226,9 +236,11 @@ def test_a_pool_warmed_when_needed_starts_its_readers_at_its_first_call_only(tmp
     try:
         assert pool.warm(2, preload=functools.partial(preload, libraries_for(None)), when_needed=True) == 0
         assert len(pool) == 0  # nothing started yet
-        assert pool.call(os.getpid) != os.getpid() and len(pool) == 2
+        assert pool.call(os.getpid) != os.getpid()
+        assert len(pool) == 2
         with pool.borrow() as first, pool.borrow() as second:
             assert all(w.call(_imported, "nibabel") for w in (first, second))
-        assert pool.call(os.getpid) and len(pool) == 2  # planned once
+        assert pool.call(os.getpid)
+        assert len(pool) == 2  # planned once
     finally:
         pool.close()

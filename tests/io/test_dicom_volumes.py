@@ -31,7 +31,8 @@ from medsam_engine.pipeline.io.readers import read_volume
 def test_every_mr_small_syntax_reads_like_the_uncompressed_file(name):
     reference = read_volume(get_testdata_file("MR_small.dcm"))
     volume = read_volume(get_testdata_file(name))
-    assert volume.modality == "MR" and volume.shape == reference.shape
+    assert volume.modality == "MR"
+    assert volume.shape == reference.shape
     assert np.array_equal(volume.array, reference.array)
     assert np.allclose(volume.geometry.affine, reference.geometry.affine)
 
@@ -53,7 +54,8 @@ def test_pydicom_data_lossless_files_match_their_uncompressed_twins(compressed, 
 def test_jpeg_lossless_process_14_decodes():
     volume = read_volume(get_testdata_file("JPGLosslessP14SV1_1s_1f_8b.dcm"))
     raw = pydicom.dcmread(get_testdata_file("JPGLosslessP14SV1_1s_1f_8b.dcm"))
-    assert volume.shape == (1, raw.Rows, raw.Columns) and volume.array.std() > 0
+    assert volume.shape == (1, raw.Rows, raw.Columns)
+    assert volume.array.std() > 0
     assert volume.array.dtype == np.uint8  # 8-bit data stays 8-bit, like a PNG
 
 
@@ -61,7 +63,8 @@ def test_jpeg_lossless_process_14_decodes():
 def test_compressed_multi_file_ct_series_round_trips_exactly(tmp_path, chest_volume, syntax):
     write_ct_series(chest_volume, tmp_path / "s", series_uid="1.2.826.0.1.3680043.8.498.81", syntax=syntax)
     volume = read_volume(tmp_path / "s")
-    assert volume.modality == "CT" and np.array_equal(volume.array, chest_volume.array)
+    assert volume.modality == "CT"
+    assert np.array_equal(volume.array, chest_volume.array)
     assert np.allclose(volume.geometry.affine, chest_volume.geometry.affine, atol=1e-3)
 
 
@@ -69,7 +72,8 @@ def test_enhanced_ct_uses_per_frame_positions_and_rescale():
     path = get_testdata_file("eCT_Supplemental.dcm")
     ds = pydicom.dcmread(path)
     volume = read_volume(path)
-    assert volume.modality == "CT" and volume.shape == (2, 512, 512)
+    assert volume.modality == "CT"
+    assert volume.shape == (2, 512, 512)
     assert volume.array.min() == -1024  # per-frame Rescale Intercept applied (stored values start at 0)
     assert volume.spacing == pytest.approx((10.0, 0.388672, 0.388672), rel=1e-5)
     for frame in ds.PerFrameFunctionalGroupsSequence:  # each frame's first pixel lands at its own position
@@ -83,15 +87,19 @@ def test_monochrome1_radiograph_is_inverted_over_the_stored_range():
     ds = pydicom.dcmread(path)
     volume = read_volume(path)
     stored = ds.pixel_array.astype(np.int64)
-    assert volume.shape == (1, ds.Rows, ds.Columns) and volume.modality == "CR"
+    assert volume.shape == (1, ds.Rows, ds.Columns)
+    assert volume.modality == "CR"
     assert np.array_equal(volume.array[0], (1 << ds.BitsStored) - 1 - stored)
 
 
 def test_colour_ultrasound_and_palette_frames_become_rgb_stacks():
     rgb = read_volume(get_testdata_file("US1_J2KR.dcm"))
-    assert rgb.array.shape == (1, 480, 640, 3) and rgb.array.dtype == np.uint8 and rgb.modality == "US"
+    assert rgb.array.shape == (1, 480, 640, 3)
+    assert rgb.array.dtype == np.uint8
+    assert rgb.modality == "US"
     palette = read_volume(get_testdata_file("OBXXXX1A_rle_2frame.dcm"))
-    assert palette.array.shape == (2, 600, 800, 3) and palette.array.dtype == np.uint8
+    assert palette.array.shape == (2, 600, 800, 3)
+    assert palette.array.dtype == np.uint8
     frames = read_volume(get_testdata_file("SC_rgb_rle_2frame.dcm"))
     assert frames.array.shape == (2, 100, 100, 3)
     assert np.array_equal(to_source_grid(frames.array, frames.geometry).shape[:3], (100, 100, 2))
@@ -179,12 +187,12 @@ def test_series_flipped_while_stacked_equal_the_reoriented_stack(
     fast = read_volume(tmp_path / "s")
     monkeypatch.setattr(dicom, "canonical_flips", lambda affine: None)
     plain = read_volume(tmp_path / "s")
-    assert fast.array.dtype == plain.array.dtype and fast.array.flags.c_contiguous
+    assert fast.array.dtype == plain.array.dtype
+    assert fast.array.flags.c_contiguous
     assert np.array_equal(fast.array, plain.array)
     for field in ("affine", "source_affine"):
         assert np.array_equal(getattr(fast.geometry, field), getattr(plain.geometry, field)), field
-    assert (
-        fast.geometry.shape == plain.geometry.shape
-        and fast.geometry.source_shape == plain.geometry.source_shape
-    )
-    assert fast.geometry.source_format == plain.geometry.source_format and fast.modality == plain.modality
+    assert fast.geometry.shape == plain.geometry.shape
+    assert fast.geometry.source_shape == plain.geometry.source_shape
+    assert fast.geometry.source_format == plain.geometry.source_format
+    assert fast.modality == plain.modality

@@ -72,9 +72,8 @@ def test_study_url_gives_one_case_per_series_downloaded_by_whoever_annotates_it(
     assert not (store.root / "_cache").exists()  # discovery only asked: nothing downloaded yet
     local = [materialise(case, store.cache_dir()) for case in cases]
     for case in local:
-        assert case.kind == "dicom-series" and Path(case.image).is_relative_to(
-            store.root / "_cache" / "dicomweb"
-        )
+        assert case.kind == "dicom-series"
+        assert Path(case.image).is_relative_to(store.root / "_cache" / "dicomweb")
         assert not any(uid in case.image or any(uid in f for f in case.files) for uid in (STUDY, *SERIES))
         assert np.array_equal(read_case(case).array, chest_volume.array)
     syntaxes = {
@@ -93,14 +92,17 @@ def test_series_url_and_cache_reuse(orthanc, tmp_path, chest_volume):
     local = materialise(case, store.cache_dir())
     marker = Path(local.image).parent / ".complete"
     stamp = marker.stat().st_mtime_ns
-    assert materialise(case, store.cache_dir()) == local and marker.stat().st_mtime_ns == stamp
+    assert materialise(case, store.cache_dir()) == local
+    assert marker.stat().st_mtime_ns == stamp
     assert np.array_equal(read_case(local).array, chest_volume.array)
 
 
 def test_unknown_study_is_one_failing_case_without_uids(orthanc, tmp_path):
     missing = "1.2.826.0.1.3680043.8.498.7199"
     (case,) = discover([f"{orthanc}/dicom-web/studies/{missing}"], CaseStore(tmp_path / "store").case_ids())
-    assert case.kind == "unreadable" and missing not in case.error and missing not in case.image
+    assert case.kind == "unreadable"
+    assert missing not in case.error
+    assert missing not in case.image
     with pytest.raises(ReadError, match=r"not found"):
         read_case(case)
 
@@ -116,9 +118,11 @@ def test_a_wrong_password_is_one_clear_lasting_error_that_never_shows_the_passwo
 ):
     monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_PASSWORD", "wrong-password")
     (case,) = discover([f"{orthanc}/dicom-web/studies/{STUDY}"], CaseStore(tmp_path / "store").case_ids())
-    assert case.kind == "unreadable" and "refused the credentials (HTTP 401)" in case.error
+    assert case.kind == "unreadable"
+    assert "refused the credentials (HTTP 401)" in case.error
     assert not is_transient(ReadError(case.error))  # a wrong password is not retried run after run as busy
-    assert "wrong-password" not in case.error and "wrong-password" not in caplog.text
+    assert "wrong-password" not in case.error
+    assert "wrong-password" not in caplog.text
 
 
 def test_a_busy_pacs_costs_retries_not_cases(orthanc, tmp_path, chest_volume, monkeypatch):
@@ -149,16 +153,20 @@ def test_a_pacs_down_for_the_whole_run_fails_its_cases_for_the_next_run(
         proxy.inject(-1, status=503)
         assert main(["annotate", url, "--out", str(store), "--detector", "intensity"]) == 1
         (error,) = CaseStore(store).errors().values()
-        assert error["stage"] == "io" and "HTTP 503" in error["reason"] and SERIES[0] not in error["reason"]
+        assert error["stage"] == "io"
+        assert "HTTP 503" in error["reason"]
+        assert SERIES[0] not in error["reason"]
         proxy.heal()
         assert main(["annotate", url, "--out", str(store), "--detector", "intensity"]) == 0
-        assert "1 done" in capsys.readouterr().out and CaseStore(store).errors() == {}
+        assert "1 done" in capsys.readouterr().out
+        assert CaseStore(store).errors() == {}
         shutil.rmtree(store / "_cache" / "dicomweb")  # no local copy left to reuse
         proxy.inject(-1, status=503)  # down again, then back: the case is done, the old failure closed
         assert main(["annotate", url, "--out", str(store), "--detector", "intensity"]) == 1
         proxy.heal()
         assert main(["annotate", url, "--out", str(store), "--detector", "intensity"]) == 0
-    assert "1 skipped" in capsys.readouterr().out and CaseStore(store).errors() == {}
+    assert "1 skipped" in capsys.readouterr().out
+    assert CaseStore(store).errors() == {}
 
 
 def test_a_service_root_means_its_studies_filtered_by_the_query(orthanc, tmp_path, chest_volume, capsys):
@@ -172,7 +180,9 @@ def test_a_service_root_means_its_studies_filtered_by_the_query(orthanc, tmp_pat
     (none,) = discover(
         [root], store.case_ids(), options=DiscoveryOptions(pacs_query={"ModalitiesInStudy": "MR"})
     )
-    assert none.kind == "unreadable" and "no study matches" in none.error and "MR" not in none.error
+    assert none.kind == "unreadable"
+    assert "no study matches" in none.error
+    assert "MR" not in none.error
     assert (
         main(
             [
@@ -293,7 +303,8 @@ def test_coarse_mask_from_pacs_is_the_newest_seg_of_the_series_not_made_here(
     case = materialise(lazy, store.cache_dir())
     assert referenced_series(Path(case.coarse_mask)) == SERIES[0]
     assert sorted(seg_label_names(Path(case.coarse_mask)).values()) == ["Left lung", "Right lung"]
-    assert SERIES[0] not in case.coarse_mask and STUDY not in case.coarse_mask
+    assert SERIES[0] not in case.coarse_mask
+    assert STUDY not in case.coarse_mask
     capsys.readouterr()
     assert main(["annotate", url, "--coarse-mask", "from-pacs", "--out", str(store.root)]) == 0
     names = {entry.get("name") for entry in CaseStore(store.root).label_properties(case.case_id)}
@@ -345,4 +356,5 @@ def test_credentials_from_a_file_keyed_by_server(orthanc, tmp_path, monkeypatch,
     assert materialise(case, store.cache_dir()).kind == "dicom-series"
     secrets.write_text(f"{orthanc}:\n  user: {USER}\n  password: not-it\n")
     (case,) = discover([url], CaseStore(tmp_path / "other").case_ids())
-    assert "refused the credentials" in case.error and "not-it" not in case.error + caplog.text
+    assert "refused the credentials" in case.error
+    assert "not-it" not in case.error + caplog.text

@@ -41,7 +41,8 @@ def test_multi_series_folder_gives_one_case_per_series(tmp_path, multi_series_fo
     cases = discover([multi_series_folder], CaseStore(tmp_path).case_ids())
     assert [c.kind for c in cases] == ["dicom-series", "dicom-series"]  # localizer, SC, README, DICOMDIR gone
     assert all(len(c.files) == 4 and c.series and len(c.series) == 16 for c in cases)
-    assert len({c.case_id for c in cases}) == 2 and len({c.series for c in cases}) == 2
+    assert len({c.case_id for c in cases}) == 2
+    assert len({c.series for c in cases}) == 2
     for case in cases:  # series a (uncompressed) and b (RLE) hold the same real CT
         volume = read_case(case)
         assert np.array_equal(volume.array, chest_volume.array)
@@ -76,7 +77,8 @@ def test_series_content_hash_covers_only_its_own_files(tmp_path, multi_series_fo
     before = (case_content_hash(a), case_content_hash(b))
     victim = Path(b.files[0])
     victim.write_bytes(victim.read_bytes()[:-2] + b"\x00\x01")
-    assert case_content_hash(a) == before[0] and case_content_hash(b) != before[1]
+    assert case_content_hash(a) == before[0]
+    assert case_content_hash(b) != before[1]
 
 
 def test_pydicom_dicomdir_trees(tmp_path, caplog):
@@ -89,7 +91,8 @@ def test_pydicom_dicomdir_trees(tmp_path, caplog):
     assert "MR700" not in by_folder  # derived secondary projections
     assert [c.kind for c in by_folder["CR1"]] == ["dicom-image"]
     reversed_ct = read_case(by_folder["CT5N"][0])  # InstanceNumber runs against the positions
-    assert reversed_ct.shape == (5, 16, 16) and reversed_ct.spacing[0] == pytest.approx(2.5)
+    assert reversed_ct.shape == (5, 16, 16)
+    assert reversed_ct.spacing[0] == pytest.approx(2.5)
     with pytest.raises(
         ReadError,
         match=r"CT2 series [0-9a-f]{8}: 161 slices missing between z=-99.48 mm "
@@ -98,7 +101,8 @@ def test_pydicom_dicomdir_trees(tmp_path, caplog):
         read_case(by_folder["CT2"][0])
     uids = _uids(DICOMDIR_TREES)
     assert len(uids) > 10
-    assert _no_uid_in(str(info.value), uids) and _no_uid_in(caplog.text, uids)
+    assert _no_uid_in(str(info.value), uids)
+    assert _no_uid_in(caplog.text, uids)
     assert all(_no_uid_in(c.case_id + (c.series or "") + (c.error or ""), uids) for c in cases)
 
 

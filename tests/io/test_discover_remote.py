@@ -49,7 +49,8 @@ def test_memory_folder_and_zip(memory_fs, tmp_path, multi_series_folder, chest_v
 def test_missing_remote_path_is_a_failing_case(memory_fs, tmp_path):
     memory_fs.mkdir("/medsam-test")
     (case,) = discover(["memory://medsam-test/nothing-here"], CaseStore(tmp_path).case_ids())
-    assert case.kind == "unreadable" and "nothing found" in case.error
+    assert case.kind == "unreadable"
+    assert "nothing found" in case.error
 
 
 def test_s3_prefix_through_a_real_s3_api(tmp_path, multi_series_folder, chest_volume, monkeypatch):

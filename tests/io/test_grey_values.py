@@ -71,4 +71,5 @@ def test_a_series_stack_equals_the_modality_values_compacted(name, slope, interc
     for flips in [None, *itertools.product([False, True], repeat=3)]:
         expected = _compact_stack([grey_values(d, p) for d, p in frames], flips)
         got = _modality_stack(frames, flips)
-        assert got.dtype == expected.dtype and np.array_equal(got, expected), flips
+        assert got.dtype == expected.dtype, flips
+        assert np.array_equal(got, expected), flips

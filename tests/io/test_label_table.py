@@ -88,13 +88,14 @@ def test_a_label_table_reaches_every_output(tmp_path, chest_series, small_chest)
     store = CaseStore(store_path)
     (case_id,) = store.committed_cases()
     properties = {p["label-value"]: p for p in store.label_properties(case_id)}
-    assert (
-        properties[5]["name"] == "right lung" and properties[5]["snomed-ct-code"] == "3341006"
-    )  # from the name
+    assert properties[5]["name"] == "right lung"
+    assert properties[5]["snomed-ct-code"] == "3341006"  # from the name
     assert properties[5]["rgb"] == [0xE6, 0x19, 0x4B]
-    assert properties[6]["snomed-ct-code"] == "44029006" and properties[6]["rgb"] == [0x3C, 0xB4, 0x4B]
+    assert properties[6]["snomed-ct-code"] == "44029006"
+    assert properties[6]["rgb"] == [0x3C, 0xB4, 0x4B]
     if 4 in properties:
-        assert properties[4]["name"] == "Spine ROI" and properties[4]["snomed-ct-code"] == "123037004"
+        assert properties[4]["name"] == "Spine ROI"
+        assert properties[4]["snomed-ct-code"] == "123037004"
 
     assert main(["export", str(store_path), "--format", "dicom-seg", "--out", str(tmp_path / "seg")]) == 0
     seg = hd.seg.segread(str(tmp_path / "seg" / f"{case_id}.seg.dcm"))
@@ -126,7 +127,8 @@ def test_a_label_table_reaches_every_output(tmp_path, chest_series, small_chest)
     assert {"right lung", "left lung"} <= set(names)
 
     page = write_report(store, tmp_path / "qc").read_text()
-    assert "right lung" in page and "rgb(230,25,75)" in page  # the legend, in the store's colours
+    assert "right lung" in page
+    assert "rgb(230,25,75)" in page  # the legend, in the store's colours
     picture = cv2.imread(str(next((tmp_path / "qc").glob("*.png"))))[:, :, ::-1]
     assert np.any(np.all(picture == [0x3C, 0xB4, 0x4B], axis=-1))  # contours drawn in the same colours
 

@@ -19,11 +19,9 @@ def test_lps_nrrd_with_negative_directions_is_reoriented_and_restored(chest_ct):
     assert volume.shape == (34, 128, 128)
     assert volume.spacing == pytest.approx((10.0, 3.046876, 3.046876), rel=1e-5)
     # canonical: x to the patient's left, y to posterior, z to superior (RAS signs -, -, +)
-    assert (
-        volume.geometry.affine[0, 2] < 0
-        and volume.geometry.affine[1, 1] < 0
-        and volume.geometry.affine[2, 0] > 0
-    )
+    assert volume.geometry.affine[0, 2] < 0
+    assert volume.geometry.affine[1, 1] < 0
+    assert volume.geometry.affine[2, 0] > 0
     assert np.array_equal(to_source_grid(volume.array, volume.geometry), raw)
 
 
@@ -71,7 +69,9 @@ def test_png_grey_and_rgb_are_single_slice_volumes(tmp_path, nuclei_2d):
     import cv2
 
     grey = read_volume(nuclei_2d[0])
-    assert grey.shape == (1, 256, 256) and grey.modality == "2D" and grey.array.dtype == np.uint8
+    assert grey.shape == (1, 256, 256)
+    assert grey.modality == "2D"
+    assert grey.array.dtype == np.uint8
     rgb = np.stack([grey.array[0], grey.array[0] // 2, 255 - grey.array[0]], axis=-1)
     cv2.imwrite(str(tmp_path / "rgb.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     colour = read_volume(tmp_path / "rgb.png")
@@ -83,7 +83,8 @@ def test_dicom_single_file_reads_hounsfield_units():
     from pydicom.data import get_testdata_file
 
     volume = read_volume(get_testdata_file("CT_small.dcm"))
-    assert volume.modality == "CT" and volume.shape == (1, 128, 128)
+    assert volume.modality == "CT"
+    assert volume.shape == (1, 128, 128)
     assert volume.array.min() < -500  # rescale applied: air is negative HU
 
 
@@ -120,5 +121,6 @@ def test_16_bit_tiff_reads_as_one_slice(tmp_path):
     data = tifffile.imread(str(source))[:64, :64]
     tifffile.imwrite(str(tmp_path / "crop.tif"), data.astype(np.uint16))
     volume = read_volume(tmp_path / "crop.tif")
-    assert volume.shape == (1, 64, 64) and volume.array.dtype == np.uint16
+    assert volume.shape == (1, 64, 64)
+    assert volume.array.dtype == np.uint16
     assert np.array_equal(volume.array[0], data.astype(np.uint16))

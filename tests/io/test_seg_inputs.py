@@ -43,7 +43,8 @@ def test_seg_coarse_masks_are_matched_by_series_and_corrections_imported(tmp_pat
     labels, _ = store.read_labels(case_id)
     from medsam_engine.pipeline.core.metrics import dice
 
-    assert dice(labels == 1, lungs == 5) > 0.7 and dice(labels == 2, lungs == 6) > 0.7  # prompts from the SEG
+    assert dice(labels == 1, lungs == 5) > 0.7
+    assert dice(labels == 2, lungs == 6) > 0.7  # prompts from the SEG
 
     corrected = np.where(lungs == 5, 1, np.where(lungs == 6, 2, 0)).astype(np.uint16)
     corrected[:, :, :20] = 0  # the reviewer erased a strip
@@ -54,7 +55,8 @@ def test_seg_coarse_masks_are_matched_by_series_and_corrections_imported(tmp_pat
     )
     assert main(["review", "import", str(store_path), str(corrections), "--reviewer", "dr-seg"]) == 0
     after, attrs = store.read_labels(case_id)
-    assert attrs.review_status == "accepted" and np.array_equal(after, corrected)
+    assert attrs.review_status == "accepted"
+    assert np.array_equal(after, corrected)
 
 
 def test_review_export_writes_named_slicer_segmentations_and_layered_ones_import(tmp_path, small_chest):
@@ -88,4 +90,5 @@ def test_review_export_writes_named_slicer_segmentations_and_layered_ones_import
         == 0
     )
     after, _ = store.read_labels("c0ffee")
-    assert set(np.unique(after)) == {0, 6} and np.array_equal(after > 0, labels == 5)  # later segment wins
+    assert set(np.unique(after)) == {0, 6}
+    assert np.array_equal(after > 0, labels == 5)  # later segment wins

@@ -29,7 +29,8 @@ def test_the_parts_of_a_series_make_one_case_with_each_instance_once(tmp_path, s
     store = CaseStore(tmp_path / "store")
     (whole,) = discover([small_chest_dicom], store.case_ids())
     (merged,) = discover([first, second], store.case_ids())
-    assert merged.case_id == whole.case_id and merged.error is None
+    assert merged.case_id == whole.case_id
+    assert merged.error is None
     assert sorted(p.rsplit("/", 1)[1] for p in merged.files) == sorted(
         p.name for p in small_chest_dicom.iterdir()
     )
@@ -53,9 +54,8 @@ def test_a_series_split_across_two_folders_exports_as_the_whole_series(
     (whole,) = (tmp_path / "whole-nii").iterdir()
     (split,) = (tmp_path / "split-nii").iterdir()
     a, b = nib.load(str(whole)), nib.load(str(split))
-    assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj)) and np.allclose(
-        a.affine, b.affine
-    )
+    assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
+    assert np.allclose(a.affine, b.affine)
     assert int(np.asanyarray(a.dataobj).astype(bool).sum()) > 0
 
 
@@ -69,7 +69,9 @@ def test_copies_of_one_instance_that_differ_fail_the_case_naming_both_files(tmp_
     ds.save_as(str(shared))
     store = CaseStore(tmp_path / "store")
     (case,) = discover([first, second], store.case_ids())
-    assert case.error and shared.name in case.error and "different content" in case.error
+    assert case.error
+    assert shared.name in case.error
+    assert "different content" in case.error
     assert (
         main(["annotate", str(first), str(second), "--out", str(tmp_path / "s"), "--detector", "intensity"])
         == 1
@@ -86,5 +88,7 @@ def test_an_unreadable_slice_is_named_in_the_series_reason(tmp_path, small_chest
     errors = CaseStore(store).errors()
     reasons = {e["reason"] for e in errors.values()}
     series = [r for r in reasons if "missing between" in r]
-    assert len(series) == 1 and broken.name in series[0] and "unreadable file" in series[0]
+    assert len(series) == 1
+    assert broken.name in series[0]
+    assert "unreadable file" in series[0]
     assert any(r.startswith(f"{broken.name}:") for r in reasons)  # and the file is its own failing case

@@ -78,7 +78,8 @@ def test_factored_decoder_reproduces_sam_on_real_ct(runner, ct_embedding, count)
     )[:count]
     reference_logits, reference_iou = BoxDecoder(runner.model.net)(ct_embedding.embedding, boxes)
     logits, iou = FactoredBoxDecoder(runner.model.net)(ct_embedding.embedding, boxes)
-    assert logits.shape == reference_logits.shape == (count, 1, 256, 256) and iou.shape == (count, 1)
+    assert logits.shape == reference_logits.shape == (count, 1, 256, 256)
+    assert iou.shape == (count, 1)
     assert float((logits - reference_logits).abs().max()) < 1e-3
     assert float((iou - reference_iou).abs().max()) < 1e-4
     assert np.array_equal(foreground(logits.numpy()), foreground(reference_logits.numpy()))
@@ -158,7 +159,8 @@ def test_runner_defaults_bound_memory_and_never_change_results(runner):
     from medsam_engine.pipeline.annotate.rendering import default_decoder_batch
 
     assert default_decoder_batch(runner, cuda=True) == 64
-    assert runner.backend == "torch" and default_decoder_batch(runner, cuda=False) == 4
+    assert runner.backend == "torch"
+    assert default_decoder_batch(runner, cuda=False) == 4
     assert default_decoder_batch(build.build_runner(runner.model, backend="openvino"), cuda=False) == 16
     config = EngineConfig().with_overrides(model={"backend": "openvino"})
     assert LazyRunner(config).get().cache_bytes == 32 << 20
@@ -192,7 +194,8 @@ def test_model_prefetch_overlaps_and_failures_reach_get(tmp_path):
     lazy.prefetch()
     lazy.prefetch()  # one load, not two
     loading = lazy._loading
-    assert lazy.get() is loading.result() and lazy.get() is lazy._runner
+    assert lazy.get() is loading.result()
+    assert lazy.get() is lazy._runner
 
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")

@@ -72,7 +72,8 @@ def test_runtime_reproduces_eager_torch_on_real_ct(name, runner, chest_slices, e
         assert ours.resized_hw == reference.resized_hw
         assert float(np.abs(ours.array() - reference.array()).max()) <= 1e-4
         logits, iou = fast.decode(ours, slice_boxes)
-        assert logits.shape == ref_logits.shape and np.abs(iou - ref_iou).max() < 1e-3
+        assert logits.shape == ref_logits.shape
+        assert np.abs(iou - ref_iou).max() < 1e-3
         masks, ref_masks = foreground(logits), foreground(ref_logits)
         assert ref_masks.any(axis=(1, 2)).all()
         differ = masks != ref_masks
@@ -222,7 +223,8 @@ def test_a_cache_that_cannot_be_stamped_still_serves(runner, graph_cache, monkey
     monkeypatch.setattr(backends, "write_text_atomic", read_only)
     exported = dict(graph_export.exports)
     fast = build.build_runner(runner.model, backend="onnxruntime")
-    assert fast.backend == "onnxruntime" and dict(graph_export.exports) == exported
+    assert fast.backend == "onnxruntime"
+    assert dict(graph_export.exports) == exported
     assert "stamps" not in json.loads((folder / "manifest.json").read_text())
 
 

@@ -30,10 +30,12 @@ def test_a_cuda_runner_sizes_its_batch_from_free_memory_and_that_batch_runs():
 
     runner = LiteMedSAMRunner(load_lite_medsam(device="cuda"), device="cuda")
     batch = runner.memory_batch()
-    assert 1 <= batch <= MAX_ENCODER_BATCH and runner.memory_batch() == batch  # measured once
+    assert 1 <= batch <= MAX_ENCODER_BATCH
+    assert runner.memory_batch() == batch  # measured once
     free_before, _ = torch.cuda.mem_get_info()
     embedded = runner.encode([np.full((64, 64), k % 251, np.uint8) for k in range(batch)])
-    assert len(embedded) == batch and torch.cuda.mem_get_info()[0] > 0.2 * free_before
+    assert len(embedded) == batch
+    assert torch.cuda.mem_get_info()[0] > 0.2 * free_before
 
 
 @pytest.mark.parametrize(

@@ -141,14 +141,18 @@ def test_a_full_medsam_vit_b_checkpoint_runs_through_the_same_runner(tmp_path, s
     torch.manual_seed(0)
     torch.save(sam_model_registry["vit_b"]().state_dict(), path)
     model = load_lite_medsam(path)
-    assert model.kind == "vit_b" and model.name.startswith("medsam-vit_b-")
+    assert model.kind == "vit_b"
+    assert model.name.startswith("medsam-vit_b-")
     runner = build_runner(model, backend="auto")
-    assert runner.backend == "torch" and not runner.bf16
+    assert runner.backend == "torch"
+    assert not runner.bf16
     slice_u8 = to_uint8(read_volume(small_chest[0]).array, "CT")[1]
     embedded = runner.encode([slice_u8])[0]
-    assert tuple(embedded.embedding.shape) == (1, 256, 64, 64) and embedded.resized_hw == (1024, 1024)
+    assert tuple(embedded.embedding.shape) == (1, 256, 64, 64)
+    assert embedded.resized_hw == (1024, 1024)
     logits, iou = runner.decode(embedded, np.array([[10, 20, 60, 90], [0, 0, 127, 127]], dtype=np.float32))
-    assert logits.shape == (2, *slice_u8.shape) and iou.shape == (2,)
+    assert logits.shape == (2, *slice_u8.shape)
+    assert iou.shape == (2,)
     with pytest.raises(ValueError, match="LiteMedSAM only"):
         build_runner(model, backend="onnxruntime")
 
@@ -192,6 +196,7 @@ def test_hidden_gpus_are_told_without_asking_torch(monkeypatch):
 
     for hidden in ("", "-1"):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
-        assert _no_gpu_visible() and resolve_device("auto") == "cpu"
+        assert _no_gpu_visible()
+        assert resolve_device("auto") == "cpu"
         with pytest.raises(ValueError, match="no CUDA device is visible"):
             resolve_device("cuda")

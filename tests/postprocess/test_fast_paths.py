@@ -88,9 +88,12 @@ def test_a_chain_that_only_removes_claims_nothing_and_one_that_fills_claims_back
     label_map[0, 8, 8] = 4  # a speck of label 4
     chain = [{"op": "remove_small_components_2d", "min_area_mm2": 2.0}]
     out, lineage = apply_chain(label_map, spacing=(1.0, 1.0, 1.0), chain=chain)
-    assert out[0, 8, 8] == 0 and out[0, 3, 3] == 0 and (out == 3).sum() == 24
+    assert out[0, 8, 8] == 0
+    assert out[0, 3, 3] == 0
+    assert (out == 3).sum() == 24
     out, lineage = apply_chain(label_map, spacing=(1.0, 1.0, 1.0), chain=[{"op": "fill_holes_2d"}])
-    assert out[0, 3, 3] == 3 and out[0, 8, 8] == 4
+    assert out[0, 3, 3] == 3
+    assert out[0, 8, 8] == 4
     assert {r["label"]: r["voxels_after"] for r in lineage["labels"]} == {3: 25, 4: 1}
 
 
@@ -113,7 +116,8 @@ def test_the_lineage_counts_are_the_output_maps_counts(label_map, modality):
     given_values = apply_chain(
         label_map, spacing=(2.0, 1.0, 1.0), chain=default_chain(modality), values=values
     )
-    assert np.array_equal(counted[0], given_values[0]) and counted[1] == given_values[1]
+    assert np.array_equal(counted[0], given_values[0])
+    assert counted[1] == given_values[1]
     out, lineage = counted
     assert {r["label"]: r["voxels_after"] for r in lineage["labels"]} == {
         v: int((out == v).sum()) for v in values

@@ -46,4 +46,5 @@ def test_label_components_equal_scipy_labels_even_on_one_voxel_thin_arrays(mask,
     neighbours, rank = connectivity
     labels, count = label_components(mask, neighbours)
     expected, expected_count = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, rank))
-    assert count == expected_count and np.array_equal(labels, expected)
+    assert count == expected_count
+    assert np.array_equal(labels, expected)

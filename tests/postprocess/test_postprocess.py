@@ -32,7 +32,8 @@ def test_islands_below_the_area_in_mm2_are_removed_and_input_kept():
     mask[5:9, 5:9] = True  # 16 px = 4 mm²
     before = mask.copy()
     out = remove_small_components_2d(mask, min_area_mm2=2.0, spacing_yx=(0.5, 0.5))
-    assert out.sum() == 16 and out[5:9, 5:9].all()
+    assert out.sum() == 16
+    assert out[5:9, 5:9].all()
     assert np.array_equal(mask, before)
 
 
@@ -65,7 +66,8 @@ def test_3d_islands_kept_or_removed_by_volume_in_mm3():
     # 8 voxels are 8 mm³ at 1 mm but 24 mm³ at 3 x 1 x 1 mm: the same voxels, in or out by millimetres.
     small_voxels = remove_small_components_3d(mask, min_volume_mm3=10, spacing=(1, 1, 1))
     thick_slices = remove_small_components_3d(mask, min_volume_mm3=10, spacing=(3, 1, 1))
-    assert small_voxels.sum() == 18 and not small_voxels[0:2, 0:2, 0:2].any()
+    assert small_voxels.sum() == 18
+    assert not small_voxels[0:2, 0:2, 0:2].any()
     assert np.array_equal(thick_slices, mask)
 
 
@@ -82,13 +84,18 @@ def test_keep_largest_k_per_slice_and_ties_go_to_raster_order():
         keep_largest_components_2d(plane, k=1), _mask(["###....", "##.....", ".......", ".......", "......."])
     )
     two = keep_largest_components_2d(plane, k=2)
-    assert two.sum() == 7 and two[2, 5:7].all()
+    assert two.sum() == 7
+    assert two[2, 5:7].all()
     three = keep_largest_components_2d(plane, k=3)
-    assert three.sum() == 8 and three[0, 5] and not three[4, 0]  # the 1-px tie: first in raster order wins
+    assert three.sum() == 8
+    assert three[0, 5]
+    assert not three[4, 0]  # the 1-px tie: first in raster order wins
     other = np.zeros_like(plane)
     other[4, 0] = True
     per_slice = keep_largest_components_2d(np.stack([plane, other]), k=1)
-    assert per_slice[0].sum() == 5 and per_slice[1, 4, 0] and per_slice[1].sum() == 1
+    assert per_slice[0].sum() == 5
+    assert per_slice[1, 4, 0]
+    assert per_slice[1].sum() == 1
 
 
 def test_keep_largest_k_in_3d():
@@ -97,7 +104,8 @@ def test_keep_largest_k_in_3d():
     mask[0, 3:5, 3:5] = True  # 4 voxels in one slice
     mask[2, 4, 2] = True  # 1 voxel
     largest = keep_largest_components_3d(mask, k=1)
-    assert largest.sum() == 4 and largest[0, 3:5, 3:5].all()
+    assert largest.sum() == 4
+    assert largest[0, 3:5, 3:5].all()
     assert keep_largest_components_3d(mask, k=2).sum() == 7
     assert np.array_equal(keep_largest_components_3d(mask, k=5), mask)
 
@@ -180,7 +188,8 @@ def test_closing_does_not_stick_to_the_border():
     plane = np.zeros((5, 6), dtype=bool)
     plane[0, 0:2] = plane[0, 4:6] = True  # two pieces on the top edge, 2 px apart
     closed = binary_closing(plane, radius_mm=1.5, spacing=(1, 1))
-    assert closed[0].all() and not closed[1:].any()
+    assert closed[0].all()
+    assert not closed[1:].any()
 
 
 def test_3d_closing_spans_slices_by_the_z_spacing():
@@ -188,7 +197,8 @@ def test_3d_closing_spans_slices_by_the_z_spacing():
     volume[0, 1:6, 1:6] = volume[2, 1:6, 1:6] = True  # one empty slice between
     assert not binary_closing(volume, radius_mm=1.0, spacing=(1, 1, 1))[1].any()  # in-plane default
     bridged = binary_closing(volume, radius_mm=1.0, spacing=(1, 1, 1), in_plane=False)
-    assert bridged[1, 2:5, 2:5].all() and bridged[1].sum() == 9  # the 6-neighbour ball erodes the rim
+    assert bridged[1, 2:5, 2:5].all()
+    assert bridged[1].sum() == 9  # the 6-neighbour ball erodes the rim
     assert not binary_closing(volume, radius_mm=1.0, spacing=(2, 1, 1), in_plane=False)[1].any()
 
 
@@ -201,7 +211,9 @@ def test_gaussian_smoothing_removes_a_spur_and_keeps_the_body():
     spur = plane.copy()
     spur[2, 5] = True
     out = smooth_gaussian(spur, sigma_mm=1.0, spacing=(1, 1))
-    assert not out[2, 5] and out[4:8, 4:8].all() and not out[~plane].any()
+    assert not out[2, 5]
+    assert out[4:8, 4:8].all()
+    assert not out[~plane].any()
     assert np.array_equal(smooth_gaussian(spur, sigma_mm=0, spacing=(1, 1)), spur)
 
 
@@ -262,7 +274,8 @@ def test_the_run_with_most_voxels_wins_over_the_longest_run():
     volume[0:3, 0, 0] = True  # 3 slices, 3 voxels
     volume[4, :, :] = True  # 1 slice, 16 voxels
     out = drop_disconnected_slices(volume)
-    assert out[4].all() and out.sum() == 16
+    assert out[4].all()
+    assert out.sum() == 16
 
 
 # --- argument checks ----------------------------------------------------------------------------------------

@@ -99,7 +99,8 @@ def test_every_registered_op_runs_with_its_defaults_and_required_values():
     for name, op in OPS.items():
         step = validate_chain([{"op": name, **{k: v for k, v in required.items() if k in op.params}}])[0]
         out = op.run(mask, spacing=(2.0, 1.0, 1.0), params={k: v for k, v in step.items() if k != "op"})
-        assert out.shape == mask.shape and out.dtype == np.bool_, name
+        assert out.shape == mask.shape, name
+        assert out.dtype == np.bool_, name
 
 
 # --- defaults -----------------------------------------------------------------------------------------------
@@ -141,12 +142,14 @@ def test_chain_applies_per_label_and_records_lineage():
     expected = label_map.copy()
     expected[1, 3, 3] = 1
     expected[3, 10, 1] = 0
-    assert np.array_equal(out, expected) and out.dtype == np.uint16
+    assert np.array_equal(out, expected)
+    assert out.dtype == np.uint16
     assert np.array_equal(frozen, label_map)
     json.dumps(lineage)
     one, three = lineage["labels"]
     assert lineage["spacing_mm"] == [2.0, 1.0, 1.0]
-    assert one["label"] == 1 and one["chain"] == "default"
+    assert one["label"] == 1
+    assert one["chain"] == "default"
     assert [(s["op"], s["voxels_before"], s["voxels_after"]) for s in one["steps"]] == [
         ("remove_small_components", 75, 74),
         ("fill_holes_2d", 74, 75),
@@ -197,7 +200,8 @@ def test_a_background_voxel_claimed_by_two_labels_stays_background():
 def test_an_empty_map_gives_an_empty_map_and_no_records():
     empty = np.zeros((2, 3, 3), dtype=np.uint16)
     out, lineage = apply_chain(empty, spacing=(1, 1, 1), chain=default_chain("CT"))
-    assert not out.any() and lineage["labels"] == []
+    assert not out.any()
+    assert lineage["labels"] == []
 
 
 label_maps = hnp.arrays(
@@ -233,7 +237,8 @@ def test_merged_map_keeps_labels_in_their_place(label_map, chain):
     frozen.flags.writeable = False
     out, lineage = apply_chain(frozen, spacing=(1.5, 1.0, 0.7), chain=chain)
     assert np.array_equal(frozen, label_map)
-    assert out.dtype == label_map.dtype and out.shape == label_map.shape
+    assert out.dtype == label_map.dtype
+    assert out.shape == label_map.shape
     assert set(np.unique(out)) <= set(np.unique(label_map)) | {0}
     changed = (out != label_map) & (out != 0)
     assert not (label_map[changed] != 0).any()  # labels only grow into background

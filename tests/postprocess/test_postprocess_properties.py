@@ -64,7 +64,9 @@ def test_every_operation_is_pure_and_keeps_shape_and_dtype(mask, spacing, name):
     frozen = _frozen(mask)
     out = EVERYTHING[name](frozen, spacing)
     assert np.array_equal(frozen, mask)
-    assert out.dtype == np.bool_ and out.shape == mask.shape and out is not frozen
+    assert out.dtype == np.bool_
+    assert out.shape == mask.shape
+    assert out is not frozen
     assert not np.shares_memory(out, frozen)
 
 
@@ -155,7 +157,8 @@ def test_keep_largest_keeps_at_most_k_components_and_only_existing_voxels(mask, 
     kept = keep_largest_components_3d(mask, k=k)
     _, count = ndimage.label(kept, structure=np.ones((3, 3, 3)))
     _, before = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-    assert count == min(k, before) and not (kept & ~mask).any()
+    assert count == min(k, before)
+    assert not (kept & ~mask).any()
 
 
 @FAST

@@ -37,7 +37,8 @@ def test_evaluation_matches_the_reference_through_the_affines(
     scores = evaluate_store(store, [reference])[case_id]
     assert scores == evaluate_store(store, [small_chest[1]])[case_id]  # the NRRD it was prompted from
     assert set(scores) == {1, 3, 5, 6, 7}  # the labels with a box on these four slices
-    assert scores[5]["dice"] > 0.8 and scores[6]["dice"] > 0.6  # right and left lung
+    assert scores[5]["dice"] > 0.8
+    assert scores[6]["dice"] > 0.6  # right and left lung
     assert all(0.0 < s["dice"] <= 1.0 and 0.0 < s["nsd"] <= 1.0 for s in scores.values())
 
 
@@ -48,6 +49,8 @@ def test_the_qc_page_lists_every_instance_with_overlays_and_the_failed_case(anno
     instances = store.case_attrs(case_id)["instances"]
     assert html.count(f"<tr><td>{case_id}</td>") == len(instances) > 0
     pictures = sorted(p.name for p in (tmp_path / "qc").glob("*.png"))
-    assert pictures and all(name in html for name in pictures)
+    assert pictures
+    assert all(name in html for name in pictures)
     (failed,) = store.errors()
-    assert f"failed {failed}: " in html and "broken.nrrd" in html
+    assert f"failed {failed}: " in html
+    assert "broken.nrrd" in html

@@ -73,7 +73,8 @@ def test_a_case_encoded_directly_equals_zarrs_own_objects(chest_volume, kind):
         mode="r",
     )
     assert np.array_equal(group["labels/medsam/0"][...], labels)
-    assert group.attrs["medsam"]["status"] == "committed" and group.attrs["medsam"]["note"] == "ünïcode"
+    assert group.attrs["medsam"]["status"] == "committed"
+    assert group.attrs["medsam"]["note"] == "ünïcode"
     if image is not None:
         assert np.array_equal(group["0"][...], image if image.ndim == 3 else np.moveaxis(image, -1, 0))
 
@@ -84,7 +85,8 @@ def test_an_image_type_without_a_direct_encoding_goes_through_zarr(tmp_path):
     assert encoded_case_group(labels=labels, image=image, attrs=ATTRS, label_names={}) is None
     write_local_group(tmp_path / "case", labels=labels, image=image, attrs=ATTRS, label_names={})
     group = zarr.open_group(str(tmp_path / "case"), mode="r")
-    assert group["0"].dtype == np.complex64 and group.attrs["medsam"]["status"] == "committed"
+    assert group["0"].dtype == np.complex64
+    assert group.attrs["medsam"]["status"] == "committed"
 
 
 def test_label_values_given_by_the_caller_write_the_same_metadata_as_counted_ones():

@@ -47,7 +47,8 @@ def test_a_full_disk_is_a_reason_and_a_rerun_with_room_completes(
     filler.write_bytes(b"\0" * (2048 - 40) * 1024)  # ~40 KiB left: less than one case's group
     full = _annotate(inputs, masks, small_disk / "store")
     assert full.returncode == 1, full.stderr[-2000:]
-    assert "no space left on the device" in full.stderr and "Traceback" not in full.stderr
+    assert "no space left on the device" in full.stderr
+    assert "Traceback" not in full.stderr
     store = CaseStore(small_disk / "store")
     assert store.committed_cases() == []
     staging = small_disk / "store" / "_staging"
@@ -64,5 +65,6 @@ def test_a_full_disk_is_a_reason_and_a_rerun_with_room_completes(
         return {s.manifest(c)["image"]: s.read_labels(c)[0] for c in s.committed_cases()}
 
     after, reference = by_image(here), by_image(there)
-    assert sorted(after) == sorted(reference) and len(after) == 2
+    assert sorted(after) == sorted(reference)
+    assert len(after) == 2
     assert all(np.array_equal(after[k], reference[k]) for k in after)

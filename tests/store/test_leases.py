@@ -43,8 +43,10 @@ def test_an_expired_lease_is_taken_over_and_its_old_holder_learns_it(store):
     record["expires_at"] = time.time() - 1  # the holder stopped renewing a while ago
     store.fs.pipe_file(old.path, json.dumps(record).encode())
     new = acquire(store, "case-a", run_id="run-2", ttl_s=60)
-    assert new is not None and holder(store, "case-a")["run_id"] == "run-2"
-    assert not old.renew() and old.lost
+    assert new is not None
+    assert holder(store, "case-a")["run_id"] == "run-2"
+    assert not old.renew()
+    assert old.lost
     old.release()  # releasing a lost lease leaves the new holder's alone
     assert holder(store, "case-a")["run_id"] == "run-2"
 
@@ -78,7 +80,8 @@ def _race(store, case_id: str, runs: int) -> list[str]:
 
 def test_racing_runs_get_exactly_one_lease(store):
     won = _race(store, "contended", 6)
-    assert len(won) == 1 and holder(store, "contended")["run_id"] == won[0]
+    assert len(won) == 1
+    assert holder(store, "contended")["run_id"] == won[0]
 
 
 def test_racing_takeovers_of_one_stale_lease_have_one_winner(store):
@@ -88,7 +91,8 @@ def test_racing_takeovers_of_one_stale_lease_have_one_winner(store):
         str(store.root / "_leases" / "stale.json"), json.dumps(dict(record, expires_at=0)).encode()
     )
     won = _race(store, "stale", 4)
-    assert len(won) == 1 and holder(store, "stale")["run_id"] == won[0]
+    assert len(won) == 1
+    assert holder(store, "stale")["run_id"] == won[0]
 
 
 def test_a_killed_holder_on_this_machine_frees_its_cases_at_once(tmp_path):
@@ -106,4 +110,5 @@ def test_a_killed_holder_on_this_machine_frees_its_cases_at_once(tmp_path):
     child.wait()
     child.stdout.close()
     lease = acquire(store, "case-a", run_id="mine", ttl_s=60)  # an hour of TTL left, yet taken over now
-    assert lease is not None and holder(store, "case-a")["run_id"] == "mine"
+    assert lease is not None
+    assert holder(store, "case-a")["run_id"] == "mine"

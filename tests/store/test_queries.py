@@ -31,13 +31,15 @@ def routed_store(tmp_path, small_chest, small_chest_nifti):
 def test_only_person_accepted_cases_train(routed_store):
     store, (accepted, routed) = routed_store("accepted", "auto-accepted")
     chosen, left_out = select_cases(store, "accepted")
-    assert chosen == [accepted] and left_out == {routed: "review status is 'auto-accepted', not 'accepted'"}
+    assert chosen == [accepted]
+    assert left_out == {routed: "review status is 'auto-accepted', not 'accepted'"}
 
 
 def test_exports_take_accepted_and_unrouted_cases(routed_store):
     store, (unrouted, rejected) = routed_store(None, "rejected")
     chosen, left_out = select_cases(store, "accepted-or-unrouted")
-    assert chosen == [unrouted] and list(left_out) == [rejected]
+    assert chosen == [unrouted]
+    assert list(left_out) == [rejected]
 
 
 def test_a_never_reviewed_store_gives_the_detector_every_case(routed_store):

@@ -43,7 +43,8 @@ def test_a_round1_store_resumes_without_work_and_exports(round1, capsys):
         ]
     )
     out = capsys.readouterr().out
-    assert code == 0 and "0 done, 2 skipped, 0 failed" in out  # same signature: nothing recomputed
+    assert code == 0
+    assert "0 done, 2 skipped, 0 failed" in out  # same signature: nothing recomputed
     assert main(["export", str(round1 / "store"), "--format", "nifti", "--out", str(round1 / "nifti")]) == 0
     assert len(list((round1 / "nifti").glob("*.nii.gz"))) == 2
     capsys.readouterr()

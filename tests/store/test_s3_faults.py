@@ -63,7 +63,8 @@ def test_an_outage_mid_commit_fails_the_cases_for_the_next_run(
     s = CaseStore(url)
     assert s.committed_cases() == []  # groups with their chunks missing are not cases
     errors = s.errors()
-    assert len(errors) == 2 and {e["stage"] for e in errors.values()} == {"io"}
+    assert len(errors) == 2
+    assert {e["stage"] for e in errors.values()} == {"io"}
     assert not s.fs.exists(f"{s.root}/_quarantine")  # the store's fault, not the input's
     proxied_s3.heal()
     assert _annotate(two_tiles, url) == 0
@@ -77,7 +78,9 @@ def test_a_vanished_store_ends_the_run_with_a_reason(two_tiles, tiles_reference,
     proxied_s3.inject(-1, status=503)  # every request: the S3 service is down
     assert _annotate(two_tiles, url) == 1
     err = capsys.readouterr().err
-    assert "cannot be written" in err and "s3://faults/vanished" in err and "Traceback" not in err
+    assert "cannot be written" in err
+    assert "s3://faults/vanished" in err
+    assert "Traceback" not in err
     proxied_s3.heal()
     assert _annotate(two_tiles, url) == 0
     _same_as_reference(url, tiles_reference)

@@ -37,10 +37,12 @@ def test_commit_then_read_back_with_ome_metadata(tmp_path):
     store = CaseStore(tmp_path)
     path = _commit(store, "c1", 3, {"s": 1})
     labels, attrs = store.read_labels("c1")
-    assert labels.dtype == np.uint16 and (labels == 3).all()
+    assert labels.dtype == np.uint16
+    assert (labels == 3).all()
     assert attrs.raw["status"] == "committed"
     meta = json.loads((path / "labels" / "medsam" / "zarr.json").read_text())["attributes"]["ome"]
-    assert meta["version"] == "0.5" and meta["image-label"]["properties"][0]["label-value"] == 3
+    assert meta["version"] == "0.5"
+    assert meta["image-label"]["properties"][0]["label-value"] == 3
     axes = json.loads((path / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]["axes"]
     assert [a["name"] for a in axes] == ["z", "y", "x"]
 
@@ -96,7 +98,8 @@ def test_label_colours_and_names_do_not_depend_on_the_other_labels(tmp_path):
             "review-status": "unreviewed",
             "rgb": list(label_colour(5)),
         }
-    assert colours["a"][5] == colours["b"][5] and colours["a"][3] != colours["a"][5]
+    assert colours["a"][5] == colours["b"][5]
+    assert colours["a"][3] != colours["a"][5]
 
 
 def test_commit_closes_the_cases_error_and_quarantine_records(tmp_path):
@@ -109,5 +112,6 @@ def test_commit_closes_the_cases_error_and_quarantine_records(tmp_path):
     quarantine(store, "c1", stage="read", signature={"s": 1}, run_id="r1")
     store.record_error("c2", stage="read", reason="c2.nii.gz: truncated", run_id="r1")
     _commit(store, "c1", 3, {"s": 2})
-    assert quarantined(store, "c1") is None and not (tmp_path / "_errors" / "c1.json").exists()
+    assert quarantined(store, "c1") is None
+    assert not (tmp_path / "_errors" / "c1.json").exists()
     assert (tmp_path / "_errors" / "c2.json").exists()  # another case's record stays

@@ -109,16 +109,20 @@ def test_killed_writer_leaves_no_done_case_and_a_rerun_commits_it(tmp_path, hook
     if overwrite:  # ... and the earlier version is still the committed one, untouched
         assert store.committed_cases() == ["case-1"]
         labels, attrs = store.read_labels("case-1")
-        assert attrs.signature == {"run": 1} and np.array_equal(labels, old)
+        assert attrs.signature == {"run": 1}
+        assert np.array_equal(labels, old)
     else:  # ... but readers, exports and resume see no case
-        assert store.committed_cases() == [] and store.case_attrs("case-1") is None
+        assert store.committed_cases() == []
+        assert store.case_attrs("case-1") is None
         assert export_store(store, "nifti", tmp_path / "nifti").written == []
 
     store.commit_case("case-1", labels=_new_labels(), attrs=_geometry_attrs({"run": 2}), overwrite=overwrite)
     labels, attrs = store.read_labels("case-1")
-    assert attrs.signature == {"run": 2} and np.array_equal(labels, _new_labels())
+    assert attrs.signature == {"run": 2}
+    assert np.array_equal(labels, _new_labels())
     assert [h["signature"] for h in attrs.raw.get("previous_versions", [])] == (
         [{"run": 1}] if overwrite else []
     )
-    assert remove_stale_staging(store, older_than_s=0) == 1 and not any((root / "_staging").iterdir())
+    assert remove_stale_staging(store, older_than_s=0) == 1
+    assert not any((root / "_staging").iterdir())
     assert len(export_store(store, "nifti", tmp_path / "nifti").written) == 1

@@ -31,13 +31,16 @@ def test_ome_zarr_models_validates_image_and_labels(case):
     group = zarr.open_group(str(store.case_path(case_id)), mode="r")
     image = Image.from_zarr(group)
     assert [a.name for a in image.attributes.ome.multiscales[0].axes] == ["z", "y", "x"]
-    assert image.labels is not None and image.labels.attributes.ome.labels == ["medsam"]
+    assert image.labels is not None
+    assert image.labels.attributes.ome.labels == ["medsam"]
     meta = ImageLabel.from_zarr(group["labels/medsam"]).attributes.ome.image_label
     present = sorted(int(v) for v in np.unique(labels) if v)
     assert [c.label_value for c in meta.colors] == present
     props = {p.label_value: p.model_dump(by_alias=True) for p in meta.properties}
-    assert props[5]["name"] == "right lung" and props[5]["snomed-ct-code"] == "3341006"
-    assert props[5]["review-status"] == "reviewed" and props[3]["review-status"] == "unreviewed"
+    assert props[5]["name"] == "right lung"
+    assert props[5]["snomed-ct-code"] == "3341006"
+    assert props[5]["review-status"] == "reviewed"
+    assert props[3]["review-status"] == "unreviewed"
 
 
 def test_ome_zarr_py_reader_opens_the_case_and_its_labels(case):

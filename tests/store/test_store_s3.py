@@ -35,7 +35,8 @@ def test_commit_read_refuse_and_overwrite_on_s3(bucket, small_chest, chest_label
     case_id = commit_from_source(store, small_chest[0], chest_labels, names=chest_label_names)
     assert store.committed_cases() == [case_id]
     labels, attrs = store.read_labels(case_id)
-    assert np.array_equal(labels, chest_labels) and attrs.raw["status"] == "committed"
+    assert np.array_equal(labels, chest_labels)
+    assert attrs.raw["status"] == "committed"
     assert store.read_image(case_id).shape == chest_labels.shape
     assert {p["name"] for p in store.label_properties(case_id)} >= {"right lung", "left lung"}
     assert store.manifest(case_id)["image"] == str(small_chest[0])
