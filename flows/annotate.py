@@ -50,7 +50,7 @@ from medsam_engine.pipeline.export.pacs_push import push_segs
 from medsam_engine.pipeline.io.dicomweb import is_service_root
 from medsam_engine.pipeline.io.discover import FROM_PACS, DiscoveryOptions, discover
 from medsam_engine.pipeline.store.case_store import CaseStore, remove_stale_staging
-from medsam_engine.pipeline.store.records import quarantined
+from medsam_engine.pipeline.store.records import quarantined, read_request
 
 MAX_SHARD_THREADS = 256  # shard tasks mostly wait on ray.wait; one thread each
 
@@ -301,23 +301,44 @@ def _run_shards(
     return outcomes, broken
 
 
+def requested(
+    store_url: str,
+    request: str | None,
+    inputs: list[str] | None,
+    coarse_masks: list[str] | None,
+    run: RunOptions | None,
+) -> tuple[list[str], list[str], RunOptions]:
+    """The inputs, coarse masks and run options of a flow run: its parameters, or (``request``) those a
+    command kept in STORE/_requests, so that no path or query reaches the orchestrator's database."""
+    if request is None:
+        return list(inputs or []), list(coarse_masks or []), run or RunOptions()
+    if inputs or coarse_masks or run is not None:
+        raise ValueError("give a run request or inputs, coarse masks and run options, not both")
+    found = read_request(CaseStore(store_url), request)
+    return list(found["inputs"]), list(found["coarse_masks"]), RunOptions.model_validate(found["run"])
+
+
 @flow(name="annotate-archive", task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARD_THREADS))
 def annotate_archive(
-    inputs: list[str],
-    out: str,
+    inputs: list[str] | None = None,
+    out: str = "",
     coarse_masks: list[str] | None = None,
     run: RunOptions | None = None,
     pool: PoolOptions | None = None,
     policy: RunPolicy | None = None,
+    request: str | None = None,
 ) -> dict:
     """Annotate every case under ``inputs`` into the store ``out`` on a Ray pool; returns the run's report
-    (counts per status, one outcome record per case, slices, wall time). Raises TooManyFailures when the
-    failed fraction exceeds the policy (the report is on the exception)."""
-    run, pool, policy = run or RunOptions(), pool or PoolOptions(), policy or RunPolicy()
+    (counts per status, one outcome record per case, slices, wall time). ``request`` (instead of inputs,
+    coarse masks and run options): the id of a run request kept in the store (records.write_request), as the
+    command line passes its paths. Raises TooManyFailures when the failed fraction exceeds the policy (the
+    report is on the exception)."""
+    if not out:
+        raise ValueError("annotate-archive needs 'out', the store")
+    pool, policy = pool or PoolOptions(), policy or RunPolicy()
     store_url = out if "://" in out else str(Path(out).resolve())
-    report, seen = annotate_inputs(
-        inputs, store_url, list(coarse_masks or []), run, pool, policy, run.engine_config()
-    )
+    inputs, masks, run = requested(store_url, request, inputs, coarse_masks, run)
+    report, seen = annotate_inputs(inputs, store_url, masks, run, pool, policy, run.engine_config())
     enforce_policy(report, policy)
     if run.watermark is not None:
         advance_watermark(store_url, run, seen, report)

@@ -26,6 +26,7 @@ from medsam_engine.flows.annotate import (
     advance_watermark,
     annotate_inputs,
     enforce_policy,
+    requested,
 )
 from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
 from medsam_engine.pipeline.core.outcome import CaseOutcome
@@ -73,22 +74,26 @@ def end_round(
 
 @flow(name="flywheel-round", task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARD_THREADS))
 def flywheel_round(
-    inputs: list[str],
-    store: str,
+    inputs: list[str] | None = None,
+    store: str = "",
     coarse_masks: list[str] | None = None,
     run: RunOptions | None = None,
     pool: PoolOptions | None = None,
     policy: RunPolicy | None = None,
     checkpoint: str | None = None,
     review_out: str | None = None,
+    request: str | None = None,
 ) -> dict:
-    """Run round n+1 on ``inputs`` into the flywheel's ``store`` (see the module doc); returns the round
-    report with the run's report under "run". ``checkpoint`` pins a model (default: the store's current
-    registered model, else the base model); ``review_out`` is the queue folder (default
-    STORE/_review/round-NNN). Raises TooManyFailures after the round report is written when too many cases
-    failed."""
-    run, pool, policy = run or RunOptions(), pool or PoolOptions(), policy or RunPolicy()
+    """Run round n+1 on ``inputs`` (or a run request's, see flows.annotate.requested) into the flywheel's
+    ``store`` (see the module doc); returns the round report with the run's report under "run".
+    ``checkpoint`` pins a model (default: the store's current registered model, else the base model);
+    ``review_out`` is the queue folder (default STORE/_review/round-NNN). Raises TooManyFailures after the
+    round report is written when too many cases failed."""
+    if not store:
+        raise ValueError("flywheel-round needs 'store'")
+    pool, policy = pool or PoolOptions(), policy or RunPolicy()
     store_url = store if "://" in store else str(Path(store).resolve())
+    inputs, coarse_masks, run = requested(store_url, request, inputs, coarse_masks, run)
     start = start_round(store_url, run, checkpoint)
     model = LazyRunner(start.config).model_sha256
     run = run.model_copy(update={"overwrite": True})  # a stale case is replaced by this round's proposal
@@ -96,7 +101,7 @@ def flywheel_round(
     report, seen = annotate_inputs(
         inputs,
         store_url,
-        list(coarse_masks or []),
+        coarse_masks,
         run,
         pool,
         policy,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 from medsam_engine.pipeline.cli.common import (
     EXIT_CASES_FAILED,
@@ -22,7 +23,9 @@ from medsam_engine.pipeline.cli.common import (
 )
 from medsam_engine.pipeline.core.errors import CaseError
 from medsam_engine.pipeline.distributed.ray_pool import PoolOptions
+from medsam_engine.pipeline.io.discover import FROM_PACS
 from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.records import write_request
 
 
 def _quiet_defaults() -> None:
@@ -77,6 +80,23 @@ def _print_report(report: dict, store_url: str) -> int:
     return EXIT_CASES_FAILED if failed or (push or {}).get("failed") else EXIT_OK
 
 
+def _request(store: str, args, run) -> str:
+    """Keep the inputs, coarse masks and run options in the store (absolute paths, so the flow finds them
+    from any working directory); only the returned id becomes a flow-run parameter."""
+
+    def absolute(given: str) -> str:
+        return given if "://" in given or given == FROM_PACS else str(Path(given).resolve())
+
+    return write_request(
+        CaseStore(store),
+        {
+            "inputs": [absolute(i) for i in args.inputs],
+            "coarse_masks": [absolute(m) for m in args.coarse_mask],
+            "run": run.model_dump(mode="json"),
+        },
+    )
+
+
 def _run_flow(command: str, start) -> tuple[dict | None, dict | None, int]:
     """(the flow's result, None, 0); (None, the run's report, 1) when too many cases failed; (None, None,
     code) after printing why the run could not start: 2 for arguments that cannot work, 1 for inputs that
@@ -112,14 +132,7 @@ def annotate_on_ray(args, config) -> int:
     def call(run, pool, policy):
         from medsam_engine.flows.annotate import annotate_archive
 
-        return annotate_archive(
-            inputs=list(args.inputs),
-            out=args.out,
-            coarse_masks=list(args.coarse_mask),
-            run=run,
-            pool=pool,
-            policy=policy,
-        )
+        return annotate_archive(out=args.out, request=_request(args.out, args, run), pool=pool, policy=policy)
 
     report, failed, code = _run_on_ray(args, config, "annotate", call)
     report = report or failed
@@ -133,10 +146,8 @@ def round_on_ray(args, config) -> int:
         from medsam_engine.flows.round import flywheel_round
 
         return flywheel_round(
-            inputs=list(args.inputs),
             store=args.store,
-            coarse_masks=list(args.coarse_mask),
-            run=run,
+            request=_request(args.store, args, run),
             pool=pool,
             policy=policy,
             checkpoint=args.checkpoint,

@@ -6,21 +6,25 @@
     STORE/_models/<sha16>.json                   registered fine-tuned models (pipeline/flywheel/registry.py)
     STORE/_quarantine/<case_id>.json             cases that failed for a lasting reason, with their signature
     STORE/_watermarks/<name>.json                how far the nightly runs have got (flows/watermark.py)
+    STORE/_requests/<id>.json                    what a command asked a flow to run (inputs, masks, options),
+                                                 so only the opaque id reaches the orchestrator
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from medsam_engine.pipeline.core.provenance import utc_stamp
 from medsam_engine.pipeline.store.case_store import CaseStore
 
-ROUNDS, QUALITY, MODELS, QUARANTINE, WATERMARKS = (
+ROUNDS, QUALITY, MODELS, QUARANTINE, WATERMARKS, REQUESTS = (
     "_rounds",
     "_quality",
     "_models",
     "_quarantine",
     "_watermarks",
+    "_requests",
 )
 PUSHED = (
     "_pushed"  # which committed version of a case was stored in which PACS (pipeline/export/pacs_push.py)
@@ -42,6 +46,24 @@ def write_record(store: CaseStore, data: dict[str, Any], *parts: str) -> str:
 def list_records(store: CaseStore, folder: str) -> list[str]:
     """Names of the JSON records in ``folder`` (hidden temporary files left out)."""
     return [n for n in store.list_names(store.root / folder) if n.endswith(".json") and not n.startswith(".")]
+
+
+def write_request(store: CaseStore, request: dict[str, Any]) -> str:
+    """Keep what a command asks a flow to run (input paths, mask paths, options that may name patients) in
+    the store; returns the opaque id the flow is given instead."""
+    request_id = uuid.uuid4().hex
+    write_record(store, {**request, "written_at": utc_stamp()}, REQUESTS, f"{request_id}.json")
+    return request_id
+
+
+def read_request(store: CaseStore, request_id: str) -> dict[str, Any]:
+    """The request written by :func:`write_request`; ValueError naming the id when the store has none."""
+    if not request_id.isalnum():
+        raise ValueError(f"run request {request_id!r} is not an id this engine wrote")
+    found = read_record(store, REQUESTS, f"{request_id}.json")
+    if found is None:
+        raise ValueError(f"no run request {request_id} in the store {store.url}")
+    return found
 
 
 def current_round(store: CaseStore) -> int:

@@ -299,3 +299,37 @@ def test_round_run_on_ray_from_the_command_line(flow_archive, tmp_path, ray_clus
     )  # routed
     assert main(argv) == 0  # round 2 with the same model: nothing is stale
     assert read_record(CaseStore(store), ROUNDS, "round-002.json")["cases"]["skipped"] == 2
+
+
+def test_no_path_or_patient_name_reaches_prefect_or_ray(
+    small_chest_dicom, small_chest, tmp_path, prefect_server, ray_cluster, capsys
+):
+    """`annotate --engine ray` on a DICOM folder named like a patient: the flow run is given an opaque id of
+    a run request kept in the store; the name is nowhere in Prefect's database or Ray's session logs."""
+    import ray
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
+
+    from medsam_engine.pipeline.cli.main import main
+
+    release_warm_actors()
+    patient = "DOE^JANE_MRN_QX47"
+    series = Path(shutil.copytree(small_chest_dicom, tmp_path / patient))
+    mask = Path(shutil.copy(small_chest[1], tmp_path / f"{patient}_lungs.nrrd"))
+    store = tmp_path / "store"
+    argv = ["annotate", str(series), "--coarse-mask", str(mask), "--out", str(store), "--engine", "ray"]
+    assert main([*argv, "--ray-address", ray_cluster.address]) == 0
+    out, err = capsys.readouterr()
+    assert "1 done" in out
+    assert patient not in out + err
+    (request,) = (store / "_requests").glob("*.json")
+    assert json.loads(request.read_text())["inputs"] == [str(series.resolve())]  # kept in the store only
+
+    database = Path(PREFECT_API_DATABASE_CONNECTION_URL.value().split("///", 1)[1])
+    stored = b"".join(p.read_bytes() for p in database.parent.glob(database.name + "*"))
+    assert request.stem.encode() in stored  # the flow run's parameter is the request's id
+    assert b"DOE^JANE" not in stored
+    assert b"QX47" not in stored
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    logs = [p for p in (session / "logs").rglob("*") if p.is_file()]
+    assert logs
+    assert not [p.name for p in logs if b"DOE^JANE" in p.read_bytes()]
