@@ -190,6 +190,29 @@ def print_outcomes(outcomes: list[dict], reasons: dict[str, str], store_url: str
     return bool(counts["failed"] or counts["quarantined"])
 
 
+STORE_MARKS = ("_key", "_manifest", "_models", "_rounds", "_runs")  # what any store written by the engine has
+
+
+def store_problem(store: str) -> str | None:
+    """Why ``store`` is not a store a command that reads one can use, in one line; None when it is. Object
+    store URLs are left to the command (their listing needs credentials)."""
+    if "://" in store:
+        return None
+    path = Path(store)
+    if not path.exists():
+        return f"no store at {store}"
+    if not path.is_dir():
+        return f"{store} is a file, not a store (a folder written by `medsam-engine annotate --out`)"
+    if path.name.endswith(".ome.zarr"):
+        return f"{store} is one case of a store; give the store, {path.parent}"
+    if (
+        not any((path / mark).exists() for mark in STORE_MARKS)
+        and next(path.glob("*.ome.zarr"), None) is None
+    ):
+        return f"{store} is not a medsam-engine store: no cases or records in it"
+    return None
+
+
 def push_and_print(store, case_ids: list[str], url: str | None) -> bool:
     """--push-seg: push the cases' proposals as DICOM SEG and print what became of each; True when the PACS
     refused or could not be reached for some case."""

@@ -27,6 +27,7 @@ from medsam_engine.pipeline.cli.common import (
     print_outcomes,
     push_and_print,
     run_config,
+    store_problem,
     verbosity_options,
 )
 from medsam_engine.pipeline.cli.demo import run_demo
@@ -259,6 +260,15 @@ def _eval(args) -> int:
     return EXIT_OK
 
 
+def _reads_a_store(args) -> bool:
+    """Commands that read an existing store (annotate and round run create theirs)."""
+    if args.command == "round":
+        return args.round_command == "report"
+    if args.command == "finetune":
+        return bool(args.store)
+    return args.command in ("export", "eval", "detector", "review", "model")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_output(verbose=args.verbose, quiet=args.quiet)
@@ -274,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         "round": flywheel.round_command,
         "model": flywheel.model_command,
     }
+    problem = store_problem(args.store) if _reads_a_store(args) else None
+    if problem is not None:
+        print(f"medsam-engine {args.command}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return handlers[args.command](args)
     except StoreUnavailableError as exc:
