@@ -8,6 +8,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from medsam_engine.detectors import get_spec
 from medsam_engine.pipeline.annotate.config import load_config
@@ -190,6 +191,39 @@ def print_outcomes(outcomes: list[dict], reasons: dict[str, str], store_url: str
     return bool(counts["failed"] or counts["quarantined"])
 
 
+def device_name(given: str) -> str:
+    """--device's value; ``gpu`` is another name for ``cuda``."""
+    return "cuda" if given.lower() == "gpu" else given.lower()
+
+
+def validation_summary(exc: Any) -> str:
+    """A pydantic ValidationError in one line: ``where: what (got value)`` per error, without its links."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error.get("loc", ())) or "configuration"
+        got = (
+            f" (got {error['input']!r})" if "input" in error and not isinstance(error["input"], dict) else ""
+        )
+        parts.append(f"{where}: {error.get('msg', 'invalid')}{got}")
+    return "; ".join(parts)
+
+
+def out_problem(out: str, wanted: str) -> str | None:
+    """Why ``--out`` cannot be written as ``wanted`` (an existing file where a folder is needed), or None."""
+    if "://" not in out and Path(out).exists() and not Path(out).is_dir():
+        return f"--out {out} is a file; give {wanted}"
+    return None
+
+
+def missing_inputs(inputs: list[str]) -> str | None:
+    """When no input given exists (local paths only; URLs are fetched by the run), why: a typo makes no
+    store. Some inputs missing among others are failing cases of the run, named in its report."""
+    local = [i for i in inputs if "://" not in i]
+    if local and len(local) == len(inputs) and not any(Path(i).exists() for i in local):
+        return f"no such file or folder: {', '.join(local)}"
+    return None
+
+
 STORE_MARKS = ("_key", "_manifest", "_models", "_rounds", "_runs")  # what any store written by the engine has
 
 
@@ -290,7 +324,10 @@ def run_config(
         )
         if getattr(args, "labels", None):
             config = config.with_overrides(labels=read_label_table(args.labels))
-    except (ValidationError, OSError, ValueError) as exc:
+    except ValidationError as exc:
+        print(f"medsam-engine {command}: bad configuration: {validation_summary(exc)}", file=sys.stderr)
+        return None
+    except (OSError, ValueError) as exc:
         print(f"medsam-engine {command}: bad configuration: {exc}", file=sys.stderr)
         return None
     if get_spec(config.prompts.detector).needs_coarse_mask and not args.coarse_mask:

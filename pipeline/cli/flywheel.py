@@ -17,6 +17,7 @@ from medsam_engine.pipeline.cli.common import (
     add_engine_options,
     add_pacs_options,
     add_prompt_options,
+    device_name,
     pacs_filters,
     push_and_print,
     run_config,
@@ -148,6 +149,7 @@ def add_parsers(sub) -> None:
     )
     tune.add_argument(
         "--device",
+        type=device_name,
         choices=["auto", "cpu", "cuda"],
         default="auto",
         help="where to train (default auto: a visible GPU, else the CPU)",

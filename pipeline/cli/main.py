@@ -23,6 +23,9 @@ from medsam_engine.pipeline.cli.common import (
     add_pacs_options,
     add_prompt_options,
     configure_output,
+    device_name,
+    missing_inputs,
+    out_problem,
     pacs_filters,
     print_outcomes,
     push_and_print,
@@ -84,9 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     ann.add_argument(
         "--device",
+        type=device_name,
         choices=["auto", "cpu", "cuda"],
         default=None,
-        help="where the model runs (default auto: a visible GPU, else the CPU)",
+        help="where the model runs (default auto: a visible GPU, else the CPU; gpu is cuda)",
     )
     ann.add_argument(
         "--overwrite", action="store_true", help="replace cases committed with another signature"
@@ -142,6 +146,10 @@ def _parser() -> argparse.ArgumentParser:
 def _annotate(args) -> int:
     config = run_config(args, "annotate")
     if config is None:
+        return EXIT_USAGE
+    problem = out_problem(args.out, "a folder for the store") or missing_inputs(args.inputs)
+    if problem is not None:
+        print(f"medsam-engine annotate: {problem}", file=sys.stderr)
         return EXIT_USAGE
     if args.engine == "ray":
         return annotate_on_ray(args, config)
@@ -269,6 +277,11 @@ def _reads_a_store(args) -> bool:
     return args.command in ("export", "eval", "detector", "review", "model")
 
 
+def _writes_a_folder(args) -> bool:
+    """Commands whose --out is a folder they fill (annotate checks its own)."""
+    return args.command == "export" or (args.command == "review" and args.review_command == "export")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_output(verbose=args.verbose, quiet=args.quiet)
@@ -285,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": flywheel.model_command,
     }
     problem = store_problem(args.store) if _reads_a_store(args) else None
+    if problem is None and _writes_a_folder(args):
+        problem = out_problem(args.out, "a folder for the export")
     if problem is not None:
         print(f"medsam-engine {args.command}: {problem}", file=sys.stderr)
         return EXIT_USAGE
