@@ -85,7 +85,7 @@ def test_log_lines_carry_a_timestamp_and_third_party_warnings_stay_out(tmp_path,
     ]
     assert log_lines
     assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d ", line) for line in log_lines)
-    assert any(" ERROR pipeline.annotate.driver: " in line for line in log_lines)
+    assert any(" ERROR medsam_engine.pipeline.annotate.driver: " in line for line in log_lines)
     for noise in ("FutureWarning", "Unclosed client session", "Traceback"):
         assert noise not in done.stderr
     assert re.search(r"^done\s+\w+$", done.stdout, re.M)
