@@ -38,8 +38,8 @@ root, kind, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 config = EngineConfig()
 config = config.model_copy(update={{"pipeline": config.pipeline.model_copy(update={{"case_workers": 1}})}})
 if kind == "3d":
-    made = [pc.make_3d(root / f"d{{k}}", variant=k + 1, syntaxes={{"explicit-le":
-    pc.SYNTAXES["explicit-le"]}})
+    made = [pc.make_3d(root / f"d{{k}}", variant=k + 1,
+                       syntaxes={{"explicit-le": pc.SYNTAXES["explicit-le"]}})
             for k in range(9)]
     images, masks = [m["DICOM explicit-le"][0] for m in made], [m["DICOM explicit-le"][1] for m in made]
 else:

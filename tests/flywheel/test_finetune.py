@@ -275,6 +275,7 @@ def test_cli_finetune_on_image_label_pairs_then_annotate_with_the_checkpoint(nuc
 
 def test_finetune_needs_accepted_masks(tmp_path, capsys):
     empty = CaseStore(tmp_path / "empty")
+    (empty.root / "_runs").mkdir(parents=True)  # a store with no case in it
     assert main(["finetune", "--store", str(empty.root), "--out", str(tmp_path / "x.pth")]) == 2
     assert "no accepted case" in capsys.readouterr().err
     assert main(["finetune", "--images", "a.png", "--out", str(tmp_path / "x.pth")]) == 2

@@ -31,10 +31,13 @@ def stop_here(*args, **kwargs):
     time.sleep(600)  # killed long before this ends
 
 if hook == "mid-write":  # a large case, streamed: image and label chunks and metadata on disk; the status not
-    import zarr store_module.IN_MEMORY_BYTES = 0
+    import zarr
+    import medsam_engine.pipeline.store.ome_zarr as encoding
+    encoding.IN_MEMORY_BYTES = 0
     zarr.Group.update_attributes = stop_here  # the root's 'medsam' status is the last write
 elif hook == "mid-files":  # a small case, encoded in memory: some of its files written, the root's not
-    real_write = Path.write_bytes def write_bytes(self, data):
+    real_write = Path.write_bytes
+    def write_bytes(self, data):
         if self.name == "0":  # a chunk: the metadata files of its folder are written already
             stop_here()
         return real_write(self, data)
