@@ -192,6 +192,15 @@ def use_s3(monkeypatch, endpoint: str, bucket: str | None = None) -> str | None:
 
 
 @pytest.fixture(scope="session")
+def box_fill(tmp_path_factory) -> Path:
+    """A configuration file for runs whose subject is not the model (reading, faults, stores, flows): the
+    box-fill runner (pipeline/model/box_fill.py) in the network's place."""
+    path = tmp_path_factory.mktemp("box-fill") / "box-fill.yaml"
+    path.write_text("model:\n  runner: box-fill\n")
+    return path
+
+
+@pytest.fixture(scope="session")
 def runner():
     from medsam_engine.pipeline.model.checkpoint import load_lite_medsam
     from medsam_engine.pipeline.model.runner import LiteMedSAMRunner

@@ -65,6 +65,11 @@ class PromptSection(_Section):
 
 
 class ModelSection(_Section):
+    runner: Literal["medsam", "box-fill"] = Field(
+        "medsam",
+        description="medsam: the checkpoint's network; box-fill: no network, each box prompt filled (the "
+        "filled-box baseline, and a quick check that inputs read and prompt)",
+    )
     checkpoint: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
@@ -237,6 +242,15 @@ class EngineConfig(_Section):
     quality: QualitySection = QualitySection()
     labels: dict[int, LabelEntry] = {}  # label value -> meaning; names, codes and colours of every output
 
+    @model_validator(mode="after")
+    def _runner_fits(self) -> EngineConfig:
+        if self.model.runner == "box-fill":
+            if self.prompts.detector == "learned":
+                raise ValueError("the learned detector runs the model's encoder; box-fill has none")
+            if self.model.checkpoint is not None:
+                raise ValueError("model.runner box-fill runs no checkpoint; leave model.checkpoint out")
+        return self
+
     def label_specs(self) -> dict[int, dict]:
         """The label table as {value: {"name", "code", "meaning", "rgb"}} (absent keys left out)."""
         return {value: entry.model_dump(exclude_none=True) for value, entry in self.labels.items()}
@@ -249,6 +263,8 @@ class EngineConfig(_Section):
         data["model"].pop("decoder_batch")
         data["model"].pop("embedding_cache_mb")
         data["model"].pop("backend")
+        if data["model"]["runner"] == "medsam":  # the default keeps the hashes of earlier stores
+            data["model"].pop("runner")
         data.pop("store")
         data.pop("pipeline")  # how many cases are in flight never changes a mask
         data.pop("labels")  # names, codes and colours never change the masks

@@ -9,6 +9,7 @@ import threading
 from medsam_engine.pipeline.annotate.config import EngineConfig
 from medsam_engine.pipeline.annotate.shared_runner import SharedRunner
 from medsam_engine.pipeline.core.provenance import file_sha256
+from medsam_engine.pipeline.model.box_fill import BOX_FILL, BoxFillRunner
 from medsam_engine.pipeline.model.build import build_runner
 from medsam_engine.pipeline.model.checkpoint import LITE_MEDSAM_SHA256, load_lite_medsam
 from medsam_engine.pipeline.model.devices import resolve_device
@@ -32,6 +33,8 @@ class LazyRunner:
 
     def _build(self) -> LiteMedSAMRunner:
         section = self.config.model
+        if section.runner == BOX_FILL:
+            return BoxFillRunner()  # type: ignore[return-value]  # the runner interface without a network
         device = resolve_device(section.device)
         cache_mb = section.embedding_cache_mb
         if cache_mb is None:
@@ -99,6 +102,8 @@ class LazyRunner:
     @functools.cached_property
     def model_sha256(self) -> str:
         """The checkpoint's sha256, read once per runner (a user's checkpoint is hashed from disk)."""
+        if self.config.model.runner == BOX_FILL:
+            return BOX_FILL
         if self.config.model.checkpoint is None:
             return LITE_MEDSAM_SHA256
         return file_sha256(self.config.model.checkpoint)
