@@ -147,13 +147,14 @@ def two_tiles(nuclei_tiles, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiles_reference(two_tiles, tmp_path_factory):
-    """The label maps of an annotate run over ``two_tiles`` that met no fault, by case id."""
+def tiles_reference(two_tiles, box_fill, tmp_path_factory):
+    """The label maps of a box-fill annotate run over ``two_tiles`` that met no fault, by case id."""
     from medsam_engine.pipeline.cli.main import main
     from medsam_engine.pipeline.store.case_store import CaseStore
 
     store = tmp_path_factory.mktemp("reference") / "store"
-    assert main(["annotate", str(two_tiles[0]), "--coarse-mask", str(two_tiles[1]), "--out", str(store)]) == 0
+    argv = ["annotate", str(two_tiles[0]), "--coarse-mask", str(two_tiles[1]), "--out", str(store)]
+    assert main([*argv, "--config", str(box_fill)]) == 0
     s = CaseStore(store)
     return {case_id: s.read_labels(case_id)[0] for case_id in s.committed_cases()}
 
