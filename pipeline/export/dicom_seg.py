@@ -110,6 +110,7 @@ def _frames_on_grid(files: list[Path], geometry: Geometry) -> list:
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
+    from pydicom.valuerep import format_number_as_ds
 
     lps = LPS_FROM_RAS @ np.asarray(geometry.source_affine)
     n_k = geometry.source_shape[2]
@@ -134,10 +135,15 @@ def _frames_on_grid(files: list[Path], geometry: Geometry) -> list:
     datasets = [complete[0][k][0] for k in range(n_k)]
     if any("FrameOfReferenceUID" not in ds for ds in datasets):
         raise ExportError("source series has no FrameOfReferenceUID, which a SEG must share with its source")
+    # the spacing the engine read from the positions: a SpacingBetweenSlices header that contradicts them
+    # (some scanners write one) would be copied into the SEG, which then does not re-read as a volume
+    spacing = format_number_as_ds(float(np.linalg.norm(lps[:3, 2])))
     for ds in datasets:
         for keyword in TYPE2_FROM_SOURCE:
             if keyword not in ds:
                 setattr(ds, keyword, "")
+        if "SpacingBetweenSlices" in ds:
+            ds.SpacingBetweenSlices = spacing
     return datasets
 
 
@@ -202,7 +208,6 @@ def _uid(*parts) -> str:
 
 def write_case_seg(store: CaseStore, case_id: str, out: Path) -> Path:
     """OUT/<case_id>.seg.dcm: a BINARY SEG referencing the case's source series; read back and compared."""
-    import highdicom as hd
 
     labels, attrs = store.read_labels(case_id)
     geometry = attrs.geometry
@@ -211,6 +216,18 @@ def write_case_seg(store: CaseStore, case_id: str, out: Path) -> Path:
     if not values:
         raise ExportError("the label map is empty: a SEG needs at least one segment")
     frames = _expected_frames(labels, geometry, values)
+    try:
+        return _write(store, case_id, out, labels=labels, attrs=attrs, sources=sources, frames=frames)
+    except ExportCheckError:
+        raise
+    except (ValueError, RuntimeError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        raise ExportError(f"DICOM SEG could not be written ({type(exc).__name__}: {exc})") from exc
+
+
+def _write(store: CaseStore, case_id: str, out: Path, *, labels, attrs, sources, frames) -> Path:
+    import highdicom as hd
+
+    values = [int(v) for v in np.unique(labels) if v != 0]
     signature = attrs.signature
     seg = hd.seg.Segmentation(
         source_images=sources,
@@ -231,7 +248,7 @@ def write_case_seg(store: CaseStore, case_id: str, out: Path) -> Path:
     path = out / f"{case_id}.seg.dcm"
     with atomic_file(path) as temp:
         seg.save_as(str(temp))
-        check_seg(temp, sources, frames, geometry)
+        check_seg(temp, sources, frames, attrs.geometry)
     return path
 
 

@@ -2,9 +2,9 @@
 
 A case is pushed when its committed version (its signature) has not been pushed to that service before
 (``STORE/_pushed/<case_id>.json``), so a rerun pushes what a killed or failed run left, and a new model's
-proposals go out as new SEG instances. Cases whose input is not a DICOM series cannot have a SEG and are
-reported as skipped; a PACS that refuses or stays unreachable fails the push of that case with the reason
-(the case itself stays committed).
+proposals go out as new SEG instances. Cases whose input is not a DICOM series, or whose SEG cannot be
+written, are reported as skipped with the reason; a PACS that refuses or stays unreachable fails the push of
+that case with the reason (the case itself stays committed).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from medsam_engine.pipeline.core.errors import CaseError
 from medsam_engine.pipeline.core.provenance import utc_stamp
+from medsam_engine.pipeline.export.common import ExportCheckError
 from medsam_engine.pipeline.export.dicom_seg import write_case_seg
 from medsam_engine.pipeline.io.dicomweb import stow
 from medsam_engine.pipeline.store.case_store import CaseStore
@@ -55,6 +56,9 @@ def push_segs(store: CaseStore, case_ids: list[str], url: str) -> PushReport:
                 seg = write_case_seg(store, case_id, Path(folder))
             except CaseError as exc:
                 report.skipped[case_id] = exc.reason
+                continue
+            except ExportCheckError as exc:  # a writer bug fails this case's push, not the night
+                report.failed[case_id] = str(exc)
                 continue
             try:
                 stow(url, [seg])
