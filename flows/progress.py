@@ -1,4 +1,7 @@
-"""Progress of a flow run: a Prefect progress artifact and, on a terminal, a progress bar (cases, slices/s).
+"""Progress of a flow run: a Prefect progress artifact, on a terminal a progress bar (cases, slices/s), and
+the run's live report (pipeline/annotate/progress.py): the console of the command that started the flow
+(``attach_console``) prints each case's line as it ends and a progress line every 30 s; a flow run with no
+console logs that progress line to its own run log.
 
 Shard tasks run in threads of the flow's process; they find the run's board by flow-run id, so nothing
 unpicklable travels as a task parameter.
@@ -12,12 +15,23 @@ import threading
 import time
 from uuid import UUID
 
+from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from medsam_engine.pipeline.annotate.progress import RunProgress, progress_interval
 
 log = logging.getLogger(__name__)
 
 _boards: dict[str, ProgressBoard] = {}
 _boards_lock = threading.Lock()
+_console: RunProgress | None = None
+
+
+def attach_console(console: RunProgress | None) -> None:
+    """The live report of the command running flows in this process (None: none); boards opened from now on
+    report their cases to it."""
+    global _console
+    _console = console
 
 
 class ProgressBoard:
@@ -37,8 +51,17 @@ class ProgressBoard:
         )
         show = sys.stderr.isatty() if show_bar is None else show_bar
         self._bar = tqdm(total=total, desc="cases", unit="case", disable=not show)
+        self.live = _console
+        if self.live is not None:
+            self.live.total = total
+            self._own: RunProgress | None = None
+        else:
+            emit = get_run_logger().info
+            self._own = RunProgress(total, out=None, emit=emit, every_s=progress_interval()).__enter__()
+            self.live = self._own
 
     def advance(self, outcome: dict) -> None:
+        self.live.case_ended(outcome)
         with self._lock:
             self.finished += 1
             self.slices += int(outcome.get("slices", 0))
@@ -62,6 +85,8 @@ class ProgressBoard:
 
     def close(self) -> None:
         self._bar.close()
+        if self._own is not None:
+            self._own.__exit__(None, None, None)
         with self._lock:
             progress = 100.0 * min(self.finished, self.total) / max(self.total, 1)
         self._publish(progress if self.total else 100.0)

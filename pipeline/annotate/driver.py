@@ -61,6 +61,17 @@ from medsam_engine.postprocess.chain import apply_chain
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def timed(stages: dict[str, float] | None, name: str):
+    """Add the block's wall seconds to ``stages[name]`` (nothing when ``stages`` is None)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if stages is not None:
+            stages[name] = stages.get(name, 0.0) + time.perf_counter() - start
+
+
 def write_case_manifest(store: CaseStore, case: CaseRef) -> None:
     """Record what the case is made of before its work starts (its inputs, series and kind)."""
     store.write_manifest(
@@ -170,6 +181,7 @@ def annotate_case(
     lease: Lease | None = None,
     model_lock=None,
     current: dict | object | None = UNREAD,
+    stages: dict[str, float] | None = None,
 ) -> int:
     """Prompt, segment, clean and commit one read case; returns the number of slices segmented. Raises
     CaseError for expected failures, StoreConflictError when ``lease`` was taken over by another run while
@@ -181,21 +193,26 @@ def annotate_case(
     case, and the encoder calls of concurrent cases share batches (:mod:`pipeline.annotate.shared_runner`).
     """
     lock = model_lock or contextlib.nullcontext()
-    with lock if get_spec(config.prompts.detector).needs_model else contextlib.nullcontext():
-        coarse, prompts, label_names = case_prompts(case, volume, config, runner)
-    rendered, window_of, windows = renderings(volume, coarse, prompts, config)
+    with timed(stages, "prompts"):
+        with lock if get_spec(config.prompts.detector).needs_model else contextlib.nullcontext():
+            coarse, prompts, label_names = case_prompts(case, volume, config, runner)
+        rendered, window_of, windows = renderings(volume, coarse, prompts, config)
     slices = len({p.z for p in prompts})
-    model = runner.get()
-    batch = encoder_batch(model, config)
-    if model_lock is not None and batch_across_cases(model, config):
-        shared = runner.shared(model_lock, batch)
-        label_map, records = _segment(rendered, prompts, window_of, config, shared, progress, slices, batch)
-    else:
-        with lock:
+    with timed(stages, "model"):  # with the wait for the model, when other cases hold it
+        model = runner.get()
+        batch = encoder_batch(model, config)
+        if model_lock is not None and batch_across_cases(model, config):
+            shared = runner.shared(model_lock, batch)
             label_map, records = _segment(
-                rendered, prompts, window_of, config, model, progress, slices, batch
+                rendered, prompts, window_of, config, shared, progress, slices, batch
             )
-    label_map, cleaning = clean(label_map, volume, config, present_after(records))
+        else:
+            with lock:
+                label_map, records = _segment(
+                    rendered, prompts, window_of, config, model, progress, slices, batch
+                )
+    with timed(stages, "clean"):
+        label_map, cleaning = clean(label_map, volume, config, present_after(records))
     attrs = {
         "case_id": case.case_id,
         "geometry": volume.geometry.to_json(),
@@ -214,17 +231,18 @@ def annotate_case(
             "another run took this case over while this one worked (its lease expired); that run commits it",
             case_id=case.case_id,
         )
-    store.commit_case(
-        case.case_id,
-        labels=label_map,
-        attrs=attrs,
-        image=image,
-        overwrite=overwrite,
-        label_names=label_names,
-        supersedes=case.supersedes,
-        current=current,
-        values=present_after(records, cleaning),
-    )
+    with timed(stages, "commit"):
+        store.commit_case(
+            case.case_id,
+            labels=label_map,
+            attrs=attrs,
+            image=image,
+            overwrite=overwrite,
+            label_names=label_names,
+            supersedes=case.supersedes,
+            current=current,
+            values=present_after(records, cleaning),
+        )
     return slices
 
 
@@ -311,7 +329,9 @@ def _attempt(
                 case.case_id, "skipped", reason="committed meanwhile by another run", node=node
             )
         runner.prefetch()  # the model loads while the case is read and prompted
-        volume = read_case(case)  # in a reader process of its own: overlaps other calls' work
+        stages: dict[str, float] = {}
+        with timed(stages, "read"):
+            volume = read_case(case)  # in a reader process of its own: overlaps other calls' work
         write_case_manifest(store, case)
         slices = annotate_case(
             case,
@@ -325,8 +345,16 @@ def _attempt(
             lease=lease,
             model_lock=model_lock,
             current=current,
+            stages=stages,
         )
-    return CaseOutcome(case.case_id, "done", seconds=time.perf_counter() - start, slices=slices, node=node)
+    return CaseOutcome(
+        case.case_id,
+        "done",
+        seconds=time.perf_counter() - start,
+        slices=slices,
+        node=node,
+        stages=stages,
+    )
 
 
 def run_case(

@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -72,13 +73,15 @@ def annotate(
     show_progress: bool | None = None,
     policy: FailurePolicy = LOCAL,
     workers: int | None = None,
+    on_outcome: Callable[[CaseOutcome], None] | None = None,
 ) -> RunSummary:
     """Run every case in this process; failures are recorded per case and never stop the batch.
 
     ``workers`` cases (default :func:`case_workers`) are in flight at once: each is read, prompted, cleaned
     and committed on its own thread while the model works on one case at a time (a lock). Outcomes keep the
-    order of ``cases``. A :class:`~pipeline.core.errors.RunError` (no model, the store gone) stops the run:
-    cases not started are left for the next run, the ones under way finish first.
+    order of ``cases``; ``on_outcome`` receives each as its case ends. A
+    :class:`~pipeline.core.errors.RunError` (no model, the store gone) stops the run: cases not started are
+    left for the next run, the ones under way finish first.
     """
     started = time.perf_counter()
     runner = runner or LazyRunner(config)
@@ -116,6 +119,8 @@ def annotate(
             for index, outcome in _in_flight(one, cases, workers):  # a RunError stops the run here
                 outcomes[index] = outcome
                 bar.update(1)
+                if on_outcome is not None:
+                    on_outcome(outcome)
     finally:
         runner.settle()
     summary.outcomes = [outcomes[i] for i in sorted(outcomes)]

@@ -12,6 +12,8 @@ from typing import Any
 
 from medsam_engine.detectors import get_spec
 from medsam_engine.pipeline.annotate.config import load_config
+from medsam_engine.pipeline.annotate.progress import RunProgress, case_line
+from medsam_engine.pipeline.annotate.run_record import count_statuses
 from medsam_engine.pipeline.export.pacs_push import push_segs
 from medsam_engine.pipeline.io.label_table import read_label_table
 from medsam_engine.pipeline.model.devices import cuda_available
@@ -174,17 +176,17 @@ def pacs_filters(pairs: list[str]) -> dict[str, str]:
     return filters
 
 
-def print_outcomes(outcomes: list[dict], reasons: dict[str, str], store_url: str) -> bool:
-    """The run's report on stdout, the same for every engine: one line per case (a failure's reason from
-    ``reasons``, else its stage), then the counts and the store. True when a case failed or was
-    quarantined."""
-    counts = dict.fromkeys(("done", "skipped", "quarantined", "failed"), 0)
+def print_outcomes(
+    outcomes: list[dict], reasons: dict[str, str], store_url: str, *, live: RunProgress | None = None
+) -> bool:
+    """The run's report on stdout, the same for every engine: one line per case not already printed as it
+    ended (by ``live``; a failure's reason from ``reasons``, else its stage), then the counts and the store.
+    True when a case failed or was quarantined."""
+    verbose = live.verbose if live is not None else False
     for case in outcomes:
-        counts[case["status"]] = counts.get(case["status"], 0) + 1
-        line = f"{case['status']:8s} {case['case_id']}"
-        if case["status"] in ("failed", "quarantined"):
-            line += f"  {reasons.get(case['case_id']) or case.get('stage', '')}"
-        print(line)
+        if live is None or case["case_id"] not in live.reported:
+            print(case_line(case, reasons.get(case["case_id"], ""), verbose=verbose))
+    counts = count_statuses(outcomes)
     where = store_url if "://" in store_url else Path(store_url).resolve()
     held = f", {counts['quarantined']} quarantined" if counts["quarantined"] else ""
     print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed{held} -> {where}")

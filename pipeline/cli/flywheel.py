@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from medsam_engine.pipeline.annotate.progress import RunProgress, case_line
 from medsam_engine.pipeline.cli.common import (
     EXIT_CASES_FAILED,
     EXIT_OK,
@@ -439,10 +440,20 @@ def _round_run(args, store) -> int:
     except ValueError as exc:
         print(f"medsam-engine round run: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    result = run_round(cases, store, config, checkpoint=args.checkpoint, queue_dir=args.review_out)
+    live = RunProgress(len(cases), verbose=args.verbose > 0, every_s=0 if args.quiet else None)
+    with live:
+        result = run_round(
+            cases,
+            store,
+            config,
+            checkpoint=args.checkpoint,
+            queue_dir=args.review_out,
+            on_outcome=lambda outcome: live.case_ended(outcome.record(), outcome.reason),
+        )
     report = result.report
     for outcome in result.failed:
-        print(f"failed   {outcome.case_id}  {outcome.reason}")
+        if outcome.case_id not in live.reported:
+            print(case_line(outcome.record(), outcome.reason))
     print(f"round {result.number}: {json.dumps(report['cases'])}; routing {json.dumps(report['routing'])}")
     print(f"review queue: {report['queue']['cases']} case(s) -> {result.queue_dir}")
     print(f"round report: {result.report_path}")

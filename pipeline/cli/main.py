@@ -13,6 +13,7 @@ from pathlib import Path
 from medsam_engine.pipeline.annotate.config import EngineConfig
 from medsam_engine.pipeline.annotate.job import annotate
 from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
+from medsam_engine.pipeline.annotate.progress import RunProgress
 from medsam_engine.pipeline.cli import flywheel
 from medsam_engine.pipeline.cli.common import (
     EXIT_CASES_FAILED,
@@ -169,8 +170,16 @@ def _annotate(args) -> int:
         print(f"medsam-engine annotate: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
+    live = RunProgress(len(cases), verbose=args.verbose > 0, every_s=0 if args.quiet else None)
     try:
-        summary = annotate(cases, store, config, overwrite=args.overwrite)
+        with live:
+            summary = annotate(
+                cases,
+                store,
+                config,
+                overwrite=args.overwrite,
+                on_outcome=lambda outcome: live.case_ended(outcome.record(), outcome.reason),
+            )
     except CheckpointError as exc:
         print(f"medsam-engine annotate: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -178,7 +187,10 @@ def _annotate(args) -> int:
         print(f"medsam-engine annotate: {exc}", file=sys.stderr)
         return EXIT_CASES_FAILED
     failed = print_outcomes(
-        [o.record() for o in summary.outcomes], {o.case_id: o.reason for o in summary.outcomes}, args.out
+        [o.record() for o in summary.outcomes],
+        {o.case_id: o.reason for o in summary.outcomes},
+        args.out,
+        live=live,
     )
     push_failed = push_and_print(
         store, [o.case_id for o in summary.outcomes if o.status != "failed"], args.push_seg

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from medsam_engine.pipeline.annotate.progress import RunProgress
 from medsam_engine.pipeline.cli.common import (
     EXIT_CASES_FAILED,
     EXIT_OK,
@@ -69,11 +70,27 @@ def _flow_options(args, config, command: str):
     return run, pool, policy
 
 
-def _print_report(report: dict, store_url: str) -> int:
+def _reason_in(store_url: str):
+    """A failed case's reason from the store's error records (outcomes that crossed Ray carry none)."""
+
+    def reason_of(case_id: str) -> str:
+        return (CaseStore(store_url).errors().get(case_id) or {}).get("reason", "")
+
+    return reason_of
+
+
+def _live(args, store_url: str) -> RunProgress:
+    """The live report of a flow run started by this command (flows/progress.py reports to it)."""
+    return RunProgress(
+        0, verbose=args.verbose > 0, every_s=0 if args.quiet else None, reason_of=_reason_in(store_url)
+    )
+
+
+def _print_report(report: dict, store_url: str, live: RunProgress | None = None) -> int:
     """The run's report as a local run prints it (reasons from the store), the SEG push; the exit code of
     the annotate contract."""
     reasons = {case_id: error.get("reason", "") for case_id, error in CaseStore(store_url).errors().items()}
-    failed = print_outcomes(report["cases"], reasons, store_url)
+    failed = print_outcomes(report["cases"], reasons, store_url, live=live)
     push = report.get("push")
     if push:
         print(push_line(push))
@@ -116,13 +133,21 @@ def _run_flow(command: str, start) -> tuple[dict | None, dict | None, int]:
         return None, None, EXIT_USAGE
 
 
-def _run_on_ray(args, config, command: str, call) -> tuple[dict | None, dict | None, int]:
-    """Validate the run options and run ``call(run, pool, policy)`` (a flow) as :func:`_run_flow` does."""
+def _run_on_ray(args, config, command: str, call, live: RunProgress) -> tuple[dict | None, dict | None, int]:
+    """Validate the run options and run ``call(run, pool, policy)`` (a flow) as :func:`_run_flow` does,
+    its cases reported live on ``live``."""
     _quiet_defaults()
     options = _flow_options(args, config, command)
     if options is None:
         return None, None, EXIT_USAGE
-    return _run_flow(command, lambda: call(*options))
+    from medsam_engine.flows import progress
+
+    progress.attach_console(live)
+    try:
+        with live:
+            return _run_flow(command, lambda: call(*options))
+    finally:
+        progress.attach_console(None)
 
 
 def annotate_on_ray(args, config) -> int:
@@ -134,9 +159,10 @@ def annotate_on_ray(args, config) -> int:
 
         return annotate_archive(out=args.out, request=_request(args.out, args, run), pool=pool, policy=policy)
 
-    report, failed, code = _run_on_ray(args, config, "annotate", call)
+    live = _live(args, args.out)
+    report, failed, code = _run_on_ray(args, config, "annotate", call, live)
     report = report or failed
-    return code if report is None else _print_report(report, args.out)
+    return code if report is None else _print_report(report, args.out, live)
 
 
 def round_on_ray(args, config) -> int:
@@ -154,11 +180,12 @@ def round_on_ray(args, config) -> int:
             review_out=args.review_out,
         )
 
-    result, failed, code = _run_on_ray(args, config, "round run", call)
+    live = _live(args, args.store)
+    result, failed, code = _run_on_ray(args, config, "round run", call, live)
     report = result["run"] if result else failed
     if report is None:
         return code
-    code = _print_report(report, args.store)
+    code = _print_report(report, args.store, live)
     if result is not None:
         print(
             f"round {result['round']}: {json.dumps(result['cases'])}; routing {json.dumps(result['routing'])}"

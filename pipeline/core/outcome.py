@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Status = Literal["done", "skipped", "failed", "quarantined"]
@@ -17,8 +17,9 @@ class CaseOutcome:
     quarantined (skipped: it failed before for a lasting reason under the same signature). ``stage`` names
     where a failure happened (read, geometry, prompt, store, io, killed, worker, internal…); ``reason`` is the
     person-readable why (it may name files, so it stays in the store's records and the terminal and is left
-    out of :meth:`record`, which travels to Ray and Prefect). ``seconds`` and ``slices`` measure the work;
-    ``node`` is the Ray node that did it.
+    out of :meth:`record`, which travels to Ray and Prefect). ``seconds`` and ``slices`` measure the work,
+    ``stages`` its seconds per stage (read, prompts, model, clean, commit); ``node`` is the Ray node that did
+    it.
     """
 
     case_id: str
@@ -28,6 +29,7 @@ class CaseOutcome:
     seconds: float = 0.0
     slices: int = 0
     node: str = ""
+    stages: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -42,6 +44,7 @@ class CaseOutcome:
             "slices": self.slices,
             "seconds": round(self.seconds, 3),
             "node": self.node,
+            "stages": {name: round(seconds, 3) for name, seconds in self.stages.items()},
         }
 
     @classmethod
@@ -54,4 +57,5 @@ class CaseOutcome:
             seconds=float(record.get("seconds", 0.0)),
             slices=int(record.get("slices", 0)),
             node=record.get("node", ""),
+            stages=dict(record.get("stages") or {}),
         )

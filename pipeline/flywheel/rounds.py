@@ -155,17 +155,18 @@ def run_round(
     checkpoint: str | None = None,
     queue_dir: str | Path | None = None,
     runner=None,
+    on_outcome=None,
 ) -> RoundResult:
     """Round n+1 in this process: begin it, annotate the cases not accepted by a person with its model
     (cases committed with the same signature are skipped), route them, export the review queue and write
-    the round report. ``cases`` are CaseRefs (pipeline.io.discover). flows/round.py runs the same round
-    over Ray."""
+    the round report. ``cases`` are CaseRefs (pipeline.io.discover); ``on_outcome`` receives each case's
+    outcome as it ends. flows/round.py runs the same round over Ray."""
     start = begin_round(store, config, checkpoint=checkpoint)
     todo_ids, kept = split_accepted(store, [c.case_id for c in cases])
     wanted = set(todo_ids)
     todo = [c for c in cases if c.case_id in wanted]
     runner = runner or LazyRunner(start.config)
-    summary = annotate(todo, store, start.config, overwrite=True, runner=runner)
+    summary = annotate(todo, store, start.config, overwrite=True, runner=runner, on_outcome=on_outcome)
     return finish_round(
         store,
         start,
