@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -72,19 +73,29 @@ def timed(stages: dict[str, float] | None, name: str):
             stages[name] = stages.get(name, 0.0) + time.perf_counter() - start
 
 
-def write_case_manifest(store: CaseStore, case: CaseRef) -> None:
-    """Record what the case is made of before its work starts (its inputs, series and kind)."""
+def write_case_manifest(store: CaseStore, case: CaseRef, *, given: str | None = None) -> None:
+    """Record what the case is made of (its inputs, series and kind): ``given`` is the input as the user gave
+    it (default ``case.image``; a DICOMweb series' URL without its instance count), and the image, files and
+    coarse mask are absolute paths for local inputs (URLs as they are), so that exports and reviews find
+    them from any working directory."""
+    given = case.image if given is None else given
     store.write_manifest(
         case.case_id,
         {
             "case_id": case.case_id,
-            "image": case.image,
+            "given": given.partition("#")[0] if "://" in given else given,
+            "image": _absolute(case.image),
             "series": case.series,
-            "files": list(case.files),
-            "coarse_mask": case.coarse_mask,
+            "files": [_absolute(f) for f in case.files],
+            "coarse_mask": _absolute(case.coarse_mask) if case.coarse_mask else case.coarse_mask,
             "kind": case.kind,
         },
     )
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute (symbolic links kept as given); a URL as it is."""
+    return path if "://" in path else os.path.abspath(path)
 
 
 MAX_LABEL = 65535  # label maps are stored as uint16
@@ -311,6 +322,7 @@ def _attempt(
     node: str,
 ) -> CaseOutcome:
     start = time.perf_counter()
+    given = case.image
     case = materialise(case, store.cache_dir())  # a DICOMweb series is downloaded here
     signature = signature_or_read_error(case, config, runner.model_sha256)
     if committed_with(store, case.case_id, signature):
@@ -332,7 +344,7 @@ def _attempt(
         stages: dict[str, float] = {}
         with timed(stages, "read"):
             volume = read_case(case)  # in a reader process of its own: overlaps other calls' work
-        write_case_manifest(store, case)
+        write_case_manifest(store, case, given=given)
         slices = annotate_case(
             case,
             volume,
@@ -411,6 +423,8 @@ def run_case(
     log.error("case %s failed at %s: %s", case.case_id, stage, reason)
     try:
         store.record_error(case.case_id, stage=stage, reason=reason, run_id=run_id)
+        if store.manifest(case.case_id) is None:  # failed before it was read: its input is still recorded
+            write_case_manifest(store, case)
         if policy.quarantine and stage not in RETRY_NEXT_RUN:
             quarantine(
                 store,

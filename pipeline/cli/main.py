@@ -15,6 +15,7 @@ from medsam_engine.pipeline.annotate.job import annotate
 from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
 from medsam_engine.pipeline.annotate.progress import RunProgress
 from medsam_engine.pipeline.cli import flywheel
+from medsam_engine.pipeline.cli import store as store_group
 from medsam_engine.pipeline.cli.common import (
     EXIT_CASES_FAILED,
     EXIT_OK,
@@ -40,6 +41,7 @@ from medsam_engine.pipeline.core.errors import StoreUnavailableError, resource_f
 from medsam_engine.pipeline.core.provenance import package_version
 from medsam_engine.pipeline.export.common import ExportTargetError
 from medsam_engine.pipeline.export.formats import FORMATS, export_store
+from medsam_engine.pipeline.export.traceable import NAME_BY
 from medsam_engine.pipeline.flywheel.detector_training import train_from_store
 from medsam_engine.pipeline.io.discover import DiscoveryOptions, discover
 from medsam_engine.pipeline.model.checkpoint import CheckpointError
@@ -117,6 +119,13 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--dataset-name", default=None, metavar="NAME", help="nnunet: the dataset's name (default MedSAM)"
     )
+    exp.add_argument(
+        "--name-by",
+        choices=list(NAME_BY),
+        default="id",
+        help="name the files by case id (default: no input name leaves the store) or by input file or "
+        "series folder name; DIR/cases.csv maps every file to its case and input either way",
+    )
 
     det = add_command(sub, "detector", "learned detector: train from a store's accepted masks")
     det_sub = det.add_subparsers(dest="detector_command", required=True, metavar="ACTION")
@@ -141,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     flywheel.add_parsers(sub)
+    store_group.add_parsers(sub)
     return parser
 
 
@@ -248,7 +258,7 @@ def _export(args) -> int:
         )
         return EXIT_USAGE
     try:
-        report = export_store(store, args.format, args.out, **options)
+        report = export_store(store, args.format, args.out, name_by=args.name_by, **options)
     except (ExportTargetError, ValueError) as exc:
         print(f"medsam-engine export: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -260,6 +270,7 @@ def _export(args) -> int:
         f"{args.format}: wrote {len(report.written)} files, skipped {len(report.skipped)} cases, "
         f"excluded {len(report.excluded)} -> {args.out}"
     )
+    print(f"cases: {report.cases_csv}")
     return EXIT_CASES_FAILED if report.skipped else EXIT_OK
 
 
@@ -286,7 +297,7 @@ def _reads_a_store(args) -> bool:
         return args.round_command == "report"
     if args.command == "finetune":
         return bool(args.store)
-    return args.command in ("export", "eval", "detector", "review", "model")
+    return args.command in ("export", "eval", "detector", "review", "model", "store")
 
 
 def _writes_a_folder(args) -> bool:
@@ -308,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         "finetune": flywheel.finetune,
         "round": flywheel.round_command,
         "model": flywheel.model_command,
+        "store": store_group.store_command,
     }
     problem = store_problem(args.store) if _reads_a_store(args) else None
     if problem is None and _writes_a_folder(args):

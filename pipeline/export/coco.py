@@ -1,4 +1,5 @@
-"""COCO export for 2D cases: OUT/annotations.json with compressed RLE masks, and OUT/images/<case_id>.png.
+"""COCO export for 2D cases: OUT/annotations.json with compressed RLE masks, OUT/images/<case_id>.png and
+OUT/cases.csv (images named by input instead with ``name_by="input"``: pipeline/export/traceable.py).
 
 One image per 2D case (a PNG of the stored image when the store kept an 8/16-bit one), one category per
 store label value (id = the value, name and SNOMED category from the label metadata) and one annotation per
@@ -17,6 +18,7 @@ import numpy as np
 
 from medsam_engine.pipeline.core.atomic import atomic_file
 from medsam_engine.pipeline.export.common import ExportCheckError, ExportReport
+from medsam_engine.pipeline.export.traceable import case_sources, export_names
 from medsam_engine.pipeline.store.case_store import CaseStore
 from medsam_engine.pipeline.store.labels_meta import describe_labels, meanings_from_properties
 
@@ -66,8 +68,8 @@ def _annotations(labels_yx: np.ndarray, image_id: int, instances: list[dict], fi
     return out
 
 
-def _write_png(store: CaseStore, case_id: str, folder: Path) -> str | None:
-    """images/<case_id>.png from the stored image if it is 8/16-bit grey or RGB; its relative name or None."""
+def _write_png(store: CaseStore, case_id: str, folder: Path, name: str) -> str | None:
+    """images/<name>.png from the stored image if it is 8/16-bit grey or RGB; its relative name or None."""
     import cv2
 
     image = store.read_image(case_id)
@@ -76,15 +78,18 @@ def _write_png(store: CaseStore, case_id: str, folder: Path) -> str | None:
     plane = image[0]
     if plane.ndim == 3:
         plane = cv2.cvtColor(np.ascontiguousarray(plane), cv2.COLOR_RGB2BGR)
-    with atomic_file(folder / f"{case_id}.png") as temp:
+    with atomic_file(folder / f"{name}.png") as temp:
         if not cv2.imwrite(str(temp), plane):
             raise ExportCheckError(f"case {case_id}: OpenCV could not write its PNG")
-    return f"images/{case_id}.png"
+    return f"images/{name}.png"
 
 
-def export_coco(store: CaseStore, out: Path) -> ExportReport:
-    """Write OUT/annotations.json (and images/) for every committed 2D case; re-read and compared."""
+def export_coco(store: CaseStore, out: Path, *, name_by: str = "id") -> ExportReport:
+    """Write OUT/annotations.json (and images/) for every committed 2D case, re-read and compared, and
+    OUT/cases.csv."""
     report = ExportReport(format="coco")
+    sources = case_sources(store, store.committed_cases())
+    names = export_names(sources, name_by)
     coco: dict = {
         "info": {"description": "LiteMedSAM pre-annotations exported by medsam-engine"},
         "images": [],
@@ -93,7 +98,7 @@ def export_coco(store: CaseStore, out: Path) -> ExportReport:
     }
     expected: dict[int, np.ndarray] = {}
     meanings = {}
-    for case_id in store.committed_cases():
+    for case_id in sources:
         labels, attrs = store.read_labels(case_id)
         if labels.shape[0] != 1:
             report.skipped[case_id] = (
@@ -102,7 +107,9 @@ def export_coco(store: CaseStore, out: Path) -> ExportReport:
             )
             continue
         image_id = len(coco["images"]) + 1
-        file_name = _write_png(store, case_id, out / "images") or f"{case_id}.png"
+        png = _write_png(store, case_id, out / "images", names[case_id])
+        file_name = png or f"{names[case_id]}.png"
+        report.outputs[case_id] = ["annotations.json", *([png] if png else [])]
         coco["images"].append(
             {
                 "id": image_id,
@@ -130,6 +137,7 @@ def export_coco(store: CaseStore, out: Path) -> ExportReport:
         check_coco(temp, expected)
     report.written.append(str(path))
     report.written += [str(out / i["file_name"]) for i in coco["images"] if (out / i["file_name"]).is_file()]
+    report.write_cases_csv(out, sources)
     return report
 
 

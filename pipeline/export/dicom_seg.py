@@ -206,8 +206,9 @@ def _uid(*parts) -> str:
     return str(generate_uid(entropy_srcs=[json.dumps(parts, sort_keys=True, default=str)]))
 
 
-def write_case_seg(store: CaseStore, case_id: str, out: Path) -> Path:
-    """OUT/<case_id>.seg.dcm: a BINARY SEG referencing the case's source series; read back and compared."""
+def write_case_seg(store: CaseStore, case_id: str, out: Path, *, name: str | None = None) -> Path:
+    """OUT/<name, default case_id>.seg.dcm: a BINARY SEG referencing the case's source series; read back and
+    compared."""
 
     labels, attrs = store.read_labels(case_id)
     geometry = attrs.geometry
@@ -217,14 +218,15 @@ def write_case_seg(store: CaseStore, case_id: str, out: Path) -> Path:
         raise ExportError("the label map is empty: a SEG needs at least one segment")
     frames = _expected_frames(labels, geometry, values)
     try:
-        return _write(store, case_id, out, labels=labels, attrs=attrs, sources=sources, frames=frames)
+        path = out / f"{name or case_id}.seg.dcm"
+        return _write(store, case_id, path, labels=labels, attrs=attrs, sources=sources, frames=frames)
     except ExportCheckError:
         raise
     except (ValueError, RuntimeError, TypeError, AttributeError, KeyError, IndexError) as exc:
         raise ExportError(f"DICOM SEG could not be written ({type(exc).__name__}: {exc})") from exc
 
 
-def _write(store: CaseStore, case_id: str, out: Path, *, labels, attrs, sources, frames) -> Path:
+def _write(store: CaseStore, case_id: str, path: Path, *, labels, attrs, sources, frames) -> Path:
     import highdicom as hd
 
     values = [int(v) for v in np.unique(labels) if v != 0]
@@ -245,7 +247,6 @@ def _write(store: CaseStore, case_id: str, out: Path, *, labels, attrs, sources,
         content_label="MEDSAM",
         content_description="LiteMedSAM pre-annotation",
     )
-    path = out / f"{case_id}.seg.dcm"
     with atomic_file(path) as temp:
         seg.save_as(str(temp))
         check_seg(temp, sources, frames, attrs.geometry)

@@ -1,7 +1,7 @@
 """The FORMATS table (format name -> exporter) and :func:`export_store`, which runs one of them.
 
 ``out_dir`` may be a local folder or an fsspec URL (``s3://bucket/prefix``): files are then written and
-checked locally first and uploaded once complete.
+checked locally first and uploaded once complete, cases.csv with them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from medsam_engine.pipeline.export.nifti import write_case_nifti
 from medsam_engine.pipeline.export.nnunet import export_nnunet
 from medsam_engine.pipeline.store.case_store import CaseStore
 
-FORMATS: dict[str, Callable[[CaseStore, Path], ExportReport]] = {
+FORMATS: dict[str, Callable[..., ExportReport]] = {
     "nifti": per_case(write_case_nifti),
     "dicom-seg": per_case(write_case_seg),
     "nnunet": export_nnunet,
@@ -27,7 +27,8 @@ FORMATS: dict[str, Callable[[CaseStore, Path], ExportReport]] = {
 
 def export_store(store: CaseStore, fmt: str, out_dir: str | Path, **options) -> ExportReport:
     """Export every committed case of ``store`` in format ``fmt`` (one of FORMATS) to ``out_dir``;
-    ``options`` go to the format's exporter (nnunet: ``dataset_id``, ``dataset_name``)."""
+    ``options`` go to the format's exporter (every format: ``name_by`` "id" or "input"; nnunet:
+    ``dataset_id``, ``dataset_name``)."""
     import fsspec
 
     if fmt not in FORMATS:
@@ -50,5 +51,7 @@ def export_store(store: CaseStore, fmt: str, out_dir: str | Path, **options) -> 
                 raise ExportCheckError(f"{target}: the uploaded object differs in size from the checked file")
         prefix = str(out_dir).rstrip("/")
         report.written = [f"{prefix}/{Path(p).relative_to(tmp).as_posix()}" for p in report.written]
+        if report.cases_csv is not None:
+            report.cases_csv = f"{prefix}/{Path(report.cases_csv).relative_to(tmp).as_posix()}"
     report.format = fmt
     return report

@@ -36,12 +36,13 @@ def save_nifti_checked(data: np.ndarray, affine: np.ndarray, path: Path, *, what
     return path
 
 
-def write_case_nifti(store: CaseStore, case_id: str, out: Path) -> Path:
-    """OUT/<case_id>.nii.gz: the label map (uint16) on exactly the input's grid and affine."""
+def write_case_nifti(store: CaseStore, case_id: str, out: Path, *, name: str | None = None) -> Path:
+    """OUT/<name, default case_id>.nii.gz: the label map (uint16) on exactly the input's grid and affine."""
     labels, attrs = store.read_labels(case_id)
     geometry = attrs.geometry
     data = label_map_on_source(labels, geometry).astype(np.uint16)
-    return save_nifti_checked(data, geometry.source_affine, out / f"{case_id}.nii.gz", what=f"case {case_id}")
+    path = out / f"{name or case_id}.nii.gz"
+    return save_nifti_checked(data, geometry.source_affine, path, what=f"case {case_id}")
 
 
 def export_nifti(store: CaseStore, out_dir: str | Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""nnU-Net v2 raw dataset export: OUT/imagesTr/<case>_0000.nii.gz, OUT/labelsTr/<case>.nii.gz, dataset.json.
+"""nnU-Net v2 raw dataset export: OUT/imagesTr/<case>_0000.nii.gz, OUT/labelsTr/<case>.nii.gz, dataset.json,
+cases.csv.
 
 OUT is the dataset folder itself (name it like ``nnUNet_raw/Dataset501_Chest``), or, with ``dataset_id``,
 nnU-Net's raw folder, the dataset going to OUT/Dataset<id>_<name>. The export owns that folder: the whole
@@ -16,6 +17,10 @@ manifest names.
 
 Labels: nnU-Net wants consecutive values, so the store's values (union over the included cases) are mapped to
 1..N in order; dataset.json's "labels" gives the names, and "medsam_label_values" the store value of each.
+
+Case identifiers: the case ids, or with ``name_by="input"`` names made from the inputs
+(pipeline/export/traceable.py); dataset.json's "medsam_cases" lists them and "medsam_case_ids" maps each to
+its case id, as cases.csv does with the inputs.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from medsam_engine.pipeline.export.common import (
     label_map_on_source,
 )
 from medsam_engine.pipeline.export.nifti import save_nifti_checked
+from medsam_engine.pipeline.export.traceable import CASES_CSV, case_sources, export_names
 from medsam_engine.pipeline.io.readers import read_volume
 from medsam_engine.pipeline.store.case_store import CaseStore
 from medsam_engine.pipeline.store.queries import select_cases
@@ -97,9 +103,10 @@ def _labels_json(names: dict[int, str]) -> tuple[dict[str, int], dict[str, int],
 
 
 def _write_case(
-    case_id: str, labels: np.ndarray, image: np.ndarray, geometry: Geometry, out: Path, remap: dict[int, int]
+    name: str, labels: np.ndarray, image: np.ndarray, geometry: Geometry, out: Path, remap: dict[int, int]
 ) -> list[Path]:
-    """Write one case's label file and image channels (both on the source grid); returns the paths."""
+    """Write one case's label file and image channels (both on the source grid) under its identifier
+    ``name``; returns the paths."""
     lut = np.zeros(max([int(labels.max()), *remap]) + 1, dtype=np.uint16)
     for value, index in remap.items():
         lut[value] = index
@@ -108,8 +115,8 @@ def _write_case(
         save_nifti_checked(
             target,
             geometry.source_affine,
-            out / "labelsTr" / f"{case_id}.nii.gz",
-            what=f"case {case_id} labels",
+            out / "labelsTr" / f"{name}.nii.gz",
+            what=f"case {name} labels",
         )
     ]
     for channel in range(image.shape[-1]):
@@ -118,8 +125,8 @@ def _write_case(
             save_nifti_checked(
                 data,
                 geometry.source_affine,
-                out / "imagesTr" / f"{case_id}_{channel:04d}.nii.gz",
-                what=f"case {case_id} image channel {channel}",
+                out / "imagesTr" / f"{name}_{channel:04d}.nii.gz",
+                what=f"case {name} image channel {channel}",
             )
         )
     return written
@@ -139,7 +146,12 @@ def dataset_folder(out: Path, dataset_id: int | None, dataset_name: str) -> Path
 
 
 def export_nnunet(
-    store: CaseStore, out: Path, *, dataset_id: int | None = None, dataset_name: str = "MedSAM"
+    store: CaseStore,
+    out: Path,
+    *,
+    dataset_id: int | None = None,
+    dataset_name: str = "MedSAM",
+    name_by: str = "id",
 ) -> ExportReport:
     """Write the dataset (see the module doc) and check dataset.json against its files before it replaces
     an earlier export; ExportTargetError for a folder this engine did not make."""
@@ -150,15 +162,18 @@ def export_nnunet(
             "or empty folder, or one an earlier nnunet export made"
         )
     with replaced_folder(target) as staging:
-        report = _write_dataset(store, staging, dataset_name)
+        report = _write_dataset(store, staging, dataset_name, name_by)
         write_text_atomic(staging / MARKER, json.dumps({"store": store.url, "written_at": utc_stamp()}))
     report.written = [str(target / Path(p).relative_to(staging)) for p in report.written]
+    report.cases_csv = str(target / CASES_CSV)
     return report
 
 
-def _write_dataset(store: CaseStore, out: Path, name: str) -> ExportReport:
-    """Write the dataset into ``out`` and check dataset.json against the files."""
+def _write_dataset(store: CaseStore, out: Path, name: str, name_by: str) -> ExportReport:
+    """Write the dataset and its cases.csv into ``out`` and check dataset.json against the files."""
     report = ExportReport(format="nnunet")
+    sources = case_sources(store, store.committed_cases())
+    identifiers = export_names(sources, name_by)
     cases, names = _plan(store, report)
     labels_json, store_values, remap = _labels_json(names)
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
@@ -176,7 +191,9 @@ def _write_dataset(store: CaseStore, out: Path, name: str) -> ExportReport:
             report.skipped[case_id] = f"{image.shape[-1]} image channels, the dataset has {channels}"
             continue
         channels, modality = image.shape[-1], attrs.modality
-        report.written.extend(str(p) for p in _write_case(case_id, labels, image, geometry, out, remap))
+        files = _write_case(identifiers[case_id], labels, image, geometry, out, remap)
+        report.written.extend(str(p) for p in files)
+        report.outputs[case_id] = [p.relative_to(out).as_posix() for p in files]
         training.append(case_id)
     dataset = {
         "name": name,
@@ -186,24 +203,27 @@ def _write_dataset(store: CaseStore, out: Path, name: str) -> ExportReport:
         "numTraining": len(training),
         "file_ending": ".nii.gz",
         "medsam_label_values": store_values,
-        "medsam_cases": training,
+        "medsam_cases": [identifiers[case_id] for case_id in training],
+        "medsam_case_ids": {identifiers[case_id]: case_id for case_id in training},
     }
     path = out / "dataset.json"
     write_text_atomic(path, json.dumps(dataset, indent=1))
     _check_dataset(out, training)
     report.written.append(str(path))
+    report.write_cases_csv(out, sources)
     return report
 
 
 def _check_dataset(out: Path, training: list[str]) -> None:
-    """Re-read dataset.json and confirm every listed case has its label file and one image per channel."""
+    """Re-read dataset.json and confirm every listed case (identifier) has its label file and one image per
+    channel."""
     dataset = json.loads((out / "dataset.json").read_text())
     channels = len(dataset["channel_names"])
     values = sorted(dataset["labels"].values())
     if dataset["numTraining"] != len(training) or values != list(range(len(values))):
         raise ExportCheckError("nnU-Net dataset.json does not match what was written")
-    for case_id in dataset["medsam_cases"]:
-        files = [out / "labelsTr" / f"{case_id}.nii.gz"]
-        files += [out / "imagesTr" / f"{case_id}_{c:04d}.nii.gz" for c in range(channels)]
+    for identifier in dataset["medsam_cases"]:
+        files = [out / "labelsTr" / f"{identifier}.nii.gz"]
+        files += [out / "imagesTr" / f"{identifier}_{c:04d}.nii.gz" for c in range(channels)]
         if not all(f.is_file() for f in files):
-            raise ExportCheckError(f"nnU-Net dataset: files of case {case_id} are missing")
+            raise ExportCheckError(f"nnU-Net dataset: files of case {identifier} are missing")

@@ -8,6 +8,7 @@
     OUT/zarr/<case_id>.ome.zarr        the case's OME-Zarr group, image + labels (napari)
     OUT/seg/<case_id>.seg.dcm          a DICOM SEG for cases read from a DICOM series
     OUT/report.html                    overlays and scores, worst first
+    OUT/cases.csv                      each committed case's files and input (pipeline/export/traceable.py)
 
 ``import_corrections`` takes corrected label maps (any format the readers know, matched to the input's grid
 physically, or an edited ``<case_id>.ome.zarr``), named by case id or by the input's file stem. Per instance
@@ -37,6 +38,7 @@ from medsam_engine.pipeline.core.types import CaseAttributes
 from medsam_engine.pipeline.export.common import ExportError
 from medsam_engine.pipeline.export.dicom_seg import write_case_seg
 from medsam_engine.pipeline.export.nifti import save_nifti_checked, write_case_nifti
+from medsam_engine.pipeline.export.traceable import case_sources, write_cases_csv
 from medsam_engine.pipeline.io.dicom_scan import series_uid_of
 from medsam_engine.pipeline.io.dicom_seg_reader import referenced_series
 from medsam_engine.pipeline.io.dicomweb import fetch_seg, find_segs, newest_per_series
@@ -46,7 +48,7 @@ from medsam_engine.pipeline.report.qc import write_review_report
 from medsam_engine.pipeline.store.case_store import CaseStore
 from medsam_engine.pipeline.store.labels_meta import meanings_from_properties, spec_of
 from medsam_engine.pipeline.store.leases import leased
-from medsam_engine.pipeline.store.queries import ACCEPTED
+from medsam_engine.pipeline.store.queries import ACCEPTED, review_statuses
 from medsam_engine.pipeline.store.records import QUALITY, write_record
 
 log = logging.getLogger(__name__)
@@ -133,7 +135,32 @@ def export_queue(
         "`medsam-engine review import STORE <files or folder> --reviewer NAME`",
     }
     write_text_atomic(out / "queue.json", json.dumps(queue, indent=1, default=str))
+    _write_cases_csv(store, out, result)
     return result
+
+
+def _write_cases_csv(store: CaseStore, out: Path, result: QueueExport) -> None:
+    """OUT/cases.csv: the exported cases' files (a format a case could not take as its reason) and every
+    other committed case as excluded, with why."""
+    outputs = {entry["case_id"]: _flat(entry["files"]) for entry in result.cases}
+    excluded = {
+        case_id: (
+            "beyond the export's --limit"
+            if status in QUEUE_STATUSES
+            else "never routed (no review status)"
+            if status is None
+            else f"review status is '{status}', not one of {', '.join(QUEUE_STATUSES)}"
+        )
+        for case_id, status in review_statuses(store).items()
+        if case_id not in outputs
+    }
+    sources = case_sources(store, store.committed_cases())
+    write_cases_csv(out, sources, outputs=outputs, skipped=result.skipped, excluded=excluded)
+
+
+def _flat(files: dict) -> list[str]:
+    """A queue entry's files (a path or a list of paths per kind) as one list."""
+    return [path for value in files.values() for path in ([value] if isinstance(value, str) else value)]
 
 
 def _write_image(store: CaseStore, case_id: str, folder: Path) -> list[Path]:

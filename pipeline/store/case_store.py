@@ -8,7 +8,8 @@ Layout::
         attrs["medsam"]            geometry, signature, instances (lineage), postprocess, status
     STORE/_staging/                cases being written (local stores); never read as done
     STORE/_previous/<case_id>/     earlier versions (rounds) kept when a case is overwritten
-    STORE/_manifest/<case_id>.json what each case is made from (input paths live only here)
+    STORE/_manifest/<case_id>.json what each case is made from: its input as given and its files as absolute
+                                   paths (exports copy the inputs into their cases.csv)
     STORE/_errors/<case_id>.json   the reason a case failed, until it succeeds
     STORE/_leases/<case_id>.json   which run works on the case now (pipeline/store/leases.py)
     STORE/_runs/<run_id>.json      what ran, when, with which options and results
