@@ -1,4 +1,4 @@
-"""Prefect flow: studies -> discover -> skip committed -> shard -> annotate on Ray actors -> summarise.
+"""Prefect flow: studies -> discover -> plan (skip committed) -> shard -> annotate on Ray actors -> summarise.
 
 The flow only wires pipeline steps; each task does one step. Cases travel as CaseRef fields (paths, keyed-hash
 ids), never arrays. Each shard is a task whose persisted result (JSON) lists the case ids it committed and its
@@ -15,7 +15,6 @@ a summary table are Prefect artifacts; a progress bar shows on a terminal.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -25,12 +24,12 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from medsam_engine.flows import progress, sharding, summary, watermark
+from medsam_engine.flows import progress, summary, watermark
 from medsam_engine.pipeline.annotate.config import EngineConfig, load_config
 from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
+from medsam_engine.pipeline.annotate.plan import RunPlan, discover_inputs, plan_run
 from medsam_engine.pipeline.annotate.policy import RETRY_NEXT_RUN
 from medsam_engine.pipeline.annotate.run_record import run_record
-from medsam_engine.pipeline.annotate.signature import signature_or_none
 from medsam_engine.pipeline.core.errors import is_transient
 from medsam_engine.pipeline.core.outcome import CaseOutcome
 from medsam_engine.pipeline.core.provenance import utc_stamp
@@ -50,7 +49,7 @@ from medsam_engine.pipeline.export.pacs_push import push_segs
 from medsam_engine.pipeline.io.dicomweb import is_service_root
 from medsam_engine.pipeline.io.discover import FROM_PACS, DiscoveryOptions, discover
 from medsam_engine.pipeline.store.case_store import CaseStore, remove_stale_staging
-from medsam_engine.pipeline.store.records import quarantined, read_request
+from medsam_engine.pipeline.store.records import read_request
 
 MAX_SHARD_THREADS = 256  # shard tasks mostly wait on ray.wait; one thread each
 
@@ -159,9 +158,7 @@ def discover_cases(units: list[str], store_url: str, coarse_masks: list[str], ru
         keep_localizers=run.keep_localizers, keep_derived=run.keep_derived, pacs_query=dict(run.pacs_query)
     )
     if run.watermark is None:
-        found = [
-            (None, c) for c in discover(units, store.case_ids(), coarse_masks=coarse_masks, options=options)
-        ]
+        found = [(None, c) for c in discover_inputs(units, store, coarse_masks=coarse_masks, options=options)]
     else:
         if coarse_masks != [FROM_PACS] and (
             len(coarse_masks) > 1 or (coarse_masks and not Path(coarse_masks[0]).is_dir())
@@ -186,51 +183,37 @@ def discover_cases(units: list[str], store_url: str, coarse_masks: list[str], ru
     return {"cases": cases, "units": unit_of}
 
 
-@task(name="skip-committed", cache_policy=NO_CACHE)
-def skip_committed(
+@task(name="plan", cache_policy=NO_CACHE)
+def plan_cases(
     cases: list[CaseRef], store_url: str, config: EngineConfig, retry_quarantined: bool
-) -> dict[str, list[CaseRef]]:
-    """Cases to annotate; those committed with the same signature, or quarantined with it, are left out."""
+) -> RunPlan:
+    """The run's plan (pipeline/annotate/plan.py): cases to annotate; those committed with the same
+    signature, or quarantined with it, are left out."""
     store = CaseStore(store_url)
     remove_stale_staging(store)
     runner = LazyRunner(config)  # hashes a user's checkpoint once, and only when something is committed
-
-    def verdict(case: CaseRef) -> str:
-        attrs = store.case_attrs(case.case_id)
-        held = None if retry_quarantined else quarantined(store, case.case_id)
-        if attrs is None and held is None:
-            return "todo"  # nothing to compare: the actor computes the signature
-        signature = signature_or_none(case, config, runner.model_sha256)
-        if signature is None:
-            return "todo"  # the actor records why it cannot be read
-        if attrs is not None and attrs.get("signature") == signature:
-            return "skipped"
-        return "quarantined" if held is not None and held.get("signature") == signature else "todo"
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        verdicts = list(pool.map(verdict, cases))
-    split = {
-        kind: [c for c, v in zip(cases, verdicts, strict=True) if v == kind]
-        for kind in ("todo", "skipped", "quarantined")
-    }
+    plan = plan_run(
+        cases,
+        store,
+        config,
+        model_identity=lambda: runner.model_sha256,
+        honour_quarantine=not retry_quarantined,
+    )
     get_run_logger().info(
         "%d to annotate, %d already committed, %d quarantined",
-        len(split["todo"]),
-        len(split["skipped"]),
-        len(split["quarantined"]),
+        len(plan.todo),
+        len(plan.skipped),
+        len(plan.quarantined),
     )
-    return split
+    return plan
 
 
 @task(name="shard", cache_policy=NO_CACHE)
-def make_shards(cases: list[CaseRef], shards: int) -> list[list[CaseRef]]:
-    """Cases grouped into at most ``shards`` groups of about equal slice counts (read from headers)."""
-    weights = sharding.slice_counts(cases)
-    groups = sharding.balance(weights, shards)
-    get_run_logger().info(
-        "%d shards of ~%s slices", len(groups), "/".join(str(sum(weights[i] for i in g)) for g in groups)
-    )
-    return [[cases[i] for i in group] for group in groups]
+def make_shards(plan: RunPlan, shards: int) -> list[list[CaseRef]]:
+    """The cases to annotate in at most ``shards`` groups of about equal slice counts (read from headers)."""
+    groups = plan.shards(shards)
+    get_run_logger().info("%d shards of %s cases", len(groups), "/".join(str(len(g)) for g in groups))
+    return groups
 
 
 def _retry_if_transient(task, task_run, state) -> bool:
@@ -368,12 +351,10 @@ def annotate_inputs(
         chosen = set(keep([c.case_id for c in cases]))
         kept = [c.case_id for c in cases if c.case_id not in chosen]
         cases = [c for c in cases if c.case_id in chosen]
-    split = skip_committed(cases, store_url, config, policy.retry_quarantined)
+    plan = plan_cases(cases, store_url, config, policy.retry_quarantined)
     job = Job(store_url, run_id, config, overwrite=run.overwrite, retries=pool.case_retries)
-    outcomes, facts = _annotate_on_ray(split["todo"], job, pool, policy) if split["todo"] else ([], {})
-    outcomes += [
-        CaseOutcome(c.case_id, kind).record() for kind in ("skipped", "quarantined") for c in split[kind]
-    ]
+    outcomes, facts = _annotate_on_ray(plan, job, pool, policy) if plan.todo else ([], {})
+    outcomes += [outcome.record() for outcome in plan.settled()]
     facts = {
         "actors": 0,
         "shards": 0,
@@ -399,27 +380,28 @@ def push_proposals(store_url: str, case_ids: list[str], service: str) -> dict:
 
 
 def _annotate_on_ray(
-    todo: list[CaseRef], job: Job, pool: PoolOptions, policy: RunPolicy
+    plan: RunPlan, job: Job, pool: PoolOptions, policy: RunPolicy
 ) -> tuple[list[dict], dict]:
-    """Size the pool, shard ``todo`` and run the shards; returns the outcomes and facts about the pool."""
+    """Size the pool, shard the plan's cases to annotate and run the shards; returns the outcomes and facts
+    about the pool."""
     connect(pool.address)
-    plan = plan_actors(cluster_nodes(), pool, case_workers=job.config.pipeline.case_workers)
+    actors = plan_actors(cluster_nodes(), pool, case_workers=job.config.pipeline.case_workers)
     get_run_logger().info(
         "%d actors x %d CPUs, %g GPUs, %d cases in flight each",
-        plan.count,
-        plan.num_cpus,
-        plan.num_gpus,
-        plan.case_workers,
+        actors.count,
+        actors.num_cpus,
+        actors.num_gpus,
+        actors.case_workers,
     )
-    shards = make_shards(todo, policy.shards or plan.count)
-    progress.open_board(job.run_id, len(todo))
+    shards = make_shards(plan, policy.shards or actors.count)
+    progress.open_board(job.run_id, len(plan.todo))
     try:
-        outcomes, broken = _run_shards(shards, plan, job, pool.in_flight or plan.case_workers + 1)
+        outcomes, broken = _run_shards(shards, actors, job, pool.in_flight or actors.case_workers + 1)
     finally:
         progress.close_board(job.run_id)
         if not pool.keep_actors:
-            release_annotators(plan, job.config_json)
-    return outcomes, {"actors": plan.count, "shards": len(shards), "broken_shards": broken}
+            release_annotators(actors, job.config_json)
+    return outcomes, {"actors": actors.count, "shards": len(shards), "broken_shards": broken}
 
 
 def enforce_policy(report: dict, policy: RunPolicy) -> None:

@@ -23,10 +23,11 @@ from medsam_engine.pipeline.annotate.config import EngineConfig, load_config
 from medsam_engine.pipeline.annotate.job import RunSummary
 from medsam_engine.pipeline.annotate.job import annotate as _annotate_cases
 from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
+from medsam_engine.pipeline.annotate.plan import discover_inputs
 from medsam_engine.pipeline.annotate.segment import segment_volume
 from medsam_engine.pipeline.core.intensity import to_uint8
 from medsam_engine.pipeline.core.types import BoxPrompt, CaseAttributes
-from medsam_engine.pipeline.io.discover import DiscoveryOptions, discover
+from medsam_engine.pipeline.io.discover import DiscoveryOptions
 from medsam_engine.pipeline.store.case_store import CaseStore
 
 __all__ = [
@@ -73,9 +74,9 @@ def annotate(
     per case in the summary and the store; committed cases whose input did not change are skipped."""
     case_store = store if isinstance(store, CaseStore) else CaseStore(store)
     engine_config = _config(config)
-    cases = discover(
+    cases = discover_inputs(
         list(inputs),
-        case_store.case_ids(),
+        case_store,
         coarse_masks=list(coarse_masks),
         options=DiscoveryOptions(keep_localizers=keep_localizers),
     )

@@ -1,4 +1,5 @@
-"""The annotate job: cases -> :func:`~pipeline.annotate.driver.run_case` each -> a run record.
+"""The local engine: the run's plan (pipeline/annotate/plan.py) executed in this process, each case through
+:func:`~pipeline.annotate.driver.run_case`, then the run record.
 
 Per-case failures are recorded in the store and the batch goes on; a committed case with the same signature
 is skipped without loading the model.
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from medsam_engine.pipeline.annotate.config import EngineConfig
 from medsam_engine.pipeline.annotate.driver import run_case
 from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
+from medsam_engine.pipeline.annotate.plan import plan_run
 from medsam_engine.pipeline.annotate.policy import LOCAL, FailurePolicy
 from medsam_engine.pipeline.annotate.run_record import run_record
 from medsam_engine.pipeline.core.outcome import CaseOutcome
@@ -84,17 +86,28 @@ def annotate(
     left for the next run, the ones under way finish first.
     """
     started = time.perf_counter()
-    runner = runner or LazyRunner(config)
+    lazy = runner or LazyRunner(config)
     remove_stale_staging(store)
     summary = RunSummary(run_id=version_id())
     show = sys.stderr.isatty() if show_progress is None else show_progress
-    workers = max(1, min(workers or case_workers(config), len(cases) or 1))
-    if cases:
-        warm_readers(
-            workers, cases, when_needed=True
-        )  # a reader per case worker, all at the run's first read
-    model_lock = threading.Lock() if workers > 1 else None
+    plan = plan_run(
+        cases,
+        store,
+        config,
+        model_identity=lambda: lazy.model_sha256,
+        honour_quarantine=policy.quarantine,
+    )
     outcomes: dict[int, CaseOutcome] = {}
+    index_of = {case.case_id: i for i, case in reversed(list(enumerate(cases)))}
+    for outcome in plan.settled():  # nothing to do: reported at once, without a worker
+        outcomes[index_of[outcome.case_id]] = outcome
+        if on_outcome is not None:
+            on_outcome(outcome)
+    todo = list(plan.todo)
+    workers = max(1, min(workers or case_workers(config), len(todo) or 1))
+    if todo:
+        warm_readers(workers, todo, when_needed=True)  # a reader per case worker, all at the first read
+    model_lock = threading.Lock() if workers > 1 else None
     try:
         with (
             tqdm(total=len(cases), desc="cases", unit="case", disable=not show) as bar,
@@ -108,7 +121,7 @@ def annotate(
                     case,
                     store,
                     config,
-                    runner,
+                    lazy,
                     run_id=summary.run_id,
                     policy=policy,
                     overwrite=overwrite,
@@ -116,15 +129,15 @@ def annotate(
                     model_lock=model_lock,
                 )
 
-            for index, outcome in _in_flight(one, cases, workers):  # a RunError stops the run here
-                outcomes[index] = outcome
+            for index, outcome in _in_flight(one, todo, workers):  # a RunError stops the run here
+                outcomes[index_of[todo[index].case_id]] = outcome
                 bar.update(1)
                 if on_outcome is not None:
                     on_outcome(outcome)
     finally:
-        runner.settle()
+        lazy.settle()
     summary.outcomes = [outcomes[i] for i in sorted(outcomes)]
-    summary.runner_stats = runner.stats()
+    summary.runner_stats = lazy.stats()
     record = run_record(
         summary.run_id,
         [o.record() for o in summary.outcomes],

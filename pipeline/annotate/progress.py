@@ -63,7 +63,7 @@ class RunProgress:
 
     def __init__(
         self,
-        total: int,
+        total: int | None,
         *,
         out: TextIO | None = sys.stdout,
         emit: Callable[[str], None] | None = None,
@@ -100,10 +100,14 @@ class RunProgress:
         print(case_line(record, reason, verbose=self.verbose), file=self.out, flush=True)
 
     def progress_line(self) -> str:
-        """``progress: N of TOTAL cases (a done, b skipped, c failed), L left, R slices/s, about T left``."""
+        """``progress: N of TOTAL cases (a done, b skipped, c failed), L left, R slices/s, about T left``;
+        before the run knows its cases (``total`` None: a flow still discovering), how long it has been
+        preparing."""
         with self._lock:
             counts, slices = dict(self.counts), self.slices
         elapsed = max(time.monotonic() - self._started, 1e-9)
+        if self.total is None:
+            return f"progress: preparing the run (discovery, plan), {_duration(elapsed)} so far"
         finished = sum(counts.values())
         left = max(self.total - finished, 0)
         failed = counts["failed"] + counts["quarantined"]

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from medsam_engine.pipeline.annotate.plan import discover_inputs
 from medsam_engine.pipeline.annotate.progress import RunProgress, case_line
 from medsam_engine.pipeline.cli.common import (
     EXIT_CASES_FAILED,
@@ -47,7 +48,7 @@ from medsam_engine.pipeline.flywheel.rounds import (
     write_round_table,
 )
 from medsam_engine.pipeline.io.dicomweb import is_service_root
-from medsam_engine.pipeline.io.discover import DiscoveryOptions, discover
+from medsam_engine.pipeline.io.discover import DiscoveryOptions
 from medsam_engine.pipeline.model.checkpoint import CheckpointError
 from medsam_engine.pipeline.model.devices import resolve_device
 from medsam_engine.pipeline.store.case_store import CaseStore
@@ -436,7 +437,7 @@ def _round_run(args, store) -> int:
         return round_on_ray(args, config)
     try:
         options = DiscoveryOptions(pacs_query=pacs_filters(args.pacs_query))
-        cases = discover(args.inputs, store.case_ids(), coarse_masks=args.coarse_mask, options=options)
+        cases = discover_inputs(args.inputs, store, coarse_masks=args.coarse_mask, options=options)
     except ValueError as exc:
         print(f"medsam-engine round run: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -13,6 +13,7 @@ from pathlib import Path
 from medsam_engine.pipeline.annotate.config import EngineConfig
 from medsam_engine.pipeline.annotate.job import annotate
 from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
+from medsam_engine.pipeline.annotate.plan import discover_inputs
 from medsam_engine.pipeline.annotate.progress import RunProgress
 from medsam_engine.pipeline.cli import flywheel
 from medsam_engine.pipeline.cli import store as store_group
@@ -43,7 +44,7 @@ from medsam_engine.pipeline.export.common import ExportTargetError
 from medsam_engine.pipeline.export.formats import FORMATS, export_store
 from medsam_engine.pipeline.export.traceable import NAME_BY
 from medsam_engine.pipeline.flywheel.detector_training import train_from_store
-from medsam_engine.pipeline.io.discover import DiscoveryOptions, discover
+from medsam_engine.pipeline.io.discover import DiscoveryOptions
 from medsam_engine.pipeline.model.checkpoint import CheckpointError
 from medsam_engine.pipeline.report.evaluate import evaluate_store
 from medsam_engine.pipeline.store.case_store import CaseStore
@@ -166,9 +167,9 @@ def _annotate(args) -> int:
         return annotate_on_ray(args, config)
     store = CaseStore(args.out)
     try:
-        cases = discover(
+        cases = discover_inputs(
             args.inputs,
-            store.case_ids(),
+            store,
             coarse_masks=args.coarse_mask,
             options=DiscoveryOptions(
                 keep_localizers=args.keep_localizers,

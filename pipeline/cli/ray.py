@@ -82,7 +82,7 @@ def _reason_in(store_url: str):
 def _live(args, store_url: str) -> RunProgress:
     """The live report of a flow run started by this command (flows/progress.py reports to it)."""
     return RunProgress(
-        0, verbose=args.verbose > 0, every_s=0 if args.quiet else None, reason_of=_reason_in(store_url)
+        None, verbose=args.verbose > 0, every_s=0 if args.quiet else None, reason_of=_reason_in(store_url)
     )
 
 
@@ -140,14 +140,14 @@ def _run_on_ray(args, config, command: str, call, live: RunProgress) -> tuple[di
     options = _flow_options(args, config, command)
     if options is None:
         return None, None, EXIT_USAGE
-    from medsam_engine.flows import progress
+    from medsam_engine.flows.progress import attach_console
 
-    progress.attach_console(live)
+    attach_console(live)
     try:
         with live:
             return _run_flow(command, lambda: call(*options))
     finally:
-        progress.attach_console(None)
+        attach_console(None)
 
 
 def annotate_on_ray(args, config) -> int:

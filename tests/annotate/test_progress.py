@@ -89,3 +89,10 @@ def test_a_nightly_log_gets_case_and_progress_lines(two_tiles, box_fill, tmp_pat
     assert progress
     assert progress[0].startswith("progress: ")
     assert " of 2 cases (" in progress[-1]
+
+
+def test_before_a_flow_knows_its_cases_the_line_says_it_prepares():
+    live = RunProgress(None, out=io.StringIO(), every_s=0)
+    assert live.progress_line().startswith("progress: preparing the run (discovery, plan), ")
+    live.total = 2
+    assert live.progress_line().startswith("progress: 0 of 2 cases (0 done, 0 skipped, 0 failed), 2 left")

@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 
-from medsam_engine.flows.sharding import balance, estimate_slices
 from medsam_engine.flows.watermark import (
     Entry,
     check_name,
@@ -17,6 +16,7 @@ from medsam_engine.flows.watermark import (
     study_entries,
     write_mark,
 )
+from medsam_engine.pipeline.annotate.plan import balance, estimate_slices
 from medsam_engine.pipeline.core.types import CaseRef
 from medsam_engine.pipeline.store.case_store import CaseStore
 
