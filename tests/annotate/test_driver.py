@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 
 import pytest
-from flywheel_data import shared_runner
 
 from medsam_engine.pipeline.annotate import driver
 from medsam_engine.pipeline.annotate.config import EngineConfig
@@ -20,6 +19,8 @@ from medsam_engine.pipeline.store.records import quarantined
 
 NO_WAIT = FailurePolicy(retries=2, retry_delay_s=0)
 QUARANTINE = FailurePolicy(retries=2, retry_delay_s=0, quarantine=True)
+# the driver's failure handling is the subject, not the masks: the box-fill runner stands in for the network
+BOX_FILL = EngineConfig.model_validate({"model": {"runner": "box-fill"}})
 
 
 @pytest.fixture()
@@ -31,11 +32,9 @@ def broken_case(tmp_path):
     return store, case
 
 
-def test_a_corrupt_input_fails_at_read_naming_the_file_and_is_quarantined_only_when_asked(
-    broken_case, runner
-):
+def test_a_corrupt_input_fails_at_read_naming_the_file_and_is_quarantined_only_when_asked(broken_case):
     store, case = broken_case
-    lazy = shared_runner(EngineConfig(), runner)
+    lazy = LazyRunner(BOX_FILL)
     local = run_case(case, store, lazy.config, lazy, run_id="r1", policy=NO_WAIT)
     assert (local.status, local.stage) == ("failed", "read")
     assert "broken.nii.gz" in local.reason
@@ -50,7 +49,7 @@ def test_a_corrupt_input_fails_at_read_naming_the_file_and_is_quarantined_only_w
     assert "reason" not in distributed.record()  # reasons name files: they stay in the store's records
 
 
-def test_a_transient_read_error_is_retried_and_the_case_is_done(tmp_path, nuclei_2d, runner, monkeypatch):
+def test_a_transient_read_error_is_retried_and_the_case_is_done(tmp_path, nuclei_2d, monkeypatch):
     store = CaseStore(tmp_path / "store")
     (case,) = discover([nuclei_2d[0]], store.case_ids(), coarse_masks=[nuclei_2d[1]])
     real, calls = driver.read_case, []
@@ -62,7 +61,7 @@ def test_a_transient_read_error_is_retried_and_the_case_is_done(tmp_path, nuclei
         return real(ref)
 
     monkeypatch.setattr(driver, "read_case", flaky)
-    lazy = shared_runner(EngineConfig(), runner)
+    lazy = LazyRunner(BOX_FILL)
     outcome = run_case(case, store, lazy.config, lazy, run_id="r1", policy=QUARANTINE)
     assert outcome.status == "done"
     assert outcome.slices == 1
@@ -71,22 +70,20 @@ def test_a_transient_read_error_is_retried_and_the_case_is_done(tmp_path, nuclei
     assert case.case_id not in store.errors()
 
 
-def test_a_lasting_io_error_fails_at_io_and_is_never_quarantined(broken_case, runner, monkeypatch):
+def test_a_lasting_io_error_fails_at_io_and_is_never_quarantined(broken_case, monkeypatch):
     store, case = broken_case
 
     def unreachable(ref):
         raise OSError(errno.ETIMEDOUT, "Connection timed out")
 
     monkeypatch.setattr(driver, "read_case", unreachable)
-    lazy = shared_runner(EngineConfig(), runner)
+    lazy = LazyRunner(BOX_FILL)
     outcome = run_case(case, store, lazy.config, lazy, run_id="r1", policy=QUARANTINE)
     assert (outcome.status, outcome.stage) == ("failed", "io")
     assert quarantined(store, case.case_id) is None
 
 
-def test_a_bug_fails_its_case_only_and_the_batch_goes_on(
-    tmp_path, nuclei_2d, small_chest, runner, monkeypatch
-):
+def test_a_bug_fails_its_case_only_and_the_batch_goes_on(tmp_path, nuclei_2d, small_chest, monkeypatch):
     store = CaseStore(tmp_path / "store")
     cases = discover(
         [nuclei_2d[0], small_chest[0]], store.case_ids(), coarse_masks=[nuclei_2d[1], small_chest[1]]
@@ -99,8 +96,7 @@ def test_a_bug_fails_its_case_only_and_the_batch_goes_on(
         return real(volume, *args)
 
     monkeypatch.setattr(driver, "renderings", broken_for_2d)
-    config = EngineConfig()
-    summary = annotate(cases, store, config, runner=shared_runner(config, runner), show_progress=False)
+    summary = annotate(cases, store, BOX_FILL, runner=LazyRunner(BOX_FILL), show_progress=False)
     assert [(o.status, o.stage) for o in summary.outcomes] == [("failed", "internal"), ("done", "")]
     assert summary.outcomes[0].reason == "KeyError: 'a bug'"
 
@@ -138,7 +134,7 @@ def test_a_run_works_with_one_opencv_thread_and_a_frozen_heap_and_restores_both(
     before = cv2.getNumThreads()
     cv2.setNumThreads(2)
     try:
-        summary = annotate([case], store, EngineConfig(), policy=NO_WAIT, show_progress=False)
+        summary = annotate([case], store, BOX_FILL, policy=NO_WAIT, show_progress=False)
         assert [o.stage for o in summary.outcomes] == ["read"]
         assert seen[0][0] == 1
         assert seen[0][1] > 0
@@ -149,7 +145,7 @@ def test_a_run_works_with_one_opencv_thread_and_a_frozen_heap_and_restores_both(
 
 
 def test_a_run_starts_its_readers_at_its_first_read_and_a_rerun_of_committed_cases_starts_none(
-    two_tiles, runner, tmp_path, monkeypatch
+    two_tiles, tmp_path, monkeypatch
 ):
     """The readers (one per case worker) start together when the first case is read; a rerun whose cases are
     all committed with the same signature reads nothing and starts no reader process."""
@@ -163,7 +159,7 @@ def test_a_run_starts_its_readers_at_its_first_read_and_a_rerun_of_committed_cas
 
     monkeypatch.setattr(readers, "default_pool", fresh_pool)
     store = CaseStore(tmp_path / "store")
-    lazy = shared_runner(EngineConfig(), runner)
+    lazy = LazyRunner(BOX_FILL)
     cases = discover([two_tiles[0]], store.case_ids(), coarse_masks=[two_tiles[1]])
     try:
         for expected, readers_started in (("done", 2), ("skipped", 0)):

@@ -1,6 +1,9 @@
 """The annotate flow under a real temporary Prefect server, on a real 2-node Ray cluster, on real CT cases.
 
-One flow run (module fixture) is the reference; the other tests rerun, break or kill runs and compare.
+One flow run (module fixture) is the reference; the other tests rerun, break or kill runs and compare. Those
+runs use the network: a kill must land while a case is being worked on, and the network's seconds per case
+are that window (box-fill finishes a case in tens of milliseconds). The runs compared with nothing (`round
+run`, privacy) use the box-fill runner in its place.
 """
 
 from __future__ import annotations
@@ -267,7 +270,7 @@ def test_watermark_takes_only_studies_new_since_the_last_successful_run(annotate
     assert third["cases"] == []
 
 
-def test_round_run_on_ray_from_the_command_line(flow_archive, tmp_path, ray_cluster, capsys):
+def test_round_run_on_ray_from_the_command_line(flow_archive, tmp_path, ray_cluster, box_fill, capsys):
     from medsam_engine.pipeline.cli.main import main
     from medsam_engine.pipeline.store.records import ROUNDS, read_record
 
@@ -285,6 +288,8 @@ def test_round_run_on_ray_from_the_command_line(flow_archive, tmp_path, ray_clus
         "ray",
         "--ray-address",
         ray_cluster.address,
+        "--config",
+        str(box_fill),
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -302,7 +307,7 @@ def test_round_run_on_ray_from_the_command_line(flow_archive, tmp_path, ray_clus
 
 
 def test_no_path_or_patient_name_reaches_prefect_or_ray(
-    small_chest_dicom, small_chest, tmp_path, prefect_server, ray_cluster, capsys
+    small_chest_dicom, small_chest, tmp_path, prefect_server, ray_cluster, box_fill, capsys
 ):
     """`annotate --engine ray` on a DICOM folder named like a patient: the flow run is given an opaque id of
     a run request kept in the store; the name is nowhere in Prefect's database or Ray's session logs."""
@@ -317,7 +322,7 @@ def test_no_path_or_patient_name_reaches_prefect_or_ray(
     mask = Path(shutil.copy(small_chest[1], tmp_path / f"{patient}_lungs.nrrd"))
     store = tmp_path / "store"
     argv = ["annotate", str(series), "--coarse-mask", str(mask), "--out", str(store), "--engine", "ray"]
-    assert main([*argv, "--ray-address", ray_cluster.address]) == 0
+    assert main([*argv, "--ray-address", ray_cluster.address, "--config", str(box_fill)]) == 0
     out, err = capsys.readouterr()
     assert "1 done" in out
     assert patient not in out + err

@@ -9,29 +9,35 @@ import nibabel as nib
 import numpy as np
 import pytest
 import zarr
-from flywheel_data import case_of, lung_inputs, shared_runner
+from flywheel_data import case_of, lung_inputs
 
 from medsam_engine.pipeline.annotate.config import EngineConfig
+from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
 from medsam_engine.pipeline.cli.main import main
 from medsam_engine.pipeline.core.metrics import dice
 from medsam_engine.pipeline.flywheel.rounds import run_round
 from medsam_engine.pipeline.io.discover import discover
 from medsam_engine.pipeline.store.case_store import CaseStore
 
+# the queue's files and the import of corrections are the subject, not the proposals' quality: the box-fill
+# runner stands in for the network; its thresholds send every instance to review
+TO_REVIEW = EngineConfig.model_validate(
+    {"model": {"runner": "box-fill"}, "quality": {"accept_above": 1.0, "reject_below": 0.0}}
+)
+
 
 @pytest.fixture(scope="module")
-def routed(tmp_path_factory, runner, small_chest, small_chest_nifti):
+def routed(tmp_path_factory, small_chest, small_chest_nifti):
     """Both lung cases annotated by a round whose thresholds send every instance to review."""
     root = tmp_path_factory.mktemp("review")
     images, masks, reference = lung_inputs(root, small_chest, small_chest_nifti)
     store = CaseStore(root / "store")
-    config = EngineConfig().with_overrides(quality={"accept_above": 1.0, "reject_below": 0.0})
     run_round(
         discover([images], store.case_ids(), coarse_masks=[masks]),
         store,
-        config,
+        TO_REVIEW,
         queue_dir=root / "queue0",
-        runner=shared_runner(config, runner),
+        runner=LazyRunner(TO_REVIEW),
     )
     return root, reference
 
@@ -145,15 +151,14 @@ def test_an_edited_ome_zarr_from_napari_imports_too(routed, tmp_path):
     assert attrs.review_status == "accepted"
 
 
-def test_queue_of_a_dicom_series_carries_a_dicom_seg(routed, chest_series, runner, tmp_path):
+def test_queue_of_a_dicom_series_carries_a_dicom_seg(routed, chest_series, tmp_path):
     from medsam_engine.pipeline.flywheel.review import export_queue
 
     store = CaseStore(tmp_path / "store")
-    config = EngineConfig().with_overrides(quality={"accept_above": 1.0, "reject_below": 0.0})
     cases = discover(
         [chest_series["axial"]], store.case_ids(), coarse_masks=[routed[0] / "masks" / "chest_b.nii.gz"]
     )
-    run_round(cases, store, config, queue_dir=tmp_path / "queue0", runner=shared_runner(config, runner))
+    run_round(cases, store, TO_REVIEW, queue_dir=tmp_path / "queue0", runner=LazyRunner(TO_REVIEW))
     result = export_queue(store, tmp_path / "queue", formats=("dicom-seg",))
     (entry,) = result.cases
     assert not result.skipped
