@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -304,7 +305,7 @@ def _read_isolated(
     if timeout_s is None:
         timeout_s = float(os.environ.get("MEDSAM_ENGINE_READ_TIMEOUT_S", READ_TIMEOUT_S))
     try:
-        volume: Volume = (worker or default_pool()).call(read_case_here, case, timeout_s=timeout_s)
+        volume: Volume = (worker or default_pool()).call(read_case_here, _absolute(case), timeout_s=timeout_s)
         return volume
     except WorkerCrash as exc:
         log.error("reader process for %s ended: %s", case.case_id, exc.why)
@@ -312,6 +313,16 @@ def _read_isolated(
             f"{case_label(case)}: the image decoder crashed ({exc.why}); the file is probably "
             "corrupt or uses an encoding the decoder mishandles"
         ) from exc
+
+
+def _absolute(case: CaseRef) -> CaseRef:
+    """The case with absolute local paths: a reader process keeps the working directory it was started in,
+    which need not be this process's working directory now."""
+
+    def absolute(path: str) -> str:
+        return path if "://" in path else os.path.abspath(path)
+
+    return replace(case, image=absolute(case.image), files=tuple(absolute(f) for f in case.files))
 
 
 def label_names_of(path: str | Path) -> dict[int, str]:

@@ -58,6 +58,16 @@ def workdir(tmp_path_factory, small_chest, small_chest_nifti, chest_series, box_
     return root
 
 
+def test_a_later_run_reads_relative_inputs_of_its_own_working_directory(
+    workdir, tmp_path, monkeypatch, small_chest_nifti, box_fill
+):
+    shutil.copy(small_chest_nifti[0], tmp_path / "later.nii.gz")
+    shutil.copy(small_chest_nifti[1], tmp_path / "later-mask.nii.gz")
+    monkeypatch.chdir(tmp_path)  # the reader processes started in workdir's run, elsewhere
+    argv = ["annotate", "later.nii.gz", "--coarse-mask", "later-mask.nii.gz", "--out", "store"]
+    assert main([*argv, "--config", str(box_fill)]) == 0
+
+
 def _by_given(store: Path) -> dict[str, str]:
     """{input as given: case id} of the store's committed cases."""
     s = CaseStore(store)
