@@ -329,7 +329,11 @@ def run_config(
     except ValidationError as exc:
         print(f"medsam-engine {command}: bad configuration: {validation_summary(exc)}", file=sys.stderr)
         return None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        where = exc.filename or args.config
+        print(f"medsam-engine {command}: cannot read {where}: {exc.strerror or exc}", file=sys.stderr)
+        return None
+    except ValueError as exc:
         print(f"medsam-engine {command}: bad configuration: {exc}", file=sys.stderr)
         return None
     if get_spec(config.prompts.detector).needs_coarse_mask and not args.coarse_mask:

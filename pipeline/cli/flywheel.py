@@ -256,6 +256,13 @@ def review(args) -> int:
     if report is None:
         print("nothing to import: no SEG in the PACS is newer than its case's proposal")
         return EXIT_OK
+    if not (report.imported or report.already or report.errors):
+        given = ", ".join(args.corrections)
+        print(
+            f"medsam-engine review import: no correction (label map or DICOM SEG of a case) in {given}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     for name, reason in report.errors.items():
         print(f"error    {name}  {reason}")
     for case_id, edit in report.imported.items():

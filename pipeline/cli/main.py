@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -165,6 +166,7 @@ def _annotate(args) -> int:
         return EXIT_USAGE
     if args.engine == "ray":
         return annotate_on_ray(args, config)
+    new_store = "://" not in args.out and not Path(args.out).exists()
     store = CaseStore(args.out)
     try:
         cases = discover_inputs(
@@ -179,6 +181,7 @@ def _annotate(args) -> int:
         )
     except ValueError as exc:
         print(f"medsam-engine annotate: {exc}", file=sys.stderr)
+        _forget(store, new_store)
         return EXIT_USAGE
 
     live = RunProgress(len(cases), verbose=args.verbose > 0, every_s=0 if args.quiet else None)
@@ -193,6 +196,7 @@ def _annotate(args) -> int:
             )
     except CheckpointError as exc:
         print(f"medsam-engine annotate: {exc}", file=sys.stderr)
+        _forget(store, new_store)
         return EXIT_USAGE
     except StoreUnavailableError as exc:
         print(f"medsam-engine annotate: {exc}", file=sys.stderr)
@@ -207,6 +211,13 @@ def _annotate(args) -> int:
         store, [o.case_id for o in summary.outcomes if o.status != "failed"], args.push_seg
     )
     return EXIT_CASES_FAILED if failed or push_failed else EXIT_OK
+
+
+def _forget(store: CaseStore, new: bool) -> None:
+    """Remove a local store this command created when it stopped on a usage error before committing a case
+    (a checkpoint that does not load, masks that cannot be paired): a mistake leaves no store behind."""
+    if new and not store.committed_cases():
+        shutil.rmtree(store.root, ignore_errors=True)
 
 
 def _detector(args) -> int:
@@ -284,12 +295,18 @@ def format_scores(results: dict) -> str:
 
 
 def _eval(args) -> int:
-    results = evaluate_store(CaseStore(args.store), args.reference)
-    if not results:
+    """Scores per case and label; a reference that cannot be read or placed is named (exit 1), none
+    matching a case is a usage error (exit 2)."""
+    problems: dict[str, str] = {}
+    results = evaluate_store(CaseStore(args.store), args.reference, problems=problems)
+    for case_id, reason in problems.items():
+        print(f"medsam-engine eval: case {case_id}: {reason}", file=sys.stderr)
+    if not results and not problems:
         print("medsam-engine eval: no reference matched a committed case", file=sys.stderr)
         return EXIT_USAGE
-    print(json.dumps(results, indent=1) if args.json else format_scores(results))
-    return EXIT_OK
+    if results:
+        print(json.dumps(results, indent=1) if args.json else format_scores(results))
+    return EXIT_CASES_FAILED if problems else EXIT_OK
 
 
 def _reads_a_store(args) -> bool:

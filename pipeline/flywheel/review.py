@@ -376,6 +376,9 @@ def import_corrections(store: CaseStore, paths: list[str | Path], *, reviewer: s
     cases = store.committed_cases()
     planned: dict[str, tuple[np.ndarray, np.ndarray, dict]] = {}
     for path in _correction_files(paths):
+        if not path.exists():
+            report.errors[path.name] = "no such file or folder"
+            continue
         case_id = _case_for(path, store, cases)
         if case_id is None:
             report.errors[path.name] = "matches no committed case (name it <case_id>.nii.gz or as the input)"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -401,10 +402,37 @@ def _mask_for(
         if uid in segs:
             return segs[uid]
     if len(masks) == 1 and masks[0].is_dir():
-        stem = stem_of(image)
         stems = _masks_by_stem(masks[0]) if stems is None else stems
-        return stems.get(stem, masks[0] / f"{stem}.missing")
+        for stem in _mask_stems(image):
+            if stem in stems:
+                return stems[stem]
+        return None
     return masks[index] if len(masks) == n_inputs else None
+
+
+NNUNET_CHANNEL = re.compile(r"_\d{4}$")  # nnU-Net names image channels CASE_0000 ...; its labels CASE
+
+
+def _mask_stems(image: Path) -> list[str]:
+    """The mask stems that pair with ``image``: its own stem, then (nnU-Net's layout) without a channel
+    suffix (``case_0000.nii.gz`` pairs with ``case.nii.gz``)."""
+    stem = stem_of(image)
+    bare = NNUNET_CHANNEL.sub("", stem)
+    return [stem] if bare == stem else [stem, bare]
+
+
+def _unpaired(case: CaseRef, folder: Path, stems: dict[str, Path]) -> CaseRef:
+    """The case failing with a reason that names the masks looked for and those the folder holds."""
+    wanted = " or ".join(f"{s}.*" for s in _mask_stems(Path(case.image)))
+    held = sorted(p.name for p in stems.values())
+    more = f" and {len(held) - 6} more" if len(held) > 6 else ""
+    listing = ", ".join(held[:6]) + more if held else "nothing"
+    return replace(
+        case,
+        kind="unreadable",
+        error=f"no coarse mask in {folder.name} pairs with {Path(case.image).name}: looked for {wanted}; "
+        f"the folder holds {listing}",
+    )
 
 
 def discover(
@@ -448,6 +476,9 @@ def discover(
     for case_id, (index, case) in found.items():
         case = _one_file_per_instance(case) if case_id in merged else case
         mask = _mask_for(Path(case.image), index, len(inputs), masks, case, segs, stems)
+        if mask is None and folder and stems is not None and not case.error:
+            cases.append(_unpaired(case, masks[0], stems))
+            continue
         cases.append(case if mask is None else _with_mask(case, mask))
     return cases
 

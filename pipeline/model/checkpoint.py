@@ -39,7 +39,10 @@ def _state_dict(path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"checkpoint {path.name} could not be loaded safely: {exc}") from exc
+        raise CheckpointError(
+            f"checkpoint {path.name} is not a PyTorch checkpoint that loads with weights only "
+            f"({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
     for key in ("model", "state_dict"):
         if isinstance(checkpoint, dict) and key in checkpoint and isinstance(checkpoint[key], dict):
             checkpoint = checkpoint[key]

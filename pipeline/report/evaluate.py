@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medsam_engine.pipeline.core.errors import CaseError
 from medsam_engine.pipeline.core.geometry import align_to
 from medsam_engine.pipeline.core.metrics import per_label_scores
 from medsam_engine.pipeline.io.readers import read_volume, stem_of
@@ -29,11 +30,21 @@ def match_references(store: CaseStore, references: list[str | Path]) -> dict[str
     return pairs
 
 
-def evaluate_store(store: CaseStore, references: list[str | Path]) -> dict[str, dict[int, dict[str, float]]]:
-    """{case_id: {label: {"dice", "nsd"}}} for every case that has a reference."""
+def evaluate_store(
+    store: CaseStore, references: list[str | Path], *, problems: dict[str, str] | None = None
+) -> dict[str, dict[int, dict[str, float]]]:
+    """{case_id: {label: {"dice", "nsd"}}} for every case that has a reference. A reference that cannot be
+    read or does not fit its case's grid raises its CaseError, or, with ``problems``, is recorded there
+    (case id -> reason) and the other cases are scored."""
     results = {}
     for case_id, ref_path in sorted(match_references(store, references).items()):
         labels, attrs = store.read_labels(case_id)
-        reference = align_to(read_volume(ref_path), attrs.volume(labels), what="reference")
+        try:
+            reference = align_to(read_volume(ref_path), attrs.volume(labels), what="reference")
+        except CaseError as exc:
+            if problems is None:
+                raise
+            problems[case_id] = exc.reason
+            continue
         results[case_id] = per_label_scores(labels, reference, spacing=attrs.geometry.spacing)
     return results
