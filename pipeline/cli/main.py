@@ -16,6 +16,7 @@ from medsam_engine.pipeline.annotate.job import annotate
 from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
 from medsam_engine.pipeline.annotate.plan import discover_inputs
 from medsam_engine.pipeline.annotate.progress import RunProgress
+from medsam_engine.pipeline.cli import config as config_group
 from medsam_engine.pipeline.cli import flywheel
 from medsam_engine.pipeline.cli import store as store_group
 from medsam_engine.pipeline.cli.common import (
@@ -153,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     flywheel.add_parsers(sub)
     store_group.add_parsers(sub)
+    config_group.add_parsers(sub)
     return parser
 
 
@@ -338,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         "round": flywheel.round_command,
         "model": flywheel.model_command,
         "store": store_group.store_command,
+        "config": config_group.config_command,
     }
     problem = store_problem(args.store) if _reads_a_store(args) else None
     if problem is None and _writes_a_folder(args):

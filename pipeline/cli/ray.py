@@ -22,6 +22,7 @@ from medsam_engine.pipeline.cli.common import (
     print_outcomes,
     push_line,
 )
+from medsam_engine.pipeline.core.environment import engine_defaults
 from medsam_engine.pipeline.core.errors import CaseError
 from medsam_engine.pipeline.distributed.ray_pool import PoolOptions
 from medsam_engine.pipeline.io.discover import FROM_PACS
@@ -31,11 +32,10 @@ from medsam_engine.pipeline.store.records import write_request
 
 def _quiet_defaults() -> None:
     """A temporary Prefect server needs time to start on a small machine; its telemetry can lock its
-    database; a medical pipeline sends no usage data unless asked to (the environment can override each)."""
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    database; a medical pipeline sends no usage data unless asked to (the environment can override each; the
+    values are the environment table's, pipeline/core/environment.py)."""
+    for name, value in engine_defaults().items():
+        os.environ.setdefault(name, value)
 
 
 def _flow_options(args, config, command: str):
