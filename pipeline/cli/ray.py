@@ -9,6 +9,7 @@ local Ray is started. Output and exit codes follow the annotate contract (0 all 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -28,6 +29,12 @@ from medsam_engine.pipeline.distributed.ray_pool import PoolOptions
 from medsam_engine.pipeline.io.discover import FROM_PACS
 from medsam_engine.pipeline.store.case_store import CaseStore
 from medsam_engine.pipeline.store.records import write_request
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """A flow or task run's log record without its traceback (which may name input files); kept itself."""
+    record.exc_info, record.exc_text = None, None
+    return True
 
 
 def _quiet_defaults() -> None:
@@ -142,6 +149,9 @@ def _run_on_ray(args, config, command: str, call, live: RunProgress) -> tuple[di
         return None, None, EXIT_USAGE
     from medsam_engine.flows.progress import attach_console
 
+    if args.verbose < 2:  # the run's failure is one line on the console; -vv keeps Prefect's tracebacks
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).addFilter(_without_traceback)
     attach_console(live)
     try:
         with live:
