@@ -17,16 +17,29 @@ from medsam_engine.pipeline.io.readers import read_volume
 from medsam_engine.pipeline.store.case_store import CaseStore
 
 
-@pytest.fixture(scope="module")
-def annotated(tmp_path_factory, small_chest, small_chest_nifti):
+def _annotate_archive(root, small_chest, small_chest_nifti, *options: str):
     """One run over a NRRD case, a NIfTI case and an unreadable file (masks from a stem-matched folder)."""
-    root = tmp_path_factory.mktemp("cli")
     images, masks = make_archive(root, small_chest, small_chest_nifti)
     (images / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
     shutil.copy(small_chest[1], masks / "broken.nrrd")
     store = root / "store"
-    code = main(["annotate", str(images), "--coarse-mask", str(masks), "--out", str(store)])
+    code = main(["annotate", str(images), "--coarse-mask", str(masks), "--out", str(store), *options])
     return root, store, code
+
+
+@pytest.fixture(scope="module")
+def annotated(tmp_path_factory, small_chest, small_chest_nifti, box_fill):
+    """The archive annotated by the box-fill runner: for what the model's masks do not change."""
+    root = tmp_path_factory.mktemp("cli")
+    return _annotate_archive(root, small_chest, small_chest_nifti, "--config", str(box_fill))
+
+
+@pytest.fixture(scope="module")
+def annotated_by_the_model(tmp_path_factory, small_chest, small_chest_nifti):
+    """The archive annotated by LiteMedSAM: for the Dice it reaches against the reference, and for each
+    label's overlap with its coarse mask (filled boxes tie where they overlap and the earlier box wins: the
+    box-fill runner loses the spine's box under another label's)."""
+    return _annotate_archive(tmp_path_factory.mktemp("cli-model"), small_chest, small_chest_nifti)
 
 
 def test_bad_input_fails_only_its_case_with_a_recorded_reason(annotated):
@@ -40,8 +53,8 @@ def test_bad_input_fails_only_its_case_with_a_recorded_reason(annotated):
     assert len(CaseStore(store).committed_cases()) == 2
 
 
-def test_nifti_export_lands_on_each_input_grid(annotated, tmp_path):
-    _root, store, _ = annotated
+def test_nifti_export_lands_on_each_input_grid(annotated_by_the_model, tmp_path):
+    _root, store, _ = annotated_by_the_model
     assert main(["export", str(store), "--format", "nifti", "--out", str(tmp_path)]) == 0
     s = CaseStore(store)
     for case_id in s.committed_cases():
@@ -73,8 +86,8 @@ def test_nifti_export_lands_on_each_input_grid(annotated, tmp_path):
         assert flipped < 0.2  # a y-flip would not overlap: the check above really tests the grid
 
 
-def test_eval_reports_dice_per_case_and_label(annotated, small_chest, capsys):
-    root, store, _ = annotated
+def test_eval_reports_dice_per_case_and_label(annotated_by_the_model, small_chest, capsys):
+    root, store, _ = annotated_by_the_model
     capsys.readouterr()
     assert main(["eval", str(store), "--reference", str(root / "masks"), "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
@@ -83,10 +96,11 @@ def test_eval_reports_dice_per_case_and_label(annotated, small_chest, capsys):
         assert 0.5 < labels["3"]["dice"] <= 1.0  # thoracic spine, a compact target
 
 
-def test_rerun_skips_committed_cases_without_encoding(annotated):
+def test_rerun_skips_committed_cases_without_encoding(annotated, box_fill):
     root, store, _ = annotated
     runs_before = set((store / "_runs").iterdir())
-    code = main(["annotate", str(root / "images"), "--coarse-mask", str(root / "masks"), "--out", str(store)])
+    argv = ["annotate", str(root / "images"), "--coarse-mask", str(root / "masks"), "--out", str(store)]
+    code = main([*argv, "--config", str(box_fill)])
     assert code == 1  # the broken file still fails, and says so again
     (new_run,) = set((store / "_runs").iterdir()) - runs_before
     record = json.loads(new_run.read_text())
@@ -125,7 +139,7 @@ def test_bad_usage_exits_2(tmp_path, small_chest):
 
 
 def test_dicom_series_with_nifti_coarse_mask_exports_on_the_series_grid(
-    small_chest_dicom, small_chest_nifti, tmp_path
+    small_chest_dicom, small_chest_nifti, tmp_path, box_fill
 ):
     store = tmp_path / "store"
     assert (
@@ -138,7 +152,7 @@ def test_dicom_series_with_nifti_coarse_mask_exports_on_the_series_grid(
                 "--out",
                 str(store),
                 "--config",
-                str(_fixed_window(tmp_path)),
+                str(_fixed_window(tmp_path, box_fill)),
             ]
         )
         == 0
@@ -157,9 +171,9 @@ def test_dicom_series_with_nifti_coarse_mask_exports_on_the_series_grid(
     assert series.geometry.source_format == "dicom"
 
 
-def _fixed_window(folder):
+def _fixed_window(folder, box_fill):
     path = folder / "config.yaml"
-    path.write_text("intensity:\n  ct_window: fixed\n")
+    path.write_text("intensity:\n  ct_window: fixed\n" + box_fill.read_text())
     return path
 
 

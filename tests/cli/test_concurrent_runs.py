@@ -12,7 +12,7 @@ import numpy as np
 from medsam_engine.pipeline.store.case_store import CaseStore
 
 
-def test_two_runs_started_together_commit_each_case_once(nuclei_tiles, tmp_path):
+def test_two_runs_started_together_commit_each_case_once(nuclei_tiles, tmp_path, box_fill):
     images, masks = nuclei_tiles
     store = tmp_path / "store"
     command = [
@@ -25,6 +25,8 @@ def test_two_runs_started_together_commit_each_case_once(nuclei_tiles, tmp_path)
         str(masks),
         "--out",
         str(store),
+        "--config",
+        str(box_fill),
     ]
     runs = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)

@@ -19,8 +19,9 @@ from medsam_engine.pipeline.flywheel.registry import registered_models
 from medsam_engine.pipeline.store.case_store import CaseStore
 
 
-def _annotate_argv(two_tiles, store) -> list[str]:
-    return ["annotate", str(two_tiles[0]), "--coarse-mask", str(two_tiles[1]), "--out", str(store)]
+def _annotate_argv(two_tiles, store, box_fill) -> list[str]:
+    argv = ["annotate", str(two_tiles[0]), "--coarse-mask", str(two_tiles[1]), "--out", str(store)]
+    return [*argv, "--config", str(box_fill)]
 
 
 def _check_whole(store: CaseStore) -> None:
@@ -54,12 +55,13 @@ def _check_whole(store: CaseStore) -> None:
     ],
     ids=["read", "model", "commit", "run-record"],
 )
-def test_annotate_killed_then_rerun(two_tiles, tiles_reference, tmp_path, target, nth, committed):
+def test_annotate_killed_then_rerun(two_tiles, tiles_reference, box_fill, tmp_path, target, nth, committed):
     store = CaseStore(tmp_path / "store")
-    kill_at(target, _annotate_argv(two_tiles, store.root), tmp_path, nth=nth)
+    kill_at(target, _annotate_argv(two_tiles, store.root, box_fill), tmp_path, nth=nth)
     _check_whole(store)
     assert len(store.committed_cases()) == committed
-    assert main(_annotate_argv(two_tiles, store.root)) == 0  # the dead run's lease is taken over at once
+    # the dead run's lease is taken over at once
+    assert main(_annotate_argv(two_tiles, store.root, box_fill)) == 0
     _check_whole(store)
     assert sorted(store.committed_cases()) == sorted(tiles_reference)
     for case_id, labels in tiles_reference.items():
@@ -76,9 +78,11 @@ def _visible_files(root) -> dict:
     }
 
 
-def test_an_export_killed_over_an_older_one_leaves_the_older_one_whole(two_tiles, tiles_reference, tmp_path):
+def test_an_export_killed_over_an_older_one_leaves_the_older_one_whole(
+    two_tiles, tiles_reference, box_fill, tmp_path
+):
     store = tmp_path / "store"
-    assert main(_annotate_argv(two_tiles, store)) == 0
+    assert main(_annotate_argv(two_tiles, store, box_fill)) == 0
     out = tmp_path / "nnunet"
     argv = ["export", str(store), "--format", "nnunet", "--out", str(out), "--dataset-id", "501"]
     assert main(argv) == 0
@@ -93,7 +97,7 @@ def test_an_export_killed_over_an_older_one_leaves_the_older_one_whole(two_tiles
     assert meta["numTraining"] == len(list((dataset / "labelsTr").iterdir())) == 2
 
 
-def test_the_loop_killed_at_each_step_then_rerun(two_tiles, tmp_path, capsys):
+def test_the_loop_killed_at_each_step_then_rerun(two_tiles, box_fill, tmp_path, capsys):
     """round run -> review import -> finetune, each killed once mid-way and run again."""
     store = CaseStore(tmp_path / "store")
     round_argv = [
@@ -104,6 +108,8 @@ def test_the_loop_killed_at_each_step_then_rerun(two_tiles, tmp_path, capsys):
         str(store.root),
         "--coarse-mask",
         str(two_tiles[1]),
+        "--config",
+        str(box_fill),  # the round's annotations are the box-fill runner's: fine-tuning learns the reviews
     ]
     kill_at(
         "medsam_engine.pipeline.flywheel.rounds:export_queue", round_argv, tmp_path

@@ -144,32 +144,35 @@ def test_a_busy_pacs_costs_retries_not_cases(orthanc, tmp_path, chest_volume, mo
 
 
 def test_a_pacs_down_for_the_whole_run_fails_its_cases_for_the_next_run(
-    orthanc, tmp_path, chest_volume, monkeypatch, capsys
+    orthanc, tmp_path, chest_volume, monkeypatch, capsys, box_fill
 ):
     monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_RETRIES", "2")
     store = tmp_path / "store"
     with FaultProxy(orthanc) as proxy:
         url = f"{proxy.url}/dicom-web/studies/{STUDY}/series/{SERIES[0]}"
+        argv = ["annotate", url, "--out", str(store), "--detector", "intensity", "--config", str(box_fill)]
         proxy.inject(-1, status=503)
-        assert main(["annotate", url, "--out", str(store), "--detector", "intensity"]) == 1
+        assert main(argv) == 1
         (error,) = CaseStore(store).errors().values()
         assert error["stage"] == "io"
         assert "HTTP 503" in error["reason"]
         assert SERIES[0] not in error["reason"]
         proxy.heal()
-        assert main(["annotate", url, "--out", str(store), "--detector", "intensity"]) == 0
+        assert main(argv) == 0
         assert "1 done" in capsys.readouterr().out
         assert CaseStore(store).errors() == {}
         shutil.rmtree(store / "_cache" / "dicomweb")  # no local copy left to reuse
         proxy.inject(-1, status=503)  # down again, then back: the case is done, the old failure closed
-        assert main(["annotate", url, "--out", str(store), "--detector", "intensity"]) == 1
+        assert main(argv) == 1
         proxy.heal()
-        assert main(["annotate", url, "--out", str(store), "--detector", "intensity"]) == 0
+        assert main(argv) == 0
     assert "1 skipped" in capsys.readouterr().out
     assert CaseStore(store).errors() == {}
 
 
-def test_a_service_root_means_its_studies_filtered_by_the_query(orthanc, tmp_path, chest_volume, capsys):
+def test_a_service_root_means_its_studies_filtered_by_the_query(
+    orthanc, tmp_path, chest_volume, capsys, box_fill
+):
     store = CaseStore(tmp_path / "store")
     root = f"{orthanc}/dicom-web"
     cases = discover(
@@ -194,6 +197,8 @@ def test_a_service_root_means_its_studies_filtered_by_the_query(orthanc, tmp_pat
                 str(tmp_path / "s"),
                 "--detector",
                 "intensity",
+                "--config",
+                str(box_fill),
             ]
         )
         == 0
@@ -202,7 +207,7 @@ def test_a_service_root_means_its_studies_filtered_by_the_query(orthanc, tmp_pat
     assert main(["annotate", root, "--pacs-query", "ModalitiesInStudy", "--out", str(tmp_path / "s")]) == 2
 
 
-def test_push_seg_stores_each_proposal_in_the_pacs_once_per_version(orthanc, tmp_path, capsys):
+def test_push_seg_stores_each_proposal_in_the_pacs_once_per_version(orthanc, tmp_path, capsys, box_fill):
     import requests
 
     url = f"{orthanc}/dicom-web/studies/{STUDY}/series/{SERIES[0]}"
@@ -216,6 +221,8 @@ def test_push_seg_stores_each_proposal_in_the_pacs_once_per_version(orthanc, tmp
         "intensity",
         "--push-seg",
         f"{orthanc}/dicom-web",
+        "--config",
+        str(box_fill),
     ]
     assert main(argv) == 0
     assert "SEG: 1 pushed" in capsys.readouterr().out
@@ -274,7 +281,7 @@ def _reviewer_seg_in_pacs(orthanc, case, small_chest, labels: tuple[int, ...], m
 
 
 def test_coarse_mask_from_pacs_is_the_newest_seg_of_the_series_not_made_here(
-    orthanc, tmp_path, small_chest, capsys
+    orthanc, tmp_path, small_chest, capsys, box_fill
 ):
     from medsam_engine.pipeline.io.dicom_seg_reader import referenced_series, seg_label_names
 
@@ -294,6 +301,8 @@ def test_coarse_mask_from_pacs_is_the_newest_seg_of_the_series_not_made_here(
                 "intensity",
                 "--push-seg",
                 f"{orthanc}/dicom-web",
+                "--config",
+                str(box_fill),
             ]
         )
         == 0
@@ -306,22 +315,24 @@ def test_coarse_mask_from_pacs_is_the_newest_seg_of_the_series_not_made_here(
     assert SERIES[0] not in case.coarse_mask
     assert STUDY not in case.coarse_mask
     capsys.readouterr()
-    assert main(["annotate", url, "--coarse-mask", "from-pacs", "--out", str(store.root)]) == 0
+    from_pacs = ["--coarse-mask", "from-pacs", "--out", str(store.root), "--config", str(box_fill)]
+    assert main(["annotate", url, *from_pacs]) == 0
     names = {entry.get("name") for entry in CaseStore(store.root).label_properties(case.case_id)}
     assert names == {"Right lung", "Left lung"}  # the reviewer's segment labels
     rle = f"{orthanc}/dicom-web/studies/{STUDY}/series/{SERIES[1]}"  # no SEG references this series
-    assert main(["annotate", rle, "--coarse-mask", "from-pacs", "--out", str(store.root)]) == 1
-    assert "no SEG in the PACS references this series" in capsys.readouterr().out
+    assert main(["annotate", rle, *from_pacs]) == 1
+    assert "no SEG there references this series" in capsys.readouterr().out
 
 
 def test_review_import_pulls_the_reviewers_seg_newer_than_the_proposal(
-    orthanc, tmp_path, small_chest, capsys
+    orthanc, tmp_path, small_chest, capsys, box_fill
 ):
     import time as clock
 
     url = f"{orthanc}/dicom-web/studies/{STUDY}/series/{SERIES[0]}"
     store = tmp_path / "store"
-    assert main(["annotate", url, "--out", str(store), "--detector", "intensity"]) == 0
+    argv = ["annotate", url, "--out", str(store), "--detector", "intensity", "--config", str(box_fill)]
+    assert main(argv) == 0
     root = f"{orthanc}/dicom-web"
     capsys.readouterr()
     assert main(["review", "import", str(store), root, "--reviewer", "dr-a"]) == 0  # SEGs older than it only

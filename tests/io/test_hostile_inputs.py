@@ -44,7 +44,7 @@ def _degenerate_nifti(path, real) -> None:
 
 
 @pytest.fixture(scope="module")
-def hostile(tmp_path_factory, small_chest, small_chest_nifti):
+def hostile(tmp_path_factory, small_chest, small_chest_nifti, box_fill):
     root = tmp_path_factory.mktemp("hostile")
     inputs = root / "inputs"
     inputs.mkdir()
@@ -78,7 +78,8 @@ def hostile(tmp_path_factory, small_chest, small_chest_nifti):
         nested = target
     shutil.copy(nested, inputs / "nested.zip")
     store = root / "store"
-    code = main(["annotate", str(inputs), "--out", str(store), "--detector", "intensity"])
+    argv = ["annotate", str(inputs), "--out", str(store), "--detector", "intensity"]
+    code = main([*argv, "--config", str(box_fill)])
     return store, code
 
 
@@ -103,7 +104,7 @@ def test_each_hostile_input_is_one_failing_case_with_its_reason(hostile):
     assert len(reasons) == len(expected)
 
 
-def test_coarse_masks_that_are_not_label_maps_are_refused(tmp_path, small_chest):
+def test_coarse_masks_that_are_not_label_maps_are_refused(tmp_path, small_chest, box_fill):
     """Four copies of the real CT (one voxel apart, so four cases), each with a coarse mask of another
     kind."""
     image, header = nrrd.read(str(small_chest[0]))
@@ -126,7 +127,8 @@ def test_coarse_masks_that_are_not_label_maps_are_refused(tmp_path, small_chest)
             nib.Nifti1Image(mask, labels.geometry.affine[:, [2, 1, 0, 3]]), str(masks / f"{kind}.nii.gz")
         )
     store = CaseStore(tmp_path / "store")
-    assert main(["annotate", str(images), "--coarse-mask", str(masks), "--out", str(store.root)]) == 1
+    argv = ["annotate", str(images), "--coarse-mask", str(masks), "--out", str(store.root)]
+    assert main([*argv, "--config", str(box_fill)]) == 1
     reasons = {Path(store.manifest(c)["image"]).name: e for c, e in store.errors().items()}
     assert {name: e["stage"] for name, e in reasons.items()} == {
         "fractions.nrrd": "prompt",

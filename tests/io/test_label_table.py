@@ -58,7 +58,7 @@ def test_bad_tables_name_the_file_and_the_fault(tmp_path, name, text, why):
         read_label_table(tmp_path / name)
 
 
-def test_a_label_table_reaches_every_output(tmp_path, chest_series, small_chest):
+def test_a_label_table_reaches_every_output(tmp_path, chest_series, small_chest, box_fill):
     import cv2
     import highdicom as hd
 
@@ -81,6 +81,8 @@ def test_a_label_table_reaches_every_output(tmp_path, chest_series, small_chest)
                 str(store_path),
                 "--labels",
                 str(table),
+                "--config",
+                str(box_fill),
             ]
         )
         == 0

@@ -37,29 +37,30 @@ def test_the_parts_of_a_series_make_one_case_with_each_instance_once(tmp_path, s
 
 
 def test_a_series_split_across_two_folders_exports_as_the_whole_series(
-    tmp_path, small_chest_dicom, small_chest
+    tmp_path, small_chest_dicom, small_chest, box_fill
 ):
     first, second = _split(small_chest_dicom, tmp_path)
     for name, inputs in (("whole", [small_chest_dicom]), ("split", [first, second])):
         mask = [str(small_chest[1])] * len(inputs)
-        assert (
-            main(["annotate", *map(str, inputs), "--coarse-mask", *mask, "--out", str(tmp_path / name)]) == 0
-        )
+        argv = ["annotate", *map(str, inputs), "--coarse-mask", *mask, "--out", str(tmp_path / name)]
+        assert main([*argv, "--config", str(box_fill)]) == 0
         assert (
             main(
                 ["export", str(tmp_path / name), "--format", "nifti", "--out", str(tmp_path / f"{name}-nii")]
             )
             == 0
         )
-    (whole,) = (tmp_path / "whole-nii").iterdir()
-    (split,) = (tmp_path / "split-nii").iterdir()
+    (whole,) = (tmp_path / "whole-nii").glob("*.nii.gz")
+    (split,) = (tmp_path / "split-nii").glob("*.nii.gz")
     a, b = nib.load(str(whole)), nib.load(str(split))
     assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
     assert np.allclose(a.affine, b.affine)
     assert int(np.asanyarray(a.dataobj).astype(bool).sum()) > 0
 
 
-def test_copies_of_one_instance_that_differ_fail_the_case_naming_both_files(tmp_path, small_chest_dicom):
+def test_copies_of_one_instance_that_differ_fail_the_case_naming_both_files(
+    tmp_path, small_chest_dicom, box_fill
+):
     first, second = _split(small_chest_dicom, tmp_path)
     shared = sorted(second.iterdir())[0]  # the slice both parts hold
     ds = pydicom.dcmread(str(shared))
@@ -72,19 +73,18 @@ def test_copies_of_one_instance_that_differ_fail_the_case_naming_both_files(tmp_
     assert case.error
     assert shared.name in case.error
     assert "different content" in case.error
-    assert (
-        main(["annotate", str(first), str(second), "--out", str(tmp_path / "s"), "--detector", "intensity"])
-        == 1
-    )
+    argv = ["annotate", str(first), str(second), "--out", str(tmp_path / "s"), "--detector", "intensity"]
+    assert main([*argv, "--config", str(box_fill)]) == 1
     assert CaseStore(tmp_path / "s").errors()[case.case_id]["stage"] == "read"
 
 
-def test_an_unreadable_slice_is_named_in_the_series_reason(tmp_path, small_chest_dicom):
+def test_an_unreadable_slice_is_named_in_the_series_reason(tmp_path, small_chest_dicom, box_fill):
     first, second = _split(small_chest_dicom, tmp_path)
     broken = sorted(first.iterdir())[1]  # a middle slice of the series, cut off inside its header
     broken.write_bytes(broken.read_bytes()[:200])
     store = tmp_path / "store"
-    assert main(["annotate", str(first), str(second), "--out", str(store), "--detector", "intensity"]) == 1
+    argv = ["annotate", str(first), str(second), "--out", str(store), "--detector", "intensity"]
+    assert main([*argv, "--config", str(box_fill)]) == 1
     errors = CaseStore(store).errors()
     reasons = {e["reason"] for e in errors.values()}
     series = [r for r in reasons if "missing between" in r]

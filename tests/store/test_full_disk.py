@@ -24,7 +24,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=False)
 
 
-def _annotate(inputs, masks, out):
+def _annotate(inputs, masks, out, box_fill):
     command = [
         sys.executable,
         "-m",
@@ -35,17 +35,19 @@ def _annotate(inputs, masks, out):
         *map(str, masks),
         "--out",
         str(out),
+        "--config",
+        str(box_fill),
     ]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
 def test_a_full_disk_is_a_reason_and_a_rerun_with_room_completes(
-    small_disk, tmp_path, small_chest, small_chest_nifti
+    small_disk, tmp_path, small_chest, small_chest_nifti, box_fill
 ):
     inputs, masks = [small_chest[0], small_chest_nifti[0]], [small_chest[1], small_chest_nifti[1]]
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * (2048 - 40) * 1024)  # ~40 KiB left: less than one case's group
-    full = _annotate(inputs, masks, small_disk / "store")
+    full = _annotate(inputs, masks, small_disk / "store", box_fill)
     assert full.returncode == 1, full.stderr[-2000:]
     assert "no space left on the device" in full.stderr
     assert "Traceback" not in full.stderr
@@ -55,9 +57,9 @@ def test_a_full_disk_is_a_reason_and_a_rerun_with_room_completes(
     assert not staging.exists() or list(staging.iterdir()) == []  # nothing half-written kept
 
     filler.unlink()
-    rerun = _annotate(inputs, masks, small_disk / "store")
+    rerun = _annotate(inputs, masks, small_disk / "store", box_fill)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    roomy = _annotate(inputs, masks, tmp_path / "roomy")
+    roomy = _annotate(inputs, masks, tmp_path / "roomy", box_fill)
     assert roomy.returncode == 0
     here, there = CaseStore(small_disk / "store"), CaseStore(tmp_path / "roomy")
 

@@ -28,8 +28,9 @@ def proxied_s3(s3_endpoint, monkeypatch):
         yield proxy
 
 
-def _annotate(two_tiles, url: str) -> int:
-    return main(["annotate", str(two_tiles[0]), "--coarse-mask", str(two_tiles[1]), "--out", url])
+def _annotate(two_tiles, url: str, box_fill) -> int:
+    argv = ["annotate", str(two_tiles[0]), "--coarse-mask", str(two_tiles[1]), "--out", url]
+    return main([*argv, "--config", str(box_fill)])  # as the box-fill tiles_reference was made
 
 
 def _same_as_reference(url: str, reference: dict) -> None:
@@ -41,23 +42,23 @@ def _same_as_reference(url: str, reference: dict) -> None:
 
 
 def test_slowdown_bursts_and_dropped_connections_cost_retries_not_cases(
-    two_tiles, tiles_reference, proxied_s3, capsys
+    two_tiles, tiles_reference, box_fill, proxied_s3, capsys
 ):
     proxied_s3.inject(4, method="PUT", status=503, headers={"Retry-After": "0"})
     proxied_s3.inject(2, method="GET", drop=True)
     url = "s3://faults/bursts"
-    assert _annotate(two_tiles, url) == 0
+    assert _annotate(two_tiles, url, box_fill) == 0
     assert proxied_s3.injected() == 6
     assert "2 done, 0 skipped, 0 failed" in capsys.readouterr().out
     _same_as_reference(url, tiles_reference)
 
 
 def test_an_outage_mid_commit_fails_the_cases_for_the_next_run(
-    two_tiles, tiles_reference, proxied_s3, capsys
+    two_tiles, tiles_reference, box_fill, proxied_s3, capsys
 ):
     url = "s3://faults/mid-commit"
     proxied_s3.inject(-1, method="PUT", path_part="/labels/medsam/0/c/", status=503)  # mask chunks refused
-    assert _annotate(two_tiles, url) == 1
+    assert _annotate(two_tiles, url, box_fill) == 1
     out = capsys.readouterr().out
     assert "0 done, 0 skipped, 2 failed" in out
     s = CaseStore(url)
@@ -67,20 +68,22 @@ def test_an_outage_mid_commit_fails_the_cases_for_the_next_run(
     assert {e["stage"] for e in errors.values()} == {"io"}
     assert not s.fs.exists(f"{s.root}/_quarantine")  # the store's fault, not the input's
     proxied_s3.heal()
-    assert _annotate(two_tiles, url) == 0
+    assert _annotate(two_tiles, url, box_fill) == 0
     assert "2 done" in capsys.readouterr().out
     _same_as_reference(url, tiles_reference)
     assert s.errors() == {}
 
 
-def test_a_vanished_store_ends_the_run_with_a_reason(two_tiles, tiles_reference, proxied_s3, capsys):
+def test_a_vanished_store_ends_the_run_with_a_reason(
+    two_tiles, tiles_reference, box_fill, proxied_s3, capsys
+):
     url = "s3://faults/vanished"
     proxied_s3.inject(-1, status=503)  # every request: the S3 service is down
-    assert _annotate(two_tiles, url) == 1
+    assert _annotate(two_tiles, url, box_fill) == 1
     err = capsys.readouterr().err
     assert "cannot be written" in err
     assert "s3://faults/vanished" in err
     assert "Traceback" not in err
     proxied_s3.heal()
-    assert _annotate(two_tiles, url) == 0
+    assert _annotate(two_tiles, url, box_fill) == 0
     _same_as_reference(url, tiles_reference)
