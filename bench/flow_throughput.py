@@ -68,7 +68,7 @@ def run_flow(images: Path, masks: Path, store: Path, config) -> tuple[float, int
 
     start = time.perf_counter()
     report = annotate_archive(
-        inputs=[str(images)], out=str(store), coarse_masks=[str(masks)], run=RunOptions(config=config)
+        inputs=[str(images)], store=str(store), coarse_masks=[str(masks)], run=RunOptions(config=config)
     )
     seconds = time.perf_counter() - start
     assert report["counts"]["done"] == len(report["cases"]), report["counts"]

@@ -304,20 +304,24 @@ def requested(
 @flow(name="annotate-archive", task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARD_THREADS))
 def annotate_archive(
     inputs: list[str] | None = None,
-    out: str = "",
+    store: str = "",
     coarse_masks: list[str] | None = None,
     run: RunOptions | None = None,
     pool: PoolOptions | None = None,
     policy: RunPolicy | None = None,
     request: str | None = None,
+    out: str = "",
 ) -> dict:
-    """Annotate every case under ``inputs`` into the store ``out`` on a Ray pool; returns the run's report
-    (counts per status, one outcome record per case, slices, wall time). ``request`` (instead of inputs,
-    coarse masks and run options): the id of a run request kept in the store (records.write_request), as the
-    command line passes its paths. Raises TooManyFailures when the failed fraction exceeds the policy (the
-    report is on the exception)."""
+    """Annotate every case under ``inputs`` into ``store`` on a Ray pool; returns the run's report (counts
+    per status, one outcome record per case, slices, wall time). ``request`` (instead of inputs, coarse masks
+    and run options): the id of a run request kept in the store (records.write_request), as the command line
+    passes its paths. ``out`` is the older name of ``store``. Raises TooManyFailures when the failed fraction
+    exceeds the policy (the report is on the exception)."""
+    if store and out and store != out:
+        raise ValueError("give 'store' (or its older name 'out') once")
+    out = store or out
     if not out:
-        raise ValueError("annotate-archive needs 'out', the store")
+        raise ValueError("annotate-archive needs 'store'")
     pool, policy = pool or PoolOptions(), policy or RunPolicy()
     store_url = out if "://" in out else str(Path(out).resolve())
     inputs, masks, run = requested(store_url, request, inputs, coarse_masks, run)

@@ -172,8 +172,11 @@ def plan_run(
     def verdict(case: CaseRef) -> str:
         if case.error or case.supersedes:
             return "todo"
-        attrs = store.case_attrs(case.case_id)
-        held = quarantined(store, case.case_id) if honour_quarantine else None
+        try:
+            attrs = store.case_attrs(case.case_id)
+            held = quarantined(store, case.case_id) if honour_quarantine else None
+        except OSError:  # a store that does not answer: the driver meets it again and says why
+            return "todo"
         if attrs is None and held is None:
             return "todo"
         signature = signature_or_none(case, config, model_identity())

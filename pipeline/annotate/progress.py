@@ -53,29 +53,29 @@ def _duration(seconds: float) -> str:
 class RunProgress:
     """Counts a run's cases as they end and reports them.
 
-    ``case_ended`` prints the case's line on ``out`` at once (``reason_of(case_id)`` supplies a failure's
-    reason when the record carries none, as records that crossed Ray do). While the reporter is open (a
-    ``with`` block), ``emit`` receives a progress line every ``every_s`` seconds; ``every_s=None`` means
+    ``case_ended`` prints the case's line at once on ``out`` (by default whatever ``sys.stdout`` is then;
+    None: no case lines, as a flow's own logger reports only progress); ``reason_of(case_id)`` supplies a
+    failure's reason when the record carries none, as records that crossed Ray do. While the reporter is open
+    (a ``with`` block), ``emit`` receives a progress line every ``every_s`` seconds; ``every_s=None`` means
     every 30 s ($MEDSAM_ENGINE_PROGRESS_S) when ``out`` is not a terminal, none on a terminal (a progress bar
-    shows there). ``out=None``
-    prints no case lines (a flow's own logger reports only progress).
+    shows there).
     """
 
     def __init__(
         self,
         total: int | None,
         *,
-        out: TextIO | None = sys.stdout,
+        out: TextIO | str | None = "stdout",
         emit: Callable[[str], None] | None = None,
         every_s: float | None = None,
         verbose: bool = False,
         reason_of: Callable[[str], str] | None = None,
     ) -> None:
         self.total = total
-        self.out, self.verbose, self.reason_of = out, verbose, reason_of
+        self._out, self.verbose, self.reason_of = out, verbose, reason_of
         self.emit = emit or (lambda line: print(line, file=sys.stderr, flush=True))
         if every_s is None:
-            every_s = None if out is not None and _is_terminal(out) else progress_interval()
+            every_s = None if self.out is not None and _is_terminal(self.out) else progress_interval()
         self.every_s = every_s
         self.counts = dict.fromkeys(STATUSES, 0)
         self.slices = 0
@@ -84,6 +84,11 @@ class RunProgress:
         self._started = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def out(self) -> TextIO | None:
+        """Where case lines go: the stream given, or the current ``sys.stdout``; None for none."""
+        return sys.stdout if self._out == "stdout" else self._out  # type: ignore[return-value]
 
     def case_ended(self, record: dict[str, Any], reason: str = "") -> None:
         """Count a finished case and print its line (once per case id)."""

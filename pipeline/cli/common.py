@@ -47,6 +47,89 @@ def add_command(sub, name: str, help: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=help, parents=[verbosity_options(top_level=False)])
 
 
+def add_store_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """The store of a command that reads one: ``--store STORE``, the spelling every command takes, or the
+    first positional argument (the older spelling, kept); :func:`settle_store` makes them ``args.store``."""
+    parser.add_argument("store", nargs="?", default=None, metavar="STORE", help=f"{help} (or --store STORE)")
+    parser.add_argument("--store", dest="store_option", default=None, metavar="STORE", help=help)
+
+
+# commands whose positional values follow the store: given --store, their first positional is one of those
+_AFTER_THE_STORE = {("review", "import"): "corrections", ("model", "use"): "sha256"}
+
+
+def settle_store(args: argparse.Namespace) -> str | None:
+    """Resolve ``--store`` and the positional store into ``args.store``; the mistake in one line, or None."""
+    if not hasattr(args, "store_option"):
+        return None
+    option, positional = args.store_option, args.store
+    action = getattr(args, f"{args.command}_command", None)
+    after = _AFTER_THE_STORE.get((args.command, action))
+    if option is not None and positional is not None:
+        if after is not None:  # `model use --store S VERSION`: the positional was the version
+            rest = getattr(args, after)
+            if isinstance(rest, list):
+                setattr(args, after, [positional, *rest])
+            elif rest is None:
+                setattr(args, after, positional)
+            else:
+                return f"give the store once (--store {option}), then {after.upper()}"
+        elif option != positional:
+            return f"two stores given ({positional} and --store {option}); give one"
+    args.store = option or positional
+    if args.store is None:
+        return "give the store: STORE or --store STORE"
+    if after is not None and not getattr(args, after):
+        return f"{after.upper()} is missing"
+    return None
+
+
+def settle_inputs(args: argparse.Namespace) -> str | None:
+    """Split ``--coarse-mask MASK... INPUT...`` (argparse gives every path after an option to it): masks are
+    one folder (or from-pacs) or one per input, so a folder first is the masks and the rest the inputs,
+    else the first half are the masks. The mistake in one line when no split fits, or None."""
+    if not hasattr(args, "inputs") or args.inputs:
+        return None
+    given = list(getattr(args, "coarse_mask", []) or [])
+    if len(given) >= 2 and (given[0] == "from-pacs" or Path(given[0]).is_dir()):
+        args.coarse_mask, args.inputs = given[:1], given[1:]
+    elif given and len(given) % 2 == 0:
+        half = len(given) // 2
+        args.coarse_mask, args.inputs = given[:half], given[half:]
+    else:
+        return "INPUT is missing: give the inputs before --coarse-mask, or end its list with --"
+    return None
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """What annotate and round run share about how cases are read and segmented: --box-margin, --mode,
+    --device, --keep-localizers, --keep-derived."""
+    parser.add_argument(
+        "--box-margin",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="pixels added on every side of each box (default 0: the MedSAM protocol)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["slice", "propagate"],
+        default=None,
+        help="slice: a box on every slice (default); propagate: LiteMedSAM's 3D algorithm",
+    )
+    parser.add_argument(
+        "--device",
+        type=device_name,
+        choices=["auto", "cpu", "cuda"],
+        default=None,
+        help="where the model runs (default auto: a visible GPU, else the CPU; gpu is cuda)",
+    )
+    parser.add_argument("--keep-localizers", action="store_true", help="annotate localizer/scout series too")
+    parser.add_argument(
+        "--keep-derived", action="store_true", help="annotate derived/secondary-capture series too"
+    )
+
+
 def add_prompt_options(parser: argparse.ArgumentParser, *, checkpoint_help: str) -> None:
     """The options every run command shares (annotate, round run): masks, detector, checkpoint, config."""
     parser.add_argument(

@@ -19,6 +19,8 @@ from medsam_engine.pipeline.cli.common import (
     add_engine_options,
     add_pacs_options,
     add_prompt_options,
+    add_run_options,
+    add_store_argument,
     device_name,
     pacs_filters,
     push_and_print,
@@ -59,10 +61,12 @@ def add_parsers(sub) -> None:
     review = add_command(sub, "review", "review queue out, corrections in")
     review_sub = review.add_subparsers(dest="review_command", required=True, metavar="ACTION")
     out = add_command(review_sub, "export", "write the review queue (worst first) and its QC report")
-    out.add_argument("store", metavar="STORE", help="the store whose routed cases to export")
+    add_store_argument(out, "the store whose routed cases to export")
     out.add_argument("--out", required=True, metavar="DIR", help="folder for the queue")
     out.add_argument(
+        "--format",
         "--formats",
+        dest="formats",
         nargs="+",
         default=list(REVIEW_FORMATS),
         choices=list(REVIEW_FORMATS),
@@ -71,10 +75,10 @@ def add_parsers(sub) -> None:
     )
     out.add_argument("--limit", type=int, default=None, help="only the N worst cases")
     into = add_command(review_sub, "import", "ingest corrected masks and mark the cases accepted")
-    into.add_argument("store", metavar="STORE", help="the store the proposals came from")
+    add_store_argument(into, "the store the proposals came from")
     into.add_argument(
         "corrections",
-        nargs="+",
+        nargs="*",
         metavar="CORRECTION",
         help="label maps (NIfTI, NRRD, .seg.nrrd, DICOM SEG, OME-Zarr) or folders of them, or a "
         "DICOMweb service root (http://HOST/dicom-web): the reviewers' SEGs there that "
@@ -82,7 +86,7 @@ def add_parsers(sub) -> None:
     )
     into.add_argument("--reviewer", required=True, help="who reviewed (a name or id; never a patient's)")
     calibrate = add_command(review_sub, "calibrate", "refit the quality score on the reviews so far")
-    calibrate.add_argument("store", metavar="STORE", help="the store with reviewed cases")
+    add_store_argument(calibrate, "the store with reviewed cases")
     calibrate.add_argument(
         "--edit-dice-threshold",
         type=float,
@@ -94,7 +98,14 @@ def add_parsers(sub) -> None:
     source = tune.add_mutually_exclusive_group(required=True)
     source.add_argument("--store", metavar="STORE", help="train on the store's person-accepted cases")
     source.add_argument("--images", nargs="+", metavar="IMG", help="train on these images (with --labels)")
-    tune.add_argument("--labels", nargs="+", metavar="LABELMAP", help="one label map per --images entry")
+    tune.add_argument(
+        "--masks",
+        "--labels",
+        dest="labels",
+        nargs="+",
+        metavar="MASK",
+        help="one label map per --images entry (--labels is its older name)",
+    )
     tune.add_argument("--out", required=True, metavar="CKPT", help="checkpoint file to write")
     tune.add_argument(
         "--parent",
@@ -202,10 +213,16 @@ def add_parsers(sub) -> None:
     model = add_command(sub, "model", "the store's registered models: list them, choose the current one")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     listing = add_command(model_sub, "list", "registered models (oldest first) and why each was promoted")
-    listing.add_argument("store", metavar="STORE", help="the flywheel's store")
+    add_store_argument(listing, "the flywheel's store")
     use = add_command(model_sub, "use", "make a registered model (or the official weights) the current one")
-    use.add_argument("store", metavar="STORE", help="the flywheel's store")
-    use.add_argument("sha256", metavar="SHA256", help="the model's sha256 (a unique prefix) or 'base'")
+    add_store_argument(use, "the flywheel's store")
+    use.add_argument(
+        "sha256",
+        nargs="?",
+        default=None,
+        metavar="SHA256",
+        help="the model's sha256 (a unique prefix) or 'base'",
+    )
     use.add_argument(
         "--why", default="chosen by hand (medsam-engine model use)", help="recorded with the choice"
     )
@@ -213,14 +230,15 @@ def add_parsers(sub) -> None:
     rnd = add_command(sub, "round", "one data-engine round: annotate, route, export the review queue")
     rnd_sub = rnd.add_subparsers(dest="round_command", required=True, metavar="ACTION")
     run = add_command(rnd_sub, "run", "annotate what is new or stale for the current model and route it")
-    run.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders, as for annotate")
+    run.add_argument("inputs", nargs="*", metavar="INPUT", help="files or folders, as for annotate")
     run.add_argument("--store", required=True, metavar="STORE", help="the flywheel's store")
     add_prompt_options(run, checkpoint_help="default: the store's current registered model")
+    add_run_options(run)
     run.add_argument("--review-out", default=None, metavar="DIR", help="default: STORE/_review/round-NNN")
     add_pacs_options(run)
     add_engine_options(run)
     report = add_command(rnd_sub, "report", "the table and plot over all rounds")
-    report.add_argument("store", metavar="STORE", help="the flywheel's store")
+    add_store_argument(report, "the flywheel's store")
 
 
 def review(args) -> int:
@@ -298,7 +316,7 @@ def finetune(args) -> int:
     from medsam_engine.pipeline.flywheel.finetune import FinetuneOptions, finetune
 
     if args.images and (not args.labels or len(args.labels) != len(args.images)):
-        print("medsam-engine finetune: give one --labels map per --images entry", file=sys.stderr)
+        print("medsam-engine finetune: give one --masks map per --images entry", file=sys.stderr)
         return EXIT_USAGE
     if args.detector_out and not args.store:
         print("medsam-engine finetune: --detector-out needs --store", file=sys.stderr)
@@ -443,7 +461,11 @@ def _round_run(args, store) -> int:
     if args.engine == "ray":
         return round_on_ray(args, config)
     try:
-        options = DiscoveryOptions(pacs_query=pacs_filters(args.pacs_query))
+        options = DiscoveryOptions(
+            keep_localizers=args.keep_localizers,
+            keep_derived=args.keep_derived,
+            pacs_query=pacs_filters(args.pacs_query),
+        )
         cases = discover_inputs(args.inputs, store, coarse_masks=args.coarse_mask, options=options)
     except ValueError as exc:
         print(f"medsam-engine round run: {exc}", file=sys.stderr)

@@ -27,14 +27,17 @@ from medsam_engine.pipeline.cli.common import (
     add_engine_options,
     add_pacs_options,
     add_prompt_options,
+    add_run_options,
+    add_store_argument,
     configure_output,
-    device_name,
     missing_inputs,
     out_problem,
     pacs_filters,
     print_outcomes,
     push_and_print,
     run_config,
+    settle_inputs,
+    settle_store,
     store_problem,
     verbosity_options,
 )
@@ -70,46 +73,30 @@ def _parser() -> argparse.ArgumentParser:
     ann = add_command(sub, "annotate", "pre-annotate images with LiteMedSAM")
     ann.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
         metavar="INPUT",
         help="files or folders: DICOM, NIfTI, NRRD, PNG/JPEG/TIFF, zip/tar, DICOMweb or s3:// URLs",
     )
-    ann.add_argument("--out", required=True, metavar="STORE", help="the store (a folder or an s3:// URL)")
+    ann.add_argument(
+        "--store",
+        "--out",
+        dest="store",
+        required=True,
+        metavar="STORE",
+        help="the store (a folder or an s3:// URL); --out is its older name",
+    )
     add_prompt_options(
         ann, checkpoint_help="LiteMedSAM or MedSAM checkpoint (default: the bundled official LiteMedSAM)"
     )
-    ann.add_argument(
-        "--box-margin",
-        type=int,
-        default=None,
-        metavar="PX",
-        help="pixels added on every side of each box (default 0: the MedSAM protocol)",
-    )
-    ann.add_argument(
-        "--mode",
-        choices=["slice", "propagate"],
-        default=None,
-        help="slice: a box on every slice (default); propagate: LiteMedSAM's 3D algorithm",
-    )
-    ann.add_argument(
-        "--device",
-        type=device_name,
-        choices=["auto", "cpu", "cuda"],
-        default=None,
-        help="where the model runs (default auto: a visible GPU, else the CPU; gpu is cuda)",
-    )
+    add_run_options(ann)
     ann.add_argument(
         "--overwrite", action="store_true", help="replace cases committed with another signature"
-    )
-    ann.add_argument("--keep-localizers", action="store_true", help="annotate localizer/scout series too")
-    ann.add_argument(
-        "--keep-derived", action="store_true", help="annotate derived/secondary-capture series too"
     )
     add_pacs_options(ann)
     add_engine_options(ann)
 
     exp = add_command(sub, "export", "export committed cases")
-    exp.add_argument("store", metavar="STORE", help="the store to export")
+    add_store_argument(exp, "the store to export")
     exp.add_argument("--format", required=True, choices=list(FORMATS), help="what to write")
     exp.add_argument("--out", required=True, metavar="DIR", help="folder (or s3:// URL) to write into")
     exp.add_argument(
@@ -136,14 +123,21 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--store", required=True, metavar="STORE", help="store whose accepted masks to learn")
     train.add_argument("--out", required=True, metavar="ARTEFACT", help="file to write (e.g. detector.pt)")
     train.add_argument(
-        "--labels", nargs="+", type=int, default=None, help="label values to learn (default all)"
+        "--label-values",
+        "--labels",
+        dest="labels",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="V",
+        help="label values to learn (default all; --labels is its older name)",
     )
     train.add_argument("--epochs", type=int, default=200, help="training epochs at most (early stopping)")
     train.add_argument("--holdout", type=float, default=0.25, help="fraction of cases (or z) held out")
     train.add_argument("--parent", default=None, help="version of the artefact this one replaces")
 
     ev = add_command(sub, "eval", "Dice and NSD against reference label maps")
-    ev.add_argument("store", metavar="STORE", help="the store to score")
+    add_store_argument(ev, "the store to score")
     ev.add_argument(
         "--reference",
         nargs="+",
@@ -162,14 +156,14 @@ def _annotate(args) -> int:
     config = run_config(args, "annotate")
     if config is None:
         return EXIT_USAGE
-    problem = out_problem(args.out, "a folder for the store") or missing_inputs(args.inputs)
+    problem = out_problem(args.store, "a folder for the store") or missing_inputs(args.inputs)
     if problem is not None:
         print(f"medsam-engine annotate: {problem}", file=sys.stderr)
         return EXIT_USAGE
     if args.engine == "ray":
         return annotate_on_ray(args, config)
-    new_store = "://" not in args.out and not Path(args.out).exists()
-    store = CaseStore(args.out)
+    new_store = "://" not in args.store and not Path(args.store).exists()
+    store = CaseStore(args.store)
     try:
         cases = discover_inputs(
             args.inputs,
@@ -206,7 +200,7 @@ def _annotate(args) -> int:
     failed = print_outcomes(
         [o.record() for o in summary.outcomes],
         {o.case_id: o.reason for o in summary.outcomes},
-        args.out,
+        args.store,
         live=live,
     )
     push_failed = push_and_print(
@@ -328,6 +322,10 @@ def _writes_a_folder(args) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_output(verbose=args.verbose, quiet=args.quiet)
+    mistake = settle_store(args) or settle_inputs(args)
+    if mistake is not None:
+        print(f"medsam-engine {args.command}: {mistake}", file=sys.stderr)
+        return EXIT_USAGE
     if args.command == "demo":
         return run_demo(Path(args.out))
     handlers = {

@@ -167,12 +167,14 @@ def annotate_on_ray(args, config) -> int:
     def call(run, pool, policy):
         from medsam_engine.flows.annotate import annotate_archive
 
-        return annotate_archive(out=args.out, request=_request(args.out, args, run), pool=pool, policy=policy)
+        return annotate_archive(
+            store=args.store, request=_request(args.store, args, run), pool=pool, policy=policy
+        )
 
-    live = _live(args, args.out)
+    live = _live(args, args.store)
     report, failed, code = _run_on_ray(args, config, "annotate", call, live)
     report = report or failed
-    return code if report is None else _print_report(report, args.out, live)
+    return code if report is None else _print_report(report, args.store, live)
 
 
 def round_on_ray(args, config) -> int:

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from medsam_engine.pipeline.cli.common import EXIT_OK, add_command
+from medsam_engine.pipeline.cli.common import EXIT_OK, add_command, add_store_argument
 from medsam_engine.pipeline.flywheel.registry import current_model, registered_models
 from medsam_engine.pipeline.flywheel.rounds import round_rows
 from medsam_engine.pipeline.store.case_store import CaseStore
@@ -27,10 +27,10 @@ def add_parsers(sub) -> None:
     group = add_command(sub, "store", "what a store holds: counts, rounds, models, disk use, cases")
     actions = group.add_subparsers(dest="store_command", required=True, metavar="ACTION")
     info = add_command(actions, "info", "cases by status and review state, rounds, models, disk use")
-    info.add_argument("store", metavar="STORE", help="the store (a folder or an s3:// URL)")
+    add_store_argument(info, "the store (a folder or an s3:// URL)")
     info.add_argument("--json", action="store_true", help="print JSON instead of lines")
     cases = add_command(actions, "cases", "one line per case: id, input, status, round, review, last error")
-    cases.add_argument("store", metavar="STORE", help="the store (a folder or an s3:// URL)")
+    add_store_argument(cases, "the store (a folder or an s3:// URL)")
     cases.add_argument("--failed", action="store_true", help="only the failed and quarantined cases")
     cases.add_argument("--json", action="store_true", help="print a JSON list of objects")
 

@@ -316,8 +316,7 @@ class _Finder:
     def with_pacs_segs(self, listed: list[Any], cases: list[CaseRef]) -> list[CaseRef]:
         """``cases`` (of the ``listed`` series, in order), each with the newest SEG in its study that
         references its series and was not written by this engine (a reviewer's or a model's) as its coarse
-        mask, by URL (downloaded with the series); a series without one gets a missing mask, which fails it
-        with that reason."""
+        mask, by URL (downloaded with the series); a series without one fails with that reason."""
         root = listed[0].url.split("/studies/")[0]
         try:
             newest = newest_per_series(find_segs(root, study=listed[0].study), {s.series for s in listed})
@@ -326,12 +325,17 @@ class _Finder:
                 replace(case, kind="unreadable", error=f"coarse mask from the PACS: {exc.reason}")
                 for case in cases
             ]
-        nothing = self.cache / "dicomweb-seg" / "no SEG in the PACS references this series.missing"
         masks = {
             uid: f"{root}/studies/{seg.study}/series/{seg.series}/instances/{seg.sop}"
             for uid, seg in newest.items()
         }
-        return [_with_mask(case, masks.get(s.series, nothing)) for s, case in zip(listed, cases, strict=True)]
+        none = "coarse mask from the PACS: no SEG there references this series (other than this engine's)"
+        return [
+            _with_mask(case, masks[s.series])
+            if s.series in masks
+            else replace(case, kind="unreadable", error=none)
+            for s, case in zip(listed, cases, strict=True)
+        ]
 
 
 def materialise(case: CaseRef, cache: Path) -> CaseRef:

@@ -35,7 +35,7 @@ def run_flow(images: Path, masks: Path, store: Path, **options) -> dict:
 
     return annotate_archive(
         inputs=[str(images)],
-        out=str(store),
+        store=str(store),
         coarse_masks=[str(masks)],
         run=RunOptions(**options.get("run", {})),
         pool=PoolOptions(**{**WARM, **options.get("pool", {})}),
