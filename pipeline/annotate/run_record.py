@@ -4,17 +4,17 @@ Keys: ``run_id``, ``engine`` (``local`` or ``ray``), ``package_version``, ``conf
 configuration as JSON), ``counts`` (cases per status), ``failure_fraction`` (failed among those tried),
 ``slices``, ``wall_s``, ``cases`` (one outcome record per case: id, status, failing stage, slices, seconds,
 node; never a file name), ``runner`` (the model's counters; {} when the model was never loaded),
-``label_volumes_ml`` (per committed case: label value -> mL), then what the engine adds about itself (the
-Ray engine: actors, shards, broken shards, accepted cases kept).
+``label_volumes_ml`` (per committed case: label value -> mL; pipeline/store/volumes.py), then what the
+engine adds about itself (the Ray engine: actors, shards, broken shards, accepted cases kept).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from medsam_engine.pipeline.core.provenance import package_version
-from medsam_engine.pipeline.store.case_store import LABELS_PATH, CaseStore
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.volumes import label_volumes_ml
 
 STATUSES = ("done", "skipped", "quarantined", "failed")
 RECORD_KEYS = (
@@ -35,33 +35,6 @@ RECORD_KEYS = (
 def count_statuses(outcomes: list[dict[str, Any]]) -> dict[str, int]:
     """Cases per status, every status present (0 when none)."""
     return {status: sum(o["status"] == status for o in outcomes) for status in STATUSES}
-
-
-def label_volumes_ml(store: CaseStore, case_ids: list[str]) -> dict[str, dict[int, float]]:
-    """Per committed case: label value -> volume in mL (voxels x voxel volume); cases not committed are left
-    out. One dask graph over every slice chunk of every case, reduced by ``da.unique`` with counts on
-    threads, so no label map is held whole and chunks decompress in parallel."""
-    import dask
-    import dask.array as da
-
-    lazy, voxel_ml = {}, {}
-    for case_id in case_ids:
-        try:
-            group = store.open_case(case_id)
-        except KeyError:
-            continue
-        lazy[case_id] = da.unique(da.from_zarr(group[f"{LABELS_PATH}/0"]), return_counts=True)
-        spacing = group.attrs["medsam"]["geometry"]["spacing_zyx_mm"]
-        voxel_ml[case_id] = math.prod(float(s) for s in spacing) / 1000.0
-    (counted,) = dask.compute(lazy, scheduler="threads")
-    return {
-        case_id: {
-            int(v): round(int(n) * voxel_ml[case_id], 3)
-            for v, n in zip(*counted[case_id], strict=True)
-            if v != 0
-        }
-        for case_id in counted
-    }
 
 
 def run_record(

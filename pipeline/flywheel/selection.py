@@ -9,8 +9,8 @@ Every reviewed object is learned from: the folds only *choose* (how many epochs,
   blocks within each case, so every case (and kind) is in every fold's training part: contiguous z blocks of
   a volume's slices, or x blocks of the objects of a single 2D image.
 * Kind: the case's modality and the object's label (its name where the store has one), e.g. ``MR caudate``
-  or ``CT label 5``. An instance map (nuclei, cells: more than ``INSTANCE_LABELS`` label values, or a 2D image
-  whose labels of ``MIN_INSTANCES`` or more are one object each) holds one kind, ``<modality> objects``.
+  or ``CT label 5``. An instance map (nuclei, cells: pipeline/store/labels_meta.py's ``is_instance_map``)
+  holds one kind, ``<modality> objects``.
 * Choice: the epoch count (0 = the parent as it is) whose held-out Dice, averaged over kinds, is highest
   among those where no kind with at least ``min_kind_boxes`` held-out boxes loses more than ``tolerance``
   against the parent; 0 unless that beats the parent by ``MIN_GAIN``.
@@ -22,19 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medsam_engine.pipeline.store.labels_meta import is_instance_map as is_instance_map
+
 CASE_FOLDS_FROM = 4  # fewer cases: blocks within each case
-INSTANCE_LABELS = 16  # more label values in one case: an instance map, one kind
-MIN_INSTANCES = 5  # a 2D image with this many labels of one object each is an instance map
 MIN_GAIN = 1e-3  # mean Dice over kinds a trained model must gain over its parent to be chosen
-
-
-def is_instance_map(object_labels: list[int], *, flat: bool) -> bool:
-    """Whether a case's label map holds instances of one kind (one label per object) rather than classes;
-    ``object_labels``: the label of each of its objects (3D connected components); ``flat``: a 2D image."""
-    values = set(object_labels)
-    if len(values) > INSTANCE_LABELS:
-        return True
-    return flat and len(values) >= MIN_INSTANCES and len(object_labels) == len(values)
 
 
 def kind_of(modality: str, label: int, names: dict[int, str] | None, instance_map: bool) -> str:

@@ -77,6 +77,20 @@ class LabelMeaning:
         return entry
 
 
+INSTANCE_LABELS = 16  # more label values in one case: an instance map
+MIN_INSTANCES = 5  # a 2D image with this many labels of one object each is an instance map
+
+
+def is_instance_map(object_labels: list[int], *, flat: bool) -> bool:
+    """Whether a case's label map holds instances of one kind (one label per object, as nuclei or cells)
+    rather than classes; ``object_labels``: the label of each of its objects (3D connected components, one
+    per lineage record); ``flat``: a 2D image."""
+    values = set(object_labels)
+    if len(values) > INSTANCE_LABELS:
+        return True
+    return flat and len(values) >= MIN_INSTANCES and len(object_labels) == len(values)
+
+
 def label_colour(value: int) -> tuple[int, int, int]:
     """A distinct, deterministic RGB colour (0..255) for a label value: golden-ratio hues."""
     hue = (value * 0.6180339887) % 1.0
