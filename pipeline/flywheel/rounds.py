@@ -320,8 +320,8 @@ def format_finetune_table(rows: list[dict]) -> str:
 
 
 def write_round_table(store: CaseStore) -> dict[str, str]:
-    """STORE/_rounds/rounds.md (the rounds, then fine-tuning per kind) and rounds.png (plot, when matplotlib
-    is installed); local stores."""
+    """STORE/_rounds/rounds.md (the rounds, then fine-tuning per kind) and rounds.png (the plot); local
+    stores."""
     rows = round_rows(store)
     if not store.is_local:
         return {}
@@ -336,23 +336,18 @@ def write_round_table(store: CaseStore) -> dict[str, str]:
             + "\n"
         )
     write_text_atomic(folder / "rounds.md", text)
-    out = {"table": str(folder / "rounds.md")}
-    if plot_rounds(rows, folder / "rounds.png"):
-        out["plot"] = str(folder / "rounds.png")
-    return out
+    plot_rounds(rows, folder / "rounds.png")
+    return {"table": str(folder / "rounds.md"), "plot": str(folder / "rounds.png")}
 
 
-def plot_rounds(rows: list[dict], path: Path) -> bool:
-    """Rates per round (auto-acceptance, accepted with minor edits, mean edit Dice) and seconds per case;
-    False when matplotlib is not installed."""
-    try:
-        import matplotlib
+def plot_rounds(rows: list[dict], path: Path) -> None:
+    """Write the PNG plot at ``path``: rates per round (auto-acceptance, accepted with minor edits, mean edit
+    Dice) and seconds per case (matplotlib, a dependency, loaded here: only `round report` plots)."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib is not installed: no round plot (the table is in rounds.md)")
-        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     numbers = [r["round"] for r in rows]
     fig, (rates, seconds) = plt.subplots(1, 2, figsize=(9, 3.5))
     for key, name in (
@@ -371,4 +366,3 @@ def plot_rounds(rows: list[dict], path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return True
