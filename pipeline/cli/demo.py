@@ -21,7 +21,7 @@ from medsam_engine.pipeline.export.nifti import export_nifti
 from medsam_engine.pipeline.io.discover import discover
 from medsam_engine.pipeline.io.readers import read_volume
 from medsam_engine.pipeline.report.evaluate import evaluate_store
-from medsam_engine.pipeline.report.qc import write_report
+from medsam_engine.pipeline.report.store_report import write_store_report
 from medsam_engine.pipeline.store.case_store import CaseStore
 
 
@@ -69,7 +69,7 @@ def run_demo(out: Path) -> int:
     exported = export_nifti(store, out / "nifti")
     results = evaluate_store(store, [reference])
     box = _box_dice(image, coarse)
-    report = write_report(store, out / "qc")
+    report = write_store_report(store, out / "qc")
     print(f"\nmasks (OME-Zarr store): {store.root.resolve()}")
     for path in exported:
         print(f"NIfTI label map:        {path.resolve()}")

@@ -18,6 +18,7 @@ from medsam_engine.pipeline.annotate.plan import discover_inputs
 from medsam_engine.pipeline.annotate.progress import RunProgress
 from medsam_engine.pipeline.cli import config as config_group
 from medsam_engine.pipeline.cli import flywheel
+from medsam_engine.pipeline.cli import report as report_group
 from medsam_engine.pipeline.cli import store as store_group
 from medsam_engine.pipeline.cli.common import (
     EXIT_CASES_FAILED,
@@ -148,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     flywheel.add_parsers(sub)
     store_group.add_parsers(sub)
+    report_group.add_parsers(sub)
     config_group.add_parsers(sub)
     return parser
 
@@ -311,7 +313,7 @@ def _reads_a_store(args) -> bool:
         return args.round_command == "report"
     if args.command == "finetune":
         return bool(args.store)
-    return args.command in ("export", "eval", "detector", "review", "model", "store")
+    return args.command in ("export", "eval", "detector", "review", "model", "store", "report")
 
 
 def _writes_a_folder(args) -> bool:
@@ -338,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         "round": flywheel.round_command,
         "model": flywheel.model_command,
         "store": store_group.store_command,
+        "report": report_group.report_command,
         "config": config_group.config_command,
     }
     problem = store_problem(args.store) if _reads_a_store(args) else None

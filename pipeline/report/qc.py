@@ -15,8 +15,9 @@ import numpy as np
 
 from medsam_engine.pipeline.core.atomic import write_text_atomic
 from medsam_engine.pipeline.core.intensity import IntensityConfig, to_uint8
+from medsam_engine.pipeline.report.pictures import busiest_slices, display_modality, display_window, overlay
 from medsam_engine.pipeline.store.case_store import CaseStore
-from medsam_engine.pipeline.store.labels_meta import LabelMeaning, label_colour, meanings_from_properties
+from medsam_engine.pipeline.store.labels_meta import LabelMeaning, meanings_from_properties
 
 SCORE_COLUMNS = (
     "score",
@@ -30,29 +31,6 @@ SCORE_COLUMNS = (
     "area_jump_max",
     "drift_max",
 )
-
-
-def overlay(
-    slice_u8: np.ndarray,
-    labels: np.ndarray,
-    *,
-    scale: int = 3,
-    colours: dict[int, tuple[int, int, int]] | None = None,
-) -> np.ndarray:
-    """An RGB picture of a (y, x) uint8 slice with each label's contour drawn in its colour: the store's
-    (``colours``, from its label metadata), else :func:`label_colour`, the colour every output uses."""
-    import cv2
-
-    grey = slice_u8 if slice_u8.ndim == 3 else np.repeat(slice_u8[:, :, None], 3, axis=-1)
-    size = (grey.shape[1] * scale, grey.shape[0] * scale)
-    picture = cv2.resize(np.ascontiguousarray(grey), size, interpolation=cv2.INTER_LINEAR)
-    big = cv2.resize(labels.astype(np.uint16), size, interpolation=cv2.INTER_NEAREST)
-    for value in (int(v) for v in np.unique(big) if v != 0):
-        mask = (big == value).astype(np.uint8)
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        colour = (colours or {}).get(value) or label_colour(value)
-        cv2.drawContours(picture, contours, -1, tuple(int(c) for c in colour), 1)
-    return picture
 
 
 def _meanings(store: CaseStore, case_id: str) -> dict[int, LabelMeaning]:
@@ -78,11 +56,8 @@ def _rendered(store: CaseStore, case_id: str) -> tuple[np.ndarray, np.ndarray] |
     image = store.read_image(case_id)
     if image is None:
         return None
-    section = attrs.config.get("intensity", {})
-    u8 = to_uint8(
-        image, attrs.modality, IntensityConfig(section.get("ct_level", 40.0), section.get("ct_width", 400.0))
-    )
-    return u8, labels
+    window = display_window(attrs) or (40.0, 400.0)
+    return to_uint8(image, display_modality(attrs), IntensityConfig(*window)), labels
 
 
 def _save_pictures(
@@ -116,16 +91,22 @@ def _case_pictures(
     rendered = _rendered(store, case_id)
     if rendered is None:
         return []
-    labels = rendered[1]
-    counts = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1)
-    slices = [int(z) for z in sorted(np.argsort(counts)[::-1][:per_case]) if counts[z] > 0]
-    return _save_pictures(case_id, rendered, slices, out, colours)
+    return _save_pictures(case_id, rendered, busiest_slices(rendered[1], per_case), out, colours)
+
+
+def instance_score(inst: dict) -> tuple[str, float] | None:
+    """(what, value) an instance is ranked by: its quality score ("score"), else the model's predicted IoU
+    ("predicted IoU"); None when its lineage record has neither (a reviewer's instance)."""
+    value = (inst.get("quality") or {}).get("score")
+    if value is not None:
+        return "score", float(value)
+    iou = inst.get("predicted_iou")
+    return None if iou is None else ("predicted IoU", float(iou))
 
 
 def _order_key(inst: dict) -> float:
-    quality = inst.get("quality") or {}
-    value = quality.get("score")
-    return float(value) if value is not None else float(inst.get("predicted_iou", 0.0))
+    found = instance_score(inst)
+    return 0.0 if found is None else found[1]
 
 
 def _score_cells(inst: dict) -> str:

@@ -2,10 +2,13 @@
 or, for plain dtypes, encoded directly into the same bytes zarr writes (tests/store/test_direct_chunks.py
 compares them).
 
-The group holds the image "0" (optional) and ``labels/medsam/0`` (uint16, z, y, x). The root's ``ome``
-attributes carry the multiscales (axes in mm); ``labels/medsam`` the ``image-label`` metadata (colours; per
-label: name, SNOMED CT code where known, review status); the root's ``medsam`` attributes the case's record,
-whose ``status`` is written last (pipeline/store/case_store.py commits it).
+The group holds the image "0" (optional) and ``labels/medsam/0`` (uint16, z, y, x), each with overview levels
+"1", "2", ... (y and x halved per level while a plane is larger than 256 pixels) that viewers open in place.
+The root's ``ome`` attributes carry the multiscales (axes in mm; each level's voxel size and the world
+position of its first voxel, so cases on one scanner frame overlap where they lie); ``labels/medsam`` the
+``image-label`` metadata (colours; per label: name, SNOMED CT code where known, review status); the root's
+``medsam`` attributes the case's record, whose ``status`` is written last (pipeline/store/case_store.py
+commits it).
 """
 
 from __future__ import annotations
@@ -30,8 +33,62 @@ if TYPE_CHECKING:
 STATUS_COMMITTED = "committed"
 
 
-def _multiscales(name: str, axes: list[str], scale: list[float]) -> list[dict[str, Any]]:
+OVERVIEW_PIXELS = 256  # overview levels halve y and x while a plane is larger than this
+
+
+def pyramid_factors(shape_yx: tuple[int, ...]) -> list[int]:
+    """The downsampling factor of every level, 1 first: each further level halves y and x while the plane
+    stays larger than :data:`OVERVIEW_PIXELS` on its longer side (a 512 x 512 slice: 1, 2)."""
+    factors = [1]
+    while max(shape_yx) // factors[-1] > OVERVIEW_PIXELS and min(shape_yx) // (factors[-1] * 2) >= 1:
+        factors.append(factors[-1] * 2)
+    return factors
+
+
+def halve(data: np.ndarray, *, labels: bool) -> np.ndarray:
+    """``data`` (..., y, x) with y and x halved (whole 2 x 2 blocks only): a label map keeps each block's
+    first voxel (values stay labels), an image each block's mean, rounded, in its own dtype."""
+    height, width = data.shape[-2] // 2, data.shape[-1] // 2
+    first = data[..., : 2 * height : 2, : 2 * width : 2]
+    if labels:
+        return np.ascontiguousarray(first)
+    exact = data.dtype.kind in "iu" and data.itemsize <= 2  # sums of four fit int32 exactly
+    total: np.ndarray = first.astype(np.int32 if exact else np.float32)
+    total += data[..., 1 : 2 * height : 2, : 2 * width : 2]
+    total += data[..., : 2 * height : 2, 1 : 2 * width : 2]
+    total += data[..., 1 : 2 * height : 2, 1 : 2 * width : 2]
+    mean = np.right_shift(total + 2, 2) if exact else total / 4  # integers: rounded half up
+    return np.ascontiguousarray(mean.astype(data.dtype))
+
+
+def origin_zyx(affine: np.ndarray) -> list[float]:
+    """The world position of voxel (0, 0, 0) along each array axis (z, y, x) in mm: the origin projected on
+    each axis' direction, so that cases annotated on one scanner frame overlap where they lie."""
+    affine = np.asarray(affine, dtype=float)
+    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    return [round(float(affine[:3, 3] @ directions[:, a]), 6) for a in range(3)]
+
+
+def _multiscales(
+    name: str, axes: list[str], spacing: list[float], origin: list[float], factors: list[int]
+) -> list[dict[str, Any]]:
+    """OME-Zarr 0.5 multiscales: one dataset per level, each with its voxel size and the position of its
+    first voxel's centre (mm); a leading channel axis keeps scale 1 and translation 0."""
     kinds = {"c": "channel", "z": "space", "y": "space", "x": "space"}
+    channels = len(axes) - 3
+    datasets = []
+    for level, factor in enumerate(factors):
+        scale = [spacing[0], spacing[1] * factor, spacing[2] * factor]
+        shift = [origin[0], *(o + (factor - 1) / 2 * s for o, s in zip(origin[1:], spacing[1:], strict=True))]
+        datasets.append(
+            {
+                "path": str(level),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [1.0] * channels + scale},
+                    {"type": "translation", "translation": [0.0] * channels + [round(t, 6) for t in shift]},
+                ],
+            }
+        )
     return [
         {
             "name": name,
@@ -39,7 +96,7 @@ def _multiscales(name: str, axes: list[str], scale: list[float]) -> list[dict[st
                 {"name": a, "type": kinds[a], **({"unit": "millimeter"} if kinds[a] == "space" else {})}
                 for a in axes
             ],
-            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+            "datasets": datasets,
         }
     ]
 
@@ -143,22 +200,34 @@ def _case_nodes(
     values: list[int] | None,
 ) -> list[_Node]:
     """A case group's nodes, each with its final attributes: the root (OME multiscales of the image and the
-    'medsam' attributes that carry the commit status), its image array, the labels group and the label map."""
-    spacing = [float(s) for s in attrs["geometry"]["spacing_zyx_mm"]]
+    'medsam' attributes that carry the commit status), the image's levels, the labels group and the label
+    map's levels (level 0 full size; overview levels for viewers, :func:`pyramid_factors`)."""
+    geometry = attrs["geometry"]
+    spacing = [float(s) for s in geometry["spacing_zyx_mm"]]
+    origin = (
+        origin_zyx(np.asarray(geometry["affine_zyx_to_ras"]))
+        if "affine_zyx_to_ras" in geometry
+        else [0.0] * 3
+    )
+    factors = pyramid_factors(labels.shape[1:])
     image_codec, label_codec = _codecs()
     nodes = []
     root_attrs = {}
     if image is not None:
         axes = ["z", "y", "x"] if image.ndim == 3 else ["c", "z", "y", "x"]
-        scale = spacing if image.ndim == 3 else [1.0, *spacing]
-        root_attrs["ome"] = {"version": "0.5", "multiscales": _multiscales("image", axes, scale)}
+        root_attrs["ome"] = {
+            "version": "0.5",
+            "multiscales": _multiscales("image", axes, spacing, origin, factors),
+        }
         data = np.ascontiguousarray(image if image.ndim == 3 else np.moveaxis(image, -1, 0))
-        chunks = (
-            plane_chunks(data.shape, data.itemsize)
-            if image.ndim == 3
-            else (data.shape[0], *plane_chunks(data.shape[1:], data.itemsize * data.shape[0]))
-        )
-        nodes.append(_Node("0", {}, data, chunks, tuple(axes), image_codec))
+        for level in range(len(factors)):
+            data = data if level == 0 else halve(data, labels=False)
+            chunks = (
+                plane_chunks(data.shape, data.itemsize)
+                if image.ndim == 3
+                else (data.shape[0], *plane_chunks(data.shape[1:], data.itemsize * data.shape[0]))
+            )
+            nodes.append(_Node(str(level), {}, data, chunks, tuple(axes), image_codec))
     root_attrs["medsam"] = dict(attrs, status=STATUS_COMMITTED)
     nodes.insert(0, _Node("", root_attrs))
     nodes.append(_Node("labels", {"ome": {"version": "0.5", "labels": ["medsam"]}}))
@@ -168,7 +237,7 @@ def _case_nodes(
             {
                 "ome": {
                     "version": "0.5",
-                    "multiscales": _multiscales("medsam", ["z", "y", "x"], spacing),
+                    "multiscales": _multiscales("medsam", ["z", "y", "x"], spacing, origin, factors),
                     "image-label": image_label_metadata(
                         labels, names=label_names, instances=attrs.get("instances", []), values=values
                     ),
@@ -176,10 +245,14 @@ def _case_nodes(
             },
         )
     )
-    stored = labels.astype(np.uint16, copy=False)
-    nodes.append(
-        _Node("labels/medsam/0", {}, stored, plane_chunks(stored.shape, 2), ("z", "y", "x"), label_codec)
-    )
+    data = labels.astype(np.uint16, copy=False)
+    for level in range(len(factors)):
+        data = data if level == 0 else halve(data, labels=True)
+        nodes.append(
+            _Node(
+                f"labels/medsam/{level}", {}, data, plane_chunks(data.shape, 2), ("z", "y", "x"), label_codec
+            )
+        )
     return nodes
 
 

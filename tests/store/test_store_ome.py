@@ -70,3 +70,57 @@ def test_labels_validate_without_a_stored_image(tmp_path, small_chest):
     meta = ImageLabel.from_zarr(group["labels/medsam"]).attributes.ome.image_label
     assert meta.properties[0].label_value == 1
     assert store.read_image(case_id) is None
+
+
+@pytest.fixture(scope="module")
+def large_case(tmp_path_factory):
+    """stardist's whole 512 x 512 nuclei image with its instance mask, committed as a case: a plane large
+    enough for an overview level."""
+    from pathlib import Path
+
+    import cv2
+    import stardist
+    import tifffile
+
+    data = Path(stardist.__file__).parent / "data" / "images"
+    image = tifffile.imread(str(data / "img2d.tif")).astype(np.float64)
+    scaled = ((image - image.min()) / (image.max() - image.min()) * 255).astype(np.uint8)
+    root = tmp_path_factory.mktemp("ome-large")
+    cv2.imwrite(str(root / "nuclei.png"), scaled)
+    labels = tifffile.imread(str(data / "mask2d.tif")).astype(np.uint16)[None]
+    store = CaseStore(root / "store")
+    case_id = commit_from_source(store, root / "nuclei.png", labels)
+    return store, case_id, labels, scaled
+
+
+def test_viewers_get_overview_levels_at_the_case_position(large_case):
+    from ome_zarr_models.v05.image import Image
+
+    store, case_id, _, scaled = large_case
+    group = zarr.open_group(str(store.case_path(case_id)), mode="r")
+    multiscale = Image.from_zarr(group).attributes.ome.multiscales[0]
+    assert [d.path for d in multiscale.datasets] == ["0", "1"]
+    geometry = store.attributes(case_id).geometry
+    spacing = geometry.spacing
+    first, overview = (d.coordinateTransformations for d in multiscale.datasets)
+    assert first[0].scale == pytest.approx(list(spacing))
+    assert overview[0].scale == pytest.approx([spacing[0], 2 * spacing[1], 2 * spacing[2]])
+    origin = np.asarray(geometry.affine)[:3, 3]
+    assert np.linalg.norm(first[1].translation) == pytest.approx(np.linalg.norm(origin), abs=1e-5)
+    assert overview[1].translation[1] - first[1].translation[1] == pytest.approx(spacing[1] / 2)
+    assert group["1"].shape == (1, 256, 256)
+    assert np.asarray(group["1"])[0, 10, 20] == pytest.approx(scaled[20:22, 40:42].mean(), abs=0.5)
+
+
+def test_label_overviews_keep_label_values_and_read_in_ome_zarr_py(large_case):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+
+    store, case_id, labels, _ = large_case
+    nodes = list(Reader(parse_url(str(store.case_path(case_id))))())
+    label = next(n for n in nodes if any(isinstance(s, Label) for s in n.specs))
+    assert [tuple(level.shape) for level in label.data] == [(1, 512, 512), (1, 256, 256)]
+    overview = np.asarray(label.data[1])
+    assert np.array_equal(overview, labels[:, ::2, ::2])
+    assert set(np.unique(overview)) <= set(np.unique(labels))
+    assert store.read_labels(case_id)[0].shape == (1, 512, 512)  # the engine reads level 0
