@@ -15,6 +15,7 @@ from medsam_engine.pipeline.export.common import ExportCheckError, ExportReport,
 from medsam_engine.pipeline.export.dicom_seg import write_case_seg
 from medsam_engine.pipeline.export.nifti import write_case_nifti
 from medsam_engine.pipeline.export.nnunet import export_nnunet
+from medsam_engine.pipeline.export.seg_nrrd import write_case_seg_nrrd
 from medsam_engine.pipeline.store.case_store import CaseStore
 
 FORMATS: dict[str, Callable[..., ExportReport]] = {
@@ -22,6 +23,7 @@ FORMATS: dict[str, Callable[..., ExportReport]] = {
     "dicom-seg": per_case(write_case_seg),
     "nnunet": export_nnunet,
     "coco": export_coco,
+    "seg-nrrd": per_case(write_case_seg_nrrd),
 }
 
 

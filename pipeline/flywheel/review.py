@@ -38,12 +38,12 @@ from medsam_engine.pipeline.core.types import CaseAttributes
 from medsam_engine.pipeline.export.common import ExportError
 from medsam_engine.pipeline.export.dicom_seg import write_case_seg
 from medsam_engine.pipeline.export.nifti import save_nifti_checked, write_case_nifti
+from medsam_engine.pipeline.export.seg_nrrd import write_case_seg_nrrd
 from medsam_engine.pipeline.export.traceable import case_sources, write_cases_csv
 from medsam_engine.pipeline.io.dicom_scan import series_uid_of
 from medsam_engine.pipeline.io.dicom_seg_reader import referenced_series
 from medsam_engine.pipeline.io.dicomweb import fetch_seg, find_segs, newest_per_series
 from medsam_engine.pipeline.io.readers import read_volume, stem_of
-from medsam_engine.pipeline.io.slicer_seg import write_seg_nrrd
 from medsam_engine.pipeline.report.qc import write_review_report
 from medsam_engine.pipeline.store.case_store import CaseStore
 from medsam_engine.pipeline.store.labels_meta import meanings_from_properties, spec_of
@@ -183,16 +183,8 @@ def _write_image(store: CaseStore, case_id: str, folder: Path) -> list[Path]:
 
 
 def _write_seg_nrrd(store: CaseStore, case_id: str, folder: Path) -> Path:
-    labels, attrs = store.read_labels(case_id)
-    meanings = sorted(
-        meanings_from_properties(store.label_properties(case_id)).values(), key=lambda m: m.value
-    )
-    return write_seg_nrrd(
-        to_source_grid(labels, attrs.geometry),
-        attrs.geometry.source_affine,
-        meanings,
-        folder / f"{case_id}.seg.nrrd",
-    )
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_case_seg_nrrd(store, case_id, folder)
 
 
 def _copy_group(store: CaseStore, case_id: str, folder: Path) -> Path:

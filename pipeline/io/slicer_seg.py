@@ -76,7 +76,8 @@ def write_seg_nrrd(
     labels_ijk: np.ndarray, affine_ras: np.ndarray, meanings: Sequence[Any], path: str | Path
 ) -> Path:
     """Write ``labels_ijk`` (on the grid of ``affine_ras``) as a .seg.nrrd with one named, coloured segment
-    per value in ``meanings`` (pipeline.store.labels_meta.LabelMeaning); atomic."""
+    per value in ``meanings`` (pipeline.store.labels_meta.LabelMeaning), its SNOMED CT category and type as
+    the segment's terminology; atomic."""
     import slicerio
 
     segmentation = slicerio.create_segmentation(
@@ -92,6 +93,11 @@ def write_seg_nrrd(
                 "id": f"label_{meaning.value}",
                 "name": meaning.name,
                 "color": [round(c / 255, 4) for c in meaning.rgb],
+                "terminology": {
+                    "contextName": "Segmentation category and type - DICOM master list",
+                    "category": ["SCT", *meaning.category],
+                    "type": ["SCT", *meaning.property_type],
+                },
             },
         )
     path = Path(path)

@@ -1,0 +1,32 @@
+"""The 3D Slicer export: one ``.seg.nrrd`` per case on exactly the input's grid, a named, coloured segment per
+label with its terminology (SNOMED CT category and type, as Slicer's segment editor shows them), re-read and
+compared with the store before it gets its name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from medsam_engine.pipeline.core.geometry import to_source_grid
+from medsam_engine.pipeline.export.common import ExportCheckError
+from medsam_engine.pipeline.io.slicer_seg import read_seg_nrrd, write_seg_nrrd
+from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.labels_meta import describe_labels, meanings_from_properties
+
+
+def write_case_seg_nrrd(store: CaseStore, case_id: str, out: Path, *, name: str | None = None) -> Path:
+    """OUT/<name, default case_id>.seg.nrrd: the case's label map with one segment per label present."""
+    labels, attrs = store.read_labels(case_id)
+    known = meanings_from_properties(store.label_properties(case_id))
+    values = [int(v) for v in np.unique(labels) if v != 0]
+    missing = describe_labels([v for v in values if v not in known], instances=list(attrs.instances))
+    known.update({m.value: m for m in missing})
+    meanings = [known[v] for v in values]
+    source = to_source_grid(labels, attrs.geometry)
+    path = write_seg_nrrd(source, attrs.geometry.source_affine, meanings, out / f"{name or case_id}.seg.nrrd")
+    back = read_seg_nrrd(path)
+    if not np.array_equal(np.asarray(back.array), labels):
+        path.unlink(missing_ok=True)
+        raise ExportCheckError(f"{path.name}: the segmentation did not read back as the store holds it")
+    return path
