@@ -56,6 +56,7 @@ from medsam_engine.pipeline.io.readers import (
     NIFTI_SUFFIXES,
     NRRD_SUFFIXES,
     has_dicom_marker,
+    mask_folder_files,
     stem_of,
     suffix_of,
 )
@@ -480,6 +481,8 @@ def discover(
     for case_id, (index, case) in found.items():
         case = _one_file_per_instance(case) if case_id in merged else case
         mask = _mask_for(Path(case.image), index, len(inputs), masks, case, segs, stems)
+        if mask is None and folder and len(found) == 1 and mask_folder_files(masks[0]):
+            mask = masks[0]  # one input, a folder of one mask per structure (TotalSegmentator's output)
         if mask is None and folder and stems is not None and not case.error:
             cases.append(_unpaired(case, masks[0], stems))
             continue

@@ -5,7 +5,10 @@
 * JSON: ``{"1": "liver", "2": {"name": "spleen", "code": "78961009", "colour": [157, 108, 162]}}`` or a list
   of ``{"value": 1, "name": ..., "code": ..., "meaning": ..., "colour": ...}``;
 * CSV (header optional): ``value,name[,code][,colour]`` with the colour as ``#rrggbb`` or ``r g b``;
-* a 3D Slicer colour table (``.ctbl`` / ``.txt``): ``value name r g b a`` lines, ``#`` comments.
+* a 3D Slicer colour table (``.ctbl`` / ``.txt``): ``value name r g b a`` lines, ``#`` comments;
+* nnU-Net's ``dataset.json`` (its ``labels``, v1 or v2; the engine's own nnunet export writes one);
+* dcmqi's segmentation metadata JSON (``segmentAttributes``: label IDs, names, SNOMED CT property types,
+  display colours), as TotalSegmentator's DICOM SEG output and ``itkimage2segimage`` use.
 
 ``code`` is a SNOMED CT code (its meaning defaults to the name); without one, the code is looked up from the
 name as for any label (pipeline/store/labels_meta.py). The result is ``{value: {"name", "code", "meaning",
@@ -66,7 +69,45 @@ def _entry(
     return number, entry
 
 
+def _from_nnunet(labels: dict[str, Any], name: str) -> dict[int, dict[str, Any]]:
+    """nnU-Net's dataset.json ``labels``: v2 ``{"liver": 1}`` (region lists are not labels of a map), v1
+    ``{"1": "liver"}``; the background (0) is left out."""
+    table = {}
+    for key, value in labels.items():
+        if isinstance(value, str):  # v1: value -> name
+            key, value = value, key
+        if isinstance(value, list) or str(value).strip() == "0":
+            continue
+        number, entry = _entry(value, key, where=f"{name} labels")
+        table[number] = entry
+    return table
+
+
+def _from_dcmqi(attributes: list[Any], name: str) -> dict[int, dict[str, Any]]:
+    """dcmqi's segmentation metadata (``segmentAttributes``: lists of segments with labelID, SegmentLabel,
+    SegmentedPropertyTypeCodeSequence and recommendedDisplayRGBValue)."""
+    table = {}
+    segments = [s for group in attributes for s in (group if isinstance(group, list) else [group])]
+    for segment in segments:
+        code = segment.get("SegmentedPropertyTypeCodeSequence") or {}
+        sct = code.get("CodingSchemeDesignator") in ("SCT", "SRT")
+        number, entry = _entry(
+            segment.get("labelID"),
+            segment.get("SegmentLabel") or segment.get("SegmentDescription") or code.get("CodeMeaning"),
+            code.get("CodeValue") if sct else None,
+            code.get("CodeMeaning") if sct else None,
+            segment.get("recommendedDisplayRGBValue"),
+            where=f"{name} segment {segment.get('labelID')}",
+        )
+        table[number] = entry
+    return table
+
+
 def _from_json(data: Any, name: str) -> dict[int, dict[str, Any]]:
+    if isinstance(data, dict) and isinstance(data.get("labels"), dict):  # nnU-Net's dataset.json
+        return _from_nnunet(data["labels"], name)
+    if isinstance(data, dict) and isinstance(data.get("segmentAttributes"), list):  # dcmqi
+        return _from_dcmqi(data["segmentAttributes"], name)
     items = data.items() if isinstance(data, dict) else ((d.get("value"), d) for d in data)
     table = {}
     for value, spec in items:

@@ -178,6 +178,44 @@ def _guarded(path: Path, where: str, read: Callable[[], Volume]) -> Volume:
     return volume
 
 
+def mask_folder_files(folder: str | Path) -> list[Path]:
+    """The masks of a folder that holds one mask per structure (TotalSegmentator's output: ``liver.nii.gz``,
+    ``spleen.nii.gz``, ...), in name order; [] unless the folder holds NIfTI/NRRD files and nothing else."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    volumes = (*NIFTI_SUFFIXES, *NRRD_SUFFIXES)
+    if not files or not all(p.is_file() and suffix_of(p) in volumes for p in files):
+        return []
+    return files
+
+
+def read_mask_folder(folder: str | Path) -> Volume:
+    """A folder of one mask per structure as one label map: the n-th file in name order (non-zero voxels)
+    becomes label n; a later structure wins where two overlap. ReadError when a mask lies on another grid."""
+    files = mask_folder_files(folder)
+    if not files:
+        raise ReadError(f"{Path(folder).name}: not a folder of NIfTI/NRRD masks")
+    first = read_volume(files[0])
+    labels = np.zeros(first.shape[:3], dtype=np.uint16)
+    for value, path in enumerate(files, start=1):
+        mask = first if value == 1 else read_volume(path)
+        if mask.shape[:3] != labels.shape or not np.allclose(
+            mask.geometry.affine, first.geometry.affine, atol=1e-3
+        ):
+            raise ReadError(
+                f"{path.name}: not on the grid of {files[0].name}: the masks of a folder share one grid"
+            )
+        labels[np.asarray(mask.array) != 0] = value
+    return replace(first, array=labels, modality="SEG")
+
+
+def mask_folder_names(folder: str | Path) -> dict[int, str]:
+    """Label value -> structure name (the file's stem) of a folder read by :func:`read_mask_folder`."""
+    return {value: stem_of(path) for value, path in enumerate(mask_folder_files(folder), start=1)}
+
+
 def read_volume(path: str | Path) -> Volume:
     """Read one image or label map; raises ReadError naming the file and the reason."""
     path = Path(path)
@@ -191,6 +229,8 @@ def read_volume(path: str | Path) -> Volume:
     }
     if not path.is_dir() and suffix in readers:
         return _guarded(path, path.name, lambda: readers[suffix](path))
+    if path.is_dir() and mask_folder_files(path):  # one mask per structure
+        return read_mask_folder(path)
     # DICOM: a series folder, a DICOM suffix, or a file with no suffix or the 'DICM' marker (often unnamed)
     dicom_file = not path.is_dir() and (suffix in DICOM_SUFFIXES or not suffix or has_dicom_marker(path))
     if dicom_file and is_dicom_seg(path):  # a segmentation (a coarse mask or a correction)
@@ -328,6 +368,8 @@ def _absolute(case: CaseRef) -> CaseRef:
 def label_names_of(path: str | Path) -> dict[int, str]:
     """Label value -> name stored with a label map (3D Slicer's .seg.nrrd ``Segment<i>_Name`` and
     ``Segment<i>_LabelValue`` header keys, a DICOM SEG's segment labels); {} when the file names none."""
+    if Path(path).is_dir():
+        return mask_folder_names(path)
     if not str(path).lower().endswith(".nrrd"):
         if Path(path).is_file() and is_dicom_seg(path):
             try:

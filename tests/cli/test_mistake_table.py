@@ -55,9 +55,6 @@ def world(tmp_path_factory, small_chest, box_fill) -> dict[str, str]:
     (root / "empty").mkdir()
     (root / "foreign").mkdir()
     (root / "foreign" / "README").write_text("someone else's\n")
-    (root / "totalseg").mkdir()
-    for name in ("lung.nrrd", "spine.nrrd"):
-        shutil.copy(small_chest[1], root / "totalseg" / name)
     (root / "bad.yaml").write_text("model: {device: tpu}\n")
     return {
         "ct": str(ct),
@@ -68,7 +65,6 @@ def world(tmp_path_factory, small_chest, box_fill) -> dict[str, str]:
         "images": str(root / "images"),
         "empty": str(root / "empty"),
         "foreign": str(root / "foreign"),
-        "totalseg": str(root / "totalseg"),
         "bad_config": str(root / "bad.yaml"),
     }
 
