@@ -46,6 +46,7 @@ from medsam_engine.pipeline.distributed.ray_pool import (
     release_annotators,
 )
 from medsam_engine.pipeline.export.pacs_push import push_segs
+from medsam_engine.pipeline.io.cache import CacheLifecycle
 from medsam_engine.pipeline.io.dicomweb import is_service_root
 from medsam_engine.pipeline.io.discover import FROM_PACS, DiscoveryOptions, discover
 from medsam_engine.pipeline.store.case_store import CaseStore, remove_stale_staging
@@ -326,6 +327,7 @@ def annotate_archive(
     store_url = out if "://" in out else str(Path(out).resolve())
     inputs, masks, run = requested(store_url, request, inputs, coarse_masks, run)
     report, seen = annotate_inputs(inputs, store_url, masks, run, pool, policy, run.engine_config())
+    seen["cache"].finish()
     enforce_policy(report, policy)
     if run.watermark is not None:
         advance_watermark(store_url, run, seen, report)
@@ -346,10 +348,15 @@ def annotate_inputs(
 ) -> tuple[dict, dict]:
     """The steps both flows share, inside a flow run: studies (watermark), discovery, the cases ``keep``
     leaves (a callable on case ids; all by default), skip committed, annotate on Ray, summarise, push SEGs.
-    Returns the run's report and what the watermark needs (the studies and the cases found in them)."""
+    Returns the run's report and what the watermark needs (the studies and the cases found in them), with
+    the run's use of the cache under "cache" (pipeline/io/cache.py): the caller finishes it, which removes
+    what the cases read from the cache, after its last step that reads the inputs."""
     started, run_id = time.perf_counter(), str(flow_run.id or f"local-{time.time_ns()}")
     studies = select_studies(inputs, store_url, run, model)
     found = discover_cases(studies["units"], store_url, coarse_masks, run)
+    cache = CacheLifecycle(
+        CaseStore(store_url).cache_dir(), found["cases"], keep=config.store.keep_cache, defer=True
+    )
     cases, kept = found["cases"], []
     if keep is not None:
         chosen = set(keep([c.case_id for c in cases]))
@@ -372,7 +379,7 @@ def annotate_inputs(
         report["push"] = push_proposals(
             store_url, [o["case_id"] for o in outcomes if o["status"] != "failed"], run.push_seg
         )
-    return report, {"studies": studies, "found": found}
+    return report, {"studies": studies, "found": found, "cache": cache}
 
 
 @task(name="push-seg", cache_policy=NO_CACHE)

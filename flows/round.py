@@ -110,6 +110,7 @@ def flywheel_round(
         keep=lambda ids: split_accepted(accepted, ids)[0],
     )
     result = end_round(store_url, start, report, model, review_out)
+    seen["cache"].finish()  # after the review queue, whose DICOM SEGs read the source series
     enforce_policy(report, policy)
     if run.watermark is not None:
         advance_watermark(store_url, run, seen, report, model=model)

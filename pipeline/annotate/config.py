@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medsam_engine.detectors import BoxRules, validate_options
 from medsam_engine.pipeline.annotate.quality import JitterCheck
+from medsam_engine.pipeline.store.versions import DEFAULT_KEEP_VERSIONS
 from medsam_engine.postprocess.chain import default_chain, validate_chain
 
 
@@ -176,7 +177,8 @@ class PostprocessSection(_Section):
 
 
 class StoreSection(_Section):
-    """What a case group in the store holds besides its labels, and how concurrent runs share the store."""
+    """What a case group in the store holds besides its labels, what the store keeps of earlier versions and
+    of the inputs it unpacked or downloaded, and how concurrent runs share the store."""
 
     write_image: bool = Field(
         True,
@@ -188,6 +190,17 @@ class StoreSection(_Section):
         ge=5.0,
         description="seconds after which a case's lease (pipeline/store/leases.py) lapses when its run has "
         "not renewed it; another run may then take the case",
+    )
+    keep_cache: bool = Field(
+        False,
+        description="keep what a run extracted, fetched or downloaded into the cache (STORE/_cache) once "
+        "its cases are committed (--keep-cache); default: removed when the run is done with it",
+    )
+    keep_versions: int = Field(
+        DEFAULT_KEEP_VERSIONS,
+        ge=0,
+        description="previous versions kept per case (STORE/_previous): the newest this many; older ones "
+        "are removed when the case is committed",
     )
 
 

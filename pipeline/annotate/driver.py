@@ -3,8 +3,9 @@ recorded failure, under one :class:`~pipeline.annotate.policy.FailurePolicy`. Th
 (pipeline/annotate/job.py), the Ray actors (pipeline/distributed/ray_pool.py) and the flywheel's rounds all
 run cases through it, so a case fails, retries and is quarantined the same way wherever it runs.
 
-Per case: download (a DICOMweb series, by whoever annotates it) -> signature (a committed case with the same
-one is skipped without loading the model) -> read -> prompts (the configured detector) -> LiteMedSAM (slice or
+Per case: download (a DICOMweb series, by whoever annotates it; not when a download of as many instances
+gave the committed signature) -> signature (a committed case with the same one is skipped without loading the
+model) -> read -> prompts (the configured detector) -> LiteMedSAM (slice or
 propagate mode) -> post-processing -> quality scores -> commit (the store's commit marker is written last).
 """
 
@@ -52,6 +53,9 @@ from medsam_engine.pipeline.core.geometry import align_to
 from medsam_engine.pipeline.core.outcome import CaseOutcome
 from medsam_engine.pipeline.core.provenance import utc_stamp
 from medsam_engine.pipeline.core.types import BoxPrompt, CaseRef, Volume
+from medsam_engine.pipeline.export.traceable import DICOM_KINDS
+from medsam_engine.pipeline.io.cache import DICOMWEB_SERIES, remember_digest
+from medsam_engine.pipeline.io.dicom_scan import dicom_ids
 from medsam_engine.pipeline.io.discover import materialise
 from medsam_engine.pipeline.io.readers import label_names_of, read_case, read_volume
 from medsam_engine.pipeline.store.case_store import UNREAD, CaseStore
@@ -77,20 +81,23 @@ def write_case_manifest(store: CaseStore, case: CaseRef, *, given: str | None = 
     """Record what the case is made of (its inputs, series and kind): ``given`` is the input as the user gave
     it (default ``case.image``; a DICOMweb series' URL without its instance count), and the image, files and
     coarse mask are absolute paths for local inputs (URLs as they are), so that exports and reviews find
-    them from any working directory."""
+    them from any working directory. A DICOM case's Study/SeriesInstanceUID and SeriesNumber are recorded
+    too (``dicom``): its files may be a download the cache drops once the case is committed, and a review
+    from the PACS and the exports' cases.csv still need them."""
     given = case.image if given is None else given
-    store.write_manifest(
-        case.case_id,
-        {
-            "case_id": case.case_id,
-            "given": given.partition("#")[0] if "://" in given else given,
-            "image": _absolute(case.image),
-            "series": case.series,
-            "files": [_absolute(f) for f in case.files],
-            "coarse_mask": _absolute(case.coarse_mask) if case.coarse_mask else case.coarse_mask,
-            "kind": case.kind,
-        },
-    )
+    record = {
+        "case_id": case.case_id,
+        "given": given.partition("#")[0] if "://" in given else given,
+        "image": _absolute(case.image),
+        "series": case.series,
+        "files": [_absolute(f) for f in case.files],
+        "coarse_mask": _absolute(case.coarse_mask) if case.coarse_mask else case.coarse_mask,
+        "kind": case.kind,
+    }
+    ids = dicom_ids(case.files[0] if case.files else case.image) if case.kind in DICOM_KINDS else ()
+    if any(ids):
+        record["dicom"] = dict(zip(("study_uid", "series_uid", "series_number"), ids, strict=True))
+    store.write_manifest(case.case_id, record)
 
 
 def _absolute(path: str) -> str:
@@ -253,6 +260,7 @@ def annotate_case(
             supersedes=case.supersedes,
             current=current,
             values=present_after(records, cleaning),
+            keep_versions=config.store.keep_versions,
         )
     return slices
 
@@ -309,6 +317,14 @@ def _segment(
     )
 
 
+def _already_committed(store: CaseStore, case: CaseRef, node: str) -> CaseOutcome:
+    """The outcome of a case committed with the same signature; the failure of its input's download on an
+    earlier run, if any, is over."""
+    if case.supersedes:
+        store.close_failures(case.supersedes)
+    return CaseOutcome(case.case_id, "skipped", reason="already committed with the same signature", node=node)
+
+
 def _attempt(
     case: CaseRef,
     store: CaseStore,
@@ -322,15 +338,17 @@ def _attempt(
     node: str,
 ) -> CaseOutcome:
     start = time.perf_counter()
-    given = case.image
+    given, listed = case.image, case
+    if listed.kind == DICOMWEB_SERIES:  # downloaded before with as many instances: its digest is known
+        known = signature_or_none(listed, config, runner.model_sha256)
+        if known is not None and committed_with(store, case.case_id, known):
+            return _already_committed(store, case, node)
     case = materialise(case, store.cache_dir())  # a DICOMweb series is downloaded here
     signature = signature_or_read_error(case, config, runner.model_sha256)
+    if listed.kind == DICOMWEB_SERIES:  # the download goes once the run is done with it; its digest stays
+        remember_digest(store.cache_dir(), listed, signature["input_sha256"])
     if committed_with(store, case.case_id, signature):
-        if case.supersedes:  # its input failed to download on an earlier run: that failure is over
-            store.close_failures(case.supersedes)
-        return CaseOutcome(
-            case.case_id, "skipped", reason="already committed with the same signature", node=node
-        )
+        return _already_committed(store, case, node)
     with leased(store, case.case_id, run_id=run_id, ttl_s=config.store.lease_ttl_s) as lease:
         if lease is None:
             other = (holder(store, case.case_id) or {}).get("run_id", "another run")

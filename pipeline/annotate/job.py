@@ -28,6 +28,7 @@ from medsam_engine.pipeline.annotate.run_record import run_record
 from medsam_engine.pipeline.core.outcome import CaseOutcome
 from medsam_engine.pipeline.core.provenance import version_id
 from medsam_engine.pipeline.core.types import CaseRef
+from medsam_engine.pipeline.io.cache import CacheLifecycle
 from medsam_engine.pipeline.io.readers import warm_readers
 from medsam_engine.pipeline.model.devices import resolve_device
 from medsam_engine.pipeline.store.case_store import CaseStore, remove_stale_staging
@@ -76,6 +77,7 @@ def annotate(
     policy: FailurePolicy = LOCAL,
     workers: int | None = None,
     on_outcome: Callable[[CaseOutcome], None] | None = None,
+    cache: CacheLifecycle | None = None,
 ) -> RunSummary:
     """Run every case in this process; failures are recorded per case and never stop the batch.
 
@@ -84,11 +86,23 @@ def annotate(
     order of ``cases``; ``on_outcome`` receives each as its case ends. A
     :class:`~pipeline.core.errors.RunError` (no model, the store gone) stops the run: cases not started are
     left for the next run, the ones under way finish first.
+
+    What the cases read from the store's cache (extracted archives, fetched and downloaded inputs) is removed
+    as their cases end, and the rest when the run ends (pipeline/io/cache.py; ``store.keep_cache`` keeps it).
+    A caller that reads the inputs after the run (a DICOM SEG push) passes its own deferred ``cache`` and
+    finishes it itself.
     """
     started = time.perf_counter()
     lazy = runner or LazyRunner(config)
     remove_stale_staging(store)
     summary = RunSummary(run_id=version_id())
+    lifecycle = cache or CacheLifecycle(store.cache_dir(), cases, keep=config.store.keep_cache)
+
+    def ended(outcome: CaseOutcome) -> None:
+        if on_outcome is not None:
+            on_outcome(outcome)
+        lifecycle.case_ended(outcome.case_id)
+
     show = sys.stderr.isatty() if show_progress is None else show_progress
     plan = plan_run(
         cases,
@@ -101,8 +115,7 @@ def annotate(
     index_of = {case.case_id: i for i, case in reversed(list(enumerate(cases)))}
     for outcome in plan.settled():  # nothing to do: reported at once, without a worker
         outcomes[index_of[outcome.case_id]] = outcome
-        if on_outcome is not None:
-            on_outcome(outcome)
+        ended(outcome)
     todo = list(plan.todo)
     workers = max(1, min(workers or case_workers(config), len(todo) or 1))
     if todo:
@@ -132,10 +145,11 @@ def annotate(
             for index, outcome in _in_flight(one, todo, workers):  # a RunError stops the run here
                 outcomes[index_of[todo[index].case_id]] = outcome
                 bar.update(1)
-                if on_outcome is not None:
-                    on_outcome(outcome)
+                ended(outcome)
     finally:
         lazy.settle()
+        if cache is None:
+            lifecycle.finish()
     summary.outcomes = [outcomes[i] for i in sorted(outcomes)]
     summary.runner_stats = lazy.stats()
     record = run_record(

@@ -103,7 +103,7 @@ def settle_inputs(args: argparse.Namespace) -> str | None:
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """What annotate and round run share about how cases are read and segmented: --box-margin, --mode,
-    --device, --keep-localizers, --keep-derived."""
+    --device, --keep-localizers, --keep-derived, --keep-cache."""
     parser.add_argument(
         "--box-margin",
         type=int,
@@ -127,6 +127,12 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-localizers", action="store_true", help="annotate localizer/scout series too")
     parser.add_argument(
         "--keep-derived", action="store_true", help="annotate derived/secondary-capture series too"
+    )
+    parser.add_argument(
+        "--keep-cache",
+        action="store_true",
+        help="keep extracted archives and downloaded inputs in the store's cache once their cases are "
+        "committed (store.keep_cache; default: removed when the run is done with them)",
     )
 
 
@@ -409,6 +415,8 @@ def run_config(
         )
         if getattr(args, "labels", None):
             config = config.with_overrides(labels=read_label_table(args.labels))
+        if getattr(args, "keep_cache", False):
+            config = config.with_overrides(store={"keep_cache": True})
     except ValidationError as exc:
         print(f"medsam-engine {command}: bad configuration: {validation_summary(exc)}", file=sys.stderr)
         return None

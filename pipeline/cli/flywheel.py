@@ -49,6 +49,7 @@ from medsam_engine.pipeline.flywheel.rounds import (
     run_round,
     write_round_table,
 )
+from medsam_engine.pipeline.io.cache import CacheLifecycle
 from medsam_engine.pipeline.io.dicomweb import is_service_root
 from medsam_engine.pipeline.io.discover import DiscoveryOptions
 from medsam_engine.pipeline.model.checkpoint import CheckpointError
@@ -471,6 +472,9 @@ def _round_run(args, store) -> int:
         print(f"medsam-engine round run: {exc}", file=sys.stderr)
         return EXIT_USAGE
     live = RunProgress(len(cases), verbose=args.verbose > 0, every_s=0 if args.quiet else None)
+    # --push-seg reads the source series after the round: what the cases read from the cache goes after it
+    keep = config.store.keep_cache
+    cache = CacheLifecycle(store.cache_dir(), cases, keep=keep, defer=True) if args.push_seg else None
     with live:
         result = run_round(
             cases,
@@ -479,6 +483,7 @@ def _round_run(args, store) -> int:
             checkpoint=args.checkpoint,
             queue_dir=args.review_out,
             on_outcome=lambda outcome: live.case_ended(outcome.record(), outcome.reason),
+            cache=cache,
         )
     report = result.report
     for outcome in result.failed:
@@ -488,4 +493,6 @@ def _round_run(args, store) -> int:
     print(f"review queue: {report['queue']['cases']} case(s) -> {result.queue_dir}")
     print(f"round report: {result.report_path}")
     push_failed = push_and_print(store, result.committed, args.push_seg)
+    if cache is not None:
+        cache.finish()
     return EXIT_CASES_FAILED if result.failed or push_failed else EXIT_OK

@@ -50,6 +50,7 @@ from medsam_engine.pipeline.export.common import ExportTargetError
 from medsam_engine.pipeline.export.formats import FORMATS, export_store
 from medsam_engine.pipeline.export.traceable import NAME_BY
 from medsam_engine.pipeline.flywheel.detector_training import train_from_store
+from medsam_engine.pipeline.io.cache import CacheLifecycle
 from medsam_engine.pipeline.io.discover import DiscoveryOptions
 from medsam_engine.pipeline.model.checkpoint import CheckpointError
 from medsam_engine.pipeline.report.evaluate import evaluate_store
@@ -183,6 +184,9 @@ def _annotate(args) -> int:
         return EXIT_USAGE
 
     live = RunProgress(len(cases), verbose=args.verbose > 0, every_s=0 if args.quiet else None)
+    # --push-seg reads the source series after the run: what the cases read from the cache goes after it
+    keep = config.store.keep_cache
+    cache = CacheLifecycle(store.cache_dir(), cases, keep=keep, defer=True) if args.push_seg else None
     try:
         with live:
             summary = annotate(
@@ -191,6 +195,7 @@ def _annotate(args) -> int:
                 config,
                 overwrite=args.overwrite,
                 on_outcome=lambda outcome: live.case_ended(outcome.record(), outcome.reason),
+                cache=cache,
             )
     except CheckpointError as exc:
         print(f"medsam-engine annotate: {exc}", file=sys.stderr)
@@ -208,6 +213,8 @@ def _annotate(args) -> int:
     push_failed = push_and_print(
         store, [o.case_id for o in summary.outcomes if o.status != "failed"], args.push_seg
     )
+    if cache is not None:
+        cache.finish()
     return EXIT_CASES_FAILED if failed or push_failed else EXIT_OK
 
 

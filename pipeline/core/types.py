@@ -186,6 +186,8 @@ class CaseRef:
     also its own failing case): when the series fails to read (a gap, say), its reason names them, as they may
     be its slices. ``supersedes`` is the id of the failing case a remote input (DICOMweb, s3://…) gave on a
     run where it could not be fetched; its error record is removed once this case is committed.
+    ``cached_from`` lists the cache entries (absolute paths of folders in the discovery cache) the case's
+    files were unpacked or fetched into: an extracted archive, an ``s3://`` copy (pipeline/io/cache.py).
     """
 
     case_id: str
@@ -198,6 +200,7 @@ class CaseRef:
     content_sha256: str | None = None  # of the image file, when discovery hashed it (the signature reuses it)
     unreadable_nearby: tuple[str, ...] = ()  # "name (why)" of unreadable files beside a DICOM series' files
     supersedes: str | None = None  # the failing case its remote input gave when it could not be fetched
+    cached_from: tuple[str, ...] = ()  # cache entries its files were unpacked or fetched into
 
 
 @dataclass(frozen=True)
@@ -252,3 +255,15 @@ class CaseAttributes:
     def volume(self, array: np.ndarray) -> Volume:
         """``array`` (the case's label map or image) as a Volume on the case's grid."""
         return Volume(array, self.geometry, self.modality)
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """Something `medsam-engine store clean` may remove: its ``kind`` (the report's line it is counted on),
+    its ``path`` (local, or in the store's file system for the store's own records), its size in bytes and
+    why it may go."""
+
+    kind: str
+    path: str
+    size: int
+    reason: str

@@ -7,8 +7,8 @@ Every export folder carries ``cases.csv``, one row per committed case the export
                      none was)
     input            the case's input as the user gave it
     input_resolved   its absolute path, or its URL
-    study_uid        StudyInstanceUID and SeriesInstanceUID from the header of the case's first source file
-    series_uid       (pixels not read), for a DICOM series whose files are still there; else empty
+    study_uid        StudyInstanceUID and SeriesInstanceUID of a DICOM case, as its manifest recorded them
+    series_uid       from its first file (older manifests: read from that file while it is still there)
     status           written, skipped (the format cannot represent the case) or excluded (left out by design,
                      e.g. not accepted in review)
     reason           why it was skipped or excluded, or what was left out of a written case
@@ -33,6 +33,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from medsam_engine.pipeline.core.atomic import write_text_atomic
+from medsam_engine.pipeline.io.dicom_scan import dicom_ids
 from medsam_engine.pipeline.io.readers import stem_of
 from medsam_engine.pipeline.store.case_store import CaseStore
 from medsam_engine.pipeline.store.inventory import input_given
@@ -70,32 +71,17 @@ def case_source(store: CaseStore, case_id: str) -> CaseSource:
     kind = str(manifest.get("kind") or "")
     if kind not in DICOM_KINDS:
         return CaseSource(given, resolved, image, kind)
+    recorded = manifest.get("dicom") or {}
+    if recorded:  # recorded when the case was read: its files may be gone (a download removed after commit)
+        ids = tuple(str(recorded.get(k) or "") for k in ("study_uid", "series_uid", "series_number"))
+        return CaseSource(given, resolved, image, kind, *ids)
     files = [str(f) for f in manifest.get("files") or ()]
-    first = files[0] if files else image
-    return CaseSource(given, resolved, image, kind, *_dicom_ids(first))
+    return CaseSource(given, resolved, image, kind, *dicom_ids(files[0] if files else image))
 
 
 def case_sources(store: CaseStore, case_ids: list[str]) -> dict[str, CaseSource]:
     """:func:`case_source` of each case, in the order given."""
     return {case_id: case_source(store, case_id) for case_id in case_ids}
-
-
-def _dicom_ids(path: str) -> tuple[str, str, str]:
-    """(StudyInstanceUID, SeriesInstanceUID, SeriesNumber) of a DICOM file's header; '' each when the file is
-    gone or not DICOM."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    if not path or not Path(path).is_file():
-        return "", "", ""
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError):
-        return "", "", ""
-    study, series, number = (
-        str(ds.get(key, "") or "") for key in ("StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber")
-    )
-    return study, series, number
 
 
 def export_names(sources: dict[str, CaseSource], name_by: str) -> dict[str, str]:

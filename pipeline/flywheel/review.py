@@ -39,8 +39,7 @@ from medsam_engine.pipeline.export.common import ExportError
 from medsam_engine.pipeline.export.dicom_seg import write_case_seg
 from medsam_engine.pipeline.export.nifti import save_nifti_checked, write_case_nifti
 from medsam_engine.pipeline.export.seg_nrrd import write_case_seg_nrrd
-from medsam_engine.pipeline.export.traceable import case_sources, write_cases_csv
-from medsam_engine.pipeline.io.dicom_scan import series_uid_of
+from medsam_engine.pipeline.export.traceable import case_source, case_sources, write_cases_csv
 from medsam_engine.pipeline.io.dicom_seg_reader import referenced_series
 from medsam_engine.pipeline.io.dicomweb import fetch_seg, find_segs, newest_per_series
 from medsam_engine.pipeline.io.readers import read_volume, stem_of
@@ -266,9 +265,8 @@ def pull_corrections(store: CaseStore, root: str, folder: Path) -> tuple[list[Pa
 
 
 def _input_series(store: CaseStore, case_id: str) -> str | None:
-    """The SeriesInstanceUID of a DICOM case's input, from its first file (for matching only)."""
-    files = (store.manifest(case_id) or {}).get("files") or []
-    return series_uid_of(files[0]) if files else None
+    """The SeriesInstanceUID of a DICOM case's input, as its manifest recorded it (for matching only)."""
+    return case_source(store, case_id).series_uid or None
 
 
 def read_correction(path: Path, labels: np.ndarray, attrs: CaseAttributes) -> np.ndarray:

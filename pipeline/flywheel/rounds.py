@@ -31,6 +31,7 @@ from medsam_engine.pipeline.core.outcome import CaseOutcome
 from medsam_engine.pipeline.core.provenance import utc_stamp
 from medsam_engine.pipeline.flywheel.registry import current_model, registered_models
 from medsam_engine.pipeline.flywheel.review import calibrate_store, export_queue
+from medsam_engine.pipeline.io.cache import CacheLifecycle
 from medsam_engine.pipeline.store.case_store import CaseStore
 from medsam_engine.pipeline.store.queries import ACCEPTED
 from medsam_engine.pipeline.store.records import (
@@ -156,27 +157,40 @@ def run_round(
     queue_dir: str | Path | None = None,
     runner=None,
     on_outcome=None,
+    cache: CacheLifecycle | None = None,
 ) -> RoundResult:
     """Round n+1 in this process: begin it, annotate the cases not accepted by a person with its model
     (cases committed with the same signature are skipped), route them, export the review queue and write
     the round report. ``cases`` are CaseRefs (pipeline.io.discover); ``on_outcome`` receives each case's
-    outcome as it ends. flows/round.py runs the same round over Ray."""
+    outcome as it ends. What the cases read from the cache is removed after the review queue, whose DICOM
+    SEGs read the source series, is exported (pipeline/io/cache.py), unless the caller passes its own
+    deferred ``cache`` (and finishes it after its own readers). flows/round.py runs the same round over
+    Ray."""
     start = begin_round(store, config, checkpoint=checkpoint)
     todo_ids, kept = split_accepted(store, [c.case_id for c in cases])
     wanted = set(todo_ids)
     todo = [c for c in cases if c.case_id in wanted]
     runner = runner or LazyRunner(start.config)
-    summary = annotate(todo, store, start.config, overwrite=True, runner=runner, on_outcome=on_outcome)
-    return finish_round(
-        store,
-        start,
-        summary.outcomes,
-        given=len(cases),
-        kept=len(kept),
-        model_sha256=runner.model_sha256,
-        queue_dir=queue_dir,
-        runner_stats=summary.runner_stats,
+    lifecycle = cache or CacheLifecycle(
+        store.cache_dir(), cases, keep=start.config.store.keep_cache, defer=True
     )
+    try:
+        summary = annotate(
+            todo, store, start.config, overwrite=True, runner=runner, on_outcome=on_outcome, cache=lifecycle
+        )
+        return finish_round(
+            store,
+            start,
+            summary.outcomes,
+            given=len(cases),
+            kept=len(kept),
+            model_sha256=runner.model_sha256,
+            queue_dir=queue_dir,
+            runner_stats=summary.runner_stats,
+        )
+    finally:
+        if cache is None:
+            lifecycle.finish()
 
 
 def _routing(case_ids: list[str], store: CaseStore) -> dict:

@@ -319,6 +319,25 @@ def series_uid_of(path: str | Path) -> str | None:
     return header.series_uid if isinstance(header, SliceHeader) and header.series_uid else None
 
 
+def dicom_ids(path: str | Path) -> tuple[str, str, str]:
+    """(StudyInstanceUID, SeriesInstanceUID, SeriesNumber) from a DICOM file's header (pixels not read); ''
+    each when the file is gone or not DICOM. Kept in a case's manifest and its exports' cases.csv, never in an
+    id, a path or a log line."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    if not path or not Path(path).is_file():
+        return "", "", ""
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    except (InvalidDicomError, OSError, EOFError, ValueError):
+        return "", "", ""
+    study, series, number = (
+        str(ds.get(key, "") or "") for key in ("StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber")
+    )
+    return study, series, number
+
+
 def _same_bytes(a: str, b: str) -> bool:
     try:
         return filecmp.cmp(a, b, shallow=False)

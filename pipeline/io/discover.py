@@ -8,13 +8,15 @@ for); DICOMweb gives one case per image series from QIDO-RS alone, downloaded by
 (:func:`materialise`). Files that look like images but cannot be read become cases whose reading raises the
 reason, so each is recorded in the store's errors and the batch goes on.
 
+Each case names the cache entries it was unpacked or fetched into (``cached_from``), and discovery pins them
+before it extracts or fetches, so that no other run's clean-up removes them meanwhile (pipeline/io/cache.py).
+
 Case ids and series keys are keyed hashes (the store's key): no name, ID, date or UID reaches an id, a
 path under the cache, a log line or a message.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -29,6 +31,16 @@ from medsam_engine.pipeline.core.errors import ReadError
 from medsam_engine.pipeline.core.provenance import files_sha256
 from medsam_engine.pipeline.core.types import CaseIds, CaseRef
 from medsam_engine.pipeline.io.archives import ExtractLimits, extract_archive, is_archive
+from medsam_engine.pipeline.io.cache import (
+    ARCHIVES,
+    DICOMWEB_SERIES,
+    REMOTE,
+    known_digest,
+    pin,
+    seg_download,
+    series_download,
+    unpin,
+)
 from medsam_engine.pipeline.io.dicom_scan import (
     PARALLEL_FROM,
     SeriesGroup,
@@ -67,7 +79,6 @@ log = logging.getLogger(__name__)
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES + IMAGE_SUFFIXES
 MAX_ARCHIVE_DEPTH = 2
 GROUP_KINDS = {"series": "dicom-series", "multiframe": "dicom-multiframe", "planar": "dicom-image"}
-DICOMWEB_SERIES = "dicomweb-series"  # a series in a PACS, listed by QIDO-RS and downloaded by materialise()
 
 
 @dataclass(frozen=True)
@@ -97,9 +108,11 @@ def content_hash(path: str | Path) -> str:
 
 def case_content_hash(case: CaseRef) -> str:
     """sha256 of what the case reads: its series' files when it lists them, else its image file or folder
-    (a file's digest from discovery when the case carries it); OSError for a DICOMweb series not yet
-    downloaded (:func:`materialise`)."""
+    (a file's digest from discovery when the case carries it); for a DICOMweb series not yet downloaded
+    (:func:`materialise`), the digest an earlier download of as many instances had, else OSError."""
     if case.kind == DICOMWEB_SERIES:
+        if case.content_sha256:  # an earlier download of as many instances had it (pipeline/io/cache.py)
+            return case.content_sha256
         raise OSError("a DICOMweb series has a content hash once it is downloaded")
     if case.content_sha256 and not case.files:
         return case.content_sha256
@@ -108,6 +121,12 @@ def case_content_hash(case: CaseRef) -> str:
         files = sorted(Path(f) for f in case.files)
         return files_sha256(files, root=root if all(root in f.parents for f in files) else None)
     return content_hash(case.image)
+
+
+def _cached_in(cases: list[CaseRef], entry: Path) -> list[CaseRef]:
+    """``cases`` marked as read from the cache entry ``entry`` (an archive's extraction, a fetched input)."""
+    where = os.path.abspath(entry)
+    return [replace(case, cached_from=(where, *case.cached_from)) for case in cases]
 
 
 def _common_folder(files: tuple[str, ...]) -> Path:
@@ -177,16 +196,18 @@ class _Finder:
         identity = "archive:" + content_hash(path)
         if depth >= MAX_ARCHIVE_DEPTH:
             return [self.error_case(identity, path, f"{path.name}: archive nested too deep; not extracted")]
-        dest = self.cache / "archives" / self.case_id(identity)
+        dest = self.cache / ARCHIVES / self.case_id(identity)
+        pin(self.cache, [f"{ARCHIVES}/{dest.name}"])
         try:
             folder, refused = extract_archive(path, dest, limits=self.options.limits)
         except ReadError as exc:
+            unpin(self.cache, [f"{ARCHIVES}/{dest.name}"])  # nothing was left behind
             return [self.error_case(identity, path, exc.reason)]
         cases = [
             self.error_case(f"{identity}:{i}:{name}", path, f"{path.name}: member '{name}' {why}")
             for i, (name, why) in enumerate(refused)
         ]
-        return cases + self.folder(folder, depth + 1)
+        return _cached_in(cases + self.folder(folder, depth + 1), dest)
 
     def folder(self, folder: Path, depth: int) -> list[CaseRef]:
         cases: list[CaseRef] = []
@@ -237,12 +258,14 @@ class _Finder:
 
     def remote(self, url: str, depth: int) -> list[CaseRef]:
         key = self.case_id("remote:" + url)
-        dest = self.cache / "remote" / key
+        dest = self.cache / REMOTE / key
+        pin(self.cache, [f"{REMOTE}/{key}"])
         try:
             local = fetch_remote(url, dest, max_bytes=self.options.limits.max_bytes)
         except ReadError as exc:
+            unpin(self.cache, [f"{REMOTE}/{key}"])  # nothing was left behind
             return [self.error_case("remote:" + url, dest, exc.reason)]
-        return self.superseding(self.expand(local, depth), "remote:" + url)
+        return self.superseding(_cached_in(self.expand(local, depth), dest), "remote:" + url)
 
     def superseding(self, cases: list[CaseRef], identity: str) -> list[CaseRef]:
         """``cases`` marked as replacing the failing case their input gave when it could not be fetched."""
@@ -311,7 +334,9 @@ class _Finder:
             )
             for s in kept
         ]
-        cases = self.superseding(cases, identity)
+        cases = [
+            replace(c, content_sha256=known_digest(self.cache, c)) for c in self.superseding(cases, identity)
+        ]
         return self.with_pacs_segs(kept, cases) if self.options.seg_from_pacs else cases
 
     def with_pacs_segs(self, listed: list[Any], cases: list[CaseRef]) -> list[CaseRef]:
@@ -346,8 +371,7 @@ def materialise(case: CaseRef, cache: Path) -> CaseRef:
     or holds no single image stack."""
     if case.kind != DICOMWEB_SERIES:
         return case
-    url, _, instances = case.image.partition("#")
-    folder = fetch_dicomweb(url, cache / "dicomweb" / (case.case_id + (f"-{instances}" if instances else "")))
+    folder = fetch_dicomweb(case.image.partition("#")[0], series_download(cache, case))
     scan = scan_headers(_visible_files(folder))
     groups, dropped = group_series(scan.headers)
     if len(groups) != 1:
@@ -359,8 +383,7 @@ def materialise(case: CaseRef, cache: Path) -> CaseRef:
     group = groups[0]
     mask = case.coarse_mask
     if mask and INSTANCE_PATTERN.match(mask):
-        name = f"{case.case_id}-{hashlib.sha256(mask.encode()).hexdigest()[:12]}.dcm"  # one file per SEG
-        mask = str(fetch_instance(mask, cache / "dicomweb-seg" / name))
+        mask = str(fetch_instance(mask, seg_download(cache, case.case_id, mask)))  # one file per SEG
     nearby = tuple(f"{Path(p).name} ({why})" for p, why in scan.failures)
     return replace(
         case,

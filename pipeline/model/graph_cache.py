@@ -11,11 +11,13 @@ Two graphs are exported (legacy TorchScript exporter, opset 17):
   encoder.
 
 They live in ``$MEDSAM_ENGINE_CACHE`` (else ``~/.cache/medsam-engine``) under
-``onnx/<checkpoint sha256[:16]>-<runtime>-<runtime version>-<torch version>/``. Each file is written under a
-temporary name and renamed into place; ``manifest.json`` is written last and records every graph's sha256 and
-the parity measured against eager torch at export, so a partial, corrupt or foreign file is never used: it is
-exported again. Shapes follow the network (a 1024-input SAM ViT would export too), but only LiteMedSAM is
-tested; a runtime that misses parity raises :class:`BackendError` and ``auto`` falls back to eager torch.
+``onnx/<checkpoint sha256[:16]>-<runtime>-<runtime version>-<torch version>/``; folders of other versions
+or of models not in use are listed and removed by `medsam-engine store clean --graphs`
+(:func:`graph_leftovers`). Each file is written under a temporary name and renamed into place;
+``manifest.json`` is written last and records every graph's sha256 and the parity measured against eager torch
+at export, so a partial, corrupt or foreign file is never used: it is exported again. Shapes follow the
+network (a 1024-input SAM ViT would export too), but only LiteMedSAM is tested; a runtime that misses parity
+raises :class:`BackendError` and ``auto`` falls back to eager torch.
 
 This module does not import torch: a runner on cached graphs starts without it (seconds and ~0.5 GB saved per
 worker). Exporting and the parity check (pipeline/model/graph_export.py) need torch and import it then.
@@ -34,8 +36,10 @@ from typing import Protocol
 import numpy as np
 
 from medsam_engine.pipeline.core.atomic import write_text_atomic
+from medsam_engine.pipeline.core.disk import tree_size
 from medsam_engine.pipeline.core.errors import RunError
 from medsam_engine.pipeline.core.provenance import file_sha256
+from medsam_engine.pipeline.core.types import Leftover
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ LOGIT_TOLERANCE = 1e-2  # max |delta| of the decoder's low-res logits versus eag
 GRAPHS = ("encoder", "decoder")
 # bump when the exported modules change: cached graphs are then re-exported
 GRAPH_FORM = "factored-decoder-split-qkv-3"
+GRAPH_LEFTOVERS = "model graphs"  # what `store clean --graphs` counts them as
 
 
 class BackendError(RunError):
@@ -83,10 +88,49 @@ def default_threads() -> int:
     return int(configured) if configured.isdigit() else 0
 
 
+def graphs_root(cache_root: str | Path | None = None) -> Path:
+    """The folder that holds one graph folder per checkpoint, runtime version and torch version."""
+    root = Path(cache_root or os.environ.get("MEDSAM_ENGINE_CACHE") or Path.home() / ".cache/medsam-engine")
+    return root / "onnx"
+
+
 def graph_folder(sha256: str, runtime: str, *, cache_root: str | Path | None = None) -> Path:
     """The cache folder of one checkpoint's graphs for one runtime version and torch version."""
-    root = Path(cache_root or os.environ.get("MEDSAM_ENGINE_CACHE") or Path.home() / ".cache/medsam-engine")
-    return root / "onnx" / f"{sha256[:16]}-{runtime}-{runtime_version(runtime)}-{torch_version()}"
+    return graphs_root(cache_root) / f"{sha256[:16]}-{runtime}-{runtime_version(runtime)}-{torch_version()}"
+
+
+def _installed_suffixes() -> dict[str, str]:
+    """``<runtime>-<its version>-<torch version>`` of each runtime installed here, by runtime."""
+    found = {}
+    for runtime in RUNTIMES:
+        try:
+            found[runtime] = f"{runtime}-{runtime_version(runtime)}-{torch_version()}"
+        except (ImportError, PackageNotFoundError):
+            continue
+    return found
+
+
+def graph_leftovers(models_in_use: set[str], *, cache_root: str | Path | None = None) -> list[Leftover]:
+    """Graph folders this installation does not use (for `medsam-engine store clean --graphs`): made by
+    another version of their runtime or of torch than the installed ones (or by a runtime not installed), or
+    for a checkpoint whose sha256 (or its first 16 digits) is not in ``models_in_use``. Folders of other
+    names are no graph folders and are left alone."""
+    root, installed = graphs_root(cache_root), _installed_suffixes()
+    in_use = {sha[:16] for sha in models_in_use}
+    found = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        sha, _, rest = path.name.partition("-")
+        runtime = rest.partition("-")[0]
+        if len(sha) != 16 or runtime not in RUNTIMES or not path.is_dir():
+            continue
+        if rest != installed.get(runtime):
+            why = f"made by {runtime} or torch versions not installed here ({rest})"
+        elif sha not in in_use:
+            why = "for a model not in use"
+        else:
+            continue
+        found.append(Leftover(GRAPH_LEFTOVERS, str(path), tree_size(path), why))
+    return found
 
 
 class OnnxRuntimeGraphs:

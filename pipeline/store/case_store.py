@@ -7,7 +7,9 @@ Layout::
                                    (colours; per label: name, SNOMED CT code where known, review status)
         attrs["medsam"]            geometry, signature, instances (lineage), postprocess, status
     STORE/_staging/                cases being written (local stores); never read as done
-    STORE/_previous/<case_id>/     earlier versions (rounds) kept when a case is overwritten
+    STORE/_previous/<case_id>/     earlier versions (rounds) kept when a case is overwritten: the newest
+                                   ``store.keep_versions``, without a second copy of an unchanged image
+                                   (pipeline/store/versions.py)
     STORE/_manifest/<case_id>.json what each case is made from: its input as given and its files as absolute
                                    paths (exports copy the inputs into their cases.csv)
     STORE/_errors/<case_id>.json   the reason a case failed, until it succeeds
@@ -41,16 +43,25 @@ import numpy as np
 
 from medsam_engine.pipeline.core.atomic import create_exclusive, write_text_atomic
 from medsam_engine.pipeline.core.errors import StoreConflictError
+from medsam_engine.pipeline.core.processes import MACHINE, process_tag, tagged_process_gone
 from medsam_engine.pipeline.core.provenance import utc_stamp, version_id
 from medsam_engine.pipeline.core.types import CaseAttributes, CaseIds
-from medsam_engine.pipeline.store.leases import HOST, conditional_put, process_alive
+from medsam_engine.pipeline.store.leases import conditional_put
 from medsam_engine.pipeline.store.ome_zarr import STATUS_COMMITTED, write_case_group, write_local_group
+from medsam_engine.pipeline.store.versions import (
+    PREVIOUS,
+    retained,
+    retention,
+    settle_versions,
+    version_folder,
+)
 
 if TYPE_CHECKING:
     import zarr
     from zarr.storage import FsspecStore
 
 CASE_SUFFIX = ".ome.zarr"
+STAGING = "_staging"
 
 
 class _Unread(Enum):
@@ -194,6 +205,19 @@ class CaseStore:
         data = np.asarray(cast("zarr.Array[Any]", group["0"])[:])
         return data if data.ndim == 3 else np.moveaxis(data, 0, -1)
 
+    def read_version(self, case_id: str, version: str) -> tuple[np.ndarray, CaseAttributes]:
+        """An earlier version's (z, y, x) uint16 label map and attributes (``_previous/<case_id>/<version>``,
+        pipeline/store/versions.py); KeyError when the store has no such version."""
+        import zarr
+
+        folder = version_folder(self, case_id, version)
+        meta = self.read_json(folder / "zarr.json")
+        if meta is None:
+            raise KeyError(f"case {case_id} has no earlier version {version} in {self.url}")
+        group = zarr.open_group(self._zarr_target(folder, read_only=True), mode="r")
+        labels = cast("zarr.Array[Any]", group[f"{LABELS_PATH}/0"])
+        return np.asarray(labels[:]), CaseAttributes.from_json(dict(meta["attributes"]["medsam"]))
+
     def label_properties(self, case_id: str) -> list[dict[str, Any]]:
         """The case's OME-Zarr ``image-label.properties`` (one dict per label value)."""
         meta = self.read_json(self.case_path(case_id) / LABELS_PATH / "zarr.json") or {}
@@ -234,6 +258,7 @@ class CaseStore:
         supersedes: str | None = None,
         current: dict[str, Any] | _Unread | None = UNREAD,
         values: list[int] | None = None,
+        keep_versions: int | None = None,
     ) -> Path | PurePosixPath:
         """Write a case and commit it last; returns its final path.
 
@@ -244,7 +269,10 @@ class CaseStore:
         of the case it ``supersedes`` (its input's failure to be fetched) are closed. ``current``: the case's
         committed attributes (None: not committed) as a caller that holds the case's lease read them, which
         saves reading them again (a request per case on object stores). ``values``: the label values present
-        in ``labels``, when the caller knows them exactly (saves a counting pass).
+        in ``labels``, when the caller knows them exactly (saves a counting pass). ``keep_versions``: how many
+        previous versions the case keeps (default: ``store.keep_versions`` of the configuration in ``attrs``,
+        else 3); older ones are removed after the commit, and the replaced version keeps no image when its
+        input is the same (pipeline/store/versions.py).
         """
         old = self.case_attrs(case_id) if isinstance(current, _Unread) else current
         if old is not None and old.get("signature") != attrs.get("signature") and not overwrite:
@@ -254,7 +282,7 @@ class CaseStore:
                 case_id=case_id,
             )
         version = version_id()
-        previous = self.root / "_previous" / case_id / version
+        previous = self.root / PREVIOUS / case_id / version
         if old is not None:
             history = list(old.get("previous_versions", []))
             history.append(
@@ -264,7 +292,8 @@ class CaseStore:
                     "committed_at": old.get("committed_at"),
                 }
             )
-            attrs = dict(attrs, previous_versions=history)
+            keep = retention(attrs) if keep_versions is None else keep_versions
+            attrs = dict(attrs, previous_versions=retained(history, keep))
         content = {
             "labels": labels,
             "image": image,
@@ -278,6 +307,8 @@ class CaseStore:
         else:
             remote_previous = PurePosixPath(previous) if old is not None else None
             final = self._commit_remote(case_id, content, remote_previous)
+        if old is not None:
+            settle_versions(self, case_id, old=old, new=attrs, previous=previous)
         self.close_failures(case_id, supersedes)
         return final
 
@@ -295,9 +326,7 @@ class CaseStore:
 
     def _commit_local(self, case_id: str, content: dict[str, Any], previous: Path | PurePosixPath) -> Path:
         final = Path(self.case_path(case_id))
-        staging = (
-            Path(self.root) / "_staging" / f"{case_id}.{writer_tag()}.{uuid.uuid4().hex[:8]}{CASE_SUFFIX}"
-        )
+        staging = Path(self.root) / STAGING / f"{case_id}.{process_tag()}.{uuid.uuid4().hex[:8]}{CASE_SUFFIX}"
         staging.parent.mkdir(parents=True, exist_ok=True)
         try:
             write_local_group(staging, **content)
@@ -323,33 +352,39 @@ class CaseStore:
         return final
 
 
-def writer_tag() -> str:
-    """This process as a staging folder names it: a short hash of the machine (host and boot) and the pid."""
-    return f"{hashlib.sha256(HOST.encode()).hexdigest()[:8]}-{os.getpid()}"
+STALE_STAGING_S = 24 * 3600.0  # a staging folder of another machine's writer older than this was left behind
 
 
-def _writer_gone(name: str) -> bool:
-    """Whether the staging folder ``name`` was written by a process of this machine that no longer exists."""
-    parts = name.split(".")
-    if len(parts) < 3 or "-" not in parts[1]:
-        return False
-    machine, _, pid = parts[1].partition("-")
-    mine = writer_tag().partition("-")[0]
-    return machine == mine and pid.isdigit() and not process_alive(int(pid))
+def _stale(path: Path, older_than_s: float) -> bool:
+    """Whether the staging folder at ``path`` (``<case>.<process tag>.<id>.ome.zarr``) was left by a killed
+    writer: a process of this machine that no longer exists, or (another machine's writer, whose liveness
+    cannot be seen from here) one older than ``older_than_s``."""
+    parts = path.name.split(".")
+    tag = parts[1] if len(parts) >= 3 else ""
+    if tag.partition("-")[0] == MACHINE:
+        return tagged_process_gone(tag)
+    return time.time() - path.stat().st_mtime > older_than_s
 
 
-def remove_stale_staging(store: CaseStore, *, older_than_s: float = 24 * 3600) -> int:
-    """Delete staging folders left by killed writers (local stores): at once when their writer was a process
-    of this machine that is gone, else after ``older_than_s``. Returns how many were removed."""
-    folder = Path(store.root) / "_staging"
-    removed = 0
-    if store.is_local and folder.is_dir():
-        for path in folder.iterdir():
-            try:
-                stale = _writer_gone(path.name) or time.time() - path.stat().st_mtime > older_than_s
-            except FileNotFoundError:  # committed meanwhile
-                continue
-            if stale:
-                shutil.rmtree(path, ignore_errors=True)
-                removed += 1
-    return removed
+def stale_staging(store: CaseStore, *, older_than_s: float = STALE_STAGING_S) -> list[Path]:
+    """Staging folders left by killed writers (local stores; see :func:`_stale`); never one of a live writer
+    of this machine."""
+    folder = Path(store.root) / STAGING
+    if not store.is_local or not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        try:
+            if _stale(path, older_than_s):
+                found.append(path)
+        except FileNotFoundError:  # committed meanwhile
+            continue
+    return found
+
+
+def remove_stale_staging(store: CaseStore, *, older_than_s: float = STALE_STAGING_S) -> int:
+    """Delete the staging folders :func:`stale_staging` finds; returns how many were removed."""
+    found = stale_staging(store, older_than_s=older_than_s)
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(found)

@@ -112,7 +112,7 @@ def disk_use(store: CaseStore) -> dict[str, int]:
     caches are on the machines that read it, not in the store."""
     sizes = dict.fromkeys(DISK_KINDS, 0)
     for name in store.list_names(store.root):
-        sizes[_kind_of(name)] += _size(store, store.root / name)
+        sizes[_kind_of(name)] += stored_size(store, store.root / name)
     return sizes
 
 
@@ -124,7 +124,7 @@ def _kind_of(name: str) -> str:
     return "records" if name.startswith("_") else "other"
 
 
-def _size(store: CaseStore, path: Path | PurePosixPath) -> int:
+def stored_size(store: CaseStore, path: Path | PurePosixPath) -> int:
     """Bytes of the files at or under ``path`` (0 when it went away meanwhile)."""
     try:
         return int(store.fs.du(str(path), total=True))

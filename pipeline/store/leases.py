@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medsam_engine.pipeline.core.atomic import create_exclusive, write_text_atomic
+from medsam_engine.pipeline.core.processes import HOST, process_alive
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -42,27 +42,6 @@ log = logging.getLogger(__name__)
 
 LEASES = "_leases"
 DEFAULT_TTL_S = 300.0
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-HOST = f"{socket.gethostname()}/{_boot_id()}"
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, someone else's
-        return True
-    return True
 
 
 def is_stale(record: dict[str, Any], *, now: float | None = None) -> bool:

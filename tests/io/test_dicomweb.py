@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from orthanc import MISSING, ORTHANC, PASSWORD, PLUGIN, USER, free_port, running
 
 from medsam_engine.pipeline.cli.main import main
 from medsam_engine.pipeline.core.errors import ReadError, is_transient
+from medsam_engine.pipeline.io.dicomweb import fetch_dicomweb
 from medsam_engine.pipeline.io.discover import DiscoveryOptions, discover, materialise
 from medsam_engine.pipeline.io.readers import read_case
 from medsam_engine.pipeline.store.case_store import CaseStore
@@ -161,13 +161,34 @@ def test_a_pacs_down_for_the_whole_run_fails_its_cases_for_the_next_run(
         assert main(argv) == 0
         assert "1 done" in capsys.readouterr().out
         assert CaseStore(store).errors() == {}
-        shutil.rmtree(store / "_cache" / "dicomweb")  # no local copy left to reuse
+        assert not any((store / "_cache" / "dicomweb").iterdir())  # the download went with its commit
         proxy.inject(-1, status=503)  # down again, then back: the case is done, the old failure closed
         assert main(argv) == 1
         proxy.heal()
         assert main(argv) == 0
     assert "1 skipped" in capsys.readouterr().out
     assert CaseStore(store).errors() == {}
+
+
+def test_a_committed_series_is_skipped_without_downloading_it_again(
+    orthanc, tmp_path, capsys, box_fill, monkeypatch
+):
+    import medsam_engine.pipeline.io.discover as discovery
+
+    store = tmp_path / "store"
+    url = f"{orthanc}/dicom-web/studies/{STUDY}/series/{SERIES[0]}"
+    argv = ["annotate", url, "--out", str(store), "--detector", "intensity", "--config", str(box_fill)]
+    assert main(argv) == 0
+    assert "1 done" in capsys.readouterr().out
+    assert not any((store / "_cache" / "dicomweb").iterdir())  # the download went with its commit ...
+    assert len(list((store / "_cache" / "digests").iterdir())) == 1  # ... its content hash stayed
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded again")
+
+    monkeypatch.setattr(discovery, "fetch_dicomweb", no_download)
+    assert main(argv) == 0
+    assert "1 skipped" in capsys.readouterr().out
 
 
 def test_a_service_root_means_its_studies_filtered_by_the_query(
@@ -338,11 +359,12 @@ def test_review_import_pulls_the_reviewers_seg_newer_than_the_proposal(
     assert main(["review", "import", str(store), root, "--reviewer", "dr-a"]) == 0  # SEGs older than it only
     assert "older than the proposal" in capsys.readouterr().out
     (case_id,) = CaseStore(store).committed_cases()
-    case = CaseStore(store).manifest(case_id)
+    assert not any((store / "_cache" / "dicomweb").iterdir())  # the download went with its commit
     later = clock.strftime("%Y%m%d%H%M%S", clock.gmtime(clock.time() + 60))
+    viewer = fetch_dicomweb(url, tmp_path / "viewer") / "s001"  # the series as the reviewer's viewer gets it
     _reviewer_seg_in_pacs(
         orthanc,
-        type("Case", (), {"image": str(Path(case["files"][0]).parent)}),
+        type("Case", (), {"image": str(viewer)}),
         small_chest,
         (5, 6),
         later,
