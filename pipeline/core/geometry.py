@@ -21,8 +21,16 @@ def align_to(labels: Volume, reference: Volume, *, what: str = "coarse mask") ->
         labels.geometry.affine, reference.geometry.affine, atol=TOLERANCE_MM
     ):
         return labels.array
-    if reference.is_2d and labels.is_2d and labels.shape == reference.shape:
-        return labels.array
+    try:
+        return _placed(labels, reference, what)
+    except GeometryError:
+        if reference.is_2d and labels.is_2d and labels.shape == reference.shape:
+            return labels.array  # 2D images carry no physical frame: pixel for pixel
+        raise
+
+
+def _placed(labels: Volume, reference: Volume, what: str) -> np.ndarray:
+    """``labels``' array placed on ``reference``'s grid through the two affines (see :func:`align_to`)."""
     to_ref = np.linalg.inv(reference.geometry.affine) @ labels.geometry.affine  # label voxel -> ref voxel
     linear, shift = to_ref[:3, :3], to_ref[:3, 3]
     rounded = np.round(linear)

@@ -10,7 +10,7 @@ import numpy as np
 
 from medsam_engine.pipeline.core.geometry import to_source_grid
 from medsam_engine.pipeline.export.common import ExportCheckError
-from medsam_engine.pipeline.io.slicer_seg import read_seg_nrrd, write_seg_nrrd
+from medsam_engine.pipeline.io.slicer_seg import write_seg_nrrd
 from medsam_engine.pipeline.store.case_store import CaseStore
 from medsam_engine.pipeline.store.labels_meta import describe_labels, meanings_from_properties
 
@@ -25,8 +25,22 @@ def write_case_seg_nrrd(store: CaseStore, case_id: str, out: Path, *, name: str 
     meanings = [known[v] for v in values]
     source = to_source_grid(labels, attrs.geometry)
     path = write_seg_nrrd(source, attrs.geometry.source_affine, meanings, out / f"{name or case_id}.seg.nrrd")
-    back = read_seg_nrrd(path)
-    if not np.array_equal(np.asarray(back.array), labels):
+    if not np.array_equal(_voxels(path, source.shape), source):
         path.unlink(missing_ok=True)
         raise ExportCheckError(f"{path.name}: the segmentation did not read back as the store holds it")
     return path
+
+
+def _voxels(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """The label map a written .seg.nrrd holds on its own (i, j, k) grid, from its segments' layers and
+    label values (ids ``label_<value>``), as 3D Slicer reads it."""
+    import slicerio
+
+    segmentation = slicerio.read_segmentation(str(path))
+    voxels = np.asarray(segmentation["voxels"])
+    layers = voxels if voxels.ndim == 4 else voxels[None]
+    labels = np.zeros(shape, dtype=np.uint16)
+    for segment in segmentation["segments"]:
+        value = int(str(segment["id"]).removeprefix("label_"))
+        labels[layers[int(segment.get("layer", 0) or 0)] == int(segment["labelValue"])] = value
+    return labels

@@ -55,3 +55,20 @@ def test_the_export_names_its_cases_in_cases_csv(exported):
     rows = (out / "cases.csv").read_text().splitlines()
     assert len(rows) == 1 + len(ids)
     assert all(any(row.startswith(case_id) for row in rows) for case_id in ids)
+
+
+def test_a_2d_case_s_exports_read_back_onto_the_case(nuclei_2d, box_fill, tmp_path):
+    """A PNG case's NIfTI and seg.nrrd exports (as a reviewer gets them) land on the case pixel for pixel when
+    read back, as review import reads a correction: through their geometry, not flipped."""
+    from medsam_engine.pipeline.core.geometry import align_to
+
+    store = tmp_path / "store"
+    argv = ["annotate", str(nuclei_2d[0]), "--coarse-mask", str(nuclei_2d[1]), "--store", str(store)]
+    assert main([*argv, "--config", str(box_fill)]) == 0
+    s = CaseStore(store)
+    (case_id,) = s.committed_cases()
+    labels, attrs = s.read_labels(case_id)
+    for fmt, suffix in (("nifti", ".nii.gz"), ("seg-nrrd", ".seg.nrrd")):
+        assert main(["export", str(store), "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
+        back = align_to(read_volume(tmp_path / fmt / f"{case_id}{suffix}"), attrs.volume(labels))
+        assert np.array_equal(back, labels), fmt
