@@ -286,6 +286,8 @@ def review(args) -> int:
         print(f"error    {name}  {reason}")
     for case_id, edit in report.imported.items():
         print(f"accepted {case_id}  {edit['edit_voxels']} voxels changed, Dice {edit['edit_dice']:.4f}")
+    if report.imported:
+        write_round_table(store)  # each round's record and table get the review outcomes of its proposals
     for case_id in report.already:
         print(f"already  {case_id}  holds this correction")
     if report.errors:

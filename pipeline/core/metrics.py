@@ -63,6 +63,23 @@ def normalised_surface_dice(
     return within / (n_pred + n_ref)
 
 
+def boundary_distance_mm(
+    prediction: np.ndarray, reference: np.ndarray, *, spacing: tuple[float, ...]
+) -> float | None:
+    """The average symmetric surface distance in mm: the mean, over both surfaces' voxels, of the distance to
+    the other surface; 0.0 when both masks are empty, None when only one is (no distance exists)."""
+    pred_surface, ref_surface = _surface(prediction), _surface(reference)
+    n_pred, n_ref = int(pred_surface.sum()), int(ref_surface.sum())
+    if n_pred + n_ref == 0:
+        return 0.0
+    if n_pred == 0 or n_ref == 0:
+        return None
+    to_ref = ndimage.distance_transform_edt(~ref_surface, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)
+    total = float(to_ref[pred_surface].sum()) + float(to_pred[ref_surface].sum())
+    return total / (n_pred + n_ref)
+
+
 def per_label_scores(
     prediction: np.ndarray,
     reference: np.ndarray,

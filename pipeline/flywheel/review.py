@@ -32,7 +32,7 @@ from medsam_engine.pipeline.annotate.quality import box_region, fit_calibration
 from medsam_engine.pipeline.core.atomic import write_text_atomic
 from medsam_engine.pipeline.core.errors import CaseError, GeometryError, ReadError
 from medsam_engine.pipeline.core.geometry import align_to, to_source_grid
-from medsam_engine.pipeline.core.metrics import dice
+from medsam_engine.pipeline.core.metrics import boundary_distance_mm, dice
 from medsam_engine.pipeline.core.provenance import utc_stamp
 from medsam_engine.pipeline.core.types import CaseAttributes
 from medsam_engine.pipeline.export.common import ExportError
@@ -298,12 +298,23 @@ def _instance_region(record: dict, shape: tuple[int, int, int]) -> np.ndarray:
     return region
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def edit_records(
-    proposal: np.ndarray, correction: np.ndarray, instances: list[dict], *, reviewer: str, number: int | None
+    proposal: np.ndarray,
+    correction: np.ndarray,
+    instances: list[dict],
+    *,
+    reviewer: str,
+    number: int | None,
+    spacing: tuple[float, ...] = (1.0, 1.0, 1.0),
 ) -> tuple[list[dict], dict]:
-    """Instance records with the edit (voxels changed, Dice proposal vs correction, reviewer) and a case
-    summary. An instance is compared on the whole map when it is its label's only one, else inside its
-    prompt boxes grown by 10 % + 2 px. Labels only the correction has become "manual" records."""
+    """Instance records with the edit (voxels changed, Dice proposal vs correction, the mean distance between
+    their boundaries in mm, reviewer) and a case summary. An instance is compared on the whole map when it is
+    its label's only one, else inside its prompt boxes grown by 10 % + 2 px. Labels only the correction has
+    become "manual" records."""
     counts: dict[int, int] = {}
     for inst in instances:
         counts[int(inst["label"])] = counts.get(int(inst["label"]), 0) + 1
@@ -320,6 +331,7 @@ def edit_records(
                 reviewer=reviewer,
                 edit_voxels=int(np.logical_xor(mine, theirs).sum()),
                 edit_dice=round(dice(mine, theirs), 5),
+                edit_boundary_mm=_rounded(boundary_distance_mm(mine, theirs, spacing=spacing)),
                 proposal_stage=inst.get("stage"),
                 stage="reviewed",
             )
@@ -405,7 +417,12 @@ def _commit_review(
 ) -> dict:
     number = attrs.round
     instances, summary = edit_records(
-        proposal, correction, list(attrs.instances), reviewer=reviewer, number=number
+        proposal,
+        correction,
+        list(attrs.instances),
+        reviewer=reviewer,
+        number=number,
+        spacing=attrs.geometry.spacing,
     )
     names = {
         value: spec_of(meaning)  # names, codes and colours kept as they were

@@ -217,30 +217,45 @@ def _routing(case_ids: list[str], store: CaseStore) -> dict:
 
 # -- the table and plot over rounds ----------------------------------------------------------------------
 def review_outcomes(store: CaseStore, *, threshold: float = 0.9) -> dict[int, dict]:
-    """Per proposal round: reviewed instances, the share accepted with minor edits (edit Dice >= threshold),
-    mean voxels changed and mean Dice of proposal vs correction; from the accepted cases' records."""
+    """Per proposal round, from the accepted cases' records: instances reviewed, the share accepted without
+    an edit and with minor edits (edit Dice >= threshold), the mean voxels changed, mean Dice and 1 - Dice of
+    proposal vs correction, the mean distance between their boundaries (mm), the masks edited and the cases
+    reviewed."""
     per_round: dict[int, list[dict]] = {}
-    for attrs in store.all_attributes().values():
+    cases: dict[int, set[str]] = {}
+    for case_id, attrs in store.all_attributes().items():
         if attrs.review_status != ACCEPTED:
             continue
         for inst in attrs.instances:
             if inst.get("edit_dice") is not None and inst.get("stage") != "manual":
-                per_round.setdefault(int(inst.get("round", 1)), []).append(inst)
+                number = int(inst.get("round", 1))
+                per_round.setdefault(number, []).append(inst)
+                cases.setdefault(number, set()).add(case_id)
     out = {}
     for number, rows in sorted(per_round.items()):
         dices = np.array([r["edit_dice"] for r in rows], float)
         voxels = [r.get("edit_voxels") or 0 for r in rows]
+        distances = [float(r["edit_boundary_mm"]) for r in rows if r.get("edit_boundary_mm") is not None]
+        edited = sum(v > 0 for v in voxels)
         out[number] = {
             "reviewed": len(rows),
+            "reviewed_cases": len(cases[number]),
+            "unedited": round(1 - edited / len(rows), 4),
+            "edited": edited,
             "accepted_minor_edit": round(float((dices >= threshold).mean()), 4),
             "mean_edit_voxels": round(float(np.mean(voxels)), 1),
             "mean_edit_dice": round(float(dices.mean()), 4),
+            "mean_one_minus_dice": round(float(1 - dices.mean()), 4),
+            "mean_boundary_mm": round(float(np.mean(distances)), 3) if distances else None,
         }
     return out
 
 
 def round_rows(store: CaseStore) -> list[dict]:
-    """One row per round: its report's figures and the review outcomes of its proposals."""
+    """One row per round, the data engine's figures as SA-1B and MedSAM2 report theirs: masks proposed and
+    per case, the automatic (auto-accepted) and reviewed shares, the share of reviewed masks accepted without
+    an edit, the edit size (1 - Dice and boundary distance between proposal and correction) and the effort it
+    implies (masks edited per reviewed case), with the round's time per case."""
     reviews = review_outcomes(store)
     rows = []
     for name in list_records(store, ROUNDS):
@@ -250,21 +265,48 @@ def round_rows(store: CaseStore) -> list[dict]:
         number = int(report.get("round", 0))
         routing = report.get("routing", {})
         review = reviews.get(number, {})
+        annotated = report.get("cases", {}).get("annotated")
+        proposed = sum((routing.get("instances") or {}).values()) or None
+        reviewed = review.get("reviewed", 0)
         rows.append(
             {
                 "round": number,
                 "model": str(report.get("model", {}).get("sha256", ""))[:12],
-                "annotated": report.get("cases", {}).get("annotated"),
+                "annotated": annotated,
                 "seconds_per_case": report.get("seconds_per_case"),
+                "proposed": proposed,
+                "masks_per_case": round(proposed / annotated, 2) if proposed and annotated else None,
                 "auto_acceptance_rate": routing.get("auto_acceptance_rate"),
                 "queued": report.get("queue", {}).get("cases"),
-                "reviewed": review.get("reviewed", 0),
+                "reviewed": reviewed,
+                "reviewed_share": round(reviewed / proposed, 4) if proposed and reviewed else None,
+                "unedited": review.get("unedited"),
                 "accepted_minor_edit": review.get("accepted_minor_edit"),
                 "mean_edit_voxels": review.get("mean_edit_voxels"),
                 "mean_edit_dice": review.get("mean_edit_dice"),
+                "mean_one_minus_dice": review.get("mean_one_minus_dice"),
+                "mean_boundary_mm": review.get("mean_boundary_mm"),
+                "edits_per_case": _per_case(review.get("edited"), review.get("reviewed_cases")),
             }
         )
     return rows
+
+
+def _per_case(count: int | None, cases: int | None) -> float | None:
+    return round(count / cases, 2) if count is not None and cases else None
+
+
+def record_review_outcomes(store: CaseStore) -> list[int]:
+    """Write each round's review outcomes (:func:`review_outcomes`) into its round record (``review``);
+    returns the rounds updated. Called after corrections are imported and by `round report`."""
+    updated = []
+    for number, outcome in review_outcomes(store).items():
+        name = f"round-{number:03d}.json"
+        report = read_record(store, ROUNDS, name)
+        if report is not None and report.get("review") != outcome:
+            write_record(store, {**report, "review": outcome}, ROUNDS, name)
+            updated.append(number)
+    return updated
 
 
 COLUMNS = (
@@ -272,12 +314,17 @@ COLUMNS = (
     "model",
     "annotated",
     "seconds_per_case",
+    "proposed",
+    "masks_per_case",
     "auto_acceptance_rate",
     "queued",
     "reviewed",
+    "reviewed_share",
+    "unedited",
     "accepted_minor_edit",
-    "mean_edit_voxels",
-    "mean_edit_dice",
+    "mean_one_minus_dice",
+    "mean_boundary_mm",
+    "edits_per_case",
 )
 
 
@@ -335,7 +382,8 @@ def format_finetune_table(rows: list[dict]) -> str:
 
 def write_round_table(store: CaseStore) -> dict[str, str]:
     """STORE/_rounds/rounds.md (the rounds, then fine-tuning per kind) and rounds.png (the plot); local
-    stores."""
+    stores. Each round's record gets its review outcomes first."""
+    record_review_outcomes(store)
     rows = round_rows(store)
     if not store.is_local:
         return {}
@@ -355,8 +403,9 @@ def write_round_table(store: CaseStore) -> dict[str, str]:
 
 
 def plot_rounds(rows: list[dict], path: Path) -> None:
-    """Write the PNG plot at ``path``: rates per round (auto-acceptance, accepted with minor edits, mean edit
-    Dice) and seconds per case (matplotlib, a dependency, loaded here: only `round report` plots)."""
+    """Write the PNG plot at ``path``: rates per round (auto-acceptance, accepted without an edit, accepted
+    with minor edits, edit size as 1 - Dice) and seconds per case (matplotlib, a dependency, loaded here:
+    only `round report` plots)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -366,8 +415,9 @@ def plot_rounds(rows: list[dict], path: Path) -> None:
     fig, (rates, seconds) = plt.subplots(1, 2, figsize=(9, 3.5))
     for key, name in (
         ("auto_acceptance_rate", "auto-accepted"),
+        ("unedited", "accepted without an edit"),
         ("accepted_minor_edit", "minor edit only"),
-        ("mean_edit_dice", "Dice proposal vs correction"),
+        ("mean_one_minus_dice", "edit size (1 - Dice)"),
     ):
         values = [np.nan if r.get(key) is None else r[key] for r in rows]
         rates.plot(numbers, values, marker="o", label=name)

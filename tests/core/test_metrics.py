@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -28,3 +29,18 @@ def test_present_labels_on_an_empty_map_and_the_largest_uint16():
     assert present_labels(np.zeros((0, 4), np.uint16)) == []
     assert present_labels(np.zeros((3, 4, 5), np.uint8)) == []
     assert present_labels(np.array([[0, 65535], [3, 3]], np.uint16)) == [3, 65535]
+
+
+def test_boundary_distance_is_the_mean_surface_distance_in_mm():
+    from medsam_engine.pipeline.core.metrics import boundary_distance_mm
+
+    a = np.zeros((1, 20, 20), bool)
+    a[0, 5:15, 5:15] = True
+    b = np.zeros_like(a)
+    b[0, 5:15, 7:17] = True  # shifted 2 columns
+    assert boundary_distance_mm(a, a, spacing=(1.0, 1.0, 1.0)) == 0.0
+    shifted = boundary_distance_mm(a, b, spacing=(1.0, 1.0, 1.0))
+    assert 0.0 < shifted <= 2.0
+    assert boundary_distance_mm(a, b, spacing=(1.0, 1.0, 0.5)) == pytest.approx(shifted / 2, rel=0.35)
+    assert boundary_distance_mm(a, np.zeros_like(a), spacing=(1.0, 1.0, 1.0)) is None
+    assert boundary_distance_mm(np.zeros_like(a), np.zeros_like(a), spacing=(1.0, 1.0, 1.0)) == 0.0

@@ -108,11 +108,23 @@ def test_round_table_reports_review_outcomes_per_round(two_rounds, capsys):
     assert rows[0]["mean_edit_dice"] == pytest.approx(np.mean([i["edit_dice"] for i in reviewed]), abs=1e-3)
     assert rows[1]["reviewed"] == 0
     assert rows[1]["annotated"] == 1
+    # the data engine's figures, as SA-1B and MedSAM2 report theirs
+    edited = [i for i in reviewed if i["edit_voxels"] > 0]
+    assert rows[0]["unedited"] == pytest.approx(1 - len(edited) / len(reviewed), abs=1e-4)
+    assert rows[0]["mean_one_minus_dice"] == pytest.approx(1 - rows[0]["mean_edit_dice"], abs=1e-3)
+    distances = [i["edit_boundary_mm"] for i in reviewed if i["edit_boundary_mm"] is not None]
+    assert rows[0]["mean_boundary_mm"] == pytest.approx(np.mean(distances), abs=1e-3)
+    assert rows[0]["edits_per_case"] == len(edited)  # one reviewed case
+    assert rows[0]["proposed"] >= len(reviewed)
+    assert rows[0]["masks_per_case"] == pytest.approx(rows[0]["proposed"] / rows[0]["annotated"], abs=0.01)
     assert main(["round", "report", str(store.root)]) == 0
     out = capsys.readouterr().out
     assert "| 1 |" in out
     assert "| 2 |" in out
-    assert "mean_edit_dice" in out
+    assert "mean_one_minus_dice" in out
+    assert "mean_boundary_mm" in out
+    record = json.loads((store.root / ROUNDS / "round-001.json").read_text())
+    assert record["review"]["reviewed"] == len(reviewed)  # the round record carries its review outcomes
     assert (store.root / ROUNDS / "rounds.png").stat().st_size > 1000  # matplotlib is a dependency
     rounds_table, tuning = (store.root / ROUNDS / "rounds.md").read_text().split("\n\n", 1)
     assert rounds_table.count("\n") == 3  # header, rule, rounds 1 and 2
