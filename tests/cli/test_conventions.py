@@ -88,5 +88,5 @@ def test_log_lines_carry_a_timestamp_and_third_party_warnings_stay_out(tmp_path,
     assert any(" ERROR medsam_engine.pipeline.annotate.driver: " in line for line in log_lines)
     for noise in ("FutureWarning", "Unclosed client session", "Traceback"):
         assert noise not in done.stderr
-    assert re.search(r"^done\s+\w+$", done.stdout, re.M)
+    assert re.search(r"^done\s+\w+  1 slices in [\d.]+ s \(read [\d.]+, ", done.stdout, re.M)  # -v: stages
     assert re.search(r"^failed\s+\w+\s+\S", done.stdout, re.M)

@@ -20,8 +20,13 @@ from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 def _annotate_argv(two_tiles, store, box_fill) -> list[str]:
+    """The two tiles annotated one case at a time (the box-fill runner is fast enough that two case workers
+    would reach their commits together, and "killed while the second case commits" must mean the first is
+    done)."""
+    config = store.parent / "one-at-a-time.yaml"
+    config.write_text(box_fill.read_text() + "pipeline:\n  case_workers: 1\n")
     argv = ["annotate", str(two_tiles[0]), "--coarse-mask", str(two_tiles[1]), "--out", str(store)]
-    return [*argv, "--config", str(box_fill)]
+    return [*argv, "--config", str(config)]
 
 
 def _check_whole(store: CaseStore) -> None:
@@ -39,8 +44,8 @@ def _check_whole(store: CaseStore) -> None:
         (
             "medsam_engine.pipeline.annotate.driver:read_case",
             2,
-            0,
-        ),  # reading the second case ahead, the first in the model
+            1,
+        ),  # reading the second case, the first committed
         ("medsam_engine.pipeline.annotate.driver:segment_volume", 1, 0),  # in the model
         (
             "medsam_engine.pipeline.store.ome_zarr:image_label_metadata",

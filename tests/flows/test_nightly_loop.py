@@ -175,9 +175,8 @@ def test_nightly_round_from_the_pacs_reviewed_finetuned_and_the_next_night(
 
     # the reviewer corrects series a (the reference lungs, dilated by hand) and stores the SEG in the PACS
     by_series = {}
-    for case_id in cases.committed_cases():
-        files = cases.manifest(case_id)["files"]
-        by_series[pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID] = case_id
+    for case_id in cases.committed_cases():  # downloads go with the commits; the manifest keeps the UIDs
+        by_series[cases.manifest(case_id)["dicom"]["series_uid"]] = case_id
     reviewed, stale = by_series[SERIES[0]], by_series[SERIES[1]]
     folder = pacs["folders"][SERIES[0]]
     reference = align_to(read_volume(small_chest[1]), read_volume(folder))

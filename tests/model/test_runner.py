@@ -43,7 +43,7 @@ def test_litemedsam_checkpoint_missing_a_weight_is_refused_by_strict_loading(tmp
 def test_checkpoint_that_is_not_a_torch_file_is_refused(tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"\x00garbage" * 100)
-    with pytest.raises(CheckpointError, match="could not be loaded"):
+    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint"):
         load_lite_medsam(bad)
 
 
