@@ -25,7 +25,7 @@ from medsam_engine.pipeline.annotate.signature import signature_or_none
 from medsam_engine.pipeline.core.outcome import CaseOutcome
 from medsam_engine.pipeline.core.types import CaseRef
 from medsam_engine.pipeline.io.discover import DiscoveryOptions, discover
-from medsam_engine.pipeline.io.readers import NIFTI_SUFFIXES, NRRD_SUFFIXES, suffix_of
+from medsam_engine.pipeline.io.formats import NIFTI, NRRD, format_of
 from medsam_engine.pipeline.store.case_store import CaseStore
 from medsam_engine.pipeline.store.records import quarantined
 
@@ -78,10 +78,10 @@ def estimate_slices(case: CaseRef) -> int:
             return len(case.files)
         if case.kind == "dicom-multiframe":
             return _frames(Path(case.files[0]))
-        suffix = suffix_of(case.image)
-        if suffix in NIFTI_SUFFIXES:
+        fmt = format_of(case.image)
+        if fmt is NIFTI:
             return _nifti_slices(Path(case.image))
-        if suffix in NRRD_SUFFIXES or suffix == ".seg.nrrd":
+        if fmt is NRRD:
             return _nrrd_slices(Path(case.image))
     except Exception as exc:
         log.debug("case %s: no slice count from its header (%s)", case.case_id, type(exc).__name__)

@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 
 from medsam_engine.pipeline.core.atomic import write_text_atomic
 from medsam_engine.pipeline.io.dicom_scan import dicom_ids
-from medsam_engine.pipeline.io.readers import stem_of
+from medsam_engine.pipeline.io.formats import stem_of
 from medsam_engine.pipeline.store.case_store import CaseStore
 from medsam_engine.pipeline.store.inventory import input_given
 

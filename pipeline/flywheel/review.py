@@ -42,7 +42,8 @@ from medsam_engine.pipeline.export.seg_nrrd import write_case_seg_nrrd
 from medsam_engine.pipeline.export.traceable import case_source, case_sources, write_cases_csv
 from medsam_engine.pipeline.io.dicom_seg_reader import referenced_series
 from medsam_engine.pipeline.io.dicomweb import fetch_seg, find_segs, newest_per_series
-from medsam_engine.pipeline.io.readers import read_volume, stem_of
+from medsam_engine.pipeline.io.formats import stem_of
+from medsam_engine.pipeline.io.readers import read_volume
 from medsam_engine.pipeline.report.qc import write_review_report
 from medsam_engine.pipeline.store.case_store import CaseStore
 from medsam_engine.pipeline.store.labels_meta import meanings_from_properties, spec_of

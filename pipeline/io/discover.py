@@ -62,21 +62,12 @@ from medsam_engine.pipeline.io.dicomweb import (
     newest_per_series,
     query_studies,
 )
-from medsam_engine.pipeline.io.readers import (
-    DICOM_SUFFIXES,
-    IMAGE_SUFFIXES,
-    NIFTI_SUFFIXES,
-    NRRD_SUFFIXES,
-    has_dicom_marker,
-    mask_folder_files,
-    stem_of,
-    suffix_of,
-)
+from medsam_engine.pipeline.io.formats import DICOM, VOLUMES, format_of, stem_of, suffix_of
+from medsam_engine.pipeline.io.readers import has_dicom_marker, mask_folder_files
 from medsam_engine.pipeline.io.remote import fetch_remote, is_remote_url
 
 log = logging.getLogger(__name__)
 
-VOLUME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES + IMAGE_SUFFIXES
 MAX_ARCHIVE_DEPTH = 2
 GROUP_KINDS = {"series": "dicom-series", "multiframe": "dicom-multiframe", "planar": "dicom-image"}
 
@@ -214,14 +205,14 @@ class _Finder:
         candidates: list[Path] = []
         ignored: Counter[str] = Counter()
         for path in _visible_files(folder):
-            suffix = suffix_of(path)
+            suffix, fmt = suffix_of(path), format_of(path)
             if not path.exists():
                 cases.append(self.error_case("path:" + str(path), path, f"{path.name}: a link to nothing"))
             elif is_archive(path):
                 cases += self.archive(path, depth)
-            elif suffix in VOLUME_SUFFIXES:
+            elif fmt in VOLUMES:
                 cases.append(self.file_case(path))
-            elif suffix in DICOM_SUFFIXES or has_dicom_marker(path):
+            elif fmt is DICOM or has_dicom_marker(path):
                 candidates.append(path)
             else:
                 ignored[suffix or "no suffix"] += 1
@@ -399,7 +390,7 @@ def _seg_masks(folder: Path) -> dict[str, Path]:
     """The DICOM SEG files in a mask folder, by the SeriesInstanceUID they reference (kept in memory only)."""
     found: dict[str, Path] = {}
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        if suffix_of(path) in (*DICOM_SUFFIXES, "") or has_dicom_marker(path):
+        if format_of(path) is DICOM or not suffix_of(path) or has_dicom_marker(path):
             uid = referenced_series(path)
             if uid:
                 found.setdefault(uid, path)

@@ -25,6 +25,15 @@ from medsam_engine.pipeline.core.orientation import LPS_TO_RAS, canonical_volume
 from medsam_engine.pipeline.core.types import CaseRef, Geometry, Volume
 from medsam_engine.pipeline.io.dicom import read_dicom_files, read_dicom_series
 from medsam_engine.pipeline.io.dicom_seg_reader import is_dicom_seg, read_dicom_seg, seg_label_names
+from medsam_engine.pipeline.io.formats import (
+    DICOM,
+    IMAGE_2D,
+    NIFTI,
+    NRRD,
+    format_of,
+    stem_of,
+    suffix_of,
+)
 from medsam_engine.pipeline.io.isolate import WorkerCrash, default_pool
 from medsam_engine.pipeline.io.slicer_seg import read_seg_nrrd, seg_nrrd_names
 
@@ -33,28 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-NRRD_SUFFIXES = (".nrrd", ".nhdr")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 READ_TIMEOUT_S = 1800.0
-
-
-def suffix_of(path: str | Path) -> str:
-    name = Path(path).name.lower()
-    for suffix in (*NIFTI_SUFFIXES, ".seg.nrrd", *NRRD_SUFFIXES, *IMAGE_SUFFIXES, *DICOM_SUFFIXES):
-        if name.endswith(suffix):
-            return ".nrrd" if suffix == ".seg.nrrd" else suffix
-    return Path(name).suffix
-
-
-def stem_of(path: str | Path) -> str:
-    """File name without its image suffix ('ct.nii.gz' -> 'ct', 'a.seg.nrrd' -> 'a')."""
-    name = Path(path).name
-    for suffix in (".seg.nrrd", *NIFTI_SUFFIXES, *NRRD_SUFFIXES, *IMAGE_SUFFIXES, *DICOM_SUFFIXES):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 IN_MEMORY_NIFTI_BYTES = 1 << 30  # a .nii.gz up to this size (uncompressed) is inflated in one call
@@ -185,8 +173,7 @@ def mask_folder_files(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         return []
     files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    volumes = (*NIFTI_SUFFIXES, *NRRD_SUFFIXES)
-    if not files or not all(p.is_file() and suffix_of(p) in volumes for p in files):
+    if not files or not all(p.is_file() and format_of(p) in (NIFTI, NRRD) for p in files):
         return []
     return files
 
@@ -221,18 +208,15 @@ def read_volume(path: str | Path) -> Volume:
     path = Path(path)
     if not path.exists():
         raise ReadError(f"{path.name}: no such file or folder")
-    suffix = suffix_of(path)
-    readers = {
-        **dict.fromkeys(NIFTI_SUFFIXES, read_nifti),
-        **dict.fromkeys(NRRD_SUFFIXES, read_nrrd),
-        **dict.fromkeys(IMAGE_SUFFIXES, read_image_2d),
-    }
-    if not path.is_dir() and suffix in readers:
-        return _guarded(path, path.name, lambda: readers[suffix](path))
+    suffix, fmt = suffix_of(path), format_of(path)
+    readers = {NIFTI: read_nifti, NRRD: read_nrrd, IMAGE_2D: read_image_2d}
+    if not path.is_dir() and fmt in readers:
+        read = readers[fmt]
+        return _guarded(path, path.name, lambda: read(path))
     if path.is_dir() and mask_folder_files(path):  # one mask per structure
         return read_mask_folder(path)
     # DICOM: a series folder, a DICOM suffix, or a file with no suffix or the 'DICM' marker (often unnamed)
-    dicom_file = not path.is_dir() and (suffix in DICOM_SUFFIXES or not suffix or has_dicom_marker(path))
+    dicom_file = not path.is_dir() and (fmt is DICOM or not suffix or has_dicom_marker(path))
     if dicom_file and is_dicom_seg(path):  # a segmentation (a coarse mask or a correction)
         return _guarded(path, path.name, lambda: read_dicom_seg(path))
     if path.is_dir() or dicom_file:
@@ -295,27 +279,13 @@ def read_case(
         ) from exc
 
 
-LIBRARIES = {"dicom": ("pydicom",), "nifti": ("nibabel", "isal.isal_zlib"), "nrrd": ("nrrd",), "2d": ("cv2",)}
-
-
 def libraries_for(cases: Iterable[CaseRef] | None) -> tuple[str, ...]:
-    """The modules that reading ``cases`` will import (by each input's kind); None: those of DICOM and NIfTI,
-    the kinds an archive mostly holds."""
+    """The modules that reading ``cases`` will import (by each input's format, pipeline/io/formats.py);
+    None: those of DICOM and NIfTI, the formats an archive mostly holds."""
     if cases is None:
-        return LIBRARIES["dicom"] + LIBRARIES["nifti"]
-    kinds = set()
-    for case in cases:
-        suffix = "" if case.files else suffix_of(case.image)
-        kinds.add(
-            "nifti"
-            if suffix in NIFTI_SUFFIXES
-            else "nrrd"
-            if suffix in NRRD_SUFFIXES
-            else "2d"
-            if suffix in IMAGE_SUFFIXES
-            else "dicom"
-        )
-    return tuple(name for kind in sorted(kinds) for name in LIBRARIES[kind])
+        return DICOM.libraries + NIFTI.libraries
+    formats = {(None if case.files else format_of(case.image)) or DICOM for case in cases}
+    return tuple(name for fmt in sorted(formats, key=lambda f: f.name) for name in fmt.libraries)
 
 
 def preload(names: tuple[str, ...]) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 from medsam_engine.pipeline.core.errors import CaseError
 from medsam_engine.pipeline.core.geometry import align_to
 from medsam_engine.pipeline.core.metrics import per_label_scores
-from medsam_engine.pipeline.io.readers import read_volume, stem_of
+from medsam_engine.pipeline.io.formats import stem_of
+from medsam_engine.pipeline.io.readers import read_volume
 from medsam_engine.pipeline.store.case_store import CaseStore
 
 
