@@ -57,3 +57,40 @@ def object_scores(
             tp, fn, fp = tp + a, fn + b, fp + c
         out[label] = {"objects": tp + fn, "recall": tp / max(tp + fn, 1), "precision": tp / max(tp + fp, 1)}
     return out
+
+
+def recist_axes(
+    mask: np.ndarray, spacing_yx: tuple[float, float] = (1.0, 1.0)
+) -> tuple[np.ndarray, np.ndarray]:
+    """The RECIST axes a reader draws on a (H, W) boolean mask: the long axis joins the two pixels furthest
+    apart (in mm), the short axis is the longest chord perpendicular to it. Returns two (2, 2) arrays of
+    x/y pixel indices (end points, pixel centres)."""
+    from scipy.spatial import ConvexHull
+
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        raise ValueError("Argument 'mask' must hold at least one pixel.")
+    scale = np.array([spacing_yx[1], spacing_yx[0]], dtype=float)
+    mm = np.column_stack([xs, ys]) * scale
+    try:
+        hull = mm[ConvexHull(mm).vertices]
+    except Exception:  # a line or a point of pixels: every pixel is on the hull
+        hull = mm
+    far = np.linalg.norm(hull[:, None] - hull[None], axis=-1)
+    i, j = np.unravel_index(int(np.argmax(far)), far.shape)
+    long_mm = hull[[i, j]]
+    direction = (long_mm[1] - long_mm[0]) / max(float(far[i, j]), 1e-9)
+    normal = np.array([-direction[1], direction[0]])
+    along, across = mm @ direction, mm @ normal
+    step = float(min(scale))
+    bins = np.round(along / step).astype(int)
+    best, short_mm = -1.0, np.array([mm[0], mm[0]])
+    for b in np.unique(bins):
+        inside = bins == b
+        low, high = (
+            int(np.argmin(np.where(inside, across, np.inf))),
+            int(np.argmax(np.where(inside, across, -np.inf))),
+        )
+        if across[high] - across[low] > best:
+            best, short_mm = float(across[high] - across[low]), mm[[low, high]]
+    return long_mm / scale, short_mm / scale

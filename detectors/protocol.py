@@ -8,22 +8,30 @@ for its own options, validated when the run configuration is loaded, before any 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from medsam_engine.pipeline.core.types import BoxPrompt, Volume
+from medsam_engine.pipeline.core.types import BoxPrompt, ObjectBox, Volume
 
 
 @dataclass(frozen=True)
 class Detection:
     """What a detector found on one Volume: prompts (XYXY voxel boxes), and the (z, y, x) label map they
-    came from (None when there is none), and label names where the detector knows them."""
+    came from (None when there is none), and label names where the detector knows them.
+
+    ``objects`` is set by detectors that know only a seed per object (a mark on its key slice): each
+    object's range is open and the run propagates from the seed whatever the configured mode. ``warnings``
+    names what the detector could not use and why (kept in the case's record); ``origins`` adds to the
+    lineage record of (label, instance) where its prompt came from."""
 
     prompts: list[BoxPrompt]
     label_map: np.ndarray | None = None
     label_names: dict[int, str] = field(default_factory=dict)
+    objects: list[ObjectBox] | None = None
+    warnings: tuple[str, ...] = ()
+    origins: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
 
 
 class Detector(Protocol):

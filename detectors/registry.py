@@ -11,21 +11,24 @@ from pydantic import Field, ValidationError
 
 from medsam_engine.detectors.coarse_mask import BoxRules, compile_boxes
 from medsam_engine.detectors.intensity import IntensityDetector, IntensityOptions
+from medsam_engine.detectors.marks import MarksDetector, MarksOptions
 from medsam_engine.detectors.protocol import Detection, Detector, DetectorOptions
-from medsam_engine.pipeline.core.types import Volume
+from medsam_engine.pipeline.core.types import CaseRef, Volume
 
 
 @dataclass(frozen=True)
 class DetectorSpec:
     """A registry entry: how to build the detector from box rules, validated options and (optionally)
-    a model provider (an object with ``get()`` returning a LiteMedSAMRunner, loaded on first use)."""
+    a model provider (an object with ``get()`` returning a LiteMedSAMRunner, loaded on first use); with
+    ``needs_case`` the builder also takes the case (``case=``), whose files the detector reads."""
 
     name: str
     options: type[DetectorOptions]
-    build: Callable[[BoxRules, Any, Any], Detector]
+    build: Callable[..., Detector]
     needs_coarse_mask: bool = False
     needs_model: bool = False
     description: str = ""
+    needs_case: bool = False
 
 
 class CoarseMaskOptions(DetectorOptions):
@@ -57,6 +60,10 @@ def _build_learned(rules: BoxRules, options: Any, runner: Any) -> Detector:
     )
 
 
+def _build_marks(rules: BoxRules, options: Any, runner: Any, *, case: CaseRef | None = None) -> Detector:
+    return MarksDetector(rules=rules, options=options, case=case)
+
+
 class LearnedOptions(DetectorOptions):
     """The trained head to use and where its heat maps become objects."""
 
@@ -85,6 +92,13 @@ REGISTRY: dict[str, DetectorSpec] = {
         needs_model=True,
         description="a head on LiteMedSAM embeddings trained by `detector train`",
     ),
+    "marks": DetectorSpec(
+        "marks",
+        MarksOptions,
+        _build_marks,
+        description="seed boxes from radiologists' GSPS/SR marks (marks=PATH), propagated through slices",
+        needs_case=True,
+    ),
 }
 
 
@@ -106,11 +120,19 @@ def validate_options(name: str, options: dict) -> DetectorOptions:
 
 
 def build_detector(
-    name: str, *, rules: BoxRules = BoxRules(), options: dict | None = None, runner: Any = None
+    name: str,
+    *,
+    rules: BoxRules = BoxRules(),
+    options: dict | None = None,
+    runner: Any = None,
+    case: CaseRef | None = None,
 ) -> Detector:
     """The registered detector ``name`` with validated ``options``; ``runner`` serves detectors that need
-    the model (it must have ``get()``)."""
+    the model (it must have ``get()``), ``case`` those that read the case's files (``needs_case``)."""
     spec = get_spec(name)
     if spec.needs_model and runner is None:
         raise ValueError(f"detector '{name}' needs the model; pass a runner")
-    return spec.build(rules, validate_options(name, options or {}), runner)
+    validated = validate_options(name, options or {})
+    if spec.needs_case:
+        return spec.build(rules, validated, runner, case=case)
+    return spec.build(rules, validated, runner)

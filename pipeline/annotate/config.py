@@ -61,7 +61,7 @@ class PromptSection(_Section):
     """Which detector makes the boxes, the rules every detector's boxes follow, and its own options."""
 
     detector: str = Field(
-        "coarse-mask", description="prompt source: coarse-mask, intensity or learned (--detector)"
+        "coarse-mask", description="prompt source: coarse-mask, intensity, learned or marks (--detector)"
     )
     box_margin: int = Field(0, ge=0, description="pixels added on every side of each box")
     box_margin_mm: float = Field(0.0, ge=0, description="millimetres added on every side (after box_margin)")

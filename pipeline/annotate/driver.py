@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from medsam_engine.detectors.coarse_mask import object_boxes
+from medsam_engine.detectors.protocol import Detection
 from medsam_engine.detectors.registry import build_detector, get_spec
 from medsam_engine.pipeline.annotate.config import EngineConfig
 from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
@@ -52,7 +53,7 @@ from medsam_engine.pipeline.core.errors import (
 from medsam_engine.pipeline.core.geometry import align_to
 from medsam_engine.pipeline.core.outcome import CaseOutcome
 from medsam_engine.pipeline.core.provenance import utc_stamp
-from medsam_engine.pipeline.core.types import BoxPrompt, CaseRef, Volume
+from medsam_engine.pipeline.core.types import BoxPrompt, CaseRef, ObjectBox, Volume
 from medsam_engine.pipeline.export.traceable import DICOM_KINDS
 from medsam_engine.pipeline.io.cache import DICOMWEB_SERIES, remember_digest
 from medsam_engine.pipeline.io.dicom_scan import dicom_ids
@@ -137,10 +138,11 @@ def label_values(coarse: np.ndarray) -> np.ndarray:
 
 def case_prompts(
     case: CaseRef, volume: Volume, config: EngineConfig, runner: LazyRunner
-) -> tuple[np.ndarray | None, list[BoxPrompt], dict[int, str]]:
-    """The case's coarse label map (given or found), its box prompts from the configured detector, and the
-    label names (from the coarse mask's file, then the detector's, then the configured label table, whose
-    entries also carry SNOMED codes and colours)."""
+) -> tuple[np.ndarray | None, Detection, dict[int, str]]:
+    """The case's coarse label map (given or found), the configured detector's Detection (box prompts, and
+    seed objects, warnings and prompt origins where it has them), and the label names (from the coarse
+    mask's file, then the detector's, then the configured label table, whose entries also carry SNOMED codes
+    and colours)."""
     coarse = None
     if case.coarse_mask:
         coarse = align_to(read_volume(case.coarse_mask), volume, what="coarse mask")
@@ -150,7 +152,7 @@ def case_prompts(
     section = config.prompts
     try:
         detector = build_detector(
-            section.detector, rules=section.box_rules(), options=section.options, runner=runner
+            section.detector, rules=section.box_rules(), options=section.options, runner=runner, case=case
         )
         detection = detector(volume, coarse)
     except ValueError as exc:
@@ -158,7 +160,7 @@ def case_prompts(
     names: dict = dict(label_names_of(case.coarse_mask)) if case.coarse_mask else {}
     names.update(detection.label_names)
     names.update(config.label_specs())  # the user's label table has the last word
-    return detection.label_map, detection.prompts, names
+    return detection.label_map, detection, names
 
 
 def clean(
@@ -213,21 +215,24 @@ def annotate_case(
     lock = model_lock or contextlib.nullcontext()
     with timed(stages, "prompts"):
         with lock if get_spec(config.prompts.detector).needs_model else contextlib.nullcontext():
-            coarse, prompts, label_names = case_prompts(case, volume, config, runner)
+            coarse, detection, label_names = case_prompts(case, volume, config, runner)
+        prompts, objects = detection.prompts, detection.objects
+        if objects is not None:  # seeds with open ranges (marks): propagated whatever the configured mode
+            config = config.with_overrides(model={"mode": "propagate"})
         rendered, window_of, windows = renderings(volume, coarse, prompts, config)
-    slices = len({p.z for p in prompts})
+    slices = len({p.z for p in prompts}) if objects is None else volume.shape[0]
     with timed(stages, "model"):  # with the wait for the model, when other cases hold it
         model = runner.get()
         batch = encoder_batch(model, config)
         if model_lock is not None and batch_across_cases(model, config):
             shared = runner.shared(model_lock, batch)
             label_map, records = _segment(
-                rendered, prompts, window_of, config, shared, progress, slices, batch
+                rendered, prompts, window_of, config, shared, progress, slices, batch, objects=objects
             )
         else:
             with lock:
                 label_map, records = _segment(
-                    rendered, prompts, window_of, config, model, progress, slices, batch
+                    rendered, prompts, window_of, config, model, progress, slices, batch, objects=objects
                 )
     with timed(stages, "clean"):
         label_map, cleaning = clean(label_map, volume, config, present_after(records))
@@ -243,6 +248,7 @@ def annotate_case(
         "config": config.model_dump(mode="json"),
         "committed_at": utc_stamp(),
     }
+    with_detection_notes(attrs, detection)
     image = volume.array if config.store.write_image else None
     if lease is not None and lease.lost:
         raise StoreConflictError(
@@ -263,6 +269,20 @@ def annotate_case(
             keep_versions=config.store.keep_versions,
         )
     return slices
+
+
+def with_detection_notes(attrs: dict, detection: Detection) -> None:
+    """Add what the detector could not use (``prompt_warnings``) and each instance's prompt origin
+    (``prompt_origin`` in its lineage record) to a case's attributes."""
+    if detection.warnings:
+        attrs["prompt_warnings"] = list(detection.warnings)
+    if detection.origins:
+        attrs["instances"] = [
+            dict(i, prompt_origin=detection.origins[(i["label"], i["instance"])])
+            if (i["label"], i["instance"]) in detection.origins
+            else i
+            for i in attrs["instances"]
+        ]
 
 
 def encoder_batch(model, config: EngineConfig) -> int:
@@ -286,8 +306,11 @@ def _segment(
     progress,
     slices: int,
     batch: int,
+    *,
+    objects: list[ObjectBox] | None = None,
 ):
-    """The model's part of a case: (label map, instance records) in the configured mode."""
+    """The model's part of a case: (label map, instance records) in the configured mode; ``objects`` are
+    the detector's seed objects (propagated), else the prompts' objects in propagate mode."""
     if progress is not None:
         progress.reset(total=slices)
     on_slice = None if progress is None else lambda: progress.update(1)
@@ -296,7 +319,7 @@ def _segment(
         return propagate_volume(
             model,
             rendered,
-            object_boxes(prompts),
+            object_boxes(prompts) if objects is None else objects,
             window_of=window_of,
             rules=rules,
             model_name=model.model.name,

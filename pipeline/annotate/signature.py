@@ -3,8 +3,10 @@ package version). Same signature -> nothing to do; another -> refused unless ove
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+from medsam_engine.detectors.marks_files import as_paths
 from medsam_engine.pipeline.annotate.config import EngineConfig
 from medsam_engine.pipeline.core.errors import ReadError, is_transient
 from medsam_engine.pipeline.core.provenance import package_version
@@ -25,6 +27,9 @@ def case_signature(case: CaseRef, config: EngineConfig, model_sha256: str) -> di
     artefact = config.prompts.options.get("artefact") if config.prompts.detector == "learned" else None
     if artefact:
         signature["detector_sha256"] = content_hash(str(artefact))
+    if config.prompts.detector == "marks":  # the marks are the prompts: other marks, another result
+        paths = as_paths(config.prompts.options["marks"]) + as_paths(config.prompts.options.get("images", []))
+        signature["marks_sha256"] = hashlib.sha256("\n".join(map(content_hash, paths)).encode()).hexdigest()
     return signature
 
 

@@ -156,7 +156,7 @@ def add_prompt_options(parser: argparse.ArgumentParser, *, checkpoint_help: str)
         "3D Slicer colour table; names, codes and colours go into the store and every export",
     )
     parser.add_argument(
-        "--detector", default=None, help="prompt source: coarse-mask (default), intensity, learned"
+        "--detector", default=None, help="prompt source: coarse-mask (default), intensity, learned, marks"
     )
     parser.add_argument(
         "--detector-option",
