@@ -17,6 +17,8 @@ import os
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -348,18 +350,8 @@ def _already_committed(store: CaseStore, case: CaseRef, node: str) -> CaseOutcom
     return CaseOutcome(case.case_id, "skipped", reason="already committed with the same signature", node=node)
 
 
-def _attempt(
-    case: CaseRef,
-    store: CaseStore,
-    config: EngineConfig,
-    runner: LazyRunner,
-    *,
-    run_id: str,
-    overwrite: bool,
-    progress,
-    model_lock,
-    node: str,
-) -> CaseOutcome:
+def _attempt(case: CaseRef, run: RunContext, *, progress, node: str) -> CaseOutcome:
+    store, config, runner = run.store, run.config, run.runner
     start = time.perf_counter()
     given, listed = case.image, case
     if listed.kind == DICOMWEB_SERIES:  # downloaded before with as many instances: its digest is known
@@ -372,7 +364,7 @@ def _attempt(
         remember_digest(store.cache_dir(), listed, signature["input_sha256"])
     if committed_with(store, case.case_id, signature):
         return _already_committed(store, case, node)
-    with leased(store, case.case_id, run_id=run_id, ttl_s=config.store.lease_ttl_s) as lease:
+    with leased(store, case.case_id, run_id=run.run_id, ttl_s=config.store.lease_ttl_s) as lease:
         if lease is None:
             other = (holder(store, case.case_id) or {}).get("run_id", "another run")
             return CaseOutcome(case.case_id, "skipped", reason=f"in progress in run {other}", node=node)
@@ -393,10 +385,10 @@ def _attempt(
             config,
             runner,
             signature=signature,
-            overwrite=overwrite,
+            overwrite=run.overwrite,
             progress=progress,
             lease=lease,
-            model_lock=model_lock,
+            model_lock=run.model_lock,
             current=current,
             stages=stages,
         )
@@ -410,46 +402,40 @@ def _attempt(
     )
 
 
-def run_case(
-    case: CaseRef,
-    store: CaseStore,
-    config: EngineConfig,
-    runner: LazyRunner,
-    *,
-    run_id: str,
-    policy: FailurePolicy = LOCAL,
-    overwrite: bool = False,
-    progress=None,
-    model_lock=None,
-    node: Callable[[], str] | None = None,
-) -> CaseOutcome:
-    """Annotate and commit one case under ``policy``; never raises for the case's own failure.
+@dataclass(frozen=True)
+class RunContext:
+    """What every case of one run shares, built once and handed to :func:`run_case`: the ``store`` it
+    commits into, the engine ``config``, the model (``runner``, loaded on first use), the ``run_id`` its
+    leases and records carry, the failure ``policy``, whether a case committed with another signature is
+    replaced (``overwrite``), the ``model_lock`` that concurrent cases' model work takes (None: one case at a
+    time), and ``node``, which names the machine in outcomes. The local engine builds one per run, a Ray actor
+    one per call from the run's typed Job."""
+
+    store: CaseStore
+    config: EngineConfig
+    runner: LazyRunner
+    run_id: str
+    policy: FailurePolicy = LOCAL
+    overwrite: bool = False
+    model_lock: Any = None
+    node: Callable[[], str] | None = None
+
+
+def run_case(case: CaseRef, run: RunContext, *, progress=None) -> CaseOutcome:
+    """Annotate and commit one case of ``run`` under its policy; never raises for the case's own failure.
 
     Transient errors are retried; a failure is recorded in STORE/_errors with its stage and reason (and
     quarantined when the policy asks, unless the next run should simply retry it); :class:`RunError` (no
     usable model; :class:`StoreUnavailableError` when the store is full, read-only or not writable, which
-    would fail every next case the same way) propagates. ``model_lock`` serialises the model work of
-    concurrent calls: cases run on several threads at once (the local job's and a Ray actor's case workers)
-    read, prompt, clean and commit in parallel while the model works on one case at a time; ``node`` names
-    the machine in the outcome.
+    would fail every next case the same way) propagates. The run's ``model_lock`` serialises the model work
+    of concurrent calls: cases run on several threads at once (the local job's and a Ray actor's case
+    workers) read, prompt, clean and commit in parallel while the model works on one case at a time.
     """
+    store, config, runner, policy, node = run.store, run.config, run.runner, run.policy, run.node
     where = node() if node is not None else ""
     start = time.perf_counter()
     try:
-        return with_retries(
-            lambda: _attempt(
-                case,
-                store,
-                config,
-                runner,
-                run_id=run_id,
-                overwrite=overwrite,
-                progress=progress,
-                model_lock=model_lock,
-                node=where,
-            ),
-            policy,
-        )
+        return with_retries(lambda: _attempt(case, run, progress=progress, node=where), policy)
     except RunError:
         raise
     except Exception as exc:
@@ -463,7 +449,7 @@ def run_case(
         log.debug("case %s:\n%s", case.case_id, traceback.format_exc())  # may name files: debug only
     log.error("case %s failed at %s: %s", case.case_id, stage, reason)
     try:
-        store.record_error(case.case_id, stage=stage, reason=reason, run_id=run_id)
+        store.record_error(case.case_id, stage=stage, reason=reason, run_id=run.run_id)
         if store.manifest(case.case_id) is None:  # failed before it was read: its input is still recorded
             write_case_manifest(store, case)
         if policy.quarantine and stage not in RETRY_NEXT_RUN:
@@ -471,7 +457,7 @@ def run_case(
                 store,
                 case.case_id,
                 stage=stage,
-                run_id=run_id,
+                run_id=run.run_id,
                 signature=signature_or_none(case, config, runner.model_sha256),
             )
     except Exception as exc:

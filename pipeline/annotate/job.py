@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from medsam_engine.pipeline.annotate.config import EngineConfig
-from medsam_engine.pipeline.annotate.driver import run_case
+from medsam_engine.pipeline.annotate.driver import RunContext, run_case
 from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
 from medsam_engine.pipeline.annotate.plan import plan_run
 from medsam_engine.pipeline.annotate.policy import LOCAL, FailurePolicy
@@ -128,19 +128,18 @@ def annotate(
             opencv_threads(1),
             frozen_heap(),
         ):
+            run = RunContext(
+                store,
+                config,
+                lazy,
+                summary.run_id,
+                policy=policy,
+                overwrite=overwrite,
+                model_lock=model_lock,
+            )
 
             def one(case: CaseRef) -> CaseOutcome:
-                return run_case(
-                    case,
-                    store,
-                    config,
-                    lazy,
-                    run_id=summary.run_id,
-                    policy=policy,
-                    overwrite=overwrite,
-                    progress=slices if show else None,
-                    model_lock=model_lock,
-                )
+                return run_case(case, run, progress=slices if show else None)
 
             for index, outcome in _in_flight(one, todo, workers):  # a RunError stops the run here
                 outcomes[index_of[todo[index].case_id]] = outcome

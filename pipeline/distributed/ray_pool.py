@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from medsam_engine.pipeline.annotate.config import EngineConfig
-from medsam_engine.pipeline.annotate.driver import run_case
+from medsam_engine.pipeline.annotate.driver import RunContext, run_case
 from medsam_engine.pipeline.annotate.job import MAX_GPU_CASE_WORKERS
 from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
 from medsam_engine.pipeline.annotate.policy import FailurePolicy
@@ -331,19 +331,17 @@ class Annotator:
     ) -> dict:
         """Annotate and commit one case through the one per-case driver; returns its outcome record. Never
         raises for a case's failure: it is recorded in STORE/_errors and quarantined unless transient."""
-        policy = FailurePolicy(retries=retries, quarantine=True)
-        result = run_case(
-            case,
+        run = RunContext(
             self._store(store_url),
             self.config,
             self.runner,
-            run_id=run_id,
-            policy=policy,
+            run_id,
+            policy=FailurePolicy(retries=retries, quarantine=True),
             overwrite=overwrite,
             model_lock=self._model_lock,
             node=_node,
         )
-        return result.record()
+        return run_case(case, run).record()
 
     def info(self) -> dict:
         """Process id, node, threads and the runner's counters (served outside the annotate calls)."""

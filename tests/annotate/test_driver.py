@@ -8,7 +8,7 @@ import pytest
 
 from medsam_engine.pipeline.annotate import driver
 from medsam_engine.pipeline.annotate.config import EngineConfig
-from medsam_engine.pipeline.annotate.driver import run_case
+from medsam_engine.pipeline.annotate.driver import RunContext, run_case
 from medsam_engine.pipeline.annotate.job import annotate
 from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
 from medsam_engine.pipeline.annotate.policy import FailurePolicy
@@ -35,12 +35,12 @@ def broken_case(tmp_path):
 def test_a_corrupt_input_fails_at_read_naming_the_file_and_is_quarantined_only_when_asked(broken_case):
     store, case = broken_case
     lazy = LazyRunner(BOX_FILL)
-    local = run_case(case, store, lazy.config, lazy, run_id="r1", policy=NO_WAIT)
+    local = run_case(case, RunContext(store, lazy.config, lazy, "r1", policy=NO_WAIT))
     assert (local.status, local.stage) == ("failed", "read")
     assert "broken.nii.gz" in local.reason
     assert store.errors()[case.case_id]["stage"] == "read"
     assert quarantined(store, case.case_id) is None
-    distributed = run_case(case, store, lazy.config, lazy, run_id="r2", policy=QUARANTINE)
+    distributed = run_case(case, RunContext(store, lazy.config, lazy, "r2", policy=QUARANTINE))
     assert (distributed.stage, distributed.reason) == (local.stage, local.reason)
     held = quarantined(store, case.case_id)
     assert held["stage"] == "read"
@@ -62,7 +62,7 @@ def test_a_transient_read_error_is_retried_and_the_case_is_done(tmp_path, nuclei
 
     monkeypatch.setattr(driver, "read_case", flaky)
     lazy = LazyRunner(BOX_FILL)
-    outcome = run_case(case, store, lazy.config, lazy, run_id="r1", policy=QUARANTINE)
+    outcome = run_case(case, RunContext(store, lazy.config, lazy, "r1", policy=QUARANTINE))
     assert outcome.status == "done"
     assert outcome.slices == 1
     assert len(calls) == 2
@@ -78,7 +78,7 @@ def test_a_lasting_io_error_fails_at_io_and_is_never_quarantined(broken_case, mo
 
     monkeypatch.setattr(driver, "read_case", unreachable)
     lazy = LazyRunner(BOX_FILL)
-    outcome = run_case(case, store, lazy.config, lazy, run_id="r1", policy=QUARANTINE)
+    outcome = run_case(case, RunContext(store, lazy.config, lazy, "r1", policy=QUARANTINE))
     assert (outcome.status, outcome.stage) == ("failed", "io")
     assert quarantined(store, case.case_id) is None
 
@@ -108,7 +108,7 @@ def test_a_model_that_cannot_load_stops_the_run_instead_of_failing_every_case(tm
     (case,) = discover([nuclei_2d[0]], store.case_ids(), coarse_masks=[nuclei_2d[1]])
     config = EngineConfig.model_validate({"model": {"checkpoint": str(broken)}})
     with pytest.raises(CheckpointError):
-        run_case(case, store, config, LazyRunner(config), run_id="r1", policy=QUARANTINE)
+        run_case(case, RunContext(store, config, LazyRunner(config), "r1", policy=QUARANTINE))
     assert store.errors() == {}
     assert quarantined(store, case.case_id) is None
 
