@@ -24,8 +24,10 @@ The defaults are the rules that measured best on the chest CT's structures (docs
 prompts"). Labels are the SR finding's code meaning or the GSPS layer's name, in order of first appearance
 (values 1, 2, ...), else one label. Each object's extent across slices is left to propagation
 (``Detection.objects``, the key slice as middle), whose stop rule ends it; its range is bounded by
-``depth_factor`` times half the finding's in-plane size above and below the key slice (a lesion is about
-as deep as it is wide; without the bound, propagation on the chest CT ran on into neighbouring structures).
+``depth_factor`` (1.5) times half the finding's in-plane size above and below the key slice (a lesion is
+about as deep as it is wide; without the bound, propagation on the chest CT ran on into neighbouring
+structures). The Detection's label map holds the pixels along each finding's lines (else its box), so the
+run's automatic CT window follows the HU the axes cross.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class MarksOptions(DetectorOptions):
     short_ratio: float = Field(0.7, gt=0, le=1, description="lone_line axis: short axis / long axis")
     point_box_mm: float = Field(30.0, gt=0, description="side of the square box around a point or arrow")
     depth_factor: float | None = Field(
-        1.0,
+        1.5,
         gt=0,
         description="propagation reaches at most this times half the finding's in-plane size (mm) "
         "above and below its key slice; None: the whole volume, the stop rule alone ends it",
@@ -297,13 +299,14 @@ class MarksDetector:
         names = list(dict.fromkeys(f.marks[0].mark.label or "" for f in findings))
         value_of = {name: self.options.label + i for i, name in enumerate(names)} if any(names) else {}
         counts: dict[int, int] = defaultdict(int)
-        prompts, objects, origins = [], [], {}
+        prompts, objects, origins, lines = [], [], {}, []
         for finding in findings:
             label = value_of.get(finding.marks[0].mark.label or "", self.options.label)
             counts[label] += 1
             z, box, notes = finding_box(finding, self.options, volume)
             warnings.extend(notes)
             prompts.append(BoxPrompt(label, counts[label], z, box, source=SOURCE))
+            lines.append([p.xy for p in finding.marks if p.z == z and _is_line(p)])
             reach = z_reach(box, volume.spacing, self.options.depth_factor, volume.shape[0])
             objects.append(
                 ObjectBox(
@@ -333,7 +336,7 @@ class MarksDetector:
         label_names = {value: name for name, value in value_of.items() if name}
         return Detection(
             prompts,
-            seed_map(prompts, volume.shape),
+            seed_map(prompts, volume.shape, lines),
             label_names,
             objects=objects,
             warnings=tuple(warnings),
@@ -351,11 +354,22 @@ def z_reach(box: tuple, spacing: tuple[float, float, float], factor: float | Non
     return int(np.ceil(factor * size / 2 / spacing[0]))
 
 
-def seed_map(prompts: list[BoxPrompt], shape: tuple[int, int, int]) -> np.ndarray:
-    """A (z, y, x) uint16 label map holding each seed box on its key slice: what the run reads the CT
-    window of each label from (the median HU under it: a box on lung picks the lung window)."""
+def seed_map(
+    prompts: list[BoxPrompt], shape: tuple[int, int, int], lines: list[list[np.ndarray]]
+) -> np.ndarray:
+    """A (z, y, x) uint16 label map of what each seed says lies inside its object on its key slice: the
+    pixels along its lines (a measured axis runs across the object), else its whole box. The run reads
+    each label's CT window from it (the median HU under it): a cross on a vertebra picks the bone window,
+    where its box, mostly soft tissue around the bone, would not."""
     out = np.zeros(shape, dtype=np.uint16)
-    for p in prompts:
-        x0, y0, x1, y1 = p.box
-        out[p.z, y0 : y1 + 1, x0 : x1 + 1] = p.label
+    for p, drawn in zip(prompts, lines, strict=True):
+        if not drawn:
+            x0, y0, x1, y1 = p.box
+            out[p.z, y0 : y1 + 1, x0 : x1 + 1] = p.label
+        for xy in drawn:
+            steps = int(np.ceil(np.linalg.norm(xy[1] - xy[0]))) * 2 + 2
+            along = np.linspace(xy[0], xy[1], steps)
+            xs = np.clip(np.rint(along[:, 0]).astype(int), 0, shape[2] - 1)
+            ys = np.clip(np.rint(along[:, 1]).astype(int), 0, shape[1] - 1)
+            out[p.z, ys, xs] = p.label
     return out
