@@ -319,20 +319,7 @@ class MarksDetector:
                     source=SOURCE,
                 )
             )
-            origins[(label, counts[label])] = {
-                "key_slice": z,
-                "rule": _rule(finding, z),
-                "marks": [
-                    {
-                        "type": p.mark.source_type,
-                        "sop_instance_uid": p.mark.source_uid,
-                        "graphic": p.mark.graphic_type,
-                        "role": p.mark.role,
-                    }
-                    for p in finding.marks
-                    if p.z == z
-                ],
-            }
+            origins[(label, counts[label])] = origin(finding, z)
         label_names = {value: name for name, value in value_of.items() if name}
         return Detection(
             prompts,
@@ -342,6 +329,22 @@ class MarksDetector:
             warnings=tuple(warnings),
             origins=origins,
         )
+
+
+def origin(finding: _Finding, z: int) -> dict:
+    """The lineage of a finding's instance: key slice, box rule, and each mark used (PR/SR type and SOP
+    instance UID, graphic type, SR role such as "Long axis")."""
+    marks = [
+        {
+            "type": p.mark.source_type,
+            "sop_instance_uid": p.mark.source_uid,
+            "graphic": p.mark.graphic_type,
+            "role": p.mark.role,
+        }
+        for p in finding.marks
+        if p.z == z
+    ]
+    return {"key_slice": z, "rule": _rule(finding, z), "marks": marks}
 
 
 def z_reach(box: tuple, spacing: tuple[float, float, float], factor: float | None, depth: int) -> int:

@@ -301,3 +301,20 @@ def test_sr_3d_coordinates_are_placed_through_the_frame_of_reference(chest, tmp_
     assert box == [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
     (warning,) = attrs.raw["prompt_warnings"]
     assert "another Frame of Reference" in warning
+
+
+def test_a_rerun_skips_the_case_and_other_marks_are_another_signature(chest, tmp_path, box_fill):
+    z, long, short = structure_axes(chest, LEFT_LUNG)
+    ds = chest["images"][z]
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    cross = {"image": ds, "long": image_xy(ds, chest["volume"], z, long)}
+    write_sr(marks / "sr.dcm", [ds], [dict(cross, short=image_xy(ds, chest["volume"], z, short))])
+    assert annotate(chest, marks, tmp_path / "store", box_fill) == 0
+    _, first = committed(tmp_path / "store")
+    assert annotate(chest, marks, tmp_path / "store", box_fill) == 0  # skipped: same signature
+    write_sr(marks / "sr.dcm", [ds], [cross])  # the report now holds the long axis alone
+    assert annotate(chest, marks, tmp_path / "store", box_fill, "--overwrite") == 0
+    _, second = committed(tmp_path / "store")
+    assert first.signature["marks_sha256"] != second.signature["marks_sha256"]
+    assert second.instances[0]["prompt_origin"]["rule"] == "lone line"
