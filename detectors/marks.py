@@ -278,7 +278,8 @@ class MarksDetector:
     def __call__(self, volume: Volume, coarse: np.ndarray | None = None) -> Detection:
         raw, planes, skipped = read_marks(as_paths(self.options.marks) + as_paths(self.options.images))
         if not raw:
-            raise ValueError(f"marks: no GSPS or SR marks found in {self.options.marks}")
+            why = "; ".join(skipped) or "no PR/SR objects"
+            raise ValueError(f"marks: no GSPS or SR marks found in {self.options.marks}: {why}")
         own = case_planes(self.case.files) if self.case is not None and self.case.files else {}
         if not own:
             raise ValueError(

@@ -101,7 +101,8 @@ def _files(paths: list[str]) -> Iterator[str]:
 
 def read_marks(paths: list[str]) -> tuple[list[RawMark], dict[str, ImagePlane], list[str]]:
     """Every mark in the PR/SR objects under ``paths``, the image planes of the images found there (by SOP
-    instance UID), and "file: why" for files that are not DICOM or could not be read."""
+    instance UID), and "file: why" for files that are not DICOM, could not be read, or are a PR/SR without
+    a single mark."""
     import pydicom
 
     marks: list[RawMark] = []
@@ -115,10 +116,12 @@ def read_marks(paths: list[str]) -> tuple[list[RawMark], dict[str, ImagePlane], 
             continue
         sop_class = str(ds.get("SOPClassUID", ""))
         name = os.path.basename(path)
-        if sop_class in GSPS_CLASSES:
-            marks.extend(gsps_marks(ds, name))
-        elif sop_class.startswith(SR_CLASS_PREFIX):
-            marks.extend(sr_marks(ds, name))
+        if sop_class in GSPS_CLASSES or sop_class.startswith(SR_CLASS_PREFIX):
+            found = gsps_marks(ds, name) if sop_class in GSPS_CLASSES else sr_marks(ds, name)
+            if not found:
+                kind = "presentation state" if sop_class in GSPS_CLASSES else "structured report"
+                skipped.append(f"{name}: a {kind} that references nothing (no graphics, no coordinates)")
+            marks.extend(found)
         else:
             plane = image_plane(ds)
             if plane is not None:

@@ -173,6 +173,11 @@ def test_sr_findings_become_labels_by_finding_code(chest, tmp_path, box_fill):
             {"image": elsewhere, "long": image_xy(ds, volume, z, long)},
         ],
     )
+    empty = pydicom.dcmread(str(write_sr(marks / "empty.dcm", [ds], [{"image": ds, "long": long}])))
+    empty.ContentSequence = [i for i in empty.ContentSequence if i.ValueType != "CONTAINER"]
+    empty.save_as(
+        str(marks / "empty.dcm")
+    )  # a report whose measurements were taken out: it references nothing
     assert annotate(chest, marks, tmp_path / "store", box_fill) == 0
     labels, attrs = committed(tmp_path / "store")
     by_label = {r["label"]: r for r in attrs.instances}
@@ -188,7 +193,10 @@ def test_sr_findings_become_labels_by_finding_code(chest, tmp_path, box_fill):
     label_meta = json.dumps(dict(case_store.open_case(case_id)["labels/medsam"].attrs))
     assert '"Lesion"' in label_meta and '"Mass"' in label_meta  # the finding codes name the labels
     warnings = attrs.raw["prompt_warnings"]
-    assert warnings and all("not in this series" in w for w in warnings)
+    assert any(w.startswith("empty.dcm: a structured report that references nothing") for w in warnings)
+    assert [w for w in warnings if "empty.dcm" not in w] and all(
+        "not in this series" in w for w in warnings if "empty.dcm" not in w
+    )
     # the box on the key slice holds the structure's long and short axis
     x0, x1 = int(np.floor(long[:, 0].min())), int(np.ceil(long[:, 0].max()))
     assert labels[z, int(long[:, 1].mean()), x0:x1].any()
