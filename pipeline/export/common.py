@@ -17,9 +17,10 @@ import numpy as np
 
 from medsam_engine.pipeline.core.errors import CaseError
 from medsam_engine.pipeline.core.geometry import to_source_grid
-from medsam_engine.pipeline.core.types import Geometry
+from medsam_engine.pipeline.core.types import CaseAttributes, Geometry
 from medsam_engine.pipeline.export.traceable import CaseSource, case_sources, export_names, write_cases_csv
 from medsam_engine.pipeline.store.case_store import CaseStore
+from medsam_engine.pipeline.store.labels_meta import LabelMeaning, describe_labels, meanings_from_properties
 
 
 class ExportError(CaseError):
@@ -55,6 +56,17 @@ class ExportReport:
             out, sources, outputs=self.outputs, skipped=self.skipped, excluded=self.excluded
         )
         self.cases_csv = str(path)
+
+
+def label_meanings(
+    store: CaseStore, case_id: str, values: list[int], attrs: CaseAttributes
+) -> list[LabelMeaning]:
+    """The meaning (name, codes, colour) of each of ``values`` in a committed case: as the store recorded it,
+    else described from the name and the case's lineage (pipeline/store/labels_meta.py)."""
+    known = meanings_from_properties(store.label_properties(case_id))
+    missing = describe_labels([v for v in values if v not in known], instances=list(attrs.instances))
+    known.update({m.value: m for m in missing})
+    return [known[v] for v in values]
 
 
 def label_map_on_source(labels_zyx: np.ndarray, geometry: Geometry) -> np.ndarray:

@@ -23,10 +23,15 @@ import numpy as np
 
 from medsam_engine.pipeline.core.atomic import atomic_file
 from medsam_engine.pipeline.core.types import CaseAttributes, CaseRef, Geometry
-from medsam_engine.pipeline.export.common import ExportCheckError, ExportError, label_map_on_source
+from medsam_engine.pipeline.export.common import (
+    ExportCheckError,
+    ExportError,
+    label_map_on_source,
+    label_meanings,
+)
 from medsam_engine.pipeline.io.discover import case_content_hash
 from medsam_engine.pipeline.store.case_store import CaseStore
-from medsam_engine.pipeline.store.labels_meta import LabelMeaning, describe_labels, meanings_from_properties
+from medsam_engine.pipeline.store.labels_meta import LabelMeaning
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Type 2 patient/study attributes a SEG copies from its source; real archives sometimes omit them, and a
@@ -147,13 +152,6 @@ def _frames_on_grid(files: list[Path], geometry: Geometry) -> list:
     return datasets
 
 
-def _meanings(store: CaseStore, case_id: str, values: list[int], attrs: CaseAttributes) -> list[LabelMeaning]:
-    known = meanings_from_properties(store.label_properties(case_id))
-    missing = describe_labels([v for v in values if v not in known], instances=list(attrs.instances))
-    known.update({m.value: m for m in missing})
-    return [known[v] for v in values]
-
-
 def _sct(code: tuple[str, str]):
     import highdicom as hd
 
@@ -209,7 +207,6 @@ def _uid(*parts) -> str:
 def write_case_seg(store: CaseStore, case_id: str, out: Path, *, name: str | None = None) -> Path:
     """OUT/<name, default case_id>.seg.dcm: a BINARY SEG referencing the case's source series; read back and
     compared."""
-
     labels, attrs = store.read_labels(case_id)
     geometry = attrs.geometry
     sources = _frames_on_grid(_source_files(store, case_id, attrs), geometry)
@@ -219,23 +216,24 @@ def write_case_seg(store: CaseStore, case_id: str, out: Path, *, name: str | Non
     frames = _expected_frames(labels, geometry, values)
     try:
         path = out / f"{name or case_id}.seg.dcm"
-        return _write(store, case_id, path, labels=labels, attrs=attrs, sources=sources, frames=frames)
+        return _write(store, case_id, path, values=values, attrs=attrs, sources=sources, frames=frames)
     except ExportCheckError:
         raise
     except (ValueError, RuntimeError, TypeError, AttributeError, KeyError, IndexError) as exc:
         raise ExportError(f"DICOM SEG could not be written ({type(exc).__name__}: {exc})") from exc
 
 
-def _write(store: CaseStore, case_id: str, path: Path, *, labels, attrs, sources, frames) -> Path:
+def _write(store: CaseStore, case_id: str, path: Path, *, values, attrs, sources, frames) -> Path:
     import highdicom as hd
 
-    values = [int(v) for v in np.unique(labels) if v != 0]
     signature = attrs.signature
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=frames.astype(np.uint8 if len(values) < 256 else np.uint16),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=_segment_descriptions(case_id, _meanings(store, case_id, values, attrs), attrs),
+        segment_descriptions=_segment_descriptions(
+            case_id, label_meanings(store, case_id, values, attrs), attrs
+        ),
         series_instance_uid=_uid(case_id, signature, attrs.committed_at, "series"),
         series_number=900,
         sop_instance_uid=_uid(case_id, signature, attrs.committed_at, "instance"),

@@ -9,20 +9,16 @@ from pathlib import Path
 import numpy as np
 
 from medsam_engine.pipeline.core.geometry import to_source_grid
-from medsam_engine.pipeline.export.common import ExportCheckError
+from medsam_engine.pipeline.export.common import ExportCheckError, label_meanings
 from medsam_engine.pipeline.io.slicer_seg import write_seg_nrrd
 from medsam_engine.pipeline.store.case_store import CaseStore
-from medsam_engine.pipeline.store.labels_meta import describe_labels, meanings_from_properties
 
 
 def write_case_seg_nrrd(store: CaseStore, case_id: str, out: Path, *, name: str | None = None) -> Path:
     """OUT/<name, default case_id>.seg.nrrd: the case's label map with one segment per label present."""
     labels, attrs = store.read_labels(case_id)
-    known = meanings_from_properties(store.label_properties(case_id))
     values = [int(v) for v in np.unique(labels) if v != 0]
-    missing = describe_labels([v for v in values if v not in known], instances=list(attrs.instances))
-    known.update({m.value: m for m in missing})
-    meanings = [known[v] for v in values]
+    meanings = label_meanings(store, case_id, values, attrs)
     source = to_source_grid(labels, attrs.geometry)
     path = write_seg_nrrd(source, attrs.geometry.source_affine, meanings, out / f"{name or case_id}.seg.nrrd")
     if not np.array_equal(_voxels(path, source.shape), source):
