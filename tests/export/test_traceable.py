@@ -162,39 +162,26 @@ def _input_names(workdir: Path) -> dict[str, str]:
     }
 
 
-def test_nifti_files_named_by_input(workdir, tmp_path):
-    argv = [
-        "export",
-        str(workdir / "store"),
-        "--format",
-        "nifti",
-        "--out",
-        str(tmp_path),
-        "--name-by",
-        "input",
-    ]
+@pytest.fixture(scope="module")
+def named_by_input(workdir, tmp_path_factory) -> Path:
+    """The store's NIfTI export with files named after their inputs."""
+    out = tmp_path_factory.mktemp("named-by-input")
+    argv = ["export", str(workdir / "store"), "--format", "nifti", "--out", str(out), "--name-by", "input"]
     assert main(argv) == 0
+    return out
+
+
+def test_nifti_files_named_by_input(workdir, named_by_input):
     expected = {f"{name}.nii.gz" for name in _input_names(workdir).values()}
-    assert {p.name for p in tmp_path.glob("*.nii.gz")} == expected
+    assert {p.name for p in named_by_input.glob("*.nii.gz")} == expected
 
 
 def test_names_by_input_separate_two_series_of_one_folder(workdir):
     assert {"both_s3", "both_s5"} <= set(_input_names(workdir).values())
 
 
-def test_cases_csv_maps_each_name_to_its_case(workdir, tmp_path):
-    argv = [
-        "export",
-        str(workdir / "store"),
-        "--format",
-        "nifti",
-        "--out",
-        str(tmp_path),
-        "--name-by",
-        "input",
-    ]
-    assert main(argv) == 0
-    mapped = {case_id: row["output"] for case_id, row in _rows(tmp_path).items()}
+def test_cases_csv_maps_each_name_to_its_case(workdir, named_by_input):
+    mapped = {case_id: row["output"] for case_id, row in _rows(named_by_input).items()}
     assert mapped == {case_id: f"{name}.nii.gz" for case_id, name in _input_names(workdir).items()}
 
 
