@@ -90,3 +90,24 @@ def test_log_lines_carry_a_timestamp_and_third_party_warnings_stay_out(tmp_path,
         assert noise not in done.stderr
     assert re.search(r"^done\s+\w+  1 slices in [\d.]+ s \(read [\d.]+, ", done.stdout, re.M)  # -v: stages
     assert re.search(r"^failed\s+\w+\s+\S", done.stdout, re.M)
+
+
+def test_a_flow_run_s_failure_reaches_the_console_without_its_traceback():
+    """`--engine ray` filters Prefect's flow and task run records: the line stays, its traceback (which may
+    name input files) goes."""
+    import io
+    import logging
+
+    from medsam_engine.pipeline.cli.ray import _without_traceback
+
+    try:
+        raise RuntimeError("1 cases failed")
+    except RuntimeError:
+        record = logging.LogRecord(
+            "prefect.flow_runs", logging.ERROR, __file__, 1, "Encountered exception", None, sys.exc_info()
+        )
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(_without_traceback)
+    handler.handle(record)
+    assert stream.getvalue() == "Encountered exception\n"
