@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medsam_engine.pipeline.io.dicom_header import HeaderError, read_dicom_header
 from medsam_engine.pipeline.io.dicom_part10 import (
     FAST_BYTES,
     FAST_MULTI_VALUED,
@@ -189,20 +190,13 @@ def read_header(path: str) -> SliceHeader | str:
 
     Raises ValueError with a reason a person understands when the file looks like DICOM but cannot be parsed.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    if os.path.getsize(path) == 0:
-        raise ValueError("empty file (0 bytes)")
     fast = _fast_header(path)
     if fast is not None:
         return fast
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
-    except InvalidDicomError as exc:
-        raise ValueError("not a DICOM file (no 'DICM' marker and no DICOM header)") from exc
-    except Exception as exc:  # corrupt headers make the parser raise many types
-        raise ValueError(f"corrupt DICOM header ({type(exc).__name__}: {str(exc)[:120]})") from exc
+        ds = read_dicom_header(path, tags=HEADER_TAGS)
+    except HeaderError as exc:
+        raise ValueError(exc.why) from exc
     try:
         return _header_of(ds, path)
     except ValueError:
@@ -323,14 +317,11 @@ def dicom_ids(path: str | Path) -> tuple[str, str, str]:
     """(StudyInstanceUID, SeriesInstanceUID, SeriesNumber) from a DICOM file's header (pixels not read); ''
     each when the file is gone or not DICOM. Kept in a case's manifest and its exports' cases.csv, never in an
     id, a path or a log line."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     if not path or not Path(path).is_file():
         return "", "", ""
     try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError):
+        ds = read_dicom_header(path, tags=["StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber"])
+    except HeaderError:
         return "", "", ""
     study, series, number = (
         str(ds.get(key, "") or "") for key in ("StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber")

@@ -17,6 +17,7 @@ import numpy as np
 from medsam_engine.pipeline.core.errors import ReadError
 from medsam_engine.pipeline.core.orientation import LPS_TO_RAS, canonical_volume
 from medsam_engine.pipeline.core.types import Volume
+from medsam_engine.pipeline.io.dicom_header import read_dicom_header
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -27,11 +28,9 @@ _OURS = re.compile(r"label (\d+)")
 
 def is_dicom_seg(path: str | Path) -> bool:
     """Whether ``path`` is a DICOM Segmentation object (its header only is read)."""
-    import pydicom
-
     try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPClassUID"])
-    except Exception:
+        ds = read_dicom_header(path, tags=["SOPClassUID"])
+    except ReadError:
         return False
     return str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS
 
@@ -39,14 +38,12 @@ def is_dicom_seg(path: str | Path) -> bool:
 def referenced_series(path: str | Path) -> str | None:
     """The SeriesInstanceUID that ``path`` references when it is a DICOM SEG (one header read; for matching,
     never logged); None for any other file or a SEG without the reference."""
-    import pydicom
-
     try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        ds = read_dicom_header(path)
         if str(ds.get("SOPClassUID", "")) != SEG_SOP_CLASS:
             return None
         return str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
-    except Exception:
+    except Exception:  # unreadable (a ReadError), or the reference missing or corrupt (decoded on access)
         return None
 
 
@@ -61,10 +58,9 @@ def _segment_values(ds: Dataset) -> dict[int, int]:
 
 
 def seg_label_names(path: str | Path) -> dict[int, str]:
-    """Label value -> the segment's label, for a DICOM SEG file (its header alone is read)."""
-    import pydicom
-
-    ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    """Label value -> the segment's label, for a DICOM SEG file (its header alone is read); ReadError when
+    the file cannot be read."""
+    ds = read_dicom_header(path)
     values = _segment_values(ds)
     return {
         values[int(item.SegmentNumber)]: str(item.get("SegmentLabel", ""))
