@@ -8,7 +8,9 @@
 * a 3D Slicer colour table (``.ctbl`` / ``.txt``): ``value name r g b a`` lines, ``#`` comments;
 * nnU-Net's ``dataset.json`` (its ``labels``, v1 or v2; the engine's own nnunet export writes one);
 * dcmqi's segmentation metadata JSON (``segmentAttributes``: label IDs, names, SNOMED CT property types,
-  display colours), as TotalSegmentator's DICOM SEG output and ``itkimage2segimage`` use.
+  display colours), as TotalSegmentator's DICOM SEG output and ``itkimage2segimage`` use;
+* a NIfTI label map whose header carries its label table (TotalSegmentator's multilabel ``--ml`` output:
+  pipeline/io/nifti_labels.py), names and colours.
 
 ``code`` is a SNOMED CT code (its meaning defaults to the name); without one, the code is looked up from the
 name as for any label (pipeline/store/labels_meta.py). The result is ``{value: {"name", "code", "meaning",
@@ -22,6 +24,8 @@ import json
 import re
 from pathlib import Path
 from typing import Any
+
+from medsam_engine.pipeline.io.nifti_labels import nifti_label_table
 
 _HEX = re.compile(r"#?([0-9a-fA-F]{6})")
 
@@ -179,6 +183,11 @@ def _from_slicer(text: str, name: str) -> dict[int, dict[str, Any]]:
 def read_label_table(path: str | Path) -> dict[int, dict[str, Any]]:
     """The label table in ``path`` (see the module doc); ValueError naming the file and line otherwise."""
     path = Path(path)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        table = nifti_label_table(path)
+        if not table:
+            raise ValueError(f"{path.name}: the NIfTI file's header carries no label table")
+        return table
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:

@@ -35,6 +35,7 @@ from medsam_engine.pipeline.io.formats import (
     suffix_of,
 )
 from medsam_engine.pipeline.io.isolate import WorkerCrash, default_pool
+from medsam_engine.pipeline.io.nifti_labels import nifti_label_names
 from medsam_engine.pipeline.io.slicer_seg import read_seg_nrrd, seg_nrrd_names
 
 if TYPE_CHECKING:
@@ -337,9 +338,13 @@ def _absolute(case: CaseRef) -> CaseRef:
 
 def label_names_of(path: str | Path) -> dict[int, str]:
     """Label value -> name stored with a label map (3D Slicer's .seg.nrrd ``Segment<i>_Name`` and
-    ``Segment<i>_LabelValue`` header keys, a DICOM SEG's segment labels); {} when the file names none."""
+    ``Segment<i>_LabelValue`` header keys, a DICOM SEG's segment labels, the label table in a NIfTI header
+    extension as TotalSegmentator's multilabel output carries it, a mask folder's file names); {} when the
+    file names none."""
     if Path(path).is_dir():
         return mask_folder_names(path)
+    if format_of(path) is NIFTI:
+        return nifti_label_names(path)
     if not str(path).lower().endswith(".nrrd"):
         if Path(path).is_file() and is_dicom_seg(path):
             try:

@@ -1,6 +1,6 @@
 """What the tools before the engine write, taken as they are: TotalSegmentator's folder of one mask per
-structure (alone, or one folder per case), nnU-Net's dataset.json and dcmqi's segmentation metadata as label
-tables."""
+structure (alone, or one folder per case) and its multilabel file with the label table in its header,
+nnU-Net's dataset.json and dcmqi's segmentation metadata as label tables."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 from medsam_engine.pipeline.cli.main import main
 from medsam_engine.pipeline.io.label_table import read_label_table
+from medsam_engine.pipeline.io.nifti_labels import nifti_label_names, nifti_label_table
 from medsam_engine.pipeline.io.readers import read_mask_folder
 from medsam_engine.pipeline.store.case_store import CaseStore
 
@@ -129,3 +130,94 @@ def test_dcmqi_metadata_is_a_label_table_with_codes_and_colours(tmp_path):
     table = read_label_table(meta)
     assert table[1] == {"name": "liver", "code": "10200004", "meaning": "Liver", "rgb": [221, 130, 101]}
     assert table[2] == {"name": "spleen"}
+
+
+def write_multilabel(path, data, affine, names: dict[int, str], *, table: bytes | None = None) -> None:
+    """A multilabel NIfTI as TotalSegmentator's ``--ml`` writes it: uint8 values, and a header extension
+    (code 0) holding a Caret label table with each value's name and a colour in 0..1."""
+    rows = "".join(
+        f'<Label Key="{value}" Red="1" Green="{value / 10}" Blue="0" Alpha="1"><![CDATA[{name}]]></Label>\n'
+        for value, name in names.items()
+    )
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?> <CaretExtension> <VolumeInformation Index="0"> <LabelTable>\n'
+        f"{rows}</LabelTable> <VolumeType><![CDATA[Label]]></VolumeType> </VolumeInformation>"
+        "</CaretExtension>"
+    )
+    image = nib.Nifti1Image(np.asarray(data, dtype=np.uint8), affine)
+    image.header.extensions.append(nib.nifti1.Nifti1Extension(0, table or xml.encode()))
+    nib.save(image, str(path))
+
+
+ML_NAMES = {
+    1: "ribs",
+    2: "vertebrae_T4",
+    3: "vertebrae_T5",
+    4: "vertebrae_T6",
+    5: "lung_right",
+    6: "lung_left",
+}
+
+
+@pytest.fixture(scope="module")
+def multilabel(tmp_path_factory, small_chest_nifti):
+    """The real chest CT and its labels as one TotalSegmentator-style multilabel file (body, label 7, left
+    out as TotalSegmentator's total task has no body class)."""
+    root = tmp_path_factory.mktemp("totalseg_ml")
+    labels = nib.load(str(small_chest_nifti[1]))
+    data = np.asarray(labels.dataobj)
+    write_multilabel(root / "segmentations.nii.gz", np.where(data == 7, 0, data), labels.affine, ML_NAMES)
+    shutil.copy(small_chest_nifti[0], root / "ct.nii.gz")
+    return root
+
+
+def test_the_multilabel_files_header_names_its_values(multilabel):
+    table = nifti_label_table(multilabel / "segmentations.nii.gz")
+    assert {value: entry["name"] for value, entry in table.items()} == ML_NAMES
+    assert table[5]["rgb"] == [255, 128, 0]
+    assert read_label_table(multilabel / "segmentations.nii.gz") == table  # also good as --labels
+
+
+def test_totalsegmentator_multilabel_prompts_with_its_names(multilabel, box_fill, tmp_path, capsys):
+    store = tmp_path / "store"
+    argv = [
+        "annotate",
+        str(multilabel / "ct.nii.gz"),
+        "--coarse-mask",
+        str(multilabel / "segmentations.nii.gz"),
+    ]
+    assert main([*argv, "--store", str(store), "--config", str(box_fill)]) == 0
+    assert "1 done" in capsys.readouterr().out
+    s = CaseStore(store)
+    (case_id,) = s.committed_cases()
+    named = {p["label-value"]: p["name"] for p in s.label_properties(case_id)}
+    assert named[5] == "lung_right" and named[6] == "lung_left"
+    assert set(named.items()) <= set(ML_NAMES.items())
+
+
+def test_a_label_table_names_the_multilabel_file_over_its_header(multilabel, box_fill, tmp_path, capsys):
+    table = tmp_path / "total.csv"
+    table.write_text("value,name,code\n5,right lung,3341006\n6,left lung,44029006\n")
+    store = tmp_path / "store"
+    argv = [
+        "annotate",
+        str(multilabel / "ct.nii.gz"),
+        "--coarse-mask",
+        str(multilabel / "segmentations.nii.gz"),
+    ]
+    argv += ["--labels", str(table), "--store", str(store), "--config", str(box_fill)]
+    assert main(argv) == 0
+    s = CaseStore(store)
+    (case_id,) = s.committed_cases()
+    named = {p["label-value"]: p["name"] for p in s.label_properties(case_id)}
+    assert named[5] == "right lung" and named[6] == "left lung"
+    assert named[3] == "vertebrae_T5"  # values the table leaves out keep the header's names
+
+
+def test_a_broken_header_table_leaves_the_values_unnamed(small_chest_nifti, tmp_path):
+    labels = nib.load(str(small_chest_nifti[1]))
+    path = tmp_path / "broken.nii.gz"
+    write_multilabel(path, np.asarray(labels.dataobj), labels.affine, {}, table=b"<LabelTable><Label Key=")
+    assert nifti_label_names(path) == {}
+    with pytest.raises(ValueError, match=r"broken\.nii\.gz: its header's label table is not well-formed XML"):
+        nifti_label_table(path)
