@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from medsam_engine.pipeline.core.atomic import atomic_file
+from medsam_engine.pipeline.core.errors import ReadError
 from medsam_engine.pipeline.core.types import CaseAttributes, CaseRef, Geometry
 from medsam_engine.pipeline.export.common import (
     ExportCheckError,
@@ -29,6 +30,7 @@ from medsam_engine.pipeline.export.common import (
     label_map_on_source,
     label_meanings,
 )
+from medsam_engine.pipeline.io.dicom_header import read_dicom_header
 from medsam_engine.pipeline.io.discover import case_content_hash
 from medsam_engine.pipeline.store.case_store import CaseStore
 from medsam_engine.pipeline.store.labels_meta import LabelMeaning
@@ -113,8 +115,6 @@ def _frames_on_grid(files: list[Path], geometry: Geometry) -> list:
     Files are matched by geometry, per series: exactly one series must cover every slice once (so localizers,
     derived images and other series in the same folder are left out, and an ambiguous folder is refused).
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
     from pydicom.valuerep import format_number_as_ds
 
     lps = LPS_FROM_RAS @ np.asarray(geometry.source_affine)
@@ -122,8 +122,8 @@ def _frames_on_grid(files: list[Path], geometry: Geometry) -> list:
     series: dict[str, dict[int, list]] = {}
     for file in files:
         try:
-            ds = pydicom.dcmread(str(file), stop_before_pixels=True)
-        except (InvalidDicomError, OSError, EOFError, ValueError):
+            ds = read_dicom_header(file)
+        except ReadError:
             continue
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
             raise ExportError("source is a multi-frame DICOM image; SEG export supports single-frame series")
