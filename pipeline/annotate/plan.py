@@ -24,6 +24,7 @@ from medsam_engine.pipeline.annotate.config import EngineConfig
 from medsam_engine.pipeline.annotate.signature import signature_or_none
 from medsam_engine.pipeline.core.outcome import CaseOutcome
 from medsam_engine.pipeline.core.types import CaseRef
+from medsam_engine.pipeline.io.dicom_header import read_dicom_header
 from medsam_engine.pipeline.io.discover import DiscoveryOptions, discover
 from medsam_engine.pipeline.io.formats import NIFTI, NRRD, format_of
 from medsam_engine.pipeline.store.case_store import CaseStore
@@ -61,10 +62,11 @@ def _nrrd_slices(path: Path) -> int:
         return sizes[-1]
 
 
-def _frames(path: Path) -> int:
-    import pydicom
-
-    header = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["NumberOfFrames"])
+def _frames(case: CaseRef) -> int:
+    """A multi-frame DICOM case's frames: as discovery read them, else from the file's header."""
+    if case.frames is not None:
+        return case.frames
+    header = read_dicom_header(case.files[0], tags=["NumberOfFrames"])
     return int(getattr(header, "NumberOfFrames", 1) or 1)
 
 
@@ -77,7 +79,7 @@ def estimate_slices(case: CaseRef) -> int:
         if case.kind == "dicom-series":
             return len(case.files)
         if case.kind == "dicom-multiframe":
-            return _frames(Path(case.files[0]))
+            return _frames(case)
         fmt = format_of(case.image)
         if fmt is NIFTI:
             return _nifti_slices(Path(case.image))

@@ -188,6 +188,8 @@ class CaseRef:
     run where it could not be fetched; its error record is removed once this case is committed.
     ``cached_from`` lists the cache entries (absolute paths of folders in the discovery cache) the case's
     files were unpacked or fetched into: an extracted archive, an ``s3://`` copy (pipeline/io/cache.py).
+    ``frames`` is a multi-frame DICOM file's frame count as discovery's header scan read it (None for other
+    kinds, or when discovery did not read it), so that shards are sized without reading the header again.
     """
 
     case_id: str
@@ -201,6 +203,7 @@ class CaseRef:
     unreadable_nearby: tuple[str, ...] = ()  # "name (why)" of unreadable files beside a DICOM series' files
     supersedes: str | None = None  # the failing case its remote input gave when it could not be fetched
     cached_from: tuple[str, ...] = ()  # cache entries its files were unpacked or fetched into
+    frames: int | None = None  # a multi-frame DICOM file's frames, from discovery's header scan
 
 
 @dataclass(frozen=True)

@@ -108,12 +108,14 @@ class SliceHeader:
 
 @dataclass(frozen=True)
 class SeriesGroup:
-    """Files that make one case. ``identity`` holds UIDs: hash it, never show it."""
+    """Files that make one case. ``identity`` holds UIDs: hash it, never show it. ``frames``: the frames of
+    all its files together, as their headers say."""
 
     kind: str  # "series" | "multiframe" | "planar"
     identity: str
     files: tuple[str, ...]
     modality: str
+    frames: int = 1
 
 
 @dataclass(frozen=True)
@@ -372,7 +374,7 @@ def group_series(
         if header.is_multiframe or header.is_planar:
             kind = "multiframe" if header.is_multiframe else "planar"
             identity = f"dicom-{kind}:{header.sop_instance}"
-            groups.append(SeriesGroup(kind, identity, (header.path,), header.modality))
+            groups.append(SeriesGroup(kind, identity, (header.path,), header.modality, header.frames))
             continue
         key = next(
             (
@@ -390,6 +392,7 @@ def group_series(
         volumes[key].append(header)
     for (uid, size, orientation), members in volumes.items():
         identity = f"dicom-series:{uid}|{size[0]}x{size[1]}|{np.round(orientation, 3).tolist()}"
-        groups.append(SeriesGroup("series", identity, tuple(h.path for h in members), members[0].modality))
+        paths, frames = tuple(h.path for h in members), sum(h.frames for h in members)
+        groups.append(SeriesGroup("series", identity, paths, members[0].modality, frames))
     groups.sort(key=lambda g: g.files[0])
     return groups, dropped

@@ -166,6 +166,7 @@ class _Finder:
             kind=GROUP_KINDS[group.kind],
             series=self.case_id("series|" + group.identity),
             files=group.files,
+            frames=group.frames if group.kind == "multiframe" else None,
         )
 
     def expand(self, given: str | Path, depth: int = 0) -> list[CaseRef]:

@@ -4,10 +4,15 @@ out where the run honours quarantine, shards of about equal slice counts."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
+import pytest
+from pydicom.data import get_testdata_file
+
+from medsam_engine.pipeline.annotate import plan
 from medsam_engine.pipeline.annotate.config import load_config
 from medsam_engine.pipeline.annotate.job import annotate
-from medsam_engine.pipeline.annotate.plan import discover_inputs, plan_run
+from medsam_engine.pipeline.annotate.plan import discover_inputs, estimate_slices, plan_run
 from medsam_engine.pipeline.annotate.signature import case_signature
 from medsam_engine.pipeline.model.box_fill import BOX_FILL
 from medsam_engine.pipeline.store.case_store import CaseStore
@@ -81,3 +86,28 @@ def test_shards_balance_slices(nuclei_tiles, small_chest, small_chest_nifti, tmp
     assert sorted(c.case_id for shard in shards for c in shard) == sorted(c.case_id for c in cases)
     volumes = (small_chest[0].name, small_chest_nifti[0].name)
     assert [sum(c.image.endswith(volumes) for c in shard) for shard in shards] == [1, 1]
+
+
+@pytest.fixture
+def cine_case(tmp_path):
+    """A multi-frame DICOM file (10 frames) as discovery makes it a case."""
+    (tmp_path / "cine").mkdir()
+    shutil.copy(get_testdata_file("emri_small.dcm"), tmp_path / "cine" / "frames.dcm")
+    (case,) = discover_inputs([tmp_path / "cine"], CaseStore(tmp_path / "store"))
+    return case
+
+
+def test_discovery_carries_a_multiframe_case_s_frames(cine_case):
+    assert cine_case.frames == 10
+
+
+def test_shards_are_sized_from_the_frames_discovery_read(cine_case, monkeypatch):
+    def no_second_read(*args, **kwargs):
+        raise AssertionError("the header was read again")
+
+    monkeypatch.setattr(plan, "read_dicom_header", no_second_read)
+    assert estimate_slices(cine_case) == 10
+
+
+def test_a_multiframe_case_made_elsewhere_is_sized_from_its_header(cine_case):
+    assert estimate_slices(replace(cine_case, frames=None)) == 10
