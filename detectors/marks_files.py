@@ -30,6 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from medsam_engine.pipeline.core.errors import ReadError
+from medsam_engine.pipeline.io.dicom_header import read_dicom_header
+
 GSPS_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.11.1",  # grayscale softcopy presentation state
     "1.2.840.10008.5.1.4.1.1.11.2",  # colour
@@ -103,16 +106,14 @@ def read_marks(paths: list[str]) -> tuple[list[RawMark], dict[str, ImagePlane], 
     """Every mark in the PR/SR objects under ``paths``, the image planes of the images found there (by SOP
     instance UID), and "file: why" for files that are not DICOM, could not be read, or are a PR/SR without
     a single mark."""
-    import pydicom
-
     marks: list[RawMark] = []
     planes: dict[str, ImagePlane] = {}
     skipped: list[str] = []
     for path in _files(paths):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception as exc:  # not DICOM, or corrupt: named, the others still count
-            skipped.append(f"{os.path.basename(path)}: not readable as DICOM ({type(exc).__name__})")
+            ds = read_dicom_header(path)
+        except ReadError as exc:  # not DICOM, or corrupt: named, the others still count
+            skipped.append(exc.reason)
             continue
         sop_class = str(ds.get("SOPClassUID", ""))
         name = os.path.basename(path)
@@ -295,11 +296,9 @@ def _sr_mark(
 
 def case_planes(files: tuple[str, ...]) -> dict[str, ImagePlane]:
     """The planes of a DICOM case's own images (headers only), by SOP instance UID."""
-    import pydicom
-
     planes = {}
     for path in files:
-        plane = image_plane(pydicom.dcmread(path, stop_before_pixels=True))
+        plane = image_plane(read_dicom_header(path))
         if plane is not None:
             planes[plane.sop_instance] = plane
     return planes
