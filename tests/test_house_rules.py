@@ -1,8 +1,10 @@
 """The house rules as tests, so the README's test command enforces them: ruff (lint and format) on the whole
-tree and mypy, strict, on the lower layers (core, store, io; the configuration is in pyproject.toml)."""
+tree, mypy, strict, on the lower layers (core, store, io; the configuration is in pyproject.toml), and one
+entry point for DICOM header reads."""
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STRICT = ("medsam_engine.pipeline.core", "medsam_engine.pipeline.store", "medsam_engine.pipeline.io")
+PACKAGES = ("pipeline", "flows", "detectors", "postprocess")
+HEADER_READER = "pipeline/io/dicom_header.py"
+PYDICOM_READS = {"dcmread", "read_partial"}
+HEADER_ONLY = {"stop_before_pixels", "specific_tags"}
+# reads of whole files, pixels included, which are not header reads: (file, function) -> why
+WHOLE_FILE_READS = {
+    ("pipeline/io/dicom.py", "_read_dataset"): "decodes the pixel data of the files it reads",
+    ("pipeline/io/dicomweb.py", "stow"): "sends the files whole, pixel data included, to the PACS",
+}
 
 
 def _tool(name: str) -> str:
@@ -46,3 +57,40 @@ def test_mypy_strict_on_core_store_and_io_finds_nothing(tmp_path):
         text=True,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def _pydicom_reads() -> list[tuple[str, str, ast.Call]]:
+    """(file, enclosing function, call) for every call of pydicom's file readers in the packages."""
+    found: list[tuple[str, str, ast.Call]] = []
+
+    def visit(node: ast.AST, name: str, function: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef) else function
+            called = getattr(child, "func", None)
+            if (
+                isinstance(child, ast.Call)
+                and getattr(called, "attr", getattr(called, "id", "")) in PYDICOM_READS
+            ):
+                found.append((name, function, child))
+            visit(child, name, inner)
+
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            visit(ast.parse(path.read_text()), path.relative_to(ROOT).as_posix(), "")
+    return found
+
+
+def test_dicom_headers_are_read_only_through_read_dicom_header():
+    """Header reads go through pipeline/io/dicom_header.py (its rules and errors in one place); elsewhere only
+    the whole-file reads listed above call pydicom's readers."""
+    strays = [
+        f"{name}:{call.lineno} in {function or 'the module'}"
+        for name, function, call in _pydicom_reads()
+        if name != HEADER_READER
+        and ((name, function) not in WHOLE_FILE_READS or {k.arg for k in call.keywords} & HEADER_ONLY)
+    ]
+    assert strays == [], "read headers with pipeline.io.dicom_header.read_dicom_header: " + ", ".join(strays)
+
+
+def test_the_whole_file_reads_listed_are_still_there():
+    assert {(name, function) for name, function, _ in _pydicom_reads()} >= set(WHOLE_FILE_READS)
