@@ -57,6 +57,44 @@ class IntensitySection(_Section):
     )
 
 
+class InputSection(_Section):
+    """Which image of a case the engine reads: one channel of a multi-channel case (nnU-Net's ``CASE_0000``,
+    ``CASE_0001``, ... files; pipeline/io/channels.py), as MedSAM segments one grey image."""
+
+    channel: int | str = Field(
+        0,
+        description="the channel of a multi-channel case that is prompted and segmented: its number (0 is "
+        "CASE_0000), or its name in dataset.json's channel_names; the other channels must lie on its grid. "
+        "A case with fewer channels fails with the reason (--channel)",
+    )
+    channel_names: dict[int, str] = Field(
+        default_factory=dict,
+        description="channel number -> name, over the names of a dataset.json beside the images "
+        "(--labels dataset.json fills it from nnU-Net's channel_names)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _number_as_number(cls, data: Any) -> Any:
+        """A channel given as digits ("1", from the command line) is a number."""
+        if isinstance(data, dict) and isinstance(data.get("channel"), str) and data["channel"].isdigit():
+            return {**data, "channel": int(data["channel"])}
+        return data
+
+    @model_validator(mode="after")
+    def _check_channel(self) -> InputSection:
+        if isinstance(self.channel, int) and not 0 <= self.channel <= 9999:
+            raise ValueError(f"input.channel must be 0..9999 (nnU-Net's CASE_XXXX); got {self.channel}")
+        if isinstance(self.channel, str) and not self.channel.strip():
+            raise ValueError("input.channel must be a channel number or a name")
+        if isinstance(self.channel, str) and self.channel_names:
+            names = [n.lower() for n in self.channel_names.values()]
+            if self.channel.lower() not in names:
+                listed = ", ".join(f"{k} {n}" for k, n in sorted(self.channel_names.items()))
+                raise ValueError(f"input.channel '{self.channel}' names no channel ({listed})")
+        return self
+
+
 class PromptSection(_Section):
     """Which detector makes the boxes, the rules every detector's boxes follow, and its own options."""
 
@@ -291,6 +329,7 @@ class EngineConfig(_Section):
     """The whole run configuration (``--config FILE``): one section per stage; absent keys keep their
     defaults."""
 
+    input: InputSection = Field(InputSection(), description="which channel of a multi-channel case is read")
     intensity: IntensitySection = Field(
         IntensitySection(), description="how intensities become the model's 8-bit input"
     )
@@ -331,6 +370,7 @@ class EngineConfig(_Section):
         data.pop("store")
         data.pop("pipeline")  # how many cases are in flight never changes a mask
         data.pop("labels")  # names, codes and colours never change the masks
+        data.pop("input")  # a case's signature holds the channel it segments (annotate/signature.py)
         quality = data.pop("quality")  # routing and calibration never change the masks
         if quality["jitter_check"]:  # ... the jitter check adds a record per instance
             data["quality_jitter"] = [quality["jitter_fraction"], quality["jitter_slices"]]

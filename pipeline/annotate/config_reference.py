@@ -30,7 +30,7 @@ HEADER = (
 INTRO = """\
 `--config FILE` (YAML or JSON) sets any of the keys below; a key left out keeps its default, and unknown keys
 or detector options are refused before any case is read. Command-line flags (`--detector`, `--box-margin`,
-`--mode`, `--checkpoint`, `--device`, `--labels`, `--detector-option`) apply over the file.
+`--mode`, `--checkpoint`, `--device`, `--channel`, `--labels`, `--detector-option`) apply over the file.
 `medsam-engine config show [--config FILE] [--json]` prints the configuration that results.
 
 A dotted name is a path in the file: `intensity.ct_level: 40` is

@@ -58,6 +58,7 @@ from medsam_engine.pipeline.core.provenance import utc_stamp
 from medsam_engine.pipeline.core.types import BoxPrompt, CaseRef, ObjectBox, Volume
 from medsam_engine.pipeline.export.traceable import DICOM_KINDS
 from medsam_engine.pipeline.io.cache import DICOMWEB_SERIES, remember_digest
+from medsam_engine.pipeline.io.channels import select_channel
 from medsam_engine.pipeline.io.dicom_scan import dicom_ids
 from medsam_engine.pipeline.io.discover import materialise
 from medsam_engine.pipeline.io.readers import label_names_of, read_case, read_volume
@@ -84,9 +85,11 @@ def write_case_manifest(store: CaseStore, case: CaseRef, *, given: str | None = 
     """Record what the case is made of (its inputs, series and kind): ``given`` is the input as the user gave
     it (default ``case.image``; a DICOMweb series' URL without its instance count), and the image, files and
     coarse mask are absolute paths for local inputs (URLs as they are), so that exports and reviews find
-    them from any working directory. A DICOM case's Study/SeriesInstanceUID and SeriesNumber are recorded
-    too (``dicom``): its files may be a download the cache drops once the case is committed, and a review
-    from the PACS and the exports' cases.csv still need them."""
+    them from any working directory. An nnU-Net case also records its channel files (``channels``), the
+    channel segmented (``channel``, whose file ``image`` is) and the channels' names where known. A DICOM
+    case's Study/SeriesInstanceUID and SeriesNumber are recorded too (``dicom``): its files may be a download
+    the cache drops once the case is committed, and a review from the PACS and the exports' cases.csv still
+    need them."""
     given = case.image if given is None else given
     record = {
         "case_id": case.case_id,
@@ -97,6 +100,11 @@ def write_case_manifest(store: CaseStore, case: CaseRef, *, given: str | None = 
         "coarse_mask": _absolute(case.coarse_mask) if case.coarse_mask else case.coarse_mask,
         "kind": case.kind,
     }
+    if case.channels:  # an nnU-Net case: all its channel files, and the one segmented
+        record["channels"] = [_absolute(c) for c in case.channels]
+        record["channel"] = case.channel
+        if case.channel_names:
+            record["channel_names"] = list(case.channel_names)
     ids = dicom_ids(case.files[0] if case.files else case.image) if case.kind in DICOM_KINDS else ()
     if any(ids):
         record["dicom"] = dict(zip(("study_uid", "series_uid", "series_number"), ids, strict=True))
@@ -359,6 +367,7 @@ def _attempt(case: CaseRef, run: RunContext, *, progress, node: str) -> CaseOutc
         if known is not None and committed_with(store, case.case_id, known):
             return _already_committed(store, case, node)
     case = materialise(case, store.cache_dir())  # a DICOMweb series is downloaded here
+    case = select_channel(case, config.input.channel, config.input.channel_names)  # nnU-Net's channels
     signature = signature_or_read_error(case, config, runner.model_sha256)
     if listed.kind == DICOMWEB_SERIES:  # the download goes once the run is done with it; its digest stays
         remember_digest(store.cache_dir(), listed, signature["input_sha256"])

@@ -11,6 +11,7 @@ from medsam_engine.pipeline.annotate.config import EngineConfig
 from medsam_engine.pipeline.core.errors import ReadError, is_transient
 from medsam_engine.pipeline.core.provenance import package_version
 from medsam_engine.pipeline.core.types import CaseRef
+from medsam_engine.pipeline.io.channels import select_channel
 from medsam_engine.pipeline.io.discover import case_content_hash, content_hash
 from medsam_engine.pipeline.store.case_store import CaseStore
 
@@ -24,6 +25,9 @@ def case_signature(case: CaseRef, config: EngineConfig, model_sha256: str) -> di
         "config_hash": config.result_hash(),
         "package_version": package_version(),
     }
+    channel = _channel(case, config)
+    if channel:  # another channel of the same files: another result (channel 0 keeps earlier signatures)
+        signature["channel"] = channel
     artefact = config.prompts.options.get("artefact") if config.prompts.detector == "learned" else None
     if artefact:
         signature["detector_sha256"] = content_hash(str(artefact))
@@ -31,6 +35,15 @@ def case_signature(case: CaseRef, config: EngineConfig, model_sha256: str) -> di
         paths = as_paths(config.prompts.options["marks"]) + as_paths(config.prompts.options.get("images", []))
         signature["marks_sha256"] = hashlib.sha256("\n".join(map(content_hash, paths)).encode()).hexdigest()
     return signature
+
+
+def _channel(case: CaseRef, config: EngineConfig) -> int | str:
+    """The channel the case segments: its number, or the name as configured when it names no channel of the
+    case (the driver then fails the case with the reason)."""
+    try:
+        return select_channel(case, config.input.channel, config.input.channel_names).channel
+    except ReadError:
+        return config.input.channel
 
 
 def signature_or_read_error(case: CaseRef, config: EngineConfig, model_sha256: str) -> dict:

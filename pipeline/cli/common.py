@@ -15,7 +15,7 @@ from medsam_engine.pipeline.annotate.config import load_config
 from medsam_engine.pipeline.annotate.progress import RunProgress, case_line
 from medsam_engine.pipeline.annotate.run_record import count_statuses
 from medsam_engine.pipeline.export.pacs_push import push_segs
-from medsam_engine.pipeline.io.label_table import read_label_table
+from medsam_engine.pipeline.io.label_table import read_channel_names, read_label_table
 from medsam_engine.pipeline.model.devices import cuda_available
 
 EXIT_OK, EXIT_CASES_FAILED, EXIT_USAGE = 0, 1, 2
@@ -103,7 +103,7 @@ def settle_inputs(args: argparse.Namespace) -> str | None:
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """What annotate and round run share about how cases are read and segmented: --box-margin, --mode,
-    --device, --keep-localizers, --keep-derived, --keep-cache."""
+    --device, --channel, --keep-localizers, --keep-derived, --keep-cache."""
     parser.add_argument(
         "--box-margin",
         type=int,
@@ -123,6 +123,13 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "cpu", "cuda"],
         default=None,
         help="where the model runs (default auto: a visible GPU, else the CPU; gpu is cuda)",
+    )
+    parser.add_argument(
+        "--channel",
+        default=None,
+        metavar="C",
+        help="the channel of multi-channel cases (nnU-Net's CASE_0000, CASE_0001, ...) to prompt and "
+        "segment: its number (default 0) or its name in dataset.json's channel_names (input.channel)",
     )
     parser.add_argument("--keep-localizers", action="store_true", help="annotate localizer/scout series too")
     parser.add_argument(
@@ -412,9 +419,13 @@ def run_config(
                 "device": getattr(args, "device", None),
                 "mode": getattr(args, "mode", None),
             },
+            input={"channel": getattr(args, "channel", None)},
         )
         if getattr(args, "labels", None):
             config = config.with_overrides(labels=read_label_table(args.labels))
+            channel_names = read_channel_names(args.labels)  # nnU-Net's dataset.json names the channels
+            if channel_names:
+                config = config.with_overrides(input={"channel_names": channel_names})
         if getattr(args, "keep_cache", False):
             config = config.with_overrides(store={"keep_cache": True})
     except ValidationError as exc:

@@ -190,6 +190,9 @@ class CaseRef:
     files were unpacked or fetched into: an extracted archive, an ``s3://`` copy (pipeline/io/cache.py).
     ``frames`` is a multi-frame DICOM file's frame count as discovery's header scan read it (None for other
     kinds, or when discovery did not read it), so that shards are sized without reading the header again.
+    ``channels`` lists the image files of an nnU-Net case (``CASE_0000``, ``CASE_0001``, ...), channel 0
+    first; ``image`` is the one the engine reads, channel ``channel`` (pipeline/io/channels.py), and
+    ``channel_names`` names them where the dataset's dataset.json does.
     """
 
     case_id: str
@@ -204,6 +207,9 @@ class CaseRef:
     supersedes: str | None = None  # the failing case its remote input gave when it could not be fetched
     cached_from: tuple[str, ...] = ()  # cache entries its files were unpacked or fetched into
     frames: int | None = None  # a multi-frame DICOM file's frames, from discovery's header scan
+    channels: tuple[str, ...] = ()  # an nnU-Net case's image files, channel 0 first
+    channel: int = 0  # which of ``channels`` ``image`` is
+    channel_names: tuple[str, ...] = ()  # the channels' names (nnU-Net's dataset.json), when known
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ input's own grid and affine (as the NIfTI export), so they overlay the source ex
 Which cases: every committed case whose ``review_status`` attribute is "accepted"; a case without that
 attribute (nothing has been reviewed yet) is included too, so a first round can train on pre-annotations.
 Cases with another review status are excluded (reported, not an error). The most common modality among the
-rest is the dataset's and the first written case fixes the channel count; cases that differ are skipped with
-the reason. Images come from the store (``store.write_image``) or, when it kept none, from the source the
-manifest names.
+rest is the dataset's and the first written case fixes the channel count (and, for an nnU-Net input, the
+channel names its dataset.json gave); cases that differ are skipped with the reason. Images come from the
+store (``store.write_image``) or, when it kept none, from the source the manifest names; every channel of a
+multi-channel nnU-Net input from its channel files (the store keeps the channel it segmented). With
+``name_by="input"`` such a case keeps its nnU-Net name (``CASE_0000``, ``CASE_0001`` -> ``CASE``).
 
 Labels: nnU-Net wants consecutive values, so the store's values (union over the included cases) are mapped to
 1..N in order; dataset.json's "labels" gives the names, and "medsam_label_values" the store value of each.
@@ -54,8 +56,12 @@ MARKER = ".medsam-engine-export"  # in every dataset folder this engine wrote: s
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
-def _image_zyxc(store: CaseStore, case_id: str, geometry: Geometry) -> np.ndarray:
-    """The case image as (z, y, x, c), from the store or else from the source named in the manifest."""
+def _image_channels(store: CaseStore, case_id: str, geometry: Geometry) -> list[np.ndarray]:
+    """The case image's channels, each (z, y, x): an nnU-Net case's from its channel files (the store keeps
+    the one it segmented), else from the store or, when it kept none, the source named in the manifest."""
+    channels = (store.manifest(case_id) or {}).get("channels") or []
+    if len(channels) > 1:
+        return [_source_channel(str(path), geometry) for path in channels]
     image = store.read_image(case_id)
     if image is None:
         source = (store.manifest(case_id) or {}).get("image")
@@ -65,7 +71,31 @@ def _image_zyxc(store: CaseStore, case_id: str, geometry: Geometry) -> np.ndarra
             raise ExportError(f"the store kept no image and the source is unreadable ({exc.reason})") from exc
         if image is None or tuple(image.shape[:3]) != tuple(geometry.shape):
             raise ExportError("the store kept no image and the source is missing or no longer matches")
-    return image if image.ndim == 4 else image[..., None]
+    return [image[..., c] for c in range(image.shape[-1])] if image.ndim == 4 else [image]
+
+
+def _source_channel(path: str, geometry: Geometry) -> np.ndarray:
+    """One channel file of an nnU-Net case as (z, y, x) on the case's grid; ExportError when it cannot be
+    read or no longer lies on that grid."""
+    name = Path(path).name
+    try:
+        volume = read_volume(path)
+    except ReadError as exc:
+        raise ExportError(f"channel {name} of the case is unreadable ({exc.reason})") from exc
+    placed = tuple(volume.shape) == tuple(geometry.shape) and np.allclose(
+        volume.geometry.affine, geometry.affine, atol=1e-3
+    )
+    if volume.array.ndim != 3 or not placed:
+        raise ExportError(f"channel {name} of the case no longer lies on the case's grid")
+    return np.asarray(volume.array)
+
+
+def _recorded_channel_names(store: CaseStore, case_id: str, channels: int) -> dict[str, str] | None:
+    """dataset.json's channel_names from the case's manifest (an nnU-Net case's own), or None."""
+    names = (store.manifest(case_id) or {}).get("channel_names") or []
+    if len(names) != channels or not all(names):
+        return None
+    return {str(c): str(name) for c, name in enumerate(names)}
 
 
 def _channel_names(modality: str, channels: int) -> dict[str, str]:
@@ -103,7 +133,12 @@ def _labels_json(names: dict[int, str]) -> tuple[dict[str, int], dict[str, int],
 
 
 def _write_case(
-    name: str, labels: np.ndarray, image: np.ndarray, geometry: Geometry, out: Path, remap: dict[int, int]
+    name: str,
+    labels: np.ndarray,
+    image: list[np.ndarray],
+    geometry: Geometry,
+    out: Path,
+    remap: dict[int, int],
 ) -> list[Path]:
     """Write one case's label file and image channels (both on the source grid) under its identifier
     ``name``; returns the paths."""
@@ -119,8 +154,8 @@ def _write_case(
             what=f"case {name} labels",
         )
     ]
-    for channel in range(image.shape[-1]):
-        data = to_source_grid(np.ascontiguousarray(image[..., channel]), geometry)
+    for channel, array in enumerate(image):
+        data = to_source_grid(np.ascontiguousarray(array), geometry)
         written.append(
             save_nifti_checked(
                 data,
@@ -178,19 +213,21 @@ def _write_dataset(store: CaseStore, out: Path, name: str, name_by: str) -> Expo
     labels_json, store_values, remap = _labels_json(names)
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
-    channels, modality, training = None, "OT", []
+    channels, modality, training, channel_names = None, "OT", [], None
     for case_id in cases:
         labels, attrs = store.read_labels(case_id)
         geometry = attrs.geometry
         try:
-            image = _image_zyxc(store, case_id, geometry)
+            image = _image_channels(store, case_id, geometry)
         except ExportError as exc:
             report.skipped[case_id] = exc.reason
             continue
-        if channels is not None and image.shape[-1] != channels:
-            report.skipped[case_id] = f"{image.shape[-1]} image channels, the dataset has {channels}"
+        if channels is not None and len(image) != channels:
+            report.skipped[case_id] = f"{len(image)} image channels, the dataset has {channels}"
             continue
-        channels, modality = image.shape[-1], attrs.modality
+        if channels is None:
+            channel_names = _recorded_channel_names(store, case_id, len(image))
+        channels, modality = len(image), attrs.modality
         files = _write_case(identifiers[case_id], labels, image, geometry, out, remap)
         report.written.extend(str(p) for p in files)
         report.outputs[case_id] = [p.relative_to(out).as_posix() for p in files]
@@ -198,7 +235,7 @@ def _write_dataset(store: CaseStore, out: Path, name: str, name_by: str) -> Expo
     dataset = {
         "name": name,
         "description": "LiteMedSAM pre-annotations exported by medsam-engine",
-        "channel_names": _channel_names(modality, channels or 1),
+        "channel_names": channel_names or _channel_names(modality, channels or 1),
         "labels": labels_json,
         "numTraining": len(training),
         "file_ending": ".nii.gz",

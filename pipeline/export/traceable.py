@@ -14,7 +14,8 @@ Every export folder carries ``cases.csv``, one row per committed case the export
     reason           why it was skipped or excluded, or what was left out of a written case
 
 Names (``--name-by``): ``id`` names files by case id (no input name leaves the store); ``input`` by the
-input's file name without its image suffixes (``ct.nii.gz`` -> ``ct``), for a DICOM series its folder's name
+input's file name without its image suffixes (``ct.nii.gz`` -> ``ct``), for an nnU-Net case its case name
+(``brain_0000.nii.gz``, ``brain_0001.nii.gz`` -> ``brain``), for a DICOM series its folder's name
 (with ``_s<SeriesNumber>`` when one folder holds several committed series), for a DICOMweb series the last
 part of its URL. Characters other than letters, digits, ``-``, ``_`` and ``.`` become ``_``; a name several
 cases share (ignoring case, as some file systems do) gets ``_<first 8 characters of the case id>``, so every
@@ -33,6 +34,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from medsam_engine.pipeline.core.atomic import write_text_atomic
+from medsam_engine.pipeline.io.channels import channel_of
 from medsam_engine.pipeline.io.dicom_scan import dicom_ids
 from medsam_engine.pipeline.io.formats import stem_of
 from medsam_engine.pipeline.store.case_store import CaseStore
@@ -50,7 +52,7 @@ class CaseSource:
     """What a case was made from, as its manifest records it: ``given`` the input as the user gave it,
     ``resolved`` its absolute path or URL, ``image`` the local image file or series folder, ``kind`` the
     manifest's kind; the UIDs and SeriesNumber come from the first source file's header of a DICOM series
-    ('' otherwise, or when the file is gone)."""
+    ('' otherwise, or when the file is gone); ``channels`` are an nnU-Net case's channel files."""
 
     given: str
     resolved: str
@@ -59,6 +61,7 @@ class CaseSource:
     study_uid: str = ""
     series_uid: str = ""
     series_number: str = ""
+    channels: tuple[str, ...] = ()  # an nnU-Net case's channel files, channel 0 first
 
 
 def case_source(store: CaseStore, case_id: str) -> CaseSource:
@@ -70,7 +73,7 @@ def case_source(store: CaseStore, case_id: str) -> CaseSource:
     resolved = given if "://" in given else os.path.abspath(image) if image else ""
     kind = str(manifest.get("kind") or "")
     if kind not in DICOM_KINDS:
-        return CaseSource(given, resolved, image, kind)
+        return CaseSource(given, resolved, image, kind, channels=tuple(manifest.get("channels") or ()))
     recorded = manifest.get("dicom") or {}
     if recorded:  # recorded when the case was read: its files may be gone (a download removed after commit)
         ids = tuple(str(recorded.get(k) or "") for k in ("study_uid", "series_uid", "series_number"))
@@ -98,6 +101,9 @@ def export_names(sources: dict[str, CaseSource], name_by: str) -> dict[str, str]
 def _input_name(source: CaseSource, folders: Counter[str]) -> str:
     if "://" in source.given:  # a DICOMweb series or a URL: the last part of its path
         return stem_of(PurePosixPath(urlparse(source.given).path).name)
+    named = channel_of(source.channels[0]) if source.channels else None
+    if named is not None:  # an nnU-Net case keeps its name (CASE_0000, CASE_0001 -> CASE)
+        return named[0]
     if source.kind not in DICOM_KINDS:
         return stem_of(source.image or source.given)
     name = Path(source.image).name

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +40,7 @@ from medsam_engine.pipeline.io.cache import (
     series_download,
     unpin,
 )
+from medsam_engine.pipeline.io.channels import channel_cases, channel_of, channels_digest
 from medsam_engine.pipeline.io.dicom_scan import (
     PARALLEL_FROM,
     SeriesGroup,
@@ -98,15 +98,18 @@ def content_hash(path: str | Path) -> str:
 
 
 def case_content_hash(case: CaseRef) -> str:
-    """sha256 of what the case reads: its series' files when it lists them, else its image file or folder
-    (a file's digest from discovery when the case carries it); for a DICOMweb series not yet downloaded
-    (:func:`materialise`), the digest an earlier download of as many instances had, else OSError."""
+    """sha256 of what the case reads: its series' files when it lists them, every channel of an nnU-Net
+    case (whichever it segments), else its image file or folder (a file's digest from discovery when the
+    case carries it); for a DICOMweb series not yet downloaded (:func:`materialise`), the digest an earlier
+    download of as many instances had, else OSError."""
     if case.kind == DICOMWEB_SERIES:
         if case.content_sha256:  # an earlier download of as many instances had it (pipeline/io/cache.py)
             return case.content_sha256
         raise OSError("a DICOMweb series has a content hash once it is downloaded")
     if case.content_sha256 and not case.files:
         return case.content_sha256
+    if len(case.channels) > 1:
+        return channels_digest([content_hash(c) for c in case.channels])
     if case.files:
         root = Path(case.image)
         files = sorted(Path(f) for f in case.files)
@@ -430,15 +433,11 @@ def _mask_for(
     return masks[index] if len(masks) == n_inputs else None
 
 
-NNUNET_CHANNEL = re.compile(r"_\d{4}$")  # nnU-Net names image channels CASE_0000 ...; its labels CASE
-
-
 def _mask_stems(image: Path) -> list[str]:
     """The mask stems that pair with ``image``: its own stem, then (nnU-Net's layout) without a channel
     suffix (``case_0000.nii.gz`` pairs with ``case.nii.gz``)."""
-    stem = stem_of(image)
-    bare = NNUNET_CHANNEL.sub("", stem)
-    return [stem] if bare == stem else [stem, bare]
+    stem, named = stem_of(image), channel_of(image)
+    return [stem] if named is None else [stem, named[0]]
 
 
 def _unpaired(case: CaseRef, folder: Path, stems: dict[str, Path]) -> CaseRef:
@@ -492,6 +491,8 @@ def discover(
     folder = len(masks) == 1 and masks[0].is_dir()
     segs = _seg_masks(masks[0]) if folder else {}
     stems = _masks_by_stem(masks[0]) if folder else None
+    grouped = channel_cases(list(found.values()), finder.case_id, mask_stems=stems)
+    found = {case.case_id: (index, case) for index, case in grouped}
     cases = []
     for case_id, (index, case) in found.items():
         case = _one_file_per_instance(case) if case_id in merged else case

@@ -6,7 +6,8 @@
   of ``{"value": 1, "name": ..., "code": ..., "meaning": ..., "colour": ...}``;
 * CSV (header optional): ``value,name[,code][,colour]`` with the colour as ``#rrggbb`` or ``r g b``;
 * a 3D Slicer colour table (``.ctbl`` / ``.txt``): ``value name r g b a`` lines, ``#`` comments;
-* nnU-Net's ``dataset.json`` (its ``labels``, v1 or v2; the engine's own nnunet export writes one);
+* nnU-Net's ``dataset.json`` (its ``labels``, v1 or v2; the engine's own nnunet export writes one), whose
+  ``channel_names`` also name the channels of multi-channel cases (:func:`read_channel_names`);
 * dcmqi's segmentation metadata JSON (``segmentAttributes``: label IDs, names, SNOMED CT property types,
   display colours), as TotalSegmentator's DICOM SEG output and ``itkimage2segimage`` use;
 * a NIfTI label map whose header carries its label table (TotalSegmentator's multilabel ``--ml`` output:
@@ -25,6 +26,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from medsam_engine.pipeline.io.channels import channel_names_in
 from medsam_engine.pipeline.io.nifti_labels import nifti_label_table
 
 _HEX = re.compile(r"#?([0-9a-fA-F]{6})")
@@ -178,6 +180,19 @@ def _from_slicer(text: str, name: str) -> dict[int, dict[str, Any]]:
         )
         table[number] = entry
     return table
+
+
+def read_channel_names(path: str | Path) -> dict[int, str]:
+    """Channel number -> name from a label table that is nnU-Net's dataset.json (``channel_names``, v1
+    ``modality``); {} for any other table (pipeline/io/channels.py)."""
+    path = Path(path)
+    if path.suffix.lower() != ".json":
+        return {}
+    try:
+        names = channel_names_in(json.loads(path.read_text(encoding="utf-8-sig")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return dict(enumerate(names))
 
 
 def read_label_table(path: str | Path) -> dict[int, dict[str, Any]]:

@@ -249,7 +249,61 @@ def read_case_here(case: CaseRef) -> Volume:
         return _guarded(
             Path(case.files[0]), where, lambda: read_dicom_files([Path(f) for f in case.files], where=where)
         )
-    return read_volume(case.image)
+    volume = read_volume(case.image)
+    for channel in case.channels:
+        if channel != case.image:
+            _check_channel(Path(channel), volume, Path(case.image).name)
+    return volume
+
+
+def _source_grid(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """The (i, j, k) shape and voxel-to-RAS affine of an image file as its reader takes them, from the
+    header alone for NIfTI and NRRD."""
+    fmt = format_of(path)
+    if fmt is NIFTI:
+        import nibabel as nib
+
+        image = cast(nib.Nifti1Image, nib.load(str(path)))
+        shape = tuple(int(n) for n in image.header.get_data_shape())
+        shape = shape[:3] if len(shape) == 4 and shape[3] == 1 else shape
+        return ((*shape, 1) if len(shape) == 2 else shape), np.asarray(image.affine)
+    if fmt is NRRD:
+        import nrrd
+
+        header = nrrd.read_header(str(path))
+        sizes = tuple(int(n) for n in header.get("sizes", ()))
+        if len(sizes) == 4 and sizes[0] == 1:
+            sizes = sizes[1:]
+            header = dict(header, **{"space directions": np.asarray(header["space directions"])[1:]})
+        return sizes, _nrrd_affine(header, path.name)
+    geometry = read_volume(path).geometry
+    return tuple(geometry.source_shape), np.asarray(geometry.source_affine)
+
+
+def _check_channel(path: Path, volume: Volume, name: str) -> None:
+    """Nothing when the channel file ``path`` lies on the grid of ``volume`` (read from the file ``name``):
+    the same shape, and an affine within 1e-3 mm; ReadError naming both files otherwise (nnU-Net's channels
+    share one grid), or naming ``path`` when it cannot be read."""
+    if not path.is_file():
+        raise ReadError(f"{path.name}: no such file (a channel of the case of {name})")
+    try:
+        shape, affine = _source_grid(path)
+    except ReadError:
+        raise
+    except Exception as exc:  # corrupt headers make third-party readers raise anything; keep the cause
+        detail = str(exc).replace(str(path.resolve()), path.name).replace(str(path), path.name)
+        raise ReadError(f"{path.name}: unreadable channel ({type(exc).__name__}: {detail[:200]})") from exc
+    geometry = volume.geometry
+    if tuple(shape) != tuple(geometry.source_shape):
+        why = f"shape {tuple(shape)}, not {tuple(geometry.source_shape)}"
+    elif not np.allclose(affine, geometry.source_affine, atol=1e-3):
+        moved = float(np.abs(np.asarray(affine) - np.asarray(geometry.source_affine)).max())
+        why = f"its affine differs by up to {moved:.3g} mm"
+    else:
+        return
+    raise ReadError(
+        f"{path.name}: not on the grid of {name} ({why}); the channels of an nnU-Net case share one grid"
+    )
 
 
 def read_case(
