@@ -7,13 +7,15 @@ from pathlib import Path
 from medsam_engine.pipeline.core.errors import CaseError
 from medsam_engine.pipeline.core.geometry import align_to
 from medsam_engine.pipeline.core.metrics import per_label_scores
+from medsam_engine.pipeline.io.channels import channel_of
 from medsam_engine.pipeline.io.formats import stem_of
 from medsam_engine.pipeline.io.readers import read_volume
 from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 def match_references(store: CaseStore, references: list[str | Path]) -> dict[str, Path]:
-    """Pair committed cases with reference files: by case id, by the input's file stem, or one-to-one."""
+    """Pair committed cases with reference files: by case id, by the input's file stem (an nnU-Net image
+    ``CASE_0000`` also by ``CASE``, as its labels are named), by the coarse mask's stem, or one-to-one."""
     files: list[Path] = []
     for ref in (Path(r) for r in references):
         files.extend(sorted(p for p in ref.iterdir() if p.is_file()) if ref.is_dir() else [ref])
@@ -22,7 +24,10 @@ def match_references(store: CaseStore, references: list[str | Path]) -> dict[str
     pairs: dict[str, Path] = {}
     for case_id in cases:
         manifest = store.manifest(case_id) or {}
-        for key in (case_id, stem_of(manifest.get("image", "")), stem_of(manifest.get("coarse_mask") or "")):
+        image = str(manifest.get("image") or "")
+        named = channel_of(image) if image else None
+        mask = stem_of(manifest.get("coarse_mask") or "")
+        for key in (case_id, stem_of(image), named[0] if named else "", mask):
             if key and key in by_stem:
                 pairs[case_id] = by_stem[key]
                 break

@@ -16,6 +16,7 @@ import pytest
 from medsam_engine.pipeline.cli.main import main
 from medsam_engine.pipeline.core.geometry import to_source_grid
 from medsam_engine.pipeline.io.discover import discover
+from medsam_engine.pipeline.report.evaluate import match_references
 from medsam_engine.pipeline.store.case_store import CaseStore
 
 CHANNELS = ("t1", "gm", "wm")
@@ -190,3 +191,24 @@ def test_the_nnunet_export_keeps_the_case_name_and_its_channels(mni, tmp_path, b
     exported = np.asarray(nib.load(str(out / "labelsTr" / "brain.nii.gz")).dataobj)
     assert exported.shape == mni.labels.shape
     assert set(np.unique(exported).tolist()) <= {0, 1, 2}
+
+
+def test_eval_pairs_an_nnunet_case_with_its_labels_by_case_name(mni, tmp_path, box_fill):
+    dataset = nnunet_dataset(tmp_path, mni)  # dataset.json shows the layout: no prediction needed
+    argv = [
+        "annotate",
+        str(dataset / "imagesTs"),
+        "--detector",
+        "intensity",
+        "--store",
+        str(tmp_path / "store"),
+    ]
+    assert main([*argv, "--config", str(box_fill)]) == 0
+    references = tmp_path / "labelsTs"
+    references.mkdir()
+    shutil.copy(tmp_path / "predictions" / "brain.nii.gz", references / "brain.nii.gz")
+    shutil.copy(tmp_path / "predictions" / "brain.nii.gz", references / "other.nii.gz")
+    (case_id,) = CaseStore(tmp_path / "store").committed_cases()
+    assert match_references(CaseStore(tmp_path / "store"), [references]) == {
+        case_id: references / "brain.nii.gz"
+    }
