@@ -45,6 +45,7 @@ from medsam_engine.detectors.protocol import Detection, DetectorOptions
 from medsam_engine.pipeline.core.types import BoxPrompt, CaseRef, ObjectBox, Volume
 
 SOURCE = "marks"
+FROM_PACS = ("pacs", "from-pacs")  # ``marks:`` the marks in the PACS of a DICOMweb input's own study
 LINES = {"POLYLINE"}
 PARALLEL_COS = np.cos(np.radians(2.0))  # planes within 2 degrees of the slices count as parallel
 
@@ -52,7 +53,10 @@ PARALLEL_COS = np.cos(np.radians(2.0))  # planes within 2 degrees of the slices 
 class MarksOptions(DetectorOptions):
     """Where the marks are and how marks without a full outline become boxes."""
 
-    marks: str | list[str] = Field(description="PR/SR files or folders (comma-separated or a list)")
+    marks: str | list[str] = Field(
+        description="PR/SR files or folders (comma-separated or a list), or `pacs` (also `from-pacs`): for "
+        "DICOMweb inputs, the GSPS and TID 1500 SR objects of the input's own study in the PACS"
+    )
     images: str | list[str] = Field(
         default_factory=list, description="folders of images of other series the marks are drawn on"
     )
@@ -276,10 +280,11 @@ class MarksDetector:
     name: str = SOURCE
 
     def __call__(self, volume: Volume, coarse: np.ndarray | None = None) -> Detection:
-        raw, planes, skipped = read_marks(as_paths(self.options.marks) + as_paths(self.options.images))
+        raw, planes, skipped = read_marks(self._sources())
         if not raw:
             why = "; ".join(skipped) or "no PR/SR objects"
-            raise ValueError(f"marks: no GSPS or SR marks found in {self.options.marks}: {why}")
+            where = "the PACS" if marks_from_pacs(self.options) else self.options.marks
+            raise ValueError(f"marks: no GSPS or SR marks found in {where}: {why}")
         own = case_planes(self.case.files) if self.case is not None and self.case.files else {}
         if not own:
             raise ValueError(
@@ -295,6 +300,16 @@ class MarksDetector:
         if not placed:
             raise ValueError("marks: none of the marks is usable: " + "; ".join(warnings))
         return self._detection(group_findings(_distinct(placed)), volume, warnings)
+
+    def _sources(self) -> list[str]:
+        """The PR/SR files and image folders to read: the case's marks fetched from the PACS (``marks:
+        pacs``), else the paths given; ``images`` in both."""
+        images = as_paths(self.options.images)
+        if not marks_from_pacs(self.options):
+            return as_paths(self.options.marks) + images
+        if self.case is None or not self.case.marks_files:
+            raise ValueError("marks: pacs takes the marks of a DICOMweb input's study; this case has none")
+        return list(self.case.marks_files) + images
 
     def _detection(self, findings: list[_Finding], volume: Volume, warnings: list[str]) -> Detection:
         names = list(dict.fromkeys(f.marks[0].mark.label or "" for f in findings))
@@ -330,6 +345,12 @@ class MarksDetector:
             warnings=tuple(warnings),
             origins=origins,
         )
+
+
+def marks_from_pacs(options: MarksOptions | dict) -> bool:
+    """Whether the marks detector's options (validated, or as configured) take the marks from the PACS."""
+    given = options.marks if isinstance(options, MarksOptions) else options.get("marks")
+    return isinstance(given, str) and given.strip().lower() in FROM_PACS
 
 
 def origin(finding: _Finding, z: int) -> dict:

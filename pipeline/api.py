@@ -78,7 +78,9 @@ def annotate(
         list(inputs),
         case_store,
         coarse_masks=list(coarse_masks),
-        options=DiscoveryOptions(keep_localizers=keep_localizers),
+        options=DiscoveryOptions(
+            keep_localizers=keep_localizers, marks_from_pacs=engine_config.prompts.marks_from_pacs()
+        ),
     )
     return _annotate_cases(cases, case_store, engine_config, overwrite=overwrite, show_progress=False)
 

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medsam_engine.detectors import BoxRules, validate_options
+from medsam_engine.detectors.marks import marks_from_pacs
 from medsam_engine.pipeline.annotate.quality import JitterCheck
 from medsam_engine.pipeline.store.versions import DEFAULT_KEEP_VERSIONS
 from medsam_engine.postprocess.chain import default_chain, validate_chain
@@ -123,6 +124,12 @@ class PromptSection(_Section):
             jitter_mm=self.jitter_mm,
             seed=self.jitter_seed,
         )
+
+    def marks_from_pacs(self) -> bool:
+        """Whether the prompts are the marks in the PACS of each DICOMweb input's study (``marks: pacs``):
+        discovery then lists them (pipeline/io/pacs_marks.py) and a service root gives its studies with
+        marks."""
+        return self.detector == "marks" and marks_from_pacs(self.options)
 
 
 class ModelSection(_Section):

@@ -13,6 +13,7 @@ from medsam_engine.pipeline.core.provenance import package_version
 from medsam_engine.pipeline.core.types import CaseRef
 from medsam_engine.pipeline.io.channels import select_channel
 from medsam_engine.pipeline.io.discover import case_content_hash, content_hash
+from medsam_engine.pipeline.io.pacs_marks import marks_digest
 from medsam_engine.pipeline.store.case_store import CaseStore
 
 
@@ -32,8 +33,14 @@ def case_signature(case: CaseRef, config: EngineConfig, model_sha256: str) -> di
     if artefact:
         signature["detector_sha256"] = content_hash(str(artefact))
     if config.prompts.detector == "marks":  # the marks are the prompts: other marks, another result
-        paths = as_paths(config.prompts.options["marks"]) + as_paths(config.prompts.options.get("images", []))
-        signature["marks_sha256"] = hashlib.sha256("\n".join(map(content_hash, paths)).encode()).hexdigest()
+        options = config.prompts.options
+        marks = (  # marks in the PACS by SOP instance (which never changes): known before they are fetched
+            [marks_digest(case.marks)]
+            if config.prompts.marks_from_pacs()
+            else list(map(content_hash, as_paths(options["marks"])))
+        )
+        images = [content_hash(path) for path in as_paths(options.get("images", []))]
+        signature["marks_sha256"] = hashlib.sha256("\n".join(marks + images).encode()).hexdigest()
     return signature
 
 

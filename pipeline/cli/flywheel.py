@@ -468,6 +468,7 @@ def _round_run(args, store) -> int:
             keep_localizers=args.keep_localizers,
             keep_derived=args.keep_derived,
             pacs_query=pacs_filters(args.pacs_query),
+            marks_from_pacs=config.prompts.marks_from_pacs(),
         )
         cases = discover_inputs(args.inputs, store, coarse_masks=args.coarse_mask, options=options)
     except ValueError as exc:

@@ -176,6 +176,7 @@ def _annotate(args) -> int:
                 keep_localizers=args.keep_localizers,
                 keep_derived=args.keep_derived,
                 pacs_query=pacs_filters(args.pacs_query),
+                marks_from_pacs=config.prompts.marks_from_pacs(),
             ),
         )
     except ValueError as exc:

@@ -188,6 +188,10 @@ class CaseRef:
     run where it could not be fetched; its error record is removed once this case is committed.
     ``cached_from`` lists the cache entries (absolute paths of folders in the discovery cache) the case's
     files were unpacked or fetched into: an extracted archive, an ``s3://`` copy (pipeline/io/cache.py).
+    ``marks`` are the radiologists' marks of a DICOMweb case's study in the PACS (GSPS and TID 1500 SR
+    instance URLs, each with the keyed hash of its SOP instance as fragment), found by discovery when the
+    marks detector takes them from the PACS; ``marks_files`` their local copies (and header-only files of the
+    images they are drawn on in other series), fetched with the case's series.
     ``frames`` is a multi-frame DICOM file's frame count as discovery's header scan read it (None for other
     kinds, or when discovery did not read it), so that shards are sized without reading the header again.
     ``channels`` lists the image files of an nnU-Net case (``CASE_0000``, ``CASE_0001``, ...), channel 0
@@ -206,6 +210,8 @@ class CaseRef:
     unreadable_nearby: tuple[str, ...] = ()  # "name (why)" of unreadable files beside a DICOM series' files
     supersedes: str | None = None  # the failing case its remote input gave when it could not be fetched
     cached_from: tuple[str, ...] = ()  # cache entries its files were unpacked or fetched into
+    marks: tuple[str, ...] = ()  # the study's marks in the PACS, by instance URL (``…#<keyed SOP instance>``)
+    marks_files: tuple[str, ...] = ()  # the marks as local files, once fetched (pipeline/io/pacs_marks.py)
     frames: int | None = None  # a multi-frame DICOM file's frames, from discovery's header scan
     channels: tuple[str, ...] = ()  # an nnU-Net case's image files, channel 0 first
     channel: int = 0  # which of ``channels`` ``image`` is

@@ -17,6 +17,11 @@ up to 30 s), ``MEDSAM_ENGINE_DICOMWEB_TIMEOUT_S`` (60 per request). Credentials,
 else ``~/.config/medsam-engine/dicomweb.yaml`` (JSON or YAML: ``{"token": …}`` or ``{"user": …, "password":
 …}``, or such entries keyed by the server's ``http(s)://host:port``); a refused login (401/403) is a lasting
 failure. Ray actors download the series they annotate: they are given the file's path (never a secret).
+
+The HTTP libraries underneath log the URLs they request, which name studies (and a query's values may name a
+patient): wherever a session is made (:func:`dicomweb_session`, in every process: the command, Prefect
+tasks, Ray actors), dicomweb-client's and urllib3's own logs are kept to warnings, and their warnings carry
+``<uid>`` and ``?…`` in place of UIDs and query strings.
 """
 
 from __future__ import annotations
@@ -55,6 +60,28 @@ AS_STORED = (("application/dicom", "*"),)  # WADO-RS media type: each instance i
 TIMEOUT_S = 60
 COMPLETE = ".complete"
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+LIBRARY_LOGGERS = ("dicomweb_client", "urllib3")
+_UID = re.compile(r"\b\d+(?:\.\d+){4,}\b")  # a DICOM UID (an IPv4 address has fewer parts)
+_QUERY = re.compile(r"\?[^\s'\"]*")
+
+
+class _Redacted(logging.Filter):
+    """A library's log record without UIDs and query strings (the message is formatted first)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = _QUERY.sub("?…", _UID.sub("<uid>", record.getMessage())), ()
+        record.exc_info, record.exc_text = None, None  # a request's exception text holds its URL
+        return True
+
+
+def _private_library_logs() -> None:
+    """Keep the HTTP libraries' logs to warnings, redacted (see the module doc); idempotent."""
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("dicomweb_client.web", "dicomweb_client.session_utils", "urllib3.connectionpool"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Redacted) for f in logger.filters):
+            logger.addFilter(_Redacted())
 
 
 class PacsUnavailableError(ReadError):
@@ -112,6 +139,7 @@ def dicomweb_session(url: str, methods: tuple[str, ...] = ("GET", "HEAD")) -> re
     from requests.adapters import HTTPAdapter
     from urllib3.util.retry import Retry
 
+    _private_library_logs()
     retries = int(_setting("RETRIES", 6))
     retry = Retry(
         total=retries,

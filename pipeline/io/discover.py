@@ -63,6 +63,7 @@ from medsam_engine.pipeline.io.dicomweb import (
     query_studies,
 )
 from medsam_engine.pipeline.io.formats import DICOM, VOLUMES, format_of, stem_of, suffix_of
+from medsam_engine.pipeline.io.pacs_marks import fetch_marks, own_series, studies_with_marks, study_marks
 from medsam_engine.pipeline.io.readers import has_dicom_marker, mask_folder_files
 from medsam_engine.pipeline.io.remote import fetch_remote, is_remote_url
 
@@ -84,6 +85,7 @@ class DiscoveryOptions:
     limits: ExtractLimits = field(default_factory=ExtractLimits)
     pacs_query: dict[str, str] = field(default_factory=dict)  # QIDO-RS filters for a DICOMweb service root
     seg_from_pacs: bool = False  # coarse masks of DICOMweb cases: the newest reviewer's SEG in the PACS
+    marks_from_pacs: bool = False  # prompts of DICOMweb cases: the marks (GSPS, TID 1500 SR) in their study
 
 
 FROM_PACS = "from-pacs"  # --coarse-mask from-pacs: each DICOMweb series' newest SEG in the PACS not made here
@@ -273,7 +275,7 @@ class _Finder:
         filters = dict(self.options.pacs_query)
         identity = "dicomweb-root:" + root + "?" + "&".join(f"{k}={v}" for k, v in sorted(filters.items()))
         try:
-            studies = query_studies(root, filters)
+            studies = (studies_with_marks if self.options.marks_from_pacs else query_studies)(root, filters)
         except ReadError as exc:
             return [self.error_case(identity, self.cache / "dicomweb", f"DICOMweb service: {exc.reason}")]
         if not studies:
@@ -282,7 +284,8 @@ class _Finder:
                 self.error_case(
                     identity,
                     self.cache / "dicomweb",
-                    f"DICOMweb service: no study matches the query (filters on: {shown})",
+                    f"DICOMweb service: no study {'with marks ' if self.options.marks_from_pacs else ''}"
+                    f"matches the query (filters on: {shown})",
                 )
             ]
         log.info("DICOMweb service: %d studies match the query", len(studies))
@@ -332,7 +335,30 @@ class _Finder:
         cases = [
             replace(c, content_sha256=known_digest(self.cache, c)) for c in self.superseding(cases, identity)
         ]
+        if self.options.marks_from_pacs:
+            cases = self.with_pacs_marks(url, listed, cases)
         return self.with_pacs_segs(kept, cases) if self.options.seg_from_pacs else cases
+
+    def with_pacs_marks(self, url: str, listed: list[Any], cases: list[CaseRef]) -> list[CaseRef]:
+        """``cases`` with the marks of their study in the PACS (GSPS and TID 1500 SR instance URLs, from
+        QIDO-RS and headers only: pipeline/io/pacs_marks.py); when the study has none, each fails with that
+        reason."""
+        root = listed[0].url.split("/studies/")[0]
+        marks_series = [(s.series, s.modality) for s in listed if s.modality in ("PR", "SR")]
+        try:
+            marks = study_marks(
+                root,
+                listed[0].study,
+                key=self.case_id,
+                cache=self.cache,
+                series=None if own_series(url) else marks_series,  # a study URL lists them all
+            )
+        except ReadError as exc:
+            return [replace(c, kind="unreadable", error=f"marks from the PACS: {exc.reason}") for c in cases]
+        if not marks:
+            none = "marks from the PACS: the study holds no GSPS presentation state or TID 1500 SR"
+            return [replace(c, kind="unreadable", error=none) for c in cases]
+        return [replace(c, marks=tuple(marks)) for c in cases]
 
     def with_pacs_segs(self, listed: list[Any], cases: list[CaseRef]) -> list[CaseRef]:
         """``cases`` (of the ``listed`` series, in order), each with the newest SEG in its study that
@@ -366,6 +392,9 @@ def materialise(case: CaseRef, cache: Path) -> CaseRef:
     or holds no single image stack."""
     if case.kind != DICOMWEB_SERIES:
         return case
+    if case.marks:  # the study's marks first: a few small objects, kept in the cache
+        url = case.image.partition("#")[0]
+        case = replace(case, marks_files=tuple(fetch_marks(case.marks, cache, own_series=own_series(url))))
     folder = fetch_dicomweb(case.image.partition("#")[0], series_download(cache, case))
     scan = scan_headers(_visible_files(folder))
     groups, dropped = group_series(scan.headers)
@@ -503,6 +532,9 @@ def discover(
             cases.append(_unpaired(case, masks[0], stems))
             continue
         cases.append(case if mask is None else _with_mask(case, mask))
+    if options.marks_from_pacs:  # a local input has no PACS to take marks from
+        local = "marks from the PACS: the input is not a DICOMweb study, series or service root"
+        cases = [c if c.marks or c.error else replace(c, kind="unreadable", error=local) for c in cases]
     return cases
 
 
