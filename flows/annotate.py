@@ -116,10 +116,13 @@ class TooManyFailures(RuntimeError):
 
 
 @task(name="select-studies", cache_policy=NO_CACHE)
-def select_studies(inputs: list[str], store_url: str, run: RunOptions, model: str | None = None) -> dict:
+def select_studies(
+    inputs: list[str], store_url: str, run: RunOptions, model: str | None = None, marks: bool = False
+) -> dict:
     """The inputs to discover: all of them, or (with a watermark) the studies changed since it; all of them
     too when the watermark was set with another ``model`` than this run's (a round's new model makes every
-    case it did not annotate stale)."""
+    case it did not annotate stale). With ``marks`` (prompts from the marks in the PACS) a service root's
+    studies are those with PR/SR marks."""
     if run.watermark is None:
         return {"units": list(inputs), "changed": None, "until": None}
 
@@ -135,6 +138,7 @@ def select_studies(inputs: list[str], store_url: str, run: RunOptions, model: st
         dict(run.pacs_query),
         key=store.case_ids().case_id,
         seen=watermark.read_seen(store, run.watermark, model=model),
+        marks_only=marks,
     )
     chosen += [watermark.Entry(url, float("inf")) for url in pacs]
     get_run_logger().info(
@@ -152,11 +156,17 @@ def select_studies(inputs: list[str], store_url: str, run: RunOptions, model: st
 
 
 @task(name="discover", cache_policy=NO_CACHE)
-def discover_cases(units: list[str], store_url: str, coarse_masks: list[str], run: RunOptions) -> dict:
-    """Every case (CaseRef), and the index of the unit (study) each came from."""
+def discover_cases(
+    units: list[str], store_url: str, coarse_masks: list[str], run: RunOptions, marks: bool = False
+) -> dict:
+    """Every case (CaseRef), and the index of the unit (study) each came from; with ``marks``, each
+    DICOMweb case with the marks of its study in the PACS."""
     store = CaseStore(store_url)
     options = DiscoveryOptions(
-        keep_localizers=run.keep_localizers, keep_derived=run.keep_derived, pacs_query=dict(run.pacs_query)
+        keep_localizers=run.keep_localizers,
+        keep_derived=run.keep_derived,
+        pacs_query=dict(run.pacs_query),
+        marks_from_pacs=marks,
     )
     if run.watermark is None:
         found = [(None, c) for c in discover_inputs(units, store, coarse_masks=coarse_masks, options=options)]
@@ -352,8 +362,9 @@ def annotate_inputs(
     the run's use of the cache under "cache" (pipeline/io/cache.py): the caller finishes it, which removes
     what the cases read from the cache, after its last step that reads the inputs."""
     started, run_id = time.perf_counter(), str(flow_run.id or f"local-{time.time_ns()}")
-    studies = select_studies(inputs, store_url, run, model)
-    found = discover_cases(studies["units"], store_url, coarse_masks, run)
+    marks = config.prompts.marks_from_pacs()  # prompts from the marks in the PACS: studies with marks
+    studies = select_studies(inputs, store_url, run, model, marks)
+    found = discover_cases(studies["units"], store_url, coarse_masks, run, marks)
     cache = CacheLifecycle(
         CaseStore(store_url).cache_dir(), found["cases"], keep=config.store.keep_cache, defer=True
     )

@@ -8,8 +8,10 @@ run. The watermark lives in the store (STORE/_watermarks/<name>.json) and only m
 it stops before the oldest study whose cases failed transiently, so those are retried next time.
 A DICOMweb service root is taken study by study (QIDO-RS, with the run's filters): a study is new when the
 watermark has not seen it with its current number of instances (a series added to a study changes it), and
-the record keeps a keyed hash of each study done, never its UID. Other URL inputs (a study URL, s3://) have no
-change time here and are always taken. No Prefect in this module.
+the record keeps a keyed hash of each study done, never its UID. When the prompts are the marks in the PACS,
+only studies with PR or SR series count, and a study is new again when a mark (or an image) is added to it.
+Other URL inputs (a study URL, s3://) have no change time here and are always taken. No Prefect in this
+module.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medsam_engine.pipeline.io.dicomweb import query_studies
+from medsam_engine.pipeline.io.pacs_marks import studies_with_marks
 from medsam_engine.pipeline.store.records import read_watermark, write_watermark
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -79,13 +82,17 @@ def next_mark(until: float, retry: Iterable[Entry]) -> float:
     return min([until] + [e.changed - 1e-3 for e in retry if e.changed != float("inf")])
 
 
-def pacs_studies(roots: Iterable[str], filters: dict[str, str], *, seen: dict[str, int], key) -> dict:
-    """The studies of the service ``roots`` that ``seen`` (keyed study -> instances) does not hold as they
-    are now: {study URL: [keyed study, instances]}; ``key`` is the store's keyed hash."""
+def pacs_studies(
+    roots: Iterable[str], filters: dict[str, str], *, seen: dict[str, int], key, marks_only: bool = False
+) -> dict:
+    """The studies of the service ``roots`` (with ``marks_only``, those holding PR/SR marks) that ``seen``
+    (keyed study -> instances) does not hold as they are now: {study URL: [keyed study, instances]}; ``key``
+    is the store's keyed hash."""
     chosen = {}
+    query = studies_with_marks if marks_only else query_studies
     for root in roots:
         base = root.rstrip("/")
-        for uid, count in query_studies(root, filters).items():
+        for uid, count in query(root, filters).items():
             study = key(f"pacs-study:{base}|{uid}")
             if count is None or seen.get(study) != count:
                 chosen[f"{base}/studies/{uid}"] = [study, count]
