@@ -13,6 +13,9 @@ model graphs in its ``onnx/`` are no entries of it). Its entries::
     digests/<case_id>-<n>               the content hash of a DICOMweb series of n instances once downloaded
                                         (no entry: kept, so a rerun skips a committed series without
                                         downloading it again)
+    dicomweb-marks/<key>.dcm ...        PR/SR marks fetched from the PACS by keyed SOP instance, and what
+                                        goes with them (pipeline/io/pacs_marks.py; no entry: kept, a SOP
+                                        instance never changes, so a rerun fetches nothing again)
 
 Lifecycle: discovery pins the archive and s3:// entries it makes before extracting or fetching; a run
 (:class:`CacheLifecycle`) pins every entry its cases read, DICOMweb downloads included, and removes an entry
