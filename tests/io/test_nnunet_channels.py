@@ -42,7 +42,7 @@ def _crop(image: nib.Nifti1Image) -> nib.Nifti1Image:
 @pytest.fixture(scope="module")
 def mni(tmp_path_factory) -> Mni:
     nilearn = pytest.importorskip(
-        "nilearn", reason="the MNI152 template ships in nilearn (pip install .[bench])"
+        "nilearn", reason="the MNI152 template ships in nilearn (pip install .[test])"
     )
     data = Path(nilearn.__file__).parent / "datasets" / "data"
     images = {
