@@ -274,26 +274,42 @@ def query_studies(
 ) -> dict[str, int | None]:
     """StudyInstanceUID -> number of instances (None when the server does not say) of the studies QIDO-RS
     lists at ``root`` under ``filters`` (e.g. ``{"ModalitiesInStudy": "CT", "StudyDate": "20260101-"}``),
-    page by page; ReadError naming the server (never a study) otherwise."""
+    page by page; ReadError naming the server (never a study) otherwise. A filtered listing that runs past
+    its first page is asked for once more without a limit: Orthanc 1.10 answers a later page under a
+    ModalitiesInStudy filter with nothing."""
     client = dicomweb_client(root)
     studies: dict[str, int | None] = {}
     offset = 0
     while True:
-        with answers(root, missing="no QIDO-RS service here"):
-            found = client.search_for_studies(
-                search_filters=dict(filters or {}),
-                limit=page,
-                offset=offset,
-                fields=["NumberOfStudyRelatedInstances"],
-            )
-        for item in found:
-            uid = uid_values([item], "0020000D")
-            if uid:
-                count = item.get("00201208", {}).get("Value") or [None]
-                studies.setdefault(uid[0], None if count[0] is None else int(count[0]))
+        found = _studies_page(client, root, filters, limit=page, offset=offset)
+        for uid, count in found.items():
+            studies.setdefault(uid, count)
         if len(found) < page:
+            if offset and filters:
+                for uid, count in _studies_page(client, root, filters, limit=None, offset=0).items():
+                    studies.setdefault(uid, count)
             return studies
         offset += page
+
+
+def _studies_page(
+    client: DICOMwebClient, root: str, filters: dict[str, str] | None, *, limit: int | None, offset: int
+) -> dict[str, int | None]:
+    """One QIDO-RS page of studies: StudyInstanceUID -> number of instances (None when not said)."""
+    with answers(root, missing="no QIDO-RS service here"):
+        found = client.search_for_studies(
+            search_filters=dict(filters or {}),
+            limit=limit,
+            offset=offset,
+            fields=["NumberOfStudyRelatedInstances"],
+        )
+    studies: dict[str, int | None] = {}
+    for item in found:
+        uid = uid_values([item], "0020000D")
+        if uid:
+            count = item.get("00201208", {}).get("Value") or [None]
+            studies.setdefault(uid[0], None if count[0] is None else int(count[0]))
+    return studies
 
 
 def fetch_dicomweb(url: str, dest: str | Path) -> Path:

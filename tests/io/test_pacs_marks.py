@@ -226,3 +226,12 @@ def test_the_http_libraries_log_no_uid_nor_query():
     text = stream.getvalue()
     assert "Retrying" in text and "/studies/<uid>/series?…" in text
     assert STUDY not in text and "Doe" not in text and "search for series" not in text
+
+
+def test_studies_under_a_filter_are_all_listed_across_pages(pacs):
+    """Orthanc answers a second page under a ModalitiesInStudy filter with nothing: the listing still holds
+    every study."""
+    from medsam_engine.pipeline.io.dicomweb import query_studies
+
+    assert set(query_studies(pacs["root"], {"ModalitiesInStudy": "PR"}, page=1)) == {STUDY, MARKS_ONLY}
+    assert set(query_studies(pacs["root"], {}, page=1)) == {STUDY, NO_MARKS, MARKS_ONLY}
