@@ -32,13 +32,8 @@ import numpy as np
 
 from medsam_engine.pipeline.core.errors import ReadError
 from medsam_engine.pipeline.io.dicom_header import read_dicom_header
+from medsam_engine.pipeline.io.pacs_marks import GSPS_CLASSES
 
-GSPS_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.11.1",  # grayscale softcopy presentation state
-    "1.2.840.10008.5.1.4.1.1.11.2",  # colour
-    "1.2.840.10008.5.1.4.1.1.11.3",  # pseudo-colour
-    "1.2.840.10008.5.1.4.1.1.11.4",  # blending
-}
 SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 GRAPHIC_TYPES = {"POLYLINE", "INTERPOLATED", "CIRCLE", "ELLIPSE", "POINT", "MULTIPOINT", "POLYGON"}
 TRACKING_UID, TRACKING_ID, FINDING = "112040", "112039", "121071"

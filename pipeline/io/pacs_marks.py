@@ -19,7 +19,8 @@ emptied by a run (a SOP instance does not change, so a rerun fetches nothing aga
     dicomweb-marks/<key>.dcm          a PR or SR fetched by WADO-RS
     dicomweb-marks/<key>.other        an SR of a report class that is not a measurement report (not fetched)
     dicomweb-marks/<key>.images-<n>/  header-only files of the images the mark is drawn on in its n-th
-                                      referenced series other than the case's own (renamed into place whole)
+                                      referenced series (fetched for cases of other series; renamed into
+                                      place whole)
 
 Messages name the server, never a study; file names carry keyed hashes only.
 """
@@ -208,9 +209,13 @@ def fetch_marks(
             with atomic_file(path) as temp:
                 dataset.save_as(temp, enforce_file_format=True)
         paths.append(str(path))
-        drawn_on = referenced_images(path, study)
-        others = sorted(s for s in drawn_on if s[1] != own_series)
-        for n, (ref_study, ref_series) in enumerate(others, start=1):
+        try:
+            drawn_on = referenced_images(path, study)
+        except ReadError:  # an unreadable object: the marks detector names it with its reason
+            drawn_on = {}
+        for n, (ref_study, ref_series) in enumerate(sorted(drawn_on), start=1):  # n: the same for every case
+            if ref_series == own_series:
+                continue
             folder = cache / MARKS / f"{name}.images-{n}"
             paths.append(
                 str(_image_headers(root, ref_study, ref_series, drawn_on[(ref_study, ref_series)], folder))
