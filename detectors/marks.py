@@ -128,6 +128,20 @@ def place(mark: RawMark, planes: dict[str, ImagePlane], own: dict[str, ImagePlan
     return _Placed(mark, z, zyx[:, [2, 1]])
 
 
+def place_marks(
+    raw: list[RawMark], planes: dict[str, ImagePlane], own: dict[str, ImagePlane], volume: Volume
+) -> tuple[list[_Placed], list[tuple[RawMark, str]]]:
+    """The marks placed on the case's grid (:func:`place`), and those that cannot be, each with why."""
+    placed, refused = [], []
+    for mark in raw:
+        where = place(mark, planes, own, volume)
+        if isinstance(where, str):
+            refused.append((mark, where))
+        else:
+            placed.append(where)
+    return placed, refused
+
+
 def _distinct(placed: list[_Placed]) -> list[_Placed]:
     """The marks without repeats: an SR may hold a finding's long axis twice (as its region and as the
     measurement's coordinates)."""
@@ -156,7 +170,9 @@ def _is_line(p: _Placed) -> bool:
 
 
 def group_findings(placed: list[_Placed]) -> list[_Finding]:
-    """Marks of one finding together: the same tracking identifier, else lines crossing on one slice."""
+    """Marks of one finding together: the same tracking identifier, else lines crossing on one slice
+    (repeated marks dropped first)."""
+    placed = _distinct(placed)
     findings: dict[object, _Finding] = {}
     loose: list[_Placed] = []
     for p in placed:
@@ -280,26 +296,30 @@ class MarksDetector:
     name: str = SOURCE
 
     def __call__(self, volume: Volume, coarse: np.ndarray | None = None) -> Detection:
-        raw, planes, skipped = read_marks(self._sources())
+        raw, planes, skipped = self.read()
         if not raw:
             why = "; ".join(skipped) or "no PR/SR objects"
             where = "the PACS" if marks_from_pacs(self.options) else self.options.marks
             raise ValueError(f"marks: no GSPS or SR marks found in {where}: {why}")
+        placed, refused = place_marks(raw, planes, self.own_planes(), volume)
+        warnings = list(skipped) + [f"{mark.name}: {why}" for mark, why in refused]
+        if not placed:
+            raise ValueError("marks: none of the marks is usable: " + "; ".join(warnings))
+        return self.detection(group_findings(placed), volume, warnings)
+
+    def read(self) -> tuple[list[RawMark], dict[str, ImagePlane], list[str]]:
+        """The marks of this case's sources, the planes of the other images found with them and the files
+        left aside with why (detectors/marks_files.py's ``read_marks``)."""
+        return read_marks(self._sources())
+
+    def own_planes(self) -> dict[str, ImagePlane]:
+        """The planes of the case's own images by SOP instance UID; ValueError when it has none."""
         own = case_planes(self.case.files) if self.case is not None and self.case.files else {}
         if not own:
             raise ValueError(
                 "marks: the case is not a DICOM series of single-frame images; marks cannot be placed"
             )
-        warnings, placed = list(skipped), []
-        for mark in raw:
-            where = place(mark, planes, own, volume)
-            if isinstance(where, str):
-                warnings.append(f"{mark.name}: {where}")
-            else:
-                placed.append(where)
-        if not placed:
-            raise ValueError("marks: none of the marks is usable: " + "; ".join(warnings))
-        return self._detection(group_findings(_distinct(placed)), volume, warnings)
+        return own
 
     def _sources(self) -> list[str]:
         """The PR/SR files and image folders to read: the case's marks fetched from the PACS (``marks:
@@ -311,7 +331,9 @@ class MarksDetector:
             raise ValueError("marks: pacs takes the marks of a DICOMweb input's study; this case has none")
         return list(self.case.marks_files) + images
 
-    def _detection(self, findings: list[_Finding], volume: Volume, warnings: list[str]) -> Detection:
+    def detection(self, findings: list[_Finding], volume: Volume, warnings: list[str]) -> Detection:
+        """The Detection of ``findings`` (:func:`group_findings`): a seed box and object per finding, labels
+        numbered from ``options.label``; ``warnings`` gets the notes on marks left aside."""
         names = list(dict.fromkeys(f.marks[0].mark.label or "" for f in findings))
         value_of = {name: self.options.label + i for i, name in enumerate(names)} if any(names) else {}
         counts: dict[int, int] = defaultdict(int)

@@ -70,7 +70,9 @@ class ImagePlane:
 @dataclass(frozen=True)
 class RawMark:
     """One graphic as stored. ``points``: (N, 2) column/row on ``image`` or (N, 3) LPS mm when ``image`` is
-    None and ``frame_of_reference`` is set (SCOORD3D). ``source_uid`` is the PR/SR's SOP instance UID."""
+    None and ``frame_of_reference`` is set (SCOORD3D). ``source_uid`` is the PR/SR's SOP instance UID and
+    ``index`` the mark's place among that object's marks (1, 2, ... in reading order): together they name the
+    mark whatever file holds it."""
 
     name: str
     source_type: str  # "GSPS" | "SR"
@@ -83,6 +85,7 @@ class RawMark:
     label: str | None = None
     role: str | None = None
     problem: str | None = None
+    index: int = 0
 
 
 def _files(paths: list[str]) -> Iterator[str]:
@@ -181,6 +184,7 @@ def _gsps_images(ds: Any, annotation: Any) -> list[str]:
 def gsps_marks(ds: Any, filename: str) -> list[RawMark]:
     """The marks of a presentation state: graphic objects and visible text anchor points."""
     uid, marks = str(ds.SOPInstanceUID), []
+    counter = iter(range(1, 1_000_000))
     for a, annotation in enumerate(ds.get("GraphicAnnotationSequence", []), start=1):
         images = _gsps_images(ds, annotation)
         image = images[0] if len(images) == 1 else None
@@ -219,6 +223,7 @@ def gsps_marks(ds: Any, filename: str) -> list[RawMark]:
                     finding=f"gsps:{tracking}" if tracking else None,
                     label=layer,
                     problem=why,
+                    index=next(counter),
                 )
             )
     return marks
@@ -286,6 +291,7 @@ def _sr_mark(
         label=label,
         role=(role or _meaning(item)[1] or None),
         problem=problem,
+        index=n,
     )
 
 
