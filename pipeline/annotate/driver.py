@@ -350,6 +350,46 @@ def _segment(
     )
 
 
+@dataclass(frozen=True)
+class Segmented:
+    """A case segmented but not committed: the cleaned (z, y, x) label map, its instance records
+    (InstanceRecord), each label's CT window as (level, width) in HU (empty for other modalities) and the
+    post-processing lineage."""
+
+    labels: np.ndarray
+    records: list
+    windows: dict
+    cleaning: dict
+
+
+def segment_detection(
+    volume: Volume, detection: Detection, config: EngineConfig, runner: LazyRunner
+) -> Segmented:
+    """The model's part of :func:`annotate_case` and the post-processing chain for a Detection on a read
+    volume, one case at a time and without a commit (the flywheel segments the new findings of a reviewed
+    case so, then merges them with what the reviewer accepted). Seed objects (marks) are propagated whatever
+    the configured mode."""
+    prompts, objects = detection.prompts, detection.objects
+    if objects is not None:
+        config = config.with_overrides(model={"mode": "propagate"})
+    rendered, window_of, windows = renderings(volume, detection.label_map, prompts, config)
+    model = runner.get()
+    slices = len({p.z for p in prompts}) if objects is None else volume.shape[0]
+    label_map, records = _segment(
+        rendered,
+        prompts,
+        window_of,
+        config,
+        model,
+        None,
+        slices,
+        encoder_batch(model, config),
+        objects=objects,
+    )
+    label_map, cleaning = clean(label_map, volume, config, present_after(records))
+    return Segmented(label_map, list(records), windows, cleaning)
+
+
 def _already_committed(store: CaseStore, case: CaseRef, node: str) -> CaseOutcome:
     """The outcome of a case committed with the same signature; the failure of its input's download on an
     earlier run, if any, is over."""
