@@ -23,6 +23,31 @@ def graphic(points_xy) -> np.ndarray:
     return np.asarray(points_xy, dtype=float) + 0.5
 
 
+def images_by_slice(folder: Path, volume) -> dict:
+    """A series' datasets (pydicom) keyed by the Volume's slice index (through their positions)."""
+    import pydicom
+
+    inverse = np.linalg.inv(volume.geometry.affine)
+    out = {}
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(str(path))
+        ras = np.asarray([float(v) for v in ds.ImagePositionPatient]) * [-1, -1, 1]
+        out[int(round((inverse @ [*ras, 1])[0]))] = ds
+    return out
+
+
+def image_xy(ds, volume, z: int, xy: np.ndarray) -> np.ndarray:
+    """Volume voxel x/y indices on slice z -> the image's (a pydicom dataset's) own column/row indices (pixel
+    centres)."""
+    affine = volume.geometry.affine
+    zyx = np.column_stack([np.full(len(xy), z), xy[:, 1], xy[:, 0], np.ones(len(xy))])
+    lps = (affine @ zyx.T).T[:, :3] * [-1, -1, 1]
+    origin = np.asarray([float(v) for v in ds.ImagePositionPatient])
+    orient = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+    rows, cols = (float(v) for v in ds.PixelSpacing)
+    return np.column_stack([(lps - origin) @ orient[:3] / cols, (lps - origin) @ orient[3:] / rows])
+
+
 def write_gsps(path: Path, images: list, annotations: list[dict]) -> Path:
     """A grayscale softcopy presentation state over ``images`` (pydicom datasets). Each annotation:
     ``image`` (dataset), ``layer`` (name), ``objects``: [(graphic type, (N, 2) x/y indices, tracking uid or

@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import complete_dicom_headers, write_ct_series
-from marks_making import write_gsps, write_sr
+from marks_making import image_xy, images_by_slice, write_gsps, write_sr
 
 from medsam_engine.detectors.evaluation import recist_axes
 from medsam_engine.detectors.marks import MarksOptions, line_box
@@ -39,29 +39,7 @@ def chest(tmp_path_factory, chest_ct):
     folder = _series(root / "series", read_volume(chest_ct[0]), series_uid=SERIES, frame=FRAME)
     volume = read_volume(folder)
     labels = align_to(read_volume(chest_ct[1]), volume, what="reference")
-    return {"folder": folder, "volume": volume, "labels": labels, "images": _by_slice(folder, volume)}
-
-
-def _by_slice(folder: Path, volume) -> dict[int, pydicom.Dataset]:
-    """The series' datasets keyed by the Volume's slice index (through their positions)."""
-    inverse = np.linalg.inv(volume.geometry.affine)
-    out = {}
-    for path in folder.iterdir():
-        ds = pydicom.dcmread(str(path))
-        ras = np.asarray([float(v) for v in ds.ImagePositionPatient]) * [-1, -1, 1]
-        out[int(round((inverse @ [*ras, 1])[0]))] = ds
-    return out
-
-
-def image_xy(ds: pydicom.Dataset, volume, z: int, xy: np.ndarray) -> np.ndarray:
-    """Volume voxel x/y indices on slice z -> the image's own column/row indices (pixel centres)."""
-    affine = volume.geometry.affine
-    zyx = np.column_stack([np.full(len(xy), z), xy[:, 1], xy[:, 0], np.ones(len(xy))])
-    lps = (affine @ zyx.T).T[:, :3] * [-1, -1, 1]
-    origin = np.asarray([float(v) for v in ds.ImagePositionPatient])
-    orient = np.asarray([float(v) for v in ds.ImageOrientationPatient])
-    rows, cols = (float(v) for v in ds.PixelSpacing)
-    return np.column_stack([(lps - origin) @ orient[:3] / cols, (lps - origin) @ orient[3:] / rows])
+    return {"folder": folder, "volume": volume, "labels": labels, "images": images_by_slice(folder, volume)}
 
 
 def structure_axes(chest, label: int) -> tuple[int, np.ndarray, np.ndarray]:
@@ -221,8 +199,8 @@ def test_marks_on_another_series_map_through_the_frame_of_reference(chest, tmp_p
     shared = _series(tmp_path / "reformat", volume, series_uid=SERIES + ".5", frame=FRAME)
     other = _series(tmp_path / "other", volume, series_uid=SERIES + ".6", frame=FRAME + ".1")
     z, long, short = structure_axes(chest, LEFT_LUNG)
-    shared_ds = _by_slice(shared, chest["volume"])[z]
-    other_ds = _by_slice(other, chest["volume"])[z]
+    shared_ds = images_by_slice(shared, chest["volume"])[z]
+    other_ds = images_by_slice(other, chest["volume"])[z]
     marks = tmp_path / "marks"
     marks.mkdir()
     cross = [image_xy(shared_ds, chest["volume"], z, long), image_xy(shared_ds, chest["volume"], z, short)]
@@ -264,7 +242,7 @@ def test_the_real_model_segments_the_right_lung_from_its_long_and_short_axis(
     volume = read_volume(folder)
     reference = align_to(read_volume(small_chest[1]), volume, what="reference") == RIGHT_LUNG
     chest = {"folder": folder, "volume": volume, "labels": reference * RIGHT_LUNG}
-    chest["images"] = _by_slice(folder, volume)
+    chest["images"] = images_by_slice(folder, volume)
     z, long, short = structure_axes(chest, RIGHT_LUNG)
     ds = chest["images"][z]
     marks = tmp_path / "marks"
