@@ -28,6 +28,7 @@ from medsam_engine.pipeline.cli.common import (
 )
 from medsam_engine.pipeline.cli.ray import round_on_ray
 from medsam_engine.pipeline.core.errors import ReadError
+from medsam_engine.pipeline.flywheel.marked_findings import marks_options
 from medsam_engine.pipeline.flywheel.registry import (
     current_model,
     is_promoted,
@@ -236,6 +237,16 @@ def add_parsers(sub) -> None:
     add_prompt_options(run, checkpoint_help="default: the store's current registered model")
     add_run_options(run)
     run.add_argument("--review-out", default=None, metavar="DIR", help="default: STORE/_review/round-NNN")
+    run.add_argument(
+        "--marks",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="reviewers' marks on the cases a person reviewed (GSPS/SR files or folders; repeatable): "
+        "the new findings they mark are segmented as the marks detector does, added to the accepted "
+        "instances and sent back to review (default: the marks detector's marks=, when it is the round's "
+        "detector)",
+    )
     add_pacs_options(run)
     add_engine_options(run)
     report = add_command(rnd_sub, "report", "the table and plot over all rounds")
@@ -461,7 +472,15 @@ def _round_run(args, store) -> int:
     config = run_config(args, "round run", detector_defaults=defaults, checkpoint_in_config=False)
     if config is None:
         return EXIT_USAGE
+    try:
+        marks = marks_options(args.marks, config)
+    except ValueError as exc:
+        print(f"medsam-engine round run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.engine == "ray":
+        if args.marks:
+            print("medsam-engine round run: --marks runs with the local engine", file=sys.stderr)
+            return EXIT_USAGE
         return round_on_ray(args, config)
     try:
         options = DiscoveryOptions(
@@ -487,15 +506,30 @@ def _round_run(args, store) -> int:
             queue_dir=args.review_out,
             on_outcome=lambda outcome: live.case_ended(outcome.record(), outcome.reason),
             cache=cache,
+            marks=marks,
         )
     report = result.report
     for outcome in result.failed:
         if outcome.case_id not in live.reported:
             print(case_line(outcome.record(), outcome.reason))
     print(f"round {result.number}: {json.dumps(report['cases'])}; routing {json.dumps(report['routing'])}")
+    marks_failed = bool(report.get("marks", {}).get("failed"))
+    if "marks" in report:
+        print("\n".join(marks_lines(report["marks"])))
     print(f"review queue: {report['queue']['cases']} case(s) -> {result.queue_dir}")
     print(f"round report: {result.report_path}")
     push_failed = push_and_print(store, result.committed, args.push_seg)
     if cache is not None:
         cache.finish()
-    return EXIT_CASES_FAILED if result.failed or push_failed else EXIT_OK
+    return EXIT_CASES_FAILED if result.failed or push_failed or marks_failed else EXIT_OK
+
+
+def marks_lines(section: dict) -> list[str]:
+    """What the reviewers' marks gave in a round: a line per reviewed case they could not be added to, then
+    the counts (the round record names each finding and refused mark)."""
+    lines = [f"failed   {case_id}  marks: {reason}" for case_id, reason in section["failed"].items()]
+    return [
+        *lines,
+        f"marks: {section['added']} instance(s) added to {section['cases_amended']} reviewed case(s), "
+        f"{section['covered']} finding(s) already there, {section['refused']} mark(s) refused",
+    ]

@@ -54,13 +54,15 @@ from medsam_engine.pipeline.store.records import QUALITY, write_record
 log = logging.getLogger(__name__)
 
 QUEUE_STATUSES = ("review", "rejected")
+REVIEWED_STAGES = ("reviewed", "manual")  # an instance record's stage once a person has seen it
 FORMATS = ("nifti", "seg-nrrd", "zarr", "dicom-seg")
 
 
 # -- export -----------------------------------------------------------------------------------------------
 def review_queue(store: CaseStore) -> list[dict]:
     """The cases waiting for a person, worst first: {case_id, review_status, worst_score, round,
-    instances}."""
+    instances}. A case a person reviewed before lists only the instances added since (from marks:
+    pipeline/flywheel/marked_findings.py)."""
     entries = []
     for case_id, attrs in store.all_attributes().items():
         if attrs.review_status not in QUEUE_STATUSES:
@@ -73,6 +75,7 @@ def review_queue(store: CaseStore) -> list[dict]:
                 **{k: (i.get("quality") or {}).get(k) for k in ("score", "route", "features")},
             }
             for i in attrs.instances
+            if i.get("stage") not in REVIEWED_STAGES
         ]
         instances.sort(key=lambda i: i["score"] if i["score"] is not None else 0.0)
         entries.append(
@@ -315,7 +318,8 @@ def edit_records(
     """Instance records with the edit (voxels changed, Dice proposal vs correction, the mean distance between
     their boundaries in mm, reviewer) and a case summary. An instance is compared on the whole map when it is
     its label's only one, else inside its prompt boxes grown by 10 % + 2 px. Labels only the correction has
-    become "manual" records."""
+    become "manual" records. An instance a person reviewed before (sent back with instances added from
+    marks) keeps its record when the correction leaves it as it was."""
     counts: dict[int, int] = {}
     for inst in instances:
         counts[int(inst["label"])] = counts.get(int(inst["label"]), 0) + 1
@@ -326,11 +330,15 @@ def edit_records(
         if counts[label] > 1:
             region = _instance_region(inst, proposal.shape)
             mine, theirs = mine & region, theirs & region
+        changed = int(np.logical_xor(mine, theirs).sum())
+        if inst.get("stage") in REVIEWED_STAGES and not changed:
+            out.append(dict(inst))
+            continue
         out.append(
             dict(
                 inst,
                 reviewer=reviewer,
-                edit_voxels=int(np.logical_xor(mine, theirs).sum()),
+                edit_voxels=changed,
                 edit_dice=round(dice(mine, theirs), 5),
                 edit_boundary_mm=_rounded(boundary_distance_mm(mine, theirs, spacing=spacing)),
                 proposal_stage=inst.get("stage"),

@@ -11,8 +11,9 @@ Store records of the flywheel (JSON, written whole; readers never see a partial 
     STORE/_review/round-NNN/          the review queue exported at each round (pipeline/flywheel/review.py)
 
 Per case, the annotate run stores quality scores with each instance and, when routing is on (round run),
-the case's ``review_status`` (auto-accepted / review / rejected) and ``round``. Cases a person accepted
-(``review_status == "accepted"``) are never re-annotated by a round.
+the case's ``review_status`` (auto-accepted / review / rejected) and ``round``. Cases a person reviewed
+(accepted, or sent back to review with instances added from marks) are never re-annotated by a round; a
+round given marks adds the new findings the reviewers marked in them (pipeline/flywheel/marked_findings.py).
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
+from medsam_engine.detectors.marks import MarksOptions
 from medsam_engine.pipeline.annotate.config import EngineConfig
 from medsam_engine.pipeline.annotate.job import annotate
 from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
 from medsam_engine.pipeline.core.atomic import write_text_atomic
 from medsam_engine.pipeline.core.outcome import CaseOutcome
 from medsam_engine.pipeline.core.provenance import utc_stamp
+from medsam_engine.pipeline.core.types import CaseAttributes
+from medsam_engine.pipeline.flywheel.marked_findings import add_marked_findings
 from medsam_engine.pipeline.flywheel.registry import current_model, registered_models
-from medsam_engine.pipeline.flywheel.review import calibrate_store, export_queue
+from medsam_engine.pipeline.flywheel.review import REVIEWED_STAGES, calibrate_store, export_queue
 from medsam_engine.pipeline.io.cache import CacheLifecycle
 from medsam_engine.pipeline.store.case_store import CaseStore
 from medsam_engine.pipeline.store.queries import ACCEPTED
@@ -56,12 +60,18 @@ class RoundResult:
     committed: list[str] = field(default_factory=list)  # ids of the cases done or skipped (committed)
 
 
+def reviewed(attrs: CaseAttributes) -> bool:
+    """Whether a person reviewed the case: it is accepted, or holds instances a person accepted (a case sent
+    back to review for the instances its marks added)."""
+    return attrs.review_status == ACCEPTED or any(i.get("stage") in REVIEWED_STAGES for i in attrs.instances)
+
+
 def split_accepted(store: CaseStore, case_ids: list[str]) -> tuple[list[str], list[str]]:
-    """(ids to annotate, ids kept because a person accepted them)."""
+    """(ids to annotate, ids kept because a person reviewed them: :func:`reviewed`)."""
     todo, kept = [], []
     for case_id in case_ids:
         attrs = store.attributes(case_id)
-        (kept if attrs is not None and attrs.review_status == ACCEPTED else todo).append(case_id)
+        (kept if attrs is not None and reviewed(attrs) else todo).append(case_id)
     return todo, kept
 
 
@@ -158,14 +168,16 @@ def run_round(
     runner=None,
     on_outcome=None,
     cache: CacheLifecycle | None = None,
+    marks: MarksOptions | None = None,
 ) -> RoundResult:
-    """Round n+1 in this process: begin it, annotate the cases not accepted by a person with its model
-    (cases committed with the same signature are skipped), route them, export the review queue and write
-    the round report. ``cases`` are CaseRefs (pipeline.io.discover); ``on_outcome`` receives each case's
-    outcome as it ends. What the cases read from the cache is removed after the review queue, whose DICOM
-    SEGs read the source series, is exported (pipeline/io/cache.py), unless the caller passes its own
-    deferred ``cache`` (and finishes it after its own readers). flows/round.py runs the same round over
-    Ray."""
+    """Round n+1 in this process: begin it, annotate the cases not reviewed by a person with its model
+    (cases committed with the same signature are skipped), route them, add the new findings of ``marks``
+    (the reviewers' GSPS/SR marks, read as the marks detector reads them) to the reviewed cases, export the
+    review queue and write the round report. ``cases`` are CaseRefs (pipeline.io.discover); ``on_outcome``
+    receives each case's outcome as it ends. What the cases read from the cache is removed after the review
+    queue, whose DICOM SEGs read the source series, is exported (pipeline/io/cache.py), unless the caller
+    passes its own deferred ``cache`` (and finishes it after its own readers). flows/round.py runs the same
+    round over Ray."""
     start = begin_round(store, config, checkpoint=checkpoint)
     todo_ids, kept = split_accepted(store, [c.case_id for c in cases])
     wanted = set(todo_ids)
@@ -178,6 +190,19 @@ def run_round(
         summary = annotate(
             todo, store, start.config, overwrite=True, runner=runner, on_outcome=on_outcome, cache=lifecycle
         )
+        extra = None
+        if marks is not None:
+            reviewed_cases = [c for c in cases if c.case_id not in wanted]
+            found = add_marked_findings(
+                reviewed_cases,
+                store,
+                start.config,
+                marks,
+                runner,
+                number=start.number,
+                run_id=f"round-{start.number:03d}-marks",
+            )
+            extra = {"marks": found}
         return finish_round(
             store,
             start,
@@ -187,6 +212,7 @@ def run_round(
             model_sha256=runner.model_sha256,
             queue_dir=queue_dir,
             runner_stats=summary.runner_stats,
+            extra=extra,
         )
     finally:
         if cache is None:
@@ -255,7 +281,8 @@ def round_rows(store: CaseStore) -> list[dict]:
     """One row per round, the data engine's figures as SA-1B and MedSAM2 report theirs: masks proposed and
     per case, the automatic (auto-accepted) and reviewed shares, the share of reviewed masks accepted without
     an edit, the edit size (1 - Dice and boundary distance between proposal and correction) and the effort it
-    implies (masks edited per reviewed case), with the round's time per case."""
+    implies (masks edited per reviewed case), with the round's time per case. Instances added to reviewed
+    cases from the reviewers' marks (``marks_added``, in ``marks_cases`` cases) count as proposed."""
     reviews = review_outcomes(store)
     rows = []
     for name in list_records(store, ROUNDS):
@@ -266,7 +293,10 @@ def round_rows(store: CaseStore) -> list[dict]:
         routing = report.get("routing", {})
         review = reviews.get(number, {})
         annotated = report.get("cases", {}).get("annotated")
-        proposed = sum((routing.get("instances") or {}).values()) or None
+        marks = report.get("marks") or {}
+        amended = marks.get("cases_amended") or 0
+        proposed = sum((routing.get("instances") or {}).values()) + (marks.get("added") or 0) or None
+        proposed_for = (annotated or 0) + amended
         reviewed = review.get("reviewed", 0)
         rows.append(
             {
@@ -275,7 +305,9 @@ def round_rows(store: CaseStore) -> list[dict]:
                 "annotated": annotated,
                 "seconds_per_case": report.get("seconds_per_case"),
                 "proposed": proposed,
-                "masks_per_case": round(proposed / annotated, 2) if proposed and annotated else None,
+                "masks_per_case": round(proposed / proposed_for, 2) if proposed and proposed_for else None,
+                "marks_added": marks.get("added"),
+                "marks_cases": amended if marks else None,
                 "auto_acceptance_rate": routing.get("auto_acceptance_rate"),
                 "queued": report.get("queue", {}).get("cases"),
                 "reviewed": reviewed,
@@ -316,6 +348,7 @@ COLUMNS = (
     "seconds_per_case",
     "proposed",
     "masks_per_case",
+    "marks_added",
     "auto_acceptance_rate",
     "queued",
     "reviewed",
