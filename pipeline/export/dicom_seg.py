@@ -17,6 +17,7 @@ type (generic "Tissue" when the name is not known), display colour, and the algo
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +226,9 @@ def write_case_seg(store: CaseStore, case_id: str, out: Path, *, name: str | Non
 
 def _write(store: CaseStore, case_id: str, path: Path, *, values, attrs, sources, frames) -> Path:
     import highdicom as hd
+
+    # highdicom logs, at INFO, the UID of every dataset it copies attributes from: no UID reaches a log
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
 
     signature = attrs.signature
     seg = hd.seg.Segmentation(
