@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from medsam_engine.detectors.marks import marks_from_pacs
 from medsam_engine.pipeline.annotate.plan import discover_inputs
 from medsam_engine.pipeline.annotate.progress import RunProgress, case_line
 from medsam_engine.pipeline.cli.common import (
@@ -242,10 +243,10 @@ def add_parsers(sub) -> None:
         action="append",
         default=[],
         metavar="DIR",
-        help="reviewers' marks on the cases a person reviewed (GSPS/SR files or folders; repeatable): "
-        "the new findings they mark are segmented as the marks detector does, added to the accepted "
-        "instances and sent back to review (default: the marks detector's marks=, when it is the round's "
-        "detector)",
+        help="reviewers' marks on the cases a person reviewed: GSPS/SR files or folders (repeatable), or "
+        "pacs: for DICOMweb inputs, those in each case's study. The new findings they mark are segmented "
+        "as the marks detector does, added to the accepted instances and sent back to review (default: "
+        "the marks detector's marks=, when it is the round's detector)",
     )
     add_pacs_options(run)
     add_engine_options(run)
@@ -488,6 +489,7 @@ def _round_run(args, store) -> int:
             keep_derived=args.keep_derived,
             pacs_query=pacs_filters(args.pacs_query),
             marks_from_pacs=config.prompts.marks_from_pacs(),
+            study_marks=marks is not None and marks_from_pacs(marks),
         )
         cases = discover_inputs(args.inputs, store, coarse_masks=args.coarse_mask, options=options)
     except ValueError as exc:

@@ -71,16 +71,19 @@ COVERED = 0.5  # a finding is an instance the case holds when this share of its 
 
 
 def marks_options(given: list[str], config: EngineConfig) -> MarksOptions | None:
-    """The marks a round adds new findings from: ``given`` paths (``--marks``; with the marks detector's
-    rules when it is the round's detector), else the marks detector's own options, else None. ValueError
-    naming the option when they are invalid."""
+    """The marks a round adds new findings from: ``given`` (``--marks``: paths, or ``pacs`` alone; with the
+    marks detector's rules when it is the round's detector), else the marks detector's own options, else
+    None. ValueError naming the option when they are invalid."""
     own = dict(config.prompts.options) if config.prompts.detector == "marks" else None
     if not given and own is None:
         return None
-    missing = [path for path in given if path.lower() not in FROM_PACS and not Path(path).exists()]
+    pacs = [value for value in given if value.lower() in FROM_PACS]
+    if pacs and len(given) > 1:
+        raise ValueError("--marks pacs takes the marks of each case's study: give it alone, without paths")
+    missing = [path for path in given if not pacs and not Path(path).exists()]
     if missing:
         raise ValueError(f"--marks: no such file or folder: {', '.join(missing)}")
-    options = {**(own or {}), **({"marks": list(given)} if given else {})}
+    options = {**(own or {}), **({"marks": pacs[0] if pacs else list(given)} if given else {})}
     return cast(MarksOptions, validate_options("marks", options))
 
 

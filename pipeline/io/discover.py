@@ -86,6 +86,7 @@ class DiscoveryOptions:
     pacs_query: dict[str, str] = field(default_factory=dict)  # QIDO-RS filters for a DICOMweb service root
     seg_from_pacs: bool = False  # coarse masks of DICOMweb cases: the newest reviewer's SEG in the PACS
     marks_from_pacs: bool = False  # prompts of DICOMweb cases: the marks (GSPS, TID 1500 SR) in their study
+    study_marks: bool = False  # DICOMweb cases carry their study's marks where it has any (reviewed cases')
 
 
 FROM_PACS = "from-pacs"  # --coarse-mask from-pacs: each DICOMweb series' newest SEG in the PACS not made here
@@ -335,14 +336,16 @@ class _Finder:
         cases = [
             replace(c, content_sha256=known_digest(self.cache, c)) for c in self.superseding(cases, identity)
         ]
-        if self.options.marks_from_pacs:
-            cases = self.with_pacs_marks(url, listed, cases)
+        if self.options.marks_from_pacs or self.options.study_marks:
+            cases = self.with_pacs_marks(url, listed, cases, required=self.options.marks_from_pacs)
         return self.with_pacs_segs(kept, cases) if self.options.seg_from_pacs else cases
 
-    def with_pacs_marks(self, url: str, listed: list[Any], cases: list[CaseRef]) -> list[CaseRef]:
+    def with_pacs_marks(
+        self, url: str, listed: list[Any], cases: list[CaseRef], *, required: bool = True
+    ) -> list[CaseRef]:
         """``cases`` with the marks of their study in the PACS (GSPS and TID 1500 SR instance URLs, from
-        QIDO-RS and headers only: pipeline/io/pacs_marks.py); when the study has none, each fails with that
-        reason."""
+        QIDO-RS and headers only: pipeline/io/pacs_marks.py); when the study has none, or they cannot be
+        listed, each fails with that reason if the marks are ``required`` (its prompts), else is as it was."""
         root = listed[0].url.split("/studies/")[0]
         marks_series = [(s.series, s.modality) for s in listed if s.modality in ("PR", "SR")]
         try:
@@ -354,7 +357,12 @@ class _Finder:
                 series=None if own_series(url) else marks_series,  # a study URL lists them all
             )
         except ReadError as exc:
+            if not required:
+                log.warning("DICOMweb input: the study's marks could not be listed: %s", exc.reason)
+                return cases
             return [replace(c, kind="unreadable", error=f"marks from the PACS: {exc.reason}") for c in cases]
+        if not marks and not required:
+            return cases
         if not marks:
             none = "marks from the PACS: the study holds no GSPS presentation state or TID 1500 SR"
             return [replace(c, kind="unreadable", error=none) for c in cases]
