@@ -197,6 +197,13 @@ class PropagateSection(_Section):
         le=1,
         description="a direction ends when IoU with the previous slice's mask falls below this",
     )
+    min_likeness: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="objects without a known extent (seeds from marks): a slice whose mask has less than "
+        "this share of its pixels nearer the seed's median than its surroundings' counts as empty",
+    )
 
 
 class PostprocessSection(_Section):
@@ -378,6 +385,8 @@ class EngineConfig(_Section):
         data.pop("pipeline")  # how many cases are in flight never changes a mask
         data.pop("labels")  # names, codes and colours never change the masks
         data.pop("input")  # a case's signature holds the channel it segments (annotate/signature.py)
+        if data["prompts"]["detector"] != "marks":  # only seeds with open ranges (marks) look at likeness
+            data["propagate"].pop("min_likeness")
         quality = data.pop("quality")  # routing and calibration never change the masks
         if quality["jitter_check"]:  # ... the jitter check adds a record per instance
             data["quality_jitter"] = [quality["jitter_fraction"], quality["jitter_slices"]]

@@ -335,6 +335,7 @@ def _segment(
             model_name=model.model.name,
             on_slice=on_slice,
             jitter=config.quality.jitter(),
+            open_range=objects is not None,
         )
     cuda = str(model.device).startswith("cuda")
     return segment_volume(

@@ -6,6 +6,15 @@ each next slice (up, then down) gets the box of the previous slice's predicted m
 ends after ``stop_after_empty`` empty slices in a row, or when the mask's IoU with the previous slice's mask
 drops below ``min_slice_iou`` (the object ended, or the mask jumped to a neighbour).
 
+Objects whose z range is only a bound (``open_range``: seeds from marks, whose extent nobody gave) also stop
+where the object stops looking like its seed: the model finds something in almost every box, so past the
+end of a lesion it outlines whatever tissue the box holds. The seed's look is two medians of its rendered
+slice: inside the seed's mask, and in a ring of ``RING_PX`` pixels around it. A later mask with less than
+``min_likeness`` of its pixels nearer the inside median than the ring's is unlike the seed and counts as an
+empty slice (not painted; the next slice falls back to the seed box), so ``stop_after_empty`` empty or
+unlike slices in a row end the direction. A seed whose medians lie under ``MIN_CONTRAST`` grey levels apart
+gives no look: the rule is off for it.
+
 Objects advance in lock-step: an upward sweep visits slices in ascending z and, on each slice, decodes every
 object that needs it in one decoder call per intensity window; a downward sweep does the same in descending
 z. So each slice is embedded once per window (the runner's cache serves the second sweep), and overlaps are
@@ -24,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from medsam_engine.pipeline.annotate.quality import JitterCheck, mask_ious, stability_scores
 from medsam_engine.pipeline.core.boxes import jitter_boxes
@@ -36,6 +46,11 @@ class PropagateRules:
     box_margin_px: int = 3
     stop_after_empty: int = 2
     min_slice_iou: float = 0.1
+    min_likeness: float = 0.5
+
+
+RING_PX = 3  # width of the ring around the seed's mask that gives its surroundings' median
+MIN_CONTRAST = 5.0  # grey levels between a seed's inside and its ring below which it has no look to compare
 
 
 @dataclass
@@ -46,6 +61,7 @@ class _Track:
     index: int
     previous: np.ndarray | None = None  # the previous slice's mask, None after an empty slice
     middle_mask: np.ndarray | None = None
+    look: tuple[float, float] | None = None  # the seed's (inside, ring) medians, for open ranges
     empties: int = 0
     done: bool = False
     stop_reason: str = ""
@@ -67,6 +83,25 @@ def _mask_box(mask: np.ndarray, margin: int) -> tuple[int, int, int, int]:
     )
 
 
+def seed_look(image: np.ndarray, mask: np.ndarray) -> tuple[float, float] | None:
+    """Medians of an (H, W) or (H, W, 3) rendered slice inside a non-empty (H, W) mask and in a ring of
+    ``RING_PX`` pixels around it; None when they differ by less than ``MIN_CONTRAST``."""
+    grey = image.mean(axis=-1) if image.ndim == 3 else image
+    ring = ndimage.binary_dilation(mask, iterations=RING_PX) & ~mask
+    if not ring.any():
+        return None
+    inside, around = float(np.median(grey[mask])), float(np.median(grey[ring]))
+    return (inside, around) if abs(inside - around) >= MIN_CONTRAST else None
+
+
+def likeness(image: np.ndarray, mask: np.ndarray, look: tuple[float, float]) -> float:
+    """The share of a non-empty mask's pixels nearer the seed's inside median than its ring's."""
+    grey = image.mean(axis=-1) if image.ndim == 3 else image
+    inside, around = look
+    values = grey[mask].astype(np.float32)
+    return float(np.mean(np.abs(values - inside) < np.abs(values - around)))
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
@@ -86,19 +121,42 @@ class _Canvas:
         self.winner[z][better] = index
 
 
+@dataclass
+class _Run:
+    """What every sweep of one propagate_volume call shares."""
+
+    runner: LiteMedSAMRunner
+    renderings: dict[str, np.ndarray]
+    window_of: dict[int, str]
+    rules: PropagateRules
+    canvas: _Canvas
+    on_slice: Callable[[], None] | None = None
+    jitter: JitterCheck | None = None
+    rng: np.random.Generator | None = None
+    open_range: bool = False
+
+
 def _advance(
-    track: _Track, z: int, logits: np.ndarray, iou: float, rules: PropagateRules, box, canvas
+    track: _Track, z: int, logits: np.ndarray, iou: float, rules: PropagateRules, box, canvas, image=None
 ) -> None:
+    """One slice's mask for one track; ``image`` (the rendered slice) is given for open ranges only."""
     mask = foreground(logits[None])[0]
     track.slices.append(z)
     track.boxes.append(box)
     track.iou.append(iou)
     track.stability.append(float(stability_scores(logits[None])[0]))
+    unlike = False
+    if image is not None and mask.any():
+        if z == track.obj.z_middle:
+            track.look = seed_look(image, mask)
+        elif track.look is not None and likeness(image, mask, track.look) < rules.min_likeness:
+            unlike, mask = True, np.zeros_like(mask)  # not the seed's object: as if the slice were empty
     if not mask.any():
         track.previous = None  # the next slice falls back to the middle box, as the official script does
         track.empties += 1
         if track.empties >= rules.stop_after_empty:
-            track.done, track.stop_reason = True, f"{track.empties} empty slices"
+            why = "slices empty or unlike the seed" if unlike else "empty slices"
+            track.done, track.stop_reason = True, f"{track.empties} {why}"
         return
     if track.previous is not None and _iou(mask, track.previous) < rules.min_slice_iou:
         track.done, track.stop_reason = True, "slice-to-slice IoU drop"
@@ -110,22 +168,10 @@ def _advance(
     canvas.paint(z, logits, mask, track.index)
 
 
-def _sweep(
-    runner,
-    renderings,
-    window_of,
-    tracks: list[_Track],
-    order: list[int],
-    step: int,
-    rules: PropagateRules,
-    canvas: _Canvas,
-    on_slice,
-    jitter: JitterCheck | None = None,
-    rng: np.random.Generator | None = None,
-) -> None:
-    """Visit slices in ``order``; on each, decode every live track whose next slice it is (with ``jitter``,
-    the seeds on it once more with jittered boxes)."""
-    default = next(iter(renderings))
+def _sweep(run: _Run, tracks: list[_Track], order: list[int], step: int) -> None:
+    """Visit slices in ``order``; on each, decode every live track whose next slice it is, grouped by
+    intensity window."""
+    default = next(iter(run.renderings))
     for z in order:
         live = [
             t
@@ -141,27 +187,43 @@ def _sweep(
             continue
         by_window: dict[str, list[_Track]] = defaultdict(list)
         for track in live:
-            by_window[window_of.get(track.obj.label, default)].append(track)
+            by_window[run.window_of.get(track.obj.label, default)].append(track)
         for window, group in by_window.items():
-            boxes = [
-                t.obj.box_middle
-                if t.previous is None or z == t.obj.z_middle
-                else _mask_box(t.previous, rules.box_margin_px)
-                for t in group
-            ]
-            embedded = runner.encode([renderings[window][z]])[0]
-            boxes = np.array(boxes, dtype=np.float32)
-            seeds = [i for i, t in enumerate(group) if z == t.obj.z_middle] if jitter is not None else []
-            moved = jitter_boxes(boxes[seeds], jitter.fraction, rng, embedded.original_hw) if seeds else None
-            logits, iou = runner.decode(embedded, boxes if moved is None else np.concatenate([boxes, moved]))
-            if seeds:
-                agreement = mask_ious(foreground(logits[seeds]), foreground(logits[len(group) :]))
-                for i, value in zip(seeds, agreement, strict=False):
-                    group[i].jitter_iou = float(value)
-            for track, box, slice_logits, score in zip(group, boxes, logits, iou, strict=False):
-                _advance(track, z, slice_logits, float(score), rules, tuple(int(v) for v in box), canvas)
-        if on_slice is not None:
-            on_slice()
+            _decode(run, run.renderings[window][z], z, group, jittered=step > 0)
+        if run.on_slice is not None:
+            run.on_slice()
+
+
+def _decode(run: _Run, image: np.ndarray, z: int, group: list[_Track], *, jittered: bool) -> None:
+    """One decoder call for the tracks of ``group`` on slice ``z`` (rendered as ``image``); with the run's
+    jitter check (``jittered``), the seeds on it once more with jittered boxes."""
+    boxes = np.array(
+        [
+            t.obj.box_middle
+            if t.previous is None or z == t.obj.z_middle
+            else _mask_box(t.previous, run.rules.box_margin_px)
+            for t in group
+        ],
+        dtype=np.float32,
+    )
+    embedded = run.runner.encode([image])[0]
+    jitter = run.jitter if jittered else None
+    seeds = [i for i, t in enumerate(group) if z == t.obj.z_middle] if jitter is not None else []
+    moved = (
+        jitter_boxes(boxes[seeds], jitter.fraction, run.rng, embedded.original_hw)
+        if jitter and seeds
+        else None
+    )
+    logits, iou = run.runner.decode(embedded, boxes if moved is None else np.concatenate([boxes, moved]))
+    if seeds:
+        agreement = mask_ious(foreground(logits[seeds]), foreground(logits[len(group) :]))
+        for i, value in zip(seeds, agreement, strict=False):
+            group[i].jitter_iou = float(value)
+    look_at = image if run.open_range else None
+    for track, box, slice_logits, score in zip(group, boxes, logits, iou, strict=False):
+        _advance(
+            track, z, slice_logits, float(score), run.rules, tuple(int(v) for v in box), run.canvas, look_at
+        )
 
 
 def propagate_volume(
@@ -174,32 +236,22 @@ def propagate_volume(
     model_name: str = "",
     on_slice: Callable[[], None] | None = None,
     jitter: JitterCheck | None = None,
+    open_range: bool = False,
 ) -> tuple[np.ndarray, list[InstanceRecord]]:
     """Segment each object from its middle slice up and down its z range; returns the (z, y, x) uint16
     label map and one InstanceRecord per object (slices visited, boxes used, mean predicted IoU, voxels, and
-    with ``jitter`` the seed's mask agreement under jittered boxes)."""
-    window_of = window_of or {}
+    with ``jitter`` the seed's mask agreement under jittered boxes). ``open_range``: the z ranges are only
+    bounds (seeds from marks), so the likeness rule may end an object before them."""
     shape = next(iter(renderings.values())).shape[:3]
-    canvas = _Canvas(shape)
+    rng = np.random.default_rng(jitter.seed if jitter else 0)
+    run = _Run(runner, renderings, window_of or {}, rules, _Canvas(shape), on_slice, jitter, rng, open_range)
     up = [_Track(obj, i) for i, obj in enumerate(objects)]
     low = min((o.z_range[0] for o in objects), default=0)
     high = max((o.z_range[1] for o in objects), default=-1)
-    rng = np.random.default_rng(jitter.seed if jitter else 0)
-    _sweep(
-        runner,
-        renderings,
-        window_of,
-        up,
-        list(range(low, high + 1)),
-        +1,
-        rules,
-        canvas,
-        on_slice,
-        jitter,
-        rng,
-    )
-    down = [_Track(t.obj, t.index, previous=t.middle_mask) for t in up]  # downwards from the middle mask
-    _sweep(runner, renderings, window_of, down, list(range(high, low - 1, -1)), -1, rules, canvas, on_slice)
+    _sweep(run, up, list(range(low, high + 1)), +1)
+    down = [_Track(t.obj, t.index, previous=t.middle_mask, look=t.look) for t in up]  # from the middle mask
+    _sweep(run, down, list(range(high, low - 1, -1)), -1)
+    canvas = run.canvas
     labels = np.array([o.label for o in objects] + [0], dtype=np.uint16)
     label_map = labels[canvas.winner]  # winner -1 picks the trailing 0
     voxels = np.bincount(canvas.winner[canvas.winner >= 0].ravel(), minlength=len(objects))

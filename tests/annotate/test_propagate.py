@@ -1,4 +1,4 @@
-"""Propagate mode on real CT: lock-step decoding, one embedding per slice, the stop rule."""
+"""Propagate mode on real CT: lock-step decoding, one embedding per slice, the stop rules."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from medsam_engine.pipeline.annotate.propagate import (
     _advance,
     _Canvas,
     _Track,
+    likeness,
     propagate_volume,
+    seed_look,
 )
 from medsam_engine.pipeline.core.geometry import align_to
 from medsam_engine.pipeline.core.intensity import to_uint8
@@ -110,3 +112,60 @@ def test_jitter_check_scores_each_seed_and_never_changes_the_masks(runner, small
     for label in (5, 6):  # each lung's main object: a 10 % box shift barely moves its mask
         assert max((r for r in records if r.label == label), key=lambda r: r.voxels).jitter_iou > 0.5
     assert [r.to_json()["jitter_iou"] for r in records] == [round(r.jitter_iou, 5) for r in records]
+
+
+def _square_image() -> np.ndarray:
+    """A bright 5 x 5 square (200) on a darker 20 x 20 slice (50), as a rendering gives it."""
+    image = np.full((20, 20), 50, dtype=np.uint8)
+    image[5:10, 5:10] = 200
+    return image
+
+
+def _logits(rows: slice, cols: slice) -> np.ndarray:
+    logits = np.full((20, 20), -5.0, dtype=np.float32)
+    logits[rows, cols] = 5.0
+    return logits
+
+
+def test_a_seed_look_is_its_inside_and_ring_medians_and_likeness_the_share_nearer_the_inside():
+    image = _square_image()
+    seed = np.zeros((20, 20), dtype=bool)
+    seed[5:10, 5:10] = True
+    look = seed_look(image, seed)
+    assert look == (200.0, 50.0)
+    assert likeness(image, seed, look) == 1.0
+    elsewhere = np.zeros((20, 20), dtype=bool)
+    elsewhere[12:18, 12:18] = True
+    assert likeness(image, elsewhere, look) == 0.0
+    half = np.zeros((20, 20), dtype=bool)
+    half[5:10, 3:7] = True  # two columns of the square, two of its surroundings
+    assert likeness(image, half, look) == 0.5
+    assert seed_look(np.full((20, 20), 50, dtype=np.uint8), seed) is None  # no contrast, no look
+
+
+def test_an_open_range_ends_where_the_masks_stop_looking_like_the_seed():
+    """Seeds from marks: a mask over the surroundings counts as empty (not painted, the seed box next);
+    two in a row end the direction. A closed range (a coarse mask's object) paints it as before."""
+    image, rules = _square_image(), PropagateRules(stop_after_empty=2, min_likeness=0.5, min_slice_iou=0.0)
+    seed, away = _logits(slice(5, 10), slice(5, 10)), _logits(slice(5, 10), slice(8, 14))
+    track, canvas = _track(), _Canvas((10, 20, 20))
+    _advance(track, 5, seed, 0.9, rules, (5, 5, 9, 9), canvas, image)
+    assert track.look == (200.0, 50.0)
+    _advance(track, 6, away, 0.9, rules, (5, 5, 12, 9), canvas, image)  # 2 of its 6 columns on the square
+    assert (canvas.winner[6] == -1).all() and track.previous is None and not track.done
+    _advance(track, 7, away, 0.9, rules, (5, 5, 12, 9), canvas, image)
+    assert track.done and track.stop_reason == "2 slices empty or unlike the seed"
+    closed, closed_canvas = _track(), _Canvas((10, 20, 20))
+    _advance(closed, 5, seed, 0.9, rules, (5, 5, 9, 9), closed_canvas)
+    _advance(closed, 6, away, 0.9, rules, (5, 5, 12, 9), closed_canvas)
+    assert (closed_canvas.winner[6] == 0).sum() == 30 and not closed.done
+
+
+def test_the_likeness_rule_enters_the_result_hash_of_marks_runs_only():
+    from medsam_engine.pipeline.annotate.config import EngineConfig
+
+    base = EngineConfig()
+    marks = base.with_overrides(prompts={"detector": "marks", "options": {"marks": "PR"}})
+    looser = {"propagate": {"min_likeness": 0.25}}
+    assert base.with_overrides(**looser).result_hash() == base.result_hash()
+    assert marks.with_overrides(**looser).result_hash() != marks.result_hash()
