@@ -11,19 +11,21 @@ mark is named with its reason in the Detection's ``warnings``; when none is usab
 Marks of one finding are one instance: the same tracking identifier (SR TID 1500 groups, GSPS TrackingUID),
 or lines that cross on one slice. A finding's box on its key slice (the slice of its longest mark):
 
-* two or more lines (RECIST long + short axis): the bounding box of the lines' end points (``axes_rule:
-  endpoints``, the default), or of the ellipse whose diameters are the long axis and the longest other line
-  (perpendicular to the long axis, centred on it) joined with the end points (``ellipse``);
+* two or more lines (RECIST long + short axis): the bounding box of the ellipse whose diameters are the long
+  axis and the longest other line (perpendicular to the long axis, centred on it) joined with the lines' end
+  points (``axes_rule: ellipse``, the default: a lesion's outline bulges past the end points' box where its
+  long axis runs obliquely), or of the end points alone (``endpoints``);
 * one line: ``lone_line: axis`` (default) the ellipse with the line as long axis and ``short_ratio`` times
   it as short; ``square`` a square of the line's length around its middle; ``diagonal`` the line's own
   bounding box;
 * circle / ellipse: the shape's bounding box; closed or open polylines, multipoints: the points' box;
 * a point (POINT, a text's visible anchor point such as an arrow's tip): a square of ``point_box_mm``.
 
-The defaults are the rules that measured best on the chest CT's structures (docs/benchmarks.md, "Marks as
-prompts"). Labels are the SR finding's code meaning or the GSPS layer's name, in order of first appearance
+The defaults are the rules that measured best on real lesions (docs/benchmarks.md, "Marks as prompts").
+Labels are the SR finding's code meaning or the GSPS layer's name, in order of first appearance
 (values 1, 2, ...), else one label. Each object's extent across slices is left to propagation
-(``Detection.objects``, the key slice as middle), whose stop rule ends it; its range is bounded by
+(``Detection.objects``, the key slice as middle), whose stop rules end it (for such open ranges also
+where the masks stop looking like the seed's, pipeline/annotate/propagate.py); its range is bounded by
 ``depth_factor`` (1.5) times half the finding's in-plane size above and below the key slice (a lesion is
 about as deep as it is wide; without the bound, propagation on the chest CT ran on into neighbouring
 structures). The Detection's label map holds the pixels along each finding's lines (else its box), so the
@@ -61,7 +63,7 @@ class MarksOptions(DetectorOptions):
         default_factory=list, description="folders of images of other series the marks are drawn on"
     )
     axes_rule: Literal["ellipse", "endpoints"] = Field(
-        "endpoints", description="long + short axis: their ellipse's box, or their end points' box"
+        "ellipse", description="long + short axis: their ellipse's box, or their end points' box"
     )
     lone_line: Literal["square", "diagonal", "axis"] = Field("axis", description="rule for a lone line")
     short_ratio: float = Field(0.7, gt=0, le=1, description="lone_line axis: short axis / long axis")
