@@ -24,6 +24,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from medsam_engine.detectors.marks import FROM_PACS as MARKS_FROM_PACS
 from medsam_engine.flows import progress, summary, watermark
 from medsam_engine.pipeline.annotate.config import EngineConfig, load_config
 from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
@@ -80,6 +81,11 @@ class RunOptions(BaseModel):
     )
     push_seg: str | None = Field(
         None, description="DICOMweb service root: store each committed proposal there as DICOM SEG (STOW-RS)"
+    )
+    marks: list[str] = Field(
+        default_factory=list,
+        description="a flywheel round: reviewers' marks (GSPS/SR files or folders, or pacs: those in each "
+        "DICOMweb case's study) whose new findings are added to the cases a person reviewed",
     )
 
     @model_validator(mode="after")
@@ -159,14 +165,16 @@ def select_studies(
 def discover_cases(
     units: list[str], store_url: str, coarse_masks: list[str], run: RunOptions, marks: bool = False
 ) -> dict:
-    """Every case (CaseRef), and the index of the unit (study) each came from; with ``marks``, each
-    DICOMweb case with the marks of its study in the PACS."""
+    """Every case (CaseRef), and the index of the unit (study) each came from; with ``marks`` (the prompts),
+    each DICOMweb case with the marks of its study in the PACS, and with ``run.marks`` pacs (a round's marks
+    on reviewed cases) each with them where its study has any."""
     store = CaseStore(store_url)
     options = DiscoveryOptions(
         keep_localizers=run.keep_localizers,
         keep_derived=run.keep_derived,
         pacs_query=dict(run.pacs_query),
         marks_from_pacs=marks,
+        study_marks=any(given.lower() in MARKS_FROM_PACS for given in run.marks),
     )
     if run.watermark is None:
         found = [(None, c) for c in discover_inputs(units, store, coarse_masks=coarse_masks, options=options)]

@@ -357,6 +357,17 @@ def push_and_print(store, case_ids: list[str], url: str | None) -> bool:
     return bool(report.failed)
 
 
+def marks_lines(section: dict) -> list[str]:
+    """What the reviewers' marks gave in a round: a line per reviewed case they could not be added to, then
+    the counts (the round record names each finding and refused mark)."""
+    lines = [f"failed   {case_id}  marks: {reason}" for case_id, reason in section["failed"].items()]
+    return [
+        *lines,
+        f"marks: {section['added']} instance(s) added to {section['cases_amended']} reviewed case(s), "
+        f"{section['covered']} finding(s) already there, {section['refused']} mark(s) refused",
+    ]
+
+
 def push_line(counts: dict[str, int]) -> str:
     """The summary line of a SEG push (:meth:`pipeline.export.pacs_push.PushReport.counts`)."""
     return (

@@ -23,6 +23,7 @@ from medsam_engine.pipeline.cli.common import (
     add_run_options,
     add_store_argument,
     device_name,
+    marks_lines,
     pacs_filters,
     push_and_print,
     run_config,
@@ -479,9 +480,6 @@ def _round_run(args, store) -> int:
         print(f"medsam-engine round run: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.engine == "ray":
-        if args.marks:
-            print("medsam-engine round run: --marks runs with the local engine", file=sys.stderr)
-            return EXIT_USAGE
         return round_on_ray(args, config)
     try:
         options = DiscoveryOptions(
@@ -524,14 +522,3 @@ def _round_run(args, store) -> int:
     if cache is not None:
         cache.finish()
     return EXIT_CASES_FAILED if result.failed or push_failed or marks_failed else EXIT_OK
-
-
-def marks_lines(section: dict) -> list[str]:
-    """What the reviewers' marks gave in a round: a line per reviewed case they could not be added to, then
-    the counts (the round record names each finding and refused mark)."""
-    lines = [f"failed   {case_id}  marks: {reason}" for case_id, reason in section["failed"].items()]
-    return [
-        *lines,
-        f"marks: {section['added']} instance(s) added to {section['cases_amended']} reviewed case(s), "
-        f"{section['covered']} finding(s) already there, {section['refused']} mark(s) refused",
-    ]

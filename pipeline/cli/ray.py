@@ -14,11 +14,13 @@ import os
 import sys
 from pathlib import Path
 
+from medsam_engine.detectors.marks import FROM_PACS as MARKS_FROM_PACS
 from medsam_engine.pipeline.annotate.progress import RunProgress
 from medsam_engine.pipeline.cli.common import (
     EXIT_CASES_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    marks_lines,
     pacs_filters,
     print_outcomes,
     push_line,
@@ -59,6 +61,7 @@ def _flow_options(args, config, command: str):
             keep_derived=getattr(args, "keep_derived", False),
             pacs_query=pacs_filters(args.pacs_query),
             push_seg=args.push_seg,
+            marks=[m if m.lower() in MARKS_FROM_PACS else _absolute(m) for m in getattr(args, "marks", [])],
         )
         pool = PoolOptions(
             address=args.ray_address,
@@ -104,18 +107,20 @@ def _print_report(report: dict, store_url: str, live: RunProgress | None = None)
     return EXIT_CASES_FAILED if failed or (push or {}).get("failed") else EXIT_OK
 
 
+def _absolute(given: str) -> str:
+    """A path given on the command line as an absolute path; a URL or from-pacs as it is."""
+    return given if "://" in given or given == FROM_PACS else str(Path(given).resolve())
+
+
 def _request(store: str, args, run) -> str:
     """Keep the inputs, coarse masks and run options in the store (absolute paths, so the flow finds them
     from any working directory); only the returned id becomes a flow-run parameter."""
 
-    def absolute(given: str) -> str:
-        return given if "://" in given or given == FROM_PACS else str(Path(given).resolve())
-
     return write_request(
         CaseStore(store),
         {
-            "inputs": [absolute(i) for i in args.inputs],
-            "coarse_masks": [absolute(m) for m in args.coarse_mask],
+            "inputs": [_absolute(i) for i in args.inputs],
+            "coarse_masks": [_absolute(m) for m in args.coarse_mask],
             "run": run.model_dump(mode="json"),
         },
     )
@@ -202,6 +207,9 @@ def round_on_ray(args, config) -> int:
         print(
             f"round {result['round']}: {json.dumps(result['cases'])}; routing {json.dumps(result['routing'])}"
         )
+        if "marks" in result:
+            print("\n".join(marks_lines(result["marks"])))
+            code = EXIT_CASES_FAILED if result["marks"]["failed"] else code
         print(f"review queue: {result['queue']['cases']} case(s) -> {result['queue']['folder']}")
         print(f"round report: {result['report_path']}")
     return code

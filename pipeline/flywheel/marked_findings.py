@@ -27,8 +27,9 @@ The case's attributes record the marks used (``marks_used``: keyed hashes of the
 mark's index in that object, so a mark is looked at once whatever folder or PACS it is read from again; a
 mark refused for what it is, off the image or of an unknown graphic type, stays refused) and, per round,
 what the marks gave (``mark_rounds``: instances added, findings covered by which instance, marks refused with
-the reason). A case whose new marks add nothing is committed unchanged but for that record. Logs name cases
-and counts, never a mark's UID or text.
+the reason). A case whose new marks add nothing is committed unchanged but for that record; the marks a case
+was annotated from by the marks detector are found covered by the instances they made, the first time a round
+looks at them. Logs name cases and counts, never a mark's UID or text.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -27,7 +28,7 @@ UID = "1.2.826.0.1.3680043.8.498.77"
 STUDIES = (f"{UID}00", f"{UID}10")
 SERIES = (f"{UID}01", f"{UID}11")
 MARK_TEXT = "Doe^Jane node 4"
-LEFT_LUNG = 6
+RIGHT_LUNG, LEFT_LUNG = 5, 6
 
 
 def _cross(root: Path, name: str, images: list, labels: np.ndarray, spacing) -> Path:
@@ -117,5 +118,70 @@ def test_a_night_annotates_every_study_that_has_new_marks(
     assert list(workers.glob("worker-*"))
     logs += "".join(p.read_text(errors="replace") for p in workers.glob("worker-*") if p.is_file())
     assert "marks" in logs or "round" in logs  # the flow's logs were read
+    for secret in (*STUDIES, *SERIES, "Doe^Jane", MARK_TEXT):
+        assert secret not in logs
+
+
+def test_a_night_adds_the_findings_reviewers_marked_in_a_reviewed_case(
+    pacs, prefect_server, ray_cluster, tmp_path, box_fill, chest_volume, monkeypatch
+):
+    """A reviewer accepts the night's mask of study A (the left lung, from its cross), then marks the right
+    lung there: the next night keeps what was accepted, adds the right lung and finds the first cross to be
+    the instance it made."""
+    from medsam_engine.flows.annotate import RunOptions
+    from medsam_engine.flows.round import flywheel_round
+    from medsam_engine.pipeline.distributed.ray_pool import PoolOptions
+    from medsam_engine.pipeline.flywheel.review import import_corrections
+
+    release_warm_actors()
+    secrets = tmp_path / "dicomweb.yaml"
+    secrets.write_text(f"{pacs['url']}:\n  user: {USER}\n  password: {PASSWORD}\n")
+    monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_CREDENTIALS", str(secrets))
+    config = load_config(box_fill).with_overrides(prompts={"detector": "marks", "options": {"marks": "pacs"}})
+    run = RunOptions(config=config, watermark="nightly", settle_seconds=0)
+    store = CaseStore(tmp_path / "store")
+
+    def night() -> dict:
+        return flywheel_round(
+            inputs=[pacs["root"]],
+            store=str(store.root),
+            run=run,
+            pool=PoolOptions(address=ray_cluster.address),
+        )
+
+    night()
+    (case_id,) = [c for c in store.committed_cases() if store.manifest(c)["dicom"]["study_uid"] == STUDIES[0]]
+    accepted, before = store.read_labels(case_id)
+    ijk = np.moveaxis(accepted, (0, 1, 2), (2, 1, 0)).astype(np.int16)
+    correction = tmp_path / f"{case_id}.nii.gz"
+    nib.save(nib.Nifti1Image(ijk, before.geometry.affine[:, [2, 1, 0, 3]]), str(correction))
+    assert list(import_corrections(store, [correction], reviewer="dr a").imported) == [case_id]
+
+    images, missed = pacs["images"][STUDIES[0]], pacs["labels"] == RIGHT_LUNG
+    z = int(np.argmax(missed.sum(axis=(1, 2))))
+    long, short = recist_axes(missed[z], chest_volume.spacing[1:])
+    cross = [
+        {
+            "image": images[z],
+            "layer": "RECIST",
+            "objects": [("POLYLINE", long, None), ("POLYLINE", short, None)],
+        }
+    ]
+    stow(pacs["root"], [write_gsps(tmp_path / "right.dcm", images, cross)])
+    second = night()
+    marks = second["marks"]
+    assert marks["added"] == 1 and marks["cases_amended"] == 1 and not marks["failed"]
+    assert marks["cases"][case_id]["covered"][0]["label"] == before.instances[0]["label"]  # the first cross
+    labels, attrs = store.read_labels(case_id)
+    (new,) = [i for i in attrs.instances if i["round"] == second["round"]]
+    assert np.array_equal(labels[accepted > 0], accepted[accepted > 0])  # what was accepted, as it was
+    assert (labels[accepted == 0] == new["label"]).any()
+    assert (new["label"], new["instance"]) == (before.instances[0]["label"], 2)  # the same layer's label
+    assert attrs.review_status == "review" and new["prompt_origin"]["key_slice"] == z
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # the run's logs reach the server in batches
+    logs = _run_logs(second["run"]["run_id"])
+    assert "marks: 1 instance(s) added to 1 reviewed case(s)" in logs
     for secret in (*STUDIES, *SERIES, "Doe^Jane", MARK_TEXT):
         assert secret not in logs

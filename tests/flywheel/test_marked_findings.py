@@ -218,6 +218,6 @@ def test_round_run_refuses_marks_it_cannot_take(tmp_path, capsys, box_fill):
     args = ["--detector", "intensity", "--marks", str(tmp_path / "nowhere")]
     assert _round(series, tmp_path / "store", box_fill, *args) == 2
     assert "--marks: no such file or folder" in capsys.readouterr().err
-    args = ["--detector", "intensity", "--marks", str(series), "--engine", "ray"]
+    args = ["--detector", "intensity", "--marks", "pacs", "--marks", str(series)]
     assert _round(series, tmp_path / "store", box_fill, *args) == 2
-    assert "--marks runs with the local engine" in capsys.readouterr().err
+    assert "--marks pacs takes the marks of each case's study: give it alone" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from medsam_engine.pipeline.store.case_store import CaseStore
 
 pytestmark = pytest.mark.skipif(ORTHANC is None or PLUGIN is None, reason=MISSING)
 
-UID = "1.2.826.0.1.3680043.8.498.77"
+UID = "1.2.826.0.1.3680043.8.498.78"
 SERIES, STUDY, FRAME = f"{UID}01", f"{UID}01.0", f"{UID}09"
 SPINE, RIGHT_LUNG, LEFT_LUNG = 3, 5, 6
 
