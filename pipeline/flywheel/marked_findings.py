@@ -10,8 +10,11 @@ marks (`round run --marks DIR|pacs`) then, for every case a person reviewed
 2. reads the marks made for the case that no earlier round used (PR/SR files or folders, or ``pacs``: those
    of a DICOMweb case's study), places them and groups them into findings as the marks detector does
    (detectors/marks.py). Marks drawn on images that are not the case's (another series in another Frame of
-   Reference) belong to other cases and are left alone. A finding whose seed box on its key slice lies mostly
-   (``covered``: half its pixels or more) inside one instance's mask there is that instance: nothing new;
+   Reference) belong to other cases and are left alone. A finding whose seed on its key slice lies mostly
+   (``COVERED``: half its pixels or more) inside one instance's mask there is that instance: nothing new. The
+   seed is what the marks detector's seed map holds: the pixels along the finding's lines (a measured axis
+   runs across its object, so a cross on an accepted organ lies in it whatever box the axes give), else its
+   box (an arrow's square, an ellipse's box);
 3. segments the other findings by the marks rules, propagated from their key slices
    (pipeline/annotate/driver.py's ``segment_detection``), adds them as new instances (lineage:
    ``prompt_origin`` as the marks detector records it, ``round``), and commits the case through the store
@@ -45,7 +48,6 @@ from medsam_engine.detectors.marks import (
     FROM_PACS,
     MarksDetector,
     MarksOptions,
-    finding_box,
     group_findings,
     marks_from_pacs,
     place_marks,
@@ -68,7 +70,7 @@ from medsam_engine.pipeline.store.leases import leased
 
 log = logging.getLogger(__name__)
 
-COVERED = 0.5  # a finding is an instance the case holds when this share of its seed box lies in its mask
+COVERED = 0.5  # a finding is an instance the case holds when this share of its seed lies in its mask
 
 
 def marks_options(given: list[str], config: EngineConfig) -> MarksOptions | None:
@@ -109,15 +111,17 @@ class CaseMarks:
         return {"round": number, "added": self.added, "covered": self.covered, "refused": self.refused}
 
 
-def covering(labels: np.ndarray, instances: tuple[dict, ...], z: int, box, *, share: float = COVERED):
-    """The (label, instance) whose mask holds at least ``share`` of the XYXY ``box`` on slice ``z`` of the
-    (z, y, x) label map, or None. Of a label's instances, the one whose slices include ``z``."""
-    x0, y0, x1, y1 = box
-    window = labels[z, y0 : y1 + 1, x0 : x1 + 1]
-    values, counts = np.unique(window[window > 0], return_counts=True)
-    if not len(values) or counts.max() < share * window.size:
+def covering(
+    labels: np.ndarray, instances: tuple[dict, ...], z: int, seed: np.ndarray, *, share: float = COVERED
+):
+    """The (label, instance) whose mask on slice ``z`` of the (z, y, x) label map holds at least ``share``
+    of the (y, x) boolean ``seed`` pixels, or None. Of a label's instances, the one whose slices include
+    ``z``."""
+    values, counts = np.unique(labels[z][seed], return_counts=True)
+    inside = values > 0
+    if not inside.any() or counts[inside].max() < share * max(int(seed.sum()), 1):
         return None
-    value = int(values[int(np.argmax(counts))])
+    value = int(values[inside][int(np.argmax(counts[inside]))])
     records = [i for i in instances if int(i["label"]) == value]
     on_slice = [i for i in records if z in i.get("slices", [])] or records
     return value, int(on_slice[0]["instance"]) if on_slice else 1
@@ -229,7 +233,8 @@ def amend_case(
                 f"the input's grid {volume.shape} is no longer the reviewed case's {labels.shape}",
                 case_id=case.case_id,
             )
-        found, new = _sort_findings(fresh, keys, planes, own, volume, labels, attrs, sources.options)
+        detector = sources.detector(local)
+        found, new = _sort_findings(fresh, keys, planes, own, volume, labels, attrs, detector)
         additions = None
         if new:
             additions = _segment_new(new, volume, labels, attrs, local, found, sources, runner, number=number)
@@ -246,7 +251,7 @@ def _sort_findings(
     volume: Volume,
     labels: np.ndarray,
     attrs: CaseAttributes,
-    options: MarksOptions,
+    detector: MarksDetector,
 ) -> tuple[CaseMarks, list]:
     """Place the fresh marks and group them into findings; returns what they gave so far (the findings an
     instance covers, the marks refused, the keys of the marks looked at) and the new findings."""
@@ -254,14 +259,26 @@ def _sort_findings(
     found = CaseMarks(refused=[f"{mark.name}: {why}" for mark, why in refused], used=list(keys))
     new = []
     for finding in group_findings(placed):
-        z, box, _ = finding_box(finding, options, volume)
-        hit = covering(labels, attrs.instances, z, box)
+        z, seed = _seed(detector.detection([finding], volume, []), labels.shape[1:])
+        hit = covering(labels, attrs.instances, z, seed)
         if hit is None:
             new.append(finding)
         else:
             names = [p.mark.name for p in finding.marks]
             found.covered.append({"marks": names, "key_slice": z, "label": hit[0], "instance": hit[1]})
     return found, new
+
+
+def _seed(detection: Detection, shape: tuple[int, ...]) -> tuple[int, np.ndarray]:
+    """A one-finding Detection's key slice and its seed there as a (y, x) boolean mask: the pixels of its
+    seed map (along its lines, else its box), else its box."""
+    prompt = detection.prompts[0]
+    if detection.label_map is not None:
+        return prompt.z, detection.label_map[prompt.z] > 0
+    x0, y0, x1, y1 = prompt.box
+    seed = np.zeros(shape, dtype=bool)
+    seed[y0 : y1 + 1, x0 : x1 + 1] = True
+    return prompt.z, seed
 
 
 def _label_specs(store: CaseStore, case_id: str) -> dict[int, dict]:

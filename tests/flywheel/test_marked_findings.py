@@ -187,13 +187,16 @@ def test_a_review_of_the_new_instance_keeps_the_accepted_records(rounds):
     assert after.review_status == "accepted"
 
 
-def test_covering_takes_the_instance_holding_most_of_the_box():
+def test_covering_takes_the_instance_holding_most_of_the_seed():
     labels = np.zeros((2, 10, 10), dtype=np.uint16)
     labels[1, 0:6, 0:10] = 4
     instances = ({"label": 4, "instance": 1, "slices": [0]}, {"label": 4, "instance": 2, "slices": [1]})
-    assert covering(labels, instances, 1, (0, 0, 9, 9)) == (4, 2)  # 60 % of the box
-    assert covering(labels, instances, 1, (0, 4, 9, 9)) is None  # a third
-    assert covering(labels, instances, 0, (0, 0, 9, 9)) is None
+    seed = np.zeros((10, 10), dtype=bool)
+    seed[:, 5] = True  # a vertical line: 6 of its 10 pixels lie in label 4
+    assert covering(labels, instances, 1, seed) == (4, 2)
+    seed[:3, 5] = False  # 3 of its 7 pixels
+    assert covering(labels, instances, 1, seed) is None
+    assert covering(labels, instances, 0, seed) is None
 
 
 def test_new_findings_take_a_named_label_or_a_free_value():
