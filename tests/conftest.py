@@ -171,6 +171,15 @@ def s3_endpoint():
     server.stop()
 
 
+@pytest.fixture
+def quick_case_retries(monkeypatch):
+    """A local run's retries of a case after a transient error 10 ms apart instead of 1 s, 2 s, ... (the
+    outage tests meet them in every case; how many retries there are stays as it is)."""
+    from medsam_engine.pipeline.annotate.policy import LOCAL
+
+    monkeypatch.setitem(vars(LOCAL), "retry_delay_s", 0.01)
+
+
 def use_s3(monkeypatch, endpoint: str, bucket: str | None = None) -> str | None:
     """Point the standard AWS environment at ``endpoint`` (fresh s3fs clients) and make ``bucket``."""
     import fsspec

@@ -107,7 +107,8 @@ def test_unknown_study_is_one_failing_case_without_uids(orthanc, tmp_path):
         read_case(case)
 
 
-def test_unreachable_server_is_a_failing_case(tmp_path):
+def test_unreachable_server_is_a_failing_case(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_RETRIES", "1")  # one retry shows it as well as six
     url = f"http://127.0.0.1:{free_port()}/dicom-web/studies/1.2.3"
     (case,) = discover([url], CaseStore(tmp_path).case_ids())
     assert "could not be reached" in case.error
@@ -128,7 +129,9 @@ def test_a_wrong_password_is_one_clear_lasting_error_that_never_shows_the_passwo
 def test_a_busy_pacs_costs_retries_not_cases(orthanc, tmp_path, chest_volume, monkeypatch):
     monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_TIMEOUT_S", "1")
     with FaultProxy(orthanc) as proxy:
-        proxy.inject(3, path_part="/dicom-web/", status=429, headers={"Retry-After": "1"})
+        # one 429 says when to come back (in a second); the others leave it to the backoff
+        proxy.inject(1, path_part="/dicom-web/", status=429, headers={"Retry-After": "1"})
+        proxy.inject(2, path_part="/dicom-web/", status=429)
         proxy.inject(2, path_part="/series/", status=503)
         proxy.inject(1, path_part="/series/", drop=True)
         proxy.inject(1, path_part="/series/", stall_s=2.5)  # longer than the 1 s read timeout
@@ -144,7 +147,7 @@ def test_a_busy_pacs_costs_retries_not_cases(orthanc, tmp_path, chest_volume, mo
 
 
 def test_a_pacs_down_for_the_whole_run_fails_its_cases_for_the_next_run(
-    orthanc, tmp_path, chest_volume, monkeypatch, capsys, box_fill
+    orthanc, tmp_path, chest_volume, monkeypatch, capsys, box_fill, quick_case_retries
 ):
     monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_RETRIES", "2")
     store = tmp_path / "store"

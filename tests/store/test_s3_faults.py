@@ -16,8 +16,9 @@ from medsam_engine.pipeline.store.case_store import CaseStore
 
 
 @pytest.fixture
-def proxied_s3(s3_endpoint, monkeypatch):
-    """The S3 API reached through a fault proxy, with fewer SDK retries so that outages show quickly."""
+def proxied_s3(s3_endpoint, monkeypatch, quick_case_retries):
+    """The S3 API reached through a fault proxy, with fewer SDK retries and the engine's retries of a case
+    10 ms apart, so that outages show quickly."""
     import s3fs
 
     with FaultProxy(s3_endpoint) as proxy:
@@ -26,6 +27,15 @@ def proxied_s3(s3_endpoint, monkeypatch):
         monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # s3fs's own retries on top of the SDK's
         use_s3(monkeypatch, proxy.url, "faults")
         yield proxy
+
+
+def _lasting(monkeypatch) -> None:
+    """A lasting outage: the SDK tries each request once (its retry, up to a second of backoff per request,
+    would only put off the failure the test is about)."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _annotate(two_tiles, url: str, box_fill) -> int:
@@ -54,8 +64,9 @@ def test_slowdown_bursts_and_dropped_connections_cost_retries_not_cases(
 
 
 def test_an_outage_mid_commit_fails_the_cases_for_the_next_run(
-    two_tiles, tiles_reference, box_fill, proxied_s3, capsys
+    two_tiles, tiles_reference, box_fill, proxied_s3, capsys, monkeypatch
 ):
+    _lasting(monkeypatch)
     url = "s3://faults/mid-commit"
     proxied_s3.inject(-1, method="PUT", path_part="/labels/medsam/0/c/", status=503)  # mask chunks refused
     assert _annotate(two_tiles, url, box_fill) == 1
@@ -75,8 +86,9 @@ def test_an_outage_mid_commit_fails_the_cases_for_the_next_run(
 
 
 def test_a_vanished_store_ends_the_run_with_a_reason(
-    two_tiles, tiles_reference, box_fill, proxied_s3, capsys
+    two_tiles, tiles_reference, box_fill, proxied_s3, capsys, monkeypatch
 ):
+    _lasting(monkeypatch)
     url = "s3://faults/vanished"
     proxied_s3.inject(-1, status=503)  # every request: the S3 service is down
     assert _annotate(two_tiles, url, box_fill) == 1
