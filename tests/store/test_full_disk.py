@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from medsam_engine.pipeline.cli.main import main
 from medsam_engine.pipeline.store.case_store import CaseStore
 
 
@@ -24,11 +25,8 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=False)
 
 
-def _annotate(inputs, masks, out, box_fill):
-    command = [
-        sys.executable,
-        "-m",
-        "medsam_engine.pipeline.cli.main",
+def _argv(inputs, masks, out, box_fill) -> list[str]:
+    return [
         "annotate",
         *map(str, inputs),
         "--coarse-mask",
@@ -38,6 +36,11 @@ def _annotate(inputs, masks, out, box_fill):
         "--config",
         str(box_fill),
     ]
+
+
+def _annotate(inputs, masks, out, box_fill):
+    """The command in a process of its own: its exit code and stderr are what a user sees."""
+    command = [sys.executable, "-m", "medsam_engine.pipeline.cli.main", *_argv(inputs, masks, out, box_fill)]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
@@ -56,11 +59,9 @@ def test_a_full_disk_is_a_reason_and_a_rerun_with_room_completes(
     staging = small_disk / "store" / "_staging"
     assert not staging.exists() or list(staging.iterdir()) == []  # nothing half-written kept
 
-    filler.unlink()
-    rerun = _annotate(inputs, masks, small_disk / "store", box_fill)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    roomy = _annotate(inputs, masks, tmp_path / "roomy", box_fill)
-    assert roomy.returncode == 0
+    filler.unlink()  # the reruns run in this process
+    assert main(_argv(inputs, masks, small_disk / "store", box_fill)) == 0
+    assert main(_argv(inputs, masks, tmp_path / "roomy", box_fill)) == 0
     here, there = CaseStore(small_disk / "store"), CaseStore(tmp_path / "roomy")
 
     def by_image(s):
