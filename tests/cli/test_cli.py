@@ -38,8 +38,12 @@ def annotated(tmp_path_factory, small_chest, small_chest_nifti, box_fill):
 def annotated_by_the_model(tmp_path_factory, small_chest, small_chest_nifti):
     """The archive annotated by LiteMedSAM: for the Dice it reaches against the reference, and for each
     label's overlap with its coarse mask (filled boxes tie where they overlap and the earlier box wins: the
-    box-fill runner loses the spine's box under another label's)."""
-    return _annotate_archive(tmp_path_factory.mktemp("cli-model"), small_chest, small_chest_nifti)
+    box-fill runner loses the spine's box under another label's). The NIfTI case holds the NRRD case's pixels:
+    with room for a case's 12 embeddings (4 slices, 3 windows) its slices come from the cache."""
+    root = tmp_path_factory.mktemp("cli-model")
+    config = root / "config.yaml"
+    config.write_text("model:\n  embedding_cache_mb: 64\n")
+    return _annotate_archive(root, small_chest, small_chest_nifti, "--config", str(config))
 
 
 def test_bad_input_fails_only_its_case_with_a_recorded_reason(annotated):
