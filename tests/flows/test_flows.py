@@ -66,12 +66,16 @@ def annotated(tmp_path_factory, flow_archive, prefect_server, ray_cluster) -> di
     return {"store": store, "report": report, "labels": labels_of(store)}
 
 
-def _artifacts(key: str) -> list:
+def _artifacts(key: str, run_id: str) -> list:
+    """The artifacts under ``key`` of one flow run (the session's server holds every test's runs)."""
     from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
+    only = ArtifactFilter(
+        key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])
+    )
     with get_client(sync_client=True) as client:
-        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        return client.read_artifacts(artifact_filter=only)
 
 
 def _table(artifact) -> list[dict]:
@@ -97,10 +101,12 @@ def test_flow_shards_cases_over_both_nodes_and_commits_each(annotated):
     assert set(RECORD_KEYS) <= set(record)
     assert record["engine"] == "ray"  # the local engine's schema
     assert set(record["label_volumes_ml"]) == set(annotated["labels"])
-    rows = _table(_artifacts("annotate-summary")[-1])
-    assert {row["case"] for row in rows} >= set(annotated["labels"])
-    assert all(row["labels (mL)"].startswith("5: ") for row in rows if row["case"] in annotated["labels"])
-    assert any(float(a.data) == 100.0 for a in _artifacts("annotate-progress"))
+    (summary,) = _artifacts("annotate-summary", report["run_id"])
+    rows = _table(summary)
+    assert {row["case"] for row in rows} == set(annotated["labels"])
+    assert all(row["labels (mL)"].startswith("5: ") for row in rows)
+    (progress,) = _artifacts("annotate-progress", report["run_id"])
+    assert float(progress.data) == 100.0
     assert committed_once(annotated["store"])
 
 
@@ -145,7 +151,8 @@ def test_failures_are_recorded_quarantined_and_fail_the_run_only_above_the_fract
     assert failed.value.report["counts"]["failed"] == 1
     assert failed.value.report["failure_fraction"] == 1.0
     assert "corrupt_study" not in str(failed.value.report)  # no file names in reports or artifacts
-    assert "chest" not in str(_table(_artifacts("annotate-summary")[-1]))
+    (summary,) = _artifacts("annotate-summary", failed.value.report["run_id"])
+    assert "chest" not in str(_table(summary))
 
 
 def _actor_pid(index: int) -> int:
