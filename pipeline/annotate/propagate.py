@@ -13,7 +13,9 @@ slice: inside the seed's mask, and in a ring of ``RING_PX`` pixels around it. A 
 ``min_likeness`` of its pixels nearer the inside median than the ring's is unlike the seed and counts as an
 empty slice (not painted; the next slice falls back to the seed box), so ``stop_after_empty`` empty or
 unlike slices in a row end the direction. A seed whose medians lie under ``MIN_CONTRAST`` grey levels apart
-gives no look: the rule is off for it.
+gives no look: the rule is off for it. An open range's boxes are also never wider or taller than its seed
+box (a marked lesion is largest on its key slice, where RECIST measures it): a previous mask's box that
+outgrows it, as the margin makes it do where a small lesion tapers off, is shrunk about its centre.
 
 Objects advance in lock-step: an upward sweep visits slices in ascending z and, on each slice, decodes every
 object that needs it in one decoder call per intensity window; a downward sweep does the same in descending
@@ -102,6 +104,17 @@ def likeness(image: np.ndarray, mask: np.ndarray, look: tuple[float, float]) -> 
     return float(np.mean(np.abs(values - inside) < np.abs(values - around)))
 
 
+def no_larger(box: tuple[int, int, int, int], seed: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """XYXY ``box`` shrunk about its centre where it is wider or taller than ``seed``."""
+    out = list(box)
+    for low, high in ((0, 2), (1, 3)):
+        extra = (out[high] - out[low]) - (seed[high] - seed[low])
+        if extra > 0:
+            out[low] += extra // 2
+            out[high] -= extra - extra // 2
+    return out[0], out[1], out[2], out[3]
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
@@ -168,6 +181,16 @@ def _advance(
     canvas.paint(z, logits, mask, track.index)
 
 
+def _next_box(run: _Run, track: _Track, z: int) -> tuple[int, int, int, int]:
+    """The box ``track`` decodes on slice ``z``: the middle box on the middle slice and after an empty
+    slice, else the previous mask's box widened by the margin; for an open range no larger than the seed
+    box."""
+    if track.previous is None or z == track.obj.z_middle:
+        return track.obj.box_middle
+    box = _mask_box(track.previous, run.rules.box_margin_px)
+    return no_larger(box, track.obj.box_middle) if run.open_range else box
+
+
 def _sweep(run: _Run, tracks: list[_Track], order: list[int], step: int) -> None:
     """Visit slices in ``order``; on each, decode every live track whose next slice it is, grouped by
     intensity window."""
@@ -197,15 +220,7 @@ def _sweep(run: _Run, tracks: list[_Track], order: list[int], step: int) -> None
 def _decode(run: _Run, image: np.ndarray, z: int, group: list[_Track], *, jittered: bool) -> None:
     """One decoder call for the tracks of ``group`` on slice ``z`` (rendered as ``image``); with the run's
     jitter check (``jittered``), the seeds on it once more with jittered boxes."""
-    boxes = np.array(
-        [
-            t.obj.box_middle
-            if t.previous is None or z == t.obj.z_middle
-            else _mask_box(t.previous, run.rules.box_margin_px)
-            for t in group
-        ],
-        dtype=np.float32,
-    )
+    boxes = np.array([_next_box(run, t, z) for t in group], dtype=np.float32)
     embedded = run.runner.encode([image])[0]
     jitter = run.jitter if jittered else None
     seeds = [i for i, t in enumerate(group) if z == t.obj.z_middle] if jitter is not None else []

@@ -9,8 +9,11 @@ from medsam_engine.pipeline.annotate.propagate import (
     PropagateRules,
     _advance,
     _Canvas,
+    _next_box,
+    _Run,
     _Track,
     likeness,
+    no_larger,
     propagate_volume,
     seed_look,
 )
@@ -169,3 +172,18 @@ def test_the_likeness_rule_enters_the_result_hash_of_marks_runs_only():
     looser = {"propagate": {"min_likeness": 0.25}}
     assert base.with_overrides(**looser).result_hash() == base.result_hash()
     assert marks.with_overrides(**looser).result_hash() != marks.result_hash()
+
+
+def test_an_open_ranges_box_never_outgrows_its_seed_box():
+    """A marked lesion is largest on its key slice: the previous mask's box plus the margin is shrunk about
+    its centre to the seed box's size; a closed range (a coarse mask's object) keeps it."""
+    from dataclasses import replace
+
+    assert no_larger((0, 0, 10, 4), (0, 0, 6, 6)) == (2, 0, 8, 4)
+    run = _Run(None, {}, {}, PropagateRules(box_margin_px=3), _Canvas((10, 20, 20)), open_range=True)
+    track = _track()  # seed box (2, 2, 5, 5) on slice 5
+    track.previous = np.zeros((20, 20), dtype=bool)
+    track.previous[2:8, 2:8] = True
+    assert _next_box(run, track, 5) == (2, 2, 5, 5)
+    assert _next_box(run, track, 6) == (3, 3, 6, 6)
+    assert _next_box(replace(run, open_range=False), track, 6) == (0, 0, 10, 10)
