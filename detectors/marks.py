@@ -29,7 +29,8 @@ where the masks stop looking like the seed's, pipeline/annotate/propagate.py); i
 ``depth_factor`` (1.5) times half the finding's in-plane size above and below the key slice (a lesion is
 about as deep as it is wide; without the bound, propagation on the chest CT ran on into neighbouring
 structures). The Detection's label map holds the pixels along each finding's lines (else its box), so the
-run's automatic CT window follows the HU the axes cross.
+run's automatic CT window follows the HU the axes cross; a solid lesion in aerated lung is read in the lung
+window (``Detection.window_kinds``, detectors/marks_window.py).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from pydantic import Field
 
 from medsam_engine.detectors.coarse_mask import BoxRules
 from medsam_engine.detectors.marks_files import ImagePlane, RawMark, as_paths, case_planes, read_marks
+from medsam_engine.detectors.marks_window import seed_map, window_kinds
 from medsam_engine.detectors.protocol import Detection, DetectorOptions
 from medsam_engine.pipeline.core.types import BoxPrompt, CaseRef, ObjectBox, Volume
 
@@ -368,6 +370,7 @@ class MarksDetector:
             objects=objects,
             warnings=tuple(warnings),
             origins=origins,
+            window_kinds=window_kinds(volume, prompts, lines),
         )
 
 
@@ -401,24 +404,3 @@ def z_reach(box: tuple, spacing: tuple[float, float, float], factor: float | Non
         return depth
     size = max((box[2] - box[0] + 1) * spacing[2], (box[3] - box[1] + 1) * spacing[1])
     return int(np.ceil(factor * size / 2 / spacing[0]))
-
-
-def seed_map(
-    prompts: list[BoxPrompt], shape: tuple[int, int, int], lines: list[list[np.ndarray]]
-) -> np.ndarray:
-    """A (z, y, x) uint16 label map of what each seed says lies inside its object on its key slice: the
-    pixels along its lines (a measured axis runs across the object), else its whole box. The run reads
-    each label's CT window from it (the median HU under it): a cross on a vertebra picks the bone window,
-    where its box, mostly soft tissue around the bone, would not."""
-    out = np.zeros(shape, dtype=np.uint16)
-    for p, drawn in zip(prompts, lines, strict=True):
-        if not drawn:
-            x0, y0, x1, y1 = p.box
-            out[p.z, y0 : y1 + 1, x0 : x1 + 1] = p.label
-        for xy in drawn:
-            steps = int(np.ceil(np.linalg.norm(xy[1] - xy[0]))) * 2 + 2
-            along = np.linspace(xy[0], xy[1], steps)
-            xs = np.clip(np.rint(along[:, 0]).astype(int), 0, shape[2] - 1)
-            ys = np.clip(np.rint(along[:, 1]).astype(int), 0, shape[1] - 1)
-            out[p.z, ys, xs] = p.label
-    return out

@@ -24,7 +24,10 @@ class Detection:
     ``objects`` is set by detectors that know only a seed per object (a mark on its key slice): each
     object's range is open and the run propagates from the seed whatever the configured mode. ``warnings``
     names what the detector could not use and why (kept in the case's record); ``origins`` adds to the
-    lineage record of (label, instance) where its prompt came from."""
+    lineage record of (label, instance) where its prompt came from. ``window_kinds`` names the CT window
+    ("lung", "bone" or "soft") the detector chose for a label from what it knows beyond the label map (a
+    nodule in the lung is read in the lung window); the run's automatic window follows it, a configured
+    label window wins."""
 
     prompts: list[BoxPrompt]
     label_map: np.ndarray | None = None
@@ -32,6 +35,7 @@ class Detection:
     objects: list[ObjectBox] | None = None
     warnings: tuple[str, ...] = ()
     origins: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    window_kinds: dict[int, str] = field(default_factory=dict)
 
 
 class Detector(Protocol):

@@ -229,7 +229,8 @@ def annotate_case(
         prompts, objects = detection.prompts, detection.objects
         if objects is not None:  # seeds with open ranges (marks): propagated whatever the configured mode
             config = config.with_overrides(model={"mode": "propagate"})
-        rendered, window_of, windows = renderings(volume, coarse, prompts, config)
+        kinds = detection.window_kinds
+        rendered, window_of, windows = renderings(volume, coarse, prompts, config, window_kinds=kinds)
     slices = len({p.z for p in prompts}) if objects is None else volume.shape[0]
     with timed(stages, "model"):  # with the wait for the model, when other cases hold it
         model = runner.get()
@@ -373,7 +374,9 @@ def segment_detection(
     prompts, objects = detection.prompts, detection.objects
     if objects is not None:
         config = config.with_overrides(model={"mode": "propagate"})
-    rendered, window_of, windows = renderings(volume, detection.label_map, prompts, config)
+    rendered, window_of, windows = renderings(
+        volume, detection.label_map, prompts, config, window_kinds=detection.window_kinds
+    )
     model = runner.get()
     slices = len({p.z for p in prompts}) if objects is None else volume.shape[0]
     label_map, records = _segment(

@@ -18,11 +18,17 @@ def effective_modality(volume: Volume, config: EngineConfig) -> str:
 
 
 def renderings(
-    volume: Volume, coarse: np.ndarray | None, prompts: list[BoxPrompt], config: EngineConfig
+    volume: Volume,
+    coarse: np.ndarray | None,
+    prompts: list[BoxPrompt],
+    config: EngineConfig,
+    *,
+    window_kinds: dict[int, str] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[int, str], dict[int, tuple[float, float]]]:
     """uint8 (z, y, x) renderings of the volume per intensity window, each label's window name, and each
-    label's (level, width) in HU (CT only; empty otherwise). Only the prompted slices are rendered (the
-    others stay black) unless the model propagates masks beyond them (``model.mode: propagate``)."""
+    label's (level, width) in HU (CT only; empty otherwise). ``window_kinds``: the window kind per label a
+    detector chose (Detection.window_kinds). Only the prompted slices are rendered (the others stay black)
+    unless the model propagates masks beyond them (``model.mode: propagate``)."""
     section = config.intensity
     modality = effective_modality(volume, config)
     base = IntensityConfig(
@@ -41,6 +47,7 @@ def renderings(
         bone=section.bone_window,
         explicit=section.label_windows,
         auto=section.ct_window == "auto",
+        kinds=window_kinds,
     )
     names = {label: f"{level:g}/{width:g}" for label, (level, width) in windows.items()}
     rendered = {}

@@ -103,16 +103,25 @@ def choose_ct_windows(
     bone: tuple[float, float],
     explicit: dict[int, tuple[float, float]] | None = None,
     auto: bool = True,
+    kinds: dict[int, str] | None = None,
 ) -> dict[int, tuple[float, float]]:
-    """(level, width) per label: explicit choice, else (auto) by the median HU under the coarse mask."""
-    explicit = explicit or {}
+    """(level, width) per label: explicit choice, else (auto) the window kind ("lung", "bone" or "soft") a
+    prompt source chose for the label in ``kinds``, else the one the median HU under the coarse mask says."""
+    explicit, kinds = explicit or {}, kinds or {}
+    named = {"lung": lung, "bone": bone, "soft": default}
     windows = {}
     for label in labels:
         window = explicit.get(label, default)
-        if label not in explicit and auto and coarse is not None:
+        if label not in explicit and auto and label in kinds:
+            window = named[kinds[label]]
+        elif label not in explicit and auto and coarse is not None:
             inside = volume_hu[coarse == label]
             if inside.size:
-                median = float(np.median(inside))
-                window = lung if median < LUNG_MEDIAN_HU else bone if median > BONE_MEDIAN_HU else default
+                window = named[window_kind(float(np.median(inside)))]
         windows[label] = (float(window[0]), float(window[1]))
     return windows
+
+
+def window_kind(median_hu: float) -> str:
+    """The window kind a structure with this median HU is read in: aerated lung, bone, else soft tissue."""
+    return "lung" if median_hu < LUNG_MEDIAN_HU else "bone" if median_hu > BONE_MEDIAN_HU else "soft"

@@ -338,6 +338,7 @@ def renumbered(
         objects=None if detection.objects is None else [moved(o) for o in detection.objects],
         warnings=detection.warnings,
         origins={key_of[k]: origin for k, origin in detection.origins.items() if k in key_of},
+        window_kinds={value_of[v]: kind for v, kind in detection.window_kinds.items() if v in value_of},
     )
 
 

@@ -90,10 +90,10 @@ def test_a_bug_fails_its_case_only_and_the_batch_goes_on(tmp_path, nuclei_2d, sm
     )
     real = driver.renderings
 
-    def broken_for_2d(volume, *args):
+    def broken_for_2d(volume, *args, **options):
         if volume.is_2d:
             raise KeyError("a bug")
-        return real(volume, *args)
+        return real(volume, *args, **options)
 
     monkeypatch.setattr(driver, "renderings", broken_for_2d)
     summary = annotate(cases, store, BOX_FILL, runner=LazyRunner(BOX_FILL), show_progress=False)

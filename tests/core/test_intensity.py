@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from medsam_engine.pipeline.core.intensity import IntensityConfig, to_uint8
+from medsam_engine.pipeline.core.intensity import IntensityConfig, choose_ct_windows, to_uint8
 from medsam_engine.pipeline.io.readers import read_volume
 
 
@@ -62,3 +62,18 @@ def test_the_full_int16_range_and_single_slices_map_as_the_float_path_does():
         floats = to_uint8(array.astype(np.float32), modality, only=[1], slab=1)
         assert np.array_equal(floats[1], expected[1])
         assert not floats[[0, 2]].any()
+
+
+def test_a_prompt_sources_window_kind_comes_before_the_median_rule_and_a_configured_window_wins():
+    hu = np.full((1, 4, 4), 40, dtype=np.int16)
+    coarse = np.ones((1, 4, 4), dtype=np.uint16)
+    coarse[0, 0] = 2
+    windows = {"default": (40.0, 400.0), "lung": (-600.0, 1500.0), "bone": (400.0, 1800.0)}
+
+    def choose(**options):
+        return choose_ct_windows(hu, coarse, [1, 2], **windows, **options)
+
+    assert choose() == {1: (40.0, 400.0), 2: (40.0, 400.0)}  # soft tissue under both labels
+    assert choose(kinds={1: "lung"}) == {1: (-600.0, 1500.0), 2: (40.0, 400.0)}
+    assert choose(kinds={1: "lung"}, explicit={1: (50.0, 350.0)})[1] == (50.0, 350.0)
+    assert choose(kinds={1: "lung"}, auto=False)[1] == (40.0, 400.0)

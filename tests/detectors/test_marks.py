@@ -313,3 +313,33 @@ def test_a_rerun_skips_the_case_and_other_marks_are_another_signature(chest, tmp
     _, second = committed(tmp_path / "store")
     assert first.signature["marks_sha256"] != second.signature["marks_sha256"]
     assert second.instances[0]["prompt_origin"]["rule"] == "lone line"
+
+
+def test_a_cross_on_a_solid_spot_in_aerated_lung_is_read_in_the_lung_window(chest, tmp_path, box_fill):
+    """The largest solid spot inside the real chest CT's lungs (a vessel, where a nodule would lie) gets the
+    lung window; a cross on a vertebra keeps the bone window its lines' HU give."""
+    from scipy import ndimage
+
+    volume, labels = chest["volume"], chest["labels"]
+    lungs = np.isin(labels, [RIGHT_LUNG, LEFT_LUNG])
+    spots = []
+    for z in range(volume.shape[0]):
+        solid = ndimage.binary_fill_holes(lungs[z]) & ~lungs[z] & (volume.array[z] > -400)
+        found, count = ndimage.label(solid)
+        spots += [(int((found == i).sum()), z, found == i) for i in range(1, count + 1)]
+    _, z, spot = max(spots, key=lambda s: s[0])
+    spine_z, spine_long, spine_short = structure_axes(chest, 2)
+    annotations = []
+    for layer, at, axes in (
+        ("SPOT", z, recist_axes(spot, volume.spacing[1:])),
+        ("SPINE", spine_z, (spine_long, spine_short)),
+    ):
+        ds = chest["images"][at]
+        lines = [("POLYLINE", image_xy(ds, volume, at, axis), None) for axis in axes]
+        annotations.append({"image": ds, "layer": layer, "objects": lines})
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    write_gsps(marks / "pr.dcm", list(chest["images"].values()), annotations)
+    assert annotate(chest, marks, tmp_path / "store", box_fill) == 0
+    _, attrs = committed(tmp_path / "store")
+    assert attrs.raw["ct_windows"] == {"1": [-600.0, 1500.0], "2": [400.0, 1800.0]}
