@@ -39,8 +39,8 @@ def two_rounds(tmp_path_factory, runner, small_chest, small_chest_nifti):
         store=store,
         runner=runner,
         options=FinetuneOptions(
-            epochs=2,
-            boxes_per_epoch=8,
+            epochs=1,
+            boxes_per_epoch=4,
             boxes_per_step=4,
             lr=2e-4,
             promote="always",
