@@ -277,7 +277,9 @@ def test_watermark_takes_only_studies_new_since_the_last_successful_run(annotate
     assert third["cases"] == []
 
 
-def test_round_run_on_ray_from_the_command_line(flow_archive, tmp_path, ray_cluster, box_fill, capsys):
+def test_round_run_on_ray_from_the_command_line(
+    flow_archive, tmp_path, prefect_server, ray_cluster, box_fill, capsys
+):
     from medsam_engine.pipeline.cli.main import main
     from medsam_engine.pipeline.store.records import ROUNDS, read_record
 
