@@ -48,12 +48,9 @@ def test_checkpoint_that_is_not_a_torch_file_is_refused(tmp_path):
 
 
 def _naive_slice(runner, slice_u8, prompts):
-    """Re-encode the slice for every box and decode one box per call (the official loop's structure)."""
-    logits = []
-    for prompt in prompts:
-        embedded = runner._encode([slice_u8])[0]  # a real encoder pass, never the cache
-        one, _ = runner.decode(embedded, np.array([prompt.box], dtype=np.float32))
-        logits.append(one[0])
+    """Encode the slice on its own and decode one box per call (the official loop's structure)."""
+    embedded = runner._encode([slice_u8])[0]  # a real encoder pass, never the cache
+    logits = [runner.decode(embedded, np.array([p.box], dtype=np.float32))[0][0] for p in prompts]
     return np.stack(logits)
 
 
@@ -109,20 +106,20 @@ def test_batched_encoder_calls_give_the_same_masks(runner, small_chest):
 
     volume = read_volume(small_chest[0])
     labels = align_to(read_volume(small_chest[1]), volume)
-    prompts = [p for p in boxes_from_label_map(labels) if p.label in (5, 6, 3)]
+    prompts = [p for p in boxes_from_label_map(labels) if p.label in (5, 6, 3) and p.z in (1, 2)]
     u8 = to_uint8(volume.array, "CT")
     uncached = LiteMedSAMRunner(runner.model, cache_bytes=0)
     one, _ = segment_volume(uncached, u8, prompts, encoder_batch=1)
     calls = uncached.stats.encoder_calls
-    four, _ = segment_volume(uncached, u8, prompts, encoder_batch=4)
+    two, _ = segment_volume(uncached, u8, prompts, encoder_batch=2)
     assert uncached.stats.encoder_calls - calls == 1 < calls
-    assert np.mean(one != four) <= 0.001
+    assert np.mean(one != two) <= 0.001
 
 
 def test_decoding_in_parts_resolves_overlaps_exactly_like_one_call(runner, small_chest):
     volume = read_volume(small_chest[0])
     labels = align_to(read_volume(small_chest[1]), volume)
-    prompts = boxes_from_label_map(labels)
+    prompts = [p for p in boxes_from_label_map(labels) if p.z in (1, 2)]  # many overlapping
     u8 = to_uint8(volume.array, "CT")
     whole, _ = segment_volume(runner, u8, prompts)
     parts, records = segment_volume(runner, u8, prompts, decoder_batch=2)
@@ -132,7 +129,9 @@ def test_decoding_in_parts_resolves_overlaps_exactly_like_one_call(runner, small
 
 def test_a_full_medsam_vit_b_checkpoint_runs_through_the_same_runner(tmp_path, small_chest):
     """Random ViT-B weights (MedSAM's own are not shipped): the kind is read from the state dict, the slice
-    is framed at 1024 and the masks come back at the slice's size."""
+    is framed at 1024 and the masks come back at the slice's size. The encoder keeps one of its twelve
+    blocks once loaded: with random weights the runner's framing and shapes are the subject, and each block
+    maps the same shape to the same shape."""
     from segment_anything import sam_model_registry
 
     from medsam_engine.pipeline.model.build import build_runner
@@ -144,6 +143,8 @@ def test_a_full_medsam_vit_b_checkpoint_runs_through_the_same_runner(tmp_path, s
     assert model.kind == "vit_b"
     assert model.name.startswith("medsam-vit_b-")
     runner = build_runner(model, backend="auto")
+    encoder = model.net.image_encoder
+    encoder.blocks = encoder.blocks[:1]  # windowed attention; the global ones cost most at 64 x 64 tokens
     assert runner.backend == "torch"
     assert not runner.bf16
     slice_u8 = to_uint8(read_volume(small_chest[0]).array, "CT")[1]
