@@ -29,9 +29,11 @@ RUNTIMES = [
 
 
 @pytest.fixture(scope="module", autouse=True)
-def graph_cache(tmp_path_factory):
-    """Every runner in this module caches its graphs in one fresh folder, never in the user's cache."""
+def graph_cache(tmp_path_factory, exported_graphs):
+    """Every runner in this module caches its graphs in one folder of its own, never in the user's cache; it
+    starts with the test run's exported ONNX Runtime graphs (OpenVINO's are copied from them)."""
     root = tmp_path_factory.mktemp("graph_cache")
+    shutil.copytree(exported_graphs / "onnx", root / "onnx")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MEDSAM_ENGINE_CACHE", str(root))
         yield root
@@ -50,9 +52,9 @@ def chest_slices(chest_ct):
 
 @pytest.fixture(scope="module")
 def eager(runner, chest_slices):
-    """Eager torch's embeddings (one batched call, never the cache) and logits, the reference."""
+    """Eager torch's embeddings (the session runner's, cached) and logits, the reference."""
     slices, boxes = chest_slices
-    embedded = runner._encode(slices)
+    embedded = runner.encode(slices)
     return embedded, [runner.decode(e, b) for e, b in zip(embedded, boxes, strict=False)]
 
 
