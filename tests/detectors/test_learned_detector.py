@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -18,15 +20,24 @@ def accepted_store(tmp_path_factory, small_chest):
     return commit_lungs_case(tmp_path_factory.mktemp("accepted"), small_chest)
 
 
-def test_detector_train_writes_a_versioned_artefact_with_metrics(accepted_store, tmp_path, capsys):
-    out = tmp_path / "detector.pt"
-    code = main(
-        ["detector", "train", "--store", str(accepted_store.root), "--out", str(out), "--epochs", "40"]
-    )
+@pytest.fixture(scope="module")
+def trained(accepted_store, tmp_path_factory):
+    """``detector train`` on the accepted store, run once for the module: the artefact and the JSON report
+    the command printed."""
+    out = tmp_path_factory.mktemp("detector") / "detector.pt"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(
+            ["detector", "train", "--store", str(accepted_store.root), "--out", str(out), "--epochs", "60"]
+        )
     assert code == 0
-    report = json.loads(capsys.readouterr().out)
+    return out, json.loads(printed.getvalue())
+
+
+def test_detector_train_writes_a_versioned_artefact_with_metrics(trained):
     from medsam_engine.detectors.learned import load_artefact
 
+    out, report = trained
     _head, meta, sha = load_artefact(out)
     assert report["version"] == sha
     assert meta["labels"] == [5, 6] == report["labels"]
@@ -37,26 +48,8 @@ def test_detector_train_writes_a_versioned_artefact_with_metrics(accepted_store,
     assert meta["metrics"]["train"]["5"]["recall"] > 0.0
 
 
-def test_annotate_with_the_learned_detector_records_its_version(
-    accepted_store, small_chest, tmp_path, capsys
-):
-    artefact = tmp_path / "detector.pt"
-    assert (
-        main(
-            [
-                "detector",
-                "train",
-                "--store",
-                str(accepted_store.root),
-                "--out",
-                str(artefact),
-                "--epochs",
-                "60",
-            ]
-        )
-        == 0
-    )
-    capsys.readouterr()
+def test_annotate_with_the_learned_detector_records_its_version(trained, small_chest, tmp_path, capsys):
+    artefact, _ = trained
     store = tmp_path / "store"
     code = main(
         [
