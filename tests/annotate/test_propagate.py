@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from medsam_engine.detectors import compile_boxes, object_boxes
 from medsam_engine.pipeline.annotate.propagate import (
@@ -23,25 +24,38 @@ from medsam_engine.pipeline.core.metrics import dice
 from medsam_engine.pipeline.core.types import ObjectBox
 from medsam_engine.pipeline.io.readers import read_volume
 
+WINDOWS = {5: "lung", 6: "lung"}
 
-def test_propagation_from_the_middle_slice_segments_both_lungs(runner, small_chest):
+
+@pytest.fixture(scope="module")
+def lungs(small_chest):
+    """The real chest slices' (z, y, x) reference lungs, their objects and a lung-window rendering."""
     volume = read_volume(small_chest[0])
     reference = align_to(read_volume(small_chest[1]), volume)
     reference = np.where(np.isin(reference, [5, 6]), reference, 0)
     objects = object_boxes(compile_boxes(reference, spacing=volume.spacing))
-    assert {o.label for o in objects} == {5, 6}
-    rendering = {"lung": to_uint8(volume.array, "CT", _lung())}
-    before = dict(runner.stats.as_dict())
-    label_map, records = propagate_volume(runner, rendering, objects, window_of={5: "lung", 6: "lung"})
+    return reference, objects, {"lung": to_uint8(volume.array, "CT", _lung())}
+
+
+@pytest.fixture(scope="module")
+def propagated(runner, lungs):
+    """Both lungs propagated from their middle slices, once for the module: the label map, the records and
+    how far the run moved each of the runner's counters."""
+    _, objects, rendering = lungs
+    before = runner.stats.as_dict()
+    label_map, records = propagate_volume(runner, rendering, objects, window_of=WINDOWS)
     after = runner.stats.as_dict()
-    embedded = after["encoded_slices"] + after["cache_hits"] - before["encoded_slices"] - before["cache_hits"]
-    assert (
-        after["encoded_slices"] - before["encoded_slices"] <= volume.shape[0]
-    )  # each slice encoded at most once
-    assert embedded >= volume.shape[0]
-    boxes = after["decoded_boxes"] - before["decoded_boxes"]
-    calls = after["decoder_calls"] - before["decoder_calls"]
-    assert boxes > calls  # both lungs decoded together on shared slices
+    return label_map, records, {key: after[key] - before[key] for key in before}
+
+
+def test_propagation_from_the_middle_slice_segments_both_lungs(lungs, propagated):
+    reference, objects, _ = lungs
+    assert {o.label for o in objects} == {5, 6}
+    label_map, records, moved = propagated
+    slices = reference.shape[0]
+    assert moved["encoded_slices"] <= slices  # each slice encoded at most once
+    assert moved["encoded_slices"] + moved["cache_hits"] >= slices
+    assert moved["decoded_boxes"] > moved["decoder_calls"]  # both lungs decoded together on shared slices
     for label in (5, 6):
         assert (
             dice(label_map == label, reference == label) > 0.7
@@ -89,21 +103,16 @@ def test_a_direction_stops_when_the_mask_jumps_away():
     assert (canvas.winner[5][1:4, 1:4] == 0).all()
 
 
-def test_jitter_check_scores_each_seed_and_never_changes_the_masks(runner, small_chest):
+def test_jitter_check_scores_each_seed_and_never_changes_the_masks(runner, lungs, propagated):
     """Propagate mode's jitter check: one extra jittered box per object on its seed slice, in the seeds'
     decoder call; the masks are those of the run without the check."""
     from medsam_engine.pipeline.annotate.quality import JitterCheck
 
-    volume = read_volume(small_chest[0])
-    reference = align_to(read_volume(small_chest[1]), volume)
-    reference = np.where(np.isin(reference, [5, 6]), reference, 0)
-    objects = object_boxes(compile_boxes(reference, spacing=volume.spacing))
-    rendering = {"lung": to_uint8(volume.array, "CT", _lung())}
-    windows = {5: "lung", 6: "lung"}
-    plain, plain_records = propagate_volume(runner, rendering, objects, window_of=windows)
+    _, objects, rendering = lungs
+    plain, plain_records, _ = propagated
     before = runner.stats.as_dict()
     checked, records = propagate_volume(
-        runner, rendering, objects, window_of=windows, jitter=JitterCheck(fraction=0.1, seed=3)
+        runner, rendering, objects, window_of=WINDOWS, jitter=JitterCheck(fraction=0.1, seed=3)
     )
     after = runner.stats.as_dict()
     assert np.array_equal(plain, checked)
