@@ -67,18 +67,10 @@ def pacs(tmp_path_factory, chest_volume, small_chest):
         yield {"url": url, "root": f"{url}/dicom-web", "images": images, "labels": labels, "folder": root}
 
 
-def _run_logs(run_id: str) -> str:
-    from prefect import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
-    return "\n".join(log.message for log in logs)
-
-
-def test_a_night_annotates_every_study_that_has_new_marks(
-    pacs, prefect_server, ray_cluster, tmp_path, box_fill, chest_volume, monkeypatch
-):
+@pytest.fixture
+def nights(pacs, prefect_server, ray_cluster, tmp_path, box_fill, monkeypatch):
+    """A new store and its nightly round over the PACS (marks: pacs, the box-fill runner, the session's Ray):
+    ``(store, night)``, ``night()`` running one round and returning its record."""
     from medsam_engine.flows.annotate import RunOptions
     from medsam_engine.flows.round import flywheel_round
     from medsam_engine.pipeline.distributed.ray_pool import PoolOptions
@@ -99,6 +91,20 @@ def test_a_night_annotates_every_study_that_has_new_marks(
             pool=PoolOptions(address=ray_cluster.address),
         )
 
+    return store, night
+
+
+def _run_logs(run_id: str) -> str:
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    return "\n".join(log.message for log in logs)
+
+
+def test_a_night_annotates_every_study_that_has_new_marks(nights, pacs, ray_cluster, chest_volume):
+    store, night = nights
     first = night()  # the study with marks; the other has none yet and is not taken
     assert first["cases"]["annotated"] == 1 and first["cases"]["failed"] == 0
     (case_id,) = store.committed_cases()
@@ -122,33 +128,13 @@ def test_a_night_annotates_every_study_that_has_new_marks(
         assert secret not in logs
 
 
-def test_a_night_adds_the_findings_reviewers_marked_in_a_reviewed_case(
-    pacs, prefect_server, ray_cluster, tmp_path, box_fill, chest_volume, monkeypatch
-):
+def test_a_night_adds_the_findings_reviewers_marked_in_a_reviewed_case(nights, pacs, tmp_path, chest_volume):
     """A reviewer accepts the night's mask of study A (the left lung, from its cross), then marks the right
     lung there: the next night keeps what was accepted, adds the right lung and finds the first cross to be
     the instance it made."""
-    from medsam_engine.flows.annotate import RunOptions
-    from medsam_engine.flows.round import flywheel_round
-    from medsam_engine.pipeline.distributed.ray_pool import PoolOptions
     from medsam_engine.pipeline.flywheel.review import import_corrections
 
-    release_warm_actors()
-    secrets = tmp_path / "dicomweb.yaml"
-    secrets.write_text(f"{pacs['url']}:\n  user: {USER}\n  password: {PASSWORD}\n")
-    monkeypatch.setenv("MEDSAM_ENGINE_DICOMWEB_CREDENTIALS", str(secrets))
-    config = load_config(box_fill).with_overrides(prompts={"detector": "marks", "options": {"marks": "pacs"}})
-    run = RunOptions(config=config, watermark="nightly", settle_seconds=0)
-    store = CaseStore(tmp_path / "store")
-
-    def night() -> dict:
-        return flywheel_round(
-            inputs=[pacs["root"]],
-            store=str(store.root),
-            run=run,
-            pool=PoolOptions(address=ray_cluster.address),
-        )
-
+    store, night = nights
     night()
     (case_id,) = [c for c in store.committed_cases() if store.manifest(c)["dicom"]["study_uid"] == STUDIES[0]]
     accepted, before = store.read_labels(case_id)
