@@ -28,7 +28,7 @@ def trained(accepted_store, tmp_path_factory):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = main(
-            ["detector", "train", "--store", str(accepted_store.root), "--out", str(out), "--epochs", "60"]
+            ["detector", "train", "--store", str(accepted_store.root), "--out", str(out), "--epochs", "40"]
         )
     assert code == 0
     return out, json.loads(printed.getvalue())
