@@ -574,3 +574,27 @@ def flow_archive(tmp_path_factory, small_chest, small_chest_nifti) -> tuple[Path
 
 
 os.environ.setdefault("DO_NOT_TRACK", "1")  # no Prefect client telemetry from the test suite
+
+
+@pytest.fixture(scope="session")
+def exported_graphs(tmp_path_factory, runner) -> Path:
+    """A cache root whose ``onnx/`` holds the official checkpoint's ONNX Runtime graphs, exported and
+    parity-checked once for the test run (never in the user's cache). Copies keep the modification times
+    (``shutil.copytree``), so their manifest vouches for them without hashing: a cache hit."""
+    pytest.importorskip("onnxruntime")
+    from medsam_engine.pipeline.model.build import load_graphs
+
+    root = tmp_path_factory.mktemp("exported_graphs")
+    load_graphs(runner.model, "onnxruntime", cache_root=root)
+    return root
+
+
+@pytest.fixture()
+def seeded_graph_cache(exported_graphs, tmp_path, monkeypatch) -> Path:
+    """This test's own graph cache (``$MEDSAM_ENGINE_CACHE``), holding a copy of the exported graphs."""
+    import shutil
+
+    root = tmp_path / "graph-cache"
+    shutil.copytree(exported_graphs / "onnx", root / "onnx")
+    monkeypatch.setenv("MEDSAM_ENGINE_CACHE", str(root))
+    return root

@@ -94,3 +94,12 @@ def test_dicom_headers_are_read_only_through_read_dicom_header():
 
 def test_the_whole_file_reads_listed_are_still_there():
     assert {(name, function) for name, function, _ in _pydicom_reads()} >= set(WHOLE_FILE_READS)
+
+
+def test_one_conftest_for_the_whole_suite():
+    """Tests import the shared helpers with ``from conftest import ...`` (pytest's ``pythonpath = tests``): a
+    second conftest.py in a sub-folder takes that module name when its folder is collected first, and every
+    later ``from conftest import`` of the suite fails to collect."""
+    assert sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("conftest.py")) == [
+        "tests/conftest.py"
+    ]
