@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from nuclei_data import write_corner_nuclei
 
 from medsam_engine.pipeline.annotate.shared_runner import SharedRunner
 from medsam_engine.pipeline.model.runner import SliceEmbedding
@@ -98,20 +98,6 @@ def test_an_encoder_error_reaches_every_caller_of_its_batch_and_no_other():
         SharedRunner(encoder, threading.Lock(), max_slices=0)
 
 
-def _corner_nuclei(masks: Path, folder: Path) -> Path:
-    """A folder of the tiles' masks (same names) with only the nuclei wholly inside each tile's top-left
-    quarter: a few boxes per case to decode."""
-    import cv2
-
-    folder.mkdir()
-    for path in sorted(masks.iterdir()):
-        labels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        corner = labels[: labels.shape[0] // 2, : labels.shape[1] // 2]
-        inside = [v for v in np.unique(corner)[1:] if (labels == v).sum() == (corner == v).sum()]
-        cv2.imwrite(str(folder / path.name), np.where(np.isin(labels, inside), labels, 0).astype(np.uint16))
-    return folder
-
-
 def test_shared_batches_on_real_2d_cases_give_the_masks_of_case_by_case_runs(nuclei_tiles, tmp_path):
     """Four small nuclei cases, in flight together with their encoder calls merged (the CPU graphs take any
     batch): fewer encoder calls than slices, and the same masks as one case at a time."""
@@ -121,7 +107,10 @@ def test_shared_batches_on_real_2d_cases_give_the_masks_of_case_by_case_runs(nuc
     from medsam_engine.pipeline.io.discover import discover
     from medsam_engine.pipeline.store.case_store import CaseStore
 
-    images, masks = nuclei_tiles[0], _corner_nuclei(nuclei_tiles[1], tmp_path / "masks")
+    images, masks = nuclei_tiles[0], tmp_path / "masks"  # 8 to 10 of each tile's 29 to 40 nuclei
+    masks.mkdir()
+    for path in sorted(nuclei_tiles[1].iterdir()):
+        write_corner_nuclei(path, masks / path.name)
     maps = {}
     for name, pipeline in {
         "alone": {"case_workers": 1},

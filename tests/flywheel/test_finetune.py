@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from flywheel_data import commit_lungs_case
+from nuclei_data import write_corner_nuclei
 
 from medsam_engine.pipeline.annotate.config import EngineConfig
 from medsam_engine.pipeline.cli.main import main
@@ -219,21 +220,9 @@ def _sample(case_id: str, z: int, centres_x: list[int]) -> SliceSample:
     return SliceSample(case_id, z, None, None, boxes, masks, masks.astype(np.float32))
 
 
-def _corner_nuclei(nuclei_2d, folder: Path) -> Path:
-    """The nuclei label map with only the nuclei wholly inside its top-left quarter (8 of 35): fewer boxes to
-    train on, score and segment, still an instance map."""
-    import cv2
-
-    labels = cv2.imread(str(nuclei_2d[1]), cv2.IMREAD_UNCHANGED)
-    corner = labels[:128, :128]
-    inside = [v for v in np.unique(corner)[1:] if (labels == v).sum() == (corner == v).sum()]
-    path = folder / "corner_nuclei.png"
-    cv2.imwrite(str(path), np.where(np.isin(labels, inside), labels, 0).astype(np.uint16))
-    return path
-
-
 def test_cli_finetune_on_image_label_pairs_then_annotate_with_the_checkpoint(nuclei_2d, tmp_path, capsys):
-    out, labels = tmp_path / "nuclei.pth", _corner_nuclei(nuclei_2d, tmp_path)
+    out = tmp_path / "nuclei.pth"
+    labels = write_corner_nuclei(nuclei_2d[1], tmp_path / "corner.png")  # 8 of the 35 nuclei
     code = main(
         [
             "finetune",

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from nuclei_data import write_corner_nuclei
 from scipy import ndimage
 
 from medsam_engine.detectors.coarse_mask import boxes_from_label_map
@@ -198,8 +199,9 @@ def test_annotating_on_cached_graphs_never_imports_torch(runner, nuclei_2d, tmp_
         "                  'failed': [o.reason for o in summary.failed]}))"
     )
     env = dict(os.environ, MEDSAM_ENGINE_CACHE=str(graph_cache), CUDA_VISIBLE_DEVICES="")
+    mask = write_corner_nuclei(nuclei_2d[1], tmp_path / "corner.png")  # 8 of the 35 nuclei
     done = subprocess.run(
-        [sys.executable, "-c", code, str(nuclei_2d[0]), str(nuclei_2d[1]), str(tmp_path / "store"), backend],
+        [sys.executable, "-c", code, str(nuclei_2d[0]), str(mask), str(tmp_path / "store"), backend],
         capture_output=True,
         text=True,
         env=env,
