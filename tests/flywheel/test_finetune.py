@@ -112,7 +112,9 @@ def test_a_challenger_that_does_not_beat_the_current_model_is_held_and_any_model
     assert "the official LiteMedSAM weights are current" in out
 
     # a model trained by hand but not promoted is held
-    held = finetune(tmp_path / "held.pth", store=store, runner=runner, options=replace(TINY, promote="never"))
+    held = finetune(
+        tmp_path / "held.pth", store=store, runner=runner, options=replace(TINY, promote="never", epochs=1)
+    )
     assert held["promotion"]["promoted"] is False
     assert main(["model", "list", str(store.root)]) == 0
     assert f"{held['sha256'][:12]}  held" in capsys.readouterr().out
@@ -206,7 +208,7 @@ def test_finetune_with_augmentation_trains_on_five_views_of_each_training_slice(
         tmp_path / "more.pth",
         store=store,
         runner=runner,
-        options=replace(TINY, promote="never", augment=True),
+        options=replace(TINY, promote="never", augment=True, epochs=1),
     )
     learned = entry["data"]["learned_from"]
     assert entry["data"]["augmented_slices"] == 4 * learned["slices"]
@@ -233,7 +235,7 @@ def test_cli_finetune_on_image_label_pairs_then_annotate_with_the_checkpoint(nuc
             "--out",
             str(out),
             "--epochs",
-            "2",
+            "1",
             "--boxes-per-epoch",
             "4",
             "--eval-boxes",
