@@ -143,7 +143,8 @@ def main() -> None:
         qido = raw_qido(root, uids)
         cache = Path(tmp) / "cache"
         seconds, studies, files = engine_pass(root, cache, drawn_on, args.workers)
-        assert studies == len(uids) and files == len(uids), (studies, files)
+        assert studies == len(uids), (studies, files)
+        assert files == len(uids), (studies, files)
         again, _, _ = engine_pass(root, cache, drawn_on, args.workers)
         rate = studies / seconds
         print(f"raw QIDO-RS: {qido:.0f} round trips/s (one thread)")

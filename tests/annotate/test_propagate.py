@@ -164,13 +164,17 @@ def test_an_open_range_ends_where_the_masks_stop_looking_like_the_seed():
     _advance(track, 5, seed, 0.9, rules, (5, 5, 9, 9), canvas, image)
     assert track.look == (200.0, 50.0)
     _advance(track, 6, away, 0.9, rules, (5, 5, 12, 9), canvas, image)  # 2 of its 6 columns on the square
-    assert (canvas.winner[6] == -1).all() and track.previous is None and not track.done
+    assert (canvas.winner[6] == -1).all()
+    assert track.previous is None
+    assert not track.done
     _advance(track, 7, away, 0.9, rules, (5, 5, 12, 9), canvas, image)
-    assert track.done and track.stop_reason == "2 slices empty or unlike the seed"
+    assert track.done
+    assert track.stop_reason == "2 slices empty or unlike the seed"
     closed, closed_canvas = _track(), _Canvas((10, 20, 20))
     _advance(closed, 5, seed, 0.9, rules, (5, 5, 9, 9), closed_canvas)
     _advance(closed, 6, away, 0.9, rules, (5, 5, 12, 9), closed_canvas)
-    assert (closed_canvas.winner[6] == 0).sum() == 30 and not closed.done
+    assert (closed_canvas.winner[6] == 0).sum() == 30
+    assert not closed.done
 
 
 def test_the_likeness_rule_enters_the_result_hash_of_marks_runs_only():

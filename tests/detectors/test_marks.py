@@ -123,13 +123,16 @@ def test_gsps_long_and_short_axis_make_one_instance_on_its_key_slice(chest, tmp_
     records = sorted(attrs.instances, key=lambda r: r["instance"])
     assert [(r["label"], r["instance"]) for r in records] == [(1, 1), (1, 2)]  # the cross is one finding
     cross, pointed = (r["prompt_origin"] for r in records)
-    assert cross["key_slice"] == z and cross["rule"] == "long+short axis"
+    assert cross["key_slice"] == z
+    assert cross["rule"] == "long+short axis"
     assert [m["graphic"] for m in cross["marks"]] == ["POLYLINE", "POLYLINE"]
     assert {m["type"] for m in cross["marks"]} == {"GSPS"}
     assert {m["sop_instance_uid"] for m in cross["marks"]} == {str(edited.SOPInstanceUID)}
-    assert pointed["key_slice"] == rz and pointed["rule"] == "point"
+    assert pointed["key_slice"] == rz
+    assert pointed["rule"] == "point"
     assert len(records[0]["slices"]) > 1  # propagated beyond the key slice
-    assert labels[z].any() and labels[rz].any()
+    assert labels[z].any()
+    assert labels[rz].any()
     warnings = attrs.raw["prompt_warnings"]
     assert len(warnings) == 2
     assert any("unknown graphic type 'SPLINE'" in w for w in warnings)
@@ -178,12 +181,12 @@ def test_sr_findings_become_labels_by_finding_code(chest, tmp_path, box_fill):
     case_store = CaseStore(tmp_path / "store")
     (case_id,) = case_store.committed_cases()
     label_meta = json.dumps(dict(case_store.open_case(case_id)["labels/medsam"].attrs))
-    assert '"Lesion"' in label_meta and '"Mass"' in label_meta  # the finding codes name the labels
+    assert '"Lesion"' in label_meta
+    assert '"Mass"' in label_meta
     warnings = attrs.raw["prompt_warnings"]
     assert any(w.startswith("empty.dcm: a structured report that references nothing") for w in warnings)
-    assert [w for w in warnings if "empty.dcm" not in w] and all(
-        "not in this series" in w for w in warnings if "empty.dcm" not in w
-    )
+    assert [w for w in warnings if "empty.dcm" not in w]
+    assert all("not in this series" in w for w in warnings if "empty.dcm" not in w)
     # the box on the key slice holds the structure's long and short axis
     x0, x1 = int(np.floor(long[:, 0].min())), int(np.ceil(long[:, 0].max()))
     assert labels[z, int(long[:, 1].mean()), x0:x1].any()
@@ -198,7 +201,8 @@ def test_a_case_whose_marks_are_all_unusable_fails_at_prompt_with_the_reasons(ch
     assert annotate(chest, marks, tmp_path / "store", box_fill) == 1
     (error,) = CaseStore(tmp_path / "store").errors().values()
     assert error["stage"] == "prompt"
-    assert "none of the marks is usable" in error["reason"] and "off the image" in error["reason"]
+    assert "none of the marks is usable" in error["reason"]
+    assert "off the image" in error["reason"]
 
 
 def test_marks_on_another_series_map_through_the_frame_of_reference(chest, tmp_path, box_fill, chest_ct):

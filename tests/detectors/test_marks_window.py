@@ -43,5 +43,7 @@ def test_the_seed_map_holds_a_findings_lines_else_its_box():
     prompts = [BoxPrompt(1, 1, 0, BOX), BoxPrompt(2, 1, 1, BOX)]
     labels = seed_map(prompts, (2, 32, 32), [CROSS, []])
     crossed = line_pixels(CROSS[0], (32, 32))
-    assert (labels[0][crossed] == 1).all() and labels[0, 10, 10] == 0
-    assert (labels[1, 10:23, 10:23] == 2).all() and labels[1].sum() == 2 * 13 * 13
+    assert (labels[0][crossed] == 1).all()
+    assert labels[0, 10, 10] == 0
+    assert (labels[1, 10:23, 10:23] == 2).all()
+    assert labels[1].sum() == 2 * 13 * 13

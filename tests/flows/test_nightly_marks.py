@@ -106,7 +106,8 @@ def _run_logs(run_id: str) -> str:
 def test_a_night_annotates_every_study_that_has_new_marks(nights, pacs, ray_cluster, chest_volume):
     store, night = nights
     first = night()  # the study with marks; the other has none yet and is not taken
-    assert first["cases"]["annotated"] == 1 and first["cases"]["failed"] == 0
+    assert first["cases"]["annotated"] == 1
+    assert first["cases"]["failed"] == 0
     (case_id,) = store.committed_cases()
     assert store.manifest(case_id)["dicom"]["series_uid"] == SERIES[0]
     assert night()["cases"]["given"] == 0  # nothing new
@@ -114,7 +115,8 @@ def test_a_night_annotates_every_study_that_has_new_marks(nights, pacs, ray_clus
     other = pacs["images"][STUDIES[1]]
     stow(pacs["root"], [_cross(pacs["folder"], "b.dcm", other, pacs["labels"], chest_volume.spacing)])
     third = night()  # the study with a new mark, alone
-    assert third["cases"]["annotated"] == 1 and third["cases"]["given"] == 1
+    assert third["cases"]["annotated"] == 1
+    assert third["cases"]["given"] == 1
     new = (set(store.committed_cases()) - {case_id}).pop()
     _, attrs = store.read_labels(new)
     assert attrs.instances[0]["prompt_origin"]["rule"] == "long+short axis"
@@ -156,14 +158,17 @@ def test_a_night_adds_the_findings_reviewers_marked_in_a_reviewed_case(nights, p
     stow(pacs["root"], [write_gsps(tmp_path / "right.dcm", images, cross)])
     second = night()
     marks = second["marks"]
-    assert marks["added"] == 1 and marks["cases_amended"] == 1 and not marks["failed"]
+    assert marks["added"] == 1
+    assert marks["cases_amended"] == 1
+    assert not marks["failed"]
     assert marks["cases"][case_id]["covered"][0]["label"] == before.instances[0]["label"]  # the first cross
     labels, attrs = store.read_labels(case_id)
     (new,) = [i for i in attrs.instances if i["round"] == second["round"]]
     assert np.array_equal(labels[accepted > 0], accepted[accepted > 0])  # what was accepted, as it was
     assert (labels[accepted == 0] == new["label"]).any()
     assert (new["label"], new["instance"]) == (before.instances[0]["label"], 2)  # the same layer's label
-    assert attrs.review_status == "review" and new["prompt_origin"]["key_slice"] == z
+    assert attrs.review_status == "review"
+    assert new["prompt_origin"]["key_slice"] == z
     from prefect.logging.handlers import APILogHandler
 
     APILogHandler().flush()  # the run's logs reach the server in batches

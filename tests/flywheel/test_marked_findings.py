@@ -110,32 +110,41 @@ def test_round_two_keeps_the_accepted_instances_and_adds_the_missed_finding(roun
     assert len(added) == 1
     (new,) = added
     assert list(attrs.instances[: len(accepted_attrs.instances)]) == list(accepted_attrs.instances)
-    assert new["label"] not in (LEFT_LUNG, RIGHT_LUNG) and new["round"] == 2
+    assert new["label"] not in (LEFT_LUNG, RIGHT_LUNG)
+    assert new["round"] == 2
     assert new["stage"].startswith("auto")  # a proposal, not yet seen by a person
     assert np.array_equal(np.where(second == new["label"], 0, second), accepted)  # byte for byte
-    assert (second == new["label"]).any() and not (accepted == new["label"]).any()
+    assert (second == new["label"]).any()
+    assert not (accepted == new["label"]).any()
     on_spine = (second == new["label"]) & (rounds["reference"] == SPINE)
     assert on_spine[rounds["new_z"]].any()
     origin = new["prompt_origin"]
-    assert origin["key_slice"] == rounds["new_z"] and origin["rule"] == "long+short axis"
+    assert origin["key_slice"] == rounds["new_z"]
+    assert origin["rule"] == "long+short axis"
     assert {m["type"] for m in origin["marks"]} == {"GSPS"}
     assert {m["sop_instance_uid"] for m in origin["marks"]} == {rounds["uid"]}
-    assert attrs.review_status == "review" and attrs.round == 2
+    assert attrs.review_status == "review"
+    assert attrs.round == 2
     assert (new.get("quality") or {}).get("score") is not None
 
 
 def test_the_mark_on_the_accepted_lung_is_that_instance_and_bad_marks_are_named(rounds):
     store, case_id = rounds["store"], rounds["case_id"]
     section = _record(store, 2)["marks"]
-    assert section["added"] == 1 and section["covered"] == 1 and section["refused"] == 1
-    assert section["cases_amended"] == 1 and not section["failed"]
+    assert section["added"] == 1
+    assert section["covered"] == 1
+    assert section["refused"] == 1
+    assert section["cases_amended"] == 1
+    assert not section["failed"]
     found = section["cases"][case_id]
     (covered,) = found["covered"]
-    assert covered["label"] == LEFT_LUNG and covered["instance"] == 1
+    assert covered["label"] == LEFT_LUNG
+    assert covered["instance"] == 1
     assert covered["key_slice"] == rounds["lung_z"]
     assert all(name.startswith("pr.dcm annotation 2 ") for name in covered["marks"])
     (refused,) = found["refused"]
-    assert refused.startswith("pr.dcm annotation 3 ") and "unknown graphic type 'SPLINE'" in refused
+    assert refused.startswith("pr.dcm annotation 3 ")
+    assert "unknown graphic type 'SPLINE'" in refused
     _, attrs = rounds["second"]
     assert attrs.raw["mark_rounds"] == [found]
     assert len(attrs.raw["marks_used"]) == 5  # two axes per cross and the refused mark, each once
@@ -152,7 +161,8 @@ def test_the_case_goes_back_to_review_for_the_new_instance_only(rounds):
     queue = json.loads((store.root / "_review" / "round-002" / "queue.json").read_text())
     assert [c["case_id"] for c in queue["cases"]] == [case_id]
     rows = {row["round"]: row for row in round_rows(store)}
-    assert rows[2]["marks_added"] == 1 and rows[2]["annotated"] == 0
+    assert rows[2]["marks_added"] == 1
+    assert rows[2]["annotated"] == 0
     assert _record(store, 2)["cases"]["kept_accepted"] == 1
 
 
@@ -163,9 +173,12 @@ def test_round_three_with_the_same_marks_adds_nothing(rounds):
     assert np.array_equal(second, third)
     assert third_attrs.raw == second_attrs.raw  # not committed again
     section = _record(store, 3)["marks"]
-    assert section["added"] == 0 and section["cases_with_new_marks"] == 0 and section["cases"] == {}
+    assert section["added"] == 0
+    assert section["cases_with_new_marks"] == 0
+    assert section["cases"] == {}
     record = _record(store, 3)
-    assert record["cases"]["annotated"] == 0 and record["cases"]["kept_accepted"] == 1
+    assert record["cases"]["annotated"] == 0
+    assert record["cases"]["kept_accepted"] == 1
     assert {row["round"]: row for row in round_rows(store)}[3]["marks_added"] == 0
 
 
@@ -181,7 +194,8 @@ def test_a_review_of_the_new_instance_keeps_the_accepted_records(rounds):
     before = {(i["label"], i["instance"]): i for i in attrs.instances}
     for record in after.instances:
         if record.get("prompt_source") == "marks":
-            assert record["reviewer"] == "dr b" and record["edit_voxels"] == 0
+            assert record["reviewer"] == "dr b"
+            assert record["edit_voxels"] == 0
         else:
             assert record == before[(record["label"], record["instance"])]  # dr a's review, untouched
     assert after.review_status == "accepted"
@@ -210,7 +224,8 @@ def test_new_findings_take_a_named_label_or_a_free_value():
     instances = ({"label": 2, "instance": 1},)
     fitted = fit_labels(detection, labels, instances, specs)
     assert [(p.label, p.instance) for p in fitted.prompts] == [(2, 2), (3, 1)]  # by name, else above all
-    assert fitted.label_map[0, 0, 0] == 2 and fitted.label_map[0, 3, 3] == 3
+    assert fitted.label_map[0, 0, 0] == 2
+    assert fitted.label_map[0, 3, 3] == 3
     assert fitted.origins == {(2, 2): {"a": 1}, (3, 1): {}}
     assert fitted.label_names == {2: "Lesion", 3: "Mass"}
 

@@ -83,8 +83,10 @@ def test_a_round_takes_the_new_finding_marked_in_the_pacs(tmp_path, small_chest,
     assert np.array_equal(np.where(second == new["label"], 0, second), accepted)
     assert new["prompt_origin"]["marks"][0]["sop_instance_uid"] == str(pydicom.dcmread(marks).SOPInstanceUID)
     (found,) = attrs.raw["mark_rounds"]
-    assert len(found["added"]) == 1 and found["covered"][0]["label"] == LEFT_LUNG
-    assert attrs.review_status == "review" and np.array_equal(second, third)
+    assert len(found["added"]) == 1
+    assert found["covered"][0]["label"] == LEFT_LUNG
+    assert attrs.review_status == "review"
+    assert np.array_equal(second, third)
     out = capsys.readouterr()
     text = out.out + out.err
     assert "marks: 1 instance(s) added to 1 reviewed case(s), 1 finding(s) already there" in text

@@ -191,7 +191,8 @@ def test_totalsegmentator_multilabel_prompts_with_its_names(multilabel, box_fill
     s = CaseStore(store)
     (case_id,) = s.committed_cases()
     named = {p["label-value"]: p["name"] for p in s.label_properties(case_id)}
-    assert named[5] == "lung_right" and named[6] == "lung_left"
+    assert named[5] == "lung_right"
+    assert named[6] == "lung_left"
     assert set(named.items()) <= set(ML_NAMES.items())
 
 
@@ -210,7 +211,8 @@ def test_a_label_table_names_the_multilabel_file_over_its_header(multilabel, box
     s = CaseStore(store)
     (case_id,) = s.committed_cases()
     named = {p["label-value"]: p["name"] for p in s.label_properties(case_id)}
-    assert named[5] == "right lung" and named[6] == "left lung"
+    assert named[5] == "right lung"
+    assert named[6] == "left lung"
     assert named[3] == "vertebrae_T5"  # values the table leaves out keep the header's names
 
 

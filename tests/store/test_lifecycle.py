@@ -94,8 +94,10 @@ def test_a_fetched_zip_and_its_extraction_go_with_their_cases(zipped, tmp_path, 
     finally:
         memory.rm("/lifecycle-test", recursive=True)
     assert "2 done" in capsys.readouterr().out
-    assert (store / "_cache" / "remote").is_dir() and (store / "_cache" / "archives").is_dir()
-    assert _entries(store, "remote") == [] and _entries(store, "archives") == []
+    assert (store / "_cache" / "remote").is_dir()
+    assert (store / "_cache" / "archives").is_dir()
+    assert _entries(store, "remote") == []
+    assert _entries(store, "archives") == []
 
 
 def test_keep_cache_keeps_the_extraction_and_store_clean_removes_it(zipped, tmp_path, capsys):
@@ -336,7 +338,8 @@ def test_store_clean_leaves_a_live_writers_lease_staging_and_pinned_cache(clutte
             assert json.loads((cluttered / "_leases" / f"{case_id}.json").read_text())["token"] == lease.token
     finally:
         unpin(cluttered / "_cache", ["dicomweb/fedcba9876543210-5"])
-    assert live_staging.is_dir() and downloading.is_dir()
+    assert live_staging.is_dir()
+    assert downloading.is_dir()
     assert {live_staging.name, downloading.name, f"{case_id}.json"}.isdisjoint(removed)
     assert "0123456789abcdef-3" in removed  # the dead writer's leftovers beside them went
 
@@ -355,9 +358,11 @@ def test_a_killed_runs_staging_and_lease_are_listed_then_removed(two_tiles, tmp_
     assert main(["store", "clean", str(store_path), "--json"]) == 0
     listed = {(e["kind"], Path(e["path"]).name) for e in json.loads(capsys.readouterr().out)["entries"]}
     assert listed == {("staging", staging.name), ("stale leases", lease.name)}
-    assert staging.is_dir() and lease.is_file()
+    assert staging.is_dir()
+    assert lease.is_file()
     assert main(["store", "clean", str(store_path), "--yes"]) == 0
-    assert not staging.exists() and not lease.exists()
+    assert not staging.exists()
+    assert not lease.exists()
     assert main(argv) == 0  # the rerun commits the second case
     assert len(store.committed_cases()) == 2
 
@@ -382,8 +387,10 @@ def test_store_clean_prunes_graphs_of_other_versions_and_unused_models(
     assert sorted(Path(e["path"]).name for e in graphs) == sorted([old.name, unused.name])
     assert all(e["size"] == 4096 for e in graphs)
     assert main(["store", "clean", str(cluttered), "--graphs", "--yes"]) == 0
-    assert current.is_dir() and notes.is_dir()
-    assert not old.exists() and not unused.exists()
+    assert current.is_dir()
+    assert notes.is_dir()
+    assert not old.exists()
+    assert not unused.exists()
 
 
 def test_store_clean_of_what_is_no_store_is_one_line_and_exit_2(tmp_path, capsys):
