@@ -10,9 +10,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+from engine_tree import engine  # bench/ (scripts run from bench/)
 
-from medsam_engine.pipeline.annotate.lazy_runner import LazyRunner
-from medsam_engine.pipeline.model.runner import RunnerStats, SliceEmbedding
+LazyRunner = engine("annotate.lazy_runner").LazyRunner
+RunnerStats = engine("model.runner").RunnerStats
+SliceEmbedding = engine("model.runner").SliceEmbedding
 
 
 class NullRunner:

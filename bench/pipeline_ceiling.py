@@ -44,7 +44,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from null_runner import NullLazyRunner  # bench/ (scripts run from bench/)
+from engine_tree import engine, engine_env  # bench/ (scripts run from bench/)
+from null_runner import NullLazyRunner
 
 SYNTAXES = {
     "explicit-le": "1.2.840.10008.1.2.1",
@@ -195,9 +196,9 @@ def cpu_seconds() -> float:
 
 
 def run_local(inputs: list[Path], masks: list[Path], store: Path, config) -> dict:
-    from medsam_engine.pipeline.annotate.job import annotate
-    from medsam_engine.pipeline.io.discover import discover
-    from medsam_engine.pipeline.store.case_store import CaseStore
+    annotate = engine("annotate.job").annotate
+    discover = engine("io.discover").discover
+    CaseStore = engine("store.case_store").CaseStore
 
     s = CaseStore(store)
     wall, cpu = time.perf_counter(), cpu_seconds()
@@ -276,16 +277,11 @@ def run_ray(
 
     import ray
 
-    from medsam_engine.pipeline.distributed.ray_pool import (
-        Annotator,
-        Job,
-        PoolOptions,
-        cluster_nodes,
-        drive,
-        plan_actors,
-    )
-    from medsam_engine.pipeline.io.discover import discover
-    from medsam_engine.pipeline.store.case_store import CaseStore
+    pool = engine("distributed.ray_pool")
+    Annotator, Job, PoolOptions = pool.Annotator, pool.Job, pool.PoolOptions
+    cluster_nodes, drive, plan_actors = pool.cluster_nodes, pool.drive, pool.plan_actors
+    discover = engine("io.discover").discover
+    CaseStore = engine("store.case_store").CaseStore
 
     class NullAnnotator(Annotator):  # the engine's actor with the null runner in place of the model
         def __init__(self, config_json: str, threads: int = 1, case_workers: int = 2) -> None:
@@ -370,7 +366,7 @@ def measure(args, config, root: Path) -> dict[str, dict]:
         show(f"local {name}", min(runs, key=lambda r: r["wall"]))
     show(f"local 2D x{args.tiles}", run_local([images], [masks], root / "store-2d", config))
     if args.ray:
-        from medsam_engine.pipeline.distributed.ray_pool import connect
+        connect = engine("distributed.ray_pool").connect
 
         start = time.perf_counter()
         connect(local_cpus=cores)
@@ -403,8 +399,7 @@ def measure(args, config, root: Path) -> dict[str, dict]:
 
 
 def _child_rows(src: Path, args, out: Path) -> dict[str, dict]:
-    """Every row measured by a child process running this script on the engine in ``src`` (put before the
-    installed package on PYTHONPATH)."""
+    """Every row measured by a child process running this script on the engine of the checkout ``src``."""
     import json
     import subprocess
     import sys
@@ -419,8 +414,9 @@ def _child_rows(src: Path, args, out: Path) -> dict[str, dict]:
         "--rows-json",
         str(out),
     ] + (["--ray"] if args.ray else [])
-    env = dict(os.environ, PYTHONPATH=str(src))
-    subprocess.run(command, check=True, env=env, cwd=Path(__file__).parent)
+    with tempfile.TemporaryDirectory(prefix="engine-links-") as links:
+        env = engine_env(src, Path(links))
+        subprocess.run(command, check=True, env=env, cwd=Path(__file__).parent)
     return json.loads(out.read_text())
 
 
@@ -486,8 +482,8 @@ def main() -> None:
 
     import json
 
-    import medsam_engine.pipeline as pipeline
-    from medsam_engine.pipeline.annotate.config import EngineConfig
+    pipeline = engine()
+    EngineConfig = engine("annotate.config").EngineConfig
 
     if args.baseline:
         before, rows = compare(args.baseline, args)

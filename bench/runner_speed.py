@@ -18,12 +18,13 @@ seconds and the ratio, encoder calls per unique slice, encoder and decoder effic
 official masks.
 
     .venv/bin/python bench/runner_speed.py [--backend auto|torch|onnxruntime|openvino] [--large]
-                                          [--before TREE [--before-module pipeline.cli]]
+                                          [--before TREE [--before-module MODULE]]
 
 ``--large`` adds the memory check: the CT resampled to 512 x 512 x 300 (1 label), ours only.
 ``--before TREE`` also times the command line of another checkout (``git worktree add TREE REV``) against
 this one on every case, in the same run, each as ``python -m MODULE annotate ...`` with the same
-configuration (interpreter start included for both): the before/after ratio of a refactoring.
+configuration (interpreter start included for both; MODULE by default the checkout's ``cli.main``, under
+``pipeline`` before the ``medsam_engine`` namespace): the before/after ratio of a refactoring.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import matmul_gflops  # bench/machine.py (scripts run from bench/)
+from engine_tree import engine_env  # bench/ (scripts run from bench/)
+from machine import matmul_gflops
 
 ENCODER_GFLOP = 74.95  # per 256² slice, 2 FLOP per multiply-add (facts.md)
 DECODER_GFLOP = 3.62  # per box
@@ -252,32 +254,34 @@ def large_case(folder: Path, backend: str) -> None:
     )
 
 
-def cli_seconds(tree: Path, module: str, image: Path, mask: Path, out: Path, config: Path) -> float:
-    """Wall seconds of ``python -m MODULE annotate`` run from the checkout ``tree``."""
-    import os
-
-    env = dict(os.environ, PYTHONPATH=str(tree))
-    start = time.perf_counter()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            module,
-            "annotate",
-            str(image),
-            "--coarse-mask",
-            str(mask),
-            "--out",
-            str(out),
-            "--config",
-            str(config),
-        ],
-        cwd=tree,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    return time.perf_counter() - start
+def cli_seconds(tree: Path, module: str | None, image: Path, mask: Path, out: Path, config: Path) -> float:
+    """Wall seconds of ``python -m MODULE annotate`` on the engine of the checkout ``tree`` (MODULE by
+    default its package's ``cli.main``)."""
+    with tempfile.TemporaryDirectory(prefix="engine-links-") as links:
+        env = engine_env(tree, Path(links))
+        module = module or f"{env['BENCH_ENGINE_PACKAGE']}.cli.main"
+        start = time.perf_counter()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                module,
+                "annotate",
+                str(image),
+                "--coarse-mask",
+                str(mask),
+                "--out",
+                str(out),
+                "--config",
+                str(config),
+            ],
+            cwd=links,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        seconds = time.perf_counter() - start
+    return seconds
 
 
 def before_after(
@@ -286,7 +290,7 @@ def before_after(
     image: Path,
     mask: Path,
     before: Path,
-    module: str,
+    module: str | None,
     backend: str,
     repeats: int = 2,
 ) -> None:
@@ -302,11 +306,7 @@ def before_after(
     for attempt in range(repeats):
         slug = f"{name.replace(' ', '-')}-{attempt}"
         times["before"].append(cli_seconds(before, module, image, mask, folder / f"before-{slug}", config))
-        times["after"].append(
-            cli_seconds(
-                here, "medsam_engine.pipeline.cli.main", image, mask, folder / f"after-{slug}", config
-            )
-        )
+        times["after"].append(cli_seconds(here, None, image, mask, folder / f"after-{slug}", config))
     b, a = min(times["before"]), min(times["after"])
     print(
         f"  before/after ({before.name}): {b:.1f} s vs {a:.1f} s -> after is {b / a:.2f}x the before speed "
@@ -321,7 +321,9 @@ def main() -> None:
     parser.add_argument("--large", action="store_true")
     parser.add_argument("--only", nargs="*", default=None, help="case names to run")
     parser.add_argument("--before", type=Path, default=None, help="another checkout to time against this one")
-    parser.add_argument("--before-module", default="pipeline.cli", help="its command-line module")
+    parser.add_argument(
+        "--before-module", default=None, help="its command-line module (default: its package's cli.main)"
+    )
     args = parser.parse_args()
     peak = matmul_gflops()
     print(
