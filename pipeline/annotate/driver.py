@@ -190,11 +190,9 @@ def clean(
     )
 
 
-def present_after(records, cleaning: dict | None = None) -> list[int]:
-    """The label values a case's map holds, from its lineage rather than a pass over the map: labels whose
-    instances claimed voxels, and, after post-processing, those it kept voxels of (its counts are exact)."""
-    if cleaning is not None:
-        return sorted({int(r["label"]) for r in cleaning["labels"] if r["voxels_after"] > 0})
+def present_after(records) -> list[int]:
+    """The label values a segmented map holds, from its lineage rather than a pass over the map: labels
+    whose instances claimed voxels."""
     return sorted({int(r.label) for r in records if r.voxels > 0})
 
 
@@ -276,7 +274,6 @@ def annotate_case(
             label_names=label_names,
             supersedes=case.supersedes,
             current=current,
-            values=present_after(records, cleaning),
             keep_versions=config.store.keep_versions,
         )
     return slices

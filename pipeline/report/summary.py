@@ -116,15 +116,15 @@ def read_cases(store: CaseStore) -> StoreCases:
 
 
 def case_volumes(store: CaseStore, case_ids: list[str]) -> tuple[dict[str, dict[int, float]], dict[str, str]]:
-    """(case id -> label value -> mL, case id -> why its label map cannot be read): all cases in one pass,
-    and case by case when that pass fails, to find the damaged ones."""
+    """(case id -> label value -> mL, case id -> why its label map cannot be read): every label map read, all
+    cases in one pass, and case by case when that pass fails, to find the damaged ones."""
     try:
-        return label_volumes_ml(store, case_ids), {}
+        return label_volumes_ml(store, case_ids, from_maps=True), {}
     except Exception:  # one damaged label map: read the cases one by one to name it
         volumes, unreadable = {}, {}
         for case_id in case_ids:
             try:
-                volumes.update(label_volumes_ml(store, [case_id]))
+                volumes.update(label_volumes_ml(store, [case_id], from_maps=True))
             except Exception as exc:
                 log.warning("case %s: label map cannot be read: %s", case_id, reason_of(exc))
                 unreadable[case_id] = f"label map: {reason_of(exc)}"

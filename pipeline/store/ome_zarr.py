@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from medsam_engine.pipeline.core.metrics import present_labels
+from medsam_engine.pipeline.core.metrics import label_voxels, present_labels
 from medsam_engine.pipeline.store.labels_meta import describe_labels
 
 if TYPE_CHECKING:
@@ -197,11 +197,11 @@ def _case_nodes(
     image: np.ndarray | None,
     attrs: dict[str, Any],
     label_names: dict[int, str | dict[str, Any]],
-    values: list[int] | None,
 ) -> list[_Node]:
     """A case group's nodes, each with its final attributes: the root (OME multiscales of the image and the
-    'medsam' attributes that carry the commit status), the image's levels, the labels group and the label
-    map's levels (level 0 full size; overview levels for viewers, :func:`pyramid_factors`)."""
+    'medsam' attributes that carry the commit status and ``label_voxels``, the voxels of each label value in
+    the map written, so that volumes need no read of the map), the image's levels, the labels group and the
+    label map's levels (level 0 full size; overview levels for viewers, :func:`pyramid_factors`)."""
     geometry = attrs["geometry"]
     spacing = [float(s) for s in geometry["spacing_zyx_mm"]]
     origin = (
@@ -212,7 +212,7 @@ def _case_nodes(
     factors = pyramid_factors(labels.shape[1:])
     image_codec, label_codec = _codecs()
     nodes = []
-    root_attrs = {}
+    root_attrs: dict[str, Any] = {}
     if image is not None:
         axes = ["z", "y", "x"] if image.ndim == 3 else ["c", "z", "y", "x"]
         root_attrs["ome"] = {
@@ -228,7 +228,12 @@ def _case_nodes(
                 else (data.shape[0], *plane_chunks(data.shape[1:], data.itemsize * data.shape[0]))
             )
             nodes.append(_Node(str(level), {}, data, chunks, tuple(axes), image_codec))
-    root_attrs["medsam"] = dict(attrs, status=STATUS_COMMITTED)
+    voxels = label_voxels(labels)
+    root_attrs["medsam"] = {
+        **attrs,
+        "label_voxels": {str(v): n for v, n in voxels.items()},
+        "status": STATUS_COMMITTED,
+    }
     nodes.insert(0, _Node("", root_attrs))
     nodes.append(_Node("labels", {"ome": {"version": "0.5", "labels": ["medsam"]}}))
     nodes.append(
@@ -239,7 +244,7 @@ def _case_nodes(
                     "version": "0.5",
                     "multiscales": _multiscales("medsam", ["z", "y", "x"], spacing, origin, factors),
                     "image-label": image_label_metadata(
-                        labels, names=label_names, instances=attrs.get("instances", []), values=values
+                        labels, names=label_names, instances=attrs.get("instances", []), values=list(voxels)
                     ),
                 }
             },
@@ -263,14 +268,12 @@ def write_case_group(
     image: np.ndarray | None,
     attrs: dict[str, Any],
     label_names: dict[int, str | dict[str, Any]],
-    values: list[int] | None = None,
 ) -> None:
     """Write one case group at ``target`` (a path or zarr store) through zarr; the root's 'medsam' attributes,
-    which carry the commit status, are the last write. ``values``: the label values present in ``labels``
-    when the caller knows them exactly (else counted)."""
+    which carry the commit status, are the last write."""
     import zarr
 
-    nodes = _case_nodes(labels, image, attrs, label_names, values)
+    nodes = _case_nodes(labels, image, attrs, label_names)
     root_attrs = dict(nodes[0].attributes)
     status = root_attrs.pop("medsam")
     groups = {"": zarr.create_group(target, zarr_format=3, overwrite=True, attributes=root_attrs)}
@@ -309,7 +312,6 @@ def encoded_case_group(
     image: np.ndarray | None,
     attrs: dict[str, Any],
     label_names: dict[int, str | dict[str, Any]],
-    values: list[int] | None = None,
 ) -> dict[str, bytes] | None:
     """Every object of the case group that :func:`write_case_group` writes (key -> bytes), made without zarr:
     each node's ``zarr.json`` (zarr v3's document, the same JSON zarr writes, without its indentation) and
@@ -317,7 +319,7 @@ def encoded_case_group(
     compared in tests/store/test_direct_chunks.py). zarr's asynchronous API costs a thread hand-off and a
     metadata round-trip per node, most of a small case's write, and holds the interpreter lock while it does.
     None for an image type outside :data:`DIRECT_DTYPES` (written through zarr then)."""
-    nodes = _case_nodes(labels, image, attrs, label_names, values)
+    nodes = _case_nodes(labels, image, attrs, label_names)
     objects: dict[str, bytes] = {}
     for node in nodes:
         prefix = f"{node.path}/" if node.path else ""
@@ -361,20 +363,15 @@ def write_local_group(
     image: np.ndarray | None,
     attrs: dict[str, Any],
     label_names: dict[int, str | dict[str, Any]],
-    values: list[int] | None = None,
 ) -> None:
     """:func:`write_case_group` into a local folder. A small case is encoded in memory
     (:func:`encoded_case_group`) and its objects written as files here, the root's ``zarr.json`` last."""
     size = labels.nbytes + (image.nbytes if image is not None else 0)
     objects = None
     if size <= IN_MEMORY_BYTES:
-        objects = encoded_case_group(
-            labels=labels, image=image, attrs=attrs, label_names=label_names, values=values
-        )
+        objects = encoded_case_group(labels=labels, image=image, attrs=attrs, label_names=label_names)
     if objects is None:
-        write_case_group(
-            str(folder), labels=labels, image=image, attrs=attrs, label_names=label_names, values=values
-        )
+        write_case_group(str(folder), labels=labels, image=image, attrs=attrs, label_names=label_names)
         return
     made: set[Path] = set()
     for key in sorted(objects, key=lambda key: key == "zarr.json"):  # the root's last: it marks the commit

@@ -68,7 +68,9 @@ def test_watermark_selects_settled_studies_changed_since_the_mark(tmp_path):
         check_name("Nightly run")
 
 
-def test_summary_counts_label_volumes_lazily_from_the_store(tmp_path, small_chest):
+def test_label_volumes_come_from_the_commits_counts_or_from_an_older_cases_map(tmp_path, small_chest):
+    import json
+
     import nrrd
     from conftest import commit_from_source
 
@@ -78,12 +80,18 @@ def test_summary_counts_label_volumes_lazily_from_the_store(tmp_path, small_ches
     store = CaseStore(tmp_path / "store")
     labels = read_volume(small_chest[1]).array.astype(np.uint16)
     case_id = commit_from_source(store, small_chest[0], labels)
-    volumes = label_volumes_ml(store, [case_id, "not-committed"])
     directions = nrrd.read_header(str(small_chest[0]))["space directions"]
     voxel_ml = abs(float(np.linalg.det(np.asarray(directions, dtype=float)))) / 1000
     expected = {int(v): (labels == v).sum() * voxel_ml for v in np.unique(labels) if v}
-    assert list(volumes) == [case_id]
-    assert volumes[case_id] == pytest.approx(expected, rel=1e-3)
+    recorded = label_volumes_ml(store, [case_id, "not-committed"])
+    assert list(recorded) == [case_id]
+    assert recorded[case_id] == pytest.approx(expected, rel=1e-3)
+    assert label_volumes_ml(store, [case_id], from_maps=True) == recorded
+    root = store.root / f"{case_id}.ome.zarr" / "zarr.json"  # as an engine that recorded no counts wrote it
+    meta = json.loads(root.read_text())
+    del meta["attributes"]["medsam"]["label_voxels"]
+    root.write_text(json.dumps(meta))
+    assert label_volumes_ml(store, [case_id]) == recorded
 
 
 def test_ray_options_need_the_ray_engine(tmp_path, small_chest):

@@ -24,11 +24,9 @@ ATTRS = {
 }
 
 
-def _objects(labels, image, direct: bool, attrs=ATTRS, values=None) -> dict[str, bytes]:
+def _objects(labels, image, direct: bool, attrs=ATTRS) -> dict[str, bytes]:
     if direct:
-        return encoded_case_group(
-            labels=labels, image=image, attrs=attrs, label_names={3: "lung"}, values=values
-        )
+        return encoded_case_group(labels=labels, image=image, attrs=attrs, label_names={3: "lung"})
     encoded: dict = {}
     write_case_group(
         MemoryStore(store_dict=encoded),
@@ -36,7 +34,6 @@ def _objects(labels, image, direct: bool, attrs=ATTRS, values=None) -> dict[str,
         image=image,
         attrs=attrs,
         label_names={3: "lung"},
-        values=values,
     )
     return {key: value.to_bytes() for key, value in encoded.items()}
 
@@ -89,14 +86,12 @@ def test_an_image_type_without_a_direct_encoding_goes_through_zarr(tmp_path):
     assert group.attrs["medsam"]["status"] == "committed"
 
 
-def test_label_values_given_by_the_caller_write_the_same_metadata_as_counted_ones():
+def test_the_commit_records_each_labels_voxels_beside_the_map_it_writes():
     labels = np.zeros((3, 8, 8), np.uint16)
     labels[0, 1:3, 1:3], labels[2, 5, 5] = 4, 9
     attrs = {"geometry": {"spacing_zyx_mm": [1.0, 1.0, 1.0]}, "instances": [], "case_id": "x"}
-    written = [
-        json.loads(_objects(labels, None, direct, attrs, values)["labels/medsam/zarr.json"])
-        for direct in (True, False)
-        for values in (None, [4, 9])
-    ]
-    assert all(doc == written[0] for doc in written)
-    assert [c["label-value"] for c in written[0]["attributes"]["ome"]["image-label"]["colors"]] == [4, 9]
+    written = [json.loads(_objects(labels, None, direct, attrs)["zarr.json"]) for direct in (True, False)]
+    assert written[0] == written[1]
+    assert written[0]["attributes"]["medsam"]["label_voxels"] == {"4": 4, "9": 1}
+    label_meta = json.loads(_objects(labels, None, True, attrs)["labels/medsam/zarr.json"])
+    assert [c["label-value"] for c in label_meta["attributes"]["ome"]["image-label"]["colors"]] == [4, 9]
