@@ -124,3 +124,19 @@ def test_label_overviews_keep_label_values_and_read_in_ome_zarr_py(large_case):
     assert np.array_equal(overview, labels[:, ::2, ::2])
     assert set(np.unique(overview)) <= set(np.unique(labels))
     assert store.read_labels(case_id)[0].shape == (1, 512, 512)  # the engine reads level 0
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint16", "uint8", "float32", "float64", "int32", "int8"])
+def test_image_overviews_are_each_blocks_mean_rounded_half_up(chest_volume, dtype):
+    from medsam_engine.pipeline.store.ome_zarr import halve
+
+    ct = chest_volume.array[:4, :63, :65].astype(np.int32)  # real HU; odd sizes drop the last row/column
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+    data = (np.clip(ct, info.min, info.max) if info else ct / 7).astype(dtype)
+    data[0, :2, :2] = [[1, 2], [3, 0]] if info is None or info.min == 0 else [[-1, -2], [-3, 0]]  # x.5
+    blocks = data[:, :62, :64].astype(np.float64).reshape(4, 31, 2, 32, 2).mean(axis=(2, 4))
+    expected = np.floor(blocks + 0.5).astype(dtype) if info else blocks.astype(dtype)
+    halved = halve(data, labels=False)
+    assert halved.dtype == data.dtype
+    assert halved.shape == (4, 31, 32)
+    np.testing.assert_allclose(halved, expected, rtol=1e-6 if info is None else 0)
