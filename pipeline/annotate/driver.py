@@ -274,6 +274,7 @@ def annotate_case(
             label_names=label_names,
             supersedes=case.supersedes,
             current=current,
+            voxels={int(r["label"]): int(r["voxels_after"]) for r in cleaning["labels"]},
             keep_versions=config.store.keep_versions,
         )
     return slices

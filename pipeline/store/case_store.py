@@ -257,6 +257,7 @@ class CaseStore:
         label_names: dict[int, str | dict[str, Any]] | None = None,
         supersedes: str | None = None,
         current: dict[str, Any] | _Unread | None = UNREAD,
+        voxels: dict[int, int] | None = None,
         keep_versions: int | None = None,
     ) -> Path | PurePosixPath:
         """Write a case and commit it last; returns its final path.
@@ -267,7 +268,9 @@ class CaseStore:
         _previous/ and lists it in the new version's ``previous_versions``. The open failure of this case and
         of the case it ``supersedes`` (its input's failure to be fetched) are closed. ``current``: the case's
         committed attributes (None: not committed) as a caller that holds the case's lease read them, which
-        saves reading them again (a request per case on object stores). ``keep_versions``: how many
+        saves reading them again (a request per case on object stores). ``voxels``: each label value's voxels
+        in ``labels``, when the caller knows them exactly (saves a counting pass; recorded as the case's
+        ``label_voxels``). ``keep_versions``: how many
         previous versions the case keeps (default: ``store.keep_versions`` of the configuration in ``attrs``,
         else 3); older ones are removed after the commit, and the replaced version keeps no image when its
         input is the same (pipeline/store/versions.py).
@@ -297,6 +300,7 @@ class CaseStore:
             "image": image,
             "attrs": attrs,
             "label_names": label_names or {},
+            "voxels": voxels,
         }
         final: Path | PurePosixPath
         if self.is_local:

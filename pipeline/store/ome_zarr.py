@@ -213,6 +213,7 @@ def _case_nodes(
     image: np.ndarray | None,
     attrs: dict[str, Any],
     label_names: dict[int, str | dict[str, Any]],
+    voxels: Mapping[int, int] | None = None,
 ) -> list[_Node]:
     """A case group's nodes, each with its final attributes: the root (OME multiscales of the image and the
     'medsam' attributes that carry the commit status and ``label_voxels``, the voxels of each label value in
@@ -244,7 +245,7 @@ def _case_nodes(
                 else (data.shape[0], *plane_chunks(data.shape[1:], data.itemsize * data.shape[0]))
             )
             nodes.append(_Node(str(level), {}, data, chunks, tuple(axes), image_codec))
-    voxels = label_voxels(labels)
+    voxels = label_voxels(labels) if voxels is None else {v: n for v, n in sorted(voxels.items()) if n}
     root_attrs["medsam"] = {
         **attrs,
         "label_voxels": {str(v): n for v, n in voxels.items()},
@@ -284,12 +285,14 @@ def write_case_group(
     image: np.ndarray | None,
     attrs: dict[str, Any],
     label_names: dict[int, str | dict[str, Any]],
+    voxels: Mapping[int, int] | None = None,
 ) -> None:
     """Write one case group at ``target`` (a path or zarr store) through zarr; the root's 'medsam' attributes,
-    which carry the commit status, are the last write."""
+    which carry the commit status, are the last write. ``voxels``: each label value's voxels in ``labels``
+    when the caller knows them exactly (else counted)."""
     import zarr
 
-    nodes = _case_nodes(labels, image, attrs, label_names)
+    nodes = _case_nodes(labels, image, attrs, label_names, voxels)
     root_attrs = dict(nodes[0].attributes)
     status = root_attrs.pop("medsam")
     groups = {"": zarr.create_group(target, zarr_format=3, overwrite=True, attributes=root_attrs)}
@@ -328,6 +331,7 @@ def encoded_case_group(
     image: np.ndarray | None,
     attrs: dict[str, Any],
     label_names: dict[int, str | dict[str, Any]],
+    voxels: Mapping[int, int] | None = None,
 ) -> dict[str, bytes] | None:
     """Every object of the case group that :func:`write_case_group` writes (key -> bytes), made without zarr:
     each node's ``zarr.json`` (zarr v3's document, the same JSON zarr writes, without its indentation) and
@@ -335,7 +339,7 @@ def encoded_case_group(
     compared in tests/store/test_direct_chunks.py). zarr's asynchronous API costs a thread hand-off and a
     metadata round-trip per node, most of a small case's write, and holds the interpreter lock while it does.
     None for an image type outside :data:`DIRECT_DTYPES` (written through zarr then)."""
-    nodes = _case_nodes(labels, image, attrs, label_names)
+    nodes = _case_nodes(labels, image, attrs, label_names, voxels)
     objects: dict[str, bytes] = {}
     for node in nodes:
         prefix = f"{node.path}/" if node.path else ""
@@ -379,15 +383,20 @@ def write_local_group(
     image: np.ndarray | None,
     attrs: dict[str, Any],
     label_names: dict[int, str | dict[str, Any]],
+    voxels: Mapping[int, int] | None = None,
 ) -> None:
     """:func:`write_case_group` into a local folder. A small case is encoded in memory
     (:func:`encoded_case_group`) and its objects written as files here, the root's ``zarr.json`` last."""
     size = labels.nbytes + (image.nbytes if image is not None else 0)
     objects = None
     if size <= IN_MEMORY_BYTES:
-        objects = encoded_case_group(labels=labels, image=image, attrs=attrs, label_names=label_names)
+        objects = encoded_case_group(
+            labels=labels, image=image, attrs=attrs, label_names=label_names, voxels=voxels
+        )
     if objects is None:
-        write_case_group(str(folder), labels=labels, image=image, attrs=attrs, label_names=label_names)
+        write_case_group(
+            str(folder), labels=labels, image=image, attrs=attrs, label_names=label_names, voxels=voxels
+        )
         return
     made: set[Path] = set()
     for key in sorted(objects, key=lambda key: key == "zarr.json"):  # the root's last: it marks the commit

@@ -170,3 +170,16 @@ def test_a_run_starts_its_readers_at_its_first_read_and_a_rerun_of_committed_cas
     finally:
         for pool in pools:
             pool.close()
+
+
+def test_a_committed_case_records_the_exact_voxels_of_each_label_it_stored(tmp_path, small_chest):
+    from medsam_engine.pipeline.core.metrics import label_voxels
+
+    store = CaseStore(tmp_path / "store")
+    cases = discover([small_chest[0]], store.case_ids(), coarse_masks=[small_chest[1]])
+    summary = annotate(cases, store, BOX_FILL, runner=LazyRunner(BOX_FILL), show_progress=False)
+    (case_id,) = [o.case_id for o in summary.outcomes if o.status == "done"]
+    labels, _ = store.read_labels(case_id)
+    recorded = {int(v): n for v, n in store.case_attrs(case_id)["label_voxels"].items()}
+    assert recorded == label_voxels(labels)
+    assert len(recorded) > 1

@@ -24,9 +24,11 @@ ATTRS = {
 }
 
 
-def _objects(labels, image, direct: bool, attrs=ATTRS) -> dict[str, bytes]:
+def _objects(labels, image, direct: bool, attrs=ATTRS, voxels=None) -> dict[str, bytes]:
     if direct:
-        return encoded_case_group(labels=labels, image=image, attrs=attrs, label_names={3: "lung"})
+        return encoded_case_group(
+            labels=labels, image=image, attrs=attrs, label_names={3: "lung"}, voxels=voxels
+        )
     encoded: dict = {}
     write_case_group(
         MemoryStore(store_dict=encoded),
@@ -34,6 +36,7 @@ def _objects(labels, image, direct: bool, attrs=ATTRS) -> dict[str, bytes]:
         image=image,
         attrs=attrs,
         label_names={3: "lung"},
+        voxels=voxels,
     )
     return {key: value.to_bytes() for key, value in encoded.items()}
 
@@ -90,8 +93,12 @@ def test_the_commit_records_each_labels_voxels_beside_the_map_it_writes():
     labels = np.zeros((3, 8, 8), np.uint16)
     labels[0, 1:3, 1:3], labels[2, 5, 5] = 4, 9
     attrs = {"geometry": {"spacing_zyx_mm": [1.0, 1.0, 1.0]}, "instances": [], "case_id": "x"}
-    written = [json.loads(_objects(labels, None, direct, attrs)["zarr.json"]) for direct in (True, False)]
-    assert written[0] == written[1]
+    written = [
+        json.loads(_objects(labels, None, direct, attrs, voxels)["zarr.json"])
+        for direct in (True, False)
+        for voxels in (None, {4: 4, 9: 1, 5: 0})  # counted, or known to the caller (a value it emptied)
+    ]
+    assert all(doc == written[0] for doc in written)
     assert written[0]["attributes"]["medsam"]["label_voxels"] == {"4": 4, "9": 1}
     label_meta = json.loads(_objects(labels, None, True, attrs)["labels/medsam/zarr.json"])
     assert [c["label-value"] for c in label_meta["attributes"]["ome"]["image-label"]["colors"]] == [4, 9]
