@@ -11,15 +11,20 @@ marks (`round run --marks DIR|pacs`) then, for every case a person reviewed
    of a DICOMweb case's study), places them and groups them into findings as the marks detector does
    (detectors/marks.py). Marks drawn on images that are not the case's (another series in another Frame of
    Reference) belong to other cases and are left alone. A finding whose seed on its key slice lies mostly
-   (``COVERED``: half its pixels or more) inside one instance's mask there is that instance: nothing new. The
-   seed is what the marks detector's seed map holds: the pixels along the finding's lines (a measured axis
-   runs across its object, so a cross on an accepted organ lies in it whatever box the axes give), else its
-   box (an arrow's square, an ellipse's box);
-3. segments the other findings by the marks rules, propagated from their key slices
+   (``COVERED``: half its pixels or more) inside one instance's mask there is that instance: nothing new,
+   unless its box there covers less than ``NESTED`` (a quarter) of that instance's area: then it is a finding
+   within the instance (a lesion measured in an accepted organ), a new one. The seed is what the marks
+   detector's seed map holds: the pixels along the finding's lines (a measured axis runs across its object,
+   so a cross on an accepted organ lies in it whatever box the axes give), else its box (an arrow's square,
+   an ellipse's box);
+3. segments the new findings by the marks rules, propagated from their key slices
    (pipeline/annotate/driver.py's ``segment_detection``), adds them as new instances (lineage:
-   ``prompt_origin`` as the marks detector records it, ``round``), and commits the case through the store
-   with ``review_status: review``, so the round's queue sends it back to a person for the new instances
-   only (the earlier version is kept under ``_previous/``).
+   ``prompt_origin`` as the marks detector records it, ``round``, and for a finding within an instance
+   ``within``: that instance's label and number), and commits the case through the store with
+   ``review_status: review``, so the round's queue sends it back to a person for the new instances only (the
+   earlier version is kept under ``_previous/``). New instances are written where the case holds no label,
+   and over the instances that findings lie within (a lesion's voxels leave its organ's mask, as in a label
+   map of organs and their lesions; the organ's record then counts the voxels it keeps).
 
 Label values of new findings: a finding named like a label of the case (an SR finding code, a GSPS layer)
 takes that label's value and the next instance number; an unnamed finding or one with another name keeps the
@@ -71,6 +76,7 @@ from medsam_engine.pipeline.store.leases import leased
 log = logging.getLogger(__name__)
 
 COVERED = 0.5  # a finding is an instance the case holds when this share of its seed lies in its mask
+NESTED = 0.25  # ... unless its box covers less than this share of that instance's area: a finding within it
 
 
 def marks_options(given: list[str], config: EngineConfig) -> MarksOptions | None:
@@ -125,6 +131,15 @@ def covering(
     records = [i for i in instances if int(i["label"]) == value]
     on_slice = [i for i in records if z in i.get("slices", [])] or records
     return value, int(on_slice[0]["instance"]) if on_slice else 1
+
+
+def within(box: tuple[int, int, int, int], host: np.ndarray) -> bool:
+    """Whether a finding whose box on its key slice is ``box`` (x0, y0, x1, y1, inclusive) and whose seed
+    lies in the instance whose (y, x) mask there is ``host`` is a finding within that instance (its box
+    covers less than :data:`NESTED` of the instance's area) rather than that instance (a cross measuring an
+    organ spans it)."""
+    x0, y0, x1, y1 = box
+    return (x1 - x0 + 1) * (y1 - y0 + 1) < NESTED * int(host.sum())
 
 
 def own_marks(raw: list[RawMark], own: dict[str, ImagePlane], planes: dict[str, ImagePlane]) -> list[RawMark]:
@@ -234,10 +249,12 @@ def amend_case(
                 case_id=case.case_id,
             )
         detector = sources.detector(local)
-        found, new = _sort_findings(fresh, keys, planes, own, volume, labels, attrs, detector)
+        found, new, hosts = _sort_findings(fresh, keys, planes, own, volume, labels, attrs, detector)
         additions = None
         if new:
-            additions = _segment_new(new, volume, labels, attrs, local, found, sources, runner, number=number)
+            additions = _segment_new(
+                new, hosts, volume, labels, attrs, local, found, sources, runner, number=number
+            )
             found.added = [_added_entry(record) for record in additions.instances]
         _commit(store, case.case_id, labels, attrs, found, additions, sources.config, number=number)
     return found
@@ -252,21 +269,25 @@ def _sort_findings(
     labels: np.ndarray,
     attrs: CaseAttributes,
     detector: MarksDetector,
-) -> tuple[CaseMarks, list]:
+) -> tuple[CaseMarks, list, list[tuple[int, int] | None]]:
     """Place the fresh marks and group them into findings; returns what they gave so far (the findings an
-    instance covers, the marks refused, the keys of the marks looked at) and the new findings."""
+    instance covers, the marks refused, the keys of the marks looked at), the new findings and, for each,
+    the (label, instance) it lies within or None."""
     placed, refused = place_marks(fresh, planes, own, volume)
     found = CaseMarks(refused=[f"{mark.name}: {why}" for mark, why in refused], used=list(keys))
-    new = []
+    new: list = []
+    hosts: list[tuple[int, int] | None] = []
     for finding in group_findings(placed):
-        z, seed = _seed(detector.detection([finding], volume, []), labels.shape[1:])
+        detection = detector.detection([finding], volume, [])
+        z, seed = _seed(detection, labels.shape[1:])
         hit = covering(labels, attrs.instances, z, seed)
-        if hit is None:
+        if hit is None or within(detection.prompts[0].box, labels[z] == hit[0]):
             new.append(finding)
+            hosts.append(hit)
         else:
             names = [p.mark.name for p in finding.marks]
             found.covered.append({"marks": names, "key_slice": z, "label": hit[0], "instance": hit[1]})
-    return found, new
+    return found, new, hosts
 
 
 def _seed(detection: Detection, shape: tuple[int, ...]) -> tuple[int, np.ndarray]:
@@ -344,11 +365,13 @@ def renumbered(
 
 @dataclass(frozen=True)
 class Additions:
-    """A case's new instances from marks: its (z, y, x) label map with them written where it was empty, their
-    records (lineage, quality, round), the label specs of the whole case and the new instances' quality
-    summary."""
+    """A case's new instances from marks: its (z, y, x) label map with them written (where it was empty or
+    held an instance they lie within), the case's instances as they are now (a host's ``voxels`` counted
+    again), the new instances' records (lineage, quality, round), the label specs of the whole case and the
+    new instances' quality summary."""
 
     labels: np.ndarray
+    before: list[dict]
     instances: list[dict]
     names: dict[int, Any]
     quality: dict
@@ -356,6 +379,7 @@ class Additions:
 
 def _segment_new(
     new: list,
+    hosts: list[tuple[int, int] | None],
     volume: Volume,
     labels: np.ndarray,
     attrs: CaseAttributes,
@@ -366,9 +390,10 @@ def _segment_new(
     *,
     number: int,
 ) -> Additions:
-    """Segment the new findings (the marks detector's seeds, propagated), write them where the case holds
-    no instance and score them; a finding whose mask lies wholly within the case's instances is noted as
-    covered instead."""
+    """Segment the new findings (the marks detector's seeds, propagated), write them where the case holds no
+    instance and, for a finding within an instance (``hosts``: that (label, instance) per finding, or None),
+    over that instance's voxels inside the finding's own boxes; score them. A finding none of whose mask
+    could be written is noted as covered instead."""
     notes: list[str] = []
     detection = sources.detector(case).detection(new, volume, notes)
     found.refused.extend(notes)  # marks of a finding off its key slice
@@ -377,9 +402,15 @@ def _segment_new(
     segmented = segment_detection(volume, detection, sources.config, runner)
     merged = labels.copy()
     free = (labels == 0) & (segmented.labels > 0)
+    finding_of = {(p.label, p.instance): f for p, f in zip(detection.prompts, new, strict=True)}
+    host_of = {(p.label, p.instance): h for p, h in zip(detection.prompts, hosts, strict=True)}
+    for record in segmented.records:  # a finding within an instance also takes that instance's voxels
+        host = host_of[(int(record.label), int(record.instance))]
+        if host is not None:
+            free |= _boxed(record, labels.shape) & (segmented.labels == record.label) & (labels == host[0])
+    host_values = sorted({host[0] for host in hosts if host is not None})
     merged[free] = segmented.labels[free]
     wrote = {int(v) for v in np.unique(merged[free])}
-    finding_of = {(p.label, p.instance): f for p, f in zip(detection.prompts, new, strict=True)}
     records = []
     for record in segmented.records:
         key = (int(record.label), int(record.instance))
@@ -387,7 +418,10 @@ def _segment_new(
             names = [p.mark.name for p in finding_of[key].marks]
             found.covered.append({"marks": names, "label": None, "why": "its mask lies within the case's"})
             continue
-        records.append(dict(record.to_json(), round=number, prompt_origin=detection.origins.get(key)))
+        entry = dict(record.to_json(), round=number, prompt_origin=detection.origins.get(key))
+        if host_of[key] is not None:
+            entry["within"] = {"label": host_of[key][0], "instance": host_of[key][1]}
+        records.append(entry)
     instances, quality = assess_instances(
         merged,
         records,
@@ -399,7 +433,23 @@ def _segment_new(
         spec = table.get(value) or detection.label_names.get(value)
         if spec:
             specs[value] = spec
-    return Additions(merged, instances, specs, quality)
+    return Additions(merged, _recounted(attrs.instances, merged, host_values), instances, specs, quality)
+
+
+def _boxed(record, shape: tuple[int, ...]) -> np.ndarray:
+    """The (z, y, x) boolean map of an instance record's boxes on their slices (where it was prompted)."""
+    region = np.zeros(shape, dtype=bool)
+    for z, (x0, y0, x1, y1) in zip(record.slices, record.boxes, strict=True):
+        region[z, int(y0) : int(y1) + 1, int(x0) : int(x1) + 1] = True
+    return region
+
+
+def _recounted(instances: tuple[dict, ...], labels: np.ndarray, values: list[int]) -> list[dict]:
+    """The case's instance records with the ``voxels`` of each host label's instance counted again in
+    ``labels`` (where the label has one instance; a label of several keeps their records as they were)."""
+    single = {v for v in values if sum(int(i["label"]) == v for i in instances) == 1}
+    counts = {v: int(np.count_nonzero(labels == v)) for v in single}
+    return [dict(i, voxels=counts[int(i["label"])]) if int(i["label"]) in counts else i for i in instances]
 
 
 def _added_entry(record: dict) -> dict[str, Any]:
@@ -410,6 +460,7 @@ def _added_entry(record: dict) -> dict[str, Any]:
         "key_slice": origin.get("key_slice"),
         "rule": origin.get("rule"),
         "slices": len(record.get("slices", [])),
+        **({"within": record["within"]} if "within" in record else {}),
     }
 
 
@@ -433,7 +484,7 @@ def _commit(
     )
     if additions is not None and additions.instances:
         new.update(
-            instances=[*attrs.instances, *additions.instances],
+            instances=[*additions.before, *additions.instances],
             review_status="review",
             round=number,
             quality=additions.quality,

@@ -1,7 +1,8 @@
 """New findings from reviewers' marks in reviewed cases: rounds on the real chest CT as a DICOM series
 (box-fill runner), round 1 from the lungs' coarse masks, the reviewer accepts the lungs and marks one missed
-finding (a vertebra's long and short axis) and one on the accepted left lung in a GSPS, round 2 adds the
-missed one and round 3 with the same marks adds nothing."""
+finding (a vertebra's long and short axis), one small finding within the accepted right lung (a nodule's
+cross) and one on the accepted left lung itself in a GSPS, round 2 adds the missed one and the nodule and
+round 3 with the same marks adds nothing."""
 
 from __future__ import annotations
 
@@ -46,6 +47,19 @@ def _cross(images, volume, reference, label):
     return z, {"image": ds, "layer": "RECIST", "objects": objects}
 
 
+def _nodule(images, volume, reference, label):
+    """A GSPS annotation: a small cross (9 x 5 pixels) deep inside ``label`` on its largest slice."""
+    from scipy import ndimage
+
+    mask = reference == label
+    z = int(np.argmax(mask.sum(axis=(1, 2))))
+    y, x = np.unravel_index(int(np.argmax(ndimage.distance_transform_edt(mask[z]))), mask[z].shape)
+    long, short = np.array([[x - 4, y], [x + 4, y]]), np.array([[x, y - 2], [x, y + 2]])
+    ds = images[z]
+    objects = [("POLYLINE", image_xy(ds, volume, z, line), None) for line in (long, short)]
+    return z, (y, x), {"image": ds, "layer": "RECIST", "objects": objects}
+
+
 def _round(series, store, box_fill, *extra: str) -> int:
     return main(["round", "run", str(series), "--store", str(store), "--config", str(box_fill), *extra])
 
@@ -74,7 +88,8 @@ def rounds(tmp_path_factory, chest_ct, box_fill):
     new_z, new_mark = _cross(images, volume, reference, SPINE)
     lung_z, lung_mark = _cross(images, volume, reference, LEFT_LUNG)
     odd = {"image": images[new_z], "layer": "RECIST", "objects": [("POINT", [[5, 5]], None)]}
-    write_gsps(marks / "pr.dcm", list(images.values()), [new_mark, lung_mark, odd])
+    nodule_z, nodule_yx, nodule_mark = _nodule(images, volume, reference, RIGHT_LUNG)
+    write_gsps(marks / "pr.dcm", list(images.values()), [new_mark, lung_mark, odd, nodule_mark])
     edited = pydicom.dcmread(str(marks / "pr.dcm"))
     edited.GraphicAnnotationSequence[2].GraphicObjectSequence[0].GraphicType = "SPLINE"  # not DICOM's
     edited.save_as(str(marks / "pr.dcm"))
@@ -93,6 +108,7 @@ def rounds(tmp_path_factory, chest_ct, box_fill):
         "third": (third, third_attrs),
         "new_z": new_z,
         "lung_z": lung_z,
+        "nodule": (nodule_z, *nodule_yx),
         "uid": str(edited.SOPInstanceUID),
         "reference": reference,
         "root": root,
@@ -103,17 +119,41 @@ def _record(store, number: int) -> dict:
     return json.loads((store.root / ROUNDS / f"round-{number:03d}.json").read_text())
 
 
+def _added(attrs, key_slice: int) -> dict:
+    (new,) = [
+        i
+        for i in attrs.instances
+        if i.get("prompt_source") == "marks" and i["prompt_origin"]["key_slice"] == key_slice
+    ]
+    return new
+
+
+def _boxes(instance: dict, shape) -> np.ndarray:
+    region = np.zeros(shape, dtype=bool)
+    for z, (x0, y0, x1, y1) in zip(instance["slices"], instance["boxes_xyxy"], strict=True):
+        region[z, y0 : y1 + 1, x0 : x1 + 1] = True
+    return region
+
+
 def test_round_two_keeps_the_accepted_instances_and_adds_the_missed_finding(rounds):
     accepted, accepted_attrs = rounds["accepted"]
     second, attrs = rounds["second"]
     added = [i for i in attrs.instances if i.get("prompt_source") == "marks"]
-    assert len(added) == 1
-    (new,) = added
-    assert list(attrs.instances[: len(accepted_attrs.instances)]) == list(accepted_attrs.instances)
+    assert len(added) == 2
+    new = _added(attrs, rounds["new_z"])
+    kept = attrs.instances[: len(accepted_attrs.instances)]
+    assert [i for i in kept if i["label"] != RIGHT_LUNG] == [
+        i for i in accepted_attrs.instances if i["label"] != RIGHT_LUNG
+    ]
     assert new["label"] not in (LEFT_LUNG, RIGHT_LUNG)
+    assert "within" not in new
     assert new["round"] == 2
     assert new["stage"].startswith("auto")  # a proposal, not yet seen by a person
-    assert np.array_equal(np.where(second == new["label"], 0, second), accepted)  # byte for byte
+    added_labels = [i["label"] for i in added]
+    unchanged = ~np.isin(second, added_labels)
+    assert np.array_equal(second[unchanged], accepted[unchanged])  # byte for byte but for the additions
+    taken = np.isin(second, added_labels) & np.isin(accepted, [LEFT_LUNG, RIGHT_LUNG])
+    assert not (taken & ~_boxes(_added(attrs, rounds["nodule"][0]), second.shape)).any()  # only the nodule
     assert (second == new["label"]).any()
     assert not (accepted == new["label"]).any()
     on_spine = (second == new["label"]) & (rounds["reference"] == SPINE)
@@ -128,10 +168,26 @@ def test_round_two_keeps_the_accepted_instances_and_adds_the_missed_finding(roun
     assert (new.get("quality") or {}).get("score") is not None
 
 
+def test_a_small_finding_within_an_accepted_organ_is_added_inside_it(rounds):
+    accepted, _ = rounds["accepted"]
+    second, attrs = rounds["second"]
+    z, y, x = rounds["nodule"]
+    nodule = _added(attrs, z)
+    assert nodule["within"] == {"label": RIGHT_LUNG, "instance": 1}
+    assert nodule["label"] not in (LEFT_LUNG, RIGHT_LUNG)
+    inside = (second == nodule["label"]) & _boxes(nodule, second.shape)
+    assert inside[z, y, x]
+    assert (accepted[inside] == RIGHT_LUNG).any()  # its voxels left the lung's mask
+    assert not (accepted[inside] == LEFT_LUNG).any()
+    assert inside.sum() < 0.1 * (accepted == RIGHT_LUNG).sum()
+    (lung,) = [i for i in attrs.instances if i["label"] == RIGHT_LUNG]
+    assert lung["voxels"] == int((second == RIGHT_LUNG).sum())  # the voxels the lung keeps
+
+
 def test_the_mark_on_the_accepted_lung_is_that_instance_and_bad_marks_are_named(rounds):
     store, case_id = rounds["store"], rounds["case_id"]
     section = _record(store, 2)["marks"]
-    assert section["added"] == 1
+    assert section["added"] == 2
     assert section["covered"] == 1
     assert section["refused"] == 1
     assert section["cases_amended"] == 1
@@ -147,7 +203,7 @@ def test_the_mark_on_the_accepted_lung_is_that_instance_and_bad_marks_are_named(
     assert "unknown graphic type 'SPLINE'" in refused
     _, attrs = rounds["second"]
     assert attrs.raw["mark_rounds"] == [found]
-    assert len(attrs.raw["marks_used"]) == 5  # two axes per cross and the refused mark, each once
+    assert len(attrs.raw["marks_used"]) == 7  # two axes per cross and the refused mark, each once
     assert rounds["uid"] not in json.dumps([section, attrs.raw["marks_used"]])  # in the lineage only
 
 
@@ -155,13 +211,13 @@ def test_the_case_goes_back_to_review_for_the_new_instance_only(rounds):
     store, case_id = rounds["store"], rounds["case_id"]
     _, attrs = rounds["second"]
     (entry,) = [e for e in rounds["queue"] if e["case_id"] == case_id]
-    (listed,) = entry["instances"]
-    new = next(i for i in attrs.instances if i.get("prompt_source") == "marks")
-    assert (listed["label"], listed["instance"]) == (new["label"], new["instance"])
+    listed = {(i["label"], i["instance"]) for i in entry["instances"]}
+    new = {(i["label"], i["instance"]) for i in attrs.instances if i.get("prompt_source") == "marks"}
+    assert listed == new
     queue = json.loads((store.root / "_review" / "round-002" / "queue.json").read_text())
     assert [c["case_id"] for c in queue["cases"]] == [case_id]
     rows = {row["round"]: row for row in round_rows(store)}
-    assert rows[2]["marks_added"] == 1
+    assert rows[2]["marks_added"] == 2
     assert rows[2]["annotated"] == 0
     assert _record(store, 2)["cases"]["kept_accepted"] == 1
 
