@@ -59,6 +59,7 @@ def test_open_store_and_read_case_refuse_what_is_not_there(tmp_path):
         me.read_case(tmp_path, "abc")
 
 
+@pytest.mark.slow
 def test_annotate_then_read_case_on_real_ct(small_chest, tmp_path):
     image, mask = small_chest
     summary = me.annotate([image], tmp_path / "store", coarse_masks=[mask])

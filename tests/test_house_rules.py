@@ -39,6 +39,7 @@ def test_ruff_finds_nothing(command):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_mypy_strict_on_core_store_and_io_finds_nothing(tmp_path):
     """mypy reads packages from folders, so it runs on the layout a wheel installs (links to the checkout's
     folders under medsam_engine/), with its cache kept in the checkout between runs."""

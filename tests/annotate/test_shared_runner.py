@@ -98,6 +98,7 @@ def test_an_encoder_error_reaches_every_caller_of_its_batch_and_no_other():
         SharedRunner(encoder, threading.Lock(), max_slices=0)
 
 
+@pytest.mark.slow
 def test_shared_batches_on_real_2d_cases_give_the_masks_of_case_by_case_runs(nuclei_tiles, tmp_path):
     """Four small nuclei cases, in flight together with their encoder calls merged (the CPU graphs take any
     batch): fewer encoder calls than slices, and the same masks as one case at a time."""

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from medsam_engine.pipeline.cli.main import _parser, main
 from medsam_engine.pipeline.core.provenance import package_version
@@ -50,6 +51,7 @@ def test_verbosity_is_accepted_before_and_after_the_subcommand():
     assert deep.verbose == 2
 
 
+@pytest.mark.slow
 def test_log_lines_carry_a_timestamp_and_third_party_warnings_stay_out(tmp_path, nuclei_2d):
     """A real annotate run in eager torch (it imports timm, whose deprecation warnings used to show) with one
     unreadable case (an ERROR line) and one real nuclei crop."""

@@ -102,6 +102,7 @@ def test_an_export_killed_over_an_older_one_leaves_the_older_one_whole(
     assert meta["numTraining"] == len(list((dataset / "labelsTr").iterdir())) == 2
 
 
+@pytest.mark.slow
 def test_the_loop_killed_at_each_step_then_rerun(two_tiles, box_fill, tmp_path, capsys):
     """round run -> review import -> finetune, each killed once mid-way and run again."""
     store = CaseStore(tmp_path / "store")

@@ -25,6 +25,8 @@ from conftest import release_warm_actors
 from medsam_engine.pipeline.annotate.run_record import RECORD_KEYS
 from medsam_engine.pipeline.store.case_store import CaseStore
 
+pytestmark = pytest.mark.slow  # its module fixture starts Prefect and Ray and runs the engine
+
 REPO = Path(__file__).resolve().parents[2]
 WARM = {"keep_actors": True}  # keep the actors' models between the tests of this process
 

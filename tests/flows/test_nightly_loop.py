@@ -86,6 +86,7 @@ def _segs(pacs: dict) -> list[dict]:
     ).json()
 
 
+@pytest.mark.slow
 def test_nightly_round_from_the_pacs_reviewed_finetuned_and_the_next_night(
     pacs, prefect_server, ray_cluster, tmp_path, small_chest, monkeypatch
 ):

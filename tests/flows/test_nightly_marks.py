@@ -103,6 +103,7 @@ def _run_logs(run_id: str) -> str:
     return "\n".join(log.message for log in logs)
 
 
+@pytest.mark.slow
 def test_a_night_annotates_every_study_that_has_new_marks(nights, pacs, ray_cluster, chest_volume):
     store, night = nights
     first = night()  # the study with marks; the other has none yet and is not taken

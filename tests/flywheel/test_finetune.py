@@ -55,6 +55,7 @@ def _without_models(store: CaseStore, tmp_path) -> CaseStore:
     )
 
 
+@pytest.mark.slow
 def test_finetune_from_a_store_registers_a_strict_loadable_model(accepted_store, runner, tmp_path):
     from medsam_engine.pipeline.flywheel.finetune import retrain_detector
 
@@ -89,6 +90,7 @@ def test_finetune_from_a_store_registers_a_strict_loadable_model(accepted_store,
     assert current_model(accepted_store)["detector"]["artefact"] == str((tmp_path / "detector.pt").resolve())
 
 
+@pytest.mark.slow
 def test_a_challenger_that_does_not_beat_the_current_model_is_held_and_any_model_can_be_chosen(
     accepted_store, runner, tmp_path, capsys
 ):
@@ -134,6 +136,7 @@ def test_a_challenger_that_does_not_beat_the_current_model_is_held_and_any_model
     assert "no registered model starts with '0000'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_finetune_of_the_last_encoder_stage_from_cached_activations(accepted_store, runner, tmp_path):
     from dataclasses import replace
 
@@ -198,6 +201,7 @@ def test_augmented_slices_keep_every_box_on_its_mask(chest_ct):
         assert not np.array_equal(new_image, image)
 
 
+@pytest.mark.slow
 def test_finetune_with_augmentation_trains_on_five_views_of_each_training_slice(
     accepted_store, runner, tmp_path
 ):
@@ -222,6 +226,7 @@ def _sample(case_id: str, z: int, centres_x: list[int]) -> SliceSample:
     return SliceSample(case_id, z, None, None, boxes, masks, masks.astype(np.float32))
 
 
+@pytest.mark.slow
 def test_cli_finetune_on_image_label_pairs_then_annotate_with_the_checkpoint(nuclei_2d, tmp_path, capsys):
     out = tmp_path / "nuclei.pth"
     labels = write_corner_nuclei(nuclei_2d[1], tmp_path / "corner.png")  # 8 of the 35 nuclei

@@ -116,6 +116,7 @@ def test_lazy_torch_runner_still_refuses_a_checkpoint_that_does_not_fit(tmp_path
         build.build_runner(lazy, backend="torch")
 
 
+@pytest.mark.slow
 def test_graphs_of_an_older_form_are_exported_again(runner, seeded_graph_cache):
     exported = dict(graph_export.exports)
     build.build_runner(runner.model, backend="onnxruntime")

@@ -101,6 +101,7 @@ def test_embedding_cache_serves_a_repeated_slice_without_an_encoder_pass(runner,
     assert torch.equal(first.embedding, again.embedding)
 
 
+@pytest.mark.slow
 def test_batched_encoder_calls_give_the_same_masks(runner, small_chest):
     from medsam_engine.pipeline.model.runner import LiteMedSAMRunner
 

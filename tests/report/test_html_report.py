@@ -207,6 +207,7 @@ def test_report_refuses_what_is_not_a_store(tmp_path, capsys):
 @pytest.mark.skipif(
     chromium_binary() is None, reason="no Chromium installed (Debian: apt-get install chromium)"
 )
+@pytest.mark.slow
 def test_the_page_opens_in_a_real_headless_chromium(reported, tmp_path):
     import cv2
 

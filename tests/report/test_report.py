@@ -12,6 +12,8 @@ from medsam_engine.pipeline.report.evaluate import evaluate_store, match_referen
 from medsam_engine.pipeline.report.qc import write_report
 from medsam_engine.pipeline.store.case_store import CaseStore
 
+pytestmark = pytest.mark.slow  # its module fixture runs the engine on real cases
+
 
 def _annotate_chest(root, small_chest, config: EngineConfig, runner=None):
     """The chest CT and a broken NRRD annotated into ROOT/store: (the store, the chest's case id)."""

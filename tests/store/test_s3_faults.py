@@ -63,6 +63,7 @@ def test_slowdown_bursts_and_dropped_connections_cost_retries_not_cases(
     _same_as_reference(url, tiles_reference)
 
 
+@pytest.mark.slow
 def test_an_outage_mid_commit_fails_the_cases_for_the_next_run(
     two_tiles, tiles_reference, box_fill, proxied_s3, capsys, monkeypatch
 ):
