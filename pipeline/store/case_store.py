@@ -270,10 +270,10 @@ class CaseStore:
         committed attributes (None: not committed) as a caller that holds the case's lease read them, which
         saves reading them again (a request per case on object stores). ``voxels``: each label value's voxels
         in ``labels``, when the caller knows them exactly (saves a counting pass; recorded as the case's
-        ``label_voxels``). ``keep_versions``: how many
-        previous versions the case keeps (default: ``store.keep_versions`` of the configuration in ``attrs``,
-        else 3); older ones are removed after the commit, and the replaced version keeps no image when its
-        input is the same (pipeline/store/versions.py).
+        ``label_voxels``). ``keep_versions``: how many previous versions the case keeps (default:
+        ``store.keep_versions`` of the configuration in ``attrs``, else 3); older ones are removed after the
+        commit, and the replaced version keeps no image when its input is the same
+        (pipeline/store/versions.py).
         """
         old = self.case_attrs(case_id) if isinstance(current, _Unread) else current
         if old is not None and old.get("signature") != attrs.get("signature") and not overwrite:
