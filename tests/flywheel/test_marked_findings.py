@@ -20,7 +20,7 @@ from medsam_engine.detectors.protocol import Detection
 from medsam_engine.pipeline.cli.main import main
 from medsam_engine.pipeline.core.geometry import align_to
 from medsam_engine.pipeline.core.types import BoxPrompt
-from medsam_engine.pipeline.flywheel.marked_findings import covering, fit_labels
+from medsam_engine.pipeline.flywheel.marked_findings import covering, fit_labels, within
 from medsam_engine.pipeline.flywheel.review import import_corrections, review_queue
 from medsam_engine.pipeline.flywheel.rounds import round_rows
 from medsam_engine.pipeline.io.readers import read_volume
@@ -267,6 +267,15 @@ def test_covering_takes_the_instance_holding_most_of_the_seed():
     seed[:3, 5] = False  # 3 of its 7 pixels
     assert covering(labels, instances, 1, seed) is None
     assert covering(labels, instances, 0, seed) is None
+
+
+def test_a_finding_is_within_an_instance_when_its_box_is_under_a_quarter_of_its_area():
+    organ = np.zeros((40, 40), dtype=bool)
+    organ[5:35, 5:35] = True  # 900 pixels
+    assert within((18, 18, 24, 24), organ)  # a 7 x 7 nodule's box: 49 pixels
+    assert within((10, 10, 23, 24), organ)  # 210 pixels: under a quarter
+    assert not within((10, 10, 24, 24), organ)  # 225 pixels: a quarter
+    assert not within((5, 5, 34, 34), organ)  # a cross measuring the organ spans it
 
 
 def test_new_findings_take_a_named_label_or_a_free_value():
