@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from medsam_engine.pipeline.core.metrics import label_voxels, present_labels
+from medsam_engine.pipeline.core.metrics import label_voxels
 from medsam_engine.pipeline.store.labels_meta import describe_labels
 
 if TYPE_CHECKING:
@@ -118,16 +118,14 @@ def _multiscales(
 
 
 def image_label_metadata(
-    labels: np.ndarray,
+    values: list[int],
     *,
     names: Mapping[int, str | dict[str, Any]],
     instances: list[dict[str, Any]],
-    values: list[int] | None = None,
 ) -> dict[str, Any]:
-    """OME-Zarr 0.5 ``image-label`` metadata: a colour and properties for each non-zero value (``values``
-    when the caller knows exactly which are present, else counted)."""
-    values = present_labels(labels) if values is None else sorted({int(v) for v in values})
-    meanings = describe_labels(values, names=names, instances=instances)
+    """OME-Zarr 0.5 ``image-label`` metadata: a colour and properties for each of the label map's non-zero
+    ``values``."""
+    meanings = describe_labels(sorted({int(v) for v in values}), names=names, instances=instances)
     return {
         "version": "0.5",
         "colors": [{"label-value": m.value, "rgba": [*m.rgb, 255]} for m in meanings],
@@ -261,7 +259,7 @@ def _case_nodes(
                     "version": "0.5",
                     "multiscales": _multiscales("medsam", ["z", "y", "x"], spacing, origin, factors),
                     "image-label": image_label_metadata(
-                        labels, names=label_names, instances=attrs.get("instances", []), values=list(voxels)
+                        list(voxels), names=label_names, instances=attrs.get("instances", [])
                     ),
                 }
             },

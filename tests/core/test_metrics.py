@@ -1,4 +1,5 @@
-"""present_labels: the histogram path for 8/16-bit maps gives np.unique's non-zero values."""
+"""present_labels and label_voxels: the histogram path for 8/16-bit maps gives np.unique's non-zero values
+and counts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from medsam_engine.pipeline.core.metrics import present_labels
+from medsam_engine.pipeline.core.metrics import EXACT_FLOAT32, label_voxels, present_labels
 
 
 @given(
@@ -22,7 +23,15 @@ from medsam_engine.pipeline.core.metrics import present_labels
 def test_present_labels_are_the_non_zero_values(label_map, scale):
     if label_map.dtype != np.uint8:
         label_map = (label_map.astype(np.int64) * scale % 65536).astype(label_map.dtype)
-    assert present_labels(label_map) == [int(v) for v in np.unique(label_map) if v != 0]
+    values, counts = np.unique(label_map, return_counts=True)
+    assert present_labels(label_map) == [int(v) for v in values if v != 0]
+    assert label_voxels(label_map) == {int(v): int(n) for v, n in zip(values, counts, strict=True) if v != 0}
+
+
+def test_label_voxels_count_exactly_past_what_one_float32_histogram_holds():
+    label_map = np.ones((EXACT_FLOAT32 // 1024 + 3, 1024), np.uint8)  # 2**24 + 3072 voxels of label 1
+    label_map[0, :5] = 2
+    assert label_voxels(label_map) == {1: label_map.size - 5, 2: 5}
 
 
 def test_present_labels_on_an_empty_map_and_the_largest_uint16():
