@@ -27,8 +27,8 @@ with it (this shared 2-core machine varied by a third within one day), the ratio
     .venv/bin/python bench/pipeline_ceiling.py [--repeats 3] [--tiles 200] [--ray] [--baseline REV [--rounds
     2]]
 
-With ``--baseline REV`` the same rows are measured on the engine of git commit REV (a temporary worktree put
-before the installed package on PYTHONPATH, this bench script and data) and on this tree, alternately
+With ``--baseline REV`` the same rows are measured on the engine of git commit REV (a temporary worktree,
+imported through bench/engine_tree.py; this bench script and data) and on this tree, alternately
 ``--rounds`` times by child processes, and each row's best run of each engine is compared: today's figures
 and the new ones from one run on one machine, a drift of the host's speed weighing on both alike.
 """
