@@ -204,6 +204,12 @@ class PropagateSection(_Section):
         description="objects without a known extent (seeds from marks): a slice whose mask has less than "
         "this share of its pixels nearer the seed's median than its surroundings' counts as empty",
     )
+    tighten_ends: bool = Field(
+        True,
+        description="objects without a known extent (seeds from marks): a direction's last slice, where the "
+        "mask was shrinking, is decoded again from its own mask's box without the margin and kept if it "
+        "looks no less like the seed",
+    )
 
 
 class PostprocessSection(_Section):
@@ -385,8 +391,9 @@ class EngineConfig(_Section):
         data.pop("pipeline")  # how many cases are in flight never changes a mask
         data.pop("labels")  # names, codes and colours never change the masks
         data.pop("input")  # a case's signature holds the channel it segments (annotate/signature.py)
-        if data["prompts"]["detector"] != "marks":  # only seeds with open ranges (marks) look at likeness
+        if data["prompts"]["detector"] != "marks":  # only seeds with open ranges (marks) use these rules
             data["propagate"].pop("min_likeness")
+            data["propagate"].pop("tighten_ends")
         quality = data.pop("quality")  # routing and calibration never change the masks
         if quality["jitter_check"]:  # ... the jitter check adds a record per instance
             data["quality_jitter"] = [quality["jitter_fraction"], quality["jitter_slices"]]

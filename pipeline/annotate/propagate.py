@@ -15,7 +15,13 @@ empty slice (not painted; the next slice falls back to the seed box), so ``stop_
 unlike slices in a row end the direction. A seed whose medians lie under ``MIN_CONTRAST`` grey levels apart
 gives no look: the rule is off for it. An open range's boxes are also never wider or taller than its seed
 box (a marked lesion is largest on its key slice, where RECIST measures it): a previous mask's box that
-outgrows it, as the margin makes it do where a small lesion tapers off, is shrunk about its centre.
+outgrows it, as the margin makes it do where a small lesion tapers off, is shrunk about its centre. With
+``tighten_ends``, an open range's last painted slice in a direction that stopped (not its seed), where the
+mask was smaller than the slice before's, is decoded once more from its own mask's box without the margin:
+towards its end a lesion shrinks faster than a box drawn from the slice before, and the model fills the box
+it is given. The tighter mask is painted if it looks no less like the seed (the likeness above), so a box
+that cuts into the object keeps the first mask. Only the end is decoded again: a chain of tight boxes
+shrinks an object slice by slice.
 
 Objects advance in lock-step: an upward sweep visits slices in ascending z and, on each slice, decodes every
 object that needs it in one decoder call per intensity window; a downward sweep does the same in descending
@@ -49,10 +55,22 @@ class PropagateRules:
     stop_after_empty: int = 2
     min_slice_iou: float = 0.1
     min_likeness: float = 0.5
+    tighten_ends: bool = True
 
 
 RING_PX = 3  # width of the ring around the seed's mask that gives its surroundings' median
 MIN_CONTRAST = 5.0  # grey levels between a seed's inside and its ring below which it has no look to compare
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """An open range's latest mask, painted once the next slices tell whether it ends its direction."""
+
+    z: int
+    logits: np.ndarray
+    mask: np.ndarray
+    position: int  # its index in the track's slices, boxes, iou and stability
+    tapering: bool  # smaller than the previous slice's mask
 
 
 @dataclass
@@ -72,6 +90,7 @@ class _Track:
     iou: list = field(default_factory=list)
     stability: list = field(default_factory=list)
     jitter_iou: float | None = None
+    pending: _Pending | None = None
 
 
 def _mask_box(mask: np.ndarray, margin: int) -> tuple[int, int, int, int]:
@@ -175,10 +194,41 @@ def _advance(
         track.done, track.stop_reason = True, "slice-to-slice IoU drop"
         return  # the jumped mask is not kept
     track.empties = 0
+    tapering = track.previous is not None and mask.sum() < track.previous.sum()
     track.previous = mask
     if z == track.obj.z_middle:
         track.middle_mask = mask
-    canvas.paint(z, logits, mask, track.index)
+    _flush(track, canvas)
+    if image is not None and rules.tighten_ends and z != track.obj.z_middle:
+        track.pending = _Pending(z, logits, mask, len(track.slices) - 1, tapering)
+    else:
+        canvas.paint(z, logits, mask, track.index)
+
+
+def _flush(track: _Track, canvas: _Canvas) -> None:
+    """Paint the track's pending mask as it is (the object went on past it, or the z range ended)."""
+    if track.pending is not None:
+        canvas.paint(track.pending.z, track.pending.logits, track.pending.mask, track.index)
+        track.pending = None
+
+
+def _tighten_end(run: _Run, track: _Track) -> None:
+    """Paint the pending mask of an open range whose direction stopped: where the object was shrinking into
+    that slice, the mask decoded from its own box without the margin if it looks no less like the seed."""
+    end, track.pending = track.pending, None
+    if end is None:
+        return
+    logits, mask = end.logits, end.mask
+    if end.tapering and track.look is not None:
+        image = run.renderings[run.window_of.get(track.obj.label, next(iter(run.renderings)))][end.z]
+        box = _mask_box(end.mask, 0)
+        tight_logits, score = run.runner.decode(run.runner.encode([image])[0], np.array([box], np.float32))
+        tight = foreground(tight_logits)[0]
+        if tight.any() and likeness(image, tight, track.look) >= likeness(image, mask, track.look):
+            logits, mask = tight_logits[0], tight
+            track.boxes[end.position], track.iou[end.position] = box, float(score[0])
+            track.stability[end.position] = float(stability_scores(tight_logits)[0])
+    run.canvas.paint(end.z, logits, mask, track.index)
 
 
 def _next_box(run: _Run, track: _Track, z: int) -> tuple[int, int, int, int]:
@@ -215,6 +265,8 @@ def _sweep(run: _Run, tracks: list[_Track], order: list[int], step: int) -> None
             _decode(run, run.renderings[window][z], z, group, jittered=step > 0)
         if run.on_slice is not None:
             run.on_slice()
+    for track in tracks:
+        _flush(track, run.canvas)
 
 
 def _decode(run: _Run, image: np.ndarray, z: int, group: list[_Track], *, jittered: bool) -> None:
@@ -239,6 +291,8 @@ def _decode(run: _Run, image: np.ndarray, z: int, group: list[_Track], *, jitter
         _advance(
             track, z, slice_logits, float(score), run.rules, tuple(int(v) for v in box), run.canvas, look_at
         )
+        if track.done:
+            _tighten_end(run, track)
 
 
 def propagate_volume(

@@ -10,8 +10,11 @@ from medsam_engine.pipeline.annotate.propagate import (
     PropagateRules,
     _advance,
     _Canvas,
+    _mask_box,
     _next_box,
+    _Pending,
     _Run,
+    _tighten_end,
     _Track,
     likeness,
     no_larger,
@@ -177,14 +180,14 @@ def test_an_open_range_ends_where_the_masks_stop_looking_like_the_seed():
     assert not closed.done
 
 
-def test_the_likeness_rule_enters_the_result_hash_of_marks_runs_only():
+@pytest.mark.parametrize("rule", [{"min_likeness": 0.25}, {"tighten_ends": False}])
+def test_the_open_range_rules_enter_the_result_hash_of_marks_runs_only(rule):
     from medsam_engine.pipeline.annotate.config import EngineConfig
 
     base = EngineConfig()
     marks = base.with_overrides(prompts={"detector": "marks", "options": {"marks": "PR"}})
-    looser = {"propagate": {"min_likeness": 0.25}}
-    assert base.with_overrides(**looser).result_hash() == base.result_hash()
-    assert marks.with_overrides(**looser).result_hash() != marks.result_hash()
+    assert base.with_overrides(propagate=rule).result_hash() == base.result_hash()
+    assert marks.with_overrides(propagate=rule).result_hash() != marks.result_hash()
 
 
 def test_an_open_ranges_box_never_outgrows_its_seed_box():
@@ -200,3 +203,89 @@ def test_an_open_ranges_box_never_outgrows_its_seed_box():
     assert _next_box(run, track, 5) == (2, 2, 5, 5)
     assert _next_box(run, track, 6) == (3, 3, 6, 6)
     assert _next_box(replace(run, open_range=False), track, 6) == (0, 0, 10, 10)
+
+
+class _Decoder:
+    """A runner stand-in for one decode: returns ``logits`` whatever the box, and records the boxes."""
+
+    def __init__(self, logits: np.ndarray) -> None:
+        self.logits, self.boxes = logits, []
+
+    def encode(self, images):
+        return [None for _ in images]
+
+    def decode(self, embedded, boxes):
+        self.boxes.append([tuple(int(v) for v in box) for box in boxes])
+        return self.logits[None], np.array([0.8], dtype=np.float32)
+
+
+def _ended(pending_mask: np.ndarray, *, tapering: bool) -> _Track:
+    """A finished open-range track whose last mask, on slice 6, waits to be painted."""
+    track = _track()
+    track.look, track.done = (200.0, 50.0), True
+    logits = np.where(pending_mask, 5.0, -5.0).astype(np.float32)
+    track.slices, track.boxes, track.iou, track.stability = [6], [(2, 2, 12, 12)], [0.9], [0.9]
+    track.pending = _Pending(6, logits, pending_mask, 0, tapering)
+    return track
+
+
+def test_an_end_slice_keeps_the_tight_boxs_mask_only_where_it_looks_no_less_like_the_seed():
+    """The last mask of a stopped direction (the square and a rim of its surroundings) is decoded again
+    from its own box: a mask on the square is painted with its box recorded, one on the surroundings is
+    not; a mask no smaller than the slice before's is painted as it is, without a decode."""
+    image, first = _square_image(), _logits(slice(4, 11), slice(4, 11)) > 0
+    for tight, painted in (
+        (_logits(slice(5, 10), slice(5, 10)), slice(5, 10)),
+        (_logits(slice(10, 12), slice(4, 12)), slice(4, 11)),
+    ):
+        decoder, track, canvas = _Decoder(tight), _ended(first, tapering=True), _Canvas((10, 20, 20))
+        run = _Run(decoder, {"w": np.stack([image] * 10)}, {}, PropagateRules(), canvas, open_range=True)
+        _tighten_end(run, track)
+        assert decoder.boxes == [[_mask_box(first, 0)]] == [[(4, 4, 10, 10)]]
+        expected = np.zeros((20, 20), dtype=bool)
+        expected[painted, painted] = True
+        assert np.array_equal(canvas.winner[6] == 0, expected)
+        assert track.pending is None
+        assert track.boxes[0] == ((4, 4, 10, 10) if painted == slice(5, 10) else (2, 2, 12, 12))
+    decoder, track, canvas = _Decoder(tight), _ended(first, tapering=False), _Canvas((10, 20, 20))
+    _tighten_end(_Run(decoder, {"w": np.stack([image] * 10)}, {}, PropagateRules(), canvas), track)
+    assert decoder.boxes == []
+    assert np.array_equal(canvas.winner[6] == 0, first)
+
+
+@pytest.fixture(scope="module")
+def rib(chest_ct):
+    """Slices 4..15 of the real chest CT in the bone window and one rib there (5 x 7 voxels on its middle
+    slice, 9 of the volume), narrowing into the slices either side of its middle as a small lesion does."""
+    from medsam_engine.pipeline.core.intensity import IntensityConfig
+
+    volume = read_volume(chest_ct[0])
+    ribs = (align_to(read_volume(chest_ct[1]), volume)[4:16] == 1).astype(np.uint16)
+    objects = object_boxes(compile_boxes(ribs, spacing=volume.spacing))
+    (rib,) = [o for o in objects if o.z_middle == 5 and o.box_middle == (22, 88, 28, 92)]
+    return rib, to_uint8(volume.array[4:16], "CT", IntensityConfig(400, 1800))
+
+
+@pytest.mark.slow
+def test_a_marked_objects_end_slices_come_from_their_own_masks_box_on_real_ct(runner, rib):
+    """A rib propagated as an open range, with and without ``tighten_ends``: the masks differ only on the
+    first and last painted slices, never on the seed; there the mask is the one decoded from the other run's
+    mask's own box (recorded as the slice's box), and it looks no less like the seed."""
+    obj, rendering = rib
+    runs = {
+        on: propagate_volume(
+            runner, {"bone": rendering}, [obj], rules=PropagateRules(tighten_ends=on), open_range=True
+        )
+        for on in (False, True)
+    }
+    (before, (plain,)), (after, (record,)) = runs[False], runs[True]
+    changed = [z for z in range(len(after)) if (before[z] != after[z]).any()]
+    painted = np.flatnonzero(after.any(axis=(1, 2)))
+    assert changed  # the rib narrows into its end slices
+    assert set(changed) <= {painted[0], painted[-1]}
+    assert obj.z_middle not in changed
+    look = seed_look(rendering[obj.z_middle], after[obj.z_middle] > 0)
+    for z in changed:
+        first, tight, position = before[z] > 0, after[z] > 0, record.slices.index(z)
+        assert record.boxes[position] == _mask_box(first, 0) != plain.boxes[position]
+        assert likeness(rendering[z], tight, look) >= likeness(rendering[z], first, look)
