@@ -23,10 +23,11 @@ Conditions (``--conditions``, comma-separated; ``all`` for every one):
   reads from the reference mask (they differ where the marks pick the lung window for a nodule);
 * 3d-box: the official propagate protocol, the object's true z range and its middle slice's true box;
 * marks: one seed box from the long + short axis, propagated up and down with the engine's defaults;
-* endpoints, no-likeness, lines-window, no-cap, depth-1.0, depth-2.0, unbounded, lone-axis, lone-square:
-  the same with one thing changed: the end points' box, no likeness stop, the CT window from the lines
-  alone, boxes free to outgrow the seed box, another reach bound (``depth_factor``), or the long axis alone
-  (as an ellipse, as a square); plain: the first four together.
+* endpoints, no-likeness, lines-window, no-cap, no-tighten, depth-1.0, depth-2.0, unbounded, lone-axis,
+  lone-square: the same with one thing changed: the end points' box, no likeness stop, the CT window from
+  the lines alone, boxes free to outgrow the seed box, end slices kept as the margin's box gave them
+  (``tighten_ends`` off), another reach bound (``depth_factor``), or the long axis alone (as an ellipse, as a
+  square); plain: the first five together.
 Also, for each marks condition, the Dice of its seed box filled on the key slice against the key slice's
 reference (no model). Masks are the model's (no post-processing), fp32.
 
@@ -94,10 +95,11 @@ MARKS = {
     "no-likeness": Variant(f"{AXES}, no likeness stop", rules={"min_likeness": 0.0}),
     "lines-window": Variant(f"{AXES}, CT window from the lines alone", kinds=False),
     "no-cap": Variant(f"{AXES}, boxes may outgrow the seed box", cap=False),
+    "no-tighten": Variant(f"{AXES}, end slices not tightened", rules={"tighten_ends": False}),
     "plain": Variant(
-        f"{AXES}, all four off (end points' box, no likeness stop, lines' window, no cap)",
+        f"{AXES}, all five off (end points' box, no likeness stop, lines' window, no cap, no tightening)",
         {"axes_rule": "endpoints"},
-        rules={"min_likeness": 0.0},
+        rules={"min_likeness": 0.0, "tighten_ends": False},
         kinds=False,
         cap=False,
     ),
