@@ -5,6 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Under pytest-xdist each worker gets its share of the cores for the threads of torch, OpenVINO, ONNX Runtime
+# and BLAS, in this process and in those it starts (set before numpy or torch is imported): two workers
+# whose threads each ask for every core spin against each other.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    _share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, str(max(1, _share)))
+
 import numpy as np
 import pytest
 
@@ -14,16 +22,26 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-# Fixtures that start a server for the whole session: the tests that use them share one worker under
-# pytest-xdist (one Prefect server, one Ray per test run); every other test runs with the rest of its file,
-# so a file's module-scoped fixtures (an Orthanc, a reference flow run) are built once.
+# Fixtures built once per test run whose tests share one worker under pytest-xdist: the servers (one Prefect
+# server, one Ray; their tests go first, as the longest group) and the exported graphs. Every other test runs
+# with the rest of its file, so a file's module-scoped fixtures (an Orthanc, a reference flow run) are built
+# once.
 SESSION_SERVERS = {"prefect_server", "ray_cluster", "local_ray"}
+SHARED = {"servers": SESSION_SERVERS, "graphs": {"exported_graphs"}}
 
 
+def _group(item) -> str:
+    used = set(item.fixturenames)
+    shared = (name for name, fixtures in SHARED.items() if fixtures & used)
+    return next(shared, item.nodeid.partition("::")[0])
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        group = "servers" if SESSION_SERVERS & set(item.fixturenames) else item.nodeid.partition("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: not SESSION_SERVERS & set(item.fixturenames))
 
 
 @pytest.fixture(scope="session")

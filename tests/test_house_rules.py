@@ -60,6 +60,14 @@ def test_mypy_strict_on_core_store_and_io_finds_nothing(tmp_path):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 
 
+def test_tests_that_share_a_server_share_a_worker(request):
+    """Under pytest-xdist's ``--dist loadgroup`` a test's node id carries its group (tests/conftest.py): the
+    scheduler keeps a group on one worker only so."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("runs in a pytest-xdist worker with --dist loadgroup")
+    assert request.node.nodeid.endswith("@tests/test_house_rules.py")
+
+
 def _pydicom_reads() -> list[tuple[str, str, ast.Call]]:
     """(file, enclosing function, call) for every call of pydicom's file readers in the packages."""
     found: list[tuple[str, str, ast.Call]] = []
