@@ -20,8 +20,8 @@ outgrows it, as the margin makes it do where a small lesion tapers off, is shrun
 mask was smaller than the slice before's, is decoded once more from its own mask's box without the margin:
 towards its end a lesion shrinks faster than a box drawn from the slice before, and the model fills the box
 it is given. The tighter mask is painted if it looks no less like the seed (the likeness above), so a box
-that cuts into the object keeps the first mask. Only the end is decoded again: a chain of tight boxes
-shrinks an object slice by slice.
+that cuts into the object keeps the first mask. Only the end is decoded again: tight boxes chained from
+slice to slice would shrink the object.
 
 Objects advance in lock-step: an upward sweep visits slices in ascending z and, on each slice, decodes every
 object that needs it in one decoder call per intensity window; a downward sweep does the same in descending
