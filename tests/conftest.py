@@ -24,9 +24,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 # Fixtures built once per test run whose tests share one worker under pytest-xdist: the servers (one Prefect
-# server, one Ray; their tests go first, as the longest group) and the exported graphs. Every other test runs
-# with the rest of its file, so a file's module-scoped fixtures (an Orthanc, a reference flow run) are built
-# once.
+# server, one Ray) and the exported graphs. Every other test runs with the rest of its file, so a file's
+# module-scoped fixtures (an Orthanc, a reference flow run) are built once.
 SESSION_SERVERS = {"prefect_server", "ray_cluster", "local_ray"}
 SHARED = {"servers": SESSION_SERVERS, "graphs": {"exported_graphs"}}
 
@@ -41,8 +40,6 @@ def _group(item) -> str:
 def pytest_collection_modifyitems(config, items):
     for item in items:
         item.add_marker(pytest.mark.xdist_group(_group(item)))
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        items.sort(key=lambda item: not SESSION_SERVERS & set(item.fixturenames))
 
 
 @pytest.fixture(scope="session")
