@@ -220,7 +220,7 @@ def _tighten_end(run: _Run, track: _Track) -> None:
         return
     logits, mask = end.logits, end.mask
     if end.tapering and track.look is not None:
-        image = run.renderings[run.window_of.get(track.obj.label, next(iter(run.renderings)))][end.z]
+        image = run.renderings[_window(run, track.obj)][end.z]
         box = _mask_box(end.mask, 0)
         tight_logits, score = run.runner.decode(run.runner.encode([image])[0], np.array([box], np.float32))
         tight = foreground(tight_logits)[0]
@@ -241,10 +241,14 @@ def _next_box(run: _Run, track: _Track, z: int) -> tuple[int, int, int, int]:
     return no_larger(box, track.obj.box_middle) if run.open_range else box
 
 
+def _window(run: _Run, obj: ObjectBox) -> str:
+    """The intensity window ``obj`` is decoded in: its label's, else the first rendering's."""
+    return run.window_of.get(obj.label, next(iter(run.renderings)))
+
+
 def _sweep(run: _Run, tracks: list[_Track], order: list[int], step: int) -> None:
     """Visit slices in ``order``; on each, decode every live track whose next slice it is, grouped by
     intensity window."""
-    default = next(iter(run.renderings))
     for z in order:
         live = [
             t
@@ -260,7 +264,7 @@ def _sweep(run: _Run, tracks: list[_Track], order: list[int], step: int) -> None
             continue
         by_window: dict[str, list[_Track]] = defaultdict(list)
         for track in live:
-            by_window[run.window_of.get(track.obj.label, default)].append(track)
+            by_window[_window(run, track.obj)].append(track)
         for window, group in by_window.items():
             _decode(run, run.renderings[window][z], z, group, jittered=step > 0)
         if run.on_slice is not None:
